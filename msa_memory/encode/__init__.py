@@ -1,0 +1,1 @@
+"""encode package (see docs/design.md)."""

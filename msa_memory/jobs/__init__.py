@@ -1,0 +1,1 @@
+"""jobs package (see docs/design.md)."""

@@ -1,0 +1,177 @@
+"""Plain records that cross the package's layer boundaries.
+
+Folder → ``Passage`` (``encode/`` splits files) → ``EncodedChunks`` (``encode/`` runs the model)
+→ shard + document rows (``store/`` writes) → version N (``store/`` commits).
+
+No I/O and no torch here: arrays are numpy. bf16 has no numpy dtype, so arrays whose logical
+dtype is ``"bfloat16"`` carry the raw 16-bit patterns as ``uint16``; ``logical_dtype`` says how to
+read them (``torch.from_numpy(a).view(torch.bfloat16)``, or :func:`to_float32`).
+
+Dimension letters: N documents, C chunks, L router layers, H kv-heads, D head-dim, E hidden size.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+__all__ = [
+    "LogicalDtype",
+    "STORAGE_DTYPES",
+    "FORMAT_VERSION",
+    "StoreIdentity",
+    "Passage",
+    "EncodedChunks",
+    "to_float32",
+    "from_float32",
+]
+
+LogicalDtype = Literal["bfloat16", "float16", "float32"]
+#: numpy dtype used on disk / in memory for each logical dtype (bf16 keeps its bit pattern).
+STORAGE_DTYPES: dict[str, np.dtype[Any]] = {
+    "bfloat16": np.dtype(np.uint16),
+    "float16": np.dtype(np.float16),
+    "float32": np.dtype(np.float32),
+}
+#: On-disk format version this code writes; readers refuse newer ones.
+FORMAT_VERSION = 1
+
+
+def to_float32(a: np.ndarray, logical_dtype: str) -> np.ndarray:
+    """Widen stored values to float32 exactly (bf16 bit patterns are shifted into the high half)."""
+    if logical_dtype == "bfloat16":
+        return (np.ascontiguousarray(a, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return np.asarray(a, dtype=np.float32)
+
+
+def from_float32(a: np.ndarray, logical_dtype: str) -> np.ndarray:
+    """Narrow float32 values to the storage form of ``logical_dtype`` (bf16: round to nearest even)."""
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if logical_dtype == "bfloat16":
+        bits = a.view(np.uint32)
+        rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
+        out = ((bits + rounding) >> 16).astype(np.uint16)
+        nan = np.isnan(a)
+        if nan.any():
+            out[nan] = np.uint16(0x7FC0)
+        return out
+    return a.astype(STORAGE_DTYPES[logical_dtype])
+
+
+@dataclass(frozen=True, slots=True)
+class StoreIdentity:
+    """What produced a store; written once at creation and compared on every append and open."""
+
+    model_name: str
+    """Human name of the model (``"gemma-3-270m (gguf q4_k_m)"``, a path, ...)."""
+    model_fingerprint: str
+    """Hash of weights + config (+ tokenizer); appending with another fingerprint is refused."""
+    router_id: str
+    """Hash of the router projections (adapter) that produced ``k_router``."""
+    router_layers: tuple[int, ...]
+    """Decoder layer indices whose pooled state is kept, ascending."""
+    chunk_tokens: int
+    """Pooling size P (tokens per chunk); 64 in MSA."""
+    n_kv_heads: int
+    """KV heads H of content K̄/V̄ and of router keys."""
+    head_dim: int
+    """Head dimension D of content K̄/V̄ and router keys."""
+    dtype: LogicalDtype = "bfloat16"
+    """Logical dtype of every stored tensor."""
+    hidden_size: int = 0
+    """E of the optional pooled router-layer inputs (``x_router``); 0 when the store keeps none."""
+    wrap: str = "plain"
+    """How passages were wrapped before encoding (``"msa"``: ``<|im_start|>[ID]. text[ID]<|im_end|>``)."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form, JSON-serialisable provenance (tokenizer name, score mode, package version...)."""
+
+    def __post_init__(self) -> None:
+        from msa_memory.errors import ConfigError
+
+        if not self.router_layers or list(self.router_layers) != sorted(set(self.router_layers)):
+            raise ConfigError(
+                f"router_layers must be a non-empty ascending list of distinct layer indices, got {self.router_layers!r}."
+            )
+        for name in ("chunk_tokens", "n_kv_heads", "head_dim"):
+            if int(getattr(self, name)) <= 0:
+                raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}.")
+        if self.dtype not in STORAGE_DTYPES:
+            raise ConfigError(f"dtype must be one of {sorted(STORAGE_DTYPES)}, got {self.dtype!r}.")
+
+    @property
+    def n_layers(self) -> int:
+        return len(self.router_layers)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["router_layers"] = list(self.router_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StoreIdentity:
+        d = dict(d)
+        d["router_layers"] = tuple(int(x) for x in d["router_layers"])
+        return cls(**d)
+
+    def compatible_with(self, other: StoreIdentity) -> list[str]:
+        """Names of the fields that make ``other`` unable to share a store with ``self`` (empty if none)."""
+        keys = ("model_fingerprint", "router_id", "router_layers", "chunk_tokens", "n_kv_heads",
+                "head_dim", "dtype", "hidden_size", "wrap")
+        return [k for k in keys if getattr(self, k) != getattr(other, k)]
+
+
+@dataclass(frozen=True, slots=True)
+class Passage:
+    """A piece of a source file that the model encodes as one MSA document."""
+
+    text: str
+    """The passage text exactly as encoded (before model-specific wrapping)."""
+    source_path: str
+    """Path of the source file, as given to the job (relative to the corpus root when known)."""
+    passage_index: int = 0
+    """0-based index of this passage within its source file."""
+    byte_start: int = 0
+    """Offset of the passage's first byte in the source file's UTF-8 text."""
+    byte_end: int = 0
+    """Offset one past the passage's last byte."""
+    file_sha256: str = ""
+    """sha256 of the whole source file's bytes (what incremental updates compare)."""
+
+
+@dataclass(frozen=True)
+class EncodedChunks:
+    """Pooled state of N documents (passages) as produced by the encoder, ready to be written as a shard.
+
+    Documents are in order; document i owns chunks ``offsets[i]:offsets[i+1]`` of every array.
+    """
+
+    doc_ids: np.ndarray
+    """(N,) int64 store document ids (reserved from the store before encoding)."""
+    n_tokens: np.ndarray
+    """(N,) int64 tokens of each wrapped document."""
+    n_chunks: np.ndarray
+    """(N,) int64 chunks of each document = ceil(n_tokens / chunk_tokens)."""
+    k_router: np.ndarray
+    """(L, C, H, D) pooled router keys K̄ᵣ, storage dtype."""
+    kv: np.ndarray
+    """(C, L, 2, H, D) pooled content K̄ (index 0) and V̄ (index 1), storage dtype."""
+    dtype: LogicalDtype = "bfloat16"
+    """Logical dtype of ``k_router``/``kv``/``x_router``."""
+    x_router: np.ndarray | None = None
+    """(L, C, E) optional pooled router-layer inputs (input_layernorm outputs), for re-indexing."""
+
+    @property
+    def offsets(self) -> np.ndarray:
+        """(N+1,) int64 chunk offsets of each document."""
+        return np.concatenate([[0], np.cumsum(self.n_chunks, dtype=np.int64)])
+
+    @property
+    def n_docs(self) -> int:
+        return int(self.doc_ids.shape[0])
+
+    @property
+    def n_chunks_total(self) -> int:
+        return int(self.kv.shape[0])
