@@ -29,6 +29,7 @@ __all__ = [
     "IdentityMismatchError",
     "DocumentNotFoundError",
     "DuplicateDocumentError",
+    "IdNotReservedError",
     "EncodeError",
     "ModelLoadError",
     "RuntimeMemoryError",
@@ -112,6 +113,10 @@ class DocumentNotFoundError(MsaError, KeyError):
 
 class DuplicateDocumentError(StoreError, ValueError):
     """A document id is written twice, or was already used (ids are never reused)."""
+
+
+class IdNotReservedError(StoreError, ValueError):
+    """A shard uses document ids that were never handed out by ``store.reserve_ids``."""
 
 
 # ----------------------------------------------------------------------------- encode / runtime / jobs
