@@ -97,7 +97,11 @@ class SkippedFile:
     """A file that was not read, and why (shown in the job report)."""
 
     path: str
+    """Filesystem path."""
     reason: str
+    """Why it was not read (``empty file``, ``binary (NUL bytes)``, ``too large (...)``...)."""
+    key: str = ""
+    """The source key it would have had; its documents from earlier versions are kept."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -234,7 +238,7 @@ def _scan_dir(top: Path, root_key: str, options: ReaderOptions, scan: CorpusScan
         try:
             st = folder.stat()
         except OSError as e:
-            scan.skipped.append(SkippedFile(str(folder), f"unreadable folder ({e.strerror or e})"))
+            scan.skipped.append(SkippedFile(str(folder), f"unreadable folder ({e.strerror or e})", root_key + rel_folder))
             return
         ident = (st.st_dev, st.st_ino)
         if ident in visited:
@@ -253,7 +257,7 @@ def _scan_dir(top: Path, root_key: str, options: ReaderOptions, scan: CorpusScan
         try:
             entries = sorted(os.scandir(folder), key=lambda e: e.name)
         except OSError as e:
-            scan.skipped.append(SkippedFile(str(folder), f"unreadable folder ({e.strerror or e})"))
+            scan.skipped.append(SkippedFile(str(folder), f"unreadable folder ({e.strerror or e})", root_key + rel_folder))
             return
         for entry in entries:
             rel = rel_folder + entry.name
@@ -263,7 +267,7 @@ def _scan_dir(top: Path, root_key: str, options: ReaderOptions, scan: CorpusScan
             except OSError:
                 is_dir = False
             if entry.is_symlink() and not path.exists():
-                scan.skipped.append(SkippedFile(str(path), "broken symlink"))
+                scan.skipped.append(SkippedFile(str(path), "broken symlink", root_key + rel))
                 continue
             if is_dir:
                 if entry.name in ALWAYS_SKIPPED_DIRS or ignored(rel, True):
@@ -286,11 +290,11 @@ def _scan_dir(top: Path, root_key: str, options: ReaderOptions, scan: CorpusScan
 
 def _read_into(path: Path, key: str, options: ReaderOptions, scan: CorpusScan) -> None:
     if path.is_symlink() and not path.exists():
-        scan.skipped.append(SkippedFile(str(path), "broken symlink"))
+        scan.skipped.append(SkippedFile(str(path), "broken symlink", key))
         return
     sources, reason = read_file(path, key, options)
     if reason is not None:
-        scan.skipped.append(SkippedFile(str(path), reason))
+        scan.skipped.append(SkippedFile(str(path), reason, key))
     else:
         scan.sources.extend(sources)
 

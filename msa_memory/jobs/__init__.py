@@ -1,1 +1,11 @@
-"""jobs package (see docs/design.md)."""
+"""Batch jobs that wire ``encode`` and ``store`` together on Dask (see docs/design.md).
+
+``encode_corpus(paths, store, ...)``: plan → encode-and-write-shard tasks → one commit;
+incremental (by file sha256) and resumable (journaled ids, deterministic shard ids).
+"""
+
+from __future__ import annotations
+
+from msa_memory.jobs.encode_job import JobResult, ModelSpec, ShardResult, encode_and_write_shard, encode_corpus, get_encoder
+
+__all__ = ["encode_corpus", "JobResult", "ModelSpec", "ShardResult", "encode_and_write_shard", "get_encoder"]

@@ -1,0 +1,441 @@
+"""``encode_corpus``: the msa-encode job (plan → encode-and-write-shard tasks on Dask → one commit).
+
+Phases:
+1. Plan, on the client: scan the folders (``encode.corpus``), diff them against the store's
+   latest version by file sha256 (``plan.diff_sources``), split and count passages, reserve their
+   document ids from the store (MSA wraps every passage with its id, so ids come before encoding),
+   and cut shard tasks with ids derived from the plan.
+2. Encode, on the workers: ``encode_and_write_shard`` encodes one batch with a model loaded once
+   per worker (``get_encoder``, cached by model, adapter, device and dtype) and writes one
+   immutable shard. Workers never touch a manifest.
+3. Commit, once: ``store.commit(add=shards, delete_ids=..., read_version=<version planned from>)``.
+   An unchanged folder commits nothing.
+
+Resume: the reserved ids are written to a job journal (``<store>/_jobs/<plan id>.json``) before
+any shard is encoded. A job killed at any moment and started again computes the same plan id,
+takes the same ids from the journal, finds the shards it already wrote with ``store.find_shard``
+(checksum-verified) and encodes only the rest; the committed tensors are bit-identical to an
+uninterrupted run's. The journal is removed after the commit.
+
+Key invariant: nothing is published until every shard of the plan is on disk; any failure leaves
+the store at the version the job read (plus orphan or reusable shards).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, overload
+
+import numpy as np
+
+from msa_memory.encode.corpus import ReaderOptions, scan_corpus
+from msa_memory.errors import ConfigError, IdentityMismatchError, JobError, MsaError
+from msa_memory.jobs.cluster import job_client
+from msa_memory.jobs.plan import FileDiff, ShardTask, diff_sources, make_shard_tasks, plan_id_of, split_and_count
+
+if TYPE_CHECKING:
+    from dask.delayed import Delayed
+    from distributed import Client
+
+    from msa_memory.store import MemoryStore
+
+__all__ = ["ModelSpec", "JobResult", "ShardResult", "encode_corpus", "encode_and_write_shard", "get_encoder"]
+
+ProgressFn = Callable[[dict[str, Any]], None]
+JOURNAL_DIR = "_jobs"
+
+
+# ----------------------------------------------------------------------------- model cache
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How a worker loads the model: the cache key of ``get_encoder``."""
+
+    name: str = "default"
+    adapter: str | None = None
+    device: str = "auto"
+    """``auto``: ``cuda:<worker index>`` where there are GPUs, else ``cpu``."""
+    dtype: str | None = None
+    torch_threads: int | None = None
+    max_batch_tokens: int = 8192
+
+
+_CACHE: dict[tuple[Any, ...], tuple[Any, Any, threading.Lock]] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    index = 0
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+        index = int(name) if str(name).isdigit() else 0
+    except (ValueError, ImportError):
+        pass
+    return f"cuda:{index % torch.cuda.device_count()}"
+
+
+def get_encoder(spec: ModelSpec, *, device: str | None = None) -> tuple[Any, Any, threading.Lock]:
+    """``(LoadedModel, Encoder, lock)`` for ``spec``, loaded once per process (worker) and cached."""
+    dev = device or _resolve_device(spec.device)
+    key = (spec.name, spec.adapter, dev, spec.dtype, spec.max_batch_tokens)
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None:
+            return hit
+        if spec.torch_threads:
+            import torch
+
+            torch.set_num_threads(int(spec.torch_threads))
+        from msa_memory.encode import Encoder, load_model
+
+        kwargs: dict[str, Any] = {"adapter": spec.adapter, "device": dev}
+        if spec.dtype is not None:
+            kwargs["dtype"] = spec.dtype
+        model = load_model(spec.name, **kwargs)
+        entry = (model, Encoder(model, max_batch_tokens=spec.max_batch_tokens), threading.Lock())
+        _CACHE[key] = entry
+        return entry
+
+
+# ----------------------------------------------------------------------------- worker task
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """What a worker returns: the shard record to commit and a few figures."""
+
+    shard_id: str
+    record: Any
+    n_docs: int
+    n_tokens: int
+    n_bytes: int
+    seconds: float
+    reused: bool = False
+
+
+def encode_and_write_shard(task: ShardTask, spec: ModelSpec, store_root: str) -> ShardResult:
+    """Encode one batch of passages and write it as one immutable shard (no manifest is touched)."""
+    from msa_memory.store import write_shard
+
+    t0 = time.perf_counter()
+    _, encoder, lock = get_encoder(spec)
+    with lock:
+        encoded = encoder.encode(task.doc_ids, list(task.passages))
+    record = write_shard(store_root, task.shard_id, list(task.passages), encoded)
+    return ShardResult(task.shard_id, record, n_docs=len(task.passages), n_tokens=int(np.sum(encoded.n_tokens)),
+                       n_bytes=int(getattr(record, "n_bytes", 0) or 0), seconds=time.perf_counter() - t0)
+
+
+# ----------------------------------------------------------------------------- result
+
+
+@dataclass
+class JobResult:
+    """Summary of one job (``to_dict()`` is the CLI's ``--json`` object)."""
+
+    store: str
+    read_version: int | None
+    version: int | None
+    committed: bool
+    dry_run: bool = False
+    plan_id: str = ""
+    files_added: list[str] = field(default_factory=list)
+    files_replaced: list[str] = field(default_factory=list)
+    files_deleted: list[str] = field(default_factory=list)
+    files_unchanged: int = 0
+    files_excluded: int = 0
+    skipped: list[dict[str, str]] = field(default_factory=list)
+    docs_added: int = 0
+    docs_deleted: int = 0
+    shards_written: int = 0
+    shards_reused: int = 0
+    tokens_planned: int = 0
+    tokens_encoded: int = 0
+    tokens_reused: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
+    message: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- journal
+
+
+def _journal_path(root: str, plan_id: str) -> Path:
+    return Path(root) / JOURNAL_DIR / f"{plan_id}.json"
+
+
+def _reserve_ids(store: MemoryStore, root: str, plan_id: str, n: int) -> np.ndarray:
+    """Ids for the plan's ``n`` passages: the journal's (a resumed job) or freshly reserved."""
+    path = _journal_path(root, plan_id)
+    if path.exists():
+        try:
+            data = json.loads(path.read_text())
+            ids = np.asarray(data["doc_ids"], dtype=np.int64)
+            if data.get("plan_id") == plan_id and ids.shape == (n,):
+                return ids
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable journal: reserve anew (ids are never reused, gaps are harmless)
+    ids = np.asarray(store.reserve_ids(n), dtype=np.int64)  # (n,) int64
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"plan_id": plan_id, "doc_ids": ids.tolist()}))
+    os.replace(tmp, path)
+    return ids
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+@dataclass
+class _Prepared:
+    root: str
+    store: Any
+    diff: FileDiff
+    result: JobResult
+    tasks: list[ShardTask]
+    reused: list[ShardResult]
+    spec: ModelSpec
+    message: str
+    t0: float
+
+
+def _open_or_create(root: str, identity: Any, *, create: bool) -> Any:
+    from msa_memory.store import create_store, open_store
+
+    if not Path(root).exists():
+        if not create:
+            return None
+        return create_store(root, identity, message=f"create for {identity.model_name}")
+    store = open_store(root)
+    bad = store.identity.compatible_with(identity)
+    if bad:
+        raise IdentityMismatchError(
+            f"Store {root} was built by model {store.identity.model_name!r}; the model given "
+            f"({identity.model_name!r}) differs in {', '.join(bad)}.",
+            hint="Encode with the model (and router adapter) the store was built with, or use a new --store.",
+        )
+    return store
+
+
+def _prepare(paths: Sequence[str | os.PathLike[str]] | str, store: str | os.PathLike[str] | MemoryStore, *,
+             spec: ModelSpec, options: ReaderOptions, shard_tokens: int, max_passage_tokens: int,
+             message: str | None, dry_run: bool, progress: ProgressFn | None) -> _Prepared:
+    t0 = time.perf_counter()
+    if shard_tokens < 1 or max_passage_tokens < 1:
+        raise ConfigError(f"shard_tokens and max_passage_tokens must be positive, got {shard_tokens!r}, {max_passage_tokens!r}.")
+    root = str(getattr(store, "root", store))
+    scan = scan_corpus(paths if not isinstance(paths, (str, os.PathLike)) else [paths], options)
+    model, _, _ = get_encoder(spec, device="cpu" if spec.device == "auto" else spec.device)
+    identity = model.identity()
+    opened = _open_or_create(root, identity, create=not dry_run)
+    if opened is None:  # dry run against a store that does not exist yet: plan as if it were empty
+        diff = FileDiff(read_version=-1, to_encode=list(scan.sources), added=[s.key for s in scan.sources],
+                        skipped=list(scan.skipped), n_excluded=scan.n_excluded)
+    else:
+        diff = diff_sources(scan, opened)
+    result = JobResult(store=root, read_version=None if opened is None else int(opened.version),
+                       version=None if opened is None else int(opened.version), committed=False, dry_run=dry_run,
+                       files_added=diff.added, files_replaced=diff.replaced, files_deleted=diff.deleted,
+                       files_unchanged=len(diff.unchanged), files_excluded=diff.n_excluded,
+                       skipped=[{"path": s.path, "reason": s.reason} for s in diff.skipped],
+                       docs_deleted=len(diff.delete_ids))
+    prepared = _Prepared(root, opened, diff, result, [], [], spec, "", t0)
+    if not diff.has_changes:
+        result.message = "no changes: every file matches the store's latest version; nothing committed"
+        return prepared
+    passages, counts = split_and_count(diff.to_encode, model.tokenizer, max_passage_tokens=max_passage_tokens)
+    settings = {"shard_tokens": shard_tokens, "max_passage_tokens": max_passage_tokens,
+                "max_batch_tokens": spec.max_batch_tokens}
+    plan_id = plan_id_of(identity.to_dict(), diff.read_version, diff.to_encode, settings)
+    result.plan_id, result.tokens_planned, result.docs_added = plan_id, int(sum(counts)), len(passages)
+    prepared.message = message or (f"msa-encode: {len(diff.added)} added, {len(diff.replaced)} replaced, "
+                                   f"{len(diff.deleted)} deleted files (plan {plan_id[:12]})")
+    if dry_run:
+        placeholder = np.arange(len(passages), dtype=np.int64)
+        prepared.tasks = make_shard_tasks(passages, counts, placeholder, plan_id=plan_id, shard_tokens=shard_tokens)
+        result.message = f"dry run: {len(prepared.tasks)} shard(s) to encode, nothing written"
+        return prepared
+    ids = _reserve_ids(opened, root, plan_id, len(passages))
+    tasks = make_shard_tasks(passages, counts, ids, plan_id=plan_id, shard_tokens=shard_tokens)
+    for t in tasks:
+        rec = opened.find_shard(t.shard_id)
+        if rec is not None:
+            prepared.reused.append(ShardResult(t.shard_id, rec, len(t.passages), t.n_tokens,
+                                               int(getattr(rec, "n_bytes", 0) or 0), 0.0, reused=True))
+        else:
+            prepared.tasks.append(t)
+    if progress:
+        progress({"event": "planned", "files": len(diff.to_encode), "shards": len(tasks),
+                  "shards_reused": len(prepared.reused), "tokens_total": result.tokens_planned,
+                  "tokens_reused": sum(r.n_tokens for r in prepared.reused)})
+    return prepared
+
+
+def _commit(prepared: _Prepared, results: Sequence[ShardResult]) -> JobResult:
+    """The one commit of the job (on the client for ``compute=True``)."""
+    res = prepared.result
+    all_results = sorted([*prepared.reused, *results], key=lambda r: r.shard_id)
+    res.shards_written = sum(not r.reused for r in all_results)
+    res.shards_reused = sum(r.reused for r in all_results)
+    res.tokens_encoded = sum(r.n_tokens for r in all_results if not r.reused)
+    res.tokens_reused = sum(r.n_tokens for r in all_results if r.reused)
+    res.bytes_written = sum(r.n_bytes for r in all_results)
+    store = prepared.store
+    if store is None:  # the commit task of a compute=False graph: reopen by path (stores don't pickle)
+        from msa_memory.store import open_store
+
+        store = open_store(prepared.root)
+    new = store.commit(add=[r.record for r in all_results], delete_ids=list(prepared.diff.delete_ids),
+                                message=prepared.message, read_version=prepared.diff.read_version)
+    res.version, res.committed = int(new.version), True
+    res.message = f"committed version {res.version}"
+    if res.plan_id:
+        _journal_path(prepared.root, res.plan_id).unlink(missing_ok=True)
+    res.seconds = round(time.perf_counter() - prepared.t0, 3)
+    return res
+
+
+def _finish_delayed(prepared: _Prepared, results: list[ShardResult]) -> JobResult:
+    return _commit(prepared, results)
+
+
+@overload
+def encode_corpus(paths: Any, store: Any, *, compute: Literal[True] = ..., **kw: Any) -> JobResult: ...
+@overload
+def encode_corpus(paths: Any, store: Any, *, compute: Literal[False], **kw: Any) -> Delayed | JobResult: ...
+
+
+def encode_corpus(
+    paths: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
+    store: str | os.PathLike[str] | MemoryStore,
+    *,
+    model: str = "default",
+    adapter: str | None = None,
+    device: str = "auto",
+    dtype: str | None = None,
+    client: Client | None = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
+    compute: bool = True,
+    dry_run: bool = False,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    respect_gitignore: bool = False,
+    max_file_bytes: int = 32 * 1024 * 1024,
+    jsonl_field: str = "text",
+    shard_tokens: int = 32768,
+    max_passage_tokens: int = 2048,
+    max_batch_tokens: int = 8192,
+    message: str | None = None,
+    progress: ProgressFn | None = None,
+) -> JobResult | Delayed:
+    """Encode the files under ``paths`` into ``store`` as one new version (incremental, resumable).
+
+    Parameters
+    ----------
+    paths : folders and/or files. A folder's files are stored as ``<folder name>/<path inside>``.
+    store : store path (created with the model's identity if missing) or an open ``MemoryStore``.
+    model, adapter, device, dtype : what ``encode.load_model`` loads; default ``"default"`` (Gemma 3
+        270M from PyPI), no adapter, ``"auto"`` (a GPU per worker where there are GPUs), its dtype.
+    client, scheduler, workers : a ``distributed.Client``; or a scheduler address
+        ``"tcp://HOST:PORT"``; or neither, and a local cluster of ``workers`` workers (default: one
+        per GPU, else 1) is started and stopped.
+    compute : default True runs the job and returns a :class:`JobResult`. False returns a
+        ``dask.delayed.Delayed`` (shard tasks → one commit task) without encoding anything; its
+        ``.compute()`` encodes and commits, returning the JobResult. When nothing changed, the
+        JobResult is returned directly.
+    dry_run : plan only: nothing is reserved, encoded or written (a missing store is not created).
+    include, exclude, respect_gitignore, max_file_bytes, jsonl_field : what is read (see
+        ``encode.corpus.ReaderOptions``; defaults: all files, none excluded, off, 32 MiB, ``"text"``).
+    shard_tokens : tokens per shard task (default 32768, ~13 s on 2 CPU cores, well under 1 s
+        per task only on a GPU); smaller means finer resume, more shards.
+    max_passage_tokens : longest passage (document) in tokens; default 2048.
+    max_batch_tokens : tokens per encoder forward; default 8192.
+    message : version message; default summarises the change.
+    progress : called with event dicts (``planned``, ``shard``, ``committed``); default none.
+
+    Raises
+    ------
+    ConfigError, IdentityMismatchError, JobError (a shard task failed: nothing was committed;
+    rerun to resume), VersionConflictError (another writer committed first: rerun).
+
+    Examples
+    --------
+    >>> res = encode_corpus(["docs/"], "mem.msa")          # doctest: +SKIP
+    >>> res.version, res.docs_added                        # doctest: +SKIP
+    """
+    spec = ModelSpec(name=str(model), adapter=None if adapter is None else str(adapter), device=device, dtype=dtype,
+                     max_batch_tokens=int(max_batch_tokens))
+    options = ReaderOptions(include=tuple(include), exclude=tuple(exclude), respect_gitignore=respect_gitignore,
+                            max_file_bytes=int(max_file_bytes), jsonl_text_field=jsonl_field)
+    prepared = _prepare(paths, store, spec=spec, options=options, shard_tokens=int(shard_tokens),
+                        max_passage_tokens=int(max_passage_tokens), message=message, dry_run=dry_run,
+                        progress=progress)
+    if dry_run or not prepared.diff.has_changes:
+        prepared.result.seconds = round(time.perf_counter() - prepared.t0, 3)
+        return prepared.result
+    if not compute:
+        import dask
+
+        shard_nodes = [dask.delayed(encode_and_write_shard, pure=True, name=f"encode-{t.shard_id}")(
+            t, prepared.spec, prepared.root) for t in prepared.tasks]
+        return dask.delayed(_finish_delayed, pure=False, name=f"commit-{prepared.result.plan_id[:16]}")(
+            replace(prepared, store=None), shard_nodes)
+    return _run(prepared, client=client, scheduler=scheduler, workers=workers, progress=progress)
+
+
+def _run(prepared: _Prepared, *, client: Client | None, scheduler: str | None, workers: int | None,
+         progress: ProgressFn | None) -> JobResult:
+    from distributed import as_completed
+
+    results: list[ShardResult] = []
+    if prepared.tasks:
+        with job_client(client=client, scheduler=scheduler, workers=workers) as (c, threads):
+            spec = replace(prepared.spec, torch_threads=threads) if threads else prepared.spec
+            futures = [c.submit(encode_and_write_shard, t, spec, prepared.root, key=f"encode-{t.shard_id}",
+                                pure=False, retries=0) for t in prepared.tasks]
+            try:
+                for fut in as_completed(futures):
+                    if fut.status == "error":
+                        exc = fut.exception()
+                        raise _task_error(prepared, fut.key, exc) from exc
+                    r = fut.result()
+                    results.append(r)
+                    if progress:
+                        progress({"event": "shard", "shard_id": r.shard_id, "tokens": r.n_tokens,
+                                  "docs": r.n_docs, "bytes": r.n_bytes, "seconds": r.seconds})
+            finally:
+                for fut in futures:
+                    fut.cancel()
+    res = _commit(prepared, results)
+    if progress:
+        progress({"event": "committed", "version": res.version})
+    return res
+
+
+def _task_error(prepared: _Prepared, key: Any, exc: BaseException | None) -> MsaError:
+    detail = f"{type(exc).__name__}: {exc}" if exc is not None else "unknown error"
+    if isinstance(exc, MsaError):
+        return type(exc)(f"Shard task {key!r} failed: {exc}; nothing was committed.",
+                         hint="Fix the cause and rerun the same command: finished shards are reused.")
+    return JobError(f"Shard task {key!r} failed ({detail}); nothing was committed (store still at version "
+                    f"{prepared.diff.read_version}).",
+                    hint="Fix the cause and rerun the same command: finished shards are reused.")
