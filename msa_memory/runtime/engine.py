@@ -1,0 +1,353 @@
+"""The MSA forward: a HF causal LM whose attention sees [template prefix | routed pooled K̄V̄ | local tokens].
+
+Design note. We keep HF's own decoder layers (projections, norms, RoPE, MLP) and replace only the
+attention *core*: a function registered in transformers' ``AttentionInterface`` receives post-RoPE
+q (1, Hq, T, D) and pre-GQA k/v (1, H, T, D) of the new tokens. It writes k/v into a per-layer
+buffer preallocated once per request as
+
+    [ prefix K/V (P) | memory K̄/V̄ (M, router layers only) | local tokens (capacity) ]
+
+and runs SDPA over the filled part with a causal mask on the local part (bottom-right aligned:
+token i sees the prefix, all memory, local tokens 0..i). Decoding writes into the same buffer, so
+nothing is re-concatenated per step (the reference ``torch.cat``s, §9.9). Injected multi-token
+text is masked causally too (the reference is bidirectional there).
+
+Routing happens in a forward hook on each router layer's ``input_layernorm``: the normed hidden
+state of the routing tokens goes through the router-Q projection, the router picks that layer's
+top-k documents, and their K̄V̄ are fetched before the layer's attention runs — so every router
+layer routes on its own hidden state, which already saw lower router layers' memory (§3.3).
+HF's KV cache is off (``use_cache=False``); the LM head runs on the last position only.
+
+What it does not do: tokenize, choose modes, or know about stores (``memory.py`` does). The hooks
+and the attention switch exist only inside :meth:`MsaEngine.session`, so the shared HF model
+behaves normally elsewhere. Gemma-style sliding windows are honoured on prefix and local keys;
+memory keys carry no position and are always visible (as in MSA).
+"""
+
+from __future__ import annotations
+
+import contextvars
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+
+import numpy as np
+
+from msa_memory.errors import ConfigError, RuntimeMemoryError
+
+if TYPE_CHECKING:
+    import torch
+
+    from msa_memory.runtime.memory_tier import ContentMemory
+    from msa_memory.runtime.routing import RouteResult, RouterIndex
+
+__all__ = ["MsaEngine", "ForwardState", "ATTN_NAME"]
+
+ATTN_NAME = "msa_runtime"
+_STATE: contextvars.ContextVar[ForwardState | None] = contextvars.ContextVar("msa_forward_state", default=None)
+_REGISTERED = False
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if getattr(device, "type", str(device)) == "cuda":
+        torch.cuda.synchronize()
+
+
+@dataclass
+class _LayerBuf:
+    k: torch.Tensor          # (H, cap, D)
+    v: torch.Tensor          # (H, cap, D)
+    local_start: int         # P + M
+    n_local: int = 0         # local tokens written so far
+
+
+@dataclass
+class ForwardState:
+    """Everything one request's forwards share: buffers, prefix, routing decisions, timings."""
+
+    capacity: int
+    """Local tokens (prompt + generated + injected) the buffers can hold."""
+    prefix: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None
+    """Per decoder layer (K, V), each (H, P, D), or None for no prefix."""
+    prefix_len: int = 0
+    route: bool = False
+    """Route (and fetch memory) in the next forward's router layers."""
+    route_rows: torch.Tensor | None = None
+    """(T,) bool: which tokens of the next forward are routing-query tokens (doc_id 0)."""
+    collect_only: bool = False
+    """Route-only pass: accumulate document scores, attach no memory."""
+    top_k: int | None = None
+    routes: dict[int, RouteResult] = field(default_factory=dict)
+    """Router-layer position → its top-k (from the last routing forward)."""
+    doc_score_sum: torch.Tensor | None = None
+    pending_memory: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    layers: dict[int, _LayerBuf] = field(default_factory=dict)
+    local_pos: torch.Tensor | None = None
+    """(capacity,) int64 positions of local tokens (for sliding windows)."""
+    cur_pos: torch.Tensor | None = None
+    n_written: int = 0
+    timings: dict[str, float] = field(default_factory=lambda: {"routing_s": 0.0, "fetch_s": 0.0})
+
+
+def _attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any,
+               scaling: float | None = None, dropout: float = 0.0, sliding_window: int | None = None,
+               softcap: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """AttentionInterface entry: route to the active request's state, or plain SDPA outside one."""
+    st = _STATE.get()
+    if st is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, sliding_window=sliding_window, **kwargs)
+    return _attend(st, module.layer_idx, query, key, value, scaling, sliding_window, softcap), None
+
+
+def _attend(st: ForwardState, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+            scaling: float | None, window: int | None, softcap: float | None) -> torch.Tensor:
+    import torch
+    import torch.nn.functional as F
+
+    _, Hq, T, D = q.shape
+    H = k.shape[1]
+    buf = st.layers.get(layer_idx)
+    if buf is None:  # first forward of this request at this layer: allocate [prefix | memory | local]
+        pk, pv = st.prefix[layer_idx] if st.prefix is not None else (None, None)
+        mk, mv = st.pending_memory.pop(layer_idx, (None, None))
+        P = 0 if pk is None else pk.shape[1]
+        M = 0 if mk is None else mk.shape[1]
+        cap = P + M + st.capacity
+        kb = torch.empty((H, cap, D), dtype=k.dtype, device=k.device)
+        vb = torch.empty((H, cap, D), dtype=v.dtype, device=v.device)
+        if P:
+            kb[:, :P] = pk
+            vb[:, :P] = pv
+        if M:
+            kb[:, P:P + M] = mk
+            vb[:, P:P + M] = mv
+        buf = st.layers[layer_idx] = _LayerBuf(kb, vb, P + M)
+    n0 = buf.n_local
+    if n0 + T > st.capacity:
+        raise RuntimeMemoryError(f"Request needs more than its {st.capacity} local-token slots; raise max_new_tokens "
+                                 "or shorten the prompt.")
+    s = buf.local_start + n0
+    buf.k[:, s:s + T] = k[0]
+    buf.v[:, s:s + T] = v[0]
+    buf.n_local = n0 + T
+    total = s + T
+    keys, vals = buf.k[:, :total].unsqueeze(0), buf.v[:, :total].unsqueeze(0)     # (1, H, total, D)
+    mask = None
+    if T > 1 or window is not None:
+        # (T, total) bool: memory/prefix visible, local causal (bottom-right aligned), sliding window
+        mask = torch.ones((T, total), dtype=torch.bool, device=q.device)
+        i = torch.arange(T, device=q.device).unsqueeze(1)
+        j = torch.arange(n0 + T, device=q.device).unsqueeze(0)
+        mask[:, buf.local_start:] = j <= n0 + i
+        if window is not None and st.local_pos is not None:
+            qpos = st.local_pos[n0:n0 + T].unsqueeze(1)
+            mask[:, buf.local_start:] &= (qpos - st.local_pos[:n0 + T].unsqueeze(0)) < window
+            P = st.prefix_len
+            if P:
+                mask[:, :P] &= (qpos - torch.arange(P, device=q.device).unsqueeze(0)) < window
+    scale = scaling if scaling is not None else D ** -0.5
+    if softcap is None:
+        out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=scale, enable_gqa=(Hq != H))
+    else:  # logit soft-capping (Gemma 2): explicit attention
+        rep = Hq // H
+        kk, vv = keys.repeat_interleave(rep, 1), vals.repeat_interleave(rep, 1)
+        w = (q @ kk.transpose(-1, -2)) * scale
+        w = torch.tanh(w / softcap) * softcap
+        if mask is not None:
+            w = w.masked_fill(~mask, float("-inf"))
+        out = torch.softmax(w.float(), -1).to(q.dtype) @ vv
+    return out.transpose(1, 2).contiguous()                                        # (1, T, Hq, D)
+
+
+def _register() -> None:
+    global _REGISTERED
+    if not _REGISTERED:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(ATTN_NAME, _attention)
+        _REGISTERED = True
+
+
+class MsaEngine:
+    """Runs a HF causal LM with MSA memory attention.
+
+    Parameters
+    ----------
+    hf_model : transformers PreTrainedModel (causal LM with ``.model.layers[i].input_layernorm``)
+    router_layers : sequence of int
+        Decoder layer indices that route (ascending); position i uses ``index`` layer i.
+    router_q : callable
+        ``router_q(position, x) -> (T, Hq·D)`` router queries from the normed hidden ``x`` (T, E).
+    index : RouterIndex or None
+        Resident router keys; None means the model runs without memory.
+    content : ContentMemory or None
+        Content K̄V̄ (needed for pooled mode).
+    """
+
+    def __init__(self, hf_model: Any, router_layers: Sequence[int], router_q: Callable[[int, torch.Tensor], torch.Tensor],
+                 index: RouterIndex | None = None, content: ContentMemory | None = None) -> None:
+        _register()
+        self.model = hf_model
+        self.backbone = hf_model.model
+        self.router_layers = [int(x) for x in router_layers]
+        self.router_q = router_q
+        self.index = index
+        self.content = content
+        n_layers = len(self.backbone.layers)
+        bad = [x for x in self.router_layers if not 0 <= x < n_layers]
+        if bad:
+            raise ConfigError(f"Router layers {bad!r} do not exist in a model with {n_layers} decoder layers.")
+        cfg = hf_model.config
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+        self.n_q_heads = int(cfg.num_attention_heads)
+        self.device = next(hf_model.parameters()).device
+        self._mask_dict = {"full_attention": None, "sliding_attention": None, "chunked_attention": None}
+
+    # ------------------------------------------------------------------ session
+    @contextmanager
+    def session(self, state: ForwardState) -> Iterator[ForwardState]:
+        """Activate ``state``: custom attention + router hooks on, restored on exit."""
+        cfg = self.model.config
+        old = cfg._attn_implementation
+        token = _STATE.set(state)
+        hooks = []
+        for pos, li in enumerate(self.router_layers):
+            norm = self.backbone.layers[li].input_layernorm
+            hooks.append(norm.register_forward_hook(self._make_hook(pos, li)))
+        cfg._attn_implementation = ATTN_NAME
+        try:
+            yield state
+        finally:
+            cfg._attn_implementation = old
+            for h in hooks:
+                h.remove()
+            _STATE.reset(token)
+
+    def _make_hook(self, pos: int, layer_idx: int) -> Callable[..., None]:
+        def hook(module: Any, inputs: Any, output: torch.Tensor) -> None:
+            st = _STATE.get()
+            if st is None or not st.route or self.index is None:
+                return
+            t0 = time.perf_counter()
+            x = output[0] if st.route_rows is None else output[0, st.route_rows]            # (T_r, E)
+            q = self.router_q(pos, x).reshape(x.shape[0], -1, self.head_dim)                  # (T_r, Hq, D)
+            if st.collect_only:
+                ds = self.index.doc_scores(pos, q)                                            # (N,)
+                st.doc_score_sum = ds if st.doc_score_sum is None else st.doc_score_sum + ds
+                _sync(self.device)
+                st.timings["routing_s"] += time.perf_counter() - t0
+                return
+            res = self.index.route(pos, q, k=st.top_k)
+            st.routes[pos] = res
+            _sync(self.device)
+            t1 = time.perf_counter()
+            st.timings["routing_s"] += t1 - t0
+            if self.content is None:
+                raise RuntimeMemoryError("Pooled attention needs content K̄V̄, but this engine has none.")
+            mk, mv = self.content.layer_kv(res.doc_index, pos)                                # (H, M, D) each
+            dt = self.model.dtype
+            st.pending_memory[layer_idx] = (mk.to(self.device, dt), mv.to(self.device, dt))
+            _sync(self.device)
+            st.timings["fetch_s"] += time.perf_counter() - t1
+
+        return hook
+
+    # ------------------------------------------------------------------ forwards
+    def forward(self, state: ForwardState, ids: Sequence[int] | torch.Tensor, positions: Sequence[int] | torch.Tensor,
+                *, route_rows: Any = None, logits: bool = True, backbone_only: bool = False) -> torch.Tensor | None:
+        """One forward of new local tokens; returns last-position logits (V,) float32 or None.
+
+        ``route_rows`` (T,) bool marks routing-query tokens; when given, this forward routes.
+        """
+        import torch
+
+        ids_t = torch.as_tensor(ids, dtype=torch.long, device=self.device).reshape(1, -1)
+        pos_t = torch.as_tensor(positions, dtype=torch.long, device=self.device).reshape(1, -1)
+        T = ids_t.shape[1]
+        if state.local_pos is None:
+            state.local_pos = torch.empty(state.capacity, dtype=torch.long, device=self.device)
+        if state.n_written + T > state.capacity:
+            raise RuntimeMemoryError(f"Request needs more than its {state.capacity} local-token slots.")
+        state.local_pos[state.n_written:state.n_written + T] = pos_t[0]
+        if route_rows is not None:
+            rr = torch.as_tensor(route_rows, dtype=torch.bool, device=self.device).reshape(-1)
+            if rr.shape[0] != T or not bool(rr.any()):
+                raise ConfigError(f"route_rows must be a ({T},) bool mask with at least one True.")
+            state.route, state.route_rows = True, rr
+        with self.session(state), torch.inference_mode():
+            try:
+                if backbone_only:
+                    self.backbone(input_ids=ids_t, position_ids=pos_t, attention_mask=self._mask_dict, use_cache=False)
+                    out = None
+                else:
+                    res = self.model(input_ids=ids_t, position_ids=pos_t, attention_mask=self._mask_dict,
+                                     use_cache=False, logits_to_keep=1)
+                    out = res.logits[0, -1].float() if logits else None
+            finally:
+                state.route, state.route_rows = False, None
+        state.n_written += T
+        return out
+
+    def compute_prefix(self, template_ids: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer (K, V) of the template head at positions 0..P-1, causal among themselves."""
+        n = len(template_ids)
+        if n == 0:
+            return []
+        st = ForwardState(capacity=n)
+        self.forward(st, list(template_ids), list(range(n)), backbone_only=True)
+        return [(st.layers[i].k[:, :n].clone(), st.layers[i].v[:, :n].clone()) for i in range(len(self.backbone.layers))]
+
+    def new_state(self, capacity: int, prefix: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                  top_k: int | None = None) -> ForwardState:
+        p = list(prefix) if prefix else None
+        return ForwardState(capacity=int(capacity), prefix=p, prefix_len=(p[0][0].shape[1] if p else 0), top_k=top_k)
+
+    def route_only(self, ids: Sequence[int], positions: Sequence[int], route_rows: Any,
+                   prefix: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None) -> tuple[np.ndarray, dict[str, float]]:
+        """Document scores summed over all router layers (no memory attached): (N,) float32."""
+        if self.index is None:
+            raise RuntimeMemoryError("Routing needs router keys, but this engine has none.")
+        st = self.new_state(len(ids), prefix)
+        st.collect_only = True
+        self.forward(st, ids, positions, route_rows=route_rows, backbone_only=True)
+        assert st.doc_score_sum is not None
+        return st.doc_score_sum.float().cpu().numpy(), st.timings
+
+    # ------------------------------------------------------------------ decoding
+    def decode(self, state: ForwardState, first_logits: torch.Tensor, next_pos: int, *, max_new_tokens: int,
+               eos_ids: Sequence[int] = (), temperature: float = 0.0, top_p: float = 1.0,
+               generator: torch.Generator | None = None,
+               stop: Callable[[list[int]], bool] | None = None) -> Iterator[int]:
+        """Yield generated token ids (greedy when temperature == 0), one forward per token."""
+        logits = first_logits
+        out: list[int] = []
+        eos = set(int(e) for e in eos_ids)
+        for step in range(max_new_tokens):
+            tok = _sample(logits, temperature, top_p, generator)
+            out.append(tok)
+            yield tok
+            if tok in eos or (stop is not None and stop(out)) or step == max_new_tokens - 1:
+                return
+            logits = self.forward(state, [tok], [next_pos])
+            next_pos += 1
+
+
+def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: Any) -> int:
+    import torch
+
+    if temperature <= 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits.float() / temperature, -1)
+    if top_p < 1.0:
+        sp, si = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sp, 0) - sp < top_p
+        sp = sp * keep
+        choice = torch.multinomial(sp / sp.sum(), 1, generator=generator)
+        return int(si[choice])
+    return int(torch.multinomial(probs, 1, generator=generator))
