@@ -27,6 +27,8 @@ __all__ = [
     "EncodedChunks",
     "to_float32",
     "from_float32",
+    "ShardRecord",
+    "identity_sha256",
 ]
 
 LogicalDtype = Literal["bfloat16", "float16", "float32"]
@@ -175,3 +177,80 @@ class EncodedChunks:
     @property
     def n_chunks_total(self) -> int:
         return int(self.kv.shape[0])
+
+
+def identity_sha256(identity: StoreIdentity) -> str:
+    """sha256 of the identity's canonical JSON (sorted keys): what shard records and manifests pin."""
+    import hashlib
+    import json
+
+    blob = json.dumps(identity.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+    return hashlib.sha256(blob).hexdigest()
+
+
+@dataclass(frozen=True, eq=False)
+class ShardRecord:
+    """What ``store.write_shard`` wrote: one immutable shard, complete on disk, not yet committed.
+
+    Written last into the shard (``_record.json``), so a shard with a record is complete; the
+    commit that lists it makes its documents live. Document i owns shard chunks
+    ``chunk_offsets[i]:chunk_offsets[i+1]``.
+    """
+
+    shard_id: str
+    """Caller-chosen name, unique in the store (``[A-Za-z0-9][A-Za-z0-9._-]*``)."""
+    doc_ids: np.ndarray
+    """(N,) int64 document ids, in shard order."""
+    chunk_offsets: np.ndarray
+    """(N+1,) int64 chunk offsets of each document inside the shard."""
+    n_tokens: np.ndarray
+    """(N,) int64 tokens of each document."""
+    files: dict[str, dict[str, int]]
+    """Shard-relative path -> ``{"size": bytes, "crc32c": whole-file checksum}`` of every data file."""
+    identity_sha256: str
+    """:func:`identity_sha256` of the store identity the arrays were checked against."""
+    created: str = ""
+    """ISO-8601 UTC time the shard was finished."""
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def n_docs(self) -> int:
+        return int(self.doc_ids.shape[0])
+
+    @property
+    def n_chunks(self) -> int:
+        return int(self.chunk_offsets[-1]) if self.chunk_offsets.size else 0
+
+    @property
+    def n_tokens_total(self) -> int:
+        return int(self.n_tokens.sum())
+
+    @property
+    def n_bytes(self) -> int:
+        """Bytes of all files of the shard on disk."""
+        return int(sum(f["size"] for f in self.files.values()))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "shard_id": self.shard_id,
+            "format_version": int(self.format_version),
+            "identity_sha256": self.identity_sha256,
+            "created": self.created,
+            "doc_ids": [int(x) for x in self.doc_ids],
+            "chunk_offsets": [int(x) for x in self.chunk_offsets],
+            "n_tokens": [int(x) for x in self.n_tokens],
+            "files": {k: {"size": int(v["size"]), "crc32c": int(v["crc32c"])} for k, v in self.files.items()},
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ShardRecord:
+        return cls(
+            shard_id=str(d["shard_id"]),
+            doc_ids=np.asarray(d["doc_ids"], dtype=np.int64).reshape(-1),
+            chunk_offsets=np.asarray(d["chunk_offsets"], dtype=np.int64).reshape(-1),
+            n_tokens=np.asarray(d["n_tokens"], dtype=np.int64).reshape(-1),
+            files={str(k): {"size": int(v["size"]), "crc32c": int(v["crc32c"])} for k, v in d["files"].items()},
+            identity_sha256=str(d["identity_sha256"]),
+            created=str(d.get("created", "")),
+            format_version=int(d.get("format_version", FORMAT_VERSION)),
+        )

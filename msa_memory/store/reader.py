@@ -1,0 +1,295 @@
+"""MemoryStore: a read snapshot of one version, plus the writer verbs that publish new ones.
+
+Opening reads the identity record and one manifest: nothing that grows with the corpus except
+the manifest's shard list. Everything else is lazy and cached on the object: shard records
+(doc ids and chunk offsets) when a document is looked up, deletion files when liveness matters,
+router keys when asked for, K̄V̄ of the requested documents only. A snapshot only reads files that
+its manifest names, and those never change, so a reader of version N never sees later writes.
+
+Writer verbs (``commit``, ``restore``, ``compact``, ``gc``, ``tag``, ``reserve_ids``) live in
+``commit.py``/``maintenance.py`` and are bound here; each returns a new snapshot.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from msa_memory.errors import DocumentNotFoundError, IdentityMismatchError
+from msa_memory.schemas.records import STORAGE_DTYPES, ShardRecord, StoreIdentity, identity_sha256
+from msa_memory.store import _manifest
+from msa_memory.store.shards import ShardView, chunk_bytes, read_record
+
+
+class MemoryStore:
+    """Snapshot of version ``version`` of the store at ``root`` (see docs/design.md, section store)."""
+
+    def __init__(self, root: str | os.PathLike[str], version: int | str | None = None) -> None:
+        self.root = Path(root)
+        self.identity: StoreIdentity = _manifest.read_identity(self.root)
+        self.version: int = _manifest.resolve_version(self.root, version)
+        self.manifest: dict[str, Any] = _manifest.read_manifest(self.root, self.version)
+        self._identity_sha = identity_sha256(self.identity)
+        if self.manifest["identity_sha256"] != self._identity_sha:
+            raise IdentityMismatchError(
+                f"Version {self.version} of {str(self.root)!r} was written for another identity than msa_store.json.",
+                hint="The identity record was replaced; restore the original msa_store.json.")
+        self._shard_entries: list[dict[str, Any]] = self.manifest["shards"]
+        self._views: dict[str, ShardView] = {}
+        self._deleted: dict[str, np.ndarray] | None = None
+        self._table_cache: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ metadata
+    def __repr__(self) -> str:
+        s = self.manifest["stats"]
+        idt = self.identity
+        return (f"MemoryStore({str(self.root)!r}, version={self.version}, docs={s['n_docs']}, chunks={s['n_chunks']}, "
+                f"layers={list(idt.router_layers)}, dtype={idt.dtype}, bytes={s['n_bytes']})")
+
+    def latest_version(self) -> int:
+        return _manifest.latest_version(self.root)
+
+    def versions(self) -> list[dict[str, Any]]:
+        """One dict per published version: version, timestamp, message, n_docs, n_chunks, operation."""
+        out = []
+        for v in _manifest.list_versions(self.root):
+            m = _manifest.read_manifest(self.root, v)
+            out.append({"version": v, "timestamp": m["timestamp"], "message": m["message"],
+                        "n_docs": m["stats"]["n_docs"], "n_chunks": m["stats"]["n_chunks"],
+                        "operation": m["operation"]})
+        return out
+
+    def tags(self) -> dict[str, int]:
+        return _manifest.read_tags(self.root)
+
+    def checkout_version(self, version: int | str) -> MemoryStore:
+        return MemoryStore(self.root, version)
+
+    def check_identity(self, identity: StoreIdentity) -> None:
+        """Raise IdentityMismatchError unless ``identity`` may read/append to this store."""
+        diff = self.identity.compatible_with(identity)
+        if diff:
+            raise IdentityMismatchError(
+                f"Store {str(self.root)!r} was built with a different model/router: fields {diff} differ "
+                f"(store: { {k: getattr(self.identity, k) for k in diff} }, given: { {k: getattr(identity, k) for k in diff} }).",
+                hint="Use the model and router adapter the store was built with, or encode into a new store.")
+
+    def stats(self) -> dict[str, Any]:
+        s = dict(self.manifest["stats"])
+        s["bytes_per_token"] = s["n_bytes"] / s["n_tokens"] if s["n_tokens"] else 0.0
+        s["bytes_per_chunk"] = chunk_bytes(self.identity)
+        s["disk_bytes"] = int(sum(e["n_bytes"] for e in self._shard_entries))
+        s["n_shards"] = len(self._shard_entries)
+        s["n_deletion_files"] = len(self.manifest["deletions"])
+        s["version"] = self.version
+        return s
+
+    # ------------------------------------------------------------------ shard / doc lookup
+    def _view(self, shard_id: str) -> ShardView:
+        v = self._views.get(shard_id)
+        if v is None:
+            entry = next(e for e in self._shard_entries if e["shard_id"] == shard_id)
+            rec = read_record(self.root, shard_id, expect_crc=entry["record_crc32c"])
+            v = self._views[shard_id] = ShardView(self.root, rec, self.identity)
+        return v
+
+    def _records(self) -> list[ShardRecord]:
+        return [self._view(e["shard_id"]).record for e in self._shard_entries]
+
+    def deleted(self) -> dict[str, np.ndarray]:
+        """shard_id -> sorted int64 ids deleted from that shard (only shards of this version)."""
+        if self._deleted is None:
+            live_shards = {e["shard_id"] for e in self._shard_entries}
+            acc: dict[str, list[int]] = {}
+            for entry in self.manifest["deletions"]:
+                for sid, ids in _manifest.read_deletions(self.root, entry).items():
+                    if sid in live_shards:
+                        acc.setdefault(sid, []).extend(ids)
+            self._deleted = {k: np.unique(np.asarray(v, dtype=np.int64)) for k, v in acc.items()}
+        return self._deleted
+
+    def _live_mask(self, shard_id: str) -> np.ndarray:
+        """(N_shard,) bool over the shard's documents."""
+        rec = self._view(shard_id).record
+        dead = self.deleted().get(shard_id)
+        if dead is None or dead.size == 0:
+            return np.ones(rec.n_docs, dtype=bool)
+        return ~np.isin(rec.doc_ids, dead)
+
+    def locate(self, doc_ids: Iterable[int]) -> list[tuple[str, int]]:
+        """(shard_id, position in shard) of each live id; DocumentNotFoundError for any other."""
+        ids = np.asarray(list(doc_ids) if not isinstance(doc_ids, np.ndarray) else doc_ids, dtype=np.int64).reshape(-1)
+        out: list[tuple[str, int] | None] = [None] * ids.size
+        deleted = self.deleted()
+        for e in self._shard_entries:
+            cand = np.flatnonzero((ids >= e["doc_id_min"]) & (ids <= e["doc_id_max"]))
+            if cand.size == 0:
+                continue
+            view = self._view(e["shard_id"])
+            pos = view.positions(ids[cand])
+            dead = deleted.get(e["shard_id"])
+            ok = pos >= 0
+            if dead is not None:
+                ok &= ~np.isin(ids[cand], dead)
+            for i, p in zip(cand[ok], pos[ok]):
+                if out[i] is None:
+                    out[i] = (e["shard_id"], int(p))
+        missing = [int(ids[i]) for i, o in enumerate(out) if o is None]
+        if missing:
+            raise DocumentNotFoundError(
+                f"Document ids {missing[:10]}{' ...' if len(missing) > 10 else ''} are not live in version "
+                f"{self.version} of {str(self.root)!r}.",
+                hint="List live documents with store.documents(columns=['doc_id']) or `msa store docs`.")
+        return out  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ tensors
+    def router_keys(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Live router keys of router-layer position ``layer``: ((C, H, D) storage dtype, (C,) int64 doc ids)."""
+        return self._per_layer("k_router", layer)
+
+    def router_inputs(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Live pooled router-layer inputs ((C, E) storage dtype, (C,) doc ids); needs identity.hidden_size > 0."""
+        if self.identity.hidden_size <= 0:
+            from msa_memory.errors import ConfigError
+
+            raise ConfigError(f"Store {str(self.root)!r} keeps no router inputs (identity.hidden_size=0).",
+                              hint="Encode with keep_router_inputs=True into a new store to have them.")
+        return self._per_layer("x_router", layer)
+
+    def _per_layer(self, name: str, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        L = self.identity.n_layers
+        if not isinstance(layer, (int, np.integer)) or not 0 <= int(layer) < L:
+            from msa_memory.errors import ConfigError
+
+            raise ConfigError(f"Router layer position {layer!r} out of range: the store has {L} router layers "
+                              f"(decoder layers {list(self.identity.router_layers)}); pass 0..{L - 1}.")
+        tail = ((self.identity.n_kv_heads, self.identity.head_dim) if name == "k_router"
+                else (self.identity.hidden_size,))
+        keys, docs = [], []
+        for e in self._shard_entries:
+            view = self._view(e["shard_id"])
+            rec = view.record
+            block = view.array(name).read(int(layer), int(layer) + 1)[0]  # (C_shard, *tail)
+            chunk_doc = np.repeat(rec.doc_ids, np.diff(rec.chunk_offsets))
+            live = self._live_mask(e["shard_id"])
+            if not live.all():
+                keep = np.repeat(live, np.diff(rec.chunk_offsets))
+                block, chunk_doc = block[keep], chunk_doc[keep]
+            keys.append(block)
+            docs.append(chunk_doc)
+        st = STORAGE_DTYPES[self.identity.dtype]
+        if not keys:
+            return np.empty((0, *tail), dtype=st), np.empty((0,), dtype=np.int64)
+        return np.concatenate(keys), np.concatenate(docs)
+
+    def load_kv(self, doc_ids: Sequence[int] | np.ndarray) -> list[np.ndarray]:
+        """Content K̄V̄ of each id, in the given order: (C_d, L, 2, H, D) storage dtype, one read per doc."""
+        out = []
+        for sid, pos in self.locate(doc_ids):
+            view = self._view(sid)
+            a, b = view.record.chunk_offsets[pos], view.record.chunk_offsets[pos + 1]
+            out.append(view.array("kv").read(int(a), int(b)))
+        return out
+
+    def texts(self, doc_ids: Sequence[int] | np.ndarray) -> list[str]:
+        """Raw text of each id, in the given order."""
+        locs = self.locate(doc_ids)
+        out: list[str] = []
+        for sid, pos in locs:
+            col = self._table_cache.get(sid)
+            if col is None:
+                if len(self._table_cache) >= 16:
+                    self._table_cache.pop(next(iter(self._table_cache)))
+                tab = self._view(sid).table(["doc_id", "text"])
+                rec = self._view(sid).record
+                if not np.array_equal(tab.column("doc_id").to_numpy(), rec.doc_ids):
+                    from msa_memory.errors import ShardCorruptError
+
+                    raise ShardCorruptError(f"Document table of shard {sid!r} does not match its record.",
+                                            hint="Run `msa store verify`.")
+                col = self._table_cache[sid] = tab.column("text")
+            out.append(col[pos].as_py())
+        return out
+
+    def documents(self, columns: Sequence[str] | None = None) -> Any:
+        """Live documents as a ``pyarrow.Table`` (columns of ``schemas.arrow.DOCUMENT_SCHEMA``)."""
+        import pyarrow as pa
+
+        from msa_memory.schemas.arrow import DOCUMENT_COLUMNS, DOCUMENT_SCHEMA
+
+        cols = list(columns) if columns is not None else list(DOCUMENT_COLUMNS)
+        unknown = [c for c in cols if c not in DOCUMENT_COLUMNS]
+        if unknown:
+            from msa_memory.errors import ConfigError
+
+            raise ConfigError(f"Unknown document columns {unknown}; available: {list(DOCUMENT_COLUMNS)}.")
+        schema = pa.schema([DOCUMENT_SCHEMA.field(c) for c in cols])
+        parts = []
+        for e in self._shard_entries:
+            view = self._view(e["shard_id"])
+            tab = view.table(cols)
+            live = self._live_mask(e["shard_id"])
+            if not live.all():
+                tab = tab.filter(pa.array(live))
+            parts.append(tab.cast(schema))
+        if not parts:
+            return schema.empty_table()
+        return pa.concat_tables(parts)
+
+    # ------------------------------------------------------------------ writer verbs (commit.py, maintenance.py)
+    def reserve_ids(self, n: int, *, lock_timeout: float = 60.0) -> np.ndarray:
+        """(n,) int64 fresh document ids, durable before return and never handed out again."""
+        from msa_memory.store import commit
+
+        return commit.reserve_ids(self, n, lock_timeout=lock_timeout)
+
+    def commit(self, add: Sequence[ShardRecord] = (), delete_ids: Iterable[int] = (),
+               delete_paths: Iterable[str] = (), message: str = "", read_version: int | None = None, *,
+               lock_timeout: float = 60.0) -> MemoryStore:
+        """Publish version N+1 (add shards, delete ids/paths; both = replace). See ``commit.commit``."""
+        from msa_memory.store import commit
+
+        return commit.commit(self, add, delete_ids, delete_paths, message, read_version, lock_timeout=lock_timeout)
+
+    def restore(self, version: int | str, message: str | None = None) -> MemoryStore:
+        """Publish a new version equal to ``version``."""
+        from msa_memory.store import commit
+
+        return commit.restore(self, version, message)
+
+    def tag(self, name: str, version: int | None = None, *, force: bool = False) -> None:
+        """Tag ``version`` (default: this snapshot's) as ``name``."""
+        from msa_memory.store import commit
+
+        commit.tag(self, name, version, force=force)
+
+    def delete_tag(self, name: str) -> None:
+        _manifest.delete_tag(self.root, name)
+
+    def find_shard(self, shard_id: str) -> ShardRecord | None:
+        """An uncommitted, checksum-verified shard's record (to resume a job), else None."""
+        from msa_memory.store import commit
+
+        return commit.find_shard(self, shard_id)
+
+    def compact(self, min_dead_fraction: float = 0.0, message: str = "compact") -> MemoryStore:
+        """Rewrite shards holding deleted documents; publishes a new version (see maintenance.compact)."""
+        from msa_memory.store import maintenance
+
+        return maintenance.compact(self, min_dead_fraction, message)
+
+    def gc(self, dry_run: bool = True, *, keep_last: int | None = None, grace_s: float = 3600.0) -> dict[str, Any]:
+        """List (dry run) or remove files no kept version references (see maintenance.gc)."""
+        from msa_memory.store import maintenance
+
+        return maintenance.gc(self, dry_run, keep_last=keep_last, grace_s=grace_s)
+
+    def verify(self) -> dict[str, Any]:
+        """Check every file of this version; report corrupt/missing files and the documents they hold."""
+        from msa_memory.store import maintenance
+
+        return maintenance.verify(self)

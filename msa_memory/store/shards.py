@@ -1,0 +1,338 @@
+"""Writing and reading one immutable shard: Zarr v3 arrays + Parquet document rows + a record.
+
+``write_shard`` is what a worker calls: it checks the arrays against the store identity, writes
+everything into ``staging/{shard_id}.{hex}/``, fsyncs it, writes ``_record.json`` (the
+:class:`ShardRecord`, with the size and crc32c of every file) last, and renames the directory to
+``shards/{shard_id}/`` in one step. A shard directory under ``shards/`` is therefore complete; it
+becomes part of the store only when a commit lists it. Shards are never modified afterwards
+(compaction writes new ones). No manifest, lock or id counter is touched here except to read.
+
+Arrays of a shard (C chunks of the shard, L router layers; dtype = identity storage dtype)::
+
+    kv         (C, L, 2, H, D)  inner chunk (1, L, 2, H, D): one document = one contiguous byte range
+    k_router   (L, C, H, D)     inner chunk (1, C, H, D): one layer of router keys = one read
+    x_router   (L, C, E)        optional (identity.hidden_size > 0), inner chunk (1, C, E)
+    chunk_doc  (C,) int64       document id of each chunk
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import crc32c
+import numpy as np
+
+from msa_memory.errors import (
+    DuplicateDocumentError,
+    IdNotReservedError,
+    ManifestCorruptError,
+    SchemaMismatchError,
+    ShardMissingError,
+    StoreExistsError,
+)
+from msa_memory.schemas.records import (
+    STORAGE_DTYPES,
+    EncodedChunks,
+    Passage,
+    ShardRecord,
+    StoreIdentity,
+    identity_sha256,
+)
+from msa_memory.store import _ids, _manifest
+from msa_memory.store._layout import (
+    DOCS_FILE,
+    RECORD_FILE,
+    SHARDS_DIR,
+    STAGING_DIR,
+    check_name,
+    dumps,
+    fsync_dir,
+    now_iso,
+    token,
+    write_bytes_durable,
+)
+from msa_memory.store._zarrshard import ArrayReader, write_array
+
+#: Test hook: called with a point name at each step of a write/commit (crash tests kill there).
+fault_hook: Callable[[str], None] = lambda point: None
+
+GROUP_META = {"attributes": {"msa_memory": "shard"}, "zarr_format": 3, "node_type": "group"}
+
+
+def chunk_bytes(identity: StoreIdentity) -> int:
+    """Bytes of stored tensors per chunk (K̄V̄ + router keys + router inputs)."""
+    item = STORAGE_DTYPES[identity.dtype].itemsize
+    L, H, D = identity.n_layers, identity.n_kv_heads, identity.head_dim
+    return item * (L * 2 * H * D + L * H * D + L * identity.hidden_size)
+
+
+def check_encoded(identity: StoreIdentity, passages: Sequence[Passage], enc: EncodedChunks) -> None:
+    """Raise SchemaMismatchError unless ``enc`` fits ``identity`` (shapes, dtypes, counts)."""
+    L, H, D, E = identity.n_layers, identity.n_kv_heads, identity.head_dim, identity.hidden_size
+    st = STORAGE_DTYPES[identity.dtype]
+    hint = "Encode with the model/router this store was built with (see `msa store info`)."
+
+    def bad(msg: str) -> SchemaMismatchError:
+        return SchemaMismatchError(msg, hint=hint)
+
+    if enc.dtype != identity.dtype:
+        raise bad(f"EncodedChunks.dtype is {enc.dtype!r}; the store keeps {identity.dtype!r}.")
+    n = enc.n_docs
+    if n == 0:
+        raise bad("A shard needs at least one document; got 0.")
+    if len(passages) != n:
+        raise bad(f"{len(passages)} passages for {n} encoded documents; pass one Passage per doc id.")
+    for name in ("doc_ids", "n_tokens", "n_chunks"):
+        a = getattr(enc, name)
+        if not isinstance(a, np.ndarray) or a.shape != (n,) or a.dtype.kind not in "iu":
+            raise bad(f"EncodedChunks.{name} must be an integer array of shape ({n},), got "
+                      f"{getattr(a, 'dtype', type(a))} {getattr(a, 'shape', '')}.")
+    if np.any(enc.n_tokens <= 0):
+        raise bad(f"Every document needs at least one token; n_tokens has {int((enc.n_tokens <= 0).sum())} "
+                  "non-positive entries.")
+    want_chunks = -(-enc.n_tokens // identity.chunk_tokens)
+    if not np.array_equal(enc.n_chunks, want_chunks):
+        i = int(np.flatnonzero(enc.n_chunks != want_chunks)[0])
+        raise bad(f"Document {int(enc.doc_ids[i])}: n_chunks={int(enc.n_chunks[i])} but "
+                  f"ceil(n_tokens={int(enc.n_tokens[i])} / chunk_tokens={identity.chunk_tokens}) = {int(want_chunks[i])}.")
+    C = int(enc.n_chunks.sum())
+    shapes: list[tuple[str, Any, tuple[int, ...]]] = [
+        ("kv", enc.kv, (C, L, 2, H, D)), ("k_router", enc.k_router, (L, C, H, D))]
+    if E > 0:
+        if enc.x_router is None:
+            raise bad(f"The store keeps router inputs x_router (hidden_size={E}); EncodedChunks.x_router is None.")
+        shapes.append(("x_router", enc.x_router, (L, C, E)))
+    elif enc.x_router is not None:
+        raise bad("EncodedChunks.x_router was given but the store keeps no router inputs (identity.hidden_size=0).")
+    for name, a, shape in shapes:
+        if not isinstance(a, np.ndarray) or a.shape != shape:
+            raise bad(f"EncodedChunks.{name} has shape {getattr(a, 'shape', None)}; the store expects {shape} "
+                      "(C chunks, L router layers, H kv heads, D head dim, E hidden).")
+        if a.dtype != st:
+            raise bad(f"EncodedChunks.{name} has dtype {a.dtype}; logical {identity.dtype!r} is stored as {st}.")
+
+
+def check_ids(root: Path, doc_ids: np.ndarray, used: _ids.Ranges | None = None) -> None:
+    """Ids must be distinct, reserved (< next_id) and never committed (not in ``used`` ranges)."""
+    ids = np.asarray(doc_ids, dtype=np.int64)
+    uniq, counts = np.unique(ids, return_counts=True)
+    if np.any(counts > 1):
+        raise DuplicateDocumentError(f"Document ids {uniq[counts > 1][:10].tolist()} appear more than once in "
+                                     "one write.", hint="Give every document its own id from store.reserve_ids().")
+    nxt = _ids.read_next_id(root)
+    bad = ids[(ids < 0) | (ids >= nxt)]
+    if bad.size:
+        raise IdNotReservedError(f"Document ids {bad[:10].tolist()} were never reserved in store {str(root)!r} "
+                                 f"(ids below {nxt} have been handed out).",
+                                 hint="Get ids from store.reserve_ids(n) before encoding.")
+    if used is None:
+        used = _manifest.read_manifest(root, _manifest.latest_version(root))["used_id_ranges"]
+    hit = ids[_ids.in_ranges(ids, used)]
+    if hit.size:
+        raise DuplicateDocumentError(f"Document ids {hit[:10].tolist()} are already used by a committed version "
+                                     "(ids are never reused, also after deletion).",
+                                     hint="Reserve fresh ids with store.reserve_ids(n) and re-encode.")
+
+
+def _docs_table(passages: Sequence[Passage], enc: EncodedChunks, shard_id: str) -> Any:
+    import hashlib
+
+    import pyarrow as pa
+
+    from msa_memory.schemas.arrow import DOCUMENT_SCHEMA
+
+    offs = enc.offsets
+    cols = {
+        "doc_id": np.asarray(enc.doc_ids, dtype=np.int64),
+        "source_path": [p.source_path for p in passages],
+        "passage_index": [int(p.passage_index) for p in passages],
+        "byte_start": [int(p.byte_start) for p in passages],
+        "byte_end": [int(p.byte_end) for p in passages],
+        "file_sha256": [p.file_sha256 for p in passages],
+        "text_sha256": [hashlib.sha256(p.text.encode()).hexdigest() for p in passages],
+        "n_tokens": np.asarray(enc.n_tokens, dtype=np.int64),
+        "n_chunks": np.asarray(enc.n_chunks, dtype=np.int64),
+        "chunk_start": offs[:-1].astype(np.int64),
+        "shard_id": [shard_id] * enc.n_docs,
+        "text": [p.text for p in passages],
+    }
+    return pa.table(cols, schema=DOCUMENT_SCHEMA)
+
+
+def file_crc(path: Path) -> tuple[int, int]:
+    """(size, crc32c) of a whole file, read in 8 MiB pieces."""
+    crc, size = 0, 0
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            crc = crc32c.crc32c(block, crc)
+            size += len(block)
+    return size, crc
+
+
+def write_shard(root: str | os.PathLike[str], shard_id: str, passages: Sequence[Passage],
+                encoded: EncodedChunks) -> ShardRecord:
+    """Write one immutable shard of ``encoded`` documents; touches no manifest.
+
+    Raises SchemaMismatchError (shapes/dtypes vs the identity), IdNotReservedError,
+    DuplicateDocumentError (ids repeated or already committed), StoreExistsError (``shard_id``
+    already written: use ``store.find_shard`` to resume), StoreNotFoundError.
+    """
+    import pyarrow.parquet as pq
+
+    root = Path(root)
+    identity = _manifest.read_identity(root)
+    check_name("shard id", shard_id)
+    check_encoded(identity, passages, encoded)
+    check_ids(root, encoded.doc_ids)
+    return write_shard_unchecked(root, identity, shard_id, passages, encoded)
+
+
+def write_shard_unchecked(root: Path, identity: StoreIdentity, shard_id: str, passages: Sequence[Passage],
+                          encoded: EncodedChunks) -> ShardRecord:
+    """write_shard without the id checks (compaction rewrites ids that are already committed)."""
+    import pyarrow.parquet as pq
+
+    final = root / SHARDS_DIR / shard_id
+    if final.exists():
+        raise StoreExistsError(f"Shard {shard_id!r} already exists in store {str(root)!r}.",
+                               hint="Use store.find_shard(shard_id) to reuse it, or choose another shard id.")
+    st = STORAGE_DTYPES[identity.dtype]
+    stage = root / STAGING_DIR / f"{shard_id}.{token()}"
+    stage.mkdir(parents=True)
+    fault_hook("shard:staged")
+    attrs = {"msa_logical_dtype": identity.dtype}
+    C = int(encoded.n_chunks.sum())
+    L, H, D, E = identity.n_layers, identity.n_kv_heads, identity.head_dim, identity.hidden_size
+    write_bytes_durable(stage / "zarr.json", json.dumps(GROUP_META, indent=2).encode())
+    write_array(stage / "kv", encoded.kv.astype(st, copy=False), (1, L, 2, H, D),
+                {**attrs, "dims": ["chunk", "layer", "kv", "head", "dim"]})
+    fault_hook("shard:kv")
+    write_array(stage / "k_router", encoded.k_router.astype(st, copy=False), (1, C, H, D),
+                {**attrs, "dims": ["layer", "chunk", "head", "dim"]})
+    fault_hook("shard:k_router")
+    if E > 0:
+        assert encoded.x_router is not None
+        write_array(stage / "x_router", encoded.x_router.astype(st, copy=False), (1, C, E),
+                    {**attrs, "dims": ["layer", "chunk", "hidden"]})
+    chunk_doc = np.repeat(np.asarray(encoded.doc_ids, dtype=np.int64), encoded.n_chunks)  # (C,)
+    write_array(stage / "chunk_doc", chunk_doc, (C,), {"dims": ["chunk"]})
+    pq.write_table(_docs_table(passages, encoded, shard_id), stage / DOCS_FILE, write_page_checksum=True,
+                   compression="zstd")
+    fault_hook("shard:docs")
+    files: dict[str, dict[str, int]] = {}
+    for dirpath, _, names in os.walk(stage):
+        for n in sorted(names):
+            p = Path(dirpath) / n
+            size, crc = file_crc(p)
+            files[p.relative_to(stage).as_posix()] = {"size": size, "crc32c": crc}
+    record = ShardRecord(
+        shard_id=shard_id, doc_ids=np.asarray(encoded.doc_ids, dtype=np.int64), chunk_offsets=encoded.offsets,
+        n_tokens=np.asarray(encoded.n_tokens, dtype=np.int64), files=dict(sorted(files.items())),
+        identity_sha256=identity_sha256(identity), created=now_iso(),
+    )
+    write_bytes_durable(stage / RECORD_FILE, dumps(record.to_dict()))
+    for dirpath, _, _ in os.walk(stage):
+        fsync_dir(Path(dirpath))
+    fault_hook("shard:record")
+    (root / SHARDS_DIR).mkdir(exist_ok=True)
+    try:
+        os.rename(stage, final)
+    except OSError:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise StoreExistsError(f"Shard {shard_id!r} was written concurrently by another writer.",
+                               hint="Use a distinct shard id per writer task.") from None
+    fsync_dir(root / SHARDS_DIR)
+    fault_hook("shard:published")
+    return record
+
+
+def read_record(root: Path, shard_id: str, expect_crc: int | None = None) -> ShardRecord:
+    path = root / SHARDS_DIR / shard_id / RECORD_FILE
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ShardMissingError(f"Shard {shard_id!r} is missing from store {str(root)!r} ({path}).",
+                                hint="Restore the shard directory from a backup, or open an older version.") from None
+    if expect_crc is not None and crc32c.crc32c(data) != expect_crc:
+        from msa_memory.errors import ShardCorruptError
+
+        raise ShardCorruptError(f"Shard record {path} fails its checksum.",
+                                hint="Run `msa store verify` to see the damage; re-encode the shard's documents.")
+    try:
+        return ShardRecord.from_dict(json.loads(data))
+    except Exception as e:  # noqa: BLE001
+        raise ManifestCorruptError(f"Shard record {path} is corrupt ({e}).") from None
+
+
+def verify_files(root: Path, record: ShardRecord) -> list[tuple[str, str]]:
+    """(relative path, problem) for every file of the shard that is missing or fails its checksum."""
+    base = root / SHARDS_DIR / record.shard_id
+    bad: list[tuple[str, str]] = []
+    for rel, want in record.files.items():
+        p = base / rel
+        try:
+            size, crc = file_crc(p)
+        except FileNotFoundError:
+            bad.append((f"{SHARDS_DIR}/{record.shard_id}/{rel}", "missing"))
+            continue
+        if size != want["size"]:
+            bad.append((f"{SHARDS_DIR}/{record.shard_id}/{rel}", f"size {size} != {want['size']}"))
+        elif crc != want["crc32c"]:
+            bad.append((f"{SHARDS_DIR}/{record.shard_id}/{rel}", "crc32c mismatch"))
+    return bad
+
+
+class ShardView:
+    """Read access to one committed shard (arrays opened lazily, indexes cached)."""
+
+    def __init__(self, root: Path, record: ShardRecord, identity: StoreIdentity) -> None:
+        self.root, self.record, self.identity = root, record, identity
+        self.base = root / SHARDS_DIR / record.shard_id
+        self._arrays: dict[str, ArrayReader] = {}
+        self._sorted: tuple[np.ndarray, np.ndarray] | None = None
+
+    def array(self, name: str) -> ArrayReader:
+        if name not in self._arrays:
+            idt, C = self.identity, self.record.n_chunks
+            L, H, D, E = idt.n_layers, idt.n_kv_heads, idt.head_dim, idt.hidden_size
+            st = STORAGE_DTYPES[idt.dtype]
+            spec: dict[str, tuple[tuple[int, ...], tuple[int, ...], Any]] = {
+                "kv": ((C, L, 2, H, D), (1, L, 2, H, D), st),
+                "k_router": ((L, C, H, D), (1, C, H, D), st),
+                "x_router": ((L, C, E), (1, C, E), st),
+                "chunk_doc": ((C,), (C,), np.dtype(np.int64)),
+            }
+            shape, chunk, dt = spec[name]
+            path = self.base.joinpath(name, "c", *(["0"] * len(shape)))
+            self._arrays[name] = ArrayReader(path, shape, chunk, dt, f"shard {self.record.shard_id!r} array {name!r}")
+        return self._arrays[name]
+
+    def positions(self, doc_ids: np.ndarray) -> np.ndarray:
+        """(N,) index of each id in the shard, -1 where absent."""
+        if self._sorted is None:
+            order = np.argsort(self.record.doc_ids, kind="stable")
+            self._sorted = (self.record.doc_ids[order], order)
+        keys, order = self._sorted
+        pos = np.searchsorted(keys, doc_ids)
+        pos = np.minimum(pos, keys.size - 1)
+        return np.where(keys[pos] == doc_ids, order[pos], -1)
+
+    def table(self, columns: list[str] | None = None) -> Any:
+        import pyarrow.parquet as pq
+
+        from msa_memory.errors import ShardCorruptError
+
+        path = self.base / DOCS_FILE
+        try:
+            return pq.read_table(path, columns=columns, page_checksum_verification=True)
+        except FileNotFoundError:
+            raise ShardMissingError(f"Document table {path} is missing.",
+                                    hint="Restore the shard directory from a backup, or open an older version.") from None
+        except OSError as e:
+            raise ShardCorruptError(f"Document table {path} is unreadable or corrupt ({e}).",
+                                    hint="Run `msa store verify`; re-encode the shard's documents.") from None
