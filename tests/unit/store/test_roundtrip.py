@@ -1,0 +1,186 @@
+"""Round trips of everything the store keeps, bit-exact; the fast read path vs zarr-python.
+
+Run: .venv/bin/python -m pytest tests/unit/store/test_roundtrip.py -q
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from msa_memory.schemas.arrow import DOCUMENT_COLUMNS
+from msa_memory.schemas.records import ShardRecord, to_float32
+from msa_memory.store import create_store, open_store, write_shard
+from msa_memory.testing.store_kit import add_docs, random_docs, tiny_identity
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+def test_roundtrip_every_array_bit_exact(tmp_path, rng, dtype):
+    store = create_store(tmp_path / "s", tiny_identity(hidden_size=5, dtype=dtype))
+    store, rec, passages, enc = add_docs(store, [1, 4, 5, 17, 3], rng, "s0")
+    offs = enc.offsets
+    order = [3, 0, 4, 1, 2]
+    kv = store.load_kv(enc.doc_ids[order])
+    for j, i in enumerate(order):
+        assert kv[j].dtype == enc.kv.dtype and kv[j].shape == (offs[i + 1] - offs[i], 2, 2, 2, 8)
+        assert kv[j].tobytes() == enc.kv[offs[i]:offs[i + 1]].tobytes()
+    for layer in range(2):
+        keys, chunk_doc = store.router_keys(layer)
+        assert keys.tobytes() == enc.k_router[layer].tobytes()
+        assert np.array_equal(chunk_doc, np.repeat(enc.doc_ids, enc.n_chunks))
+        x, _ = store.router_inputs(layer)
+        assert x.tobytes() == enc.x_router[layer].tobytes()
+    assert store.texts(enc.doc_ids[order]) == [passages[i].text for i in order]
+    docs = store.documents()
+    assert docs.column_names == list(DOCUMENT_COLUMNS)
+    assert docs.column("doc_id").to_pylist() == enc.doc_ids.tolist()
+    assert docs.column("text").to_pylist() == [p.text for p in passages]
+    assert docs.column("source_path").to_pylist() == [p.source_path for p in passages]
+    assert docs.column("byte_end").to_pylist() == [p.byte_end for p in passages]
+    assert docs.column("n_chunks").to_pylist() == enc.n_chunks.tolist()
+    assert docs.column("chunk_start").to_pylist() == offs[:-1].tolist()
+
+
+def test_bf16_special_values_survive(tmp_path):
+    store = create_store(tmp_path / "s", tiny_identity())
+    ids = store.reserve_ids(1)
+    passages, enc = random_docs(store.identity, ids, [4], np.random.default_rng(0))
+    special = np.array([0x0000, 0x8000, 0x7F80, 0xFF80, 0x7FC1, 0x0001, 0x7F7F, 0xFFFF], dtype=np.uint16)
+    enc.kv.reshape(-1)[: special.size] = special
+    store = store.commit(add=[write_shard(store.root, "sp", passages, enc)])
+    got = store.load_kv(ids)[0]
+    assert np.array_equal(got.reshape(-1)[: special.size], special)  # NaN payloads, -0, inf, subnormal
+    f = to_float32(got, "bfloat16").reshape(-1)
+    assert np.isinf(f[2]) and np.isnan(f[4]) and np.signbit(f[1])
+
+
+def test_fast_path_equals_zarr_python(store, rng):
+    zarr = pytest.importorskip("zarr")
+    store, rec, _, enc = add_docs(store, [6, 1, 9, 2], rng, "z")
+    g = zarr.open_group(store.root / "shards" / "z", mode="r")
+    assert np.array_equal(g["kv"][:], enc.kv)
+    assert np.array_equal(g["k_router"][:], enc.k_router)
+    assert np.array_equal(g["x_router"][:], enc.x_router)
+    assert np.array_equal(g["chunk_doc"][:], np.repeat(enc.doc_ids, enc.n_chunks))
+    assert g["kv"].attrs["msa_logical_dtype"] == "bfloat16"
+    offs = enc.offsets
+    for i, d in enumerate(enc.doc_ids):
+        assert np.array_equal(store.load_kv([d])[0], g["kv"][offs[i]:offs[i + 1]])
+
+
+def test_document_kv_is_one_contiguous_range(store, rng):
+    store, rec, _, enc = add_docs(store, [5, 9, 13], rng, "c")
+    view = store._view("c")
+    idx = view.array("kv").index()
+    assert np.all(np.diff(idx[:, 0].astype(np.int64)) == idx[0, 1])  # inner chunks back to back, C order
+    assert idx[0, 0] == 0
+
+
+def test_reopen_and_snapshot_isolation(store, rng):
+    s1, _, _, enc1 = add_docs(store, [4, 4], rng, "a")
+    snapshot = open_store(store.root, 1)
+    before = (snapshot.router_keys(0)[0].copy(), snapshot.documents().to_pydict())
+    s2, _, _, enc2 = add_docs(s1, [8], rng, "b")
+    s3 = s2.commit(delete_ids=[int(enc1.doc_ids[0])])
+    assert s3.version == 3 and open_store(store.root).version == 3
+    assert np.array_equal(snapshot.router_keys(0)[0], before[0])
+    assert snapshot.documents().to_pydict() == before[1]
+    assert np.array_equal(snapshot.load_kv([enc1.doc_ids[0]])[0], s1.load_kv([enc1.doc_ids[0]])[0])
+    assert s3.documents(["doc_id"]).column(0).to_pylist() == [int(enc1.doc_ids[1]), int(enc2.doc_ids[0])]
+
+
+def test_stats_and_versions(store, rng):
+    s1, rec, _, enc = add_docs(store, [3, 8, 5], rng, "a", message="first")
+    st = s1.stats()
+    per_chunk = 2 * (2 * 2 * 2 * 8 + 2 * 2 * 8 + 2 * 4)  # bf16 bytes of kv + k_router + x_router (L=2,H=2,D=8,E=4)
+    assert st["n_docs"] == 3 and st["n_chunks"] == 1 + 2 + 2 and st["n_tokens"] == 16
+    assert st["bytes_per_chunk"] == per_chunk and st["n_bytes"] == 5 * per_chunk
+    assert st["bytes_per_token"] == pytest.approx(5 * per_chunk / 16)
+    s2 = s1.commit(delete_ids=[int(enc.doc_ids[1])], message="second")
+    assert s2.stats()["n_docs"] == 2 and s2.stats()["n_chunks"] == 3 and s2.stats()["n_tokens"] == 8
+    vs = s2.versions()
+    assert [v["version"] for v in vs] == [0, 1, 2]
+    assert [v["operation"] for v in vs] == ["create", "add", "delete"]
+    assert vs[1]["message"] == "first" and vs[2]["n_docs"] == 2
+
+
+def test_shard_record_round_trips_json(store, rng):
+    _, rec, _, _ = add_docs(store, [3, 5], rng, "r", commit=False)
+    again = ShardRecord.from_dict(json.loads(json.dumps(rec.to_dict())))
+    assert again.to_dict() == rec.to_dict()
+    assert rec.n_docs == 2 and rec.n_chunks == 3 and rec.n_bytes > 0
+
+
+def test_replace_and_delete_by_path(store, rng):
+    s1, _, _, enc_a = add_docs(store, [4, 4], rng, "a", source="alpha")
+    s2, _, _, enc_b = add_docs(s1, [4], rng, "b", source="beta")
+    ids = s2.reserve_ids(1)
+    passages, enc = random_docs(s2.identity, ids, [7], rng, source="alpha")
+    rec = write_shard(s2.root, "a2", passages, enc)
+    s3 = s2.commit(add=[rec], delete_paths=[f"alpha/{int(enc_a.doc_ids[0])}.txt"], message="replace")
+    assert s3.versions()[-1]["operation"] == "replace"
+    assert s3.documents(["doc_id"]).column(0).to_pylist() == [int(enc_a.doc_ids[1]), int(enc_b.doc_ids[0]), int(ids[0])]
+
+
+def test_deleting_every_doc_of_a_shard_drops_the_shard(store, rng):
+    s1, _, _, enc = add_docs(store, [4, 4], rng, "a")
+    s2 = s1.commit(delete_ids=enc.doc_ids.tolist())
+    assert s2.manifest["shards"] == [] and s2.manifest["changes"]["removed_shards"] == ["a"]
+    assert s2.stats()["n_docs"] == 0 and s2.router_keys(0)[0].shape == (0, 2, 8)
+
+
+def test_restore_and_tags(store, rng):
+    s1, _, _, enc = add_docs(store, [4, 4], rng, "a")
+    s1.tag("good")
+    s2 = s1.commit(delete_ids=[int(enc.doc_ids[0])])
+    s3 = s2.restore("good")
+    assert s3.version == 3 and s3.manifest["changes"]["restored_from"] == 1
+    assert s3.documents().to_pydict() == open_store(store.root, "good").documents().to_pydict()
+    assert s3.tags() == {"good": 1}
+    # restored ids stay used: a new reservation never hands them out again
+    assert s3.reserve_ids(1)[0] > enc.doc_ids.max()
+
+
+def test_compact_keeps_live_content(store, rng):
+    s1, _, _, enc = add_docs(store, [4, 9, 2, 6], rng, "a")
+    s2 = s1.commit(delete_ids=[int(enc.doc_ids[1])])
+    live = [int(enc.doc_ids[i]) for i in (0, 2, 3)]
+    want_kv = s2.load_kv(live)
+    want_keys = s2.router_keys(1)
+    want_docs = s2.documents(["doc_id", "text", "source_path", "n_tokens"]).to_pydict()
+    s3 = s2.compact()
+    assert s3.manifest["operation"] == "compact" and "a" in s3.manifest["changes"]["removed_shards"]
+    assert s3.manifest["deletions"] == []
+    for a, b in zip(s3.load_kv(live), want_kv):
+        assert a.tobytes() == b.tobytes()
+    assert s3.router_keys(1)[0].tobytes() == want_keys[0].tobytes()
+    assert np.array_equal(s3.router_keys(1)[1], want_keys[1])
+    assert s3.documents(["doc_id", "text", "source_path", "n_tokens"]).to_pydict() == want_docs
+    assert s3.stats()["disk_bytes"] < s2.stats()["disk_bytes"]
+    assert s3.compact().version == s3.version  # nothing left to compact
+
+
+def test_find_shard_resumes_uncommitted(store, rng):
+    _, rec, _, _ = add_docs(store, [4, 4], rng, "job-0", commit=False)
+    found = store.find_shard("job-0")
+    assert found is not None and found.to_dict() == rec.to_dict()
+    assert store.find_shard("job-1") is None
+    s2 = store.commit(add=[found])
+    assert s2.find_shard("job-0") is None  # committed shards are not offered for resume
+
+
+def test_gc_removes_unreferenced_after_compact(store, rng):
+    s1, _, _, enc = add_docs(store, [4, 4], rng, "a")
+    s2 = s1.commit(delete_ids=[int(enc.doc_ids[0])])
+    s3 = s2.compact()
+    rep = s3.gc(dry_run=True, grace_s=0)
+    assert rep["orphans"] == []  # all versions are kept: shard a still referenced by v1, v2
+    rep = s3.gc(dry_run=False, keep_last=1, grace_s=0)
+    kinds = sorted({o["kind"] for o in rep["orphans"]})
+    assert kinds == ["deletion", "manifest", "shard"] and rep["removed_versions"] == [0, 1, 2]
+    assert not (store.root / "shards" / "a").exists()
+    s4 = open_store(store.root)
+    assert s4.version == 3 and s4.verify()["ok"]
+    assert s4.load_kv([int(enc.doc_ids[1])])[0].shape[0] == 1
