@@ -1,0 +1,172 @@
+"""Memory Interleave: multi-round retrieval (msa-reference §5), with a round cap and causal masking.
+
+Design note. Two protocols behind one call, :func:`ask_interleave`:
+
+- MSA checkpoints (store wrap ``"msa"``): §5.2. Each round is a fresh pooled prefill of
+  [question layout | everything generated and injected so far]; the routing query is the
+  instruction + question plus the *latest* injected document block (the reference's doc_ids == 0
+  regions, here exact because segments are tokenized apart). The model decodes document ids
+  ``[n]`` ending in ``<|object_ref_end|>``; those documents' raw text ``"[n]. text\\n"`` is injected
+  and the next round starts. When it emits ``<End-of-Retrieve>`` (or the round cap is reached),
+  ``<|im_start|>The user's question is: Q\\n<|object_ref_end|>`` is forwarded through the same
+  cache — causally, where the reference attends bidirectionally (§9.9) — and the answer is
+  decoded; the text after ``The answer to the question is:`` is the answer.
+- Other models: route → inject → re-route. Round 0 routes the question; round r routes the
+  question plus the text injected in round r-1 and adds up to k documents not yet chosen; it stops
+  when nothing new comes back or at the cap, then answers in text mode over all chosen documents.
+
+What it does not do: batch several questions (the reference's pausing machinery is not needed for
+one sequence). Invariant: at most ``max_rounds`` retrieval rounds; every injected id exists.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from msa_memory.runtime.prompts import PromptIds
+from msa_memory.runtime.results import Answer, Round
+
+if TYPE_CHECKING:
+    from msa_memory.runtime.memory import Memory
+
+__all__ = ["ask_interleave", "ROUND_END", "END_RETRIEVE", "ANSWER_PREFIX"]
+
+ROUND_END = "<|object_ref_end|>"
+END_RETRIEVE = "<End-of-Retrieve>"
+ANSWER_PREFIX = "The answer to the question is:"
+_ID = re.compile(r"\[(\d+)\]")
+
+
+def _add(timings: dict[str, float], other: dict[str, float]) -> None:
+    for key, v in other.items():
+        timings[key] = timings.get(key, 0.0) + v
+
+
+def ask_interleave(mem: Memory, question: str, k: int | None, max_rounds: int, kw: dict[str, Any]) -> Answer:
+    if max_rounds < 1:
+        from msa_memory.errors import ConfigError
+
+        raise ConfigError(f"max_rounds must be >= 1, got {max_rounds!r}.")
+    if mem.layout.msa:
+        return _msa_protocol(mem, question, k, max_rounds, kw)
+    return _generic(mem, question, k, max_rounds, kw)
+
+
+def _msa_protocol(mem: Memory, question: str, k: int | None, max_rounds: int, kw: dict[str, Any]) -> Answer:
+    lay, tok = mem.layout, mem.tokenizer
+    kk = int(k or mem.routing.top_k)
+    P = len(lay.head_ids())
+    base = lay.question(question)                       # routing rows: instruction + question
+    history = PromptIds([], [])                         # generated + injected, appended round by round
+    timings: dict[str, float] = {}
+    rounds: list[Round] = []
+    known = set(mem.doc_ids.tolist())
+    answer_phase = False
+    reason = ""
+    n_new = 0
+    st = None
+    cue_room = len(lay.encode([(END_RETRIEVE + f"<|im_start|>The user's question is: {question}\n{ROUND_END}",
+                                False)]).ids)
+    for r in range(max_rounds):
+        prompt = base + history
+        cap = len(prompt.ids) + 2 * kw["max_new_tokens"] + cue_room + 1
+        st = mem.engine.new_state(cap, mem.prefix, top_k=kk)
+        pos = list(range(P + kk, P + kk + len(prompt.ids)))
+
+        def stop(ids: list[int]) -> bool:
+            text = tok.decode(ids, skip_special_tokens=False)
+            return ROUND_END in text or END_RETRIEVE in text
+
+        rt: dict[str, float] = {}
+        out, reason = mem._generate(st, prompt, pos, route=True, timings=rt, stop=stop, **kw)
+        _add(timings, {**rt, **st.timings})
+        n_new += len(out)
+        text = tok.decode(out, skip_special_tokens=False)
+        per_layer = {p: res.doc_ids.tolist() for p, res in sorted(st.routes.items())}
+        best: dict[int, float] = {}
+        for res in st.routes.values():
+            for d, s in zip(res.doc_ids.tolist(), res.scores.tolist()):
+                best[d] = max(best.get(d, -np.inf), s)
+        ids = sorted(best, key=lambda d: -best[d])
+        rounds.append(Round(r, mem.hits(ids, [best[d] for d in ids], per_layer), generated=text, per_layer=per_layer))
+        history = history + PromptIds(out, [False] * len(out))
+        if END_RETRIEVE in text or reason in ("eos", "length") or r == max_rounds - 1:
+            answer_phase = True
+            break
+        wanted = sorted({int(m) for m in _ID.findall(text)} & known)
+        if not wanted:
+            answer_phase = True
+            break
+        docs = "".join(f"[{d}]. {t}\n" for d, t in zip(wanted, mem.store.texts(wanted)))
+        # the latest injected block routes next round; the delimiter does not
+        history = PromptIds(history.ids, [False] * len(history.ids)) + lay.encode([(docs, True), (ROUND_END, False)])
+    answer = ""
+    if answer_phase and st is not None and reason != "eos":
+        # forward the answer cue through the same cache (causal), then decode the answer
+        cue_text = ("" if END_RETRIEVE in rounds[-1].generated else END_RETRIEVE) + \
+            f"<|im_start|>The user's question is: {question}\n{ROUND_END}"
+        cue = lay.encode([(cue_text, False)])
+        start = st.local_pos[st.n_written - 1].item() + 1
+        t0 = time.perf_counter()
+        logits = mem.engine.forward(st, cue.ids, list(range(start, start + len(cue.ids))))
+        timings["prefill_s"] = timings.get("prefill_s", 0.0) + time.perf_counter() - t0
+        t1 = time.perf_counter()
+        from msa_memory.runtime.engine import _sync
+
+        eos = mem._eos_ids()
+        out = list(mem.engine.decode(st, logits, start + len(cue.ids), max_new_tokens=kw["max_new_tokens"],
+                                     eos_ids=eos, temperature=kw["temperature"], top_p=kw["top_p"]))
+        _sync(mem.device)
+        timings["decode_s"] = timings.get("decode_s", 0.0) + time.perf_counter() - t1
+        n_new += len(out)
+        reason = "eos" if out and out[-1] in eos else "length"
+        answer = tok.decode(out, skip_special_tokens=False)
+        if kw.get("on_token") is not None:
+            kw["on_token"](tok.decode(out, skip_special_tokens=True))
+    full = "".join(x.generated for x in rounds) + answer
+    if ANSWER_PREFIX in full:
+        final = full.rsplit(ANSWER_PREFIX, 1)[1].split("<|im_end|>")[0]
+    else:
+        final = tok.decode(tok(answer or rounds[-1].generated, add_special_tokens=False)["input_ids"],
+                           skip_special_tokens=True)
+    return Answer(question, final.strip(), "interleave", rounds, timings, len(base.ids) + P, n_new, reason)
+
+
+def _generic(mem: Memory, question: str, k: int | None, max_rounds: int, kw: dict[str, Any]) -> Answer:
+    kk = int(k or mem.routing.top_k)
+    chosen: list[int] = []
+    scores: dict[int, float] = {}
+    rounds: list[Round] = []
+    timings: dict[str, float] = {}
+    query = question
+    for r in range(max_rounds):
+        t0 = time.perf_counter()
+        ids, sc, rt = mem.route(query, min(mem.index.n_docs, kk + len(chosen)))
+        timings["routing_s"] = timings.get("routing_s", 0.0) + time.perf_counter() - t0
+        new = [(int(d), float(s)) for d, s in zip(ids, sc) if int(d) not in scores][:kk]
+        if not new:
+            break
+        for d, s in new:
+            chosen.append(d)
+            scores[d] = s
+        rounds.append(Round(r, mem.hits([d for d, _ in new], [s for _, s in new])))
+        t1 = time.perf_counter()
+        latest = mem.store.texts([d for d, _ in new])
+        timings["fetch_s"] = timings.get("fetch_s", 0.0) + time.perf_counter() - t1
+        query = question + "\n" + "\n".join(latest)
+    t2 = time.perf_counter()
+    texts = mem.store.texts(chosen)
+    timings["fetch_s"] = timings.get("fetch_s", 0.0) + time.perf_counter() - t2
+    prompt = mem.layout.with_passages(question, list(zip(chosen, texts)))
+    head = mem.layout.head_ids()
+    full = PromptIds(head + prompt.ids, [False] * len(head) + prompt.route_rows)
+    st = mem.engine.new_state(len(full.ids) + kw["max_new_tokens"] + 1)
+    out, reason = mem._generate(st, full, list(range(len(full.ids))), route=False, timings=timings, **kw)
+    text = mem.tokenizer.decode(out, skip_special_tokens=True).strip()
+    if rounds:
+        rounds[-1].generated = text
+    return Answer(question, text, "interleave", rounds, timings, len(full.ids), len(out), reason)

@@ -1,0 +1,370 @@
+"""``Memory``: the notebook / CLI entry point — a store version opened for a model, ready to search and ask.
+
+Design note. ``Memory(store, model=...)`` checks the model's identity against the store's (refusing
+a different model or router with ``IdentityMismatchError``), makes the router keys of every router
+layer resident on the device (``RouterIndex``), sets up the content tier (``ContentMemory``: host
+copy if it fits ``memory_budget``, else reads from the store on demand, both with an LRU cache) and
+wraps the HF model in an ``MsaEngine``. Then:
+
+- :meth:`Memory.search` routes the question (document scores summed over all router layers, the
+  way router training scores) and returns a ``pyarrow.Table`` (``.to_pandas()`` away);
+- :meth:`Memory.ask` answers in ``pooled`` (faithful MSA: each router layer attends to its own top-k
+  documents' pooled K̄V̄), ``text`` (route, then the passages' raw text before the question) or
+  ``interleave`` (multi-round; ``interleave.py``) mode, optionally streaming text pieces.
+
+What it does not do: write to the store, or encode. Invariant: dense document index i ↔ store id
+``doc_ids[i]`` is fixed for the lifetime of a ``Memory`` (a snapshot of one store version).
+"""
+
+from __future__ import annotations
+
+import html
+import os
+import time
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+import numpy as np
+
+from msa_memory.errors import ConfigError, RuntimeMemoryError
+from msa_memory.runtime.engine import MsaEngine
+from msa_memory.runtime.memory_tier import ContentMemory
+from msa_memory.runtime.prompts import PromptIds, layout_for
+from msa_memory.runtime.results import Answer, DocHit, Round
+from msa_memory.runtime.routing import RouterIndex, RoutingConfig, torch_dtype_of
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["Memory", "Mode"]
+
+Mode = Literal["pooled", "text", "interleave"]
+_MODES = ("pooled", "text", "interleave")
+
+
+def _parse_bytes(v: int | str | None) -> int | None:
+    if v is None or isinstance(v, int):
+        return v
+    s = str(v).strip().upper().replace("IB", "").replace("B", "")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    try:
+        return int(float(s[:-1]) * mult[s[-1]]) if s and s[-1] in mult else int(float(s))
+    except ValueError as e:
+        raise ConfigError(f"Cannot read the byte size {v!r}; use an int or e.g. '4GiB', '512MiB'.") from e
+
+
+class Memory:
+    """A store version opened for a model: route questions to documents and answer from them.
+
+    Parameters
+    ----------
+    store : MemoryStore or path
+        An opened store (``open_store``) or its path (the latest version is opened).
+    model : LoadedModel or str, default "default"
+        What ``msa_memory.encode.load_model`` returns, or a name/path for it. Must be the model
+        (and router adapter) the store was built with.
+    adapter : str or path, optional
+        Router adapter directory, passed to ``load_model`` when ``model`` is a name.
+    device : str, default "cpu"
+    source : {"auto", "host", "store"}, default "auto"
+        Where content K̄V̄ comes from: ``host`` preloads every document (one tensor, pinned on
+        GPU hosts), ``store`` reads chosen documents on demand, ``auto`` picks ``host`` if it fits
+        ``memory_budget``.
+    memory_budget : int or str, default "4GiB"
+        Host bytes the preloaded K̄V̄ may take (``source="host"`` raises beyond it).
+    cache_bytes : int or str, default "256MiB"
+        Device-side cache of fetched documents.
+    routing : RoutingConfig or dict, optional
+        Overrides of the router's score / reducers / top_k (defaults: the model's router config).
+
+    Examples
+    --------
+    >>> mem = Memory("mem.msa", model="default")            # doctest: +SKIP
+    >>> mem.search("Who wrote the report?", k=5).to_pandas()  # doctest: +SKIP
+    >>> mem.ask("Who wrote the report?", mode="text")         # doctest: +SKIP
+    """
+
+    def __init__(self, store: Any, model: Any = "default", *, adapter: Any = None, device: str = "cpu",
+                 source: str = "auto", memory_budget: int | str | None = "4GiB",
+                 cache_bytes: int | str = "256MiB", routing: RoutingConfig | dict[str, Any] | None = None,
+                 use_chat_template: bool | None = None) -> None:
+        import torch
+
+        if isinstance(store, (str, os.PathLike)):
+            from msa_memory.store import open_store
+
+            store = open_store(store)
+        if isinstance(model, (str, os.PathLike)):
+            from msa_memory.encode import load_model
+
+            model = load_model(str(model), adapter=adapter, device=device)
+        self.store, self.model = store, model
+        ident = store.identity
+        store.check_identity(model.identity(store_dtype=ident.dtype))   # IdentityMismatchError on mismatch
+        self.identity = ident
+        self.device = torch.device(device)
+        self.tokenizer = model.tokenizer
+        self.layout = layout_for(self.tokenizer, ident.wrap, use_chat_template)
+        self.routing = self._routing_config(routing)
+        t0 = time.perf_counter()
+        # 1. router keys: one resident tensor per router layer, shared chunk → dense doc map
+        dt = torch_dtype_of(ident.dtype)
+        keys, chunk_doc = [], None
+        for pos in range(ident.n_layers):
+            k_np, docs = store.router_keys(pos)
+            if chunk_doc is None:
+                doc_ids, chunk_doc = np.unique(docs, return_inverse=True)
+                first_docs = docs
+            elif not np.array_equal(docs, first_docs):
+                raise RuntimeMemoryError(f"Router layer {pos} lists chunks in another order than layer 0 in store "
+                                         f"{str(store.root)!r}; run `msa store verify`.")
+            t = torch.from_numpy(np.ascontiguousarray(k_np))
+            keys.append(t.view(dt) if t.dtype != dt else t)
+        assert chunk_doc is not None
+        self.doc_ids = doc_ids.astype(np.int64)
+        self.index = RouterIndex(keys, chunk_doc, self.doc_ids, self.routing, device=self.device)
+        del keys
+        # 2. content tier
+        n_chunks = np.bincount(chunk_doc, minlength=len(self.doc_ids)).astype(np.int64)
+        layout = (ident.n_layers, ident.n_kv_heads, ident.head_dim)
+        kv_bytes = int(n_chunks.sum()) * ident.n_layers * 2 * ident.n_kv_heads * ident.head_dim * \
+            torch.empty((), dtype=dt).element_size()
+        budget = _parse_bytes(memory_budget)
+        if source not in ("auto", "host", "store"):
+            raise ConfigError(f"source={source!r} is not one of 'auto', 'host', 'store'.")
+        if source == "auto":
+            source = "host" if budget is None or kv_bytes <= budget else "store"
+        if source == "host" and budget is not None and kv_bytes > budget:
+            raise RuntimeMemoryError(f"Content K̄V̄ of this store takes {kv_bytes / 2**30:.2f} GiB, over the "
+                                     f"memory_budget of {budget / 2**30:.2f} GiB.",
+                                     hint="Use source='store' (read on demand) or raise memory_budget.")
+        cache = _parse_bytes(cache_bytes) or 0
+        if source == "host":
+            arrays = store.load_kv(self.doc_ids) if len(self.doc_ids) else []
+            flat = (torch.from_numpy(np.concatenate(arrays)) if arrays
+                    else torch.empty((0, *layout[:1], 2, *layout[1:]), dtype=dt))
+            host = flat.view(dt) if flat.dtype != dt else flat
+            self.content = ContentMemory(n_chunks, layout, dt, self.device, host_kv=host, cache_bytes=cache)
+        else:
+            self.content = ContentMemory(n_chunks, layout, dt, self.device, loader=lambda idx: store.load_kv(self.doc_ids[idx]),
+                                         cache_bytes=cache)
+        self.engine = MsaEngine(model.hf_model, ident.router_layers, self._router_q, self.index, self.content)
+        self._prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._sources: dict[int, tuple[str, int]] | None = None
+        self.open_s = time.perf_counter() - t0
+
+    # ------------------------------------------------------------------ setup helpers
+    def _routing_config(self, routing: RoutingConfig | dict[str, Any] | None) -> RoutingConfig:
+        if isinstance(routing, RoutingConfig):
+            return routing
+        base: dict[str, Any] = {}
+        rc = getattr(getattr(self.model, "router", None), "config", None)
+        if rc is not None:
+            base = {k: getattr(rc, k) for k in ("score", "head_reduce", "query_reduce", "chunk_reduce", "top_k")
+                    if hasattr(rc, k)}
+        base.update(routing or {})
+        return RoutingConfig.from_dict(base)
+
+    def _router_q(self, pos: int, x: torch.Tensor) -> torch.Tensor:
+        return self.model.router.router_q(self.identity.router_layers[pos], x).flatten(-2)
+
+    @property
+    def prefix(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer K/V of the template head (computed once)."""
+        if self._prefix is None:
+            self._prefix = self.engine.compute_prefix(self.layout.head_ids())
+        return self._prefix
+
+    def _source_of(self, doc_id: int) -> tuple[str, int]:
+        if self._sources is None:
+            tab = self.store.documents(columns=["doc_id", "source_path", "passage_index"])
+            self._sources = {int(d): (str(p), int(i)) for d, p, i in zip(tab.column("doc_id").to_pylist(),
+                             tab.column("source_path").to_pylist(), tab.column("passage_index").to_pylist())}
+        return self._sources.get(int(doc_id), ("", 0))
+
+    def hits(self, doc_ids: Any, scores: Any, layers: dict[int, list[int]] | None = None,
+             preview: int = 160) -> list[DocHit]:
+        ids = [int(d) for d in doc_ids]
+        texts = self.store.texts(ids) if ids else []
+        out = []
+        for d, s, t in zip(ids, scores, texts):
+            path, pidx = self._source_of(d)
+            ls = sorted(p for p, docs in (layers or {}).items() if d in docs)
+            out.append(DocHit(d, float(s), path, pidx, ls, " ".join(t.split())[:preview]))
+        return out
+
+    # ------------------------------------------------------------------ routing
+    def _routing_query(self, question: str) -> tuple[list[int], list[int], list[bool], Any]:
+        """(ids, positions, route_rows, prefix) of the routing forward of a question."""
+        if self.layout.msa:
+            q = self.layout.question(question)
+            P, k = len(self.layout.head_ids()), self.routing.top_k
+            return q.ids, list(range(P + k, P + k + len(q.ids))), q.route_rows, self.prefix
+        ids = list(self.tokenizer(question, add_special_tokens=True)["input_ids"])   # what router training sees
+        bos = self.tokenizer.bos_token_id
+        rows = [not (i == 0 and bos is not None and t == bos) for i, t in enumerate(ids)]
+        if not any(rows):
+            raise ConfigError(f"The question {question!r} has no tokens to route with.")
+        return ids, list(range(len(ids))), rows, None
+
+    def route(self, question: str, k: int | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+        """(doc ids, scores, timings) of the top-k documents, scores summed over router layers."""
+        if not question or not question.strip():
+            raise ConfigError("The question is empty; pass some text to route with.")
+        k = min(int(k or self.routing.top_k), self.index.n_docs)
+        if k <= 0:
+            raise RuntimeMemoryError(f"Store {str(self.store.root)!r} (version {self.store.version}) has no "
+                                     "documents.", hint="Encode some with `msa-encode PATH --store STORE`.")
+        ids, pos, rows, prefix = self._routing_query(question)
+        t0 = time.perf_counter()
+        scores, timings = self.engine.route_only(ids, pos, rows, prefix)
+        order = np.argsort(-scores, kind="stable")[:k]
+        timings = dict(timings, route_total_s=time.perf_counter() - t0)
+        return self.doc_ids[order], scores[order], timings
+
+    def search(self, question: str, k: int = 10) -> Any:
+        """Top-k documents as a ``pyarrow.Table``: rank, doc_id, score, source_path, passage_index, text."""
+        import pyarrow as pa
+
+        ids, scores, _ = self.route(question, k)
+        hits = self.hits(ids, scores, preview=10**9)
+        return pa.table({"rank": list(range(1, len(hits) + 1)), "doc_id": [h.doc_id for h in hits],
+                         "score": [h.score for h in hits], "source_path": [h.source_path for h in hits],
+                         "passage_index": [h.passage_index for h in hits], "text": [h.preview for h in hits]})
+
+    # ------------------------------------------------------------------ generation
+    def _eos_ids(self) -> list[int]:
+        ids = set()
+        tok = self.tokenizer
+        if tok.eos_token_id is not None:
+            ids.add(int(tok.eos_token_id))
+        gc = getattr(self.model.hf_model, "generation_config", None)
+        e = getattr(gc, "eos_token_id", None)
+        ids.update([e] if isinstance(e, int) else list(e or []))
+        for t in ("<|im_end|>", "<end_of_turn>"):
+            i = tok.convert_tokens_to_ids(t)
+            if isinstance(i, int) and i != tok.unk_token_id and i is not None:
+                ids.add(i)
+        return sorted(ids)
+
+    def _generate(self, state: Any, prompt: PromptIds, positions: list[int], *, route: bool,
+                  max_new_tokens: int, temperature: float, top_p: float, seed: int | None,
+                  on_token: Callable[[str], None] | None, timings: dict[str, float],
+                  stop: Callable[[list[int]], bool] | None = None) -> tuple[list[int], str]:
+        """Prefill ``prompt`` into ``state`` then decode; returns (new token ids, stop reason)."""
+        import torch
+
+        from msa_memory.runtime.engine import _sync
+
+        t0 = time.perf_counter()
+        logits = self.engine.forward(state, prompt.ids, positions, route_rows=prompt.route_rows if route else None)
+        _sync(self.device)
+        timings["prefill_s"] = timings.get("prefill_s", 0.0) + time.perf_counter() - t0
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        t1 = time.perf_counter()
+        out: list[int] = []
+        shown = ""
+        eos = self._eos_ids()
+        for tok in self.engine.decode(state, logits, positions[-1] + 1, max_new_tokens=max_new_tokens, eos_ids=eos,
+                                      temperature=temperature, top_p=top_p, generator=gen, stop=stop):
+            out.append(tok)
+            if on_token is not None:
+                text = self.tokenizer.decode(out, skip_special_tokens=True)
+                if len(text) > len(shown) and not text.endswith("\ufffd"):
+                    on_token(text[len(shown):])
+                    shown = text
+            if "first_token_s" not in timings:
+                timings["first_token_s"] = time.perf_counter() - t0
+        timings["decode_s"] = timings.get("decode_s", 0.0) + time.perf_counter() - t1
+        reason = "eos" if out and out[-1] in eos else ("stop" if stop is not None and out and stop(out) else "length")
+        return out, reason
+
+    def ask(self, question: str, mode: Mode | None = None, *, k: int | None = None, max_new_tokens: int = 64,
+            temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, max_rounds: int = 3,
+            on_token: Callable[[str], None] | None = None) -> Answer:
+        """Answer ``question`` from memory.
+
+        Parameters
+        ----------
+        mode : {"pooled", "text", "interleave"}, default: "pooled" for MSA stores, else "text"
+        k : int, default: the router's top_k
+        max_new_tokens : int, default 64
+        temperature : float, default 0.0 (greedy); top_p : float, default 1.0; seed : int, optional
+        max_rounds : int, default 3 (interleave)
+        on_token : callable, optional
+            Called with each new piece of answer text as it is generated (streaming).
+        """
+        mode = mode or ("pooled" if self.identity.wrap == "msa" else "text")
+        if mode not in _MODES:
+            raise ConfigError(f"mode={mode!r} is not one of {list(_MODES)}.")
+        if not question or not question.strip():
+            raise ConfigError("The question is empty; pass some text to ask.")
+        if int(max_new_tokens) < 1:
+            raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}.")
+        t0 = time.perf_counter()
+        kw = dict(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p), seed=seed,
+                  on_token=on_token)
+        if mode == "pooled":
+            ans = self._ask_pooled(question, k, kw)
+        elif mode == "text":
+            ans = self._ask_text(question, k, kw)
+        else:
+            from msa_memory.runtime.interleave import ask_interleave
+
+            ans = ask_interleave(self, question, k, int(max_rounds), kw)
+        ans.timings["total_s"] = time.perf_counter() - t0
+        return ans
+
+    def _ask_pooled(self, question: str, k: int | None, kw: dict[str, Any]) -> Answer:
+        timings: dict[str, float] = {}
+        prefix = self.prefix
+        P = len(self.layout.head_ids())
+        kk = int(k or self.routing.top_k)
+        q = self.layout.question(question)
+        st = self.engine.new_state(len(q.ids) + kw["max_new_tokens"] + 1, prefix, top_k=kk)
+        pos = list(range(P + kk, P + kk + len(q.ids)))                 # §3.2: query starts at P + k
+        toks, reason = self._generate(st, q, pos, route=True, timings=timings, **kw)
+        timings.update(st.timings)
+        per_layer = {p: r.doc_ids.tolist() for p, r in sorted(st.routes.items())}
+        best: dict[int, float] = {}
+        for r in st.routes.values():
+            for d, s in zip(r.doc_ids.tolist(), r.scores.tolist()):
+                best[d] = max(best.get(d, -np.inf), s)
+        ids = sorted(best, key=lambda d: -best[d])
+        rnd = Round(0, self.hits(ids, [best[d] for d in ids], per_layer), per_layer=per_layer)
+        text = self.tokenizer.decode(toks, skip_special_tokens=True).strip()
+        rnd.generated = text
+        return Answer(question, text, "pooled", [rnd], timings, len(q.ids) + P, len(toks), reason)
+
+    def _ask_text(self, question: str, k: int | None, kw: dict[str, Any]) -> Answer:
+        ids, scores, rt = self.route(question, k)
+        timings = {"routing_s": rt["route_total_s"]}
+        t = time.perf_counter()
+        texts = self.store.texts(ids.tolist())
+        timings["fetch_s"] = time.perf_counter() - t
+        prompt = self.layout.with_passages(question, list(zip(ids.tolist(), texts)))
+        head = self.layout.head_ids()
+        full = PromptIds(head + prompt.ids, [False] * len(head) + prompt.route_rows)
+        st = self.engine.new_state(len(full.ids) + kw["max_new_tokens"] + 1)
+        toks, reason = self._generate(st, full, list(range(len(full.ids))), route=False, timings=timings, **kw)
+        text = self.tokenizer.decode(toks, skip_special_tokens=True).strip()
+        rnd = Round(0, self.hits(ids, scores), generated=text)
+        return Answer(question, text, "text", [rnd], timings, len(full.ids), len(toks), reason)
+
+    # ------------------------------------------------------------------ reprs
+    def __repr__(self) -> str:
+        i = self.identity
+        return (f"Memory(store={str(self.store.root)!r}, version={self.store.version}, docs={self.index.n_docs}, "
+                f"chunks={self.index.n_chunks}, router_layers={list(i.router_layers)}, score={self.routing.score}, "
+                f"top_k={self.routing.top_k}, device={self.device}, content={self.content.source})")
+
+    def _repr_html_(self) -> str:
+        i = self.identity
+        rows = {"store": str(self.store.root), "version": self.store.version, "model": i.model_name,
+                "documents": self.index.n_docs, "chunks": self.index.n_chunks,
+                "router layers": list(i.router_layers), "routing": f"{self.routing.score}, heads {self.routing.head_reduce}, "
+                f"tokens {self.routing.query_reduce}, chunks {self.routing.chunk_reduce}, top-{self.routing.top_k}",
+                "router keys resident": f"{self.index.nbytes() / 2**20:.1f} MiB on {self.device}",
+                "content K̄V̄": f"{self.content.source} ({self.content.host_nbytes() / 2**20:.1f} MiB preloaded)"}
+        body = "".join(f"<tr><th style='text-align:left'>{html.escape(str(k))}</th><td>{html.escape(str(v))}</td></tr>"
+                       for k, v in rows.items())
+        return f"<table><caption>msa_memory.Memory</caption>{body}</table>"
