@@ -395,53 +395,61 @@ def _problems(report: Any) -> list[str]:
     return []
 
 
-@store_app.command("compact", epilog="\b\nExamples:\n  msa store compact mem.msa --dry-run\n  msa store compact mem.msa")
-def store_compact(store: StoreArg, dry_run: DryRunOpt = False, json_out: JsonOpt = False) -> None:
-    """Rewrite shards with many deleted documents as a new version (same documents, fewer bytes)."""
+@store_app.command("compact", epilog="\b\nExamples:\n  msa store compact mem.msa\n  msa store compact mem.msa --min-dead-fraction 0.3 --json")
+def store_compact(
+    store: StoreArg,
+    min_dead_fraction: Annotated[float, typer.Option("--min-dead-fraction", help="Rewrite shards whose deleted fraction exceeds this, e.g. 0.3", min=0.0, max=0.999)] = 0.0,
+    json_out: JsonOpt = False,
+) -> None:
+    """Rewrite shards with deleted documents as a new version (same documents, fewer bytes)."""
 
     def body() -> None:
         s = _open(store)
-        res = _call_maybe_dry(s.compact, dry_run)
-        out = {"store": str(store), "dry_run": dry_run, "read_version": int(s.version), "result": _jsonable(res)}
-        if not dry_run:
-            out["version"] = int(_open(store).version)
+        before = s.stats()
+        new = s.compact(min_dead_fraction=min_dead_fraction)
+        after = new.stats()
+        out = {"store": str(store), "read_version": int(s.version), "version": int(new.version),
+               "committed": int(new.version) != int(s.version), "n_docs": int(after.get("n_docs", 0)),
+               "disk_bytes_before": int(before.get("disk_bytes", 0)), "disk_bytes_after": int(after.get("disk_bytes", 0))}
         if json_out:
             _emit_json(out)
+        elif out["committed"]:
+            typer.echo(f"compacted {store}: version {out['version']}, live shard bytes "
+                       f"{_human_bytes(out['disk_bytes_before'])} -> {_human_bytes(out['disk_bytes_after'])}; "
+                       "run `msa store gc` to free the old files")
         else:
-            typer.echo(f"compact {store}: " + json.dumps(out["result"], default=str))
+            typer.echo(f"compact {store}: nothing to compact, still version {out['version']}")
 
     _guard(json_out, body)
 
 
-def _call_maybe_dry(fn: Callable[..., Any], dry_run: bool) -> Any:
-    import inspect
-
-    if "dry_run" in inspect.signature(fn).parameters:
-        return fn(dry_run=dry_run)
-    if dry_run:
-        raise E.ConfigError(f"{fn.__name__} has no dry run in this version of the store.")
-    return fn()
-
-
-@store_app.command("gc", epilog="\b\nExamples:\n  msa store gc mem.msa --dry-run   # list what would be removed\n  msa store gc mem.msa --yes")
-def store_gc(store: StoreArg, dry_run: DryRunOpt = False, yes: YesOpt = False, json_out: JsonOpt = False) -> None:
+@store_app.command("gc", epilog="\b\nExamples:\n  msa store gc mem.msa --dry-run            # list what would be removed\n  msa store gc mem.msa --keep-last 3 --yes  # drop all but the last 3 versions (tags are kept)")
+def store_gc(
+    store: StoreArg,
+    keep_last: Annotated[int | None, typer.Option("--keep-last", help="Keep only the latest N versions plus tagged ones (default: keep all versions)", min=1)] = None,
+    grace_s: Annotated[float, typer.Option("--grace-s", help="Never remove files younger than this many seconds (a job may be about to commit them)", min=0.0)] = 3600.0,
+    dry_run: DryRunOpt = False, yes: YesOpt = False, json_out: JsonOpt = False,
+) -> None:
     """Remove files no kept version references (orphan shards of failed jobs, compacted shards)."""
 
     def body() -> None:
-        from msa_memory.store import open_store
-
-        s = open_store(store)
-        preview = s.gc(dry_run=True)
-        if not dry_run and not yes:
-            typer.echo(f"gc would remove: {json.dumps(_jsonable(preview), default=str)}", err=True)
-            if json_out or not sys.stdin.isatty() or not typer.confirm("Remove these files?", err=True):
+        s = _open(store)
+        preview = s.gc(dry_run=True, keep_last=keep_last, grace_s=grace_s)
+        n, size = len(preview["orphans"]), _human_bytes(preview["bytes"])
+        if not dry_run and not yes and (n or preview["removed_versions"]):
+            typer.echo(f"gc would remove {n} file(s)/folder(s), {size}, and versions {preview['removed_versions']}", err=True)
+            if json_out or not sys.stdin.isatty() or not typer.confirm("Remove them?", err=True):
                 raise E.ConfigError("gc needs confirmation.", hint="Pass --yes to remove, or --dry-run to only list.")
-        res = preview if dry_run else s.gc(dry_run=False)
-        out = {"store": str(store), "dry_run": dry_run, "result": _jsonable(res)}
+        res = preview if dry_run else s.gc(dry_run=False, keep_last=keep_last, grace_s=grace_s)
         if json_out:
-            _emit_json(out)
-        else:
-            typer.echo(f"gc {store}{' (dry run)' if dry_run else ''}: {json.dumps(out['result'], default=str)}")
+            _emit_json({"store": str(store), **res})
+            return
+        for item in res["orphans"]:
+            typer.echo(f"  {'would remove' if dry_run else 'removed'} {item['kind']:<9} {item['path']} ({_human_bytes(item['bytes'])})")
+        if res["young"]:
+            typer.echo(f"  kept {len(res['young'])} item(s) younger than {grace_s:g} s (see --grace-s)")
+        typer.echo(f"gc {store}{' (dry run)' if dry_run else ''}: {len(res['orphans'])} item(s), "
+                   f"{_human_bytes(res['bytes'])}{' would be' if dry_run else ''} freed")
 
     _guard(json_out, body)
 
@@ -449,14 +457,16 @@ def store_gc(store: StoreArg, dry_run: DryRunOpt = False, yes: YesOpt = False, j
 @store_app.command("tag", epilog="\b\nExamples:\n  msa store tag mem.msa release-1          # tag the latest version\n  msa store tag mem.msa before-cleanup --version 3")
 def store_tag(
     store: StoreArg, name: Annotated[str, typer.Argument(help="Tag name, e.g. release-1", show_default=False)],
-    version: VersionOpt = None, json_out: JsonOpt = False,
+    version: VersionOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Move the tag if it already exists")] = False,
+    json_out: JsonOpt = False,
 ) -> None:
     """Give a version a name (default: the latest version)."""
 
     def body() -> None:
         s = _open(store)
         v = None if version is None else (int(version) if version.isdigit() else int(s.tags()[version]))
-        s.tag(name, version=v)
+        s.tag(name, version=v, force=force)
         tagged = int(_open(store).tags()[name])
         if json_out:
             _emit_json({"store": str(store), "tag": name, "version": tagged})
