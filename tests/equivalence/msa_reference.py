@@ -80,7 +80,8 @@ class SlowMsa:
         self.sd, self.cfg = sd, cfg
         self.L = cfg["num_hidden_layers"]
         self.Hq, self.H, self.D = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
-        self.eps, self.theta = cfg["rms_norm_eps"], cfg["rope_theta"]
+        self.eps = cfg["rms_norm_eps"]
+        self.theta = cfg.get("rope_theta") or cfg["rope_parameters"]["rope_theta"]
         m = cfg["msa_config"]
         self.router_layers = [int(x) for x in m["router_layer_idx"].split(",")]
         self.cosine = m["aux_loss_method"] == "INFONCE"

@@ -1,0 +1,147 @@
+"""Memory (notebook API) on a tiny random MSA checkpoint and a real store built for it.
+
+Covers: identity refusal, search == brute-force routing over HF's own hidden states, pooled ask ==
+the slow spec reference (tests/equivalence/msa_reference.py) on the store's numbers, text-mode
+prompt and streaming, host vs store content tier, interleave round cap, error messages, reprs.
+Run: .venv/bin/python -m pytest tests/unit/runtime -q
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from msa_memory.errors import ConfigError, IdentityMismatchError, RuntimeMemoryError
+from msa_memory.runtime import Memory
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "equivalence"))
+from msa_reference import SlowMsa  # noqa: E402
+
+Q = "What is the blue door code?"
+
+
+def _store_arrays(mem):
+    """Router keys per layer, chunk→dense-doc map and content K̄V̄ in chunk order, straight from the store."""
+    st = mem.store
+    keys, docs = [], None
+    for pos in range(st.identity.n_layers):
+        k, docs = st.router_keys(pos)
+        keys.append(torch.from_numpy(k.astype(np.float32)))
+    dense = np.searchsorted(mem.doc_ids, docs)
+    kv_docs = {int(d): a for d, a in zip(mem.doc_ids, st.load_kv(mem.doc_ids))}
+    seen: dict[int, int] = {}
+    rows = []
+    for d in docs.tolist():
+        j = seen.get(d, 0)
+        rows.append(kv_docs[d][j])
+        seen[d] = j + 1
+    return keys, dense, torch.from_numpy(np.stack(rows).astype(np.float32))
+
+
+def test_memory_refuses_a_model_with_another_identity(tiny_store, tmp_path):
+    from msa_memory.encode.model import load_model
+    from msa_memory.encode.tiny import write_tiny_msa_checkpoint
+
+    other = load_model(str(write_tiny_msa_checkpoint(tmp_path / "other", pooling_kernel_size=16, seed=7)),
+                       dtype=torch.float32)
+    with pytest.raises(IdentityMismatchError, match="model_fingerprint"):
+        Memory(tiny_store, model=other)
+
+
+def test_search_equals_bruteforce_routing_over_hf_hidden_states(tiny_memory):
+    mem = tiny_memory
+    tab = mem.search(Q, k=4)
+    assert tab.column_names == ["rank", "doc_id", "score", "source_path", "passage_index", "text"]
+    assert tab.num_rows == 4
+    # independent path: the unmodified HF forward over [template head | question] at MSA positions
+    head, q = mem.layout.head_ids(), mem.layout.question(Q)
+    P, k = len(head), mem.routing.top_k
+    ids = torch.tensor([head + q.ids])
+    pos = torch.tensor([list(range(P)) + list(range(P + k, P + k + len(q.ids)))])
+    hf = mem.model.hf_model
+    with torch.no_grad():
+        hs = hf(input_ids=ids, position_ids=pos, output_hidden_states=True).hidden_states
+        rows = torch.tensor([False] * P + q.route_rows)
+        keys, dense, _ = _store_arrays(mem)
+        total = np.zeros(len(mem.doc_ids))
+        for r, li in enumerate(mem.identity.router_layers):
+            x = hf.model.layers[li].input_layernorm(hs[li][0])[rows].double()
+            qr = (x @ mem.model.router.q_proj[str(li)].weight.double().T).view(len(x), -1, mem.identity.head_dim)
+            Hq, H = qr.shape[1], keys[r].shape[1]
+            S = torch.stack([qr[:, h] @ keys[r][:, h // (Hq // H)].double().T for h in range(Hq)], -1)
+            chunk = (S.mean(-1) / np.sqrt(mem.identity.head_dim)).max(0).values.numpy()
+            total += np.array([chunk[dense == d].max() for d in range(len(mem.doc_ids))])
+    want = mem.doc_ids[np.argsort(-total, kind="stable")[:4]]
+    assert tab.column("doc_id").to_pylist() == want.tolist()
+    np.testing.assert_allclose(tab.column("score").to_numpy(), np.sort(total)[::-1][:4], rtol=1e-4)
+
+
+def test_pooled_ask_equals_slow_reference_on_store_numbers(tiny_memory):
+    mem = tiny_memory
+    path = Path(mem.model.source["path"])
+    from msa_reference import load_weights
+
+    sd, cfg = load_weights(path)
+    slow = SlowMsa(sd, cfg)
+    keys, dense, kv = _store_arrays(mem)
+    head, q = mem.layout.head_ids(), mem.layout.question(Q)
+    ref_tokens = slow.greedy(head, q.ids, q.route_rows, keys, dense, kv, len(mem.doc_ids), 5)
+    _, chosen = slow.logits(head, q.ids, q.route_rows, keys, dense, kv, len(mem.doc_ids))
+    ans = mem.ask(Q, mode="pooled", max_new_tokens=5)
+    assert ans.answer == mem.tokenizer.decode(ref_tokens, skip_special_tokens=True).strip()
+    for r, docs in chosen.items():
+        assert sorted(ans.rounds[0].per_layer[r]) == sorted(mem.doc_ids[docs].tolist())
+    assert set(ans.timings) >= {"routing_s", "fetch_s", "prefill_s", "decode_s", "total_s"}
+
+
+def test_text_mode_injects_routed_passages_and_streams(tiny_memory):
+    mem = tiny_memory
+    pieces: list[str] = []
+    ans = mem.ask(Q, mode="text", k=2, max_new_tokens=6, on_token=pieces.append)
+    top = mem.search(Q, k=2).column("doc_id").to_pylist()
+    assert [d.doc_id for d in ans.rounds[0].docs] == top
+    assert "".join(pieces).strip() == ans.answer
+    assert ans.n_prompt_tokens == len(mem.layout.head_ids()) + len(
+        mem.layout.with_passages(Q, list(zip(top, mem.store.texts(top)))).ids)
+    assert all(d.source_path.startswith("notes/") for d in ans.docs)
+
+
+def test_store_tier_gives_the_same_answer_and_caches(tiny_store, tiny_msa_model, tiny_memory):
+    on_demand = Memory(tiny_store, model=tiny_msa_model, source="store", cache_bytes="1MiB")
+    assert on_demand.content.source == "store"
+    a = on_demand.ask(Q, mode="pooled", max_new_tokens=4)
+    b = tiny_memory.ask(Q, mode="pooled", max_new_tokens=4)
+    assert a.answer == b.answer and a.rounds[0].per_layer == b.rounds[0].per_layer
+    fetched = on_demand.content.stats["docs_fetched"]
+    on_demand.ask(Q, mode="pooled", max_new_tokens=1)
+    assert on_demand.content.stats["docs_fetched"] == fetched          # second ask: all from the cache
+    assert on_demand.content.stats["cache_hits"] > 0
+
+
+def test_interleave_respects_round_cap(tiny_memory):
+    ans = tiny_memory.ask(Q, mode="interleave", max_rounds=1, max_new_tokens=4)
+    assert len(ans.rounds) == 1 and ans.mode == "interleave"
+    assert ans.n_new_tokens >= 1
+
+
+def test_bad_requests_get_clear_errors(tiny_store, tiny_msa_model, tiny_memory):
+    with pytest.raises(ConfigError, match="mode='fast'"):
+        tiny_memory.ask(Q, mode="fast")
+    with pytest.raises(ConfigError, match="empty"):
+        tiny_memory.search("  ")
+    with pytest.raises(RuntimeMemoryError, match="memory_budget"):
+        Memory(tiny_store, model=tiny_msa_model, source="host", memory_budget=100)
+    with pytest.raises(ConfigError, match="byte size"):
+        Memory(tiny_store, model=tiny_msa_model, memory_budget="lots")
+
+
+def test_reprs_show_store_and_answer_sources(tiny_memory):
+    assert "docs=6" in repr(tiny_memory) and "<table>" in tiny_memory._repr_html_()
+    ans = tiny_memory.ask(Q, mode="text", k=2, max_new_tokens=2)
+    html = ans._repr_html_()
+    assert "notes/" in html and str(ans.rounds[0].docs[0].doc_id) in html
+    assert ans.to_dict()["mode"] == "text"
