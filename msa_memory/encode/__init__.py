@@ -1,1 +1,28 @@
-"""encode package (see docs/design.md)."""
+"""encode: model loading, router projections, passage wrapping/packing, the encoding forward, pooling.
+
+Writes no store files (see docs/design.md, section "encode"). Public API::
+
+    from msa_memory.encode import load_model, split_passages, Encoder
+    from msa_memory.encode import Backbone, AttnCall, causal_attention, PackedCausalAttention, sdpa
+    from msa_memory.encode import RouterAdapter, RouterConfig
+"""
+
+from __future__ import annotations
+
+from msa_memory.encode.forward import (
+    ATTN_IMPLEMENTATION,
+    AttentionFn,
+    AttnCall,
+    Backbone,
+    PackedCausalAttention,
+    causal_attention,
+    sdpa,
+)
+from msa_memory.encode.model import LoadedModel, default_dtype, load_model
+from msa_memory.encode.router import RouterAdapter, RouterConfig, UntrainedRouterWarning
+
+__all__ = [
+    "ATTN_IMPLEMENTATION", "AttentionFn", "AttnCall", "Backbone", "PackedCausalAttention",
+    "causal_attention", "sdpa", "LoadedModel", "default_dtype", "load_model", "RouterAdapter",
+    "RouterConfig", "UntrainedRouterWarning",
+]

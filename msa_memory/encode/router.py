@@ -1,0 +1,253 @@
+"""Router projections (MSA's router_q_proj / router_k_proj) and their scoring configuration.
+
+A :class:`RouterAdapter` holds, for each router layer l, two bias-free linear maps from the
+layer's ``input_layernorm`` output x (hidden size E): ``q_proj[l]: E -> Hq*D`` and
+``k_proj[l]: E -> Hkv*D``. Their outputs get no norm and no RoPE (msa-reference.md §1.3). It also
+carries the routing configuration (:class:`RouterConfig`: layers, pooling size, head layout, score
+mode, reducers, top-k) so a store and a runtime agree on how keys were made and must be scored.
+
+Sources: an MSA checkpoint's own weights, a saved adapter directory (``router_adapter.json`` +
+``router_adapter.safetensors``, tensors named as in the reference,
+``model.layers.{l}.self_attn.router_{q,k}_proj.0.weight``), or -- weak, with a warning -- a copy of
+the model's own q_proj/k_proj at those layers.
+
+Score modes: ``"cosine"`` (paper, InfoNCE training; keys are stored L2-normalised per head after
+pooling, queries must be normalised too) or ``"dot"`` (reference inference as shipped: raw dot
+product divided by sqrt(D), nothing normalised). Weights are kept in fp32 (they are small next to
+the backbone, and trainable by router training); :meth:`RouterAdapter.keys_from_pooled` computes
+K̄ᵣ = k_proj(mean x) -- equal to mean(k_proj(x)) because the map is linear -- so router keys can
+be recomputed from stored pooled inputs (``x_router``) without re-running the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from msa_memory.errors import ConfigError, ModelLoadError
+
+__all__ = ["RouterConfig", "RouterAdapter", "UntrainedRouterWarning", "ADAPTER_JSON", "ADAPTER_WEIGHTS"]
+
+ADAPTER_JSON = "router_adapter.json"
+ADAPTER_WEIGHTS = "router_adapter.safetensors"
+ScoreMode = Literal["cosine", "dot"]
+
+
+class UntrainedRouterWarning(UserWarning):
+    """Router projections were copied from the model's own q/k projections: routing will be weak."""
+
+
+def _q_key(layer: int) -> str:
+    return f"model.layers.{layer}.self_attn.router_q_proj.0.weight"
+
+
+def _k_key(layer: int) -> str:
+    return f"model.layers.{layer}.self_attn.router_k_proj.0.weight"
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """How router keys are made and scored (msa-reference.md §1.2, §3.3)."""
+
+    router_layers: tuple[int, ...]
+    """Decoder layer indices with router projections, ascending."""
+    n_q_heads: int
+    """Router query heads Hq (query head h uses key head h // (Hq // Hkv))."""
+    n_kv_heads: int
+    """Router key heads Hkv."""
+    head_dim: int
+    """Per-head dimension D."""
+    hidden_size: int
+    """Input size E (the model's hidden size)."""
+    chunk_tokens: int = 64
+    """Pooling size P (MSA's pooling_kernel_size)."""
+    score: ScoreMode = "cosine"
+    """"cosine" (normalised q and K̄ᵣ) or "dot" (raw dot / sqrt(D))."""
+    head_reduce: Literal["mean", "max"] = "mean"
+    query_reduce: Literal["max", "mean", "last"] = "max"
+    chunk_reduce: Literal["max", "mean"] = "max"
+    top_k: int = 16
+    """Documents chosen per router layer (MSA: doc_top_k, else top_k_docs, else 16)."""
+    source: str = "adapter"
+    """Where the weights came from: "msa-checkpoint", "adapter" or "init-from-qk"."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form provenance (training run, aux_loss_method...)."""
+
+    def __post_init__(self) -> None:
+        layers = tuple(int(x) for x in self.router_layers)
+        object.__setattr__(self, "router_layers", layers)
+        if not layers or list(layers) != sorted(set(layers)) or layers[0] < 0:
+            raise ConfigError(f"router_layers must be ascending distinct layer indices >= 0, got {layers!r}.")
+        for name in ("n_q_heads", "n_kv_heads", "head_dim", "hidden_size", "chunk_tokens", "top_k"):
+            if int(getattr(self, name)) <= 0:
+                raise ConfigError(f"RouterConfig.{name} must be positive, got {getattr(self, name)!r}.")
+        if self.n_q_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"n_q_heads ({self.n_q_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads}).")
+        allowed = {"score": ("cosine", "dot"), "head_reduce": ("mean", "max"),
+                   "query_reduce": ("max", "mean", "last"), "chunk_reduce": ("max", "mean")}
+        for name, ok in allowed.items():
+            if getattr(self, name) not in ok:
+                raise ConfigError(f"RouterConfig.{name} must be one of {ok}, got {getattr(self, name)!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["router_layers"] = list(self.router_layers)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RouterConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"Unknown router config keys {unknown!r}; allowed: {sorted(known)}.")
+        return cls(**d)
+
+
+class RouterAdapter(nn.Module):
+    """Router projections for the layers of a :class:`RouterConfig` (fp32 ``nn.Linear``, no bias).
+
+    Examples
+    --------
+    >>> cfg = RouterConfig((2, 3), n_q_heads=4, n_kv_heads=2, head_dim=16, hidden_size=64)
+    >>> r = RouterAdapter(cfg)
+    >>> r.router_k(3, torch.zeros(5, 64)).shape
+    torch.Size([5, 2, 16])
+    """
+
+    def __init__(self, config: RouterConfig):
+        super().__init__()
+        self.config = config
+        c = config
+        self.q_proj = nn.ModuleDict({str(l): nn.Linear(c.hidden_size, c.n_q_heads * c.head_dim, bias=False)
+                                     for l in c.router_layers})
+        self.k_proj = nn.ModuleDict({str(l): nn.Linear(c.hidden_size, c.n_kv_heads * c.head_dim, bias=False)
+                                     for l in c.router_layers})
+        self.float()
+
+    # -- maths -------------------------------------------------------------------------------
+    def _check_layer(self, layer: int) -> str:
+        if int(layer) not in self.config.router_layers:
+            raise ConfigError(f"Layer {layer!r} is not a router layer; router layers are {self.config.router_layers}.")
+        return str(int(layer))
+
+    def router_q(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """(…, E) router-layer inputs -> (…, Hq, D) router queries (fp32, not normalised)."""
+        w = self.q_proj[self._check_layer(layer)].weight
+        return (x.to(w.dtype) @ w.T).unflatten(-1, (self.config.n_q_heads, self.config.head_dim))
+
+    def router_k(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """(…, E) router-layer inputs -> (…, Hkv, D) router keys (fp32, not normalised)."""
+        w = self.k_proj[self._check_layer(layer)].weight
+        return (x.to(w.dtype) @ w.T).unflatten(-1, (self.config.n_kv_heads, self.config.head_dim))
+
+    def keys_from_pooled(self, layer: int, x_pooled: torch.Tensor) -> torch.Tensor:
+        """(C, E) chunk-mean router inputs -> (C, Hkv, D) stored router keys K̄ᵣ (fp32).
+
+        Normalised per head iff ``config.score == "cosine"`` (reference: only for INFONCE).
+        """
+        k = self.router_k(layer, x_pooled)
+        if self.config.score == "cosine":
+            k = torch.nn.functional.normalize(k, dim=-1)
+        return k
+
+    # -- identity / io -----------------------------------------------------------------------
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Weights under the reference state-dict names (contiguous fp32 CPU tensors)."""
+        out = {}
+        for l in self.config.router_layers:
+            out[_q_key(l)] = self.q_proj[str(l)].weight.detach().float().cpu().contiguous()
+            out[_k_key(l)] = self.k_proj[str(l)].weight.detach().float().cpu().contiguous()
+        return out
+
+    def fingerprint(self) -> str:
+        """sha256 (hex, 16 chars) of the config (minus provenance) and the weights' bytes."""
+        h = hashlib.sha256()
+        cfg = self.config.to_dict()
+        cfg.pop("extra", None)
+        cfg.pop("source", None)
+        h.update(json.dumps(cfg, sort_keys=True).encode())
+        for k, t in sorted(self.state_tensors().items()):
+            h.update(k.encode())
+            h.update(t.numpy().tobytes())
+        return h.hexdigest()[:16]
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``router_adapter.json`` + ``router_adapter.safetensors`` into ``directory``."""
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        save_file(self.state_tensors(), str(d / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        (d / ADAPTER_JSON).write_text(json.dumps(self.config.to_dict(), indent=2, sort_keys=True))
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path) -> RouterAdapter:
+        """Read an adapter written by :meth:`save`.
+
+        Raises
+        ------
+        ModelLoadError
+            The directory lacks either file, or a tensor is missing or has the wrong shape.
+        """
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        if not (d / ADAPTER_JSON).is_file() or not (d / ADAPTER_WEIGHTS).is_file():
+            raise ModelLoadError(
+                f"No router adapter at {str(d)!r}: expected {ADAPTER_JSON} and {ADAPTER_WEIGHTS} there.",
+                hint="Save one with RouterAdapter.save(dir) (router training does), or pass adapter=None.")
+        try:
+            cfg = RouterConfig.from_dict(json.loads((d / ADAPTER_JSON).read_text()))
+        except (ValueError, TypeError) as e:
+            raise ModelLoadError(f"Router adapter config {str(d / ADAPTER_JSON)!r} is invalid: {e}") from e
+        adapter = cls(cfg)
+        adapter.load_tensors(load_file(str(d / ADAPTER_WEIGHTS)), where=str(d / ADAPTER_WEIGHTS))
+        return adapter
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor], where: str = "checkpoint") -> None:
+        """Copy reference-named router weights (see :meth:`state_tensors`) into this adapter."""
+        c = self.config
+        with torch.no_grad():
+            for l in c.router_layers:
+                for key, lin in ((_q_key(l), self.q_proj[str(l)]), (_k_key(l), self.k_proj[str(l)])):
+                    if key not in tensors:
+                        raise ModelLoadError(f"{where} has no tensor {key!r} (router layers {c.router_layers}).")
+                    t = tensors[key]
+                    if tuple(t.shape) != tuple(lin.weight.shape):
+                        raise ModelLoadError(
+                            f"{where}: {key!r} has shape {tuple(t.shape)}, expected {tuple(lin.weight.shape)}.")
+                    lin.weight.copy_(t.float())
+
+    @classmethod
+    def from_model_qk(cls, hf_model: nn.Module, config: RouterConfig, *, warn: bool = True) -> RouterAdapter:
+        """Initialise router_q/k from the model's own q_proj/k_proj at the router layers (weak).
+
+        The copies skip q_norm/k_norm and RoPE, as router projections do; untrained they route
+        poorly (architecture.md: 2/20 needles in the top 16 where BM25 finds 19/20).
+        """
+        from msa_memory.encode.forward import Backbone
+
+        bb = Backbone(hf_model)
+        adapter = cls(config)
+        with torch.no_grad():
+            for l in config.router_layers:
+                if l >= bb.n_layers:
+                    raise ConfigError(f"Router layer {l} is out of range for a {bb.n_layers}-layer model.")
+                attn = bb.layers[l].self_attn
+                adapter.q_proj[str(l)].weight.copy_(attn.q_proj.weight.float())
+                adapter.k_proj[str(l)].weight.copy_(attn.k_proj.weight.float())
+        if warn:
+            warnings.warn(
+                "No router adapter given: router projections were copied from the model's own q/k "
+                "projections. Untrained routing is weak; train one (msa train-router) and pass "
+                "adapter=DIR.", UntrainedRouterWarning, stacklevel=3)
+        return adapter
