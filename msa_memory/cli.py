@@ -188,6 +188,7 @@ def encode(
     scheduler: Annotated[str | None, typer.Option("--scheduler", help="Dask scheduler address, e.g. tcp://10.0.0.5:8786 (default: a local cluster)")] = None,
     workers: Annotated[int | None, typer.Option("--workers", "-w", help="Local cluster workers (default: one per GPU, else 1)", min=1)] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N")] = "auto",
+    dtype: Annotated[str | None, typer.Option("--dtype", help="Compute dtype: bfloat16, float16 or float32 (default: bf16 on GPUs and AMX CPUs, else fp32)")] = None,
     include: Annotated[list[str] | None, typer.Option("--include", help="Only files matching this glob (repeatable), e.g. '*.md'")] = None,
     exclude: Annotated[list[str] | None, typer.Option("--exclude", help="Leave out files matching this glob (repeatable), e.g. 'drafts/**'")] = None,
     gitignore: Annotated[bool, typer.Option("--gitignore", help="Respect .gitignore files in the folders")] = False,
@@ -207,7 +208,7 @@ def encode(
         bar = _ProgressBar(_progress_enabled(json_out))
         try:
             result = encode_corpus(
-                [str(p) for p in paths], store, model=model, adapter=adapter, device=device,
+                [str(p) for p in paths], store, model=model, adapter=adapter, device=device, dtype=dtype,
                 scheduler=scheduler, workers=workers, dry_run=dry_run, include=include or (),
                 exclude=exclude or (), respect_gitignore=gitignore, max_file_bytes=int(max_file_mb * 1024 * 1024),
                 jsonl_field=jsonl_field, shard_tokens=shard_tokens, max_passage_tokens=max_passage_tokens,
@@ -515,6 +516,83 @@ def store_restore(
 # VersionOpt, JsonOpt. Keep the logic in the library; only arguments and printing here.
 
 # ----- msa ask / msa search (runtime) -----
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="The model the store was built with: 'default' (Gemma 3 270M), an HF folder or an MSA checkpoint")]
+AdapterOpt = Annotated[str | None, typer.Option("--adapter", help="Router adapter folder the store was built with, e.g. router/")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N")]
+KOpt = Annotated[int | None, typer.Option("--k", "-k", help="Documents to retrieve (default: the router's top-k, 16 in MSA), e.g. 4", min=1)]
+
+
+def _memory(store: str, version: str | None, model: str, adapter: str | None, device: str, json_out: bool) -> Any:
+    from msa_memory.runtime import Memory
+
+    if not _progress_enabled(json_out):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    return Memory(_open(store, version), model=model, adapter=adapter, device=device)
+
+
+@app.command("ask", epilog="\b\nExamples:\n  msa ask mem.msa \"Who approved the budget?\" --mode text\n"
+             "  msa ask mem.msa \"Who approved the budget?\" --mode pooled -k 4 --json")
+def ask(
+    store: StoreArg,
+    question: Annotated[str, typer.Argument(help="The question, e.g. 'Who approved the budget?'", show_default=False)],
+    mode: Annotated[str | None, typer.Option("--mode", help="pooled (MSA checkpoints), text (any model) or interleave; default pooled for MSA stores, else text")] = None,
+    k: KOpt = None,
+    model: ModelOpt = "default",
+    adapter: AdapterOpt = None,
+    device: DeviceOpt = "auto",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest answer in tokens, e.g. 128", min=1)] = 64,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy; e.g. 0.7 to sample", min=0.0)] = 0.0,
+    rounds: Annotated[int, typer.Option("--rounds", help="Round cap of --mode interleave", min=1)] = 3,
+    stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print the answer as it is generated")] = True,
+    version: VersionOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Answer a question from a store (routes to top-k documents, then generates)."""
+
+    def body() -> None:
+        mem = _memory(store, version, model, adapter, device, json_out)
+        live = stream and not json_out and sys.stdout.isatty()
+        ans = mem.ask(question, mode=mode, k=k, max_new_tokens=max_new_tokens, temperature=temperature,  # type: ignore[arg-type]
+                      max_rounds=rounds, on_token=(lambda s: typer.echo(s, nl=False)) if live else None)
+        if json_out:
+            _emit_json(ans.to_dict())
+            return
+        typer.echo("" if live else ans.answer)
+        typer.echo(f"sources ({ans.mode}, {len(ans.rounds)} round(s)):")
+        for d in ans.docs:
+            typer.echo(f"  [{d.doc_id}] {d.source_path}#{d.passage_index}  score {d.score:.4g}")
+        typer.echo("time    : " + ", ".join(f"{key.removesuffix('_s')} {v * 1000:.0f} ms" for key, v in ans.timings.items()))
+
+    _guard(json_out, body)
+
+
+@app.command("search", epilog="\b\nExamples:\n  msa search mem.msa \"budget approval\" -k 5\n  msa search mem.msa \"budget approval\" --json")
+def search(
+    store: StoreArg,
+    question: Annotated[str, typer.Argument(help="What to look for, e.g. 'budget approval'", show_default=False)],
+    k: Annotated[int, typer.Option("--k", "-k", help="Documents to list, e.g. 5", min=1)] = 10,
+    model: ModelOpt = "default",
+    adapter: AdapterOpt = None,
+    device: DeviceOpt = "auto",
+    version: VersionOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """List the documents the router picks for a question (no generation)."""
+
+    def body() -> None:
+        rows = _memory(store, version, model, adapter, device, json_out).search(question, k=k).to_pylist()
+        if json_out:
+            _emit_json({"question": question, "results": rows})
+            return
+        for r in rows:
+            text = " ".join(str(r["text"]).split())
+            typer.echo(f"{r['rank']:>3}. [{r['doc_id']}] {r['score']:.4g}  {r['source_path']}#{r['passage_index']}  "
+                       f"{text[:90]}{'…' if len(text) > 90 else ''}")
+
+    _guard(json_out, body)
+
 
 # ----- msa train-router / msa store reindex-router (router training) -----
 

@@ -105,7 +105,9 @@ def get_encoder(spec: ModelSpec, *, device: str | None = None) -> tuple[Any, Any
 
         kwargs: dict[str, Any] = {"adapter": spec.adapter, "device": dev}
         if spec.dtype is not None:
-            kwargs["dtype"] = spec.dtype
+            import torch
+
+            kwargs["dtype"] = getattr(torch, spec.dtype)
         model = load_model(spec.name, **kwargs)
         entry = (model, Encoder(model, max_batch_tokens=spec.max_batch_tokens), threading.Lock())
         _CACHE[key] = entry
@@ -264,7 +266,9 @@ def _prepare(paths: Sequence[str | os.PathLike[str]] | str, store: str | os.Path
     passages, counts = split_and_count(diff.to_encode, model.tokenizer, max_passage_tokens=max_passage_tokens)
     settings = {"shard_tokens": shard_tokens, "max_passage_tokens": max_passage_tokens,
                 "max_batch_tokens": spec.max_batch_tokens}
-    plan_id = plan_id_of(identity.to_dict(), diff.read_version, diff.to_encode, settings)
+    # what decides the tensors: the identity (less its free-form name) and the compute dtype
+    fingerprint = {k: v for k, v in identity.to_dict().items() if k != "model_name"}
+    plan_id = plan_id_of(fingerprint, diff.read_version, diff.to_encode, settings)
     result.plan_id, result.tokens_planned, result.docs_added = plan_id, int(sum(counts)), len(passages)
     prepared.message = message or (f"msa-encode: {len(diff.added)} added, {len(diff.replaced)} replaced, "
                                    f"{len(diff.deleted)} deleted files (plan {plan_id[:12]})")
@@ -382,6 +386,8 @@ def encode_corpus(
     >>> res = encode_corpus(["docs/"], "mem.msa")          # doctest: +SKIP
     >>> res.version, res.docs_added                        # doctest: +SKIP
     """
+    if dtype is not None and dtype not in ("bfloat16", "float16", "float32"):
+        raise ConfigError(f"dtype must be bfloat16, float16 or float32, got {dtype!r}.")
     spec = ModelSpec(name=str(model), adapter=None if adapter is None else str(adapter), device=device, dtype=dtype,
                      max_batch_tokens=int(max_batch_tokens))
     options = ReaderOptions(include=tuple(include), exclude=tuple(exclude), respect_gitignore=respect_gitignore,

@@ -125,11 +125,8 @@ def split_and_count(
 
     passages: list[Passage] = []
     for src in sources:
-        for p in split_passages(src.text, src.key, tokenizer, max_tokens=max_passage_tokens):
-            if p.file_sha256 != src.sha256:
-                p = Passage(text=p.text, source_path=p.source_path, passage_index=p.passage_index,
-                            byte_start=p.byte_start, byte_end=p.byte_end, file_sha256=src.sha256)
-            passages.append(p)
+        passages.extend(split_passages(src.text, src.key, tokenizer, max_tokens=max_passage_tokens,
+                                       file_sha256=src.sha256))
     counts: list[int] = []
     step = 256
     for i in range(0, len(passages), step):

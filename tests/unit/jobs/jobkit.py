@@ -25,3 +25,64 @@ def minimal_pdf(text: str) -> bytes:
         out += f"{off:010d} 00000 n \n".encode()
     out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
     return bytes(out)
+
+
+# ----------------------------------------------------------------------------- job test helpers
+
+import hashlib  # noqa: E402
+import os  # noqa: E402
+import random  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+_WORDS = ("dome telescope mirror night shift summit road weather humidity wind cryostat detector "
+          "archive pipeline frame observer operator engineer pager rota fuel generator tank shuttle "
+          "visitor badge policy travel leave booking safety oxygen radio channel log fault").split()
+
+
+def write_tiny_model(path: Path, family: str = "qwen3", seed: int = 0) -> Path:
+    """Save a tiny random-weight HF model + byte-level tokenizer (msa_memory.encode.tiny) to ``path``."""
+    from msa_memory.encode.tiny import tiny_model, tiny_tokenizer
+
+    path.mkdir(parents=True, exist_ok=True)
+    tiny_model(family, seed=seed).save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def make_corpus(root: Path, n_files: int, *, seed: int = 0, words: tuple[int, int] = (20, 60)) -> Path:
+    """``n_files`` small Markdown files of made-up sentences under ``root`` (deterministic)."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n_files):
+        n = rng.randint(*words)
+        text = f"# Note {i}\n\n" + " ".join(rng.choice(_WORDS) for _ in range(n)) + f". Fact {i}: value {rng.randint(0, 9999)}.\n"
+        sub = root / f"part{i % 3}"
+        sub.mkdir(exist_ok=True)
+        (sub / f"note{i:03d}.md").write_text(text)
+    return root
+
+
+def store_digest(root: Path) -> dict:
+    """Everything a version holds, as comparable values: docs (id, path, text...) and tensor hashes."""
+    from msa_memory.store import open_store
+
+    s = open_store(root)
+    cols = ["doc_id", "source_path", "passage_index", "byte_start", "byte_end", "file_sha256", "n_tokens",
+            "n_chunks", "text"]
+    docs = sorted(s.documents(columns=cols).to_pylist(), key=lambda r: r["doc_id"])
+    ids = [d["doc_id"] for d in docs]
+    kv = s.load_kv(ids) if ids else []
+    kv_hash = [hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest() for a in kv]
+    router = []
+    for layer in range(s.identity.n_layers):
+        keys, chunk_doc = s.router_keys(layer)
+        order = np.argsort(chunk_doc, kind="stable")
+        router.append(hashlib.sha256(np.ascontiguousarray(keys[order]).tobytes() + chunk_doc[order].tobytes()).hexdigest())
+    return {"docs": docs, "kv": kv_hash, "router": router, "n_docs": len(docs)}
+
+
+def edit(path: Path, text: str) -> None:
+    path.write_text(text)
+    os.utime(path)

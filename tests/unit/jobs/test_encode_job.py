@@ -1,0 +1,184 @@
+"""encode_corpus end to end on a tiny random-weight model: create, incremental updates, dry run,
+compute=False laziness, interrupt-and-resume, identity refusal, bad inputs.
+
+The local cluster here is the default one for a CPU machine (one in-process worker), so the model
+is loaded once for the whole file. Run: .venv/bin/python -m pytest tests/unit/jobs/test_encode_job.py -q
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from jobkit import edit, make_corpus, store_digest, write_tiny_model
+
+from msa_memory.errors import IdentityMismatchError, JobError
+from msa_memory.jobs import JobResult, encode_corpus
+from msa_memory.store import open_store
+
+SMALL = dict(shard_tokens=600, max_passage_tokens=256, workers=1)
+
+
+def _keys(root: Path) -> list[str]:
+    return sorted(set(open_store(root).documents(columns=["source_path"]).column("source_path").to_pylist()))
+
+
+def _by_source(root: Path) -> dict[tuple[str, int], str]:
+    """(source_path, passage_index) -> sha of its K/V (ids differ between stores; plain-wrap tensors don't)."""
+    import hashlib
+
+    s = open_store(root)
+    rows = s.documents(columns=["doc_id", "source_path", "passage_index"]).to_pylist()
+    kv = s.load_kv([r["doc_id"] for r in rows])
+    return {(r["source_path"], r["passage_index"]): hashlib.sha256(a.tobytes()).hexdigest() for r, a in zip(rows, kv)}
+
+
+def test_encode_creates_store_and_commits_one_version(tmp_path: Path, corpus: Path, tiny_model_dir: Path) -> None:
+    events: list[dict] = []
+    res = encode_corpus([corpus], tmp_path / "m.msa", model=str(tiny_model_dir), progress=events.append, **SMALL)
+    assert isinstance(res, JobResult) and res.committed and res.version == 1 and res.read_version == 0
+    assert len(res.files_added) == 12 and res.files_replaced == [] and res.files_deleted == []
+    s = open_store(tmp_path / "m.msa")
+    assert s.version == 1 and s.stats()["n_docs"] == res.docs_added >= 12
+    assert _keys(tmp_path / "m.msa") == sorted(f"notes/{p.relative_to(corpus).as_posix()}" for p in corpus.rglob("*.md"))
+    # the text of each file is exactly the concatenation of its passages
+    docs = s.documents(columns=["source_path", "passage_index", "text"]).to_pylist()
+    f = corpus / "part0" / "note000.md"
+    parts = sorted((d for d in docs if d["source_path"] == "notes/part0/note000.md"), key=lambda d: d["passage_index"])
+    assert "".join(d["text"] for d in parts).strip() == f.read_text().strip()
+    assert res.shards_written >= 2 and res.shards_reused == 0 and res.tokens_encoded > 0 and res.bytes_written > 0
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "planned" and kinds[-1] == "committed" and kinds.count("shard") == res.shards_written
+    assert sum(e["tokens"] for e in events if e["event"] == "shard") == res.tokens_encoded
+    assert not list((tmp_path / "m.msa" / "_jobs").glob("*.json"))  # journal removed after the commit
+    assert s.verify()["ok"]
+
+
+def test_encode_incremental_unchanged_changed_deleted_added_mixed(tmp_path: Path, corpus: Path, tiny_model_dir: Path) -> None:
+    store = tmp_path / "m.msa"
+    encode_corpus([corpus], store, model=str(tiny_model_dir), **SMALL)
+    before = open_store(store).documents(columns=["doc_id", "source_path"]).to_pylist()
+    ids_of = lambda rows, key: sorted(r["doc_id"] for r in rows if r["source_path"] == key)  # noqa: E731
+
+    # unchanged: nothing committed
+    res = encode_corpus([corpus], store, model=str(tiny_model_dir), **SMALL)
+    assert not res.committed and res.version == 1 and res.files_unchanged == 12 and "no changes" in res.message
+    assert open_store(store).latest_version() == 1
+
+    # one changed: its documents replaced, all others keep their ids
+    edit(corpus / "part1" / "note001.md", "# Note 1\n\nThe dome now opens at 17:05.\n")
+    res = encode_corpus([corpus], store, model=str(tiny_model_dir), **SMALL)
+    assert res.committed and res.version == 2 and res.files_replaced == ["notes/part1/note001.md"]
+    assert res.files_unchanged == 11 and res.docs_deleted == len(ids_of(before, "notes/part1/note001.md"))
+    after = open_store(store).documents(columns=["doc_id", "source_path", "text"]).to_pylist()
+    assert [r["text"] for r in after if r["source_path"] == "notes/part1/note001.md"] == ["# Note 1\n\nThe dome now opens at 17:05.\n"]
+    for key in {r["source_path"] for r in before} - {"notes/part1/note001.md"}:
+        assert ids_of(after, key) == ids_of(before, key)
+
+    # one deleted
+    (corpus / "part2" / "note002.md").unlink()
+    res = encode_corpus([corpus], store, model=str(tiny_model_dir), **SMALL)
+    assert res.version == 3 and res.files_deleted == ["notes/part2/note002.md"] and res.docs_added == 0
+    assert "notes/part2/note002.md" not in _keys(store)
+
+    # one added
+    (corpus / "new.md").write_text("A brand new note about the generator fuel tank.\n")
+    res = encode_corpus([corpus], store, model=str(tiny_model_dir), **SMALL)
+    assert res.version == 4 and res.files_added == ["notes/new.md"] and res.files_unchanged == 11
+
+    # mixed, all in one version
+    edit(corpus / "part0" / "note003.md", "changed again")
+    (corpus / "part0" / "note006.md").unlink()
+    (corpus / "part2" / "extra.md").write_text("extra file")
+    res = encode_corpus([corpus], store, model=str(tiny_model_dir), **SMALL)
+    assert res.version == 5 and open_store(store).latest_version() == 5
+    assert (res.files_added, res.files_replaced, res.files_deleted) == (
+        ["notes/part2/extra.md"], ["notes/part0/note003.md"], ["notes/part0/note006.md"])
+
+    # the incrementally built store holds the same documents and tensors as a fresh encode
+    fresh = tmp_path / "fresh.msa"
+    encode_corpus([corpus], fresh, model=str(tiny_model_dir), **SMALL)
+    assert _keys(store) == _keys(fresh)
+    assert _by_source(store) == _by_source(fresh)
+
+
+def test_encode_dry_run_writes_nothing(tmp_path: Path, corpus: Path, tiny_model_dir: Path) -> None:
+    res = encode_corpus([corpus], tmp_path / "m.msa", model=str(tiny_model_dir), dry_run=True, **SMALL)
+    assert res.dry_run and not res.committed and len(res.files_added) == 12 and res.tokens_planned > 0
+    assert not (tmp_path / "m.msa").exists()
+    encode_corpus([corpus], tmp_path / "m.msa", model=str(tiny_model_dir), **SMALL)
+    (corpus / "part0" / "note000.md").unlink()
+    before = sorted(p.name for p in (tmp_path / "m.msa").rglob("*"))
+    res = encode_corpus([corpus], tmp_path / "m.msa", model=str(tiny_model_dir), dry_run=True, **SMALL)
+    assert res.files_deleted == ["notes/part0/note000.md"] and res.version == 1
+    assert sorted(p.name for p in (tmp_path / "m.msa").rglob("*")) == before
+
+
+def test_encode_compute_false_is_lazy_then_commits(tmp_path: Path, corpus: Path, tiny_model_dir: Path) -> None:
+    import dask
+    from dask.delayed import Delayed
+
+    job = encode_corpus([corpus], tmp_path / "m.msa", model=str(tiny_model_dir), compute=False, **SMALL)
+    assert isinstance(job, Delayed)
+    assert not any((tmp_path / "m.msa" / "shards").glob("*")) and open_store(tmp_path / "m.msa").version == 0
+    (res,) = dask.compute(job, scheduler="sync")
+    assert res.committed and res.version == 1
+    assert store_digest(tmp_path / "m.msa")["n_docs"] == res.docs_added
+
+
+def test_encode_interrupted_job_resumes_bit_identical(tmp_path: Path, corpus: Path, tiny_model_dir: Path) -> None:
+    """A job stopped after its first shard (no commit) reuses that shard on the rerun; same result."""
+    reference = tmp_path / "ref.msa"
+    encode_corpus([corpus], reference, model=str(tiny_model_dir), **SMALL)
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first_shard(event: dict) -> None:
+        if event["event"] == "shard":
+            raise Stop
+
+    store = tmp_path / "m.msa"
+    with pytest.raises(Stop):
+        encode_corpus([corpus], store, model=str(tiny_model_dir), progress=stop_after_first_shard, **SMALL)
+    assert open_store(store).version == 0 and list((store / "_jobs").glob("*.json"))
+    res = encode_corpus([corpus], store, model=str(tiny_model_dir), **SMALL)
+    assert res.committed and res.shards_reused >= 1 and res.shards_written >= 1
+    assert store_digest(store) == store_digest(reference)
+
+
+def test_encode_refuses_another_model(tmp_path: Path, corpus: Path, tiny_model_dir: Path) -> None:
+    encode_corpus([corpus], tmp_path / "m.msa", model=str(tiny_model_dir), **SMALL)
+    other = write_tiny_model(tmp_path / "other-model", seed=1)
+    edit(corpus / "part0" / "note000.md", "changed")
+    with pytest.raises(IdentityMismatchError, match="model_fingerprint"):
+        encode_corpus([corpus], tmp_path / "m.msa", model=str(other), **SMALL)
+    assert open_store(tmp_path / "m.msa").latest_version() == 1
+
+
+def test_encode_bad_inputs_are_skipped_and_reported(tmp_path: Path, corpus: Path, tiny_model_dir: Path) -> None:
+    (corpus / "empty.md").write_text("")
+    (corpus / "blob.md").write_bytes(b"\x00\x01\x02binary")
+    (corpus / "latin.txt").write_bytes("caf\xe9".encode("latin-1"))
+    res = encode_corpus([corpus], tmp_path / "m.msa", model=str(tiny_model_dir), **SMALL)
+    assert res.committed and len(res.files_added) == 12
+    assert sorted(Path(s["path"]).name for s in res.skipped) == ["blob.md", "empty.md", "latin.txt"]
+    assert all(s["reason"] for s in res.skipped)
+    # a file that later becomes unreadable/empty keeps its documents (it is skipped, not deleted)
+    edit(corpus / "part0" / "note000.md", "")
+    res = encode_corpus([corpus], tmp_path / "m.msa", model=str(tiny_model_dir), **SMALL)
+    assert not res.committed and "notes/part0/note000.md" in _keys(tmp_path / "m.msa")
+
+
+def test_encode_config_errors(tmp_path: Path, corpus: Path, tiny_model_dir: Path) -> None:
+    from msa_memory.errors import ConfigError, ModelLoadError
+
+    with pytest.raises(ConfigError, match="does not exist"):
+        encode_corpus([tmp_path / "nope"], tmp_path / "m.msa", model=str(tiny_model_dir))
+    with pytest.raises(ConfigError):
+        encode_corpus([corpus], tmp_path / "m.msa", model=str(tiny_model_dir), dtype="int8")
+    with pytest.raises(ModelLoadError):
+        encode_corpus([corpus], tmp_path / "m.msa", model=str(tmp_path / "no-model"))
+    assert not (tmp_path / "m.msa").exists()
