@@ -65,6 +65,7 @@ class Memory:
     adapter : str or path, optional
         Router adapter directory, passed to ``load_model`` when ``model`` is a name.
     device : str, default "cpu"
+        ``"auto"`` picks CUDA when available.
     source : {"auto", "host", "store"}, default "auto"
         Where content K̄V̄ comes from: ``host`` preloads every document (one tensor, pinned on
         GPU hosts), ``store`` reads chosen documents on demand, ``auto`` picks ``host`` if it fits
@@ -89,6 +90,8 @@ class Memory:
                  use_chat_template: bool | None = None) -> None:
         import torch
 
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
         if isinstance(store, (str, os.PathLike)):
             from msa_memory.store import open_store
 
