@@ -62,7 +62,7 @@ def job_client(
         return
     if scheduler is not None:
         try:
-            c = Client(scheduler, timeout="20s")
+            c = Client(scheduler, timeout="10s")
         except (OSError, TimeoutError) as e:
             raise JobError(
                 f"Cannot reach the Dask scheduler at {scheduler!r} ({type(e).__name__}: {e}).",
