@@ -311,8 +311,9 @@ def _commit(prepared: _Prepared, results: Sequence[ShardResult]) -> JobResult:
                                 message=prepared.message, read_version=prepared.diff.read_version)
     res.version, res.committed = int(new.version), True
     res.message = f"committed version {res.version}"
-    if res.plan_id:
-        _journal_path(prepared.root, res.plan_id).unlink(missing_ok=True)
+    # every journal is stale now: a plan is tied to the version it read, and that is no longer the latest
+    for journal in (Path(prepared.root) / JOURNAL_DIR).glob("*.json"):
+        journal.unlink(missing_ok=True)
     res.seconds = round(time.perf_counter() - prepared.t0, 3)
     return res
 
@@ -422,7 +423,10 @@ def _run(prepared: _Prepared, *, client: Client | None, scheduler: str | None, w
                 for fut in as_completed(futures):
                     if fut.status == "error":
                         exc = fut.exception()
-                        raise _task_error(prepared, fut.key, exc) from exc
+                        err = _task_error(prepared, fut.key, exc)
+                        if err is exc:
+                            raise err
+                        raise err from exc
                     r = fut.result()
                     results.append(r)
                     if progress:
@@ -439,9 +443,8 @@ def _run(prepared: _Prepared, *, client: Client | None, scheduler: str | None, w
 
 def _task_error(prepared: _Prepared, key: Any, exc: BaseException | None) -> MsaError:
     detail = f"{type(exc).__name__}: {exc}" if exc is not None else "unknown error"
-    if isinstance(exc, MsaError):
-        return type(exc)(f"Shard task {key!r} failed: {exc}; nothing was committed.",
-                         hint="Fix the cause and rerun the same command: finished shards are reused.")
+    if isinstance(exc, MsaError):  # already says what is wrong; keep its type (and exit code)
+        return exc
     return JobError(f"Shard task {key!r} failed ({detail}); nothing was committed (store still at version "
                     f"{prepared.diff.read_version}).",
                     hint="Fix the cause and rerun the same command: finished shards are reused.")
