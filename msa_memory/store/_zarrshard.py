@@ -63,8 +63,8 @@ def shard_file(array_dir: Path, ndim: int) -> Path:
 
 
 def write_array(array_dir: Path, data: np.ndarray, chunk_shape: tuple[int, ...],
-                attributes: dict[str, Any]) -> dict[str, Path]:
-    """Write ``data`` as a one-shard Zarr v3 array; returns the files written (name -> path).
+                attributes: dict[str, Any]) -> dict[str, tuple[int, int]]:
+    """Write ``data`` as a one-shard Zarr v3 array; returns {array-relative path: (size, crc32c)}.
 
     Only the first axis may be split into inner chunks (``chunk_shape[1:] == data.shape[1:]``).
     """
@@ -86,17 +86,20 @@ def write_array(array_dir: Path, data: np.ndarray, chunk_shape: tuple[int, ...],
     index_bytes += np.uint32(crc32c.crc32c(index_bytes)).astype("<u4").tobytes()
 
     array_dir.mkdir(parents=True, exist_ok=True)
-    meta_path = array_dir / "zarr.json"
-    write_bytes_durable(meta_path, json.dumps(array_metadata(data.shape, chunk_shape, data.dtype, attributes),
-                                              indent=2).encode())
+    meta = json.dumps(array_metadata(data.shape, chunk_shape, data.dtype, attributes), indent=2).encode()
+    write_bytes_durable(array_dir / "zarr.json", meta)
     path = shard_file(array_dir, data.ndim)
     path.parent.mkdir(parents=True, exist_ok=True)
+    body = memoryview(buf).cast("B")
     with open(path, "wb") as f:
-        f.write(memoryview(buf).cast("B"))
+        f.write(body)
         f.write(index_bytes)
         f.flush()
         os.fsync(f.fileno())
-    return {"meta": meta_path, "data": path}
+    # whole-file checksums computed from the bytes written (no second read of the file)
+    file_crc = crc32c.crc32c(index_bytes, crc32c.crc32c(body))
+    rel = path.relative_to(array_dir).as_posix()
+    return {"zarr.json": (len(meta), crc32c.crc32c(meta)), rel: (len(body) + len(index_bytes), file_crc)}
 
 
 class ArrayReader:
@@ -153,32 +156,43 @@ class ArrayReader:
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Inner chunks ``start:stop`` of the first axis as one array (one pread when contiguous)."""
+        return self.read_many([(start, stop)])[0]
+
+    def read_many(self, ranges: list[tuple[int, int]]) -> list[np.ndarray]:
+        """:meth:`read` of several ranges with one open of the file."""
+        idx = self.index()
+        fd = self._open()
+        try:
+            return [self._read(fd, idx, int(a), int(b)) for a, b in ranges]
+        finally:
+            os.close(fd)
+
+    def _read(self, fd: int, index: np.ndarray, start: int, stop: int) -> np.ndarray:
         n = stop - start
         out_shape = (n * self.chunk_shape[0],) + tuple(self.chunk_shape[1:])
         if n <= 0:
             return np.empty(out_shape, dtype=self.dtype)
-        idx = self.index()[start:stop]
+        if not 0 <= start <= stop <= self.n_inner:
+            raise IndexError(f"inner chunks {start}:{stop} out of range 0:{self.n_inner} of {self.path}")
         stride = self.inner_bytes + _CRC
-        offsets = idx[:, 0].astype(np.int64)
-        fd = self._open()
-        try:
-            if np.all(np.diff(offsets) == stride):  # the layout write_array produces: one read
-                raw = os.pread(fd, n * stride, int(offsets[0]))
-                if len(raw) != n * stride:
+        offsets = index[start:stop, 0].astype(np.int64)
+        if n == 1 or int(offsets[-1] - offsets[0]) == (n - 1) * stride:  # write_array's layout: one read
+            raw = os.pread(fd, n * stride, int(offsets[0]))
+            if len(raw) != n * stride:
+                raise self._corrupt("truncated shard file")
+            rows = np.frombuffer(raw, dtype=np.uint8).reshape(n, stride)
+        else:  # written by another v3 writer: one read per inner chunk
+            rows = np.empty((n, stride), dtype=np.uint8)
+            for i, off in enumerate(offsets):
+                part = os.pread(fd, stride, int(off))
+                if len(part) != stride:
                     raise self._corrupt("truncated shard file")
-                rows = np.frombuffer(raw, dtype=np.uint8).reshape(n, stride)
-            else:  # written by another v3 writer: one read per inner chunk
-                rows = np.empty((n, stride), dtype=np.uint8)
-                for i, off in enumerate(offsets):
-                    part = os.pread(fd, stride, int(off))
-                    if len(part) != stride:
-                        raise self._corrupt("truncated shard file")
-                    rows[i] = np.frombuffer(part, dtype=np.uint8)
-        finally:
-            os.close(fd)
-        stored = rows[:, self.inner_bytes:].copy().view("<u4").reshape(n)
+                rows[i] = np.frombuffer(part, dtype=np.uint8)
+        mv = memoryview(rows).cast("B")
+        ib = self.inner_bytes
         for i in range(n):
-            if crc32c.crc32c(rows[i, : self.inner_bytes]) != int(stored[i]):
+            row = mv[i * stride:(i + 1) * stride]
+            if crc32c.crc32c(row[:ib]) != int.from_bytes(row[ib:], "little"):
                 raise self._corrupt(f"checksum mismatch in inner chunk {start + i}")
         data = np.ascontiguousarray(rows[:, : self.inner_bytes]).view(self.dtype)
         return data.reshape(out_shape).astype(self.dtype.newbyteorder("="), copy=False)

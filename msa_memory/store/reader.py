@@ -188,12 +188,18 @@ class MemoryStore:
 
     def load_kv(self, doc_ids: Sequence[int] | np.ndarray) -> list[np.ndarray]:
         """Content K̄V̄ of each id, in the given order: (C_d, L, 2, H, D) storage dtype, one read per doc."""
-        out = []
-        for sid, pos in self.locate(doc_ids):
+        locs = self.locate(doc_ids)
+        out: list[np.ndarray | None] = [None] * len(locs)
+        by_shard: dict[str, list[int]] = {}
+        for i, (sid, _) in enumerate(locs):
+            by_shard.setdefault(sid, []).append(i)
+        for sid, members in by_shard.items():  # one open per shard, one pread per document
             view = self._view(sid)
-            a, b = view.record.chunk_offsets[pos], view.record.chunk_offsets[pos + 1]
-            out.append(view.array("kv").read(int(a), int(b)))
-        return out
+            offs = view.record.chunk_offsets
+            ranges = [(int(offs[locs[i][1]]), int(offs[locs[i][1] + 1])) for i in members]
+            for i, arr in zip(members, view.array("kv").read_many(ranges)):
+                out[i] = arr
+        return out  # type: ignore[return-value]
 
     def texts(self, doc_ids: Sequence[int] | np.ndarray) -> list[str]:
         """Raw text of each id, in the given order."""

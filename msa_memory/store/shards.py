@@ -208,28 +208,37 @@ def write_shard_unchecked(root: Path, identity: StoreIdentity, shard_id: str, pa
     attrs = {"msa_logical_dtype": identity.dtype}
     C = int(encoded.n_chunks.sum())
     L, H, D, E = identity.n_layers, identity.n_kv_heads, identity.head_dim, identity.hidden_size
-    write_bytes_durable(stage / "zarr.json", json.dumps(GROUP_META, indent=2).encode())
-    write_array(stage / "kv", encoded.kv.astype(st, copy=False), (1, L, 2, H, D),
-                {**attrs, "dims": ["chunk", "layer", "kv", "head", "dim"]})
+    files: dict[str, dict[str, int]] = {}
+
+    def put(name: str, written: dict[str, tuple[int, int]]) -> None:
+        for rel, (size, crc) in written.items():
+            files[f"{name}/{rel}"] = {"size": size, "crc32c": crc}
+
+    group = json.dumps(GROUP_META, indent=2).encode()
+    write_bytes_durable(stage / "zarr.json", group)
+    files["zarr.json"] = {"size": len(group), "crc32c": crc32c.crc32c(group)}
+    put("kv", write_array(stage / "kv", encoded.kv.astype(st, copy=False), (1, L, 2, H, D),
+                {**attrs, "dims": ["chunk", "layer", "kv", "head", "dim"]}))
     fault_hook("shard:kv")
-    write_array(stage / "k_router", encoded.k_router.astype(st, copy=False), (1, C, H, D),
-                {**attrs, "dims": ["layer", "chunk", "head", "dim"]})
+    put("k_router", write_array(stage / "k_router", encoded.k_router.astype(st, copy=False), (1, C, H, D),
+                                {**attrs, "dims": ["layer", "chunk", "head", "dim"]}))
     fault_hook("shard:k_router")
     if E > 0:
         assert encoded.x_router is not None
-        write_array(stage / "x_router", encoded.x_router.astype(st, copy=False), (1, C, E),
-                    {**attrs, "dims": ["layer", "chunk", "hidden"]})
+        put("x_router", write_array(stage / "x_router", encoded.x_router.astype(st, copy=False), (1, C, E),
+                                    {**attrs, "dims": ["layer", "chunk", "hidden"]}))
     chunk_doc = np.repeat(np.asarray(encoded.doc_ids, dtype=np.int64), encoded.n_chunks)  # (C,)
-    write_array(stage / "chunk_doc", chunk_doc, (C,), {"dims": ["chunk"]})
+    put("chunk_doc", write_array(stage / "chunk_doc", chunk_doc, (C,), {"dims": ["chunk"]}))
     pq.write_table(_docs_table(passages, encoded, shard_id), stage / DOCS_FILE, write_page_checksum=True,
                    compression="zstd")
     fault_hook("shard:docs")
-    files: dict[str, dict[str, int]] = {}
-    for dirpath, _, names in os.walk(stage):
-        for n in sorted(names):
-            p = Path(dirpath) / n
-            size, crc = file_crc(p)
-            files[p.relative_to(stage).as_posix()] = {"size": size, "crc32c": crc}
+    size, crc = file_crc(stage / DOCS_FILE)  # small; pyarrow wrote it (not fsynced: do it here)
+    fd = os.open(stage / DOCS_FILE, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    files[DOCS_FILE] = {"size": size, "crc32c": crc}
     record = ShardRecord(
         shard_id=shard_id, doc_ids=np.asarray(encoded.doc_ids, dtype=np.int64), chunk_offsets=encoded.offsets,
         n_tokens=np.asarray(encoded.n_tokens, dtype=np.int64), files=dict(sorted(files.items())),

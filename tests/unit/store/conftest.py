@@ -11,6 +11,14 @@ from msa_memory.testing.faults import validate_store_manifests
 from msa_memory.testing.store_kit import tiny_identity
 
 
+@pytest.fixture(autouse=True)
+def strict_manifests(monkeypatch):
+    """Every manifest read or published in these tests is also checked against the JSON Schema."""
+    from msa_memory.store import _manifest
+
+    monkeypatch.setattr(_manifest, "STRICT_VALIDATION", True)
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(1234)

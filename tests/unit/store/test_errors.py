@@ -87,6 +87,10 @@ def test_corrupt_manifest(store, rng):
     d = json.loads(good)
     d["shards"][0]["n_docs"] = "three"
     p.write_text(json.dumps(d))
+    with pytest.raises(E.ManifestCorruptError, match="n_docs"):
+        open_store(store.root, 1)
+    d["shards"][0]["n_docs"] = 0  # type-correct but violates the schema (minimum 1)
+    p.write_text(json.dumps(d))
     with pytest.raises(E.ManifestCorruptError, match="JSON Schema"):
         open_store(store.root, 1)
     p.write_bytes(good)

@@ -1,0 +1,211 @@
+"""Store benchmark: write throughput, open time vs store size, K̄V̄ fetch latency, commit latency.
+
+Regime: local disk, warm page cache (no cache drop unless MSA_BENCH_DROP_CACHES=1 and root), one
+process, CPU only. Every figure has its baseline measured in the same run:
+
+1. write MB/s of ``write_shard`` (Zarr v3 sharded arrays + crc32c + Parquet + record, fsynced)
+   vs numpy writing the same tensor bytes to one flat file (also fsynced). Ceiling: the disk.
+2. open time of stores of 10k / 100k / 1M chunks (``open_store`` = identity + one manifest), and
+   separately the time to read all router keys of one layer (which must grow with the store).
+   Built with head_dim 16 by default to keep the 1M-chunk store under 1 GB (--open-full-shape
+   for the Gemma shape); opening reads no tensor so the shape does not matter to it.
+3. p50/p95 latency to fetch the content K̄V̄ of 16 random documents via ``store.load_kv`` vs
+   slicing the same bytes out of one flat ``.npy`` memory map (np.load(mmap_mode="r")).
+4. commit latency of adding one document (``commit``; ``write_shard`` of the doc reported apart)
+   to stores of 1k and 100k documents (1k-doc shards); the target is a ratio within 2x.
+
+Shapes default to Gemma-3-270M: 9 router layers x 1 kv head x 256, bf16, 64-token chunks.
+Prints a table, then one JSON line. ``--quick`` shrinks everything for a smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from msa_memory.store import create_store, open_store, write_shard
+from msa_memory.testing.store_kit import gemma_like_identity, random_docs
+
+
+def _fsync_write(path: Path, arrays: list[np.ndarray]) -> None:
+    with open(path, "wb") as f:
+        for a in arrays:
+            f.write(memoryview(np.ascontiguousarray(a)).cast("B"))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _median(xs: list[float]) -> float:
+    return float(np.median(np.asarray(xs)))
+
+
+def bench_write(work: Path, n_docs: int, chunks_per_doc: int, rounds: int) -> dict:
+    identity = gemma_like_identity()
+    rng = np.random.default_rng(0)
+    ours, base = [], []
+    nbytes = 0
+    for r in range(rounds):
+        store = create_store(work / f"w{r}", identity)
+        ids = store.reserve_ids(n_docs)
+        passages, enc = random_docs(identity, ids, [chunks_per_doc * 64] * n_docs, rng)
+        nbytes = enc.kv.nbytes + enc.k_router.nbytes
+        t = time.perf_counter()
+        write_shard(store.root, "s", passages, enc)
+        ours.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        _fsync_write(work / f"flat{r}.bin", [enc.kv, enc.k_router])
+        base.append(time.perf_counter() - t)
+        shutil.rmtree(work / f"w{r}")
+        os.unlink(work / f"flat{r}.bin")
+    mb = nbytes / 1e6
+    return {"tensor_mb": round(mb, 1), "store_mb_s": round(mb / _median(ours), 1),
+            "numpy_flat_mb_s": round(mb / _median(base), 1), "ratio": round(_median(base) / _median(ours), 3)}
+
+
+def _build(root: Path, identity, n_docs: int, chunks_per_doc: int, docs_per_shard: int) -> object:
+    store = create_store(root, identity)
+    rng = np.random.default_rng(1)
+    ids = store.reserve_ids(n_docs)
+    recs = []
+    for k, start in enumerate(range(0, n_docs, docs_per_shard)):
+        part = ids[start:start + docs_per_shard]
+        passages, enc = random_docs(identity, part, [chunks_per_doc * 64] * part.size, rng)
+        recs.append(write_shard(root, f"s{k:05d}", passages, enc))
+    return store.commit(add=recs, message="build")
+
+
+def bench_open(work: Path, sizes: list[int], full_shape: bool, chunks_per_shard: int, rounds: int) -> list[dict]:
+    identity = gemma_like_identity()
+    if not full_shape:
+        identity = dataclasses.replace(identity, head_dim=16)
+    out = []
+    for n_chunks in sizes:
+        root = work / f"open{n_chunks}"
+        chunks_per_doc = 8
+        n_docs = n_chunks // chunks_per_doc
+        _build(root, identity, n_docs, chunks_per_doc, max(1, chunks_per_shard // chunks_per_doc))
+        opens, keys = [], []
+        for _ in range(rounds + 1):
+            t = time.perf_counter()
+            s = open_store(root)
+            opens.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            k, _ = s.router_keys(0)
+            keys.append(time.perf_counter() - t)
+        assert k.shape[0] == n_chunks
+        out.append({"chunks": n_chunks, "shards": s.stats()["n_shards"], "open_ms": round(1e3 * _median(opens[1:]), 2),
+                    "router_keys_ms": round(1e3 * _median(keys[1:]), 2)})
+        shutil.rmtree(root)
+    return out
+
+
+def bench_fetch(work: Path, n_docs: int, chunks_per_doc: int, trials: int) -> dict:
+    identity = gemma_like_identity()
+    store = _build(work / "fetch", identity, n_docs, chunks_per_doc, n_docs)
+    rng = np.random.default_rng(2)
+    kv_all = np.concatenate(store.load_kv(np.arange(n_docs)))  # (C, L, 2, H, D)
+    np.save(work / "flat.npy", kv_all)
+    mm = np.load(work / "flat.npy", mmap_mode="r")
+    offs = np.arange(n_docs + 1) * chunks_per_doc
+    ours, base = [], []
+    for t_i in range(trials + 5):
+        ids = rng.choice(n_docs, size=16, replace=False)
+        t = time.perf_counter()
+        got = store.load_kv(ids)
+        d1 = time.perf_counter() - t
+        t = time.perf_counter()
+        ref = [np.array(mm[offs[i]:offs[i + 1]]) for i in ids]
+        d2 = time.perf_counter() - t
+        if t_i >= 5:  # warm-up excluded
+            ours.append(d1)
+            base.append(d2)
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(got, ref))
+    mb = sum(a.nbytes for a in got) / 1e6
+    q = lambda xs, p: round(1e3 * float(np.percentile(xs, p)), 3)  # noqa: E731
+    return {"docs": n_docs, "mb_per_fetch": round(mb, 2), "store_p50_ms": q(ours, 50), "store_p95_ms": q(ours, 95),
+            "mmap_p50_ms": q(base, 50), "mmap_p95_ms": q(base, 95),
+            "ratio_p50": round(float(np.percentile(ours, 50) / np.percentile(base, 50)), 2)}
+
+
+def bench_commit(work: Path, sizes: list[int], rounds: int) -> list[dict]:
+    identity = dataclasses.replace(gemma_like_identity(), head_dim=16)
+    out = []
+    rng = np.random.default_rng(3)
+    for n_docs in sizes:
+        root = work / f"commit{n_docs}"
+        store = _build(root, identity, n_docs, 1, 1000)
+        commits, writes = [], []
+        for r in range(rounds + 1):
+            ids = store.reserve_ids(1)
+            passages, enc = random_docs(identity, ids, [64], rng)
+            t = time.perf_counter()
+            rec = write_shard(root, f"one{r}", passages, enc)
+            t1 = time.perf_counter()
+            store = store.commit(add=[rec], message="one doc")
+            t2 = time.perf_counter()
+            if r:
+                writes.append(t1 - t)
+                commits.append(t2 - t1)
+        out.append({"docs": n_docs, "shards": store.stats()["n_shards"], "commit_ms": round(1e3 * _median(commits), 2),
+                    "write_shard_ms": round(1e3 * _median(writes), 2)})
+        shutil.rmtree(root)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes for a smoke run (~10 s)")
+    ap.add_argument("--open-full-shape", action="store_true", help="build open-time stores with head_dim 256")
+    ap.add_argument("--workdir", default=None, help="where to build stores (default: a temp dir)")
+    args = ap.parse_args()
+    q = args.quick
+    work = Path(tempfile.mkdtemp(prefix="bench_store_", dir=args.workdir))
+    try:
+        if os.environ.get("MSA_BENCH_DROP_CACHES") == "1":
+            subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=False)
+        write = bench_write(work, 100 if q else 1000, 8, 2 if q else 3)
+        opens = bench_open(work, [10_000, 100_000] if q else [10_000, 100_000, 1_000_000], args.open_full_shape,
+                           10_000, 3 if q else 5)
+        fetch = bench_fetch(work, 200 if q else 2000, 8, 50 if q else 300)
+        commit = bench_commit(work, [1000, 10_000] if q else [1000, 100_000], 3 if q else 5)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"\nmsa-memory store benchmark ({'quick' if q else 'full'}), L=9 H=1 D=256 bf16, P=64; "
+          f"{platform.processor() or platform.machine()}, {os.cpu_count()} cpus")
+    print(f"\n1. write {write['tensor_mb']} MB of K̄V̄ + router keys (fsynced)")
+    print(f"   {'write_shard':<22}{write['store_mb_s']:>10.1f} MB/s")
+    print(f"   {'numpy flat file':<22}{write['numpy_flat_mb_s']:>10.1f} MB/s   (store/numpy = {write['ratio']:.2f})")
+    print("\n2. open time (identity + manifest) vs store size; router keys of one layer apart")
+    print(f"   {'chunks':>10}{'shards':>8}{'open ms':>10}{'router_keys ms':>16}")
+    for o in opens:
+        print(f"   {o['chunks']:>10}{o['shards']:>8}{o['open_ms']:>10.2f}{o['router_keys_ms']:>16.2f}")
+    print(f"\n3. fetch K̄V̄ of 16 random docs ({fetch['mb_per_fetch']} MB) from {fetch['docs']} docs")
+    print(f"   {'':<22}{'p50 ms':>10}{'p95 ms':>10}")
+    print(f"   {'store.load_kv':<22}{fetch['store_p50_ms']:>10.3f}{fetch['store_p95_ms']:>10.3f}")
+    print(f"   {'np.load mmap slices':<22}{fetch['mmap_p50_ms']:>10.3f}{fetch['mmap_p95_ms']:>10.3f}")
+    print("\n4. commit latency of adding one document")
+    print(f"   {'docs':>10}{'shards':>8}{'commit ms':>12}{'write_shard ms':>16}")
+    for c in commit:
+        print(f"   {c['docs']:>10}{c['shards']:>8}{c['commit_ms']:>12.2f}{c['write_shard_ms']:>16.2f}")
+    ratio = commit[-1]["commit_ms"] / commit[0]["commit_ms"]
+    print(f"   large/small commit latency = {ratio:.2f} (target <= 2)")
+    commit_id = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    print(json.dumps({"bench": "store", "quick": q, "commit": commit_id, "device": platform.machine(),
+                      "cpus": os.cpu_count(), "python": sys.version.split()[0], "write": write, "open": opens,
+                      "fetch16": fetch, "commit_latency": commit, "commit_ratio": round(ratio, 2)}))
+
+
+if __name__ == "__main__":
+    main()
