@@ -9,6 +9,7 @@ published; a manifest that fails to parse or validate on read raises ManifestCor
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 import json
 import os
 from importlib import resources
@@ -67,7 +68,7 @@ _DEL = {"path": str, "n_docs": int, "crc32c": int}
 _STATS = {"n_docs": int, "n_chunks": int, "n_tokens": int, "n_bytes": int}
 
 
-def _check_fields(obj: Any, spec: dict[str, type], where: str) -> None:
+def _check_fields(obj: Any, spec: Mapping[str, type], where: str) -> None:
     if not isinstance(obj, dict):
         raise ManifestCorruptError(f"Manifest {where}: expected an object, got {type(obj).__name__}.")
     for k, t in spec.items():

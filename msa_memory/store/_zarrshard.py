@@ -74,7 +74,7 @@ def write_array(array_dir: Path, data: np.ndarray, chunk_shape: tuple[int, ...],
     raw = data.view(np.uint8).reshape(n_inner, -1)  # (n_inner, inner_bytes), no copy
     inner_bytes = raw.shape[1]
     stride = inner_bytes + _CRC
-    crcs = np.fromiter((crc32c.crc32c(row) for row in raw), dtype="<u4", count=n_inner)
+    crcs = np.fromiter((crc32c.crc32c(row) for row in raw), dtype="<u4", count=n_inner)  # type: ignore[arg-type]
     crc_bytes = crcs.view(np.uint8).reshape(n_inner, _CRC)
     index = np.empty((n_inner, 2), dtype="<u8")
     index[:, 0] = np.arange(n_inner, dtype=np.uint64) * np.uint64(stride)
@@ -206,7 +206,7 @@ class ArrayReader:
                 if len(part) != stride:
                     raise self._corrupt("truncated shard file")
                 rows[i] = np.frombuffer(part, dtype=np.uint8)
-        mv = memoryview(rows).cast("B")
+        mv = memoryview(rows).cast("B")  # type: ignore[arg-type]
         ib = self.inner_bytes
         for i in range(n):
             row = mv[i * stride:(i + 1) * stride]

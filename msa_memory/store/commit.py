@@ -222,7 +222,7 @@ def commit(store: MemoryStore, add: Sequence[ShardRecord] = (), delete_ids: Iter
         if del_ids.size:
             locs = base.locate(del_ids)
             by_shard: dict[str, list[int]] = {}
-            for i, (sid, pos) in zip(del_ids, locs):
+            for sid, pos in locs:
                 by_shard.setdefault(sid, []).append(pos)
                 rec = base._view(sid).record
                 d_chunks += int(rec.chunk_offsets[pos + 1] - rec.chunk_offsets[pos])

@@ -162,14 +162,15 @@ def gc(store: MemoryStore, dry_run: bool = True, *, keep_last: int | None = None
         for sub in (root, root / VERSIONS_DIR, root / TAGS_DIR):
             if sub.exists():
                 cands += [(f, "temp") for f in sorted(sub.iterdir()) if f.name.endswith(".tmp")]
-        orphans, young = [], []
+        orphans: list[dict[str, Any]] = []
+        young: list[dict[str, Any]] = []
         for p, kind in cands:
-            item = {"path": p.relative_to(root).as_posix(), "kind": kind, "bytes": _size(p),
-                    "age_s": round(_age(p, now), 3)}
-            (orphans if kind == "manifest" or item["age_s"] >= grace_s else young).append(item)
+            age = round(_age(p, now), 3)
+            item = {"path": p.relative_to(root).as_posix(), "kind": kind, "bytes": _size(p), "age_s": age}
+            (orphans if kind == "manifest" or age >= grace_s else young).append(item)
         if not dry_run:
             for item in orphans:
-                p = root / item["path"]
+                p = root / str(item["path"])
                 if p.is_dir():
                     shutil.rmtree(p, ignore_errors=True)
                 else:

@@ -75,7 +75,8 @@ class MemoryStore:
         if diff:
             raise IdentityMismatchError(
                 f"Store {str(self.root)!r} was built with a different model/router: fields {diff} differ "
-                f"(store: { {k: getattr(self.identity, k) for k in diff} }, given: { {k: getattr(identity, k) for k in diff} }).",
+                f"(store: { {k: getattr(self.identity, k) for k in diff} }, "
+                f"given: { {k: getattr(identity, k) for k in diff} }).",
                 hint="Use the model and router adapter the store was built with, or encode into a new store.")
 
     def stats(self) -> dict[str, Any]:

@@ -58,8 +58,12 @@ from msa_memory.store._layout import (
 )
 from msa_memory.store._zarrshard import ArrayReader, write_array
 
+def _no_fault(point: str) -> None:
+    """Default fault hook: does nothing."""
+
+
 #: Test hook: called with a point name at each step of a write/commit (crash tests kill there).
-fault_hook: Callable[[str], None] = lambda point: None
+fault_hook: Callable[[str], None] = _no_fault
 
 GROUP_META = {"attributes": {"msa_memory": "shard"}, "zarr_format": 3, "node_type": "group"}
 
@@ -182,8 +186,6 @@ def write_shard(root: str | os.PathLike[str], shard_id: str, passages: Sequence[
     DuplicateDocumentError (ids repeated or already committed), StoreExistsError (``shard_id``
     already written: use ``store.find_shard`` to resume), StoreNotFoundError.
     """
-    import pyarrow.parquet as pq
-
     root = Path(root)
     identity = _manifest.read_identity(root)
     check_name("shard id", shard_id)
@@ -332,16 +334,22 @@ class ShardView:
         return np.where(keys[pos] == doc_ids, order[pos], -1)
 
     def table(self, columns: list[str] | None = None) -> Any:
+        """The shard's document rows (Parquet page checksums verified)."""
+        import pyarrow as pa
         import pyarrow.parquet as pq
 
         from msa_memory.errors import ShardCorruptError
 
         path = self.base / DOCS_FILE
         try:
-            return pq.read_table(path, columns=columns, page_checksum_verification=True)
+            tab = pq.read_table(path, columns=columns, page_checksum_verification=True)
         except FileNotFoundError:
             raise ShardMissingError(f"Document table {path} is missing.",
                                     hint="Restore the shard directory from a backup, or open an older version.") from None
-        except OSError as e:
+        except (OSError, pa.ArrowException) as e:
             raise ShardCorruptError(f"Document table {path} is unreadable or corrupt ({e}).",
                                     hint="Run `msa store verify`; re-encode the shard's documents.") from None
+        if tab.num_rows != self.record.n_docs:
+            raise ShardCorruptError(f"Document table {path} has {tab.num_rows} rows, its record {self.record.n_docs}.",
+                                    hint="Run `msa store verify`; re-encode the shard's documents.")
+        return tab

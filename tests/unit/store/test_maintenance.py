@@ -11,7 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from msa_memory.errors import ConfigError, ShardMissingError, VersionNotFoundError
+from msa_memory.errors import ConfigError, VersionNotFoundError
 from msa_memory.store import open_store, write_shard
 from msa_memory.testing.faults import flip_byte
 from msa_memory.testing.store_kit import add_docs, random_docs
