@@ -176,7 +176,7 @@ def main() -> None:
             subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=False)
         write = bench_write(work, 100 if q else 1000, 8, 2 if q else 3)
         opens = bench_open(work, [10_000, 100_000] if q else [10_000, 100_000, 1_000_000], args.open_full_shape,
-                           10_000, 3 if q else 5)
+                           10_000, 10 if q else 20)
         fetch = bench_fetch(work, 200 if q else 2000, 8, 50 if q else 300)
         commit = bench_commit(work, [1000, 10_000] if q else [1000, 100_000], 3 if q else 5)
     finally:

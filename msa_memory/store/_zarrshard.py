@@ -94,11 +94,12 @@ def write_array(array_dir: Path, data: np.ndarray, chunk_shape: tuple[int, ...],
     try:
         for lo in range(0, n_inner, _IOV_ROWS):
             iov: list[Any] = []
-            for i in range(lo, min(n_inner, lo + _IOV_ROWS)):
+            hi = min(n_inner, lo + _IOV_ROWS)
+            for i in range(lo, hi):
                 iov += (raw[i], crc_bytes[i])
                 file_crc = crc32c.crc32c(crc_bytes[i], crc32c.crc32c(raw[i], file_crc))
-            _writev_all(fd, iov)
-        _writev_all(fd, [index_bytes])
+            _writev_all(fd, iov, (hi - lo) * stride)
+        _writev_all(fd, [index_bytes], len(index_bytes))
         os.fsync(fd)
     finally:
         os.close(fd)
@@ -111,8 +112,7 @@ def write_array(array_dir: Path, data: np.ndarray, chunk_shape: tuple[int, ...],
 _IOV_ROWS = 256  # 2 iovecs per row, below IOV_MAX (1024)
 
 
-def _writev_all(fd: int, iov: list[Any]) -> None:
-    total = sum(memoryview(b).nbytes for b in iov)
+def _writev_all(fd: int, iov: list[Any], total: int) -> None:
     n = os.writev(fd, iov)
     if n < total:  # short write: finish the rest the simple way
         rest = b"".join(bytes(memoryview(b).cast("B")) for b in iov)[n:]
