@@ -243,7 +243,7 @@ def _prepare(paths: Sequence[str | os.PathLike[str]] | str, store: str | os.Path
     t0 = time.perf_counter()
     if shard_tokens < 1 or max_passage_tokens < 1:
         raise ConfigError(f"shard_tokens and max_passage_tokens must be positive, got {shard_tokens!r}, {max_passage_tokens!r}.")
-    root = str(getattr(store, "root", store))
+    root = str(store) if isinstance(store, (str, os.PathLike)) else str(store.root)  # a MemoryStore
     scan = scan_corpus(paths if not isinstance(paths, (str, os.PathLike)) else [paths], options)
     model, _, _ = get_encoder(spec, device="cpu" if spec.device == "auto" else spec.device)
     identity = model.identity()
