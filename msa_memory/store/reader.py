@@ -13,7 +13,7 @@ Writer verbs (``commit``, ``restore``, ``compact``, ``gc``, ``tag``, ``reserve_i
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ class MemoryStore:
         self._views: dict[str, ShardView] = {}
         self._deleted: dict[str, np.ndarray] | None = None
         self._table_cache: dict[str, Any] = {}
+        self._range_index: tuple[np.ndarray, np.ndarray, np.ndarray, bool] | None = None
 
     # ------------------------------------------------------------------ metadata
     def __repr__(self) -> str:
@@ -121,15 +122,33 @@ class MemoryStore:
             return np.ones(rec.n_docs, dtype=bool)
         return ~np.isin(rec.doc_ids, dead)
 
+    def _candidates(self, ids: np.ndarray) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
+        """(shard entry, indices into ``ids`` whose id lies in the shard's id range), per shard."""
+        if self._range_index is None:
+            mins = np.array([e["doc_id_min"] for e in self._shard_entries], dtype=np.int64)
+            maxs = np.array([e["doc_id_max"] for e in self._shard_entries], dtype=np.int64)
+            order = np.argsort(mins, kind="stable")
+            disjoint = bool(np.all(mins[order][1:] > maxs[order][:-1]))
+            self._range_index = (mins[order], maxs[order], order, disjoint)
+        mins, maxs, order, disjoint = self._range_index
+        if not disjoint:  # overlapping id ranges (interleaved reservations): test every shard
+            for e in self._shard_entries:
+                cand = np.flatnonzero((ids >= e["doc_id_min"]) & (ids <= e["doc_id_max"]))
+                if cand.size:
+                    yield e, cand
+            return
+        slot = np.searchsorted(mins, ids, side="right") - 1  # the only shard whose range may hold each id
+        inside = slot >= 0
+        inside[inside] = ids[inside] <= maxs[slot[inside]]
+        for s in np.unique(slot[inside]):
+            yield self._shard_entries[int(order[s])], np.flatnonzero(inside & (slot == s))
+
     def locate(self, doc_ids: Iterable[int]) -> list[tuple[str, int]]:
         """(shard_id, position in shard) of each live id; DocumentNotFoundError for any other."""
         ids = np.asarray(list(doc_ids) if not isinstance(doc_ids, np.ndarray) else doc_ids, dtype=np.int64).reshape(-1)
         out: list[tuple[str, int] | None] = [None] * ids.size
         deleted = self.deleted()
-        for e in self._shard_entries:
-            cand = np.flatnonzero((ids >= e["doc_id_min"]) & (ids <= e["doc_id_max"]))
-            if cand.size == 0:
-                continue
+        for e, cand in self._candidates(ids):
             view = self._view(e["shard_id"])
             pos = view.positions(ids[cand])
             dead = deleted.get(e["shard_id"])

@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 
+from msa_memory.errors import DocumentNotFoundError
 from msa_memory.schemas.arrow import DOCUMENT_COLUMNS
 from msa_memory.schemas.records import ShardRecord, to_float32
 from msa_memory.store import create_store, open_store, write_shard
@@ -184,3 +185,37 @@ def test_gc_removes_unreferenced_after_compact(store, rng):
     s4 = open_store(store.root)
     assert s4.version == 3 and s4.verify()["ok"]
     assert s4.load_kv([int(enc.doc_ids[1])])[0].shape[0] == 1
+
+
+def test_locate_with_overlapping_id_ranges(store, rng):
+    # two jobs reserve interleaved ids: shard id ranges overlap, lookups must still be exact
+    a, b = store.reserve_ids(3), store.reserve_ids(3)
+    ids1, ids2 = np.array([a[0], b[1], a[2]]), np.array([b[0], a[1], b[2]])
+    p1, e1 = random_docs(store.identity, ids1, [3, 5, 9], rng, source="x")
+    p2, e2 = random_docs(store.identity, ids2, [2, 6, 1], rng, source="y")
+    s = store.commit(add=[write_shard(store.root, "x", p1, e1), write_shard(store.root, "y", p2, e2)])
+    want = {int(i): e1.kv[e1.offsets[j]:e1.offsets[j + 1]] for j, i in enumerate(ids1)}
+    want |= {int(i): e2.kv[e2.offsets[j]:e2.offsets[j + 1]] for j, i in enumerate(ids2)}
+    order = [5, 0, 3, 1, 4, 2]
+    for i, got in zip(order, s.load_kv(order)):
+        assert got.tobytes() == want[i].tobytes()
+    assert s.texts([int(ids2[1])]) == [p2[1].text]
+
+
+def test_locate_many_disjoint_shards(store, rng):
+    s = store
+    encs = []
+    for k in range(5):
+        s, _, _, enc = add_docs(s, [4, 5], rng, f"s{k}")
+        encs.append(enc)
+    s = s.commit(delete_ids=[int(encs[2].doc_ids[0])])
+    ids = [int(e.doc_ids[1]) for e in encs][::-1]
+    for i, got in zip(ids, s.load_kv(ids)):
+        e = next(e for e in encs if i in e.doc_ids)
+        j = int(np.flatnonzero(e.doc_ids == i)[0])
+        assert got.tobytes() == e.kv[e.offsets[j]:e.offsets[j + 1]].tobytes()
+    with pytest.raises(DocumentNotFoundError):
+        s.load_kv([int(encs[2].doc_ids[0])])
+    with pytest.raises(DocumentNotFoundError):
+        s.load_kv([10_000, -1])
+    assert s.load_kv([]) == []
