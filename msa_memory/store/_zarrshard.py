@@ -135,6 +135,8 @@ class ArrayReader:
         self.n_inner = shape[0] // chunk_shape[0] if chunk_shape[0] else 0
         self.inner_bytes = int(np.prod(chunk_shape)) * self.dtype.itemsize
         self._index: np.ndarray | None = None
+        self._c_order = False  # set when the index says chunks are stored back to back in C order
+        self._native = self.dtype.newbyteorder("=")
 
     def _corrupt(self, what: str) -> ShardCorruptError:
         return ShardCorruptError(
@@ -170,6 +172,8 @@ class ArrayReader:
                                  or int(idx[:, 0].max()) + self.inner_bytes + _CRC > end - size):
                 raise self._corrupt("shard index does not match the array layout")
             self._index = idx
+            stride = self.inner_bytes + _CRC
+            self._c_order = bool(np.array_equal(idx[:, 0], np.arange(self.n_inner, dtype=np.uint64) * np.uint64(stride)))
         return self._index
 
     def read(self, start: int, stop: int) -> np.ndarray:
@@ -189,28 +193,25 @@ class ArrayReader:
         n = stop - start
         out_shape = (n * self.chunk_shape[0],) + tuple(self.chunk_shape[1:])
         if n <= 0:
-            return np.empty(out_shape, dtype=self.dtype)
+            return np.empty(out_shape, dtype=self._native)
         if not 0 <= start <= stop <= self.n_inner:
             raise IndexError(f"inner chunks {start}:{stop} out of range 0:{self.n_inner} of {self.path}")
-        stride = self.inner_bytes + _CRC
-        offsets = index[start:stop, 0].astype(np.int64)
-        if n == 1 or int(offsets[-1] - offsets[0]) == (n - 1) * stride:  # write_array's layout: one read
-            raw = os.pread(fd, n * stride, int(offsets[0]))
+        ib = self.inner_bytes
+        stride = ib + _CRC
+        if self._c_order:  # write_array's layout: the chunks are one contiguous range, one read
+            raw = os.pread(fd, n * stride, start * stride)
             if len(raw) != n * stride:
                 raise self._corrupt("truncated shard file")
-            rows = np.frombuffer(raw, dtype=np.uint8).reshape(n, stride)
-        else:  # written by another v3 writer: one read per inner chunk
-            rows = np.empty((n, stride), dtype=np.uint8)
-            for i, off in enumerate(offsets):
-                part = os.pread(fd, stride, int(off))
-                if len(part) != stride:
-                    raise self._corrupt("truncated shard file")
-                rows[i] = np.frombuffer(part, dtype=np.uint8)
-        mv = memoryview(rows).cast("B")  # type: ignore[arg-type]
-        ib = self.inner_bytes
-        for i in range(n):
-            row = mv[i * stride:(i + 1) * stride]
-            if crc32c.crc32c(row[:ib]) != int.from_bytes(row[ib:], "little"):
-                raise self._corrupt(f"checksum mismatch in inner chunk {start + i}")
-        data = np.ascontiguousarray(rows[:, : self.inner_bytes]).view(self.dtype)
-        return data.reshape(out_shape).astype(self.dtype.newbyteorder("="), copy=False)
+        else:  # written by another v3 writer: one read per inner chunk, in index order
+            parts = [os.pread(fd, stride, int(off)) for off in index[start:stop, 0]]
+            if any(len(p) != stride for p in parts):
+                raise self._corrupt("truncated shard file")
+            raw = b"".join(parts)
+        mv = memoryview(raw)
+        stored = np.ndarray((n,), dtype="<u4", buffer=raw, offset=ib, strides=(stride,)).tolist()
+        computed = [crc32c.crc32c(mv[o:o + ib]) for o in range(0, n * stride, stride)]
+        if computed != stored:
+            bad = next(i for i in range(n) if computed[i] != stored[i])
+            raise self._corrupt(f"checksum mismatch in inner chunk {start + bad}")
+        rows = np.ndarray((n, ib), dtype=np.uint8, buffer=raw, strides=(stride, 1))  # (n, ib) view, crc skipped
+        return np.array(rows).view(self._native).reshape(out_shape)  # one copy into a writable array
