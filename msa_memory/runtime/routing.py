@@ -32,7 +32,8 @@ from msa_memory.errors import ConfigError, RuntimeMemoryError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ScoreMode", "RoutingConfig", "RouterIndex", "RouteResult", "torch_dtype_of"]
+__all__ = ["ScoreMode", "RoutingConfig", "RouterIndex", "RouteResult", "torch_dtype_of", "resident_dtype",
+           "cpu_has_native_bf16"]
 
 ScoreMode = Literal["dot", "cosine"]
 HeadReduce = Literal["mean", "max"]
@@ -63,6 +64,10 @@ class RoutingConfig:
     """Documents chosen per router layer (fewer if the store holds fewer)."""
     tile_chunks: int = 262_144
     """Chunks scored per matmul tile; bounds the score buffer to rows × tile_chunks floats."""
+    compute_dtype: str = "auto"
+    """Dtype of the resident keys and the score GEMM: ``"auto"`` keeps the stored dtype on GPUs and on
+    CPUs with native bf16 (AMX / AVX512-BF16) and widens bf16/fp16 keys to float32 once, at load, on
+    other CPUs (where bf16 GEMMs are emulated and ~100× slower); or ``"float32"`` / ``"bfloat16"``."""
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -73,6 +78,9 @@ class RoutingConfig:
             raise ConfigError(f"Routing top_k must be >= 1, got {self.top_k!r}.")
         if int(self.tile_chunks) < 1:
             raise ConfigError(f"Routing tile_chunks must be >= 1, got {self.tile_chunks!r}.")
+        if self.compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"Routing compute_dtype={self.compute_dtype!r} is not one of "
+                              "'auto', 'float32', 'bfloat16', 'float16'.")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RoutingConfig:
@@ -89,6 +97,27 @@ class RoutingConfig:
             if key in known:
                 out[key] = value
         return cls(**out)
+
+
+def cpu_has_native_bf16() -> bool:
+    """True when the CPU has AMX-BF16 or AVX512-BF16 (bf16 GEMMs run natively)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resident_dtype(stored: torch.dtype, device: Any, compute_dtype: str = "auto") -> torch.dtype:
+    """The dtype router keys are kept in on ``device`` (see ``RoutingConfig.compute_dtype``)."""
+    import torch
+
+    if compute_dtype != "auto":
+        return torch_dtype_of(compute_dtype)
+    if torch.device(device).type == "cpu" and stored != torch.float32 and not cpu_has_native_bf16():
+        return torch.float32
+    return stored
 
 
 def torch_dtype_of(logical: str) -> torch.dtype:
@@ -146,7 +175,7 @@ class RouterIndex:
         for i, k in enumerate(keys):
             if k.dim() != 3 or k.shape[0] != self.n_chunks:
                 raise ConfigError(f"Router keys of layer {i} must be (C={self.n_chunks}, H, D); got {tuple(k.shape)}.")
-            k = k.to(self.device)
+            k = k.to(self.device, resident_dtype(k.dtype, self.device, config.compute_dtype))
             if config.score == "cosine":  # normalize after pooling, per chunk and head (§3.3 training path)
                 k = torch.nn.functional.normalize(k.float(), dim=-1).to(k.dtype)
             self.keys.append(k.contiguous())

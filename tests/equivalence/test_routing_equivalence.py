@@ -66,7 +66,7 @@ def routing_case(draw):
     return H, rep, D, T, counts, seed, tile, k, shuffle
 
 
-def _build(case, combo, dtype):
+def _build(case, combo, dtype, compute_dtype="auto"):
     H, rep, D, T, counts, seed, tile, k, shuffle = case
     rng = np.random.default_rng(seed)
     chunk_doc = np.repeat(np.arange(len(counts)), counts)
@@ -76,7 +76,8 @@ def _build(case, combo, dtype):
     keys = torch.from_numpy(rng.standard_normal((C, H, D)).astype(np.float32)).to(dtype)
     q = torch.from_numpy(rng.standard_normal((T, H * rep, D)).astype(np.float32))
     score, hr, qr, cr = combo
-    cfg = RoutingConfig(score=score, head_reduce=hr, query_reduce=qr, chunk_reduce=cr, top_k=k, tile_chunks=tile)
+    cfg = RoutingConfig(score=score, head_reduce=hr, query_reduce=qr, chunk_reduce=cr, top_k=k, tile_chunks=tile,
+                        compute_dtype=compute_dtype)
     doc_ids = 1000 + 7 * np.arange(len(counts))
     index = RouterIndex([keys], chunk_doc, doc_ids, cfg)
     # the oracle sees exactly the stored (possibly bf16-rounded) keys
@@ -103,9 +104,11 @@ def test_route_float32_equals_numpy_oracle(combo, case):
 
 @pytest.mark.parametrize("combo", COMBOS[::3], ids=["-".join(c) for c in COMBOS[::3]])
 @settings(max_examples=15, deadline=None)
-@given(case=routing_case())
-def test_route_bfloat16_within_bf16_tolerance_of_oracle(combo, case):
-    index, q, ref, _ = _build(case, combo, torch.bfloat16)
+@given(case=routing_case(), compute=st.sampled_from(["auto", "bfloat16"]))
+def test_route_bfloat16_within_bf16_tolerance_of_oracle(combo, case, compute):
+    index, q, ref, _ = _build(case, combo, torch.bfloat16, compute)
+    if compute == "bfloat16":
+        assert index.keys[0].dtype == torch.bfloat16      # the bf16 GEMM path itself, not the widened one
     got = index.doc_scores(0, q).double().numpy()
     tol = 0.02 * (np.abs(ref).max() + 1.0)
     np.testing.assert_allclose(got, ref, atol=tol)
@@ -123,6 +126,15 @@ def test_route_multi_layer_each_layer_uses_own_keys():
     q = torch.from_numpy(rng.standard_normal((2, 2, 4)).astype(np.float32))
     s0, s1 = index.doc_scores(0, q), index.doc_scores(1, q)
     torch.testing.assert_close(s0, -s1)
+
+
+def test_resident_keys_widen_only_where_bf16_is_emulated():
+    from msa_memory.runtime.routing import cpu_has_native_bf16, resident_dtype
+
+    want = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    assert resident_dtype(torch.bfloat16, "cpu") == want
+    assert resident_dtype(torch.bfloat16, "cpu", "bfloat16") == torch.bfloat16
+    assert resident_dtype(torch.float32, "cpu") == torch.float32
 
 
 def test_routing_config_rejects_unknown_reducer():

@@ -1,0 +1,312 @@
+"""Benchmark of the MSA runtime: routing vs the memory-bandwidth floor, K̄V̄ fetch, time to first token.
+
+Regimes and ceilings (every baseline is measured in the same run, on the same device):
+
+1. routing — one router layer's scoring + chunk→doc reduce + top-16 over C chunks of Gemma-3-270M
+   shaped router keys (H=1 kv-head × D=256, bf16; 512 B/chunk), for a T-token query. Routing must
+   read every key once, so the floor is ``key bytes ÷ copy bandwidth`` where copy bandwidth is
+   measured here with a large tensor copy and counts bytes read + written (the convention of the
+   H100 figure 3.0 TB/s in targets.md). Target: within 2× of the floor.
+2. fetch — K̄V̄ of the top-16 documents (all router layers) from host memory to the device. Ours:
+   one gather into a (pinned) staging buffer + ONE copy (``ContentMemory``). Baseline: the reference
+   pattern, one small copy per document per layer per K/V tensor. Target on GPU: ≤ 2 ms.
+3. ttft — time to first token in pooled mode (routing + fetch + prefill of the question against
+   the pooled K̄V̄ of k documents) vs plain prefill of the same k documents' text + the question
+   with the same model (what text-mode RAG pays). Random weights of the real Gemma-3-270M shape
+   (the compute does not depend on the values), or ``--model default`` for the real GGUF model.
+
+``--gpu-check`` (CUDA only) also runs the GPU-vs-CPU equality check: a tiny random MSA checkpoint
+in fp32, pooled prefill logits and chosen documents per layer and greedy tokens on CPU vs GPU, and
+bf16 routing over 200k chunks on CPU vs GPU.
+
+Usage::
+
+    python benchmarks/bench_runtime.py --quick             # CPU, small sizes (CI smoke)
+    python benchmarks/bench_runtime.py                     # CPU: 10k / 100k / 1M chunks
+    python benchmarks/bench_runtime.py --device cuda --chunks 10000,100000,1000000,1562500 --gpu-check
+
+Prints a table, then one JSON line (device, commit, config, results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from msa_memory.runtime.engine import MsaEngine  # noqa: E402
+from msa_memory.runtime.memory_tier import ContentMemory  # noqa: E402
+from msa_memory.runtime.routing import RouterIndex, RoutingConfig  # noqa: E402
+
+GEMMA = dict(L=9, H=1, D=256, Hq=4)
+QWEN = dict(L=18, H=8, D=128, Hq=32)
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timeit(fn, dev: torch.device, rounds: int = 5, warmup: int = 2) -> float:
+    """Median seconds of ``rounds`` timed calls after ``warmup`` calls."""
+    for _ in range(warmup):
+        fn()
+    _sync(dev)
+    ts = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        _sync(dev)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts)
+
+
+def copy_bandwidth(dev: torch.device, nbytes: int) -> float:
+    """Bytes/s of a large device-local copy, counting bytes read + written."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=dev).normal_()
+    dst = torch.empty_like(src)
+    t = timeit(lambda: dst.copy_(src), dev, rounds=5)
+    return 2 * nbytes / t
+
+
+# ----------------------------------------------------------------------------- 1. routing
+def bench_routing(dev: torch.device, chunks: list[int], q_tokens: list[int], tile: int) -> list[dict]:
+    g = GEMMA
+    bw = copy_bandwidth(dev, min(1 << 30, max(chunks) * g["H"] * g["D"] * 2))
+    out = []
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    for C in chunks:
+        keys = torch.randn(C, g["H"], g["D"], generator=gen).to(dev, torch.bfloat16)
+        n_docs = max(1, C // 8)                                         # ~8 chunks (512 tokens) per document
+        chunk_doc = np.sort(np.random.default_rng(0).integers(0, n_docs, C))
+        chunk_doc[:n_docs] = np.arange(n_docs)                          # every doc owns a chunk
+        chunk_doc.sort()
+        index = RouterIndex([keys], chunk_doc, np.arange(n_docs), RoutingConfig(top_k=16, tile_chunks=tile), device=dev)
+        del keys
+        key_bytes = index.nbytes()
+        floor = key_bytes / bw
+        for T in q_tokens:
+            q = torch.randn(T, g["Hq"], g["D"], generator=gen).to(dev)
+            t = timeit(lambda: index.route(0, q), dev, rounds=5 if C < 10**6 else 3)
+            out.append({"chunks": C, "q_tokens": T, "route_ms": t * 1e3, "floor_ms": floor * 1e3,
+                        "x_floor": t / floor, "key_MB": key_bytes / 1e6, "copy_GBps": bw / 1e9,
+                        "achieved_GBps": key_bytes / t / 1e9})
+        del index
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return out
+
+
+# ----------------------------------------------------------------------------- 2. fetch
+def bench_fetch(dev: torch.device, shape: dict, docs: int = 4096, chunks_per_doc: int = 8, k: int = 16) -> dict:
+    L, H, D = shape["L"], shape["H"], shape["D"]
+    counts = np.full(docs, chunks_per_doc)
+    host = torch.randn(int(counts.sum()), L, 2, H, D).to(torch.bfloat16)
+    cm = ContentMemory(counts, (L, H, D), torch.bfloat16, dev, host_kv=host, cache_bytes=0)
+    rng = np.random.default_rng(0)
+    picks = [rng.choice(docs, k, replace=False) for _ in range(16)]
+    it = iter(range(10**9))
+
+    def ours():
+        return cm.fetch(picks[next(it) % len(picks)])
+
+    t_ours = timeit(ours, dev, rounds=9)
+    # baseline: the reference pattern — per document, per layer, K and V copied separately
+    offs = np.concatenate([[0], np.cumsum(counts)])
+    src = cm.host_kv
+    it2 = iter(range(10**9))
+
+    def per_doc():
+        out = []
+        for d in picks[next(it2) % len(picks)]:
+            for layer in range(L):
+                for kv in range(2):
+                    piece = src[offs[d]:offs[d + 1], layer, kv]
+                    out.append(piece.to(dev, non_blocking=True) if dev.type == "cuda" else piece.clone())
+        return out
+
+    t_base = timeit(per_doc, dev, rounds=9)
+    nbytes = k * chunks_per_doc * L * 2 * H * D * 2
+    return {"shape": "gemma" if shape is GEMMA else "qwen", "docs": k, "chunks_per_doc": chunks_per_doc,
+            "MiB": nbytes / 2**20, "ours_ms": t_ours * 1e3, "per_doc_copies_ms": t_base * 1e3,
+            "n_small_copies": k * L * 2, "speedup": t_base / t_ours}
+
+
+# ----------------------------------------------------------------------------- 3. ttft
+def _gemma_model(dev: torch.device, which: str):
+    if which == "default":
+        from msa_memory.encode import load_model
+
+        m = load_model("default", device=str(dev))
+        return m.hf_model, lambda p, x, r=m.router, ls=m.router_layers: r.router_q(ls[p], x).flatten(-2), list(m.router_layers)
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from msa_memory.encode.model import default_dtype
+
+    dt = default_dtype(dev)                     # bf16 on GPUs / AMX CPUs, fp32 where bf16 is emulated
+
+    cfg = Gemma3TextConfig(vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18,
+                           num_attention_heads=4, num_key_value_heads=1, head_dim=256, sliding_window=512,
+                           query_pre_attn_scalar=256, max_position_embeddings=32768)
+    torch.manual_seed(0)
+    with torch.device(dev):
+        hf = Gemma3ForCausalLM(cfg).to(dt).eval()
+    hf.config._attn_implementation = "sdpa"
+    layers = list(range(9, 18))
+    wq = [torch.randn(4 * 256, 640, device=dev, dtype=dt) * 0.05 for _ in layers]
+    return hf, lambda p, x: (x.to(dt) @ wq[p].T), layers
+
+
+def bench_ttft(dev: torch.device, which: str, k: int, doc_tokens: int, n_docs: int, q_len: int) -> dict:
+    hf, router_q, layers = _gemma_model(dev, which)
+    g = GEMMA
+    cpd = -(-doc_tokens // 64)
+    C = n_docs * cpd
+    keys = [torch.randn(C, g["H"], g["D"]).to(dev, torch.bfloat16) for _ in layers]
+    chunk_doc = np.repeat(np.arange(n_docs), cpd)
+    index = RouterIndex(keys, chunk_doc, np.arange(n_docs), RoutingConfig(top_k=k), device=dev)
+    kv = torch.randn(C, len(layers), 2, g["H"], g["D"]).to(torch.bfloat16)
+    content = ContentMemory(np.full(n_docs, cpd), (len(layers), g["H"], g["D"]), torch.bfloat16, dev, host_kv=kv,
+                            cache_bytes=0)
+    eng = MsaEngine(hf, layers, router_q, index, content)
+    prefix = eng.compute_prefix([2])
+    rng = np.random.default_rng(0)
+    q = rng.integers(1000, 200000, q_len).tolist()
+    docs_text = rng.integers(1000, 200000, k * doc_tokens).tolist()
+
+    def pooled():
+        st = eng.new_state(q_len + 2, prefix, top_k=k)
+        return eng.forward(st, q, list(range(1 + k, 1 + k + q_len)), route_rows=[True] * q_len)
+
+    def plain():
+        ids = [2] + docs_text + q
+        st = eng.new_state(len(ids) + 1)
+        return eng.forward(st, ids, list(range(len(ids))))
+
+    t_pooled = timeit(pooled, dev, rounds=3, warmup=1)
+    t_plain = timeit(plain, dev, rounds=3, warmup=1)
+    st = eng.new_state(q_len + 2, prefix, top_k=k)
+    eng.forward(st, q, list(range(1 + k, 1 + k + q_len)), route_rows=[True] * q_len)
+    return {"model": which, "k": k, "doc_tokens": doc_tokens, "store_docs": n_docs, "q_tokens": q_len,
+            "pooled_ttft_ms": t_pooled * 1e3, "plain_prefill_ms": t_plain * 1e3, "speedup": t_plain / t_pooled,
+            "pooled_routing_ms": st.timings["routing_s"] * 1e3, "pooled_fetch_ms": st.timings["fetch_s"] * 1e3,
+            "plain_tokens": 1 + k * doc_tokens + q_len}
+
+
+# ----------------------------------------------------------------------------- GPU == CPU
+def gpu_check() -> dict:
+    import tempfile
+
+    sys.path.insert(0, str(ROOT / "tests" / "equivalence"))
+    from msa_reference import ROUTER_LAYERS, TINY, build_tiny_msa_checkpoint, load_weights
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    path = build_tiny_msa_checkpoint(Path(tempfile.mkdtemp()) / "ckpt")
+    sd, cfg = load_weights(path)
+    rng = np.random.default_rng(0)
+    counts = rng.integers(1, 4, 9)
+    chunk_doc = np.repeat(np.arange(9), counts)
+    C, H, D = int(counts.sum()), TINY["num_key_value_heads"], TINY["head_dim"]
+    keys = [torch.from_numpy(rng.standard_normal((C, H, D)).astype(np.float32)) for _ in ROUTER_LAYERS]
+    kv = torch.from_numpy(rng.standard_normal((C, len(ROUTER_LAYERS), 2, H, D)).astype(np.float32))
+    res = {}
+    for name in ("cpu", "cuda"):
+        dev = torch.device(name)
+        model = Qwen3ForCausalLM(Qwen3Config(**TINY)).eval()
+        model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
+        model.tie_weights()
+        model.to(dev)
+        index = RouterIndex(keys, chunk_doc, np.arange(9), RoutingConfig(top_k=2), device=dev)
+        content = ContentMemory(counts, (len(ROUTER_LAYERS), H, D), torch.float32, dev, host_kv=kv)
+        wq = [sd[f"model.layers.{li}.self_attn.router_q_proj.0.weight"].float().to(dev) for li in ROUTER_LAYERS]
+        eng = MsaEngine(model, ROUTER_LAYERS, lambda p, x, wq=wq: x.float() @ wq[p].T, index, content)
+        st = eng.new_state(24, eng.compute_prefix([1, 2, 3]), top_k=2)
+        query = list(range(10, 19))
+        lg = eng.forward(st, query, list(range(5, 14)), route_rows=[True] * 6 + [False] * 3)
+        toks = list(eng.decode(st, lg, 14, max_new_tokens=6))
+        res[name] = (lg.cpu(), {p: sorted(r.doc_index.tolist()) for p, r in st.routes.items()}, toks)
+    dmax = float((res["cpu"][0] - res["cuda"][0]).abs().max())
+    # bf16 routing at scale: same top-16 scores on CPU and GPU
+    gen = torch.Generator().manual_seed(1)
+    big = torch.randn(200_000, 1, 256, generator=gen).to(torch.bfloat16)
+    cd = np.repeat(np.arange(25_000), 8)
+    qq = torch.randn(8, 4, 256, generator=gen)
+    r_cpu = RouterIndex([big], cd, np.arange(25_000), RoutingConfig(top_k=16)).route(0, qq)
+    r_gpu = RouterIndex([big], cd, np.arange(25_000), RoutingConfig(top_k=16), device="cuda").route(0, qq)
+    overlap = len(set(r_cpu.doc_ids.tolist()) & set(r_gpu.doc_ids.tolist()))
+    return {"tiny_msa_logits_max_abs_diff": dmax, "tiny_msa_logits_ok": dmax < 1e-4,
+            "chosen_docs_equal": res["cpu"][1] == res["cuda"][1], "greedy_tokens_equal": res["cpu"][2] == res["cuda"][2],
+            "bf16_route_top16_overlap": overlap,
+            "bf16_route_max_score_diff": float(np.abs(np.sort(r_cpu.scores) - np.sort(r_gpu.scores)).max())}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--chunks", default="10000,100000,1000000")
+    ap.add_argument("--q-tokens", default="16,256")
+    ap.add_argument("--tile", type=int, default=262_144)
+    ap.add_argument("--model", default="random", help="random (Gemma-3-270M shape, random weights) or default (GGUF)")
+    ap.add_argument("--ttft-docs", type=int, default=16, help="k documents in the TTFT comparison")
+    ap.add_argument("--doc-tokens", type=int, default=512)
+    ap.add_argument("--quick", action="store_true", help="small sizes for a CI smoke run")
+    ap.add_argument("--gpu-check", action="store_true")
+    ap.add_argument("--skip", default="", help="comma list of sections to skip: routing,fetch,ttft")
+    a = ap.parse_args()
+    dev = torch.device(a.device)
+    torch.set_grad_enabled(False)
+    chunks = [int(x) for x in a.chunks.split(",")]
+    qt = [int(x) for x in a.q_tokens.split(",")]
+    k, doc_tokens = a.ttft_docs, a.doc_tokens
+    if a.quick:
+        chunks, qt, k, doc_tokens = [10_000, 100_000], [16], 4, 128
+    skip = set(filter(None, a.skip.split(",")))
+    results: dict = {}
+    if "routing" not in skip:
+        results["routing"] = bench_routing(dev, chunks, qt, a.tile)
+        print(f"\n# routing, one router layer, Gemma shape (1×256 bf16 keys), top-16, device {dev}")
+        print(f"{'chunks':>10} {'T':>4} {'route ms':>10} {'floor ms':>10} {'× floor':>8} {'GB/s':>8} {'copy GB/s':>10}")
+        for r in results["routing"]:
+            print(f"{r['chunks']:>10} {r['q_tokens']:>4} {r['route_ms']:>10.3f} {r['floor_ms']:>10.3f} {r['x_floor']:>8.2f} "
+                  f"{r['achieved_GBps']:>8.1f} {r['copy_GBps']:>10.1f}")
+    if "fetch" not in skip:
+        shapes = [GEMMA] if a.quick else [GEMMA, QWEN]
+        results["fetch"] = [bench_fetch(dev, s) for s in shapes]
+        print(f"\n# fetch of top-16 documents' K̄V̄ (all router layers) from host memory to {dev}")
+        print(f"{'shape':>6} {'MiB':>7} {'ours ms':>9} {'per-doc copies ms':>18} {'copies':>7} {'speedup':>8}")
+        for r in results["fetch"]:
+            print(f"{r['shape']:>6} {r['MiB']:>7.2f} {r['ours_ms']:>9.3f} {r['per_doc_copies_ms']:>18.3f} "
+                  f"{r['n_small_copies']:>7} {r['speedup']:>8.1f}")
+    if "ttft" not in skip:
+        r = bench_ttft(dev, a.model, k, doc_tokens, n_docs=max(64, 4 * k), q_len=32)
+        results["ttft"] = r
+        print(f"\n# time to first token, {a.model} Gemma-3-270M shape, k={k} docs × {doc_tokens} tokens, 32-token question")
+        print(f"pooled (route+fetch+prefill vs pooled K̄V̄): {r['pooled_ttft_ms']:.1f} ms "
+              f"(routing {r['pooled_routing_ms']:.1f}, fetch {r['pooled_fetch_ms']:.1f})")
+        print(f"plain prefill of the same {r['plain_tokens']} tokens of text: {r['plain_prefill_ms']:.1f} ms "
+              f"→ pooled is {r['speedup']:.1f}× faster")
+    if a.gpu_check:
+        results["gpu_check"] = gpu_check()
+        print("\n# GPU vs CPU equality:", json.dumps(results["gpu_check"]))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"{platform.processor() or platform.machine()} x{torch.get_num_threads()} threads"
+    print(json.dumps({"bench": "runtime", "device": device, "torch": torch.__version__, "commit": commit,
+                      "config": vars(a), "results": results}))
+
+
+if __name__ == "__main__":
+    main()
