@@ -51,6 +51,8 @@ from msa_memory.store._layout import (
 from msa_memory.store.reader import MemoryStore
 
 DEFAULT_LOCK_TIMEOUT = 60.0
+#: A commit that would leave more deletion files than this folds them into one.
+MAX_DELETION_FILES = 32
 _locks: dict[str, Any] = {}
 _locks_guard = threading.Lock()
 
@@ -193,6 +195,23 @@ def _resolve_deletes(base: MemoryStore, delete_ids: Iterable[int], delete_paths:
     return ids
 
 
+def _checkpoint_deletions(base: MemoryStore, new: dict[str, list[int]], removed: list[str],
+                          version: int) -> list[dict[str, Any]]:
+    """Fold all deletion files of ``base`` plus ``new`` into one file (Delta-style checkpoint).
+
+    Keeps a version's deletion files few, so opening and the first lookup stay cheap; costs
+    O(deleted ids), not O(documents).
+    """
+    merged: dict[str, set[int]] = {sid: {int(x) for x in ids} for sid, ids in base.deleted().items()
+                                   if sid not in removed}
+    for sid, ids in new.items():
+        merged.setdefault(sid, set()).update(ids)
+    merged = {k: v for k, v in merged.items() if v}
+    if not merged:
+        return []
+    return [_manifest.write_deletions(base.root, version, {k: sorted(v) for k, v in sorted(merged.items())})]
+
+
 def commit(store: MemoryStore, add: Sequence[ShardRecord] = (), delete_ids: Iterable[int] = (),
            delete_paths: Iterable[str] = (), message: str = "", read_version: int | None = None, *,
            lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> MemoryStore:
@@ -236,7 +255,9 @@ def commit(store: MemoryStore, add: Sequence[ShardRecord] = (), delete_ids: Iter
                 else:
                     deleted[sid] = sorted(int(x) for x in base._view(sid).record.doc_ids[poss])
         deletions = list(base.manifest["deletions"])
-        if deleted:
+        if len(deletions) + bool(deleted) > MAX_DELETION_FILES:
+            deletions = _checkpoint_deletions(base, deleted, removed, latest + 1)
+        elif deleted:
             deletions.append(_manifest.write_deletions(root, latest + 1, deleted))
         shards.fault_hook("commit:deletions")
         old = base.manifest["stats"]

@@ -56,40 +56,79 @@ def _read_live(store: MemoryStore, sid: str) -> tuple[list[Passage], EncodedChun
     return passages, enc
 
 
-def compact(store: MemoryStore, min_dead_fraction: float = 0.0, message: str = "compact") -> MemoryStore:
-    """Rewrite every shard of the latest version whose deleted fraction of chunks exceeds
-    ``min_dead_fraction`` (default 0.0: any deletion); publishes a new version with the same live
-    documents (bit-identical arrays and rows) and fewer dead bytes. Returns the new snapshot, or
-    the latest snapshot unchanged when nothing qualifies.
+def _concat(parts: list[tuple[list[Passage], EncodedChunks]], dtype: str) -> tuple[list[Passage], EncodedChunks]:
+    """Several shards' live documents as one write_shard input, in order."""
+    encs = [e for _, e in parts]
+    x = np.concatenate([e.x_router for e in encs], axis=1) if encs[0].x_router is not None else None
+    enc = EncodedChunks(doc_ids=np.concatenate([e.doc_ids for e in encs]),
+                        n_tokens=np.concatenate([e.n_tokens for e in encs]),
+                        n_chunks=np.concatenate([e.n_chunks for e in encs]),
+                        k_router=np.concatenate([e.k_router for e in encs], axis=1),  # (L, C, H, D)
+                        kv=np.concatenate([e.kv for e in encs], axis=0),  # (C, L, 2, H, D)
+                        dtype=dtype, x_router=x)  # type: ignore[arg-type]
+    return [p for ps, _ in parts for p in ps], enc
+
+
+def _plan_compaction(base: MemoryStore, min_dead_fraction: float, merge_below_chunks: int) -> list[list[str]]:
+    """Groups of shard ids to rewrite; each group becomes one new shard."""
+    deleted = base.deleted()
+    groups: list[list[str]] = []
+    small: list[tuple[str, int]] = []
+    for e in base.manifest["shards"]:
+        sid = e["shard_id"]
+        rec = base._view(sid).record
+        live = base._live_mask(sid)
+        live_chunks = int(np.diff(rec.chunk_offsets)[live].sum())
+        dead = deleted.get(sid)
+        dirty = dead is not None and dead.size > 0 and (rec.n_chunks - live_chunks) / rec.n_chunks > min_dead_fraction
+        if live_chunks < merge_below_chunks:
+            small.append((sid, live_chunks))
+        elif dirty:
+            groups.append([sid])
+    group: list[str] = []
+    total = 0
+    for sid, n in small:  # pack small shards together until a group reaches the threshold
+        group.append(sid)
+        total += n
+        if total >= merge_below_chunks:
+            groups.append(group)
+            group, total = [], 0
+    if group:
+        groups.append(group)
+    # a "group" of one small shard without deletions would be rewritten unchanged: skip it
+    return [g for g in groups if len(g) > 1 or deleted.get(g[0]) is not None and deleted[g[0]].size > 0]
+
+
+def compact(store: MemoryStore, min_dead_fraction: float = 0.0, message: str = "compact", *,
+            merge_below_chunks: int = 0) -> MemoryStore:
+    """Rewrite shards of the latest version: every shard whose deleted share of chunks exceeds
+    ``min_dead_fraction`` (default 0.0: any deletion), and, with ``merge_below_chunks=n > 0``,
+    shards holding fewer than n live chunks merged together (many small incremental commits).
+    Publishes a new version with the same live documents (bit-identical arrays and rows) and fewer
+    dead bytes / shards. Returns the new snapshot, or the latest one unchanged when nothing qualifies.
     """
     from msa_memory.store import commit as _commit
     from msa_memory.store.reader import MemoryStore
 
     if not 0.0 <= float(min_dead_fraction) < 1.0:
         raise ConfigError(f"min_dead_fraction must be in [0, 1), got {min_dead_fraction!r}.")
+    if int(merge_below_chunks) < 0:
+        raise ConfigError(f"merge_below_chunks must be >= 0, got {merge_below_chunks!r}.")
     root = store.root
     with _commit.writer_lock(root):
         latest = _manifest.latest_version(root)
         base = MemoryStore(root, latest)
-        deleted = base.deleted()
-        victims = []
-        for e in base.manifest["shards"]:
-            dead = deleted.get(e["shard_id"])
-            if dead is None or dead.size == 0:
-                continue
-            rec = base._view(e["shard_id"]).record
-            dead_chunks = int(np.diff(rec.chunk_offsets)[~base._live_mask(e["shard_id"])].sum())
-            if dead_chunks / max(rec.n_chunks, 1) > min_dead_fraction:
-                victims.append(e["shard_id"])
-        if not victims:
+        groups = _plan_compaction(base, float(min_dead_fraction), int(merge_below_chunks))
+        if not groups:
             return base
         new_entries = []
-        for k, sid in enumerate(victims):
-            passages, enc = _read_live(base, sid)
+        for k, group in enumerate(groups):
+            passages, enc = _concat([_read_live(base, sid) for sid in group], base.identity.dtype)
             new_id = f"compact-{latest + 1:08d}-{k:04d}-{token()}"
             rec = shards.write_shard_unchecked(root, base.identity, new_id, passages, enc)
             new_entries.append(_commit.shard_entry(root, rec))
         shards.fault_hook("compact:written")
+        victims = [sid for g in groups for sid in g]
         gone = set(victims)
         keep_shards = [e for e in base.manifest["shards"] if e["shard_id"] not in gone]
         live_ids = {e["shard_id"] for e in keep_shards}

@@ -302,11 +302,12 @@ class MemoryStore:
 
         return commit.find_shard(self, shard_id)
 
-    def compact(self, min_dead_fraction: float = 0.0, message: str = "compact") -> MemoryStore:
-        """Rewrite shards holding deleted documents; publishes a new version (see maintenance.compact)."""
+    def compact(self, min_dead_fraction: float = 0.0, message: str = "compact", *,
+                merge_below_chunks: int = 0) -> MemoryStore:
+        """Rewrite shards holding deleted documents (and merge small ones); see maintenance.compact."""
         from msa_memory.store import maintenance
 
-        return maintenance.compact(self, min_dead_fraction, message)
+        return maintenance.compact(self, min_dead_fraction, message, merge_below_chunks=merge_below_chunks)
 
     def gc(self, dry_run: bool = True, *, keep_last: int | None = None, grace_s: float = 3600.0) -> dict[str, Any]:
         """List (dry run) or remove files no kept version references (see maintenance.gc)."""

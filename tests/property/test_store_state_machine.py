@@ -102,9 +102,9 @@ class StoreMachine(RuleBasedStateMachine):
         content = {k: v for k, v in self._live().items() if k != victim}
         self._publish(new, {**content, **docs})
 
-    @rule(min_dead=st.sampled_from([0.0, 0.5]))
-    def compact(self, min_dead):
-        new = self.store.compact(min_dead_fraction=min_dead)
+    @rule(min_dead=st.sampled_from([0.0, 0.5]), merge=st.sampled_from([0, 0, 6]))
+    def compact(self, min_dead, merge):
+        new = self.store.compact(min_dead_fraction=min_dead, merge_below_chunks=merge)
         if new.version != self.store.version:
             self._publish(new, dict(self._live()))
 
@@ -131,6 +131,21 @@ class StoreMachine(RuleBasedStateMachine):
                 self.store.restore(v)
             return
         self._publish(self.store.restore(v), dict(self.model[target]))
+
+    @precondition(lambda self: self._live())
+    @rule(data=st.data())
+    def many_deletes(self, data):
+        """Single-document deletes, enough to trigger deletion-file checkpoints (limit lowered)."""
+        from msa_memory.store import commit as commit_mod
+
+        old, commit_mod.MAX_DELETION_FILES = commit_mod.MAX_DELETION_FILES, 2
+        try:
+            for victim in data.draw(st.lists(st.sampled_from(sorted(self._live())), min_size=1, max_size=3,
+                                             unique=True)):
+                self._publish(self.store.commit(delete_ids=[victim]),
+                              {k: v for k, v in self._live().items() if k != victim})
+        finally:
+            commit_mod.MAX_DELETION_FILES = old
 
     @rule()
     def reopen(self):

@@ -94,3 +94,42 @@ def test_commit_noop_and_read_version(store, rng):
     s3 = s1.commit(add=[rec], read_version=2)  # an older snapshot may commit against an explicit version
     assert s3.version == 3 and s3.stats()["n_docs"] == 2
     assert np.array_equal(s3.router_keys(0)[1], np.repeat([0, 1], 1))
+
+
+def test_deletion_files_are_checkpointed(store, rng, monkeypatch):
+    from msa_memory.store import commit as commit_mod
+
+    monkeypatch.setattr(commit_mod, "MAX_DELETION_FILES", 3)
+    s, _, _, enc = add_docs(store, [3] * 8, rng, "a")
+    s2, _, _, enc2 = add_docs(s, [3] * 2, rng, "b")
+    for k in range(5):
+        s2 = s2.commit(delete_ids=[int(enc.doc_ids[k])])
+        assert len(s2.manifest["deletions"]) <= 3
+    s2 = s2.commit(delete_ids=enc2.doc_ids.tolist())  # shard b dropped entirely
+    assert len(s2.manifest["deletions"]) <= 3
+    live = sorted(int(i) for i in enc.doc_ids[5:])
+    assert sorted(s2.documents(["doc_id"]).column(0).to_pylist()) == live
+    assert s2.stats()["n_docs"] == 3 and s2.verify()["ok"]
+    assert open_store(store.root, s.version).stats()["n_docs"] == 8  # old versions unaffected
+
+
+def test_compact_merges_small_shards(store, rng):
+    s = store
+    encs = []
+    for k in range(5):
+        s, _, _, enc = add_docs(s, [4, 6], rng, f"tiny{k}")
+        encs.append(enc)
+    s = s.commit(delete_ids=[int(encs[1].doc_ids[0])])
+    ids = s.documents(["doc_id"]).column(0).to_pylist()
+    want = [a.tobytes() for a in s.load_kv(ids)]
+    keys = [s.router_keys(layer) for layer in range(2)]
+    texts = s.texts(ids)
+    s2 = s.compact(merge_below_chunks=6)
+    assert s2.stats()["n_shards"] < 5 and s2.stats()["n_docs"] == 9
+    assert [a.tobytes() for a in s2.load_kv(ids)] == want and s2.texts(ids) == texts
+    for layer in range(2):
+        k2, d2 = s2.router_keys(layer)
+        for i in ids:  # same keys per document (shard order may differ)
+            assert k2[d2 == i].tobytes() == keys[layer][0][keys[layer][1] == i].tobytes()
+    assert s2.manifest["deletions"] == [] and s2.verify()["ok"]
+    assert s2.compact(merge_below_chunks=6).version == s2.version  # nothing left to merge
