@@ -9,6 +9,7 @@ Writes no store files (see docs/design.md, section "encode"). Public API::
 
 from __future__ import annotations
 
+from msa_memory.encode.encoder import Encoder, PooledBatch, TemplatePrefix
 from msa_memory.encode.forward import (
     ATTN_IMPLEMENTATION,
     AttentionFn,
@@ -17,12 +18,17 @@ from msa_memory.encode.forward import (
     PackedCausalAttention,
     causal_attention,
     sdpa,
+    windowed_causal,
 )
 from msa_memory.encode.model import LoadedModel, default_dtype, load_model
+from msa_memory.encode.passages import DEFAULT_MAX_TOKENS, split_passages
+from msa_memory.encode.pooling import chunk_layout, chunk_mean_pool, pool_naive
 from msa_memory.encode.router import RouterAdapter, RouterConfig, UntrainedRouterWarning
 
 __all__ = [
     "ATTN_IMPLEMENTATION", "AttentionFn", "AttnCall", "Backbone", "PackedCausalAttention",
-    "causal_attention", "sdpa", "LoadedModel", "default_dtype", "load_model", "RouterAdapter",
-    "RouterConfig", "UntrainedRouterWarning",
+    "causal_attention", "sdpa", "windowed_causal", "LoadedModel", "default_dtype", "load_model",
+    "RouterAdapter", "RouterConfig", "UntrainedRouterWarning", "Encoder", "PooledBatch",
+    "TemplatePrefix", "DEFAULT_MAX_TOKENS", "split_passages", "chunk_layout", "chunk_mean_pool",
+    "pool_naive",
 ]

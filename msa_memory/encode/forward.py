@@ -48,6 +48,7 @@ __all__ = [
     "Backbone",
     "sdpa",
     "causal_attention",
+    "windowed_causal",
     "PackedCausalAttention",
 ]
 
@@ -169,18 +170,52 @@ def _window_mask(n: int, window: int, device: torch.device) -> torch.Tensor:
     return m
 
 
+_BANDS: dict[tuple[int, int, int, int, str], torch.Tensor] = {}
+
+
+def _band_mask(nq: int, q0: int, nk: int, k0: int, window: int, device: torch.device) -> torch.Tensor:
+    """(nq, nk) bool for queries at q0.. and keys at k0..: 0 <= q - k < window."""
+    key = (nq, nk, q0 - k0, window, str(device))
+    m = _BANDS.get(key)
+    if m is None:
+        d = (torch.arange(nq, device=device)[:, None] + q0) - (torch.arange(nk, device=device)[None, :] + k0)
+        m = (d >= 0) & (d < window)
+        if len(_BANDS) > 64:
+            _BANDS.clear()
+        _BANDS[key] = m
+    return m
+
+
+def windowed_causal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scaling: float,
+                    window: int | None, softcap: float | None = None) -> torch.Tensor:
+    """Causal self-attention of (B, H, T, D) rows with an optional sliding window, in O(T * W).
+
+    T <= W: one causal SDPA call. Longer: query blocks of W tokens attend to the keys of their
+    own and the previous block with a band mask (never a (T, T) mask).
+    """
+    t = q.shape[2]
+    if window is None or t <= window:
+        return sdpa(q, k, v, scaling=scaling, is_causal=True, softcap=softcap)
+    if t <= 2 * window:
+        return sdpa(q, k, v, scaling=scaling, mask=_window_mask(t, window, q.device), softcap=softcap)
+    out = torch.empty_like(q)
+    for s in range(0, t, window):
+        e = min(s + window, t)
+        ks = max(0, s - window + 1)
+        mask = _band_mask(e - s, s, e - ks, ks, window, q.device)
+        out[:, :, s:e] = sdpa(q[:, :, s:e], k[:, :, ks:e], v[:, :, ks:e], scaling=scaling, mask=mask,
+                              softcap=softcap)
+    return out
+
+
 def causal_attention(call: AttnCall) -> torch.Tensor:
     """Plain causal attention of each batch row over itself (sliding window and soft cap honoured).
 
     The attention function that makes :meth:`Backbone.run` equal the unmodified HF forward of
     unpadded sequences.
     """
-    t = call.q.shape[2]
-    mask = None
-    if call.sliding_window is not None and t > call.sliding_window:
-        mask = _window_mask(t, call.sliding_window, call.q.device)
-    return sdpa(call.q, call.k, call.v, scaling=call.scaling, is_causal=mask is None,
-                mask=mask, softcap=call.softcap)
+    return windowed_causal(call.q, call.k, call.v, scaling=call.scaling, window=call.sliding_window,
+                           softcap=call.softcap)
 
 
 class PackedCausalAttention:
@@ -245,10 +280,8 @@ class PackedCausalAttention:
         w = call.sliding_window
         if self.strategy == "loop":
             for s, n in zip(self.starts, self.seq_lens):
-                mask = _window_mask(n, w, q.device) if w is not None and n > w else None
-                out[:, :, s:s + n] = sdpa(q[:, :, s:s + n], k[:, :, s:s + n], v[:, :, s:s + n],
-                                          scaling=call.scaling, is_causal=mask is None, mask=mask,
-                                          softcap=call.softcap)
+                out[:, :, s:s + n] = windowed_causal(q[:, :, s:s + n], k[:, :, s:s + n], v[:, :, s:s + n],
+                                                     scaling=call.scaling, window=w, softcap=call.softcap)
             return out
         pad = lambda x: torch.cat([x[0], x.new_zeros(x.shape[1], 1, x.shape[3])], dim=1)  # (H, T+1, D)
         qp, kp, vp = pad(q), pad(k), pad(v)

@@ -1,0 +1,247 @@
+"""Model loading: MSA checkpoints, plain HF dirs/objects, router adapters, fingerprints, identity, errors.
+
+Covers ``msa_memory.encode.model`` and ``msa_memory.encode.router`` on tiny random models (no
+downloads): an MSA-format checkpoint (config.json with msa_config + safetensors with the reference
+key names) loads with its config honoured and its router keys equal the formula
+K̄ᵣ = mean_t(router_k_proj(input_layernorm(h_t))) (normalised only for aux_loss_method "INFONCE");
+adapters round-trip; fingerprints are stable and sensitive; bad inputs raise the documented errors.
+
+Run: ``.venv/bin/python -m pytest tests/unit/encode/test_encode_model.py -q``
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from msa_memory.encode import Encoder, RouterAdapter, RouterConfig, UntrainedRouterWarning, load_model, pool_naive
+from msa_memory.encode.model import default_dtype
+from msa_memory.encode.tiny import tiny_model, tiny_tokenizer, write_tiny_msa_checkpoint
+from msa_memory.errors import ConfigError, ModelLoadError
+from msa_memory.schemas.records import Passage, StoreIdentity
+
+TEXTS = ["The blue door code is 4471.", "Apples grow on trees in the northern orchard every autumn. " * 3]
+
+
+def _quiet_load(*a, **kw):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UntrainedRouterWarning)
+        return load_model(*a, **kw)
+
+
+@pytest.fixture(scope="module")
+def msa_dir(tmp_path_factory):
+    return write_tiny_msa_checkpoint(tmp_path_factory.mktemp("msa") / "ckpt", router_layers="1,3",
+                                     pooling_kernel_size=16, extra_msa_config={"doc_top_k": 8, "top_k_docs": 4})
+
+
+@pytest.fixture(scope="module")
+def msa_model(msa_dir):
+    return load_model(str(msa_dir), dtype=torch.float32)
+
+
+def _file_tensors(path):
+    out = {}
+    with safe_open(str(path / "model.safetensors"), framework="pt") as fh:
+        for k in fh.keys():
+            out[k] = fh.get_tensor(k)
+    return out
+
+
+def test_msa_checkpoint_loads_with_its_config(msa_model, msa_dir):
+    m = msa_model
+    rc = m.router.config
+    assert m.wrap == "msa" and m.source["kind"] == "msa"
+    assert m.router_layers == (1, 3) and m.chunk_tokens == 16
+    assert rc.top_k == 8  # doc_top_k wins over top_k_docs
+    assert rc.score == "dot"  # INFONCE_DECOUPLE -> raw dot / sqrt(d)
+    assert (rc.head_reduce, rc.query_reduce, rc.chunk_reduce) == ("mean", "max", "max")
+    assert (m.n_q_heads, m.n_kv_heads, m.head_dim) == (4, 2, 16)
+    files = _file_tensors(msa_dir)
+    for layer in (1, 3):
+        torch.testing.assert_close(m.router.q_proj[str(layer)].weight,
+                                   files[f"model.layers.{layer}.self_attn.router_q_proj.0.weight"])
+        torch.testing.assert_close(m.router.k_proj[str(layer)].weight,
+                                   files[f"model.layers.{layer}.self_attn.router_k_proj.0.weight"])
+    torch.testing.assert_close(m.hf_model.model.layers[2].self_attn.k_proj.weight,
+                               files["model.layers.2.self_attn.k_proj.weight"])
+    assert type(m.hf_model).__name__ == "Qwen3ForCausalLM"
+
+
+def test_msa_wrapping_and_template_prefix_are_the_reference_ones(msa_model):
+    tok = msa_model.tokenizer
+    assert msa_model.wrap_ids("hi there", 17) == tok("<|im_start|>[17]. hi there[17]<|im_end|>",
+                                                      add_special_tokens=False)["input_ids"]
+    assert msa_model.template_prefix_ids() == tok("<|im_start|>user\n", add_special_tokens=False)["input_ids"]
+    assert msa_model.wrap_ids("x", 3)[0] == tok.convert_tokens_to_ids("<|im_start|>")
+
+
+@pytest.mark.parametrize("method", ["INFONCE_DECOUPLE", "INFONCE"])
+def test_msa_router_keys_match_the_formula(tmp_path, method):
+    d = write_tiny_msa_checkpoint(tmp_path / "c", router_layers="2,3", pooling_kernel_size=16, aux_loss_method=method)
+    m = load_model(str(d), dtype=torch.float32)
+    assert m.router.config.score == ("cosine" if method == "INFONCE" else "dot")
+    ids = np.array([5, 900])
+    ps = [Passage(t, "a.txt") for t in TEXTS]
+    out = Encoder(m, store_dtype="float32").encode(ids, ps)
+    files = _file_tensors(d)
+    want = []
+    with torch.no_grad():
+        for doc_id, p in zip(ids, ps):
+            toks = m.tokenizer(f"<|im_start|>[{doc_id}]. {p.text}[{doc_id}]<|im_end|>", add_special_tokens=False)["input_ids"]
+            hs = m.hf_model(input_ids=torch.tensor([toks]), output_hidden_states=True).hidden_states
+            per_layer = []
+            for layer in (2, 3):
+                x = m.hf_model.model.layers[layer].input_layernorm(hs[layer][0]).double()
+                w = files[f"model.layers.{layer}.self_attn.router_k_proj.0.weight"].double()
+                r = pool_naive((x @ w.T).view(len(toks), 2, 16).numpy(), [len(toks)], 16)
+                if method == "INFONCE":
+                    r = r / np.linalg.norm(r, axis=-1, keepdims=True)
+                per_layer.append(r)
+            want.append(np.stack(per_layer))
+    want = np.concatenate(want, axis=1)
+    err = np.abs(out.k_router - want).max()
+    assert err <= 1e-5, f"router keys max abs err {err:.3g}"
+    if method == "INFONCE":
+        np.testing.assert_allclose(np.linalg.norm(out.k_router, axis=-1), 1.0, atol=1e-5)
+
+
+def test_msa_router_layer_all_and_top_k_default(tmp_path):
+    d = write_tiny_msa_checkpoint(tmp_path / "c", router_layers="all")
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["msa_config"]["top_k_docs"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    m = load_model(str(d), dtype=torch.float32)
+    assert m.router_layers == (0, 1, 2, 3) and m.router.config.top_k == 16 and m.chunk_tokens == 64
+
+
+def test_msa_checkpoint_missing_router_tensor_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    d = write_tiny_msa_checkpoint(tmp_path / "c", router_layers="2,3")
+    sd = _file_tensors(d)
+    del sd["model.layers.3.self_attn.router_k_proj.0.weight"]
+    save_file(sd, str(d / "model.safetensors"))
+    with pytest.raises(ModelLoadError, match="router_k_proj"):
+        load_model(str(d), dtype=torch.float32)
+
+
+def test_msa_checkpoint_without_msa_config_is_refused(tmp_path):
+    d = write_tiny_msa_checkpoint(tmp_path / "c")
+    cfg = json.loads((d / "config.json").read_text())
+    del cfg["msa_config"]
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ModelLoadError, match="msa_config"):
+        load_model(str(d), dtype=torch.float32)
+
+
+def test_no_adapter_copies_qk_with_a_warning():
+    hf = tiny_model("llama")
+    with pytest.warns(UntrainedRouterWarning, match="weak"):
+        m = load_model(hf, tokenizer=tiny_tokenizer(), dtype=torch.float32)
+    assert m.router_layers == (2, 3)  # upper half of 4 layers
+    assert m.router.config.source == "init-from-qk" and m.router.config.score == "cosine"
+    torch.testing.assert_close(m.router.q_proj["3"].weight, hf.model.layers[3].self_attn.q_proj.weight)
+    torch.testing.assert_close(m.router.k_proj["2"].weight, hf.model.layers[2].self_attn.k_proj.weight)
+
+
+def test_adapter_save_load_roundtrip_and_use(tmp_path):
+    cfg = RouterConfig((1, 2), n_q_heads=4, n_kv_heads=1, head_dim=16, hidden_size=64, chunk_tokens=8,
+                       score="dot", query_reduce="last", top_k=3)
+    torch.manual_seed(0)
+    a = RouterAdapter(cfg)
+    a.save(tmp_path / "ad")
+    b = RouterAdapter.load(tmp_path / "ad")
+    assert b.config == cfg and a.fingerprint() == b.fingerprint()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UntrainedRouterWarning)
+        m = load_model(tiny_model("gemma3"), tokenizer=tiny_tokenizer(), adapter=tmp_path / "ad", dtype=torch.float32)
+    assert m.router_layers == (1, 2) and m.chunk_tokens == 8 and m.router.config.query_reduce == "last"
+    assert m.identity().router_id == a.fingerprint()
+    with torch.no_grad():
+        a.k_proj["1"].weight.add_(1e-3)
+    assert a.fingerprint() != b.fingerprint()
+
+
+def test_adapter_that_does_not_fit_the_model_is_refused(tmp_path):
+    cfg = RouterConfig((1,), n_q_heads=4, n_kv_heads=2, head_dim=16, hidden_size=64)
+    RouterAdapter(cfg).save(tmp_path / "ad")
+    with pytest.raises(ModelLoadError, match="does not fit"):  # gemma3 tiny has 1 KV head
+        load_model(tiny_model("gemma3"), tokenizer=tiny_tokenizer(), adapter=tmp_path / "ad", dtype=torch.float32)
+    with pytest.raises(ModelLoadError, match="No router adapter"):
+        RouterAdapter.load(tmp_path / "missing")
+    cfg_json = json.loads((tmp_path / "ad" / "router_adapter.json").read_text())
+    cfg_json["bogus"] = 1
+    (tmp_path / "ad" / "router_adapter.json").write_text(json.dumps(cfg_json))
+    with pytest.raises(ModelLoadError, match="bogus"):
+        RouterAdapter.load(tmp_path / "ad")
+
+
+def test_router_config_validation():
+    with pytest.raises(ConfigError, match="router_layers"):
+        RouterConfig((3, 1), n_q_heads=4, n_kv_heads=2, head_dim=8, hidden_size=8)
+    with pytest.raises(ConfigError, match="multiple"):
+        RouterConfig((1,), n_q_heads=3, n_kv_heads=2, head_dim=8, hidden_size=8)
+    with pytest.raises(ConfigError, match="score"):
+        RouterConfig((1,), n_q_heads=4, n_kv_heads=2, head_dim=8, hidden_size=8, score="l2")  # type: ignore[arg-type]
+    r = RouterAdapter(RouterConfig((1,), n_q_heads=4, n_kv_heads=2, head_dim=8, hidden_size=8))
+    with pytest.raises(ConfigError, match="not a router layer"):
+        r.router_q(2, torch.zeros(1, 8))
+    assert r.router_q(1, torch.zeros(3, 5, 8)).shape == (3, 5, 4, 8)
+
+
+def test_fingerprint_is_stable_and_sensitive(tmp_path):
+    tok = tiny_tokenizer()
+    a = _quiet_load(tiny_model("qwen2", seed=1), tokenizer=tok, dtype=torch.float32)
+    b = _quiet_load(tiny_model("qwen2", seed=1), tokenizer=tok, dtype=torch.float32)
+    c = _quiet_load(tiny_model("qwen2", seed=2), tokenizer=tok, dtype=torch.float32)
+    d = _quiet_load(tiny_model("qwen2", seed=1, rope_theta=5000.0), tokenizer=tok, dtype=torch.float32)
+    assert a.model_fingerprint == b.model_fingerprint
+    assert len({a.model_fingerprint, c.model_fingerprint, d.model_fingerprint}) == 3
+    # a saved directory: hashed from its files, same on every load
+    path = tmp_path / "m"
+    tiny_model("mistral").save_pretrained(path)
+    tok.save_pretrained(path)
+    m1 = _quiet_load(str(path), dtype=torch.float32)
+    m2 = _quiet_load(str(path), dtype=torch.float32)
+    assert m1.model_fingerprint == m2.model_fingerprint and m1.source["kind"] == "hf-dir"
+    assert m1.identity().model_fingerprint == m1.model_fingerprint
+
+
+def test_identity_record(msa_model):
+    ident = msa_model.identity(store_dtype="float32")
+    assert isinstance(ident, StoreIdentity)
+    assert ident.router_layers == (1, 3) and ident.chunk_tokens == 16 and ident.wrap == "msa"
+    assert (ident.n_kv_heads, ident.head_dim, ident.dtype, ident.hidden_size) == (2, 16, "float32", 0)
+    assert msa_model.identity(keep_router_inputs=True).hidden_size == 64
+    assert ident.extra["router"]["score"] == "dot"
+    assert StoreIdentity.from_dict(json.loads(json.dumps(ident.to_dict()))) == ident
+    assert Encoder(msa_model, keep_router_inputs=True).identity().hidden_size == 64
+
+
+def test_load_model_errors(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    with pytest.raises(ModelLoadError, match="No model at"):
+        load_model(str(tmp_path / "nothing"))
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        load_model(str(tmp_path / "x.gguf"))
+    with pytest.raises(ConfigError, match="tokenizer"):
+        load_model(tiny_model("qwen3"))
+    with pytest.raises(ConfigError, match="out of range"):
+        load_model(tiny_model("qwen3"), tokenizer=tiny_tokenizer(), router_layers=[2, 9], dtype=torch.float32)
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=262))
+    with pytest.raises(ModelLoadError, match="not supported"):
+        load_model(gpt2, tokenizer=tiny_tokenizer(), dtype=torch.float32)
+
+
+def test_default_dtype_follows_the_cpu():
+    flags = open("/proc/cpuinfo").read()
+    want = torch.bfloat16 if ("amx_bf16" in flags or "avx512_bf16" in flags) else torch.float32
+    assert default_dtype("cpu") == want
+    assert default_dtype("cuda") == torch.bfloat16

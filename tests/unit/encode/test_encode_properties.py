@@ -1,0 +1,103 @@
+"""Hypothesis properties of chunk pooling and passage splitting (msa_memory.encode.pooling / .passages).
+
+Pooling: constant in -> constant out; n_chunks == ceil(T / P) per document; pooling is linear;
+the fast ``chunk_mean_pool`` equals the Python-loop ``pool_naive``. Splitting: every passage's byte
+offsets reproduce its text; passages are ordered, disjoint, stripped, and only whitespace lies
+outside them; each has at most ``max_tokens`` tokens (the byte-level tokenizer can always cut).
+
+Run: ``.venv/bin/python -m pytest tests/unit/encode/test_encode_properties.py -q``
+(``HYPOTHESIS_PROFILE=ci`` for the derandomised CI profile).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from msa_memory.encode import chunk_layout, chunk_mean_pool, pool_naive, split_passages
+from msa_memory.encode.tiny import tiny_tokenizer
+from msa_memory.errors import ConfigError
+
+TOK = tiny_tokenizer()
+lens_st = st.lists(st.integers(1, 90), min_size=1, max_size=6)
+chunk_st = st.integers(1, 40)
+
+
+@given(lens=lens_st, p=chunk_st, value=st.floats(-100, 100, allow_nan=False))
+def test_pool_constant_in_constant_out(lens, p, value):
+    x = torch.full((sum(lens), 3), value)
+    out = chunk_mean_pool(x, chunk_layout(lens, p))
+    torch.testing.assert_close(out, torch.full_like(out, value))
+
+
+@given(lens=lens_st, p=chunk_st)
+def test_pool_n_chunks_is_ceil(lens, p):
+    lay = chunk_layout(lens, p)
+    assert lay.n_chunks == [-(-n // p) for n in lens]
+    assert lay.n_total == sum(lay.n_chunks)
+    assert float(lay.counts.sum()) == sum(lens)
+    assert float(lay.counts.max()) <= p
+
+
+@given(lens=lens_st, p=chunk_st, a=st.floats(-3, 3), b=st.floats(-3, 3), seed=st.integers(0, 2**16))
+def test_pool_is_linear_and_equals_naive(lens, p, a, b, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(sum(lens), 2, 4, generator=g)
+    y = torch.randn(sum(lens), 2, 4, generator=g)
+    lay = chunk_layout(lens, p)
+    lhs = chunk_mean_pool(a * x + b * y, lay)
+    rhs = a * chunk_mean_pool(x, lay) + b * chunk_mean_pool(y, lay)
+    torch.testing.assert_close(lhs, rhs, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(chunk_mean_pool(x, lay).numpy(), pool_naive(x.double().numpy(), lens, p), atol=1e-6)
+
+
+def test_pool_last_partial_chunk_divides_by_its_real_length():
+    x = torch.arange(10, dtype=torch.float32)[:, None]  # one document of 10 tokens, P = 4
+    out = chunk_mean_pool(x, chunk_layout([10], 4))
+    assert out[:, 0].tolist() == [1.5, 5.5, 8.5]  # (8 + 9) / 2, not / 4
+
+
+def test_pool_rejects_bad_input():
+    with pytest.raises(ConfigError, match="chunk_tokens"):
+        chunk_layout([3], 0)
+    with pytest.raises(ConfigError, match="tokens"):
+        chunk_mean_pool(torch.zeros(5, 2), chunk_layout([4], 2))
+
+
+text_st = st.lists(st.sampled_from(list("ab cdé.!\n\t") + ["\n\n", "漢", "🙂", "word ", "? "]), max_size=150).map("".join)
+
+
+@given(text=text_st, max_tokens=st.integers(1, 60))
+def test_split_offsets_reproduce_text_and_limits_hold(text, max_tokens):
+    ps = split_passages(text, "src.txt", TOK, max_tokens=max_tokens)
+    raw = text.encode("utf-8")
+    prev_end = 0
+    covered = []
+    for i, p in enumerate(ps):
+        assert p.passage_index == i and p.source_path == "src.txt"
+        assert raw[p.byte_start:p.byte_end].decode("utf-8") == p.text
+        assert p.text and p.text == p.text.strip()
+        assert p.byte_start >= prev_end
+        covered.append(raw[prev_end:p.byte_start])
+        prev_end = p.byte_end
+        n = len(TOK(p.text, add_special_tokens=False)["input_ids"])
+        # one character may be several byte tokens: only a single such character may exceed the limit
+        assert n <= max_tokens or len(p.text) == 1, (p.text, n, max_tokens)
+    covered.append(raw[prev_end:])
+    assert all(not c.strip() for c in covered), "only whitespace may lie outside passages"
+
+
+def test_split_prefers_paragraphs_then_lines():
+    text = "Alpha beta.\n\nGamma delta epsilon.\nZeta eta."
+    ps = split_passages(text, "a", TOK, max_tokens=30)
+    assert [p.text for p in ps] == ["Alpha beta.", "Gamma delta epsilon.\nZeta eta."]
+    ps = split_passages(text, "a", TOK, max_tokens=21)
+    assert [p.text for p in ps] == ["Alpha beta.", "Gamma delta epsilon.", "Zeta eta."]
+    assert split_passages(" \n\n \t", "a", TOK) == []
+    big = split_passages(text, "a", TOK, max_tokens=10_000)
+    assert len(big) == 1 and big[0].text == text and big[0].file_sha256
+    with pytest.raises(ConfigError, match="max_tokens"):
+        split_passages(text, "a", TOK, max_tokens=0)
