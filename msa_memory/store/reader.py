@@ -51,6 +51,20 @@ class MemoryStore:
         return (f"MemoryStore({str(self.root)!r}, version={self.version}, docs={s['n_docs']}, chunks={s['n_chunks']}, "
                 f"layers={list(idt.router_layers)}, dtype={idt.dtype}, bytes={s['n_bytes']})")
 
+    def _repr_html_(self) -> str:
+        import html
+
+        s, idt = self.stats(), self.identity
+        rows = [("root", str(self.root)), ("version", f"{self.version} (latest {self.latest_version()})"),
+                ("documents", f"{s['n_docs']:,}"), ("chunks", f"{s['n_chunks']:,}"), ("tokens", f"{s['n_tokens']:,}"),
+                ("model", idt.model_name), ("router layers", str(list(idt.router_layers))),
+                ("layout", f"H={idt.n_kv_heads} D={idt.head_dim} P={idt.chunk_tokens} {idt.dtype}"),
+                ("bytes", f"{s['n_bytes']:,} live tensors, {s['disk_bytes']:,} on disk, "
+                          f"{s['bytes_per_token']:.1f} B/token"), ("shards", str(s["n_shards"]))]
+        body = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
+                       for k, v in rows)
+        return f"<table><caption>MemoryStore</caption>{body}</table>"
+
     def latest_version(self) -> int:
         return _manifest.latest_version(self.root)
 

@@ -219,3 +219,11 @@ def test_locate_many_disjoint_shards(store, rng):
     with pytest.raises(DocumentNotFoundError):
         s.load_kv([10_000, -1])
     assert s.load_kv([]) == []
+
+
+def test_reprs_do_not_load_tensors(store, rng):
+    s, *_ = add_docs(store, [3, 9], rng, "a")
+    fresh = open_store(s.root)
+    assert "version=1" in repr(fresh) and "docs=2" in repr(fresh)
+    assert "<table>" in fresh._repr_html_() and "router layers" in fresh._repr_html_()
+    assert fresh._views == {}  # nothing read beyond the manifest
