@@ -46,7 +46,7 @@ def build_store(root, loaded, passages=PASSAGES, dtype="float32"):
     except ImportError:
         Encoder = None
     if Encoder is not None:
-        enc = Encoder(loaded).encode(ids, ps)
+        enc = Encoder(loaded, store_dtype=dtype).encode(ids, ps)
         if enc.dtype != dtype:
             raise AssertionError(f"encoder produced {enc.dtype}, wanted {dtype}")
     else:  # random numbers of the right shape: the runtime plumbing does not care where they came from
