@@ -12,6 +12,7 @@ A commit's cost is O(shards in the manifest + documents it touches), not O(docum
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import threading
@@ -214,14 +215,20 @@ def _checkpoint_deletions(base: MemoryStore, new: dict[str, list[int]], removed:
 
 def commit(store: MemoryStore, add: Sequence[ShardRecord] = (), delete_ids: Iterable[int] = (),
            delete_paths: Iterable[str] = (), message: str = "", read_version: int | None = None, *,
-           lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> MemoryStore:
+           lock_timeout: float = DEFAULT_LOCK_TIMEOUT, extra: dict[str, Any] | None = None) -> MemoryStore:
     """Publish version N+1 = ``read_version`` (default: ``store.version``) + ``add`` - deletions.
 
     Raises VersionConflictError when another commit published after ``read_version`` (nothing is
     published), DocumentNotFoundError (deleting a non-live id or unknown path),
     DuplicateDocumentError / IdNotReservedError (bad ids), IdentityMismatchError, ShardMissingError.
-    On any error no manifest was published; leftovers are orphans for ``gc``.
+    On any error no manifest was published; leftovers are orphans for ``gc``. ``extra`` (JSON-able
+    provenance: job config, package version...) is stored in the manifest's ``extra``.
     """
+    if extra is not None:
+        try:
+            json.dumps(extra)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"commit(extra=...) must be JSON-serialisable: {e}") from None
     root = store.root
     add = list(add)
     rv = store.version if read_version is None else int(read_version)
@@ -274,7 +281,7 @@ def commit(store: MemoryStore, add: Sequence[ShardRecord] = (), delete_ids: Iter
             [e for e in base.manifest["shards"] if e["shard_id"] not in removed] + added, deletions,
             _ids.union_ranges(base.manifest["used_id_ranges"], new_ids), stats,
             {"added_docs": sum(r.n_docs for r in add), "deleted_docs": d_docs,
-             "added_shards": [r.shard_id for r in add], "removed_shards": removed})
+             "added_shards": [r.shard_id for r in add], "removed_shards": removed}, extra)
         return publish(root, m)
 
 

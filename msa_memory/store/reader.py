@@ -289,11 +289,12 @@ class MemoryStore:
 
     def commit(self, add: Sequence[ShardRecord] = (), delete_ids: Iterable[int] = (),
                delete_paths: Iterable[str] = (), message: str = "", read_version: int | None = None, *,
-               lock_timeout: float = 60.0) -> MemoryStore:
+               lock_timeout: float = 60.0, extra: dict[str, Any] | None = None) -> MemoryStore:
         """Publish version N+1 (add shards, delete ids/paths; both = replace). See ``commit.commit``."""
         from msa_memory.store import commit
 
-        return commit.commit(self, add, delete_ids, delete_paths, message, read_version, lock_timeout=lock_timeout)
+        return commit.commit(self, add, delete_ids, delete_paths, message, read_version, lock_timeout=lock_timeout,
+                             extra=extra)
 
     def restore(self, version: int | str, message: str | None = None) -> MemoryStore:
         """Publish a new version equal to ``version``."""

@@ -278,3 +278,10 @@ def test_bad_tags_and_layers(store):
     store.delete_tag("v0")
     with pytest.raises(E.VersionNotFoundError):
         store.delete_tag("v0")
+
+
+def test_commit_extra_must_be_json(store):
+    s = store.commit(message="x", extra={"job": {"workers": 2}})
+    assert open_store(store.root).manifest["extra"] == {"job": {"workers": 2}}
+    with pytest.raises(E.ConfigError, match="JSON-serialisable"):
+        s.commit(extra={"bad": object()})
