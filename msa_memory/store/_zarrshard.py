@@ -39,7 +39,7 @@ def array_metadata(shape: tuple[int, ...], chunk_shape: tuple[int, ...], dtype: 
         "shape": list(shape),
         "data_type": np.dtype(dtype).name,
         "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(shape)}},
-        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "/"}},
+        "chunk_key_encoding": {"name": "default", "configuration": {"separator": "."}},
         "fill_value": 0,
         "codecs": [{
             "name": "sharding_indexed",
@@ -58,8 +58,9 @@ def array_metadata(shape: tuple[int, ...], chunk_shape: tuple[int, ...], dtype: 
 
 
 def shard_file(array_dir: Path, ndim: int) -> Path:
-    """Path of the single shard file of an array (chunk key ``c/0/0/...``)."""
-    return array_dir.joinpath("c", *(["0"] * ndim))
+    """Path of the single shard file of an array (chunk key ``c.0.0...``: no nested directories,
+    so a shard has few directories to fsync)."""
+    return array_dir / ".".join(["c"] + ["0"] * ndim)
 
 
 def write_array(array_dir: Path, data: np.ndarray, chunk_shape: tuple[int, ...],

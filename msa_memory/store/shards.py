@@ -56,7 +56,7 @@ from msa_memory.store._layout import (
     token,
     write_bytes_durable,
 )
-from msa_memory.store._zarrshard import ArrayReader, write_array
+from msa_memory.store._zarrshard import ArrayReader, shard_file, write_array
 
 def _no_fault(point: str) -> None:
     """Default fault hook: does nothing."""
@@ -319,7 +319,7 @@ class ShardView:
                 "chunk_doc": ((C,), (C,), np.dtype(np.int64)),
             }
             shape, chunk, dt = spec[name]
-            path = self.base.joinpath(name, "c", *(["0"] * len(shape)))
+            path = shard_file(self.base / name, len(shape))
             self._arrays[name] = ArrayReader(path, shape, chunk, dt, f"shard {self.record.shard_id!r} array {name!r}")
         return self._arrays[name]
 

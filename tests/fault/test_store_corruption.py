@@ -13,8 +13,8 @@ from msa_memory.store import create_store, open_store
 from msa_memory.testing.faults import flip_byte
 from msa_memory.testing.store_kit import add_docs, tiny_identity
 
-KV = "kv/c/0/0/0/0/0"
-KR = "k_router/c/0/0/0/0"
+KV = "kv/c.0.0.0.0.0"
+KR = "k_router/c.0.0.0.0"
 
 
 @pytest.fixture

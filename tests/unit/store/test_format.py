@@ -45,8 +45,8 @@ def test_fresh_store_matches_layout(tmp_path):
     assert unmatched == []
     # every non-optional entry of the spec exists
     for must in ("msa_store.json", "_ids.json", "versions/00000002.json", "tags/first.json",
-                 "shards/job1-000/kv/c/0/0/0/0/0", "shards/job1-000/x_router/c/0/0/0",
-                 "shards/job1-000/chunk_doc/c/0", "shards/job1-000/docs.parquet", "shards/job1-000/_record.json"):
+                 "shards/job1-000/kv/c.0.0.0.0.0", "shards/job1-000/x_router/c.0.0.0",
+                 "shards/job1-000/chunk_doc/c.0", "shards/job1-000/docs.parquet", "shards/job1-000/_record.json"):
         assert must in files
     meta = json.loads((store.root / "shards/job1-000/kv/zarr.json").read_text())
     assert meta["zarr_format"] == 3 and meta["data_type"] == "uint16" and meta["shape"] == [5, 2, 2, 2, 8]

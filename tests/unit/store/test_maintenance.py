@@ -75,7 +75,7 @@ def test_compact_threshold(store, rng):
 
 def test_find_shard_moves_damaged_shard_aside(store, rng):
     _, rec, p, enc = add_docs(store, [4, 4], rng, "job-0", commit=False)
-    flip_byte(store.root / "shards" / "job-0" / "kv" / "c" / "0" / "0" / "0" / "0" / "0", 10)
+    flip_byte(store.root / "shards" / "job-0" / "kv" / "c.0.0.0.0.0", 10)
     assert store.find_shard("job-0") is None
     assert not (store.root / "shards" / "job-0").exists()
     assert any(d.name.startswith("job-0.damaged-") for d in (store.root / "staging").iterdir())
