@@ -595,6 +595,71 @@ def search(
 
 
 # ----- msa train-router / msa store reindex-router (router training) -----
+# (owned by the router-training engineer; logic in msa_memory.train)
+@app.command("train-router", epilog="\b\nExamples:\n  msa train-router --out router/                  # built-in recipe (stdlib docstrings + facts)\n"
+             "  msa train-router --corpus ./docs --out router/ --epochs 3\n"
+             "  msa train-router --store mem.msa --pairs pairs.jsonl --out router/ --json")
+def train_router_cmd(
+    out: Annotated[str, typer.Option("--out", "-o", help="Folder for the adapter (router_adapter.json/.safetensors), e.g. router/")],
+    corpus: Annotated[list[str] | None, typer.Option("--corpus", help="Your text files/folders for inverse-cloze + fact pairs (default: the built-in stdlib-docstring recipe)")] = None,
+    store: Annotated[str | None, typer.Option("--store", help="Use this store's documents as the passages, e.g. mem.msa")] = None,
+    pairs: Annotated[str | None, typer.Option("--pairs", help="JSONL of {\"query\": ..., \"positive_ids\": [...]} over --store document ids")] = None,
+    model: Annotated[str, typer.Option("--model", "-m", help="'default' (Gemma 3 270M), an HF folder or a .gguf file")] = "default",
+    layers: Annotated[str, typer.Option("--layers", help="Candidate router layers: all, lower-half, upper-half or e.g. 0,1,2,3")] = "all",
+    max_layers: Annotated[int, typer.Option("--max-layers", help="Most layers the adapter keeps (chosen on dev recall@16)", min=1)] = 9,
+    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the training queries", min=0)] = 4,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Queries per step", min=1)] = 64,
+    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate")] = 2e-4,
+    n_train: Annotated[int, typer.Option("--n-train", help="Built-in recipe: training passages", min=20)] = 1200,
+    n_dev: Annotated[int, typer.Option("--n-dev", help="Built-in recipe: held-out dev passages", min=10)] = 200,
+    seed: Annotated[int, typer.Option("--seed", help="Data and training seed")] = 0,
+    cache: Annotated[str | None, typer.Option("--cache", help="Folder to cache extracted features in (reused when present)")] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N")] = "cpu",
+    json_out: JsonOpt = False,
+) -> None:
+    """Train router projections (decoupled InfoNCE, frozen backbone) and save an adapter."""
+
+    def body() -> None:
+        from msa_memory.train.cli_support import train_router_from_cli
+
+        summary = train_router_from_cli(
+            out=out, corpus=corpus, store=store, pairs=pairs, model=model, layers=layers, max_layers=max_layers,
+            epochs=epochs, batch_size=batch_size, lr=lr, n_train=n_train, n_dev=n_dev, seed=seed, cache=cache,
+            device=device, command=" ".join(["msa"] + sys.argv[1:]),
+            log=(lambda s: None) if json_out else (lambda s: typer.echo(s, err=True)))
+        if json_out:
+            _emit_json(summary)
+            return
+        typer.echo(f"saved router adapter {summary['router_id']} to {summary['out']}: layers {summary['router_layers']}, "
+                   "dev recall@1/5/16 " + "/".join(f"{summary['dev_recall'][k]:.3f}" for k in (1, 5, 16)))
+
+    _guard(json_out, body)
+
+
+@store_app.command("reindex-router", epilog="\b\nExamples:\n  msa store reindex-router mem.msa --adapter router/ --dest mem-rerouted.msa\n"
+                   "  msa store reindex-router mem.msa --adapter router/ --dest mem2.msa --json")
+def store_reindex_router(
+    store: StoreArg,
+    adapter: Annotated[str, typer.Option("--adapter", help="Router adapter folder, e.g. router/")],
+    dest: Annotated[str, typer.Option("--dest", help="New store path for the re-keyed documents, e.g. mem2.msa")],
+    version: VersionOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Recompute router keys with a new adapter from the kept router inputs (no re-encoding)."""
+
+    def body() -> None:
+        from msa_memory.encode import RouterAdapter
+        from msa_memory.train.reindex import reindex_router
+
+        new, stats = reindex_router(_open(store, version), dest, RouterAdapter.load(adapter))
+        if json_out:
+            _emit_json(dict(stats, dest=dest))
+            return
+        typer.echo(f"wrote {stats['docs']} documents ({stats['chunks']} chunks) re-keyed with router {stats['router_id']} "
+                   f"to {dest} (version {stats['version']}) in {stats['seconds']:.2f}s")
+
+    _guard(json_out, body)
+# ----- end router training -----
 
 
 # ----------------------------------------------------------------------------- entry points

@@ -1,0 +1,79 @@
+"""Argument plumbing of ``msa train-router``: turn CLI options into a :func:`recipe.run_training` call.
+
+Kept out of ``cli.py`` so that file stays argument parsing and printing only. Sources of pairs:
+the built-in recipe (no ``--corpus``/``--store``), the user's files (``--corpus``), or a store's
+documents (``--store``, optionally with ``--pairs`` JSONL over its document ids, plus inverse
+cloze and facts built from its texts).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from msa_memory.errors import ConfigError
+
+__all__ = ["train_router_from_cli", "parse_layers"]
+
+
+def parse_layers(spec: str) -> Any:
+    """``"all"``, ``"lower-half"``, ``"upper-half"`` or ``"0,1,5"`` → what ``load_model`` / recipe take."""
+    s = spec.strip().lower()
+    if s in ("all", "lower-half", "upper-half"):
+        return s
+    try:
+        out = tuple(sorted({int(x) for x in s.split(",") if x.strip()}))
+    except ValueError:
+        raise ConfigError(f"--layers must be all, lower-half, upper-half or a comma list of ints, got {spec!r}.") from None
+    if not out:
+        raise ConfigError(f"--layers {spec!r} names no layer.")
+    return out
+
+
+def _store_pairs(store_path: str, pairs_path: str | None, seed: int) -> tuple[Any, Any]:
+    import random
+
+    from msa_memory.store import open_store
+    from msa_memory.train.pairs import PairSet, build_pairs, load_jsonl
+
+    st = open_store(store_path)
+    tab = st.documents(["doc_id", "source_path", "text"]).to_pydict()
+    ids = [int(x) for x in tab["doc_id"]]
+    if len(ids) < 20:
+        raise ConfigError(f"Store {store_path!r} has {len(ids)} documents; router training needs at least 20.")
+    docs = list(zip(tab["source_path"], tab["text"]))
+    if pairs_path:  # user pairs: passages are the store texts unchanged
+        idx = {d: i for i, d in enumerate(ids)}
+        qs = load_jsonl(pairs_path, idx)
+        random.Random(seed).shuffle(qs)
+        n_dev = max(1, len(qs) // 10)
+        mk = lambda q: PairSet(list(tab["text"]), list(tab["source_path"]), q)  # noqa: E731
+        return mk(qs[n_dev:]), mk(qs[:n_dev])
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    n_dev = max(10, len(docs) // 10)
+    return (build_pairs([docs[i] for i in order[n_dev:]], split="train", seed=seed),
+            build_pairs([docs[i] for i in order[:n_dev]], split="train", seed=seed + 1000))
+
+
+def train_router_from_cli(*, out: str, corpus: Sequence[str] | None, store: str | None, pairs: str | None,
+                          model: str, layers: str, max_layers: int, epochs: int, batch_size: int, lr: float,
+                          n_train: int, n_dev: int, seed: int, cache: str | None, device: str, command: str,
+                          log: Callable[[str], None]) -> dict[str, Any]:
+    """Build the pairs the options ask for and run :func:`msa_memory.train.recipe.run_training`."""
+    from msa_memory.train.recipe import builtin_pairs, files_pairs, run_training
+    from msa_memory.train.trainer import TrainConfig
+
+    if pairs and not store:
+        raise ConfigError("--pairs needs --store: positive_ids are document ids of that store.")
+    if corpus and store:
+        raise ConfigError("Give either --corpus or --store, not both.")
+    if store:
+        train, dev = _store_pairs(store, pairs, seed)
+    elif corpus:
+        train, dev = files_pairs(corpus, seed=seed)
+    else:
+        train, dev = builtin_pairs(n_train, n_dev, seed=seed)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device)
+    return run_training(out=out, model=model, candidate_layers=parse_layers(layers), max_layers=max_layers,
+                        train_pairs=train, dev_pairs=dev, config=cfg, cache_dir=cache, device=device,
+                        command=command, log=log)

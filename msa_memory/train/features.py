@@ -1,0 +1,150 @@
+"""Extract the frozen-backbone inputs of the router: pooled passage inputs and query-token inputs.
+
+Both go through the encoder's own forward (``msa_memory.encode``), so the numbers are the ones a
+store and the runtime see:
+
+- passages: ``Encoder.encode_tokens`` on the model's wrapping (``LoadedModel.wrap_ids``), with
+  ``keep_router_inputs`` semantics: x̄ (L, C, E) = the chunk-mean of each router layer's
+  ``input_layernorm`` output (last chunk partial, sums in fp32);
+- queries: the question tokens exactly as ``runtime.Memory`` routes them in text mode
+  (``tokenizer(question, add_special_tokens=True)``, positions from 0, BOS not routing, no
+  memory: the cheap approximation of msa-reference §6.4), packed per-query causal → (T, L, E).
+
+Because ``router_k_proj`` is linear and bias-free, ``router_k_proj(x̄)`` equals the pooled router
+key the encoder stores, so training needs no further backbone passes. The layers extracted are the
+loaded model's router layers; load it with ``router_layers="all"`` to measure every layer. What
+this module does not do: train, or write stores.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from msa_memory.errors import ConfigError
+from msa_memory.train.trainer import Features
+
+__all__ = ["query_tokens", "extract_passages", "extract_queries", "build_features", "save_features",
+           "load_features"]
+
+
+def query_tokens(tokenizer: Any, question: str) -> tuple[list[int], int]:
+    """(token ids, number of leading non-routing tokens) of a question as text-mode routing sees it."""
+    ids = list(tokenizer(question, add_special_tokens=True)["input_ids"])
+    bos = tokenizer.bos_token_id
+    skip = 1 if bos is not None and ids[:1] == [bos] else 0
+    if len(ids) <= skip:
+        raise ConfigError(f"The query {question!r} has no tokens to route with.")
+    return ids, skip
+
+
+def _groups(lens: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
+    out: list[list[int]] = []
+    cur: list[int] = []
+    n = 0
+    for i, ln in enumerate(lens):
+        if cur and n + ln > max_batch_tokens:
+            out.append(cur)
+            cur, n = [], 0
+        cur.append(i)
+        n += ln
+    if cur:
+        out.append(cur)
+    return out
+
+
+def extract_passages(loaded: Any, passages: Sequence[str], *, max_batch_tokens: int = 8192,
+                     dtype: torch.dtype = torch.bfloat16,
+                     progress: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled router-layer inputs of every passage: ((L, C, E) x̄, (C,) passage index per chunk).
+
+    Passage i is wrapped as document id i (only the ``msa`` wrap embeds the id).
+    """
+    from msa_memory.encode import Encoder
+
+    enc = Encoder(loaded, max_batch_tokens=max_batch_tokens, keep_router_inputs=True)
+    seqs = [loaded.wrap_ids(p, i) for i, p in enumerate(passages)]
+    xs, counts, done = [], [], 0
+    total = len(seqs)
+    for group in _groups([len(s) for s in seqs], max_batch_tokens):
+        pb = enc.encode_tokens([seqs[i] for i in group])
+        xs.append(pb.x.to(dtype).cpu())                  # (L, C_b, E)
+        counts += list(pb.n_chunks)
+        done += len(group)
+        if progress is not None:
+            progress(done, total)
+    x = torch.cat(xs, dim=1) if xs else torch.empty(len(loaded.router_layers), 0, loaded.hidden_size, dtype=dtype)
+    chunk_doc = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(counts, dtype=torch.int64))
+    return x, chunk_doc
+
+
+@torch.inference_mode()
+def extract_queries(loaded: Any, questions: Sequence[str], *, max_batch_tokens: int = 4096,
+                    dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router-layer inputs of the routing tokens of every question: ((Tq, L, E) flat, (Q+1,) offsets)."""
+    from msa_memory.encode import PackedCausalAttention
+
+    layers = list(loaded.router_layers)
+    slot = {l: i for i, l in enumerate(layers)}
+    toks = [query_tokens(loaded.tokenizer, q) for q in questions]
+    keep = [len(t) - s for t, s in toks]
+    offs = np.concatenate([[0], np.cumsum(keep)]).astype(np.int64)
+    out = torch.empty((int(offs[-1]), len(layers), loaded.hidden_size), dtype=dtype)
+    dev = loaded.device
+    for group in _groups([len(t) for t, _ in toks], max_batch_tokens):
+        lens = [len(toks[i][0]) for i in group]
+        ids = torch.tensor([t for i in group for t in toks[i][0]], dtype=torch.long, device=dev)[None]
+        pos = torch.cat([torch.arange(n, device=dev) for n in lens])[None]
+        cap: dict[int, torch.Tensor] = {}
+
+        def on_input(layer: int, x: torch.Tensor) -> None:
+            cap[layer] = x[0].to(dtype).cpu()            # (T, E)
+
+        loaded.backbone.run(ids, pos, PackedCausalAttention(lens, dev), stop_after=max(layers) + 1,
+                            on_layer_input=on_input, observe_layers=layers)
+        start = 0
+        for i, n in zip(group, lens):
+            s = toks[i][1]
+            for l in layers:
+                out[offs[i]:offs[i + 1], slot[l]] = cap[l][start + s:start + n]
+            start += n
+    return out, torch.from_numpy(offs)
+
+
+def build_features(loaded: Any, passages: Sequence[str], queries: Sequence[Any], *,
+                   hard_negatives: Sequence[Sequence[int]] | None = None, max_batch_tokens: int = 8192,
+                   log: Callable[[str], None] | None = None) -> Features:
+    """:class:`Features` of passages and :class:`~msa_memory.train.pairs.Query` objects over them."""
+    t0 = time.perf_counter()
+    step = max(1, len(passages) // 10)
+
+    def prog(done: int, total: int) -> None:
+        if log is not None and (done == total or done % step < 8):
+            log(f"  passages {done}/{total} ({time.perf_counter() - t0:.0f}s)")
+
+    x, chunk_doc = extract_passages(loaded, passages, max_batch_tokens=max_batch_tokens, progress=prog)
+    qx, qoff = extract_queries(loaded, [q.text for q in queries])
+    if log is not None:
+        log(f"  features: {len(passages)} passages, {x.shape[1]} chunks, {len(queries)} queries, "
+            f"{len(loaded.router_layers)} layers, {time.perf_counter() - t0:.0f}s")
+    return Features(tuple(int(v) for v in loaded.router_layers), x, chunk_doc, len(passages), qx, qoff,
+                    [tuple(q.positives) for q in queries], [q.kind for q in queries],
+                    [tuple(h) for h in hard_negatives] if hard_negatives is not None else [])
+
+
+def save_features(feats: Features, path: str) -> None:
+    """Write features to one ``.pt`` file (tensors + lists; read back with :func:`load_features`)."""
+    torch.save({"layers": list(feats.layers), "x_chunks": feats.x_chunks, "chunk_doc": feats.chunk_doc,
+                "n_docs": feats.n_docs, "q_x": feats.q_x, "q_offsets": feats.q_offsets,
+                "positives": [list(p) for p in feats.positives], "kinds": feats.kinds,
+                "hard_negatives": [list(h) for h in feats.hard_negatives]}, path)
+
+
+def load_features(path: str) -> Features:
+    """Read features written by :func:`save_features`."""
+    d = torch.load(path, weights_only=True)
+    return Features(tuple(d["layers"]), d["x_chunks"], d["chunk_doc"], int(d["n_docs"]), d["q_x"], d["q_offsets"],
+                    [tuple(p) for p in d["positives"]], list(d["kinds"]), [tuple(h) for h in d["hard_negatives"]])

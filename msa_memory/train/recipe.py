@@ -1,0 +1,239 @@
+"""End-to-end router training: data → features → train → choose layers → saved adapter.
+
+``run_training`` is what ``msa train-router`` calls. Data (issue 6):
+
+- built-in corpus (default): standard-library docstrings (``corpus.stdlib_docstrings``) packed
+  into passages, with inverse-cloze and synthetic-fact queries (``pairs.build_pairs``); a dev
+  split of held-out passages (its own facts) reports recall@k after every epoch;
+- a user corpus: text files / folders (``--corpus``), same pair building;
+- a store (``--store``): its live documents are the passages (their ``x_router`` is used when
+  the store kept it for the wanted layers, otherwise they are encoded), plus optional user pairs
+  (``--pairs`` JSONL over the store's document ids).
+
+Hard negatives: the top BM25 (``bm25s``) passages of each query that are not its positives.
+Layer choice: train every candidate layer (each layer's loss only moves its own projections),
+then keep the greedy subset whose summed scores rank best on the dev queries.
+What this module does not do: print (it calls ``log``) or parse arguments (``cli.py`` does).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from msa_memory.errors import ConfigError
+from msa_memory.train.corpus import pack_paragraphs, stdlib_docstrings
+from msa_memory.train.pairs import PairSet, build_pairs
+
+__all__ = ["bm25_hard_negatives", "builtin_pairs", "files_pairs", "adapter_from_projections", "run_training"]
+
+Log = Callable[[str], None]
+
+
+def bm25_hard_negatives(passages: Sequence[str], queries: Sequence[Any], n: int = 8) -> list[tuple[int, ...]]:
+    """Per query, the ``n`` best BM25 passages that are not among its positives."""
+    import bm25s
+
+    if not passages or not queries:
+        return [() for _ in queries]
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize(list(passages), stopwords="en", show_progress=False), show_progress=False)
+    k = min(len(passages), n + max(len(q.positives) for q in queries))
+    docs, _ = retriever.retrieve(bm25s.tokenize([q.text for q in queries], stopwords="en", show_progress=False),
+                                 k=k, show_progress=False)
+    out = []
+    for q, row in zip(queries, docs):
+        pos = set(q.positives)
+        out.append(tuple(int(d) for d in row if int(d) not in pos)[:n])
+    return out
+
+
+def _shuffled_passages(docs: list[tuple[str, str]], seed: int, max_chars: int) -> list[tuple[str, str]]:
+    ps = [(src, p) for src, text in docs for p in pack_paragraphs(text, max_chars=max_chars)]
+    random.Random(seed).shuffle(ps)
+    return ps
+
+
+def builtin_pairs(n_train: int = 1200, n_dev: int = 200, *, seed: int = 0, max_chars: int = 1200) -> tuple[PairSet, PairSet]:
+    """Train and dev pair sets from standard-library docstrings (disjoint passages)."""
+    ps = _shuffled_passages(stdlib_docstrings(), seed, max_chars)
+    if len(ps) < n_train + n_dev:
+        raise ConfigError(f"The built-in corpus has {len(ps)} passages; asked for {n_train} + {n_dev}.")
+    train = build_pairs(ps[:n_train], split="train", seed=seed, p_fact=0.6)
+    dev = build_pairs(ps[n_train:n_train + n_dev], split="train", seed=seed + 1000, p_fact=0.6)
+    return train, dev
+
+
+def files_pairs(paths: Sequence[str | Path], *, n_dev_fraction: float = 0.1, seed: int = 0,
+                max_chars: int = 1200, max_passages: int | None = None) -> tuple[PairSet, PairSet]:
+    """Train/dev pair sets from the user's own text files or folders (inverse cloze + facts)."""
+    from msa_memory.encode.corpus import scan_corpus
+
+    docs = [(s.key, s.text) for s in scan_corpus([str(p) for p in paths]).sources]
+    ps = _shuffled_passages(docs, seed, max_chars)
+    if max_passages:
+        ps = ps[:max_passages]
+    n_dev = max(1, int(len(ps) * n_dev_fraction))
+    if len(ps) < 2 * n_dev or len(ps) < 20:
+        raise ConfigError(f"{list(map(str, paths))} give only {len(ps)} passages; router training needs at least 20.")
+    return (build_pairs(ps[n_dev:], split="train", seed=seed),
+            build_pairs(ps[:n_dev], split="train", seed=seed + 1000))
+
+
+def adapter_from_projections(proj: Any, template: Any, *, layers: Sequence[int] | None = None,
+                             extra: dict[str, Any] | None = None, score: str = "cosine") -> Any:
+    """A ``RouterAdapter`` with the trained weights of ``layers`` (default all) of ``proj``.
+
+    ``template`` is a ``RouterConfig`` giving head layout / pooling / reducers.
+    """
+    import dataclasses
+
+    from msa_memory.encode import RouterAdapter
+
+    layers = tuple(sorted(int(x) for x in (layers or proj.layers)))
+    cfg = dataclasses.replace(template, router_layers=layers, score=score, source="adapter",
+                              extra=dict(extra or {}))
+    ad = RouterAdapter(cfg)
+    tensors = {}
+    for l in layers:
+        i = proj.layers.index(l)
+        tensors[f"model.layers.{l}.self_attn.router_q_proj.0.weight"] = proj.q[i].detach().float().cpu()
+        tensors[f"model.layers.{l}.self_attn.router_k_proj.0.weight"] = proj.k[i].detach().float().cpu()
+    ad.load_tensors(tensors, where="trained projections")
+    return ad
+
+
+def _features(loaded: Any, pairs: PairSet, hard: int, cache: Path | None, name: str, log: Log) -> Any:
+    from msa_memory.train.features import build_features, load_features, save_features
+
+    if cache is not None:
+        f = cache / f"{name}.pt"
+        if f.is_file():
+            log(f"features: reusing {f}")
+            return load_features(str(f))
+    negs = bm25_hard_negatives(pairs.passages, pairs.queries, hard) if hard else None
+    log(f"features: {name}: encoding {len(pairs.passages)} passages, {len(pairs.queries)} queries")
+    feats = build_features(loaded, pairs.passages, pairs.queries, hard_negatives=negs, log=log)
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        save_features(feats, str(cache / f"{name}.pt"))
+    return feats
+
+
+def run_training(*, out: str | Path, model: str = "default", candidate_layers: Any = "all",
+                 max_layers: int = 9, train_pairs: PairSet | None = None, dev_pairs: PairSet | None = None,
+                 config: Any = None, cache_dir: str | Path | None = None, init_adapter: str | Path | None = None,
+                 device: str = "cpu", command: str = "", log: Log = print) -> dict[str, Any]:
+    """Train router projections and save the chosen adapter to ``out``; returns a summary dict.
+
+    Parameters
+    ----------
+    out : path
+        Directory for ``router_adapter.json`` / ``.safetensors`` (+ ``training.json``).
+    model : str, default "default"
+        What :func:`msa_memory.encode.load_model` takes.
+    candidate_layers : "all", "lower-half", "upper-half" or sequence of int
+        Layers whose projections are trained and measured.
+    max_layers : int, default 9
+        Most layers the saved adapter keeps (greedy selection on dev recall@16).
+    train_pairs, dev_pairs : PairSet, optional
+        Default: :func:`builtin_pairs`.
+    config : TrainConfig, optional
+    cache_dir : path, optional
+        Where extracted features are cached (``train.pt``, ``dev.pt``).
+    init_adapter : path, optional
+        Start from this adapter's weights (its layers must cover the candidates) instead of q/k copies.
+    """
+    import warnings
+
+    from msa_memory.encode import RouterAdapter, UntrainedRouterWarning, load_model
+    from msa_memory.train.trainer import RouterProjections, TrainConfig, evaluate, select_layers, train_router
+
+    cfg = config or TrainConfig(device=device)
+    t0 = time.perf_counter()
+    if train_pairs is None or dev_pairs is None:
+        train_pairs, dev_pairs = builtin_pairs()
+    layers_arg: Any = candidate_layers
+    if candidate_layers == "lower-half":
+        layers_arg = None  # resolved below once the model is known
+    adapter = RouterAdapter.load(init_adapter) if init_adapter else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UntrainedRouterWarning)
+        if adapter is not None:
+            loaded = load_model(model, adapter=adapter, device=device)
+        else:
+            loaded = load_model(model, router_layers="all" if layers_arg is None else layers_arg, device=device)
+    if candidate_layers == "lower-half":
+        keep = tuple(range(loaded.n_layers // 2))
+        loaded.router = _subset_adapter(loaded.router, keep)
+    rc = loaded.router.config
+    log(f"model {loaded.name}: candidate router layers {list(rc.router_layers)}; "
+        f"train {train_pairs.counts()}, dev {dev_pairs.counts()}")
+    cache = Path(cache_dir) if cache_dir else None
+    train_f = _features(loaded, train_pairs, cfg.n_hard, cache, "train", log)
+    dev_f = _features(loaded, dev_pairs, 0, cache, "dev", log)
+    proj = RouterProjections(rc.router_layers, [loaded.router.q_proj[str(l)].weight for l in rc.router_layers],
+                             [loaded.router.k_proj[str(l)].weight for l in rc.router_layers],
+                             rc.n_q_heads, rc.n_kv_heads, rc.head_dim)
+
+    def on_epoch(rec: dict[str, Any]) -> None:
+        r = rec.get("recall", {})
+        log(f"epoch {rec['epoch']}: loss {rec['loss']:.4f}  dev recall@1/5/16 "
+            f"{r.get(1, float('nan')):.3f}/{r.get(5, float('nan')):.3f}/{r.get(16, float('nan')):.3f}  "
+            f"({rec['seconds']:.0f}s)")
+
+    history = train_router(proj, train_f, dev_f, cfg, log=on_epoch)
+    ev = evaluate(proj, dev_f, cfg)
+    chosen, trace = select_layers(ev["layer_scores"], ev["positive"], proj.layers, max_layers=max_layers)
+    final = evaluate(proj.subset(chosen), dev_f, cfg, per_layer=False)
+    log(f"layers chosen on dev: {list(chosen)}; dev recall@1/5/16 "
+        + "/".join(f"{final['recall'][k]:.3f}" for k in (1, 5, 16)))
+    summary = {
+        "command": command, "model": loaded.name, "model_fingerprint": loaded.model_fingerprint,
+        "candidate_layers": list(rc.router_layers), "router_layers": list(chosen),
+        "train": train_pairs.counts(), "dev": dev_pairs.counts(), "config": asdict(cfg),
+        "history": [{k: v for k, v in h.items()} for h in history], "selection": trace,
+        "dev_recall": final["recall"], "dev_recall_by_kind": {k[7:]: v for k, v in final.items() if k.startswith("recall_")},
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    ad = adapter_from_projections(proj, rc, layers=chosen, extra={
+        "trained_by": "msa train-router", "loss": "INFONCE_DECOUPLE", "tau": cfg.tau,
+        "dev_recall": {str(k): v for k, v in final["recall"].items()}, "command": command})
+    out = Path(out)
+    ad.save(out)
+    (out / "training.json").write_text(json.dumps(_jsonable(summary), indent=1, sort_keys=True))
+    summary["router_id"] = ad.fingerprint()
+    summary["out"] = str(out)
+    return summary
+
+
+def _subset_adapter(adapter: Any, layers: tuple[int, ...]) -> Any:
+    import dataclasses
+
+    from msa_memory.encode import RouterAdapter
+
+    cfg = dataclasses.replace(adapter.config, router_layers=layers)
+    new = RouterAdapter(cfg)
+    new.load_tensors(adapter.state_tensors(), where="adapter subset")
+    return new.to(next(adapter.parameters()).device)
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    if isinstance(x, torch.Tensor):
+        return x.tolist()
+    if isinstance(x, float) and x != x:
+        return None
+    return x

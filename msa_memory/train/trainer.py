@@ -1,0 +1,298 @@
+"""Train router projections on precomputed features (msa-reference §6.4, router-only recipe).
+
+The backbone is frozen, so everything the router sees is computed once (``features.py``):
+per chunk the pooled router-layer input x̄ (L, C, E) and per query its router-layer inputs
+(L, T, E). Router keys are ``router_k_proj(x̄)`` exactly (a bias-free linear map commutes with the
+chunk mean), so a training step is a handful of matmuls and runs on CPU.
+
+Loss: the decoupled InfoNCE (τ = 0.1) of every router layer, averaged over layers (MSA's aux
+loss). Each layer's projections only receive gradient from its own loss, so one joint run also
+tells how well every single layer routes; ``select_layers`` then picks the set whose summed
+scores rank best on held-out queries (layer choice by measurement, as targets.md asks).
+
+Candidates per step: the batch's positives, BM25-mined hard negatives of each query and random
+passages; every query is scored against all candidates (in-batch negatives come for free).
+What this module does not do: read models or stores, or write files (``adapter_io`` does).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from msa_memory.errors import ConfigError
+from msa_memory.train.scores import chunk_scores, decoupled_infonce, doc_scores, recall_at_k
+
+__all__ = ["Features", "RouterProjections", "TrainConfig", "train_router", "evaluate", "select_layers"]
+
+
+@dataclass
+class Features:
+    """Frozen-backbone inputs of the router for one set of passages and queries.
+
+    ``layers`` are decoder-layer indices of the L axis. Query tokens are stored flat:
+    query i owns rows ``q_offsets[i]:q_offsets[i+1]`` of ``q_x``.
+    """
+
+    layers: tuple[int, ...]
+    x_chunks: torch.Tensor      # (L, C, E) pooled router-layer inputs, bf16/fp32
+    chunk_doc: torch.Tensor     # (C,) int64 passage index of every chunk
+    n_docs: int
+    q_x: torch.Tensor           # (Tq, L, E) router-layer inputs of all query tokens, flat
+    q_offsets: torch.Tensor     # (Q+1,) int64
+    positives: list[tuple[int, ...]]
+    kinds: list[str] = field(default_factory=list)
+    hard_negatives: list[tuple[int, ...]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        L, C, _ = self.x_chunks.shape
+        if L != len(self.layers) or self.q_x.shape[1] != L:
+            raise ConfigError(f"Features have {len(self.layers)} layers but arrays carry "
+                              f"{L} (chunks) and {self.q_x.shape[1]} (queries).")
+        if self.chunk_doc.shape[0] != C or len(self.positives) != self.n_queries:
+            raise ConfigError("Features: chunk_doc must have one entry per chunk and positives one per query.")
+        starts = torch.full((self.n_docs + 1,), C, dtype=torch.int64)
+        # chunk ranges per document (chunks of a document are contiguous, documents in order)
+        counts = torch.bincount(self.chunk_doc, minlength=self.n_docs)
+        starts = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
+        self.doc_chunk_offsets = starts  # (N+1,)
+
+    @property
+    def n_queries(self) -> int:
+        return int(self.q_offsets.shape[0]) - 1
+
+    def layer_subset(self, layers: tuple[int, ...]) -> Features:
+        """The same features restricted to ``layers`` (a subset of ``self.layers``)."""
+        missing = [x for x in layers if x not in self.layers]
+        if missing:
+            raise ConfigError(f"Layers {missing} were not extracted; available: {list(self.layers)}.")
+        pos = [self.layers.index(x) for x in layers]
+        return Features(tuple(layers), self.x_chunks[pos], self.chunk_doc, self.n_docs, self.q_x[:, pos],
+                        self.q_offsets, self.positives, self.kinds, self.hard_negatives)
+
+    def query_batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded (L, B, T, E) query inputs and (B, T) mask for query indices ``idx``."""
+        starts, ends = self.q_offsets[idx], self.q_offsets[idx + 1]
+        lens = ends - starts
+        T = int(lens.max())
+        ar = torch.arange(T)
+        mask = ar[None, :] < lens[:, None]                        # (B, T)
+        rows = (starts[:, None] + ar[None, :]).clamp(max=self.q_x.shape[0] - 1)
+        x = self.q_x[rows]                                        # (B, T, L, E)
+        return x.permute(2, 0, 1, 3), mask
+
+
+class RouterProjections(torch.nn.Module):
+    """``router_q_proj`` (Hq·D × E) and ``router_k_proj`` (Hk·D × E) of every router layer, fp32."""
+
+    def __init__(self, layers: tuple[int, ...], q_weights: list[torch.Tensor], k_weights: list[torch.Tensor],
+                 n_q_heads: int, n_kv_heads: int, head_dim: int) -> None:
+        super().__init__()
+        if not (len(layers) == len(q_weights) == len(k_weights)):
+            raise ConfigError("One router_q_proj and one router_k_proj weight per router layer are needed.")
+        for w, h in ((q_weights, n_q_heads), (k_weights, n_kv_heads)):
+            for t in w:
+                if t.dim() != 2 or t.shape[0] != h * head_dim:
+                    raise ConfigError(f"Router weight of shape {tuple(t.shape)} is not ({h}*{head_dim}, hidden).")
+        self.layers = tuple(int(x) for x in layers)
+        self.n_q_heads, self.n_kv_heads, self.head_dim = n_q_heads, n_kv_heads, head_dim
+        self.q = torch.nn.ParameterList([torch.nn.Parameter(w.detach().float().clone()) for w in q_weights])
+        self.k = torch.nn.ParameterList([torch.nn.Parameter(w.detach().float().clone()) for w in k_weights])
+
+    def project_q(self, li: int, x: torch.Tensor) -> torch.Tensor:
+        """(..., E) → (..., Hq, D) router queries of layer position ``li``."""
+        y = x.to(self.q[li].dtype) @ self.q[li].T
+        return y.unflatten(-1, (self.n_q_heads, self.head_dim))
+
+    def project_k(self, li: int, x: torch.Tensor) -> torch.Tensor:
+        """(..., E) → (..., Hk, D) router keys of layer position ``li``."""
+        y = x.to(self.k[li].dtype) @ self.k[li].T
+        return y.unflatten(-1, (self.n_kv_heads, self.head_dim))
+
+    def subset(self, layers: tuple[int, ...]) -> RouterProjections:
+        pos = [self.layers.index(x) for x in layers]
+        return RouterProjections(layers, [self.q[i].data for i in pos], [self.k[i].data for i in pos],
+                                 self.n_q_heads, self.n_kv_heads, self.head_dim)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of :func:`train_router`; defaults are the ones the default adapter used."""
+
+    epochs: int = 4
+    batch_size: int = 64
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    tau: float = 0.1
+    n_hard: int = 4
+    """BM25-mined hard negatives per query added to the step's candidates."""
+    n_random: int = 128
+    """Random passages added to every step's candidates."""
+    score: str = "cosine"
+    head_reduce: str = "mean"
+    query_reduce: str = "max"
+    chunk_reduce: str = "max"
+    ks: tuple[int, ...] = (1, 5, 16)
+    seed: int = 0
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0 or not 0.001 <= self.tau <= 0.5:
+            raise ConfigError(f"Invalid training config: epochs={self.epochs!r} (>=0), batch_size={self.batch_size!r} "
+                              f"(>=1), lr={self.lr!r} (>0), tau={self.tau!r} (0.001..0.5).")
+
+
+def _layer_doc_scores(proj: RouterProjections, li: int, qx: torch.Tensor, qmask: torch.Tensor,
+                      xc: torch.Tensor, chunk_doc: torch.Tensor, n_docs: int, cfg: TrainConfig) -> torch.Tensor:
+    q = proj.project_q(li, qx)                                   # (B, T, Hq, D)
+    k = proj.project_k(li, xc)                                   # (C, Hk, D)
+    s = chunk_scores(q, qmask, k, score=cfg.score, head_reduce=cfg.head_reduce,  # type: ignore[arg-type]
+                     query_reduce=cfg.query_reduce)              # type: ignore[arg-type]
+    return doc_scores(s, chunk_doc, n_docs, chunk_reduce=cfg.chunk_reduce)  # type: ignore[arg-type]  (B, N)
+
+
+@torch.no_grad()
+def evaluate(proj: RouterProjections, feats: Features, cfg: TrainConfig | None = None, *,
+             batch_size: int = 32, per_layer: bool = True, max_queries: int | None = None) -> dict[str, Any]:
+    """Recall@k of every query against *all* passages of ``feats``: per layer and layers summed.
+
+    Returns ``{"recall": {k: r}, "per_layer": {layer: {k: r}}, "layer_scores": (L, Q, N) tensor}``.
+    """
+    cfg = cfg or TrainConfig()
+    dev = torch.device(cfg.device)
+    L = len(proj.layers)
+    if tuple(feats.layers) != proj.layers:
+        feats = feats.layer_subset(proj.layers)
+    Q = feats.n_queries if max_queries is None else min(feats.n_queries, max_queries)
+    keys = [proj.project_k(li, feats.x_chunks[li].to(dev)) for li in range(L)]  # L × (C, Hk, D)
+    chunk_doc = feats.chunk_doc.to(dev)
+    all_scores = torch.empty(L, Q, feats.n_docs)
+    for start in range(0, Q, batch_size):
+        idx = torch.arange(start, min(Q, start + batch_size))
+        qx, mask = feats.query_batch(idx)
+        for li in range(L):
+            q = proj.project_q(li, qx[li].to(dev))
+            s = chunk_scores(q, mask.to(dev), keys[li], score=cfg.score, head_reduce=cfg.head_reduce,  # type: ignore[arg-type]
+                             query_reduce=cfg.query_reduce)  # type: ignore[arg-type]
+            all_scores[li, idx] = doc_scores(s, chunk_doc, feats.n_docs, chunk_reduce=cfg.chunk_reduce).cpu()  # type: ignore[arg-type]
+    pos = torch.zeros(Q, feats.n_docs, dtype=torch.bool)
+    for i in range(Q):
+        pos[i, list(feats.positives[i])] = True
+    out: dict[str, Any] = {"recall": recall_at_k(all_scores.sum(0), pos, cfg.ks), "layer_scores": all_scores,
+                           "positive": pos}
+    if per_layer:
+        out["per_layer"] = {proj.layers[li]: recall_at_k(all_scores[li], pos, cfg.ks) for li in range(L)}
+    kinds = feats.kinds[:Q]
+    for kind in sorted(set(kinds)):
+        m = torch.tensor([k == kind for k in kinds])
+        out[f"recall_{kind}"] = recall_at_k(all_scores.sum(0)[m], pos[m], cfg.ks)
+    return out
+
+
+def select_layers(layer_scores: torch.Tensor, positive: torch.Tensor, layers: tuple[int, ...], *,
+                  max_layers: int = 9, k: int = 16) -> tuple[tuple[int, ...], list[dict[str, Any]]]:
+    """Greedy forward selection of router layers whose summed scores maximise held-out recall@k.
+
+    Ties (and the stopping rule) use MRR of the first positive. Returns (layers, trace).
+    """
+    L = layer_scores.shape[0]
+    chosen: list[int] = []
+    trace: list[dict[str, Any]] = []
+    best_prev = -1.0
+
+    def quality(ids: list[int]) -> tuple[float, float]:
+        s = layer_scores[ids].sum(0)
+        r = recall_at_k(s, positive, (k,))[k]
+        rank = (s > s.masked_fill(~positive, -1e9).amax(1, keepdim=True)).sum(1).float() + 1
+        return r, float((1.0 / rank).mean())
+
+    while len(chosen) < min(max_layers, L):
+        cands = [(quality(chosen + [j]), j) for j in range(L) if j not in chosen]
+        (r, mrr), j = max(cands)
+        if chosen and (r, mrr) <= (best_prev, trace[-1]["mrr"]):
+            break
+        chosen.append(j)
+        best_prev = r
+        trace.append({"layers": sorted(layers[i] for i in chosen), f"recall@{k}": r, "mrr": mrr})
+    return tuple(sorted(layers[i] for i in chosen)), trace
+
+
+def train_router(proj: RouterProjections, train: Features, held_out: Features | None = None,
+                 cfg: TrainConfig | None = None, *, log: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Train ``proj`` in place; returns one record per epoch (loss, seconds, held-out recall@k).
+
+    An epoch-0 record holds the held-out recall before any update.
+    """
+    cfg = cfg or TrainConfig()
+    dev = torch.device(cfg.device)
+    proj.to(dev)
+    if tuple(train.layers) != proj.layers:
+        train = train.layer_subset(proj.layers)
+    if held_out is not None and tuple(held_out.layers) != proj.layers:
+        held_out = held_out.layer_subset(proj.layers)
+    L, N = len(proj.layers), train.n_docs
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt = torch.optim.AdamW(proj.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(train.n_queries / cfg.batch_size)
+    total = max(1, steps_per_epoch * cfg.epochs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, total // 20))
+                                              * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    history: list[dict[str, Any]] = []
+
+    def record(epoch: int, loss: float, secs: float) -> None:
+        rec: dict[str, Any] = {"epoch": epoch, "loss": loss, "seconds": round(secs, 2)}
+        if held_out is not None and held_out.n_queries:
+            ev = evaluate(proj, held_out, cfg)
+            rec["recall"] = ev["recall"]
+            rec["per_layer"] = ev["per_layer"]
+            for key in ev:
+                if key.startswith("recall_"):
+                    rec[key] = ev[key]
+        history.append(rec)
+        if log is not None:
+            log(rec)
+
+    with torch.no_grad():
+        record(0, float("nan"), 0.0)
+    for epoch in range(1, cfg.epochs + 1):
+        t0, losses = time.perf_counter(), []
+        order = torch.randperm(train.n_queries, generator=gen)
+        for s0 in range(0, train.n_queries, cfg.batch_size):
+            bidx = order[s0:s0 + cfg.batch_size]
+            # 1. candidate passages: positives ∪ hard negatives ∪ random
+            cand: set[int] = set()
+            for i in bidx.tolist():
+                cand.update(train.positives[i])
+                if train.hard_negatives:
+                    cand.update(train.hard_negatives[i][: cfg.n_hard])
+            cand.update(torch.randint(0, N, (cfg.n_random,), generator=gen).tolist())
+            cdocs = torch.tensor(sorted(cand), dtype=torch.int64)
+            local = {d: j for j, d in enumerate(cdocs.tolist())}
+            # 2. gather their chunks: (L, Cc, E) and local chunk → candidate map
+            offs = train.doc_chunk_offsets
+            ranges = [torch.arange(int(offs[d]), int(offs[d + 1])) for d in cdocs.tolist()]
+            cidx = torch.cat(ranges)
+            cdoc = torch.repeat_interleave(torch.arange(len(ranges)), torch.tensor([len(r) for r in ranges]))
+            xc = train.x_chunks[:, cidx].to(dev)
+            qx, qmask = train.query_batch(bidx)
+            pos = torch.zeros(len(bidx), len(cdocs), dtype=torch.bool)
+            for b, i in enumerate(bidx.tolist()):
+                pos[b, [local[d] for d in train.positives[i]]] = True
+            # 3. per-layer decoupled InfoNCE, mean over layers
+            loss = torch.zeros((), device=dev)
+            for li in range(L):
+                s = _layer_doc_scores(proj, li, qx[li].to(dev), qmask.to(dev), xc[li], cdoc.to(dev), len(cdocs), cfg)
+                loss = loss + decoupled_infonce(s, pos.to(dev), tau=cfg.tau) / L
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            losses.append(float(loss.detach()))
+        with torch.no_grad():
+            record(epoch, float(np.mean(losses)) if losses else float("nan"), time.perf_counter() - t0)
+    return history

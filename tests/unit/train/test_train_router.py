@@ -1,0 +1,300 @@
+"""Router training: loss vs a hand-written reference, scores vs the runtime router, learning on a
+synthetic task, adapter round trip, features vs the encoder, reindex vs a fresh encode, the CLI.
+
+Run: ``.venv/bin/python -m pytest tests/unit/train -x -q`` (tiny random-weight models, CPU, < 1 min).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from msa_memory.errors import ConfigError, IdentityMismatchError
+from msa_memory.train.scores import chunk_scores, decoupled_infonce, doc_scores, recall_at_k
+from msa_memory.train.trainer import Features, RouterProjections, TrainConfig, evaluate, select_layers, train_router
+
+
+# ----------------------------------------------------------------------------- loss and scores
+
+def _reference_loss(scores, positive, tau):
+    """MSA INFONCE_DECOUPLE written out with Python loops (msa-reference §6.2)."""
+    per_sample = []
+    for s, p in zip(scores.tolist(), positive.tolist()):
+        pos = [i for i, x in enumerate(p) if x]
+        neg = [j for j, x in enumerate(p) if not x]
+        if not pos:
+            continue
+        terms = []
+        for i in pos:
+            zi = s[i] / tau
+            denom = math.exp(zi) + sum(math.exp(s[j] / tau) for j in neg)
+            terms.append(-(zi - math.log(denom)))
+        per_sample.append(sum(terms) / len(pos))
+    return sum(per_sample) / len(per_sample)
+
+
+def test_decoupled_infonce_equals_reference():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.rand(5, 9, generator=g) * 2 - 1
+    positive = torch.zeros(5, 9, dtype=torch.bool)
+    positive[0, 1] = positive[1, [2, 3]] = positive[2, [0, 4, 8]] = positive[4, 7] = True  # row 3: none
+    got = decoupled_infonce(scores, positive, tau=0.1)
+    assert abs(float(got) - _reference_loss(scores, positive, 0.1)) < 1e-5
+    # positives never compete with each other: raising another positive's score leaves this one's term
+    p2 = positive[:1].clone()
+    p2[0, 5] = True
+    lo, hi = scores[:1].clone(), scores[:1].clone()
+    lo[0, 5], hi[0, 5] = 0.0, 5.0
+    term5 = lambda z: -(z / 0.1 - math.log(math.exp(z / 0.1) + sum(math.exp(float(scores[0, j]) / 0.1)  # noqa: E731
+                                                                    for j in range(9) if j not in (1, 5))))
+    diff = float(decoupled_infonce(hi, p2, tau=0.1)) - float(decoupled_infonce(lo, p2, tau=0.1))
+    assert abs(diff - (term5(5.0) - term5(0.0)) / 2) < 1e-4
+    assert abs(float(decoupled_infonce(hi, p2, tau=0.1)) - _reference_loss(hi, p2, 0.1)) < 1e-5
+
+
+def test_decoupled_infonce_gradient_and_tau_clamp():
+    s = torch.tensor([[0.9, 0.1, -0.3]], requires_grad=True)
+    p = torch.tensor([[True, False, False]])
+    decoupled_infonce(s, p, tau=0.1).backward()
+    assert s.grad[0, 0] < 0 < s.grad[0, 1]  # push the positive up, the negatives down
+    assert float(decoupled_infonce(s.detach(), p, tau=5.0)) == pytest.approx(_reference_loss(s.detach(), p, 0.5), abs=1e-5)
+
+
+def _brute_doc_scores(q, mask, k, chunk_doc, n_docs, score):
+    B, T, Hq, D = q.shape
+    C, Hk, _ = k.shape
+    out = np.full((B, n_docs), -np.inf)
+    for b in range(B):
+        for c in range(C):
+            best = -np.inf
+            for t in range(T):
+                if not mask[b, t]:
+                    continue
+                hs = []
+                for h in range(Hq):
+                    qv, kv = q[b, t, h].double(), k[c, h // (Hq // Hk)].double()
+                    hs.append(float(qv @ kv / (qv.norm() * kv.norm())) if score == "cosine" else float(qv @ kv) / math.sqrt(D))
+                best = max(best, sum(hs) / Hq)
+            d = int(chunk_doc[c])
+            out[b, d] = max(out[b, d], best)
+    return out
+
+
+@pytest.mark.parametrize("score", ["cosine", "dot"])
+def test_doc_scores_equal_brute_force(score):
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 3, 4, 8, generator=g)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    k = torch.randn(7, 2, 8, generator=g)
+    chunk_doc = torch.tensor([0, 0, 1, 2, 2, 2, 3])
+    got = doc_scores(chunk_scores(q, mask, k, score=score), chunk_doc, 4)
+    np.testing.assert_allclose(got.numpy(), _brute_doc_scores(q, mask, k, chunk_doc, 4, score), atol=1e-5)
+
+
+@pytest.mark.parametrize("score,head_reduce,query_reduce,chunk_reduce",
+                         [("cosine", "mean", "max", "max"), ("dot", "mean", "max", "max"),
+                          ("cosine", "max", "mean", "mean"), ("dot", "mean", "last", "max")])
+def test_scores_rank_like_runtime_router(score, head_reduce, query_reduce, chunk_reduce):
+    from msa_memory.runtime.routing import RouterIndex, RoutingConfig
+
+    g = torch.Generator().manual_seed(2)
+    k = torch.randn(40, 2, 16, generator=g)
+    chunk_doc = torch.sort(torch.randint(0, 12, (40,), generator=g)).values
+    chunk_doc[:12] = torch.arange(12)  # every doc owns a chunk
+    chunk_doc = torch.sort(chunk_doc).values
+    q = torch.randn(1, 5, 4, 16, generator=g)
+    idx = RouterIndex([k], chunk_doc.numpy(), np.arange(100, 112),
+                      RoutingConfig(score=score, head_reduce=head_reduce, query_reduce=query_reduce,
+                                    chunk_reduce=chunk_reduce, top_k=5))
+    theirs = idx.doc_scores(0, q[0])
+    ours = doc_scores(chunk_scores(q, torch.ones(1, 5, dtype=torch.bool), k, score=score, head_reduce=head_reduce,
+                                   query_reduce=query_reduce), chunk_doc, 12, chunk_reduce=chunk_reduce)[0]
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert torch.equal(ours.topk(5).indices, theirs.topk(5).indices)
+
+
+def test_scores_reject_bad_config():
+    with pytest.raises(ConfigError, match="score"):
+        chunk_scores(torch.zeros(1, 1, 2, 4), torch.ones(1, 1, dtype=torch.bool), torch.zeros(3, 1, 4), score="l2")
+    with pytest.raises(ConfigError, match="heads"):
+        chunk_scores(torch.zeros(1, 1, 3, 4), torch.ones(1, 1, dtype=torch.bool), torch.zeros(3, 2, 4))
+
+
+def test_recall_at_k_counts_positives():
+    s = torch.tensor([[0.9, 0.8, 0.1, 0.0], [0.1, 0.2, 0.3, 0.4]])
+    p = torch.tensor([[False, True, False, False], [True, False, False, True]])
+    r = recall_at_k(s, p, (1, 2))
+    assert r[1] == pytest.approx(0.5) and r[2] == pytest.approx(0.75)
+
+
+# ----------------------------------------------------------------------------- training on a synthetic task
+
+def _synthetic(n_docs, seed, A, E=24, L=2, chunks=2, T=4):
+    """Docs have a topic u_d; chunk inputs are u_d + noise, query tokens A_l u_d + noise.
+
+    A random rotation A_l separates query and key spaces, so the identity-like initial router is
+    poor and a trained linear router is good.
+    """
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(n_docs, E, generator=g)
+    x = torch.stack([(u.repeat_interleave(chunks, 0) + 0.3 * torch.randn(n_docs * chunks, E, generator=g))
+                     for _ in range(L)])                                       # (L, C, E)
+    chunk_doc = torch.arange(n_docs).repeat_interleave(chunks)
+    qx = torch.stack([(u.repeat_interleave(T, 0) @ A[li].T) + 0.3 * torch.randn(n_docs * T, E, generator=g)
+                      for li in range(L)], dim=1)                              # (Q*T, L, E)
+    offs = torch.arange(0, n_docs * T + 1, T)
+    return Features((3, 5), x, chunk_doc, n_docs, qx, offs, [(d,) for d in range(n_docs)], ["ict"] * n_docs,
+                    [tuple((d + j) % n_docs for j in (1, 2)) for d in range(n_docs)])
+
+
+def test_training_increases_held_out_recall():
+    E = 24
+    g = torch.Generator().manual_seed(0)
+    A = [torch.linalg.qr(torch.randn(E, E, generator=g))[0] for _ in range(2)]
+    train, held = _synthetic(96, 1, A), _synthetic(48, 2, A)
+    eye = torch.eye(E)
+    proj = RouterProjections((3, 5), [eye.clone(), eye.clone()], [eye[:12].clone(), eye[:12].clone()],
+                             n_q_heads=2, n_kv_heads=1, head_dim=12)
+    cfg = TrainConfig(epochs=6, batch_size=16, lr=2e-2, n_hard=2, n_random=16, ks=(1, 5))
+    before = evaluate(proj, held, cfg)["recall"]
+    hist = train_router(proj, train, held, cfg)
+    after = evaluate(proj, held, cfg)["recall"]
+    assert hist[0]["epoch"] == 0 and len(hist) == 7 and hist[-1]["loss"] < hist[1]["loss"]
+    assert after[1] > before[1] + 0.3 and after[5] > 0.9, (before, after)
+    chosen, trace = select_layers(evaluate(proj, held, cfg)["layer_scores"], evaluate(proj, held, cfg)["positive"],
+                                  proj.layers, max_layers=2, k=5)
+    assert set(chosen) <= {3, 5} and trace
+
+
+# ----------------------------------------------------------------------------- tiny real model
+
+@pytest.fixture(scope="module")
+def tiny_loaded():
+    from msa_memory.encode import load_model
+    from msa_memory.encode.tiny import tiny_model, tiny_tokenizer
+
+    with pytest.warns(Warning):
+        return load_model(tiny_model("gemma3"), tokenizer=tiny_tokenizer(), router_layers="all", chunk_tokens=16,
+                          dtype=torch.float32)
+
+
+TEXTS = [f"Passage {i}: the quick fox number {i} jumps over {i * 7} lazy dogs near river {i % 3}. " * (1 + i % 3)
+         for i in range(12)]
+
+
+def test_passage_features_equal_encoder_router_inputs(tiny_loaded):
+    from msa_memory.encode import Encoder
+    from msa_memory.schemas.records import Passage, to_float32
+    from msa_memory.train.features import extract_passages
+
+    x, chunk_doc = extract_passages(tiny_loaded, TEXTS, max_batch_tokens=300, dtype=torch.float32)
+    enc = Encoder(tiny_loaded, keep_router_inputs=True, store_dtype="float32").encode(
+        np.arange(len(TEXTS)), [Passage(t, "a.txt", i) for i, t in enumerate(TEXTS)])
+    np.testing.assert_allclose(x.numpy(), to_float32(enc.x_router, "float32"), atol=1e-5)
+    assert np.array_equal(np.bincount(chunk_doc.numpy()), enc.n_chunks)
+
+
+def test_query_features_are_text_mode_routing_rows(tiny_loaded):
+    from msa_memory.train.features import extract_queries, query_tokens
+
+    qs = ["where is the fox?", "count the dogs by river two"]
+    qx, offs = extract_queries(tiny_loaded, qs, dtype=torch.float32)
+    ids, skip = query_tokens(tiny_loaded.tokenizer, qs[1])
+    bos = tiny_loaded.tokenizer.bos_token_id
+    assert skip == (1 if ids[0] == bos else 0) and int(offs[2] - offs[1]) == len(ids) - skip
+    # one query alone through the plain HF model gives the same input_layernorm outputs
+    seen = {}
+    layer = tiny_loaded.router_layers[-1]
+    h = tiny_loaded.hf_model.model.layers[layer].input_layernorm.register_forward_hook(
+        lambda m, i, o: seen.setdefault("x", o.detach()))
+    try:
+        with torch.no_grad():
+            tiny_loaded.hf_model(input_ids=torch.tensor([ids]))
+    finally:
+        h.remove()
+    np.testing.assert_allclose(qx[offs[1]:offs[2], -1].numpy(), seen["x"][0, skip:].numpy(), atol=1e-4)
+
+
+def _adapter(tiny_loaded, seed, layers=(1, 3)):
+    from msa_memory.train.recipe import adapter_from_projections
+
+    rc = tiny_loaded.router.config
+    g = torch.Generator().manual_seed(seed)
+    proj = RouterProjections(tuple(layers), [torch.randn(rc.n_q_heads * rc.head_dim, rc.hidden_size, generator=g)
+                                             for _ in layers],
+                             [torch.randn(rc.n_kv_heads * rc.head_dim, rc.hidden_size, generator=g) for _ in layers],
+                             rc.n_q_heads, rc.n_kv_heads, rc.head_dim)
+    return adapter_from_projections(proj, rc, layers=layers, extra={"seed": seed}), proj
+
+
+def test_adapter_save_load_round_trip(tiny_loaded, tmp_path):
+    from msa_memory.encode import RouterAdapter
+
+    ad, proj = _adapter(tiny_loaded, 0)
+    ad.save(tmp_path / "r")
+    back = RouterAdapter.load(tmp_path / "r")
+    assert back.config == ad.config and back.config.router_layers == (1, 3) and back.config.score == "cosine"
+    assert back.fingerprint() == ad.fingerprint()
+    for i, l in enumerate((1, 3)):
+        assert torch.equal(back.q_proj[str(l)].weight, proj.q[i].detach())
+        assert torch.equal(back.k_proj[str(l)].weight, proj.k[i].detach())
+    assert json.loads((tmp_path / "r" / "router_adapter.json").read_text())["extra"] == {"seed": 0}
+
+
+def _store(root, loaded, texts):
+    from msa_memory.encode import Encoder
+    from msa_memory.schemas.records import Passage
+    from msa_memory.store import create_store, write_shard
+
+    enc_ = Encoder(loaded, keep_router_inputs=True, store_dtype="bfloat16", max_batch_tokens=400)
+    st = create_store(root, enc_.identity())
+    ids = st.reserve_ids(len(texts))
+    ps = [Passage(t, f"doc{i}.txt", 0) for i, t in enumerate(texts)]
+    return st.commit(add=[write_shard(root, "s0", ps, enc_.encode(ids, ps))]), ids
+
+
+def test_reindex_gives_fresh_encode_router_keys(tiny_loaded, tmp_path):
+    import dataclasses
+
+    from msa_memory.encode import LoadedModel
+    from msa_memory.schemas.records import to_float32
+    from msa_memory.train.reindex import reindex_router
+
+    src, ids = _store(tmp_path / "a.msa", tiny_loaded, TEXTS)
+    new_ad, _ = _adapter(tiny_loaded, 7)
+    out, stats = reindex_router(src, tmp_path / "b.msa", new_ad)
+    assert stats["docs"] == len(TEXTS) and out.identity.router_id == new_ad.fingerprint()
+    assert out.identity.router_layers == (1, 3)
+    fresh_model = LoadedModel(**{f.name: getattr(tiny_loaded, f.name) for f in dataclasses.fields(LoadedModel)
+                                 if f.name != "router"}, router=new_ad)
+    fresh, _ = _store(tmp_path / "c.msa", fresh_model, TEXTS)
+    assert fresh.identity.compatible_with(out.identity) == []
+    for pos in range(2):
+        k_re, d_re = out.router_keys(pos)
+        k_fr, d_fr = fresh.router_keys(pos)
+        assert np.array_equal(d_re, d_fr)
+        # keys from bf16-stored inputs vs fp32 inputs: equal up to bf16 rounding
+        np.testing.assert_allclose(to_float32(k_re, "bfloat16"), to_float32(k_fr, "bfloat16"), atol=2e-2, rtol=2e-2)
+    a, b = out.load_kv(ids[:3]), fresh.load_kv(ids[:3])
+    assert all(np.array_equal(x, y) for x, y in zip(a, b))
+    assert out.texts(ids) == list(TEXTS)
+
+
+def test_reindex_refuses_layers_the_store_did_not_keep(tiny_loaded, tmp_path):
+    import dataclasses
+
+    from msa_memory.encode import LoadedModel, RouterAdapter
+    from msa_memory.train.reindex import reindex_router
+    from msa_memory.train.recipe import _subset_adapter
+
+    small = LoadedModel(**{f.name: getattr(tiny_loaded, f.name) for f in dataclasses.fields(LoadedModel)
+                           if f.name != "router"}, router=_subset_adapter(tiny_loaded.router, (0, 1)))
+    src, _ = _store(tmp_path / "a.msa", small, TEXTS[:4])
+    ad, _ = _adapter(tiny_loaded, 1, layers=(1, 3))
+    assert isinstance(ad, RouterAdapter)
+    with pytest.raises(IdentityMismatchError, match="did not keep"):
+        reindex_router(src, tmp_path / "b.msa", ad)
