@@ -126,6 +126,16 @@ def publish_exclusive(path: Path, data: bytes) -> bool:
         os.link(tmp, path)
     except FileExistsError:
         return False
+    except OSError:  # no hard links here (some network/FUSE file systems): O_EXCL create instead
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
     finally:
         try:
             os.unlink(tmp)

@@ -133,3 +133,19 @@ def test_compact_merges_small_shards(store, rng):
             assert k2[d2 == i].tobytes() == keys[layer][0][keys[layer][1] == i].tobytes()
     assert s2.manifest["deletions"] == [] and s2.verify()["ok"]
     assert s2.compact(merge_below_chunks=6).version == s2.version  # nothing left to merge
+
+
+def test_publish_without_hard_links(store, rng, monkeypatch):
+    import os as _os
+
+    def no_link(*a, **k):
+        raise PermissionError("link not supported")
+
+    monkeypatch.setattr(_os, "link", no_link)
+    s, *_ = add_docs(store, [3], rng, "a")
+    assert s.version == 1 and open_store(store.root).version == 1
+    stale = open_store(store.root, 0)
+    from msa_memory.errors import VersionConflictError
+
+    with pytest.raises(VersionConflictError):
+        stale.commit(message="stale")
