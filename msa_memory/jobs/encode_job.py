@@ -393,6 +393,16 @@ def encode_corpus(
                      max_batch_tokens=int(max_batch_tokens))
     options = ReaderOptions(include=tuple(include), exclude=tuple(exclude), respect_gitignore=respect_gitignore,
                             max_file_bytes=int(max_file_bytes), jsonl_text_field=jsonl_field)
+    if scheduler is not None and compute and not dry_run:
+        # connect first: an unreachable scheduler fails before the model is loaded or ids reserved
+        with job_client(scheduler=scheduler) as (remote, _):
+            prepared = _prepare(paths, store, spec=spec, options=options, shard_tokens=int(shard_tokens),
+                                max_passage_tokens=int(max_passage_tokens), message=message, dry_run=False,
+                                progress=progress)
+            if not prepared.diff.has_changes:
+                prepared.result.seconds = round(time.perf_counter() - prepared.t0, 3)
+                return prepared.result
+            return _run(prepared, client=remote, scheduler=None, workers=None, progress=progress)
     prepared = _prepare(paths, store, spec=spec, options=options, shard_tokens=int(shard_tokens),
                         max_passage_tokens=int(max_passage_tokens), message=message, dry_run=dry_run,
                         progress=progress)

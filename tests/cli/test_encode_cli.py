@@ -59,6 +59,15 @@ def test_encode_cli_errors_and_exit_codes(tmp_path: Path, corpus: Path, tiny_mod
     edit(corpus / "part0" / "note000.md", "changed")
     r = runner.invoke(encode_app, [str(corpus), "--store", str(store), "--model", str(other), "--json"])
     assert r.exit_code == 6 and _tail(r.stdout)["type"] == "IdentityMismatchError"
+    # an unreachable scheduler: one line, exit 1, nothing created (it is tried before anything else)
+    from socket import socket
+
+    with socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    r = runner.invoke(encode_app, [str(corpus), "--store", str(tmp_path / "x.msa"), "--model", str(tiny_model_dir),
+                                   "--scheduler", f"tcp://127.0.0.1:{port}"])
+    assert r.exit_code == 1 and "Cannot reach the Dask scheduler" in r.output and not (tmp_path / "x.msa").exists()
     r = runner.invoke(encode_app, ["--help"])
     assert r.exit_code == 0 and "Examples:" in r.output and "Exit codes" in r.output
 
@@ -67,17 +76,16 @@ def test_encode_cli_subprocess_json_and_summary(tmp_path: Path, corpus: Path, ti
     (corpus / "bad.txt").write_bytes(b"\xff\xfe\x00\x00binary")
     env = {**os.environ, "MSA_DISABLE_PROGRESS_BARS": "1"}
     store = tmp_path / "m.msa"
-    cmd = [str(BIN / "msa-encode"), str(corpus), "--store", str(store), "--model", str(tiny_model_dir)]
-    p = subprocess.run([*cmd, "--json"], capture_output=True, text=True, env=env, timeout=300)
-    assert p.returncode == 0, p.stderr[-2000:]
-    res = _tail(p.stdout)
-    assert res["version"] == 1 and res["skipped"][0]["reason"].startswith("binary")
+    # version 1 in this process; the subprocess makes version 2 and prints the human summary
+    assert runner.invoke(encode_app, [str(corpus), "--store", str(store), "--model", str(tiny_model_dir)]).exit_code == 0
     edit(corpus / "part2" / "note002.md", "new text")
+    cmd = [str(BIN / "msa-encode"), str(corpus), "--store", str(store), "--model", str(tiny_model_dir)]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     lines = p.stdout.splitlines()
     assert lines[0].startswith("msa-encode: committed version 2")
-    assert any(line.strip().startswith("files : 0 added, 1 replaced") for line in lines)
-    assert any("skipped" in line and "bad.txt" in line for line in lines)
+    assert any(line.strip().startswith("files : 0 added, 1 replaced, 0 deleted, 7 unchanged, 1 skipped") for line in lines)
+    assert any("skipped" in line and "bad.txt" in line and "binary" in line for line in lines)
+    assert "encoding 1 files" not in p.stderr  # no progress bar when stderr is not a terminal
     p = subprocess.run([str(BIN / "msa"), "store", "versions", str(store), "--json"], capture_output=True, text=True, env=env)
     assert p.returncode == 0 and _tail(p.stdout)["latest_version"] == 2

@@ -61,11 +61,6 @@ def test_msa_encode_on_a_real_cluster(tmp_path: Path, corpus: Path, tiny_model_d
         local = tmp_path / "local.msa"
         encode_corpus([corpus], local, model=str(tiny_model_dir), shard_tokens=400, max_passage_tokens=256, workers=1)
         assert store_digest(store) == store_digest(local)
-        # an unreachable scheduler is a one-line error with exit code 1
-        bad = subprocess.run([str(BIN / "msa-encode"), str(corpus), "--store", str(tmp_path / "x.msa"),
-                              "--model", str(tiny_model_dir), "--scheduler", f"tcp://127.0.0.1:{_free_port()}"],
-                             capture_output=True, text=True, env=env, timeout=300)
-        assert bad.returncode == 1 and "Cannot reach the Dask scheduler" in bad.stderr
     finally:
         for proc in reversed(procs):
             try:
