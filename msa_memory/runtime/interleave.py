@@ -82,7 +82,8 @@ def _msa_protocol(mem: Memory, question: str, k: int | None, max_rounds: int, kw
             return ROUND_END in text or END_RETRIEVE in text
 
         rt: dict[str, float] = {}
-        out, reason = mem._generate(st, prompt, pos, route=True, timings=rt, stop=stop, **kw)
+        out, reason = mem._generate(st, prompt, pos, route=True, timings=rt, stop=stop,
+                                    **{**kw, "stop_strings": ()})
         _add(timings, {**rt, **st.timings})
         n_new += len(out)
         text = tok.decode(out, skip_special_tokens=False)
@@ -133,7 +134,7 @@ def _msa_protocol(mem: Memory, question: str, k: int | None, max_rounds: int, kw
     else:
         final = tok.decode(tok(answer or rounds[-1].generated, add_special_tokens=False)["input_ids"],
                            skip_special_tokens=True)
-    return Answer(question, final.strip(), "interleave", rounds, timings, len(base.ids) + P, n_new, reason)
+    return Answer(question, final.strip(), "interleave", rounds, timings, len(base.ids) + P, n_new, reason, out)
 
 
 def _generic(mem: Memory, question: str, k: int | None, max_rounds: int, kw: dict[str, Any]) -> Answer:
@@ -166,7 +167,7 @@ def _generic(mem: Memory, question: str, k: int | None, max_rounds: int, kw: dic
     full = PromptIds(head + prompt.ids, [False] * len(head) + prompt.route_rows)
     st = mem.engine.new_state(len(full.ids) + kw["max_new_tokens"] + 1)
     out, reason = mem._generate(st, full, list(range(len(full.ids))), route=False, timings=timings, **kw)
-    text = mem.tokenizer.decode(out, skip_special_tokens=True).strip()
+    text = mem._text(out, kw["stop_strings"])
     if rounds:
         rounds[-1].generated = text
-    return Answer(question, text, "interleave", rounds, timings, len(full.ids), len(out), reason)
+    return Answer(question, text, "interleave", rounds, timings, len(full.ids), len(out), reason, out)

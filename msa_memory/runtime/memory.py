@@ -21,7 +21,7 @@ from __future__ import annotations
 import html
 import os
 import time
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
 
 import numpy as np
 
@@ -39,6 +39,19 @@ __all__ = ["Memory", "Mode"]
 
 Mode = Literal["pooled", "text", "interleave"]
 _MODES = ("pooled", "text", "interleave")
+#: Section markers of our own prompts; a base model that starts repeating them has finished its answer.
+DEFAULT_STOPS = ("\n\nPassage ", "\nQuestion:")
+
+
+def _cut(text: str, stops: Sequence[str]) -> str:
+    """``text`` up to the first stop string."""
+    cut = min((i for i in (text.find(x) for x in stops) if i >= 0), default=len(text))
+    return text[:cut]
+
+
+def _holds_prefix(text: str, stops: Sequence[str]) -> bool:
+    """True if ``text`` ends with the beginning of a stop string (hold it back while streaming)."""
+    return any(text.endswith(x[:n]) for x in stops for n in range(1, len(x)))
 
 
 def _parse_bytes(v: int | str | None) -> int | None:
@@ -252,8 +265,16 @@ class Memory:
     def _generate(self, state: Any, prompt: PromptIds, positions: list[int], *, route: bool,
                   max_new_tokens: int, temperature: float, top_p: float, seed: int | None,
                   on_token: Callable[[str], None] | None, timings: dict[str, float],
-                  stop: Callable[[list[int]], bool] | None = None) -> tuple[list[int], str]:
+                  stop: Callable[[list[int]], bool] | None = None,
+                  stop_strings: Sequence[str] = ()) -> tuple[list[int], str]:
         """Prefill ``prompt`` into ``state`` then decode; returns (new token ids, stop reason)."""
+        if stop_strings and stop is None:
+            tok_ = self.tokenizer
+
+            def stop(ids: list[int]) -> bool:
+                text = tok_.decode(ids[-16:], skip_special_tokens=True)
+                return any(x in text for x in stop_strings)
+
         import torch
 
         from msa_memory.runtime.engine import _sync
@@ -271,19 +292,26 @@ class Memory:
                                       temperature=temperature, top_p=top_p, generator=gen, stop=stop):
             out.append(tok)
             if on_token is not None:
-                text = self.tokenizer.decode(out, skip_special_tokens=True)
-                if len(text) > len(shown) and not text.endswith("\ufffd"):
+                text = _cut(self.tokenizer.decode(out, skip_special_tokens=True), stop_strings)
+                if len(text) > len(shown) and not text.endswith("\ufffd") and not _holds_prefix(text, stop_strings):
                     on_token(text[len(shown):])
                     shown = text
             if "first_token_s" not in timings:
                 timings["first_token_s"] = time.perf_counter() - t0
+        if on_token is not None:  # flush what was held back as a possible stop-string start
+            text = _cut(self.tokenizer.decode(out, skip_special_tokens=True), stop_strings)
+            if len(text) > len(shown):
+                on_token(text[len(shown):])
         timings["decode_s"] = timings.get("decode_s", 0.0) + time.perf_counter() - t1
         reason = "eos" if out and out[-1] in eos else ("stop" if stop is not None and out and stop(out) else "length")
         return out, reason
 
+    def _text(self, ids: list[int], stop_strings: Sequence[str]) -> str:
+        return _cut(self.tokenizer.decode(ids, skip_special_tokens=True), stop_strings).strip()
+
     def ask(self, question: str, mode: Mode | None = None, *, k: int | None = None, max_new_tokens: int = 64,
             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, max_rounds: int = 3,
-            on_token: Callable[[str], None] | None = None) -> Answer:
+            on_token: Callable[[str], None] | None = None, stop_strings: Sequence[str] | None = None) -> Answer:
         """Answer ``question`` from memory.
 
         Parameters
@@ -295,6 +323,10 @@ class Memory:
         max_rounds : int, default 3 (interleave)
         on_token : callable, optional
             Called with each new piece of answer text as it is generated (streaming).
+        stop_strings : sequence of str, optional
+            Generation stops when the answer contains one of them (it is cut there). Default: the
+            prompt's own section markers (``"\\n\\nPassage "``, ``"\\nQuestion:"``), which a base model
+            starts to repeat once it has answered.
         """
         mode = mode or ("pooled" if self.identity.wrap == "msa" else "text")
         if mode not in _MODES:
@@ -304,8 +336,9 @@ class Memory:
         if int(max_new_tokens) < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}.")
         t0 = time.perf_counter()
+        stops = tuple(stop_strings) if stop_strings is not None else DEFAULT_STOPS
         kw = dict(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p), seed=seed,
-                  on_token=on_token)
+                  on_token=on_token, stop_strings=stops)
         if mode == "pooled":
             ans = self._ask_pooled(question, k, kw)
         elif mode == "text":
@@ -334,9 +367,9 @@ class Memory:
                 best[d] = max(best.get(d, -np.inf), s)
         ids = sorted(best, key=lambda d: -best[d])
         rnd = Round(0, self.hits(ids, [best[d] for d in ids], per_layer), per_layer=per_layer)
-        text = self.tokenizer.decode(toks, skip_special_tokens=True).strip()
+        text = self._text(toks, kw["stop_strings"])
         rnd.generated = text
-        return Answer(question, text, "pooled", [rnd], timings, len(q.ids) + P, len(toks), reason)
+        return Answer(question, text, "pooled", [rnd], timings, len(q.ids) + P, len(toks), reason, toks)
 
     def _ask_text(self, question: str, k: int | None, kw: dict[str, Any]) -> Answer:
         ids, scores, rt = self.route(question, k)
@@ -349,9 +382,9 @@ class Memory:
         full = PromptIds(head + prompt.ids, [False] * len(head) + prompt.route_rows)
         st = self.engine.new_state(len(full.ids) + kw["max_new_tokens"] + 1)
         toks, reason = self._generate(st, full, list(range(len(full.ids))), route=False, timings=timings, **kw)
-        text = self.tokenizer.decode(toks, skip_special_tokens=True).strip()
+        text = self._text(toks, kw["stop_strings"])
         rnd = Round(0, self.hits(ids, scores), generated=text)
-        return Answer(question, text, "text", [rnd], timings, len(full.ids), len(toks), reason)
+        return Answer(question, text, "text", [rnd], timings, len(full.ids), len(toks), reason, toks)
 
     # ------------------------------------------------------------------ reprs
     def __repr__(self) -> str:

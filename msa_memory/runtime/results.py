@@ -52,6 +52,9 @@ class Answer:
     n_prompt_tokens: int = 0
     n_new_tokens: int = 0
     stop_reason: str = ""
+    """``"eos"``, ``"stop"`` (a stop string or protocol marker) or ``"length"`` (max_new_tokens)."""
+    tokens: list[int] = field(default_factory=list)
+    """Generated token ids of the final answer phase (before stop-string cutting)."""
 
     @property
     def docs(self) -> list[DocHit]:

@@ -91,7 +91,8 @@ def test_pooled_ask_equals_slow_reference_on_store_numbers(tiny_memory):
     head, q = mem.layout.head_ids(), mem.layout.question(Q)
     ref_tokens = slow.greedy(head, q.ids, q.route_rows, keys, dense, kv, len(mem.doc_ids), 5)
     _, chosen = slow.logits(head, q.ids, q.route_rows, keys, dense, kv, len(mem.doc_ids))
-    ans = mem.ask(Q, mode="pooled", max_new_tokens=5)
+    ans = mem.ask(Q, mode="pooled", max_new_tokens=5, stop_strings=())
+    assert ans.tokens == ref_tokens
     assert ans.answer == mem.tokenizer.decode(ref_tokens, skip_special_tokens=True).strip()
     for r, docs in chosen.items():
         assert sorted(ans.rounds[0].per_layer[r]) == sorted(mem.doc_ids[docs].tolist())
@@ -145,3 +146,22 @@ def test_reprs_show_store_and_answer_sources(tiny_memory):
     html = ans._repr_html_()
     assert "notes/" in html and str(ans.rounds[0].docs[0].doc_id) in html
     assert ans.to_dict()["mode"] == "text"
+
+
+def test_stop_strings_cut_the_answer_and_streaming_holds_them_back():
+    from msa_memory.runtime.memory import _cut, _holds_prefix
+
+    assert _cut("4471.\n\nPassage 4: more", ("\n\nPassage ", "\nQuestion:")) == "4471."
+    assert _cut("no stop here", ("\nQuestion:",)) == "no stop here"
+    assert _holds_prefix("4471.\n\nPas", ("\n\nPassage ",)) and not _holds_prefix("4471.", ("\n\nPassage ",))
+
+
+def test_stop_string_from_the_model_output_ends_generation(tiny_memory):
+    kw = dict(mode="text", k=2, max_new_tokens=12, temperature=3.0, seed=5)   # sampled: printable bytes
+    free = tiny_memory.ask(Q, stop_strings=(), **kw)
+    assert len(free.answer) >= 4 and free.stop_reason == "length"
+    stop = free.answer[2:4]                    # a string the model is known to produce at step ~3
+    pieces: list[str] = []
+    cut = tiny_memory.ask(Q, stop_strings=(stop,), on_token=pieces.append, **kw)
+    assert cut.stop_reason == "stop" and stop not in cut.answer and cut.n_new_tokens < free.n_new_tokens
+    assert "".join(pieces).strip() == cut.answer
