@@ -85,9 +85,9 @@ def test_sigkill_before_publish_leaves_previous_version(base, tmp_path, point):
     rec = after.find_shard("w")
     assert (rec is not None) == (not point.startswith("shard:") or point == "shard:published")
     if rec is None:
-        ids = after.reserve_ids(3)
+        ids = np.arange(3, 6)  # the dead writer's reserved ids (a job keeps them in its journal)
         passages, e2 = random_docs(after.identity, ids, [5, 9, 2], np.random.default_rng(7), source="crash")
-        rec = write_shard(after.root, "w-retry", passages, e2)
+        rec = write_shard(after.root, "w", passages, e2)  # same shard id, as a resumed job does
     new = after.commit(add=[rec], delete_ids=[victim], message="retry")
     assert new.version == store.version + 1 and new.stats()["n_docs"] == 3 - 1 + 3
     # 4. gc removes the leftovers; everything still verifies and reads
