@@ -112,7 +112,9 @@ class ContentMemory:
         total = int(counts.sum())
         if self.host_kv is not None:
             # (ΣC,) chunk rows of all requested documents, in request order
-            rows = np.concatenate([np.arange(self.offsets[i], self.offsets[i + 1]) for i in idx])
+            starts = self.offsets[idx]
+            first = np.concatenate([[0], np.cumsum(counts)[:-1]])
+            rows = np.arange(total, dtype=np.int64) + np.repeat(starts - first, counts)   # vectorized ranges
             rows_t = torch.from_numpy(rows)
             if self.device.type == "cpu":
                 flat = self.host_kv.index_select(0, rows_t)                       # (ΣC, L, 2, H, D)

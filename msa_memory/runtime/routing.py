@@ -235,11 +235,10 @@ class RouterIndex:
             else:
                 s = torch.bmm(lhs, kt.permute(1, 2, 0))                 # (H, T·rep, t)
                 s = s.view(H, T, rep, -1).amax(dim=(0, 2))              # (T, t)  max over all Hq heads
-            s = s.float()
             if cfg.query_reduce == "mean":
-                out[start:start + tile] = s.mean(0)
-            else:  # "max" (or "last" with T == 1)
-                out[start:start + tile] = s.amax(0)
+                out[start:start + tile] = s.float().mean(0)
+            else:  # "max" (or "last" with T == 1): max is exact in any dtype, widen after reducing
+                out[start:start + tile] = s.amax(0).float()
         return out
 
     def doc_scores(self, layer: int, q: torch.Tensor) -> torch.Tensor:
