@@ -196,6 +196,7 @@ def encode(
     jsonl_field: Annotated[str, typer.Option("--jsonl-field", help="Text field of .jsonl records")] = "text",
     shard_tokens: Annotated[int, typer.Option("--shard-tokens", help="Tokens per shard task (resume granularity)", min=1)] = 32768,
     max_passage_tokens: Annotated[int, typer.Option("--max-passage-tokens", help="Longest passage (MSA document) in tokens", min=16)] = 2048,
+    torch_threads: Annotated[int | None, typer.Option("--torch-threads", help="torch threads per worker (default: all cores for one local worker)", min=1)] = None,
     message: Annotated[str | None, typer.Option("--message", help="Version message (default: a summary of the change)")] = None,
     dry_run: DryRunOpt = False,
     json_out: JsonOpt = False,
@@ -212,7 +213,7 @@ def encode(
                 scheduler=scheduler, workers=workers, dry_run=dry_run, include=include or (),
                 exclude=exclude or (), respect_gitignore=gitignore, max_file_bytes=int(max_file_mb * 1024 * 1024),
                 jsonl_field=jsonl_field, shard_tokens=shard_tokens, max_passage_tokens=max_passage_tokens,
-                message=message, progress=bar)
+                torch_threads=torch_threads, message=message, progress=bar)
         finally:
             bar.close()
         if json_out:
@@ -605,13 +606,14 @@ def train_router_cmd(
     store: Annotated[str | None, typer.Option("--store", help="Use this store's documents as the passages, e.g. mem.msa")] = None,
     pairs: Annotated[str | None, typer.Option("--pairs", help="JSONL of {\"query\": ..., \"positive_ids\": [...]} over --store document ids")] = None,
     model: Annotated[str, typer.Option("--model", "-m", help="'default' (Gemma 3 270M), an HF folder or a .gguf file")] = "default",
-    layers: Annotated[str, typer.Option("--layers", help="Candidate router layers: all, lower-half, upper-half or e.g. 0,1,2,3")] = "all",
+    layers: Annotated[str, typer.Option("--layers", help="Candidate router layers: all, lower-half, upper-half or e.g. 0,1,2,3")] = "lower-half",
     max_layers: Annotated[int, typer.Option("--max-layers", help="Most layers the adapter keeps (chosen on dev recall@16)", min=1)] = 9,
     epochs: Annotated[int, typer.Option("--epochs", help="Passes over the training queries", min=0)] = 4,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Queries per step", min=1)] = 64,
     lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate")] = 2e-4,
-    n_train: Annotated[int, typer.Option("--n-train", help="Built-in recipe: training passages", min=20)] = 1200,
-    n_dev: Annotated[int, typer.Option("--n-dev", help="Built-in recipe: held-out dev passages", min=10)] = 200,
+    n_train: Annotated[int, typer.Option("--n-train", help="Built-in recipe: training passages", min=20)] = 500,
+    n_dev: Annotated[int, typer.Option("--n-dev", help="Built-in recipe: held-out dev passages", min=10)] = 100,
+    max_chars: Annotated[int, typer.Option("--max-chars", help="Longest training passage in characters (~4 per token)", min=100)] = 800,
     seed: Annotated[int, typer.Option("--seed", help="Data and training seed")] = 0,
     cache: Annotated[str | None, typer.Option("--cache", help="Folder to cache extracted features in (reused when present)")] = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N")] = "cpu",
@@ -624,7 +626,7 @@ def train_router_cmd(
 
         summary = train_router_from_cli(
             out=out, corpus=corpus, store=store, pairs=pairs, model=model, layers=layers, max_layers=max_layers,
-            epochs=epochs, batch_size=batch_size, lr=lr, n_train=n_train, n_dev=n_dev, seed=seed, cache=cache,
+            epochs=epochs, batch_size=batch_size, lr=lr, n_train=n_train, n_dev=n_dev, seed=seed, max_chars=max_chars, cache=cache,
             device=device, command=" ".join(["msa"] + sys.argv[1:]),
             log=(lambda s: None) if json_out else (lambda s: typer.echo(s, err=True)))
         if json_out:

@@ -23,11 +23,12 @@ the store at the version the job read (plus orphan or reusable shards).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
@@ -64,6 +65,7 @@ class ModelSpec:
     """``auto``: ``cuda:<worker index>`` where there are GPUs, else ``cpu``."""
     dtype: str | None = None
     torch_threads: int | None = None
+    """torch intra-op threads while encoding (None: torch's default, all cores)."""
     max_batch_tokens: int = 8192
 
 
@@ -97,10 +99,6 @@ def get_encoder(spec: ModelSpec, *, device: str | None = None) -> tuple[Any, Any
         hit = _CACHE.get(key)
         if hit is not None:
             return hit
-        if spec.torch_threads:
-            import torch
-
-            torch.set_num_threads(int(spec.torch_threads))
         from msa_memory.encode import Encoder, load_model
 
         kwargs: dict[str, Any] = {"adapter": spec.adapter, "device": dev}
@@ -136,11 +134,27 @@ def encode_and_write_shard(task: ShardTask, spec: ModelSpec, store_root: str) ->
 
     t0 = time.perf_counter()
     _, encoder, lock = get_encoder(spec)
-    with lock:
+    with lock, _torch_threads(spec.torch_threads):
         encoded = encoder.encode(task.doc_ids, list(task.passages))
     record = write_shard(store_root, task.shard_id, list(task.passages), encoded)
     return ShardResult(task.shard_id, record, n_docs=len(task.passages), n_tokens=int(np.sum(encoded.n_tokens)),
                        n_bytes=int(getattr(record, "n_bytes", 0) or 0), seconds=time.perf_counter() - t0)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """Run torch with ``n`` intra-op threads for the block (process-wide; restored after)."""
+    if not n:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # ----------------------------------------------------------------------------- result
@@ -349,6 +363,7 @@ def encode_corpus(
     shard_tokens: int = 32768,
     max_passage_tokens: int = 2048,
     max_batch_tokens: int = 8192,
+    torch_threads: int | None = None,
     message: str | None = None,
     progress: ProgressFn | None = None,
 ) -> JobResult | Delayed:
@@ -374,6 +389,8 @@ def encode_corpus(
         per task only on a GPU); smaller means finer resume, more shards.
     max_passage_tokens : longest passage (document) in tokens; default 2048.
     max_batch_tokens : tokens per encoder forward; default 8192.
+    torch_threads : torch threads per worker while encoding; default None: all cores for one local
+        worker, ``cores // workers`` for several, torch's default on a given cluster.
     message : version message; default summarises the change.
     progress : called with event dicts (``planned``, ``shard``, ``committed``); default none.
 
@@ -389,7 +406,10 @@ def encode_corpus(
     """
     if dtype is not None and dtype not in ("bfloat16", "float16", "float32"):
         raise ConfigError(f"dtype must be bfloat16, float16 or float32, got {dtype!r}.")
+    if torch_threads is not None and int(torch_threads) < 1:
+        raise ConfigError(f"torch_threads must be >= 1, got {torch_threads!r}.")
     spec = ModelSpec(name=str(model), adapter=None if adapter is None else str(adapter), device=device, dtype=dtype,
+                     torch_threads=None if torch_threads is None else int(torch_threads),
                      max_batch_tokens=int(max_batch_tokens))
     options = ReaderOptions(include=tuple(include), exclude=tuple(exclude), respect_gitignore=respect_gitignore,
                             max_file_bytes=int(max_file_bytes), jsonl_text_field=jsonl_field)
@@ -426,7 +446,9 @@ def _run(prepared: _Prepared, *, client: Client | None, scheduler: str | None, w
     results: list[ShardResult] = []
     if prepared.tasks:
         with job_client(client=client, scheduler=scheduler, workers=workers) as (c, threads):
-            spec = replace(prepared.spec, torch_threads=threads) if threads else prepared.spec
+            spec = prepared.spec
+            if threads and not spec.torch_threads:
+                spec = replace(spec, torch_threads=threads)
             futures = [c.submit(encode_and_write_shard, t, spec, prepared.root, key=f"encode-{t.shard_id}",
                                 pure=False, retries=0) for t in prepared.tasks]
             try:

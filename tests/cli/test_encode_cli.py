@@ -26,7 +26,7 @@ def _tail(out: str) -> dict:
 
 def test_encode_cli_runner_create_update_noop(tmp_path: Path, corpus: Path, tiny_model_dir: Path) -> None:
     store = tmp_path / "m.msa"
-    args = [str(corpus), "--store", str(store), "--model", str(tiny_model_dir), "--shard-tokens", "800"]
+    args = [str(corpus), "--store", str(store), "--model", str(tiny_model_dir), "--shard-tokens", "800", "--torch-threads", "1"]
     r = runner.invoke(encode_app, [*args, "--json"])
     assert r.exit_code == 0, r.output
     res = _tail(r.stdout)
@@ -54,7 +54,7 @@ def test_encode_cli_errors_and_exit_codes(tmp_path: Path, corpus: Path, tiny_mod
     assert r.exit_code == 2  # --store is required (usage error)
     r = runner.invoke(encode_app, [str(corpus), "--store", str(store), "--model", str(tmp_path / "nomodel"), "--json"])
     assert r.exit_code == 1 and _tail(r.stdout)["type"] == "ModelLoadError"
-    assert runner.invoke(encode_app, [str(corpus), "--store", str(store), "--model", str(tiny_model_dir)]).exit_code == 0
+    assert runner.invoke(encode_app, [str(corpus), "--store", str(store), "--model", str(tiny_model_dir), "--torch-threads", "1"]).exit_code == 0
     other = write_tiny_model(tmp_path / "other", seed=3)
     edit(corpus / "part0" / "note000.md", "changed")
     r = runner.invoke(encode_app, [str(corpus), "--store", str(store), "--model", str(other), "--json"])
@@ -77,9 +77,10 @@ def test_encode_cli_subprocess_json_and_summary(tmp_path: Path, corpus: Path, ti
     env = {**os.environ, "MSA_DISABLE_PROGRESS_BARS": "1"}
     store = tmp_path / "m.msa"
     # version 1 in this process; the subprocess makes version 2 and prints the human summary
-    assert runner.invoke(encode_app, [str(corpus), "--store", str(store), "--model", str(tiny_model_dir)]).exit_code == 0
+    cmd = [str(corpus), "--store", str(store), "--model", str(tiny_model_dir), "--torch-threads", "1"]
+    assert runner.invoke(encode_app, cmd).exit_code == 0
     edit(corpus / "part2" / "note002.md", "new text")
-    cmd = [str(BIN / "msa-encode"), str(corpus), "--store", str(store), "--model", str(tiny_model_dir)]
+    cmd = [str(BIN / "msa-encode"), *cmd]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     lines = p.stdout.splitlines()

@@ -35,7 +35,7 @@ def _finished_shards(store: Path) -> int:
 def test_sigkill_mid_job_then_resume_is_bit_identical(tmp_path: Path) -> None:
     model = write_tiny_model(tmp_path / "model")
     corpus = make_corpus(tmp_path / "notes", 60, words=(120, 200))
-    args = ["--model", str(model), "--shard-tokens", "1200", "--max-passage-tokens", "512"]
+    args = ["--model", str(model), "--shard-tokens", "1200", "--max-passage-tokens", "512", "--torch-threads", "1"]
     env = {**os.environ, "MSA_DISABLE_PROGRESS_BARS": "1"}
     store = tmp_path / "killed.msa"
     proc = subprocess.Popen([str(BIN / "msa-encode"), str(corpus), "--store", str(store), *args, "--json"],
@@ -60,6 +60,7 @@ def test_sigkill_mid_job_then_resume_is_bit_identical(tmp_path: Path) -> None:
     assert res["shards_written"] >= 1  # the rest was encoded
 
     reference = tmp_path / "uninterrupted.msa"
-    encode_corpus([corpus], reference, model=str(model), shard_tokens=1200, max_passage_tokens=512, workers=1)
+    encode_corpus([corpus], reference, model=str(model), shard_tokens=1200, max_passage_tokens=512, workers=1,
+                  torch_threads=1)
     assert store_digest(store) == store_digest(reference)
     assert open_store(store).verify()["ok"]

@@ -86,3 +86,20 @@ def store_digest(root: Path) -> dict:
 def edit(path: Path, text: str) -> None:
     path.write_text(text)
     os.utime(path)
+
+
+def assert_same_content(a: Path, b: Path, *, router_ulps: int = 0) -> None:
+    """Stores ``a`` and ``b`` hold the same documents, bit-identical K̄/V̄, and router keys within
+    ``router_ulps`` bf16 ulps (0: bit-identical). Router keys come from a small GEMM whose reduction
+    order may depend on the torch thread count, which differs between worker layouts."""
+    from msa_memory.store import open_store
+
+    da, db = store_digest(a), store_digest(b)
+    assert da["docs"] == db["docs"]
+    assert da["kv"] == db["kv"]
+    sa, sb = open_store(a), open_store(b)
+    for layer in range(sa.identity.n_layers):
+        (ka, ca), (kb, cb) = sa.router_keys(layer), sb.router_keys(layer)
+        assert np.array_equal(ca, cb)
+        ulps = np.abs(ka.astype(np.int32) - kb.astype(np.int32))  # bf16 bit patterns
+        assert ulps.max(initial=0) <= router_ulps, f"layer {layer}: router keys differ by up to {ulps.max()} bf16 ulps"
