@@ -33,12 +33,27 @@ from msa_memory.runtime.results import Answer, Round
 if TYPE_CHECKING:
     from msa_memory.runtime.memory import Memory
 
-__all__ = ["ask_interleave", "ROUND_END", "END_RETRIEVE", "ANSWER_PREFIX"]
+__all__ = ["ask_interleave", "requested_ids", "inject", "ROUND_END", "END_RETRIEVE", "ANSWER_PREFIX"]
 
 ROUND_END = "<|object_ref_end|>"
 END_RETRIEVE = "<End-of-Retrieve>"
 ANSWER_PREFIX = "The answer to the question is:"
 _ID = re.compile(r"\[(\d+)\]")
+
+
+def requested_ids(text: str, known: set[int]) -> list[int]:
+    """Document ids ``[n]`` in generated ``text`` that exist in the store: deduplicated, ascending (§5.2)."""
+    return sorted({int(m) for m in _ID.findall(text)} & known)
+
+
+def inject(lay: Any, history: PromptIds, docs: list[tuple[int, str]]) -> PromptIds:
+    """Append ``"[n]. text\\n"`` of each document + the round delimiter to ``history``.
+
+    Only this latest block routes in the next round (the reference's doc_ids == 0 region (b));
+    everything earlier in the history stops routing, and the delimiter never routes.
+    """
+    block = "".join(f"[{d}]. {t}\n" for d, t in docs)
+    return PromptIds(history.ids, [False] * len(history.ids)) + lay.encode([(block, True), (ROUND_END, False)])
 
 
 def _add(timings: dict[str, float], other: dict[str, float]) -> None:
@@ -98,13 +113,11 @@ def _msa_protocol(mem: Memory, question: str, k: int | None, max_rounds: int, kw
         if END_RETRIEVE in text or reason in ("eos", "length") or r == max_rounds - 1:
             answer_phase = True
             break
-        wanted = sorted({int(m) for m in _ID.findall(text)} & known)
+        wanted = requested_ids(text, known)
         if not wanted:
             answer_phase = True
             break
-        docs = "".join(f"[{d}]. {t}\n" for d, t in zip(wanted, mem.store.texts(wanted)))
-        # the latest injected block routes next round; the delimiter does not
-        history = PromptIds(history.ids, [False] * len(history.ids)) + lay.encode([(docs, True), (ROUND_END, False)])
+        history = inject(lay, history, list(zip(wanted, mem.store.texts(wanted))))
     answer = ""
     if answer_phase and st is not None and reason != "eos":
         # forward the answer cue through the same cache (causal), then decode the answer

@@ -114,6 +114,11 @@ class Memory:
 
             model = load_model(str(model), adapter=adapter, device=device)
         self.store, self.model = store, model
+        model_dev = next(model.hf_model.parameters()).device
+        if model_dev.type != torch.device(device).type:
+            raise ConfigError(f"The model is on {model_dev} but Memory was asked for device={device!r}.",
+                              hint="Load the model with load_model(..., device=...) on the same device, or pass "
+                                   "the model by name so Memory loads it there.")
         ident = store.identity
         store.check_identity(model.identity(store_dtype=ident.dtype))   # IdentityMismatchError on mismatch
         self.identity = ident

@@ -165,3 +165,26 @@ def test_stop_string_from_the_model_output_ends_generation(tiny_memory):
     cut = tiny_memory.ask(Q, stop_strings=(stop,), on_token=pieces.append, **kw)
     assert cut.stop_reason == "stop" and stop not in cut.answer and cut.n_new_tokens < free.n_new_tokens
     assert "".join(pieces).strip() == cut.answer
+
+
+def test_interleave_injection_routes_only_the_latest_block(tiny_memory):
+    from msa_memory.runtime.interleave import ROUND_END, inject, requested_ids
+    from msa_memory.runtime.prompts import PromptIds
+
+    known = set(tiny_memory.doc_ids.tolist())
+    assert requested_ids("[3]<|object_ref_end|> and [1] [3] [999]", known) == [1, 3]
+    lay = tiny_memory.layout
+    base = lay.question(Q)
+    h1 = inject(lay, PromptIds([7, 8], [False, False]), [(3, "alpha")])
+    h2 = inject(lay, h1 + PromptIds([9], [False]), [(1, "beta")])
+    assert not any(h2.route_rows[: len(h1.ids) + 1])                      # older block no longer routes
+    block = lay.encode([("[1]. beta\n", True)]).ids
+    tail = len(lay.encode([(ROUND_END, False)]).ids)
+    assert h2.ids[-len(block) - tail:-tail] == block and all(h2.route_rows[-len(block) - tail:-tail])
+    assert not any(h2.route_rows[-tail:])                                 # the delimiter never routes
+    assert sum((base + h2).route_rows) == sum(base.route_rows) + len(block)
+
+
+def test_memory_refuses_model_on_another_device(tiny_store, tiny_msa_model):
+    with pytest.raises(ConfigError, match="device"):
+        Memory(tiny_store, model=tiny_msa_model, device="meta")
