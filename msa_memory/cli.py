@@ -597,6 +597,20 @@ def search(
 
 # ----- msa train-router / msa store reindex-router (router training) -----
 # (owned by the router-training engineer; logic in msa_memory.train)
+def _train_router_command(out: str, corpus: list[str] | None, store: str | None, pairs: str | None, model: str,
+                          layers: str, max_layers: int, epochs: int, batch_size: int, lr: float, n_train: int,
+                          n_dev: int, max_chars: int, seed: int, cache: str | None, device: str) -> str:
+    """The command line that reproduces a run (recorded in the adapter's training.json)."""
+    parts = ["msa train-router", f"--out {out}"] + [f"--corpus {c}" for c in corpus or []]
+    parts += [f"--store {store}"] if store else []
+    parts += [f"--pairs {pairs}"] if pairs else []
+    parts += [f"--model {model}", f"--layers {layers}", f"--max-layers {max_layers}", f"--epochs {epochs}",
+              f"--batch-size {batch_size}", f"--lr {lr:g}", f"--n-train {n_train}", f"--n-dev {n_dev}",
+              f"--max-chars {max_chars}", f"--seed {seed}", f"--device {device}"]
+    parts += [f"--cache {cache}"] if cache else []
+    return " ".join(parts)
+
+
 @app.command("train-router", epilog="\b\nExamples:\n  msa train-router --out router/                  # built-in recipe (stdlib docstrings + facts)\n"
              "  msa train-router --corpus ./docs --out router/ --epochs 3\n"
              "  msa train-router --store mem.msa --pairs pairs.jsonl --out router/ --json")
@@ -627,7 +641,8 @@ def train_router_cmd(
         summary = train_router_from_cli(
             out=out, corpus=corpus, store=store, pairs=pairs, model=model, layers=layers, max_layers=max_layers,
             epochs=epochs, batch_size=batch_size, lr=lr, n_train=n_train, n_dev=n_dev, seed=seed, max_chars=max_chars, cache=cache,
-            device=device, command=" ".join(["msa"] + sys.argv[1:]),
+            device=device, command=_train_router_command(out, corpus, store, pairs, model, layers, max_layers, epochs,
+                                                          batch_size, lr, n_train, n_dev, max_chars, seed, cache, device),
             log=(lambda s: None) if json_out else (lambda s: typer.echo(s, err=True)))
         if json_out:
             _emit_json(summary)

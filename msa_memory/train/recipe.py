@@ -61,7 +61,7 @@ def _shuffled_passages(docs: list[tuple[str, str]], seed: int, max_chars: int) -
     return ps
 
 
-def builtin_pairs(n_train: int = 1200, n_dev: int = 200, *, seed: int = 0, max_chars: int = 1200) -> tuple[PairSet, PairSet]:
+def builtin_pairs(n_train: int = 500, n_dev: int = 100, *, seed: int = 0, max_chars: int = 800) -> tuple[PairSet, PairSet]:
     """Train and dev pair sets from standard-library docstrings (disjoint passages)."""
     ps = _shuffled_passages(stdlib_docstrings(), seed, max_chars)
     if len(ps) < n_train + n_dev:
@@ -130,7 +130,7 @@ def _features(loaded: Any, pairs: PairSet, hard: int, cache: Path | None, name: 
 def run_training(*, out: str | Path, model: str = "default", candidate_layers: Any = "all",
                  max_layers: int = 9, train_pairs: PairSet | None = None, dev_pairs: PairSet | None = None,
                  config: Any = None, cache_dir: str | Path | None = None, init_adapter: str | Path | None = None,
-                 device: str = "cpu", command: str = "", log: Log = print) -> dict[str, Any]:
+                 device: str = "cpu", command: str = "", log: Log = print, loaded: Any = None) -> dict[str, Any]:
     """Train router projections and save the chosen adapter to ``out``; returns a summary dict.
 
     Parameters
@@ -150,6 +150,9 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
         Where extracted features are cached (``train.pt``, ``dev.pt``).
     init_adapter : path, optional
         Start from this adapter's weights (its layers must cover the candidates) instead of q/k copies.
+    loaded : LoadedModel, optional
+        An already loaded model (its router layers must include the candidates; it is not modified
+        except that its ``router`` is replaced by the candidate subset). Saves a reload.
     """
     import warnings
 
@@ -164,15 +167,19 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
     if candidate_layers == "lower-half":
         layers_arg = None  # resolved below once the model is known
     adapter = RouterAdapter.load(init_adapter) if init_adapter else None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UntrainedRouterWarning)
-        if adapter is not None:
-            loaded = load_model(model, adapter=adapter, device=device)
-        else:
-            loaded = load_model(model, router_layers="all" if layers_arg is None else layers_arg, device=device)
+    if loaded is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UntrainedRouterWarning)
+            if adapter is not None:
+                loaded = load_model(model, adapter=adapter, device=device)
+            else:
+                loaded = load_model(model, router_layers="all" if layers_arg is None else layers_arg, device=device)
     if candidate_layers == "lower-half":
-        keep = tuple(range(loaded.n_layers // 2))
-        loaded.router = _subset_adapter(loaded.router, keep)
+        loaded.router = _subset_adapter(loaded.router, tuple(range(loaded.n_layers // 2)))
+    elif candidate_layers == "upper-half":
+        loaded.router = _subset_adapter(loaded.router, tuple(range(loaded.n_layers // 2, loaded.n_layers)))
+    elif not isinstance(candidate_layers, str) and tuple(candidate_layers) != loaded.router_layers:
+        loaded.router = _subset_adapter(loaded.router, tuple(int(x) for x in candidate_layers))
     rc = loaded.router.config
     log(f"model {loaded.name}: candidate router layers {list(rc.router_layers)}; "
         f"train {train_pairs.counts()}, dev {dev_pairs.counts()}")
@@ -219,6 +226,9 @@ def _subset_adapter(adapter: Any, layers: tuple[int, ...]) -> Any:
 
     from msa_memory.encode import RouterAdapter
 
+    missing = [l for l in layers if l not in adapter.config.router_layers]
+    if missing:
+        raise ConfigError(f"Layers {missing} are not in the adapter (it has {list(adapter.config.router_layers)}).")
     cfg = dataclasses.replace(adapter.config, router_layers=layers)
     new = RouterAdapter(cfg)
     new.load_tensors(adapter.state_tensors(), where="adapter subset")

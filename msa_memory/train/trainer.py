@@ -131,7 +131,7 @@ class TrainConfig:
     tau: float = 0.1
     n_hard: int = 4
     """BM25-mined hard negatives per query added to the step's candidates."""
-    n_random: int = 128
+    n_random: int = 32
     """Random passages added to every step's candidates."""
     score: str = "cosine"
     head_reduce: str = "mean"

