@@ -39,8 +39,11 @@ Log = Callable[[str], None]
 
 def bm25_hard_negatives(passages: Sequence[str], queries: Sequence[Any], n: int = 8) -> list[tuple[int, ...]]:
     """Per query, the ``n`` best BM25 passages that are not among its positives."""
-    import bm25s
-
+    try:
+        import bm25s
+    except ImportError as e:
+        raise ConfigError("Hard-negative mining needs the package bm25s.",
+                          hint="pip install 'msa-memory[train]' (or bm25s).") from e
     if not passages or not queries:
         return [() for _ in queries]
     retriever = bm25s.BM25()
