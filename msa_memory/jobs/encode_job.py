@@ -157,6 +157,14 @@ def _torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def default_shard_tokens(device: str = "auto") -> int:
+    """Tokens per shard task so that a task is at least about a second of work on the device."""
+    from msa_memory.jobs.cluster import gpu_count
+
+    on_gpu = device.startswith("cuda") or (device == "auto" and gpu_count() > 0)
+    return 262144 if on_gpu else 8192
+
+
 # ----------------------------------------------------------------------------- result
 
 
@@ -360,7 +368,7 @@ def encode_corpus(
     respect_gitignore: bool = False,
     max_file_bytes: int = 32 * 1024 * 1024,
     jsonl_field: str = "text",
-    shard_tokens: int = 32768,
+    shard_tokens: int | None = None,
     max_passage_tokens: int = 2048,
     max_batch_tokens: int = 8192,
     torch_threads: int | None = None,
@@ -385,8 +393,9 @@ def encode_corpus(
     dry_run : plan only: nothing is reserved, encoded or written (a missing store is not created).
     include, exclude, respect_gitignore, max_file_bytes, jsonl_field : what is read (see
         ``encode.corpus.ReaderOptions``; defaults: all files, none excluded, off, 32 MiB, ``"text"``).
-    shard_tokens : tokens per shard task (default 32768, ~13 s on 2 CPU cores, well under 1 s
-        per task only on a GPU); smaller means finer resume, more shards.
+    shard_tokens : tokens per shard task; default None = :func:`default_shard_tokens` (8192 on a
+        CPU machine: ~3-15 s of work per task there; 262144 where there are GPUs: ~1 s per task).
+        Smaller means finer resume and progress, and more shards.
     max_passage_tokens : longest passage (document) in tokens; default 2048.
     max_batch_tokens : tokens per encoder forward; default 8192.
     torch_threads : torch threads per worker while encoding; default None: all cores for one local
@@ -406,6 +415,8 @@ def encode_corpus(
     """
     if dtype is not None and dtype not in ("bfloat16", "float16", "float32"):
         raise ConfigError(f"dtype must be bfloat16, float16 or float32, got {dtype!r}.")
+    if shard_tokens is None:
+        shard_tokens = default_shard_tokens(device)
     if torch_threads is not None and int(torch_threads) < 1:
         raise ConfigError(f"torch_threads must be >= 1, got {torch_threads!r}.")
     spec = ModelSpec(name=str(model), adapter=None if adapter is None else str(adapter), device=device, dtype=dtype,
