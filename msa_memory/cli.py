@@ -195,7 +195,7 @@ def encode(
     max_file_mb: Annotated[float, typer.Option("--max-file-mb", help="Skip files larger than this (MB)", min=0.001)] = 32.0,
     jsonl_field: Annotated[str, typer.Option("--jsonl-field", help="Text field of .jsonl records")] = "text",
     shard_tokens: Annotated[int | None, typer.Option("--shard-tokens", help="Tokens per shard task: resume and progress granularity (default: 8192 on CPU, 262144 with GPUs)", min=1)] = None,
-    max_passage_tokens: Annotated[int, typer.Option("--max-passage-tokens", help="Longest passage (MSA document) in tokens", min=16)] = 2048,
+    max_passage_tokens: Annotated[int, typer.Option("--max-passage-tokens", help="Longest passage (MSA document) in tokens", min=16)] = 512,
     torch_threads: Annotated[int | None, typer.Option("--torch-threads", help="torch threads per worker (default: all cores for one local worker)", min=1)] = None,
     message: Annotated[str | None, typer.Option("--message", help="Version message (default: a summary of the change)")] = None,
     dry_run: DryRunOpt = False,

@@ -369,7 +369,7 @@ def encode_corpus(
     max_file_bytes: int = 32 * 1024 * 1024,
     jsonl_field: str = "text",
     shard_tokens: int | None = None,
-    max_passage_tokens: int = 2048,
+    max_passage_tokens: int = 512,
     max_batch_tokens: int = 8192,
     torch_threads: int | None = None,
     message: str | None = None,
@@ -396,7 +396,8 @@ def encode_corpus(
     shard_tokens : tokens per shard task; default None = :func:`default_shard_tokens` (8192 on a
         CPU machine: ~3-15 s of work per task there; 262144 where there are GPUs: ~1 s per task).
         Smaller means finer resume and progress, and more shards.
-    max_passage_tokens : longest passage (document) in tokens; default 2048.
+    max_passage_tokens : longest passage (document) in tokens; default 512 (a routing unit, and
+        what text-mode answers inject per retrieved document).
     max_batch_tokens : tokens per encoder forward; default 8192.
     torch_threads : torch threads per worker while encoding; default None: all cores for one local
         worker, ``cores // workers`` for several, torch's default on a given cluster.
