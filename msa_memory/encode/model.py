@@ -20,6 +20,8 @@ Wrapping (what the encoder feeds the model for a passage with store id ``i``):
 tokenizer has no BOS). Template prefix (cached K/V for the runtime): ``"msa"`` = the tokens of
 ``<|im_start|>user\\n``; ``"plain"`` = ``[BOS]`` (empty without one).
 
+GGUF files are de-quantised once and cached as an HF directory (see ``_load_gguf_cached``).
+
 Fingerprint: sha256 over the weights (GGUF: the package's verified file sha256; safetensors dirs:
 the files' bytes, memoised per path+size+mtime in ``~/.cache/msa_memory/fingerprints.json`` --
 the only file this part writes, best effort; objects: the tensors' bytes), the architecture
@@ -317,9 +319,65 @@ def _load_msa(path: Path, raw: dict[str, Any], dtype: torch.dtype):
     return model, tok, router, weights, qcfg
 
 
+def _save_plain(hf: Any, directory: Path) -> None:
+    """Save a (GGUF-loaded, hence "not serialisable" to HF) model as config.json + model.safetensors."""
+    from safetensors.torch import save_file
+
+    tied = bool(getattr(hf.config, "tie_word_embeddings", False))
+    sd = {k: v.detach().contiguous() for k, v in hf.state_dict().items() if not (tied and k == "lm_head.weight")}
+    save_file(sd, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    cfg = hf.config.to_dict()
+    cfg.pop("quantization_config", None)
+    (directory / "config.json").write_text(json.dumps(cfg, indent=2, default=str))
+
+
+def _load_gguf_cached(path: Path, sha256: str, dtype: torch.dtype):
+    """GGUF -> (model, tokenizer), through a de-quantised copy cached by the file's sha256.
+
+    transformers' GGUF path parses the whole metadata (262k-token vocabulary) in Python twice and
+    de-quantises every tensor: minutes on a small CPU. The first load saves the de-quantised fp32
+    weights + tokenizer as an HF directory under ``$MSA_CACHE_DIR`` (default
+    ``~/.cache/msa_memory``)/``gguf-<sha256[:16]>``, written to a temp dir and renamed (safe for
+    concurrent workers); later loads read that in seconds. The values are the same fp32 numbers a
+    direct GGUF load gives. ``MSA_NO_MODEL_CACHE=1`` disables it.
+    """
+    import shutil
+    import tempfile
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache = _cache_path().parent / f"gguf-{sha256[:16]}"
+    use_cache = os.environ.get("MSA_NO_MODEL_CACHE", "0") != "1"
+    if use_cache and (cache / "config.json").is_file() and (cache / "tokenizer_config.json").is_file():
+        try:
+            hf = AutoModelForCausalLM.from_pretrained(str(cache), dtype=dtype)
+            return hf, AutoTokenizer.from_pretrained(str(cache))
+        except (OSError, ValueError):  # a damaged cache: fall back to the GGUF file
+            pass
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    if use_cache:
+        tmp: Path | None = None
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=cache.name + ".", dir=cache.parent))
+            _save_plain(hf, tmp)
+            tok.save_pretrained(str(tmp))
+            tmp.rename(cache)  # fails if another worker won the race: theirs is as good
+            tmp = None
+        except Exception as e:  # a cache is an optimisation: never fail the load for it
+            if not cache.exists():
+                warnings.warn(f"Could not cache the de-quantised model under {str(cache)!r}: {e}", stacklevel=3)
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return hf.to(dtype), tok
+
+
 def load_model(model: Any = "default", *, adapter: str | Path | RouterAdapter | None = None,
                tokenizer: Any = None, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
-               router_layers: Any = None, chunk_tokens: int | None = None, name: str | None = None) -> LoadedModel:
+               router_layers: Any = None, chunk_tokens: int | None = None, name: str | None = None,
+               fingerprint: str | None = None) -> LoadedModel:
     """Load a model for encoding (and routing).
 
     Parameters
@@ -341,6 +399,9 @@ def load_model(model: Any = "default", *, adapter: str | Path | RouterAdapter | 
         Pooling size when no adapter/MSA config fixes it; default 64.
     name : str, optional
         Human name recorded in the store identity.
+    fingerprint : str, optional
+        Use this model fingerprint instead of hashing (for callers that already know it, e.g.
+        benchmarks on multi-GB random models); stores built with it refuse other fingerprints.
 
     Returns
     -------
@@ -372,7 +433,7 @@ def load_model(model: Any = "default", *, adapter: str | Path | RouterAdapter | 
             raise ConfigError("load_model(model_object) needs tokenizer=...; pass the model's tokenizer.")
         hf, tok = model.to(device=device, dtype=dtype), tokenizer
         mt = _check_family(hf.config)
-        weights = _hash_tensors(hf)
+        weights = "given" if fingerprint else _hash_tensors(hf)
         name = name or type(hf).__name__
         source = {"kind": "object", "model_type": mt}
     elif model == "default" or (isinstance(model, (str, Path)) and str(model).endswith(".gguf")):
@@ -391,8 +452,7 @@ def load_model(model: Any = "default", *, adapter: str | Path | RouterAdapter | 
                 raise ModelLoadError(f"GGUF file {str(path)!r} does not exist.")
             weights = "gguf-sha256:" + _hash_files([path])
             name = name or str(path)
-        hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        hf, tok = _load_gguf_cached(path, weights.removeprefix("gguf-sha256:"), dtype)
         mt = _check_family(hf.config)
         source = {"kind": "gguf", "path": str(path), "model_type": mt}
     else:
@@ -416,8 +476,12 @@ def load_model(model: Any = "default", *, adapter: str | Path | RouterAdapter | 
         source = {"kind": "msa" if mt == "msa" else "hf-dir", "path": str(path), "model_type": mt}
     hf = hf.to(device=device).eval()
     hf.config._attn_implementation = "sdpa"
-    fingerprint = _fingerprint(weights, hf.config, _hash_tokenizer(tok, tok_dir) if source["kind"] != "gguf"
-                               else "in-gguf")
+    if fingerprint:
+        fingerprint = str(fingerprint)
+    elif source["kind"] == "gguf":  # the verified file fixes weights, config and tokenizer
+        fingerprint = _fingerprint(weights, {}, "in-gguf")
+    else:
+        fingerprint = _fingerprint(weights, hf.config, _hash_tokenizer(tok, tok_dir))
     if adapter is not None:
         router = adapter if isinstance(adapter, RouterAdapter) else RouterAdapter.load(adapter)
     if router is None:

@@ -132,6 +132,12 @@ def test_bucket_attention_strategy_equals_loop(fam_model):
     bucket = Encoder(fam_model, store_dtype="float32", attention_strategy="bucket").encode(ids, _passages())
     assert_close(bucket.kv, loop.kv, 1e-5, "kv bucket vs loop")
     assert_close(bucket.k_router, loop.k_router, 1e-5, "k_router bucket vs loop")
+    # equal lengths take the no-gather view path
+    same = _passages(["abcdefghij" * 5, "0123456789" * 5, "klmnopqrst" * 5])
+    loop = Encoder(fam_model, store_dtype="float32", attention_strategy="loop").encode(np.arange(3), same)
+    bucket = Encoder(fam_model, store_dtype="float32", attention_strategy="bucket").encode(np.arange(3), same)
+    assert len(set(loop.n_tokens.tolist())) == 1
+    assert_close(bucket.kv, loop.kv, 1e-5, "kv equal-length bucket vs loop")
 
 
 def test_backbone_causal_attention_equals_hf_logits(fam_model):

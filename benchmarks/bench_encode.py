@@ -1,0 +1,289 @@
+"""Encoder throughput (tokens/s) against plain Hugging Face forwards, measured in the same run.
+
+Regime: offline prefill of many independent passages -- compute-bound matmuls on a GPU, and on
+a small CPU mostly the backbone's GEMMs. Our encoder runs decoder layers 0..last router layer
+only, with all passages packed in one row (no padding, block-diagonal causal attention), pools
+K/V/x inside the attention calls and never runs the LM head. Its ceiling is the backbone-only
+forward of the same tokens; the LM head alone costs more than the rest of Gemma 3 270M (262k
+vocabulary).
+
+Two regimes, selected by ``--model``:
+
+* ``default`` (CPU; the real Gemma 3 270M from its PyPI package) on real passages (stdlib
+  module text split at 480 tokens), against (a) the naive baseline: ``AutoModelForCausalLM``
+  forward per passage in fp32 (full logits), and (b) the best plain batched HF forward:
+  ``model.model`` (backbone only) over right-padded batches, in bf16 and in fp32 (the better one is
+  the baseline; on CPUs without AMX/AVX512-BF16 bf16 is the slower).
+* ``random-gemma3-270m`` / ``random-qwen3-4b`` (GPU; random weights of the real shapes) on
+  B x L random-token passages, against plain prefill with the LM head (``logits_to_keep=1`` as
+  generate does, and full logits) and the backbone-only forward, with peak GPU memory.
+
+Method: one warm-up, then ``--rounds`` timed rounds (median); methods interleaved per round so a
+noisy shared machine hits all alike; ``torch.cuda.synchronize()`` around GPU timings. Prints a
+table, then one JSON line (device, commit, config, results, ratios).
+
+Examples::
+
+    python benchmarks/bench_encode.py --model default --tokens 4096
+    python benchmarks/bench_encode.py --model random-gemma3-270m --device cuda --shapes 64x512,16x2048,4x8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from msa_memory.encode import Encoder, UntrainedRouterWarning, load_model, split_passages  # noqa: E402
+from msa_memory.encode.encoder import _to_storage  # noqa: E402
+from msa_memory.schemas.records import Passage  # noqa: E402
+
+warnings.simplefilter("ignore", UntrainedRouterWarning)
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _time(fn, dev: torch.device) -> float:
+    _sync(dev)
+    t0 = time.perf_counter()
+    fn()
+    _sync(dev)
+    return time.perf_counter() - t0
+
+
+def _commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
+                                       stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _device_name(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    model = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
+    return f"{model or platform.processor()} x{torch.get_num_threads()} threads"
+
+
+def run_methods(methods: dict, rounds: int, dev: torch.device) -> dict:
+    """Warm-up once, then ``rounds`` interleaved rounds; median seconds and peak memory per method."""
+    secs: dict[str, list[float]] = {k: [] for k in methods}
+    peak: dict[str, int] = {}
+    for name, fn in methods.items():  # warm-up (and peak memory, measured alone)
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+        _time(fn, dev)
+        if dev.type == "cuda":
+            peak[name] = int(torch.cuda.max_memory_allocated(dev))
+    for _ in range(rounds):
+        for name, fn in methods.items():
+            secs[name].append(_time(fn, dev))
+    return {k: {"seconds": statistics.median(v), "rounds": v, "peak_bytes": peak.get(k)} for k, v in secs.items()}
+
+
+# ----------------------------------------------------------------------------- CPU, default model
+
+
+def cpu_default(args) -> dict:
+    dev = torch.device("cpu")
+    t0 = time.perf_counter()
+    model = load_model("default", dtype=getattr(torch, args.dtype) if args.dtype else None)
+    load_s = time.perf_counter() - t0
+    import difflib
+    import argparse as ap_mod
+    import textwrap
+
+    passages: list[Passage] = []
+    for mod in (ap_mod, difflib, textwrap, inspect):
+        passages += split_passages(inspect.getsource(mod), mod.__name__, model.tokenizer, max_tokens=480)
+    ids = np.arange(len(passages))
+    seqs = Encoder(model).tokenize(ids, passages)
+    keep, n = [], 0
+    for i, s in enumerate(seqs):
+        if n >= args.tokens:
+            break
+        keep.append(i)
+        n += len(s)
+    passages, ids, seqs = [passages[i] for i in keep], ids[keep], [seqs[i] for i in keep]
+    n_tok = sum(len(s) for s in seqs)
+    enc = Encoder(model, max_batch_tokens=args.max_batch_tokens)
+    hf32 = model.hf_model if model.dtype == torch.float32 else copy.deepcopy(model.hf_model).float()
+    hf16 = model.hf_model if model.dtype == torch.bfloat16 else copy.deepcopy(model.hf_model).to(torch.bfloat16)
+
+    def padded_batches():
+        rows = max(1, args.max_batch_tokens // max(len(s) for s in seqs))
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+        out = []
+        for b in range(0, len(order), rows):
+            grp = [seqs[i] for i in order[b:b + rows]]
+            ln = max(len(s) for s in grp)
+            x = torch.zeros(len(grp), ln, dtype=torch.long)
+            mask = torch.zeros(len(grp), ln, dtype=torch.long)
+            for r, s in enumerate(grp):
+                x[r, :len(s)] = torch.tensor(s)
+                mask[r, :len(s)] = 1
+            out.append((x, mask))
+        return out
+
+    batches = padded_batches()
+    tensors = [torch.tensor([s]) for s in seqs]
+
+    @torch.inference_mode()
+    def ours():
+        enc.encode(ids, passages)
+
+    @torch.inference_mode()
+    def naive_fp32():
+        for t in tensors:
+            hf32(input_ids=t)
+
+    def plain(hf):
+        @torch.inference_mode()
+        def f():
+            for x, m in batches:
+                hf.model(input_ids=x, attention_mask=m, use_cache=False)
+        return f
+
+    methods = {"ours": ours, "naive_causal_lm_fp32_per_passage": naive_fp32,
+               "plain_backbone_fp32_batched": plain(hf32), "plain_backbone_bf16_batched": plain(hf16)}
+    res = run_methods(methods, args.rounds, dev)
+    for r in res.values():
+        r["tok_s"] = n_tok / r["seconds"]
+    best_plain = max(("plain_backbone_fp32_batched", "plain_backbone_bf16_batched"), key=lambda k: res[k]["tok_s"])
+    ratios = {"vs_naive": res["ours"]["tok_s"] / res["naive_causal_lm_fp32_per_passage"]["tok_s"],
+              "vs_best_plain": res["ours"]["tok_s"] / res[best_plain]["tok_s"], "best_plain": best_plain,
+              "targets": {"vs_naive": 5.0, "vs_best_plain": 0.9}}
+    cfg = {"model": model.name, "compute_dtype": str(model.dtype), "n_passages": len(seqs), "n_tokens": n_tok,
+           "max_batch_tokens": args.max_batch_tokens, "router_layers": list(model.router_layers),
+           "load_seconds": load_s, "rounds": args.rounds}
+    return {"device": _device_name(dev), "config": cfg, "results": res, "ratios": ratios}
+
+
+# ----------------------------------------------------------------------------- GPU, random shapes
+
+SHAPES = {
+    "random-gemma3-270m": dict(family="gemma3", cfg=dict(
+        vocab_size=262144, hidden_size=640, intermediate_size=2048, num_hidden_layers=18, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=256, query_pre_attn_scalar=256, sliding_window=512,
+        max_position_embeddings=32768, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        layer_types=[("full_attention" if (i + 1) % 6 == 0 else "sliding_attention") for i in range(18)],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}})),
+    "random-qwen3-4b": dict(family="qwen3", cfg=dict(
+        vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=262144, rms_norm_eps=1e-6,
+        rope_theta=5000000.0, tie_word_embeddings=True)),
+}
+
+
+def gpu_random(args) -> dict:
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig, Qwen3Config
+
+    from msa_memory.encode.tiny import tiny_tokenizer
+
+    dev = torch.device(args.device)
+    spec = SHAPES[args.model]
+    cfg = (Gemma3TextConfig if spec["family"] == "gemma3" else Qwen3Config)(**spec["cfg"])
+    cfg._attn_implementation = "sdpa"
+    with torch.device(dev):
+        hf = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+    model = load_model(hf, tokenizer=tiny_tokenizer(), device=dev, dtype=torch.bfloat16, fingerprint="random",
+                       name=args.model)
+    rows = []
+    for shape in args.shapes.split(","):
+        b, ln = (int(x) for x in shape.lower().split("x"))
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(10, cfg.vocab_size, (b, ln), generator=g)
+        seqs = ids.tolist()
+        ids_d = ids.to(dev)
+        enc = Encoder(model, max_batch_tokens=b * ln, attention_strategy=args.attention)
+
+        @torch.inference_mode()
+        def ours():
+            pb = enc.encode_tokens(seqs)
+            _to_storage(torch.stack([pb.k, pb.v], dim=2).transpose(0, 1), "bfloat16")
+            _to_storage(pb.k_router, "bfloat16")
+
+        @torch.inference_mode()
+        def prefill_last():
+            hf(input_ids=ids_d, logits_to_keep=1)
+
+        @torch.inference_mode()
+        def prefill_all():
+            hf(input_ids=ids_d)
+
+        @torch.inference_mode()
+        def backbone():
+            hf.model(input_ids=ids_d, use_cache=False)
+
+        methods = {"ours": ours, "prefill_lm_head_last": prefill_last, "backbone_only": backbone}
+        if not args.skip_full_logits:
+            methods["prefill_lm_head_all"] = prefill_all
+        res = run_methods(methods, args.rounds, dev)
+        for r in res.values():
+            r["tok_s"] = b * ln / r["seconds"]
+        rows.append({"shape": shape, "results": res,
+                     "ratios": {"vs_prefill_last": res["ours"]["tok_s"] / res["prefill_lm_head_last"]["tok_s"],
+                                "vs_backbone": res["ours"]["tok_s"] / res["backbone_only"]["tok_s"],
+                                **({"vs_prefill_all": res["ours"]["tok_s"] / res["prefill_lm_head_all"]["tok_s"]}
+                                   if "prefill_lm_head_all" in res else {}),
+                                "targets": {"vs_prefill": 1.0, "vs_backbone": 0.8}}})
+        del enc
+        torch.cuda.empty_cache()
+    cfg_out = {"model": args.model, "dtype": "bfloat16", "router_layers": list(model.router_layers),
+               "rounds": args.rounds, "attention": args.attention, "torch": torch.__version__}
+    return {"device": _device_name(dev), "config": cfg_out, "shapes": rows}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="default", choices=["default", *SHAPES])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default=None, help="compute dtype for --model default (default: auto)")
+    ap.add_argument("--tokens", type=int, default=4096, help="CPU corpus size in tokens")
+    ap.add_argument("--max-batch-tokens", type=int, default=8192)
+    ap.add_argument("--shapes", default="64x512,16x2048,4x8192", help="GPU passages BxL, comma-separated")
+    ap.add_argument("--attention", default="auto", choices=["auto", "loop", "bucket"])
+    ap.add_argument("--skip-full-logits", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = cpu_default(args) if args.model == "default" else gpu_random(args)
+    out["commit"] = _commit()
+    if args.model == "default":
+        print(f"{'method':40s} {'tok/s':>10s} {'median s':>10s}")
+        for k, r in out["results"].items():
+            print(f"{k:40s} {r['tok_s']:10.1f} {r['seconds']:10.2f}")
+        print("ratios:", {k: (round(v, 2) if isinstance(v, float) else v) for k, v in out["ratios"].items()})
+    else:
+        print(f"{'shape':10s} {'method':24s} {'tok/s':>12s} {'peak GiB':>9s}")
+        for row in out["shapes"]:
+            for k, r in row["results"].items():
+                pk = (r["peak_bytes"] or 0) / 2**30
+                print(f"{row['shape']:10s} {k:24s} {r['tok_s']:12.0f} {pk:9.2f}")
+            print(f"{'':10s} ratios {json.dumps({k: round(v, 3) for k, v in row['ratios'].items() if k != 'targets'})}")
+    print(json.dumps(out, default=str))
+
+
+if __name__ == "__main__":
+    main()
