@@ -682,14 +682,34 @@ def store_reindex_router(
 # ----------------------------------------------------------------------------- entry points
 
 
+def _run_app(application: typer.Typer, prog_name: str, argv: list[str] | None = None) -> None:
+    """Run a typer app; with ``--json``, usage errors (exit code 2) also end with a JSON line."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "--json" not in argv:
+        application(args=argv, prog_name=prog_name)
+        return
+    try:
+        from typer._click.exceptions import ClickException
+    except ImportError:  # pragma: no cover - typer versions that use click itself
+        from click.exceptions import ClickException
+    try:
+        rv = application(args=argv, prog_name=prog_name, standalone_mode=False)
+    except ClickException as e:  # bad usage: unknown option, missing argument, invalid value
+        typer.echo(f"error: {e.format_message()}", err=True)
+        typer.echo(json.dumps({"error": e.format_message(), "type": "UsageError", "hint": "See --help.",
+                               "exit_code": EXIT_USAGE}))
+        sys.exit(EXIT_USAGE)
+    sys.exit(rv if isinstance(rv, int) else 0)
+
+
 def encode_main() -> None:
     """Console entry of ``msa-encode``."""
-    encode_app(prog_name="msa-encode")
+    _run_app(encode_app, "msa-encode")
 
 
 def main() -> None:
     """Console entry of ``msa``."""
-    app(prog_name="msa")
+    _run_app(app, "msa")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -134,3 +134,6 @@ def test_store_cli_as_subprocess(store_path: Path, tmp_path: Path) -> None:
     assert p.returncode == 3 and "Traceback" in p.stderr and "StoreNotFoundError" in p.stderr
     p = subprocess.run([*cmd, "store", "--help"], capture_output=True, text=True, env=env)
     assert p.returncode == 0 and "restore" in p.stdout
+    # with --json even a usage error ends with one JSON line (and exit code 2)
+    p = subprocess.run([*cmd, "store", "docs", str(store_path), "--limit", "-1", "--json"], capture_output=True, text=True, env=env)
+    assert p.returncode == 2 and json.loads(p.stdout.strip().splitlines()[-1])["type"] == "UsageError"
