@@ -194,6 +194,34 @@ SHAPES = {
 }
 
 
+@torch.inference_mode()
+def _check_against_hf(model, enc, seqs) -> dict:
+    """Relative max error of our pooled K̄ and V̄ (last router layer) vs the plain HF forward of the
+    same passages batched (HF's own masks/attention; V recomputed from hidden states, K through the
+    layer's own projections, k_norm and RoPE), as a correctness check on the device."""
+    from transformers.models.qwen3.modeling_qwen3 import apply_rotary_pos_emb
+
+    pb = enc.encode_tokens(seqs)
+    bb, layer = model.backbone, model.router_layers[-1]
+    ids = torch.tensor(seqs, device=model.device)
+    hs = model.hf_model(input_ids=ids, output_hidden_states=True).hidden_states[layer]  # (B, L, E)
+    att = bb.layers[layer].self_attn
+    x = bb.layers[layer].input_layernorm(hs)
+    b, ln = ids.shape
+    v = att.v_proj(x).view(b, ln, -1, bb.head_dim).transpose(1, 2)
+    k = att.k_proj(x).view(b, ln, -1, bb.head_dim)
+    k = (att.k_norm(k) if hasattr(att, "k_norm") else k).transpose(1, 2)
+    pos = torch.arange(ln, device=ids.device)[None].expand(b, -1)
+    cos, sin = bb.rope(x, pos, layer)
+    _, k = apply_rotary_pos_emb(k, k, cos, sin)
+    p = model.chunk_tokens
+    pool = lambda t: t.float().transpose(1, 2).reshape(b * (ln // p), p, *t.shape[1:2], t.shape[-1]).mean(1)
+    out = {}
+    for name, ref, got in (("k", pool(k), pb.k[-1]), ("v", pool(v), pb.v[-1])):
+        out[f"{name}_rel_max_err"] = float((got - ref).abs().max() / ref.abs().max())
+    return out
+
+
 def gpu_random(args) -> dict:
     from transformers import AutoModelForCausalLM, Gemma3TextConfig, Qwen3Config
 
@@ -209,12 +237,21 @@ def gpu_random(args) -> dict:
                        name=args.model)
     rows = []
     for shape in args.shapes.split(","):
-        b, ln = (int(x) for x in shape.lower().split("x"))
         g = torch.Generator().manual_seed(0)
+        if shape.startswith("mix"):  # "mixN:A-B": N passages of random lengths in [A, B], right-padded for HF
+            n, rng = shape[3:].split(":")
+            lo, hi = (int(x) for x in rng.split("-"))
+            lens = torch.randint(lo, hi + 1, (int(n),), generator=g).tolist()
+        else:
+            b, ln = (int(x) for x in shape.lower().split("x"))
+            lens = [ln] * b
+        b, ln = len(lens), max(lens)
         ids = torch.randint(10, cfg.vocab_size, (b, ln), generator=g)
-        seqs = ids.tolist()
-        ids_d = ids.to(dev)
-        enc = Encoder(model, max_batch_tokens=b * ln, attention_strategy=args.attention)
+        mask = (torch.arange(ln)[None] < torch.tensor(lens)[:, None]).long()
+        seqs = [row[:n] for row, n in zip(ids.tolist(), lens)]
+        ids_d, mask_d = ids.to(dev), (mask.to(dev) if len(set(lens)) > 1 else None)
+        n_real = sum(lens)
+        enc = Encoder(model, max_batch_tokens=n_real, attention_strategy=args.attention)
 
         @torch.inference_mode()
         def ours():
@@ -224,23 +261,24 @@ def gpu_random(args) -> dict:
 
         @torch.inference_mode()
         def prefill_last():
-            hf(input_ids=ids_d, logits_to_keep=1)
+            hf(input_ids=ids_d, attention_mask=mask_d, logits_to_keep=1)
 
         @torch.inference_mode()
         def prefill_all():
-            hf(input_ids=ids_d)
+            hf(input_ids=ids_d, attention_mask=mask_d)
 
         @torch.inference_mode()
         def backbone():
-            hf.model(input_ids=ids_d, use_cache=False)
+            hf.model(input_ids=ids_d, attention_mask=mask_d, use_cache=False)
 
+        check = _check_against_hf(model, enc, seqs[:2]) if not rows and len(set(lens)) == 1 else None
         methods = {"ours": ours, "prefill_lm_head_last": prefill_last, "backbone_only": backbone}
         if not args.skip_full_logits:
             methods["prefill_lm_head_all"] = prefill_all
         res = run_methods(methods, args.rounds, dev)
         for r in res.values():
-            r["tok_s"] = b * ln / r["seconds"]
-        rows.append({"shape": shape, "results": res,
+            r["tok_s"] = n_real / r["seconds"]  # real (unpadded) tokens
+        rows.append({"shape": shape, "n_tokens": n_real, "padded_tokens": b * ln, "results": res, "check": check,
                      "ratios": {"vs_prefill_last": res["ours"]["tok_s"] / res["prefill_lm_head_last"]["tok_s"],
                                 "vs_backbone": res["ours"]["tok_s"] / res["backbone_only"]["tok_s"],
                                 **({"vs_prefill_all": res["ours"]["tok_s"] / res["prefill_lm_head_all"]["tok_s"]}
@@ -260,7 +298,8 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, help="compute dtype for --model default (default: auto)")
     ap.add_argument("--tokens", type=int, default=4096, help="CPU corpus size in tokens")
     ap.add_argument("--max-batch-tokens", type=int, default=8192)
-    ap.add_argument("--shapes", default="64x512,16x2048,4x8192", help="GPU passages BxL, comma-separated")
+    ap.add_argument("--shapes", default="64x512,16x2048,4x8192",
+                    help="GPU passages: BxL (B of L tokens) or mixN:A-B (N of random length A..B), comma-separated")
     ap.add_argument("--attention", default="auto", choices=["auto", "loop", "bucket"])
     ap.add_argument("--skip-full-logits", action="store_true")
     ap.add_argument("--rounds", type=int, default=3)
