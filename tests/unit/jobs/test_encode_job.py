@@ -184,3 +184,18 @@ def test_encode_config_errors(tmp_path: Path, corpus: Path, tiny_model_dir: Path
     with pytest.raises(ModelLoadError):
         encode_corpus([corpus], tmp_path / "m.msa", model=str(tmp_path / "no-model"))
     assert not (tmp_path / "m.msa").exists()
+
+
+def test_encode_on_a_client_passed_in_leaves_it_open(tmp_path: Path, corpus: Path, tiny_model_dir: Path) -> None:
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        kw = {k: v for k, v in SMALL.items() if k != "workers"}
+        res = encode_corpus([corpus], tmp_path / "m.msa", model=str(tiny_model_dir), client=client, **kw)
+        assert res.committed and res.shards_written >= 2
+        assert client.status == "running"  # the caller's client is not closed by the job
+        assert client.submit(lambda: 41 + 1).result() == 42
+    reference = tmp_path / "ref.msa"
+    encode_corpus([corpus], reference, model=str(tiny_model_dir), **SMALL)
+    assert store_digest(tmp_path / "m.msa") == store_digest(reference)
