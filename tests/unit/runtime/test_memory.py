@@ -188,3 +188,14 @@ def test_interleave_injection_routes_only_the_latest_block(tiny_memory):
 def test_memory_refuses_model_on_another_device(tiny_store, tiny_msa_model):
     with pytest.raises(ConfigError, match="device"):
         Memory(tiny_store, model=tiny_msa_model, device="meta")
+
+
+def test_empty_store_search_says_how_to_fill_it(tiny_msa_model, tmp_path):
+    from msa_memory.store import create_store
+
+    empty = create_store(tmp_path / "empty.msa", tiny_msa_model.identity(store_dtype="float32"))
+    mem = Memory(empty, model=tiny_msa_model)
+    with pytest.raises(RuntimeMemoryError, match="no documents"):
+        mem.search(Q)
+    with pytest.raises(RuntimeMemoryError, match="no documents"):
+        mem.ask(Q, mode="pooled")
