@@ -242,13 +242,16 @@ class _Prepared:
 
 
 def _open_or_create(root: str, identity: Any, *, create: bool) -> Any:
+    from msa_memory.errors import StoreNotFoundError
     from msa_memory.store import create_store, open_store
 
-    if not Path(root).exists():
-        if not create:
+    try:
+        store = open_store(root)
+    except StoreNotFoundError:
+        if not create:  # dry run: plan against an empty store, create nothing
             return None
+        # a new or empty directory; anything else there raises StoreExistsError (nothing is touched)
         return create_store(root, identity, message=f"create for {identity.model_name}")
-    store = open_store(root)
     bad = store.identity.compatible_with(identity)
     if bad:
         raise IdentityMismatchError(

@@ -184,6 +184,15 @@ def test_encode_config_errors(tmp_path: Path, corpus: Path, tiny_model_dir: Path
     with pytest.raises(ModelLoadError):
         encode_corpus([corpus], tmp_path / "m.msa", model=str(tmp_path / "no-model"))
     assert not (tmp_path / "m.msa").exists()
+    # --store pointing at a folder that is not a store (and not empty) is refused; nothing is written there
+    from msa_memory.errors import StoreExistsError
+
+    with pytest.raises(StoreExistsError, match="not an empty directory"):
+        encode_corpus([corpus], corpus / "part0", model=str(tiny_model_dir), **SMALL)
+    assert sorted(p.name for p in (corpus / "part0").iterdir()) == ["note000.md", "note003.md", "note006.md", "note009.md"]
+    # an empty folder is fine
+    (tmp_path / "empty").mkdir()
+    assert encode_corpus([corpus], tmp_path / "empty", model=str(tiny_model_dir), **SMALL).version == 1
 
 
 def test_encode_on_a_client_passed_in_leaves_it_open(tmp_path: Path, corpus: Path, tiny_model_dir: Path) -> None:
