@@ -241,6 +241,17 @@ class _Prepared:
     t0: float
 
 
+def _open_existing(root: str) -> Any:
+    """The latest version of the store at ``root``, or None when there is no store there."""
+    from msa_memory.errors import StoreNotFoundError
+    from msa_memory.store import open_store
+
+    try:
+        return open_store(root)
+    except StoreNotFoundError:
+        return None
+
+
 def _open_or_create(root: str, identity: Any, *, create: bool) -> Any:
     from msa_memory.errors import StoreNotFoundError
     from msa_memory.store import create_store, open_store
@@ -270,13 +281,18 @@ def _prepare(paths: Sequence[str | os.PathLike[str]] | str, store: str | os.Path
         raise ConfigError(f"shard_tokens and max_passage_tokens must be positive, got {shard_tokens!r}, {max_passage_tokens!r}.")
     root = str(store) if isinstance(store, (str, os.PathLike)) else str(store.root)  # a MemoryStore
     scan = scan_corpus(paths if not isinstance(paths, (str, os.PathLike)) else [paths], options)
-    model, _, _ = get_encoder(spec, device="cpu" if spec.device == "auto" else spec.device)
-    identity = model.identity()
-    opened = _open_or_create(root, identity, create=not dry_run)
+    # 1. diff against an existing store first: an unchanged folder needs no model at all
+    opened = _open_existing(root)
+    diff = diff_sources(scan, opened) if opened is not None else None
+    model = identity = None
+    if diff is None or diff.has_changes or dry_run:
+        model, _, _ = get_encoder(spec, device="cpu" if spec.device == "auto" else spec.device)
+        identity = model.identity()
+        opened = _open_or_create(root, identity, create=not dry_run)
     if opened is None:  # dry run against a store that does not exist yet: plan as if it were empty
         diff = FileDiff(read_version=-1, to_encode=list(scan.sources), added=[s.key for s in scan.sources],
                         skipped=list(scan.skipped), n_excluded=scan.n_excluded)
-    else:
+    elif diff is None:  # the store was just created
         diff = diff_sources(scan, opened)
     result = JobResult(store=root, read_version=None if opened is None else int(opened.version),
                        version=None if opened is None else int(opened.version), committed=False, dry_run=dry_run,
@@ -288,6 +304,7 @@ def _prepare(paths: Sequence[str | os.PathLike[str]] | str, store: str | os.Path
     if not diff.has_changes:
         result.message = "no changes: every file matches the store's latest version; nothing committed"
         return prepared
+    assert model is not None and identity is not None
     passages, counts = split_and_count(diff.to_encode, model.tokenizer, max_passage_tokens=max_passage_tokens)
     settings = {"shard_tokens": shard_tokens, "max_passage_tokens": max_passage_tokens,
                 "max_batch_tokens": spec.max_batch_tokens}
@@ -307,14 +324,15 @@ def _prepare(paths: Sequence[str | os.PathLike[str]] | str, store: str | os.Path
     for t in tasks:
         rec = opened.find_shard(t.shard_id)
         if rec is not None:
-            prepared.reused.append(ShardResult(t.shard_id, rec, len(t.passages), t.n_tokens,
-                                               int(getattr(rec, "n_bytes", 0) or 0), 0.0, reused=True))
+            prepared.reused.append(ShardResult(t.shard_id, rec, len(t.passages), int(np.sum(rec.n_tokens)),
+                                               int(rec.n_bytes), 0.0, reused=True))
         else:
             prepared.tasks.append(t)
+    reused = {r.shard_id for r in prepared.reused}
     if progress:
         progress({"event": "planned", "files": len(diff.to_encode), "shards": len(tasks),
                   "shards_reused": len(prepared.reused), "tokens_total": result.tokens_planned,
-                  "tokens_reused": sum(r.n_tokens for r in prepared.reused)})
+                  "tokens_reused": sum(t.n_tokens for t in tasks if t.shard_id in reused)})
     return prepared
 
 
@@ -459,6 +477,7 @@ def _run(prepared: _Prepared, *, client: Client | None, scheduler: str | None, w
     from distributed import as_completed
 
     results: list[ShardResult] = []
+    planned = {t.shard_id: t.n_tokens for t in prepared.tasks}
     if prepared.tasks:
         with job_client(client=client, scheduler=scheduler, workers=workers) as (c, threads):
             spec = prepared.spec
@@ -477,8 +496,10 @@ def _run(prepared: _Prepared, *, client: Client | None, scheduler: str | None, w
                     r = fut.result()
                     results.append(r)
                     if progress:
-                        progress({"event": "shard", "shard_id": r.shard_id, "tokens": r.n_tokens,
-                                  "docs": r.n_docs, "bytes": r.n_bytes, "seconds": r.seconds})
+                        # "tokens": as planned (the bar's unit); "tokens_encoded": wrapped, as encoded
+                        progress({"event": "shard", "shard_id": r.shard_id, "tokens": planned[r.shard_id],
+                                  "tokens_encoded": r.n_tokens, "docs": r.n_docs, "bytes": r.n_bytes,
+                                  "seconds": r.seconds})
             finally:
                 for fut in futures:
                     fut.cancel()

@@ -53,7 +53,8 @@ def test_encode_creates_store_and_commits_one_version(tmp_path: Path, corpus: Pa
     assert res.shards_written >= 2 and res.shards_reused == 0 and res.tokens_encoded > 0 and res.bytes_written > 0
     kinds = [e["event"] for e in events]
     assert kinds[0] == "planned" and kinds[-1] == "committed" and kinds.count("shard") == res.shards_written
-    assert sum(e["tokens"] for e in events if e["event"] == "shard") == res.tokens_encoded
+    assert sum(e["tokens"] for e in events if e["event"] == "shard") == res.tokens_planned == events[0]["tokens_total"]
+    assert sum(e["tokens_encoded"] for e in events if e["event"] == "shard") == res.tokens_encoded >= res.tokens_planned
     assert not list((tmp_path / "m.msa" / "_jobs").glob("*.json"))  # journal removed after the commit
     assert s.verify()["ok"]
 
@@ -68,6 +69,8 @@ def test_encode_incremental_unchanged_changed_deleted_added_mixed(tmp_path: Path
     res = encode_corpus([corpus], store, model=str(tiny_model_dir), **SMALL)
     assert not res.committed and res.version == 1 and res.files_unchanged == 12 and "no changes" in res.message
     assert open_store(store).latest_version() == 1
+    # ... and loads no model to find that out (a model path that does not exist is never opened)
+    assert not encode_corpus([corpus], store, model=str(tmp_path / "no-such-model"), **SMALL).committed
 
     # one changed: its documents replaced, all others keep their ids
     edit(corpus / "part1" / "note001.md", "# Note 1\n\nThe dome now opens at 17:05.\n")
