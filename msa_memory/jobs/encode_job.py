@@ -23,12 +23,10 @@ the store at the version the job read (plus orphan or reusable shards).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
@@ -38,7 +36,20 @@ import numpy as np
 from msa_memory.encode.corpus import ReaderOptions, scan_corpus
 from msa_memory.errors import ConfigError, IdentityMismatchError, JobError, MsaError
 from msa_memory.jobs.cluster import job_client
-from msa_memory.jobs.plan import FileDiff, ShardTask, diff_sources, make_shard_tasks, plan_id_of, split_and_count
+from msa_memory.jobs.plan import (
+    FileDiff,
+    ShardTask,
+    diff_sources,
+    make_shard_tasks,
+    plan_id_of,
+    split_and_count,
+)
+from msa_memory.jobs.worker import (
+    ModelSpec,
+    ShardResult,
+    encode_and_write_shard,
+    get_encoder,
+)
 
 if TYPE_CHECKING:
     from dask.delayed import Delayed
@@ -50,111 +61,6 @@ __all__ = ["ModelSpec", "JobResult", "ShardResult", "encode_corpus", "encode_and
 
 ProgressFn = Callable[[dict[str, Any]], None]
 JOURNAL_DIR = "_jobs"
-
-
-# ----------------------------------------------------------------------------- model cache
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """How a worker loads the model: the cache key of ``get_encoder``."""
-
-    name: str = "default"
-    adapter: str | None = None
-    device: str = "auto"
-    """``auto``: ``cuda:<worker index>`` where there are GPUs, else ``cpu``."""
-    dtype: str | None = None
-    torch_threads: int | None = None
-    """torch intra-op threads while encoding (None: torch's default, all cores)."""
-    max_batch_tokens: int = 8192
-
-
-_CACHE: dict[tuple[Any, ...], tuple[Any, Any, threading.Lock]] = {}
-_CACHE_LOCK = threading.Lock()
-
-
-def _resolve_device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
-
-    if not torch.cuda.is_available():
-        return "cpu"
-    index = 0
-    try:
-        from distributed import get_worker
-
-        name = get_worker().name
-        index = int(name) if str(name).isdigit() else 0
-    except (ValueError, ImportError):
-        pass
-    return f"cuda:{index % torch.cuda.device_count()}"
-
-
-def get_encoder(spec: ModelSpec, *, device: str | None = None) -> tuple[Any, Any, threading.Lock]:
-    """``(LoadedModel, Encoder, lock)`` for ``spec``, loaded once per process (worker) and cached."""
-    dev = device or _resolve_device(spec.device)
-    key = (spec.name, spec.adapter, dev, spec.dtype, spec.max_batch_tokens)
-    with _CACHE_LOCK:
-        hit = _CACHE.get(key)
-        if hit is not None:
-            return hit
-        from msa_memory.encode import Encoder, load_model
-
-        kwargs: dict[str, Any] = {"adapter": spec.adapter, "device": dev}
-        if spec.dtype is not None:
-            import torch
-
-            kwargs["dtype"] = getattr(torch, spec.dtype)
-        model = load_model(spec.name, **kwargs)
-        entry = (model, Encoder(model, max_batch_tokens=spec.max_batch_tokens), threading.Lock())
-        _CACHE[key] = entry
-        return entry
-
-
-# ----------------------------------------------------------------------------- worker task
-
-
-@dataclass(frozen=True)
-class ShardResult:
-    """What a worker returns: the shard record to commit and a few figures."""
-
-    shard_id: str
-    record: Any
-    n_docs: int
-    n_tokens: int
-    n_bytes: int
-    seconds: float
-    reused: bool = False
-
-
-def encode_and_write_shard(task: ShardTask, spec: ModelSpec, store_root: str) -> ShardResult:
-    """Encode one batch of passages and write it as one immutable shard (no manifest is touched)."""
-    from msa_memory.store import write_shard
-
-    t0 = time.perf_counter()
-    _, encoder, lock = get_encoder(spec)
-    with lock, _torch_threads(spec.torch_threads):
-        encoded = encoder.encode(task.doc_ids, list(task.passages))
-    record = write_shard(store_root, task.shard_id, list(task.passages), encoded)
-    return ShardResult(task.shard_id, record, n_docs=len(task.passages), n_tokens=int(np.sum(encoded.n_tokens)),
-                       n_bytes=int(getattr(record, "n_bytes", 0) or 0), seconds=time.perf_counter() - t0)
-
-
-@contextlib.contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    """Run torch with ``n`` intra-op threads for the block (process-wide; restored after)."""
-    if not n:
-        yield
-        return
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(n))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def default_shard_tokens(device: str = "auto") -> int:

@@ -7,14 +7,12 @@ is loaded once for the whole file. Run: .venv/bin/python -m pytest tests/unit/jo
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-import numpy as np
 import pytest
-from jobkit import edit, make_corpus, store_digest, write_tiny_model
+from jobkit import edit, store_digest, write_tiny_model
 
-from msa_memory.errors import IdentityMismatchError, JobError
+from msa_memory.errors import IdentityMismatchError
 from msa_memory.jobs import JobResult, encode_corpus
 from msa_memory.store import open_store
 

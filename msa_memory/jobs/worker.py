@@ -1,0 +1,130 @@
+"""Worker side of the msa-encode job: the cached model and the encode-and-write-shard task.
+
+``get_encoder`` loads a model once per process (a Dask worker) and caches it, keyed by model,
+adapter, device, dtype and batch size; ``encode_and_write_shard`` encodes one batch of passages
+with it and writes one immutable shard with ``store.write_shard``. Nothing here reads or writes a
+version manifest: only the job's single commit (``encode_job``) does.
+
+Key invariant: a task is a pure function of its ``ShardTask`` and ``ModelSpec`` (same inputs,
+same shard bytes), which is what lets a resumed job trust shards written by an earlier run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from msa_memory.jobs.plan import ShardTask
+
+__all__ = ["ModelSpec", "ShardResult", "get_encoder", "encode_and_write_shard"]
+
+
+# ----------------------------------------------------------------------------- model cache
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How a worker loads the model: the cache key of ``get_encoder``."""
+
+    name: str = "default"
+    adapter: str | None = None
+    device: str = "auto"
+    """``auto``: ``cuda:<worker index>`` where there are GPUs, else ``cpu``."""
+    dtype: str | None = None
+    torch_threads: int | None = None
+    """torch intra-op threads while encoding (None: torch's default, all cores)."""
+    max_batch_tokens: int = 8192
+
+
+_CACHE: dict[tuple[Any, ...], tuple[Any, Any, threading.Lock]] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def _resolve_device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    if not torch.cuda.is_available():
+        return "cpu"
+    index = 0
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+        index = int(name) if str(name).isdigit() else 0
+    except (ValueError, ImportError):
+        pass
+    return f"cuda:{index % torch.cuda.device_count()}"
+
+
+def get_encoder(spec: ModelSpec, *, device: str | None = None) -> tuple[Any, Any, threading.Lock]:
+    """``(LoadedModel, Encoder, lock)`` for ``spec``, loaded once per process (worker) and cached."""
+    dev = device or _resolve_device(spec.device)
+    key = (spec.name, spec.adapter, dev, spec.dtype, spec.max_batch_tokens)
+    with _CACHE_LOCK:
+        hit = _CACHE.get(key)
+        if hit is not None:
+            return hit
+        from msa_memory.encode import Encoder, load_model
+
+        kwargs: dict[str, Any] = {"adapter": spec.adapter, "device": dev}
+        if spec.dtype is not None:
+            import torch
+
+            kwargs["dtype"] = getattr(torch, spec.dtype)
+        model = load_model(spec.name, **kwargs)
+        entry = (model, Encoder(model, max_batch_tokens=spec.max_batch_tokens), threading.Lock())
+        _CACHE[key] = entry
+        return entry
+
+
+# ----------------------------------------------------------------------------- worker task
+
+
+@dataclass(frozen=True)
+class ShardResult:
+    """What a worker returns: the shard record to commit and a few figures."""
+
+    shard_id: str
+    record: Any
+    n_docs: int
+    n_tokens: int
+    n_bytes: int
+    seconds: float
+    reused: bool = False
+
+
+def encode_and_write_shard(task: ShardTask, spec: ModelSpec, store_root: str) -> ShardResult:
+    """Encode one batch of passages and write it as one immutable shard (no manifest is touched)."""
+    from msa_memory.store import write_shard
+
+    t0 = time.perf_counter()
+    _, encoder, lock = get_encoder(spec)
+    with lock, _torch_threads(spec.torch_threads):
+        encoded = encoder.encode(task.doc_ids, list(task.passages))
+    record = write_shard(store_root, task.shard_id, list(task.passages), encoded)
+    return ShardResult(task.shard_id, record, n_docs=len(task.passages), n_tokens=int(np.sum(encoded.n_tokens)),
+                       n_bytes=int(getattr(record, "n_bytes", 0) or 0), seconds=time.perf_counter() - t0)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None) -> Iterator[None]:
+    """Run torch with ``n`` intra-op threads for the block (process-wide; restored after)."""
+    if not n:
+        yield
+        return
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(n))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
