@@ -140,7 +140,8 @@ class CorpusScan:
 
     def covers(self, key: str) -> bool:
         """Whether ``key`` lies in a scanned folder or is a scanned file (vanished-file detection)."""
-        return any(key == r or (r.endswith("/") and key.startswith(r)) for r in self.roots)
+        return any(key == r or key.startswith(r + "#") or (r.endswith("/") and key.startswith(r))
+                   for r in self.roots)
 
 
 def source_root_key(path: str | os.PathLike[str]) -> str:

@@ -152,3 +152,7 @@ def test_scan_covers_only_scanned_roots(tmp_path: Path) -> None:
     _write(tmp_path / "docs", "a.md", "x")
     scan = scan_corpus([tmp_path / "docs"])
     assert scan.covers("docs/old.md") and not scan.covers("other/a.md") and not scan.covers("docsX/a.md")
+    f = tmp_path / "faq.jsonl"
+    f.write_text('{"text": "x"}\n')
+    scan = scan_corpus([f])  # a JSON Lines file argument covers its records (vanished ones are deleted)
+    assert scan.covers("faq.jsonl#7") and not scan.covers("faq.jsonlx#7")
