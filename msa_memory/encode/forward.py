@@ -145,7 +145,7 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scaling: float,
         p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
         return torch.matmul(p, vr)
     if n_rep > 1:
-        # expand is a view; SDPA's CPU/CUDA kernels take it without a copy of the whole cache
+        # repeat_kv as HF does (SDPA's enable_gqa is not taken by every CPU/CUDA kernel with a mask)
         b, h, t, d = k.shape
         k = k[:, :, None].expand(b, h, n_rep, t, d).reshape(b, h * n_rep, t, d)
         v = v[:, :, None].expand(b, h, n_rep, t, d).reshape(b, h * n_rep, t, d)
