@@ -26,7 +26,7 @@ demo: install
 	$(BIN)/msa store info $(STORE)
 	@if $(BIN)/msa ask --help >/dev/null 2>&1; then \
 		echo "Q: $$(cat examples/question.txt)"; \
-		$(BIN)/msa ask $(STORE) "$$(cat examples/question.txt)" --mode text -k 4; \
+		$(BIN)/msa ask $(STORE) "$$(cat examples/question.txt)" --mode text -k 8; \
 	else echo "(msa ask is not available in this build; the store is ready in $(STORE))"; fi
 
 test: install
