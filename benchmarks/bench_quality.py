@@ -120,13 +120,13 @@ def pool_features(loaded, passages, n_needed: int, cache: Path, block: int = 256
     t0 = time.perf_counter()
     for b0 in range(0, n_needed, block):
         f = cache / f"pool_{b0:06d}.pt"
-        if f.is_file():
-            d = torch.load(f, weights_only=True)
-        else:
-            x, cd = extract_passages(loaded, passages[b0:b0 + block])
+        b1 = min(b0 + block, n_needed)
+        d = torch.load(f, weights_only=True) if f.is_file() else None
+        if d is None or int(d["cd"].max()) + 1 < b1:  # absent, or cached for fewer passages than needed now
+            x, cd = extract_passages(loaded, passages[b0:b1])
             d = {"x": x, "cd": cd + b0, "layers": list(loaded.router_layers)}
             torch.save(d, f)
-            print(f"  encoded passages {b0}..{b0 + block} ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
+            print(f"  encoded passages {b0}..{b1} ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
         if d["layers"] != list(loaded.router_layers):
             raise SystemExit(f"cache {f} has layers {d['layers']}, wanted {list(loaded.router_layers)}; use another --cache")
         xs.append(d["x"])
@@ -283,12 +283,22 @@ def run_em(args, loaded, adapter, passages, queries, plans, sizes):
                     router=adapter)
     docs, qidx = plans[sizes[0]][0]
     needles = [i for i in qidx if queries[i].kind == "fact"][: args.em]
-    root = Path(tempfile.mkdtemp(prefix="bench-em-")) / "mem.msa"
-    enc = Encoder(m)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-em-"))
+    root = tmp / "mem.msa"
+    enc = Encoder(m, keep_router_inputs=True)
+    t0 = time.perf_counter()
     store = create_store(root, enc.identity())
     ids = store.reserve_ids(len(docs))
     ps = [Passage(passages[d], f"p{d}.txt") for d in docs]
     store = store.commit(add=[write_shard(root, "s0", ps, enc.encode(ids, ps))])
+    t_encode = time.perf_counter() - t0
+    # re-keying the same store from its kept router inputs (msa store reindex-router) vs encoding it
+    from msa_memory.train.reindex import reindex_router
+    t0 = time.perf_counter()
+    _, rstats = reindex_router(store, tmp / "rekeyed.msa", adapter)
+    t_reindex = time.perf_counter() - t0
+    print(f"reindex-router {t_reindex:.2f}s vs encode+write {t_encode:.1f}s for {int(store.stats()['n_tokens'])} tokens",
+          file=sys.stderr, flush=True)
     mem = Memory(store, model=m)
     hits, rows = 0, []
     for i in needles:
@@ -297,7 +307,8 @@ def run_em(args, loaded, adapter, passages, queries, plans, sizes):
         hits += ok
         rows.append({"q": queries[i].text, "gold": queries[i].answer, "answer": ans.answer.strip()[:120], "hit": ok})
     return {"n": len(needles), "exact_match": hits / max(1, len(needles)), "k": 4, "memory_tokens": sizes[0],
-            "rows": rows}
+            "rows": rows, "reindex_seconds": round(t_reindex, 3), "encode_write_seconds": round(t_encode, 2),
+            "reindex_tokens": int(store.stats()["n_tokens"]), "reindex_stats": rstats}
 
 
 def report(args, results, sizes, em, t_dense, n_needed, n_tokens, cfg, t_start):
@@ -317,6 +328,9 @@ def report(args, results, sizes, em, t_dense, n_needed, n_tokens, cfg, t_start):
     if em:
         print(f"\nend-to-end exact match (text mode, top-{em['k']}, {em['memory_tokens'] // 1024}K memory): "
               f"{em['exact_match']:.2f} on {em['n']} needles")
+        print(f"reindex-router: {em['reindex_seconds']:.2f}s vs encoding + writing the same store "
+              f"{em['encode_write_seconds']:.1f}s ({em['reindex_tokens']} tokens; "
+              f"{em['encode_write_seconds'] / max(1e-9, em['reindex_seconds']):.0f}x cheaper)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     try:

@@ -484,6 +484,15 @@ def load_model(model: Any = "default", *, adapter: str | Path | RouterAdapter | 
         fingerprint = _fingerprint(weights, hf.config, _hash_tokenizer(tok, tok_dir))
     if adapter is not None:
         router = adapter if isinstance(adapter, RouterAdapter) else RouterAdapter.load(adapter)
+    if router is None and isinstance(model, str) and model == "default" and router_layers is None \
+            and chunk_tokens is None:
+        # NOTE(train): the default model ships a trained router adapter (msa_memory/data/, made by
+        # `msa train-router`; see its RECIPE.md); q/k copies remain the fallback.
+        from msa_memory.data import default_router_adapter
+
+        shipped = default_router_adapter()
+        if shipped is not None:
+            router = RouterAdapter.load(shipped)
     if router is None:
         bb = Backbone(hf)
         rcfg = RouterConfig(

@@ -318,9 +318,9 @@ def test_cli_train_router_and_reindex(tmp_path):
     corpus.mkdir()
     rng = np.random.default_rng(0)
     words = ["river", "stone", "garden", "engine", "window", "signal", "copper", "forest", "ladder", "market"]
-    for i in range(8):
+    for i in range(6):
         paras = []
-        for _ in range(5):
+        for _ in range(4):
             sents = [" ".join(rng.choice(words, 6)).capitalize() + f" number {rng.integers(100)}." for _ in range(4)]
             paras.append(" ".join(sents))
         (corpus / f"f{i}.txt").write_text("\n\n".join(paras))
