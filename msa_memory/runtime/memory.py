@@ -120,7 +120,8 @@ class Memory:
                               hint="Load the model with load_model(..., device=...) on the same device, or pass "
                                    "the model by name so Memory loads it there.")
         ident = store.identity
-        store.check_identity(model.identity(store_dtype=ident.dtype))   # IdentityMismatchError on mismatch
+        # NOTE(train): a store that kept router inputs (x_router, e.g. from reindex-router) records hidden_size
+        store.check_identity(model.identity(store_dtype=ident.dtype, keep_router_inputs=ident.hidden_size > 0))
         self.identity = ident
         self.device = torch.device(device)
         self.tokenizer = model.tokenizer

@@ -282,6 +282,11 @@ def test_reindex_gives_fresh_encode_router_keys(tiny_loaded, tmp_path):
     a, b = out.load_kv(ids[:3]), fresh.load_kv(ids[:3])
     assert all(np.array_equal(x, y) for x, y in zip(a, b))
     assert out.texts(ids) == list(TEXTS)
+    # the runtime opens a re-keyed store (it keeps x_router) with the new adapter and routes with it
+    from msa_memory.runtime import Memory
+
+    hits, _, _ = Memory(out, model=fresh_model).route(TEXTS[4][:40], k=3)
+    assert len(hits) == 3 and set(hits) <= set(ids.tolist())
 
 
 def test_reindex_refuses_layers_the_store_did_not_keep(tiny_loaded, tmp_path):
