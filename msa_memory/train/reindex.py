@@ -88,8 +88,8 @@ def reindex_router(src: Any, dest: str | Path, adapter: Any, *, docs_per_shard: 
     rc = adapter.config
     if ident.hidden_size <= 0:
         raise ConfigError(f"Store {str(src.root)!r} keeps no router inputs (x_router), so its router keys cannot "
-                          "be recomputed.", hint="Re-encode the corpus with keep_router_inputs=True "
-                          "(msa-encode --keep-router-inputs) once; later adapters can then be applied by reindexing.")
+                          "be recomputed.", hint="Re-encode the corpus once with Encoder(..., keep_router_inputs=True) "
+                          "(msa-encode has no flag for it yet); later adapters can then be applied by reindexing.")
     missing = [l for l in rc.router_layers if l not in ident.router_layers]
     if missing:
         raise IdentityMismatchError(f"Adapter router layers {list(rc.router_layers)} include {missing}, which store "
