@@ -107,7 +107,8 @@ def run_methods(methods: dict, rounds: int, dev: torch.device) -> dict:
 def cpu_default(args) -> dict:
     dev = torch.device("cpu")
     t0 = time.perf_counter()
-    model = load_model("default", dtype=getattr(torch, args.dtype) if args.dtype else None)
+    model = load_model("default", dtype=getattr(torch, args.dtype) if args.dtype else None,
+                       router_layers=args.router_layers)
     load_s = time.perf_counter() - t0
     import difflib
     import argparse as ap_mod
@@ -309,6 +310,8 @@ def main() -> None:
     ap.add_argument("--attention", default="auto", choices=["auto", "loop", "bucket"])
     ap.add_argument("--skip-full-logits", action="store_true")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--router-layers", default=None,
+                    help="CPU default model: e.g. 'upper-half' (9..17, all 18 layers run); default: the shipped adapter's")
     ap.add_argument("--skip-bf16", action="store_true", help="CPU: skip the bf16 plain baseline (slow without AMX)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
