@@ -22,6 +22,20 @@ Method: one warm-up, then ``--rounds`` timed rounds (median); methods interleave
 noisy shared machine hits all alike; ``torch.cuda.synchronize()`` around GPU timings. Prints a
 table, then one JSON line (device, commit, config, results, ratios).
 
+Measured (2026-11-22, commits 47fcc1d..8ad2a6a):
+
+* H100 80GB, bf16, random weights, torch 2.11 / transformers 5.17, tok/s (ratio ours/plain):
+  Gemma-3-270M shape, ours vs prefill(last logit) / backbone / prefill(all logits):
+  64x512 401k vs 419k / 442k / 348k (0.96 / 0.91 / 1.15); 16x2048 345k vs 361k / 375k / 308k;
+  4x8192 290k vs 224k / 230k / 203k (1.30 / 1.26 / 1.43); mix128:64-512 248k vs 240k / 248k / 197k.
+  Qwen3-4B shape: 32x512 43.0k vs 49.1k / 50.1k / 46.4k (0.88 / 0.86 / 0.93); 8x2048 42.3k vs 47.3k
+  / 47.8k; 2x8192 37.6k vs 41.5k / 41.9k; mix64:64-512 34.0k vs 26.4k / 25.9k (1.29 / 1.31).
+  Peak GiB, Gemma 64x512: ours 1.13, prefill(last) 1.65, backbone 1.09, prefill(all) 17.2.
+* 2-core AMD EPYC (AVX2, no bf16 units; machine shared, load ~8), fp32, 2,270 tokens in 5 passages:
+  shipped router adapter (layers 0,5,8: 9 of 18 layers run) ours 275 tok/s, naive 39.5 (6.96x),
+  plain fp32 batched backbone 153 (1.79x). Upper half (9..17: all 18 layers), 4,462 tokens: ours
+  137, naive 46 (2.96x), plain fp32 172 (0.80x; per-round 0.96/0.80/0.87), plain bf16 34.
+
 Examples::
 
     python benchmarks/bench_encode.py --model default --tokens 4096
