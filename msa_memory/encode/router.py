@@ -153,10 +153,14 @@ class RouterAdapter(nn.Module):
 
         Normalised per head iff ``config.score == "cosine"`` (reference: only for INFONCE).
         """
-        k = self.router_k(layer, x_pooled)
+        # fp64 GEMM: the stored keys must not depend on how the BLAS blocks the reduction (thread
+        # count, batch shape, worker layout), so that any job layout commits bit-identical keys.
+        w = self.k_proj[self._check_layer(layer)].weight
+        k = (x_pooled.to(torch.float64) @ w.to(torch.float64).T).unflatten(
+            -1, (self.config.n_kv_heads, self.config.head_dim))
         if self.config.score == "cosine":
             k = torch.nn.functional.normalize(k, dim=-1)
-        return k
+        return k.to(torch.float32)
 
     # -- identity / io -----------------------------------------------------------------------
     def state_tensors(self) -> dict[str, torch.Tensor]:
