@@ -287,6 +287,17 @@ def test_reindex_gives_fresh_encode_router_keys(tiny_loaded, tmp_path):
 
     hits, _, _ = Memory(out, model=fresh_model).route(TEXTS[4][:40], k=3)
     assert len(hits) == 3 and set(hits) <= set(ids.tolist())
+    # the same through the CLI
+    from typer.testing import CliRunner
+
+    from msa_memory.cli import app
+
+    new_ad.save(tmp_path / "adapter")
+    r = CliRunner().invoke(app, ["store", "reindex-router", str(tmp_path / "a.msa"), "--adapter",
+                                 str(tmp_path / "adapter"), "--dest", str(tmp_path / "d.msa"), "--json"])
+    assert r.exit_code == 0, r.output
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["docs"] == len(TEXTS) and res["router_id"] == new_ad.fingerprint() and res["layers"] == [1, 3]
 
 
 def test_reindex_refuses_layers_the_store_did_not_keep(tiny_loaded, tmp_path):
