@@ -24,10 +24,10 @@ install: $(STAMP)
 demo: install
 	MSA_DISABLE_PROGRESS_BARS=$${MSA_DISABLE_PROGRESS_BARS:-0} $(BIN)/msa-encode examples/corpus --store $(STORE)
 	$(BIN)/msa store info $(STORE)
-	@if $(BIN)/msa ask --help >/dev/null 2>&1; then \
-		echo "Q: $$(cat examples/question.txt)"; \
-		$(BIN)/msa ask $(STORE) "$$(cat examples/question.txt)" --mode text -k 8; \
-	else echo "(msa ask is not available in this build; the store is ready in $(STORE))"; fi
+	@echo "Q: $$(cat examples/question.txt)"
+	# text mode over the 4 routed passages: the answer's passage (policies/summit-access.md) ranks 4th of
+	# 125 with the shipped router; with 8 passages the 270M model is led astray by travel.md's "10 days"
+	$(BIN)/msa ask $(STORE) "$$(cat examples/question.txt)" --mode text -k 4
 
 test: install
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
