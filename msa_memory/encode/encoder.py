@@ -261,16 +261,20 @@ class Encoder:
 
     # -- helpers -------------------------------------------------------------------------------
     def _batches(self, lens: list[int]) -> list[list[int]]:
-        """Consecutive groups of passages with at most max_batch_tokens tokens (oversized: alone)."""
-        out: list[list[int]] = []
-        cur: list[int] = []
-        n = 0
-        for i, ln in enumerate(lens):
-            if cur and n + ln > self.max_batch_tokens:
-                out.append(cur)
-                cur, n = [], 0
-            cur.append(i)
-            n += ln
-        if cur:
+        return token_batches(lens, self.max_batch_tokens)
+
+
+def token_batches(lens: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
+    """Consecutive groups of item indices with at most ``max_batch_tokens`` tokens (oversized: alone)."""
+    out: list[list[int]] = []
+    cur: list[int] = []
+    n = 0
+    for i, ln in enumerate(lens):
+        if cur and n + ln > max_batch_tokens:
             out.append(cur)
-        return out
+            cur, n = [], 0
+        cur.append(i)
+        n += ln
+    if cur:
+        out.append(cur)
+    return out

@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from msa_memory.encode.encoder import token_batches
 from msa_memory.errors import ConfigError
 from msa_memory.train.trainer import Features
 
@@ -41,21 +42,6 @@ def query_tokens(tokenizer: Any, question: str) -> tuple[list[int], int]:
     return ids, skip
 
 
-def _groups(lens: Sequence[int], max_batch_tokens: int) -> list[list[int]]:
-    out: list[list[int]] = []
-    cur: list[int] = []
-    n = 0
-    for i, ln in enumerate(lens):
-        if cur and n + ln > max_batch_tokens:
-            out.append(cur)
-            cur, n = [], 0
-        cur.append(i)
-        n += ln
-    if cur:
-        out.append(cur)
-    return out
-
-
 def extract_passages(loaded: Any, passages: Sequence[str], *, max_batch_tokens: int = 8192,
                      dtype: torch.dtype = torch.bfloat16,
                      progress: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,7 +55,7 @@ def extract_passages(loaded: Any, passages: Sequence[str], *, max_batch_tokens: 
     seqs = [loaded.wrap_ids(p, i) for i, p in enumerate(passages)]
     xs, counts, done = [], [], 0
     total = len(seqs)
-    for group in _groups([len(s) for s in seqs], max_batch_tokens):
+    for group in token_batches([len(s) for s in seqs], max_batch_tokens):
         pb = enc.encode_tokens([seqs[i] for i in group])
         xs.append(pb.x.to(dtype).cpu())                  # (L, C_b, E)
         counts += list(pb.n_chunks)
@@ -94,7 +80,7 @@ def extract_queries(loaded: Any, questions: Sequence[str], *, max_batch_tokens: 
     offs = np.concatenate([[0], np.cumsum(keep)]).astype(np.int64)
     out = torch.empty((int(offs[-1]), len(layers), loaded.hidden_size), dtype=dtype)
     dev = loaded.device
-    for group in _groups([len(t) for t, _ in toks], max_batch_tokens):
+    for group in token_batches([len(t) for t, _ in toks], max_batch_tokens):
         lens = [len(toks[i][0]) for i in group]
         ids = torch.tensor([t for i in group for t in toks[i][0]], dtype=torch.long, device=dev)[None]
         pos = torch.cat([torch.arange(n, device=dev) for n in lens])[None]
