@@ -196,6 +196,7 @@ def encode(
     shard_tokens: Annotated[int | None, typer.Option("--shard-tokens", help="Tokens per shard task: resume and progress granularity (default: 8192 on CPU, 262144 with GPUs)", min=1)] = None,
     max_passage_tokens: Annotated[int, typer.Option("--max-passage-tokens", help="Longest passage (MSA document) in tokens", min=16)] = 512,
     torch_threads: Annotated[int | None, typer.Option("--torch-threads", help="torch threads per worker (default: all cores for one local worker)", min=1)] = None,
+    keep_router_inputs: Annotated[bool, typer.Option("--keep-router-inputs", help="Also store pooled router-layer inputs so `msa store reindex-router` can re-key the store without re-encoding")] = False,
     message: Annotated[str | None, typer.Option("--message", help="Version message (default: a summary of the change)")] = None,
     dry_run: DryRunOpt = False,
     json_out: JsonOpt = False,
@@ -212,7 +213,7 @@ def encode(
                 scheduler=scheduler, workers=workers, dry_run=dry_run, include=include or (),
                 exclude=exclude or (), respect_gitignore=gitignore, max_file_bytes=int(max_file_mb * 1024 * 1024),
                 jsonl_field=jsonl_field, shard_tokens=shard_tokens, max_passage_tokens=max_passage_tokens,
-                torch_threads=torch_threads, message=message, progress=bar)
+                torch_threads=torch_threads, keep_router_inputs=keep_router_inputs, message=message, progress=bar)
         finally:
             bar.close()
         if json_out:

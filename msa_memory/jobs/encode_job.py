@@ -189,11 +189,13 @@ def _prepare(paths: Sequence[str | os.PathLike[str]] | str, store: str | os.Path
     scan = scan_corpus(paths if not isinstance(paths, (str, os.PathLike)) else [paths], options)
     # 1. diff against an existing store first: an unchanged folder needs no model at all
     opened = _open_existing(root)
+    if opened is not None and opened.identity.hidden_size > 0 and not spec.keep_router_inputs:
+        spec = replace(spec, keep_router_inputs=True)  # the store keeps x_router: so do its appends
     diff = diff_sources(scan, opened) if opened is not None else None
     model = identity = None
     if diff is None or diff.has_changes or dry_run:
         model, _, _ = get_encoder(spec, device="cpu" if spec.device == "auto" else spec.device)
-        identity = model.identity()
+        identity = model.identity(keep_router_inputs=spec.keep_router_inputs)
         opened = _open_or_create(root, identity, create=not dry_run)
     if opened is None:  # dry run against a store that does not exist yet: plan as if it were empty
         diff = FileDiff(read_version=-1, to_encode=list(scan.sources), added=[s.key for s in scan.sources],
@@ -299,6 +301,7 @@ def encode_corpus(
     max_passage_tokens: int = 512,
     max_batch_tokens: int = 8192,
     torch_threads: int | None = None,
+    keep_router_inputs: bool = False,
     message: str | None = None,
     progress: ProgressFn | None = None,
 ) -> JobResult | Delayed:
@@ -328,6 +331,10 @@ def encode_corpus(
     max_batch_tokens : tokens per encoder forward; default 8192.
     torch_threads : torch threads per worker while encoding; default None: all cores for one local
         worker, ``cores // workers`` for several, torch's default on a given cluster.
+    keep_router_inputs : default False. True also stores each chunk's pooled router-layer inputs
+        (``x_router``; ~2.5x the router-key bytes for Gemma 3 270M) so that ``msa store
+        reindex-router`` can re-key the store with a new router adapter without re-encoding. A
+        store created with them keeps them on every later run.
     message : version message; default summarises the change.
     progress : called with event dicts (``planned``, ``shard``, ``committed``); default none.
 
@@ -349,7 +356,7 @@ def encode_corpus(
         raise ConfigError(f"torch_threads must be >= 1, got {torch_threads!r}.")
     spec = ModelSpec(name=str(model), adapter=None if adapter is None else str(adapter), device=device, dtype=dtype,
                      torch_threads=None if torch_threads is None else int(torch_threads),
-                     max_batch_tokens=int(max_batch_tokens))
+                     max_batch_tokens=int(max_batch_tokens), keep_router_inputs=bool(keep_router_inputs))
     options = ReaderOptions(include=tuple(include), exclude=tuple(exclude), respect_gitignore=respect_gitignore,
                             max_file_bytes=int(max_file_bytes), jsonl_text_field=jsonl_field)
     if scheduler is not None and compute and not dry_run:

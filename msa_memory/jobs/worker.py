@@ -40,6 +40,8 @@ class ModelSpec:
     torch_threads: int | None = None
     """torch intra-op threads while encoding (None: torch's default, all cores)."""
     max_batch_tokens: int = 8192
+    keep_router_inputs: bool = False
+    """Also keep the pooled router-layer inputs (``x_router``) so ``reindex-router`` can re-key the store."""
 
 
 _CACHE: dict[tuple[Any, ...], tuple[Any, Any, threading.Lock]] = {}
@@ -67,7 +69,7 @@ def _resolve_device(device: str) -> str:
 def get_encoder(spec: ModelSpec, *, device: str | None = None) -> tuple[Any, Any, threading.Lock]:
     """``(LoadedModel, Encoder, lock)`` for ``spec``, loaded once per process (worker) and cached."""
     dev = device or _resolve_device(spec.device)
-    key = (spec.name, spec.adapter, dev, spec.dtype, spec.max_batch_tokens)
+    key = (spec.name, spec.adapter, dev, spec.dtype, spec.max_batch_tokens, spec.keep_router_inputs)
     with _CACHE_LOCK:
         hit = _CACHE.get(key)
         if hit is not None:
@@ -80,7 +82,8 @@ def get_encoder(spec: ModelSpec, *, device: str | None = None) -> tuple[Any, Any
 
             kwargs["dtype"] = getattr(torch, spec.dtype)
         model = load_model(spec.name, **kwargs)
-        entry = (model, Encoder(model, max_batch_tokens=spec.max_batch_tokens), threading.Lock())
+        entry = (model, Encoder(model, max_batch_tokens=spec.max_batch_tokens,
+                                 keep_router_inputs=spec.keep_router_inputs), threading.Lock())
         _CACHE[key] = entry
         return entry
 

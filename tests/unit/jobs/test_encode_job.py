@@ -209,3 +209,32 @@ def test_encode_on_a_client_passed_in_leaves_it_open(tmp_path: Path, corpus: Pat
     reference = tmp_path / "ref.msa"
     encode_corpus([corpus], reference, model=str(tiny_model_dir), **SMALL)
     assert store_digest(tmp_path / "m.msa") == store_digest(reference)
+
+
+def test_encode_keep_router_inputs_then_append_and_reindex(tmp_path: Path, corpus: Path, tiny_model_dir: Path) -> None:
+    """--keep-router-inputs stores x_router; later runs keep them; reindex-router re-keys the store."""
+    import numpy as np
+
+    from msa_memory.encode import load_model
+    from msa_memory.train.reindex import reindex_router
+
+    root = tmp_path / "x.msa"
+    encode_corpus([corpus], root, model=str(tiny_model_dir), keep_router_inputs=True, **SMALL)
+    s = open_store(root)
+    model = load_model(str(tiny_model_dir))
+    assert s.identity.hidden_size == model.hidden_size > 0
+    for layer in range(s.identity.n_layers):
+        (x, cx), (k, ck) = s.router_inputs(layer), s.router_keys(layer)
+        assert x.shape == (k.shape[0], model.hidden_size) and np.array_equal(cx, ck)
+    # a later run without the flag follows the store (its identity keeps router inputs)
+    (corpus / "new.md").write_text("A brand new note about the summit telescope schedule.\n")
+    res = encode_corpus([corpus], root, model=str(tiny_model_dir), **SMALL)
+    assert res.committed and res.files_added == ["notes/new.md"]
+    s = open_store(root)
+    x, cx = s.router_inputs(0)
+    assert x.shape[0] == s.stats()["n_chunks"]
+    # ... and can be re-keyed without re-encoding: same documents and content, new router id
+    new, stats = reindex_router(s, tmp_path / "rekeyed.msa", model.router)
+    assert stats["docs"] == s.stats()["n_docs"]
+    ids = s.documents(columns=["doc_id"]).column(0).to_pylist()
+    assert [a.tobytes() for a in new.load_kv(ids)] == [a.tobytes() for a in s.load_kv(ids)]
