@@ -25,8 +25,6 @@ import re
 import time
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 from msa_memory.runtime.prompts import PromptIds
 from msa_memory.runtime.results import Answer, Round
 
@@ -102,13 +100,8 @@ def _msa_protocol(mem: Memory, question: str, k: int | None, max_rounds: int, kw
         _add(timings, {**rt, **st.timings})
         n_new += len(out)
         text = tok.decode(out, skip_special_tokens=False)
-        per_layer = {p: res.doc_ids.tolist() for p, res in sorted(st.routes.items())}
-        best: dict[int, float] = {}
-        for res in st.routes.values():
-            for d, s in zip(res.doc_ids.tolist(), res.scores.tolist()):
-                best[d] = max(best.get(d, -np.inf), s)
-        ids = sorted(best, key=lambda d: -best[d])
-        rounds.append(Round(r, mem.hits(ids, [best[d] for d in ids], per_layer), generated=text, per_layer=per_layer))
+        hits, per_layer = mem.layer_hits(st.routes)
+        rounds.append(Round(r, hits, generated=text, per_layer=per_layer))
         history = history + PromptIds(out, [False] * len(out))
         if END_RETRIEVE in text or reason in ("eos", "length") or r == max_rounds - 1:
             answer_phase = True

@@ -203,6 +203,16 @@ class Memory:
                              tab.column("source_path").to_pylist(), tab.column("passage_index").to_pylist())}
         return self._sources.get(int(doc_id), ("", 0))
 
+    def layer_hits(self, routes: dict[int, Any]) -> tuple[list[DocHit], dict[int, list[int]]]:
+        """Pooled mode routes per layer: the docs any layer chose (best score first) and each layer's choice."""
+        per_layer = {p: r.doc_ids.tolist() for p, r in sorted(routes.items())}
+        best: dict[int, float] = {}
+        for r in routes.values():
+            for d, s in zip(r.doc_ids.tolist(), r.scores.tolist()):
+                best[d] = max(best.get(d, -np.inf), s)
+        ids = sorted(best, key=lambda d: -best[d])
+        return self.hits(ids, [best[d] for d in ids], per_layer), per_layer
+
     def hits(self, doc_ids: Any, scores: Any, layers: dict[int, list[int]] | None = None,
              preview: int = 160) -> list[DocHit]:
         ids = [int(d) for d in doc_ids]
@@ -366,13 +376,8 @@ class Memory:
         pos = list(range(P + kk, P + kk + len(q.ids)))                 # §3.2: query starts at P + k
         toks, reason = self._generate(st, q, pos, route=True, timings=timings, **kw)
         timings.update(st.timings)
-        per_layer = {p: r.doc_ids.tolist() for p, r in sorted(st.routes.items())}
-        best: dict[int, float] = {}
-        for r in st.routes.values():
-            for d, s in zip(r.doc_ids.tolist(), r.scores.tolist()):
-                best[d] = max(best.get(d, -np.inf), s)
-        ids = sorted(best, key=lambda d: -best[d])
-        rnd = Round(0, self.hits(ids, [best[d] for d in ids], per_layer), per_layer=per_layer)
+        hits, per_layer = self.layer_hits(st.routes)
+        rnd = Round(0, hits, per_layer=per_layer)
         text = self._text(toks, kw["stop_strings"])
         rnd.generated = text
         return Answer(question, text, "pooled", [rnd], timings, len(q.ids) + P, len(toks), reason, toks)
