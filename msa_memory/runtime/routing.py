@@ -10,14 +10,30 @@ Design note. This is msa-reference.md §3.3–3.4 as one function per router lay
 
 ``score="dot"`` is the reference inference path (raw dot · 1/√D, nothing normalized);
 ``score="cosine"`` is the paper / training path (q and K̄ᵣ L2-normalized per head, scale 1).
-Keys stay resident on the device as ONE tensor per router layer; scoring runs one matmul per
-tile of ``tile_chunks`` chunks, so peak memory is bounded by tile × query-rows, never by C.
-With head-reduce ``mean`` the head mean is folded into the query first (mean_h <q_h, k_g(h)> =
-Σ_g <mean-of-group q, k_g> · H/Hq), so the whole layer is a single GEMM with inner size H·D.
+Keys stay resident on the device as ONE tensor per router layer, viewed as (C, G, Dk).
+
+The query becomes one left operand ``lhs`` (G, R, Dk) (:func:`prepare_lhs`): head-mean folds the
+heads of each group into the query (mean_h <q_h, k_g(h)> = Σ_g <mean-of-group q, k_g> · H/Hq), so
+G = 1, Dk = H·D and R = T rows — and with query-mean too, the T rows fold into ONE (R = 1); head-max
+keeps G = H groups of R = T·rep rows. :func:`score_tile` scores one tile of chunks with one GEMM in
+the (chunks × Dk) @ (Dk × R) layout (measured fastest on CPU: the tall-skinny sgemm beats
+R × C output) into a reused scratch buffer, fuses the head/query reduce in the same tile, and
+becomes a GEMV when R = G = 1 (query "last", or head-mean + query-mean). Peak memory is bounded by
+tile × rows, never by C. The tile loop is the eager path, the reference for the others:
+
+- CUDA: :meth:`RouterIndex.route` replays the whole route of a layer (score + reduces + top-k) as a
+  CUDA graph cached per (layer, T, k, dtype) with ONE device→host copy of (scores, indices)
+  (``routing_cuda``); ``RoutingConfig.cuda_graphs=False`` turns it off. Max-reduced queries are
+  padded to a power-of-two row count by repeating the last row (max unchanged), so few graphs serve
+  all query lengths.
+- CUDA, query-reduce max with ≥ ``fused_min_rows`` rows: a Triton kernel (``routing_triton``) scores
+  a block of chunks against all rows with ``tl.dot`` and keeps the max in registers, writing fp32
+  chunk scores and never the R × C matrix; used only when triton imports (eager otherwise).
 
 What it does not do: fetch content K̄V̄ (``memory_tier``), or decide which layers route (the
 caller walks the model). Invariant: the chunk → document map is shared by all layers and maps
-to dense document indices 0..N-1; ``doc_ids[n]`` gives the store id.
+to dense document indices 0..N-1; ``doc_ids[n]`` gives the store id. Not thread-safe (the scratch
+buffer and graph cache are per index).
 """
 
 from __future__ import annotations
@@ -33,7 +49,7 @@ if TYPE_CHECKING:
     import torch
 
 __all__ = ["ScoreMode", "RoutingConfig", "RouterIndex", "RouteResult", "torch_dtype_of", "resident_dtype",
-           "cpu_has_native_bf16"]
+           "cpu_has_native_bf16", "prepare_lhs", "score_tile", "pad_query_rows"]
 
 ScoreMode = Literal["dot", "cosine"]
 HeadReduce = Literal["mean", "max"]
@@ -64,6 +80,12 @@ class RoutingConfig:
     """Documents chosen per router layer (fewer if the store holds fewer)."""
     tile_chunks: int = 262_144
     """Chunks scored per matmul tile; bounds the score buffer to rows × tile_chunks floats."""
+    cuda_graphs: bool = True
+    """On CUDA, replay each layer's route as a cached CUDA graph (one launch, one device→host copy)."""
+    fused_scores: bool = True
+    """On CUDA with triton, score query-reduce-max queries of ≥ ``fused_min_rows`` rows with the fused kernel."""
+    fused_min_rows: int = 64
+    """Rows of the left operand (query tokens × heads kept apart) from which the fused kernel is used."""
     compute_dtype: str = "auto"
     """Dtype of the resident keys and the score GEMM: ``"auto"`` keeps the stored dtype on GPUs and on
     CPUs with native bf16 (AMX / AVX512-BF16) and widens bf16/fp16 keys to float32 once, at load, on
@@ -78,6 +100,8 @@ class RoutingConfig:
             raise ConfigError(f"Routing top_k must be >= 1, got {self.top_k!r}.")
         if int(self.tile_chunks) < 1:
             raise ConfigError(f"Routing tile_chunks must be >= 1, got {self.tile_chunks!r}.")
+        if int(self.fused_min_rows) < 1:
+            raise ConfigError(f"Routing fused_min_rows must be >= 1, got {self.fused_min_rows!r}.")
         if self.compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"Routing compute_dtype={self.compute_dtype!r} is not one of "
                               "'auto', 'float32', 'bfloat16', 'float16'.")
@@ -142,6 +166,98 @@ class RouteResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class ScorePlan:
+    """How the rows of a left operand reduce: T query tokens × ``rep`` heads of a group (head-max)."""
+
+    T: int
+    rep: int
+    query_reduce: str
+
+
+def prepare_lhs(q: torch.Tensor, cfg: RoutingConfig, H: int, dtype: torch.dtype) -> tuple[torch.Tensor, ScorePlan]:
+    """Left operand (G, R, Dk) of the score GEMM for router queries ``q`` (T, Hq, D), and its plan.
+
+    ``q`` must already be float32 on the keys' device. See the module note for the folds.
+    """
+    import torch
+
+    T, Hq, D = q.shape
+    rep = Hq // H
+    if cfg.score == "cosine":
+        q = torch.nn.functional.normalize(q, dim=-1)
+        scale = 1.0
+    else:
+        scale = D ** -0.5
+    if cfg.query_reduce == "last":  # only the last token matters; drop the others up front
+        q = q[-1:]
+        T = 1
+    if cfg.head_reduce == "mean":
+        lhs = q.view(T, H, rep, D).sum(2).reshape(T, H * D) * (scale / Hq)   # (T, H·D)
+        if cfg.query_reduce == "mean" and T > 1:                               # linear: fold the T mean too
+            lhs = lhs.mean(0, keepdim=True)
+            T = 1
+        return lhs.unsqueeze(0).to(dtype), ScorePlan(T, 1, "max" if T == 1 else cfg.query_reduce)
+    lhs = (q * scale).view(T, H, rep, D).permute(1, 0, 2, 3).reshape(H, T * rep, D)         # (H, T·rep, D)
+    return lhs.to(dtype), ScorePlan(T, rep, "max" if T == 1 else cfg.query_reduce)
+
+
+def score_tile(lhs: torch.Tensor, kt: torch.Tensor, plan: ScorePlan, out: torch.Tensor,
+               scratch: torch.Tensor | None = None) -> None:
+    """Chunk scores of one tile of keys ``kt`` (t, G, Dk) into ``out`` (t,) float32.
+
+    One GEMM (a GEMV when G = R = 1) into ``scratch`` (at least G·t·R elements of the keys' dtype;
+    allocated when None), then the head and query reduces of the tile, written into ``out``.
+    """
+    import torch
+
+    t, G, Dk = kt.shape
+    R = lhs.shape[1]
+    if G == 1 and R == 1:                                                   # GEMV: memory-bound
+        if out.dtype == kt.dtype:
+            torch.mv(kt.view(t, Dk), lhs[0, 0], out=out)
+        else:
+            out.copy_(torch.mv(kt.view(t, Dk), lhs[0, 0]))
+        return
+    n = G * t * R
+    buf = scratch[:n] if scratch is not None and scratch.numel() >= n else torch.empty(n, dtype=kt.dtype,
+                                                                                        device=kt.device)
+    if G == 1:
+        s = torch.mm(kt.view(t, Dk), lhs[0].T, out=buf.view(t, R))            # (t, R)
+        if plan.query_reduce == "max":                                       # max over all rows = head & query max
+            if out.dtype == s.dtype:
+                torch.amax(s, 1, out=out)
+            else:
+                out.copy_(s.amax(1))
+            return
+        if plan.rep > 1:
+            s = s.view(t, plan.T, plan.rep).amax(2)
+        out.copy_(s.float().mean(1))
+        return
+    s = torch.bmm(kt.transpose(0, 1), lhs.transpose(1, 2), out=buf.view(G, t, R))  # (G, t, R)
+    if plan.query_reduce == "max":
+        out.copy_(s.amax(dim=(0, 2)))
+        return
+    out.copy_(s.view(G, t, plan.T, plan.rep).amax(dim=(0, 3)).float().mean(1))
+
+
+def pad_query_rows(q: torch.Tensor, cfg: RoutingConfig) -> torch.Tensor:
+    """``q`` (T, Hq, D) with rows repeated up to a power of two where that changes no score.
+
+    Query-reduce max: repeating the last token leaves every max unchanged, so a graph captured for
+    the padded length serves every T up to it. Query "last": only the last row. Mean: unchanged.
+    """
+    T = q.shape[0]
+    if cfg.query_reduce == "last":
+        return q[-1:]
+    if cfg.query_reduce != "max" or T & (T - 1) == 0:
+        return q
+    import torch
+
+    P = 1 << (T - 1).bit_length()
+    return torch.cat([q, q[-1:].expand(P - T, *q.shape[1:])])
+
+
 class RouterIndex:
     """Resident router keys of every router layer plus the chunk → document map.
 
@@ -184,6 +300,8 @@ class RouterIndex:
         if self.n_docs and counts.min() == 0:
             raise ConfigError("Every document must own at least one chunk; some documents have none.")
         self.doc_chunk_count = torch.from_numpy(counts.astype(np.float32)).to(self.device)
+        self._scratch: dict[Any, torch.Tensor] = {}      # reused GEMM output of the eager tile loop
+        self._graphs: Any = None                           # routing_cuda.GraphRouteCache, made on first CUDA route
 
     @property
     def n_layers(self) -> int:
@@ -194,75 +312,136 @@ class RouterIndex:
         return sum(k.numel() * k.element_size() for k in self.keys)
 
     # ------------------------------------------------------------------ scoring
-    def chunk_scores(self, layer: int, q: torch.Tensor) -> torch.Tensor:
+    def _query(self, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, ScorePlan]:
+        """(keys viewed (C, G, Dk), lhs (G, R, Dk), plan) of one query at one layer, input checked."""
+        import torch
+
+        keys = self.keys[layer]
+        C, H, D = keys.shape
+        self._check_query(layer, q)
+        lhs, plan = prepare_lhs(q.to(self.device, torch.float32), self.config, H, keys.dtype)
+        kv = keys.view(C, 1, H * D) if lhs.shape[0] == 1 else keys
+        return kv, lhs, plan
+
+    def _check_query(self, layer: int, q: torch.Tensor) -> None:
+        _, H, D = self.keys[layer].shape
+        if q.dim() != 3 or q.shape[-1] != D or q.shape[1] % H:
+            raise ConfigError(f"Router query must be (T, Hq, D={D}) with Hq a multiple of H={H}; got {tuple(q.shape)}.")
+        if q.shape[0] == 0:
+            raise ConfigError("Routing needs at least one query token; got an empty query.")
+
+    def _fused_ok(self, lhs: torch.Tensor, plan: ScorePlan) -> bool:
+        cfg = self.config
+        if not (cfg.fused_scores and plan.query_reduce == "max" and lhs.shape[1] >= cfg.fused_min_rows):
+            return False
+        if self.device.type != "cuda" and not _interpreting_triton():
+            return False
+        from msa_memory.runtime import routing_triton
+
+        return routing_triton.available()
+
+    def chunk_scores(self, layer: int, q: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
         """(C,) float32 chunk scores S[c] of one query at one router layer.
 
         ``q`` is (T, Hq, D) router queries of the query tokens (already selected: only routing
-        tokens). Hq must be a multiple of the keys' H.
+        tokens). Hq must be a multiple of the keys' H. ``kernel``: ``"auto"`` (the fused Triton
+        kernel where it applies, see the module note), ``"torch"`` (the eager tile loop) or
+        ``"triton"`` (the fused kernel; ConfigError where it does not apply).
         """
         import torch
 
-        cfg = self.config
-        keys = self.keys[layer]
-        C, H, D = keys.shape
-        if q.dim() != 3 or q.shape[-1] != D or q.shape[1] % H:
-            raise ConfigError(f"Router query must be (T, Hq, D={D}) with Hq a multiple of H={H}; got {tuple(q.shape)}.")
-        T, Hq, _ = q.shape
-        if T == 0:
-            raise ConfigError("Routing needs at least one query token; got an empty query.")
-        rep = Hq // H
-        q = q.to(self.device, torch.float32)
-        if cfg.score == "cosine":
-            q = torch.nn.functional.normalize(q, dim=-1)
-            scale = 1.0
-        else:
-            scale = D ** -0.5
-        if cfg.query_reduce == "last":  # only the last token matters; drop the others up front
-            q = q[-1:]
-            T = 1
-        # Build the left operand. head-mean: fold heads of each group, one GEMM of inner size H·D.
-        if cfg.head_reduce == "mean":
-            qg = q.view(T, H, rep, D).sum(2) * (scale / Hq)            # (T, H, D)
-            lhs = qg.reshape(T, H * D).to(keys.dtype)                   # (T, H·D)
-        else:
-            lhs = (q * scale).view(T, H, rep, D).permute(1, 0, 2, 3).reshape(H, T * rep, D).to(keys.dtype)  # (H, T·rep, D)
+        kv, lhs, plan = self._query(layer, q)
+        C = kv.shape[0]
         out = torch.empty(C, dtype=torch.float32, device=self.device)
-        tile = int(cfg.tile_chunks)
+        use_fused = kernel == "triton" or (kernel == "auto" and self._fused_ok(lhs, plan))
+        if use_fused:
+            from msa_memory.runtime import routing_triton
+
+            if plan.query_reduce != "max" or not routing_triton.available():
+                raise ConfigError("The fused Triton kernel needs triton and query_reduce 'max' (or 'last').")
+            routing_triton.fused_max_scores(lhs, kv, out)
+            return out
+        tile = int(self.config.tile_chunks)
+        G, R = lhs.shape[0], lhs.shape[1]
+        scratch = None
+        if not (G == 1 and R == 1) and not _capturing(self.device):   # graphs allocate their own (private pool)
+            need = G * min(tile, C) * R
+            scratch = self._scratch.get(kv.dtype)
+            if scratch is None or scratch.numel() < need or scratch.device != self.device:
+                scratch = torch.empty(need, dtype=kv.dtype, device=self.device)
+                self._scratch[kv.dtype] = scratch
         for start in range(0, C, tile):
-            kt = keys[start:start + tile]                               # (t, H, D)
-            if cfg.head_reduce == "mean":
-                s = lhs @ kt.reshape(kt.shape[0], H * D).T              # (T, t)
-            else:
-                s = torch.bmm(lhs, kt.permute(1, 2, 0))                 # (H, T·rep, t)
-                s = s.view(H, T, rep, -1).amax(dim=(0, 2))              # (T, t)  max over all Hq heads
-            if cfg.query_reduce == "mean":
-                out[start:start + tile] = s.float().mean(0)
-            else:  # "max" (or "last" with T == 1): max is exact in any dtype, widen after reducing
-                out[start:start + tile] = s.amax(0).float()
+            kt = kv[start:start + tile]
+            score_tile(lhs, kt, plan, out[start:start + kt.shape[0]], scratch)
         return out
 
-    def doc_scores(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        """(N,) float32 document scores s[d] (chunk reduce of :meth:`chunk_scores`)."""
+    def _doc_reduce(self, cs: torch.Tensor) -> torch.Tensor:
         import torch
 
-        cs = self.chunk_scores(layer, q)
         if self.config.chunk_reduce == "max":
             ds = torch.full((self.n_docs,), float("-inf"), dtype=torch.float32, device=self.device)
             return ds.scatter_reduce_(0, self.chunk_doc, cs, reduce="amax", include_self=True)
         ds = torch.zeros(self.n_docs, dtype=torch.float32, device=self.device)
         return ds.index_add_(0, self.chunk_doc, cs) / self.doc_chunk_count
 
-    def route(self, layer: int, q: torch.Tensor, k: int | None = None) -> RouteResult:
-        """Top-k documents of router layer ``layer`` for router queries ``q`` (T, Hq, D)."""
+    def doc_scores(self, layer: int, q: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
+        """(N,) float32 document scores s[d] (chunk reduce of :meth:`chunk_scores`)."""
+        return self._doc_reduce(self.chunk_scores(layer, q, kernel))
+
+    def route_device(self, layer: int, q: torch.Tensor, k: int, kernel: str = "auto") -> torch.Tensor:
+        """(2, k) float64 on the device: row 0 the top-k document scores, row 1 their dense indices.
+
+        No host synchronisation inside: this is what the CUDA graph captures (float64 holds both the
+        fp32 scores and indices < 2⁵³ exactly, so ONE copy brings both back).
+        """
         import torch
 
+        vals, idx = torch.topk(self.doc_scores(layer, q, kernel), k)
+        return torch.stack([vals.double(), idx.double()])
+
+    def _check_route(self, layer: int, k: int | None) -> int:
         if self.n_docs == 0:
             raise RuntimeMemoryError("The store has no documents to route to; encode some first (`msa-encode`).")
         if not 0 <= layer < self.n_layers:
             raise ConfigError(f"Router layer position {layer!r} out of range 0..{self.n_layers - 1}.")
-        k = min(int(k or self.config.top_k), self.n_docs)
-        ds = self.doc_scores(layer, q)
-        vals, idx = torch.topk(ds, k)
-        idx_np = idx.cpu().numpy().astype(np.int64)
-        return RouteResult(doc_index=idx_np, doc_ids=self.doc_ids[idx_np],
-                           scores=vals.cpu().numpy().astype(np.float32), layer=layer)
+        return min(int(k or self.config.top_k), self.n_docs)
+
+    def route(self, layer: int, q: torch.Tensor, k: int | None = None, path: str = "auto") -> RouteResult:
+        """Top-k documents of router layer ``layer`` for router queries ``q`` (T, Hq, D).
+
+        ``path``: ``"auto"`` (the CUDA graph on CUDA when ``config.cuda_graphs``, else eager),
+        ``"eager"`` (op by op: the reference) or ``"graph"`` (CUDA only).
+        """
+        import torch
+
+        k = self._check_route(layer, k)
+        self._check_query(layer, q)
+        if path not in ("auto", "eager", "graph"):
+            raise ConfigError(f"Routing path={path!r} is not one of 'auto', 'eager', 'graph'.")
+        use_graph = path == "graph" or (path == "auto" and self.config.cuda_graphs and self.device.type == "cuda")
+        if use_graph:
+            if self.device.type != "cuda":
+                raise ConfigError("Routing path='graph' needs the router keys on a CUDA device.")
+            if self._graphs is None:
+                from msa_memory.runtime.routing_cuda import GraphRouteCache
+
+                self._graphs = GraphRouteCache(self)
+            packed = self._graphs.route(layer, q, k)
+        else:
+            with torch.no_grad():
+                packed = self.route_device(layer, q, k).cpu()
+        vals = packed[0].numpy().astype(np.float32)
+        idx_np = packed[1].numpy().astype(np.int64)
+        return RouteResult(doc_index=idx_np, doc_ids=self.doc_ids[idx_np], scores=vals, layer=layer)
+
+
+def _capturing(device: Any) -> bool:
+    import torch
+
+    return torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _interpreting_triton() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET", "") == "1"

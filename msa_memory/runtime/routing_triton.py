@@ -1,0 +1,107 @@
+"""Fused Triton kernel: max-over-rows router scores without materialising the rows × chunks matrix.
+
+Design note. For a long query (T ≥ 64 routing tokens) the eager path writes a T × C score matrix
+(bf16) to memory and reads it back for the max over query tokens — at T = 256 that is as many bytes
+as the keys themselves, twice. This kernel computes, for every chunk c,
+
+    out[c] = max_{g, r} Σ_d lhs[g, r, d] · keys[c, g, d]          (fp32 accumulation)
+
+with ``lhs`` (G, R, Dk) the left operand of ``routing.prepare_lhs`` (G = 1 for head-mean, G = H for
+head-max; R rows = query tokens × heads) and ``keys`` (C, G, Dk) the resident router keys: each
+program loads a BLOCK_C × BLOCK_D tile of keys, multiplies it with BLOCK_R × BLOCK_D tiles of the
+query on the tensor cores (``tl.dot``), and keeps the running max of its BLOCK_C chunks in
+registers; only the (C,) fp32 result is written. This is exactly query-reduce ``max`` (head-max
+included, as a max over all rows); the mean reducers stay on the eager path. fp32 keys use
+``input_precision="ieee"`` (no TF32), so fp32 results match the eager GEMM to rounding.
+
+What it does not do: chunk→doc reduce or top-k (cheap, done by torch after it, inside the same CUDA
+graph). Invariant: it runs only where ``available()`` (triton imports; on CPU only under
+``TRITON_INTERPRET=1``, which the tests use).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["available", "fused_max_scores", "CONFIG"]
+
+try:  # pragma: no cover - depends on the install
+    import triton
+    import triton.language as tl
+
+    _HAVE = True
+except Exception:  # noqa: BLE001  (ImportError, or a broken triton/driver combination)
+    _HAVE = False
+
+CONFIG = {"BLOCK_C": 128, "BLOCK_R": 128, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3}
+"""Tile sizes and launch options; BLOCK_R shrinks to the padded row count when R is smaller."""
+
+
+def available() -> bool:
+    """True when triton imported (the kernel can be launched)."""
+    return _HAVE
+
+
+if _HAVE:
+
+    @triton.jit
+    def _max_scores_kernel(Q, K, OUT, C, R, DK, G, s_qg, s_qr, s_kc, s_kg,
+                           BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
+                           IEEE: tl.constexpr):
+        pid = tl.program_id(0)
+        offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = offs_c < C
+        best = tl.full((BLOCK_C,), float("-inf"), tl.float32)
+        for g in range(0, G):
+            for r0 in range(0, R, BLOCK_R):
+                offs_r = r0 + tl.arange(0, BLOCK_R)
+                rmask = offs_r < R
+                acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+                for d0 in range(0, DK, BLOCK_D):
+                    offs_d = d0 + tl.arange(0, BLOCK_D)
+                    dmask = offs_d < DK
+                    q = tl.load(Q + g * s_qg + offs_r[:, None] * s_qr + offs_d[None, :],
+                                mask=rmask[:, None] & dmask[None, :], other=0.0)
+                    k = tl.load(K + offs_c[:, None] * s_kc + g * s_kg + offs_d[None, :],
+                                mask=cmask[:, None] & dmask[None, :], other=0.0)
+                    if IEEE:
+                        acc = tl.dot(q, tl.trans(k), acc, input_precision="ieee")
+                    else:
+                        acc = tl.dot(q, tl.trans(k), acc)
+                acc = tl.where(rmask[:, None], acc, float("-inf"))
+                best = tl.maximum(best, tl.max(acc, axis=0))
+        tl.store(OUT + offs_c, best, mask=cmask)
+
+
+def fused_max_scores(lhs: torch.Tensor, keys: torch.Tensor, out: torch.Tensor, **config: int) -> torch.Tensor:
+    """``out`` (C,) fp32 ← max over (g, r) of lhs[g, r] · keys[c, g]; lhs (G, R, Dk), keys (C, G, Dk).
+
+    ``config`` overrides :data:`CONFIG` (BLOCK_C, BLOCK_R, BLOCK_D, num_warps, num_stages).
+    """
+    if not _HAVE:
+        raise RuntimeError("triton is not importable here; use the eager routing path.")
+    G, R, DK = lhs.shape
+    C = keys.shape[0]
+    if keys.shape[1:] != (G, DK) or keys.stride(2) != 1 or lhs.dtype != keys.dtype:
+        raise ValueError(f"fused_max_scores: keys {tuple(keys.shape)} {keys.dtype} do not match lhs "
+                         f"{tuple(lhs.shape)} {lhs.dtype} (need (C, G, Dk), last dim contiguous, same dtype).")
+    lhs = lhs.contiguous()
+    cfg = dict(CONFIG, **config)
+    block_r = max(16, min(cfg["BLOCK_R"], triton.next_power_of_2(R)))
+    block_d = max(16, min(cfg["BLOCK_D"], triton.next_power_of_2(DK)))
+    grid = (triton.cdiv(C, cfg["BLOCK_C"]),)
+    if C:
+        _max_scores_kernel[grid](lhs, keys, out, C, R, DK, G, lhs.stride(0), lhs.stride(1), keys.stride(0),
+                                 keys.stride(1), BLOCK_C=cfg["BLOCK_C"], BLOCK_R=block_r, BLOCK_D=block_d,
+                                 IEEE=keys.dtype == _f32(), num_warps=cfg["num_warps"],
+                                 num_stages=cfg["num_stages"])
+    return out
+
+
+def _f32() -> torch.dtype:
+    import torch
+
+    return torch.float32
