@@ -6,7 +6,12 @@ Regimes and ceilings (every baseline is measured in the same run, on the same de
    shaped router keys (H=1 kv-head × D=256, bf16; 512 B/chunk), for a T-token query. Routing must
    read every key once, so the floor is ``key bytes ÷ copy bandwidth`` where copy bandwidth is
    measured here with a large tensor copy and counts bytes read + written (the convention of the
-   H100 figure 3.0 TB/s in targets.md). Target: within 2× of the floor.
+   H100 figure 3.0 TB/s in targets.md). Target: within 2× of the floor. Beside it the compute
+   floor ``2·T·C·H·D ÷ matmul FLOP/s`` (a large square matmul in the keys' resident dtype, measured
+   here): on a CPU without bf16 units the fp32 score GEMM is compute-bound from T ≈ 4 on, so
+   ``× bound`` (route ÷ the larger floor) is what the code controls. On CUDA each row also times the
+   eager path (op by op), the CUDA-graph path without the fused kernel, and (T ≥ 64) the graph with
+   the fused Triton kernel; ``route`` is the default (what ``Memory`` uses).
 2. fetch — K̄V̄ of the top-16 documents (all router layers) from host memory to the device. Ours:
    one gather into a (pinned) staging buffer + ONE copy (``ContentMemory``). Baseline: the reference
    pattern, one small copy per document per layer per K/V tensor. Target on GPU: ≤ 2 ms.
@@ -17,13 +22,16 @@ Regimes and ceilings (every baseline is measured in the same run, on the same de
 
 ``--gpu-check`` (CUDA only) also runs the GPU-vs-CPU equality check: a tiny random MSA checkpoint
 in fp32, pooled prefill logits and chosen documents per layer and greedy tokens on CPU vs GPU, and
-bf16 routing over 200k chunks on CPU vs GPU.
+bf16 routing over 200k chunks on CPU vs GPU, and the routing paths (``routing_paths``): CUDA-graph
+route == eager route, fused Triton chunk scores == eager, GPU == CPU, for six reducer combinations
+× T in 1, 5, 16, 100, 256. ``--triton-sweep`` times fused-kernel tile configs at 1.56M chunks × 256.
 
 Usage::
 
     python benchmarks/bench_runtime.py --quick             # CPU, small sizes (CI smoke)
     python benchmarks/bench_runtime.py                     # CPU: 10k / 100k / 1M chunks
-    python benchmarks/bench_runtime.py --device cuda --chunks 10000,100000,1000000,1562500 --gpu-check
+    python benchmarks/bench_runtime.py --device cuda --chunks 10000,100000,1000000,1562500 --q-tokens 1,16,256 \
+        --gpu-check --triton-sweep --skip ttft
 
 Prints a table, then one JSON line (device, commit, config, results).
 """
@@ -31,6 +39,7 @@ Prints a table, then one JSON line (device, commit, config, results).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import statistics
@@ -80,32 +89,91 @@ def copy_bandwidth(dev: torch.device, nbytes: int) -> float:
     return 2 * nbytes / t
 
 
+def gemm_flops(dev: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a large square matmul in ``dtype`` (the compute ceiling of the score GEMM)."""
+    n = 8192 if dev.type == "cuda" else 2048
+    a = torch.randn(n, n, device=dev).to(dtype)
+    b = torch.randn(n, n, device=dev).to(dtype)
+    t = timeit(lambda: a @ b, dev, rounds=5 if dev.type == "cuda" else 3, warmup=1)
+    return 2 * n ** 3 / t
+
+
 # ----------------------------------------------------------------------------- 1. routing
+def _variants(dev: torch.device, T: int) -> dict[str, dict]:
+    """Routing paths timed per row: RoutingConfig overrides + route() path, default path first."""
+    if dev.type != "cuda":
+        return {"route": dict(cfg={}, path="auto")}
+    out = {"route": dict(cfg={}, path="auto"),                                   # what Memory uses
+           "eager": dict(cfg=dict(cuda_graphs=False, fused_scores=False), path="eager"),
+           "graph": dict(cfg=dict(fused_scores=False), path="graph")}
+    if T >= 64:
+        out["graph_triton"] = dict(cfg=dict(fused_scores=True), path="graph")
+    return out
+
+
 def bench_routing(dev: torch.device, chunks: list[int], q_tokens: list[int], tile: int) -> list[dict]:
     g = GEMMA
     bw = copy_bandwidth(dev, min(1 << 30, max(chunks) * g["H"] * g["D"] * 2))
     out = []
     gen = torch.Generator(device="cpu").manual_seed(0)
+    flops = None
     for C in chunks:
         keys = torch.randn(C, g["H"], g["D"], generator=gen).to(dev, torch.bfloat16)
         n_docs = max(1, C // 8)                                         # ~8 chunks (512 tokens) per document
         chunk_doc = np.sort(np.random.default_rng(0).integers(0, n_docs, C))
         chunk_doc[:n_docs] = np.arange(n_docs)                          # every doc owns a chunk
         chunk_doc.sort()
-        index = RouterIndex([keys], chunk_doc, np.arange(n_docs), RoutingConfig(top_k=16, tile_chunks=tile), device=dev)
+        base = RoutingConfig(top_k=16, tile_chunks=tile)
+        index = RouterIndex([keys], chunk_doc, np.arange(n_docs), base, device=dev)
         del keys
+        if flops is None:
+            flops = gemm_flops(dev, index.keys[0].dtype)
         key_bytes = index.nbytes()
         floor = key_bytes / bw
         for T in q_tokens:
             q = torch.randn(T, g["Hq"], g["D"], generator=gen).to(dev)
-            t = timeit(lambda: index.route(0, q), dev, rounds=5 if C < 10**6 else 3)
-            out.append({"chunks": C, "q_tokens": T, "route_ms": t * 1e3, "floor_ms": floor * 1e3,
-                        "x_floor": t / floor, "key_MB": key_bytes / 1e6, "copy_GBps": bw / 1e9,
-                        "achieved_GBps": key_bytes / t / 1e9, "resident_dtype": str(index.keys[0].dtype)})
+            cfloor = 2 * T * C * g["H"] * g["D"] / flops               # head-mean folds Hq into H: T rows × H·D
+            row = {"chunks": C, "q_tokens": T, "floor_ms": floor * 1e3, "compute_floor_ms": cfloor * 1e3,
+                   "key_MB": key_bytes / 1e6, "copy_GBps": bw / 1e9, "gemm_GFLOPs": flops / 1e9,
+                   "resident_dtype": str(index.keys[0].dtype)}
+            for name, v in _variants(dev, T).items():
+                index.config = dataclasses.replace(base, **v["cfg"])
+                t = timeit(lambda v=v, ix=index, q=q: ix.route(0, q, path=v["path"]), dev, rounds=5 if C < 10**6 else 3)
+                row[f"{name}_ms"] = t * 1e3
+            index.config = base
+            t = row["route_ms"] / 1e3
+            row.update(x_floor=t / floor, x_compute_floor=t / cfloor, x_bound=t / max(floor, cfloor),
+                       achieved_GBps=key_bytes / t / 1e9)
+            out.append(row)
         del index
         if dev.type == "cuda":
             torch.cuda.empty_cache()
     return out
+
+
+def triton_sweep(dev: torch.device, C: int = 1_562_500, T: int = 256) -> list[dict]:
+    """Fused-kernel tile configs vs the eager torch scores at (C, T), Gemma shape, bf16."""
+    from msa_memory.runtime import routing_triton
+
+    if dev.type != "cuda" or not routing_triton.available():
+        return []
+    gen = torch.Generator().manual_seed(2)
+    keys = torch.randn(C, 1, 256, generator=gen).to(dev, torch.bfloat16)
+    lhs = (torch.randn(1, T, 256, generator=gen) / 16).to(dev, torch.bfloat16)
+    out = torch.empty(C, device=dev)
+    ref = (keys.view(C, 256) @ lhs[0].T).float().amax(1)
+    rows = [{"config": "torch mm + amax", "ms": timeit(lambda: (keys.view(C, 256) @ lhs[0].T).amax(1), dev) * 1e3}]
+    for bc, br, bd, w, s in [(128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (256, 128, 64, 8, 3),
+                             (128, 128, 128, 8, 2), (128, 256, 64, 8, 3), (64, 256, 64, 8, 3)]:
+        cfg = dict(BLOCK_C=bc, BLOCK_R=br, BLOCK_D=bd, num_warps=w, num_stages=s)
+        try:
+            t = timeit(lambda cfg=cfg: routing_triton.fused_max_scores(lhs, keys.view(C, 1, 256), out, **cfg), dev)
+            err = float((out - ref).abs().max())
+            rows.append({"config": str(cfg), "ms": t * 1e3, "max_abs_diff": err,
+                         "TFLOPs": 2 * T * C * 256 / t / 1e12})
+        except Exception as e:  # noqa: BLE001  (a config that does not fit shared memory)
+            rows.append({"config": str(cfg), "error": f"{type(e).__name__}: {str(e)[:200]}"})
+    return rows
 
 
 # ----------------------------------------------------------------------------- 2. fetch
@@ -253,6 +321,60 @@ def gpu_check(other: str = "cuda") -> dict:
             "bf16_route_max_score_diff": float(np.abs(np.sort(r_cpu.scores) - np.sort(r_gpu.scores)).max())}
 
 
+def routing_paths_check(other: str = "cuda") -> list[dict]:
+    """On the GPU: CUDA-graph route == eager route, fused Triton scores == eager scores, GPU == CPU.
+
+    bf16 keys (200k chunks, Gemma shape), several reducer combinations and query lengths. "same"
+    means the same top-16 documents; scores are compared within bf16 tolerance (the eager GEMM
+    rounds its output to bf16, the fused kernel keeps fp32, the CPU widens keys to fp32).
+    """
+    gen = torch.Generator().manual_seed(3)
+    C, N = 200_000, 25_000
+    big = torch.randn(C, 1, 256, generator=gen).to(torch.bfloat16)
+    cd = np.repeat(np.arange(N), 8)
+    rows = []
+    combos = [dict(), dict(score="cosine"), dict(head_reduce="max"), dict(query_reduce="mean"),
+              dict(query_reduce="last"), dict(head_reduce="max", query_reduce="mean", chunk_reduce="mean")]
+    for combo in combos:
+        cfg = RoutingConfig(top_k=16, **combo)
+        gpu = RouterIndex([big], cd, np.arange(N), cfg, device=other)
+        cpu = RouterIndex([big], cd, np.arange(N), cfg)
+        for T in (1, 5, 16, 100, 256):
+            q = torch.randn(T, 4, 256, generator=gen)
+            eager_cfg = dataclasses.replace(cfg, cuda_graphs=False, fused_scores=False)
+            gpu.config = eager_cfg
+            r_eager = gpu.route(0, q, path="eager")
+            r_graph_nofuse = gpu.route(0, q, path="graph")                # graph around the same eager maths
+            gpu.config = cfg
+            r_auto = gpu.route(0, q)                                      # default: graph (+ Triton where it applies)
+            r_cpu = cpu.route(0, q)
+            tol = 0.02 * (float(np.abs(r_eager.scores).max()) + 1.0)
+
+            def cmp(a, b):
+                return {"top16_overlap": len(set(a.doc_index.tolist()) & set(b.doc_index.tolist())),
+                        "max_score_diff": float(np.abs(np.sort(a.scores) - np.sort(b.scores)).max())}
+
+            row = {"combo": combo or "msa-default", "T": T, "tol": tol,
+                   "fused_used": bool(gpu._fused_ok(*gpu._query(0, q)[1:])),
+                   "graph_vs_eager": cmp(r_graph_nofuse, r_eager), "auto_vs_eager": cmp(r_auto, r_eager),
+                   "gpu_vs_cpu": cmp(r_auto, r_cpu)}
+            if row["fused_used"]:
+                fs = gpu.chunk_scores(0, q, kernel="triton")
+                es = gpu.chunk_scores(0, q, kernel="torch")
+                row["triton_vs_eager_chunk_max_diff"] = float((fs - es).abs().max())
+            # the graph runs the eager maths; only a padded row count (max reduce, T not a power of two) may let
+            # the GEMM round differently, so exact equality is required elsewhere
+            exact = T & (T - 1) == 0 or cfg.query_reduce != "max"
+            ge = row["graph_vs_eager"]
+            row["ok"] = ((ge["top16_overlap"] == 16 and ge["max_score_diff"] <= 1e-6) if exact else
+                         (ge["top16_overlap"] >= 15 and ge["max_score_diff"] <= tol)) and all(
+                row[n]["top16_overlap"] >= 15 and row[n]["max_score_diff"] <= tol for n in ("auto_vs_eager", "gpu_vs_cpu")
+            ) and row.get("triton_vs_eager_chunk_max_diff", 0.0) <= tol
+            rows.append(row)
+        del gpu
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -264,6 +386,7 @@ def main() -> None:
     ap.add_argument("--doc-tokens", type=int, default=512)
     ap.add_argument("--quick", action="store_true", help="small sizes for a CI smoke run")
     ap.add_argument("--gpu-check", action="store_true")
+    ap.add_argument("--triton-sweep", action="store_true", help="CUDA: time fused-kernel tile configs at 1.56M × 256")
     ap.add_argument("--check-device", default="cuda", help="device compared with the CPU by --gpu-check")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: routing,fetch,ttft")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); 1 is faster on a busy shared CPU")
@@ -282,9 +405,12 @@ def main() -> None:
     sections = {"routing": lambda: bench_routing(dev, chunks, qt, a.tile),
                 "fetch": lambda: [bench_fetch(dev, s) for s in ([GEMMA] if a.quick else [GEMMA, QWEN])],
                 "ttft": lambda: bench_ttft(dev, a.model, k, doc_tokens, n_docs=max(64, 4 * k), q_len=32),
-                "gpu_check": lambda: gpu_check(a.check_device)}
+                "gpu_check": lambda: gpu_check(a.check_device),
+                "routing_paths": lambda: routing_paths_check(a.check_device),
+                "triton_sweep": lambda: triton_sweep(dev)}
     for name, fn in sections.items():     # one failing section must not lose the others' figures
-        if name in skip or (name == "gpu_check" and not a.gpu_check):
+        if name in skip or (name in ("gpu_check", "routing_paths") and not a.gpu_check) or (
+                name == "triton_sweep" and not a.triton_sweep):
             continue
         try:
             results[name] = fn()
@@ -294,12 +420,29 @@ def main() -> None:
             traceback.print_exc()
             results[name + "_error"] = f"{type(e).__name__}: {e}"
     if "routing" in results:
-        rd = results["routing"][0]["resident_dtype"].removeprefix("torch.")
+        rr = results["routing"]
+        rd = rr[0]["resident_dtype"].removeprefix("torch.")
         print(f"\n# routing, one router layer, Gemma shape (1×256 keys, stored bf16, resident {rd}), top-16, device {dev}")
-        print(f"{'chunks':>10} {'T':>4} {'route ms':>10} {'floor ms':>10} {'× floor':>8} {'GB/s':>8} {'copy GB/s':>10}")
-        for r in results["routing"]:
-            print(f"{r['chunks']:>10} {r['q_tokens']:>4} {r['route_ms']:>10.3f} {r['floor_ms']:>10.3f} {r['x_floor']:>8.2f} "
-                  f"{r['achieved_GBps']:>8.1f} {r['copy_GBps']:>10.1f}")
+        print(f"# floors: bandwidth = key bytes ÷ copy {rr[0]['copy_GBps']:.1f} GB/s; compute = 2·T·C·H·D ÷ "
+              f"{rr[0]['gemm_GFLOPs']:.0f} GFLOP/s ({rd} matmul); × bound = route ÷ the larger floor")
+        extra = [n for n in ("eager", "graph", "graph_triton") if any(f"{n}_ms" in r for r in rr)]
+        print(f"{'chunks':>10} {'T':>4} {'route ms':>10} {'bw floor':>9} {'× bw':>7} {'cmp floor':>9} {'× cmp':>7} "
+              f"{'× bound':>8} {'GB/s':>8}" + "".join(f" {n + ' ms':>15}" for n in extra))
+        for r in rr:
+            print(f"{r['chunks']:>10} {r['q_tokens']:>4} {r['route_ms']:>10.3f} {r['floor_ms']:>9.3f} {r['x_floor']:>7.2f} "
+                  f"{r['compute_floor_ms']:>9.3f} {r['x_compute_floor']:>7.2f} {r['x_bound']:>8.2f} {r['achieved_GBps']:>8.1f}"
+                  + "".join(f" {r[n + '_ms']:>15.3f}" if n + "_ms" in r else f" {'-':>15}" for n in extra))
+    if results.get("triton_sweep"):
+        print("\n# fused Triton kernel configs at 1.56M chunks × 256 rows (bf16) vs torch mm + amax")
+        for r in results["triton_sweep"]:
+            print(f"  {r['config']:<80} {r.get('ms', float('nan')):8.3f} ms  {r.get('TFLOPs', 0):6.1f} TFLOP/s "
+                  f"{r.get('max_abs_diff', '')} {r.get('error', '')}")
+    if "routing_paths" in results:
+        bad = [r for r in results["routing_paths"] if not r["ok"]]
+        print(f"\n# routing paths on {a.check_device}: graph == eager, Triton == eager, GPU == CPU: "
+              f"{len(results['routing_paths']) - len(bad)}/{len(results['routing_paths'])} ok")
+        for r in bad:
+            print("  NOT OK:", json.dumps(r))
     if "fetch" in results:
         print(f"\n# fetch of top-16 documents' K̄V̄ (all router layers) from host memory to {dev}")
         print(f"{'shape':>6} {'MiB':>7} {'ours ms':>9} {'per-doc copies ms':>18} {'copies':>7} {'speedup':>8}")

@@ -38,8 +38,9 @@ buffer and graph cache are per index).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -48,8 +49,18 @@ from msa_memory.errors import ConfigError, RuntimeMemoryError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ScoreMode", "RoutingConfig", "RouterIndex", "RouteResult", "torch_dtype_of", "resident_dtype",
-           "cpu_has_native_bf16", "prepare_lhs", "score_tile", "pad_query_rows"]
+__all__ = [
+    "RouteResult",
+    "RouterIndex",
+    "RoutingConfig",
+    "ScoreMode",
+    "cpu_has_native_bf16",
+    "pad_query_rows",
+    "prepare_lhs",
+    "resident_dtype",
+    "score_tile",
+    "torch_dtype_of",
+]
 
 ScoreMode = Literal["dot", "cosine"]
 HeadReduce = Literal["mean", "max"]

@@ -34,14 +34,14 @@ __all__ = ["GraphRouteCache"]
 
 
 class _Entry:
-    __slots__ = ("graph", "q_in", "out", "host")
+    __slots__ = ("graph", "host", "out", "q_in")
 
     def __init__(self, graph: Any, q_in: Any, out: Any, host: Any) -> None:
         self.graph, self.q_in, self.out, self.host = graph, q_in, out, host
 
 
 class GraphRouteCache:
-    """Captured routes of one ``RouterIndex`` on CUDA, keyed by (layer, padded T, Hq, k, dtype)."""
+    """Captured routes of one ``RouterIndex`` on CUDA, keyed by (layer, padded T, Hq, k, dtype, config)."""
 
     def __init__(self, index: RouterIndex, max_graphs: int = 16, warmup: int = 2) -> None:
         self.index = index
@@ -77,7 +77,7 @@ class GraphRouteCache:
         import torch
 
         q = pad_query_rows(q, self.index.config)
-        key = (layer, tuple(q.shape), k, q.dtype)
+        key = (layer, tuple(q.shape), k, q.dtype, self.index.config)     # config: reducers, kernel choice
         entry = self._graphs.get(key)
         if entry is None:
             entry = self._capture(layer, q, k)

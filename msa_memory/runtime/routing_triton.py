@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["available", "fused_max_scores", "CONFIG"]
+__all__ = ["CONFIG", "available", "fused_max_scores"]
 
 try:  # pragma: no cover - depends on the install
     import triton
@@ -55,7 +55,7 @@ if _HAVE:
         offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = offs_c < C
         best = tl.full((BLOCK_C,), float("-inf"), tl.float32)
-        for g in range(0, G):
+        for g in range(G):
             for r0 in range(0, R, BLOCK_R):
                 offs_r = r0 + tl.arange(0, BLOCK_R)
                 rmask = offs_r < R

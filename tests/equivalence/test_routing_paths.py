@@ -27,7 +27,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from msa_memory.errors import ConfigError
-from msa_memory.runtime.routing import RouterIndex, RoutingConfig, pad_query_rows, prepare_lhs, score_tile
+from msa_memory.runtime.routing import (
+    RouterIndex,
+    RoutingConfig,
+    pad_query_rows,
+    prepare_lhs,
+    score_tile,
+)
 
 COMBOS = list(itertools.product(("dot", "cosine"), ("mean", "max"), ("max", "mean", "last")))
 
@@ -35,8 +41,8 @@ COMBOS = list(itertools.product(("dot", "cosine"), ("mean", "max"), ("max", "mea
 def einsum_chunk_scores(q, keys, score, head_reduce, query_reduce):
     """The formula in one einsum, float64: q (T,Hq,D), keys (C,H,D)."""
     q, keys = q.double(), keys.double()
-    T, Hq, D = q.shape
-    rep = Hq // keys.shape[1]
+    D = q.shape[-1]
+    rep = q.shape[1] // keys.shape[1]
     if score == "cosine":
         q = torch.nn.functional.normalize(q, dim=-1)
         keys = torch.nn.functional.normalize(keys, dim=-1)
@@ -146,5 +152,6 @@ _TRITON_SCRIPT = textwrap.dedent("""
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed (GPU hosts check it)")
 def test_fused_triton_kernel_equals_eager_under_interpreter():
     env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    r = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=600,
+                       check=False)
     assert r.returncode == 0 and "TRITON-OK" in r.stdout, r.stderr[-3000:]
