@@ -10,8 +10,8 @@ Regimes and ceilings (every baseline is measured in the same run, on the same de
    floor ``2·T·C·H·D ÷ matmul FLOP/s`` (a large square matmul in the keys' resident dtype, measured
    here): on a CPU without bf16 units the fp32 score GEMM is compute-bound from T ≈ 4 on, so
    ``× bound`` (route ÷ the larger floor) is what the code controls. On CUDA each row also times the
-   eager path (op by op), the CUDA-graph path without the fused kernel, and (T ≥ 64) the graph with
-   the fused Triton kernel; ``route`` is the default (what ``Memory`` uses).
+   eager path (op by op), the CUDA-graph path without the fused kernel, and the graph with the fused
+   Triton kernel; ``route`` is the default (what ``Memory`` uses).
 2. fetch — K̄V̄ of the top-16 documents (all router layers) from host memory to the device. Ours:
    one gather into a (pinned) staging buffer + ONE copy (``ContentMemory``). Baseline: the reference
    pattern, one small copy per document per layer per K/V tensor. Target on GPU: ≤ 2 ms.
@@ -24,7 +24,8 @@ Regimes and ceilings (every baseline is measured in the same run, on the same de
 in fp32, pooled prefill logits and chosen documents per layer and greedy tokens on CPU vs GPU, and
 bf16 routing over 200k chunks on CPU vs GPU, and the routing paths (``routing_paths``): CUDA-graph
 route == eager route, fused Triton chunk scores == eager, GPU == CPU, for six reducer combinations
-× T in 1, 5, 16, 100, 256. ``--triton-sweep`` times fused-kernel tile configs at 1.56M chunks × 256.
+× T in 1, 5, 16, 100, 256. ``--triton-sweep`` times fused-kernel tile configs at 1.56M chunks × T in 1,
+16, 256 and prints a torch.profiler table of small graph routes (the fixed cost).
 
 Usage::
 
@@ -103,12 +104,10 @@ def _variants(dev: torch.device, T: int) -> dict[str, dict]:
     """Routing paths timed per row: RoutingConfig overrides + route() path, default path first."""
     if dev.type != "cuda":
         return {"route": dict(cfg={}, path="auto")}
-    out = {"route": dict(cfg={}, path="auto"),                                   # what Memory uses
-           "eager": dict(cfg=dict(cuda_graphs=False, fused_scores=False), path="eager"),
-           "graph": dict(cfg=dict(fused_scores=False), path="graph")}
-    if T >= 64:
-        out["graph_triton"] = dict(cfg=dict(fused_scores=True), path="graph")
-    return out
+    return {"route": dict(cfg={}, path="auto"),                                   # what Memory uses
+            "eager": dict(cfg=dict(cuda_graphs=False, fused_scores=False), path="eager"),
+            "graph": dict(cfg=dict(fused_scores=False), path="graph"),
+            "graph_triton": dict(cfg=dict(fused_scores=True, fused_min_rows=1), path="graph")}
 
 
 def bench_routing(dev: torch.device, chunks: list[int], q_tokens: list[int], tile: int) -> list[dict]:
@@ -151,29 +150,57 @@ def bench_routing(dev: torch.device, chunks: list[int], q_tokens: list[int], til
     return out
 
 
-def triton_sweep(dev: torch.device, C: int = 1_562_500, T: int = 256) -> list[dict]:
-    """Fused-kernel tile configs vs the eager torch scores at (C, T), Gemma shape, bf16."""
+_SWEEP = {16: [(128, 16, 64, 4, 3), (256, 16, 64, 4, 4), (256, 16, 64, 8, 3), (512, 16, 64, 8, 3), (128, 16, 128, 4, 3),
+               (256, 16, 128, 8, 2), (64, 16, 256, 4, 2)],
+          256: [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 256, 32, 8, 4), (128, 128, 64, 8, 4), (256, 128, 64, 8, 4),
+                (64, 128, 64, 4, 3), (256, 256, 64, 8, 2)]}
+
+
+def triton_sweep(dev: torch.device, C: int = 1_562_500) -> list[dict]:
+    """Fused-kernel tile configs vs torch (mv / mm + amax) at C chunks, T = 1, 16, 256 rows, Gemma shape, bf16."""
     from msa_memory.runtime import routing_triton
 
     if dev.type != "cuda" or not routing_triton.available():
         return []
     gen = torch.Generator().manual_seed(2)
     keys = torch.randn(C, 1, 256, generator=gen).to(dev, torch.bfloat16)
-    lhs = (torch.randn(1, T, 256, generator=gen) / 16).to(dev, torch.bfloat16)
+    k2 = keys.view(C, 256)
     out = torch.empty(C, device=dev)
-    ref = (keys.view(C, 256) @ lhs[0].T).float().amax(1)
-    rows = [{"config": "torch mm + amax", "ms": timeit(lambda: (keys.view(C, 256) @ lhs[0].T).amax(1), dev) * 1e3}]
-    for bc, br, bd, w, s in [(128, 128, 64, 8, 3), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (256, 128, 64, 8, 3),
-                             (128, 128, 128, 8, 2), (128, 256, 64, 8, 3), (64, 256, 64, 8, 3)]:
-        cfg = dict(BLOCK_C=bc, BLOCK_R=br, BLOCK_D=bd, num_warps=w, num_stages=s)
-        try:
-            t = timeit(lambda cfg=cfg: routing_triton.fused_max_scores(lhs, keys.view(C, 1, 256), out, **cfg), dev)
-            err = float((out - ref).abs().max())
-            rows.append({"config": str(cfg), "ms": t * 1e3, "max_abs_diff": err,
-                         "TFLOPs": 2 * T * C * 256 / t / 1e12})
-        except Exception as e:  # noqa: BLE001  (a config that does not fit shared memory)
-            rows.append({"config": str(cfg), "error": f"{type(e).__name__}: {str(e)[:200]}"})
+    rows = []
+    for T in (1, 16, 256):
+        lhs = (torch.randn(1, T, 256, generator=gen) / 16).to(dev, torch.bfloat16)
+        ref = (k2 @ lhs[0].T).float().amax(1)
+        base = (lambda: torch.mv(k2, lhs[0, 0])) if T == 1 else (lambda: (k2 @ lhs[0].T).amax(1))
+        rows.append({"T": T, "config": "torch mv" if T == 1 else "torch mm + amax", "ms": timeit(base, dev) * 1e3})
+        rows.append({"T": T, "config": "default " + str(routing_triton.config_for(T)),
+                     "ms": timeit(lambda: routing_triton.fused_max_scores(lhs, keys, out), dev) * 1e3})
+        for bc, br, bd, w, s in _SWEEP[16 if T <= 16 else 256]:
+            cfg = dict(BLOCK_C=bc, BLOCK_R=br, BLOCK_D=bd, num_warps=w, num_stages=s)
+            try:
+                t = timeit(lambda cfg=cfg: routing_triton.fused_max_scores(lhs, keys, out, **cfg), dev)
+                rows.append({"T": T, "config": str(cfg), "ms": t * 1e3, "max_abs_diff": float((out - ref).abs().max()),
+                             "TFLOPs": 2 * T * C * 256 / t / 1e12, "GBps": C * 512 / t / 1e9})
+            except Exception as e:  # noqa: BLE001  (a config that does not fit shared memory)
+                rows.append({"T": T, "config": str(cfg), "error": f"{type(e).__name__}: {str(e)[:160]}"})
     return rows
+
+
+def profile_route(dev: torch.device) -> str:
+    """torch.profiler table of 20 graph routes at 10k chunks, T=16 (where the fixed cost shows)."""
+    if dev.type != "cuda":
+        return ""
+    from torch.profiler import ProfilerActivity, profile
+
+    index = RouterIndex([torch.randn(10_000, 1, 256).to(dev, torch.bfloat16)], np.arange(10_000) // 8,
+                        np.arange(1250), RoutingConfig(top_k=16), device=dev)
+    q = torch.randn(16, 4, 256, device=dev)
+    for _ in range(3):
+        index.route(0, q)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(20):
+            index.route(0, q)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=50)
 
 
 # ----------------------------------------------------------------------------- 2. fetch
@@ -325,8 +352,9 @@ def routing_paths_check(other: str = "cuda") -> list[dict]:
     """On the GPU: CUDA-graph route == eager route, fused Triton scores == eager scores, GPU == CPU.
 
     bf16 keys (200k chunks, Gemma shape), several reducer combinations and query lengths. "same"
-    means the same top-16 documents; scores are compared within bf16 tolerance (the eager GEMM
-    rounds its output to bf16, the fused kernel keeps fp32, the CPU widens keys to fp32).
+    means the same top-16 documents up to ties (every chosen document scores, in the eager reference,
+    at least the reference's 16th score - tol) and sorted top-16 scores within bf16 tolerance (the
+    eager GEMM rounds its output to bf16, the fused kernel keeps fp32, the CPU widens keys to fp32).
     """
     gen = torch.Generator().manual_seed(3)
     C, N = 200_000, 25_000
@@ -348,11 +376,15 @@ def routing_paths_check(other: str = "cuda") -> list[dict]:
             gpu.config = cfg
             r_auto = gpu.route(0, q)                                      # default: graph (+ Triton where it applies)
             r_cpu = cpu.route(0, q)
+            ref = gpu.doc_scores(0, q, kernel="torch").cpu().numpy()       # eager doc scores: the reference
+            kth = np.sort(ref)[::-1][15]
             tol = 0.02 * (float(np.abs(r_eager.scores).max()) + 1.0)
 
-            def cmp(a, b):
+            def cmp(a, b, ref=ref, kth=kth):
+                # bf16 scores tie often: "same top-16" = every chosen doc scores ≥ the reference's 16th - tol
                 return {"top16_overlap": len(set(a.doc_index.tolist()) & set(b.doc_index.tolist())),
-                        "max_score_diff": float(np.abs(np.sort(a.scores) - np.sort(b.scores)).max())}
+                        "max_score_diff": float(np.abs(np.sort(a.scores) - np.sort(b.scores)).max()),
+                        "worst_ref_margin": float((ref[a.doc_index] - kth).min())}
 
             row = {"combo": combo or "msa-default", "T": T, "tol": tol,
                    "fused_used": bool(gpu._fused_ok(*gpu._query(0, q)[1:])),
@@ -367,9 +399,9 @@ def routing_paths_check(other: str = "cuda") -> list[dict]:
             exact = T & (T - 1) == 0 or cfg.query_reduce != "max"
             ge = row["graph_vs_eager"]
             row["ok"] = ((ge["top16_overlap"] == 16 and ge["max_score_diff"] <= 1e-6) if exact else
-                         (ge["top16_overlap"] >= 15 and ge["max_score_diff"] <= tol)) and all(
-                row[n]["top16_overlap"] >= 15 and row[n]["max_score_diff"] <= tol for n in ("auto_vs_eager", "gpu_vs_cpu")
-            ) and row.get("triton_vs_eager_chunk_max_diff", 0.0) <= tol
+                         (ge["worst_ref_margin"] >= -tol and ge["max_score_diff"] <= tol)) and all(
+                row[n]["worst_ref_margin"] >= -tol and row[n]["max_score_diff"] <= tol
+                for n in ("auto_vs_eager", "gpu_vs_cpu")) and row.get("triton_vs_eager_chunk_max_diff", 0.0) <= tol
             rows.append(row)
         del gpu
     return rows
@@ -386,7 +418,8 @@ def main() -> None:
     ap.add_argument("--doc-tokens", type=int, default=512)
     ap.add_argument("--quick", action="store_true", help="small sizes for a CI smoke run")
     ap.add_argument("--gpu-check", action="store_true")
-    ap.add_argument("--triton-sweep", action="store_true", help="CUDA: time fused-kernel tile configs at 1.56M × 256")
+    ap.add_argument("--triton-sweep", action="store_true",
+                    help="CUDA: time fused-kernel tile configs at 1.56M chunks × T in 1, 16, 256; profile a small route")
     ap.add_argument("--check-device", default="cuda", help="device compared with the CPU by --gpu-check")
     ap.add_argument("--skip", default="", help="comma list of sections to skip: routing,fetch,ttft")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default); 1 is faster on a busy shared CPU")
@@ -407,10 +440,11 @@ def main() -> None:
                 "ttft": lambda: bench_ttft(dev, a.model, k, doc_tokens, n_docs=max(64, 4 * k), q_len=32),
                 "gpu_check": lambda: gpu_check(a.check_device),
                 "routing_paths": lambda: routing_paths_check(a.check_device),
-                "triton_sweep": lambda: triton_sweep(dev)}
+                "triton_sweep": lambda: triton_sweep(dev),
+                "profile": lambda: profile_route(dev)}
     for name, fn in sections.items():     # one failing section must not lose the others' figures
         if name in skip or (name in ("gpu_check", "routing_paths") and not a.gpu_check) or (
-                name == "triton_sweep" and not a.triton_sweep):
+                name in ("triton_sweep", "profile") and not a.triton_sweep):
             continue
         try:
             results[name] = fn()
@@ -433,10 +467,12 @@ def main() -> None:
                   f"{r['compute_floor_ms']:>9.3f} {r['x_compute_floor']:>7.2f} {r['x_bound']:>8.2f} {r['achieved_GBps']:>8.1f}"
                   + "".join(f" {r[n + '_ms']:>15.3f}" if n + "_ms" in r else f" {'-':>15}" for n in extra))
     if results.get("triton_sweep"):
-        print("\n# fused Triton kernel configs at 1.56M chunks × 256 rows (bf16) vs torch mm + amax")
+        print("\n# fused Triton kernel configs at 1.56M chunks × T rows (bf16) vs torch")
         for r in results["triton_sweep"]:
-            print(f"  {r['config']:<80} {r.get('ms', float('nan')):8.3f} ms  {r.get('TFLOPs', 0):6.1f} TFLOP/s "
-                  f"{r.get('max_abs_diff', '')} {r.get('error', '')}")
+            print(f"  T={r['T']:<4} {r['config']:<92} {r.get('ms', float('nan')):8.3f} ms {r.get('TFLOPs', 0):6.1f} TFLOP/s "
+                  f"{r.get('GBps', 0):7.0f} GB/s {r.get('max_abs_diff', '')} {r.get('error', '')}")
+    if results.get("profile"):
+        print("\n# profile: 20 graph routes, 10k chunks, T=16\n" + results["profile"])
     if "routing_paths" in results:
         bad = [r for r in results["routing_paths"] if not r["ok"]]
         print(f"\n# routing paths on {a.check_device}: graph == eager, Triton == eager, GPU == CPU: "

@@ -26,8 +26,8 @@ tile × rows, never by C. The tile loop is the eager path, the reference for the
   (``routing_cuda``); ``RoutingConfig.cuda_graphs=False`` turns it off. Max-reduced queries are
   padded to a power-of-two row count by repeating the last row (max unchanged), so few graphs serve
   all query lengths.
-- CUDA, query-reduce max with ≥ ``fused_min_rows`` rows: a Triton kernel (``routing_triton``) scores
-  a block of chunks against all rows with ``tl.dot`` and keeps the max in registers, writing fp32
+- CUDA, query-reduce max (and any one-row query) with ≥ ``fused_min_rows`` rows: a Triton kernel
+  (``routing_triton``) scores a block of chunks against all rows with ``tl.dot`` and keeps the max in registers, writing fp32
   chunk scores and never the R × C matrix; used only when triton imports (eager otherwise).
 
 What it does not do: fetch content K̄V̄ (``memory_tier``), or decide which layers route (the
@@ -95,7 +95,7 @@ class RoutingConfig:
     """On CUDA, replay each layer's route as a cached CUDA graph (one launch, one device→host copy)."""
     fused_scores: bool = True
     """On CUDA with triton, score query-reduce-max queries of ≥ ``fused_min_rows`` rows with the fused kernel."""
-    fused_min_rows: int = 64
+    fused_min_rows: int = 1
     """Rows of the left operand (query tokens × heads kept apart) from which the fused kernel is used."""
     compute_dtype: str = "auto"
     """Dtype of the resident keys and the score GEMM: ``"auto"`` keeps the stored dtype on GPUs and on
@@ -312,6 +312,7 @@ class RouterIndex:
             raise ConfigError("Every document must own at least one chunk; some documents have none.")
         self.doc_chunk_count = torch.from_numpy(counts.astype(np.float32)).to(self.device)
         self._scratch: dict[Any, torch.Tensor] = {}      # reused GEMM output of the eager tile loop
+        self._fused_broken = False                          # set when the Triton kernel failed once
         self._graphs: Any = None                           # routing_cuda.GraphRouteCache, made on first CUDA route
 
     @property
@@ -343,7 +344,8 @@ class RouterIndex:
 
     def _fused_ok(self, lhs: torch.Tensor, plan: ScorePlan) -> bool:
         cfg = self.config
-        if not (cfg.fused_scores and plan.query_reduce == "max" and lhs.shape[1] >= cfg.fused_min_rows):
+        if self._fused_broken or not (cfg.fused_scores and plan.query_reduce == "max"
+                                      and lhs.shape[1] >= cfg.fused_min_rows):
             return False
         if self.device.type != "cuda" and not _interpreting_triton():
             return False
@@ -370,8 +372,17 @@ class RouterIndex:
 
             if plan.query_reduce != "max" or not routing_triton.available():
                 raise ConfigError("The fused Triton kernel needs triton and query_reduce 'max' (or 'last').")
-            routing_triton.fused_max_scores(lhs, kv, out)
-            return out
+            try:
+                routing_triton.fused_max_scores(lhs, kv, out)
+                return out
+            except Exception as e:
+                if kernel == "triton":
+                    raise
+                import warnings
+
+                warnings.warn(f"Fused Triton routing kernel failed ({type(e).__name__}: {e}); using the eager path.",
+                              RuntimeWarning, stacklevel=2)
+                self._fused_broken = True
         tile = int(self.config.tile_chunks)
         G, R = lhs.shape[0], lhs.shape[1]
         scratch = None

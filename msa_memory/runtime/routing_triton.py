@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["CONFIG", "available", "fused_max_scores"]
+__all__ = ["CONFIGS", "available", "config_for", "fused_max_scores"]
 
 try:  # pragma: no cover - depends on the install
     import triton
@@ -36,8 +36,17 @@ try:  # pragma: no cover - depends on the install
 except Exception:  # noqa: BLE001  (ImportError, or a broken triton/driver combination)
     _HAVE = False
 
-CONFIG = {"BLOCK_C": 128, "BLOCK_R": 128, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3}
-"""Tile sizes and launch options; BLOCK_R shrinks to the padded row count when R is smaller."""
+CONFIGS = [  # (max rows R, launch config); measured on an H100 (bench_runtime.py --triton-sweep)
+    (16, {"BLOCK_C": 256, "BLOCK_R": 16, "BLOCK_D": 64, "num_warps": 4, "num_stages": 4}),
+    (64, {"BLOCK_C": 128, "BLOCK_R": 64, "BLOCK_D": 64, "num_warps": 4, "num_stages": 3}),
+    (1 << 30, {"BLOCK_C": 128, "BLOCK_R": 256, "BLOCK_D": 64, "num_warps": 8, "num_stages": 3}),
+]
+"""Tile sizes and launch options by row count; BLOCK_R shrinks to the padded row count when R is smaller."""
+
+
+def config_for(R: int) -> dict:
+    """Launch config of the first :data:`CONFIGS` entry whose row bound is ≥ R."""
+    return dict(next(c for r, c in CONFIGS if R <= r))
 
 
 def available() -> bool:
@@ -79,7 +88,7 @@ if _HAVE:
 def fused_max_scores(lhs: torch.Tensor, keys: torch.Tensor, out: torch.Tensor, **config: int) -> torch.Tensor:
     """``out`` (C,) fp32 ← max over (g, r) of lhs[g, r] · keys[c, g]; lhs (G, R, Dk), keys (C, G, Dk).
 
-    ``config`` overrides :data:`CONFIG` (BLOCK_C, BLOCK_R, BLOCK_D, num_warps, num_stages).
+    ``config`` overrides :func:`config_for` (BLOCK_C, BLOCK_R, BLOCK_D, num_warps, num_stages).
     """
     if not _HAVE:
         raise RuntimeError("triton is not importable here; use the eager routing path.")
@@ -89,7 +98,7 @@ def fused_max_scores(lhs: torch.Tensor, keys: torch.Tensor, out: torch.Tensor, *
         raise ValueError(f"fused_max_scores: keys {tuple(keys.shape)} {keys.dtype} do not match lhs "
                          f"{tuple(lhs.shape)} {lhs.dtype} (need (C, G, Dk), last dim contiguous, same dtype).")
     lhs = lhs.contiguous()
-    cfg = dict(CONFIG, **config)
+    cfg = dict(config_for(R), **config)
     block_r = max(16, min(cfg["BLOCK_R"], triton.next_power_of_2(R)))
     block_d = max(16, min(cfg["BLOCK_D"], triton.next_power_of_2(DK)))
     grid = (triton.cdiv(C, cfg["BLOCK_C"]),)
