@@ -200,7 +200,23 @@ def profile_route(dev: torch.device) -> str:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(20):
             index.route(0, q)
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=50)
+    entry = next(iter(index._graphs._graphs.values()))
+
+    def replay_only():
+        entry.graph.replay()
+        torch.cuda.current_stream().synchronize()
+
+    def replay_copy():
+        entry.q_in.copy_(q, non_blocking=True)
+        entry.graph.replay()
+        entry.host.copy_(entry.out, non_blocking=True)
+        torch.cuda.current_stream().synchronize()
+
+    parts = {name: timeit(fn, dev, rounds=50) * 1e6 for name, fn in
+             (("replay+sync", replay_only), ("q copy+replay+D2H+sync", replay_copy),
+              ("route()", lambda: index.route(0, q)), ("sync alone", torch.cuda.current_stream().synchronize))}
+    return (" ".join(f"{k}: {v:.1f} us;" for k, v in parts.items()) + "\n"
+            + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=50))
 
 
 # ----------------------------------------------------------------------------- 2. fetch
