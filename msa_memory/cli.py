@@ -599,7 +599,8 @@ def search(
 # (owned by the router-training engineer; logic in msa_memory.train)
 def _train_router_command(out: str, corpus: list[str] | None, store: str | None, pairs: str | None, model: str,
                           layers: str, max_layers: int, epochs: int, batch_size: int, lr: float, n_train: int,
-                          n_dev: int, max_chars: int, seed: int, cache: str | None, device: str) -> str:
+                          n_dev: int, max_chars: int, seed: int, cache: str | None, device: str,
+                          hard_negatives: str = "bm25", mine_every: int = 1) -> str:
     """The command line that reproduces a run (recorded in the adapter's training.json)."""
     parts = ["msa train-router", f"--out {out}"] + [f"--corpus {c}" for c in corpus or []]
     parts += [f"--store {store}"] if store else []
@@ -608,6 +609,8 @@ def _train_router_command(out: str, corpus: list[str] | None, store: str | None,
               f"--batch-size {batch_size}", f"--lr {lr:g}", f"--n-train {n_train}", f"--n-dev {n_dev}",
               f"--max-chars {max_chars}", f"--seed {seed}", f"--device {device}"]
     parts += [f"--cache {cache}"] if cache else []
+    if hard_negatives != "bm25" or mine_every != 1:
+        parts += [f"--hard-negatives {hard_negatives}", f"--mine-every {mine_every}"]
     return " ".join(parts)
 
 
@@ -631,6 +634,8 @@ def train_router_cmd(
     seed: Annotated[int, typer.Option("--seed", help="Data and training seed")] = 0,
     cache: Annotated[str | None, typer.Option("--cache", help="Folder to cache extracted features in (reused when present)")] = None,
     device: Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N")] = "cpu",
+    hard_negatives: Annotated[str, typer.Option("--hard-negatives", help="bm25, routing (top non-positive passages under the router being trained, e.g. a --store's own routing) or both")] = "bm25",
+    mine_every: Annotated[int, typer.Option("--mine-every", help="Routing negatives: re-mine every N epochs (0: once, with the initial router)", min=0)] = 1,
     json_out: JsonOpt = False,
 ) -> None:
     """Train router projections (decoupled InfoNCE, frozen backbone) and save an adapter."""
@@ -641,8 +646,10 @@ def train_router_cmd(
         summary = train_router_from_cli(
             out=out, corpus=corpus, store=store, pairs=pairs, model=model, layers=layers, max_layers=max_layers,
             epochs=epochs, batch_size=batch_size, lr=lr, n_train=n_train, n_dev=n_dev, seed=seed, max_chars=max_chars, cache=cache,
-            device=device, command=_train_router_command(out, corpus, store, pairs, model, layers, max_layers, epochs,
-                                                          batch_size, lr, n_train, n_dev, max_chars, seed, cache, device),
+            device=device, hard_negatives=hard_negatives, mine_every=mine_every,
+            command=_train_router_command(out, corpus, store, pairs, model, layers, max_layers, epochs,
+                                          batch_size, lr, n_train, n_dev, max_chars, seed, cache, device,
+                                          hard_negatives, mine_every),
             log=(lambda s: None) if json_out else (lambda s: typer.echo(s, err=True)))
         if json_out:
             _emit_json(summary)
@@ -653,27 +660,46 @@ def train_router_cmd(
     _guard(json_out, body)
 
 
-@store_app.command("reindex-router", epilog="\b\nExamples:\n  msa store reindex-router mem.msa --adapter router/ --dest mem-rerouted.msa\n"
-                   "  msa store reindex-router mem.msa --adapter router/ --dest mem2.msa --json")
+@store_app.command("reindex-router", epilog="\b\nExamples:\n  msa store reindex-router mem.msa --adapter router/          # new version of mem.msa\n"
+                   "  msa store reindex-router mem.msa --adapter router/ --json\n"
+                   "  msa store reindex-router mem.msa --adapter router/ --dest mem2.msa   # copy into a new store")
 def store_reindex_router(
     store: StoreArg,
     adapter: Annotated[str, typer.Option("--adapter", help="Router adapter folder, e.g. router/")],
-    dest: Annotated[str, typer.Option("--dest", help="New store path for the re-keyed documents, e.g. mem2.msa")],
+    dest: Annotated[str | None, typer.Option("--dest", help="Write a NEW store here instead of a new version (needed when the adapter uses fewer layers), e.g. mem2.msa")] = None,
+    message: Annotated[str | None, typer.Option("--message", "-m", help="Commit message of the new version")] = None,
     version: VersionOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
-    """Recompute router keys with a new adapter from the kept router inputs (no re-encoding)."""
+    """Recompute router keys with a new adapter from the kept router inputs (no re-encoding).
+
+    By default commits them as a new version of STORE (older versions keep their router); with
+    --dest writes a new store instead.
+    """
 
     def body() -> None:
         from msa_memory.encode import RouterAdapter
-        from msa_memory.train.reindex import reindex_router
+        from msa_memory.train.reindex import reindex_router, reindex_router_to
 
-        new, stats = reindex_router(_open(store, version), dest, RouterAdapter.load(adapter))
+        src = _open(store, version)
+        ad = RouterAdapter.load(adapter)
+        if dest is not None:
+            new, stats = reindex_router_to(src, dest, ad, message=message)
+        else:
+            new, stats = reindex_router(src, ad, message=message, adapter_path=adapter)
         if json_out:
-            _emit_json(dict(stats, dest=dest))
+            _emit_json(dict(stats, store=store, dest=dest))
             return
-        typer.echo(f"wrote {stats['docs']} documents ({stats['chunks']} chunks) re-keyed with router {stats['router_id']} "
-                   f"to {dest} (version {stats['version']}) in {stats['seconds']:.2f}s")
+        if dest is not None:
+            typer.echo(f"wrote {stats['docs']} documents ({stats['chunks']} chunks) re-keyed with router "
+                       f"{stats['router_id']} to {dest} (version {stats['version']}) in {stats['seconds']:.2f}s")
+        elif stats["unchanged"]:
+            typer.echo(f"version {stats['version']} of {store} is already routed by router {stats['router_id']}; "
+                       "nothing to do")
+        else:
+            typer.echo(f"version {stats['version']} of {store}: {stats['docs']} documents ({stats['chunks']} chunks, "
+                       f"{stats['shards']} shards) re-keyed with router {stats['router_id']} in {stats['seconds']:.2f}s; "
+                       f"versions before it keep their router")
 
     _guard(json_out, body)
 # ----- end router training -----

@@ -16,6 +16,8 @@ Layout (see docs/store-format.md)::
     ROOT/shards/{shard_id}/             one immutable shard (zarr v3 group + docs.parquet + _record.json)
     ROOT/staging/{shard_id}.{hex}/      a shard being written (renamed into shards/ when complete)
     ROOT/deletions/{N:08d}-{hex}.json   document ids deleted by version N
+    ROOT/router_keys/{shard}.{router}.{hex}/k_router/   a shard's router keys under another router
+                                        (written by a reindex; named by the versions that use them)
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ STAGING_DIR = "staging"
 DELETIONS_DIR = "deletions"
 RECORD_FILE = "_record.json"
 DOCS_FILE = "docs.parquet"
+ROUTER_KEYS_DIR = "router_keys"
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _VERSION_RE = re.compile(r"^(\d{8,})\.json$")

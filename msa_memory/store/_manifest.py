@@ -84,6 +84,10 @@ def check_manifest_structure(m: dict[str, Any], where: str) -> None:
     _check_fields(m, _TOP, where)
     for i, e in enumerate(m["shards"]):
         _check_fields(e, _SHARD, f"{where} shards[{i}]")
+        if "router_keys" in e:  # a reindexed version's keys of this shard (rekey.py)
+            _check_fields(e["router_keys"], {"path": str, "files": dict}, f"{where} shards[{i}].router_keys")
+    if "router" in m:
+        _check_fields(m["router"], {"router_id": str, "router_layers": list}, f"{where} router")
     for i, e in enumerate(m["deletions"]):
         _check_fields(e, _DEL, f"{where} deletions[{i}]")
     _check_fields(m["stats"], _STATS, f"{where} stats")

@@ -93,11 +93,14 @@ def shard_entry(root: Path, rec: ShardRecord) -> dict[str, Any]:
 def new_manifest(version: int, parent: int | None, operation: str, message: str, identity_sha: str,
                  shard_entries: list[dict[str, Any]], deletions: list[dict[str, Any]],
                  used: _ids.Ranges, stats: dict[str, int], changes: dict[str, Any],
-                 extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    return {"format_version": FORMAT_VERSION, "version": version, "parent_version": parent,
-            "timestamp": now_iso(), "message": str(message), "operation": operation,
-            "identity_sha256": identity_sha, "shards": shard_entries, "deletions": deletions,
-            "used_id_ranges": used, "stats": stats, "changes": changes, "extra": extra or {}}
+                 extra: dict[str, Any] | None = None, router: dict[str, Any] | None = None) -> dict[str, Any]:
+    m = {"format_version": FORMAT_VERSION, "version": version, "parent_version": parent,
+         "timestamp": now_iso(), "message": str(message), "operation": operation,
+         "identity_sha256": identity_sha, "shards": shard_entries, "deletions": deletions,
+         "used_id_ranges": used, "stats": stats, "changes": changes, "extra": extra or {}}
+    if router is not None:  # the version's router, when a reindex replaced the identity's (rekey.py)
+        m["router"] = router
+    return m
 
 
 def publish(root: Path, manifest: dict[str, Any]) -> MemoryStore:
@@ -281,7 +284,8 @@ def commit(store: MemoryStore, add: Sequence[ShardRecord] = (), delete_ids: Iter
             [e for e in base.manifest["shards"] if e["shard_id"] not in removed] + added, deletions,
             _ids.union_ranges(base.manifest["used_id_ranges"], new_ids), stats,
             {"added_docs": sum(r.n_docs for r in add), "deleted_docs": d_docs,
-             "added_shards": [r.shard_id for r in add], "removed_shards": removed}, extra)
+             "added_shards": [r.shard_id for r in add], "removed_shards": removed}, extra,
+            router=base.manifest.get("router"))
         return publish(root, m)
 
 
@@ -295,6 +299,10 @@ def restore(store: MemoryStore, version: int | str, message: str | None = None, 
             if not (root / SHARDS_DIR / e["shard_id"] / RECORD_FILE).exists():
                 raise ShardMissingError(f"Version {old.version} needs shard {e['shard_id']!r}, which gc removed.",
                                         hint="Restore a version that gc kept (see `msa store versions`).")
+            rk = e.get("router_keys")
+            if rk is not None and not (root / rk["path"]).is_dir():
+                raise ShardMissingError(f"Version {old.version} needs router keys {rk['path']!r}, which gc removed.",
+                                        hint="Restore a version that gc kept (see `msa store versions`).")
         latest = _manifest.latest_version(root)
         cur = _manifest.read_manifest(root, latest)
         m = new_manifest(
@@ -302,7 +310,7 @@ def restore(store: MemoryStore, version: int | str, message: str | None = None, 
             old._identity_sha, old.manifest["shards"], old.manifest["deletions"],
             _ids.union_ranges(cur["used_id_ranges"], old.manifest["used_id_ranges"]), dict(old.manifest["stats"]),
             {"added_docs": 0, "deleted_docs": 0, "added_shards": [], "removed_shards": [],
-             "restored_from": old.version})
+             "restored_from": old.version}, router=old.manifest.get("router"))
         return publish(root, m)
 
 

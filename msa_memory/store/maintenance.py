@@ -20,9 +20,11 @@ import numpy as np
 from msa_memory.errors import ConfigError, MsaError
 from msa_memory.schemas.records import EncodedChunks, Passage
 from msa_memory.store import _manifest, shards
+from msa_memory.store.rekey import router_key_paths, verify_keys
 from msa_memory.store._layout import (
     DELETIONS_DIR,
     LATEST_HINT,
+    ROUTER_KEYS_DIR,
     SHARDS_DIR,
     STAGING_DIR,
     TAGS_DIR,
@@ -45,7 +47,7 @@ def _read_live(store: MemoryStore, sid: str) -> tuple[list[Passage], EncodedChun
     chunk_idx = np.concatenate([np.arange(offs[i], offs[i + 1]) for i in live])  # (C_live,)
     kv = view.array("kv").read(0, rec.n_chunks)[chunk_idx]  # (C_live, L, 2, H, D)
     L = store.identity.n_layers
-    k_router = view.array("k_router").read(0, L)[:, chunk_idx]  # (L, C_live, H, D)
+    k_router = store.shard_router_keys(sid).read(0, L)[:, chunk_idx]  # (L, C_live, H, D), this version's router
     x_router = view.array("x_router").read(0, L)[:, chunk_idx] if store.identity.hidden_size > 0 else None
     passages = [Passage(text=r["text"], source_path=r["source_path"], passage_index=r["passage_index"],
                         byte_start=r["byte_start"], byte_end=r["byte_end"], file_sha256=r["file_sha256"])
@@ -125,7 +127,7 @@ def compact(store: MemoryStore, min_dead_fraction: float = 0.0, message: str = "
         for k, group in enumerate(groups):
             passages, enc = _concat([_read_live(base, sid) for sid in group], base.identity.dtype)
             new_id = f"compact-{latest + 1:08d}-{k:04d}-{token()}"
-            rec = shards.write_shard_unchecked(root, base.identity, new_id, passages, enc)
+            rec = shards.write_shard_unchecked(root, base.stored_identity, new_id, passages, enc)
             new_entries.append(_commit.shard_entry(root, rec))
         shards.fault_hook("compact:written")
         victims = [sid for g in groups for sid in g]
@@ -138,7 +140,7 @@ def compact(store: MemoryStore, min_dead_fraction: float = 0.0, message: str = "
             latest + 1, latest, "compact", message, base._identity_sha, keep_shards + new_entries, deletions,
             base.manifest["used_id_ranges"], dict(base.manifest["stats"]),
             {"added_docs": 0, "deleted_docs": 0, "added_shards": [e["shard_id"] for e in new_entries],
-             "removed_shards": victims})
+             "removed_shards": victims}, router=base.manifest.get("router"))
         return _commit.publish(root, m)
 
 
@@ -165,7 +167,8 @@ def gc(store: MemoryStore, dry_run: bool = True, *, keep_last: int | None = None
     Kept versions: all, or with ``keep_last=k`` the latest k plus every tagged version (the
     manifests of the others are removed too). Removable: shard directories no kept manifest lists
     (committed-then-dropped shards and orphans of crashed or abandoned writers), ``staging/``
-    leftovers, unreferenced deletion files and temp files. Anything younger than ``grace_s``
+    leftovers, router-key arrays (``router_keys/``) that no kept version names, unreferenced
+    deletion files and temp files. Anything younger than ``grace_s``
     seconds (default 1 h; a job may still be about to commit it) is reported under ``young`` and
     left alone. Returns ``{"dry_run", "kept_versions", "removed_versions", "orphans": [{"path",
     "kind", "bytes", "age_s"}], "young": [...], "bytes", "removed"}``.
@@ -184,10 +187,12 @@ def gc(store: MemoryStore, dry_run: bool = True, *, keep_last: int | None = None
             kept &= set(versions)
         ref_shards: set[str] = set()
         ref_dels: set[str] = set()
+        ref_keys: set[str] = set()
         for v in sorted(kept):
             m = _manifest.read_manifest(root, v)
             ref_shards.update(e["shard_id"] for e in m["shards"])
             ref_dels.update(d["path"] for d in m["deletions"])
+            ref_keys.update(router_key_paths(m))
         cands: list[tuple[Path, str]] = []
         cands += [(version_file(root, v), "manifest") for v in versions if v not in kept]
         for d in sorted((root / SHARDS_DIR).iterdir()) if (root / SHARDS_DIR).exists() else []:
@@ -195,6 +200,9 @@ def gc(store: MemoryStore, dry_run: bool = True, *, keep_last: int | None = None
                 cands.append((d, "shard"))
         for d in sorted((root / STAGING_DIR).iterdir()) if (root / STAGING_DIR).exists() else []:
             cands.append((d, "staging"))
+        for d in sorted((root / ROUTER_KEYS_DIR).iterdir()) if (root / ROUTER_KEYS_DIR).exists() else []:
+            if f"{ROUTER_KEYS_DIR}/{d.name}" not in ref_keys:
+                cands.append((d, "router_keys"))
         for f in sorted((root / DELETIONS_DIR).iterdir()) if (root / DELETIONS_DIR).exists() else []:
             if f"{DELETIONS_DIR}/{f.name}" not in ref_dels:
                 cands.append((f, "deletion"))
@@ -252,6 +260,11 @@ def verify(store: MemoryStore) -> dict[str, Any]:
             problems.append({"file": path, "shard_id": sid, "problem": problem, "doc_ids": live_docs})
         n_files += len(rec.files) + 1
         n_bytes += e["n_bytes"]
+        if "router_keys" in e:  # this version's router keys of the shard (a reindex wrote them)
+            for path, problem in verify_keys(root, e):
+                problems.append({"file": path, "shard_id": sid, "problem": problem, "doc_ids": live_docs})
+            n_files += len(e["router_keys"]["files"])
+            n_bytes += sum(f["size"] for f in e["router_keys"]["files"].values())
     for d in store.manifest["deletions"]:
         try:
             _manifest.read_deletions(root, d)

@@ -6,12 +6,15 @@ the manifest's shard list. Everything else is lazy and cached on the object: sha
 router keys when asked for, K̄V̄ of the requested documents only. A snapshot only reads files that
 its manifest names, and those never change, so a reader of version N never sees later writes.
 
-Writer verbs (``commit``, ``restore``, ``compact``, ``gc``, ``tag``, ``reserve_ids``) live in
-``commit.py``/``maintenance.py`` and are bound here; each returns a new snapshot.
+Writer verbs (``commit``, ``restore``, ``rekey``, ``compact``, ``gc``, ``tag``, ``reserve_ids``) live
+in ``commit.py``/``rekey.py``/``maintenance.py`` and are bound here; each returns a new snapshot.
+``identity`` is the stored identity record with this version's router (``router``; a reindex can
+give a version another router than the one the store was created with, see ``rekey.py``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -19,9 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from msa_memory.errors import DocumentNotFoundError, IdentityMismatchError
+from msa_memory.errors import DocumentNotFoundError, IdentityMismatchError, ManifestCorruptError
 from msa_memory.schemas.records import STORAGE_DTYPES, ShardRecord, StoreIdentity, identity_sha256
 from msa_memory.store import _manifest
+from msa_memory.store.rekey import keys_reader, version_router
 from msa_memory.store.shards import ShardView, chunk_bytes, read_record
 
 
@@ -30,19 +34,32 @@ class MemoryStore:
 
     def __init__(self, root: str | os.PathLike[str], version: int | str | None = None) -> None:
         self.root = Path(root)
-        self.identity: StoreIdentity = _manifest.read_identity(self.root)
+        #: the identity record as written at creation (msa_store.json); shard records hash this one
+        self.stored_identity: StoreIdentity = _manifest.read_identity(self.root)
         self.version: int = _manifest.resolve_version(self.root, version)
         self.manifest: dict[str, Any] = _manifest.read_manifest(self.root, self.version)
-        self._identity_sha = identity_sha256(self.identity)
+        self._identity_sha = identity_sha256(self.stored_identity)
         if self.manifest["identity_sha256"] != self._identity_sha:
             raise IdentityMismatchError(
                 f"Version {self.version} of {str(self.root)!r} was written for another identity than msa_store.json.",
                 hint="The identity record was replaced; restore the original msa_store.json.")
+        #: this version's router (``rekey.version_router``): the identity's unless a reindex replaced it
+        self.router: dict[str, Any] = version_router(self.manifest, self.stored_identity)
+        if [int(x) for x in self.router["router_layers"]] != list(self.stored_identity.router_layers):
+            raise ManifestCorruptError(
+                f"Version {self.version} of {str(self.root)!r} names router layers {self.router['router_layers']}, "
+                f"not the store's {list(self.stored_identity.router_layers)}.",
+                hint="The manifest was damaged or written by other software; open an older version.")
+        #: the identity of this version: the stored record with this version's router id
+        self.identity: StoreIdentity = (self.stored_identity if self.router["router_id"] ==
+                                        self.stored_identity.router_id else
+                                        dataclasses.replace(self.stored_identity, router_id=self.router["router_id"]))
         self._shard_entries: list[dict[str, Any]] = self.manifest["shards"]
         self._views: dict[str, ShardView] = {}
         self._deleted: dict[str, np.ndarray] | None = None
         self._table_cache: dict[str, Any] = {}
         self._range_index: tuple[np.ndarray, np.ndarray, np.ndarray, bool] | None = None
+        self._key_readers: dict[str, Any] = {}
 
     # ------------------------------------------------------------------ metadata
     def __repr__(self) -> str:
@@ -69,13 +86,14 @@ class MemoryStore:
         return _manifest.latest_version(self.root)
 
     def versions(self) -> list[dict[str, Any]]:
-        """One dict per published version: version, timestamp, message, n_docs, n_chunks, operation."""
+        """One dict per published version: version, timestamp, message, n_docs, n_chunks, operation, router_id."""
         out = []
         for v in _manifest.list_versions(self.root):
             m = _manifest.read_manifest(self.root, v)
             out.append({"version": v, "timestamp": m["timestamp"], "message": m["message"],
                         "n_docs": m["stats"]["n_docs"], "n_chunks": m["stats"]["n_chunks"],
-                        "operation": m["operation"]})
+                        "operation": m["operation"],
+                        "router_id": version_router(m, self.stored_identity)["router_id"]})
         return out
 
     def tags(self) -> dict[str, int]:
@@ -87,6 +105,17 @@ class MemoryStore:
     def check_identity(self, identity: StoreIdentity) -> None:
         """Raise IdentityMismatchError unless ``identity`` may read/append to this store."""
         diff = self.identity.compatible_with(identity)
+        if diff == ["router_id"]:
+            match = [v["version"] for v in self.versions() if v["router_id"] == identity.router_id]
+            shown = ("[..., " + ", ".join(map(str, match[-8:])) + "]") if len(match) > 8 else str(match)
+            where = (f"versions {shown} of this store use router {identity.router_id[:16]}: open one of them "
+                     f"(open_store(root, version={match[-1]})) or reindex with this router's adapter"
+                     if match else "no version of this store uses it: reindex the store with this router's adapter "
+                     "(`msa store reindex-router STORE --adapter DIR`)")
+            raise IdentityMismatchError(
+                f"Version {self.version} of store {str(self.root)!r} is routed by router {self.identity.router_id[:16]}, "
+                f"the model given has router {identity.router_id[:16]}.",
+                hint=f"Load the model with the adapter of router {self.identity.router_id[:16]}; {where}.")
         if diff:
             raise IdentityMismatchError(
                 f"Store {str(self.root)!r} was built with a different model/router: fields {diff} differ "
@@ -98,7 +127,9 @@ class MemoryStore:
         s = dict(self.manifest["stats"])
         s["bytes_per_token"] = s["n_bytes"] / s["n_tokens"] if s["n_tokens"] else 0.0
         s["bytes_per_chunk"] = chunk_bytes(self.identity)
-        s["disk_bytes"] = int(sum(e["n_bytes"] for e in self._shard_entries))
+        s["disk_bytes"] = int(sum(e["n_bytes"] for e in self._shard_entries)
+                              + sum(f["size"] for e in self._shard_entries if "router_keys" in e
+                                    for f in e["router_keys"]["files"].values()))
         s["n_shards"] = len(self._shard_entries)
         s["n_deletion_files"] = len(self.manifest["deletions"])
         s["version"] = self.version
@@ -112,6 +143,20 @@ class MemoryStore:
             rec = read_record(self.root, shard_id, expect_crc=entry["record_crc32c"])
             v = self._views[shard_id] = ShardView(self.root, rec, self.identity)
         return v
+
+    def _keys(self, entry: dict[str, Any]) -> Any:
+        """Reader of a shard's router keys under this version's router (reindexed ones, rekey.py)."""
+        key = "rk:" + entry["shard_id"]
+        r = self._key_readers.get(key)
+        if r is None:
+            r = self._key_readers[key] = keys_reader(self.root, entry, self.identity,
+                                                     self._view(entry["shard_id"]).record.n_chunks)
+        return r
+
+    def shard_router_keys(self, shard_id: str) -> Any:
+        """ArrayReader of shard ``shard_id``'s (L, C, H, D) router keys as this version routes them."""
+        entry = next(e for e in self._shard_entries if e["shard_id"] == shard_id)
+        return self._keys(entry) if "router_keys" in entry else self._view(shard_id).array("k_router")
 
     def _records(self) -> list[ShardRecord]:
         return [self._view(e["shard_id"]).record for e in self._shard_entries]
@@ -207,7 +252,8 @@ class MemoryStore:
         for e in self._shard_entries:
             view = self._view(e["shard_id"])
             rec = view.record
-            block = view.array(name).read(int(layer), int(layer) + 1)[0]  # (C_shard, *tail)
+            src = self._keys(e) if name == "k_router" and "router_keys" in e else view.array(name)
+            block = src.read(int(layer), int(layer) + 1)[0]  # (C_shard, *tail)
             chunk_doc = np.repeat(rec.doc_ids, np.diff(rec.chunk_offsets))
             live = self._live_mask(e["shard_id"])
             if not live.all():
@@ -295,6 +341,15 @@ class MemoryStore:
 
         return commit.commit(self, add, delete_ids, delete_paths, message, read_version, lock_timeout=lock_timeout,
                              extra=extra)
+
+    def rekey(self, router: dict[str, Any], keys_fn: Any, *, message: str = "", read_version: int | None = None,
+              lock_timeout: float = 60.0, log: Any = None) -> MemoryStore:
+        """Publish version N+1 with every shard's router keys recomputed from its kept router inputs
+        by ``keys_fn(shard_id, x_router)`` under ``router`` (see ``rekey.rekey``)."""
+        from msa_memory.store import rekey
+
+        return rekey.rekey(self, router, keys_fn, message=message, read_version=read_version,
+                           lock_timeout=lock_timeout, log=log)
 
     def restore(self, version: int | str, message: str | None = None) -> MemoryStore:
         """Publish a new version equal to ``version``."""

@@ -2,19 +2,24 @@
 
 Router keys are a linear map of the pooled router-layer inputs: K̄ᵣ = router_k_proj(x̄) (then
 L2-normalised per head in cosine mode), so a store that kept x̄ (``x_router``, identity
-``hidden_size > 0``) can get the keys of any adapter whose router layers it kept, by one small
-matmul per chunk, with no backbone forward.
+``hidden_size > 0``) can get the keys of any adapter for its backbone by one small matmul per
+chunk, with no backbone forward.
 
-The store records the router that produced its keys (``identity.router_id``) and refuses writers
-with another identity, so the re-keyed documents go into a *new store* (``dest``): same document
-ids (reserved up front), same texts and rows, the same content K̄V̄ and x̄ (restricted to the new
-adapter's layers), new ``k_router``; one commit publishes it. The source store is only read.
-What this module does not do: change a store's identity in place (the store format has no verb
-for that; see the report), or encode text.
+Two ways:
+- ``reindex_router(store, adapter)`` (the default, in place): the adapter becomes the router of a
+  new version of the same store (``MemoryStore.rekey``, store/rekey.py): new key arrays for every
+  shard, one atomic commit; older versions keep their keys and their router and stay readable and
+  restorable. The adapter's layers must equal the store's router layers.
+- ``reindex_router_to(src, dest, adapter)`` (``--dest``): a new store with the same document ids,
+  texts and rows, the content K̄V̄ and x̄ restricted to the adapter's layers (which may be any
+  subset of the store's), and the adapter's keys; the source is only read.
+Both check the adapter against the store first (head layout, hidden size, pooling, the backbone
+fingerprint when the adapter records one) and change nothing when it does not fit.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -23,7 +28,108 @@ import numpy as np
 
 from msa_memory.errors import ConfigError, IdentityMismatchError
 
-__all__ = ["reindex_router", "router_keys_from_inputs"]
+__all__ = ["reindex_router", "reindex_router_to", "router_keys_from_inputs", "check_adapter"]
+
+
+def check_adapter(store: Any, adapter: Any) -> None:
+    """Raise unless ``adapter`` can re-key ``store`` (a snapshot): router inputs kept, adapter layers
+    among the store's, same head layout / hidden size / pooling, same backbone when recorded."""
+    ident, rc = store.identity, adapter.config
+    if ident.hidden_size <= 0:
+        raise ConfigError(f"Store {str(store.root)!r} keeps no router inputs (x_router), so its router keys cannot "
+                          "be recomputed.", hint="Re-encode the corpus once with `msa-encode --keep-router-inputs` "
+                          "(Encoder(..., keep_router_inputs=True)); later adapters can then be applied by reindexing.")
+    for name, have, want in (("n_kv_heads", ident.n_kv_heads, rc.n_kv_heads), ("head_dim", ident.head_dim, rc.head_dim),
+                             ("hidden_size", ident.hidden_size, rc.hidden_size),
+                             ("chunk_tokens", ident.chunk_tokens, rc.chunk_tokens)):
+        if have != want:
+            raise IdentityMismatchError(
+                f"Adapter {name}={want} does not match store {str(store.root)!r} ({name}={have}): the adapter was "
+                f"trained for another backbone than the store's ({ident.model_name}).",
+                hint="Use an adapter trained with `msa train-router --model` set to the store's model.")
+    fp = rc.extra.get("model_fingerprint") if isinstance(rc.extra, dict) else None
+    if fp and fp != ident.model_fingerprint:
+        raise IdentityMismatchError(
+            f"Adapter was trained on backbone {str(fp)[:16]}, store {str(store.root)!r} was encoded by "
+            f"{ident.model_fingerprint[:16]} ({ident.model_name}).",
+            hint="Use an adapter trained with `msa train-router --model` set to the store's model.")
+    missing = [l for l in rc.router_layers if l not in ident.router_layers]
+    if missing:
+        raise IdentityMismatchError(f"Adapter router layers {list(rc.router_layers)} include {missing}, which store "
+                                    f"{str(store.root)!r} did not keep (it has {list(ident.router_layers)}).",
+                                    hint="Train the adapter on a subset of the store's router layers.")
+
+
+def reindex_router(store: Any, adapter: Any, *args: Any, message: str | None = None, adapter_path: str | None = None,
+                   log: Callable[[str], None] | None = None) -> tuple[Any, dict[str, Any]]:
+    """Commit ``adapter``'s router keys for every document of ``store`` as a new version of it.
+
+    (The earlier form ``reindex_router(src, dest_path, adapter)`` still works and means
+    ``reindex_router_to(src, dest_path, adapter)``: a copy into a new store.)
+
+    Parameters
+    ----------
+    store : MemoryStore
+        The snapshot to re-key (the new version is prepared against its version; another writer
+        publishing meanwhile raises VersionConflictError and publishes nothing).
+    adapter : RouterAdapter
+        The new router: its layers must equal the store's router layers.
+    message : str, optional
+        Commit message. ``adapter_path`` is recorded in the version's router as provenance.
+
+    Returns
+    -------
+    (MemoryStore, dict)
+        The new snapshot (``store`` itself when its version already has this router) and
+        ``{"docs", "chunks", "shards", "layers", "router_id", "version", "seconds", "seconds_keys"}``.
+
+    Raises
+    ------
+    ConfigError
+        The store keeps no router inputs.
+    IdentityMismatchError
+        Adapter for another backbone (head layout, hidden size, pooling, fingerprint) or other layers.
+    """
+    if isinstance(adapter, (str, os.PathLike)):  # the earlier (src, dest, adapter) form: copy to a new store
+        if len(args) != 1:
+            raise ConfigError("reindex_router(store, adapter) re-keys in place; to copy into a new store call "
+                              "reindex_router_to(store, dest, adapter).")
+        return reindex_router_to(store, adapter, args[0], message=message, log=log)
+    if args:
+        raise ConfigError(f"reindex_router(store, adapter) takes no further positional arguments, got {args!r}.")
+    check_adapter(store, adapter)
+    ident, rc = store.identity, adapter.config
+    if list(rc.router_layers) != list(ident.router_layers):
+        raise IdentityMismatchError(
+            f"Adapter router layers {list(rc.router_layers)} differ from store {str(store.root)!r}'s "
+            f"{list(ident.router_layers)}; a new version of the same store can only re-key the same layers.",
+            hint="Copy into a new store restricted to the adapter's layers with `msa store reindex-router STORE "
+                 "--adapter DIR --dest NEW`, or train on the store's layers (msa train-router --layers "
+                 f"{','.join(map(str, ident.router_layers))} --max-layers {ident.n_layers}).")
+    t0 = time.perf_counter()
+    t_keys = [0.0]
+    n_chunks = [0]
+
+    def keys_fn(shard_id: str, x: np.ndarray) -> np.ndarray:  # (L, C, E) -> (L, C, H, D), storage dtype
+        t1 = time.perf_counter()
+        k = np.stack([router_keys_from_inputs(adapter, l, x[i], ident.dtype) for i, l in enumerate(rc.router_layers)])
+        t_keys[0] += time.perf_counter() - t1
+        n_chunks[0] += x.shape[1]
+        return k
+
+    router = {"router_id": adapter.fingerprint(), "router_layers": list(rc.router_layers),
+              "score": rc.score, "source": rc.source}
+    if adapter_path is not None:
+        router["adapter_path"] = str(adapter_path)
+    cmd = rc.extra.get("command") if isinstance(rc.extra, dict) else None
+    if cmd:
+        router["trained_by"] = str(cmd)
+    new = store.rekey(router, keys_fn, message=message or "", log=log)
+    stats = {"docs": int(new.stats()["n_docs"]), "chunks": int(n_chunks[0]), "shards": len(new.manifest["shards"]),
+             "layers": list(rc.router_layers), "router_id": router["router_id"], "version": new.version,
+             "unchanged": new.version == store.version,
+             "seconds": round(time.perf_counter() - t0, 3), "seconds_keys": round(t_keys[0], 3)}
+    return new, stats
 
 
 def router_keys_from_inputs(adapter: Any, layer: int, x: np.ndarray, logical_dtype: str,
@@ -49,7 +155,7 @@ def router_keys_from_inputs(adapter: Any, layer: int, x: np.ndarray, logical_dty
     return np.concatenate(out)
 
 
-def reindex_router(src: Any, dest: str | Path, adapter: Any, *, docs_per_shard: int = 4096,
+def reindex_router_to(src: Any, dest: str | Path, adapter: Any, *, docs_per_shard: int = 4096,
                    message: str | None = None, log: Callable[[str], None] | None = None) -> tuple[Any, dict[str, Any]]:
     """Write ``src`` (a ``MemoryStore`` snapshot) re-keyed with ``adapter`` into a new store at ``dest``.
 
@@ -86,20 +192,7 @@ def reindex_router(src: Any, dest: str | Path, adapter: Any, *, docs_per_shard: 
     t0 = time.perf_counter()
     ident = src.identity
     rc = adapter.config
-    if ident.hidden_size <= 0:
-        raise ConfigError(f"Store {str(src.root)!r} keeps no router inputs (x_router), so its router keys cannot "
-                          "be recomputed.", hint="Re-encode the corpus once with Encoder(..., keep_router_inputs=True) "
-                          "(msa-encode has no flag for it yet); later adapters can then be applied by reindexing.")
-    missing = [l for l in rc.router_layers if l not in ident.router_layers]
-    if missing:
-        raise IdentityMismatchError(f"Adapter router layers {list(rc.router_layers)} include {missing}, which store "
-                                    f"{str(src.root)!r} did not keep (it has {list(ident.router_layers)}).",
-                                    hint="Train the adapter on a subset of the store's router layers.")
-    for name, have, want in (("n_kv_heads", ident.n_kv_heads, rc.n_kv_heads), ("head_dim", ident.head_dim, rc.head_dim),
-                             ("hidden_size", ident.hidden_size, rc.hidden_size),
-                             ("chunk_tokens", ident.chunk_tokens, rc.chunk_tokens)):
-        if have != want:
-            raise IdentityMismatchError(f"Adapter {name}={want} does not match store {str(src.root)!r} ({name}={have}).")
+    check_adapter(src, adapter)
     pos = [ident.router_layers.index(l) for l in rc.router_layers]  # positions of the kept layers
     new_ident = dataclasses.replace(ident, router_id=adapter.fingerprint(), router_layers=tuple(rc.router_layers),
                                     extra={**ident.extra, "reindexed_from": {"root": str(src.root), "version": src.version,

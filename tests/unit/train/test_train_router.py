@@ -262,11 +262,11 @@ def test_reindex_gives_fresh_encode_router_keys(tiny_loaded, tmp_path):
 
     from msa_memory.encode import LoadedModel
     from msa_memory.schemas.records import to_float32
-    from msa_memory.train.reindex import reindex_router
+    from msa_memory.train.reindex import reindex_router_to
 
     src, ids = _store(tmp_path / "a.msa", tiny_loaded, TEXTS)
     new_ad, _ = _adapter(tiny_loaded, 7)
-    out, stats = reindex_router(src, tmp_path / "b.msa", new_ad)
+    out, stats = reindex_router_to(src, tmp_path / "b.msa", new_ad)
     assert stats["docs"] == len(TEXTS) and out.identity.router_id == new_ad.fingerprint()
     assert out.identity.router_layers == (1, 3)
     fresh_model = LoadedModel(**{f.name: getattr(tiny_loaded, f.name) for f in dataclasses.fields(LoadedModel)
@@ -304,7 +304,7 @@ def test_reindex_refuses_layers_the_store_did_not_keep(tiny_loaded, tmp_path):
     import dataclasses
 
     from msa_memory.encode import LoadedModel, RouterAdapter
-    from msa_memory.train.reindex import reindex_router
+    from msa_memory.train.reindex import reindex_router, reindex_router_to
     from msa_memory.train.recipe import _subset_adapter
 
     small = LoadedModel(**{f.name: getattr(tiny_loaded, f.name) for f in dataclasses.fields(LoadedModel)
@@ -313,7 +313,13 @@ def test_reindex_refuses_layers_the_store_did_not_keep(tiny_loaded, tmp_path):
     ad, _ = _adapter(tiny_loaded, 1, layers=(1, 3))
     assert isinstance(ad, RouterAdapter)
     with pytest.raises(IdentityMismatchError, match="did not keep"):
+        reindex_router_to(src, tmp_path / "b.msa", ad)
+    with pytest.raises(IdentityMismatchError, match="did not keep"):
+        reindex_router(src, ad)
+    # the earlier (src, dest, adapter) form still means a copy into a new store
+    with pytest.raises(IdentityMismatchError, match="did not keep"):
         reindex_router(src, tmp_path / "b.msa", ad)
+    assert not (tmp_path / "b.msa").exists()
 
 
 # ----------------------------------------------------------------------------- end to end (CLI)
