@@ -58,7 +58,8 @@ def _store_pairs(store_path: str, pairs_path: str | None, seed: int) -> tuple[An
 def train_router_from_cli(*, out: str, corpus: Sequence[str] | None, store: str | None, pairs: str | None,
                           model: str, layers: str, max_layers: int, epochs: int, batch_size: int, lr: float,
                           n_train: int, n_dev: int, seed: int, max_chars: int = 800, cache: str | None, device: str, command: str,
-                          log: Callable[[str], None], loaded: Any = None) -> dict[str, Any]:
+                          log: Callable[[str], None], loaded: Any = None, hard_negatives: str = "bm25",
+                          mine_every: int = 1) -> dict[str, Any]:
     """Build the pairs the options ask for and run :func:`msa_memory.train.recipe.run_training`."""
     from msa_memory.train.recipe import builtin_pairs, files_pairs, run_training
     from msa_memory.train.trainer import TrainConfig
@@ -73,7 +74,8 @@ def train_router_from_cli(*, out: str, corpus: Sequence[str] | None, store: str 
         train, dev = files_pairs(corpus, seed=seed, max_chars=max_chars)
     else:
         train, dev = builtin_pairs(n_train, n_dev, seed=seed, max_chars=max_chars)
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device)
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
+                      hard_source=hard_negatives, mine_every=mine_every)
     return run_training(out=out, model=model, candidate_layers=parse_layers(layers), max_layers=max_layers,
                         train_pairs=train, dev_pairs=dev, config=cfg, cache_dir=cache, device=device,
                         command=command, log=log, loaded=loaded)

@@ -6,11 +6,14 @@
   into passages, with inverse-cloze and synthetic-fact queries (``pairs.build_pairs``); a dev
   split of held-out passages (its own facts) reports recall@k after every epoch;
 - a user corpus: text files / folders (``--corpus``), same pair building;
-- a store (``--store``): its live documents are the passages (their ``x_router`` is used when
-  the store kept it for the wanted layers, otherwise they are encoded), plus optional user pairs
-  (``--pairs`` JSONL over the store's document ids).
+- a store (``--store``): its live documents are the passages (encoded again with the candidate
+  layers), plus optional user pairs (``--pairs`` JSONL over the store's document ids).
 
-Hard negatives: the top BM25 (``bm25s``) passages of each query that are not its positives.
+Hard negatives (``TrainConfig.hard_source``): "bm25", the top BM25 (``bm25s``) passages of each
+query that are not its positives; "routing", the top-scoring non-positive passages under the
+router being trained (``trainer.mine_routing_negatives``; with ``--store`` these are the store's
+own documents, so the negatives are what the store's routing confuses), re-mined every
+``mine_every`` epochs or once; or "both".
 Layer choice: train every candidate layer (each layer's loss only moves its own projections),
 then keep the greedy subset whose summed scores rank best on the dev queries.
 What this module does not do: print (it calls ``log``) or parse arguments (``cli.py`` does).
@@ -187,7 +190,8 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
     log(f"model {loaded.name}: candidate router layers {list(rc.router_layers)}; "
         f"train {train_pairs.counts()}, dev {dev_pairs.counts()}")
     cache = Path(cache_dir) if cache_dir else None
-    train_f = _features(loaded, train_pairs, cfg.n_hard, cache, "train", log)
+    train_f = _features(loaded, train_pairs, cfg.n_hard if cfg.hard_source in ("bm25", "both") else 0, cache,
+                        "train", log)
     dev_f = _features(loaded, dev_pairs, 0, cache, "dev", log)
     proj = RouterProjections(rc.router_layers, [loaded.router.q_proj[str(l)].weight for l in rc.router_layers],
                              [loaded.router.k_proj[str(l)].weight for l in rc.router_layers],
@@ -215,7 +219,8 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
     }
     ad = adapter_from_projections(proj, rc, layers=chosen, extra={
         "trained_by": "msa train-router", "loss": "INFONCE_DECOUPLE", "tau": cfg.tau,
-        "dev_recall": {str(k): v for k, v in final["recall"].items()}, "command": command})
+        "dev_recall": {str(k): v for k, v in final["recall"].items()}, "command": command,
+        "model_fingerprint": loaded.model_fingerprint})  # reindex refuses stores of another backbone
     out = Path(out)
     ad.save(out)
     (out / "training.json").write_text(json.dumps(_jsonable(summary), indent=1, sort_keys=True))

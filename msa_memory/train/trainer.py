@@ -10,8 +10,12 @@ loss). Each layer's projections only receive gradient from its own loss, so one 
 tells how well every single layer routes; ``select_layers`` then picks the set whose summed
 scores rank best on held-out queries (layer choice by measurement, as targets.md asks).
 
-Candidates per step: the batch's positives, BM25-mined hard negatives of each query and random
-passages; every query is scored against all candidates (in-batch negatives come for free).
+Candidates per step: the batch's positives, hard negatives of each query and random passages;
+every query is scored against all candidates (in-batch negatives come for free). Hard negatives
+come from BM25 (mined once, stored in ``Features.hard_negatives``), from the router itself
+(``mine_routing_negatives``: the top-scoring non-positive passages under the current projections,
+i.e. mined from the store's own routing; refreshed every ``mine_every`` epochs, or once), or both
+(``TrainConfig.hard_source``).
 What this module does not do: read models or stores, or write files (``adapter_io`` does).
 """
 
@@ -28,7 +32,8 @@ import torch
 from msa_memory.errors import ConfigError
 from msa_memory.train.scores import chunk_scores, decoupled_infonce, doc_scores, recall_at_k
 
-__all__ = ["Features", "RouterProjections", "TrainConfig", "train_router", "evaluate", "select_layers"]
+__all__ = ["Features", "RouterProjections", "TrainConfig", "train_router", "evaluate", "select_layers",
+           "mine_routing_negatives"]
 
 
 @dataclass
@@ -130,7 +135,11 @@ class TrainConfig:
     weight_decay: float = 0.0
     tau: float = 0.1
     n_hard: int = 4
-    """BM25-mined hard negatives per query added to the step's candidates."""
+    """Hard negatives per query (per source) added to the step's candidates."""
+    hard_source: str = "bm25"
+    """"bm25" (``Features.hard_negatives``), "routing" (mined with the router being trained) or "both"."""
+    mine_every: int = 1
+    """Routing negatives: re-mine every this many epochs (0: once, with the initial router)."""
     n_random: int = 32
     """Random passages added to every step's candidates."""
     score: str = "cosine"
@@ -145,6 +154,9 @@ class TrainConfig:
         if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0 or not 0.001 <= self.tau <= 0.5:
             raise ConfigError(f"Invalid training config: epochs={self.epochs!r} (>=0), batch_size={self.batch_size!r} "
                               f"(>=1), lr={self.lr!r} (>0), tau={self.tau!r} (0.001..0.5).")
+        if self.hard_source not in ("bm25", "routing", "both") or self.mine_every < 0 or self.n_hard < 0:
+            raise ConfigError(f"Invalid hard negatives: hard_source={self.hard_source!r} (bm25, routing or both), "
+                              f"mine_every={self.mine_every!r} (>=0), n_hard={self.n_hard!r} (>=0).")
 
 
 def _layer_doc_scores(proj: RouterProjections, li: int, qx: torch.Tensor, qmask: torch.Tensor,
@@ -191,6 +203,31 @@ def evaluate(proj: RouterProjections, feats: Features, cfg: TrainConfig | None =
     for kind in sorted(set(kinds)):
         m = torch.tensor([k == kind for k in kinds])
         out[f"recall_{kind}"] = recall_at_k(all_scores.sum(0)[m], pos[m], cfg.ks)
+    return out
+
+
+@torch.no_grad()
+def mine_routing_negatives(proj: RouterProjections, feats: Features, n: int, cfg: TrainConfig | None = None, *,
+                           block: int = 256) -> list[tuple[int, ...]]:
+    """Per query, the ``n`` highest-scoring passages that are not its positives, under ``proj``.
+
+    Scores are what routing uses (``evaluate``: every passage of ``feats``, summed over the router
+    layers), so with a store's router inputs as ``feats`` these are the documents the store's own
+    routing confuses with the answer. Ties keep the lower passage index. Returns one tuple per query.
+    """
+    cfg = cfg or TrainConfig()
+    out: list[tuple[int, ...]] = []
+    for start in range(0, feats.n_queries, block):  # bounded memory: (L, block, N) scores at a time
+        idx = list(range(start, min(feats.n_queries, start + block)))
+        sub = Features(feats.layers, feats.x_chunks, feats.chunk_doc, feats.n_docs,  # offsets index the full q_x
+                       feats.q_x, feats.q_offsets[idx[0]:idx[-1] + 2], [feats.positives[i] for i in idx])
+        s = evaluate(proj, sub, cfg, per_layer=False)["layer_scores"].sum(0)  # (B, N)
+        for b, i in enumerate(idx):
+            row = s[b].clone()
+            row[list(feats.positives[i])] = -math.inf
+            k = min(n, feats.n_docs - len(set(feats.positives[i])))
+            order = torch.sort(-row, stable=True).indices[:k] if k > 0 else torch.empty(0, dtype=torch.int64)
+            out.append(tuple(int(d) for d in order))
     return out
 
 
@@ -259,8 +296,13 @@ def train_router(proj: RouterProjections, train: Features, held_out: Features | 
 
     with torch.no_grad():
         record(0, float("nan"), 0.0)
+    use_bm25 = cfg.hard_source in ("bm25", "both") and bool(train.hard_negatives)
+    mined: list[tuple[int, ...]] | None = None
     for epoch in range(1, cfg.epochs + 1):
         t0, losses = time.perf_counter(), []
+        if cfg.hard_source in ("routing", "both") and cfg.n_hard and (
+                mined is None or (cfg.mine_every and (epoch - 1) % cfg.mine_every == 0)):
+            mined = mine_routing_negatives(proj, train, cfg.n_hard, cfg)  # the current router's confusions
         order = torch.randperm(train.n_queries, generator=gen)
         for s0 in range(0, train.n_queries, cfg.batch_size):
             bidx = order[s0:s0 + cfg.batch_size]
@@ -268,8 +310,10 @@ def train_router(proj: RouterProjections, train: Features, held_out: Features | 
             cand: set[int] = set()
             for i in bidx.tolist():
                 cand.update(train.positives[i])
-                if train.hard_negatives:
+                if use_bm25:
                     cand.update(train.hard_negatives[i][: cfg.n_hard])
+                if mined is not None:
+                    cand.update(mined[i])
             cand.update(torch.randint(0, N, (cfg.n_random,), generator=gen).tolist())
             cdocs = torch.tensor(sorted(cand), dtype=torch.int64)
             local = {d: j for j, d in enumerate(cdocs.tolist())}

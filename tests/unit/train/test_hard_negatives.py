@@ -1,0 +1,105 @@
+"""Hard negatives mined from the router's own scores (trainer.mine_routing_negatives).
+
+Oracle: a brute-force loop over queries, tokens, heads, chunks and layers (cosine, head-mean,
+query-max, chunk-max, summed over layers: what routing does) gives every query's scores; the mined
+negatives must be exactly its top non-positive passages, in order.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from msa_memory.errors import ConfigError
+from msa_memory.train import trainer
+from msa_memory.train.trainer import Features, RouterProjections, TrainConfig, mine_routing_negatives, train_router
+
+
+def _toy(seed=0, n_docs=9, n_q=7, L=2, E=12, Hq=4, Hk=2, D=6):
+    g = torch.Generator().manual_seed(seed)
+    n_chunks = torch.randint(1, 4, (n_docs,), generator=g)
+    chunk_doc = torch.repeat_interleave(torch.arange(n_docs), n_chunks)
+    x = torch.randn(L, int(n_chunks.sum()), E, generator=g)
+    lens = torch.randint(1, 5, (n_q,), generator=g)
+    offs = torch.cat([torch.zeros(1, dtype=torch.int64), lens.cumsum(0)])
+    qx = torch.randn(int(offs[-1]), L, E, generator=g)
+    pos = [tuple(sorted({int(torch.randint(0, n_docs, (1,), generator=g)) for _ in range(1 + i % 2)}))
+           for i in range(n_q)]
+    feats = Features(tuple(range(L)), x, chunk_doc, n_docs, qx, offs, pos, ["ict"] * n_q)
+    proj = RouterProjections(tuple(range(L)), [torch.randn(Hq * D, E, generator=g) for _ in range(L)],
+                             [torch.randn(Hk * D, E, generator=g) for _ in range(L)], Hq, Hk, D)
+    return feats, proj
+
+
+def _brute_scores(feats, proj):
+    L = len(feats.layers)
+    Q, N = feats.n_queries, feats.n_docs
+    out = np.zeros((Q, N))
+    for li in range(L):
+        k = proj.project_k(li, feats.x_chunks[li]).detach().double()        # (C, Hk, D)
+        for i in range(Q):
+            q = proj.project_q(li, feats.q_x[feats.q_offsets[i]:feats.q_offsets[i + 1], li]).detach().double()
+            Hq, Hk = q.shape[1], k.shape[1]
+            best = np.full(N, -np.inf)
+            for c in range(k.shape[0]):
+                s = max(sum(float(q[t, h] @ k[c, h // (Hq // Hk)] / (q[t, h].norm() * k[c, h // (Hq // Hk)].norm()))
+                            for h in range(Hq)) / Hq for t in range(q.shape[0]))
+                d = int(feats.chunk_doc[c])
+                best[d] = max(best[d], s)
+            out[i] += best
+    return out
+
+
+@pytest.mark.parametrize("block", [256, 3])
+def test_mined_negatives_are_top_non_positive_routing_scores(block):
+    feats, proj = _toy()
+    n = 4
+    got = mine_routing_negatives(proj, feats, n, TrainConfig(), block=block)
+    scores = _brute_scores(feats, proj)
+    for i, neg in enumerate(got):
+        ranked = [int(d) for d in np.argsort(-scores[i], kind="stable") if d not in feats.positives[i]]
+        assert list(neg) == ranked[:n], (i, neg, ranked)
+        assert not set(neg) & set(feats.positives[i])
+    # asking for more negatives than there are non-positive passages gives all of them
+    allneg = mine_routing_negatives(proj, feats, 100)
+    assert all(len(a) == feats.n_docs - len(set(p)) for a, p in zip(allneg, feats.positives))
+
+
+@pytest.mark.parametrize("source,every,calls", [("routing", 1, 3), ("routing", 0, 1), ("routing", 2, 2),
+                                                 ("both", 1, 3), ("bm25", 1, 0)])
+def test_training_re_mines_as_configured(monkeypatch, source, every, calls):
+    feats, proj = _toy(1)
+    feats.hard_negatives = [tuple(range(2)) for _ in range(feats.n_queries)]
+    seen = []
+    real = trainer.mine_routing_negatives
+
+    def spy(p, f, n, cfg=None, **kw):
+        out = real(p, f, n, cfg, **kw)
+        seen.append(out)
+        return out
+    monkeypatch.setattr(trainer, "mine_routing_negatives", spy)
+    before = [w.detach().clone() for w in proj.k]
+    hist = train_router(proj, feats, None, TrainConfig(epochs=3, batch_size=4, lr=1e-2, n_random=2, n_hard=2,
+                                                       hard_source=source, mine_every=every))
+    assert len(seen) == calls and len(hist) == 4 and all(math.isfinite(h["loss"]) for h in hist[1:])
+    assert any(not torch.equal(a, b) for a, b in zip(before, proj.k))
+    if calls > 1:  # every re-mine covers every query
+        assert all(len(m) == feats.n_queries for m in seen)
+
+
+def test_bad_hard_negative_config():
+    with pytest.raises(ConfigError, match="hard_source"):
+        TrainConfig(hard_source="dense")
+    with pytest.raises(ConfigError, match="mine_every"):
+        TrainConfig(mine_every=-1)
+
+
+def test_cli_command_records_mining_options():
+    from msa_memory.cli import _train_router_command
+
+    cmd = _train_router_command("r/", None, "mem.msa", None, "default", "0,1", 2, 3, 8, 1e-3, 500, 100, 800, 0,
+                                None, "cpu", "routing", 0)
+    assert cmd.endswith("--hard-negatives routing --mine-every 0") and "--store mem.msa" in cmd
