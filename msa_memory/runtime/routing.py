@@ -90,7 +90,8 @@ class RoutingConfig:
     top_k: int = 16
     """Documents chosen per router layer (fewer if the store holds fewer)."""
     tile_chunks: int = 262_144
-    """Chunks scored per matmul tile; bounds the score buffer to rows × tile_chunks floats."""
+    """Chunks scored per matmul tile; bounds the score buffer to rows × tile_chunks floats (on CPU the
+    tile also shrinks so that buffer stays ≤ 64 MiB)."""
     cuda_graphs: bool = True
     """On CUDA, replay each layer's route as a cached CUDA graph (one launch, one device→host copy)."""
     fused_scores: bool = True
@@ -385,6 +386,8 @@ class RouterIndex:
                 self._fused_broken = True
         tile = int(self.config.tile_chunks)
         G, R = lhs.shape[0], lhs.shape[1]
+        if self.device.type == "cpu":   # bound the scratch (T=256 × 262144 fp32 would be 256 MiB); no loss measured
+            tile = min(tile, max(4096, _CPU_SCRATCH_BYTES // (G * R * kv.element_size())))
         scratch = None
         if not (G == 1 and R == 1) and not _capturing(self.device):   # graphs allocate their own (private pool)
             need = G * min(tile, C) * R
@@ -455,6 +458,9 @@ class RouterIndex:
         vals = packed[0].numpy().astype(np.float32)
         idx_np = packed[1].numpy().astype(np.int64)
         return RouteResult(doc_index=idx_np, doc_ids=self.doc_ids[idx_np], scores=vals, layer=layer)
+
+
+_CPU_SCRATCH_BYTES = 64 << 20
 
 
 def _capturing(device: Any) -> bool:
