@@ -393,7 +393,8 @@ class RouterIndex:
             need = G * min(tile, C) * R
             scratch = self._scratch.get(kv.dtype)
             if scratch is None or scratch.numel() < need or scratch.device != self.device:
-                scratch = torch.empty(need, dtype=kv.dtype, device=self.device)
+                with torch.inference_mode(False):   # a normal tensor: reusable in and outside inference mode
+                    scratch = torch.empty(need, dtype=kv.dtype, device=self.device)
                 self._scratch[kv.dtype] = scratch
         for start in range(0, C, tile):
             kt = kv[start:start + tile]

@@ -57,7 +57,9 @@ class GraphRouteCache:
         import torch
 
         dev = self.index.device
-        q_in = torch.empty(q.shape, dtype=torch.float32, device=dev)
+        with torch.inference_mode(False):      # static buffers are normal tensors: the engine routes in
+            q_in = torch.empty(q.shape, dtype=torch.float32, device=dev)     # inference mode, users may not
+            host = torch.empty((2, k), dtype=torch.float64, pin_memory=True)
         q_in.copy_(q)
         side = torch.cuda.Stream(device=dev)
         side.wait_stream(torch.cuda.current_stream(dev))
@@ -68,7 +70,6 @@ class GraphRouteCache:
         graph = torch.cuda.CUDAGraph()
         with torch.no_grad(), torch.cuda.graph(graph):
             out = self.index.route_device(layer, q_in, k)
-        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
         self.captures += 1
         return _Entry(graph, q_in, out, host)
 

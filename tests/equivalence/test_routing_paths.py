@@ -95,6 +95,17 @@ def test_scratch_reuse_across_query_shapes_equals_fresh_index():
         torch.testing.assert_close(shared.doc_scores(0, q), fresh.doc_scores(0, q), rtol=0, atol=0)
 
 
+def test_scratch_made_in_inference_mode_is_reusable_outside_it():
+    """The engine routes under torch.inference_mode(); a later plain call must reuse the same scratch."""
+    g = torch.Generator().manual_seed(4)
+    index = RouterIndex([torch.randn(40, 1, 8, generator=g)], np.arange(40), np.arange(40), RoutingConfig(tile_chunks=7))
+    q = torch.randn(3, 2, 8, generator=g)
+    with torch.inference_mode():
+        a = index.chunk_scores(0, q)
+    b = index.chunk_scores(0, q)                                      # raised "inplace update to inference tensor"
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("chunk_reduce", ["max", "mean"])
 def test_route_device_packs_topk_of_doc_scores(chunk_reduce):
     g = torch.Generator().manual_seed(5)
