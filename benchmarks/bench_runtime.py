@@ -427,7 +427,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--chunks", default="10000,100000,1000000")
-    ap.add_argument("--q-tokens", default="16,256")
+    ap.add_argument("--q-tokens", default="1,16,256")
     ap.add_argument("--tile", type=int, default=262_144)
     ap.add_argument("--model", default="random", help="random (Gemma-3-270M shape, random weights) or default (GGUF)")
     ap.add_argument("--ttft-docs", type=int, default=16, help="k documents in the TTFT comparison")
