@@ -364,6 +364,8 @@ class RouterIndex:
         """
         import torch
 
+        if kernel not in ("auto", "torch", "triton"):
+            raise ConfigError(f"Routing kernel={kernel!r} is not one of 'auto', 'torch', 'triton'.")
         kv, lhs, plan = self._query(layer, q)
         C = kv.shape[0]
         out = torch.empty(C, dtype=torch.float32, device=self.device)

@@ -128,6 +128,8 @@ def test_route_rejects_graph_path_on_cpu_and_unknown_path():
         index.route(0, torch.zeros(1, 1, 4), path="graph")
     with pytest.raises(ConfigError, match="path='fast'"):
         index.route(0, torch.zeros(1, 1, 4), path="fast")
+    with pytest.raises(ConfigError, match="kernel='cuda'"):
+        index.chunk_scores(0, torch.zeros(1, 1, 4), kernel="cuda")
     with pytest.raises(ConfigError, match="fused_min_rows"):
         RoutingConfig(fused_min_rows=0)
     with pytest.raises(ConfigError, match="query_reduce 'max'"):
