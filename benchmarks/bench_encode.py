@@ -118,6 +118,26 @@ def run_methods(methods: dict, rounds: int, dev: torch.device) -> dict:
 # ----------------------------------------------------------------------------- CPU, default model
 
 
+def flops_per_token(hf, rows: list[tuple[int, int]], n_layers: int, lm_head: bool) -> float:
+    """Analytic forward FLOPs per real token. ``rows``: (computed length, real length) per passage
+    (computed > real for a right-padded batch row). Counts 2 x the linear weights of the first
+    ``n_layers`` decoder layers per computed token, causal attention (QK^T and PV: 4 * Hq * D per
+    key seen, keys capped by a layer's sliding window), and the LM head at every computed position
+    when ``lm_head`` (the naive baseline's full logits)."""
+    cfg = hf.model.config
+    lin = sum(m.weight.numel() for layer in hf.model.layers[:n_layers] for m in layer.modules()
+              if isinstance(m, torch.nn.Linear))
+    hq = cfg.num_attention_heads
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // hq
+    types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers)[:n_layers]
+    win = getattr(cfg, "sliding_window", None)
+    keys = lambda m, w: sum(min(i + 1, w) if w else i + 1 for i in range(m))  # keys seen, all queries
+    computed = sum(m for m, _ in rows)
+    att = sum(4 * hq * d * keys(m, win if (t == "sliding_attention" and win) else None) for t in types for m, _ in rows)
+    per_tok = 2 * lin + (2 * hf.lm_head.weight.numel() if lm_head else 0)
+    return (per_tok * computed + att) / sum(n for _, n in rows)
+
+
 def cpu_default(args) -> dict:
     dev = torch.device("cpu")
     t0 = time.perf_counter()
@@ -192,7 +212,16 @@ def cpu_default(args) -> dict:
     ratios = {"vs_naive": res["ours"]["tok_s"] / res["naive_causal_lm_fp32_per_passage"]["tok_s"],
               "vs_best_plain": res["ours"]["tok_s"] / res[best_plain]["tok_s"], "best_plain": best_plain,
               "targets": {"vs_naive": 5.0, "vs_best_plain": 0.9}}
+    n_run = max(model.router_layers) + 1
+    own = [(len(s), len(s)) for s in seqs]
+    padded = [(int(x.shape[1]), int(r)) for x, m in batches for r in m.sum(1).tolist()]
+    fl = {"ours": flops_per_token(hf32, own, n_run, lm_head=False),
+          "naive_causal_lm_fp32_per_passage": flops_per_token(hf32, own, hf32.config.num_hidden_layers, lm_head=True),
+          "plain_backbone_batched": flops_per_token(hf32, padded, hf32.config.num_hidden_layers, lm_head=False)}
+    ratios["flops_bound"] = {"vs_naive": fl["naive_causal_lm_fp32_per_passage"] / fl["ours"],
+                             "vs_plain": fl["plain_backbone_batched"] / fl["ours"]}
     cfg = {"model": model.name, "compute_dtype": str(model.dtype), "n_passages": len(seqs), "n_tokens": n_tok,
+           "layers_run": n_run, "flops_per_token": fl,
            "max_batch_tokens": args.max_batch_tokens, "router_layers": list(model.router_layers),
            "load_seconds": load_s, "rounds": args.rounds}
     return {"device": _device_name(dev), "config": cfg, "results": res, "ratios": ratios}

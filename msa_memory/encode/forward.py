@@ -35,6 +35,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal
 
+import numpy as np
 import torch
 from torch import nn
 from transformers.modeling_utils import AttentionInterface
@@ -144,6 +145,11 @@ def sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scaling: float,
             s = s.masked_fill(~mask, torch.finfo(s.dtype).min)
         p = torch.softmax(s, dim=-1, dtype=torch.float32).to(q.dtype)
         return torch.matmul(p, vr)
+    if n_rep > 1 and mask is None and (q.device.type == "cpu" or (
+            q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256)):
+        # no mask: the flash kernels take GQA natively (as HF's sdpa path does), no K/V copies
+        return torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, is_causal=is_causal, scale=scaling, enable_gqa=True)
     if n_rep > 1:
         # repeat_kv as HF does (SDPA's enable_gqa is not taken by every CPU/CUDA kernel with a mask)
         b, h, t, d = k.shape
@@ -249,8 +255,9 @@ class PackedCausalAttention:
         for n in lens[:-1]:
             starts.append(starts[-1] + n)
         self.starts = starts
-        self._buckets: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-        if strategy == "bucket" and len(lens) > 1:
+        self._equal = len(set(lens)) == 1
+        self._buckets: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        if strategy == "bucket" and not self._equal:
             order = sorted(range(len(lens)), key=lambda i: -lens[i])
             groups: list[list[int]] = []
             for i in order:
@@ -258,15 +265,15 @@ class PackedCausalAttention:
                     groups[-1].append(i)
                 else:
                     groups.append([i])
+            to = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)
             for g in groups:
                 lmax = lens[g[0]]
                 # gather index (n*Lmax,) into T+1 rows (row T is a zero pad row)
-                idx = torch.full((len(g), lmax), self.total, dtype=torch.long)
-                for r, i in enumerate(g):
-                    idx[r, : lens[i]] = torch.arange(starts[i], starts[i] + lens[i])
-                flat = idx.reshape(-1)
-                real = flat < self.total
-                self._buckets.append((lmax, flat.to(device), real.to(device)))
+                st, ln, ar = np.asarray(starts)[g], np.asarray(lens)[g], np.arange(lmax)
+                flat = np.where(ar[None] < ln[:, None], st[:, None] + ar[None], self.total).reshape(-1)
+                src = np.flatnonzero(flat < self.total)  # real slots of the padded batch
+                # index tensors made here, once: no boolean indexing (a device sync) per layer
+                self._buckets.append((lmax, to(flat), to(src), to(flat[src])))
 
     def __call__(self, call: AttnCall) -> torch.Tensor:
         q, k, v = call.q, call.k, call.v  # (1, H*, T, D)
@@ -277,7 +284,7 @@ class PackedCausalAttention:
         if len(self.seq_lens) == 1:
             return causal_attention(call)
         w = call.sliding_window
-        if self.strategy == "bucket" and len(set(self.seq_lens)) == 1:
+        if self.strategy == "bucket" and self._equal:
             # equal lengths: (1, H, n*L, D) -> (n, H, L, D) strided views, no gather
             n, ln = len(self.seq_lens), self.seq_lens[0]
             sp = lambda x: x[0].unflatten(1, (n, ln)).transpose(0, 1)
@@ -292,14 +299,14 @@ class PackedCausalAttention:
         pad = lambda x: torch.cat([x[0], x.new_zeros(x.shape[1], 1, x.shape[3])], dim=1)  # (H, T+1, D)
         qp, kp, vp = pad(q), pad(k), pad(v)
         o2 = out[0]  # (Hq, T, D) view
-        for lmax, flat, real in self._buckets:
+        for lmax, flat, src, dst in self._buckets:
             n = flat.shape[0] // lmax
-            gb = lambda x: x[:, flat].reshape(x.shape[0], n, lmax, x.shape[2]).transpose(0, 1)
+            gb = lambda x: x.index_select(1, flat).reshape(x.shape[0], n, lmax, x.shape[2]).transpose(0, 1)
             mask = _window_mask(lmax, w, q.device) if w is not None and lmax > w else None
             ob = sdpa(gb(qp), gb(kp), gb(vp), scaling=call.scaling, is_causal=mask is None,
                       mask=mask, softcap=call.softcap)  # (n, Hq, Lmax, D)
             ob = ob.transpose(0, 1).reshape(o2.shape[0], n * lmax, o2.shape[2])
-            o2[:, flat[real]] = ob[:, real]
+            o2.index_copy_(1, dst, ob.index_select(1, src))
         return out
 
 

@@ -4,9 +4,22 @@ Packed documents of lengths n_1..n_N lie back to back on the token axis; documen
 ceil(n_i / P) chunks of P consecutive tokens counted from its first token, the last one partial.
 Because chunks never span documents and documents are contiguous, the whole token axis is
 partitioned into consecutive chunks in (document, chunk) order, so pooling is a segment mean:
-accumulate in fp32 with ``index_add_`` and divide each chunk by its real length (no zero padding).
+sums accumulated in fp32 and each chunk divided by its real length (no zero padding counted).
 
-:func:`pool_naive` is the slow, obviously-correct Python loop the fast path is tested against.
+How (no atomics: ``index_add_`` on a GPU made 64 tokens contend for one chunk row and cost ~11% of
+an encode). :func:`chunk_layout` precomputes, once per packed batch, index tensors shared by every
+layer and by K, V and x:
+
+* regular layout (every length a multiple of P, e.g. equal-length passages): the chunks are a
+  reshape of the token axis, so pooling is ``x.unflatten(0, (C, P)).sum(1, dtype=float32)`` on a
+  view -- no copy even of a strided (transposed) ``x``;
+* otherwise full chunks are one ``index_select`` of their tokens then the same reshape-sum, and the
+  partial (last) chunks one small gather of their tokens plus a zero row (pad slots point at it),
+  summed the same way; both land in their output rows with ``index_copy_`` (distinct rows).
+
+Every chunk is summed over its tokens in token order by one ``sum`` reduction; CUDA fuses the
+bf16 -> fp32 cast into it. :func:`pool_naive` is the slow, obviously-correct Python loop the fast
+path is tested against (hypothesis: random lengths, P, feature shapes, dtypes, strided inputs).
 """
 
 from __future__ import annotations
@@ -29,14 +42,28 @@ def n_chunks_of(n_tokens: int, chunk_tokens: int) -> int:
 
 @dataclass(frozen=True)
 class ChunkLayout:
-    """Where every packed token's chunk is."""
+    """Where every chunk's tokens are, for documents packed back to back (see module notes)."""
 
-    chunk_of_token: torch.Tensor
-    """(T,) int64 chunk index of each token."""
+    chunk_tokens: int
+    """P."""
+    n_tokens: int
+    """T, the packed token count."""
     counts: torch.Tensor
     """(C,) float32 tokens per chunk (P, or fewer for a document's last chunk)."""
     n_chunks: list[int]
     """Chunks per document."""
+    regular: bool
+    """Every document length is a multiple of P: chunk c is tokens c*P .. c*P+P-1."""
+    full_tokens: torch.Tensor | None = None
+    """(Cf*P,) int64 tokens of the full chunks, chunk by chunk (None when regular)."""
+    full_rows: torch.Tensor | None = None
+    """(Cf,) int64 output row of each full chunk (None when regular)."""
+    tail_tokens: torch.Tensor | None = None
+    """(M,) int64 tokens of the partial chunks (None when there are none)."""
+    tail_gather: torch.Tensor | None = None
+    """(Nt*P,) int64 rows of ``[x[tail_tokens]; 0]`` per partial chunk, pad slots = M (the zero row)."""
+    tail_rows: torch.Tensor | None = None
+    """(Nt,) int64 output row of each partial chunk."""
 
     @property
     def n_total(self) -> int:
@@ -54,36 +81,70 @@ def chunk_layout(seq_lens: Sequence[int], chunk_tokens: int, device: torch.devic
     p = int(chunk_tokens)
     if p <= 0:
         raise ConfigError(f"chunk_tokens must be positive, got {chunk_tokens!r}.")
-    lens = [int(n) for n in seq_lens]
-    if any(n < 0 for n in lens):
-        raise ConfigError(f"sequence lengths must be >= 0, got {lens!r}.")
-    idx, counts, n_chunks = [], [], []
-    c0 = 0
-    for n in lens:
-        nc = n_chunks_of(n, p)
-        n_chunks.append(nc)
-        if n:
-            idx.append(torch.arange(n) // p + c0)
-            full = [p] * (nc - 1) + [n - p * (nc - 1)]
-            counts.extend(full)
-        c0 += nc
-    chunk_of = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)
-    return ChunkLayout(chunk_of.to(device), torch.tensor(counts, dtype=torch.float32, device=device), n_chunks)
+    lens = np.asarray([int(n) for n in seq_lens], dtype=np.int64)
+    if (lens < 0).any():
+        raise ConfigError(f"sequence lengths must be >= 0, got {lens.tolist()!r}.")
+    nc = -(-lens // p)
+    full, tail = lens // p, lens % p
+    starts = np.cumsum(lens) - lens
+    c0 = np.cumsum(nc) - nc  # first chunk row of each document
+    counts = np.full(int(nc.sum()), p, dtype=np.float32)
+    has_tail = tail > 0
+    counts[(c0 + full)[has_tail]] = tail[has_tail]
+    to = lambda a: torch.from_numpy(np.ascontiguousarray(a, dtype=np.int64)).to(device)
+    kw: dict = {}
+    regular = not has_tail.any()
+    if not regular:
+        nf = int(full.sum())
+        if nf:
+            j = np.arange(nf) - np.repeat(np.cumsum(full) - full, full)  # chunk index within its document
+            kw["full_rows"] = to(np.repeat(c0, full) + j)
+            kw["full_tokens"] = to(((np.repeat(starts, full) + j * p)[:, None] + np.arange(p)[None, :]).reshape(-1))
+        tl, ts = tail[has_tail], (starts + full * p)[has_tail]  # tail lengths and first tokens
+        m = int(tl.sum())
+        off = np.cumsum(tl) - tl
+        slot = np.arange(p)[None, :]
+        kw["tail_tokens"] = to(np.repeat(ts, tl) + np.arange(m) - np.repeat(off, tl))
+        kw["tail_gather"] = to(np.where(slot < tl[:, None], off[:, None] + slot, m).reshape(-1))
+        kw["tail_rows"] = to((c0 + full)[has_tail])
+    return ChunkLayout(chunk_tokens=p, n_tokens=int(lens.sum()), counts=torch.from_numpy(counts).to(device),
+                       n_chunks=nc.tolist(), regular=bool(regular), **kw)
+
+
+def _rows_sum(x: torch.Tensor, n: int, p: int) -> torch.Tensor:
+    """(n*P, ...) -> (n, ...) fp32 sums of consecutive groups of P rows."""
+    return x.unflatten(0, (n, p)).sum(1, dtype=torch.float32)
 
 
 def chunk_mean_pool(x: torch.Tensor, layout: ChunkLayout) -> torch.Tensor:
     """Mean of ``x`` (T, ...) over each chunk of ``layout``: (C, ...) float32.
 
-    Sums are accumulated in fp32 whatever x's dtype; each chunk is divided by its real length.
+    ``x`` may be any strided view (e.g. ``k[0].transpose(0, 1)`` of a (1, H, T, D) tensor). Sums
+    are accumulated in fp32 whatever x's dtype; each chunk is divided by its real length.
+
+    Raises
+    ------
+    ConfigError
+        ``x`` does not have the layout's token count on dim 0.
     """
     t = x.shape[0]
-    if t != layout.chunk_of_token.shape[0]:
-        raise ConfigError(f"x has {t} tokens but the chunk layout covers {layout.chunk_of_token.shape[0]}.")
-    flat = x.reshape(t, -1).float()
-    out = torch.zeros(layout.n_total, flat.shape[1], dtype=torch.float32, device=x.device)
-    out.index_add_(0, layout.chunk_of_token, flat)
-    out /= layout.counts[:, None]
-    return out.reshape(layout.n_total, *x.shape[1:])
+    if t != layout.n_tokens:
+        raise ConfigError(f"x has {t} tokens but the chunk layout covers {layout.n_tokens}.")
+    c, p, rest = layout.n_total, layout.chunk_tokens, x.shape[1:]
+    dev = x.device
+    if layout.regular:
+        out = _rows_sum(x, c, p)
+    else:
+        out = torch.empty(c, *rest, dtype=torch.float32, device=dev)
+        if layout.full_rows is not None:
+            fr = layout.full_rows.to(dev)
+            out.index_copy_(0, fr, _rows_sum(x.index_select(0, layout.full_tokens.to(dev)), fr.shape[0], p))
+        tr = layout.tail_rows.to(dev)  # not regular: there is at least one partial chunk
+        xt = x.index_select(0, layout.tail_tokens.to(dev))
+        xt = torch.cat([xt, xt.new_zeros(1, *rest)])
+        out.index_copy_(0, tr, _rows_sum(xt.index_select(0, layout.tail_gather.to(dev)), tr.shape[0], p))
+    out /= layout.counts.to(dev).view(c, *([1] * len(rest)))
+    return out
 
 
 def pool_naive(x: np.ndarray, seq_lens: Sequence[int], chunk_tokens: int) -> np.ndarray:

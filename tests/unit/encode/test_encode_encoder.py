@@ -2,7 +2,7 @@
 
 Covers ``msa_memory.encode.encoder.Encoder`` and ``forward.Backbone`` contracts not covered by the
 equivalence tests: EncodedChunks layout (C, L, 2, H, D) / (L, C, H, D) / (L, C, E) in each storage
-dtype; router keys recomputable from x_router with ``RouterAdapter.keys_from_pooled``; an empty
+dtype (and ``_to_storage`` of strided tensors == ``records.from_float32``); router keys recomputable from x_router with ``RouterAdapter.keys_from_pooled``; an empty
 call; bad ids/passages; Backbone options (stop_after, on_layer_input order, bad shapes).
 
 Run: ``.venv/bin/python -m pytest tests/unit/encode/test_encode_encoder.py -q``
@@ -61,6 +61,22 @@ def test_bf16_storage_roundtrips_to_the_fp32_values(model):
     f = Encoder(model, store_dtype="float32").encode(np.arange(3), _ps())
     b = Encoder(model, store_dtype="bfloat16").encode(np.arange(3), _ps())
     np.testing.assert_allclose(to_float32(b.kv, "bfloat16"), f.kv, rtol=2 ** -8, atol=1e-30)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_to_storage_of_strided_tensors_equals_from_float32(dtype, device):
+    """_to_storage (cast + transpose in one copy kernel on the device, then to the host) ==
+    records.from_float32 of the same values, C-contiguous."""
+    from msa_memory.encode.encoder import _to_storage
+    from msa_memory.schemas.records import from_float32
+
+    x = torch.randn(3, 5, 2, 4, generator=torch.Generator().manual_seed(0)) * 1e3
+    t = x.to(device).transpose(0, 1)  # (5, 3, 2, 4) strided, as the encoder's kv stack
+    got = _to_storage(t, dtype)
+    want = from_float32(x.transpose(0, 1).numpy(), dtype)
+    assert got.dtype == want.dtype and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, want)
 
 
 def test_progress_and_batching(model):

@@ -1,7 +1,8 @@
 """Hypothesis properties of chunk pooling and passage splitting (msa_memory.encode.pooling / .passages).
 
 Pooling: constant in -> constant out; n_chunks == ceil(T / P) per document; pooling is linear;
-the fast ``chunk_mean_pool`` equals the Python-loop ``pool_naive``. Splitting: every passage's byte
+the fast ``chunk_mean_pool`` equals the Python-loop ``pool_naive`` on both of its paths (reshape for
+regular layouts, gather otherwise) for any dtype, feature shape and strided input; bf16 sums in fp32. Splitting: every passage's byte
 offsets reproduce its text; passages are ordered, disjoint, stripped, and only whitespace lies
 outside them; each has at most ``max_tokens`` tokens (the byte-level tokenizer can always cut).
 
@@ -52,6 +53,43 @@ def test_pool_is_linear_and_equals_naive(lens, p, a, b, seed):
     rhs = a * chunk_mean_pool(x, lay) + b * chunk_mean_pool(y, lay)
     torch.testing.assert_close(lhs, rhs, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(chunk_mean_pool(x, lay).numpy(), pool_naive(x.double().numpy(), lens, p), atol=1e-6)
+
+
+_DTYPES = {"float32": (torch.float32, 1e-5), "float64": (torch.float64, 1e-5), "bfloat16": (torch.bfloat16, 1e-5),
+           "float16": (torch.float16, 1e-5)}
+
+
+@given(lens=st.lists(st.integers(0, 150), min_size=1, max_size=7), p=st.integers(1, 70),
+       feat=st.lists(st.integers(1, 5), min_size=0, max_size=3), dtype=st.sampled_from(sorted(_DTYPES)),
+       regular=st.booleans(), strided=st.booleans(), seed=st.integers(0, 2**16))
+def test_pool_equals_naive_any_layout_dtype_and_strides(lens, p, feat, dtype, regular, strided, seed):
+    """The fast pooling (reshape path for multiples of P, gather path otherwise) == pool_naive, for
+    random lengths (zeros too), P, feature shapes, input dtypes, and transposed (strided) inputs."""
+    if regular:
+        lens = [p * (n % 4) for n in lens]
+    td, tol = _DTYPES[dtype]
+    g = torch.Generator().manual_seed(seed)
+    t = sum(lens)
+    if strided and feat:  # a (T, F0, ...) view of an (F0, T, ...) tensor, as the encoder passes k[0].transpose(0, 1)
+        x = torch.randn(feat[0], t, *feat[1:], generator=g).to(td).transpose(0, 1)
+    else:
+        x = torch.randn(t, *feat, generator=g).to(td)
+    lay = chunk_layout(lens, p)
+    assert lay.regular == all(n % p == 0 for n in lens)
+    out = chunk_mean_pool(x, lay)
+    assert out.dtype == torch.float32 and out.shape == (sum(lay.n_chunks), *feat)
+    want = pool_naive(x.double().numpy(), lens, p)  # the exact mean of the (rounded) inputs
+    np.testing.assert_allclose(out.numpy(), want, atol=tol, rtol=0)
+
+
+def test_pool_layout_paths_and_bf16_sums_in_fp32():
+    assert chunk_layout([8, 4, 0], 4).regular and not chunk_layout([8, 5], 4).regular
+    # 64 bf16 values whose bf16 running sum would round: 1 + 63 * 2^-8 needs fp32 accumulation
+    x = torch.tensor([1.0] + [2.0 ** -8] * 63, dtype=torch.bfloat16)[:, None]
+    for lens in ([64], [64, 3]):
+        xx = torch.cat([x, torch.ones(sum(lens) - 64, 1, dtype=torch.bfloat16)])
+        out = chunk_mean_pool(xx, chunk_layout(lens, 64))
+        assert out[0, 0].item() == (1 + 63 * 2.0 ** -8) / 64
 
 
 def test_pool_last_partial_chunk_divides_by_its_real_length():
