@@ -325,11 +325,11 @@ def store_versions(store: StoreArg, json_out: JsonOpt = False) -> None:
         if json_out:
             _emit_json({"store": str(store), "latest_version": int(s.latest_version()), "tags": tags, "versions": versions})
             return
-        typer.echo(f"{'version':>7}  {'timestamp':<27} {'docs':>8} {'chunks':>9}  operation / message")
+        typer.echo(f"{'version':>7}  {'timestamp':<27} {'docs':>8} {'chunks':>9}  {'router':<16}  operation / message")
         for v in versions:
             tag = f"  [{', '.join(sorted(by_version.get(int(v['version']), [])))}]" if by_version.get(int(v["version"])) else ""
             typer.echo(f"{v['version']:>7}  {str(v.get('timestamp', '')):<27} {v.get('n_docs', 0):>8,} {v.get('n_chunks', 0):>9,}  "
-                       f"{v.get('operation', '')}: {v.get('message', '')}{tag}")
+                       f"{str(v.get('router_id', ''))[:16]:<16}  {v.get('operation', '')}: {v.get('message', '')}{tag}")
 
     _guard(json_out, body)
 

@@ -175,6 +175,9 @@ def test_cli_reindex_in_place_and_dest(tiny, tmp_path):
     assert new.manifest["message"] == "new router" and new.identity.router_id == ad.fingerprint()
     r = CliRunner().invoke(app, ["store", "reindex-router", str(s1.root), "--adapter", str(tmp_path / "router")])
     assert r.exit_code == 0 and "nothing to do" in r.output
+    r = CliRunner().invoke(app, ["store", "versions", str(s1.root)])
+    lines = r.output.strip().splitlines()
+    assert s1.identity.router_id[:16] in lines[-2] and ad.fingerprint() in lines[-1] and "reindex" in lines[-1]
     # a layer subset needs --dest (a new store restricted to the adapter's layers)
     random_adapter(tiny, 6, layers=(1, 3)).save(tmp_path / "sub")
     r = CliRunner().invoke(app, ["store", "reindex-router", str(s1.root), "--adapter", str(tmp_path / "sub"), "--json"])
