@@ -312,6 +312,11 @@ class RouterIndex:
         if self.n_docs and counts.min() == 0:
             raise ConfigError("Every document must own at least one chunk; some documents have none.")
         self.doc_chunk_count = torch.from_numpy(counts.astype(np.float32)).to(self.device)
+        # CPU chunk→doc reduce: when each document's chunks are contiguous and in order (what stores write),
+        # np.{maximum,add}.reduceat over run starts is ~3× faster than scatter_reduce_ (measured, 1M chunks)
+        self._doc_starts = None
+        if self.device.type == "cpu" and self.n_chunks and np.all(chunk_doc_np[1:] >= chunk_doc_np[:-1]):
+            self._doc_starts = np.flatnonzero(np.r_[True, chunk_doc_np[1:] != chunk_doc_np[:-1]])
         self._scratch: dict[Any, torch.Tensor] = {}      # reused GEMM output of the eager tile loop
         self._fused_broken = False                          # set when the Triton kernel failed once
         self._graphs: Any = None                           # routing_cuda.GraphRouteCache, made on first CUDA route
@@ -406,6 +411,11 @@ class RouterIndex:
     def _doc_reduce(self, cs: torch.Tensor) -> torch.Tensor:
         import torch
 
+        if self._doc_starts is not None and cs.device.type == "cpu":     # sorted map: segment reduce in numpy
+            c = cs.numpy()
+            if self.config.chunk_reduce == "max":
+                return torch.from_numpy(np.maximum.reduceat(c, self._doc_starts))
+            return torch.from_numpy(np.add.reduceat(c, self._doc_starts)) / self.doc_chunk_count
         if self.config.chunk_reduce == "max":
             ds = torch.full((self.n_docs,), float("-inf"), dtype=torch.float32, device=self.device)
             return ds.scatter_reduce_(0, self.chunk_doc, cs, reduce="amax", include_self=True)

@@ -95,6 +95,21 @@ def test_scratch_reuse_across_query_shapes_equals_fresh_index():
         torch.testing.assert_close(shared.doc_scores(0, q), fresh.doc_scores(0, q), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("chunk_reduce", ["max", "mean"])
+def test_sorted_map_segment_reduce_equals_scatter_reduce(chunk_reduce):
+    """Contiguous documents take the numpy reduceat path; a permuted copy of the same index takes scatter."""
+    rng = np.random.default_rng(1)
+    chunk_doc = np.repeat(np.arange(30), rng.integers(1, 6, 30))
+    perm = rng.permutation(len(chunk_doc))
+    keys = torch.from_numpy(rng.standard_normal((len(chunk_doc), 1, 8)).astype(np.float32))
+    cfg = RoutingConfig(chunk_reduce=chunk_reduce)
+    srt = RouterIndex([keys], chunk_doc, np.arange(30), cfg)
+    shuf = RouterIndex([keys[perm]], chunk_doc[perm], np.arange(30), cfg)
+    assert srt._doc_starts is not None and shuf._doc_starts is None
+    q = torch.from_numpy(rng.standard_normal((3, 2, 8)).astype(np.float32))
+    torch.testing.assert_close(srt.doc_scores(0, q), shuf.doc_scores(0, q), rtol=1e-6, atol=1e-6)
+
+
 def test_scratch_made_in_inference_mode_is_reusable_outside_it():
     """The engine routes under torch.inference_mode(); a later plain call must reuse the same scratch."""
     g = torch.Generator().manual_seed(4)
