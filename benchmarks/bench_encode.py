@@ -42,14 +42,15 @@ cast on the device; results in benchmarks/results/bench_encode_{h100,cpu}.json):
   is the pooling/router-key kernels (~2 ms) plus the device->host copy of the pooled result (~2 ms),
   which the HF baselines do not do. (The run above copied through a pinned buffer; the committed
   pageable copy measured 1.0 ms faster per kv block.)
-* 2-core AMD EPYC (AVX2, no bf16 units), fp32, 2,270 tokens in 5 passages, load ~5-7 from other
-  jobs (not idle), 2 rounds. Shipped router adapter (layers 1,3,4,5,7,8: 9 of 18 layers run): ours
-  202 tok/s, naive 41.2 (4.91x), plain fp32 batched backbone 101 (2.0x). Upper half (9..17: all 18
-  layers run): ours 81.8, naive 28.9 (2.83x), plain fp32 86.4 (0.95x). FLOPs per token (analytic,
-  ``flops_per_token``): naive 553M (the 262k-vocab LM head alone is 336M), plain backbone 227M
-  (padding included), ours 109M with 9 layers / 217M with 18. So the 5x-vs-naive target is
-  reachable only with <= 9 layers run (bound 5.09x; measured 4.91x); with all 18 layers the
-  arithmetic bound is 2.54x (measured 2.83x: the per-passage naive forward runs below its FLOP rate).
+* 2-core AMD EPYC (AVX2, no bf16 units), fp32, 2,270 tokens in 5 passages, nearly idle (load ~2-3,
+  mostly this run), 3 rounds. Shipped router adapter (layers 1,3,4,5,7,8: 9 of 18 layers run): ours
+  551 tok/s, naive 117 (4.70x), plain fp32 batched backbone 307 (1.80x). Upper half (9..17: all 18
+  layers run): ours 299, naive 123 (2.43x), plain fp32 284 (1.05x). (Under load ~5-7 an hour
+  earlier: 4.91x / 2.0x and 2.83x / 0.95x.) FLOPs per token (analytic, ``flops_per_token``): naive
+  553M (the 262k-vocab LM head alone is 336M), plain backbone 227M (padding included), ours 109M
+  with 9 layers / 217M with 18. So vs naive the arithmetic bound is 5.09x with 9 layers run (measured
+  4.70x: ours runs at ~60 GFLOP/s, HF's forwards at 65-70) and 2.54x with all 18 (measured 2.43x);
+  the 5x target cannot be met when all 18 layers are run.
 
 Examples::
 
