@@ -223,7 +223,7 @@ class Encoder:
         packed = PackedCausalAttention(lens, dev, strategy=self.attention_strategy)  # type: ignore[arg-type]
 
         def attention(call: AttnCall) -> torch.Tensor:
-            out = packed(call)
+            out = packed(call)  # returns at once when call.output_needed is False (last layer)
             i = slot.get(call.layer)
             if i is not None:  # (1, H, T, D) -> (T, H, D) -> (C, H, D)
                 k_out[i] = chunk_mean_pool(call.k[0].transpose(0, 1), layout)
@@ -236,7 +236,7 @@ class Encoder:
 
         try:
             m.backbone.run(ids, pos, attention, stop_after=max(router_layers) + 1,
-                           on_layer_input=on_input, observe_layers=router_layers)
+                           on_layer_input=on_input, observe_layers=router_layers, kv_only_last=True)
         except (RuntimeError, ValueError) as e:
             raise EncodeError(f"Encoding forward failed on a batch of {len(lens)} passages "
                               f"({sum(lens)} tokens): {e}",

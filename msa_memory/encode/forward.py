@@ -80,6 +80,10 @@ class AttnCall:
     """(B, T) the position ids given to :meth:`Backbone.run`."""
     module: nn.Module
     """The HF attention module (read-only use: ``num_key_value_groups``, ``head_dim``...)."""
+    output_needed: bool = True
+    """False at the last layer of a :meth:`Backbone.run` with ``kv_only_last=True``: nothing reads
+    this call's output (the forward stops right after it), so the function may skip the attention
+    itself and return anything (the encoder only pools K/V there)."""
 
 
 #: An attention function returns the attention output (B, Hq, T, D) in q's dtype.
@@ -281,6 +285,8 @@ class PackedCausalAttention:
             raise EncodeError(
                 f"PackedCausalAttention expects one packed row of {self.total} tokens, got q of shape "
                 f"{tuple(q.shape)}.")
+        if not call.output_needed:  # kv_only_last: nobody reads this output
+            return q
         if len(self.seq_lens) == 1:
             return causal_attention(call)
         w = call.sliding_window
@@ -311,6 +317,10 @@ class PackedCausalAttention:
 
 
 # ----------------------------------------------------------------------------- backbone
+
+
+class _StopForward(Exception):
+    """Raised by ``Backbone.run(kv_only_last=True)`` right after the last layer's attention call."""
 
 
 class Backbone:
@@ -392,7 +402,7 @@ class Backbone:
             attention: AttentionFn, *, inputs_embeds: torch.Tensor | None = None,
             stop_after: int | None = None,
             on_layer_input: Callable[[int, torch.Tensor], None] | None = None,
-            observe_layers: Iterable[int] | None = None) -> torch.Tensor:
+            observe_layers: Iterable[int] | None = None, kv_only_last: bool = False) -> torch.Tensor:
         """Run decoder layers ``0 .. stop_after-1`` and return the last hidden states (B, T, E).
 
         Parameters
@@ -412,11 +422,17 @@ class Backbone:
             that layer's attention function runs (router-Q / router-K inputs).
         observe_layers : iterable of int, optional
             Layers for which ``on_layer_input`` is called (default: all that run).
+        kv_only_last : bool, default False
+            Run the last layer only up to its attention function (called with
+            ``output_needed=False``), then stop: its attention output, ``o_proj`` and MLP are
+            skipped. For callers that need only that layer's q/k/v and ``input_layernorm`` output
+            (the encoder at its last router layer; router features), about one layer's FLOPs saved.
 
         Returns
         -------
         torch.Tensor
-            (B, T, E) hidden states after layer ``stop_after - 1`` (pre final norm).
+            (B, T, E) hidden states after layer ``stop_after - 1`` (pre final norm); with
+            ``kv_only_last`` the hidden states *entering* that layer.
 
         Raises
         ------
@@ -439,15 +455,26 @@ class Backbone:
                     hooks.append(self.layers[i].input_layernorm.register_forward_hook(
                         lambda _m, _inp, out, i=i: on_layer_input(i, out)))
         rope_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        fn = attention
+        if kv_only_last:
+            def fn(call: AttnCall) -> torch.Tensor:
+                if call.layer != n - 1:
+                    return attention(call)
+                call.output_needed = False
+                attention(call)
+                raise _StopForward
         try:
             with self._attn_switched():
                 for i in range(n):
                     lt = self.layer_types[i] if self._rope_by_type else "all"
                     if lt not in rope_cache:
                         rope_cache[lt] = self.rope(h, position_ids, i)
-                    h = self.layers[i](h, attention_mask=None, position_ids=position_ids,
-                                       position_embeddings=rope_cache[lt], past_key_values=None,
-                                       use_cache=False, **{_KWARG: attention})
+                    try:
+                        h = self.layers[i](h, attention_mask=None, position_ids=position_ids,
+                                           position_embeddings=rope_cache[lt], past_key_values=None,
+                                           use_cache=False, **{_KWARG: fn})
+                    except _StopForward:
+                        break
         finally:
             for hk in hooks:
                 hk.remove()

@@ -90,7 +90,7 @@ def extract_queries(loaded: Any, questions: Sequence[str], *, max_batch_tokens: 
             cap[layer] = x[0].to(dtype).cpu()            # (T, E)
 
         loaded.backbone.run(ids, pos, PackedCausalAttention(lens, dev), stop_after=max(layers) + 1,
-                            on_layer_input=on_input, observe_layers=layers)
+                            on_layer_input=on_input, observe_layers=layers, kv_only_last=True)
         start = 0
         for i, n in zip(group, lens):
             s = toks[i][1]

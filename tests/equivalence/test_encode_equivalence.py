@@ -189,6 +189,31 @@ def test_encoder_never_runs_layers_above_the_last_router_layer(fam_model):
     assert calls == [0, 1, 2, 3]  # router layers (1, 3): layers 0..3, never the LM head
 
 
+def test_kv_only_last_skips_the_last_layers_output_and_nothing_else(fam_model):
+    """kv_only_last: the last layer gets its q/k/v (output_needed=False) but no o_proj / MLP; the
+    layers before it are untouched, so the returned states equal a run that stops one layer earlier."""
+    bb = fam_model.backbone
+    ids = torch.randint(6, 262, (1, 40), generator=torch.Generator().manual_seed(1))
+    pos = torch.arange(40)[None]
+    seen, mlp = [], []
+    hook = bb.layers[3].mlp.register_forward_pre_hook(lambda m, a: mlp.append(1))
+
+    def attn(call):
+        seen.append((call.layer, call.output_needed, call.k.shape))
+        return causal_attention(call)
+
+    try:
+        with torch.no_grad():
+            h = bb.run(ids, pos, attn, stop_after=4, kv_only_last=True)
+            ref = bb.run(ids, pos, causal_attention, stop_after=3)
+    finally:
+        hook.remove()
+    assert [(l, need) for l, need, _ in seen] == [(0, True), (1, True), (2, True), (3, False)]
+    assert not mlp
+    assert torch.equal(h, ref)
+    assert fam_model.hf_model.config._attn_implementation == "sdpa"  # restored after the early stop
+
+
 def test_encoder_bf16_compute_is_close_to_fp32(fam_model):
     """bf16 storage of an fp32 compute == rounding of the fp32 values (bit patterns, RNE)."""
     from msa_memory.schemas.records import from_float32
