@@ -1,0 +1,205 @@
+"""The ``msa`` commands that load a model: ``ask`` / ``search`` (runtime) and ``train-router`` /
+``store reindex-router`` (router training).
+
+Split from :mod:`msa_memory.cli` (which imports this module once its ``app`` / ``store_app`` and
+shared helpers exist, so these commands register on the same groups). Same conventions as there:
+arguments and printing only, the work is done by ``msa_memory.runtime`` / ``msa_memory.train``,
+errors through ``_guard``.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated, Any
+
+import typer
+
+from msa_memory.cli import (JsonOpt, StoreArg, VersionOpt, _emit_json, _guard, _open, _progress_enabled, app,
+                            store_app)
+
+# ----- msa ask / msa search (runtime) -----
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="The model the store was built with: 'default' (Gemma 3 270M), an HF folder or an MSA checkpoint")]
+AdapterOpt = Annotated[str | None, typer.Option("--adapter", help="Router adapter folder the store was built with, e.g. router/")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N")]
+KOpt = Annotated[int | None, typer.Option("--k", "-k", help="Documents to retrieve (default: the router's top-k, 16 in MSA), e.g. 4", min=1)]
+
+
+def _memory(store: str, version: str | None, model: str, adapter: str | None, device: str, json_out: bool) -> Any:
+    from msa_memory.runtime import Memory
+
+    if not _progress_enabled(json_out):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    return Memory(_open(store, version), model=model, adapter=adapter, device=device)
+
+
+@app.command("ask", epilog="\b\nExamples:\n  msa ask mem.msa \"Who approved the budget?\" --mode text\n"
+             "  msa ask mem.msa \"Who approved the budget?\" --mode pooled -k 4 --json")
+def ask(
+    store: StoreArg,
+    question: Annotated[str, typer.Argument(help="The question, e.g. 'Who approved the budget?'", show_default=False)],
+    mode: Annotated[str | None, typer.Option("--mode", help="pooled (MSA checkpoints), text (any model) or interleave; default pooled for MSA stores, else text")] = None,
+    k: KOpt = None,
+    model: ModelOpt = "default",
+    adapter: AdapterOpt = None,
+    device: DeviceOpt = "auto",
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest answer in tokens, e.g. 128", min=1)] = 64,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy; e.g. 0.7 to sample", min=0.0)] = 0.0,
+    rounds: Annotated[int, typer.Option("--rounds", help="Round cap of --mode interleave", min=1)] = 3,
+    stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print the answer as it is generated")] = True,
+    version: VersionOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Answer a question from a store (routes to top-k documents, then generates)."""
+
+    def body() -> None:
+        mem = _memory(store, version, model, adapter, device, json_out)
+        live = stream and not json_out and sys.stdout.isatty()
+        ans = mem.ask(question, mode=mode, k=k, max_new_tokens=max_new_tokens, temperature=temperature,  # type: ignore[arg-type]
+                      max_rounds=rounds, on_token=(lambda s: typer.echo(s, nl=False)) if live else None)
+        if json_out:
+            _emit_json(ans.to_dict())
+            return
+        typer.echo("" if live else ans.answer)
+        typer.echo(f"sources ({ans.mode}, {len(ans.rounds)} round(s)):")
+        for d in ans.docs:
+            typer.echo(f"  [{d.doc_id}] {d.source_path}#{d.passage_index}  score {d.score:.4g}")
+        typer.echo("time    : " + ", ".join(f"{key.removesuffix('_s')} {v * 1000:.0f} ms" for key, v in ans.timings.items()))
+
+    _guard(json_out, body)
+
+
+@app.command("search", epilog="\b\nExamples:\n  msa search mem.msa \"budget approval\" -k 5\n  msa search mem.msa \"budget approval\" --json")
+def search(
+    store: StoreArg,
+    question: Annotated[str, typer.Argument(help="What to look for, e.g. 'budget approval'", show_default=False)],
+    k: Annotated[int, typer.Option("--k", "-k", help="Documents to list, e.g. 5", min=1)] = 10,
+    model: ModelOpt = "default",
+    adapter: AdapterOpt = None,
+    device: DeviceOpt = "auto",
+    version: VersionOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """List the documents the router picks for a question (no generation)."""
+
+    def body() -> None:
+        rows = _memory(store, version, model, adapter, device, json_out).search(question, k=k).to_pylist()
+        if json_out:
+            _emit_json({"question": question, "results": rows})
+            return
+        for r in rows:
+            text = " ".join(str(r["text"]).split())
+            typer.echo(f"{r['rank']:>3}. [{r['doc_id']}] {r['score']:.4g}  {r['source_path']}#{r['passage_index']}  "
+                       f"{text[:90]}{'…' if len(text) > 90 else ''}")
+
+    _guard(json_out, body)
+
+
+# ----- msa train-router / msa store reindex-router (router training) -----
+# (owned by the router-training engineer; logic in msa_memory.train)
+def _train_router_command(out: str, corpus: list[str] | None, store: str | None, pairs: str | None, model: str,
+                          layers: str, max_layers: int, epochs: int, batch_size: int, lr: float, n_train: int,
+                          n_dev: int, max_chars: int, seed: int, cache: str | None, device: str,
+                          hard_negatives: str = "bm25", mine_every: int = 1) -> str:
+    """The command line that reproduces a run (recorded in the adapter's training.json)."""
+    parts = ["msa train-router", f"--out {out}"] + [f"--corpus {c}" for c in corpus or []]
+    parts += [f"--store {store}"] if store else []
+    parts += [f"--pairs {pairs}"] if pairs else []
+    parts += [f"--model {model}", f"--layers {layers}", f"--max-layers {max_layers}", f"--epochs {epochs}",
+              f"--batch-size {batch_size}", f"--lr {lr:g}", f"--n-train {n_train}", f"--n-dev {n_dev}",
+              f"--max-chars {max_chars}", f"--seed {seed}", f"--device {device}"]
+    parts += [f"--cache {cache}"] if cache else []
+    if hard_negatives != "bm25" or mine_every != 1:
+        parts += [f"--hard-negatives {hard_negatives}", f"--mine-every {mine_every}"]
+    return " ".join(parts)
+
+
+@app.command("train-router", epilog="\b\nExamples:\n  msa train-router --out router/                  # built-in recipe (stdlib docstrings + facts)\n"
+             "  msa train-router --corpus ./docs --out router/ --epochs 3\n"
+             "  msa train-router --store mem.msa --pairs pairs.jsonl --out router/ --json")
+def train_router_cmd(
+    out: Annotated[str, typer.Option("--out", "-o", help="Folder for the adapter (router_adapter.json/.safetensors), e.g. router/")],
+    corpus: Annotated[list[str] | None, typer.Option("--corpus", help="Your text files/folders for inverse-cloze + fact pairs (default: the built-in stdlib-docstring recipe)")] = None,
+    store: Annotated[str | None, typer.Option("--store", help="Use this store's documents as the passages, e.g. mem.msa")] = None,
+    pairs: Annotated[str | None, typer.Option("--pairs", help="JSONL of {\"query\": ..., \"positive_ids\": [...]} over --store document ids")] = None,
+    model: Annotated[str, typer.Option("--model", "-m", help="'default' (Gemma 3 270M), an HF folder or a .gguf file")] = "default",
+    layers: Annotated[str, typer.Option("--layers", help="Candidate router layers: all, lower-half, upper-half or e.g. 0,1,2,3")] = "lower-half",
+    max_layers: Annotated[int, typer.Option("--max-layers", help="Most layers the adapter keeps (chosen on dev recall@16)", min=1)] = 9,
+    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the training queries", min=0)] = 4,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Queries per step", min=1)] = 64,
+    lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate")] = 2e-4,
+    n_train: Annotated[int, typer.Option("--n-train", help="Built-in recipe: training passages", min=20)] = 500,
+    n_dev: Annotated[int, typer.Option("--n-dev", help="Built-in recipe: held-out dev passages", min=10)] = 100,
+    max_chars: Annotated[int, typer.Option("--max-chars", help="Longest training passage in characters (~4 per token)", min=100)] = 800,
+    seed: Annotated[int, typer.Option("--seed", help="Data and training seed")] = 0,
+    cache: Annotated[str | None, typer.Option("--cache", help="Folder to cache extracted features in (reused when present)")] = None,
+    device: Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N")] = "cpu",
+    hard_negatives: Annotated[str, typer.Option("--hard-negatives", help="bm25, routing (top non-positive passages under the router being trained, e.g. a --store's own routing) or both")] = "bm25",
+    mine_every: Annotated[int, typer.Option("--mine-every", help="Routing negatives: re-mine every N epochs (0: once, with the initial router)", min=0)] = 1,
+    json_out: JsonOpt = False,
+) -> None:
+    """Train router projections (decoupled InfoNCE, frozen backbone) and save an adapter."""
+
+    def body() -> None:
+        from msa_memory.train.cli_support import train_router_from_cli
+
+        summary = train_router_from_cli(
+            out=out, corpus=corpus, store=store, pairs=pairs, model=model, layers=layers, max_layers=max_layers,
+            epochs=epochs, batch_size=batch_size, lr=lr, n_train=n_train, n_dev=n_dev, seed=seed, max_chars=max_chars, cache=cache,
+            device=device, hard_negatives=hard_negatives, mine_every=mine_every,
+            command=_train_router_command(out, corpus, store, pairs, model, layers, max_layers, epochs,
+                                          batch_size, lr, n_train, n_dev, max_chars, seed, cache, device,
+                                          hard_negatives, mine_every),
+            log=(lambda s: None) if json_out else (lambda s: typer.echo(s, err=True)))
+        if json_out:
+            _emit_json(summary)
+            return
+        typer.echo(f"saved router adapter {summary['router_id']} to {summary['out']}: layers {summary['router_layers']}, "
+                   "dev recall@1/5/16 " + "/".join(f"{summary['dev_recall'][k]:.3f}" for k in (1, 5, 16)))
+
+    _guard(json_out, body)
+
+
+@store_app.command("reindex-router", epilog="\b\nExamples:\n  msa store reindex-router mem.msa --adapter router/          # new version of mem.msa\n"
+                   "  msa store reindex-router mem.msa --adapter router/ --json\n"
+                   "  msa store reindex-router mem.msa --adapter router/ --dest mem2.msa   # copy into a new store")
+def store_reindex_router(
+    store: StoreArg,
+    adapter: Annotated[str, typer.Option("--adapter", help="Router adapter folder, e.g. router/")],
+    dest: Annotated[str | None, typer.Option("--dest", help="Write a NEW store here instead of a new version (needed when the adapter uses fewer layers), e.g. mem2.msa")] = None,
+    message: Annotated[str | None, typer.Option("--message", "-m", help="Commit message of the new version")] = None,
+    version: VersionOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Recompute router keys with a new adapter from the kept router inputs (no re-encoding).
+
+    By default commits them as a new version of STORE (older versions keep their router); with
+    --dest writes a new store instead.
+    """
+
+    def body() -> None:
+        from msa_memory.encode import RouterAdapter
+        from msa_memory.train.reindex import reindex_router, reindex_router_to
+
+        src = _open(store, version)
+        ad = RouterAdapter.load(adapter)
+        if dest is not None:
+            new, stats = reindex_router_to(src, dest, ad, message=message)
+        else:
+            new, stats = reindex_router(src, ad, message=message, adapter_path=adapter)
+        if json_out:
+            _emit_json(dict(stats, store=store, dest=dest))
+            return
+        if dest is not None:
+            typer.echo(f"wrote {stats['docs']} documents ({stats['chunks']} chunks) re-keyed with router "
+                       f"{stats['router_id']} to {dest} (version {stats['version']}) in {stats['seconds']:.2f}s")
+        elif stats["unchanged"]:
+            typer.echo(f"version {stats['version']} of {store} is already routed by router {stats['router_id']}; "
+                       "nothing to do")
+        else:
+            typer.echo(f"version {stats['version']} of {store}: {stats['docs']} documents ({stats['chunks']} chunks, "
+                       f"{stats['shards']} shards) re-keyed with router {stats['router_id']} in {stats['seconds']:.2f}s; "
+                       f"versions before it keep their router")
+
+    _guard(json_out, body)
