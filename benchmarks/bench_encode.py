@@ -25,23 +25,20 @@ table, then one JSON line (device, commit, config, results, ratios).
 Measured (2026-11-22, after commit 25bfd34: pooling without index_add_, GQA-native SDPA, storage
 cast on the device; results in benchmarks/results/bench_encode_{h100,cpu}.json):
 
-* H100 80GB, bf16, random weights, torch 2.11 / transformers 5.17, tok/s (3 rounds, median), ours vs
-  prefill(last logit) / backbone (ratios ours/prefill, ours/backbone). Gemma-3-270M shape (layers 9..17
-  pooled, all 18 run): 64x512 449k vs 429k / 444k (1.05 / 1.01); 16x2048 385k vs 364k / 377k (1.06 /
-  1.02); 4x8192 317k vs 224k / 229k (1.42 / 1.38); mix128:64-512 355k vs 240k / 248k (1.48 / 1.43).
-  Qwen3-4B shape (layers 18..35 pooled, all 36 run): 32x512 48.1k vs 48.9k / 49.5k (0.98 / 0.97);
-  8x2048 46.6k vs 46.8k / 47.4k (1.00 / 0.98); 2x8192 40.5k vs 40.9k / 41.5k (0.99 / 0.98);
-  mix64:64-512 41.5k vs 26.0k / 25.9k (1.60 / 1.60). Peak GiB: Gemma 64x512 ours 1.13, prefill(last)
-  1.65, backbone 1.09; Qwen 32x512 ours 9.67, prefill(last) 11.91, backbone 9.66.
-  Before (07e25c2, same method): Qwen 32x512 43.0k (0.88 / 0.86), Gemma 64x512 401k (0.96 / 0.91).
-  What closed the gap (ablation, first device call, 5 rounds, Qwen 32x512): index_add_ pooling ->
-  reshape-sum 42.8k -> 44.2k; + SDPA enable_gqa instead of repeated K/V 45.2k; + casting/transposing
-  the result on the GPU before the host copy (the CPU-side .contiguous() of the kv block took
-  17.4 ms of a 340 ms encode; now 1.8 ms) and no per-passage CPU work at batch start: 48.1k. Our
-  layer loop with no capture at all runs at 49.6k (HF backbone 49.1k): the ~3% left on the Qwen shape
-  is the pooling/router-key kernels (~2 ms) plus the device->host copy of the pooled result (~2 ms),
-  which the HF baselines do not do. (The run above copied through a pinned buffer; the committed
-  pageable copy measured 1.0 ms faster per kv block.)
+* H100 80GB, bf16, random weights, torch 2.11 / transformers 5.17, tok/s (median), ours vs
+  prefill(last logit) / backbone (ratios ours/prefill, ours/backbone); tree of 101e242, where the last
+  router layer stops after its attention call (``kv_only_last``). Gemma-3-270M shape (layers 9..17
+  pooled, 3 rounds): 64x512 464k vs 419k / 442k (1.11 / 1.05); 16x2048 399k vs 362k / 376k (1.10 /
+  1.06); 4x8192 330k vs 222k / 229k (1.48 / 1.44). Qwen3-4B shape (layers 18..35 pooled, 5 rounds):
+  32x512 49.2k vs 48.0k / 49.2k (1.03 / 1.00); 8x2048 46.7k vs 46.5k / 47.3k (1.005 / 0.99); 2x8192
+  41.4k vs 40.7k / 41.0k (1.02 / 1.01). Peak GiB: Gemma 64x512 ours 1.13, prefill(last) 1.65,
+  backbone 1.09; Qwen 32x512 ours 9.67, prefill(last) 11.91, backbone 9.66. Mixed lengths (earlier
+  call of the same session, before kv_only_last): Gemma mix128:64-512 355k vs 240k (1.48), Qwen
+  mix64:64-512 41.5k vs 26.0k (1.60).
+  History on Qwen 32x512: 07e25c2 43.0k (0.88 / 0.86); index_add_ pooling -> reshape-sum 44.2k;
+  + SDPA enable_gqa instead of repeated K/V 45.2k; + casting/transposing the result on the GPU before
+  the host copy and no per-passage CPU work at batch start 48.1k (0.98 / 0.97); + ``kv_only_last``
+  (no attention output, o_proj or MLP in layer 35) 49.2k (1.03 / 1.00).
 * 2-core AMD EPYC (AVX2, no bf16 units), fp32, 2,270 tokens in 5 passages, nearly idle (load ~2-3,
   mostly this run), 3 rounds. Shipped router adapter (layers 1,3,4,5,7,8: 9 of 18 layers run): ours
   551 tok/s, naive 117 (4.70x), plain fp32 batched backbone 307 (1.80x). Upper half (9..17: all 18
@@ -134,18 +131,24 @@ def run_methods(methods: dict, rounds: int, dev: torch.device) -> dict:
 # ----------------------------------------------------------------------------- CPU, default model
 
 
-def flops_per_token(hf, rows: list[tuple[int, int]], n_layers: int, lm_head: bool) -> float:
+def flops_per_token(hf, rows: list[tuple[int, int]], n_layers: int, lm_head: bool,
+                    kv_only_last: bool = False) -> float:
     """Analytic forward FLOPs per real token. ``rows``: (computed length, real length) per passage
     (computed > real for a right-padded batch row). Counts 2 x the linear weights of the first
     ``n_layers`` decoder layers per computed token, causal attention (QK^T and PV: 4 * Hq * D per
     key seen, keys capped by a layer's sliding window), and the LM head at every computed position
-    when ``lm_head`` (the naive baseline's full logits)."""
+    when ``lm_head`` (the naive baseline's full logits). ``kv_only_last``: the last layer counts only
+    its q/k/v projections (ours: ``Backbone.run(kv_only_last=True)`` stops after its attention call)."""
     cfg = hf.model.config
-    lin = sum(m.weight.numel() for layer in hf.model.layers[:n_layers] for m in layer.modules()
+    full = n_layers - 1 if kv_only_last else n_layers
+    lin = sum(m.weight.numel() for layer in hf.model.layers[:full] for m in layer.modules()
               if isinstance(m, torch.nn.Linear))
+    if kv_only_last:
+        att_mod = hf.model.layers[n_layers - 1].self_attn
+        lin += sum(getattr(att_mod, n).weight.numel() for n in ("q_proj", "k_proj", "v_proj"))
     hq = cfg.num_attention_heads
     d = getattr(cfg, "head_dim", None) or cfg.hidden_size // hq
-    types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers)[:n_layers]
+    types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers)[:full]
     win = getattr(cfg, "sliding_window", None)
     keys = lambda m, w: sum(min(i + 1, w) if w else i + 1 for i in range(m))  # keys seen, all queries
     computed = sum(m for m, _ in rows)
@@ -231,7 +234,7 @@ def cpu_default(args) -> dict:
     n_run = max(model.router_layers) + 1
     own = [(len(s), len(s)) for s in seqs]
     padded = [(int(x.shape[1]), int(r)) for x, m in batches for r in m.sum(1).tolist()]
-    fl = {"ours": flops_per_token(hf32, own, n_run, lm_head=False),
+    fl = {"ours": flops_per_token(hf32, own, n_run, lm_head=False, kv_only_last=True),
           "naive_causal_lm_fp32_per_passage": flops_per_token(hf32, own, hf32.config.num_hidden_layers, lm_head=True),
           "plain_backbone_batched": flops_per_token(hf32, padded, hf32.config.num_hidden_layers, lm_head=False)}
     ratios["flops_bound"] = {"vs_naive": fl["naive_causal_lm_fp32_per_passage"] / fl["ours"],
