@@ -39,15 +39,16 @@ cast on the device; results in benchmarks/results/bench_encode_{h100,cpu}.json):
   + SDPA enable_gqa instead of repeated K/V 45.2k; + casting/transposing the result on the GPU before
   the host copy and no per-passage CPU work at batch start 48.1k (0.98 / 0.97); + ``kv_only_last``
   (no attention output, o_proj or MLP in layer 35) 49.2k (1.03 / 1.00).
-* 2-core AMD EPYC (AVX2, no bf16 units), fp32, 2,270 tokens in 5 passages, nearly idle (load ~2-3,
-  mostly this run), 3 rounds. Shipped router adapter (layers 1,3,4,5,7,8: 9 of 18 layers run): ours
-  551 tok/s, naive 117 (4.70x), plain fp32 batched backbone 307 (1.80x). Upper half (9..17: all 18
-  layers run): ours 299, naive 123 (2.43x), plain fp32 284 (1.05x). (Under load ~5-7 an hour
-  earlier: 4.91x / 2.0x and 2.83x / 0.95x.) FLOPs per token (analytic, ``flops_per_token``): naive
-  553M (the 262k-vocab LM head alone is 336M), plain backbone 227M (padding included), ours 109M
-  with 9 layers / 217M with 18. So vs naive the arithmetic bound is 5.09x with 9 layers run (measured
-  4.70x: ours runs at ~60 GFLOP/s, HF's forwards at 65-70) and 2.54x with all 18 (measured 2.43x);
-  the 5x target cannot be met when all 18 layers are run.
+* 2-core AMD EPYC (AVX2, no bf16 units), fp32, 2,270 tokens in 5 passages, idle machine, 3 rounds,
+  tree of 101e242 (``kv_only_last``). Shipped router adapter (layers 1,3,4,5,7,8: layers 0..7 run
+  whole, layer 8 up to its attention call): ours 732 tok/s, naive 112 (6.53x, target 5x), plain fp32
+  batched backbone 329 (2.22x, target 0.9x). Upper half (9..17: 17 layers whole + layer 17's q/k/v):
+  ours 317, naive 110 (2.89x), plain fp32 263 (1.20x). FLOPs per token (analytic,
+  ``flops_per_token``): naive 553M (the 262k-vocab LM head alone is 336M), plain backbone 227M
+  (padding included), ours 99M with the shipped layers / 207M with the upper half, so the arithmetic
+  bound vs naive is 5.6x / 2.7x; ours beats it because the naive forward is less efficient per FLOP
+  (it writes 262k-wide fp32 logits for every token). The 5x target cannot be met when all 18
+  layers are run. (Earlier the same day, before ``kv_only_last``: 4.70x / 1.80x and 2.43x / 1.05x.)
 
 Examples::
 
