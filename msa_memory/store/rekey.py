@@ -71,20 +71,7 @@ def router_key_paths(manifest: dict[str, Any]) -> set[str]:
 
 def verify_keys(root: Path, entry: dict[str, Any]) -> list[tuple[str, str]]:
     """(path, problem) for each missing or damaged file of a shard entry's router keys."""
-    bad: list[tuple[str, str]] = []
-    base = root / entry["router_keys"]["path"]
-    for rel, want in entry["router_keys"]["files"].items():
-        p = base / rel
-        try:
-            size, crc = shards.file_crc(p)
-        except FileNotFoundError:
-            bad.append((f"{entry['router_keys']['path']}/{rel}", "missing"))
-            continue
-        if size != want["size"]:
-            bad.append((f"{entry['router_keys']['path']}/{rel}", f"size {size} != {want['size']}"))
-        elif crc != want["crc32c"]:
-            bad.append((f"{entry['router_keys']['path']}/{rel}", "crc32c mismatch"))
-    return bad
+    return shards.check_files(root, entry["router_keys"]["path"], entry["router_keys"]["files"])
 
 
 def _write_keys(root: Path, identity: StoreIdentity, shard_id: str, router_id: str,

@@ -282,19 +282,24 @@ def read_record(root: Path, shard_id: str, expect_crc: int | None = None) -> Sha
 
 def verify_files(root: Path, record: ShardRecord) -> list[tuple[str, str]]:
     """(relative path, problem) for every file of the shard that is missing or fails its checksum."""
-    base = root / SHARDS_DIR / record.shard_id
+    return check_files(root, f"{SHARDS_DIR}/{record.shard_id}", record.files)
+
+
+def check_files(root: Path, rel_dir: str, files: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+    """(store-relative path, problem) for each of ``files`` (name -> {"size", "crc32c"}) under
+    ``root/rel_dir`` that is missing or whose size or crc32c differs."""
     bad: list[tuple[str, str]] = []
-    for rel, want in record.files.items():
-        p = base / rel
+    for rel, want in files.items():
+        where = f"{rel_dir}/{rel}"
         try:
-            size, crc = file_crc(p)
+            size, crc = file_crc(root / rel_dir / rel)
         except FileNotFoundError:
-            bad.append((f"{SHARDS_DIR}/{record.shard_id}/{rel}", "missing"))
+            bad.append((where, "missing"))
             continue
         if size != want["size"]:
-            bad.append((f"{SHARDS_DIR}/{record.shard_id}/{rel}", f"size {size} != {want['size']}"))
+            bad.append((where, f"size {size} != {want['size']}"))
         elif crc != want["crc32c"]:
-            bad.append((f"{SHARDS_DIR}/{record.shard_id}/{rel}", "crc32c mismatch"))
+            bad.append((where, "crc32c mismatch"))
     return bad
 
 
