@@ -55,9 +55,11 @@ __all__ = [
     "RoutingConfig",
     "ScoreMode",
     "cpu_has_native_bf16",
+    "doc_gather_index",
     "pad_query_rows",
     "prepare_lhs",
     "resident_dtype",
+    "topk_blocked",
     "score_tile",
     "torch_dtype_of",
 ]
@@ -253,6 +255,31 @@ def score_tile(lhs: torch.Tensor, kt: torch.Tensor, plan: ScorePlan, out: torch.
     out.copy_(s.view(G, t, plan.T, plan.rep).amax(dim=(0, 3)).float().mean(1))
 
 
+def doc_gather_index(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """(N, max count) int64 chunk index of each document's chunks (contiguous runs from ``starts``),
+    short documents repeating their last chunk: ``scores[idx].amax(1)`` is the per-document max."""
+    j = np.minimum(np.arange(int(counts.max()))[None, :], np.asarray(counts)[:, None] - 1)
+    return np.asarray(starts, dtype=np.int64)[:, None] + j
+
+
+def topk_blocked(x: torch.Tensor, k: int, block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(x, k)`` of a 1-D tensor in two stages: top-k of each ``block``-sized slice
+    (−inf padded), then top-k of those candidates. The same values (the global top-k lies among the
+    per-block top-k's); among exact ties the indices may differ. Plain ``torch.topk`` for short inputs
+    or k > block. Used on CUDA (at 125k documents on an H100: 55 µs vs 72 µs in a CUDA graph).
+    """
+    import torch
+
+    n = x.shape[0]
+    if k > block or n <= 4 * block:
+        return torch.topk(x, k)
+    xb = torch.nn.functional.pad(x, (0, (-n) % block), value=float("-inf")).view(-1, block)
+    v, i = torch.topk(xb, k, dim=1)                                           # (n_blocks, k)
+    i = i + torch.arange(0, xb.shape[0] * block, block, device=x.device)[:, None]
+    vals, j = torch.topk(v.flatten(), k)
+    return vals, i.flatten()[j]
+
+
 def pad_query_rows(q: torch.Tensor, cfg: RoutingConfig) -> torch.Tensor:
     """``q`` (T, Hq, D) with rows repeated up to a power of two where that changes no score.
 
@@ -315,8 +342,15 @@ class RouterIndex:
         # CPU chunk→doc reduce: when each document's chunks are contiguous and in order (what stores write),
         # np.{maximum,add}.reduceat over run starts is ~3× faster than scatter_reduce_ (measured, 1M chunks)
         self._doc_starts = None
-        if self.device.type == "cpu" and self.n_chunks and np.all(chunk_doc_np[1:] >= chunk_doc_np[:-1]):
-            self._doc_starts = np.flatnonzero(np.r_[True, chunk_doc_np[1:] != chunk_doc_np[:-1]])
+        self._doc_gather = None
+        if self.n_chunks and np.all(chunk_doc_np[1:] >= chunk_doc_np[:-1]):
+            starts = np.flatnonzero(np.r_[True, chunk_doc_np[1:] != chunk_doc_np[:-1]])
+            if self.device.type == "cpu":
+                self._doc_starts = starts
+            elif self.n_docs * int(counts.max()) <= 8 * self.n_chunks:
+                # device chunk→doc max: one gather + amax instead of a scatter of float atomics (about 75 µs
+                # at 1M chunks on an H100)
+                self._doc_gather = torch.from_numpy(doc_gather_index(starts, counts)).to(self.device)
         self._scratch: dict[Any, torch.Tensor] = {}      # reused GEMM output of the eager tile loop
         self._fused_broken = False                          # set when the Triton kernel failed once
         self._graphs: Any = None                           # routing_cuda.GraphRouteCache, made on first CUDA route
@@ -417,6 +451,8 @@ class RouterIndex:
                 return torch.from_numpy(np.maximum.reduceat(c, self._doc_starts))
             return torch.from_numpy(np.add.reduceat(c, self._doc_starts)) / self.doc_chunk_count
         if self.config.chunk_reduce == "max":
+            if self._doc_gather is not None:
+                return cs[self._doc_gather].amax(1)
             ds = torch.full((self.n_docs,), float("-inf"), dtype=torch.float32, device=self.device)
             return ds.scatter_reduce_(0, self.chunk_doc, cs, reduce="amax", include_self=True)
         ds = torch.zeros(self.n_docs, dtype=torch.float32, device=self.device)
@@ -434,7 +470,8 @@ class RouterIndex:
         """
         import torch
 
-        vals, idx = torch.topk(self.doc_scores(layer, q, kernel), k)
+        ds = self.doc_scores(layer, q, kernel)
+        vals, idx = topk_blocked(ds, k) if ds.device.type == "cuda" else torch.topk(ds, k)
         return torch.stack([vals.double(), idx.double()])
 
     def _check_route(self, layer: int, k: int | None) -> int:

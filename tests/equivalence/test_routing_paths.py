@@ -30,9 +30,11 @@ from msa_memory.errors import ConfigError
 from msa_memory.runtime.routing import (
     RouterIndex,
     RoutingConfig,
+    doc_gather_index,
     pad_query_rows,
     prepare_lhs,
     score_tile,
+    topk_blocked,
 )
 
 COMBOS = list(itertools.product(("dot", "cosine"), ("mean", "max"), ("max", "mean", "last")))
@@ -108,6 +110,37 @@ def test_sorted_map_segment_reduce_equals_scatter_reduce(chunk_reduce):
     assert srt._doc_starts is not None and shuf._doc_starts is None
     q = torch.from_numpy(rng.standard_normal((3, 2, 8)).astype(np.float32))
     torch.testing.assert_close(srt.doc_scores(0, q), shuf.doc_scores(0, q), rtol=1e-6, atol=1e-6)
+
+
+@given(st.lists(st.integers(1, 9), min_size=1, max_size=60), st.integers(0, 2**31 - 1))
+@settings(max_examples=60, deadline=None)
+def test_doc_gather_max_equals_scatter_reduce(counts, seed):
+    """The device chunk→doc max (gather of doc_gather_index + amax) equals scatter_reduce amax."""
+    counts = np.asarray(counts)
+    chunk_doc = np.repeat(np.arange(len(counts)), counts)
+    starts = np.r_[0, np.cumsum(counts)[:-1]]
+    cs = torch.from_numpy(np.random.default_rng(seed).standard_normal(len(chunk_doc)).astype(np.float32))
+    want = torch.full((len(counts),), float("-inf")).scatter_reduce_(0, torch.from_numpy(chunk_doc), cs, "amax")
+    idx = torch.from_numpy(doc_gather_index(starts, counts))
+    assert idx.shape == (len(counts), counts.max())
+    assert torch.equal(cs[idx].amax(1), want)
+
+
+@given(st.integers(1, 5000), st.integers(1, 40), st.sampled_from([8, 32, 1024]), st.booleans(),
+       st.integers(0, 2**31 - 1))
+@settings(max_examples=60, deadline=None)
+def test_topk_blocked_equals_topk(n, k, block, ties, seed):
+    """Two-stage top-k gives torch.topk's values; its indices point at those values (ties may reorder)."""
+    k = min(k, n)
+    rng = np.random.default_rng(seed)
+    x = rng.integers(0, 20, n).astype(np.float32) if ties else rng.standard_normal(n).astype(np.float32)
+    x = torch.from_numpy(x)
+    vals, idx = topk_blocked(x, k, block=block)
+    ref_vals, ref_idx = torch.topk(x, k)
+    assert torch.equal(vals, ref_vals)
+    assert len(set(idx.tolist())) == k and torch.equal(x[idx], vals)
+    if not ties:
+        assert idx.tolist() == ref_idx.tolist()
 
 
 def test_scratch_made_in_inference_mode_is_reusable_outside_it():
