@@ -26,6 +26,9 @@ tile × rows, never by C. The tile loop is the eager path, the reference for the
   (``routing_cuda``); ``RoutingConfig.cuda_graphs=False`` turns it off. Max-reduced queries are
   padded to a power-of-two row count by repeating the last row (max unchanged), so few graphs serve
   all query lengths.
+- Chunk → document reduce: numpy ``reduceat`` over document runs on CPU; on GPUs a gather of
+  :func:`doc_gather_index` + ``amax`` (chunk-reduce max over contiguous documents, no float
+  atomics) else ``scatter_reduce_``; on CUDA the top-k is :func:`topk_blocked` (two stages).
 - CUDA, query-reduce max (and any one-row query) with ≥ ``fused_min_rows`` rows: a Triton kernel
   (``routing_triton``) scores a block of chunks against all rows with ``tl.dot`` and keeps the max in registers, writing fp32
   chunk scores and never the R × C matrix; used only when triton imports (eager otherwise).

@@ -1,7 +1,7 @@
 """CUDA-graph routing: one layer's whole route replayed as one graph, one device→host copy back.
 
 Design note. On a GPU the eager route of one layer is a dozen small kernels (query prep, one GEMM
-and one reduce per tile, scatter-reduce to documents, top-k) plus two blocking copies; at 10k–100k
+and one reduce per tile, chunk→document reduce, top-k) plus two blocking copies; at 10k–100k
 chunks their launch and sync overhead (~0.35 ms measured on an H100) is 20–200× the memory floor.
 :class:`GraphRouteCache` captures ``RouterIndex.route_device`` — the SAME tensor maths as the eager
 path (``prepare_lhs`` → ``score_tile`` tile loop or the fused Triton kernel → chunk→doc reduce →
