@@ -221,7 +221,6 @@ def main(argv: list[str] | None = None, loaded=None) -> None:
     elif loaded.router_layers != cand:
         from msa_memory.train.recipe import _subset_adapter
         loaded.router = _subset_adapter(loaded.router, cand)
-    tok = loaded.tokenizer
     n_tokens = np.array([len(loaded.wrap_ids(p, 0)) for p in passages])
     plans = {S: haystacks(n_tokens, queries, n_q, S, args.group if S <= 16384 else None) for S in sizes}
     n_needed = max(max(docs) for S in sizes for docs, _ in plans[S]) + 1
@@ -285,14 +284,12 @@ def run_em(args, loaded, adapter, other_adapter, passages, queries, plans, sizes
     """
     import tempfile
 
-    from msa_memory.encode import Encoder, LoadedModel
+    from msa_memory.encode import Encoder
     from msa_memory.runtime import Memory
     from msa_memory.schemas.records import Passage
     from msa_memory.store import create_store, write_shard
-    import dataclasses
 
-    m = LoadedModel(**{f.name: getattr(loaded, f.name) for f in dataclasses.fields(LoadedModel) if f.name != "router"},
-                    router=adapter)
+    m = loaded.with_router(adapter)
     docs, qidx = plans[sizes[0]][0]
     needles = [i for i in qidx if queries[i].kind == "fact"][: args.em]
     tmp = Path(tempfile.mkdtemp(prefix="bench-em-"))

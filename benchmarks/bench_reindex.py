@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     warnings.simplefilter("ignore")
     import torch
 
-    from msa_memory.encode import Encoder, LoadedModel, load_model
+    from msa_memory.encode import Encoder, load_model
     from msa_memory.schemas.records import Passage, to_float32
     from msa_memory.store import create_store, open_store, write_shard
     from msa_memory.train.corpus import pack_paragraphs, pydoc_topics
@@ -82,10 +82,8 @@ def main(argv: list[str] | None = None) -> None:
     new, stats = reindex_router(store, other)
     t_reindex = time.perf_counter() - t0
     # checks: new keys ≈ a fresh encode with the other router; the old version keeps its keys
-    import dataclasses
 
-    m2 = LoadedModel(**{f.name: getattr(m, f.name) for f in dataclasses.fields(LoadedModel) if f.name != "router"},
-                     router=other)
+    m2 = m.with_router(other)
     sample = ps[:8]
     fresh = Encoder(m2, keep_router_inputs=True).encode(ids[:8], sample)
     n8 = int(fresh.n_chunks.sum())

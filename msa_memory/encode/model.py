@@ -30,6 +30,8 @@ config and the tokenizer. The router has its own id (``RouterAdapter.fingerprint
 
 from __future__ import annotations
 
+import dataclasses
+
 import hashlib
 import json
 import os
@@ -75,6 +77,10 @@ class LoadedModel:
 
     def __post_init__(self) -> None:
         self.backbone = Backbone(self.hf_model)
+
+    def with_router(self, router: RouterAdapter) -> LoadedModel:
+        """The same backbone, tokenizer and wrapping with another router adapter (weights shared)."""
+        return dataclasses.replace(self, router=router)
 
     # -- layout facts --------------------------------------------------------------------------
     @property

@@ -34,10 +34,7 @@ def tiny():
 
 
 def with_router(loaded, adapter):
-    from msa_memory.encode import LoadedModel
-
-    return LoadedModel(**{f.name: getattr(loaded, f.name) for f in dataclasses.fields(LoadedModel)
-                          if f.name != "router"}, router=adapter)
+    return loaded.with_router(adapter)
 
 
 def random_adapter(loaded, seed, layers=None, extra=None):
@@ -126,7 +123,6 @@ def test_reindex_into_new_version_of_same_store(tiny, tmp_path):
 
 def test_reindex_bad_input_changes_nothing(tiny, tmp_path):
     from msa_memory.encode import RouterAdapter
-    from msa_memory.encode.router import RouterConfig
     from msa_memory.store import open_store
     from msa_memory.train.reindex import reindex_router
 

@@ -258,9 +258,7 @@ def _store(root, loaded, texts):
 
 
 def test_reindex_gives_fresh_encode_router_keys(tiny_loaded, tmp_path):
-    import dataclasses
 
-    from msa_memory.encode import LoadedModel
     from msa_memory.schemas.records import to_float32
     from msa_memory.train.reindex import reindex_router_to
 
@@ -269,8 +267,7 @@ def test_reindex_gives_fresh_encode_router_keys(tiny_loaded, tmp_path):
     out, stats = reindex_router_to(src, tmp_path / "b.msa", new_ad)
     assert stats["docs"] == len(TEXTS) and out.identity.router_id == new_ad.fingerprint()
     assert out.identity.router_layers == (1, 3)
-    fresh_model = LoadedModel(**{f.name: getattr(tiny_loaded, f.name) for f in dataclasses.fields(LoadedModel)
-                                 if f.name != "router"}, router=new_ad)
+    fresh_model = tiny_loaded.with_router(new_ad)
     fresh, _ = _store(tmp_path / "c.msa", fresh_model, TEXTS)
     assert fresh.identity.compatible_with(out.identity) == []
     for pos in range(2):
@@ -301,14 +298,12 @@ def test_reindex_gives_fresh_encode_router_keys(tiny_loaded, tmp_path):
 
 
 def test_reindex_refuses_layers_the_store_did_not_keep(tiny_loaded, tmp_path):
-    import dataclasses
 
-    from msa_memory.encode import LoadedModel, RouterAdapter
+    from msa_memory.encode import RouterAdapter
     from msa_memory.train.reindex import reindex_router, reindex_router_to
     from msa_memory.train.recipe import _subset_adapter
 
-    small = LoadedModel(**{f.name: getattr(tiny_loaded, f.name) for f in dataclasses.fields(LoadedModel)
-                           if f.name != "router"}, router=_subset_adapter(tiny_loaded.router, (0, 1)))
+    small = tiny_loaded.with_router(_subset_adapter(tiny_loaded.router, (0, 1)))
     src, _ = _store(tmp_path / "a.msa", small, TEXTS[:4])
     ad, _ = _adapter(tiny_loaded, 1, layers=(1, 3))
     assert isinstance(ad, RouterAdapter)
