@@ -1,6 +1,7 @@
 """The fast routing paths equal the eager / brute-force path, on CPU.
 
-- the GEMV / folded-mean / tile-loop paths of ``score_tile`` against a plain einsum of the formula;
+- the GEMV / folded-mean / tile-loop paths of ``score_tile`` (row-major keys, the device layout) and
+  ``score_tile_cm`` (chunk-minor keys, the CPU layout) against a plain einsum of the formula;
 - ``pad_query_rows`` (what lets one CUDA graph serve many query lengths) changes no score;
 - the reused scratch buffer gives the same scores as fresh allocations, across query shapes;
 - ``route_device`` (what the CUDA graph captures, packed (2, k) float64) equals top-k of ``doc_scores``;
@@ -34,6 +35,7 @@ from msa_memory.runtime.routing import (
     pad_query_rows,
     prepare_lhs,
     score_tile,
+    score_tile_cm,
     topk_blocked,
 )
 
@@ -76,6 +78,28 @@ def test_score_paths_equal_einsum(combo, H, rep, T, C, tile, seed):
     torch.testing.assert_close(index.chunk_scores(0, qp), index.chunk_scores(0, q), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("combo", COMBOS, ids=["-".join(c) for c in COMBOS])
+@settings(max_examples=15, deadline=None)
+@given(H=st.sampled_from([1, 2, 3]), rep=st.sampled_from([1, 2, 4]), T=st.integers(1, 9), C=st.integers(1, 40),
+       seed=st.integers(0, 2**31 - 1))
+def test_row_major_and_chunk_minor_tiles_equal_einsum(combo, H, rep, T, C, seed):
+    """``score_tile`` on (C, G, Dk) keys (the layout devices keep) and ``score_tile_cm`` on (G, Dk, C) keys
+    (the CPU layout, which RouterIndex tests above exercise) both equal the formula, on CPU."""
+    score, hr, qr = combo
+    g = torch.Generator().manual_seed(seed)
+    keys = torch.randn(C, H, 8, generator=g)
+    q = torch.randn(T, H * rep, 8, generator=g)
+    cfg = RoutingConfig(score=score, head_reduce=hr, query_reduce=qr)
+    k = torch.nn.functional.normalize(keys, dim=-1) if score == "cosine" else keys
+    lhs, plan = prepare_lhs(q, cfg, H, torch.float32)
+    rows = k.reshape(C, 1, H * 8) if lhs.shape[0] == 1 else k
+    want = einsum_chunk_scores(q, keys, score, hr, qr)
+    for fn, kv in ((score_tile, rows), (score_tile_cm, rows.permute(1, 2, 0).contiguous())):
+        out = torch.empty(C)
+        fn(lhs, kv, plan, out)
+        torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5, msg=fn.__name__)
+
+
 def test_gemv_path_is_taken_for_last_and_folded_mean():
     keys = torch.randn(10, 2, 4)
     for qr in ("last", "mean"):
@@ -99,7 +123,7 @@ def test_scratch_reuse_across_query_shapes_equals_fresh_index():
 
 @pytest.mark.parametrize("chunk_reduce", ["max", "mean"])
 def test_sorted_map_segment_reduce_equals_scatter_reduce(chunk_reduce):
-    """Contiguous documents take the numpy reduceat path; a permuted copy of the same index takes scatter."""
+    """Contiguous documents take the segment_reduce path; a permuted copy of the same index takes scatter."""
     rng = np.random.default_rng(1)
     chunk_doc = np.repeat(np.arange(30), rng.integers(1, 6, 30))
     perm = rng.permutation(len(chunk_doc))
@@ -107,7 +131,7 @@ def test_sorted_map_segment_reduce_equals_scatter_reduce(chunk_reduce):
     cfg = RoutingConfig(chunk_reduce=chunk_reduce)
     srt = RouterIndex([keys], chunk_doc, np.arange(30), cfg)
     shuf = RouterIndex([keys[perm]], chunk_doc[perm], np.arange(30), cfg)
-    assert srt._doc_starts is not None and shuf._doc_starts is None
+    assert srt._doc_lengths is not None and shuf._doc_lengths is None
     q = torch.from_numpy(rng.standard_normal((3, 2, 8)).astype(np.float32))
     torch.testing.assert_close(srt.doc_scores(0, q), shuf.doc_scores(0, q), rtol=1e-6, atol=1e-6)
 
