@@ -10,8 +10,9 @@ Regimes and ceilings (every baseline is measured in the same run, on the same de
    floor ``2·T·C·H·D ÷ matmul FLOP/s`` (a large square matmul in the keys' resident dtype, measured
    here): on a CPU without bf16 units the fp32 score GEMM is compute-bound from T ≈ 4 on, so
    ``× bound`` (route ÷ the larger floor) is what the code controls. On CUDA each row also times the
-   eager path (op by op), the CUDA-graph path without the fused kernel, and the graph with the fused
-   Triton kernel; ``route`` is the default (what ``Memory`` uses).
+   eager path (op by op, all torch), the CUDA-graph path around the same torch ops, and the graph with
+   the fused Triton score kernel but the torch document max + top-k; ``route`` is the default (what
+   ``Memory`` uses: fused scores + the Triton document max / top-k, ``routing_triton.doc_max_topk``).
 2. fetch — K̄V̄ of the top-16 documents (all router layers) from host memory to the device. Ours:
    one gather into a (pinned) staging buffer + ONE copy (``ContentMemory``). Baseline: the reference
    pattern, one small copy per document per layer per K/V tensor. Target on GPU: ≤ 2 ms.
@@ -105,9 +106,9 @@ def _variants(dev: torch.device, T: int) -> dict[str, dict]:
     if dev.type != "cuda":
         return {"route": dict(cfg={}, path="auto")}
     return {"route": dict(cfg={}, path="auto"),                                   # what Memory uses
-            "eager": dict(cfg=dict(cuda_graphs=False, fused_scores=False), path="eager"),
-            "graph": dict(cfg=dict(fused_scores=False), path="graph"),
-            "graph_triton": dict(cfg=dict(fused_scores=True, fused_min_rows=1), path="graph")}
+            "eager": dict(cfg=dict(cuda_graphs=False, fused_scores=False, fused_topk=False), path="eager"),
+            "graph": dict(cfg=dict(fused_scores=False, fused_topk=False), path="graph"),
+            "graph_triton": dict(cfg=dict(fused_scores=True, fused_min_rows=1, fused_topk=False), path="graph")}
 
 
 def bench_routing(dev: torch.device, chunks: list[int], q_tokens: list[int], tile: int) -> list[dict]:
@@ -137,7 +138,7 @@ def bench_routing(dev: torch.device, chunks: list[int], q_tokens: list[int], til
                    "resident_dtype": str(index.keys[0].dtype)}
             for name, v in _variants(dev, T).items():
                 index.config = dataclasses.replace(base, **v["cfg"])
-                t = timeit(lambda v=v, ix=index, q=q: ix.route(0, q, path=v["path"]), dev, rounds=5 if C < 10**6 else 3)
+                t = timeit(lambda v=v, ix=index, q=q: ix.route(0, q, path=v["path"]), dev, rounds=25 if dev.type == "cuda" else (5 if C < 10**6 else 3), warmup=5 if dev.type == "cuda" else 2)
                 row[f"{name}_ms"] = t * 1e3
             index.config = base
             t = row["route_ms"] / 1e3
@@ -385,10 +386,12 @@ def routing_paths_check(other: str = "cuda") -> list[dict]:
         cpu = RouterIndex([big], cd, np.arange(N), cfg)
         for T in (1, 5, 16, 100, 256):
             q = torch.randn(T, 4, 256, generator=gen)
-            eager_cfg = dataclasses.replace(cfg, cuda_graphs=False, fused_scores=False)
+            eager_cfg = dataclasses.replace(cfg, cuda_graphs=False, fused_scores=False, fused_topk=False)
             gpu.config = eager_cfg
             r_eager = gpu.route(0, q, path="eager")
             r_graph_nofuse = gpu.route(0, q, path="graph")                # graph around the same eager maths
+            gpu.config = dataclasses.replace(cfg, fused_topk=False)
+            r_torch_topk = gpu.route(0, q)                                # default scores, torch doc max + top-k
             gpu.config = cfg
             r_auto = gpu.route(0, q)                                      # default: graph (+ Triton where it applies)
             r_cpu = cpu.route(0, q)
@@ -405,7 +408,8 @@ def routing_paths_check(other: str = "cuda") -> list[dict]:
             row = {"combo": combo or "msa-default", "T": T, "tol": tol,
                    "fused_used": bool(gpu._fused_ok(*gpu._query(0, q)[1:])),
                    "graph_vs_eager": cmp(r_graph_nofuse, r_eager), "auto_vs_eager": cmp(r_auto, r_eager),
-                   "gpu_vs_cpu": cmp(r_auto, r_cpu)}
+                   "gpu_vs_cpu": cmp(r_auto, r_cpu), "topk_kernel_used": bool(gpu._doc_topk_ok(16)),
+                   "topk_kernel_vs_torch": cmp(r_auto, r_torch_topk)}
             if row["fused_used"]:
                 fs = gpu.chunk_scores(0, q, kernel="triton")
                 es = gpu.chunk_scores(0, q, kernel="torch")
@@ -417,7 +421,8 @@ def routing_paths_check(other: str = "cuda") -> list[dict]:
             row["ok"] = ((ge["top16_overlap"] == 16 and ge["max_score_diff"] <= 1e-6) if exact else
                          (ge["worst_ref_margin"] >= -tol and ge["max_score_diff"] <= tol)) and all(
                 row[n]["worst_ref_margin"] >= -tol and row[n]["max_score_diff"] <= tol
-                for n in ("auto_vs_eager", "gpu_vs_cpu")) and row.get("triton_vs_eager_chunk_max_diff", 0.0) <= tol
+                for n in ("auto_vs_eager", "gpu_vs_cpu")) and row.get("triton_vs_eager_chunk_max_diff", 0.0) <= tol and (
+                row["topk_kernel_vs_torch"]["max_score_diff"] == 0.0)            # same chunk scores: same top-k values
             rows.append(row)
         del gpu
     return rows

@@ -30,7 +30,9 @@ bounded by tile × rows, never by C. The tile loop is the eager path, the refere
   all query lengths.
 - Chunk → document reduce: ``torch.segment_reduce`` over document runs on CPU; on GPUs a gather of
   :func:`doc_gather_index` + ``amax`` (chunk-reduce max over contiguous documents, no float
-  atomics) else ``scatter_reduce_``; on CUDA the top-k is :func:`topk_blocked` (two stages).
+  atomics) else ``scatter_reduce_``; on CUDA the top-k is :func:`topk_blocked` (two stages). With
+  chunk-reduce max on CUDA (``fused_topk``), document max + top-k are instead two Triton launches
+  (``routing_triton.doc_max_topk``), the graph's fixed cost at small stores.
 - CUDA, query-reduce max (and any one-row query) with ≥ ``fused_min_rows`` rows: a Triton kernel
   (``routing_triton``) scores a block of chunks against all rows with ``tl.dot`` and keeps the max in registers, writing fp32
   chunk scores and never the R × C matrix; used only when triton imports (eager otherwise).
@@ -106,6 +108,9 @@ class RoutingConfig:
     """On CUDA with triton, score query-reduce-max queries of ≥ ``fused_min_rows`` rows with the fused kernel."""
     fused_min_rows: int = 1
     """Rows of the left operand (query tokens × heads kept apart) from which the fused kernel is used."""
+    fused_topk: bool = True
+    """On CUDA with triton, chunk-reduce max over a sorted chunk → document map: the document max and the
+    top-k as two Triton launches (``routing_triton.doc_max_topk``) instead of about ten torch kernels."""
     compute_dtype: str = "auto"
     """Dtype of the resident keys and the score GEMM: ``"auto"`` keeps the stored dtype on GPUs and on
     CPUs with native bf16 (AMX / AVX512-BF16) and widens bf16/fp16 keys to float32 once, at load, on
@@ -401,8 +406,13 @@ class RouterIndex:
         # and scatter_reduce_ ~30, measured)
         self._doc_lengths = None
         self._doc_gather = None
+        self._doc_runs: tuple[torch.Tensor, torch.Tensor, int] | None = None   # (starts, counts, max count)
+        self._doc_topk_broken = False
         if self.n_chunks and np.all(chunk_doc_np[1:] >= chunk_doc_np[:-1]):
             starts = np.flatnonzero(np.r_[True, chunk_doc_np[1:] != chunk_doc_np[:-1]])
+            if self.n_chunks < 2**31:
+                self._doc_runs = (torch.from_numpy(starts.astype(np.int32)).to(self.device),
+                                  torch.from_numpy(counts.astype(np.int32)).to(self.device), int(counts.max()))
             if self.device.type == "cpu":
                 self._doc_lengths = torch.from_numpy(counts)
             elif self.n_docs * int(counts.max()) <= 8 * self.n_chunks:
@@ -536,9 +546,36 @@ class RouterIndex:
         """
         import torch
 
-        ds = self.doc_scores(layer, q, kernel)
+        if self._doc_topk_ok(k):
+            from msa_memory.runtime import routing_triton
+
+            cs = self.chunk_scores(layer, q, kernel)
+            try:
+                return routing_triton.doc_max_topk(cs, *self._doc_runs, k)
+            except Exception as e:  # noqa: BLE001  (a compile or launch failure: the torch path is exact too)
+                import warnings
+
+                warnings.warn(f"Triton document top-k failed ({type(e).__name__}: {e}); using torch.",
+                              RuntimeWarning, stacklevel=2)
+                self._doc_topk_broken = True
+                return self._pack_topk(self._doc_reduce(cs), k)
+        return self._pack_topk(self.doc_scores(layer, q, kernel), k)
+
+    def _pack_topk(self, ds: torch.Tensor, k: int) -> torch.Tensor:
+        import torch
+
         vals, idx = topk_blocked(ds, k) if ds.device.type == "cuda" else torch.topk(ds, k)
         return torch.stack([vals.double(), idx.double()])
+
+    def _doc_topk_ok(self, k: int) -> bool:
+        if not (self.config.fused_topk and self.config.chunk_reduce == "max" and self._doc_runs is not None
+                and not self._doc_topk_broken):
+            return False
+        if self.device.type != "cuda" and not _interpreting_triton():
+            return False
+        from msa_memory.runtime import routing_triton
+
+        return routing_triton.available() and routing_triton.doc_max_topk_plan(self.n_docs, k) is not None
 
     def _check_route(self, layer: int, k: int | None) -> int:
         if self.n_docs == 0:

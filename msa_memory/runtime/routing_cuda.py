@@ -5,9 +5,9 @@ and one reduce per tile, chunk→document reduce, top-k) plus two blocking copie
 chunks their launch and sync overhead (~0.35 ms measured on an H100) is 20–200× the memory floor.
 :class:`GraphRouteCache` captures ``RouterIndex.route_device`` — the SAME tensor maths as the eager
 path (``prepare_lhs`` → ``score_tile`` tile loop or the fused Triton kernel → chunk→doc reduce →
-top-k) — once per (layer, padded T, Hq, k, query dtype) into a ``torch.cuda.CUDAGraph`` with a static
-query buffer and a static (2, k) float64 result, then per call: copy the query in, replay, copy the
-result into a pinned host buffer, synchronise. Query-reduce-max queries are padded to a power-of-two
+top-k) and the copy of its (2, k) float64 result into a pinned host buffer — once per (layer, padded T,
+Hq, k, query dtype; re-captured when the routing config changes) into a ``torch.cuda.CUDAGraph`` with a
+static query buffer, then per call: copy the query in, replay, synchronise. Query-reduce-max queries are padded to a power-of-two
 row count by repeating the last row (``pad_query_rows``; the max is unchanged, up to
 GEMM rounding), so a handful of graphs serve
 every question length. At most ``max_graphs`` graphs are kept (least recently used dropped); each holds
@@ -34,10 +34,10 @@ __all__ = ["GraphRouteCache"]
 
 
 class _Entry:
-    __slots__ = ("graph", "host", "out", "q_in")
+    __slots__ = ("config", "graph", "host", "out", "q_in")
 
-    def __init__(self, graph: Any, q_in: Any, out: Any, host: Any) -> None:
-        self.graph, self.q_in, self.out, self.host = graph, q_in, out, host
+    def __init__(self, graph: Any, q_in: Any, out: Any, host: Any, config: Any) -> None:
+        self.graph, self.q_in, self.out, self.host, self.config = graph, q_in, out, host, config
 
 
 class GraphRouteCache:
@@ -70,16 +70,25 @@ class GraphRouteCache:
         graph = torch.cuda.CUDAGraph()
         with torch.no_grad(), torch.cuda.graph(graph):
             out = self.index.route_device(layer, q_in, k)
+            host.copy_(out, non_blocking=True)           # the device→host copy is a node of the graph too
         self.captures += 1
-        return _Entry(graph, q_in, out, host)
+        return _Entry(graph, q_in, out, host, self.index.config)
 
     def route(self, layer: int, q: torch.Tensor, k: int) -> torch.Tensor:
-        """(2, k) float64 on the host: top-k document scores and dense indices, as ``route_device``."""
+        """(2, k) float64 on the host: top-k document scores and dense indices, as ``route_device``.
+
+        The returned (pinned) tensor is the graph's own output buffer: read it before the next route of
+        the same shape (``RouterIndex.route`` copies it into numpy at once).
+        """
         import torch
 
-        q = pad_query_rows(q, self.index.config)
-        key = (layer, tuple(q.shape), k, q.dtype, self.index.config)     # config: reducers, kernel choice
+        cfg = self.index.config
+        q = pad_query_rows(q, cfg)
+        key = (layer, q.shape, k, q.dtype)
         entry = self._graphs.get(key)
+        if entry is not None and entry.config is not cfg and entry.config != cfg:   # reducers / kernels changed
+            del self._graphs[key]
+            entry = None
         if entry is None:
             entry = self._capture(layer, q, k)
             self._graphs[key] = entry
@@ -89,6 +98,5 @@ class GraphRouteCache:
             self._graphs.move_to_end(key)
             entry.q_in.copy_(q, non_blocking=True)
         entry.graph.replay()
-        entry.host.copy_(entry.out, non_blocking=True)
         torch.cuda.current_stream(self.index.device).synchronize()
-        return entry.host.clone()
+        return entry.host

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["CONFIGS", "available", "config_for", "fused_max_scores"]
+__all__ = ["CONFIGS", "available", "config_for", "doc_max_topk", "doc_max_topk_plan", "fused_max_scores"]
 
 try:  # pragma: no cover - depends on the install
     import triton
@@ -83,6 +83,86 @@ if _HAVE:
                 acc = tl.where(rmask[:, None], acc, float("-inf"))
                 best = tl.maximum(best, tl.max(acc, axis=0))
         tl.store(OUT + offs_c, best, mask=cmask)
+
+
+    @triton.jit
+    def _doc_max_topk_kernel(CS, STARTS, COUNTS, N, MAXC, OUT_V, OUT_I, K: tl.constexpr, BLOCK_N: tl.constexpr):
+        # one program: BLOCK_N documents' max chunk score (chunks starts[n] .. starts[n] + counts[n] - 1),
+        # then the block's top K by K rounds of max / argmax (ties: the lowest document first)
+        pid = tl.program_id(0)
+        lane = tl.arange(0, BLOCK_N)
+        offs = pid * BLOCK_N + lane
+        m = offs < N
+        st = tl.load(STARTS + offs, mask=m, other=0)
+        last = tl.load(COUNTS + offs, mask=m, other=1) - 1
+        best = tl.full((BLOCK_N,), float("-inf"), tl.float32)
+        for j in range(0, MAXC):
+            v = tl.load(CS + st + tl.minimum(j, last), mask=m, other=float("-inf"))
+            best = tl.maximum(best, v)
+        for i in tl.static_range(K):
+            mx, am = tl.max(best, axis=0, return_indices=True, return_indices_tie_break_left=True)
+            tl.store(OUT_V + pid * K + i, mx)
+            tl.store(OUT_I + pid * K + i, pid * BLOCK_N + am)
+            best = tl.where(lane == am, float("-inf"), best)
+
+    @triton.jit
+    def _topk_merge_kernel(V, I, M, OUT, K: tl.constexpr, BLOCK: tl.constexpr):
+        # one program: the top K of M candidates (value, document) → OUT (2, K) float64 (scores; indices)
+        lane = tl.arange(0, BLOCK)
+        m = lane < M
+        v = tl.load(V + lane, mask=m, other=float("-inf"))
+        for i in tl.static_range(K):
+            mx, am = tl.max(v, axis=0, return_indices=True, return_indices_tie_break_left=True)
+            tl.store(OUT + i, mx.to(tl.float64))
+            tl.store(OUT + K + i, tl.load(I + am).to(tl.float64))
+            v = tl.where(lane == am, float("-inf"), v)
+
+
+MERGE_MAX = 8192
+"""Most candidates the one-program merge of :func:`doc_max_topk` takes (documents per block grow to fit)."""
+TOPK_MAX = 64
+"""Largest k :func:`doc_max_topk` unrolls."""
+
+
+def doc_max_topk_plan(n_docs: int, k: int) -> tuple[int, int] | None:
+    """(documents per block, blocks) of :func:`doc_max_topk`, or None where it does not apply (k too
+    large, or more documents than 16384-document blocks merge in one program)."""
+    if not 1 <= k <= TOPK_MAX or n_docs < 1:
+        return None
+    block = 256
+    while -(-n_docs // block) * k > MERGE_MAX:
+        block *= 2
+        if block > 16384:
+            return None
+    return block, -(-n_docs // block)
+
+
+def doc_max_topk(cs: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor, max_count: int, k: int) -> torch.Tensor:
+    """(2, k) float64: the top-k documents by max chunk score — row 0 scores (descending), row 1 dense
+    document indices — with documents as contiguous chunk runs ``starts`` / ``counts`` (int32, N each).
+
+    Two launches instead of the gather + amax + two-stage top-k + packing of the torch path (about ten
+    kernels): blocks of documents reduce their chunks and keep their own top k, then one program merges
+    the candidates. Same values as ``torch.topk``; among exact ties the lowest document index comes first.
+    """
+    import torch
+
+    if not _HAVE:
+        raise RuntimeError("triton is not importable here; use the eager routing path.")
+    n = int(starts.shape[0])
+    plan = doc_max_topk_plan(n, k)
+    if plan is None or k > n:
+        raise ValueError(f"doc_max_topk: k={k} over {n} documents is outside what it handles.")
+    block, n_blocks = plan
+    m = n_blocks * k
+    vals = torch.empty(m, dtype=torch.float32, device=cs.device)
+    idx = torch.empty(m, dtype=torch.int32, device=cs.device)
+    out = torch.empty((2, k), dtype=torch.float64, device=cs.device)
+    _doc_max_topk_kernel[(n_blocks,)](cs, starts, counts, n, int(max_count), vals, idx, K=k, BLOCK_N=block,
+                                      num_warps=4 if block <= 1024 else 8)
+    _topk_merge_kernel[(1,)](vals, idx, m, out, K=k, BLOCK=triton.next_power_of_2(m),
+                             num_warps=4 if m <= 2048 else 8)
+    return out
 
 
 def fused_max_scores(lhs: torch.Tensor, keys: torch.Tensor, out: torch.Tensor, **config: int) -> torch.Tensor:

@@ -213,8 +213,8 @@ _TRITON_SCRIPT = textwrap.dedent("""
     import numpy as np, torch
     import triton.runtime.interpreter as ti
     _orig = ti._patch_lang_tensor
-    def _patched(tensor):                      # numpy >= 2.4 refuses int() of a 1-element array
-        _orig(tensor)
+    def _patched(tensor, *args):               # numpy >= 2.4 refuses int() of a 1-element array
+        _orig(tensor, *args)
         tensor.__index__ = lambda self: int(self.handle.data.reshape(-1)[0])
     ti._patch_lang_tensor = _patched
     from msa_memory.runtime.routing import RouterIndex, RoutingConfig
@@ -230,6 +230,30 @@ _TRITON_SCRIPT = textwrap.dedent("""
         assert torch.allclose(fused, eager, rtol=1e-4, atol=1e-4), (H, rep, T, C, (fused - eager).abs().max())
         assert torch.equal(index.chunk_scores(0, q), fused)          # "auto" takes the kernel under the interpreter
         assert index.route(0, q).doc_index.tolist() == index.route(0, q, path="eager").doc_index.tolist()
+    # the document max + top-k kernels (doc_max_topk) against scatter amax + torch.topk
+    from msa_memory.runtime import routing_triton as rt
+    rng = np.random.default_rng(0)
+    for n_docs, max_c, k in [(1, 1, 1), (5, 3, 5), (300, 4, 16), (3000, 6, 64), (700, 1, 7), (12000, 2, 16)]:
+        counts = rng.integers(1, max_c + 1, n_docs)
+        chunk_doc = np.repeat(np.arange(n_docs), counts)
+        cs = torch.from_numpy(rng.standard_normal(len(chunk_doc)).astype(np.float32))
+        if n_docs > 10:
+            cs[5:40] = 0.25                                   # exact ties
+        ds = torch.full((n_docs,), float("-inf")).scatter_reduce_(0, torch.from_numpy(chunk_doc), cs, "amax")
+        starts = torch.from_numpy(np.r_[0, np.cumsum(counts)[:-1]].astype(np.int32))
+        got = rt.doc_max_topk(cs, starts, torch.from_numpy(counts.astype(np.int32)), int(counts.max()), k)
+        want = torch.topk(ds, k).values.double()
+        assert torch.equal(got[0], want), (n_docs, k, got[0], want)
+        ids = got[1].long()
+        assert ids.unique().numel() == k and torch.equal(ds[ids].double(), got[0]), (n_docs, k)
+        assert rt.doc_max_topk_plan(n_docs, k)[1] * k <= rt.MERGE_MAX
+    assert rt.doc_max_topk_plan(10, 65) is None and rt.doc_max_topk_plan(10**7, 64) is None
+    keys = torch.randn(4000, 1, 16, generator=g)
+    cd = np.repeat(np.arange(1000), 4)
+    q = torch.randn(3, 2, 16, generator=g)
+    a = RouterIndex([keys], cd, np.arange(1000), RoutingConfig(top_k=16)).route(0, q)
+    b = RouterIndex([keys], cd, np.arange(1000), RoutingConfig(top_k=16, fused_topk=False)).route(0, q)
+    assert a.doc_index.tolist() == b.doc_index.tolist() and np.array_equal(a.scores, b.scores)
     print("TRITON-OK")
 """)
 
