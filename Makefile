@@ -25,8 +25,8 @@ demo: install
 	MSA_DISABLE_PROGRESS_BARS=$${MSA_DISABLE_PROGRESS_BARS:-0} $(BIN)/msa-encode examples/corpus --store $(STORE)
 	$(BIN)/msa store info $(STORE)
 	@echo "Q: $$(cat examples/question.txt)"
-	# text mode over the 4 routed passages: the answer's passage (policies/summit-access.md) ranks 4th of
-	# 125 with the shipped router; with 8 passages the 270M model is led astray by travel.md's "10 days"
+	# text mode over the 4 routed passages: the answer's passage (operations/power.txt) ranks 1st of 125
+	# with the shipped router; the 270M model is easily led astray by similar facts, so k stays small
 	$(BIN)/msa ask $(STORE) "$$(cat examples/question.txt)" --mode text -k 4
 
 test: install
