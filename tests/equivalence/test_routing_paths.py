@@ -230,6 +230,14 @@ _TRITON_SCRIPT = textwrap.dedent("""
         assert torch.allclose(fused, eager, rtol=1e-4, atol=1e-4), (H, rep, T, C, (fused - eager).abs().max())
         assert torch.equal(index.chunk_scores(0, q), fused)          # "auto" takes the kernel under the interpreter
         assert index.route(0, q).doc_index.tolist() == index.route(0, q, path="eager").doc_index.tolist()
+    # both MMA orientations of the score kernel (CHUNKS_M), whatever CONFIGS picks by row count
+    from msa_memory.runtime import routing_triton as rt
+    for G, R, C in ((1, 1, 50), (1, 16, 300), (2, 40, 77), (1, 130, 64)):
+        lhs, keys = torch.randn(G, R, 32, generator=g), torch.randn(C, G, 32, generator=g)
+        ref = torch.einsum("grd,cgd->cgr", lhs, keys).amax(dim=(1, 2))
+        for cm in (0, 1):
+            out = rt.fused_max_scores(lhs, keys, torch.empty(C), CHUNKS_M=cm, BLOCK_C=64, BLOCK_R=16, BLOCK_D=16)
+            assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5), (G, R, C, cm, (out - ref).abs().max())
     # the document max + top-k kernels (doc_max_topk) against scatter amax + torch.topk
     from msa_memory.runtime import routing_triton as rt
     rng = np.random.default_rng(0)
