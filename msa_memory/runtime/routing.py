@@ -248,22 +248,24 @@ def score_tile(lhs: torch.Tensor, kt: torch.Tensor, plan: ScorePlan, out: torch.
     buf = scratch[:n] if scratch is not None and scratch.numel() >= n else torch.empty(n, dtype=kt.dtype,
                                                                                         device=kt.device)
     if G == 1:
-        s = torch.mm(kt.view(t, Dk), lhs[0].T, out=buf.view(t, R))            # (t, R)
-        if plan.query_reduce == "max":                                       # max over all rows = head & query max
-            if out.dtype == s.dtype:
-                torch.amax(s, 1, out=out)
-            else:
-                out.copy_(s.amax(1))
-            return
-        if plan.rep > 1:
-            s = s.view(t, plan.T, plan.rep).amax(2)
-        out.copy_(s.float().mean(1))
+        s = torch.mm(kt.view(t, Dk), lhs[0].T, out=buf.view(t, R)).T[None]    # (1, R, t) view of (t, R)
+    else:
+        s = torch.bmm(kt.transpose(0, 1), lhs.transpose(1, 2), out=buf.view(G, t, R)).transpose(1, 2)
+    _reduce_rows(s, plan, out)
+
+
+def _reduce_rows(s: torch.Tensor, plan: ScorePlan, out: torch.Tensor) -> None:
+    """``out`` (t,) ← the head and query reduce of one tile's scores ``s`` (G, R, t) (any strides)."""
+    import torch
+
+    if plan.query_reduce == "max":                                            # max over all rows = head & query max
+        if out.dtype == s.dtype:
+            torch.amax(s, dim=(0, 1), out=out)
+        else:
+            out.copy_(s.amax(dim=(0, 1)))
         return
-    s = torch.bmm(kt.transpose(0, 1), lhs.transpose(1, 2), out=buf.view(G, t, R))  # (G, t, R)
-    if plan.query_reduce == "max":
-        out.copy_(s.amax(dim=(0, 2)))
-        return
-    out.copy_(s.view(G, t, plan.T, plan.rep).amax(dim=(0, 3)).float().mean(1))
+    m = s.unflatten(1, (plan.T, plan.rep)).amax(dim=(0, 2))                   # (T, t): max over groups and heads
+    out.copy_(m.float().mean(0))
 
 
 def score_tile_cm(lhs: torch.Tensor, kt: torch.Tensor, plan: ScorePlan, out: torch.Tensor,
@@ -294,21 +296,10 @@ def score_tile_cm(lhs: torch.Tensor, kt: torch.Tensor, plan: ScorePlan, out: tor
             s = torch.mm(kt[0].T, lhs[0].T, out=buf.view(t, R)).T            # (R, t) view
         else:
             s = torch.mm(lhs[0], kt[0], out=buf.view(R, t))                 # (R, t)
-        if plan.query_reduce == "max":                                       # max over all rows = head & query max
-            if out.dtype == s.dtype:
-                torch.amax(s, 0, out=out)
-            else:
-                out.copy_(s.amax(0))
-            return
-        if plan.rep > 1:
-            s = s.view(plan.T, plan.rep, t).amax(1)
-        out.copy_(s.float().mean(0))
-        return
-    s = torch.bmm(lhs, kt, out=buf.view(G, R, t))                           # (G, R, t)
-    if plan.query_reduce == "max":
-        out.copy_(s.amax(dim=(0, 1)))
-        return
-    out.copy_(s.view(G, plan.T, plan.rep, t).amax(dim=(0, 2)).float().mean(0))
+        s = s[None]
+    else:
+        s = torch.bmm(lhs, kt, out=buf.view(G, R, t))                       # (G, R, t)
+    _reduce_rows(s, plan, out)
 
 
 def doc_gather_index(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
