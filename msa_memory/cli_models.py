@@ -101,9 +101,11 @@ def search(
 def _train_router_command(out: str, corpus: list[str] | None, store: str | None, pairs: str | None, model: str,
                           layers: str, max_layers: int, epochs: int, batch_size: int, lr: float, n_train: int,
                           n_dev: int, max_chars: int, seed: int, cache: str | None, device: str,
-                          hard_negatives: str = "bm25", mine_every: int = 1) -> str:
+                          hard_negatives: str = "bm25", mine_every: int = 1, builtin: str = "stdlib",
+                          negatives: int = 32, cloze_remove: float = 0.5) -> str:
     """The command line that reproduces a run (recorded in the adapter's training.json)."""
     parts = ["msa train-router", f"--out {out}"] + [f"--corpus {c}" for c in corpus or []]
+    parts += [f"--builtin {builtin}"] if builtin != "stdlib" else []
     parts += [f"--store {store}"] if store else []
     parts += [f"--pairs {pairs}"] if pairs else []
     parts += [f"--model {model}", f"--layers {layers}", f"--max-layers {max_layers}", f"--epochs {epochs}",
@@ -112,6 +114,8 @@ def _train_router_command(out: str, corpus: list[str] | None, store: str | None,
     parts += [f"--cache {cache}"] if cache else []
     if hard_negatives != "bm25" or mine_every != 1:
         parts += [f"--hard-negatives {hard_negatives}", f"--mine-every {mine_every}"]
+    parts += [f"--negatives {negatives}"] if negatives != 32 else []
+    parts += [f"--cloze-remove {cloze_remove:g}"] if cloze_remove != 0.5 else []
     return " ".join(parts)
 
 
@@ -129,7 +133,8 @@ def train_router_cmd(
     epochs: Annotated[int, typer.Option("--epochs", help="Passes over the training queries", min=0)] = 4,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Queries per step", min=1)] = 64,
     lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate")] = 2e-4,
-    n_train: Annotated[int, typer.Option("--n-train", help="Built-in recipe: training passages", min=20)] = 500,
+    builtin: Annotated[str, typer.Option("--builtin", help="Built-in recipe's text: stdlib (docstrings), man (English man pages, needs groff) or stdlib,man")] = "stdlib",
+    n_train: Annotated[int, typer.Option("--n-train", help="Built-in recipe: training passages (0: all the sources give)", min=0)] = 500,
     n_dev: Annotated[int, typer.Option("--n-dev", help="Built-in recipe: held-out dev passages", min=10)] = 100,
     max_chars: Annotated[int, typer.Option("--max-chars", help="Longest training passage in characters (~4 per token)", min=100)] = 800,
     seed: Annotated[int, typer.Option("--seed", help="Data and training seed")] = 0,
@@ -137,6 +142,8 @@ def train_router_cmd(
     device: Annotated[str, typer.Option("--device", help="cpu, cuda or cuda:N")] = "cpu",
     hard_negatives: Annotated[str, typer.Option("--hard-negatives", help="bm25, routing (top non-positive passages under the router being trained, e.g. a --store's own routing) or both")] = "bm25",
     mine_every: Annotated[int, typer.Option("--mine-every", help="Routing negatives: re-mine every N epochs (0: once, with the initial router)", min=0)] = 1,
+    negatives: Annotated[int, typer.Option("--negatives", help="Random passages every step's queries are also scored against (a larger pool trains for larger memories)", min=0)] = 32,
+    cloze_remove: Annotated[float, typer.Option("--cloze-remove", help="Probability that an inverse-cloze sentence is cut out of its passage", min=0.0, max=1.0)] = 0.5,
     json_out: JsonOpt = False,
 ) -> None:
     """Train router projections (decoupled InfoNCE, frozen backbone) and save an adapter."""
@@ -148,9 +155,11 @@ def train_router_cmd(
             out=out, corpus=corpus, store=store, pairs=pairs, model=model, layers=layers, max_layers=max_layers,
             epochs=epochs, batch_size=batch_size, lr=lr, n_train=n_train, n_dev=n_dev, seed=seed, max_chars=max_chars, cache=cache,
             device=device, hard_negatives=hard_negatives, mine_every=mine_every,
+            builtin=[b.strip() for b in builtin.split(",") if b.strip()], negatives=negatives,
+            cloze_remove=cloze_remove,
             command=_train_router_command(out, corpus, store, pairs, model, layers, max_layers, epochs,
                                           batch_size, lr, n_train, n_dev, max_chars, seed, cache, device,
-                                          hard_negatives, mine_every),
+                                          hard_negatives, mine_every, builtin, negatives, cloze_remove),
             log=(lambda s: None) if json_out else (lambda s: typer.echo(s, err=True)))
         if json_out:
             _emit_json(summary)

@@ -29,7 +29,7 @@ def parse_layers(spec: str) -> Any:
     return out
 
 
-def _store_pairs(store_path: str, pairs_path: str | None, seed: int) -> tuple[Any, Any]:
+def _store_pairs(store_path: str, pairs_path: str | None, seed: int, p_remove: float = 0.5) -> tuple[Any, Any]:
     import random
 
     from msa_memory.store import open_store
@@ -51,15 +51,16 @@ def _store_pairs(store_path: str, pairs_path: str | None, seed: int) -> tuple[An
     order = list(range(len(docs)))
     random.Random(seed).shuffle(order)
     n_dev = max(10, len(docs) // 10)
-    return (build_pairs([docs[i] for i in order[n_dev:]], split="train", seed=seed),
-            build_pairs([docs[i] for i in order[:n_dev]], split="train", seed=seed + 1000))
+    return (build_pairs([docs[i] for i in order[n_dev:]], split="train", seed=seed, p_remove=p_remove),
+            build_pairs([docs[i] for i in order[:n_dev]], split="train", seed=seed + 1000, p_remove=p_remove))
 
 
 def train_router_from_cli(*, out: str, corpus: Sequence[str] | None, store: str | None, pairs: str | None,
                           model: str, layers: str, max_layers: int, epochs: int, batch_size: int, lr: float,
                           n_train: int, n_dev: int, seed: int, max_chars: int = 800, cache: str | None, device: str, command: str,
                           log: Callable[[str], None], loaded: Any = None, hard_negatives: str = "bm25",
-                          mine_every: int = 1) -> dict[str, Any]:
+                          mine_every: int = 1, builtin: Sequence[str] = ("stdlib",), negatives: int = 32,
+                          cloze_remove: float = 0.5) -> dict[str, Any]:
     """Build the pairs the options ask for and run :func:`msa_memory.train.recipe.run_training`."""
     from msa_memory.train.recipe import builtin_pairs, files_pairs, run_training
     from msa_memory.train.trainer import TrainConfig
@@ -68,14 +69,17 @@ def train_router_from_cli(*, out: str, corpus: Sequence[str] | None, store: str 
         raise ConfigError("--pairs needs --store: positive_ids are document ids of that store.")
     if corpus and store:
         raise ConfigError("Give either --corpus or --store, not both.")
+    if (corpus or store) and tuple(builtin) != ("stdlib",):
+        raise ConfigError("--builtin chooses the built-in recipe's text; it cannot be combined with --corpus or --store.")
     if store:
-        train, dev = _store_pairs(store, pairs, seed)
+        train, dev = _store_pairs(store, pairs, seed, cloze_remove)
     elif corpus:
-        train, dev = files_pairs(corpus, seed=seed, max_chars=max_chars)
+        train, dev = files_pairs(corpus, seed=seed, max_chars=max_chars, p_remove=cloze_remove)
     else:
-        train, dev = builtin_pairs(n_train, n_dev, seed=seed, max_chars=max_chars)
+        train, dev = builtin_pairs(n_train, n_dev, seed=seed, max_chars=max_chars, sources=tuple(builtin),
+                                   p_remove=cloze_remove)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
-                      hard_source=hard_negatives, mine_every=mine_every)
+                      hard_source=hard_negatives, mine_every=mine_every, n_random=negatives)
     return run_training(out=out, model=model, candidate_layers=parse_layers(layers), max_layers=max_layers,
                         train_pairs=train, dev_pairs=dev, config=cfg, cache_dir=cache, device=device,
                         command=command, log=log, loaded=loaded)

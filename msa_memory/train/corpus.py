@@ -1,9 +1,12 @@
 """Real text that ships with this machine, for router training and the quality benchmark.
 
-Three sources, all offline and reproducible from a given Python / Debian install:
+Four sources, all offline and reproducible from a given Python / Debian install:
 
 - ``stdlib_docstrings()``: module, class and function docstrings of the Python standard library
   (~2,300 docstrings of >200 characters, ~1.2M characters on CPython 3.11). Used for *training*.
+- ``man_pages()``: the English manual pages under ``/usr/share/man`` (sections 1–8), rendered to
+  plain text with the system's ``groff``; at most ``max_per_family`` pages of one command family
+  (``gcloud-*`` alone is 16k pages on some images). Used for *training*.
 - ``pydoc_topics()``: the language-reference topics of ``pydoc_data.topics`` (79 topics, ~465K
   characters). Used for *evaluation* only.
 - ``debian_docs()``: README / FAQ / NEWS / *.md files under ``/usr/share/doc`` (changelogs and
@@ -19,10 +22,13 @@ from __future__ import annotations
 import ast
 import gzip
 import re
+import shutil
+import subprocess
 import sysconfig
 from pathlib import Path
 
-__all__ = ["TextDoc", "stdlib_docstrings", "pydoc_topics", "debian_docs", "pack_paragraphs", "sentences"]
+__all__ = ["TextDoc", "stdlib_docstrings", "man_pages", "render_man", "pydoc_topics", "debian_docs", "pack_paragraphs",
+           "sentences"]
 
 TextDoc = tuple[str, str]  # (source name, text)
 
@@ -58,6 +64,88 @@ def stdlib_docstrings(min_chars: int = 200) -> list[TextDoc]:
                 if doc and len(doc) >= min_chars:
                     name = getattr(node, "name", "<module>")
                     out.append((f"stdlib/{rel}:{name}", _clean(doc)))
+    return out
+
+
+_MAN_SKIP_SECTIONS = {"NAME", "SYNOPSIS", "SEE ALSO", "AUTHOR", "AUTHORS", "COPYRIGHT", "REPORTING BUGS", "COLOPHON",
+                      "LIBRARY", "BUGS", "HISTORY", "STANDARDS", "CONFORMING TO", "VERSIONS", "NOTES", "FILES",
+                      "ENVIRONMENT", "EXIT STATUS", "RETURN VALUE", "ERRORS", "ATTRIBUTES"}
+
+
+def render_man(source: str, groff: str = "groff") -> str:
+    """Plain text of one man page's roff ``source``: its prose sections, one paragraph per block.
+
+    ``groff -man -Tutf8`` with an unbounded line length and no hyphenation does the typesetting;
+    running headers/footers and the sections in ``_MAN_SKIP_SECTIONS`` (synopsis, see also,
+    errors, ...) are dropped, indentation is stripped, and the lines of a paragraph are joined.
+    """
+    proc = subprocess.run([groff, "-t", "-man", "-Tutf8", "-P-cbou", "-rLL=3000n", "-rHY=0"],
+                          input=source.encode("utf-8"), capture_output=True, timeout=60, check=False)
+    lines = proc.stdout.decode("utf-8", "replace").split("\n")
+    paras: list[str] = []
+    cur: list[str] = []
+    keep = False
+    body = lines[1:-1] if len(lines) > 2 else lines  # first and last lines are the running header/footer
+    for ln in body:
+        if ln and not ln[0].isspace():           # a section heading at column 0
+            if cur:
+                paras.append(" ".join(cur))
+                cur = []
+            keep = ln.strip().upper() not in _MAN_SKIP_SECTIONS
+            continue
+        text = ln.strip()
+        if not text:
+            if cur:
+                paras.append(" ".join(cur))
+                cur = []
+            continue
+        if keep:
+            cur.append(text)
+    if cur:
+        paras.append(" ".join(cur))
+    return _clean("\n\n".join(p for p in paras if len(p.split()) >= 4))
+
+
+def man_pages(root: str | Path = "/usr/share/man", *, sections: str = "12345678", min_chars: int = 400,
+              max_chars: int = 60_000, max_per_family: int = 40) -> list[TextDoc]:
+    """English manual pages of the installed packages as plain text (sorted by path).
+
+    Only ``man1``..``man8`` directly under ``root`` (translations live in locale folders);
+    ``.so`` redirects and symlinks are skipped. ``max_per_family`` caps the pages of one command
+    family (the name up to its first ``-``, ``_`` or ``.``), so huge generated families do not
+    swamp the rest. Raises ``ConfigError`` when ``groff`` is missing.
+    """
+    from msa_memory.errors import ConfigError
+
+    groff = shutil.which("groff")
+    if groff is None:
+        raise ConfigError("Rendering man pages needs groff.", hint="apt-get install groff-base, or train on "
+                          "--builtin stdlib only.")
+    base = Path(root)
+    out: list[TextDoc] = []
+    per_family: dict[str, int] = {}
+    for sec in sections:
+        folder = base / f"man{sec}"
+        if not folder.is_dir():
+            continue
+        for f in sorted(folder.iterdir()):
+            if f.is_symlink() or not f.is_file():
+                continue
+            family = re.split(r"[-_.]", f.name, maxsplit=1)[0]
+            if per_family.get(family, 0) >= max_per_family:
+                continue
+            try:
+                raw = gzip.decompress(f.read_bytes()) if f.name.endswith(".gz") else f.read_bytes()
+                src = raw.decode("utf-8")
+            except (OSError, UnicodeDecodeError, EOFError, gzip.BadGzipFile):
+                continue
+            if src.lstrip().startswith(".so "):
+                continue
+            text = render_man(src, groff)
+            if len(text) < min_chars:
+                continue
+            per_family[family] = per_family.get(family, 0) + 1
+            out.append((f"man/{folder.name}/{f.name}", text[:max_chars]))
     return out
 
 

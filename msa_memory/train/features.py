@@ -28,7 +28,7 @@ from msa_memory.encode.encoder import token_batches
 from msa_memory.errors import ConfigError
 from msa_memory.train.trainer import Features
 
-__all__ = ["query_tokens", "extract_passages", "extract_queries", "build_features", "save_features",
+__all__ = ["query_tokens", "extract_passages", "extract_queries", "extract_query_tokens", "build_features", "save_features",
            "load_features"]
 
 
@@ -71,11 +71,18 @@ def extract_passages(loaded: Any, passages: Sequence[str], *, max_batch_tokens: 
 def extract_queries(loaded: Any, questions: Sequence[str], *, max_batch_tokens: int = 4096,
                     dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
     """Router-layer inputs of the routing tokens of every question: ((Tq, L, E) flat, (Q+1,) offsets)."""
+    return extract_query_tokens(loaded, [query_tokens(loaded.tokenizer, q) for q in questions],
+                                max_batch_tokens=max_batch_tokens, dtype=dtype)
+
+
+@torch.inference_mode()
+def extract_query_tokens(loaded: Any, toks: Sequence[tuple[Sequence[int], int]], *, max_batch_tokens: int = 4096,
+                         dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`extract_queries` on already tokenized questions: ``(token ids, leading non-routing tokens)``."""
     from msa_memory.encode import PackedCausalAttention
 
     layers = list(loaded.router_layers)
     slot = {l: i for i, l in enumerate(layers)}
-    toks = [query_tokens(loaded.tokenizer, q) for q in questions]
     keep = [len(t) - s for t, s in toks]
     offs = np.concatenate([[0], np.cumsum(keep)]).astype(np.int64)
     out = torch.empty((int(offs[-1]), len(layers), loaded.hidden_size), dtype=dtype)

@@ -32,10 +32,10 @@ import numpy as np
 import torch
 
 from msa_memory.errors import ConfigError
-from msa_memory.train.corpus import pack_paragraphs, stdlib_docstrings
+from msa_memory.train.corpus import man_pages, pack_paragraphs, stdlib_docstrings
 from msa_memory.train.pairs import PairSet, build_pairs
 
-__all__ = ["bm25_hard_negatives", "builtin_pairs", "files_pairs", "adapter_from_projections", "run_training"]
+__all__ = ["BUILTIN_SOURCES", "bm25_hard_negatives", "builtin_passages", "builtin_pairs", "files_pairs", "adapter_from_projections", "run_training"]
 
 Log = Callable[[str], None]
 
@@ -67,18 +67,40 @@ def _shuffled_passages(docs: list[tuple[str, str]], seed: int, max_chars: int) -
     return ps
 
 
-def builtin_pairs(n_train: int = 500, n_dev: int = 100, *, seed: int = 0, max_chars: int = 800) -> tuple[PairSet, PairSet]:
-    """Train and dev pair sets from standard-library docstrings (disjoint passages)."""
-    ps = _shuffled_passages(stdlib_docstrings(), seed, max_chars)
-    if len(ps) < n_train + n_dev:
-        raise ConfigError(f"The built-in corpus has {len(ps)} passages; asked for {n_train} + {n_dev}.")
-    train = build_pairs(ps[:n_train], split="train", seed=seed, p_fact=0.6)
-    dev = build_pairs(ps[n_train:n_train + n_dev], split="train", seed=seed + 1000, p_fact=0.6)
+BUILTIN_SOURCES = {"stdlib": stdlib_docstrings, "man": man_pages}
+"""Built-in training text by name: standard-library docstrings, English man pages (``corpus``)."""
+
+
+def builtin_passages(sources: Sequence[str] = ("stdlib",), *, seed: int = 0, max_chars: int = 800) -> list[tuple[str, str]]:
+    """(source, passage) pairs of the named built-in sources, packed and shuffled with ``seed``."""
+    unknown = [s for s in sources if s not in BUILTIN_SOURCES]
+    if unknown or not sources:
+        raise ConfigError(f"Unknown built-in training source(s) {unknown or list(sources)!r}; "
+                          f"choose from {sorted(BUILTIN_SOURCES)}.")
+    docs = [d for name in dict.fromkeys(sources) for d in BUILTIN_SOURCES[name]()]
+    return _shuffled_passages(docs, seed, max_chars)
+
+
+def builtin_pairs(n_train: int = 500, n_dev: int = 100, *, seed: int = 0, max_chars: int = 800,
+                  sources: Sequence[str] = ("stdlib",), p_remove: float = 0.5) -> tuple[PairSet, PairSet]:
+    """Train and dev pair sets from the built-in ``sources`` (disjoint passages).
+
+    ``n_train=0`` takes every passage the sources give after the ``n_dev`` dev passages;
+    ``p_remove`` is the probability that an inverse-cloze sentence is cut out of its passage.
+    """
+    ps = builtin_passages(sources, seed=seed, max_chars=max_chars)
+    if n_train == 0:
+        n_train = len(ps) - n_dev
+    if len(ps) < n_train + n_dev or n_train < 1:
+        raise ConfigError(f"The built-in corpus ({'+'.join(sources)}) has {len(ps)} passages; asked for "
+                          f"{n_train} + {n_dev}.", hint="lower --n-train / --n-dev, or add a source with --builtin.")
+    train = build_pairs(ps[:n_train], split="train", seed=seed, p_fact=0.6, p_remove=p_remove)
+    dev = build_pairs(ps[n_train:n_train + n_dev], split="train", seed=seed + 1000, p_fact=0.6, p_remove=p_remove)
     return train, dev
 
 
 def files_pairs(paths: Sequence[str | Path], *, n_dev_fraction: float = 0.1, seed: int = 0,
-                max_chars: int = 1200, max_passages: int | None = None) -> tuple[PairSet, PairSet]:
+                max_chars: int = 1200, max_passages: int | None = None, p_remove: float = 0.5) -> tuple[PairSet, PairSet]:
     """Train/dev pair sets from the user's own text files or folders (inverse cloze + facts)."""
     from msa_memory.encode.corpus import scan_corpus
 
@@ -89,8 +111,8 @@ def files_pairs(paths: Sequence[str | Path], *, n_dev_fraction: float = 0.1, see
     n_dev = max(1, int(len(ps) * n_dev_fraction))
     if len(ps) < 2 * n_dev or len(ps) < 20:
         raise ConfigError(f"{list(map(str, paths))} give only {len(ps)} passages; router training needs at least 20.")
-    return (build_pairs(ps[n_dev:], split="train", seed=seed),
-            build_pairs(ps[:n_dev], split="train", seed=seed + 1000))
+    return (build_pairs(ps[n_dev:], split="train", seed=seed, p_remove=p_remove),
+            build_pairs(ps[:n_dev], split="train", seed=seed + 1000, p_remove=p_remove))
 
 
 def adapter_from_projections(proj: Any, template: Any, *, layers: Sequence[int] | None = None,

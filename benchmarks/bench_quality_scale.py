@@ -1,0 +1,353 @@
+"""Routing quality at 1M, 10M and 100M tokens on a GPU vs BM25 on the same haystacks (issue 6).
+
+The CPU benchmark (``bench_quality.py``) stops at 1M tokens: the Debian and pydoc text on this
+machine is ~4M tokens, and encoding more on 2 cores takes hours. Here the haystack is made by
+*varying real passages*: distractor ``j`` starts from real distractor passage ``j mod N`` (pydoc
+and Debian text, in ``build_eval``'s order), keeps each of its sentences with probability 1/2 and
+replaces the others with random sentences of the whole pool, shuffles the sentence order and is
+topped up / cut to the real passage's length (at most 320 tokens). Every distractor is a new mix of real sentences; none holds a sentence of a query
+passage (those are left out of the pool), so the positives stay the only right answers. The
+queries are ``build_eval``'s: 40 needle facts and 40 inverse-cloze sentences, as on the CPU.
+A haystack of S tokens is the 80 positives plus the first distractors up to S tokens, so the
+sizes are nested and one encode of the largest serves them all.
+
+Three steps (``--step``):
+
+1. ``prepare`` (here, CPU): tokenizes the pool and the queries, builds the device pack of the
+   default model (``device_pack.py``: the GGUF's own blocks 0..max router layer + the embedding
+   rows of a compact vocabulary: the query tokens + the 19k commonest pool tokens; pool sentences
+   with other tokens are left out, ~20%) and ``data.npz`` into ``--carry``, with the sha256 of
+   the haystack composition. Pack + data + the repository fit one device call (64 MiB).
+2. ``gpu`` (the lent GPU, with ``--carry`` carried and the ``gguf`` wheel installed): rebuilds
+   the same haystack (checks the sha256), encodes it with the encoder's own forward (bf16,
+   ``Encoder.encode_tokens``; router keys of the adapter), routes the queries exactly as
+   ``bench_quality.routing_scores`` does (layer-summed cosine, head-mean / query-max / chunk-max)
+   and writes recall@1/5/16 per size and query kind into ``$OUT/scale_gpu.json``.
+3. ``bm25`` (here, CPU): rebuilds the same haystack texts, runs BM25 (bm25s) on each size, merges
+   the GPU file and prints the table and one JSON line; writes ``--out/quality_scale.json``.
+
+Dense MiniLM is not run past 1M (its weights, 90 MB, do not fit the device carry with the pack).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+MAX_TOKENS = 320
+SIZES = (1 << 20, 10 << 20, 100 << 20)   # 1M, 10M, 100M tokens (binary, as the CPU bench's sizes)
+
+
+# ----------------------------------------------------------------------------- the haystack
+def compose(base: list[np.ndarray], base_len: np.ndarray, pool_len: np.ndarray, n_tokens: int, seed: int = 0,
+            keep: float = 0.5) -> tuple[list[np.ndarray], str]:
+    """Distractors as arrays of pool-sentence indices until ``n_tokens`` tokens, + their sha256.
+
+    ``base[i]``: pool indices of real distractor passage i's sentences, ``base_len[i]`` its length
+    in tokens; ``pool_len``: tokens per pool sentence (with its leading space); every passage also
+    has a BOS token. A variant keeps each base sentence with probability ``keep`` (else a random
+    pool sentence), is shuffled, topped up with random pool sentences to the base passage's
+    length (at most ``MAX_TOKENS``) and cut to the longest sentence prefix that fits.
+    """
+    rng = np.random.default_rng(seed)
+    out, total, h = [], 0, hashlib.sha256()
+    n_pool, j = len(pool_len), 0
+    while total < n_tokens:
+        i = j % len(base)
+        b, target = base[i], min(MAX_TOKENS, int(base_len[i]))
+        j += 1
+        if len(b) == 0:
+            continue
+        repl = rng.random(len(b)) >= keep
+        sent = np.where(repl, rng.integers(0, n_pool, len(b)), b)[rng.permutation(len(b))]
+        while 1 + int(pool_len[sent].sum()) < target:
+            sent = np.append(sent, rng.integers(0, n_pool, 4))
+        cum = 1 + np.cumsum(pool_len[sent])
+        sent = sent[: max(1, int(np.searchsorted(cum, target, side="right")))].astype(np.int32)
+        out.append(sent)
+        total += 1 + int(pool_len[sent].sum())
+        h.update(sent.astype("<i4").tobytes())
+        h.update(b"|")
+    return out, h.hexdigest()
+
+
+def prefix_counts(lens: np.ndarray, n_q_tokens: int, sizes) -> dict[int, int]:
+    """Distractors in the haystack of each size (positives first, then distractors up to S tokens)."""
+    cum = n_q_tokens + np.cumsum(lens)
+    return {int(S): int(min(len(lens), np.searchsorted(cum, S) + 1)) for S in sizes}
+
+
+def _pool(passages: list[str], n_q: int, tokenizer, allowed: set[int] | None = None):
+    """(sentence texts, their token ids, per distractor passage the pool indices of its sentences).
+
+    Sentences of the query passages are left out; with ``allowed``, so is every sentence with a
+    token outside it (the device pack embeds only a compact vocabulary).
+    """
+    from msa_memory.train.corpus import sentences
+
+    banned = {passages[i][a:b].strip() for i in range(n_q) for a, b in sentences(passages[i])}
+    uniq = list(dict.fromkeys(t for p in passages[n_q:] for a, b in sentences(p)
+                              if (t := p[a:b].strip()) and t not in banned))
+    tok_ids = [tokenizer(" " + t, add_special_tokens=False)["input_ids"] for t in uniq]
+    texts, ids, index = [], [], {}
+    for t, x in zip(uniq, tok_ids):
+        if allowed is None or all(v in allowed for v in x):
+            index[t] = len(texts)
+            texts.append(t)
+            ids.append(x)
+    base = [np.asarray([index[t] for a, b in sentences(p) if (t := p[a:b].strip()) in index], dtype=np.int32)
+            for p in passages[n_q:]]
+    base_len = np.array([1 + len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in passages[n_q:]])
+    return texts, ids, base, base_len
+
+
+def _vocab(passages: list[str], n_q: int, queries, tokenizer, n_frequent: int) -> set[int]:
+    """Tokens of the query passages and queries + the ``n_frequent`` commonest tokens of the pool."""
+    import collections
+
+    must = {int(tokenizer.bos_token_id)}
+    for i in range(n_q):
+        must.update(tokenizer(passages[i], add_special_tokens=False)["input_ids"])
+    for q in queries:
+        must.update(tokenizer(q.text, add_special_tokens=True)["input_ids"])
+    _, ids, _, _ = _pool(passages, n_q, tokenizer)
+    cnt = collections.Counter(t for x in ids for t in set(x))
+    return must | {t for t, _ in cnt.most_common(n_frequent)}
+
+
+# ----------------------------------------------------------------------------- steps
+def prepare(args) -> None:
+    import bench_quality as bq
+    import device_pack
+    import torch
+
+    from msa_memory.encode import RouterAdapter, load_model
+    from msa_memory.train.features import query_tokens
+
+    passages, _, queries, n_q = bq.build_eval(args.needles, args.ict)
+    adapter = RouterAdapter.load(args.adapter)
+    loaded = load_model("default", adapter=adapter, dtype=torch.float32)
+    tok = loaded.tokenizer
+    allowed = _vocab(passages, n_q, queries, tok, args.vocab)
+    texts, pool_ids, base, base_len = _pool(passages, n_q, tok, allowed)
+    pool_len = np.array([len(x) for x in pool_ids], dtype=np.int64)
+    qpass = [loaded.wrap_ids(passages[i], 0) for i in range(n_q)]
+    qtok = [query_tokens(tok, q.text) for q in queries]
+    comp, digest = compose(base, base_len, pool_len, max(args.sizes) + 1, seed=args.seed)
+    bos = [int(tok.bos_token_id)]
+    used = np.unique(np.concatenate([np.concatenate(pool_ids), np.concatenate(qpass),
+                                     np.concatenate([t for t, _ in qtok]), bos]))
+    carry = Path(args.carry)
+    info = device_pack.make_pack(carry / "pack", max(adapter.config.router_layers), used, last_norm_only=True)
+    rm = lambda a: device_pack.remap(a, used).astype(np.int32)  # noqa: E731
+    flat = lambda xs: (np.concatenate([rm(x) for x in xs]),  # noqa: E731
+                       np.concatenate([[0], np.cumsum([len(x) for x in xs])]).astype(np.int64))
+    pool_flat, pool_off = flat(pool_ids)
+    qp_flat, qp_off = flat(qpass)
+    qt_flat, qt_off = flat([t for t, _ in qtok])
+    base_flat = np.concatenate(base)
+    base_off = np.concatenate([[0], np.cumsum([len(b) for b in base])]).astype(np.int64)
+    np.savez_compressed(carry / "data.npz", pool=pool_flat, pool_off=pool_off, qp=qp_flat, qp_off=qp_off,
+                        qt=qt_flat, qt_off=qt_off, q_skip=np.array([s for _, s in qtok]), base=base_flat,
+                        base_off=base_off, base_len=base_len, bos=rm(bos),
+                        positives=np.array([q.positives[0] for q in queries]),
+                        kinds=np.array([q.kind for q in queries]))
+    meta = {"digest": digest, "seed": args.seed, "sizes": list(args.sizes), "n_q": n_q,
+            "pool_sentences": len(texts), "base_passages": len(base), "distractors": len(comp),
+            "pack": info, "adapter_layers": list(adapter.config.router_layers),
+            "router_id": adapter.fingerprint()}
+    (carry / "meta.json").write_text(json.dumps(meta, indent=1))
+    sizes = {p.name: p.stat().st_size for p in carry.rglob("*") if p.is_file()}
+    print(json.dumps(meta | {"files": sizes}))
+
+
+def gpu(args) -> None:
+    import device_pack
+    import torch
+
+    from msa_memory.encode import Encoder, RouterAdapter
+    from msa_memory.encode.model import LoadedModel
+    from msa_memory.encode.encoder import token_batches
+    from msa_memory.train.features import extract_query_tokens
+    from msa_memory.train.scores import chunk_scores, doc_scores
+
+    carry = Path(args.carry)
+    meta = json.loads((carry / "meta.json").read_text())
+    d = np.load(carry / "data.npz")
+    split = lambda flat, off: [flat[off[i]:off[i + 1]] for i in range(len(off) - 1)]  # noqa: E731
+    pool = split(d["pool"], d["pool_off"])
+    pool_len = np.array([len(x) for x in pool], dtype=np.int64)
+    base = split(d["base"], d["base_off"])
+    t0 = time.perf_counter()
+    comp, digest = compose(base, d["base_len"], pool_len, max(meta["sizes"]) + 1, seed=meta["seed"])
+    if digest != meta["digest"]:
+        raise SystemExit(f"haystack differs from the one prepared here ({digest} vs {meta['digest']})")
+    t_compose = time.perf_counter() - t0
+    dev = torch.device(args.device)
+    model, _ = device_pack.load_pack(carry / "pack", args.device)
+    adapter = RouterAdapter.load(args.adapter).to(dev)
+    loaded = LoadedModel(name="gemma-3-270m (device pack)", hf_model=model, tokenizer=None, router=adapter,
+                         wrap="plain", model_fingerprint="pack")
+    enc = Encoder(loaded, max_batch_tokens=args.batch_tokens)
+    bos = d["bos"].tolist()
+    seqs = split(d["qp"], d["qp_off"])
+    qp = [s.tolist() for s in seqs]
+    n_q = len(qp)
+
+    def passage(i: int) -> list[int]:
+        return qp[i] if i < n_q else bos + np.concatenate([pool[s] for s in comp[i - n_q]]).tolist()
+
+    lens = np.array([len(x) for x in qp] + [1 + int(pool_len[c].sum()) for c in comp], dtype=np.int64)
+    counts = prefix_counts(lens[n_q:], int(lens[:n_q].sum()), meta["sizes"])
+    n_docs = n_q + max(counts.values())
+    keys, chunk_counts = [], []
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for group in token_batches(lens[:n_docs].tolist(), args.batch_tokens):
+        pb = enc.encode_tokens([passage(i) for i in group])
+        keys.append(pb.k_router.to(torch.bfloat16))            # (L, C_b, Hk, D)
+        chunk_counts += list(pb.n_chunks)
+    sync()
+    t_encode = time.perf_counter() - t0
+    k = torch.cat(keys, dim=1)
+    del keys
+    chunk_doc = torch.repeat_interleave(torch.arange(n_docs, device=dev),
+                                        torch.tensor(chunk_counts, device=dev))
+    qsplit = split(d["qt"], d["qt_off"])
+    qx, qoff = extract_query_tokens(loaded, [(q.tolist(), int(s)) for q, s in zip(qsplit, d["q_skip"])])
+    layers = list(adapter.config.router_layers)
+    cfg = adapter.config
+    Q = len(qsplit)
+    total = torch.zeros(Q, n_docs, device=dev)
+    sync()
+    t0 = time.perf_counter()
+    for li, l in enumerate(layers):
+        for s0 in range(0, Q, args.q_block):
+            qs = list(range(s0, min(Q, s0 + args.q_block)))
+            ln = [int(qoff[i + 1] - qoff[i]) for i in qs]
+            q = torch.zeros(len(qs), max(ln), qx.shape[-1], device=dev)
+            m = torch.zeros(len(qs), max(ln), dtype=torch.bool, device=dev)
+            for j, i in enumerate(qs):
+                q[j, :ln[j]] = qx[qoff[i]:qoff[i + 1], li].to(dev).float()
+                m[j, :ln[j]] = True
+            rq = adapter.router_q(l, q)
+            cs = torch.cat([chunk_scores(rq, m, k[li, c0:c0 + args.chunk_block].float(), score=cfg.score,
+                                         head_reduce=cfg.head_reduce, query_reduce=cfg.query_reduce)
+                            for c0 in range(0, k.shape[1], args.chunk_block)], dim=1)
+            total[s0:s0 + len(qs)] += doc_scores(cs, chunk_doc, n_docs, chunk_reduce=cfg.chunk_reduce)
+    sync()
+    t_route = time.perf_counter() - t0
+    kinds = [str(x) for x in d["kinds"]]
+    pos = d["positives"].tolist()
+    res = {}
+    for S, n in sorted(counts.items()):
+        sc = total[:, : n_q + n]
+        top = sc.topk(16, dim=1).indices.cpu()
+        row = {}
+        for kind in ("fact", "ict"):
+            idx = [i for i in range(Q) if kinds[i] == kind]
+            row[kind] = {kk: float(np.mean([pos[i] in top[i, :kk].tolist() for i in idx])) for kk in (1, 5, 16)}
+        res[str(S)] = {"routing": row, "docs": n_q + n, "tokens": int(lens[: n_q + n].sum()),
+                       "chunks": int(sum(chunk_counts[: n_q + n]))}
+    out = {"step": "gpu", "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
+           "digest": digest, "router_layers": layers, "router_id": adapter.fingerprint(),
+           "encode_tokens": int(lens[:n_docs].sum()), "encode_seconds": round(t_encode, 1),
+           "encode_tok_per_s": round(float(lens[:n_docs].sum()) / t_encode),
+           "route_seconds_all_queries_all_layers": round(t_route, 2), "compose_seconds": round(t_compose, 1),
+           "results": res}
+    Path(os.environ.get("OUT", ".")).mkdir(parents=True, exist_ok=True)
+    (Path(os.environ.get("OUT", ".")) / "scale_gpu.json").write_text(json.dumps(out, indent=1))
+    print(json.dumps(out))
+
+
+def bm25(args) -> None:
+    import bench_quality as bq
+    import bm25s
+    import torch
+
+    from msa_memory.encode import load_model
+
+    gpu_res = json.loads(Path(args.gpu_json).read_text()) if args.gpu_json else None
+    carry = Path(args.carry)
+    meta = json.loads((carry / "meta.json").read_text())
+    passages, _, queries, n_q = bq.build_eval(args.needles, args.ict)
+    tok = load_model("default", dtype=torch.float32).tokenizer
+    allowed = set(json.loads((carry / "pack" / "pack.json").read_text())["vocab"])
+    texts, pool_ids, base, base_len = _pool(passages, n_q, tok, allowed)
+    pool_len = np.array([len(x) for x in pool_ids], dtype=np.int64)
+    comp, digest = compose(base, base_len, pool_len, max(meta["sizes"]) + 1, seed=meta["seed"])
+    assert digest == meta["digest"], "haystack differs from the prepared one"
+    lens = np.array([1 + int(pool_len[c].sum()) for c in comp], dtype=np.int64)
+    q_tokens = sum(len(tok(passages[i], add_special_tokens=False)["input_ids"]) + 1 for i in range(n_q))
+    counts = prefix_counts(lens, q_tokens, meta["sizes"])
+    res = {}
+    for S, n in sorted(counts.items()):
+        t0 = time.perf_counter()
+        corpus = passages[:n_q] + ["".join(" " + texts[s] for s in c) for c in comp[:n]]
+        r = bm25s.BM25()
+        r.index(bm25s.tokenize(corpus, stopwords="en", show_progress=False), show_progress=False)
+        docs, _ = r.retrieve(bm25s.tokenize([q.text for q in queries], stopwords="en", show_progress=False),
+                             k=16, show_progress=False)
+        row = {}
+        for kind in ("fact", "ict"):
+            idx = [i for i, q in enumerate(queries) if q.kind == kind]
+            row[kind] = {kk: float(np.mean([queries[i].positives[0] in docs[i][:kk].tolist() for i in idx]))
+                         for kk in (1, 5, 16)}
+        res[str(S)] = {"bm25": row, "docs": n_q + n, "seconds": round(time.perf_counter() - t0, 1)}
+        del r, corpus
+        print(f"  bm25 {S}: {res[str(S)]}", file=sys.stderr, flush=True)
+    table = []
+    print(f"\n{'memory':>8} {'docs':>8}  {'routing r@1/5/16 needle':>24} {'cloze':>16}  {'BM25 needle':>16} {'cloze':>16}")
+    for S in sorted(counts):
+        g = (gpu_res or {}).get("results", {}).get(str(S), {}).get("routing")
+        b = res[str(S)]["bm25"]
+        f = lambda r: "/".join(f"{r[k]:.2f}" for k in ("1", "5", "16")) if r and "1" in r else (  # noqa: E731
+            "/".join(f"{r[k]:.2f}" for k in (1, 5, 16)) if r else "-")
+        label = f"{S / (1 << 20):g}M" if S >= 1 << 20 else f"{S >> 10}K"
+        print(f"{label:>8} {res[str(S)]['docs']:>8}  {f(g and g['fact']):>24} {f(g and g['ict']):>16}  "
+              f"{f(b['fact']):>16} {f(b['ict']):>16}")
+        table.append({"tokens": S, "docs": res[str(S)]["docs"], "routing": g, "bm25": b})
+    summary = {"bench": "quality_scale", "digest": digest, "sizes": list(meta["sizes"]), "gpu": gpu_res,
+               "bm25": res, "table": table}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "quality_scale.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps({"bench": "quality_scale", "digest": digest, "table": table}))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--step", choices=("prepare", "gpu", "bm25"), required=True)
+    ap.add_argument("--adapter", default=str(ROOT / "msa_memory" / "data" / "gemma3-270m-router"))
+    ap.add_argument("--carry", default=str(ROOT / ".devcarry" / "scale"))
+    ap.add_argument("--sizes", default=",".join(str(s) for s in SIZES))
+    ap.add_argument("--needles", type=int, default=40)
+    ap.add_argument("--ict", type=int, default=40)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--vocab", type=int, default=19000, help="prepare: commonest pool tokens the pack embeds")
+    ap.add_argument("--device", default="cuda", help="gpu step: torch device (cpu only for a check at small sizes)")
+    ap.add_argument("--batch-tokens", type=int, default=65536)
+    ap.add_argument("--q-block", type=int, default=8)
+    ap.add_argument("--chunk-block", type=int, default=1 << 18)
+    ap.add_argument("--gpu-json", default=None, help="bm25 step: the scale_gpu.json the gpu step wrote")
+    ap.add_argument("--out", default=str(ROOT / ".bench" / "quality"))
+    args = ap.parse_args(argv)
+    args.sizes = [int(s) for s in str(args.sizes).split(",")]
+    {"prepare": prepare, "gpu": gpu, "bm25": bm25}[args.step](args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,115 @@
+"""Built-in training text: man pages rendered with groff, source selection, the CLI's --builtin.
+
+Run: ``.venv/bin/python -m pytest tests/unit/train/test_builtin_corpus.py -q`` (no model, seconds).
+"""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+
+import pytest
+
+from msa_memory.errors import ConfigError
+from msa_memory.train import corpus, recipe
+
+needs_groff = pytest.mark.skipif(shutil.which("groff") is None, reason="groff is not installed")
+
+PAGE = r""".\" a comment that must not show
+.TH FROB 1 "2026" "frob 1.0" "User Commands"
+.SH NAME
+frob \- frobnicate files
+.SH SYNOPSIS
+.B frob
+[\fIOPTION\fR]... \fIFILE\fR
+.SH DESCRIPTION
+.B frob
+reads each
+.I FILE
+and writes its
+frobnicated form to standard output, keeping
+the original untouched.
+.PP
+With no FILE, or when FILE is \-, it reads standard input instead of a file.
+.SH OPTIONS
+.TP
+\fB\-q\fR, \fB\-\-quiet\fR
+print nothing but the frobnicated output itself
+.SH SEE ALSO
+.BR cat (1)
+"""
+
+
+@needs_groff
+def test_render_man_keeps_prose_joins_lines_drops_name_synopsis_see_also():
+    text = corpus.render_man(PAGE)
+    paras = text.split("\n\n")
+    assert paras[0] == ("frob reads each FILE and writes its frobnicated form to standard output, keeping "
+                        "the original untouched.")
+    assert "With no FILE, or when FILE is -, it reads standard input instead of a file." in paras
+    assert any(p.startswith("-q, --quiet") for p in paras)
+    for gone in ("frobnicate files", "comment", "cat(1)", "User Commands", "[OPTION]"):
+        assert gone not in text
+
+
+def _write_page(path, src, compress=True):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(src.encode()) if compress else src.encode())
+
+
+@needs_groff
+def test_man_pages_reads_sections_skips_redirects_links_translations_and_caps_families(tmp_path):
+    long_page = PAGE + ".SH EXAMPLES\n" + "Frob the file named in the first argument and report its size. " * 12 + "\n"
+    root = tmp_path / "man"
+    _write_page(root / "man1" / "frob.1.gz", long_page)
+    _write_page(root / "man1" / "frob-extra.1", long_page.replace("frob", "frobx"), compress=False)
+    _write_page(root / "man1" / "frob-more.1.gz", long_page)
+    _write_page(root / "man8" / "zap.8.gz", long_page.replace("frob", "zap"))
+    _write_page(root / "man1" / "alias.1.gz", ".so man1/frob.1\n")     # a redirect
+    (root / "man1" / "link.1.gz").symlink_to(root / "man1" / "frob.1.gz")
+    _write_page(root / "de" / "man1" / "frob.1.gz", long_page)         # a translation
+    _write_page(root / "man1" / "tiny.1.gz", ".TH T 1\n.SH DESCRIPTION\nToo short to train on.\n")
+    docs = corpus.man_pages(root, max_per_family=2)
+    # family "frob" is capped at its first 2 pages in sorted order ('-' sorts before '.')
+    assert [s for s, _ in docs] == ["man/man1/frob-extra.1", "man/man1/frob-more.1.gz", "man/man8/zap.8.gz"]
+    assert all("Frob the file named" in t or "Zap the file" in t or "Frobx" in t for _, t in docs)
+    assert corpus.man_pages(tmp_path / "nowhere") == []
+
+
+def test_man_pages_without_groff_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(corpus.shutil, "which", lambda name: None)
+    with pytest.raises(ConfigError, match="groff"):
+        corpus.man_pages(tmp_path)
+
+
+def test_builtin_sources_selection_and_sizes(monkeypatch):
+    fake = {"stdlib": lambda: [(f"stdlib/m{i}", f"Docstring number {i} explains one thing. " * 8) for i in range(30)],
+            "man": lambda: [(f"man/man1/p{i}", f"Manual page {i} describes a command. " * 8) for i in range(20)]}
+    monkeypatch.setattr(recipe, "BUILTIN_SOURCES", fake)
+    both = recipe.builtin_passages(("stdlib", "man"), seed=3)
+    assert len(both) == 50 and {s.split("/")[0] for s, _ in both} == {"stdlib", "man"}
+    assert both == recipe.builtin_passages(("stdlib", "man", "stdlib"), seed=3)    # a repeated name counts once
+    assert recipe.builtin_passages(("man",), seed=3) != recipe.builtin_passages(("man",), seed=4)
+    train, dev = recipe.builtin_pairs(0, 10, sources=("stdlib", "man"), seed=3)    # 0: all but the dev passages
+    assert len(train.passages) == 40 and len(dev.passages) == 10
+    assert not set(train.passages) & set(dev.passages)
+    with pytest.raises(ConfigError, match="asked for 45 \\+ 10"):
+        recipe.builtin_pairs(45, 10, sources=("stdlib", "man"))
+    with pytest.raises(ConfigError, match="Unknown built-in training source"):
+        recipe.builtin_passages(("stdlib", "wiki"))
+
+
+def test_cli_builtin_option_errors_and_command_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from msa_memory.cli import _train_router_command, app
+
+    bad = CliRunner().invoke(app, ["train-router", "--builtin", "stdlib,wiki", "--out", str(tmp_path / "r"), "--json"])
+    assert bad.exit_code == 2 and "wiki" in bad.output
+    both = CliRunner().invoke(app, ["train-router", "--builtin", "man", "--corpus", str(tmp_path),
+                                    "--out", str(tmp_path / "r"), "--json"])
+    assert both.exit_code == 2 and "--builtin" in both.output
+    assert not (tmp_path / "r").exists()
+    cmd = _train_router_command("r/", None, None, None, "default", "0,1", 2, 3, 8, 1e-3, 0, 400, 800, 0,
+                                None, "cpu", "bm25", 1, "stdlib,man", 2048)
+    assert "--builtin stdlib,man" in cmd and cmd.endswith("--negatives 2048") and "--n-train 0" in cmd
