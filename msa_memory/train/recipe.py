@@ -116,18 +116,23 @@ def files_pairs(paths: Sequence[str | Path], *, n_dev_fraction: float = 0.1, see
 
 
 def adapter_from_projections(proj: Any, template: Any, *, layers: Sequence[int] | None = None,
-                             extra: dict[str, Any] | None = None, score: str = "cosine") -> Any:
+                             extra: dict[str, Any] | None = None, score: str = "cosine",
+                             train_config: Any = None) -> Any:
     """A ``RouterAdapter`` with the trained weights of ``layers`` (default all) of ``proj``.
 
-    ``template`` is a ``RouterConfig`` giving head layout / pooling / reducers.
+    ``template`` is a ``RouterConfig`` giving head layout / pooling; the score and the head /
+    query / chunk reducers are the ones the projections were trained with (``train_config``, a
+    ``TrainConfig``), else ``score`` and the template's reducers.
     """
     import dataclasses
 
     from msa_memory.encode import RouterAdapter
 
     layers = tuple(sorted(int(x) for x in (layers or proj.layers)))
-    cfg = dataclasses.replace(template, router_layers=layers, score=score, source="adapter",
-                              extra=dict(extra or {}))
+    how: dict[str, Any] = {"score": score}
+    if train_config is not None:
+        how = {k: getattr(train_config, k) for k in ("score", "head_reduce", "query_reduce", "chunk_reduce")}
+    cfg = dataclasses.replace(template, router_layers=layers, source="adapter", extra=dict(extra or {}), **how)
     ad = RouterAdapter(cfg)
     tensors = {}
     for l in layers:
@@ -239,7 +244,7 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
         "dev_recall": final["recall"], "dev_recall_by_kind": {k[7:]: v for k, v in final.items() if k.startswith("recall_")},
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    ad = adapter_from_projections(proj, rc, layers=chosen, extra={
+    ad = adapter_from_projections(proj, rc, layers=chosen, train_config=cfg, extra={
         "trained_by": "msa train-router", "loss": "INFONCE_DECOUPLE", "tau": cfg.tau,
         "dev_recall": {str(k): v for k, v in final["recall"].items()}, "command": command,
         "model_fingerprint": loaded.model_fingerprint})  # reindex refuses stores of another backbone

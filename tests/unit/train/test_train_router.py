@@ -245,6 +245,18 @@ def test_adapter_save_load_round_trip(tiny_loaded, tmp_path):
     assert json.loads((tmp_path / "r" / "router_adapter.json").read_text())["extra"] == {"seed": 0}
 
 
+def test_adapter_records_the_reducers_it_was_trained_with(tiny_loaded, tmp_path):
+    from msa_memory.encode import RouterAdapter
+    from msa_memory.train.recipe import adapter_from_projections
+
+    _, proj = _adapter(tiny_loaded, 0)
+    cfg = TrainConfig(score="dot", head_reduce="max", query_reduce="mean", chunk_reduce="mean")
+    ad = adapter_from_projections(proj, tiny_loaded.router.config, train_config=cfg)
+    ad.save(tmp_path / "r")
+    back = RouterAdapter.load(tmp_path / "r").config
+    assert (back.score, back.head_reduce, back.query_reduce, back.chunk_reduce) == ("dot", "max", "mean", "mean")
+
+
 def _store(root, loaded, texts):
     from msa_memory.encode import Encoder
     from msa_memory.schemas.records import Passage
