@@ -163,7 +163,8 @@ def _features(loaded: Any, pairs: PairSet, hard: int, cache: Path | None, name: 
 def run_training(*, out: str | Path, model: str = "default", candidate_layers: Any = "all",
                  max_layers: int = 9, train_pairs: PairSet | None = None, dev_pairs: PairSet | None = None,
                  config: Any = None, cache_dir: str | Path | None = None, init_adapter: str | Path | None = None,
-                 device: str = "cpu", command: str = "", log: Log = print, loaded: Any = None) -> dict[str, Any]:
+                 device: str = "cpu", command: str = "", log: Log = print, loaded: Any = None,
+                 dev_distractors: bool = False) -> dict[str, Any]:
     """Train router projections and save the chosen adapter to ``out``; returns a summary dict.
 
     Parameters
@@ -183,6 +184,9 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
         Where extracted features are cached (``train.pt``, ``dev.pt``).
     init_adapter : path, optional
         Start from this adapter's weights (its layers must cover the candidates) instead of q/k copies.
+    dev_distractors : bool, default False
+        Measure held-out recall (per epoch, layer choice) against the dev passages *and* every
+        training passage, i.e. in a memory the size of the training corpus, not just the dev set's.
     loaded : LoadedModel, optional
         An already loaded model (its router layers must include the candidates; it is not modified
         except that its ``router`` is replaced by the candidate subset). Saves a reload.
@@ -220,6 +224,9 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
     train_f = _features(loaded, train_pairs, cfg.n_hard if cfg.hard_source in ("bm25", "both") else 0, cache,
                         "train", log)
     dev_f = _features(loaded, dev_pairs, 0, cache, "dev", log)
+    if dev_distractors:  # held-out queries against dev + training passages: recall at the corpus's size
+        dev_f = dev_f.with_distractors(train_f)
+        log(f"dev: {dev_f.n_queries} queries against {dev_f.n_docs} passages (dev + training passages)")
     proj = RouterProjections(rc.router_layers, [loaded.router.q_proj[str(l)].weight for l in rc.router_layers],
                              [loaded.router.k_proj[str(l)].weight for l in rc.router_layers],
                              rc.n_q_heads, rc.n_kv_heads, rc.head_dim)
@@ -240,6 +247,7 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
         "command": command, "model": loaded.name, "model_fingerprint": loaded.model_fingerprint,
         "candidate_layers": list(rc.router_layers), "router_layers": list(chosen),
         "train": train_pairs.counts(), "dev": dev_pairs.counts(), "config": asdict(cfg),
+        "dev_memory_passages": dev_f.n_docs,
         "history": [{k: v for k, v in h.items()} for h in history], "selection": trace,
         "dev_recall": final["recall"], "dev_recall_by_kind": {k[7:]: v for k, v in final.items() if k.startswith("recall_")},
         "seconds": round(time.perf_counter() - t0, 1),

@@ -80,6 +80,18 @@ class Features:
         return Features(tuple(layers), self.x_chunks[pos], self.chunk_doc, self.n_docs, self.q_x[:, pos],
                         self.q_offsets, self.positives, self.kinds, self.hard_negatives)
 
+    def with_distractors(self, other: Features) -> Features:
+        """These queries against these passages *and* ``other``'s passages (appended after them).
+
+        Used to measure held-out recall in a memory as large as the training corpus: ``other``'s
+        passages hold none of these queries' positives, so they can only push positives down.
+        """
+        if tuple(other.layers) != tuple(self.layers):
+            other = other.layer_subset(self.layers)
+        return Features(self.layers, torch.cat([self.x_chunks, other.x_chunks.to(self.x_chunks.dtype)], dim=1),
+                        torch.cat([self.chunk_doc, other.chunk_doc + self.n_docs]), self.n_docs + other.n_docs,
+                        self.q_x, self.q_offsets, self.positives, self.kinds, self.hard_negatives)
+
     def query_batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded (L, B, T, E) query inputs and (B, T) mask for query indices ``idx``."""
         starts, ends = self.q_offsets[idx], self.q_offsets[idx + 1]

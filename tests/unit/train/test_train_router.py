@@ -170,6 +170,23 @@ def test_training_increases_held_out_recall():
     assert set(chosen) <= {3, 5} and trace
 
 
+def test_held_out_against_distractor_passages_keeps_scores_and_can_only_lower_recall():
+    E = 24
+    g = torch.Generator().manual_seed(3)
+    A = [torch.linalg.qr(torch.randn(E, E, generator=g))[0] for _ in range(2)]
+    held, extra = _synthetic(20, 4, A), _synthetic(60, 5, A)
+    both = held.with_distractors(extra)
+    assert both.n_docs == 80 and both.n_queries == held.n_queries and both.positives == held.positives
+    assert torch.equal(both.chunk_doc[held.chunk_doc.shape[0]:], extra.chunk_doc + 20)
+    eye = torch.eye(E)
+    proj = RouterProjections((3, 5), [eye.clone(), eye.clone()], [eye[:12].clone(), eye[:12].clone()],
+                             n_q_heads=2, n_kv_heads=1, head_dim=12)
+    cfg = TrainConfig(ks=(1, 5, 16))
+    small, big = evaluate(proj, held, cfg), evaluate(proj, both, cfg)
+    assert torch.allclose(big["layer_scores"][:, :, :20], small["layer_scores"])
+    assert all(big["recall"][k] <= small["recall"][k] for k in (1, 5, 16))
+
+
 # ----------------------------------------------------------------------------- tiny real model
 
 @pytest.fixture(scope="module")
