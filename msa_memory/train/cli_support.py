@@ -29,7 +29,9 @@ def parse_layers(spec: str) -> Any:
     return out
 
 
-def _store_pairs(store_path: str, pairs_path: str | None, seed: int, p_remove: float = 0.5) -> tuple[Any, Any]:
+def _store_pairs(store_path: str, pairs_path: str | None, seed: int, p_remove: float = 0.5) -> tuple[Any, Any, Any]:
+    """(train, dev, store_docs): store_docs = (snapshot, doc ids) when the passages are the store's
+    texts unchanged (user pairs), so their kept router inputs can be used; else None."""
     import random
 
     from msa_memory.store import open_store
@@ -47,12 +49,12 @@ def _store_pairs(store_path: str, pairs_path: str | None, seed: int, p_remove: f
         random.Random(seed).shuffle(qs)
         n_dev = max(1, len(qs) // 10)
         mk = lambda q: PairSet(list(tab["text"]), list(tab["source_path"]), q)  # noqa: E731
-        return mk(qs[n_dev:]), mk(qs[:n_dev])
+        return mk(qs[n_dev:]), mk(qs[:n_dev]), (st, ids)
     order = list(range(len(docs)))
     random.Random(seed).shuffle(order)
     n_dev = max(10, len(docs) // 10)
     return (build_pairs([docs[i] for i in order[n_dev:]], split="train", seed=seed, p_remove=p_remove),
-            build_pairs([docs[i] for i in order[:n_dev]], split="train", seed=seed + 1000, p_remove=p_remove))
+            build_pairs([docs[i] for i in order[:n_dev]], split="train", seed=seed + 1000, p_remove=p_remove), None)
 
 
 def train_router_from_cli(*, out: str, corpus: Sequence[str] | None, store: str | None, pairs: str | None,
@@ -71,8 +73,9 @@ def train_router_from_cli(*, out: str, corpus: Sequence[str] | None, store: str 
         raise ConfigError("Give either --corpus or --store, not both.")
     if (corpus or store) and tuple(builtin) != ("stdlib",):
         raise ConfigError("--builtin chooses the built-in recipe's text; it cannot be combined with --corpus or --store.")
+    store_docs = None
     if store:
-        train, dev = _store_pairs(store, pairs, seed, cloze_remove)
+        train, dev, store_docs = _store_pairs(store, pairs, seed, cloze_remove)
     elif corpus:
         train, dev = files_pairs(corpus, seed=seed, max_chars=max_chars, p_remove=cloze_remove)
     else:
@@ -82,4 +85,5 @@ def train_router_from_cli(*, out: str, corpus: Sequence[str] | None, store: str 
                       hard_source=hard_negatives, mine_every=mine_every, n_random=negatives)
     return run_training(out=out, model=model, candidate_layers=parse_layers(layers), max_layers=max_layers,
                         train_pairs=train, dev_pairs=dev, config=cfg, cache_dir=cache, device=device,
-                        command=command, log=log, loaded=loaded, dev_distractors=dev_distractors)
+                        command=command, log=log, loaded=loaded, dev_distractors=dev_distractors,
+                        store_docs=store_docs)

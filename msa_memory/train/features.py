@@ -28,8 +28,8 @@ from msa_memory.encode.encoder import token_batches
 from msa_memory.errors import ConfigError
 from msa_memory.train.trainer import Features
 
-__all__ = ["query_tokens", "extract_passages", "extract_queries", "extract_query_tokens", "build_features", "save_features",
-           "load_features"]
+__all__ = ["query_tokens", "extract_passages", "extract_queries", "extract_query_tokens", "build_features",
+           "store_features", "save_features", "load_features"]
 
 
 def query_tokens(tokenizer: Any, question: str) -> tuple[list[int], int]:
@@ -124,6 +124,51 @@ def build_features(loaded: Any, passages: Sequence[str], queries: Sequence[Any],
         log(f"  features: {len(passages)} passages, {x.shape[1]} chunks, {len(queries)} queries, "
             f"{len(loaded.router_layers)} layers, {time.perf_counter() - t0:.0f}s")
     return Features(tuple(int(v) for v in loaded.router_layers), x, chunk_doc, len(passages), qx, qoff,
+                    [tuple(q.positives) for q in queries], [q.kind for q in queries],
+                    [tuple(h) for h in hard_negatives] if hard_negatives is not None else [])
+
+
+def store_features(loaded: Any, store: Any, doc_ids: Sequence[int], queries: Sequence[Any], *,
+                   hard_negatives: Sequence[Sequence[int]] | None = None,
+                   log: Callable[[str], None] | None = None) -> Features | None:
+    """:class:`Features` whose passage inputs x̄ are read from ``store`` instead of re-encoded.
+
+    ``doc_ids[i]`` is the store document of passage ``i`` (its text unchanged). Returns None when
+    the store cannot serve them: it kept no router inputs, misses one of ``loaded``'s router layers,
+    or was encoded by another backbone (its x̄ would not be this model's). Query inputs are computed
+    with the model as :func:`extract_queries` does.
+    """
+    from msa_memory.schemas.records import to_float32
+
+    ident = store.identity
+    layers = list(loaded.router_layers)
+    why = ("it keeps no router inputs" if ident.hidden_size <= 0 else
+           f"it kept router layers {list(ident.router_layers)}, not all of {layers}"
+           if any(l not in ident.router_layers for l in layers) else
+           "it was encoded by another backbone" if ident.model_fingerprint != loaded.model_fingerprint else None)
+    if why is not None:
+        if log is not None:
+            log(f"features: store {str(store.root)!r} cannot serve the passage inputs ({why}); re-encoding its texts")
+        return None
+    t0 = time.perf_counter()
+    index = {int(d): i for i, d in enumerate(doc_ids)}
+    xs, order, chunk_doc = [], None, None
+    for l in layers:
+        x, cd = store.router_inputs(ident.router_layers.index(l))       # (C, E) storage dtype, (C,) doc ids
+        if order is None:
+            pos = np.array([index.get(int(d), -1) for d in cd], dtype=np.int64)
+            missing = sorted(set(range(len(doc_ids))) - set(pos.tolist()))
+            if (pos < 0).any() or missing:
+                raise ConfigError(f"Store {str(store.root)!r}: documents {missing[:5]} have no router inputs in "
+                                  "this version, or the store has documents outside the training set.")
+            order = np.argsort(pos, kind="stable")                        # documents in passage order
+            chunk_doc = torch.from_numpy(pos[order])
+        xs.append(torch.from_numpy(to_float32(x[order], ident.dtype)).to(torch.bfloat16))
+    qx, qoff = extract_queries(loaded, [q.text for q in queries])
+    if log is not None:
+        log(f"  features: {len(doc_ids)} passages ({int(chunk_doc.shape[0])} chunks) read from the store's kept "
+            f"router inputs, {len(queries)} queries encoded, {time.perf_counter() - t0:.0f}s")
+    return Features(tuple(int(v) for v in layers), torch.stack(xs), chunk_doc, len(doc_ids), qx, qoff,
                     [tuple(q.positives) for q in queries], [q.kind for q in queries],
                     [tuple(h) for h in hard_negatives] if hard_negatives is not None else [])
 

@@ -143,8 +143,9 @@ def adapter_from_projections(proj: Any, template: Any, *, layers: Sequence[int] 
     return ad
 
 
-def _features(loaded: Any, pairs: PairSet, hard: int, cache: Path | None, name: str, log: Log) -> Any:
-    from msa_memory.train.features import build_features, load_features, save_features
+def _features(loaded: Any, pairs: PairSet, hard: int, cache: Path | None, name: str, log: Log,
+              store_docs: tuple[Any, Sequence[int]] | None = None) -> Any:
+    from msa_memory.train.features import build_features, load_features, save_features, store_features
 
     if cache is not None:
         f = cache / f"{name}.pt"
@@ -152,8 +153,12 @@ def _features(loaded: Any, pairs: PairSet, hard: int, cache: Path | None, name: 
             log(f"features: reusing {f}")
             return load_features(str(f))
     negs = bm25_hard_negatives(pairs.passages, pairs.queries, hard) if hard else None
-    log(f"features: {name}: encoding {len(pairs.passages)} passages, {len(pairs.queries)} queries")
-    feats = build_features(loaded, pairs.passages, pairs.queries, hard_negatives=negs, log=log)
+    feats = None
+    if store_docs is not None:  # passages are the store's documents unchanged: read their kept x̄
+        feats = store_features(loaded, store_docs[0], store_docs[1], pairs.queries, hard_negatives=negs, log=log)
+    if feats is None:
+        log(f"features: {name}: encoding {len(pairs.passages)} passages, {len(pairs.queries)} queries")
+        feats = build_features(loaded, pairs.passages, pairs.queries, hard_negatives=negs, log=log)
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
         save_features(feats, str(cache / f"{name}.pt"))
@@ -164,7 +169,7 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
                  max_layers: int = 9, train_pairs: PairSet | None = None, dev_pairs: PairSet | None = None,
                  config: Any = None, cache_dir: str | Path | None = None, init_adapter: str | Path | None = None,
                  device: str = "cpu", command: str = "", log: Log = print, loaded: Any = None,
-                 dev_distractors: bool = False) -> dict[str, Any]:
+                 dev_distractors: bool = False, store_docs: tuple[Any, Sequence[int]] | None = None) -> dict[str, Any]:
     """Train router projections and save the chosen adapter to ``out``; returns a summary dict.
 
     Parameters
@@ -187,6 +192,10 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
     dev_distractors : bool, default False
         Measure held-out recall (per epoch, layer choice) against the dev passages *and* every
         training passage, i.e. in a memory the size of the training corpus, not just the dev set's.
+    store_docs : (MemoryStore, doc ids), optional
+        The train and dev passages are these store documents, texts unchanged (``--store --pairs``):
+        their router inputs are read from the store when it kept them for the candidate layers
+        (``features.store_features``), so the corpus is not encoded again.
     loaded : LoadedModel, optional
         An already loaded model (its router layers must include the candidates; it is not modified
         except that its ``router`` is replaced by the candidate subset). Saves a reload.
@@ -222,9 +231,11 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
         f"train {train_pairs.counts()}, dev {dev_pairs.counts()}")
     cache = Path(cache_dir) if cache_dir else None
     train_f = _features(loaded, train_pairs, cfg.n_hard if cfg.hard_source in ("bm25", "both") else 0, cache,
-                        "train", log)
-    dev_f = _features(loaded, dev_pairs, 0, cache, "dev", log)
-    if dev_distractors:  # held-out queries against dev + training passages: recall at the corpus's size
+                        "train", log, store_docs)
+    dev_f = _features(loaded, dev_pairs, 0, cache, "dev", log, store_docs)
+    if dev_distractors and store_docs is not None:
+        log("dev: --dev-distractors ignored: with --store --pairs the dev queries already face every store document")
+    elif dev_distractors:  # held-out queries against dev + training passages: recall at the corpus's size
         dev_f = dev_f.with_distractors(train_f)
         log(f"dev: {dev_f.n_queries} queries against {dev_f.n_docs} passages (dev + training passages)")
     proj = RouterProjections(rc.router_layers, [loaded.router.q_proj[str(l)].weight for l in rc.router_layers],

@@ -326,6 +326,51 @@ def test_reindex_gives_fresh_encode_router_keys(tiny_loaded, tmp_path):
     assert res["docs"] == len(TEXTS) and res["router_id"] == new_ad.fingerprint() and res["layers"] == [1, 3]
 
 
+def test_store_pairs_training_reads_kept_router_inputs_instead_of_encoding(tiny_loaded, tmp_path, monkeypatch):
+    """--store --pairs: passages are the store's texts unchanged, so x̄ comes from the store (equal to
+    a fresh extraction up to bf16 rounding); a store without router inputs is encoded again."""
+    from msa_memory.encode import Encoder
+    from msa_memory.schemas.records import Passage
+    from msa_memory.store import create_store, write_shard
+    from msa_memory.train import features as feats_mod
+    from msa_memory.train.cli_support import train_router_from_cli
+
+    texts = [t + f" Extra words {i}." * (i % 4) for i, t in enumerate(TEXTS * 2)]  # 24 docs, varied chunk counts
+    root = tmp_path / "kept.msa"
+    st, ids = _store(root, tiny_loaded, texts)
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("\n".join(json.dumps({"query": f"fox number {i} river", "positive_ids": [int(ids[i])]})
+                                for i in range(len(texts))))
+    fresh, _ = feats_mod.extract_passages(tiny_loaded, texts)
+    from_store = feats_mod.store_features(tiny_loaded, st, [int(d) for d in ids], [])
+    assert from_store is not None and from_store.n_docs == len(texts)
+    np.testing.assert_allclose(from_store.x_chunks.float().numpy(), fresh.float().numpy(), rtol=2e-2, atol=2e-2)
+
+    calls = []
+    real = feats_mod.extract_passages
+    monkeypatch.setattr(feats_mod, "extract_passages", lambda *a, **k: calls.append(1) or real(*a, **k))
+    lines: list[str] = []
+    common = dict(corpus=None, model="unused", layers="all", max_layers=2, epochs=1, batch_size=8, lr=1e-2,
+                  n_train=0, n_dev=10, seed=0, cache=None, device="cpu", command="t", loaded=tiny_loaded)
+    summary = train_router_from_cli(out=str(tmp_path / "r1"), store=str(root), pairs=str(pairs), log=lines.append,
+                                    **common)
+    assert not calls and any("read from the store's kept router inputs" in x for x in lines), lines
+    assert summary["train"]["queries"] + summary["dev"]["queries"] == len(texts)
+
+    # the same store without router inputs: the texts are encoded again (and say so)
+    enc = Encoder(tiny_loaded, keep_router_inputs=False, max_batch_tokens=400)
+    bare = create_store(tmp_path / "bare.msa", enc.identity())
+    bids = bare.reserve_ids(len(texts))
+    ps = [Passage(t, f"doc{i}.txt", 0) for i, t in enumerate(texts)]
+    bare = bare.commit(add=[write_shard(tmp_path / "bare.msa", "s0", ps, enc.encode(bids, ps))])
+    pairs.write_text("\n".join(json.dumps({"query": f"fox number {i}", "positive_ids": [int(bids[i])]})
+                                for i in range(len(texts))))
+    lines.clear()
+    train_router_from_cli(out=str(tmp_path / "r2"), store=str(tmp_path / "bare.msa"), pairs=str(pairs),
+                          log=lines.append, **common)
+    assert calls and any("keeps no router inputs" in x for x in lines), lines
+
+
 def test_reindex_refuses_layers_the_store_did_not_keep(tiny_loaded, tmp_path):
 
     from msa_memory.encode import RouterAdapter
