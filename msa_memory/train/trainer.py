@@ -161,6 +161,9 @@ class TrainConfig:
     ks: tuple[int, ...] = (1, 5, 16)
     seed: int = 0
     device: str = "cpu"
+    bf16: bool = False
+    """Training steps under bf16 autocast (matmuls in bf16, loss and weights fp32): ~2x faster on
+    CPUs with bf16 units and on GPUs. Evaluation stays fp32."""
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0 or not 0.001 <= self.tau <= 0.5:
@@ -341,9 +344,11 @@ def train_router(proj: RouterProjections, train: Features, held_out: Features | 
                 pos[b, [local[d] for d in train.positives[i]]] = True
             # 3. per-layer decoupled InfoNCE, mean over layers
             loss = torch.zeros((), device=dev)
-            for li in range(L):
-                s = _layer_doc_scores(proj, li, qx[li].to(dev), qmask.to(dev), xc[li], cdoc.to(dev), len(cdocs), cfg)
-                loss = loss + decoupled_infonce(s, pos.to(dev), tau=cfg.tau) / L
+            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                for li in range(L):
+                    s = _layer_doc_scores(proj, li, qx[li].to(dev), qmask.to(dev), xc[li], cdoc.to(dev), len(cdocs),
+                                          cfg)
+                    loss = loss + decoupled_infonce(s.float(), pos.to(dev), tau=cfg.tau) / L
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

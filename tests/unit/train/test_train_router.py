@@ -151,7 +151,8 @@ def _synthetic(n_docs, seed, A, E=24, L=2, chunks=2, T=4):
                     [tuple((d + j) % n_docs for j in (1, 2)) for d in range(n_docs)])
 
 
-def test_training_increases_held_out_recall():
+@pytest.mark.parametrize("bf16", [False, True])
+def test_training_increases_held_out_recall(bf16):
     E = 24
     g = torch.Generator().manual_seed(0)
     A = [torch.linalg.qr(torch.randn(E, E, generator=g))[0] for _ in range(2)]
@@ -159,7 +160,7 @@ def test_training_increases_held_out_recall():
     eye = torch.eye(E)
     proj = RouterProjections((3, 5), [eye.clone(), eye.clone()], [eye[:12].clone(), eye[:12].clone()],
                              n_q_heads=2, n_kv_heads=1, head_dim=12)
-    cfg = TrainConfig(epochs=6, batch_size=16, lr=2e-2, n_hard=2, n_random=16, ks=(1, 5))
+    cfg = TrainConfig(epochs=6, batch_size=16, lr=2e-2, n_hard=2, n_random=16, ks=(1, 5), bf16=bf16)
     before = evaluate(proj, held, cfg)["recall"]
     hist = train_router(proj, train, held, cfg)
     after = evaluate(proj, held, cfg)["recall"]
