@@ -212,44 +212,49 @@ def gpu(args) -> None:
     lens = np.array([len(x) for x in qp] + [1 + int(pool_len[c].sum()) for c in comp], dtype=np.int64)
     counts = prefix_counts(lens[n_q:], int(lens[:n_q].sum()), meta["sizes"])
     n_docs = n_q + max(counts.values())
-    keys, chunk_counts = [], []
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    for group in token_batches(lens[:n_docs].tolist(), args.batch_tokens):
-        pb = enc.encode_tokens([passage(i) for i in group])
-        keys.append(pb.k_router.to(torch.bfloat16))            # (L, C_b, Hk, D)
-        chunk_counts += list(pb.n_chunks)
-    sync()
-    t_encode = time.perf_counter() - t0
-    k = torch.cat(keys, dim=1)
-    del keys
-    chunk_doc = torch.repeat_interleave(torch.arange(n_docs, device=dev),
-                                        torch.tensor(chunk_counts, device=dev))
+    # router queries first; every encoded batch is scored at once and only its (Q, docs) scores
+    # are kept, so GPU memory does not grow with the haystack
     qsplit = split(d["qt"], d["qt_off"])
     qx, qoff = extract_query_tokens(loaded, [(q.tolist(), int(s)) for q, s in zip(qsplit, d["q_skip"])])
     layers = list(adapter.config.router_layers)
     cfg = adapter.config
     Q = len(qsplit)
+    ln = [int(qoff[i + 1] - qoff[i]) for i in range(Q)]
+    qmask = torch.zeros(Q, max(ln), dtype=torch.bool, device=dev)
+    rqs = []
+    for li, l in enumerate(layers):
+        q = torch.zeros(Q, max(ln), qx.shape[-1], device=dev)
+        for i in range(Q):
+            q[i, :ln[i]] = qx[qoff[i]:qoff[i + 1], li].to(dev).float()
+            qmask[i, :ln[i]] = True
+        rqs.append(adapter.router_q(l, q))                       # (Q, T, Hq, D)
     total = torch.zeros(Q, n_docs, device=dev)
+    chunk_counts: list[int] = []
+    mem_trace = []
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    t_route = 0.0
     sync()
     t0 = time.perf_counter()
-    for li, l in enumerate(layers):
-        for s0 in range(0, Q, args.q_block):
-            qs = list(range(s0, min(Q, s0 + args.q_block)))
-            ln = [int(qoff[i + 1] - qoff[i]) for i in qs]
-            q = torch.zeros(len(qs), max(ln), qx.shape[-1], device=dev)
-            m = torch.zeros(len(qs), max(ln), dtype=torch.bool, device=dev)
-            for j, i in enumerate(qs):
-                q[j, :ln[j]] = qx[qoff[i]:qoff[i + 1], li].to(dev).float()
-                m[j, :ln[j]] = True
-            rq = adapter.router_q(l, q)
-            cs = torch.cat([chunk_scores(rq, m, k[li, c0:c0 + args.chunk_block].float(), score=cfg.score,
+    for b, group in enumerate(token_batches(lens[:n_docs].tolist(), args.batch_tokens)):
+        pb = enc.encode_tokens([passage(i) for i in group])
+        t1 = time.perf_counter()
+        cd = torch.repeat_interleave(torch.arange(len(group), device=dev),
+                                     torch.as_tensor(np.asarray(pb.n_chunks), device=dev))
+        for li in range(len(layers)):
+            cs = torch.cat([chunk_scores(rqs[li][s0:s0 + args.q_block], qmask[s0:s0 + args.q_block],
+                                         pb.k_router[li].to(torch.bfloat16).float(), score=cfg.score,
                                          head_reduce=cfg.head_reduce, query_reduce=cfg.query_reduce)
-                            for c0 in range(0, k.shape[1], args.chunk_block)], dim=1)
-            total[s0:s0 + len(qs)] += doc_scores(cs, chunk_doc, n_docs, chunk_reduce=cfg.chunk_reduce)
+                            for s0 in range(0, Q, args.q_block)])              # (Q, C_b)
+            total[:, group[0]:group[-1] + 1] += doc_scores(cs, cd, len(group), chunk_reduce=cfg.chunk_reduce)
+        chunk_counts += [int(c) for c in pb.n_chunks]
+        del pb, cs, cd
+        t_route += time.perf_counter() - t1
+        if dev.type == "cuda" and b % 200 == 0:
+            mem_trace.append((b, int(sum(lens[:group[-1] + 1])), round(torch.cuda.memory_allocated() / 2**30, 2)))
+            print(f"  batch {b}: {mem_trace[-1][1]} tokens, {mem_trace[-1][2]} GiB allocated", file=sys.stderr,
+                  flush=True)
     sync()
-    t_route = time.perf_counter() - t0
+    t_encode = time.perf_counter() - t0 - t_route
     kinds = [str(x) for x in d["kinds"]]
     pos = d["positives"].tolist()
     res = {}
@@ -266,8 +271,8 @@ def gpu(args) -> None:
            "digest": digest, "router_layers": layers, "router_id": adapter.fingerprint(),
            "encode_tokens": int(lens[:n_docs].sum()), "encode_seconds": round(t_encode, 1),
            "encode_tok_per_s": round(float(lens[:n_docs].sum()) / t_encode),
-           "route_seconds_all_queries_all_layers": round(t_route, 2), "compose_seconds": round(t_compose, 1),
-           "results": res}
+           "score_seconds_all_queries_all_layers": round(t_route, 2), "compose_seconds": round(t_compose, 1),
+           "memory_trace_batch_tokens_GiB": mem_trace, "results": res}
     Path(os.environ.get("OUT", ".")).mkdir(parents=True, exist_ok=True)
     (Path(os.environ.get("OUT", ".")) / "scale_gpu.json").write_text(json.dumps(out, indent=1))
     print(json.dumps(out))
@@ -340,8 +345,7 @@ def main(argv=None) -> None:
     ap.add_argument("--vocab", type=int, default=19000, help="prepare: commonest pool tokens the pack embeds")
     ap.add_argument("--device", default="cuda", help="gpu step: torch device (cpu only for a check at small sizes)")
     ap.add_argument("--batch-tokens", type=int, default=65536)
-    ap.add_argument("--q-block", type=int, default=8)
-    ap.add_argument("--chunk-block", type=int, default=1 << 18)
+    ap.add_argument("--q-block", type=int, default=40)
     ap.add_argument("--gpu-json", default=None, help="bm25 step: the scale_gpu.json the gpu step wrote")
     ap.add_argument("--out", default=str(ROOT / ".bench" / "quality"))
     args = ap.parse_args(argv)
