@@ -32,6 +32,7 @@ Dense MiniLM is not run past 1M (its weights, 90 MB, do not fit the device carry
 from __future__ import annotations
 
 import argparse
+import gc
 import hashlib
 import json
 import os
@@ -249,10 +250,13 @@ def gpu(args) -> None:
         chunk_counts += [int(c) for c in pb.n_chunks]
         del pb, cs, cd
         t_route += time.perf_counter() - t1
-        if dev.type == "cuda" and b % 200 == 0:
-            mem_trace.append((b, int(sum(lens[:group[-1] + 1])), round(torch.cuda.memory_allocated() / 2**30, 2)))
-            print(f"  batch {b}: {mem_trace[-1][1]} tokens, {mem_trace[-1][2]} GiB allocated", file=sys.stderr,
-                  flush=True)
+        if dev.type == "cuda" and b % 200 == 0:  # allocated GiB before / after a cyclic-garbage collection
+            before = round(torch.cuda.memory_allocated() / 2**30, 2)
+            gc.collect()
+            mem_trace.append((b, int(lens[:group[-1] + 1].sum()), before,
+                              round(torch.cuda.memory_allocated() / 2**30, 2)))
+            print(f"  batch {b}: {mem_trace[-1][1]} tokens, {before} -> {mem_trace[-1][3]} GiB allocated",
+                  file=sys.stderr, flush=True)
     sync()
     t_encode = time.perf_counter() - t0 - t_route
     kinds = [str(x) for x in d["kinds"]]
@@ -272,7 +276,7 @@ def gpu(args) -> None:
            "encode_tokens": int(lens[:n_docs].sum()), "encode_seconds": round(t_encode, 1),
            "encode_tok_per_s": round(float(lens[:n_docs].sum()) / t_encode),
            "score_seconds_all_queries_all_layers": round(t_route, 2), "compose_seconds": round(t_compose, 1),
-           "memory_trace_batch_tokens_GiB": mem_trace, "results": res}
+           "memory_trace_batch_tokens_GiB_before_after_gc": mem_trace, "results": res}
     Path(os.environ.get("OUT", ".")).mkdir(parents=True, exist_ok=True)
     (Path(os.environ.get("OUT", ".")) / "scale_gpu.json").write_text(json.dumps(out, indent=1))
     print(json.dumps(out))
