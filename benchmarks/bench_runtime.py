@@ -9,7 +9,10 @@ Regimes and ceilings (every baseline is measured in the same run, on the same de
    H100 figure 3.0 TB/s in targets.md). Target: within 2× of the floor. Beside it the compute
    floor ``2·T·C·H·D ÷ matmul FLOP/s`` (a large square matmul in the keys' resident dtype, measured
    here): on a CPU without bf16 units the fp32 score GEMM is compute-bound from T ≈ 4 on, so
-   ``× bound`` (route ÷ the larger floor) is what the code controls. On CUDA each row also times the
+   ``× bound`` (route ÷ the larger floor) is what the code controls. On CUDA a third floor, the
+   round trip (one CUDA-graph replay of a one-element kernel + its result copied to pinned host
+   memory + a sync, measured here), is what any route pays however few keys it reads: below ~1M
+   chunks it is larger than both others, and ``× rt`` divides by the largest of the three. On CUDA each row also times the
    eager path (op by op, all torch), the CUDA-graph path around the same torch ops, and the graph with
    the fused Triton score kernel but the torch document max + top-k; ``route`` is the default (what
    ``Memory`` uses: fused scores + the Triton document max / top-k, ``routing_triton.doc_max_topk``).
@@ -100,6 +103,26 @@ def gemm_flops(dev: torch.device, dtype: torch.dtype) -> float:
     return 2 * n ** 3 / t
 
 
+def round_trip_floor(dev: torch.device) -> float:
+    """Seconds of the least any route pays on ``dev`` besides reading keys: on CUDA one graph replay
+    of a one-element kernel, its 16 ids + 16 scores copied to pinned host memory, and a sync (what
+    ``RouterIndex.route`` does around its work); 0 on a CPU."""
+    if dev.type != "cuda":
+        return 0.0
+    x = torch.zeros(32, device=dev)
+    host = torch.empty(32, pin_memory=True)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        x.add_(1)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        x.add_(1)
+        host.copy_(x, non_blocking=True)
+    return timeit(g.replay, dev, rounds=200, warmup=20)
+
+
 # ----------------------------------------------------------------------------- 1. routing
 def _variants(dev: torch.device, T: int) -> dict[str, dict]:
     """Routing paths timed per row: RoutingConfig overrides + route() path, default path first."""
@@ -116,6 +139,7 @@ def bench_routing(dev: torch.device, chunks: list[int], q_tokens: list[int], til
     bw = copy_bandwidth(dev, min(1 << 30, max(chunks) * g["H"] * g["D"] * 2))
     out = []
     gen = torch.Generator(device="cpu").manual_seed(0)
+    lat = round_trip_floor(dev)
     flops = None
     for C in chunks:
         keys = torch.randn(C, g["H"], g["D"], generator=gen).to(dev, torch.bfloat16)
@@ -134,6 +158,7 @@ def bench_routing(dev: torch.device, chunks: list[int], q_tokens: list[int], til
             q = torch.randn(T, g["Hq"], g["D"], generator=gen).to(dev)
             cfloor = 2 * T * C * g["H"] * g["D"] / flops               # head-mean folds Hq into H: T rows × H·D
             row = {"chunks": C, "q_tokens": T, "floor_ms": floor * 1e3, "compute_floor_ms": cfloor * 1e3,
+                   "latency_floor_ms": lat * 1e3,
                    "key_MB": key_bytes / 1e6, "copy_GBps": bw / 1e9, "gemm_GFLOPs": flops / 1e9,
                    "resident_dtype": str(index.keys[0].dtype)}
             for name, v in _variants(dev, T).items():
@@ -143,6 +168,7 @@ def bench_routing(dev: torch.device, chunks: list[int], q_tokens: list[int], til
             index.config = base
             t = row["route_ms"] / 1e3
             row.update(x_floor=t / floor, x_compute_floor=t / cfloor, x_bound=t / max(floor, cfloor),
+                       x_bound_latency=t / max(floor, cfloor, lat),
                        achieved_GBps=key_bytes / t / 1e9)
             out.append(row)
         del index
@@ -479,13 +505,16 @@ def main() -> None:
         rd = rr[0]["resident_dtype"].removeprefix("torch.")
         print(f"\n# routing, one router layer, Gemma shape (1×256 keys, stored bf16, resident {rd}), top-16, device {dev}")
         print(f"# floors: bandwidth = key bytes ÷ copy {rr[0]['copy_GBps']:.1f} GB/s; compute = 2·T·C·H·D ÷ "
-              f"{rr[0]['gemm_GFLOPs']:.0f} GFLOP/s ({rd} matmul); × bound = route ÷ the larger floor")
+              f"{rr[0]['gemm_GFLOPs']:.0f} GFLOP/s ({rd} matmul); × bound = route ÷ the larger floor; "
+              f"round trip = {rr[0]['latency_floor_ms'] * 1e3:.1f} µs (one graph replay + 128 B to pinned host + "
+              "sync), × rt = route ÷ the largest of the three")
         extra = [n for n in ("eager", "graph", "graph_triton") if any(f"{n}_ms" in r for r in rr)]
         print(f"{'chunks':>10} {'T':>4} {'route ms':>10} {'bw floor':>9} {'× bw':>7} {'cmp floor':>9} {'× cmp':>7} "
-              f"{'× bound':>8} {'GB/s':>8}" + "".join(f" {n + ' ms':>15}" for n in extra))
+              f"{'× bound':>8} {'× rt':>6} {'GB/s':>8}" + "".join(f" {n + ' ms':>15}" for n in extra))
         for r in rr:
             print(f"{r['chunks']:>10} {r['q_tokens']:>4} {r['route_ms']:>10.3f} {r['floor_ms']:>9.3f} {r['x_floor']:>7.2f} "
-                  f"{r['compute_floor_ms']:>9.3f} {r['x_compute_floor']:>7.2f} {r['x_bound']:>8.2f} {r['achieved_GBps']:>8.1f}"
+                  f"{r['compute_floor_ms']:>9.3f} {r['x_compute_floor']:>7.2f} {r['x_bound']:>8.2f} "
+                  f"{r['x_bound_latency']:>6.2f} {r['achieved_GBps']:>8.1f}"
                   + "".join(f" {r[n + '_ms']:>15.3f}" if n + "_ms" in r else f" {'-':>15}" for n in extra))
     if results.get("triton_sweep"):
         print("\n# fused Triton kernel configs at 1.56M chunks × T rows (bf16) vs torch")
