@@ -175,6 +175,13 @@ def prepare(args) -> None:
 
 
 def gpu(args) -> None:
+    import torch
+
+    with torch.inference_mode():  # the adapter's weights require grad: no autograd graph may build up here
+        _gpu(args)
+
+
+def _gpu(args) -> None:
     import device_pack
     import torch
 
