@@ -310,7 +310,11 @@ def bm25(args) -> None:
     q_tokens = sum(len(tok(passages[i], add_special_tokens=False)["input_ids"]) + 1 for i in range(n_q))
     counts = prefix_counts(lens, q_tokens, meta["sizes"])
     res = {}
+    if args.bm25_json:  # BM25 does not depend on the router: reuse an earlier run's figures
+        res = json.loads(Path(args.bm25_json).read_text())["bm25"]
     for S, n in sorted(counts.items()):
+        if str(S) in res:
+            continue
         t0 = time.perf_counter()
         corpus = passages[:n_q] + ["".join(" " + texts[s] for s in c) for c in comp[:n]]
         r = bm25s.BM25()
@@ -358,6 +362,7 @@ def main(argv=None) -> None:
     ap.add_argument("--batch-tokens", type=int, default=65536)
     ap.add_argument("--q-block", type=int, default=40)
     ap.add_argument("--gpu-json", default=None, help="bm25 step: the scale_gpu.json the gpu step wrote")
+    ap.add_argument("--bm25-json", default=None, help="bm25 step: reuse the BM25 figures of this quality_scale.json")
     ap.add_argument("--out", default=str(ROOT / ".bench" / "quality"))
     args = ap.parse_args(argv)
     args.sizes = [int(s) for s in str(args.sizes).split(",")]
