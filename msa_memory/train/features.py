@@ -183,6 +183,6 @@ def save_features(feats: Features, path: str) -> None:
 
 def load_features(path: str) -> Features:
     """Read features written by :func:`save_features`."""
-    d = torch.load(path, weights_only=True)
+    d = torch.load(path, weights_only=True, mmap=True)  # file-backed: a multi-GB cache is not copied into RAM
     return Features(tuple(d["layers"]), d["x_chunks"], d["chunk_doc"], int(d["n_docs"]), d["q_x"], d["q_offsets"],
                     [tuple(p) for p in d["positives"]], list(d["kinds"]), [tuple(h) for h in d["hard_negatives"]])

@@ -171,6 +171,21 @@ def test_training_increases_held_out_recall(bf16):
     assert set(chosen) <= {3, 5} and trace
 
 
+def test_features_save_load_round_trip(tmp_path):
+    from msa_memory.train.features import load_features, save_features
+
+    E = 24
+    A = [torch.eye(E), torch.eye(E)]
+    f = _synthetic(10, 7, A)
+    f.x_chunks = f.x_chunks.to(torch.bfloat16)
+    save_features(f, str(tmp_path / "f.pt"))
+    g = load_features(str(tmp_path / "f.pt"))
+    assert g.layers == f.layers and g.n_docs == f.n_docs and g.positives == f.positives
+    assert g.kinds == f.kinds and g.hard_negatives == f.hard_negatives
+    for a, b in ((g.x_chunks, f.x_chunks), (g.chunk_doc, f.chunk_doc), (g.q_x, f.q_x), (g.q_offsets, f.q_offsets)):
+        assert a.dtype == b.dtype and torch.equal(a, b)
+
+
 def test_held_out_against_distractor_passages_keeps_scores_and_can_only_lower_recall():
     E = 24
     g = torch.Generator().manual_seed(3)
