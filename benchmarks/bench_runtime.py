@@ -16,6 +16,8 @@ Regimes and ceilings (every baseline is measured in the same run, on the same de
    eager path (op by op, all torch), the CUDA-graph path around the same torch ops, and the graph with
    the fused Triton score kernel but the torch document max + top-k; ``route`` is the default (what
    ``Memory`` uses: fused scores + the Triton document max / top-k, ``routing_triton.doc_max_topk``).
+   On a CPU with bf16 units (keys resident in bf16) each row also times the same keys resident in
+   fp32 (``fp32_resident``: ``RoutingConfig(compute_dtype="float32")``, what CPUs without them keep).
 2. fetch — K̄V̄ of the top-16 documents (all router layers) from host memory to the device. Ours:
    one gather into a (pinned) staging buffer + ONE copy (``ContentMemory``). Baseline: the reference
    pattern, one small copy per document per layer per K/V tensor. Target on GPU: ≤ 2 ms.
@@ -154,6 +156,7 @@ def bench_routing(dev: torch.device, chunks: list[int], q_tokens: list[int], til
             flops = gemm_flops(dev, index.keys[0].dtype)
         key_bytes = index.nbytes()
         floor = key_bytes / bw
+        queries = []
         for T in q_tokens:
             q = torch.randn(T, g["Hq"], g["D"], generator=gen).to(dev)
             cfloor = 2 * T * C * g["H"] * g["D"] / flops               # head-mean folds Hq into H: T rows × H·D
@@ -171,6 +174,18 @@ def bench_routing(dev: torch.device, chunks: list[int], q_tokens: list[int], til
                        x_bound_latency=t / max(floor, cfloor, lat),
                        achieved_GBps=key_bytes / t / 1e9)
             out.append(row)
+            queries.append(q)
+        if dev.type == "cpu" and index.keys[0].dtype != torch.float32:
+            # baseline: the same keys resident in fp32 (what a CPU without bf16 units keeps), timed after
+            # the bf16 index is freed (two resident copies slowed both by up to 1.5x on this VM)
+            k32 = index.keys[0].float()
+            del index
+            index = RouterIndex([k32], chunk_doc, np.arange(n_docs), dataclasses.replace(base, compute_dtype="float32"),
+                                device=dev)
+            del k32
+            for row, q in zip(out[-len(queries):], queries):
+                row["fp32_resident_ms"] = timeit(lambda ix=index, q=q: ix.route(0, q), dev,
+                                                 rounds=5 if C < 10**6 else 3, warmup=2) * 1e3
         del index
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -508,7 +523,7 @@ def main() -> None:
               f"{rr[0]['gemm_GFLOPs']:.0f} GFLOP/s ({rd} matmul); × bound = route ÷ the larger floor; "
               f"round trip = {rr[0]['latency_floor_ms'] * 1e3:.1f} µs (one graph replay + 128 B to pinned host + "
               "sync), × rt = route ÷ the largest of the three")
-        extra = [n for n in ("eager", "graph", "graph_triton") if any(f"{n}_ms" in r for r in rr)]
+        extra = [n for n in ("eager", "graph", "graph_triton", "fp32_resident") if any(f"{n}_ms" in r for r in rr)]
         print(f"{'chunks':>10} {'T':>4} {'route ms':>10} {'bw floor':>9} {'× bw':>7} {'cmp floor':>9} {'× cmp':>7} "
               f"{'× bound':>8} {'× rt':>6} {'GB/s':>8}" + "".join(f" {n + ' ms':>15}" for n in extra))
         for r in rr:

@@ -272,9 +272,11 @@ def score_tile_cm(lhs: torch.Tensor, kt: torch.Tensor, plan: ScorePlan, out: tor
                   scratch: torch.Tensor | None = None) -> None:
     """:func:`score_tile` for chunk-minor keys ``kt`` (G, Dk, t) (the CPU layout), into ``out`` (t,) float32.
 
-    In this layout the GEMV reads the keys as a column-major (t, Dk) operand, which MKL streams with
-    both cores (1M × 256 fp32 keys on the 2-core dev box: 44 ms vs 118 ms for the row-major GEMV, which
-    runs on one core). Multi-row queries: below ``_CM_TALL_MIN_ROWS`` rows the GEMM writes (R, t) (the
+    In this layout the fp32 GEMV reads the keys as a column-major (t, Dk) operand, which MKL streams
+    with both cores (1M × 256 fp32 keys on the 2-core dev box: 44 ms vs 118 ms for the row-major GEMV,
+    which runs on one core). A bf16 ``torch.mv`` of a strided tile falls off oneDNN's fast path (1M ×
+    256 bf16 keys in 262k-chunk tiles on an AVX512-BF16 2-core box: 299 ms), so half-precision GEMVs
+    run as a (1, Dk) × (Dk, t) GEMM into the scratch (37 ms; 53 ms with a fresh output per tile). Multi-row queries: below ``_CM_TALL_MIN_ROWS`` rows the GEMM writes (R, t) (the
     query max is then an elementwise max of rows), from it on (t, R) (measured at 1M chunks: R = 2 82 vs
     328 ms, R = 16 122 vs 174 ms, R = 256 1039 vs 1121 ms, the better one chosen).
     """
@@ -282,15 +284,16 @@ def score_tile_cm(lhs: torch.Tensor, kt: torch.Tensor, plan: ScorePlan, out: tor
 
     G, Dk, t = kt.shape
     R = lhs.shape[1]
-    if G == 1 and R == 1:                                                   # GEMV: memory-bound
-        if out.dtype == kt.dtype:
-            torch.mv(kt[0].T, lhs[0, 0], out=out)
-        else:
-            out.copy_(torch.mv(kt[0].T, lhs[0, 0]))
+    if G == 1 and R == 1 and kt.dtype == torch.float32:                     # GEMV: memory-bound
+        torch.mv(kt[0].T, lhs[0, 0], out=out)
         return
     n = G * t * R
     buf = scratch[:n] if scratch is not None and scratch.numel() >= n else torch.empty(n, dtype=kt.dtype,
                                                                                         device=kt.device)
+    if G == 1 and R == 1:   # bf16/fp16 GEMV as a one-row GEMM into the scratch (see the note above)
+        torch.mm(lhs[0], kt[0], out=buf.view(1, t))
+        out.copy_(buf[:t])
+        return
     if G == 1:
         if R >= _CM_TALL_MIN_ROWS:   # (t, R) output, keys as the transposed A operand: MKL's faster kernel here
             s = torch.mm(kt[0].T, lhs[0].T, out=buf.view(t, R)).T            # (R, t) view
@@ -495,7 +498,8 @@ class RouterIndex:
         if self.device.type == "cpu":   # bound the scratch to a cache-sized tile (see _CPU_SCRATCH_BYTES)
             tile = min(tile, max(2048, _CPU_SCRATCH_BYTES // (G * R * kv.element_size())))
         scratch = None
-        if not (G == 1 and R == 1) and not _capturing(self.device):   # graphs allocate their own (private pool)
+        gemv = G == 1 and R == 1 and not (self._chunk_minor and kv.dtype != torch.float32)
+        if not gemv and not _capturing(self.device):   # graphs allocate their own (private pool)
             need = G * min(tile, C) * R
             scratch = self._scratch.get(kv.dtype)
             if scratch is None or scratch.numel() < need or scratch.device != self.device:

@@ -110,6 +110,25 @@ def test_gemv_path_is_taken_for_last_and_folded_mean():
     torch.testing.assert_close(out, keys.view(10, 8) @ lhs[0, 0])
 
 
+@pytest.mark.parametrize("qr", ["last", "mean", "max"])
+def test_half_precision_chunk_minor_gemv_equals_formula(qr):
+    """bf16 CPU keys with a one-row query (head-mean + last / folded mean / T = 1) take the one-row GEMM
+    into the scratch instead of ``torch.mv``; over several tiles it equals the formula on the bf16 keys
+    (scores are rounded to bf16 once, as the GEMM writes them)."""
+    g = torch.Generator().manual_seed(5)
+    keys = torch.randn(1000, 1, 64, generator=g).to(torch.bfloat16)
+    T = 1 if qr == "max" else 4
+    q = torch.randn(T, 4, 64, generator=g)
+    cfg = RoutingConfig(score="dot", head_reduce="mean", query_reduce=qr, tile_chunks=300, compute_dtype="bfloat16")
+    index = RouterIndex([keys], np.arange(1000) // 10, np.arange(100), cfg)
+    assert index.keys[0].dtype == torch.bfloat16
+    want = einsum_chunk_scores(q, keys.float(), "dot", "mean", qr)
+    got = index.chunk_scores(0, q)
+    torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2)
+    lhs, plan = index._query(0, q)[1:]
+    assert lhs.shape[:2] == (1, 1)
+
+
 def test_scratch_reuse_across_query_shapes_equals_fresh_index():
     g = torch.Generator().manual_seed(3)
     keys = torch.randn(57, 2, 8, generator=g)
