@@ -103,7 +103,7 @@ def _train_router_command(out: str, corpus: list[str] | None, store: str | None,
                           n_dev: int, max_chars: int, seed: int, cache: str | None, device: str,
                           hard_negatives: str = "bm25", mine_every: int = 1, builtin: str = "stdlib",
                           negatives: int = 32, cloze_remove: float = 0.5, dev_distractors: bool = False,
-                          bf16: bool = False) -> str:
+                          bf16: bool = False, layer_loss: str = "each") -> str:
     """The command line that reproduces a run (recorded in the adapter's training.json)."""
     parts = ["msa train-router", f"--out {out}"] + [f"--corpus {c}" for c in corpus or []]
     parts += [f"--builtin {builtin}"] if builtin != "stdlib" else []
@@ -119,6 +119,7 @@ def _train_router_command(out: str, corpus: list[str] | None, store: str | None,
     parts += [f"--cloze-remove {cloze_remove:g}"] if cloze_remove != 0.5 else []
     parts += ["--dev-distractors"] if dev_distractors else []
     parts += ["--bf16"] if bf16 else []
+    parts += [f"--layer-loss {layer_loss}"] if layer_loss != "each" else []
     return " ".join(parts)
 
 
@@ -149,6 +150,7 @@ def train_router_cmd(
     cloze_remove: Annotated[float, typer.Option("--cloze-remove", help="Probability that an inverse-cloze sentence is cut out of its passage", min=0.0, max=1.0)] = 0.5,
     dev_distractors: Annotated[bool, typer.Option("--dev-distractors/--no-dev-distractors", help="Score held-out queries against the training passages too (recall in a memory the size of the training corpus)")] = False,
     bf16: Annotated[bool, typer.Option("--bf16", help="Training steps under bf16 autocast (about 2x faster on CPUs with bf16 units and GPUs; evaluation stays fp32)")] = False,
+    layer_loss: Annotated[str, typer.Option("--layer-loss", help="each (every layer's own InfoNCE, averaged), sum (InfoNCE of the layer-summed score routing ranks by) or both")] = "each",
     json_out: JsonOpt = False,
 ) -> None:
     """Train router projections (decoupled InfoNCE, frozen backbone) and save an adapter."""
@@ -161,11 +163,11 @@ def train_router_cmd(
             epochs=epochs, batch_size=batch_size, lr=lr, n_train=n_train, n_dev=n_dev, seed=seed, max_chars=max_chars, cache=cache,
             device=device, hard_negatives=hard_negatives, mine_every=mine_every,
             builtin=[b.strip() for b in builtin.split(",") if b.strip()], negatives=negatives,
-            cloze_remove=cloze_remove, dev_distractors=dev_distractors, bf16=bf16,
+            cloze_remove=cloze_remove, dev_distractors=dev_distractors, bf16=bf16, layer_loss=layer_loss,
             command=_train_router_command(out, corpus, store, pairs, model, layers, max_layers, epochs,
                                           batch_size, lr, n_train, n_dev, max_chars, seed, cache, device,
                                           hard_negatives, mine_every, builtin, negatives, cloze_remove,
-                                          dev_distractors, bf16),
+                                          dev_distractors, bf16, layer_loss),
             log=(lambda s: None) if json_out else (lambda s: typer.echo(s, err=True)))
         if json_out:
             _emit_json(summary)

@@ -62,7 +62,8 @@ def train_router_from_cli(*, out: str, corpus: Sequence[str] | None, store: str 
                           n_train: int, n_dev: int, seed: int, max_chars: int = 800, cache: str | None, device: str, command: str,
                           log: Callable[[str], None], loaded: Any = None, hard_negatives: str = "bm25",
                           mine_every: int = 1, builtin: Sequence[str] = ("stdlib",), negatives: int = 32,
-                          cloze_remove: float = 0.5, dev_distractors: bool = False, bf16: bool = False) -> dict[str, Any]:
+                          cloze_remove: float = 0.5, dev_distractors: bool = False, bf16: bool = False,
+                          layer_loss: str = "each") -> dict[str, Any]:
     """Build the pairs the options ask for and run :func:`msa_memory.train.recipe.run_training`."""
     from msa_memory.train.recipe import builtin_pairs, files_pairs, run_training
     from msa_memory.train.trainer import TrainConfig
@@ -82,7 +83,8 @@ def train_router_from_cli(*, out: str, corpus: Sequence[str] | None, store: str 
         train, dev = builtin_pairs(n_train, n_dev, seed=seed, max_chars=max_chars, sources=tuple(builtin),
                                    p_remove=cloze_remove)
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
-                      hard_source=hard_negatives, mine_every=mine_every, n_random=negatives, bf16=bf16)
+                      hard_source=hard_negatives, mine_every=mine_every, n_random=negatives, bf16=bf16,
+                      layer_loss=layer_loss)
     return run_training(out=out, model=model, candidate_layers=parse_layers(layers), max_layers=max_layers,
                         train_pairs=train, dev_pairs=dev, config=cfg, cache_dir=cache, device=device,
                         command=command, log=log, loaded=loaded, dev_distractors=dev_distractors,

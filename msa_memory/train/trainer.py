@@ -6,9 +6,11 @@ per chunk the pooled router-layer input x̄ (L, C, E) and per query its router-l
 chunk mean), so a training step is a handful of matmuls and runs on CPU.
 
 Loss: the decoupled InfoNCE (τ = 0.1) of every router layer, averaged over layers (MSA's aux
-loss). Each layer's projections only receive gradient from its own loss, so one joint run also
-tells how well every single layer routes; ``select_layers`` then picks the set whose summed
-scores rank best on held-out queries (layer choice by measurement, as targets.md asks).
+loss; ``TrainConfig.layer_loss="each"``). Each layer's projections only receive gradient from its own
+loss, so one joint run also tells how well every single layer routes; ``"sum"`` trains the
+layer-averaged score instead (what routing ranks by), ``"both"`` the mean of the two.
+``select_layers`` then picks the set whose summed scores rank best on held-out queries (layer
+choice by measurement, as targets.md asks).
 
 Candidates per step: the batch's positives, hard negatives of each query and random passages;
 every query is scored against all candidates (in-batch negatives come for free). Hard negatives
@@ -164,11 +166,17 @@ class TrainConfig:
     bf16: bool = False
     """Training steps under bf16 autocast (matmuls in bf16, loss and weights fp32): ~2x faster on
     CPUs with bf16 units and on GPUs. Evaluation stays fp32."""
+    layer_loss: str = "each"
+    """"each": the mean of every layer's own InfoNCE (MSA's aux loss; each layer learns to route
+    alone); "sum": one InfoNCE of the layer-averaged score, the sum ``Memory.route`` ranks by (the
+    layers learn to complement each other); "both": the mean of the two."""
 
     def __post_init__(self) -> None:
         if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0 or not 0.001 <= self.tau <= 0.5:
             raise ConfigError(f"Invalid training config: epochs={self.epochs!r} (>=0), batch_size={self.batch_size!r} "
                               f"(>=1), lr={self.lr!r} (>0), tau={self.tau!r} (0.001..0.5).")
+        if self.layer_loss not in ("each", "sum", "both"):
+            raise ConfigError(f"Invalid layer_loss={self.layer_loss!r}: 'each', 'sum' or 'both'.")
         if self.hard_source not in ("bm25", "routing", "both") or self.mine_every < 0 or self.n_hard < 0:
             raise ConfigError(f"Invalid hard negatives: hard_source={self.hard_source!r} (bm25, routing or both), "
                               f"mine_every={self.mine_every!r} (>=0), n_hard={self.n_hard!r} (>=0).")
@@ -342,13 +350,18 @@ def train_router(proj: RouterProjections, train: Features, held_out: Features | 
             pos = torch.zeros(len(bidx), len(cdocs), dtype=torch.bool)
             for b, i in enumerate(bidx.tolist()):
                 pos[b, [local[d] for d in train.positives[i]]] = True
-            # 3. per-layer decoupled InfoNCE, mean over layers
+            # 3. decoupled InfoNCE per layer (mean over layers) and/or of the layer-averaged score
             loss = torch.zeros((), device=dev)
+            pos_d = pos.to(dev)
             with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                for li in range(L):
-                    s = _layer_doc_scores(proj, li, qx[li].to(dev), qmask.to(dev), xc[li], cdoc.to(dev), len(cdocs),
-                                          cfg)
-                    loss = loss + decoupled_infonce(s.float(), pos.to(dev), tau=cfg.tau) / L
+                layer_s = [_layer_doc_scores(proj, li, qx[li].to(dev), qmask.to(dev), xc[li], cdoc.to(dev), len(cdocs),
+                                             cfg).float() for li in range(L)]
+            w = 0.5 if cfg.layer_loss == "both" else 1.0
+            if cfg.layer_loss in ("each", "both"):
+                for s in layer_s:
+                    loss = loss + w * decoupled_infonce(s, pos_d, tau=cfg.tau) / L
+            if cfg.layer_loss in ("sum", "both"):
+                loss = loss + w * decoupled_infonce(torch.stack(layer_s).mean(0), pos_d, tau=cfg.tau)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -113,3 +113,8 @@ def test_cli_builtin_option_errors_and_command_line(tmp_path):
     cmd = _train_router_command("r/", None, None, None, "default", "0,1", 2, 3, 8, 1e-3, 0, 400, 800, 0,
                                 None, "cpu", "bm25", 1, "stdlib,man", 2048)
     assert "--builtin stdlib,man" in cmd and cmd.endswith("--negatives 2048") and "--n-train 0" in cmd
+    cmd = _train_router_command("r/", None, None, None, "default", "1,5", 2, 3, 8, 1e-3, 0, 400, 800, 0,
+                                None, "cpu", layer_loss="sum")
+    assert cmd.endswith("--layer-loss sum")
+    bad = CliRunner().invoke(app, ["train-router", "--layer-loss", "all", "--out", str(tmp_path / "r"), "--json"])
+    assert bad.exit_code == 2 and "layer_loss" in bad.output and not (tmp_path / "r").exists()

@@ -151,8 +151,8 @@ def _synthetic(n_docs, seed, A, E=24, L=2, chunks=2, T=4):
                     [tuple((d + j) % n_docs for j in (1, 2)) for d in range(n_docs)])
 
 
-@pytest.mark.parametrize("bf16", [False, True])
-def test_training_increases_held_out_recall(bf16):
+@pytest.mark.parametrize("bf16,layer_loss", [(False, "each"), (True, "each"), (False, "sum"), (False, "both")])
+def test_training_increases_held_out_recall(bf16, layer_loss):
     E = 24
     g = torch.Generator().manual_seed(0)
     A = [torch.linalg.qr(torch.randn(E, E, generator=g))[0] for _ in range(2)]
@@ -160,7 +160,8 @@ def test_training_increases_held_out_recall(bf16):
     eye = torch.eye(E)
     proj = RouterProjections((3, 5), [eye.clone(), eye.clone()], [eye[:12].clone(), eye[:12].clone()],
                              n_q_heads=2, n_kv_heads=1, head_dim=12)
-    cfg = TrainConfig(epochs=6, batch_size=16, lr=2e-2, n_hard=2, n_random=16, ks=(1, 5), bf16=bf16)
+    cfg = TrainConfig(epochs=6, batch_size=16, lr=2e-2, n_hard=2, n_random=16, ks=(1, 5), bf16=bf16,
+                      layer_loss=layer_loss)
     before = evaluate(proj, held, cfg)["recall"]
     hist = train_router(proj, train, held, cfg)
     after = evaluate(proj, held, cfg)["recall"]
@@ -169,6 +170,32 @@ def test_training_increases_held_out_recall(bf16):
     chosen, trace = select_layers(evaluate(proj, held, cfg)["layer_scores"], evaluate(proj, held, cfg)["positive"],
                                   proj.layers, max_layers=2, k=5)
     assert set(chosen) <= {3, 5} and trace
+
+
+def test_layer_sum_loss_is_the_infonce_of_the_layer_averaged_score():
+    """One step's loss under layer_loss="sum" / "each" / "both", recomputed by hand on a tiny task."""
+    from msa_memory.train.trainer import _layer_doc_scores
+
+    E = 24
+    g = torch.Generator().manual_seed(9)
+    A = [torch.linalg.qr(torch.randn(E, E, generator=g))[0] for _ in range(2)]
+    f = _synthetic(8, 3, A)
+    eye = torch.eye(E)
+    losses = {}
+    for mode in ("each", "sum", "both"):
+        proj = RouterProjections((3, 5), [eye.clone(), eye.clone()], [eye[:12].clone(), eye[:12].clone()],
+                                 n_q_heads=2, n_kv_heads=1, head_dim=12)
+        cfg = TrainConfig(epochs=1, batch_size=8, lr=1e-9, n_hard=0, n_random=0, layer_loss=mode)
+        losses[mode] = train_router(proj, f, None, cfg)[-1]["loss"]
+    qx, qmask = f.query_batch(torch.arange(8))
+    s = [_layer_doc_scores(proj, li, qx[li], qmask, f.x_chunks[li], f.chunk_doc, 8, cfg).float() for li in range(2)]
+    pos = torch.eye(8, dtype=torch.bool)
+    each = float(sum(decoupled_infonce(x, pos, tau=0.1) for x in s) / 2)
+    summed = float(decoupled_infonce((s[0] + s[1]) / 2, pos, tau=0.1))
+    assert losses["each"] == pytest.approx(each, rel=1e-4) and losses["sum"] == pytest.approx(summed, rel=1e-4)
+    assert losses["both"] == pytest.approx((each + summed) / 2, rel=1e-4) and abs(each - summed) > 1e-3
+    with pytest.raises(ConfigError, match="layer_loss"):
+        TrainConfig(layer_loss="max")
 
 
 def test_features_save_load_round_trip(tmp_path):
