@@ -276,9 +276,10 @@ def score_tile_cm(lhs: torch.Tensor, kt: torch.Tensor, plan: ScorePlan, out: tor
     with both cores (1M × 256 fp32 keys on the 2-core dev box: 44 ms vs 118 ms for the row-major GEMV,
     which runs on one core). A bf16 ``torch.mv`` of a strided tile falls off oneDNN's fast path (1M ×
     256 bf16 keys in 262k-chunk tiles on an AVX512-BF16 2-core box: 299 ms), so half-precision GEMVs
-    run as a (1, Dk) × (Dk, t) GEMM into the scratch (37 ms; 53 ms with a fresh output per tile). Multi-row queries: below ``_CM_TALL_MIN_ROWS`` rows the GEMM writes (R, t) (the
-    query max is then an elementwise max of rows), from it on (t, R) (measured at 1M chunks: R = 2 82 vs
-    328 ms, R = 16 122 vs 174 ms, R = 256 1039 vs 1121 ms, the better one chosen).
+    run as a (1, Dk) × (Dk, t) GEMM into the scratch (37 ms; 53 ms with a fresh output per tile).
+    Multi-row queries: below ``_CM_TALL_MIN_ROWS`` rows the GEMM writes (R, t) (the query max is then
+    an elementwise max of rows), from it on (t, R) (measured at 1M chunks: R = 2 82 vs 328 ms, R = 16
+    122 vs 174 ms, R = 256 1039 vs 1121 ms, the better one chosen).
     """
     import torch
 
