@@ -23,12 +23,13 @@ Prints a table, writes ``quality.json`` and ``quality.png`` into ``--out``, ends
 
 Measured (``--sizes 16384,131072,1048576 --em 5``, 2-core AVX512-BF16 CPU; the shipped adapter,
 layers 1, 5, trained on 24,869 stdlib + man-page passages; benchmarks/results/bench_quality_cpu.json):
-routing recall@16 needles 1.00 / 0.97 / 0.80, inverse cloze 0.82 / 0.57 / 0.50 at 16K / 128K / 1M
+routing recall@16 needles 1.00 / 1.00 / 0.82, inverse cloze 0.90 / 0.62 / 0.53 at 16K / 128K / 1M
 tokens, against BM25 1.00 / 1.00 / 1.00 and 0.93 / 0.80 / 0.78 and MiniLM 0.95 / 0.75 / 0.45 and
-0.95 / 0.80 / 0.78. Relative drop 16K → 1M: 20% (needles), 39% (cloze); the target (≥ BM25 at 1M,
-≤ 9% drop) is not met. Earlier adapters: 2,600 stdlib passages 1.00 / 0.95 / 0.55 and
+0.95 / 0.80 / 0.78. Relative drop 16K → 1M: 18% (needles), 42% (cloze); the target (≥ BM25 at 1M,
+≤ 9% drop) is not met. Earlier adapters: the same data with 4 epochs over 6 candidate layers
+1.00 / 0.97 / 0.80 and 0.82 / 0.57 / 0.50; 2,600 stdlib passages 1.00 / 0.95 / 0.55 and
 0.90 / 0.47 / 0.45; 500 passages 0.95 / 0.72 / 0.23 and 0.72 / 0.25 / 0.17. End-to-end exact match
-in text mode (top-4, 16K): 0.40 on 5 needles. Reindex in place 0.01 s vs encode + write 4.0 s for
+in text mode (top-4, 16K): 0.40 on 5 needles. Reindex in place 0.02 s vs encode + write 5.1 s for
 the 16,620-token EM store.
 """
 

@@ -30,10 +30,10 @@ Dense MiniLM is not run past 1M (its weights, 90 MB, do not fit the device carry
 
 Measured (H200 for the gpu step, this 2-core CPU for BM25; the shipped adapter, layers 1, 5;
 benchmarks/results/bench_quality_scale_h200.json): routing recall@1/5/16 at 1M / 10M / 100M tokens
-(4,177 / 41,600 / 415,365 passages) needles 0.30/0.68/0.78, 0.23/0.38/0.50, 0.15/0.23/0.33 and
-cloze 0.17/0.50/0.62, 0.10/0.25/0.45, 0.07/0.12/0.15; BM25 needles 1.00 at every size and cloze
-0.35/0.72/0.80, 0.30/0.45/0.70, 0.25/0.33/0.42. The 100M-token encode took 255 s (411k tok/s,
-layers 0..5 of the GGUF); scoring all 80 queries × 2 layers 40 s; allocated GPU memory stayed 0.29 GiB.
+(4,177 / 41,600 / 415,365 passages) needles 0.45/0.70/0.78, 0.25/0.42/0.57, 0.15/0.28/0.35 and
+cloze 0.20/0.50/0.68, 0.15/0.35/0.50, 0.10/0.15/0.25; BM25 needles 1.00 at every size and cloze
+0.35/0.72/0.80, 0.30/0.45/0.70, 0.25/0.33/0.42. The 100M-token encode took 274 s (382k tok/s,
+layers 0..5 of the GGUF); scoring all 80 queries × 2 layers 38 s; allocated GPU memory stayed 0.29 GiB.
 """
 
 from __future__ import annotations
