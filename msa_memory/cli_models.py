@@ -137,7 +137,7 @@ def train_router_cmd(
     epochs: Annotated[int, typer.Option("--epochs", help="Passes over the training queries", min=0)] = 4,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Queries per step", min=1)] = 64,
     lr: Annotated[float, typer.Option("--lr", help="AdamW learning rate")] = 2e-4,
-    builtin: Annotated[str, typer.Option("--builtin", help="Built-in recipe's text: stdlib (docstrings), man (English man pages, needs groff) or stdlib,man")] = "stdlib",
+    builtin: Annotated[str, typer.Option("--builtin", help="Built-in recipe's text, comma-separated: stdlib (standard-library docstrings), man (English man pages, needs groff), packages (docstrings of the installed third-party packages)")] = "stdlib",
     n_train: Annotated[int, typer.Option("--n-train", help="Built-in recipe: training passages (0: all the sources give)", min=0)] = 500,
     n_dev: Annotated[int, typer.Option("--n-dev", help="Built-in recipe: held-out dev passages", min=10)] = 100,
     max_chars: Annotated[int, typer.Option("--max-chars", help="Longest training passage in characters (~4 per token)", min=100)] = 800,

@@ -1,9 +1,12 @@
 """Real text that ships with this machine, for router training and the quality benchmark.
 
-Four sources, all offline and reproducible from a given Python / Debian install:
+Five sources, all offline and reproducible from a given Python / Debian install:
 
 - ``stdlib_docstrings()``: module, class and function docstrings of the Python standard library
   (~2,300 docstrings of >200 characters, ~1.2M characters on CPython 3.11). Used for *training*.
+- ``package_docstrings()``: the same for the third-party packages installed beside this one
+  (``site-packages``: torch, transformers, numpy, dask, zarr, ...), exact duplicates dropped and
+  at most ``max_chars_per_package`` characters per top-level package. Used for *training*.
 - ``man_pages()``: the English manual pages under ``/usr/share/man`` (sections 1–8), rendered to
   plain text with the system's ``groff``; at most ``max_per_family`` pages of one command family
   (``gcloud-*`` alone is 16k pages on some images). Used for *training*.
@@ -27,8 +30,8 @@ import subprocess
 import sysconfig
 from pathlib import Path
 
-__all__ = ["TextDoc", "stdlib_docstrings", "man_pages", "render_man", "pydoc_topics", "debian_docs", "pack_paragraphs",
-           "sentences"]
+__all__ = ["TextDoc", "stdlib_docstrings", "package_docstrings", "man_pages", "render_man", "pydoc_topics", "debian_docs", "pack_paragraphs",
+           "sentences", "installed_packages"]
 
 TextDoc = tuple[str, str]  # (source name, text)
 
@@ -54,17 +57,66 @@ def stdlib_docstrings(min_chars: int = 200) -> list[TextDoc]:
         rel = f.relative_to(root).as_posix()
         if "site-packages" in rel or "/test" in "/" + rel or rel.startswith(("idlelib", "lib2to3/tests")):
             continue
-        try:
-            tree = ast.parse(f.read_text(encoding="utf-8"))
-        except (SyntaxError, UnicodeDecodeError, ValueError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
-                doc = ast.get_docstring(node)
-                if doc and len(doc) >= min_chars:
-                    name = getattr(node, "name", "<module>")
-                    out.append((f"stdlib/{rel}:{name}", _clean(doc)))
+        out += [(f"stdlib/{rel}:{name}", doc) for name, doc in _docstrings(f, min_chars)]
     return out
+
+
+def _docstrings(path: Path, min_chars: int) -> list[tuple[str, str]]:
+    """(name, cleaned docstring ≥ ``min_chars``) of a module file's module, classes and functions."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, UnicodeDecodeError, ValueError, OSError):
+        return []
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            doc = ast.get_docstring(node)
+            if doc and len(doc) >= min_chars:
+                out.append((getattr(node, "name", "<module>"), _clean(doc)))
+    return out
+
+
+def package_docstrings(root: str | Path | None = None, *, min_chars: int = 200,
+                       max_chars_per_package: int = 2_000_000) -> list[TextDoc]:
+    """Docstrings (≥ ``min_chars``) of the third-party packages in ``root`` (default: this Python's
+    ``site-packages``), for router training.
+
+    Files are visited in sorted order; test suites and vendored copies (``tests``, ``_vendor``) are
+    skipped, an exact duplicate of a docstring already taken is dropped (transformers repeats its
+    model docstrings across hundreds of models), and a top-level package stops contributing once
+    it has given ``max_chars_per_package`` characters, so a few huge packages do not swamp the
+    rest. The list depends on which package versions are installed: ``installed_packages()`` names
+    them for a training record.
+    """
+    import hashlib
+
+    base = Path(root) if root is not None else Path(sysconfig.get_paths()["purelib"])
+    out: list[TextDoc] = []
+    seen: set[bytes] = set()
+    per_pkg: dict[str, int] = {}
+    for f in sorted(base.rglob("*.py")):
+        rel = f.relative_to(base).as_posix()
+        if "/test" in "/" + rel or "/_vendor/" in rel or rel.startswith(("msa_memory/", "_distutils_hack")):
+            continue
+        pkg = rel.split("/", 1)[0].removesuffix(".py")
+        if per_pkg.get(pkg, 0) >= max_chars_per_package:
+            continue
+        for name, doc in _docstrings(f, min_chars):
+            h = hashlib.sha1(doc.encode("utf-8")).digest()
+            if h in seen or per_pkg.get(pkg, 0) >= max_chars_per_package:
+                continue
+            seen.add(h)
+            per_pkg[pkg] = per_pkg.get(pkg, 0) + len(doc)
+            out.append((f"packages/{rel}:{name}", doc))
+    return out
+
+
+def installed_packages(root: str | Path | None = None) -> list[str]:
+    """``name==version`` of every distribution in ``root`` (default: this Python's site-packages), sorted."""
+    from importlib.metadata import distributions
+
+    dists = distributions(path=[str(root)]) if root is not None else distributions()
+    return sorted({f"{d.metadata['Name']}=={d.version}" for d in dists if d.metadata["Name"]}, key=str.lower)
 
 
 _MAN_SKIP_SECTIONS = {"NAME", "SYNOPSIS", "SEE ALSO", "AUTHOR", "AUTHORS", "COPYRIGHT", "REPORTING BUGS", "COLOPHON",

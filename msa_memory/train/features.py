@@ -28,7 +28,7 @@ from msa_memory.encode.encoder import token_batches
 from msa_memory.errors import ConfigError
 from msa_memory.train.trainer import Features
 
-__all__ = ["query_tokens", "extract_passages", "extract_queries", "extract_query_tokens", "build_features",
+__all__ = ["query_tokens", "extract_passages", "extract_passage_tokens", "extract_queries", "extract_query_tokens", "build_features",
            "store_features", "save_features", "load_features"]
 
 
@@ -49,10 +49,18 @@ def extract_passages(loaded: Any, passages: Sequence[str], *, max_batch_tokens: 
 
     Passage i is wrapped as document id i (only the ``msa`` wrap embeds the id).
     """
+    return extract_passage_tokens(loaded, [loaded.wrap_ids(p, i) for i, p in enumerate(passages)],
+                                  max_batch_tokens=max_batch_tokens, dtype=dtype, progress=progress)
+
+
+def extract_passage_tokens(loaded: Any, seqs: Sequence[Sequence[int]], *, max_batch_tokens: int = 8192,
+                           dtype: torch.dtype = torch.bfloat16,
+                           progress: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`extract_passages` on already wrapped token ids (``loaded.wrap_ids`` of each passage)."""
     from msa_memory.encode import Encoder
 
     enc = Encoder(loaded, max_batch_tokens=max_batch_tokens, keep_router_inputs=True)
-    seqs = [loaded.wrap_ids(p, i) for i, p in enumerate(passages)]
+    seqs = [list(s) for s in seqs]
     xs, counts, done = [], [], 0
     total = len(seqs)
     for group in token_batches([len(s) for s in seqs], max_batch_tokens):

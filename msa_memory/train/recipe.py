@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from msa_memory.errors import ConfigError
-from msa_memory.train.corpus import man_pages, pack_paragraphs, stdlib_docstrings
+from msa_memory.train.corpus import man_pages, pack_paragraphs, package_docstrings, stdlib_docstrings
 from msa_memory.train.pairs import PairSet, build_pairs
 
 __all__ = ["BUILTIN_SOURCES", "bm25_hard_negatives", "builtin_passages", "builtin_pairs", "files_pairs", "adapter_from_projections", "run_training"]
@@ -67,8 +67,9 @@ def _shuffled_passages(docs: list[tuple[str, str]], seed: int, max_chars: int) -
     return ps
 
 
-BUILTIN_SOURCES = {"stdlib": stdlib_docstrings, "man": man_pages}
-"""Built-in training text by name: standard-library docstrings, English man pages (``corpus``)."""
+BUILTIN_SOURCES = {"stdlib": stdlib_docstrings, "man": man_pages, "packages": package_docstrings}
+"""Built-in training text by name: standard-library docstrings, English man pages, docstrings of the
+installed third-party packages (``corpus``)."""
 
 
 def builtin_passages(sources: Sequence[str] = ("stdlib",), *, seed: int = 0, max_chars: int = 800) -> list[tuple[str, str]]:
@@ -169,7 +170,8 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
                  max_layers: int = 9, train_pairs: PairSet | None = None, dev_pairs: PairSet | None = None,
                  config: Any = None, cache_dir: str | Path | None = None, init_adapter: str | Path | None = None,
                  device: str = "cpu", command: str = "", log: Log = print, loaded: Any = None,
-                 dev_distractors: bool = False, store_docs: tuple[Any, Sequence[int]] | None = None) -> dict[str, Any]:
+                 dev_distractors: bool = False, store_docs: tuple[Any, Sequence[int]] | None = None,
+                 features: tuple[Any, Any] | None = None) -> dict[str, Any]:
     """Train router projections and save the chosen adapter to ``out``; returns a summary dict.
 
     Parameters
@@ -196,6 +198,10 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
         The train and dev passages are these store documents, texts unchanged (``--store --pairs``):
         their router inputs are read from the store when it kept them for the candidate layers
         (``features.store_features``), so the corpus is not encoded again.
+    features : (Features, Features), optional
+        Train and dev features already extracted with ``loaded``'s backbone (e.g. on another
+        machine from pre-tokenized pairs: ``benchmarks/device_train.py``); the pairs are then not
+        needed and the counts recorded are the features' own.
     loaded : LoadedModel, optional
         An already loaded model (its router layers must include the candidates; it is not modified
         except that its ``router`` is replaced by the candidate subset). Saves a reload.
@@ -207,7 +213,7 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
 
     cfg = config or TrainConfig(device=device)
     t0 = time.perf_counter()
-    if train_pairs is None or dev_pairs is None:
+    if features is None and (train_pairs is None or dev_pairs is None):
         train_pairs, dev_pairs = builtin_pairs()
     layers_arg: Any = candidate_layers
     if candidate_layers == "lower-half":
@@ -227,12 +233,17 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
     elif not isinstance(candidate_layers, str) and tuple(candidate_layers) != loaded.router_layers:
         loaded.router = _subset_adapter(loaded.router, tuple(int(x) for x in candidate_layers))
     rc = loaded.router.config
-    log(f"model {loaded.name}: candidate router layers {list(rc.router_layers)}; "
-        f"train {train_pairs.counts()}, dev {dev_pairs.counts()}")
-    cache = Path(cache_dir) if cache_dir else None
-    train_f = _features(loaded, train_pairs, cfg.n_hard if cfg.hard_source in ("bm25", "both") else 0, cache,
-                        "train", log, store_docs)
-    dev_f = _features(loaded, dev_pairs, 0, cache, "dev", log, store_docs)
+    if features is not None:
+        train_f, dev_f = features  # the trainer takes the candidate layers out of them
+        counts = (train_f.counts(), dev_f.counts())
+    else:
+        counts = (train_pairs.counts(), dev_pairs.counts())
+    log(f"model {loaded.name}: candidate router layers {list(rc.router_layers)}; train {counts[0]}, dev {counts[1]}")
+    if features is None:
+        cache = Path(cache_dir) if cache_dir else None
+        train_f = _features(loaded, train_pairs, cfg.n_hard if cfg.hard_source in ("bm25", "both") else 0, cache,
+                            "train", log, store_docs)
+        dev_f = _features(loaded, dev_pairs, 0, cache, "dev", log, store_docs)
     if dev_distractors and store_docs is not None:
         log("dev: --dev-distractors ignored: with --store --pairs the dev queries already face every store document")
     elif dev_distractors:  # held-out queries against dev + training passages: recall at the corpus's size
@@ -257,7 +268,7 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
     summary = {
         "command": command, "model": loaded.name, "model_fingerprint": loaded.model_fingerprint,
         "candidate_layers": list(rc.router_layers), "router_layers": list(chosen),
-        "train": train_pairs.counts(), "dev": dev_pairs.counts(), "config": asdict(cfg),
+        "train": counts[0], "dev": counts[1], "config": asdict(cfg),
         "dev_memory_passages": dev_f.n_docs,
         "history": [{k: v for k, v in h.items()} for h in history], "selection": trace,
         "dev_recall": final["recall"], "dev_recall_by_kind": {k[7:]: v for k, v in final.items() if k.startswith("recall_")},

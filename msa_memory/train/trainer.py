@@ -28,7 +28,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import numpy as np
 import torch
 
 from msa_memory.errors import ConfigError
@@ -73,6 +72,13 @@ class Features:
     def n_queries(self) -> int:
         return int(self.q_offsets.shape[0]) - 1
 
+    def counts(self) -> dict[str, int]:
+        """Passages, queries and queries per kind (the shape of ``PairSet.counts``)."""
+        out = {"passages": self.n_docs, "queries": self.n_queries}
+        for k in self.kinds:
+            out[k] = out.get(k, 0) + 1
+        return out
+
     def layer_subset(self, layers: tuple[int, ...]) -> Features:
         """The same features restricted to ``layers`` (a subset of ``self.layers``)."""
         missing = [x for x in layers if x not in self.layers]
@@ -94,6 +100,19 @@ class Features:
                         torch.cat([self.chunk_doc, other.chunk_doc + self.n_docs]), self.n_docs + other.n_docs,
                         self.q_x, self.q_offsets, self.positives, self.kinds, self.hard_negatives)
 
+    def to(self, device: torch.device | str) -> Features:
+        """The same features with the passage and query arrays on ``device`` (indices stay on the CPU)."""
+        return Features(self.layers, self.x_chunks.to(device), self.chunk_doc, self.n_docs, self.q_x.to(device),
+                        self.q_offsets, self.positives, self.kinds, self.hard_negatives)
+
+    def chunks_of(self, docs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(chunk indices of passages ``docs`` in order, the position in ``docs`` of each of them)."""
+        offs = self.doc_chunk_offsets
+        counts = offs[docs + 1] - offs[docs]
+        owner = torch.repeat_interleave(torch.arange(len(docs)), counts)
+        first = torch.cumsum(counts, 0) - counts                   # where each passage's run starts
+        return offs[docs][owner] + torch.arange(int(counts.sum())) - first[owner], owner
+
     def query_batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Padded (L, B, T, E) query inputs and (B, T) mask for query indices ``idx``."""
         starts, ends = self.q_offsets[idx], self.q_offsets[idx + 1]
@@ -102,7 +121,7 @@ class Features:
         ar = torch.arange(T)
         mask = ar[None, :] < lens[:, None]                        # (B, T)
         rows = (starts[:, None] + ar[None, :]).clamp(max=self.q_x.shape[0] - 1)
-        x = self.q_x[rows]                                        # (B, T, L, E)
+        x = self.q_x[rows.to(self.q_x.device)]                    # (B, T, L, E)
         return x.permute(2, 0, 1, 3), mask
 
 
@@ -295,6 +314,10 @@ def train_router(proj: RouterProjections, train: Features, held_out: Features | 
         train = train.layer_subset(proj.layers)
     if held_out is not None and tuple(held_out.layers) != proj.layers:
         held_out = held_out.layer_subset(proj.layers)
+    if dev.type == "cuda":  # gather the step's chunks / query rows on the GPU if the arrays fit it
+        need = (train.x_chunks.numel() * train.x_chunks.element_size() + train.q_x.numel() * train.q_x.element_size())
+        if need < 0.6 * torch.cuda.mem_get_info(dev)[0]:
+            train = train.to(dev)
     L, N = len(proj.layers), train.n_docs
     gen = torch.Generator().manual_seed(cfg.seed)
     opt = torch.optim.AdamW(proj.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -341,11 +364,8 @@ def train_router(proj: RouterProjections, train: Features, held_out: Features | 
             cdocs = torch.tensor(sorted(cand), dtype=torch.int64)
             local = {d: j for j, d in enumerate(cdocs.tolist())}
             # 2. gather their chunks: (L, Cc, E) and local chunk → candidate map
-            offs = train.doc_chunk_offsets
-            ranges = [torch.arange(int(offs[d]), int(offs[d + 1])) for d in cdocs.tolist()]
-            cidx = torch.cat(ranges)
-            cdoc = torch.repeat_interleave(torch.arange(len(ranges)), torch.tensor([len(r) for r in ranges]))
-            xc = train.x_chunks[:, cidx].to(dev)
+            cidx, cdoc = train.chunks_of(cdocs)
+            xc = train.x_chunks[:, cidx.to(train.x_chunks.device)].to(dev)
             qx, qmask = train.query_batch(bidx)
             pos = torch.zeros(len(bidx), len(cdocs), dtype=torch.bool)
             for b, i in enumerate(bidx.tolist()):
@@ -366,7 +386,8 @@ def train_router(proj: RouterProjections, train: Features, held_out: Features | 
             loss.backward()
             opt.step()
             sched.step()
-            losses.append(float(loss.detach()))
+            losses.append(loss.detach())                   # no host sync per step
         with torch.no_grad():
-            record(epoch, float(np.mean(losses)) if losses else float("nan"), time.perf_counter() - t0)
+            mean = float(torch.stack(losses).double().mean()) if losses else float("nan")
+            record(epoch, mean, time.perf_counter() - t0)
     return history

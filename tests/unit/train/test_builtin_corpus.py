@@ -118,3 +118,50 @@ def test_cli_builtin_option_errors_and_command_line(tmp_path):
     assert cmd.endswith("--layer-loss sum")
     bad = CliRunner().invoke(app, ["train-router", "--layer-loss", "all", "--out", str(tmp_path / "r"), "--json"])
     assert bad.exit_code == 2 and "layer_loss" in bad.output and not (tmp_path / "r").exists()
+
+
+def _module(path, docs):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = [f'"""{docs[0]}"""', ""] + [f'def f{i}():\n    """{d}"""\n' for i, d in enumerate(docs[1:])]
+    path.write_text("\n".join(body))
+
+
+def test_package_docstrings_skips_tests_vendored_duplicates_and_caps_packages(tmp_path):
+    long = lambda tag: f"{tag} explains what the function does and why it does it that way. " * 4  # noqa: E731
+    _module(tmp_path / "alpha" / "core.py", [long("Alpha module"), long("Alpha f0"), long("Shared text"), "short"])
+    _module(tmp_path / "alpha" / "tests" / "test_core.py", [long("Alpha test")])
+    _module(tmp_path / "alpha" / "_vendor" / "six.py", [long("Vendored")])
+    _module(tmp_path / "beta" / "a.py", [long("Beta a"), long("Shared text")])     # duplicate of alpha's
+    _module(tmp_path / "beta" / "b.py", [long("Beta b")])
+    _module(tmp_path / "gamma.py", [long("Gamma single-module package")])
+    (tmp_path / "broken.py").write_text("def (:\n")                                # unparsable: skipped
+
+    docs = corpus.package_docstrings(tmp_path)
+    names = [s for s, _ in docs]
+    assert names == ["packages/alpha/core.py:<module>", "packages/alpha/core.py:f0", "packages/alpha/core.py:f1",
+                     "packages/beta/a.py:<module>", "packages/beta/b.py:<module>", "packages/gamma.py:<module>"]
+    assert sum("Shared text" in d for _, d in docs) == 1                           # exact duplicate dropped
+    assert docs == corpus.package_docstrings(tmp_path)                             # deterministic
+    # a package stops contributing once it has given max_chars_per_package characters
+    capped = [s for s, _ in corpus.package_docstrings(tmp_path, max_chars_per_package=250)]
+    assert capped == ["packages/alpha/core.py:<module>", "packages/beta/a.py:<module>", "packages/gamma.py:<module>"]
+    assert "packages" in recipe.BUILTIN_SOURCES
+
+
+def test_installed_packages_lists_distributions(tmp_path):
+    info = tmp_path / "frob-1.2.3.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: frob\nVersion: 1.2.3\n")
+    assert corpus.installed_packages(tmp_path) == ["frob==1.2.3"]
+    assert any(p.startswith("torch==") for p in corpus.installed_packages())
+
+
+def test_fact_maker_names_outlast_a_large_corpus():
+    """~42k facts (a 70k-passage corpus at p_fact 0.6) need more than the 23,520 names of 2-3
+    syllable words: the maker moves on to 4 syllables instead of failing."""
+    from msa_memory.train.pairs import FactMaker
+
+    fm = FactMaker("train", 0)
+    names = [fm._name() for _ in range(30_000)]
+    assert len(set(names)) == 30_000
+    assert max(len(n.split()[1]) for n in names) > max(len(n.split()[1]) for n in names[:10_000])

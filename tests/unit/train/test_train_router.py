@@ -258,6 +258,41 @@ def test_passage_features_equal_encoder_router_inputs(tiny_loaded):
     assert np.array_equal(np.bincount(chunk_doc.numpy()), enc.n_chunks)
 
 
+def test_training_on_given_features_equals_training_from_pairs(tiny_loaded, tmp_path):
+    """run_training(features=...) (what benchmarks/device_train.py runs on a GPU over features it
+    extracted from pre-tokenized pairs) saves the same adapter as run_training on the pairs."""
+    from msa_memory.encode import RouterAdapter
+    from msa_memory.train.features import extract_passage_tokens, extract_query_tokens, query_tokens
+    from msa_memory.train.pairs import PairSet, Query
+    from msa_memory.train.recipe import run_training
+
+    def pairs(lo, hi):
+        ps = PairSet(passages=TEXTS[lo:hi], sources=[f"t{i}" for i in range(lo, hi)])
+        ps.queries = [Query(f"fox number {i} river", (i - lo,), "fact" if i % 2 else "ict") for i in range(lo, hi)]
+        return ps
+
+    train, dev = pairs(0, 9), pairs(9, 12)
+    cfg = TrainConfig(epochs=2, batch_size=4, lr=1e-2, seed=0, n_random=4, hard_source="routing", n_hard=2)
+    fresh = lambda: tiny_loaded.with_router(  # noqa: E731  (run_training swaps in its candidate subset)
+        RouterAdapter.from_model_qk(tiny_loaded.hf_model, tiny_loaded.router.config, warn=False))
+    common = dict(candidate_layers=(1, 2), max_layers=2, config=cfg, command="t", log=lambda s: None,
+                  dev_distractors=True)
+    a = run_training(out=tmp_path / "pairs", train_pairs=train, dev_pairs=dev, loaded=fresh(), **common)
+
+    def feats(ps):
+        seqs = [tiny_loaded.wrap_ids(t, i) for i, t in enumerate(ps.passages)]
+        x, cd = extract_passage_tokens(tiny_loaded, seqs)
+        qx, qoff = extract_query_tokens(tiny_loaded, [query_tokens(tiny_loaded.tokenizer, q.text) for q in ps.queries])
+        return Features(tiny_loaded.router_layers, x, cd, len(seqs), qx, qoff, [q.positives for q in ps.queries],
+                        [q.kind for q in ps.queries])
+
+    b = run_training(out=tmp_path / "feats", features=(feats(train), feats(dev)), loaded=fresh(), **common)
+    assert (a["train"], a["dev"]) == (b["train"], b["dev"]) == (train.counts(), dev.counts())
+    assert a["router_layers"] == b["router_layers"] and a["router_id"] == b["router_id"]
+    ta, tb = (RouterAdapter.load(tmp_path / n).state_tensors() for n in ("pairs", "feats"))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
 def test_query_features_are_text_mode_routing_rows(tiny_loaded):
     from msa_memory.train.features import extract_queries, query_tokens
 
@@ -472,3 +507,18 @@ def test_cli_train_router_and_reindex(tmp_path):
 
     bad = CliRunner().invoke(app, ["train-router", "--pairs", "x.jsonl", "--out", str(tmp_path / "r2"), "--json"])
     assert bad.exit_code == 2 and "--pairs needs --store" in bad.output
+
+
+def test_chunks_of_equals_the_per_passage_ranges():
+    """Features.chunks_of (the vectorised gather of a training step) == concatenated per-passage ranges."""
+    rng = np.random.default_rng(0)
+    counts = rng.integers(1, 5, 40)
+    cd = torch.repeat_interleave(torch.arange(40), torch.as_tensor(counts))
+    f = Features((0,), torch.zeros(1, len(cd), 2), cd, 40, torch.zeros(3, 1, 2), torch.tensor([0, 3]), [(0,)])
+    docs = torch.tensor(sorted(rng.choice(40, 17, replace=False).tolist()))
+    cidx, owner = f.chunks_of(docs)
+    offs = f.doc_chunk_offsets
+    ranges = [torch.arange(int(offs[d]), int(offs[d + 1])) for d in docs.tolist()]
+    assert torch.equal(cidx, torch.cat(ranges))
+    assert torch.equal(owner, torch.repeat_interleave(torch.arange(len(ranges)), torch.tensor([len(r) for r in ranges])))
+    assert torch.equal(cd[cidx], docs[owner])

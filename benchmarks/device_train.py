@@ -1,0 +1,220 @@
+"""`msa train-router` on a lent GPU that cannot install the model package (issue 6 tooling).
+
+The lent GPU machine has no PyPI and takes ~64 MB of files a call, less than the 253 MB GGUF, so
+``msa train-router --device cuda`` cannot load the default model there. Router training needs the
+backbone only to extract the frozen router inputs (``train.features``), and those need only the
+blocks up to the last candidate layer and the embedding rows of the tokens actually fed. So:
+
+1. ``prepare`` (here, CPU): builds the train / dev pairs exactly as ``msa train-router`` does for
+   the same options (``cli_support.train_router_from_cli`` → ``recipe.builtin_pairs``), mines
+   the BM25 hard negatives (``recipe.bm25_hard_negatives``), tokenizes the passages
+   (``LoadedModel.wrap_ids``) and the queries (``features.query_tokens``), and writes into
+   ``--carry``: the device pack (``device_pack.make_pack``: the GGUF's own blocks
+   0..max candidate layer, bit-identical once de-quantised, + the embedding rows of every token
+   used), ``data.npz`` (compact token ids, positives, kinds, hard negatives) and ``meta.json`` (the
+   equivalent ``msa train-router`` command, the router config, the model fingerprint, the
+   installed-package list the ``packages`` source read).
+2. ``gpu`` (there, with ``--carry`` carried and the ``gguf`` wheel installed): loads the pack,
+   builds the untrained template adapter from the pack's own q/k projections
+   (``RouterAdapter.from_model_qk``, as ``load_model`` does), extracts the features with the
+   encoder's own forward (``features.extract_passage_tokens`` / ``extract_query_tokens``, bf16),
+   and runs ``recipe.run_training`` on CUDA with them (``features=``): same trainer, same layer
+   selection, same saved adapter files, into ``$OUT/adapter``.
+
+The result is what ``msa train-router ... --device cuda`` gives on a CUDA machine with the
+package installed, up to GPU arithmetic order; ``meta.json`` → ``command`` is that line.
+Benchmark tooling, not product code.
+
+Usage::
+
+    python benchmarks/device_train.py prepare --carry .devcarry/train --builtin stdlib,man,packages \\
+        --layers 1,2,3,4,5 --max-layers 2 --epochs 6 ...          # the msa train-router options
+    # there:
+    python benchmarks/device_train.py gpu --carry .devcarry/train     # writes $OUT/adapter
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+_KINDS = ("ict", "fact", "user")
+
+
+def _flat(seqs) -> tuple[np.ndarray, np.ndarray]:
+    flat = np.concatenate([np.asarray(s, dtype=np.int64) for s in seqs]) if seqs else np.zeros(0, np.int64)
+    return flat, np.concatenate([[0], np.cumsum([len(s) for s in seqs])]).astype(np.int64)
+
+
+def _split(flat: np.ndarray, off: np.ndarray) -> list[np.ndarray]:
+    return [flat[off[i]:off[i + 1]] for i in range(len(off) - 1)]
+
+
+def train_command(a) -> str:
+    """The ``msa train-router`` line these options stand for (what a CUDA host with the package runs)."""
+    parts = ["msa train-router", f"--out {a.out_name}", f"--builtin {a.builtin}", "--model default",
+             f"--layers {a.layers}", f"--max-layers {a.max_layers}", f"--epochs {a.epochs}",
+             f"--batch-size {a.batch_size}", f"--lr {a.lr:g}", f"--n-train {a.n_train}", f"--n-dev {a.n_dev}",
+             f"--max-chars {a.max_chars}", f"--seed {a.seed}", "--device cuda", f"--negatives {a.negatives}",
+             f"--cloze-remove {a.cloze_remove:g}"]
+    parts += ["--dev-distractors"] if a.dev_distractors else []
+    parts += ["--bf16"] if a.bf16 else []
+    parts += [f"--layer-loss {a.layer_loss}"] if a.layer_loss != "each" else []
+    return " ".join(parts)
+
+
+def prepare(a) -> None:
+    import device_pack
+    import torch
+
+    from msa_memory.train.cli_support import parse_layers
+    from msa_memory.encode import load_model
+    from msa_memory.train.corpus import installed_packages
+    from msa_memory.train.features import query_tokens
+    from msa_memory.train.recipe import bm25_hard_negatives, builtin_pairs
+    from msa_memory.train.trainer import TrainConfig
+
+    t0 = time.perf_counter()
+    cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed, device="cuda",
+                      n_random=a.negatives, bf16=a.bf16, layer_loss=a.layer_loss)
+    layers = parse_layers(a.layers)
+    train, dev = builtin_pairs(a.n_train, a.n_dev, seed=a.seed, max_chars=a.max_chars,
+                               sources=tuple(s.strip() for s in a.builtin.split(",") if s.strip()),
+                               p_remove=a.cloze_remove)
+    print(f"pairs: train {train.counts()}, dev {dev.counts()} ({time.perf_counter() - t0:.0f}s)", flush=True)
+    hard = bm25_hard_negatives(train.passages, train.queries, cfg.n_hard) if cfg.n_hard else []
+    print(f"bm25 hard negatives ({time.perf_counter() - t0:.0f}s)", flush=True)
+    loaded = load_model("default", router_layers=layers, dtype=torch.float32)
+    tok = loaded.tokenizer
+    sets = {}
+    for name, ps in (("train", train), ("dev", dev)):
+        seqs = [loaded.wrap_ids(p, i) for i, p in enumerate(ps.passages)]
+        qt = [query_tokens(tok, q.text) for q in ps.queries]
+        sets[name] = (seqs, qt, ps)
+    used = np.unique(np.concatenate([np.concatenate([np.asarray(s) for s in seqs] + [np.asarray(t) for t, _ in qt])
+                                     for seqs, qt, _ in sets.values()]))
+    carry = Path(a.carry)
+    carry.mkdir(parents=True, exist_ok=True)
+    info = device_pack.make_pack(carry / "pack", max(layers), used, last_norm_only=True, last_keep_qk=True)
+    dt = np.uint16 if len(used) <= 1 << 16 else np.int32
+    arrays = {}
+    for name, (seqs, qt, ps) in sets.items():
+        p_flat, p_off = _flat(seqs)
+        q_flat, q_off = _flat([t for t, _ in qt])
+        pos_flat, pos_off = _flat([q.positives for q in ps.queries])
+        arrays |= {f"{name}_p": device_pack.remap(p_flat, used).astype(dt), f"{name}_p_off": p_off,
+                   f"{name}_q": device_pack.remap(q_flat, used).astype(dt), f"{name}_q_off": q_off,
+                   f"{name}_q_skip": np.array([s for _, s in qt], dtype=np.int8),
+                   f"{name}_pos": pos_flat.astype(np.int32), f"{name}_pos_off": pos_off,
+                   f"{name}_kind": np.array([_KINDS.index(q.kind) for q in ps.queries], dtype=np.int8)}
+    if hard:
+        arrays["train_hard"] = np.array([list(h) + [-1] * (cfg.n_hard - len(h)) for h in hard], dtype=np.int32)
+    np.savez_compressed(carry / "data.npz", **arrays)
+    meta = {"command": train_command(a), "prepared_by": "benchmarks/device_train.py prepare " + " ".join(
+                shlex.quote(x) for x in sys.argv[2:]),
+            "layers": list(layers), "max_layers": a.max_layers, "dev_distractors": a.dev_distractors,
+            "config": {k: getattr(cfg, k) for k in ("epochs", "batch_size", "lr", "seed", "n_random", "bf16",
+                                                    "layer_loss", "n_hard", "hard_source", "tau")},
+            "router_config": loaded.router.config.to_dict(), "model_name": loaded.name,
+            "model_fingerprint": loaded.model_fingerprint, "train": train.counts(), "dev": dev.counts(),
+            "python": platform.python_version(), "packages": installed_packages(), "pack": info}
+    (carry / "meta.json").write_text(json.dumps(meta, indent=1))
+    sizes = {str(p.relative_to(carry)): p.stat().st_size for p in carry.rglob("*") if p.is_file()}
+    print(json.dumps({"prepare_seconds": round(time.perf_counter() - t0), "files": sizes,
+                      "vocab": int(len(used)), "train": train.counts(), "dev": dev.counts()}))
+
+
+def gpu(a) -> None:
+    import device_pack
+    import torch
+
+    from msa_memory.encode import RouterAdapter, RouterConfig
+    from msa_memory.encode.model import LoadedModel
+    from msa_memory.train.features import extract_passage_tokens, extract_query_tokens
+    from msa_memory.train.recipe import run_training
+    from msa_memory.train.trainer import Features, TrainConfig
+
+    t0 = time.perf_counter()
+    carry = Path(a.carry)
+    meta = json.loads((carry / "meta.json").read_text())
+    d = np.load(carry / "data.npz")
+    dev = torch.device(a.device)
+    model, _ = device_pack.load_pack(carry / "pack", a.device)
+    rc = RouterConfig.from_dict(meta["router_config"])
+    template = RouterAdapter.from_model_qk(model, rc, warn=False).to(dev)
+    loaded = LoadedModel(name=meta["model_name"] + " (device pack)", hf_model=model, tokenizer=None,
+                         router=template, wrap="plain", model_fingerprint=meta["model_fingerprint"])
+    feats = {}
+    for name in ("train", "dev"):
+        seqs = [s.astype(np.int64).tolist() for s in _split(d[f"{name}_p"], d[f"{name}_p_off"])]
+        qt = [(q.astype(np.int64).tolist(), int(s)) for q, s in
+              zip(_split(d[f"{name}_q"], d[f"{name}_q_off"]), d[f"{name}_q_skip"])]
+        x, chunk_doc = extract_passage_tokens(loaded, seqs, max_batch_tokens=a.batch_tokens)
+        qx, qoff = extract_query_tokens(loaded, qt, max_batch_tokens=a.batch_tokens)
+        pos = [tuple(int(v) for v in p) for p in _split(d[f"{name}_pos"], d[f"{name}_pos_off"])]
+        hard = ([tuple(int(v) for v in row if v >= 0) for row in d["train_hard"]]
+                if name == "train" and "train_hard" in d else [])
+        feats[name] = Features(tuple(rc.router_layers), x, chunk_doc, len(seqs), qx, qoff, pos,
+                               [_KINDS[k] for k in d[f"{name}_kind"]], hard)
+        print(f"features {name}: {len(seqs)} passages, {x.shape[1]} chunks, {len(qt)} queries "
+              f"({time.perf_counter() - t0:.0f}s)", flush=True)
+    t_feat = time.perf_counter() - t0
+    cfg = TrainConfig(**meta["config"], device=a.device)
+    out = Path(os.environ.get("OUT", ".")) / "adapter"
+    summary = run_training(out=out, candidate_layers=tuple(meta["layers"]), max_layers=meta["max_layers"],
+                           config=cfg, device=a.device, command=meta["command"], log=lambda s: print(s, flush=True),
+                           loaded=loaded, dev_distractors=meta["dev_distractors"],
+                           features=(feats["train"], feats["dev"]))
+    rec = json.loads((out / "training.json").read_text())
+    rec |= {"ran_as": "benchmarks/device_train.py gpu (features from the device pack, pre-tokenized here)",
+            "prepared_by": meta["prepared_by"], "device": torch.cuda.get_device_name(0) if dev.type == "cuda"
+            else "cpu", "torch": torch.__version__, "feature_seconds": round(t_feat, 1),
+            "python_of_data": meta["python"], "packages_of_data": meta["packages"]}
+    (out / "training.json").write_text(json.dumps(rec, indent=1, sort_keys=True))
+    print(json.dumps({"router_id": summary["router_id"], "router_layers": summary["router_layers"],
+                      "dev_recall": summary["dev_recall"], "seconds": summary["seconds"],
+                      "feature_seconds": round(t_feat, 1)}, default=str))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("step", choices=("prepare", "gpu"))
+    ap.add_argument("--carry", default=str(ROOT / ".devcarry" / "train"))
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--batch-tokens", type=int, default=65536)
+    # the msa train-router options (prepare)
+    ap.add_argument("--out-name", default="gemma3-270m-router", help="the --out the recorded command names")
+    ap.add_argument("--builtin", default="stdlib")
+    ap.add_argument("--layers", default="1,5")
+    ap.add_argument("--max-layers", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--lr", type=float, default=0.005)
+    ap.add_argument("--n-train", type=int, default=0)
+    ap.add_argument("--n-dev", type=int, default=400)
+    ap.add_argument("--max-chars", type=int, default=800)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--negatives", type=int, default=256)
+    ap.add_argument("--cloze-remove", type=float, default=0.9)
+    ap.add_argument("--dev-distractors", action="store_true")
+    ap.add_argument("--bf16", action="store_true")
+    ap.add_argument("--layer-loss", default="each")
+    a = ap.parse_args(argv)
+    {"prepare": prepare, "gpu": gpu}[a.step](a)
+
+
+if __name__ == "__main__":
+    main()
