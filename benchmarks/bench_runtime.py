@@ -18,6 +18,10 @@ Regimes and ceilings (every baseline is measured in the same run, on the same de
    ``Memory`` uses: fused scores + the Triton document max / top-k, ``routing_triton.doc_max_topk``).
    On a CPU with bf16 units (keys resident in bf16) each row also times the same keys resident in
    fp32 (``fp32_resident``: ``RoutingConfig(compute_dtype="float32")``, what CPUs without them keep).
+   On a CPU with AVX512-BF16 ``route`` is the default path there: blocked bf16 keys scored by the
+   AVX512-BF16 kernel (``routing_cpu``; ``layout`` says which layout the row ran on), and ``torch`` times
+   the previous path in the same run: the same bf16 keys chunk-minor, scored with torch GEMMs
+   (``RoutingConfig(cpu_kernel=False)``, what runs where the kernel is off or cannot be built).
 2. fetch — K̄V̄ of the top-16 documents (all router layers) from host memory to the device. Ours:
    one gather into a (pinned) staging buffer + ONE copy (``ContentMemory``). Baseline: the reference
    pattern, one small copy per document per layer per K/V tensor. Target on GPU: ≤ 2 ms.
@@ -153,7 +157,7 @@ def bench_routing(dev: torch.device, chunks: list[int], q_tokens: list[int], til
         index = RouterIndex([keys], chunk_doc, np.arange(n_docs), base, device=dev)
         del keys
         if flops is None:
-            flops = gemm_flops(dev, index.keys[0].dtype)
+            flops = gemm_flops(dev, index.key_dtype)
         key_bytes = index.nbytes()
         floor = key_bytes / bw
         queries = []
@@ -163,7 +167,7 @@ def bench_routing(dev: torch.device, chunks: list[int], q_tokens: list[int], til
             row = {"chunks": C, "q_tokens": T, "floor_ms": floor * 1e3, "compute_floor_ms": cfloor * 1e3,
                    "latency_floor_ms": lat * 1e3,
                    "key_MB": key_bytes / 1e6, "copy_GBps": bw / 1e9, "gemm_GFLOPs": flops / 1e9,
-                   "resident_dtype": str(index.keys[0].dtype)}
+                   "resident_dtype": str(index.key_dtype), "layout": index.layout}
             for name, v in _variants(dev, T).items():
                 index.config = dataclasses.replace(base, **v["cfg"])
                 t = timeit(lambda v=v, ix=index, q=q: ix.route(0, q, path=v["path"]), dev, rounds=25 if dev.type == "cuda" else (5 if C < 10**6 else 3), warmup=5 if dev.type == "cuda" else 2)
@@ -175,7 +179,19 @@ def bench_routing(dev: torch.device, chunks: list[int], q_tokens: list[int], til
                        achieved_GBps=key_bytes / t / 1e9)
             out.append(row)
             queries.append(q)
-        if dev.type == "cpu" and index.keys[0].dtype != torch.float32:
+        rounds = 5 if C < 10**6 else 3
+        if dev.type == "cpu" and index.layout == "blocked":
+            # baseline: the previous torch path on the same bf16 keys (chunk-minor, torch GEMMs), timed after the
+            # blocked index is freed (two resident copies slowed both by up to 1.5x on this VM)
+            kb = index.keys[0]
+            del index
+            index = RouterIndex([kb], chunk_doc, np.arange(n_docs), dataclasses.replace(base, cpu_kernel=False),
+                                device=dev)
+            del kb
+            for row, q in zip(out[-len(queries):], queries):
+                t = timeit(lambda ix=index, q=q: ix.route(0, q), dev, rounds=rounds, warmup=2)
+                row.update(torch_ms=t * 1e3, torch_x_bound=t * 1e3 / max(row["floor_ms"], row["compute_floor_ms"]))
+        if dev.type == "cpu" and index.key_dtype != torch.float32:
             # baseline: the same keys resident in fp32 (what a CPU without bf16 units keeps), timed after
             # the bf16 index is freed (two resident copies slowed both by up to 1.5x on this VM)
             k32 = index.keys[0].float()
@@ -523,14 +539,19 @@ def main() -> None:
               f"{rr[0]['gemm_GFLOPs']:.0f} GFLOP/s ({rd} matmul); × bound = route ÷ the larger floor; "
               f"round trip = {rr[0]['latency_floor_ms'] * 1e3:.1f} µs (one graph replay + 128 B to pinned host + "
               "sync), × rt = route ÷ the largest of the three")
-        extra = [n for n in ("eager", "graph", "graph_triton", "fp32_resident") if any(f"{n}_ms" in r for r in rr)]
+        extra = [n for n in ("eager", "graph", "graph_triton", "torch", "fp32_resident") if any(f"{n}_ms" in r for r in rr)]
+        if any("torch_ms" in r for r in rr):
+            print(f"# route = {rr[0]['layout']} bf16 keys, AVX512-BF16 kernel; torch = the previous path in this run "
+                  "(chunk-minor bf16 keys, torch GEMMs: RoutingConfig(cpu_kernel=False)); torch × = torch ÷ the larger floor")
         print(f"{'chunks':>10} {'T':>4} {'route ms':>10} {'bw floor':>9} {'× bw':>7} {'cmp floor':>9} {'× cmp':>7} "
-              f"{'× bound':>8} {'× rt':>6} {'GB/s':>8}" + "".join(f" {n + ' ms':>15}" for n in extra))
+              f"{'× bound':>8} {'× rt':>6} {'GB/s':>8}" + "".join(f" {n + ' ms':>15}" for n in extra)
+              + (f" {'torch ×':>8}" if "torch" in extra else ""))
         for r in rr:
             print(f"{r['chunks']:>10} {r['q_tokens']:>4} {r['route_ms']:>10.3f} {r['floor_ms']:>9.3f} {r['x_floor']:>7.2f} "
                   f"{r['compute_floor_ms']:>9.3f} {r['x_compute_floor']:>7.2f} {r['x_bound']:>8.2f} "
                   f"{r['x_bound_latency']:>6.2f} {r['achieved_GBps']:>8.1f}"
-                  + "".join(f" {r[n + '_ms']:>15.3f}" if n + "_ms" in r else f" {'-':>15}" for n in extra))
+                  + "".join(f" {r[n + '_ms']:>15.3f}" if n + "_ms" in r else f" {'-':>15}" for n in extra)
+                  + (f" {r['torch_x_bound']:>8.2f}" if "torch_x_bound" in r else ""))
     if results.get("triton_sweep"):
         print("\n# fused Triton kernel configs at 1.56M chunks × T rows (bf16) vs torch")
         for r in results["triton_sweep"]:

@@ -10,8 +10,11 @@ Design note. This is msa-reference.md §3.3–3.4 as one function per router lay
 
 ``score="dot"`` is the reference inference path (raw dot · 1/√D, nothing normalized);
 ``score="cosine"`` is the paper / training path (q and K̄ᵣ L2-normalized per head, scale 1).
-Keys stay resident on the device as ONE tensor per router layer, viewed as (C, G, Dk) on GPUs; on CPU
-the tensor is stored chunk-minor, (H, D, C), and ``keys[layer]`` is a (C, H, D) view of it.
+Keys stay resident on the device as ONE tensor per router layer (``RouterIndex.layout``): row-major,
+viewed as (C, G, Dk), on GPUs; on CPU bf16 keys are stored blocked, (⌈C/32⌉, H, D/2, 32, 2), and
+scored by the AVX512-BF16 kernel of ``routing_cpu`` where the CPU has it (and ``cpu_kernel`` /
+``MSA_CPU_KERNEL`` leave it on), other CPU keys chunk-minor, (H, D, C). ``keys[layer]`` is a (C, H, D)
+view (a row-major copy for blocked keys).
 
 The query becomes one left operand ``lhs`` (G, R, Dk) (:func:`prepare_lhs`): head-mean folds the
 heads of each group into the query (mean_h <q_h, k_g(h)> = Σ_g <mean-of-group q, k_g> · H/Hq), so
@@ -22,6 +25,14 @@ head/query reduce in the same tile, and become a GEMV when R = G = 1 (query "las
 query-mean). On CPU the chunk-minor GEMV streams the keys on both cores (MKL's row-major GEMV runs on
 one: 2.7× slower at 1M chunks) and CPU tiles keep the GEMM output cache-sized (2 MiB). Peak memory is
 bounded by tile × rows, never by C. The tile loop is the eager path, the reference for the others:
+
+- CPU, blocked bf16 keys: ``routing_cpu.score_blocked`` streams the keys once (each block of 32 chunks
+  is one contiguous run; a 64-byte line is the chunk × dim-pair operand of ``_mm512_dpbf16_ps``), with
+  fp32 accumulation, the head/query reduce fused and every torch thread. It replaces the torch GEMMs,
+  whose one-row and skinny bf16 cases ran far off the floors (1M chunks, 2-core AVX512-BF16 VM: see
+  :func:`score_tile_cm` and ``benchmarks/results/bench_runtime_cpu.json``). ``kernel="torch"`` scores
+  row-major tiles unpacked from the blocks (the reference; slow); if the kernel fails, the index moves
+  its keys to the chunk-minor layout once and continues on the torch path.
 
 - CUDA: :meth:`RouterIndex.route` replays the whole route of a layer (score + reduces + top-k) as a
   CUDA graph cached per (layer, T, k, dtype) with ONE device→host copy of (scores, indices)
@@ -111,6 +122,10 @@ class RoutingConfig:
     fused_topk: bool = True
     """On CUDA with triton, chunk-reduce max over a sorted chunk → document map: the document max and the
     top-k as two Triton launches (``routing_triton.doc_max_topk``) instead of about ten torch kernels."""
+    cpu_kernel: bool = True
+    """On CPUs with AVX512-BF16, keep bf16 keys in the blocked layout and score them with the AVX512-BF16
+    kernel (``routing_cpu``; built at first use, ``MSA_CPU_KERNEL=0`` turns it off everywhere). False: the
+    chunk-minor layout and the torch GEMM path."""
     compute_dtype: str = "auto"
     """Dtype of the resident keys and the score GEMM: ``"auto"`` keeps the stored dtype on GPUs and on
     CPUs with native bf16 (AMX / AVX512-BF16) and widens bf16/fp16 keys to float32 once, at load, on
@@ -280,6 +295,14 @@ def score_tile_cm(lhs: torch.Tensor, kt: torch.Tensor, plan: ScorePlan, out: tor
     Multi-row queries: below ``_CM_TALL_MIN_ROWS`` rows the GEMM writes (R, t) (the query max is then
     an elementwise max of rows), from it on (t, R) (measured at 1M chunks: R = 2 82 vs 328 ms, R = 16
     122 vs 174 ms, R = 256 1039 vs 1121 ms, the better one chosen).
+
+    On CPUs with AVX512-BF16, bf16 keys do not come here: :class:`RouterIndex` stores them blocked and
+    scores them with ``routing_cpu.score_blocked``, since oneDNN's one-row bf16 GEMM reads only ~9–14 GB/s
+    of 25–29 GB/s copy bandwidth and its skinny GEMMs reach ~85 of ~400 GFLOP/s (``bench_runtime.py``,
+    1M × 256 keys, whole route on the 2-core AVX512-BF16 VM, two quiet runs: T = 1 / 16 / 256 in
+    23.6–24.0 / 30.9–31.0 / 326–339 ms with the kernel against 39.6–59.1 / 80.7–103 / 462–507 ms with
+    the GEMMs here). This remains the path of fp32 / fp16 keys, and of bf16 keys where the kernel is off
+    (``RoutingConfig.cpu_kernel``, ``MSA_CPU_KERNEL=0``) or cannot be built.
     """
     import torch
 
@@ -377,20 +400,34 @@ class RouterIndex:
         if self.n_chunks and (chunk_doc_np.min() < 0 or chunk_doc_np.max() >= self.n_docs):
             raise ConfigError(f"chunk_doc must index 0..{self.n_docs - 1}, got range "
                               f"[{chunk_doc_np.min()}, {chunk_doc_np.max()}].")
-        self.keys: list[torch.Tensor] = []
+        self._keys: list[torch.Tensor] = []     # (C, H, D) views of the storage (rows, chunk-minor layouts)
+        self._shapes: list[tuple[int, int, int]] = []
         self._chunk_minor = self.device.type == "cpu"
         self._keys_cm: list[torch.Tensor] = []
+        self._keys_blk: list[torch.Tensor] = []  # blocked (nb, H, D/2, 32, 2) bf16: the AVX512-BF16 kernel's layout
+        resident = []
         for i, k in enumerate(keys):
             if k.dim() != 3 or k.shape[0] != self.n_chunks:
                 raise ConfigError(f"Router keys of layer {i} must be (C={self.n_chunks}, H, D); got {tuple(k.shape)}.")
-            k = k.to(self.device, resident_dtype(k.dtype, self.device, config.compute_dtype))
+            resident.append(resident_dtype(k.dtype, self.device, config.compute_dtype))
+        # CPU + bf16 keys + AVX512-BF16: blocked keys scored by routing_cpu (built here, on first use)
+        self._blocked = bool(self._chunk_minor and config.cpu_kernel and resident
+                             and all(dt == torch.bfloat16 for dt in resident)
+                             and all(k.shape[-1] % 2 == 0 for k in keys) and _cpu_kernel_module() is not None)
+        for k, dt in zip(keys, resident):
+            k = k.to(self.device, dt)
             if config.score == "cosine":  # normalize after pooling, per chunk and head (§3.3 training path)
                 k = torch.nn.functional.normalize(k.float(), dim=-1).to(k.dtype)
-            if self._chunk_minor:   # stored (H, D, C): the score GEMM streams keys as a column-major operand
+            self._shapes.append(tuple(k.shape))
+            if self._blocked:       # (nb, H, D/2, 32, 2): each block of 32 chunks one contiguous run
+                from msa_memory.runtime import routing_cpu
+
+                self._keys_blk.append(routing_cpu.pack_blocked(k))
+            elif self._chunk_minor:   # stored (H, D, C): the score GEMM streams keys as a column-major operand
                 self._keys_cm.append(k.permute(1, 2, 0).contiguous())
-                self.keys.append(self._keys_cm[-1].permute(2, 0, 1))
+                self._keys.append(self._keys_cm[-1].permute(2, 0, 1))
             else:
-                self.keys.append(k.contiguous())
+                self._keys.append(k.contiguous())
         self.chunk_doc = torch.from_numpy(chunk_doc_np).to(self.device)
         counts = np.bincount(chunk_doc_np, minlength=self.n_docs) if self.n_chunks else np.zeros(self.n_docs, np.int64)
         if self.n_docs and counts.min() == 0:
@@ -420,22 +457,50 @@ class RouterIndex:
 
     @property
     def n_layers(self) -> int:
-        return len(self.keys)
+        return len(self._shapes)
+
+    @property
+    def keys(self) -> list[torch.Tensor]:
+        """(C, H, D) resident keys of each router layer: views of the storage on devices and in the
+        chunk-minor CPU layout; with the blocked layout of the CPU kernel (``layout == "blocked"``) each
+        access returns row-major COPIES (for tests and baselines; routing never uses them)."""
+        if self._blocked:
+            from msa_memory.runtime import routing_cpu
+
+            return [routing_cpu.unpack_blocked(b, 0, self.n_chunks) for b in self._keys_blk]
+        return list(self._keys)
+
+    @property
+    def layout(self) -> str:
+        """How the keys are stored: ``"rows"`` (C, H, D) on devices, ``"chunk_minor"`` (H, D, C) on CPU, or
+        ``"blocked"`` (⌈C/32⌉, H, D/2, 32, 2) on CPUs with the AVX512-BF16 kernel (``routing_cpu``)."""
+        return "blocked" if self._blocked else "chunk_minor" if self._chunk_minor else "rows"
+
+    @property
+    def key_dtype(self) -> torch.dtype:
+        """Dtype of the resident keys (the score GEMM's)."""
+        import torch
+
+        stored = self._keys_blk or self._keys
+        return stored[0].dtype if stored else torch.float32
 
     def nbytes(self) -> int:
-        """Bytes of resident router keys (all layers)."""
-        return sum(k.numel() * k.element_size() for k in self.keys)
+        """Bytes of resident router keys (all layers; the blocked layout pads C to a multiple of 32)."""
+        return sum(k.numel() * k.element_size() for k in (self._keys_blk or self._keys))
 
     # ------------------------------------------------------------------ scoring
     def _query(self, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, ScorePlan]:
         """(keys, lhs (G, R, Dk), plan) of one query at one layer, input checked. The keys are viewed
-        (C, G, Dk) on devices and (G, Dk, C) on CPU (chunk-minor storage)."""
+        (C, G, Dk) on devices and (G, Dk, C) on CPU (chunk-minor storage); blocked CPU keys come as stored,
+        (nb, H, D/2, 32, 2)."""
         import torch
 
-        keys = self.keys[layer]
-        C, H, D = keys.shape
+        C, H, D = self._shapes[layer]
         self._check_query(layer, q)
-        lhs, plan = prepare_lhs(q.to(self.device, torch.float32), self.config, H, keys.dtype)
+        lhs, plan = prepare_lhs(q.to(self.device, torch.float32), self.config, H, self.key_dtype)
+        if self._blocked:
+            return self._keys_blk[layer], lhs, plan
+        keys = self._keys[layer]
         if self._chunk_minor:
             kt = self._keys_cm[layer]
             return (kt.view(1, H * D, C) if lhs.shape[0] == 1 else kt), lhs, plan
@@ -443,7 +508,7 @@ class RouterIndex:
         return kv, lhs, plan
 
     def _check_query(self, layer: int, q: torch.Tensor) -> None:
-        _, H, D = self.keys[layer].shape
+        _, H, D = self._shapes[layer]
         if q.dim() != 3 or q.shape[-1] != D or q.shape[1] % H:
             raise ConfigError(f"Router query must be (T, Hq, D={D}) with Hq a multiple of H={H}; got {tuple(q.shape)}.")
         if q.shape[0] == 0:
@@ -465,16 +530,20 @@ class RouterIndex:
 
         ``q`` is (T, Hq, D) router queries of the query tokens (already selected: only routing
         tokens). Hq must be a multiple of the keys' H. ``kernel``: ``"auto"`` (the fused Triton
-        kernel where it applies, see the module note), ``"torch"`` (the eager tile loop) or
-        ``"triton"`` (the fused kernel; ConfigError where it does not apply).
+        kernel where it applies, the AVX512-BF16 CPU kernel for blocked keys, see the module note),
+        ``"torch"`` (the eager tile loop), ``"triton"`` (the fused kernel) or ``"cpu"`` (the CPU
+        kernel); the last two raise ConfigError where they do not apply.
         """
         import torch
 
-        if kernel not in ("auto", "torch", "triton"):
-            raise ConfigError(f"Routing kernel={kernel!r} is not one of 'auto', 'torch', 'triton'.")
+        if kernel not in ("auto", "torch", "triton", "cpu"):
+            raise ConfigError(f"Routing kernel={kernel!r} is not one of 'auto', 'torch', 'triton', 'cpu'.")
         kv, lhs, plan = self._query(layer, q)
         C = self.n_chunks
         out = torch.empty(C, dtype=torch.float32, device=self.device)
+        if kernel == "cpu" and not self._blocked:
+            raise ConfigError("Routing kernel='cpu' needs bf16 keys on a CPU with AVX512-BF16 (layout 'blocked'), "
+                              "RoutingConfig.cpu_kernel and MSA_CPU_KERNEL not 0.")
         use_fused = kernel == "triton" or (kernel == "auto" and self._fused_ok(lhs, plan))
         if use_fused:
             from msa_memory.runtime import routing_triton
@@ -482,9 +551,14 @@ class RouterIndex:
             if plan.query_reduce != "max" or not routing_triton.available():
                 raise ConfigError("The fused Triton kernel needs triton and query_reduce 'max' (or 'last').")
             try:
-                # the kernel reads (C, G, Dk) rows; CPU keys are chunk-minor (only the interpreter runs it there)
-                routing_triton.fused_max_scores(lhs, kv.permute(2, 0, 1).contiguous() if self._chunk_minor else kv,
-                                                out)
+                # the kernel reads (C, G, Dk) rows; CPU keys are chunk-minor or blocked (only the interpreter runs it there)
+                if self._blocked:
+                    rows = self.keys[layer].reshape(C, lhs.shape[0], -1)
+                elif self._chunk_minor:
+                    rows = kv.permute(2, 0, 1).contiguous()
+                else:
+                    rows = kv
+                routing_triton.fused_max_scores(lhs, rows, out)
                 return out
             except Exception as e:
                 if kernel == "triton":
@@ -494,6 +568,10 @@ class RouterIndex:
                 warnings.warn(f"Fused Triton routing kernel failed ({type(e).__name__}: {e}); using the eager path.",
                               RuntimeWarning, stacklevel=2)
                 self._fused_broken = True
+        if self._blocked:
+            if self._blocked_scores(kv, lhs, plan, out, kernel):
+                return out
+            kv, lhs, plan = self._query(layer, q)                      # the kernel failed: now chunk-minor
         tile = int(self.config.tile_chunks)
         G, R = lhs.shape[0], lhs.shape[1]
         if self.device.type == "cpu":   # bound the scratch to a cache-sized tile (see _CPU_SCRATCH_BYTES)
@@ -501,12 +579,7 @@ class RouterIndex:
         scratch = None
         gemv = G == 1 and R == 1 and not (self._chunk_minor and kv.dtype != torch.float32)
         if not gemv and not _capturing(self.device):   # graphs allocate their own (private pool)
-            need = G * min(tile, C) * R
-            scratch = self._scratch.get(kv.dtype)
-            if scratch is None or scratch.numel() < need or scratch.device != self.device:
-                with torch.inference_mode(False):   # a normal tensor: reusable in and outside inference mode
-                    scratch = torch.empty(need, dtype=kv.dtype, device=self.device)
-                self._scratch[kv.dtype] = scratch
+            scratch = self._get_scratch(G * min(tile, C) * R, kv.dtype)
         for start in range(0, C, tile):
             if self._chunk_minor:
                 kt = kv[:, :, start:start + tile]
@@ -515,6 +588,61 @@ class RouterIndex:
                 kt = kv[start:start + tile]
                 score_tile(lhs, kt, plan, out[start:start + kt.shape[0]], scratch)
         return out
+
+    def _get_scratch(self, need: int, dtype: torch.dtype) -> torch.Tensor:
+        import torch
+
+        scratch = self._scratch.get(dtype)
+        if scratch is None or scratch.numel() < need or scratch.device != self.device:
+            with torch.inference_mode(False):   # a normal tensor: reusable in and outside inference mode
+                scratch = torch.empty(need, dtype=dtype, device=self.device)
+            self._scratch[dtype] = scratch
+        return scratch
+
+    def _blocked_scores(self, blk: torch.Tensor, lhs: torch.Tensor, plan: ScorePlan, out: torch.Tensor,
+                        kernel: str) -> bool:
+        """``out`` ← chunk scores from blocked CPU keys with the AVX512-BF16 kernel (``routing_cpu``); True
+        when done. ``kernel="torch"``: the torch tile loop over row-major tiles unpacked from the blocks
+        (``score_tile``, the reference; slow, a copy per tile). Should the kernel fail, the keys move to
+        the chunk-minor layout once (one warning) and False sends this route to the torch path there."""
+        from msa_memory.runtime import routing_cpu
+
+        if kernel != "torch":
+            try:
+                routing_cpu.score_blocked(lhs, blk, plan.T, plan.rep, plan.query_reduce, out)
+                return True
+            except Exception as e:  # noqa: BLE001
+                if kernel == "cpu":
+                    raise
+                import warnings
+
+                warnings.warn(f"AVX512-BF16 routing kernel failed ({type(e).__name__}: {e}); keys move to the "
+                              "chunk-minor layout and routing uses the torch path.", RuntimeWarning, stacklevel=3)
+                self._to_chunk_minor()
+                return False
+        G, R, Dk = lhs.shape
+        C = self.n_chunks
+        tile = max(routing_cpu.BLOCK, min(int(self.config.tile_chunks),
+                                          _CPU_SCRATCH_BYTES // (G * R * blk.element_size())))
+        tile -= tile % routing_cpu.BLOCK
+        scratch = self._get_scratch(G * min(tile, C) * R, blk.dtype)
+        for start in range(0, C, tile):
+            rows = routing_cpu.unpack_blocked(blk, start, min(C, start + tile))           # (t, H, D) copy
+            score_tile(lhs, rows.view(rows.shape[0], G, Dk), plan, out[start:start + rows.shape[0]], scratch)
+        return True
+
+    def _to_chunk_minor(self) -> None:
+        """Move blocked keys to the chunk-minor layout (the torch path's), layer by layer."""
+        from msa_memory.runtime import routing_cpu
+
+        while self._keys_blk:
+            blk = self._keys_blk.pop(0)
+            cm = routing_cpu.unpack_blocked(blk, 0, self.n_chunks).permute(1, 2, 0).contiguous()
+            del blk
+            self._keys_cm.append(cm)
+            self._keys.append(cm.permute(2, 0, 1))
+        self._blocked = False
+        self._scratch.clear()
 
     def _doc_reduce(self, cs: torch.Tensor) -> torch.Tensor:
         import torch
@@ -611,6 +739,13 @@ class RouterIndex:
 
 _CPU_SCRATCH_BYTES = 2 << 20   # CPU score tile: a cache-sized GEMM output (1M chunks, T=256: 2 MiB 1.04 s, 64 MiB 2.6 s)
 _CM_TALL_MIN_ROWS = 16
+
+
+def _cpu_kernel_module() -> Any:
+    """The AVX512-BF16 routing extension, or None (no such CPU, MSA_CPU_KERNEL=0, or no build)."""
+    from msa_memory.runtime import routing_cpu
+
+    return routing_cpu.load()
 
 
 def _capturing(device: Any) -> bool:

@@ -114,14 +114,16 @@ def test_gemv_path_is_taken_for_last_and_folded_mean():
 def test_half_precision_chunk_minor_gemv_equals_formula(qr):
     """bf16 CPU keys with a one-row query (head-mean + last / folded mean / T = 1) take the one-row GEMM
     into the scratch instead of ``torch.mv``; over several tiles it equals the formula on the bf16 keys
-    (scores are rounded to bf16 once, as the GEMM writes them)."""
+    (scores are rounded to bf16 once, as the GEMM writes them). ``cpu_kernel=False``: the chunk-minor torch
+    path even where the AVX512-BF16 kernel would take bf16 keys (test_routing_cpu_kernel.py tests that)."""
     g = torch.Generator().manual_seed(5)
     keys = torch.randn(1000, 1, 64, generator=g).to(torch.bfloat16)
     T = 1 if qr == "max" else 4
     q = torch.randn(T, 4, 64, generator=g)
-    cfg = RoutingConfig(score="dot", head_reduce="mean", query_reduce=qr, tile_chunks=300, compute_dtype="bfloat16")
+    cfg = RoutingConfig(score="dot", head_reduce="mean", query_reduce=qr, tile_chunks=300, compute_dtype="bfloat16",
+                        cpu_kernel=False)
     index = RouterIndex([keys], np.arange(1000) // 10, np.arange(100), cfg)
-    assert index.keys[0].dtype == torch.bfloat16
+    assert index.keys[0].dtype == torch.bfloat16 and index.layout == "chunk_minor"
     want = einsum_chunk_scores(q, keys.float(), "dot", "mean", qr)
     got = index.chunk_scores(0, q)
     torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2)

@@ -1,0 +1,155 @@
+"""CPU routing kernel: bf16 router keys in a blocked layout, scored with AVX512-BF16 (``csrc/routing_cpu.cpp``).
+
+On CPUs with AVX512-BF16, :class:`~msa_memory.runtime.routing.RouterIndex` keeps bf16 keys blocked,
+(nb, H, D/2, 32, 2) (:func:`pack_blocked`): 32 chunks per block, the two dims of each pair side by
+side, so one 64-byte line is the (chunk lane × dim pair) operand of ``_mm512_dpbf16_ps`` and each
+block is one contiguous run. :func:`score_blocked` streams the keys once with fp32 accumulation,
+fuses the head / query reduce and runs on all torch threads (``at::parallel_for``). Every other
+case (fp32 keys, no AVX512-BF16, kernel off or broken) keeps the torch path of ``routing``.
+
+The extension is compiled at first use with ``torch.utils.cpp_extension.load`` (g++ with
+``-mavx512bf16``, ninja) into torch's extension cache (``TORCH_EXTENSIONS_DIR``, default
+``~/.cache/torch_extensions``); later processes reuse the build. ``MSA_CPU_KERNEL=0`` turns it
+off. A missing compiler, ninja or CPU feature, or a failed build, leaves :func:`load` returning
+None after one logged warning, and routing uses the torch path.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["BLOCK", "available", "cpu_supported", "disabled_by_env", "load", "pack_blocked", "score_blocked",
+           "unpack_blocked"]
+
+log = logging.getLogger(__name__)
+
+BLOCK = 32
+"""Chunks per block of the blocked key layout."""
+
+_SOURCE = Path(__file__).with_name("csrc") / "routing_cpu.cpp"
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp"]
+_lock = threading.Lock()
+_module: Any = None
+_tried = False
+
+
+def disabled_by_env() -> bool:
+    """True when ``MSA_CPU_KERNEL`` is set to 0 / false / off / no."""
+    return os.environ.get("MSA_CPU_KERNEL", "1").strip().lower() in ("0", "false", "off", "no")
+
+
+def cpu_supported() -> bool:
+    """True on x86-64 Linux CPUs with AVX512F, AVX512BW and AVX512-BF16 (/proc/cpuinfo flags)."""
+    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return {"avx512f", "avx512bw", "avx512_bf16"} <= flags
+    except OSError:
+        pass
+    return False
+
+
+def load() -> Any:
+    """The compiled extension module, or None where it cannot be used (see the module note).
+
+    Built (or found in the cache) once per process; a failure is logged once and remembered.
+    """
+    global _module, _tried
+    if _tried:
+        return _module
+    with _lock:
+        if _tried:
+            return _module
+        if disabled_by_env() or not cpu_supported():
+            _tried = True
+            return None
+        try:
+            _module = _build()
+        except Exception as e:  # noqa: BLE001  (no compiler / ninja / headers, a failed build: torch path)
+            log.warning("AVX512-BF16 routing kernel unavailable (%s: %s); routing uses the torch path. "
+                        "Set MSA_CPU_KERNEL=0 to skip the build.", type(e).__name__, str(e).strip()[:500])
+            _module = None
+        _tried = True
+    return _module
+
+
+def _build() -> Any:
+    import shutil
+
+    from torch.utils import cpp_extension
+
+    try:   # the ninja wheel's binary: torch looks for `ninja` on PATH, which a venv not activated lacks
+        import ninja
+
+        if shutil.which("ninja") is None:
+            os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
+    return cpp_extension.load(name="msa_routing_cpu", sources=[str(_SOURCE)], extra_cflags=_FLAGS,
+                              extra_ldflags=["-fopenmp"], verbose=False)
+
+
+def available() -> bool:
+    """True when the kernel can be used here (builds it on the first call)."""
+    return load() is not None
+
+
+def _reset_for_tests() -> None:
+    """Forget the cached load result (tests toggle ``MSA_CPU_KERNEL``)."""
+    global _module, _tried
+    with _lock:
+        _module, _tried = None, False
+
+
+def pack_blocked(keys: torch.Tensor) -> torch.Tensor:
+    """(nb, H, D/2, 32, 2) blocked copy of (C, H, D) keys (D even), zero-padded to nb = ⌈C/32⌉ blocks."""
+    import torch
+
+    C, H, D = keys.shape
+    nb = -(-C // BLOCK)
+    out = torch.empty(nb, H, D // 2, BLOCK, 2, dtype=keys.dtype, device=keys.device)
+    full = C // BLOCK
+    step = 8192                                       # blocks per copy: bounds the temporary views' working set
+    for b in range(0, full, step):
+        e = min(full, b + step)
+        out[b:e].copy_(keys[b * BLOCK:e * BLOCK].reshape(e - b, BLOCK, H, D // 2, 2).permute(0, 2, 3, 1, 4))
+    if full < nb:
+        tail = torch.zeros(BLOCK, H, D, dtype=keys.dtype, device=keys.device)
+        tail[:C - full * BLOCK] = keys[full * BLOCK:]
+        out[full].copy_(tail.view(BLOCK, H, D // 2, 2).permute(1, 2, 0, 3))
+    return out
+
+
+def unpack_blocked(blk: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """(stop - start, H, D) row-major copy of chunks ``start:stop`` of blocked keys (``stop`` ≤ C)."""
+    nb, H, P = blk.shape[:3]
+    stop = nb * BLOCK if stop is None else stop
+    b0, b1 = start // BLOCK, -(-stop // BLOCK)
+    rows = blk[b0:b1].permute(0, 3, 1, 2, 4).reshape((b1 - b0) * BLOCK, H, 2 * P)
+    return rows[start - b0 * BLOCK:stop - b0 * BLOCK]
+
+
+def score_blocked(lhs: torch.Tensor, blk: torch.Tensor, T: int, rep: int, query_reduce: str,
+                  out: torch.Tensor) -> None:
+    """``out`` (C,) float32 ← chunk scores of ``lhs`` (G, R, Dk) bf16 against blocked keys ``blk``.
+
+    ``query_reduce`` ``"max"``: the max over all G·R rows; ``"mean"``: the max over the groups and
+    the ``rep`` rows of each of the T tokens (row = t·rep + j), then the mean over tokens (the
+    reduces of ``routing._reduce_rows``). Raises where the kernel is not available.
+    """
+    mod = load()
+    if mod is None:
+        raise RuntimeError("the AVX512-BF16 routing kernel is not available")
+    mod.score_blocked(lhs, blk, int(T), int(rep), 0 if query_reduce == "max" else 1, out)
