@@ -299,8 +299,8 @@ def score_tile_cm(lhs: torch.Tensor, kt: torch.Tensor, plan: ScorePlan, out: tor
     On CPUs with AVX512-BF16, bf16 keys do not come here: :class:`RouterIndex` stores them blocked and
     scores them with ``routing_cpu.score_blocked``, since oneDNN's one-row bf16 GEMM reads only ~9–14 GB/s
     of 25–29 GB/s copy bandwidth and its skinny GEMMs reach ~85 of ~400 GFLOP/s (``bench_runtime.py``,
-    1M × 256 keys, whole route on the 2-core AVX512-BF16 VM, two quiet runs: T = 1 / 16 / 256 in
-    23.6–24.0 / 30.9–31.0 / 326–339 ms with the kernel against 39.6–59.1 / 80.7–103 / 462–507 ms with
+    1M × 256 keys, whole route on the 2-core AVX512-BF16 VM, three quiet runs: T = 1 / 16 / 256 in
+    23.6–25.2 / 30.9–34.9 / 326–355 ms with the kernel against 39.6–59.1 / 77.2–103 / 450–507 ms with
     the GEMMs here). This remains the path of fp32 / fp16 keys, and of bf16 keys where the kernel is off
     (``RoutingConfig.cpu_kernel``, ``MSA_CPU_KERNEL=0``) or cannot be built.
     """

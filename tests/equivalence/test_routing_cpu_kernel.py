@@ -205,6 +205,7 @@ def test_failed_build_logs_one_warning_and_falls_back(fresh_kernel_state, caplog
     def broken_build():
         raise OSError("no g++ here")
 
+    fresh_kernel_state.delenv("MSA_CPU_KERNEL", raising=False)
     fresh_kernel_state.setattr(routing_cpu, "cpu_supported", lambda: True)
     fresh_kernel_state.setattr(routing_cpu, "_build", broken_build)
     with caplog.at_level(logging.WARNING, logger="msa_memory.runtime.routing_cpu"):
