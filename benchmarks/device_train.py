@@ -70,10 +70,21 @@ def train_command(a) -> str:
              f"--batch-size {a.batch_size}", f"--lr {a.lr:g}", f"--n-train {a.n_train}", f"--n-dev {a.n_dev}",
              f"--max-chars {a.max_chars}", f"--seed {a.seed}", "--device cuda", f"--negatives {a.negatives}",
              f"--cloze-remove {a.cloze_remove:g}"]
+    parts += [f"--hard-negatives {a.hard_negatives}"] if a.hard_negatives != "bm25" else []
+    parts += [f"--mine-every {a.mine_every}"] if a.hard_negatives != "bm25" and a.mine_every != 1 else []
     parts += ["--dev-distractors"] if a.dev_distractors else []
     parts += ["--bf16"] if a.bf16 else []
     parts += [f"--layer-loss {a.layer_loss}"] if a.layer_loss != "each" else []
     return " ".join(parts)
+
+
+def train_config(a, device: str = "cuda"):
+    """The ``TrainConfig`` these options stand for (as ``cli_support.train_router_from_cli`` builds it)."""
+    from msa_memory.train.trainer import TrainConfig
+
+    return TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed, device=device,
+                       hard_source=a.hard_negatives, mine_every=a.mine_every, n_random=a.negatives, bf16=a.bf16,
+                       layer_loss=a.layer_loss)
 
 
 def prepare(a) -> None:
@@ -85,17 +96,16 @@ def prepare(a) -> None:
     from msa_memory.train.corpus import installed_packages
     from msa_memory.train.features import query_tokens
     from msa_memory.train.recipe import bm25_hard_negatives, builtin_pairs
-    from msa_memory.train.trainer import TrainConfig
 
     t0 = time.perf_counter()
-    cfg = TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed, device="cuda",
-                      n_random=a.negatives, bf16=a.bf16, layer_loss=a.layer_loss)
+    cfg = train_config(a)
     layers = parse_layers(a.layers)
     train, dev = builtin_pairs(a.n_train, a.n_dev, seed=a.seed, max_chars=a.max_chars,
                                sources=tuple(s.strip() for s in a.builtin.split(",") if s.strip()),
                                p_remove=a.cloze_remove)
     print(f"pairs: train {train.counts()}, dev {dev.counts()} ({time.perf_counter() - t0:.0f}s)", flush=True)
-    hard = bm25_hard_negatives(train.passages, train.queries, cfg.n_hard) if cfg.n_hard else []
+    hard = bm25_hard_negatives(train.passages, train.queries, cfg.n_hard) if cfg.n_hard else []  # also for
+    # --hard-negatives routing|both runs of the gpu step (``--hard-negatives`` there), which add or replace them
     print(f"bm25 hard negatives ({time.perf_counter() - t0:.0f}s)", flush=True)
     loaded = load_model("default", router_layers=layers, dtype=torch.float32)
     tok = loaded.tokenizer
@@ -126,8 +136,6 @@ def prepare(a) -> None:
     meta = {"command": train_command(a), "prepared_by": "benchmarks/device_train.py prepare " + " ".join(
                 shlex.quote(x) for x in sys.argv[2:]),
             "layers": list(layers), "max_layers": a.max_layers, "dev_distractors": a.dev_distractors,
-            "config": {k: getattr(cfg, k) for k in ("epochs", "batch_size", "lr", "seed", "n_random", "bf16",
-                                                    "layer_loss", "n_hard", "hard_source", "tau")},
             "router_config": loaded.router.config.to_dict(), "model_name": loaded.name,
             "model_fingerprint": loaded.model_fingerprint, "train": train.counts(), "dev": dev.counts(),
             "python": platform.python_version(), "packages": installed_packages(), "pack": info}
@@ -138,22 +146,34 @@ def prepare(a) -> None:
 
 
 def gpu(a) -> None:
+    import dataclasses
+
     import device_pack
     import torch
 
     from msa_memory.encode import RouterAdapter, RouterConfig
     from msa_memory.encode.model import LoadedModel
     from msa_memory.train.features import extract_passage_tokens, extract_query_tokens
+    from msa_memory.train.cli_support import parse_layers
     from msa_memory.train.recipe import run_training
-    from msa_memory.train.trainer import Features, TrainConfig
+    from msa_memory.train.trainer import Features
 
     t0 = time.perf_counter()
     carry = Path(a.carry)
     meta = json.loads((carry / "meta.json").read_text())
+    # the prepare step's options, with this step's overrides (options that do not change data.npz)
+    opts = _parser().parse_args(["prepare", *shlex.split(meta["prepared_by"].split(" prepare ", 1)[1])])
+    for k in ("layers", "epochs", "hard_negatives", "mine_every"):
+        if getattr(a, "set_" + k) is not None:
+            setattr(opts, k, getattr(a, "set_" + k))
+    layers = parse_layers(opts.layers)
+    if not set(layers) <= set(meta["layers"]):
+        raise SystemExit(f"--set-layers {opts.layers}: the pack holds layers up to {max(meta['layers'])} only")
+    cfg, command = train_config(opts, a.device), train_command(opts)
     d = np.load(carry / "data.npz")
     dev = torch.device(a.device)
     model, _ = device_pack.load_pack(carry / "pack", a.device)
-    rc = RouterConfig.from_dict(meta["router_config"])
+    rc = dataclasses.replace(RouterConfig.from_dict(meta["router_config"]), router_layers=tuple(layers))
     template = RouterAdapter.from_model_qk(model, rc, warn=False).to(dev)
     loaded = LoadedModel(name=meta["model_name"] + " (device pack)", hf_model=model, tokenizer=None,
                          router=template, wrap="plain", model_fingerprint=meta["model_fingerprint"])
@@ -172,15 +192,16 @@ def gpu(a) -> None:
         print(f"features {name}: {len(seqs)} passages, {x.shape[1]} chunks, {len(qt)} queries "
               f"({time.perf_counter() - t0:.0f}s)", flush=True)
     t_feat = time.perf_counter() - t0
-    cfg = TrainConfig(**meta["config"], device=a.device)
     out = Path(os.environ.get("OUT", ".")) / "adapter"
-    summary = run_training(out=out, candidate_layers=tuple(meta["layers"]), max_layers=meta["max_layers"],
-                           config=cfg, device=a.device, command=meta["command"], log=lambda s: print(s, flush=True),
-                           loaded=loaded, dev_distractors=meta["dev_distractors"],
+    summary = run_training(out=out, candidate_layers=tuple(layers), max_layers=opts.max_layers,
+                           config=cfg, device=a.device, command=command, log=lambda s: print(s, flush=True),
+                           loaded=loaded, dev_distractors=opts.dev_distractors,
                            features=(feats["train"], feats["dev"]))
     rec = json.loads((out / "training.json").read_text())
     rec |= {"ran_as": "benchmarks/device_train.py gpu (features from the device pack, pre-tokenized here)",
-            "prepared_by": meta["prepared_by"], "device": torch.cuda.get_device_name(0) if dev.type == "cuda"
+            "prepared_by": meta["prepared_by"], "gpu_step_overrides": {k: getattr(a, "set_" + k) for k in (
+                "layers", "epochs", "hard_negatives", "mine_every") if getattr(a, "set_" + k) is not None},
+            "device": torch.cuda.get_device_name(0) if dev.type == "cuda"
             else "cpu", "torch": torch.__version__, "feature_seconds": round(t_feat, 1),
             "python_of_data": meta["python"], "packages_of_data": meta["packages"]}
     (out / "training.json").write_text(json.dumps(rec, indent=1, sort_keys=True))
@@ -189,7 +210,7 @@ def gpu(a) -> None:
                       "feature_seconds": round(t_feat, 1)}, default=str))
 
 
-def main(argv=None) -> None:
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("step", choices=("prepare", "gpu"))
     ap.add_argument("--carry", default=str(ROOT / ".devcarry" / "train"))
@@ -212,7 +233,16 @@ def main(argv=None) -> None:
     ap.add_argument("--dev-distractors", action="store_true")
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--layer-loss", default="each")
-    a = ap.parse_args(argv)
+    ap.add_argument("--hard-negatives", default="bm25", choices=("bm25", "routing", "both"))
+    ap.add_argument("--mine-every", type=int, default=1)
+    # gpu step: override options of the prepared recipe that data.npz does not depend on
+    for k, typ in (("layers", str), ("epochs", int), ("hard-negatives", str), ("mine-every", int)):
+        ap.add_argument(f"--set-{k}", type=typ, default=None, help=f"gpu: override the prepared --{k}")
+    return ap
+
+
+def main(argv=None) -> None:
+    a = _parser().parse_args(argv)
     {"prepare": prepare, "gpu": gpu}[a.step](a)
 
 

@@ -177,7 +177,9 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
     Parameters
     ----------
     out : path
-        Directory for ``router_adapter.json`` / ``.safetensors`` (+ ``training.json``).
+        Directory for ``router_adapter.json`` / ``.safetensors`` (+ ``training.json``); when the
+        chosen layers are fewer than the candidates, ``out/candidates`` holds the adapter of every
+        trained layer (to choose another subset later without training again).
     model : str, default "default"
         What :func:`msa_memory.encode.load_model` takes.
     candidate_layers : "all", "lower-half", "upper-half" or sequence of int
@@ -274,12 +276,16 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
         "dev_recall": final["recall"], "dev_recall_by_kind": {k[7:]: v for k, v in final.items() if k.startswith("recall_")},
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    ad = adapter_from_projections(proj, rc, layers=chosen, train_config=cfg, extra={
-        "trained_by": "msa train-router", "loss": "INFONCE_DECOUPLE", "tau": cfg.tau,
-        "dev_recall": {str(k): v for k, v in final["recall"].items()}, "command": command,
-        "model_fingerprint": loaded.model_fingerprint})  # reindex refuses stores of another backbone
+    extra = {"trained_by": "msa train-router", "loss": "INFONCE_DECOUPLE", "tau": cfg.tau,
+             "dev_recall": {str(k): v for k, v in final["recall"].items()}, "command": command,
+             "model_fingerprint": loaded.model_fingerprint}  # reindex refuses stores of another backbone
+    ad = adapter_from_projections(proj, rc, layers=chosen, train_config=cfg, extra=extra)
     out = Path(out)
     ad.save(out)
+    if tuple(chosen) != tuple(proj.layers):  # every trained layer too, to choose another subset later
+        extra_all = {**extra, "note": f"all candidate layers; the adapter one folder up keeps {list(chosen)}"}
+        adapter_from_projections(proj, rc, train_config=cfg, extra=extra_all).save(out / "candidates")
+        summary["candidates_adapter"] = str(out / "candidates")
     (out / "training.json").write_text(json.dumps(_jsonable(summary), indent=1, sort_keys=True))
     summary["router_id"] = ad.fingerprint()
     summary["out"] = str(out)

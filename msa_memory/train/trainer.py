@@ -250,26 +250,51 @@ def evaluate(proj: RouterProjections, feats: Features, cfg: TrainConfig | None =
 
 @torch.no_grad()
 def mine_routing_negatives(proj: RouterProjections, feats: Features, n: int, cfg: TrainConfig | None = None, *,
-                           block: int = 256) -> list[tuple[int, ...]]:
+                           block: int = 256, max_scores: int = 1 << 28) -> list[tuple[int, ...]]:
     """Per query, the ``n`` highest-scoring passages that are not its positives, under ``proj``.
 
     Scores are what routing uses (``evaluate``: every passage of ``feats``, summed over the router
     layers), so with a store's router inputs as ``feats`` these are the documents the store's own
-    routing confuses with the answer. Ties keep the lower passage index. Returns one tuple per query.
+    routing confuses with the answer. Keys are projected once; each block of queries is scored
+    and cut to its best ``n + 8`` passages on ``cfg.device``, so only (block, n + 8) values leave
+    it. A block also holds at most ``max_scores`` (query token, chunk) scores (1 GiB of fp32 by
+    default; one long query forms a block of its own). Ties keep the lower passage index (among
+    those best ``n + 8``). Returns one tuple per query.
     """
     cfg = cfg or TrainConfig()
+    dev = torch.device(cfg.device)
+    if tuple(feats.layers) != proj.layers:
+        feats = feats.layer_subset(proj.layers)
+    L, N = len(proj.layers), feats.n_docs
+    keys = [proj.project_k(li, feats.x_chunks[li].to(dev)) for li in range(L)]  # L × (C, Hk, D)
+    chunk_doc = feats.chunk_doc.to(dev)
     out: list[tuple[int, ...]] = []
-    for start in range(0, feats.n_queries, block):  # bounded memory: (L, block, N) scores at a time
-        idx = list(range(start, min(feats.n_queries, start + block)))
-        sub = Features(feats.layers, feats.x_chunks, feats.chunk_doc, feats.n_docs,  # offsets index the full q_x
-                       feats.q_x, feats.q_offsets[idx[0]:idx[-1] + 2], [feats.positives[i] for i in idx])
-        s = evaluate(proj, sub, cfg, per_layer=False)["layer_scores"].sum(0)  # (B, N)
-        for b, i in enumerate(idx):
-            row = s[b].clone()
-            row[list(feats.positives[i])] = -math.inf
-            k = min(n, feats.n_docs - len(set(feats.positives[i])))
-            order = torch.sort(-row, stable=True).indices[:k] if k > 0 else torch.empty(0, dtype=torch.int64)
-            out.append(tuple(int(d) for d in order))
+    lens = (feats.q_offsets[1:] - feats.q_offsets[:-1]).tolist()
+    budget = max(1, max_scores // max(1, int(feats.x_chunks.shape[1])))   # query rows per block
+    start = 0
+    while start < feats.n_queries:  # bounded memory: ≤ block queries and ≤ max_scores scores at a time
+        end, t_max = start, 0
+        while end < feats.n_queries and end - start < block and (end - start + 1) * max(t_max, lens[end]) <= budget:
+            t_max = max(t_max, lens[end])
+            end += 1
+        end = max(end, start + 1)
+        idx = torch.arange(start, end)
+        start = end
+        qx, mask = feats.query_batch(idx)
+        s = torch.zeros(len(idx), N, device=dev)
+        for li in range(L):
+            cs = chunk_scores(proj.project_q(li, qx[li].to(dev)), mask.to(dev), keys[li], score=cfg.score,  # type: ignore[arg-type]
+                              head_reduce=cfg.head_reduce, query_reduce=cfg.query_reduce)  # type: ignore[arg-type]
+            s += doc_scores(cs, chunk_doc, N, chunk_reduce=cfg.chunk_reduce)  # type: ignore[arg-type]
+        rows = [list(feats.positives[i]) for i in idx.tolist()]
+        r = torch.repeat_interleave(torch.arange(len(idx)), torch.tensor([len(p) for p in rows]))
+        s[r.to(dev), torch.tensor([d for p in rows for d in p], dtype=torch.int64, device=dev)] = -math.inf
+        v, ix = s.topk(min(N, n + 8), dim=1)
+        v, ix = v.cpu().tolist(), ix.cpu().tolist()
+        for b, pos in enumerate(rows):
+            k = min(n, N - len(set(pos)))
+            best = sorted((-x, d) for x, d in zip(v[b], ix[b]) if x != -math.inf)   # score desc, then index
+            out.append(tuple(d for _, d in best[:k]))
     return out
 
 

@@ -63,6 +63,10 @@ def test_mined_negatives_are_top_non_positive_routing_scores(block):
         ranked = [int(d) for d in np.argsort(-scores[i], kind="stable") if d not in feats.positives[i]]
         assert list(neg) == ranked[:n], (i, neg, ranked)
         assert not set(neg) & set(feats.positives[i])
+    # a score budget of a few query tokens × chunks splits the blocks (down to one query each): same result
+    C = feats.x_chunks.shape[1]
+    for max_scores in (1, 3 * C, 12 * C):
+        assert mine_routing_negatives(proj, feats, n, TrainConfig(), block=block, max_scores=max_scores) == got
     # asking for more negatives than there are non-positive passages gives all of them
     allneg = mine_routing_negatives(proj, feats, 100)
     assert all(len(a) == feats.n_docs - len(set(p)) for a, p in zip(allneg, feats.positives))

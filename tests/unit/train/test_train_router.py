@@ -504,6 +504,12 @@ def test_cli_train_router_and_reindex(tmp_path):
     ad = RouterAdapter.load(out)
     assert ad.config.router_layers == tuple(summary["router_layers"]) and ad.fingerprint() == summary["router_id"]
     assert json.loads((out / "training.json").read_text())["command"].startswith("msa train-router")
+    # every trained layer is kept beside the chosen subset, with the same weights for the chosen layer
+    full = RouterAdapter.load(out / "candidates")
+    assert full.config.router_layers == (1, 3) and summary["candidates_adapter"] == str(out / "candidates")
+    (layer,) = ad.config.router_layers
+    assert torch.equal(full.q_proj[str(layer)].weight, ad.q_proj[str(layer)].weight)
+    assert (full.config.score, full.config.query_reduce) == (ad.config.score, ad.config.query_reduce)
 
     bad = CliRunner().invoke(app, ["train-router", "--pairs", "x.jsonl", "--out", str(tmp_path / "r2"), "--json"])
     assert bad.exit_code == 2 and "--pairs needs --store" in bad.output
