@@ -27,6 +27,7 @@ from hypothesis import strategies as st
 from msa_memory.errors import ConfigError
 from msa_memory.runtime import routing_cpu
 from msa_memory.runtime.routing import RouterIndex, RoutingConfig, prepare_lhs
+from test_routing_paths import einsum_chunk_scores  # the float64 formula (same folder: tests/equivalence)
 
 KERNEL = routing_cpu.available()
 needs_kernel = pytest.mark.skipif(not KERNEL, reason="no AVX512-BF16 CPU routing kernel here (CPU or build)")
@@ -48,20 +49,6 @@ def formula_chunk_scores(q, keys, cfg):
     return s.view(G, plan.T, plan.rep, C).amax((0, 2)).mean(0)
 
 
-def einsum_chunk_scores(q, keys, score, head_reduce, query_reduce):
-    """The formula in one einsum, float64 (no bf16 rounding of the query): q (T,Hq,D), keys (C,H,D)."""
-    q, keys = q.double(), keys.double()
-    D = q.shape[-1]
-    rep = q.shape[1] // keys.shape[1]
-    if score == "cosine":
-        q = torch.nn.functional.normalize(q, dim=-1)
-        keys = torch.nn.functional.normalize(keys, dim=-1)
-        scale = 1.0
-    else:
-        scale = D ** -0.5
-    S = torch.einsum("thd,chd->tch", q, keys.repeat_interleave(rep, dim=1)) * scale
-    S = S.mean(-1) if head_reduce == "mean" else S.amax(-1)
-    return {"max": S.amax(0), "mean": S.mean(0), "last": S[-1]}[query_reduce]
 
 
 @pytest.fixture
