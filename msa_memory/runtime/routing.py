@@ -552,8 +552,10 @@ class RouterIndex:
                 raise ConfigError("The fused Triton kernel needs triton and query_reduce 'max' (or 'last').")
             try:
                 # the kernel reads (C, G, Dk) rows; CPU keys are chunk-minor or blocked (only the interpreter runs it there)
-                if self._blocked:
-                    rows = self.keys[layer].reshape(C, lhs.shape[0], -1)
+                if self._blocked:   # unpack this layer only (``self.keys`` unpacks every layer)
+                    from msa_memory.runtime import routing_cpu
+
+                    rows = routing_cpu.unpack_blocked(kv, 0, C).reshape(C, lhs.shape[0], -1)
                 elif self._chunk_minor:
                     rows = kv.permute(2, 0, 1).contiguous()
                 else:
