@@ -79,12 +79,12 @@ def train_command(a) -> str:
 
 
 def train_config(a, device: str = "cuda"):
-    """The ``TrainConfig`` these options stand for (as ``cli_support.train_router_from_cli`` builds it)."""
-    from msa_memory.train.trainer import TrainConfig
+    """The ``TrainConfig`` these options stand for (``msa train-router``'s own builder)."""
+    from msa_memory.train.cli_support import train_config as from_options
 
-    return TrainConfig(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed, device=device,
-                       hard_source=a.hard_negatives, mine_every=a.mine_every, n_random=a.negatives, bf16=a.bf16,
-                       layer_loss=a.layer_loss)
+    return from_options(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed, device=device,
+                        hard_negatives=a.hard_negatives, mine_every=a.mine_every, negatives=a.negatives, bf16=a.bf16,
+                        layer_loss=a.layer_loss)
 
 
 def prepare(a) -> None:

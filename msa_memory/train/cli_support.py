@@ -57,6 +57,16 @@ def _store_pairs(store_path: str, pairs_path: str | None, seed: int, p_remove: f
             build_pairs([docs[i] for i in order[:n_dev]], split="train", seed=seed + 1000, p_remove=p_remove), None)
 
 
+def train_config(*, epochs: int, batch_size: int, lr: float, seed: int, device: str, hard_negatives: str = "bm25",
+                 mine_every: int = 1, negatives: int = 32, bf16: bool = False, layer_loss: str = "each") -> Any:
+    """The ``TrainConfig`` of the ``msa train-router`` options of the same names."""
+    from msa_memory.train.trainer import TrainConfig
+
+    return TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
+                       hard_source=hard_negatives, mine_every=mine_every, n_random=negatives, bf16=bf16,
+                       layer_loss=layer_loss)
+
+
 def train_router_from_cli(*, out: str, corpus: Sequence[str] | None, store: str | None, pairs: str | None,
                           model: str, layers: str, max_layers: int, epochs: int, batch_size: int, lr: float,
                           n_train: int, n_dev: int, seed: int, max_chars: int = 800, cache: str | None, device: str, command: str,
@@ -66,7 +76,6 @@ def train_router_from_cli(*, out: str, corpus: Sequence[str] | None, store: str 
                           layer_loss: str = "each") -> dict[str, Any]:
     """Build the pairs the options ask for and run :func:`msa_memory.train.recipe.run_training`."""
     from msa_memory.train.recipe import builtin_pairs, files_pairs, run_training
-    from msa_memory.train.trainer import TrainConfig
 
     if pairs and not store:
         raise ConfigError("--pairs needs --store: positive_ids are document ids of that store.")
@@ -82,9 +91,9 @@ def train_router_from_cli(*, out: str, corpus: Sequence[str] | None, store: str 
     else:
         train, dev = builtin_pairs(n_train, n_dev, seed=seed, max_chars=max_chars, sources=tuple(builtin),
                                    p_remove=cloze_remove)
-    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
-                      hard_source=hard_negatives, mine_every=mine_every, n_random=negatives, bf16=bf16,
-                      layer_loss=layer_loss)
+    cfg = train_config(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
+                       hard_negatives=hard_negatives, mine_every=mine_every, negatives=negatives, bf16=bf16,
+                       layer_loss=layer_loss)
     return run_training(out=out, model=model, candidate_layers=parse_layers(layers), max_layers=max_layers,
                         train_pairs=train, dev_pairs=dev, config=cfg, cache_dir=cache, device=device,
                         command=command, log=log, loaded=loaded, dev_distractors=dev_distractors,

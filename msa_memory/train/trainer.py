@@ -201,13 +201,19 @@ class TrainConfig:
                               f"mine_every={self.mine_every!r} (>=0), n_hard={self.n_hard!r} (>=0).")
 
 
-def _layer_doc_scores(proj: RouterProjections, li: int, qx: torch.Tensor, qmask: torch.Tensor,
-                      xc: torch.Tensor, chunk_doc: torch.Tensor, n_docs: int, cfg: TrainConfig) -> torch.Tensor:
+def _keyed_doc_scores(proj: RouterProjections, li: int, qx: torch.Tensor, qmask: torch.Tensor,
+                      k: torch.Tensor, chunk_doc: torch.Tensor, n_docs: int, cfg: TrainConfig) -> torch.Tensor:
+    """(B, N) document scores of layer ``li`` for query inputs ``qx`` against projected keys ``k`` (C, Hk, D)."""
     q = proj.project_q(li, qx)                                   # (B, T, Hq, D)
-    k = proj.project_k(li, xc)                                   # (C, Hk, D)
     s = chunk_scores(q, qmask, k, score=cfg.score, head_reduce=cfg.head_reduce,  # type: ignore[arg-type]
                      query_reduce=cfg.query_reduce)              # type: ignore[arg-type]
     return doc_scores(s, chunk_doc, n_docs, chunk_reduce=cfg.chunk_reduce)  # type: ignore[arg-type]  (B, N)
+
+
+def _layer_doc_scores(proj: RouterProjections, li: int, qx: torch.Tensor, qmask: torch.Tensor,
+                      xc: torch.Tensor, chunk_doc: torch.Tensor, n_docs: int, cfg: TrainConfig) -> torch.Tensor:
+    """:func:`_keyed_doc_scores` with the keys projected from pooled inputs ``xc`` (C, E) here."""
+    return _keyed_doc_scores(proj, li, qx, qmask, proj.project_k(li, xc), chunk_doc, n_docs, cfg)
 
 
 @torch.no_grad()
@@ -230,10 +236,8 @@ def evaluate(proj: RouterProjections, feats: Features, cfg: TrainConfig | None =
         idx = torch.arange(start, min(Q, start + batch_size))
         qx, mask = feats.query_batch(idx)
         for li in range(L):
-            q = proj.project_q(li, qx[li].to(dev))
-            s = chunk_scores(q, mask.to(dev), keys[li], score=cfg.score, head_reduce=cfg.head_reduce,  # type: ignore[arg-type]
-                             query_reduce=cfg.query_reduce)  # type: ignore[arg-type]
-            all_scores[li, idx] = doc_scores(s, chunk_doc, feats.n_docs, chunk_reduce=cfg.chunk_reduce).cpu()  # type: ignore[arg-type]
+            all_scores[li, idx] = _keyed_doc_scores(proj, li, qx[li].to(dev), mask.to(dev), keys[li], chunk_doc,
+                                                    feats.n_docs, cfg).cpu()
     pos = torch.zeros(Q, feats.n_docs, dtype=torch.bool)
     for i in range(Q):
         pos[i, list(feats.positives[i])] = True
@@ -283,9 +287,7 @@ def mine_routing_negatives(proj: RouterProjections, feats: Features, n: int, cfg
         qx, mask = feats.query_batch(idx)
         s = torch.zeros(len(idx), N, device=dev)
         for li in range(L):
-            cs = chunk_scores(proj.project_q(li, qx[li].to(dev)), mask.to(dev), keys[li], score=cfg.score,  # type: ignore[arg-type]
-                              head_reduce=cfg.head_reduce, query_reduce=cfg.query_reduce)  # type: ignore[arg-type]
-            s += doc_scores(cs, chunk_doc, N, chunk_reduce=cfg.chunk_reduce)  # type: ignore[arg-type]
+            s += _keyed_doc_scores(proj, li, qx[li].to(dev), mask.to(dev), keys[li], chunk_doc, N, cfg)
         rows = [list(feats.positives[i]) for i in idx.tolist()]
         r = torch.repeat_interleave(torch.arange(len(idx)), torch.tensor([len(p) for p in rows]))
         s[r.to(dev), torch.tensor([d for p in rows for d in p], dtype=torch.int64, device=dev)] = -math.inf
