@@ -75,6 +75,8 @@ def train_command(a) -> str:
     parts += ["--dev-distractors"] if a.dev_distractors else []
     parts += ["--bf16"] if a.bf16 else []
     parts += [f"--layer-loss {a.layer_loss}"] if a.layer_loss != "each" else []
+    parts += [f"--query-reduce {a.query_reduce}"] if a.query_reduce != "max" else []
+    parts += [f"--head-reduce {a.head_reduce}"] if a.head_reduce != "mean" else []
     return " ".join(parts)
 
 
@@ -84,7 +86,7 @@ def train_config(a, device: str = "cuda"):
 
     return from_options(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed, device=device,
                         hard_negatives=a.hard_negatives, mine_every=a.mine_every, negatives=a.negatives, bf16=a.bf16,
-                        layer_loss=a.layer_loss)
+                        layer_loss=a.layer_loss, query_reduce=a.query_reduce, head_reduce=a.head_reduce)
 
 
 def prepare(a) -> None:
@@ -163,7 +165,7 @@ def gpu(a) -> None:
     meta = json.loads((carry / "meta.json").read_text())
     # the prepare step's options, with this step's overrides (options that do not change data.npz)
     opts = _parser().parse_args(["prepare", *shlex.split(meta["prepared_by"].split(" prepare ", 1)[1])])
-    for k in ("layers", "epochs", "hard_negatives", "mine_every"):
+    for k in _OVERRIDES:
         if getattr(a, "set_" + k) is not None:
             setattr(opts, k, getattr(a, "set_" + k))
     layers = parse_layers(opts.layers)
@@ -199,8 +201,8 @@ def gpu(a) -> None:
                            features=(feats["train"], feats["dev"]))
     rec = json.loads((out / "training.json").read_text())
     rec |= {"ran_as": "benchmarks/device_train.py gpu (features from the device pack, pre-tokenized here)",
-            "prepared_by": meta["prepared_by"], "gpu_step_overrides": {k: getattr(a, "set_" + k) for k in (
-                "layers", "epochs", "hard_negatives", "mine_every") if getattr(a, "set_" + k) is not None},
+            "prepared_by": meta["prepared_by"], "gpu_step_overrides": {k: getattr(a, "set_" + k) for k in _OVERRIDES
+                                                        if getattr(a, "set_" + k) is not None},
             "device": torch.cuda.get_device_name(0) if dev.type == "cuda"
             else "cpu", "torch": torch.__version__, "feature_seconds": round(t_feat, 1),
             "python_of_data": meta["python"], "packages_of_data": meta["packages"]}
@@ -208,6 +210,10 @@ def gpu(a) -> None:
     print(json.dumps({"router_id": summary["router_id"], "router_layers": summary["router_layers"],
                       "dev_recall": summary["dev_recall"], "seconds": summary["seconds"],
                       "feature_seconds": round(t_feat, 1)}, default=str))
+
+
+_OVERRIDES = ("layers", "epochs", "hard_negatives", "mine_every", "query_reduce", "head_reduce")
+"""Options of the prepared recipe that data.npz does not depend on: the gpu step's --set-* overrides."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -233,10 +239,13 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--dev-distractors", action="store_true")
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--layer-loss", default="each")
+    ap.add_argument("--query-reduce", default="max", choices=("max", "mean", "last"))
+    ap.add_argument("--head-reduce", default="mean", choices=("mean", "max"))
     ap.add_argument("--hard-negatives", default="bm25", choices=("bm25", "routing", "both"))
     ap.add_argument("--mine-every", type=int, default=1)
     # gpu step: override options of the prepared recipe that data.npz does not depend on
-    for k, typ in (("layers", str), ("epochs", int), ("hard-negatives", str), ("mine-every", int)):
+    for k, typ in (("layers", str), ("epochs", int), ("hard-negatives", str), ("mine-every", int),
+                   ("query-reduce", str), ("head-reduce", str)):
         ap.add_argument(f"--set-{k}", type=typ, default=None, help=f"gpu: override the prepared --{k}")
     return ap
 

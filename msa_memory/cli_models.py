@@ -103,7 +103,8 @@ def _train_router_command(out: str, corpus: list[str] | None, store: str | None,
                           n_dev: int, max_chars: int, seed: int, cache: str | None, device: str,
                           hard_negatives: str = "bm25", mine_every: int = 1, builtin: str = "stdlib",
                           negatives: int = 32, cloze_remove: float = 0.5, dev_distractors: bool = False,
-                          bf16: bool = False, layer_loss: str = "each") -> str:
+                          bf16: bool = False, layer_loss: str = "each", query_reduce: str = "max",
+                          head_reduce: str = "mean") -> str:
     """The command line that reproduces a run (recorded in the adapter's training.json)."""
     parts = ["msa train-router", f"--out {out}"] + [f"--corpus {c}" for c in corpus or []]
     parts += [f"--builtin {builtin}"] if builtin != "stdlib" else []
@@ -120,6 +121,8 @@ def _train_router_command(out: str, corpus: list[str] | None, store: str | None,
     parts += ["--dev-distractors"] if dev_distractors else []
     parts += ["--bf16"] if bf16 else []
     parts += [f"--layer-loss {layer_loss}"] if layer_loss != "each" else []
+    parts += [f"--query-reduce {query_reduce}"] if query_reduce != "max" else []
+    parts += [f"--head-reduce {head_reduce}"] if head_reduce != "mean" else []
     return " ".join(parts)
 
 
@@ -151,6 +154,8 @@ def train_router_cmd(
     dev_distractors: Annotated[bool, typer.Option("--dev-distractors/--no-dev-distractors", help="Score held-out queries against the training passages too (recall in a memory the size of the training corpus)")] = False,
     bf16: Annotated[bool, typer.Option("--bf16", help="Training steps under bf16 autocast (about 2x faster on CPUs with bf16 units and GPUs; evaluation stays fp32)")] = False,
     layer_loss: Annotated[str, typer.Option("--layer-loss", help="each (every layer's own InfoNCE, averaged), sum (InfoNCE of the layer-summed score routing ranks by) or both")] = "each",
+    query_reduce: Annotated[str, typer.Option("--query-reduce", help="How the question's tokens reduce to one score per chunk, in training and in the adapter: max (MSA), mean or last")] = "max",
+    head_reduce: Annotated[str, typer.Option("--head-reduce", help="How the router heads reduce, in training and in the adapter: mean (MSA) or max")] = "mean",
     json_out: JsonOpt = False,
 ) -> None:
     """Train router projections (decoupled InfoNCE, frozen backbone) and save an adapter."""
@@ -164,10 +169,11 @@ def train_router_cmd(
             device=device, hard_negatives=hard_negatives, mine_every=mine_every,
             builtin=[b.strip() for b in builtin.split(",") if b.strip()], negatives=negatives,
             cloze_remove=cloze_remove, dev_distractors=dev_distractors, bf16=bf16, layer_loss=layer_loss,
+            query_reduce=query_reduce, head_reduce=head_reduce,
             command=_train_router_command(out, corpus, store, pairs, model, layers, max_layers, epochs,
                                           batch_size, lr, n_train, n_dev, max_chars, seed, cache, device,
                                           hard_negatives, mine_every, builtin, negatives, cloze_remove,
-                                          dev_distractors, bf16, layer_loss),
+                                          dev_distractors, bf16, layer_loss, query_reduce, head_reduce),
             log=(lambda s: None) if json_out else (lambda s: typer.echo(s, err=True)))
         if json_out:
             _emit_json(summary)

@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BLOCK", "available", "cpu_supported", "disabled_by_env", "load", "pack_blocked", "score_blocked",
-           "unpack_blocked"]
+__all__ = ["BLOCK", "available", "cpu_supported", "disabled_by_env", "doc_reduce", "load", "pack_blocked",
+           "score_blocked", "unpack_blocked"]
 
 log = logging.getLogger(__name__)
 
@@ -153,3 +153,13 @@ def score_blocked(lhs: torch.Tensor, blk: torch.Tensor, T: int, rep: int, query_
     if mod is None:
         raise RuntimeError("the AVX512-BF16 routing kernel is not available")
     mod.score_blocked(lhs, blk, int(T), int(rep), 0 if query_reduce == "max" else 1, out)
+
+
+def doc_reduce(cs: torch.Tensor, offsets: torch.Tensor, chunk_reduce: str, out: torch.Tensor) -> None:
+    """``out`` (N,) float32 ← per-document ``"max"`` or ``"mean"`` of chunk scores ``cs`` (C,) float32 over the
+    sorted runs ``cs[offsets[d]:offsets[d + 1]]`` (``offsets`` (N + 1,) int64, every run non-empty): what
+    ``torch.segment_reduce`` computes, without its fixed cost. Raises where the kernel is not available."""
+    mod = load()
+    if mod is None:
+        raise RuntimeError("the AVX512-BF16 routing kernel is not available")
+    mod.doc_reduce(cs, offsets, 0 if chunk_reduce == "max" else 1, out)

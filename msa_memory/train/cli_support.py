@@ -58,13 +58,14 @@ def _store_pairs(store_path: str, pairs_path: str | None, seed: int, p_remove: f
 
 
 def train_config(*, epochs: int, batch_size: int, lr: float, seed: int, device: str, hard_negatives: str = "bm25",
-                 mine_every: int = 1, negatives: int = 32, bf16: bool = False, layer_loss: str = "each") -> Any:
+                 mine_every: int = 1, negatives: int = 32, bf16: bool = False, layer_loss: str = "each",
+                 query_reduce: str = "max", head_reduce: str = "mean") -> Any:
     """The ``TrainConfig`` of the ``msa train-router`` options of the same names."""
     from msa_memory.train.trainer import TrainConfig
 
     return TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
                        hard_source=hard_negatives, mine_every=mine_every, n_random=negatives, bf16=bf16,
-                       layer_loss=layer_loss)
+                       layer_loss=layer_loss, query_reduce=query_reduce, head_reduce=head_reduce)
 
 
 def train_router_from_cli(*, out: str, corpus: Sequence[str] | None, store: str | None, pairs: str | None,
@@ -73,7 +74,8 @@ def train_router_from_cli(*, out: str, corpus: Sequence[str] | None, store: str 
                           log: Callable[[str], None], loaded: Any = None, hard_negatives: str = "bm25",
                           mine_every: int = 1, builtin: Sequence[str] = ("stdlib",), negatives: int = 32,
                           cloze_remove: float = 0.5, dev_distractors: bool = False, bf16: bool = False,
-                          layer_loss: str = "each") -> dict[str, Any]:
+                          layer_loss: str = "each", query_reduce: str = "max",
+                          head_reduce: str = "mean") -> dict[str, Any]:
     """Build the pairs the options ask for and run :func:`msa_memory.train.recipe.run_training`."""
     from msa_memory.train.recipe import builtin_pairs, files_pairs, run_training
 
@@ -93,7 +95,7 @@ def train_router_from_cli(*, out: str, corpus: Sequence[str] | None, store: str 
                                    p_remove=cloze_remove)
     cfg = train_config(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
                        hard_negatives=hard_negatives, mine_every=mine_every, negatives=negatives, bf16=bf16,
-                       layer_loss=layer_loss)
+                       layer_loss=layer_loss, query_reduce=query_reduce, head_reduce=head_reduce)
     return run_training(out=out, model=model, candidate_layers=parse_layers(layers), max_layers=max_layers,
                         train_pairs=train, dev_pairs=dev, config=cfg, cache_dir=cache, device=device,
                         command=command, log=log, loaded=loaded, dev_distractors=dev_distractors,

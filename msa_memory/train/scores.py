@@ -84,14 +84,18 @@ def chunk_scores(
     else:
         q = q.float() / math.sqrt(D)
         k = k.float()
+    mask = q_mask.to(torch.bool)
     if head_reduce == "mean":
         # mean_h <q_h, k_g(h)> = (1/Hq) sum_g <sum_{h in g} q_h, k_g>: one (B*T, Hk*D) @ (Hk*D, C) matmul
-        qg = q.reshape(B, T, Hk, G, D).sum(dim=3).reshape(B * T, Hk * D) / Hq
-        s = (qg @ k.reshape(C, Hk * D).T).reshape(B, T, C)  # (B, T, C)
+        qg = q.reshape(B, T, Hk, G, D).sum(dim=3).reshape(B, T, Hk * D) / Hq
+        if query_reduce == "mean":   # linear in the query rows: the mean over tokens folds into one row per query
+            w = mask.to(qg.dtype)
+            qbar = (qg * w[:, :, None]).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)[:, None]
+            return qbar @ k.reshape(C, Hk * D).T  # (B, C)
+        s = (qg.reshape(B * T, Hk * D) @ k.reshape(C, Hk * D).T).reshape(B, T, C)  # (B, T, C)
     else:
         qh = q.reshape(B, T, Hk, G, D)
         s = torch.einsum("btkgd,ckd->btkgc", qh, k).reshape(B, T, Hq, C).amax(dim=2)  # (B, T, C)
-    mask = q_mask.to(torch.bool)
     if query_reduce == "max":
         s = s.masked_fill(~mask[:, :, None], _NEG).amax(dim=1)
     elif query_reduce == "mean":

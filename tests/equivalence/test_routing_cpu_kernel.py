@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import warnings
 
 import numpy as np
 import pytest
@@ -229,3 +230,44 @@ def test_kernel_failing_at_run_time_moves_keys_to_chunk_minor(monkeypatch):
     for layer, (b, a) in enumerate(zip(before, [after0, index.doc_scores(1, q)])):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
         torch.testing.assert_close(index.keys[layer], keys[layer], rtol=0, atol=0)
+
+
+@needs_kernel
+@settings(max_examples=40, deadline=None)
+@given(counts=st.lists(st.integers(1, 70), min_size=1, max_size=400), reduce=st.sampled_from(["max", "mean"]),
+       seed=st.integers(0, 2**31 - 1))
+def test_doc_reduce_kernel_equals_a_loop_over_runs(counts, reduce, seed):
+    """routing_cpu.doc_reduce == the per-document max / mean written as a Python loop (float64)."""
+    cs = torch.randn(sum(counts), generator=torch.Generator().manual_seed(seed))
+    offsets = torch.from_numpy(np.r_[0, np.cumsum(counts)].astype(np.int64))
+    out = torch.empty(len(counts))
+    routing_cpu.doc_reduce(cs, offsets, reduce, out)
+    c64 = cs.double().numpy()
+    want = [getattr(np, reduce)(c64[a:b]) for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())]
+    np.testing.assert_allclose(out.numpy(), want, rtol=1e-6, atol=1e-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize("chunk_reduce", ["max", "mean"])
+def test_blocked_index_doc_scores_use_the_kernel_and_equal_segment_reduce(chunk_reduce, monkeypatch):
+    g = torch.Generator().manual_seed(11)
+    counts = torch.randint(1, 9, (3001,), generator=g).numpy()
+    chunk_doc = np.repeat(np.arange(len(counts)), counts)
+    keys = torch.randn(len(chunk_doc), 1, 64, generator=g).to(torch.bfloat16)
+    index = RouterIndex([keys], chunk_doc, np.arange(len(counts)), RoutingConfig(chunk_reduce=chunk_reduce))
+    assert index.layout == "blocked"
+    q = torch.randn(4, 4, 64, generator=g)
+    cs = index.chunk_scores(0, q)
+    want = torch.segment_reduce(cs, chunk_reduce, lengths=torch.from_numpy(counts))
+    calls = []
+    real = routing_cpu.doc_reduce
+    monkeypatch.setattr(routing_cpu, "doc_reduce", lambda *a: (calls.append(1), real(*a))[1])
+    torch.testing.assert_close(index.doc_scores(0, q), want, rtol=1e-6, atol=1e-6)
+    assert calls == [1]
+    # a failing document kernel: one warning, then segment_reduce, same scores
+    monkeypatch.setattr(routing_cpu, "doc_reduce", lambda *a: (_ for _ in ()).throw(RuntimeError("doc boom")))
+    with pytest.warns(RuntimeWarning, match="document reduce kernel failed"):
+        torch.testing.assert_close(index.doc_scores(0, q), want, rtol=1e-6, atol=1e-6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                   # no second warning
+        torch.testing.assert_close(index.doc_scores(0, q), want, rtol=1e-6, atol=1e-6)

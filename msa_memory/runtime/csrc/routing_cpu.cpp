@@ -178,7 +178,37 @@ void score_blocked(const at::Tensor& lhs, const at::Tensor& keys, int64_t T, int
   });
 }
 
+// out (N,) float32 <- per-document max (mode 0) or mean (mode 1) of chunk scores cs (C,) float32 over the
+// sorted runs cs[offsets[d] : offsets[d + 1]] (offsets (N + 1,) int64, non-decreasing, offsets[N] == C, every run
+// non-empty). One pass over cs, parallel over documents: torch.segment_reduce's fixed cost dominates small stores.
+void doc_reduce(const at::Tensor& cs, const at::Tensor& offsets, int64_t mode, at::Tensor& out) {
+  TORCH_CHECK(cs.scalar_type() == at::kFloat && cs.is_contiguous() && cs.dim() == 1, "cs: contiguous (C,) float32");
+  TORCH_CHECK(offsets.scalar_type() == at::kLong && offsets.is_contiguous() && offsets.dim() == 1, "offsets: (N+1,) int64");
+  TORCH_CHECK(out.scalar_type() == at::kFloat && out.is_contiguous() && out.numel() + 1 == offsets.numel(),
+              "out: contiguous (N,) float32 with N + 1 == offsets.numel()");
+  const int64_t N = out.numel();
+  const float* c = cs.data_ptr<float>();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  float* o = out.data_ptr<float>();
+  TORCH_CHECK(N == 0 || (off[0] == 0 && off[N] == cs.numel()), "offsets must run from 0 to C");
+  at::parallel_for(0, N, 8192, [&](int64_t d0, int64_t d1) {
+    for (int64_t d = d0; d < d1; ++d) {
+      const int64_t a = off[d], b = off[d + 1];
+      if (mode == 0) {
+        float m = -std::numeric_limits<float>::infinity();
+        for (int64_t i = a; i < b; ++i) m = std::max(m, c[i]);
+        o[d] = m;
+      } else {
+        float t = 0.0f;
+        for (int64_t i = a; i < b; ++i) t += c[i];
+        o[d] = b > a ? t / static_cast<float>(b - a) : std::numeric_limits<float>::quiet_NaN();
+      }
+    }
+  });
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("score_blocked", &score_blocked,
         "fused router chunk scores of bf16 query rows against blocked bf16 keys (AVX512-BF16)");
+  m.def("doc_reduce", &doc_reduce, "per-document max / mean of chunk scores over sorted runs");
 }
