@@ -6,9 +6,10 @@ Regimes and ceilings (every baseline is measured in the same run, on the same de
    shaped router keys (H=1 kv-head × D=256, bf16; 512 B/chunk), for a T-token query. Routing must
    read every key once, so the floor is ``key bytes ÷ copy bandwidth`` where copy bandwidth is
    measured here with a large tensor copy and counts bytes read + written (the convention of the
-   H100 figure 3.0 TB/s in targets.md). Target: within 2× of the floor. Beside it the compute
-   floor ``2·T·C·H·D ÷ matmul FLOP/s`` (a large square matmul in the keys' resident dtype, measured
-   here): on a CPU without bf16 units the fp32 score GEMM is compute-bound from T ≈ 4 on, so
+   H100 figure 3.0 TB/s in targets.md): the fastest of 7 copies before the routes and 7 after, so
+   the floor is the tightest the run saw. Target: within 2× of the floor. Beside it the compute
+   floor ``2·T·C·H·D ÷ matmul FLOP/s`` (the fastest of a few large square matmuls in the keys'
+   resident dtype, measured here): on a CPU without bf16 units the fp32 score GEMM is compute-bound from T ≈ 4 on, so
    ``× bound`` (route ÷ the larger floor) is what the code controls. On CUDA a third floor, the
    round trip (one CUDA-graph replay of a one-element kernel + its result copied to pinned host
    memory + a sync, measured here), is what any route pays however few keys it reads: below ~1M
@@ -92,12 +93,26 @@ def timeit(fn, dev: torch.device, rounds: int = 5, warmup: int = 2) -> float:
     return statistics.median(ts)
 
 
+def best_time(fn, dev: torch.device, rounds: int, warmup: int = 2) -> float:
+    """Fewest seconds of ``rounds`` timed calls after ``warmup`` calls (for the floors: the tightest one seen)."""
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(rounds):
+        _sync(dev)
+        t0 = time.perf_counter()
+        fn()
+        _sync(dev)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def copy_bandwidth(dev: torch.device, nbytes: int) -> float:
-    """Bytes/s of a large device-local copy, counting bytes read + written."""
+    """Bytes/s of a large device-local copy, counting bytes read + written: the fastest of 7 copies (on the
+    shared 2-core VM the median of 5 moved between 19 and 34 GB/s from run to run)."""
     src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device=dev).normal_()
     dst = torch.empty_like(src)
-    t = timeit(lambda: dst.copy_(src), dev, rounds=5)
-    return 2 * nbytes / t
+    return 2 * nbytes / best_time(lambda: dst.copy_(src), dev, rounds=7)
 
 
 def gemm_flops(dev: torch.device, dtype: torch.dtype) -> float:
@@ -105,8 +120,7 @@ def gemm_flops(dev: torch.device, dtype: torch.dtype) -> float:
     n = 8192 if dev.type == "cuda" else 2048
     a = torch.randn(n, n, device=dev).to(dtype)
     b = torch.randn(n, n, device=dev).to(dtype)
-    t = timeit(lambda: a @ b, dev, rounds=5 if dev.type == "cuda" else 3, warmup=1)
-    return 2 * n ** 3 / t
+    return 2 * n ** 3 / best_time(lambda: a @ b, dev, rounds=5 if dev.type == "cuda" else 3, warmup=1)
 
 
 def round_trip_floor(dev: torch.device) -> float:
@@ -142,7 +156,8 @@ def _variants(dev: torch.device, T: int) -> dict[str, dict]:
 
 def bench_routing(dev: torch.device, chunks: list[int], q_tokens: list[int], tile: int) -> list[dict]:
     g = GEMMA
-    bw = copy_bandwidth(dev, min(1 << 30, max(chunks) * g["H"] * g["D"] * 2))
+    bw_bytes = min(1 << 30, max(chunks) * g["H"] * g["D"] * 2)
+    bw = copy_bandwidth(dev, bw_bytes)
     out = []
     gen = torch.Generator(device="cpu").manual_seed(0)
     lat = round_trip_floor(dev)
@@ -161,25 +176,23 @@ def bench_routing(dev: torch.device, chunks: list[int], q_tokens: list[int], til
         key_bytes = index.nbytes()
         floor = key_bytes / bw
         queries = []
+        # medians of many calls where one is short (a CPU route at 10k chunks is ~0.1-0.5 ms: 5 calls gave
+        # medians up to 2x apart between runs); every path of a row is timed with the same counts
+        rounds, warmup = (25, 5) if dev.type == "cuda" else ((50, 5) if C <= 10**4 else (20, 3) if C <= 10**5 else (3, 2))
         for T in q_tokens:
             q = torch.randn(T, g["Hq"], g["D"], generator=gen).to(dev)
             cfloor = 2 * T * C * g["H"] * g["D"] / flops               # head-mean folds Hq into H: T rows × H·D
             row = {"chunks": C, "q_tokens": T, "floor_ms": floor * 1e3, "compute_floor_ms": cfloor * 1e3,
                    "latency_floor_ms": lat * 1e3,
-                   "key_MB": key_bytes / 1e6, "copy_GBps": bw / 1e9, "gemm_GFLOPs": flops / 1e9,
+                   "key_MB": key_bytes / 1e6, "gemm_GFLOPs": flops / 1e9,
                    "resident_dtype": str(index.key_dtype), "layout": index.layout}
             for name, v in _variants(dev, T).items():
                 index.config = dataclasses.replace(base, **v["cfg"])
-                t = timeit(lambda v=v, ix=index, q=q: ix.route(0, q, path=v["path"]), dev, rounds=25 if dev.type == "cuda" else (5 if C < 10**6 else 3), warmup=5 if dev.type == "cuda" else 2)
+                t = timeit(lambda v=v, ix=index, q=q: ix.route(0, q, path=v["path"]), dev, rounds=rounds, warmup=warmup)
                 row[f"{name}_ms"] = t * 1e3
             index.config = base
-            t = row["route_ms"] / 1e3
-            row.update(x_floor=t / floor, x_compute_floor=t / cfloor, x_bound=t / max(floor, cfloor),
-                       x_bound_latency=t / max(floor, cfloor, lat),
-                       achieved_GBps=key_bytes / t / 1e9)
             out.append(row)
             queries.append(q)
-        rounds = 5 if C < 10**6 else 3
         if dev.type == "cpu" and index.layout == "blocked":
             # baseline: the previous torch path on the same bf16 keys (chunk-minor, torch GEMMs), timed after the
             # blocked index is freed (two resident copies slowed both by up to 1.5x on this VM)
@@ -189,7 +202,7 @@ def bench_routing(dev: torch.device, chunks: list[int], q_tokens: list[int], til
                                 device=dev)
             del kb
             for row, q in zip(out[-len(queries):], queries):
-                t = timeit(lambda ix=index, q=q: ix.route(0, q), dev, rounds=rounds, warmup=2)
+                t = timeit(lambda ix=index, q=q: ix.route(0, q), dev, rounds=rounds, warmup=warmup)
                 row.update(torch_ms=t * 1e3, torch_x_bound=t * 1e3 / max(row["floor_ms"], row["compute_floor_ms"]))
         if dev.type == "cpu" and index.key_dtype != torch.float32:
             # baseline: the same keys resident in fp32 (what a CPU without bf16 units keeps), timed after
@@ -201,17 +214,30 @@ def bench_routing(dev: torch.device, chunks: list[int], q_tokens: list[int], til
             del k32
             for row, q in zip(out[-len(queries):], queries):
                 row["fp32_resident_ms"] = timeit(lambda ix=index, q=q: ix.route(0, q), dev,
-                                                 rounds=5 if C < 10**6 else 3, warmup=2) * 1e3
+                                                 rounds=rounds, warmup=warmup) * 1e3
         del index
         if dev.type == "cuda":
             torch.cuda.empty_cache()
+    # the bandwidth floor: the faster of the copies measured before and after the routes
+    bw = max(bw, copy_bandwidth(dev, bw_bytes))
+    for row in out:
+        t, floor, cfloor = row["route_ms"] / 1e3, row["key_MB"] * 1e6 / bw, row["compute_floor_ms"] / 1e3
+        row.update(copy_GBps=bw / 1e9, floor_ms=floor * 1e3, x_floor=t / floor, x_compute_floor=t / cfloor,
+                   x_bound=t / max(floor, cfloor), x_bound_latency=t / max(floor, cfloor, lat),
+                   achieved_GBps=row["key_MB"] * 1e6 / t / 1e9)
+        if "torch_ms" in row:
+            row["torch_x_bound"] = row["torch_ms"] / max(row["floor_ms"], row["compute_floor_ms"])
     return out
 
 
 _SWEEP = {16: [(128, 16, 64, 4, 3), (256, 16, 64, 4, 4), (256, 16, 64, 8, 3), (512, 16, 64, 8, 3), (128, 16, 128, 4, 3),
                (256, 16, 128, 8, 2), (64, 16, 256, 4, 2)],
           256: [(128, 256, 64, 8, 3), (128, 256, 64, 8, 4), (128, 256, 32, 8, 4), (128, 128, 64, 8, 4), (256, 128, 64, 8, 4),
-                (64, 128, 64, 4, 3), (256, 256, 64, 8, 2)]}
+                (64, 128, 64, 4, 3), (256, 256, 64, 8, 2), (256, 128, 64, 8, 3), (128, 128, 128, 8, 2), (64, 256, 64, 4, 3),
+                (128, 64, 64, 4, 4), (256, 64, 64, 8, 3), (128, 128, 64, 4, 3), (128, 128, 32, 8, 5), (128, 128, 64, 8, 3, 0),
+                (64, 256, 64, 8, 3)]}
+"""(BLOCK_C, BLOCK_R, BLOCK_D, num_warps, num_stages[, CHUNKS_M]) tried by --triton-sweep; CHUNKS_M defaults to the
+row count's CONFIGS entry."""
 
 
 def triton_sweep(dev: torch.device, C: int = 1_562_500) -> list[dict]:
@@ -232,8 +258,8 @@ def triton_sweep(dev: torch.device, C: int = 1_562_500) -> list[dict]:
         rows.append({"T": T, "config": "torch mv" if T == 1 else "torch mm + amax", "ms": timeit(base, dev) * 1e3})
         rows.append({"T": T, "config": "default " + str(routing_triton.config_for(T)),
                      "ms": timeit(lambda: routing_triton.fused_max_scores(lhs, keys, out), dev) * 1e3})
-        for bc, br, bd, w, s in _SWEEP[16 if T <= 16 else 256]:
-            cfg = dict(BLOCK_C=bc, BLOCK_R=br, BLOCK_D=bd, num_warps=w, num_stages=s)
+        for bc, br, bd, w, s, *cm in _SWEEP[16 if T <= 16 else 256]:
+            cfg = dict(BLOCK_C=bc, BLOCK_R=br, BLOCK_D=bd, num_warps=w, num_stages=s, **({"CHUNKS_M": cm[0]} if cm else {}))
             try:
                 t = timeit(lambda cfg=cfg: routing_triton.fused_max_scores(lhs, keys, out, **cfg), dev)
                 rows.append({"T": T, "config": str(cfg), "ms": t * 1e3, "max_abs_diff": float((out - ref).abs().max()),

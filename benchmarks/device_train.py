@@ -31,6 +31,8 @@ Usage::
         --layers 1,2,3,4,5 --max-layers 2 --epochs 6 ...          # the msa train-router options
     # there:
     python benchmarks/device_train.py gpu --carry .devcarry/train     # writes $OUT/adapter
+    python benchmarks/device_train.py gpu --carry .devcarry/train --feature-cache /tmp/feats \
+        --set-negatives 2048                                         # a 2nd trial, features reused
 """
 
 from __future__ import annotations
@@ -175,12 +177,25 @@ def gpu(a) -> None:
     d = np.load(carry / "data.npz")
     dev = torch.device(a.device)
     model, _ = device_pack.load_pack(carry / "pack", a.device)
-    rc = dataclasses.replace(RouterConfig.from_dict(meta["router_config"]), router_layers=tuple(layers))
+    fcache = Path(a.feature_cache) if a.feature_cache else None
+    # with a feature cache, every layer the pack holds is extracted, so later calls may choose other layers
+    extract = tuple(meta["layers"]) if fcache is not None else tuple(layers)
+    rc = dataclasses.replace(RouterConfig.from_dict(meta["router_config"]), router_layers=extract)
     template = RouterAdapter.from_model_qk(model, rc, warn=False).to(dev)
     loaded = LoadedModel(name=meta["model_name"] + " (device pack)", hf_model=model, tokenizer=None,
                          router=template, wrap="plain", model_fingerprint=meta["model_fingerprint"])
     feats = {}
+    if fcache is not None and all((fcache / f"{n}.pt").exists() for n in ("train", "dev")):
+        # an earlier call's features on this machine (same carry: checked by the data digest)
+        from msa_memory.train.features import load_features
+
+        if (fcache / "digest").read_text() != _digest(carry):
+            raise SystemExit(f"--feature-cache {fcache}: made from other data; remove it")
+        feats = {n: load_features(str(fcache / f"{n}.pt")) for n in ("train", "dev")}
+        print(f"features: loaded from {fcache} ({time.perf_counter() - t0:.0f}s)", flush=True)
     for name in ("train", "dev"):
+        if name in feats:
+            continue
         seqs = [s.astype(np.int64).tolist() for s in _split(d[f"{name}_p"], d[f"{name}_p_off"])]
         qt = [(q.astype(np.int64).tolist(), int(s)) for q, s in
               zip(_split(d[f"{name}_q"], d[f"{name}_q_off"]), d[f"{name}_q_skip"])]
@@ -193,6 +208,13 @@ def gpu(a) -> None:
                                [_KINDS[k] for k in d[f"{name}_kind"]], hard)
         print(f"features {name}: {len(seqs)} passages, {x.shape[1]} chunks, {len(qt)} queries "
               f"({time.perf_counter() - t0:.0f}s)", flush=True)
+    if fcache is not None and not (fcache / "digest").exists():
+        from msa_memory.train.features import save_features
+
+        fcache.mkdir(parents=True, exist_ok=True)
+        for n in ("train", "dev"):
+            save_features(feats[n], str(fcache / f"{n}.pt"))
+        (fcache / "digest").write_text(_digest(carry))
     t_feat = time.perf_counter() - t0
     out = Path(os.environ.get("OUT", ".")) / "adapter"
     summary = run_training(out=out, candidate_layers=tuple(layers), max_layers=opts.max_layers,
@@ -212,7 +234,18 @@ def gpu(a) -> None:
                       "feature_seconds": round(t_feat, 1)}, default=str))
 
 
-_OVERRIDES = ("layers", "epochs", "hard_negatives", "mine_every", "query_reduce", "head_reduce")
+def _digest(carry: Path) -> str:
+    """sha256 of the carry's data.npz and meta.json (what the features are made from)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name in ("data.npz", "meta.json"):
+        h.update((carry / name).read_bytes())
+    return h.hexdigest()
+
+
+_OVERRIDES = ("layers", "epochs", "hard_negatives", "mine_every", "query_reduce", "head_reduce", "negatives",
+              "lr", "batch_size")
 """Options of the prepared recipe that data.npz does not depend on: the gpu step's --set-* overrides."""
 
 
@@ -222,6 +255,9 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--carry", default=str(ROOT / ".devcarry" / "train"))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--batch-tokens", type=int, default=65536)
+    ap.add_argument("--feature-cache", default=None,
+                    help="gpu: keep the extracted features in this folder and reuse them in later calls on the "
+                         "same machine (e.g. /tmp/feats)")
     # the msa train-router options (prepare)
     ap.add_argument("--out-name", default="gemma3-270m-router", help="the --out the recorded command names")
     ap.add_argument("--builtin", default="stdlib")
@@ -245,7 +281,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--mine-every", type=int, default=1)
     # gpu step: override options of the prepared recipe that data.npz does not depend on
     for k, typ in (("layers", str), ("epochs", int), ("hard-negatives", str), ("mine-every", int),
-                   ("query-reduce", str), ("head-reduce", str)):
+                   ("query-reduce", str), ("head-reduce", str), ("negatives", int), ("lr", float),
+                   ("batch-size", int)):
         ap.add_argument(f"--set-{k}", type=typ, default=None, help=f"gpu: override the prepared --{k}")
     return ap
 
