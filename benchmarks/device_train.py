@@ -174,6 +174,7 @@ def gpu(a) -> None:
     if not set(layers) <= set(meta["layers"]):
         raise SystemExit(f"--set-layers {opts.layers}: the pack holds layers up to {max(meta['layers'])} only")
     cfg, command = train_config(opts, a.device), train_command(opts)
+    command += f" --init-adapter {a.init_adapter}" if a.init_adapter else ""
     d = np.load(carry / "data.npz")
     dev = torch.device(a.device)
     model, _ = device_pack.load_pack(carry / "pack", a.device)
@@ -181,7 +182,19 @@ def gpu(a) -> None:
     # with a feature cache, every layer the pack holds is extracted, so later calls may choose other layers
     extract = tuple(meta["layers"]) if fcache is not None else tuple(layers)
     rc = dataclasses.replace(RouterConfig.from_dict(meta["router_config"]), router_layers=extract)
-    template = RouterAdapter.from_model_qk(model, rc, warn=False).to(dev)
+    if a.init_adapter:   # start from a trained adapter: its layers are the candidates (and what is extracted)
+        init = RouterAdapter.load(a.init_adapter)
+        if not set(layers) <= set(init.config.router_layers):
+            raise SystemExit(f"--init-adapter {a.init_adapter} has layers {list(init.config.router_layers)}, "
+                             f"not all of {list(layers)}")
+        if fcache is not None:
+            raise SystemExit("--init-adapter and --feature-cache cannot be combined (the cache holds every pack layer)")
+        rc = dataclasses.replace(init.config, router_layers=tuple(layers))
+        template = RouterAdapter(rc)
+        template.load_tensors(init.state_tensors(), where=f"--init-adapter {a.init_adapter}")
+        template = template.to(dev)
+    else:
+        template = RouterAdapter.from_model_qk(model, rc, warn=False).to(dev)
     loaded = LoadedModel(name=meta["model_name"] + " (device pack)", hf_model=model, tokenizer=None,
                          router=template, wrap="plain", model_fingerprint=meta["model_fingerprint"])
     feats = {}
@@ -245,7 +258,7 @@ def _digest(carry: Path) -> str:
 
 
 _OVERRIDES = ("layers", "epochs", "hard_negatives", "mine_every", "query_reduce", "head_reduce", "negatives",
-              "lr", "batch_size")
+              "lr", "batch_size", "layer_loss")
 """Options of the prepared recipe that data.npz does not depend on: the gpu step's --set-* overrides."""
 
 
@@ -255,6 +268,8 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--carry", default=str(ROOT / ".devcarry" / "train"))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--batch-tokens", type=int, default=65536)
+    ap.add_argument("--init-adapter", default=None,
+                    help="gpu: start from this adapter's weights (its layers must cover the layers trained)")
     ap.add_argument("--feature-cache", default=None,
                     help="gpu: keep the extracted features in this folder and reuse them in later calls on the "
                          "same machine (e.g. /tmp/feats)")
@@ -282,7 +297,7 @@ def _parser() -> argparse.ArgumentParser:
     # gpu step: override options of the prepared recipe that data.npz does not depend on
     for k, typ in (("layers", str), ("epochs", int), ("hard-negatives", str), ("mine-every", int),
                    ("query-reduce", str), ("head-reduce", str), ("negatives", int), ("lr", float),
-                   ("batch-size", int)):
+                   ("batch-size", int), ("layer-loss", str)):
         ap.add_argument(f"--set-{k}", type=typ, default=None, help=f"gpu: override the prepared --{k}")
     return ap
 

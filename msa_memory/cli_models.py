@@ -104,7 +104,7 @@ def _train_router_command(out: str, corpus: list[str] | None, store: str | None,
                           hard_negatives: str = "bm25", mine_every: int = 1, builtin: str = "stdlib",
                           negatives: int = 32, cloze_remove: float = 0.5, dev_distractors: bool = False,
                           bf16: bool = False, layer_loss: str = "each", query_reduce: str = "max",
-                          head_reduce: str = "mean") -> str:
+                          head_reduce: str = "mean", init_adapter: str | None = None) -> str:
     """The command line that reproduces a run (recorded in the adapter's training.json)."""
     parts = ["msa train-router", f"--out {out}"] + [f"--corpus {c}" for c in corpus or []]
     parts += [f"--builtin {builtin}"] if builtin != "stdlib" else []
@@ -123,6 +123,7 @@ def _train_router_command(out: str, corpus: list[str] | None, store: str | None,
     parts += [f"--layer-loss {layer_loss}"] if layer_loss != "each" else []
     parts += [f"--query-reduce {query_reduce}"] if query_reduce != "max" else []
     parts += [f"--head-reduce {head_reduce}"] if head_reduce != "mean" else []
+    parts += [f"--init-adapter {init_adapter}"] if init_adapter else []
     return " ".join(parts)
 
 
@@ -156,6 +157,7 @@ def train_router_cmd(
     layer_loss: Annotated[str, typer.Option("--layer-loss", help="each (every layer's own InfoNCE, averaged), sum (InfoNCE of the layer-summed score routing ranks by) or both")] = "each",
     query_reduce: Annotated[str, typer.Option("--query-reduce", help="How the question's tokens reduce to one score per chunk, in training and in the adapter: max (MSA), mean or last")] = "max",
     head_reduce: Annotated[str, typer.Option("--head-reduce", help="How the router heads reduce, in training and in the adapter: mean (MSA) or max")] = "mean",
+    init_adapter: Annotated[str | None, typer.Option("--init-adapter", help="Start from this router adapter's weights (its layers must cover --layers) instead of the model's q/k copies, e.g. to fine-tune with --layer-loss sum")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Train router projections (decoupled InfoNCE, frozen backbone) and save an adapter."""
@@ -169,11 +171,12 @@ def train_router_cmd(
             device=device, hard_negatives=hard_negatives, mine_every=mine_every,
             builtin=[b.strip() for b in builtin.split(",") if b.strip()], negatives=negatives,
             cloze_remove=cloze_remove, dev_distractors=dev_distractors, bf16=bf16, layer_loss=layer_loss,
-            query_reduce=query_reduce, head_reduce=head_reduce,
+            query_reduce=query_reduce, head_reduce=head_reduce, init_adapter=init_adapter,
             command=_train_router_command(out, corpus, store, pairs, model, layers, max_layers, epochs,
                                           batch_size, lr, n_train, n_dev, max_chars, seed, cache, device,
                                           hard_negatives, mine_every, builtin, negatives, cloze_remove,
-                                          dev_distractors, bf16, layer_loss, query_reduce, head_reduce),
+                                          dev_distractors, bf16, layer_loss, query_reduce, head_reduce,
+                                          init_adapter),
             log=(lambda s: None) if json_out else (lambda s: typer.echo(s, err=True)))
         if json_out:
             _emit_json(summary)

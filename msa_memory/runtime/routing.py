@@ -39,7 +39,8 @@ bounded by tile × rows, never by C. The tile loop is the eager path, the refere
   (``routing_cuda``); ``RoutingConfig.cuda_graphs=False`` turns it off. Max-reduced queries are
   padded to a power-of-two row count by repeating the last row (max unchanged), so few graphs serve
   all query lengths.
-- Chunk → document reduce: ``torch.segment_reduce`` over document runs on CPU; on GPUs a gather of
+- Chunk → document reduce: over sorted document runs on CPU, ``routing_cpu.doc_reduce`` (the kernel's
+  extension, with blocked keys) else ``torch.segment_reduce``; on GPUs a gather of
   :func:`doc_gather_index` + ``amax`` (chunk-reduce max over contiguous documents, no float
   atomics) else ``scatter_reduce_``; on CUDA the top-k is :func:`topk_blocked` (two stages). With
   chunk-reduce max on CUDA (``fused_topk``), document max + top-k are instead two Triton launches

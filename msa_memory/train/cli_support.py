@@ -75,7 +75,7 @@ def train_router_from_cli(*, out: str, corpus: Sequence[str] | None, store: str 
                           mine_every: int = 1, builtin: Sequence[str] = ("stdlib",), negatives: int = 32,
                           cloze_remove: float = 0.5, dev_distractors: bool = False, bf16: bool = False,
                           layer_loss: str = "each", query_reduce: str = "max",
-                          head_reduce: str = "mean") -> dict[str, Any]:
+                          head_reduce: str = "mean", init_adapter: str | None = None) -> dict[str, Any]:
     """Build the pairs the options ask for and run :func:`msa_memory.train.recipe.run_training`."""
     from msa_memory.train.recipe import builtin_pairs, files_pairs, run_training
 
@@ -98,5 +98,6 @@ def train_router_from_cli(*, out: str, corpus: Sequence[str] | None, store: str 
                        layer_loss=layer_loss, query_reduce=query_reduce, head_reduce=head_reduce)
     return run_training(out=out, model=model, candidate_layers=parse_layers(layers), max_layers=max_layers,
                         train_pairs=train, dev_pairs=dev, config=cfg, cache_dir=cache, device=device,
+                        init_adapter=init_adapter,
                         command=command, log=log, loaded=loaded, dev_distractors=dev_distractors,
                         store_docs=store_docs)

@@ -544,6 +544,21 @@ def test_cli_train_router_and_reindex(tmp_path):
     assert torch.equal(full.q_proj[str(layer)].weight, ad.q_proj[str(layer)].weight)
     assert (full.config.score, full.config.query_reduce) == (ad.config.score, ad.config.query_reduce)
 
+    # --init-adapter starts from those weights (0 epochs: kept exactly); the reducers go into the adapter and command
+    out2 = tmp_path / "router2"
+    r = CliRunner().invoke(app, ["train-router", "--corpus", str(corpus), "--model", str(mdir), "--out", str(out2),
+                                 "--layers", "1,3", "--max-layers", "2", "--epochs", "0", "--batch-size", "8",
+                                 "--max-chars", "300", "--init-adapter", str(out / "candidates"),
+                                 "--query-reduce", "mean", "--json"])
+    assert r.exit_code == 0, r.output
+    start = RouterAdapter.load(out2 / "candidates") if (out2 / "candidates").exists() else RouterAdapter.load(out2)
+    for l in start.config.router_layers:
+        assert torch.equal(start.q_proj[str(l)].weight, full.q_proj[str(l)].weight)
+        assert torch.equal(start.k_proj[str(l)].weight, full.k_proj[str(l)].weight)
+    assert start.config.query_reduce == "mean"
+    cmd = json.loads((out2 / "training.json").read_text())["command"]
+    assert f"--init-adapter {out / 'candidates'}" in cmd and "--query-reduce mean" in cmd
+
     bad = CliRunner().invoke(app, ["train-router", "--pairs", "x.jsonl", "--out", str(tmp_path / "r2"), "--json"])
     assert bad.exit_code == 2 and "--pairs needs --store" in bad.output
 
