@@ -656,8 +656,7 @@ class RouterIndex:
 
         if self._doc_lengths is not None and cs.device.type == "cpu":     # sorted map: one pass over the runs
             if self._blocked and not self._doc_kernel_broken and cs.dtype == torch.float32 and cs.is_contiguous():
-                # the kernel's extension is loaded (blocked keys): its doc_reduce (a few µs at 10k chunks, where
-                # segment_reduce's fixed cost is ~38 µs)
+                # the kernel's extension is loaded (blocked keys): its doc_reduce (see __init__ for the figures)
                 from msa_memory.runtime import routing_cpu
 
                 out = torch.empty(self.n_docs, dtype=torch.float32)
