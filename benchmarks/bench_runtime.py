@@ -79,8 +79,8 @@ def _sync(dev: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def timeit(fn, dev: torch.device, rounds: int = 5, warmup: int = 2) -> float:
-    """Median seconds of ``rounds`` timed calls after ``warmup`` calls."""
+def timeit(fn, dev: torch.device, rounds: int = 5, warmup: int = 2, stat=statistics.median) -> float:
+    """``stat`` (median) of the seconds of ``rounds`` timed calls after ``warmup`` calls."""
     for _ in range(warmup):
         fn()
     _sync(dev)
@@ -90,21 +90,12 @@ def timeit(fn, dev: torch.device, rounds: int = 5, warmup: int = 2) -> float:
         fn()
         _sync(dev)
         ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    return stat(ts)
 
 
 def best_time(fn, dev: torch.device, rounds: int, warmup: int = 2) -> float:
     """Fewest seconds of ``rounds`` timed calls after ``warmup`` calls (for the floors: the tightest one seen)."""
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(rounds):
-        _sync(dev)
-        t0 = time.perf_counter()
-        fn()
-        _sync(dev)
-        best = min(best, time.perf_counter() - t0)
-    return best
+    return timeit(fn, dev, rounds=rounds, warmup=warmup, stat=min)
 
 
 def copy_bandwidth(dev: torch.device, nbytes: int) -> float:

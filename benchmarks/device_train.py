@@ -65,21 +65,14 @@ def _split(flat: np.ndarray, off: np.ndarray) -> list[np.ndarray]:
     return [flat[off[i]:off[i + 1]] for i in range(len(off) - 1)]
 
 
-def train_command(a) -> str:
+def train_command(a, init_adapter: str | None = None) -> str:
     """The ``msa train-router`` line these options stand for (what a CUDA host with the package runs)."""
-    parts = ["msa train-router", f"--out {a.out_name}", f"--builtin {a.builtin}", "--model default",
-             f"--layers {a.layers}", f"--max-layers {a.max_layers}", f"--epochs {a.epochs}",
-             f"--batch-size {a.batch_size}", f"--lr {a.lr:g}", f"--n-train {a.n_train}", f"--n-dev {a.n_dev}",
-             f"--max-chars {a.max_chars}", f"--seed {a.seed}", "--device cuda", f"--negatives {a.negatives}",
-             f"--cloze-remove {a.cloze_remove:g}"]
-    parts += [f"--hard-negatives {a.hard_negatives}"] if a.hard_negatives != "bm25" else []
-    parts += [f"--mine-every {a.mine_every}"] if a.hard_negatives != "bm25" and a.mine_every != 1 else []
-    parts += ["--dev-distractors"] if a.dev_distractors else []
-    parts += ["--bf16"] if a.bf16 else []
-    parts += [f"--layer-loss {a.layer_loss}"] if a.layer_loss != "each" else []
-    parts += [f"--query-reduce {a.query_reduce}"] if a.query_reduce != "max" else []
-    parts += [f"--head-reduce {a.head_reduce}"] if a.head_reduce != "mean" else []
-    return " ".join(parts)
+    from msa_memory.train.cli_support import train_router_command
+
+    return train_router_command(a.out_name, None, None, None, "default", a.layers, a.max_layers, a.epochs,
+                                a.batch_size, a.lr, a.n_train, a.n_dev, a.max_chars, a.seed, None, "cuda",
+                                a.hard_negatives, a.mine_every, a.builtin, a.negatives, a.cloze_remove,
+                                a.dev_distractors, a.bf16, a.layer_loss, a.query_reduce, a.head_reduce, init_adapter)
 
 
 def train_config(a, device: str = "cuda"):
@@ -173,8 +166,7 @@ def gpu(a) -> None:
     layers = parse_layers(opts.layers)
     if not set(layers) <= set(meta["layers"]):
         raise SystemExit(f"--set-layers {opts.layers}: the pack holds layers up to {max(meta['layers'])} only")
-    cfg, command = train_config(opts, a.device), train_command(opts)
-    command += f" --init-adapter {a.init_adapter}" if a.init_adapter else ""
+    cfg, command = train_config(opts, a.device), train_command(opts, a.init_adapter)
     d = np.load(carry / "data.npz")
     dev = torch.device(a.device)
     model, _ = device_pack.load_pack(carry / "pack", a.device)

@@ -98,33 +98,7 @@ def search(
 
 # ----- msa train-router / msa store reindex-router (router training) -----
 # (owned by the router-training engineer; logic in msa_memory.train)
-def _train_router_command(out: str, corpus: list[str] | None, store: str | None, pairs: str | None, model: str,
-                          layers: str, max_layers: int, epochs: int, batch_size: int, lr: float, n_train: int,
-                          n_dev: int, max_chars: int, seed: int, cache: str | None, device: str,
-                          hard_negatives: str = "bm25", mine_every: int = 1, builtin: str = "stdlib",
-                          negatives: int = 32, cloze_remove: float = 0.5, dev_distractors: bool = False,
-                          bf16: bool = False, layer_loss: str = "each", query_reduce: str = "max",
-                          head_reduce: str = "mean", init_adapter: str | None = None) -> str:
-    """The command line that reproduces a run (recorded in the adapter's training.json)."""
-    parts = ["msa train-router", f"--out {out}"] + [f"--corpus {c}" for c in corpus or []]
-    parts += [f"--builtin {builtin}"] if builtin != "stdlib" else []
-    parts += [f"--store {store}"] if store else []
-    parts += [f"--pairs {pairs}"] if pairs else []
-    parts += [f"--model {model}", f"--layers {layers}", f"--max-layers {max_layers}", f"--epochs {epochs}",
-              f"--batch-size {batch_size}", f"--lr {lr:g}", f"--n-train {n_train}", f"--n-dev {n_dev}",
-              f"--max-chars {max_chars}", f"--seed {seed}", f"--device {device}"]
-    parts += [f"--cache {cache}"] if cache else []
-    if hard_negatives != "bm25" or mine_every != 1:
-        parts += [f"--hard-negatives {hard_negatives}", f"--mine-every {mine_every}"]
-    parts += [f"--negatives {negatives}"] if negatives != 32 else []
-    parts += [f"--cloze-remove {cloze_remove:g}"] if cloze_remove != 0.5 else []
-    parts += ["--dev-distractors"] if dev_distractors else []
-    parts += ["--bf16"] if bf16 else []
-    parts += [f"--layer-loss {layer_loss}"] if layer_loss != "each" else []
-    parts += [f"--query-reduce {query_reduce}"] if query_reduce != "max" else []
-    parts += [f"--head-reduce {head_reduce}"] if head_reduce != "mean" else []
-    parts += [f"--init-adapter {init_adapter}"] if init_adapter else []
-    return " ".join(parts)
+from msa_memory.train.cli_support import train_router_command as _train_router_command  # noqa: E402
 
 
 @app.command("train-router", epilog="\b\nExamples:\n  msa train-router --out router/                  # built-in recipe (stdlib docstrings + facts)\n"

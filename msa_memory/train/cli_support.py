@@ -12,7 +12,7 @@ from typing import Any, Callable, Sequence
 
 from msa_memory.errors import ConfigError
 
-__all__ = ["train_router_from_cli", "parse_layers"]
+__all__ = ["train_router_from_cli", "train_router_command", "parse_layers"]
 
 
 def parse_layers(spec: str) -> Any:
@@ -55,6 +55,36 @@ def _store_pairs(store_path: str, pairs_path: str | None, seed: int, p_remove: f
     n_dev = max(10, len(docs) // 10)
     return (build_pairs([docs[i] for i in order[n_dev:]], split="train", seed=seed, p_remove=p_remove),
             build_pairs([docs[i] for i in order[:n_dev]], split="train", seed=seed + 1000, p_remove=p_remove), None)
+
+
+def train_router_command(out: str, corpus: list[str] | None, store: str | None, pairs: str | None, model: str,
+                          layers: str, max_layers: int, epochs: int, batch_size: int, lr: float, n_train: int,
+                          n_dev: int, max_chars: int, seed: int, cache: str | None, device: str,
+                          hard_negatives: str = "bm25", mine_every: int = 1, builtin: str = "stdlib",
+                          negatives: int = 32, cloze_remove: float = 0.5, dev_distractors: bool = False,
+                          bf16: bool = False, layer_loss: str = "each", query_reduce: str = "max",
+                          head_reduce: str = "mean", init_adapter: str | None = None) -> str:
+    """The ``msa train-router`` line that reproduces a run (recorded in the adapter's training.json); options
+    at their defaults are left out. Used by the CLI and by ``benchmarks/device_train.py``."""
+    parts = ["msa train-router", f"--out {out}"] + [f"--corpus {c}" for c in corpus or []]
+    parts += [f"--builtin {builtin}"] if builtin != "stdlib" else []
+    parts += [f"--store {store}"] if store else []
+    parts += [f"--pairs {pairs}"] if pairs else []
+    parts += [f"--model {model}", f"--layers {layers}", f"--max-layers {max_layers}", f"--epochs {epochs}",
+              f"--batch-size {batch_size}", f"--lr {lr:g}", f"--n-train {n_train}", f"--n-dev {n_dev}",
+              f"--max-chars {max_chars}", f"--seed {seed}", f"--device {device}"]
+    parts += [f"--cache {cache}"] if cache else []
+    if hard_negatives != "bm25" or mine_every != 1:
+        parts += [f"--hard-negatives {hard_negatives}", f"--mine-every {mine_every}"]
+    parts += [f"--negatives {negatives}"] if negatives != 32 else []
+    parts += [f"--cloze-remove {cloze_remove:g}"] if cloze_remove != 0.5 else []
+    parts += ["--dev-distractors"] if dev_distractors else []
+    parts += ["--bf16"] if bf16 else []
+    parts += [f"--layer-loss {layer_loss}"] if layer_loss != "each" else []
+    parts += [f"--query-reduce {query_reduce}"] if query_reduce != "max" else []
+    parts += [f"--head-reduce {head_reduce}"] if head_reduce != "mean" else []
+    parts += [f"--init-adapter {init_adapter}"] if init_adapter else []
+    return " ".join(parts)
 
 
 def train_config(*, epochs: int, batch_size: int, lr: float, seed: int, device: str, hard_negatives: str = "bm25",
