@@ -133,9 +133,13 @@ def pool_features(loaded, passages, n_needed: int, cache: Path, block: int = 256
         f = cache / f"pool_{b0:06d}.pt"
         b1 = min(b0 + block, n_needed)
         d = torch.load(f, weights_only=True) if f.is_file() else None
-        if d is None or int(d["cd"].max()) + 1 < b1:  # absent, or cached for fewer passages than needed now
+        # absent, cached for fewer passages than needed now, or made from other texts (other --needles / --ict
+        # counts shift the passages; a file of an older version has no digest): encode again
+        if d is None or int(d["cd"].max()) + 1 < b1 or d.get("texts_sha256") != _texts_digest(
+                passages[b0:int(d["cd"].max()) + 1]):
             x, cd = extract_passages(loaded, passages[b0:b1])
-            d = {"x": x, "cd": cd + b0, "layers": list(loaded.router_layers)}
+            d = {"x": x, "cd": cd + b0, "layers": list(loaded.router_layers),
+                 "texts_sha256": _texts_digest(passages[b0:b1])}
             torch.save(d, f)
             print(f"  encoded passages {b0}..{b1} ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
         if d["layers"] != list(loaded.router_layers):
@@ -145,6 +149,12 @@ def pool_features(loaded, passages, n_needed: int, cache: Path, block: int = 256
     x, cd = torch.cat(xs, 1), torch.cat(cds)
     keep = cd < n_needed
     return x[:, keep], cd[keep]
+
+
+def _texts_digest(texts) -> str:
+    import hashlib
+
+    return hashlib.sha256("\0".join(texts).encode()).hexdigest()
 
 
 # ----------------------------------------------------------------------------- scorers

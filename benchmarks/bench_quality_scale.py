@@ -22,7 +22,9 @@ Three steps (``--step``):
    the same haystack (checks the sha256), encodes it with the encoder's own forward (bf16,
    ``Encoder.encode_tokens``; router keys of the adapter), routes the queries exactly as
    ``bench_quality.routing_scores`` does (layer-summed cosine, head-mean / query-max / chunk-max)
-   and writes recall@1/5/16 per size and query kind into ``$OUT/scale_gpu.json``.
+   and writes recall@1/5/16 per size and query kind into ``$OUT/scale_gpu.json``. ``--sizes`` may
+   stop short of the prepared sizes (same haystack, the largest left out): an adapter with deep
+   router layers encodes more slowly than one device call allows for 100M tokens.
 3. ``bm25`` (here, CPU): rebuilds the same haystack texts, runs BM25 (bm25s) on each size, merges
    the GPU file and prints the table and one JSON line; writes ``--out/quality_scale.json``.
 
@@ -225,7 +227,10 @@ def _gpu(args) -> None:
         return qp[i] if i < n_q else bos + np.concatenate([pool[s] for s in comp[i - n_q]]).tolist()
 
     lens = np.array([len(x) for x in qp] + [1 + int(pool_len[c].sum()) for c in comp], dtype=np.int64)
-    counts = prefix_counts(lens[n_q:], int(lens[:n_q].sum()), meta["sizes"])
+    sizes = [S for S in meta["sizes"] if S <= max(args.sizes)]   # --sizes may stop short of the prepared ones
+    if not sizes:
+        raise SystemExit(f"--sizes {args.sizes}: none of the prepared sizes {meta['sizes']} is that small")
+    counts = prefix_counts(lens[n_q:], int(lens[:n_q].sum()), sizes)
     n_docs = n_q + max(counts.values())
     # router queries first; every encoded batch is scored at once and only its (Q, docs) scores
     # are kept, so GPU memory does not grow with the haystack

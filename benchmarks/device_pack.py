@@ -15,7 +15,8 @@ bit-identical to the ones ``load_model("default")`` builds here: ``make_pack`` c
 every tensor before it writes anything. Token ids must be mapped with ``remap`` before encoding.
 
 Benchmark tooling, not product code. Usage (here): ``python benchmarks/device_pack.py OUT_DIR
---upto 8 --ids ids.npy``; there: ``load_pack(OUT_DIR, "cuda")``.
+--upto 8 --ids ids.npy`` (or ``--vocab-from OTHER_PACK``: the same compact ids, other blocks;
+``--split-mb 56``: parts for carries smaller than the pack); there: ``load_pack(OUT_DIR, "cuda")``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["make_pack", "load_pack", "remap"]
+__all__ = ["make_pack", "load_pack", "remap", "split_blob"]
 
 _BLOB = "tensors.bin"
 _META = "pack.json"
@@ -130,7 +131,7 @@ def load_pack(path: str | Path, device: str = "cpu", dtype=None):
 
     path = Path(path)
     meta = json.loads((path / _META).read_text())
-    blob = np.fromfile(path / _BLOB, dtype=np.uint8)
+    blob = _read_blob(path)
     cfg = {k: v for k, v in meta["config"].items() if k not in ("architectures", "transformers_version")}
     config = Gemma3TextConfig(**cfg)
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
@@ -155,6 +156,32 @@ def load_pack(path: str | Path, device: str = "cpu", dtype=None):
     return model.to(device=device, dtype=dtype).eval(), np.asarray(meta["vocab"], dtype=np.int64)
 
 
+def split_blob(path: str | Path, part_bytes: int) -> list[Path]:
+    """Cut a pack's ``tensors.bin`` into ``tensors.bin.000``, ``.001``, … of at most ``part_bytes``.
+
+    For carries smaller than a pack: each part may travel in its own call; ``load_pack`` reads the
+    parts back in order when ``tensors.bin`` itself is absent.
+    """
+    path = Path(path)
+    blob = (path / _BLOB).read_bytes()
+    parts = []
+    for i, start in enumerate(range(0, len(blob), part_bytes)):
+        part = path / f"{_BLOB}.{i:03d}"
+        part.write_bytes(blob[start:start + part_bytes])
+        parts.append(part)
+    (path / _BLOB).unlink()
+    return parts
+
+
+def _read_blob(path: Path) -> np.ndarray:
+    if (path / _BLOB).is_file():
+        return np.fromfile(path / _BLOB, dtype=np.uint8)
+    parts = sorted(path.glob(f"{_BLOB}.[0-9][0-9][0-9]"))
+    if not parts:
+        raise SystemExit(f"{path}: no {_BLOB} and no {_BLOB}.NNN parts")
+    return np.concatenate([np.fromfile(p, dtype=np.uint8) for p in parts])
+
+
 def remap(ids, vocab: np.ndarray) -> np.ndarray:
     """Original token ids → compact ids of a pack (raises if an id is not in the pack's vocabulary)."""
     ids = np.asarray(ids, dtype=np.int64)
@@ -171,6 +198,14 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("out")
     ap.add_argument("--upto", type=int, default=8)
-    ap.add_argument("--ids", required=True, help=".npy of the token ids the pack must embed")
+    ids = ap.add_mutually_exclusive_group(required=True)
+    ids.add_argument("--ids", help=".npy of the token ids the pack must embed")
+    ids.add_argument("--vocab-from", help="a pack folder whose vocabulary this pack embeds (same compact ids)")
+    ap.add_argument("--last-norm-only", action="store_true", help="of block --upto keep only input_layernorm")
+    ap.add_argument("--split-mb", type=int, default=0, help="cut tensors.bin into parts of this many MiB")
     a = ap.parse_args()
-    print(make_pack(a.out, a.upto, np.load(a.ids)), file=sys.stderr)
+    vocab = (np.load(a.ids) if a.ids else
+             np.asarray(json.loads((Path(a.vocab_from) / _META).read_text())["vocab"], dtype=np.int64))
+    info = make_pack(a.out, a.upto, vocab, last_norm_only=a.last_norm_only)
+    parts = split_blob(a.out, a.split_mb << 20) if a.split_mb else []
+    print(info | {"parts": [str(p) for p in parts]}, file=sys.stderr)

@@ -33,6 +33,9 @@ Usage::
     python benchmarks/device_train.py gpu --carry .devcarry/train     # writes $OUT/adapter
     python benchmarks/device_train.py gpu --carry .devcarry/train --feature-cache /tmp/feats \
         --set-negatives 2048                                         # a 2nd trial, features reused
+    # here: the same data for deeper candidate layers, the pack cut into carry-sized parts
+    python benchmarks/device_train.py repack --from .devcarry/train --carry .devcarry/deep \
+        --layers 5,8,11,14,17 --max-layers 3 --split-mb 56
 """
 
 from __future__ import annotations
@@ -142,6 +145,60 @@ def prepare(a) -> None:
                       "vocab": int(len(used)), "train": train.counts(), "dev": dev.counts()}))
 
 
+def repack(a) -> None:
+    """A prepared carry (``--from``) for other candidate layers, without re-mining or re-tokenizing.
+
+    ``data.npz`` does not depend on the layers: it is copied, the pack is rebuilt for blocks
+    0..max(``--layers``) over the same compact vocabulary, and ``meta.json`` records the recipe with
+    the new ``--layers`` / ``--max-layers``. ``--split-mb`` cuts the pack's tensors into parts
+    (``device_pack.split_blob``) for carries smaller than the pack.
+    """
+    import shutil
+
+    import device_pack
+
+    from msa_memory.train.cli_support import parse_layers
+
+    src, carry = Path(a.source), Path(a.carry)
+    if src.resolve() == carry.resolve():
+        raise SystemExit("repack: --from and --carry must differ")
+    meta = json.loads((src / "meta.json").read_text())
+    argv = shlex.split(meta["prepared_by"].split(" prepare ", 1)[1])
+    opts = _parser().parse_args(["prepare", *argv])
+    opts.layers, opts.max_layers, opts.carry = a.layers, a.max_layers, str(carry)
+    layers = parse_layers(a.layers)
+    vocab = np.asarray(json.loads((src / "pack" / "pack.json").read_text())["vocab"], dtype=np.int64)
+    carry.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src / "data.npz", carry / "data.npz")
+    if (carry / "pack").exists():
+        shutil.rmtree(carry / "pack")
+    info = device_pack.make_pack(carry / "pack", max(layers), vocab, last_norm_only=True, last_keep_qk=True)
+    parts = device_pack.split_blob(carry / "pack", a.split_mb << 20) if a.split_mb else []
+    argv = _replace_option(_replace_option(argv, "--layers", a.layers), "--max-layers", str(a.max_layers))
+    argv = _replace_option(argv, "--carry", str(carry))
+    meta |= {"command": train_command(opts), "layers": list(layers), "max_layers": a.max_layers, "pack": info,
+             "prepared_by": "benchmarks/device_train.py prepare " + " ".join(shlex.quote(x) for x in argv),
+             "repacked_from": str(src)}
+    (carry / "meta.json").write_text(json.dumps(meta, indent=1))
+    sizes = {str(p.relative_to(carry)): p.stat().st_size for p in carry.rglob("*") if p.is_file()}
+    print(json.dumps({"files": sizes, "parts": [str(p) for p in parts], "pack": info}))
+
+
+def _replace_option(argv: list[str], name: str, value: str) -> list[str]:
+    """``argv`` with option ``name``'s value set to ``value`` (appended when absent)."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == name:
+            i += 2
+            continue
+        if argv[i].startswith(name + "="):
+            i += 1
+            continue
+        out.append(argv[i])
+        i += 1
+    return out + [name, value]
+
+
 def gpu(a) -> None:
     import dataclasses
 
@@ -204,7 +261,8 @@ def gpu(a) -> None:
         seqs = [s.astype(np.int64).tolist() for s in _split(d[f"{name}_p"], d[f"{name}_p_off"])]
         qt = [(q.astype(np.int64).tolist(), int(s)) for q, s in
               zip(_split(d[f"{name}_q"], d[f"{name}_q_off"]), d[f"{name}_q_skip"])]
-        x, chunk_doc = extract_passage_tokens(loaded, seqs, max_batch_tokens=a.batch_tokens)
+        x, chunk_doc = extract_passage_tokens(loaded, seqs, max_batch_tokens=a.batch_tokens,
+                                              progress=_progress(f"{name} passages", t0))
         qx, qoff = extract_query_tokens(loaded, qt, max_batch_tokens=a.batch_tokens)
         pos = [tuple(int(v) for v in p) for p in _split(d[f"{name}_pos"], d[f"{name}_pos_off"])]
         hard = ([tuple(int(v) for v in row if v >= 0) for row in d["train_hard"]]
@@ -221,6 +279,12 @@ def gpu(a) -> None:
             save_features(feats[n], str(fcache / f"{n}.pt"))
         (fcache / "digest").write_text(_digest(carry))
     t_feat = time.perf_counter() - t0
+    if a.extract_only:
+        if fcache is None:
+            raise SystemExit("--extract-only needs --feature-cache")
+        print(json.dumps({"feature_cache": str(fcache), "feature_seconds": round(t_feat, 1),
+                          "layers": list(rc.router_layers)}))
+        return
     out = Path(os.environ.get("OUT", ".")) / "adapter"
     summary = run_training(out=out, candidate_layers=tuple(layers), max_layers=opts.max_layers,
                            config=cfg, device=a.device, command=command, log=lambda s: print(s, flush=True),
@@ -237,6 +301,17 @@ def gpu(a) -> None:
     print(json.dumps({"router_id": summary["router_id"], "router_layers": summary["router_layers"],
                       "dev_recall": summary["dev_recall"], "seconds": summary["seconds"],
                       "feature_seconds": round(t_feat, 1)}, default=str))
+
+
+def _progress(what: str, t0: float, parts: int = 8):
+    """A ``progress(done, total)`` callback that prints about ``parts`` times."""
+    nxt = [0]
+
+    def report(done: int, total: int) -> None:
+        if done >= nxt[0] or done == total:
+            print(f"  {what} {done}/{total} ({time.perf_counter() - t0:.0f}s)", flush=True)
+            nxt[0] = done + max(1, total // parts)
+    return report
 
 
 def _digest(carry: Path) -> str:
@@ -256,7 +331,7 @@ _OVERRIDES = ("layers", "epochs", "hard_negatives", "mine_every", "query_reduce"
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("step", choices=("prepare", "gpu"))
+    ap.add_argument("step", choices=("prepare", "repack", "gpu"))
     ap.add_argument("--carry", default=str(ROOT / ".devcarry" / "train"))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--batch-tokens", type=int, default=65536)
@@ -265,6 +340,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--feature-cache", default=None,
                     help="gpu: keep the extracted features in this folder and reuse them in later calls on the "
                          "same machine (e.g. /tmp/feats)")
+    ap.add_argument("--extract-only", action="store_true",
+                    help="gpu: stop once the features are in --feature-cache (a later call trains from them)")
+    ap.add_argument("--from", dest="source", default=None, help="repack: the prepared carry to start from")
+    ap.add_argument("--split-mb", type=int, default=0, help="repack: cut the pack into parts of this many MiB")
     # the msa train-router options (prepare)
     ap.add_argument("--out-name", default="gemma3-270m-router", help="the --out the recorded command names")
     ap.add_argument("--builtin", default="stdlib")
@@ -296,7 +375,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     a = _parser().parse_args(argv)
-    {"prepare": prepare, "gpu": gpu}[a.step](a)
+    {"prepare": prepare, "repack": repack, "gpu": gpu}[a.step](a)
 
 
 if __name__ == "__main__":
