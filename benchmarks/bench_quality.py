@@ -21,16 +21,17 @@ Pooled router inputs x̄ of every passage are computed once (the encoder's forwa
 cached under ``--cache`` (gitignored); router keys of any adapter are a linear map of them.
 Prints a table, writes ``quality.json`` and ``quality.png`` into ``--out``, ends with one JSON line.
 
-Measured (``--sizes 16384,131072,1048576 --em 5``, 2-core AVX512-BF16 CPU; the shipped adapter,
-layers 1, 5, trained on 24,869 stdlib + man-page passages; benchmarks/results/bench_quality_cpu.json):
-routing recall@16 needles 1.00 / 1.00 / 0.82, inverse cloze 0.90 / 0.62 / 0.53 at 16K / 128K / 1M
-tokens, against BM25 1.00 / 1.00 / 1.00 and 0.93 / 0.80 / 0.78 and MiniLM 0.95 / 0.75 / 0.45 and
-0.95 / 0.80 / 0.78. Relative drop 16K → 1M: 18% (needles), 42% (cloze); the target (≥ BM25 at 1M,
-≤ 9% drop) is not met. Earlier adapters: the same data with 4 epochs over 6 candidate layers
-1.00 / 0.97 / 0.80 and 0.82 / 0.57 / 0.50; 2,600 stdlib passages 1.00 / 0.95 / 0.55 and
-0.90 / 0.47 / 0.45; 500 passages 0.95 / 0.72 / 0.23 and 0.72 / 0.25 / 0.17. End-to-end exact match
-in text mode (top-4, 16K): 0.40 on 5 needles. Reindex in place 0.02 s vs encode + write 5.1 s for
-the 16,620-token EM store.
+Measured (``--sizes 16384,131072,1048576 --em 5``, 100 needles + 100 cloze queries, 2-core
+AVX512-BF16 CPU; the shipped adapter, layers 2, 14, 17, trained on 69,046 passages on an H200;
+benchmarks/results/bench_quality_cpu.json): routing recall@16 needles 1.00 / 0.97 / 0.80, inverse
+cloze 0.96 / 0.56 / 0.53 at 16K / 128K / 1M tokens, against BM25 1.00 / 1.00 / 1.00 and
+0.93 / 0.71 / 0.71 and MiniLM 0.93 / 0.81 / 0.62 and 0.97 / 0.69 / 0.64. Relative drop 16K → 1M:
+20% (needles), 45% (cloze); the target (≥ BM25 at 1M, ≤ 9% drop) is not met. The shallow shipped
+adapter (layers 1, 5; the default before) on the same cached features: 1.00 / 0.97 / 0.79 and
+0.94 / 0.49 / 0.45 (benchmarks/results/router_4b77c12b/). End-to-end exact match in text mode
+(top-4, 16K): 0.60 on 5 needles (both adapters). Reindex in place 0.03 s vs encode + write 15.5 s
+for the 16,611-token EM store (4.7 s with the shallow adapter, whose encoder stops after block 5).
+Before this run the benchmark asked 40 + 40 queries (±0.07 per figure at 1M; now ±0.05).
 """
 
 from __future__ import annotations
@@ -213,9 +214,11 @@ def main(argv: list[str] | None = None, loaded=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--adapter", default=str(ROOT / "msa_memory" / "data" / "gemma3-270m-router"))
     ap.add_argument("--sizes", default="16384,131072")
-    ap.add_argument("--needles", type=int, default=40)
-    ap.add_argument("--ict", type=int, default=40)
-    ap.add_argument("--layers", default="0,1,2,3,4,5,6,7,8", help="layers whose x̄ is cached (superset of the adapter's)")
+    ap.add_argument("--needles", type=int, default=100)
+    ap.add_argument("--ict", type=int, default=100)
+    ap.add_argument("--layers", default=None,
+                    help="layers whose x̄ is cached (a superset of the adapter's; default the adapter's own), e.g. "
+                         "1,2,5,14,17 to score two adapters from one cache")
     ap.add_argument("--group", type=int, default=10, help="queries per 16K haystack")
     ap.add_argument("--cache", default=str(ROOT / ".bench" / "quality"))
     ap.add_argument("--out", default=str(ROOT / ".bench" / "quality"))
@@ -228,7 +231,8 @@ def main(argv: list[str] | None = None, loaded=None) -> None:
     from msa_memory.train.features import extract_queries
 
     sizes = [int(s) for s in args.sizes.split(",")]
-    cand = tuple(int(x) for x in args.layers.split(","))
+    cand = (tuple(int(x) for x in args.layers.split(",")) if args.layers else
+            tuple(RouterAdapter.load(args.adapter).config.router_layers))
     passages, sources, queries, n_q = build_eval(args.needles, args.ict)
     if loaded is None:
         loaded = load_model("default", router_layers=cand)

@@ -30,12 +30,17 @@ Three steps (``--step``):
 
 Dense MiniLM is not run past 1M (its weights, 90 MB, do not fit the device carry with the pack).
 
-Measured (H200 for the gpu step, this 2-core CPU for BM25; the shipped adapter, layers 1, 5;
-benchmarks/results/bench_quality_scale_h200.json): routing recall@1/5/16 at 1M / 10M / 100M tokens
-(4,177 / 41,600 / 415,365 passages) needles 0.45/0.70/0.78, 0.25/0.42/0.57, 0.15/0.28/0.35 and
-cloze 0.20/0.50/0.68, 0.15/0.35/0.50, 0.10/0.15/0.25; BM25 needles 1.00 at every size and cloze
-0.35/0.72/0.80, 0.30/0.45/0.70, 0.25/0.33/0.42. The 100M-token encode took 274 s (382k tok/s,
-layers 0..5 of the GGUF); scoring all 80 queries × 2 layers 38 s; allocated GPU memory stayed 0.29 GiB.
+Measured (H200 for the gpu step, this 2-core CPU for BM25; 100 needles + 100 cloze queries,
+``--sizes 1048576,10485760`` at prepare, haystack digest 1e5b9ebb;
+benchmarks/results/bench_quality_scale_h200.json): routing recall@1/5/16 of the shipped adapter
+(layers 2, 14, 17) at 1M / 10M tokens (4,164 / 41,532 passages) needles 0.51/0.73/0.83,
+0.43/0.56/0.68 and cloze 0.18/0.43/0.65, 0.14/0.38/0.51; the shallow adapter (layers 1, 5) in the
+same device call 0.33/0.65/0.75, 0.18/0.43/0.56 and 0.11/0.29/0.59, 0.07/0.22/0.38; BM25 needles
+1.00 at both sizes, cloze 0.21/0.56/0.76, 0.15/0.43/0.62. The deep adapter encodes the 10M tokens at
+110k tok/s (blocks 0..16 + the norm of 17; the shallow one 132k tok/s), so its 100M run (~15 min)
+does not fit one device call; the shallow adapter's earlier 100M run (40 + 40 queries, digest
+412f570b: needles r@16 0.78 / 0.57 / 0.35, cloze 0.68 / 0.50 / 0.25 at 1M / 10M / 100M, BM25 0.80 /
+0.70 / 0.42 on cloze) is in benchmarks/results/router_4b77c12b/.
 """
 
 from __future__ import annotations
@@ -366,8 +371,8 @@ def main(argv=None) -> None:
     ap.add_argument("--adapter", default=str(ROOT / "msa_memory" / "data" / "gemma3-270m-router"))
     ap.add_argument("--carry", default=str(ROOT / ".devcarry" / "scale"))
     ap.add_argument("--sizes", default=",".join(str(s) for s in SIZES))
-    ap.add_argument("--needles", type=int, default=40)
-    ap.add_argument("--ict", type=int, default=40)
+    ap.add_argument("--needles", type=int, default=100)
+    ap.add_argument("--ict", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vocab", type=int, default=19000, help="prepare: commonest pool tokens the pack embeds")
     ap.add_argument("--device", default="cuda", help="gpu step: torch device (cpu only for a check at small sizes)")

@@ -19,7 +19,7 @@ from msa_memory.cli import (JsonOpt, StoreArg, VersionOpt, _emit_json, _guard, _
 
 # ----- msa ask / msa search (runtime) -----
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="The model the store was built with: 'default' (Gemma 3 270M), an HF folder or an MSA checkpoint")]
-AdapterOpt = Annotated[str | None, typer.Option("--adapter", help="Router adapter folder the store was built with, e.g. router/")]
+AdapterOpt = Annotated[str | None, typer.Option("--adapter", help="Router adapter folder the store was built with, e.g. router/ (default model: not needed for a store built with a shipped adapter, e.g. 'shallow')")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N")]
 KOpt = Annotated[int | None, typer.Option("--k", "-k", help="Documents to retrieve (default: the router's top-k, 16 in MSA), e.g. 4", min=1)]
 

@@ -195,7 +195,10 @@ class RouterAdapter(nn.Module):
 
     @classmethod
     def load(cls, directory: str | Path) -> RouterAdapter:
-        """Read an adapter written by :meth:`save`.
+        """Read an adapter written by :meth:`save`, from a folder or a shipped adapter's name.
+
+        ``directory`` may name a shipped adapter of the default model (``"default"``, ``"shallow"``:
+        :data:`msa_memory.data.SHIPPED_ADAPTERS`) when no folder of that name exists.
 
         Raises
         ------
@@ -204,11 +207,16 @@ class RouterAdapter(nn.Module):
         """
         from safetensors.torch import load_file
 
+        from msa_memory.data import SHIPPED_ADAPTERS, shipped_adapter
+
         d = Path(directory)
+        if not d.exists() and shipped_adapter(str(directory)) is not None:
+            d = shipped_adapter(str(directory))
         if not (d / ADAPTER_JSON).is_file() or not (d / ADAPTER_WEIGHTS).is_file():
             raise ModelLoadError(
                 f"No router adapter at {str(d)!r}: expected {ADAPTER_JSON} and {ADAPTER_WEIGHTS} there.",
-                hint="Save one with RouterAdapter.save(dir) (router training does), or pass adapter=None.")
+                hint="Save one with RouterAdapter.save(dir) (router training does), pass adapter=None, or name a "
+                     f"shipped adapter of the default model: {', '.join(sorted(SHIPPED_ADAPTERS))}.")
         try:
             cfg = RouterConfig.from_dict(json.loads((d / ADAPTER_JSON).read_text()))
         except (ValueError, TypeError) as e:

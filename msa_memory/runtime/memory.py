@@ -76,7 +76,9 @@ class Memory:
         What ``msa_memory.encode.load_model`` returns, or a name/path for it. Must be the model
         (and router adapter) the store was built with.
     adapter : str or path, optional
-        Router adapter directory, passed to ``load_model`` when ``model`` is a name.
+        Router adapter directory, passed to ``load_model`` when ``model`` is a name. None with
+        ``model="default"``: the shipped adapter whose router built the store, if one did
+        (``msa_memory.data.shipped_adapter_for_router``), else the default adapter.
     device : str, default "cpu"
         ``"auto"`` picks CUDA when available.
     source : {"auto", "host", "store"}, default "auto"
@@ -112,6 +114,10 @@ class Memory:
         if isinstance(model, (str, os.PathLike)):
             from msa_memory.encode import load_model
 
+            if adapter is None and str(model) == "default":   # the shipped adapter the store was built with,
+                from msa_memory.data import shipped_adapter_for_router  # should the default have changed since
+
+                adapter = shipped_adapter_for_router(store.identity.router_id)
             model = load_model(str(model), adapter=adapter, device=device)
         self.store, self.model = store, model
         model_dev = next(model.hf_model.parameters()).device

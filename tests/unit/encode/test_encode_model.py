@@ -182,6 +182,22 @@ def test_adapter_that_does_not_fit_the_model_is_refused(tmp_path):
         RouterAdapter.load(tmp_path / "ad")
 
 
+def test_shipped_adapters_load_by_name_and_a_folder_of_that_name_wins(tmp_path, monkeypatch):
+    from msa_memory.data import DEFAULT_ROUTER_ADAPTER, SHALLOW_ROUTER_ADAPTER
+
+    default, shallow = RouterAdapter.load("default"), RouterAdapter.load("shallow")
+    assert default.fingerprint() == RouterAdapter.load(DEFAULT_ROUTER_ADAPTER).fingerprint()
+    assert shallow.fingerprint() == RouterAdapter.load(SHALLOW_ROUTER_ADAPTER).fingerprint()
+    assert default.fingerprint() != shallow.fingerprint()
+    assert max(shallow.config.router_layers) < max(default.config.router_layers)   # the faster encode
+    cfg = RouterConfig((1,), n_q_heads=4, n_kv_heads=1, head_dim=16, hidden_size=64)
+    RouterAdapter(cfg).save(tmp_path / "shallow")
+    monkeypatch.chdir(tmp_path)
+    assert RouterAdapter.load("shallow").config == cfg                 # the user's folder, not the shipped one
+    with pytest.raises(ModelLoadError, match="shipped adapter of the default model: default, shallow"):
+        RouterAdapter.load("deep")
+
+
 def test_router_config_validation():
     with pytest.raises(ConfigError, match="router_layers"):
         RouterConfig((3, 1), n_q_heads=4, n_kv_heads=2, head_dim=8, hidden_size=8)

@@ -39,3 +39,31 @@ def test_default_model_encodes_and_updates_example_files(tmp_path: Path) -> None
     res = encode_corpus([folder], tmp_path / "m.msa")
     assert res.version == 2 and res.files_replaced == ["handbook/faq.jsonl#faq-001"] and res.files_unchanged == 12
     shutil.rmtree(tmp_path / "m.msa")
+
+
+@pytest.mark.slow
+def test_a_store_of_the_shallow_shipped_adapter_keeps_it_without_naming_it(tmp_path: Path) -> None:
+    """A store built with --adapter shallow (or by a release whose default it was) is updated and read
+    with model="default" and no adapter: the shipped adapter matching its router, not the current default."""
+    from msa_memory.data import shipped_adapter_for_router
+    from msa_memory.encode import RouterAdapter
+    from msa_memory.runtime import Memory
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "power.txt").write_bytes((EXAMPLES / "operations" / "power.txt").read_bytes())
+    res = encode_corpus([folder], tmp_path / "s.msa", adapter="shallow")
+    shallow = RouterAdapter.load("shallow")
+    assert res.version == 1 and open_store(tmp_path / "s.msa").identity.router_id == shallow.fingerprint()
+    assert shipped_adapter_for_router(shallow.fingerprint()) is not None
+    assert shipped_adapter_for_router(RouterAdapter.load("default").fingerprint()) != shipped_adapter_for_router(
+        shallow.fingerprint())
+    (folder / "note.txt").write_text("The spare generator key hangs in the control room, hook 7.\n")
+    res = encode_corpus([folder], tmp_path / "s.msa")                       # model="default", no adapter
+    store = open_store(tmp_path / "s.msa")
+    assert res.version == 2 and res.files_added == ["docs/note.txt"]
+    assert store.identity.router_id == shallow.fingerprint()
+    mem = Memory(store)                                                     # model="default", no adapter
+    assert mem.model.router_layers == shallow.config.router_layers
+    hits = mem.search("Where does the spare generator key hang?", k=1)
+    assert hits.num_rows == 1 and hits.column("source_path")[0].as_py().startswith("docs/")
