@@ -1,8 +1,9 @@
-"""Hard negatives mined from the router's own scores (trainer.mine_routing_negatives).
+"""Hard negatives mined from the router's own scores (trainer.mine_routing_negatives) and from BM25.
 
 Oracle: a brute-force loop over queries, tokens, heads, chunks and layers (cosine, head-mean,
 query-max, chunk-max, summed over layers: what routing does) gives every query's scores; the mined
-negatives must be exactly its top non-positive passages, in order.
+negatives must be exactly its top non-positive passages, in order. BM25 (recipe.bm25_topk, the
+block sparse product): bm25s's own per-query ``get_scores`` is the oracle.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import math
 import numpy as np
 import pytest
 import torch
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from msa_memory.errors import ConfigError
 from msa_memory.train import trainer
@@ -107,3 +111,41 @@ def test_cli_command_records_mining_options():
     cmd = _train_router_command("r/", None, "mem.msa", None, "default", "0,1", 2, 3, 8, 1e-3, 500, 100, 800, 0,
                                 None, "cpu", "routing", 0)
     assert cmd.endswith("--hard-negatives routing --mine-every 0") and "--store mem.msa" in cmd
+
+
+_WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "lambda", "theta", "zeta", "rho", "tau"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(docs=st.lists(st.lists(st.sampled_from(_WORDS), min_size=1, max_size=12), min_size=2, max_size=25),
+       queries=st.lists(st.lists(st.sampled_from(_WORDS + ["unseen", "absent"]), min_size=0, max_size=6),
+                        min_size=1, max_size=9),
+       k=st.integers(1, 30), block=st.sampled_from([1, 2, 64]))
+def test_bm25_topk_is_the_best_bm25s_scores_in_order_ties_by_index(docs, queries, k, block):
+    bm25s = pytest.importorskip("bm25s")
+    from msa_memory.train.recipe import bm25_topk
+
+    retriever = bm25s.BM25()
+    retriever.index(bm25s.tokenize([" ".join(d) for d in docs], show_progress=False), show_progress=False)
+    toks = [[w for w in q if w in retriever.vocab_dict] for q in queries]
+    got = bm25_topk(retriever, [list(q) for q in queries], k, block=block)
+    kk = min(k, len(docs))
+    assert got.shape == (len(queries), kk)
+    for q, row in zip(toks, got):
+        ref = retriever.get_scores(q) if q else np.zeros(len(docs), dtype=np.float32)   # bm25s: one query
+        want = sorted(range(len(docs)), key=lambda d: (-round(float(ref[d]), 5), d))[:kk]
+        assert np.allclose(ref[row], ref[want], atol=1e-5)        # the same best scores, best first
+        ties_ok = all(round(float(ref[a]), 5) > round(float(ref[b]), 5) or a < b for a, b in zip(row, row[1:]))
+        assert ties_ok and len(set(row.tolist())) == kk
+
+
+def test_bm25_hard_negatives_leave_out_positives():
+    pytest.importorskip("bm25s")
+    from msa_memory.train.pairs import Query
+    from msa_memory.train.recipe import bm25_hard_negatives
+
+    passages = ["the red fox jumps", "a red car parks", "the blue sea", "red red red wine", "green fields"]
+    qs = [Query("red fox", (0,), "ict"), Query("blue", (2,), "ict"), Query("nothing known here", (4,), "ict")]
+    hard = bm25_hard_negatives(passages, qs, n=2)
+    assert hard[0] == (3, 1)                      # the other "red" passages, best first; the positive left out
+    assert hard[1][0] != 2 and len(hard[1]) == 2 and len(hard[2]) == 2 and 4 not in hard[2]
