@@ -210,8 +210,8 @@ class RouterAdapter(nn.Module):
         from msa_memory.data import SHIPPED_ADAPTERS, shipped_adapter
 
         d = Path(directory)
-        if not d.exists() and shipped_adapter(str(directory)) is not None:
-            d = shipped_adapter(str(directory))
+        if not d.exists():
+            d = shipped_adapter(str(directory)) or d
         if not (d / ADAPTER_JSON).is_file() or not (d / ADAPTER_WEIGHTS).is_file():
             raise ModelLoadError(
                 f"No router adapter at {str(d)!r}: expected {ADAPTER_JSON} and {ADAPTER_WEIGHTS} there.",
