@@ -212,6 +212,8 @@ def gpu(a) -> None:
     from msa_memory.train.recipe import run_training
     from msa_memory.train.trainer import Features
 
+    if a.extract_only and not a.feature_cache:
+        raise SystemExit("--extract-only needs --feature-cache")
     t0 = time.perf_counter()
     carry = Path(a.carry)
     meta = json.loads((carry / "meta.json").read_text())
@@ -280,8 +282,6 @@ def gpu(a) -> None:
         (fcache / "digest").write_text(_digest(carry))
     t_feat = time.perf_counter() - t0
     if a.extract_only:
-        if fcache is None:
-            raise SystemExit("--extract-only needs --feature-cache")
         print(json.dumps({"feature_cache": str(fcache), "feature_seconds": round(t_feat, 1),
                           "layers": list(rc.router_layers)}))
         return
