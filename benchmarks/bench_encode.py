@@ -19,11 +19,28 @@ Two regimes, selected by ``--model``:
   generate does, and full logits) and the backbone-only forward, with peak GPU memory.
 
 Method: one warm-up, then ``--rounds`` timed rounds (median); methods interleaved per round so a
-noisy shared machine hits all alike; ``torch.cuda.synchronize()`` around GPU timings. Prints a
+noisy shared machine hits all alike; ``torch.cuda.synchronize()`` around GPU timings. ``--fresh``
+gives every call of every method passages of new random lengths (its own seed), so no kernel sees a
+shape twice, as in a real encode job, and adds ``ours_cudnn_allowed``: the same encoder with
+PyTorch's own SDPA kernel choice (cuDNN first on Hopper) instead of ``forward.CUDA_SDPA_BACKENDS``.
+Without ``--fresh`` every round repeats one set of passages, which hides per-shape costs. Prints a
 table, then one JSON line (device, commit, config, results, ratios).
 
-Measured (2026-11-22, after commit 25bfd34: pooling without index_add_, GQA-native SDPA, storage
-cast on the device; results in benchmarks/results/bench_encode_{h100,cpu}.json):
+Measured (2026-12-01, H200, torch 2.11 / transformers 5.17, bf16 random weights, ``--fresh``, 3
+rounds; benchmarks/results/bench_encode_h200.json), tok/s of ours vs ours with cuDNN allowed / HF
+backbone only (padded) / prefill with the last logit:
+
+* Gemma 3 270M shape (all 18 blocks run, 9..17 pooled): mix260:40-320 423k vs 80k / 305k / 291k;
+  128x512 (equal lengths: the same shape every call) 556k vs 566k / 527k / 503k; mix32:512-2048 315k
+  vs 66k / 194k / 175k.
+* Qwen3-4B shape (36 blocks, 18..35 pooled): mix64:64-512 42.9k vs 23.9k / 23.9k / 26.9k.
+* With cuDNN allowed, a mixed-length batch paid ~40 ms per new attention shape (~0.45 s for its
+  ~11 length buckets). The 100M-token quality haystack (``bench_quality_scale.py``) now encodes at
+  626k tok/s through block 17 and 1.66M through block 5, against 110k / 132k in the previous
+  session's runs.
+
+Earlier (2026-11-22, after commit 25bfd34, shapes repeated every round: pooling without index_add_,
+GQA-native SDPA, storage cast on the device; results in benchmarks/results/bench_encode_{h100,cpu}.json):
 
 * H100 80GB, bf16, random weights, torch 2.11 / transformers 5.17, tok/s (median), ours vs
   prefill(last logit) / backbone (ratios ours/prefill, ours/backbone); tree of 101e242, where the last
@@ -292,9 +309,20 @@ def _check_against_hf(model, enc, seqs) -> dict:
     return out
 
 
+def _shape_lens(shape: str, seed: int) -> list[int]:
+    """Passage lengths of a shape: ``BxL`` (B of L tokens) or ``mixN:A-B`` (N of random length A..B)."""
+    if shape.startswith("mix"):
+        n, rng = shape[3:].split(":")
+        lo, hi = (int(x) for x in rng.split("-"))
+        return torch.randint(lo, hi + 1, (int(n),), generator=torch.Generator().manual_seed(seed)).tolist()
+    b, ln = (int(x) for x in shape.lower().split("x"))
+    return [ln] * b
+
+
 def gpu_random(args) -> dict:
     from transformers import AutoModelForCausalLM, Gemma3TextConfig, Qwen3Config
 
+    from msa_memory.encode import forward
     from msa_memory.encode.tiny import tiny_tokenizer
 
     dev = torch.device(args.device)
@@ -306,58 +334,81 @@ def gpu_random(args) -> dict:
     model = load_model(hf, tokenizer=tiny_tokenizer(), device=dev, dtype=torch.bfloat16, fingerprint="random",
                        name=args.model)
     rows = []
-    for shape in args.shapes.split(","):
-        g = torch.Generator().manual_seed(0)
-        if shape.startswith("mix"):  # "mixN:A-B": N passages of random lengths in [A, B], right-padded for HF
-            n, rng = shape[3:].split(":")
-            lo, hi = (int(x) for x in rng.split("-"))
-            lens = torch.randint(lo, hi + 1, (int(n),), generator=g).tolist()
-        else:
-            b, ln = (int(x) for x in shape.lower().split("x"))
-            lens = [ln] * b
-        b, ln = len(lens), max(lens)
-        ids = torch.randint(10, cfg.vocab_size, (b, ln), generator=g)
-        mask = (torch.arange(ln)[None] < torch.tensor(lens)[:, None]).long()
-        seqs = [row[:n] for row, n in zip(ids.tolist(), lens)]
-        ids_d, mask_d = ids.to(dev), (mask.to(dev) if len(set(lens)) > 1 else None)
-        n_real = sum(lens)
-        enc = Encoder(model, max_batch_tokens=n_real, attention_strategy=args.attention)
+    for si, shape in enumerate(args.shapes.split(",")):
+        def inputs(seed: int) -> dict:
+            lens = _shape_lens(shape, seed)
+            b, ln = len(lens), max(lens)
+            ids = torch.randint(10, cfg.vocab_size, (b, ln), generator=torch.Generator().manual_seed(seed))
+            mask = (torch.arange(ln)[None] < torch.tensor(lens)[:, None]).long()
+            return {"lens": lens, "seqs": [row[:n] for row, n in zip(ids.tolist(), lens)], "ids": ids.to(dev),
+                    "mask": mask.to(dev) if len(set(lens)) > 1 else None}
 
-        @torch.inference_mode()
-        def ours():
-            pb = enc.encode_tokens(seqs)
-            _to_storage(torch.stack([pb.k, pb.v], dim=2).transpose(0, 1), "bfloat16")
-            _to_storage(pb.k_router, "bfloat16")
+        base = inputs(0)
+        n_real = sum(base["lens"])
+        enc = Encoder(model, max_batch_tokens=10 * n_real, attention_strategy=args.attention)
+        # --fresh: every call of every method gets passages of new random lengths (its own seed), so
+        # no kernel sees a shape twice, as in a real encode job; otherwise one set is reused
+        n_calls = args.rounds + 1
+        feeds: dict[str, list[dict]] = {}
 
-        @torch.inference_mode()
-        def prefill_last():
-            hf(input_ids=ids_d, attention_mask=mask_d, logits_to_keep=1)
+        def feed(name: str):
+            if not args.fresh:
+                return lambda: base
+            k = len(feeds)
+            feeds[name] = [inputs(1000 * (si + 1) + 100 * k + r) for r in range(n_calls)]
+            it = iter(feeds[name])
+            return lambda: next(it)
 
-        @torch.inference_mode()
-        def prefill_all():
-            hf(input_ids=ids_d, attention_mask=mask_d)
+        def encoder(name: str, backends):
+            get = feed(name)
 
-        @torch.inference_mode()
-        def backbone():
-            hf.model(input_ids=ids_d, attention_mask=mask_d, use_cache=False)
+            @torch.inference_mode()
+            def run():
+                x = get()
+                old, forward.CUDA_SDPA_BACKENDS = forward.CUDA_SDPA_BACKENDS, backends
+                try:
+                    pb = enc.encode_tokens(x["seqs"])
+                    _to_storage(torch.stack([pb.k, pb.v], dim=2).transpose(0, 1), "bfloat16")
+                    _to_storage(pb.k_router, "bfloat16")
+                finally:
+                    forward.CUDA_SDPA_BACKENDS = old
+            return run
 
-        check = _check_against_hf(model, enc, seqs[:2]) if not rows and len(set(lens)) == 1 else None
-        methods = {"ours": ours, "prefill_lm_head_last": prefill_last, "backbone_only": backbone}
+        def hf_call(name: str, **kw):
+            get = feed(name)
+
+            @torch.inference_mode()
+            def run():
+                x = get()
+                (hf.model if name == "backbone_only" else hf)(input_ids=x["ids"], attention_mask=x["mask"], **kw)
+            return run
+
+        check = _check_against_hf(model, enc, base["seqs"][:2]) if not rows and len(set(base["lens"])) == 1 else None
+        methods = {"ours": encoder("ours", forward.CUDA_SDPA_BACKENDS)}
+        if args.fresh:  # the encoder before CUDA_SDPA_BACKENDS: PyTorch's own kernel choice (cuDNN first)
+            methods["ours_cudnn_allowed"] = encoder("ours_cudnn_allowed", None)
+        methods["prefill_lm_head_last"] = hf_call("prefill_lm_head_last", logits_to_keep=1)
+        methods["backbone_only"] = hf_call("backbone_only", use_cache=False)
         if not args.skip_full_logits:
-            methods["prefill_lm_head_all"] = prefill_all
+            methods["prefill_lm_head_all"] = hf_call("prefill_lm_head_all")
         res = run_methods(methods, args.rounds, dev)
-        for r in res.values():
-            r["tok_s"] = n_real / r["seconds"]  # real (unpadded) tokens
-        rows.append({"shape": shape, "n_tokens": n_real, "padded_tokens": b * ln, "results": res, "check": check,
-                     "ratios": {"vs_prefill_last": res["ours"]["tok_s"] / res["prefill_lm_head_last"]["tok_s"],
-                                "vs_backbone": res["ours"]["tok_s"] / res["backbone_only"]["tok_s"],
-                                **({"vs_prefill_all": res["ours"]["tok_s"] / res["prefill_lm_head_all"]["tok_s"]}
-                                   if "prefill_lm_head_all" in res else {}),
-                                "targets": {"vs_prefill": 1.0, "vs_backbone": 0.8}}})
-        del enc
+        for name, r in res.items():
+            toks = [sum(f["lens"]) for f in feeds[name][1:]] if args.fresh else [n_real] * args.rounds
+            r["tok_s"] = statistics.median(t / s for t, s in zip(toks, r["rounds"]))  # real (unpadded) tokens
+        ratios = {"vs_prefill_last": res["ours"]["tok_s"] / res["prefill_lm_head_last"]["tok_s"],
+                  "vs_backbone": res["ours"]["tok_s"] / res["backbone_only"]["tok_s"]}
+        if "prefill_lm_head_all" in res:
+            ratios["vs_prefill_all"] = res["ours"]["tok_s"] / res["prefill_lm_head_all"]["tok_s"]
+        if "ours_cudnn_allowed" in res:
+            ratios["vs_cudnn_allowed"] = res["ours"]["tok_s"] / res["ours_cudnn_allowed"]["tok_s"]
+        rows.append({"shape": shape, "n_tokens": n_real, "padded_tokens": len(base["lens"]) * max(base["lens"]),
+                     "fresh": bool(args.fresh), "results": res, "check": check,
+                     "ratios": ratios | {"targets": {"vs_prefill": 1.0, "vs_backbone": 0.8}}})
+        del enc, feeds
         torch.cuda.empty_cache()
     cfg_out = {"model": args.model, "dtype": "bfloat16", "router_layers": list(model.router_layers),
-               "rounds": args.rounds, "attention": args.attention, "torch": torch.__version__}
+               "rounds": args.rounds, "attention": args.attention, "torch": torch.__version__,
+               "sdpa_backends": [str(b) for b in (forward.CUDA_SDPA_BACKENDS or ())] or "pytorch default"}
     return {"device": _device_name(dev), "config": cfg_out, "shapes": rows}
 
 
@@ -371,6 +422,10 @@ def main() -> None:
     ap.add_argument("--shapes", default="64x512,16x2048,4x8192",
                     help="GPU passages: BxL (B of L tokens) or mixN:A-B (N of random length A..B), comma-separated")
     ap.add_argument("--attention", default="auto", choices=["auto", "loop", "bucket"])
+    ap.add_argument("--fresh", action="store_true",
+                    help="GPU: new passage lengths in every call (as a real job sees), and the encoder with "
+                         "cuDNN attention allowed as a second baseline")
+    ap.add_argument("--quick", action="store_true", help="CPU smoke run: 1,024 tokens, 1 round, no bf16 baseline")
     ap.add_argument("--skip-full-logits", action="store_true")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--router-layers", default=None,
@@ -378,6 +433,8 @@ def main() -> None:
     ap.add_argument("--skip-bf16", action="store_true", help="CPU: skip the bf16 plain baseline (slow without AMX)")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
+    if args.quick:
+        args.tokens, args.rounds, args.skip_bf16 = 1024, 1, True
     if args.threads:
         torch.set_num_threads(args.threads)
     out = cpu_default(args) if args.model == "default" else gpu_random(args)

@@ -7,8 +7,9 @@ and Debian text, in ``build_eval``'s order), keeps each of its sentences with pr
 replaces the others with random sentences of the whole pool, shuffles the sentence order and is
 topped up / cut to the real passage's length (at most 320 tokens). Every distractor is a new mix of real sentences; none holds a sentence of a query
 passage (those are left out of the pool), so the positives stay the only right answers. The
-queries are ``build_eval``'s: 40 needle facts and 40 inverse-cloze sentences, as on the CPU.
-A haystack of S tokens is the 80 positives plus the first distractors up to S tokens, so the
+queries are ``build_eval``'s: 100 needle facts and 100 inverse-cloze sentences (``--needles``,
+``--ict``), as on the CPU.
+A haystack of S tokens is the 200 positives plus the first distractors up to S tokens, so the
 sizes are nested and one encode of the largest serves them all.
 
 Three steps (``--step``):
@@ -23,24 +24,26 @@ Three steps (``--step``):
    ``Encoder.encode_tokens``; router keys of the adapter), routes the queries exactly as
    ``bench_quality.routing_scores`` does (layer-summed cosine, head-mean / query-max / chunk-max)
    and writes recall@1/5/16 per size and query kind into ``$OUT/scale_gpu.json``. ``--sizes`` may
-   stop short of the prepared sizes (same haystack, the largest left out): an adapter with deep
-   router layers encodes more slowly than one device call allows for 100M tokens.
+   stop short of the prepared sizes (same haystack, the largest left out). 100M tokens through
+   block 17 takes ~5 min of a device call (compose, encode, scoring).
 3. ``bm25`` (here, CPU): rebuilds the same haystack texts, runs BM25 (bm25s) on each size, merges
    the GPU file and prints the table and one JSON line; writes ``--out/quality_scale.json``.
 
 Dense MiniLM is not run past 1M (its weights, 90 MB, do not fit the device carry with the pack).
 
 Measured (H200 for the gpu step, this 2-core CPU for BM25; 100 needles + 100 cloze queries,
-``--sizes 1048576,10485760`` at prepare, haystack digest 1e5b9ebb;
+``--sizes 1048576,10485760,104857600`` at prepare, haystack digest 15dd820e, whose 1M and 10M
+haystacks are those of the earlier 1M/10M-only prepare (digest 1e5b9ebb: the composition is nested);
 benchmarks/results/bench_quality_scale_h200.json): routing recall@1/5/16 of the shipped adapter
-(layers 2, 14, 17) at 1M / 10M tokens (4,164 / 41,532 passages) needles 0.51/0.73/0.83,
-0.43/0.56/0.68 and cloze 0.18/0.43/0.65, 0.14/0.38/0.51; the shallow adapter (layers 1, 5) in the
-same device call 0.33/0.65/0.75, 0.18/0.43/0.56 and 0.11/0.29/0.59, 0.07/0.22/0.38; BM25 needles
-1.00 at both sizes, cloze 0.21/0.56/0.76, 0.15/0.43/0.62. The deep adapter encodes the 10M tokens at
-110k tok/s (blocks 0..16 + the norm of 17; the shallow one 132k tok/s), so its 100M run (~15 min)
-does not fit one device call; the shallow adapter's earlier 100M run (40 + 40 queries, digest
-412f570b: needles r@16 0.78 / 0.57 / 0.35, cloze 0.68 / 0.50 / 0.25 at 1M / 10M / 100M, BM25 0.80 /
-0.70 / 0.42 on cloze) is in benchmarks/results/router_4b77c12b/.
+(layers 2, 14, 17) at 1M / 10M / 100M tokens (4,164 / 41,532 / 414,846 passages) needles
+0.50/0.73/0.83, 0.43/0.57/0.68, 0.36/0.46/0.51 and cloze 0.18/0.43/0.65, 0.14/0.38/0.51,
+0.07/0.20/0.30; the shallow adapter (layers 1, 5; separate device call right after, same haystack;
+benchmarks/results/router_4b77c12b/bench_quality_scale_h200_q200.json) needles 0.33/0.66/0.75,
+0.18/0.43/0.58, 0.16/0.24/0.35 and cloze 0.11/0.30/0.59, 0.07/0.22/0.38, 0.03/0.09/0.17; BM25 needles
+1.00 at every size, cloze 0.21/0.56/0.76, 0.15/0.43/0.62, 0.13/0.30/0.40 (100M: 85 s here; 1M and
+10M reused from the 1e5b9ebb run). Encoding the 100M tokens took 167 s through block 17 (626k
+tok/s) and 63 s through block 5 (1.66M tok/s); before SDPA stopped using cuDNN's attention
+(``encode.forward.CUDA_SDPA_BACKENDS``) the same encoder ran at 110k / 132k tok/s on the 10M haystack.
 """
 
 from __future__ import annotations

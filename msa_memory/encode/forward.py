@@ -38,6 +38,7 @@ from typing import Any, Iterator, Literal
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers.modeling_utils import AttentionInterface
 
 from msa_memory.errors import ConfigError, EncodeError
@@ -51,6 +52,8 @@ __all__ = [
     "causal_attention",
     "windowed_causal",
     "PackedCausalAttention",
+    "CUDA_SDPA_BACKENDS",
+    "sdpa_backends",
 ]
 
 #: Name under which our dispatcher is registered in transformers' AttentionInterface.
@@ -122,6 +125,32 @@ _LOCKS_GUARD = threading.Lock()
 def _lock_for(obj: object) -> threading.RLock:
     with _LOCKS_GUARD:
         return _LOCKS.setdefault(id(obj), threading.RLock())
+
+
+#: The SDPA kernels PyTorch may choose from on CUDA while :meth:`Backbone.run` runs (the encoder,
+#: router features, template prefixes): all but cuDNN's fused attention. cuDNN builds an execution
+#: plan for every new (batch, heads, length) shape it meets -- ~40 ms each on an H200 -- and packed
+#: encoding meets a new set of length buckets in almost every batch. H200, Gemma 3 270M shape, 260
+#: passages of 40-320 tokens with new lengths in every call (``benchmarks/bench_encode.py --fresh``,
+#: same run): 423k tok/s this way, 80k with cuDNN allowed, 305k for HF's own padded backbone; equal
+#: lengths (no new shapes): 556k vs 566k. The 100M-token quality haystack encoded through block 17 at
+#: 626k tok/s, against 110k the session before. ``None`` leaves PyTorch's own choice (cuDNN first on
+#: Hopper). The runtime's engine uses it for decoding steps only (``runtime.engine``).
+CUDA_SDPA_BACKENDS: tuple | None = (SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH)
+
+
+@contextmanager
+def sdpa_backends(device: torch.device | str) -> Iterator[None]:
+    """Restrict SDPA to :data:`CUDA_SDPA_BACKENDS` while the block runs, on a CUDA ``device``.
+
+    PyTorch keeps these flags process-wide: a thread that calls SDPA while another thread is inside
+    this block also runs without cuDNN (same results up to rounding, only another kernel).
+    """
+    if torch.device(device).type != "cuda" or CUDA_SDPA_BACKENDS is None:
+        yield
+        return
+    with sdpa_kernel(list(CUDA_SDPA_BACKENDS)):
+        yield
 
 
 # ----------------------------------------------------------------------------- attention kernels
@@ -464,7 +493,7 @@ class Backbone:
                 attention(call)
                 raise _StopForward
         try:
-            with self._attn_switched():
+            with self._attn_switched(), sdpa_backends(h.device):
                 for i in range(n):
                     lt = self.layer_types[i] if self._rope_by_type else "all"
                     if lt not in rope_cache:

@@ -128,3 +128,48 @@ def test_backbone_observes_layer_inputs_before_attention_and_stops(model):
     # outside Backbone.run the model is plain SDPA again
     assert model.hf_model.config._attn_implementation == "sdpa"
     model.hf_model(input_ids=ids)
+
+
+def test_sdpa_backends_exclude_cudnn_on_cuda_and_restore():
+    from msa_memory.encode import forward
+
+    flags = lambda: (torch.backends.cuda.cudnn_sdp_enabled(), torch.backends.cuda.flash_sdp_enabled(),  # noqa: E731
+                     torch.backends.cuda.mem_efficient_sdp_enabled(), torch.backends.cuda.math_sdp_enabled())
+    before = flags()
+    with forward.sdpa_backends("cpu"):   # CPU: PyTorch's own choice, untouched
+        assert flags() == before
+    with forward.sdpa_backends(torch.device("cuda")):
+        assert flags() == (False, True, True, True)
+    assert flags() == before
+    old, forward.CUDA_SDPA_BACKENDS = forward.CUDA_SDPA_BACKENDS, None
+    try:
+        with forward.sdpa_backends("cuda"):  # None: PyTorch's choice on CUDA too
+            assert flags() == before
+    finally:
+        forward.CUDA_SDPA_BACKENDS = old
+
+
+def test_backbone_run_attends_inside_sdpa_backends_of_its_device(model, monkeypatch):
+    from contextlib import contextmanager
+
+    from msa_memory.encode import forward
+
+    seen, inside = [], []
+
+    @contextmanager
+    def spy(device):
+        seen.append(torch.device(device))
+        inside.append(True)
+        try:
+            yield
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(forward, "sdpa_backends", spy)
+
+    def attn(call):
+        assert inside, "attention ran outside sdpa_backends"
+        return causal_attention(call)
+
+    model.backbone.run(torch.tensor([[7, 8, 9]]), torch.arange(3)[None], attn, stop_after=2)
+    assert seen == [torch.device("cpu")] and not inside

@@ -62,3 +62,25 @@ def test_engine_sampling_is_seeded_and_greedy_is_argmax():
     assert a == b and len(a) == 6
     ids = [7, 8, 9] + run()[:1]
     assert ids[-1] == int(_ref_logits(model, ids[:3])[-1].argmax())
+
+
+def test_engine_decoding_steps_attend_inside_sdpa_backends_and_masked_prefill_does_not(monkeypatch):
+    from contextlib import contextmanager
+
+    from msa_memory.encode import forward
+
+    seen = []
+
+    @contextmanager
+    def spy(device):
+        seen.append(torch.device(device))
+        yield
+
+    monkeypatch.setattr(forward, "sdpa_backends", spy)
+    model = tiny_model("qwen3")
+    eng = MsaEngine(model, [], lambda p, x: x)
+    st = eng.new_state(8)
+    eng.forward(st, [7, 8, 9], [0, 1, 2])   # masked prefill: PyTorch's own kernel choice
+    assert seen == []
+    eng.forward(st, [10], [3])               # a decoding step: no mask, no cuDNN re-planning
+    assert seen == [torch.device("cpu")] * model.config.num_hidden_layers
