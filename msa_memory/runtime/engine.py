@@ -90,6 +90,8 @@ class ForwardState:
     cur_pos: torch.Tensor | None = None
     n_written: int = 0
     timings: dict[str, float] = field(default_factory=lambda: {"routing_s": 0.0, "fetch_s": 0.0})
+    masks: dict[tuple, torch.Tensor] = field(default_factory=dict)
+    """Attention masks of the current forward, by (prefix + memory length, local tokens before, T, window)."""
 
 
 def _attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any,
@@ -140,28 +142,25 @@ def _attend(st: ForwardState, layer_idx: int, q: torch.Tensor, k: torch.Tensor, 
     keys, vals = buf.k[:, :total].unsqueeze(0), buf.v[:, :total].unsqueeze(0)     # (1, H, total, D)
     mask = None
     if T > 1 or window is not None:
-        # (T, total) bool: memory/prefix visible, local causal (bottom-right aligned), sliding window
-        mask = torch.ones((T, total), dtype=torch.bool, device=q.device)
-        i = torch.arange(T, device=q.device).unsqueeze(1)
-        j = torch.arange(n0 + T, device=q.device).unsqueeze(0)
-        mask[:, buf.local_start:] = j <= n0 + i
-        if window is not None and st.local_pos is not None:
-            qpos = st.local_pos[n0:n0 + T].unsqueeze(1)
-            mask[:, buf.local_start:] &= (qpos - st.local_pos[:n0 + T].unsqueeze(0)) < window
-            P = st.prefix_len
-            if P:
-                mask[:, :P] &= (qpos - torch.arange(P, device=q.device).unsqueeze(0)) < window
+        # (T, total) bool: memory/prefix visible, local causal (bottom-right aligned), sliding window.
+        # The same for every layer of this forward with the same [prefix | memory] length and window:
+        # built once per forward (``ForwardState.masks``, emptied when ``MsaEngine.forward`` ends), not per layer
+        mkey = (buf.local_start, n0, T, window)
+        mask = st.masks.get(mkey)
+        if mask is None:
+            mask = torch.ones((T, total), dtype=torch.bool, device=q.device)
+            i = torch.arange(T, device=q.device).unsqueeze(1)
+            j = torch.arange(n0 + T, device=q.device).unsqueeze(0)
+            mask[:, buf.local_start:] = j <= n0 + i
+            if window is not None and st.local_pos is not None:
+                qpos = st.local_pos[n0:n0 + T].unsqueeze(1)
+                mask[:, buf.local_start:] &= (qpos - st.local_pos[:n0 + T].unsqueeze(0)) < window
+                P = st.prefix_len
+                if P:
+                    mask[:, :P] &= (qpos - torch.arange(P, device=q.device).unsqueeze(0)) < window
+            st.masks[mkey] = mask
     scale = scaling if scaling is not None else D ** -0.5
-    if softcap is None and (mask is None or T == 1):
-        # a decoding step: one key more than the last step, a shape cuDNN's attention would plan anew
-        # (tens of ms on an H200); the other kernels take it as it comes (encode.forward.CUDA_SDPA_BACKENDS)
-        from msa_memory.encode.forward import sdpa_backends
-
-        with sdpa_backends(q.device):
-            out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=scale, enable_gqa=(Hq != H))
-    elif softcap is None:
-        # a masked prefill: PyTorch's own choice. On the H200 cuDNN takes the bool mask: 8,225 tokens of
-        # text through Gemma 3 270M in 66 ms, against 220 ms with it excluded (bench_runtime.py ttft)
+    if softcap is None:
         out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=scale, enable_gqa=(Hq != H))
     else:  # logit soft-capping (Gemma 2): explicit attention
         rep = Hq // H
@@ -300,6 +299,7 @@ class MsaEngine:
                     out = res.logits[0, -1].float() if logits else None
             finally:
                 state.route, state.route_rows = False, None
+                state.masks.clear()      # a long prompt's (T, total) masks must not outlive its forward
         state.n_written += T
         return out
 

@@ -64,23 +64,24 @@ def test_engine_sampling_is_seeded_and_greedy_is_argmax():
     assert ids[-1] == int(_ref_logits(model, ids[:3])[-1].argmax())
 
 
-def test_engine_decoding_steps_attend_inside_sdpa_backends_and_masked_prefill_does_not(monkeypatch):
-    from contextlib import contextmanager
+def test_engine_builds_each_attention_mask_once_per_forward():
+    class Recorder(dict):
+        def __init__(self):
+            super().__init__()
+            self.built = []
 
-    from msa_memory.encode import forward
+        def __setitem__(self, key, value):
+            self.built.append(key)
+            super().__setitem__(key, value)
 
-    seen = []
-
-    @contextmanager
-    def spy(device):
-        seen.append(torch.device(device))
-        yield
-
-    monkeypatch.setattr(forward, "sdpa_backends", spy)
-    model = tiny_model("qwen3")
+    model = tiny_model("gemma3")                 # sliding and full layers: two windows, one mask each
+    windows = {getattr(l.self_attn, "sliding_window", None) for l in model.model.layers}
     eng = MsaEngine(model, [], lambda p, x: x)
-    st = eng.new_state(8)
-    eng.forward(st, [7, 8, 9], [0, 1, 2])   # masked prefill: PyTorch's own kernel choice
-    assert seen == []
-    eng.forward(st, [10], [3])               # a decoding step: no mask, no cuDNN re-planning
-    assert seen == [torch.device("cpu")] * model.config.num_hidden_layers
+    st = eng.new_state(48)
+    st.masks = Recorder()
+    eng.forward(st, list(range(7, 37)), list(range(30)))
+    assert len(st.masks.built) == len(windows) and {k[1:] for k in st.masks.built} == {(0, 30, w) for w in windows}
+    assert len(windows) < model.config.num_hidden_layers and not st.masks   # freed when the forward ends
+    st.masks.built.clear()
+    eng.forward(st, [40], [30])                  # a decoding step: only windowed layers need a mask
+    assert [k[1:] for k in st.masks.built] == [(30, 1, w) for w in windows if w is not None]
