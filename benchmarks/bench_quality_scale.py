@@ -33,17 +33,24 @@ Dense MiniLM is not run past 1M (its weights, 90 MB, do not fit the device carry
 
 Measured (H200 for the gpu step, this 2-core CPU for BM25; 100 needles + 100 cloze queries,
 ``--sizes 1048576,10485760,104857600`` at prepare, haystack digest 15dd820e, whose 1M and 10M
-haystacks are those of the earlier 1M/10M-only prepare (digest 1e5b9ebb: the composition is nested);
-benchmarks/results/bench_quality_scale_h200.json): routing recall@1/5/16 of the shipped adapter
-(layers 2, 14, 17) at 1M / 10M / 100M tokens (4,164 / 41,532 / 414,846 passages) needles
-0.50/0.73/0.83, 0.43/0.57/0.68, 0.36/0.46/0.51 and cloze 0.18/0.43/0.65, 0.14/0.38/0.51,
-0.07/0.20/0.30; the shallow adapter (layers 1, 5; separate device call right after, same haystack;
-benchmarks/results/router_4b77c12b/bench_quality_scale_h200_q200.json) needles 0.33/0.66/0.75,
-0.18/0.43/0.58, 0.16/0.24/0.35 and cloze 0.11/0.30/0.59, 0.07/0.22/0.38, 0.03/0.09/0.17; BM25 needles
-1.00 at every size, cloze 0.21/0.56/0.76, 0.15/0.43/0.62, 0.13/0.30/0.40 (100M: 85 s here; 1M and
-10M reused from the 1e5b9ebb run). Encoding the 100M tokens took 167 s through block 17 (626k
-tok/s) and 63 s through block 5 (1.66M tok/s); before SDPA stopped using cuDNN's attention
-(``encode.forward.CUDA_SDPA_BACKENDS``) the same encoder ran at 110k / 132k tok/s on the 10M haystack.
+haystacks are those of the earlier 1M/10M-only prepare (digest 1e5b9ebb: the composition is nested)),
+routing recall@1/5/16 at 1M / 10M / 100M tokens (4,164 / 41,532 / 414,846 passages):
+
+* the shipped adapter (layers 1, 2, 5, 14, 17; benchmarks/results/bench_quality_scale_h200.json,
+  ``--sizes 10485760``: the device time left did not cover 100M) needles 0.58/0.83/0.90,
+  0.47/0.72/0.78 and cloze 0.20/0.49/0.70, 0.14/0.40/0.59;
+* its deep part alone (2, 14, 17; benchmarks/results/router_bacc1f25/bench_quality_scale_h200_q200.json)
+  needles 0.50/0.73/0.83, 0.43/0.57/0.68, 0.36/0.46/0.51 and cloze 0.18/0.43/0.65, 0.14/0.38/0.51,
+  0.07/0.20/0.30;
+* its shallow part alone (1, 5; the next device call, same haystack;
+  benchmarks/results/router_4b77c12b/bench_quality_scale_h200_q200.json) needles 0.33/0.66/0.75,
+  0.18/0.43/0.58, 0.16/0.24/0.35 and cloze 0.11/0.30/0.59, 0.07/0.22/0.38, 0.03/0.09/0.17;
+* BM25 needles 1.00 at every size, cloze 0.21/0.56/0.76, 0.15/0.43/0.62, 0.13/0.30/0.40 (100M: 85 s
+  here; 1M and 10M reused from the 1e5b9ebb run).
+
+Encoding the 100M tokens took 167 s through block 17 (626k tok/s) and 63 s through block 5 (1.66M
+tok/s); before SDPA stopped using cuDNN's attention (``encode.forward.CUDA_SDPA_BACKENDS``) the same
+encoder ran at 110k / 132k tok/s on the 10M haystack.
 """
 
 from __future__ import annotations

@@ -49,7 +49,6 @@ def main(argv: list[str] | None = None) -> None:
     from msa_memory.schemas.records import Passage, to_float32
     from msa_memory.store import create_store, open_store, write_shard
     from msa_memory.train.corpus import pack_paragraphs, pydoc_topics
-    from msa_memory.train.recipe import _subset_adapter
     from msa_memory.train.reindex import reindex_router
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -77,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     # the other router: the untrained q/k copy on the same layers
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        other = _subset_adapter(load_model("default", router_layers="all").router, m.router_layers)
+        other = load_model("default", router_layers="all").router.subset(m.router_layers)
     t0 = time.perf_counter()
     new, stats = reindex_router(store, other)
     t_reindex = time.perf_counter() - t0

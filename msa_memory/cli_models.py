@@ -166,7 +166,7 @@ def train_router_cmd(
                    "  msa store reindex-router mem.msa --adapter router/ --dest mem2.msa   # copy into a new store")
 def store_reindex_router(
     store: StoreArg,
-    adapter: Annotated[str, typer.Option("--adapter", help="Router adapter folder, e.g. router/, or a shipped adapter's name (default, shallow)")],
+    adapter: Annotated[str, typer.Option("--adapter", help="Router adapter folder, e.g. router/, or a shipped adapter's name (default, deep, shallow)")],
     dest: Annotated[str | None, typer.Option("--dest", help="Write a NEW store here instead of a new version (needed when the adapter uses fewer layers), e.g. mem2.msa")] = None,
     message: Annotated[str | None, typer.Option("--message", "-m", help="Commit message of the new version")] = None,
     version: VersionOpt = None,

@@ -1,15 +1,20 @@
 """Files shipped with the package: the router adapters trained for Gemma 3 270M.
 
-``gemma3-270m-router/`` (the default; layers 2, 14, 17) holds ``router_adapter.json`` +
-``router_adapter.safetensors`` (a ``msa_memory.encode.RouterAdapter``), ``training.json`` (the run's
-per-epoch held-out recall, layer selection trace and data counts) and ``RECIPE.md`` (the exact
-command and data that reproduce it). ``load_model("default")`` uses it when no adapter is given.
+``gemma3-270m-router/`` (the default; layers 1, 2, 5, 14, 17) holds ``router_adapter.json`` +
+``router_adapter.safetensors`` (a ``msa_memory.encode.RouterAdapter``) and ``RECIPE.md`` (the exact
+commands and data that reproduce it). It is the merge (``RouterAdapter.merge``) of two trained
+adapters, each also shipped as a *subset folder* of it (``router_subset.json``: which layers, their
+router id, the training run's provenance; beside it that run's ``training.json``):
 
-``gemma3-270m-router-shallow/`` is the previous default (layers 1, 5; its recipe is in the default's
-RECIPE.md → History): it routes worse, but an encoder that stops after layer 5 instead of 17 encodes
-~3× faster on a CPU. Both are reachable by name wherever an adapter folder is taken
-(``RouterAdapter.load``, ``load_model(adapter=...)``, ``msa-encode --adapter shallow``): see
-:func:`shipped_adapter`.
+* ``gemma3-270m-router-deep/`` (layers 2, 14, 17): the default of the session before, trained on the
+  H200 over 69k passages;
+* ``gemma3-270m-router-shallow/`` (layers 1, 5): the default before that, trained on this CPU over 25k
+  passages; an encoder that stops after layer 5 instead of 17 encodes ~3× faster on a CPU.
+
+``load_model("default")`` uses the default when no adapter is given; all three are reachable by
+name wherever an adapter folder is taken (``RouterAdapter.load``, ``load_model(adapter=...)``,
+``msa-encode --adapter shallow``): see :func:`shipped_adapter`. A store built with any of them keeps
+it (:func:`shipped_adapter_for_router`).
 """
 
 from __future__ import annotations
@@ -17,27 +22,32 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["DEFAULT_ROUTER_ADAPTER", "SHALLOW_ROUTER_ADAPTER", "SHIPPED_ADAPTERS", "default_router_adapter",
-           "shipped_adapter", "shipped_adapter_for_router"]
+__all__ = ["DEFAULT_ROUTER_ADAPTER", "DEEP_ROUTER_ADAPTER", "SHALLOW_ROUTER_ADAPTER", "SHIPPED_ADAPTERS",
+           "default_router_adapter", "shipped_adapter", "shipped_adapter_for_router"]
 
 #: Folder of the trained router adapter of the default model (Gemma 3 270M, GGUF q4_k_m).
 DEFAULT_ROUTER_ADAPTER = Path(__file__).resolve().parent / "gemma3-270m-router"
-#: The previous default (router layers 1, 5): faster to encode, worse to route.
+#: Router layers 2, 14, 17 of the default (its deep part; the default of the session before).
+DEEP_ROUTER_ADAPTER = Path(__file__).resolve().parent / "gemma3-270m-router-deep"
+#: Router layers 1, 5 of the default (the default before that): faster to encode, worse to route.
 SHALLOW_ROUTER_ADAPTER = Path(__file__).resolve().parent / "gemma3-270m-router-shallow"
 #: Names an adapter argument may take instead of a folder (a folder of that name, if one exists, wins).
-SHIPPED_ADAPTERS = {"default": DEFAULT_ROUTER_ADAPTER, "shallow": SHALLOW_ROUTER_ADAPTER}
+SHIPPED_ADAPTERS = {"default": DEFAULT_ROUTER_ADAPTER, "deep": DEEP_ROUTER_ADAPTER, "shallow": SHALLOW_ROUTER_ADAPTER}
 
 
 def shipped_adapter(name: str) -> Path | None:
-    """The folder of the shipped adapter called ``name`` ("default" or "shallow"), else None."""
+    """The folder of the shipped adapter called ``name`` ("default", "deep" or "shallow"), else None."""
+    from msa_memory.encode.router import is_adapter_folder
+
     d = SHIPPED_ADAPTERS.get(str(name))
-    return d if d is not None and (d / "router_adapter.json").is_file() else None
+    return d if d is not None and is_adapter_folder(d) else None
 
 
 def default_router_adapter() -> Path | None:
     """The default model's trained adapter folder, or None when the package ships none."""
-    d = DEFAULT_ROUTER_ADAPTER
-    return d if (d / "router_adapter.json").is_file() and (d / "router_adapter.safetensors").is_file() else None
+    from msa_memory.encode.router import is_adapter_folder
+
+    return DEFAULT_ROUTER_ADAPTER if is_adapter_folder(DEFAULT_ROUTER_ADAPTER) else None
 
 
 @lru_cache(maxsize=None)

@@ -9,7 +9,12 @@ mode, reducers, top-k) so a store and a runtime agree on how keys were made and 
 Sources: an MSA checkpoint's own weights, a saved adapter directory (``router_adapter.json`` +
 ``router_adapter.safetensors``, tensors named as in the reference,
 ``model.layers.{l}.self_attn.router_{q,k}_proj.0.weight``), or -- weak, with a warning -- a copy of
-the model's own q_proj/k_proj at those layers.
+the model's own q_proj/k_proj at those layers. Adapters trained apart can be joined layer by layer
+(:meth:`RouterAdapter.merge`: routing sums the layers' scores, so a merged adapter routes by the sum
+of its parts); a *subset folder* (``router_subset.json``: ``{"of": FOLDER, "router_layers": [...],
+"router_id": ..., "extra": {...}}``) names some layers of another adapter folder, and
+:meth:`RouterAdapter.load` rebuilds it and checks its fingerprint, so a shipped merged adapter and
+the adapters it was made of share one copy of the weights.
 
 Score modes: ``"cosine"`` (paper, InfoNCE training; keys are stored L2-normalised per head after
 pooling, queries must be normalised too) or ``"dot"`` (reference inference as shipped: raw dot
@@ -33,10 +38,18 @@ from torch import nn
 
 from msa_memory.errors import ConfigError, ModelLoadError
 
-__all__ = ["RouterConfig", "RouterAdapter", "UntrainedRouterWarning", "ADAPTER_JSON", "ADAPTER_WEIGHTS"]
+__all__ = ["RouterConfig", "RouterAdapter", "UntrainedRouterWarning", "ADAPTER_JSON", "ADAPTER_WEIGHTS",
+           "ADAPTER_SUBSET", "is_adapter_folder"]
 
 ADAPTER_JSON = "router_adapter.json"
 ADAPTER_WEIGHTS = "router_adapter.safetensors"
+ADAPTER_SUBSET = "router_subset.json"
+
+
+def is_adapter_folder(d: str | Path) -> bool:
+    """True when ``d`` holds a saved adapter (json + safetensors) or a subset file."""
+    d = Path(d)
+    return ((d / ADAPTER_JSON).is_file() and (d / ADAPTER_WEIGHTS).is_file()) or (d / ADAPTER_SUBSET).is_file()
 ScoreMode = Literal["cosine", "dot"]
 
 
@@ -183,6 +196,62 @@ class RouterAdapter(nn.Module):
             h.update(t.numpy().tobytes())
         return h.hexdigest()[:16]
 
+    def subset(self, layers) -> RouterAdapter:
+        """A new adapter with only ``layers`` (same config and provenance, copied weights, same device)."""
+        import dataclasses
+
+        layers = tuple(sorted(int(l) for l in layers))
+        missing = [l for l in layers if l not in self.config.router_layers]
+        if missing or not layers:
+            raise ConfigError(f"Layers {missing or list(layers)} are not a subset of the adapter's router layers "
+                              f"{list(self.config.router_layers)}.")
+        new = RouterAdapter(dataclasses.replace(self.config, router_layers=layers, extra=dict(self.config.extra)))
+        new.load_tensors(self.state_tensors(), where="adapter subset")
+        return new.to(self.q_proj[str(layers[0])].weight.device)
+
+    @classmethod
+    def merge(cls, adapters, extra: dict[str, Any] | None = None) -> RouterAdapter:
+        """One adapter holding the layers of all ``adapters`` (their layers must not overlap).
+
+        Their configs must agree on everything but the layers and the provenance (heads, sizes,
+        score mode, reducers, top-k). Routing sums the per-layer scores (``Memory.route``), so the
+        merged adapter ranks by the sum of its parts' scores. ``extra`` becomes the provenance
+        (default: ``{"trained_by": "RouterAdapter.merge", "merged_from": [each part's fingerprint, layers
+        and extra], "model_fingerprint": the parts' own when they agree}``).
+        """
+        import dataclasses
+
+        parts = list(adapters)
+        if len(parts) < 2:
+            raise ConfigError(f"merge needs at least two adapters, got {len(parts)}.")
+        base = {k: v for k, v in parts[0].config.to_dict().items() if k not in ("router_layers", "extra", "source")}
+        seen: dict[int, int] = {}
+        for i, a in enumerate(parts):
+            cfg = {k: v for k, v in a.config.to_dict().items() if k not in ("router_layers", "extra", "source")}
+            if cfg != base:
+                diff = sorted(k for k in base if cfg.get(k) != base[k])
+                raise ConfigError(f"Adapter {i} differs from adapter 0 in {diff}; only adapters that agree on "
+                                  "everything but their layers can be merged.")
+            for l in a.config.router_layers:
+                if l in seen:
+                    raise ConfigError(f"Layer {l} is in adapters {seen[l]} and {i}; merged adapters must not overlap.")
+                seen[l] = i
+        prov = extra
+        if prov is None:
+            prov = {"trained_by": "RouterAdapter.merge", "merged_from": [
+                {"router_id": a.fingerprint(), "router_layers": list(a.config.router_layers), "extra": a.config.extra}
+                for a in parts]}
+            fps = {a.config.extra.get("model_fingerprint") for a in parts}
+            if len(fps) == 1 and None not in fps:   # reindex checks an adapter's backbone by it
+                prov["model_fingerprint"] = fps.pop()
+        merged = cls(dataclasses.replace(parts[0].config, router_layers=tuple(sorted(seen)), extra=prov,
+                                         source="adapter"))
+        tensors: dict[str, torch.Tensor] = {}
+        for a in parts:
+            tensors.update(a.state_tensors())
+        merged.load_tensors(tensors, where="merged adapters")
+        return merged
+
     def save(self, directory: str | Path) -> Path:
         """Write ``router_adapter.json`` + ``router_adapter.safetensors`` into ``directory``."""
         from safetensors.torch import save_file
@@ -197,7 +266,7 @@ class RouterAdapter(nn.Module):
     def load(cls, directory: str | Path) -> RouterAdapter:
         """Read an adapter written by :meth:`save`, from a folder or a shipped adapter's name.
 
-        ``directory`` may name a shipped adapter of the default model (``"default"``, ``"shallow"``:
+        ``directory`` may name a shipped adapter of the default model (``"default"``, ``"deep"``, ``"shallow"``:
         :data:`msa_memory.data.SHIPPED_ADAPTERS`) when no folder of that name exists.
 
         Raises
@@ -212,9 +281,12 @@ class RouterAdapter(nn.Module):
         d = Path(directory)
         if not d.exists():
             d = shipped_adapter(str(directory)) or d
+        if (d / ADAPTER_SUBSET).is_file() and not (d / ADAPTER_JSON).is_file():
+            return cls._load_subset(d)
         if not (d / ADAPTER_JSON).is_file() or not (d / ADAPTER_WEIGHTS).is_file():
             raise ModelLoadError(
-                f"No router adapter at {str(d)!r}: expected {ADAPTER_JSON} and {ADAPTER_WEIGHTS} there.",
+                f"No router adapter at {str(d)!r}: expected {ADAPTER_JSON} and {ADAPTER_WEIGHTS} (or {ADAPTER_SUBSET}) "
+                "there.",
                 hint="Save one with RouterAdapter.save(dir) (router training does), pass adapter=None, or name a "
                      f"shipped adapter of the default model: {', '.join(sorted(SHIPPED_ADAPTERS))}.")
         try:
@@ -223,6 +295,31 @@ class RouterAdapter(nn.Module):
             raise ModelLoadError(f"Router adapter config {str(d / ADAPTER_JSON)!r} is invalid: {e}") from e
         adapter = cls(cfg)
         adapter.load_tensors(load_file(str(d / ADAPTER_WEIGHTS)), where=str(d / ADAPTER_WEIGHTS))
+        return adapter
+
+    @classmethod
+    def _load_subset(cls, d: Path) -> RouterAdapter:
+        f = d / ADAPTER_SUBSET
+        try:
+            spec = json.loads(f.read_text())
+            of, layers, rid = d / spec["of"], spec["router_layers"], str(spec["router_id"])
+            extra = dict(spec.get("extra", {}))
+        except (ValueError, TypeError, KeyError) as e:
+            raise ModelLoadError(f"Router subset file {str(f)!r} is invalid ({e!r}): it needs 'of', 'router_layers' "
+                                 "and 'router_id'.") from e
+        if (of / ADAPTER_SUBSET).is_file() and not (of / ADAPTER_JSON).is_file():
+            raise ModelLoadError(f"{str(f)!r} names {str(of)!r}, itself a subset; name the full adapter folder.")
+        try:
+            adapter = cls.load(of).subset(layers)
+        except ConfigError as e:
+            raise ModelLoadError(f"{str(f)!r}: {e}") from e
+        adapter.config.extra.clear()
+        adapter.config.extra.update(extra)
+        got = adapter.fingerprint()
+        if got != rid:
+            raise ModelLoadError(f"{str(f)!r}: layers {list(layers)} of {str(of)!r} have router id {got}, the file "
+                                 f"says {rid}: that folder's weights are not the ones this subset was made from.",
+                                 hint="Restore the adapter folder it names, or remove the subset folder.")
         return adapter
 
     def load_tensors(self, tensors: dict[str, torch.Tensor], where: str = "checkpoint") -> None:

@@ -277,11 +277,11 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
             else:
                 loaded = load_model(model, router_layers="all" if layers_arg is None else layers_arg, device=device)
     if candidate_layers == "lower-half":
-        loaded.router = _subset_adapter(loaded.router, tuple(range(loaded.n_layers // 2)))
+        loaded.router = loaded.router.subset(range(loaded.n_layers // 2))
     elif candidate_layers == "upper-half":
-        loaded.router = _subset_adapter(loaded.router, tuple(range(loaded.n_layers // 2, loaded.n_layers)))
+        loaded.router = loaded.router.subset(range(loaded.n_layers // 2, loaded.n_layers))
     elif not isinstance(candidate_layers, str) and tuple(candidate_layers) != loaded.router_layers:
-        loaded.router = _subset_adapter(loaded.router, tuple(int(x) for x in candidate_layers))
+        loaded.router = loaded.router.subset(int(x) for x in candidate_layers)
     rc = loaded.router.config
     if features is not None:
         train_f, dev_f = features  # the trainer takes the candidate layers out of them
@@ -338,20 +338,6 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
     summary["router_id"] = ad.fingerprint()
     summary["out"] = str(out)
     return summary
-
-
-def _subset_adapter(adapter: Any, layers: tuple[int, ...]) -> Any:
-    import dataclasses
-
-    from msa_memory.encode import RouterAdapter
-
-    missing = [l for l in layers if l not in adapter.config.router_layers]
-    if missing:
-        raise ConfigError(f"Layers {missing} are not in the adapter (it has {list(adapter.config.router_layers)}).")
-    cfg = dataclasses.replace(adapter.config, router_layers=layers)
-    new = RouterAdapter(cfg)
-    new.load_tensors(adapter.state_tensors(), where="adapter subset")
-    return new.to(next(adapter.parameters()).device)
 
 
 def _jsonable(x: Any) -> Any:

@@ -183,19 +183,68 @@ def test_adapter_that_does_not_fit_the_model_is_refused(tmp_path):
 
 
 def test_shipped_adapters_load_by_name_and_a_folder_of_that_name_wins(tmp_path, monkeypatch):
-    from msa_memory.data import DEFAULT_ROUTER_ADAPTER, SHALLOW_ROUTER_ADAPTER
+    from msa_memory.data import DEEP_ROUTER_ADAPTER, DEFAULT_ROUTER_ADAPTER, SHALLOW_ROUTER_ADAPTER
 
-    default, shallow = RouterAdapter.load("default"), RouterAdapter.load("shallow")
+    default, deep, shallow = (RouterAdapter.load(n) for n in ("default", "deep", "shallow"))
     assert default.fingerprint() == RouterAdapter.load(DEFAULT_ROUTER_ADAPTER).fingerprint()
-    assert shallow.fingerprint() == RouterAdapter.load(SHALLOW_ROUTER_ADAPTER).fingerprint()
-    assert default.fingerprint() != shallow.fingerprint()
+    assert deep.fingerprint() == RouterAdapter.load(DEEP_ROUTER_ADAPTER).fingerprint() == "bacc1f25d7bb2899"
+    assert shallow.fingerprint() == RouterAdapter.load(SHALLOW_ROUTER_ADAPTER).fingerprint() == "4b77c12b13a94f8c"
+    # the default is the merge of the two trained adapters (their router ids: the stores they built keep them)
+    assert default.config.router_layers == tuple(sorted(deep.config.router_layers + shallow.config.router_layers))
+    assert RouterAdapter.merge([shallow, deep]).fingerprint() == default.fingerprint()
     assert max(shallow.config.router_layers) < max(default.config.router_layers)   # the faster encode
+    assert deep.config.extra["trained_by"] == "msa train-router"                    # each part keeps its provenance
     cfg = RouterConfig((1,), n_q_heads=4, n_kv_heads=1, head_dim=16, hidden_size=64)
     RouterAdapter(cfg).save(tmp_path / "shallow")
     monkeypatch.chdir(tmp_path)
     assert RouterAdapter.load("shallow").config == cfg                 # the user's folder, not the shipped one
-    with pytest.raises(ModelLoadError, match="shipped adapter of the default model: default, shallow"):
-        RouterAdapter.load("deep")
+    with pytest.raises(ModelLoadError, match="shipped adapter of the default model: deep, default, shallow"):
+        RouterAdapter.load("deeper")
+
+
+def _adapter(layers, seed, **kw):
+    torch.manual_seed(seed)
+    a = RouterAdapter(RouterConfig(tuple(layers), n_q_heads=4, n_kv_heads=2, head_dim=8, hidden_size=32, **kw))
+    with torch.no_grad():
+        for p in a.parameters():
+            p.normal_()
+    return a
+
+
+def test_merge_and_subset_roundtrip_and_refuse_bad_inputs(tmp_path):
+    a, b = _adapter((1, 4), 0, extra={"model_fingerprint": "m1"}), _adapter((2,), 1, extra={"model_fingerprint": "m1"})
+    m = RouterAdapter.merge([a, b])
+    assert m.config.router_layers == (1, 2, 4) and m.config.extra["model_fingerprint"] == "m1"
+    x = torch.randn(3, 32)
+    for part in (a, b):
+        for l in part.config.router_layers:       # each layer's maths is its part's
+            assert torch.equal(m.router_q(l, x), part.router_q(l, x)) and torch.equal(m.router_k(l, x), part.router_k(l, x))
+    assert m.subset((1, 4)).fingerprint() == a.fingerprint() and m.subset([2]).fingerprint() == b.fingerprint()
+    with pytest.raises(ConfigError, match="Layer 1 is in adapters 0 and 1"):
+        RouterAdapter.merge([a, _adapter((1,), 2)])
+    with pytest.raises(ConfigError, match="differs from adapter 0 in \\['score'\\]"):
+        RouterAdapter.merge([a, _adapter((3,), 2, score="dot")])
+    with pytest.raises(ConfigError, match="at least two"):
+        RouterAdapter.merge([a])
+    with pytest.raises(ConfigError, match="not a subset"):
+        m.subset((3,))
+    # a subset folder: rebuilt from the folder it names, fingerprint checked
+    m.save(tmp_path / "full")
+    sub = tmp_path / "part"
+    sub.mkdir()
+    spec = {"of": "../full", "router_layers": [2], "router_id": b.fingerprint(), "extra": {"note": "b"}}
+    (sub / "router_subset.json").write_text(json.dumps(spec))
+    got = RouterAdapter.load(sub)
+    assert got.fingerprint() == b.fingerprint() and got.config.extra == {"note": "b"}
+    (sub / "router_subset.json").write_text(json.dumps(spec | {"router_id": a.fingerprint()}))
+    with pytest.raises(ModelLoadError, match="not the ones this subset was made from"):
+        RouterAdapter.load(sub)
+    (sub / "router_subset.json").write_text(json.dumps(spec | {"router_layers": [3]}))
+    with pytest.raises(ModelLoadError, match="not a subset"):
+        RouterAdapter.load(sub)
+    (sub / "router_subset.json").write_text(json.dumps({"of": "../full"}))
+    with pytest.raises(ModelLoadError, match="needs 'of', 'router_layers' and 'router_id'"):
+        RouterAdapter.load(sub)
 
 
 def test_router_config_validation():

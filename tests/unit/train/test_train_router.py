@@ -486,9 +486,8 @@ def test_reindex_refuses_layers_the_store_did_not_keep(tiny_loaded, tmp_path):
 
     from msa_memory.encode import RouterAdapter
     from msa_memory.train.reindex import reindex_router, reindex_router_to
-    from msa_memory.train.recipe import _subset_adapter
 
-    small = tiny_loaded.with_router(_subset_adapter(tiny_loaded.router, (0, 1)))
+    small = tiny_loaded.with_router(tiny_loaded.router.subset((0, 1)))
     src, _ = _store(tmp_path / "a.msa", small, TEXTS[:4])
     ad, _ = _adapter(tiny_loaded, 1, layers=(1, 3))
     assert isinstance(ad, RouterAdapter)
