@@ -50,6 +50,8 @@ def is_adapter_folder(d: str | Path) -> bool:
     """True when ``d`` holds a saved adapter (json + safetensors) or a subset file."""
     d = Path(d)
     return ((d / ADAPTER_JSON).is_file() and (d / ADAPTER_WEIGHTS).is_file()) or (d / ADAPTER_SUBSET).is_file()
+
+
 ScoreMode = Literal["cosine", "dot"]
 
 
@@ -311,7 +313,7 @@ class RouterAdapter(nn.Module):
             raise ModelLoadError(f"{str(f)!r} names {str(of)!r}, itself a subset; name the full adapter folder.")
         try:
             adapter = cls.load(of).subset(layers)
-        except ConfigError as e:
+        except (ConfigError, ValueError, TypeError) as e:
             raise ModelLoadError(f"{str(f)!r}: {e}") from e
         adapter.config.extra.clear()
         adapter.config.extra.update(extra)
