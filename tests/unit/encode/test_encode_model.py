@@ -242,6 +242,9 @@ def test_merge_and_subset_roundtrip_and_refuse_bad_inputs(tmp_path):
     (sub / "router_subset.json").write_text(json.dumps(spec | {"router_layers": [3]}))
     with pytest.raises(ModelLoadError, match="not a subset"):
         RouterAdapter.load(sub)
+    (sub / "router_subset.json").write_text(json.dumps(spec | {"router_layers": ["two"]}))
+    with pytest.raises(ModelLoadError, match="router_subset.json"):
+        RouterAdapter.load(sub)
     (sub / "router_subset.json").write_text(json.dumps({"of": "../full"}))
     with pytest.raises(ModelLoadError, match="needs 'of', 'router_layers' and 'router_id'"):
         RouterAdapter.load(sub)
