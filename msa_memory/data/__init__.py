@@ -52,10 +52,21 @@ def default_router_adapter() -> Path | None:
 
 @lru_cache(maxsize=None)
 def _shipped_router_ids() -> dict[str, Path]:
-    from msa_memory.encode.router import RouterAdapter
+    import json
 
-    return {RouterAdapter.load(d).fingerprint(): d for d in
-            (shipped_adapter(n) for n in SHIPPED_ADAPTERS) if d is not None}
+    from msa_memory.encode.router import ADAPTER_JSON, ADAPTER_SUBSET, RouterAdapter
+
+    out = {}
+    for d in (shipped_adapter(n) for n in SHIPPED_ADAPTERS):
+        if d is None:
+            continue
+        if (d / ADAPTER_SUBSET).is_file() and not (d / ADAPTER_JSON).is_file():
+            # a subset folder names its router id; RouterAdapter.load checks it when the folder is used,
+            # so the merged weights it is cut from are not read once more per subset here
+            out[str(json.loads((d / ADAPTER_SUBSET).read_text())["router_id"])] = d
+        else:
+            out[RouterAdapter.load(d).fingerprint()] = d
+    return out
 
 
 def shipped_adapter_for_router(router_id: str) -> Path | None:
