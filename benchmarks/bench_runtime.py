@@ -387,10 +387,10 @@ def bench_ttft(dev: torch.device, which: str, k: int, doc_tokens: int, n_docs: i
 
     n_new = 32
 
-    def decode():  # greedy, after a pooled prefill: a new key length at every step
-        st = eng.new_state(q_len + n_new + 2, prefix, top_k=k)
+    def decode(n=n_new, path="auto"):  # greedy, after a pooled prefill; "auto" = a CUDA graph per request on CUDA
+        st = eng.new_state(q_len + 2 * n_new + 2, prefix, top_k=k)
         lg = eng.forward(st, q, list(range(1 + k, 1 + k + q_len)), route_rows=[True] * q_len)
-        for _ in eng.decode(st, lg, 1 + k + q_len, max_new_tokens=n_new):
+        for _ in eng.decode(st, lg, 1 + k + q_len, max_new_tokens=n, path=path):
             pass
 
     def hf_decode():  # baseline: HF's own forward with its KV cache, same question, same count (no memory);
@@ -406,7 +406,10 @@ def bench_ttft(dev: torch.device, which: str, k: int, doc_tokens: int, n_docs: i
 
     t_pooled = timeit(pooled, dev, rounds=3, warmup=1)
     t_plain = timeit(plain, dev, rounds=3, warmup=1)
-    t_decode = (timeit(decode, dev, rounds=3, warmup=1) - t_pooled) / (n_new - 1)
+    t_dec = timeit(decode, dev, rounds=3, warmup=1)
+    t_decode = (t_dec - t_pooled) / (n_new - 1)                 # per token, the graph's capture included
+    t_marginal = (timeit(lambda: decode(2 * n_new), dev, rounds=3, warmup=1) - t_dec) / n_new
+    t_dynamic = (timeit(lambda: decode(path="dynamic"), dev, rounds=3, warmup=1) - t_pooled) / (n_new - 1)
     with torch.inference_mode():
         t_hf = (timeit(hf_decode, dev, rounds=3, warmup=1) - timeit(hf_prefill_only, dev, rounds=3, warmup=1)) / (n_new - 1)
     st = eng.new_state(q_len + 2, prefix, top_k=k)
@@ -415,7 +418,8 @@ def bench_ttft(dev: torch.device, which: str, k: int, doc_tokens: int, n_docs: i
             "pooled_ttft_ms": t_pooled * 1e3, "plain_prefill_ms": t_plain * 1e3, "speedup": t_plain / t_pooled,
             "pooled_routing_ms": st.timings["routing_s"] * 1e3, "pooled_fetch_ms": st.timings["fetch_s"] * 1e3,
             "plain_tokens": 1 + k * doc_tokens + q_len, "decode_ms_per_token": t_decode * 1e3,
-            "hf_cache_decode_ms_per_token": t_hf * 1e3}
+            "decode_marginal_ms_per_token": t_marginal * 1e3, "decode_path": "graph" if dev.type == "cuda" else "dynamic",
+            "dynamic_decode_ms_per_token": t_dynamic * 1e3, "hf_cache_decode_ms_per_token": t_hf * 1e3}
 
 
 def gpu_check(other: str = "cuda") -> dict:
@@ -447,8 +451,10 @@ def gpu_check(other: str = "cuda") -> dict:
         st = eng.new_state(24, eng.compute_prefix([1, 2, 3]), top_k=2)
         query = list(range(10, 19))
         lg = eng.forward(st, query, list(range(5, 14)), route_rows=[True] * 6 + [False] * 3)
-        toks = list(eng.decode(st, lg, 14, max_new_tokens=6))
+        toks = list(eng.decode(st, lg, 14, max_new_tokens=6, path="dynamic"))
         res[role] = (lg.cpu(), {p: sorted(r.doc_index.tolist()) for p, r in st.routes.items()}, toks)
+        if role == "dev":   # the same request decoded by the CUDA graph of the fixed-shape step
+            res["graph"] = _graph_decode_check(eng, dev, query)
     dmax = float((res["ref"][0] - res["dev"][0]).abs().max())
     # bf16 routing at scale: same top-16 scores on CPU and GPU
     gen = torch.Generator().manual_seed(1)
@@ -461,8 +467,32 @@ def gpu_check(other: str = "cuda") -> dict:
     return {"tiny_msa_logits_max_abs_diff": dmax, "tiny_msa_logits_ok": dmax < 1e-4,
             "chosen_docs_equal": res["ref"][1] == res["dev"][1], "greedy_tokens_equal": res["ref"][2] == res["dev"][2],
             "greedy_tokens": res["dev"][2], "check_device": other,
+            "graph_decode_tokens_equal": res["graph"].pop("greedy") == res["ref"][2], **res["graph"],
             "bf16_route_top16_overlap": overlap,
             "bf16_route_max_score_diff": float(np.abs(np.sort(r_cpu.scores) - np.sort(r_gpu.scores)).max())}
+
+
+def _graph_decode_check(eng: MsaEngine, dev: torch.device, query: list[int]) -> dict:
+    """The decoding step's CUDA graph ("static" off CUDA) against the dynamic path on ``dev``: greedy
+    tokens, seeded sampled tokens, and the logits of one dynamic forward after 12 graph steps (the k/v
+    the replays wrote)."""
+    path = "graph" if dev.type == "cuda" else "static"
+
+    def run(p, n, **kw):
+        st = eng.new_state(32, eng.compute_prefix([1, 2, 3]), top_k=2)
+        lg = eng.forward(st, query, list(range(5, 14)), route_rows=[True] * 6 + [False] * 3)
+        return st, list(eng.decode(st, lg, 14, max_new_tokens=n, path=p, **kw))
+
+    greedy = run(path, 6)[1]
+    samp = {p: run(p, 12, temperature=1.0, generator=torch.Generator(device=dev).manual_seed(7))[1]
+            for p in (path, "dynamic")}
+    after = {}
+    for p in (path, "dynamic"):
+        st, toks = run(p, 12)
+        after[p] = (toks, eng.forward(st, [toks[-1]], [14 + len(toks) - 1]).cpu())
+    return {"greedy": greedy, "graph_decode_path": path, "graph_sampled_tokens_equal": samp[path] == samp["dynamic"],
+            "graph_sampled_tokens": samp[path], "graph_then_dynamic_tokens_equal": after[path][0] == after["dynamic"][0],
+            "graph_then_dynamic_logits_max_abs_diff": float((after[path][1] - after["dynamic"][1]).abs().max())}
 
 
 def routing_paths_check(other: str = "cuda") -> list[dict]:
@@ -621,8 +651,10 @@ def main() -> None:
               f"(routing {r['pooled_routing_ms']:.1f}, fetch {r['pooled_fetch_ms']:.1f})")
         print(f"plain prefill of the same {r['plain_tokens']} tokens of text: {r['plain_prefill_ms']:.1f} ms "
               f"→ pooled is {r['speedup']:.1f}× faster")
-        print(f"decoding after the pooled prefill: {r['decode_ms_per_token']:.2f} ms/token (HF's own forward with its "
-              f"KV cache, no memory: {r['hf_cache_decode_ms_per_token']:.2f} ms/token)")
+        print(f"decoding after the pooled prefill ({r['decode_path']} path, 32 tokens): {r['decode_ms_per_token']:.2f} ms/token"
+              f" (marginal, tokens 33-64: {r['decode_marginal_ms_per_token']:.2f}); dynamic path "
+              f"{r['dynamic_decode_ms_per_token']:.2f}; HF's own forward with its KV cache, no memory: "
+              f"{r['hf_cache_decode_ms_per_token']:.2f} ms/token")
     if "gpu_check" in results:
         print("\n# GPU vs CPU equality:", json.dumps(results["gpu_check"]))
     try:

@@ -18,6 +18,14 @@ top-k documents, and their K̄V̄ are fetched before the layer's attention runs 
 layer routes on its own hidden state, which already saw lower router layers' memory (§3.3).
 HF's KV cache is off (``use_cache=False``); the LM head runs on the last position only.
 
+Decoding on CUDA replays a CUDA graph of one fixed-shape step (``_StaticStep``): the step attends the
+whole preallocated buffer under a mask built on the device from a device-side token counter, writes
+its k/v with ``index_copy_`` at that counter, and leaves the argmax, the logits and the incremented
+counter and position in static tensors; the host only copies the token back. One token costs one graph
+replay instead of ~300 kernel launches from Python. The same step runs eagerly on any device
+(``path="static"``; the tests compare it with the dynamic path on CPU); buffers are zeroed beyond the
+written part so masked slots hold finite values.
+
 What it does not do: tokenize, choose modes, or know about stores (``memory.py`` does). The hooks
 and the attention switch exist only inside :meth:`MsaEngine.session`, so the shared HF model
 behaves normally elsewhere. Gemma-style sliding windows are honoured on prefix and local keys;
@@ -42,9 +50,12 @@ if TYPE_CHECKING:
     from msa_memory.runtime.memory_tier import ContentMemory
     from msa_memory.runtime.routing import RouteResult, RouterIndex
 
-__all__ = ["MsaEngine", "ForwardState", "ATTN_NAME"]
+__all__ = ["MsaEngine", "ForwardState", "ATTN_NAME", "GRAPH_MIN_TOKENS"]
 
 ATTN_NAME = "msa_runtime"
+GRAPH_MIN_TOKENS = 8
+"""``decode(path="auto")`` captures a CUDA graph of the step from this many new tokens on (capture costs
+about three eager steps)."""
 _STATE: contextvars.ContextVar[ForwardState | None] = contextvars.ContextVar("msa_forward_state", default=None)
 _REGISTERED = False
 
@@ -92,6 +103,20 @@ class ForwardState:
     timings: dict[str, float] = field(default_factory=lambda: {"routing_s": 0.0, "fetch_s": 0.0})
     masks: dict[tuple, torch.Tensor] = field(default_factory=dict)
     """Attention masks of the current forward, by (prefix + memory length, local tokens before, T, window)."""
+    static: _StaticStep | None = None
+    """The fixed-shape decoding step while one runs (its forwards attend the whole buffer)."""
+    decode_graph: tuple[_StaticStep, Any] | None = None
+    """A captured CUDA graph of this request's decoding step, kept for its later decode calls."""
+
+
+@dataclass
+class _StaticStep:
+    """Device tensors of one fixed-shape decoding step (what a CUDA graph of it reads and writes)."""
+
+    ids: torch.Tensor        # (1, 1) long: the token to feed; the step leaves its argmax here
+    pos: torch.Tensor        # (1, 1) long: its position; the step adds 1
+    n: torch.Tensor          # (1,) long: local tokens written before it; the step adds 1
+    logits: torch.Tensor     # (V,) float32: the step's last-position logits
 
 
 def _attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any,
@@ -110,7 +135,6 @@ def _attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch
 def _attend(st: ForwardState, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
             scaling: float | None, window: int | None, softcap: float | None) -> torch.Tensor:
     import torch
-    import torch.nn.functional as F
 
     _, Hq, T, D = q.shape
     H = k.shape[1]
@@ -130,6 +154,8 @@ def _attend(st: ForwardState, layer_idx: int, q: torch.Tensor, k: torch.Tensor, 
             kb[:, P:P + M] = mk
             vb[:, P:P + M] = mv
         buf = st.layers[layer_idx] = _LayerBuf(kb, vb, P + M)
+    if st.static is not None:
+        return _attend_static(st, st.static, buf, q, k, v, scaling, window, softcap)
     n0 = buf.n_local
     if n0 + T > st.capacity:
         raise RuntimeMemoryError(f"Request needs more than its {st.capacity} local-token slots; raise max_new_tokens "
@@ -159,6 +185,16 @@ def _attend(st: ForwardState, layer_idx: int, q: torch.Tensor, k: torch.Tensor, 
                 if P:
                     mask[:, :P] &= (qpos - torch.arange(P, device=q.device).unsqueeze(0)) < window
             st.masks[mkey] = mask
+    return _sdpa(q, keys, vals, mask, scaling, softcap)
+
+
+def _sdpa(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, mask: torch.Tensor | None,
+          scaling: float | None, softcap: float | None) -> torch.Tensor:
+    """(1, T, Hq, D) attention of q (1, Hq, T, D) over keys/vals (1, H, S, D) under a (T, S) bool mask."""
+    import torch
+    import torch.nn.functional as F
+
+    Hq, D, H = q.shape[1], q.shape[3], keys.shape[1]
     scale = scaling if scaling is not None else D ** -0.5
     if softcap is None:
         out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=scale, enable_gqa=(Hq != H))
@@ -171,6 +207,34 @@ def _attend(st: ForwardState, layer_idx: int, q: torch.Tensor, k: torch.Tensor, 
             w = w.masked_fill(~mask, float("-inf"))
         out = torch.softmax(w.float(), -1).to(q.dtype) @ vv
     return out.transpose(1, 2).contiguous()                                        # (1, T, Hq, D)
+
+
+def _attend_static(st: ForwardState, sp: _StaticStep, buf: _LayerBuf, q: torch.Tensor, k: torch.Tensor,
+                   v: torch.Tensor, scaling: float | None, window: int | None, softcap: float | None) -> torch.Tensor:
+    """One decoding token against the whole [prefix | memory | local] buffer, with no host-side index:
+    its k/v go to slot ``local_start + sp.n`` and the mask is built from ``sp.n`` / ``sp.pos`` on the
+    device (the same visibility as the dynamic path: prefix and memory, local tokens up to this one,
+    sliding windows on prefix and local positions; memory always visible)."""
+    import torch
+
+    if q.shape[2] != 1:
+        raise RuntimeMemoryError("The fixed-shape decoding step takes one token per forward.")
+    L, cap = buf.local_start, buf.k.shape[1]
+    slot = sp.n + L                                                                 # (1,) long, on the device
+    buf.k.index_copy_(1, slot, k[0])
+    buf.v.index_copy_(1, slot, v[0])
+    mkey = ("static", L, cap, window)
+    mask = st.masks.get(mkey)
+    if mask is None:
+        j = torch.arange(cap, device=q.device)
+        vis = j <= slot
+        if window is not None:
+            P = st.prefix_len
+            kpos = torch.cat([torch.arange(P, device=q.device), torch.zeros(L - P, dtype=torch.long, device=q.device),
+                              st.local_pos[:cap - L]])
+            vis = vis & (((sp.pos[0] - kpos) < window) | ((j >= P) & (j < L)))
+        mask = st.masks[mkey] = vis.view(1, cap)
+    return _sdpa(q, buf.k.unsqueeze(0), buf.v.unsqueeze(0), mask, scaling, softcap)
 
 
 def _register() -> None:
@@ -332,9 +396,28 @@ class MsaEngine:
     def decode(self, state: ForwardState, first_logits: torch.Tensor, next_pos: int, *, max_new_tokens: int,
                eos_ids: Sequence[int] = (), temperature: float = 0.0, top_p: float = 1.0,
                generator: torch.Generator | None = None,
-               stop: Callable[[list[int]], bool] | None = None) -> Iterator[int]:
-        """Yield generated token ids (greedy when temperature == 0), one forward per token."""
-        logits = first_logits
+               stop: Callable[[list[int]], bool] | None = None, path: str = "auto") -> Iterator[int]:
+        """Yield generated token ids (greedy when temperature == 0), one forward per token.
+
+        ``path``: ``"dynamic"`` (each step attends the filled part of the buffers; shapes grow),
+        ``"static"`` (the fixed-shape step, eager), ``"graph"`` (that step captured once per request as a
+        CUDA graph and replayed; CUDA only) or ``"auto"`` (graph on CUDA for ≥ :data:`GRAPH_MIN_TOKENS`
+        new tokens, dynamic otherwise). All give the same tokens (tests; ``bench_runtime --gpu-check``).
+        """
+        if path not in ("auto", "dynamic", "static", "graph"):
+            raise ConfigError(f"decode path={path!r} is not one of 'auto', 'dynamic', 'static', 'graph'.")
+        if path == "graph" and self.device.type != "cuda":
+            raise ConfigError(f"decode path='graph' needs a CUDA model; this one is on {self.device}.")
+        if path == "auto":
+            path = "graph" if self.device.type == "cuda" and max_new_tokens >= GRAPH_MIN_TOKENS else "dynamic"
+        if path == "dynamic" or max_new_tokens <= 1 or not state.layers:
+            yield from self._decode_dynamic(state, first_logits, next_pos, max_new_tokens, eos_ids, temperature,
+                                            top_p, generator, stop)
+        else:
+            yield from self._decode_static(state, first_logits, next_pos, max_new_tokens, eos_ids, temperature,
+                                           top_p, generator, stop, graph=(path == "graph"))
+
+    def _decode_dynamic(self, state, logits, next_pos, max_new_tokens, eos_ids, temperature, top_p, generator, stop):
         out: list[int] = []
         eos = set(int(e) for e in eos_ids)
         for step in range(max_new_tokens):
@@ -345,6 +428,99 @@ class MsaEngine:
                 return
             logits = self.forward(state, [tok], [next_pos])
             next_pos += 1
+
+    def _decode_static(self, state, logits, next_pos, max_new_tokens, eos_ids, temperature, top_p, generator, stop,
+                       *, graph: bool):
+        import torch
+
+        n0 = state.n_written
+        with torch.inference_mode():
+            for buf in state.layers.values():      # masked slots must hold finite values (0 · NaN is NaN)
+                buf.k[:, buf.local_start + buf.n_local:].zero_()
+                buf.v[:, buf.local_start + buf.n_local:].zero_()
+            if graph:
+                if state.decode_graph is None:
+                    state.decode_graph = self._capture_step(state, n0, next_pos)
+                sp, g = state.decode_graph
+                run = g.replay
+            else:
+                sp = self._new_step(logits.shape[0])
+                run = lambda: self._static_forward(state, sp)  # noqa: E731
+        out: list[int] = []
+        eos = set(int(e) for e in eos_ids)
+        steps = 0
+        try:
+            for step in range(max_new_tokens):
+                if step == 0 or temperature > 0:
+                    tok = _sample(logits, temperature, top_p, generator)
+                else:
+                    tok = int(sp.ids[0, 0])             # the step's own argmax (one 8-byte copy to the host)
+                out.append(tok)
+                yield tok
+                if tok in eos or (stop is not None and stop(out)) or step == max_new_tokens - 1:
+                    return
+                if n0 + steps + 1 > state.capacity:
+                    raise RuntimeMemoryError(f"Request needs more than its {state.capacity} local-token slots.")
+                with torch.inference_mode():
+                    if step == 0:
+                        sp.pos.fill_(next_pos)
+                        sp.n.fill_(n0)
+                    if step == 0 or temperature > 0:
+                        sp.ids.fill_(tok)
+                    run()
+                steps += 1
+                logits = sp.logits
+        finally:                                    # the host's counters follow the device's, even on close()
+            state.n_written = n0 + steps
+            for buf in state.layers.values():
+                buf.n_local = n0 + steps
+
+    def _new_step(self, vocab: int) -> _StaticStep:
+        import torch
+
+        z = dict(dtype=torch.long, device=self.device)
+        return _StaticStep(torch.zeros((1, 1), **z), torch.zeros((1, 1), **z), torch.zeros(1, **z),
+                           torch.zeros(vocab, dtype=torch.float32, device=self.device))
+
+    def _static_forward(self, state: ForwardState, sp: _StaticStep) -> None:
+        """The fixed-shape step: only device tensors change between calls (what a CUDA graph replays)."""
+        import torch
+
+        state.local_pos.index_copy_(0, sp.n, sp.pos[0])
+        state.static = sp
+        try:
+            with self.session(state):
+                res = self.model(input_ids=sp.ids, position_ids=sp.pos, attention_mask=self._mask_dict,
+                                 use_cache=False, logits_to_keep=1)
+        finally:
+            state.static = None
+            state.masks.clear()
+        sp.logits.copy_(res.logits[0, -1])
+        sp.ids.copy_(torch.argmax(sp.logits).view(1, 1))
+        sp.n.add_(1)
+        sp.pos.add_(1)
+
+    def _capture_step(self, state: ForwardState, n0: int, next_pos: int) -> tuple[_StaticStep, Any]:
+        """Warm the step up on a side stream (cuBLAS / SDPA choose their kernels), then capture it. The
+        warm-up calls write slot ``n0`` only, which the first replay overwrites."""
+        import torch
+
+        vocab = int(self.model.get_output_embeddings().weight.shape[0])
+        sp = self._new_step(vocab)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                sp.n.fill_(n0)
+                sp.pos.fill_(next_pos)
+                self._static_forward(state, sp)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        sp.n.fill_(n0)
+        sp.pos.fill_(next_pos)
+        with torch.cuda.graph(g):
+            self._static_forward(state, sp)
+        return sp, g
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_p: float, generator: Any) -> int:

@@ -4,7 +4,8 @@ A tiny random MSA checkpoint (Qwen3 backbone, router_q/k_proj in layers 2-3, wri
 config.json + safetensors with the reference key names) is run through ``MsaEngine`` (fast path:
 attention-core swap, preallocated buffers, per-layer routing hook) and through ``SlowMsa`` (float64,
 explicit concatenation and full masks, one layer at a time). Last-position logits must agree
-within 1e-4, the chosen documents per router layer must match, and greedy tokens must be identical.
+within 1e-4, the chosen documents per router layer must match, and greedy tokens must be identical
+(dynamic decoding and the fixed-shape step that CUDA graphs replay).
 Run: .venv/bin/python -m pytest tests/equivalence/test_pooled_equivalence.py -q
 """
 
@@ -78,10 +79,14 @@ def test_pooled_prefill_matches_slow_reference(tiny, seed):
         assert sorted(st.routes[r].doc_index.tolist()) == sorted(ref_chosen[r])
         assert st.routes[r].doc_ids.tolist() == (st.routes[r].doc_index + 100).tolist()
 
-    # greedy decoding with the preallocated cache == reference re-running the full sequence
-    toks = list(eng.decode(st, got, pos[-1] + 1, max_new_tokens=4))
+    # greedy decoding with the preallocated cache == reference re-running the full sequence, on the
+    # dynamic path and on the fixed-shape step (whole-buffer attention, device-built mask; what CUDA graphs replay)
+    toks = list(eng.decode(st, got, pos[-1] + 1, max_new_tokens=4, path="dynamic"))
     ref_toks = slow.greedy(prefix, query, rows, keys, chunk_doc, kv, len(counts), 4)
     assert toks == ref_toks
+    st2 = eng.new_state(32, eng.compute_prefix(prefix), top_k=k)
+    got2 = eng.forward(st2, query, pos, route_rows=rows)
+    assert list(eng.decode(st2, got2, pos[-1] + 1, max_new_tokens=4, path="static")) == ref_toks
 
 
 def test_pooled_changes_with_memory_and_lower_layers_see_none(tiny):
