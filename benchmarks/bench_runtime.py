@@ -30,17 +30,22 @@ Regimes and ceilings (every baseline is measured in the same run, on the same de
    the pooled K̄V̄ of k documents) vs plain prefill of the same k documents' text + the question
    with the same model (what text-mode RAG pays). Random weights of the real Gemma-3-270M shape
    (the compute does not depend on the values), or ``--model default`` for the real GGUF model.
-   Also the decoding cost after the pooled prefill (32 greedy tokens, ms per token), beside HF's own
+   Also the decoding cost after the pooled prefill (32 greedy tokens, ms per token; on CUDA the
+   default path, a CUDA graph of the fixed-shape step captured per request, its capture included;
+   ``marginal`` = tokens 33-64 of a 64-token decode), beside the engine's dynamic path and HF's own
    forward with its KV cache decoding the same count from the question alone (each token brought to
-   the host before the next step in both). H200, 2026-12-01 (benchmarks/results/bench_runtime_h200_ttft.json):
-   pooled TTFT 30.3 ms vs plain prefill of 8,225 tokens 56.7 ms; decoding 20.8 vs HF 18.9 ms/token.
+   the host before the next step in all). H200, 2026-12-01 (benchmarks/results/bench_runtime_h200.json):
+   pooled TTFT 30.6 ms vs plain prefill of 8,225 tokens 57.3 ms; decoding 6.14 ms/token (marginal
+   3.39) vs dynamic 30.5 and HF 17.9 ms/token.
 
 ``--gpu-check`` (CUDA only) also runs the GPU-vs-CPU equality check: a tiny random MSA checkpoint
 in fp32, pooled prefill logits and chosen documents per layer and greedy tokens on CPU vs GPU, and
 bf16 routing over 200k chunks on CPU vs GPU, and the routing paths (``routing_paths``): CUDA-graph
 route == eager route, fused Triton chunk scores == eager, GPU == CPU, for six reducer combinations
-× T in 1, 5, 16, 100, 256. ``--triton-sweep`` times fused-kernel tile configs at 1.56M chunks × T in 1,
-16, 256 and prints a torch.profiler table of small graph routes (the fixed cost).
+× T in 1, 5, 16, 100, 256, and the decoding step's CUDA graph against the dynamic path (greedy and
+seeded sampled tokens, logits of a dynamic forward after the graph's steps). ``--triton-sweep`` times
+fused-kernel tile configs at 1.56M chunks × T in 1, 16, 256 and prints torch.profiler tables of
+graph routes at 10k and 1.56M chunks (the fixed cost and the kernels' shares).
 
 Usage::
 
@@ -264,15 +269,15 @@ def triton_sweep(dev: torch.device, C: int = 1_562_500) -> list[dict]:
     return rows
 
 
-def profile_route(dev: torch.device) -> str:
-    """torch.profiler table of 20 graph routes at 10k chunks, T=16 (where the fixed cost shows)."""
+def profile_route(dev: torch.device, C: int = 10_000, T: int = 16) -> str:
+    """torch.profiler table of 20 graph routes at C chunks, T query rows (10k: where the fixed cost shows)."""
     if dev.type != "cuda":
         return ""
     from torch.profiler import ProfilerActivity, profile
 
-    index = RouterIndex([torch.randn(10_000, 1, 256).to(dev, torch.bfloat16)], np.arange(10_000) // 8,
-                        np.arange(1250), RoutingConfig(top_k=16), device=dev)
-    q = torch.randn(16, 4, 256, device=dev)
+    index = RouterIndex([torch.randn(C, 1, 256).to(dev, torch.bfloat16)], np.arange(C) // 8,
+                        np.arange(-(-C // 8)), RoutingConfig(top_k=16), device=dev)
+    q = torch.randn(T, 4, 256, device=dev)
     for _ in range(3):
         index.route(0, q)
     torch.cuda.synchronize()
@@ -295,7 +300,7 @@ def profile_route(dev: torch.device) -> str:
              (("replay+sync", replay_only), ("q copy+replay+D2H+sync", replay_copy),
               ("route()", lambda: index.route(0, q)), ("sync alone", torch.cuda.current_stream().synchronize))}
     return (" ".join(f"{k}: {v:.1f} us;" for k, v in parts.items()) + "\n"
-            + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=14, max_name_column_width=50))
+            + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=14, max_name_column_width=50))
 
 
 # ----------------------------------------------------------------------------- 2. fetch
@@ -592,7 +597,8 @@ def main() -> None:
                 "gpu_check": lambda: gpu_check(a.check_device),
                 "routing_paths": lambda: routing_paths_check(a.check_device),
                 "triton_sweep": lambda: triton_sweep(dev),
-                "profile": lambda: profile_route(dev)}
+                "profile": lambda: "\n".join(f"## {c} chunks, T={t}\n" + profile_route(dev, c, t)
+                                              for c, t in ((10_000, 16), (1_562_500, 16), (1_562_500, 256)))}
     for name, fn in sections.items():     # one failing section must not lose the others' figures
         if name in skip or (name in ("gpu_check", "routing_paths") and not a.gpu_check) or (
                 name in ("triton_sweep", "profile") and not a.triton_sweep):
@@ -631,7 +637,7 @@ def main() -> None:
             print(f"  T={r['T']:<4} {r['config']:<92} {r.get('ms', float('nan')):8.3f} ms {r.get('TFLOPs', 0):6.1f} TFLOP/s "
                   f"{r.get('GBps', 0):7.0f} GB/s {r.get('max_abs_diff', '')} {r.get('error', '')}")
     if results.get("profile"):
-        print("\n# profile: 20 graph routes, 10k chunks, T=16\n" + results["profile"])
+        print("\n# profile: 20 graph routes\n" + results["profile"])
     if "routing_paths" in results:
         bad = [r for r in results["routing_paths"] if not r["ok"]]
         print(f"\n# routing paths on {a.check_device}: graph == eager, Triton == eager, GPU == CPU: "
