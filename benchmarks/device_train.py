@@ -75,7 +75,8 @@ def train_command(a, init_adapter: str | None = None) -> str:
     return train_router_command(a.out_name, None, None, None, "default", a.layers, a.max_layers, a.epochs,
                                 a.batch_size, a.lr, a.n_train, a.n_dev, a.max_chars, a.seed, None, "cuda",
                                 a.hard_negatives, a.mine_every, a.builtin, a.negatives, a.cloze_remove,
-                                a.dev_distractors, a.bf16, a.layer_loss, a.query_reduce, a.head_reduce, init_adapter)
+                                a.dev_distractors, a.bf16, a.layer_loss, a.query_reduce, a.head_reduce, init_adapter,
+                                a.freeze_layers)
 
 
 def train_config(a, device: str = "cuda"):
@@ -84,7 +85,8 @@ def train_config(a, device: str = "cuda"):
 
     return from_options(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed, device=device,
                         hard_negatives=a.hard_negatives, mine_every=a.mine_every, negatives=a.negatives, bf16=a.bf16,
-                        layer_loss=a.layer_loss, query_reduce=a.query_reduce, head_reduce=a.head_reduce)
+                        layer_loss=a.layer_loss, query_reduce=a.query_reduce, head_reduce=a.head_reduce,
+                        freeze_layers=a.freeze_layers)
 
 
 def prepare(a) -> None:
@@ -238,8 +240,9 @@ def gpu(a) -> None:
         if not set(layers) <= set(init.config.router_layers):
             raise SystemExit(f"--init-adapter {a.init_adapter} has layers {list(init.config.router_layers)}, "
                              f"not all of {list(layers)}")
-        if fcache is not None:
-            raise SystemExit("--init-adapter and --feature-cache cannot be combined (the cache holds every pack layer)")
+        if fcache is not None and tuple(layers) != tuple(meta["layers"]):
+            raise SystemExit("--init-adapter with --feature-cache needs --set-layers = all the pack's layers "
+                             f"{meta['layers']} (the cache holds every pack layer)")
         rc = dataclasses.replace(init.config, router_layers=tuple(layers))
         template = RouterAdapter(rc)
         template.load_tensors(init.state_tensors(), where=f"--init-adapter {a.init_adapter}")
@@ -325,7 +328,7 @@ def _digest(carry: Path) -> str:
 
 
 _OVERRIDES = ("layers", "epochs", "hard_negatives", "mine_every", "query_reduce", "head_reduce", "negatives",
-              "lr", "batch_size", "layer_loss")
+              "lr", "batch_size", "layer_loss", "freeze_layers")
 """Options of the prepared recipe that data.npz does not depend on: the gpu step's --set-* overrides."""
 
 
@@ -365,10 +368,11 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--head-reduce", default="mean", choices=("mean", "max"))
     ap.add_argument("--hard-negatives", default="bm25", choices=("bm25", "routing", "both"))
     ap.add_argument("--mine-every", type=int, default=1)
+    ap.add_argument("--freeze-layers", default=None)
     # gpu step: override options of the prepared recipe that data.npz does not depend on
     for k, typ in (("layers", str), ("epochs", int), ("hard-negatives", str), ("mine-every", int),
                    ("query-reduce", str), ("head-reduce", str), ("negatives", int), ("lr", float),
-                   ("batch-size", int), ("layer-loss", str)):
+                   ("batch-size", int), ("layer-loss", str), ("freeze-layers", str)):
         ap.add_argument(f"--set-{k}", type=typ, default=None, help=f"gpu: override the prepared --{k}")
     return ap
 

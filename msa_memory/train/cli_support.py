@@ -63,7 +63,8 @@ def train_router_command(out: str, corpus: list[str] | None, store: str | None, 
                           hard_negatives: str = "bm25", mine_every: int = 1, builtin: str = "stdlib",
                           negatives: int = 32, cloze_remove: float = 0.5, dev_distractors: bool = False,
                           bf16: bool = False, layer_loss: str = "each", query_reduce: str = "max",
-                          head_reduce: str = "mean", init_adapter: str | None = None) -> str:
+                          head_reduce: str = "mean", init_adapter: str | None = None,
+                          freeze_layers: str | None = None) -> str:
     """The ``msa train-router`` line that reproduces a run (recorded in the adapter's training.json); options
     at their defaults are left out. Used by the CLI and by ``benchmarks/device_train.py``."""
     parts = ["msa train-router", f"--out {out}"] + [f"--corpus {c}" for c in corpus or []]
@@ -84,18 +85,20 @@ def train_router_command(out: str, corpus: list[str] | None, store: str | None, 
     parts += [f"--query-reduce {query_reduce}"] if query_reduce != "max" else []
     parts += [f"--head-reduce {head_reduce}"] if head_reduce != "mean" else []
     parts += [f"--init-adapter {init_adapter}"] if init_adapter else []
+    parts += [f"--freeze-layers {freeze_layers}"] if freeze_layers else []
     return " ".join(parts)
 
 
 def train_config(*, epochs: int, batch_size: int, lr: float, seed: int, device: str, hard_negatives: str = "bm25",
                  mine_every: int = 1, negatives: int = 32, bf16: bool = False, layer_loss: str = "each",
-                 query_reduce: str = "max", head_reduce: str = "mean") -> Any:
+                 query_reduce: str = "max", head_reduce: str = "mean", freeze_layers: str | None = None) -> Any:
     """The ``TrainConfig`` of the ``msa train-router`` options of the same names."""
     from msa_memory.train.trainer import TrainConfig
 
     return TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
                        hard_source=hard_negatives, mine_every=mine_every, n_random=negatives, bf16=bf16,
-                       layer_loss=layer_loss, query_reduce=query_reduce, head_reduce=head_reduce)
+                       layer_loss=layer_loss, query_reduce=query_reduce, head_reduce=head_reduce,
+                       frozen_layers=parse_layers(freeze_layers) if freeze_layers else ())
 
 
 def train_router_from_cli(*, out: str, corpus: Sequence[str] | None, store: str | None, pairs: str | None,
@@ -105,12 +108,16 @@ def train_router_from_cli(*, out: str, corpus: Sequence[str] | None, store: str 
                           mine_every: int = 1, builtin: Sequence[str] = ("stdlib",), negatives: int = 32,
                           cloze_remove: float = 0.5, dev_distractors: bool = False, bf16: bool = False,
                           layer_loss: str = "each", query_reduce: str = "max",
-                          head_reduce: str = "mean", init_adapter: str | None = None) -> dict[str, Any]:
+                          head_reduce: str = "mean", init_adapter: str | None = None,
+                          freeze_layers: str | None = None) -> dict[str, Any]:
     """Build the pairs the options ask for and run :func:`msa_memory.train.recipe.run_training`."""
     from msa_memory.train.recipe import builtin_pairs, files_pairs, run_training
 
     if pairs and not store:
         raise ConfigError("--pairs needs --store: positive_ids are document ids of that store.")
+    if freeze_layers and not init_adapter:
+        raise ConfigError("--freeze-layers keeps layers as they start: give the adapter they start from "
+                          "(--init-adapter), or there is nothing trained to keep.")
     if corpus and store:
         raise ConfigError("Give either --corpus or --store, not both.")
     if (corpus or store) and tuple(builtin) != ("stdlib",):
@@ -125,7 +132,8 @@ def train_router_from_cli(*, out: str, corpus: Sequence[str] | None, store: str 
                                    p_remove=cloze_remove)
     cfg = train_config(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
                        hard_negatives=hard_negatives, mine_every=mine_every, negatives=negatives, bf16=bf16,
-                       layer_loss=layer_loss, query_reduce=query_reduce, head_reduce=head_reduce)
+                       layer_loss=layer_loss, query_reduce=query_reduce, head_reduce=head_reduce,
+                       freeze_layers=freeze_layers)
     return run_training(out=out, model=model, candidate_layers=parse_layers(layers), max_layers=max_layers,
                         train_pairs=train, dev_pairs=dev, config=cfg, cache_dir=cache, device=device,
                         init_adapter=init_adapter,

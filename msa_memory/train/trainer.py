@@ -190,7 +190,13 @@ class TrainConfig:
     alone); "sum": one InfoNCE of the layer-averaged score, the sum ``Memory.route`` ranks by (the
     layers learn to complement each other); "both": the mean of the two."""
 
+    frozen_layers: tuple[int, ...] = ()
+    """Router layers kept as they start (e.g. from ``--init-adapter``): scored, never updated. With
+    ``layer_loss="sum"`` the other layers learn to complement them (their errors are what the sum's
+    loss sees)."""
+
     def __post_init__(self) -> None:
+        object.__setattr__(self, "frozen_layers", tuple(int(x) for x in self.frozen_layers))
         if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0 or not 0.001 <= self.tau <= 0.5:
             raise ConfigError(f"Invalid training config: epochs={self.epochs!r} (>=0), batch_size={self.batch_size!r} "
                               f"(>=1), lr={self.lr!r} (>0), tau={self.tau!r} (0.001..0.5).")
@@ -347,7 +353,14 @@ def train_router(proj: RouterProjections, train: Features, held_out: Features | 
             train = train.to(dev)
     L, N = len(proj.layers), train.n_docs
     gen = torch.Generator().manual_seed(cfg.seed)
-    opt = torch.optim.AdamW(proj.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    frozen = set(cfg.frozen_layers)
+    if not frozen <= set(proj.layers) or frozen >= set(proj.layers):
+        raise ConfigError(f"frozen layers {sorted(frozen)} must be some, not all, of the router layers "
+                          f"{list(proj.layers)}.")
+    for li, layer in enumerate(proj.layers):
+        proj.q[li].requires_grad_(layer not in frozen)
+        proj.k[li].requires_grad_(layer not in frozen)
+    opt = torch.optim.AdamW([w for w in proj.parameters() if w.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(train.n_queries / cfg.batch_size)
     total = max(1, steps_per_epoch * cfg.epochs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, total // 20))

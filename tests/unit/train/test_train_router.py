@@ -205,6 +205,28 @@ def test_training_increases_held_out_recall(bf16, layer_loss):
     assert set(chosen) <= {3, 5} and trace
 
 
+def test_frozen_layers_keep_their_weights_and_the_others_learn_to_complement_them():
+    """frozen_layers: those layers' q/k stay bit-identical; with the sum loss the rest still learn."""
+    E = 24
+    g = torch.Generator().manual_seed(4)
+    A = [torch.linalg.qr(torch.randn(E, E, generator=g))[0] for _ in range(2)]
+    train, held = _synthetic(96, 1, A), _synthetic(48, 2, A)
+    eye = torch.eye(E)
+    proj = RouterProjections((3, 5), [eye.clone(), eye.clone()], [eye[:12].clone(), eye[:12].clone()],
+                             n_q_heads=2, n_kv_heads=1, head_dim=12)
+    cfg = TrainConfig(epochs=4, batch_size=16, lr=2e-2, n_hard=2, n_random=16, ks=(1, 5), layer_loss="sum",
+                      frozen_layers=[3])
+    before = evaluate(proj, held, cfg)["recall"]
+    train_router(proj, train, held, cfg)
+    assert torch.equal(proj.q[0], eye) and torch.equal(proj.k[0], eye[:12])
+    assert not torch.equal(proj.q[1], eye) and not torch.equal(proj.k[1], eye[:12])
+    assert evaluate(proj, held, cfg)["recall"][5] > before[5] + 0.3
+    assert cfg.frozen_layers == (3,)
+    for bad in ((7,), (3, 5)):   # not a router layer; every layer (nothing would train)
+        with pytest.raises(ConfigError, match="frozen layers"):
+            train_router(proj, train, None, TrainConfig(epochs=1, frozen_layers=bad))
+
+
 def test_layer_sum_loss_is_the_infonce_of_the_layer_averaged_score():
     """One step's loss under layer_loss="sum" / "each" / "both", recomputed by hand on a tiny task."""
     from msa_memory.train.trainer import _layer_doc_scores
@@ -557,6 +579,22 @@ def test_cli_train_router_and_reindex(tmp_path):
     assert start.config.query_reduce == "mean"
     cmd = json.loads((out2 / "training.json").read_text())["command"]
     assert f"--init-adapter {out / 'candidates'}" in cmd and "--query-reduce mean" in cmd
+
+    # --freeze-layers: layer 1 kept exactly as the starting adapter has it, layer 3 trained, the command records it
+    out3 = tmp_path / "router3"
+    r = CliRunner().invoke(app, ["train-router", "--corpus", str(corpus), "--model", str(mdir), "--out", str(out3),
+                                 "--layers", "1,3", "--max-layers", "2", "--epochs", "1", "--batch-size", "8",
+                                 "--max-chars", "300", "--init-adapter", str(out / "candidates"),
+                                 "--freeze-layers", "1", "--layer-loss", "sum", "--lr", "0.05", "--json"])
+    assert r.exit_code == 0, r.output
+    got = RouterAdapter.load(out3 / "candidates") if (out3 / "candidates").exists() else RouterAdapter.load(out3)
+    assert got.config.router_layers == (1, 3)
+    assert torch.equal(got.q_proj["1"].weight, full.q_proj["1"].weight)
+    assert not torch.equal(got.q_proj["3"].weight, full.q_proj["3"].weight)
+    assert "--freeze-layers 1" in json.loads((out3 / "training.json").read_text())["command"]
+    bad = CliRunner().invoke(app, ["train-router", "--corpus", str(corpus), "--model", str(mdir), "--out",
+                                   str(tmp_path / "r4"), "--layers", "1,3", "--freeze-layers", "1", "--json"])
+    assert bad.exit_code == 2 and "--init-adapter" in bad.output
 
     bad = CliRunner().invoke(app, ["train-router", "--pairs", "x.jsonl", "--out", str(tmp_path / "r2"), "--json"])
     assert bad.exit_code == 2 and "--pairs needs --store" in bad.output
