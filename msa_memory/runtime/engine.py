@@ -410,7 +410,8 @@ class MsaEngine:
             raise ConfigError(f"decode path='graph' needs a CUDA model; this one is on {self.device}.")
         if path == "auto":
             path = "graph" if self.device.type == "cuda" and max_new_tokens >= GRAPH_MIN_TOKENS else "dynamic"
-        if path == "dynamic" or max_new_tokens <= 1 or not state.layers:
+        if path == "dynamic" or max_new_tokens <= 1 or not state.layers or state.n_written >= state.capacity:
+            # (a full buffer: the dynamic path raises the clear capacity error when it needs a slot)
             yield from self._decode_dynamic(state, first_logits, next_pos, max_new_tokens, eos_ids, temperature,
                                             top_p, generator, stop)
         else:

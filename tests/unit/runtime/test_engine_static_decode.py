@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from msa_memory.encode.tiny import FAMILIES, tiny_model
-from msa_memory.errors import ConfigError
+from msa_memory.errors import ConfigError, RuntimeMemoryError
 from msa_memory.runtime.engine import MsaEngine
 
 
@@ -76,6 +76,19 @@ def test_closing_a_static_decode_early_keeps_the_state_consistent():
     full = ids + toks
     got = eng.forward(st, [full[-1]], [len(full) - 1])
     assert (got - _ref_logits(model, full)[-1]).abs().max() < 1e-4
+
+
+def test_static_decode_past_the_capacity_is_the_clear_error():
+    model = tiny_model("qwen3")
+    eng = MsaEngine(model, [], lambda p, x: x)
+    for cap in (7, 9):                        # the prompt fills the buffer; room for 2 of the 6 tokens
+        st = eng.new_state(cap)
+        lg = eng.forward(st, list(range(10, 17)), list(range(7)))
+        gen = eng.decode(st, lg, 7, max_new_tokens=6, path="static")
+        got = [next(gen) for _ in range(cap - 7 + 1)]
+        with pytest.raises(RuntimeMemoryError, match="local-token slots"):
+            next(gen)
+        assert len(got) == cap - 7 + 1 and st.n_written == cap
 
 
 def test_decode_path_errors_name_the_option():
