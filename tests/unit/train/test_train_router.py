@@ -184,15 +184,19 @@ def _synthetic(n_docs, seed, A, E=24, L=2, chunks=2, T=4):
                     [tuple((d + j) % n_docs for j in (1, 2)) for d in range(n_docs)])
 
 
-@pytest.mark.parametrize("bf16,layer_loss", [(False, "each"), (True, "each"), (False, "sum"), (False, "both")])
-def test_training_increases_held_out_recall(bf16, layer_loss):
-    E = 24
-    g = torch.Generator().manual_seed(0)
+def _task(seed, E=24):
+    """Training / held-out features of the synthetic task and an identity-initialised router of layers 3, 5."""
+    g = torch.Generator().manual_seed(seed)
     A = [torch.linalg.qr(torch.randn(E, E, generator=g))[0] for _ in range(2)]
-    train, held = _synthetic(96, 1, A), _synthetic(48, 2, A)
     eye = torch.eye(E)
     proj = RouterProjections((3, 5), [eye.clone(), eye.clone()], [eye[:12].clone(), eye[:12].clone()],
                              n_q_heads=2, n_kv_heads=1, head_dim=12)
+    return _synthetic(96, 1, A), _synthetic(48, 2, A), proj
+
+
+@pytest.mark.parametrize("bf16,layer_loss", [(False, "each"), (True, "each"), (False, "sum"), (False, "both")])
+def test_training_increases_held_out_recall(bf16, layer_loss):
+    train, held, proj = _task(0)
     cfg = TrainConfig(epochs=6, batch_size=16, lr=2e-2, n_hard=2, n_random=16, ks=(1, 5), bf16=bf16,
                       layer_loss=layer_loss)
     before = evaluate(proj, held, cfg)["recall"]
@@ -207,13 +211,8 @@ def test_training_increases_held_out_recall(bf16, layer_loss):
 
 def test_frozen_layers_keep_their_weights_and_the_others_learn_to_complement_them():
     """frozen_layers: those layers' q/k stay bit-identical; with the sum loss the rest still learn."""
-    E = 24
-    g = torch.Generator().manual_seed(4)
-    A = [torch.linalg.qr(torch.randn(E, E, generator=g))[0] for _ in range(2)]
-    train, held = _synthetic(96, 1, A), _synthetic(48, 2, A)
-    eye = torch.eye(E)
-    proj = RouterProjections((3, 5), [eye.clone(), eye.clone()], [eye[:12].clone(), eye[:12].clone()],
-                             n_q_heads=2, n_kv_heads=1, head_dim=12)
+    train, held, proj = _task(4)
+    eye = torch.eye(24)
     cfg = TrainConfig(epochs=4, batch_size=16, lr=2e-2, n_hard=2, n_random=16, ks=(1, 5), layer_loss="sum",
                       frozen_layers=[3])
     before = evaluate(proj, held, cfg)["recall"]
