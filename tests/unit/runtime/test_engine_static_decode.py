@@ -51,6 +51,23 @@ def test_static_step_equals_dynamic_decoding_and_hf(family):
     assert (got - ref[-1]).abs().max() < 1e-4, family
 
 
+def test_static_decoding_resumes_after_injected_text():
+    """decode → a dynamic forward of injected text (interleave) → decode again on the same request: the
+    second static run (a graph would be reused here) continues from the host's counters."""
+    model = tiny_model("gemma3")
+    eng = MsaEngine(model, [], lambda p, x: x)
+    ids = list(range(30, 52))
+    st, lg = _prefill(eng, ids)
+    a = list(eng.decode(st, lg, len(ids), max_new_tokens=5, path="static"))
+    seq = ids + a
+    inject = [7, 8, 9]
+    lg = eng.forward(st, [a[-1]] + inject, list(range(len(seq) - 1, len(seq) + 3)))
+    seq += inject
+    b = list(eng.decode(st, lg, len(seq), max_new_tokens=6, path="static"))
+    ref = _ref_logits(model, seq + b)
+    assert b == ref[len(seq) - 1:-1].argmax(-1).tolist()
+
+
 def test_static_sampling_is_the_dynamic_sampling():
     model = tiny_model("gemma3")
     eng = MsaEngine(model, [], lambda p, x: x)
