@@ -21,18 +21,18 @@ Pooled router inputs x̄ of every passage are computed once (the encoder's forwa
 cached under ``--cache`` (gitignored); router keys of any adapter are a linear map of them.
 Prints a table, writes ``quality.json`` and ``quality.png`` into ``--out``, ends with one JSON line.
 
-Measured (``--sizes 16384,131072,1048576 --em 20``, 100 needles + 100 cloze queries, 2-core
-AVX512-BF16 CPU; the shipped adapter, layers 1, 2, 5, 14, 17: the merge of the "deep" adapter
-(2, 14, 17; 69,046 passages, H200) and the "shallow" one (1, 5; 25k passages, CPU);
-benchmarks/results/bench_quality_cpu.json): routing recall@16 needles 1.00 / 0.99 / 0.92, inverse
-cloze 0.97 / 0.63 / 0.55 at 16K / 128K / 1M tokens, against BM25 1.00 / 1.00 / 1.00 and
-0.93 / 0.71 / 0.71 and MiniLM 0.93 / 0.81 / 0.62 and 0.97 / 0.69 / 0.64. Relative drop 16K → 1M:
-8% (needles), 43% (cloze); routing stays below BM25 at 1M on both. Its parts alone on the same
-cached features (benchmarks/results/router_bacc1f25/, router_4b77c12b/): deep 1.00 / 0.97 / 0.80
-and 0.96 / 0.56 / 0.53, shallow 1.00 / 0.97 / 0.79 and 0.94 / 0.49 / 0.45. End-to-end exact match
-in text mode (top-4, the first 20 needles of the 16K haystacks, one store per haystack): 0.35 for the
-merge and 0.35 for the deep part (7 of 20 each; most misses are the 270M model answering "Yes." to
-"Can you find ..." questions; with ``--em 5`` the merge had 2 of 5, the parts 3 of 5). Reindex in place
+Measured (``--sizes 16384,131072,1048576 --em 20 --layers 1,2,5,8,11,14,17``, 100 needles + 100 cloze
+queries, 2-core AVX512-BF16 CPU; the shipped adapter, layers 1, 2, 5, 8, 11, 14, 17: the merge of the
+"shallow" (1, 5), "deep" (2, 14, 17) and "mid" (8, 11) adapters; benchmarks/results/bench_quality_cpu.json):
+routing recall@16 needles 1.00 / 1.00 / 0.94, inverse cloze 0.98 / 0.61 / 0.59 at 16K / 128K / 1M
+tokens, against BM25 1.00 / 1.00 / 1.00 and 0.93 / 0.71 / 0.71 and MiniLM 0.93 / 0.81 / 0.62 and
+0.97 / 0.69 / 0.64. Relative drop 16K → 1M: 6% (needles), 40% (cloze); routing stays below BM25 at 1M
+on both. On the same cached features the default before it (``--adapter merge5``, layers 1, 2, 5, 14,
+17; benchmarks/results/router_17421c10/) had 1.00 / 0.99 / 0.92 and 0.97 / 0.63 / 0.55, its parts
+(benchmarks/results/router_bacc1f25/, router_4b77c12b/) deep 1.00 / 0.97 / 0.80 and 0.96 / 0.56 / 0.53,
+shallow 1.00 / 0.97 / 0.79 and 0.94 / 0.49 / 0.45. End-to-end exact match in text mode (top-4, the
+first 20 needles of the 16K haystacks, one store per haystack): 0.40, 8 of 20 (merge5 and deep 0.35 each, 7 of 20;
+most misses are the 270M model answering "Yes." to "Can you find ..." questions). Reindex in place
 0.03 s vs encode + write 15.3 s for the first 16,611-token EM store (4.7 s with the shallow adapter,
 whose encoder stops after block 5). Before the deep adapter's run the benchmark asked 40 +
 40 queries (±0.07 per figure at 1M; now ±0.05).

@@ -36,9 +36,12 @@ Measured (H200 for the gpu step, this 2-core CPU for BM25; 100 needles + 100 clo
 haystacks are those of the earlier 1M/10M-only prepare (digest 1e5b9ebb: the composition is nested)),
 routing recall@1/5/16 at 1M / 10M / 100M tokens (4,164 / 41,532 / 414,846 passages):
 
-* the shipped adapter (layers 1, 2, 5, 14, 17; benchmarks/results/bench_quality_scale_h200.json,
-  ``--sizes 10485760``: the device time left did not cover 100M) needles 0.58/0.83/0.90,
-  0.47/0.72/0.78 and cloze 0.20/0.49/0.70, 0.14/0.40/0.59;
+* the shipped adapter (layers 1, 2, 5, 8, 11, 14, 17; benchmarks/results/bench_quality_scale_h200.json)
+  needles 0.52/0.85/0.93, 0.47/0.69/0.84, 0.35/0.61/0.68 and cloze 0.21/0.50/0.71, 0.16/0.41/0.60,
+  0.08/0.26/0.38;
+* the default before it (``merge5``, layers 1, 2, 5, 14, 17; the run before, same day;
+  benchmarks/results/router_17421c10/bench_quality_scale_h200_q200.json) needles 0.58/0.83/0.90,
+  0.47/0.72/0.78, 0.37/0.57/0.65 and cloze 0.20/0.49/0.70, 0.14/0.40/0.59, 0.11/0.22/0.32;
 * its deep part alone (2, 14, 17; benchmarks/results/router_bacc1f25/bench_quality_scale_h200_q200.json)
   needles 0.50/0.73/0.83, 0.43/0.57/0.68, 0.36/0.46/0.51 and cloze 0.18/0.43/0.65, 0.14/0.38/0.51,
   0.07/0.20/0.30;

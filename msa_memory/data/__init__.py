@@ -1,17 +1,21 @@
 """Files shipped with the package: the router adapters trained for Gemma 3 270M.
 
-``gemma3-270m-router/`` (the default; layers 1, 2, 5, 14, 17) holds ``router_adapter.json`` +
+``gemma3-270m-router/`` (the default; layers 1, 2, 5, 8, 11, 14, 17) holds ``router_adapter.json`` +
 ``router_adapter.safetensors`` (a ``msa_memory.encode.RouterAdapter``) and ``RECIPE.md`` (the exact
-commands and data that reproduce it). It is the merge (``RouterAdapter.merge``) of two trained
+commands and data that reproduce it). It is the merge (``RouterAdapter.merge``) of three trained
 adapters, each also shipped as a *subset folder* of it (``router_subset.json``: which layers, their
 router id, the training run's provenance; beside it that run's ``training.json``):
 
-* ``gemma3-270m-router-deep/`` (layers 2, 14, 17): the default of the session before, trained on the
-  H200 over 69k passages;
-* ``gemma3-270m-router-shallow/`` (layers 1, 5): the default before that, trained on this CPU over 25k
-  passages; an encoder that stops after layer 5 instead of 17 encodes ~3× faster on a CPU.
+* ``gemma3-270m-router-deep/`` (layers 2, 14, 17): trained on the H200 over 69k passages;
+* ``gemma3-270m-router-shallow/`` (layers 1, 5): trained on this CPU over 25k passages; an encoder
+  that stops after layer 5 instead of 17 encodes ~3× faster on a CPU;
+* ``gemma3-270m-router-mid/`` (layers 8, 11): the same 69k passages, trained on the H200 among
+  candidates 5, 8, 11, 14, 17 (a trial run whose greedy selection kept layer 14 alone).
 
-``load_model("default")`` uses the default when no adapter is given; all three are reachable by
+``gemma3-270m-router-merge5/`` (layers 1, 2, 5, 14, 17: shallow + deep) is the default of the session
+before, kept as a subset folder so the stores it built keep their router.
+
+``load_model("default")`` uses the default when no adapter is given; all of them are reachable by
 name wherever an adapter folder is taken (``RouterAdapter.load``, ``load_model(adapter=...)``,
 ``msa-encode --adapter shallow``): see :func:`shipped_adapter`. A store built with any of them keeps
 it (:func:`shipped_adapter_for_router`).
@@ -22,21 +26,27 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["DEFAULT_ROUTER_ADAPTER", "DEEP_ROUTER_ADAPTER", "SHALLOW_ROUTER_ADAPTER", "SHIPPED_ADAPTERS",
+__all__ = ["DEFAULT_ROUTER_ADAPTER", "DEEP_ROUTER_ADAPTER", "SHALLOW_ROUTER_ADAPTER", "MID_ROUTER_ADAPTER",
+           "MERGE5_ROUTER_ADAPTER", "SHIPPED_ADAPTERS",
            "default_router_adapter", "shipped_adapter", "shipped_adapter_for_router"]
 
 #: Folder of the trained router adapter of the default model (Gemma 3 270M, GGUF q4_k_m).
 DEFAULT_ROUTER_ADAPTER = Path(__file__).resolve().parent / "gemma3-270m-router"
-#: Router layers 2, 14, 17 of the default (its deep part; the default of the session before).
+#: Router layers 2, 14, 17 of the default (its deep part).
 DEEP_ROUTER_ADAPTER = Path(__file__).resolve().parent / "gemma3-270m-router-deep"
-#: Router layers 1, 5 of the default (the default before that): faster to encode, worse to route.
+#: Router layers 1, 5 of the default (its shallow part): faster to encode, worse to route.
 SHALLOW_ROUTER_ADAPTER = Path(__file__).resolve().parent / "gemma3-270m-router-shallow"
+#: Router layers 8, 11 of the default (its middle part).
+MID_ROUTER_ADAPTER = Path(__file__).resolve().parent / "gemma3-270m-router-mid"
+#: Router layers 1, 2, 5, 14, 17 of the default (shallow + deep: the default of the session before).
+MERGE5_ROUTER_ADAPTER = Path(__file__).resolve().parent / "gemma3-270m-router-merge5"
 #: Names an adapter argument may take instead of a folder (a folder of that name, if one exists, wins).
-SHIPPED_ADAPTERS = {"default": DEFAULT_ROUTER_ADAPTER, "deep": DEEP_ROUTER_ADAPTER, "shallow": SHALLOW_ROUTER_ADAPTER}
+SHIPPED_ADAPTERS = {"default": DEFAULT_ROUTER_ADAPTER, "deep": DEEP_ROUTER_ADAPTER, "shallow": SHALLOW_ROUTER_ADAPTER,
+                    "mid": MID_ROUTER_ADAPTER, "merge5": MERGE5_ROUTER_ADAPTER}
 
 
 def shipped_adapter(name: str) -> Path | None:
-    """The folder of the shipped adapter called ``name`` ("default", "deep" or "shallow"), else None."""
+    """The folder of the shipped adapter called ``name`` (a key of :data:`SHIPPED_ADAPTERS`), else None."""
     from msa_memory.encode.router import is_adapter_folder
 
     d = SHIPPED_ADAPTERS.get(str(name))

