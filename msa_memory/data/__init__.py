@@ -64,13 +64,13 @@ def default_router_adapter() -> Path | None:
 def _shipped_router_ids() -> dict[str, Path]:
     import json
 
-    from msa_memory.encode.router import ADAPTER_JSON, ADAPTER_SUBSET, RouterAdapter
+    from msa_memory.encode.router import ADAPTER_SUBSET, RouterAdapter, is_subset_folder
 
     out = {}
     for d in (shipped_adapter(n) for n in SHIPPED_ADAPTERS):
         if d is None:
             continue
-        if (d / ADAPTER_SUBSET).is_file() and not (d / ADAPTER_JSON).is_file():
+        if is_subset_folder(d):
             # a subset folder names its router id; RouterAdapter.load checks it when the folder is used,
             # so the merged weights it is cut from are not read once more per subset here
             out[str(json.loads((d / ADAPTER_SUBSET).read_text())["router_id"])] = d

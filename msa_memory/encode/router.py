@@ -39,7 +39,7 @@ from torch import nn
 from msa_memory.errors import ConfigError, ModelLoadError
 
 __all__ = ["RouterConfig", "RouterAdapter", "UntrainedRouterWarning", "ADAPTER_JSON", "ADAPTER_WEIGHTS",
-           "ADAPTER_SUBSET", "is_adapter_folder"]
+           "ADAPTER_SUBSET", "is_adapter_folder", "is_subset_folder"]
 
 ADAPTER_JSON = "router_adapter.json"
 ADAPTER_WEIGHTS = "router_adapter.safetensors"
@@ -50,6 +50,12 @@ def is_adapter_folder(d: str | Path) -> bool:
     """True when ``d`` holds a saved adapter (json + safetensors) or a subset file."""
     d = Path(d)
     return ((d / ADAPTER_JSON).is_file() and (d / ADAPTER_WEIGHTS).is_file()) or (d / ADAPTER_SUBSET).is_file()
+
+
+def is_subset_folder(d: str | Path) -> bool:
+    """True when ``d`` is a subset folder: a subset file and no adapter of its own (which would win)."""
+    d = Path(d)
+    return (d / ADAPTER_SUBSET).is_file() and not (d / ADAPTER_JSON).is_file()
 
 
 ScoreMode = Literal["cosine", "dot"]
@@ -226,10 +232,13 @@ class RouterAdapter(nn.Module):
         parts = list(adapters)
         if len(parts) < 2:
             raise ConfigError(f"merge needs at least two adapters, got {len(parts)}.")
-        base = {k: v for k, v in parts[0].config.to_dict().items() if k not in ("router_layers", "extra", "source")}
+        def shared(a: RouterAdapter) -> dict[str, Any]:   # what merged parts must agree on
+            return {k: v for k, v in a.config.to_dict().items() if k not in ("router_layers", "extra", "source")}
+
+        base = shared(parts[0])
         seen: dict[int, int] = {}
         for i, a in enumerate(parts):
-            cfg = {k: v for k, v in a.config.to_dict().items() if k not in ("router_layers", "extra", "source")}
+            cfg = shared(a)
             if cfg != base:
                 diff = sorted(k for k in base if cfg.get(k) != base[k])
                 raise ConfigError(f"Adapter {i} differs from adapter 0 in {diff}; only adapters that agree on "
@@ -283,7 +292,7 @@ class RouterAdapter(nn.Module):
         d = Path(directory)
         if not d.exists():
             d = shipped_adapter(str(directory)) or d
-        if (d / ADAPTER_SUBSET).is_file() and not (d / ADAPTER_JSON).is_file():
+        if is_subset_folder(d):
             return cls._load_subset(d)
         if not (d / ADAPTER_JSON).is_file() or not (d / ADAPTER_WEIGHTS).is_file():
             raise ModelLoadError(
@@ -309,7 +318,7 @@ class RouterAdapter(nn.Module):
         except (ValueError, TypeError, KeyError) as e:
             raise ModelLoadError(f"Router subset file {str(f)!r} is invalid ({e!r}): it needs 'of', 'router_layers' "
                                  "and 'router_id'.") from e
-        if (of / ADAPTER_SUBSET).is_file() and not (of / ADAPTER_JSON).is_file():
+        if is_subset_folder(of):
             raise ModelLoadError(f"{str(f)!r} names {str(of)!r}, itself a subset; name the full adapter folder.")
         try:
             adapter = cls.load(of).subset(layers)
