@@ -24,7 +24,10 @@ Three steps (``--step``):
    ``Encoder.encode_tokens``; router keys of the adapter), routes the queries exactly as
    ``bench_quality.routing_scores`` does (layer-summed cosine, head-mean / query-max / chunk-max)
    and writes recall@1/5/16 per size and query kind into ``$OUT/scale_gpu.json``. ``--sizes`` may
-   stop short of the prepared sizes (same haystack, the largest left out). 100M tokens through
+   stop short of the prepared sizes (same haystack, the largest left out). ``--also-adapter A``
+   (repeatable) also reports A, an adapter made of some of ``--adapter``'s layers with the same
+   weights (the shipped default beside a merge that extends it), from the same encode: scores are
+   kept per layer and summed over each adapter's layers. 100M tokens through
    block 17 takes ~5 min of a device call (compose, encode, scoring).
 3. ``bm25`` (here, CPU): rebuilds the same haystack texts, runs BM25 (bm25s) on each size, merges
    the GPU file and prints the table and one JSON line; writes ``--out/quality_scale.json``.
@@ -233,6 +236,15 @@ def _gpu(args) -> None:
     dev = torch.device(args.device)
     model, _ = device_pack.load_pack(carry / "pack", args.device)
     adapter = RouterAdapter.load(args.adapter).to(dev)
+    layers = list(adapter.config.router_layers)
+    also = {}   # --also-adapter: adapters made of some of the adapter's layers, same weights, same scoring
+    for name in args.also_adapter or []:
+        other = RouterAdapter.load(name)
+        sub = list(other.config.router_layers)
+        if not set(sub) <= set(layers) or adapter.subset(sub).fingerprint() != other.fingerprint():
+            raise SystemExit(f"--also-adapter {name} (layers {sub}, router id {other.fingerprint()}) is not a "
+                             f"layer subset of --adapter {args.adapter} (layers {layers})")
+        also[name] = (other.fingerprint(), sub)
     loaded = LoadedModel(name="gemma-3-270m (device pack)", hf_model=model, tokenizer=None, router=adapter,
                          wrap="plain", model_fingerprint="pack")
     enc = Encoder(loaded, max_batch_tokens=args.batch_tokens)
@@ -254,7 +266,6 @@ def _gpu(args) -> None:
     # are kept, so GPU memory does not grow with the haystack
     qsplit = split(d["qt"], d["qt_off"])
     qx, qoff = extract_query_tokens(loaded, [(q.tolist(), int(s)) for q, s in zip(qsplit, d["q_skip"])])
-    layers = list(adapter.config.router_layers)
     cfg = adapter.config
     Q = len(qsplit)
     ln = [int(qoff[i + 1] - qoff[i]) for i in range(Q)]
@@ -266,7 +277,7 @@ def _gpu(args) -> None:
             q[i, :ln[i]] = qx[qoff[i]:qoff[i + 1], li].to(dev).float()
             qmask[i, :ln[i]] = True
         rqs.append(adapter.router_q(l, q))                       # (Q, T, Hq, D)
-    total = torch.zeros(Q, n_docs, device=dev)
+    total = torch.zeros(len(layers), Q, n_docs, device=dev)     # per layer: subsets are summed at the end
     chunk_counts: list[int] = []
     mem_trace = []
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -283,7 +294,7 @@ def _gpu(args) -> None:
                                          pb.k_router[li].to(torch.bfloat16).float(), score=cfg.score,
                                          head_reduce=cfg.head_reduce, query_reduce=cfg.query_reduce)
                             for s0 in range(0, Q, args.q_block)])              # (Q, C_b)
-            total[:, group[0]:group[-1] + 1] += doc_scores(cs, cd, len(group), chunk_reduce=cfg.chunk_reduce)
+            total[li, :, group[0]:group[-1] + 1] = doc_scores(cs, cd, len(group), chunk_reduce=cfg.chunk_reduce)
         chunk_counts += [int(c) for c in pb.n_chunks]
         del pb, cs, cd
         t_route += time.perf_counter() - t1
@@ -298,22 +309,29 @@ def _gpu(args) -> None:
     t_encode = time.perf_counter() - t0 - t_route
     kinds = [str(x) for x in d["kinds"]]
     pos = d["positives"].tolist()
-    res = {}
-    for S, n in sorted(counts.items()):
-        sc = total[:, : n_q + n]
-        top = sc.topk(16, dim=1).indices.cpu()
-        row = {}
-        for kind in ("fact", "ict"):
-            idx = [i for i in range(Q) if kinds[i] == kind]
-            row[kind] = {kk: float(np.mean([pos[i] in top[i, :kk].tolist() for i in idx])) for kk in (1, 5, 16)}
-        res[str(S)] = {"routing": row, "docs": n_q + n, "tokens": int(lens[: n_q + n].sum()),
-                       "chunks": int(sum(chunk_counts[: n_q + n]))}
+
+    def recalls(sub: list[int]) -> dict:
+        summed = total[[layers.index(l) for l in sub]].sum(0)
+        res = {}
+        for S, n in sorted(counts.items()):
+            top = summed[:, : n_q + n].topk(16, dim=1).indices.cpu()
+            row = {}
+            for kind in ("fact", "ict"):
+                idx = [i for i in range(Q) if kinds[i] == kind]
+                row[kind] = {kk: float(np.mean([pos[i] in top[i, :kk].tolist() for i in idx])) for kk in (1, 5, 16)}
+            res[str(S)] = {"routing": row, "docs": n_q + n, "tokens": int(lens[: n_q + n].sum()),
+                           "chunks": int(sum(chunk_counts[: n_q + n]))}
+        return res
+
+    res = recalls(layers)
     out = {"step": "gpu", "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
            "digest": digest, "router_layers": layers, "router_id": adapter.fingerprint(),
            "encode_tokens": int(lens[:n_docs].sum()), "encode_seconds": round(t_encode, 1),
            "encode_tok_per_s": round(float(lens[:n_docs].sum()) / t_encode),
            "score_seconds_all_queries_all_layers": round(t_route, 2), "compose_seconds": round(t_compose, 1),
-           "memory_trace_batch_tokens_GiB_before_after_gc": mem_trace, "results": res}
+           "memory_trace_batch_tokens_GiB_before_after_gc": mem_trace, "results": res,
+           "also": {name: {"router_id": rid, "router_layers": sub, "results": recalls(sub)}
+                    for name, (rid, sub) in also.items()}}
     Path(os.environ.get("OUT", ".")).mkdir(parents=True, exist_ok=True)
     (Path(os.environ.get("OUT", ".")) / "scale_gpu.json").write_text(json.dumps(out, indent=1))
     print(json.dumps(out))
@@ -369,7 +387,13 @@ def bm25(args) -> None:
         label = f"{S / (1 << 20):g}M" if S >= 1 << 20 else f"{S >> 10}K"
         print(f"{label:>8} {res[str(S)]['docs']:>8}  {f(g and g['fact']):>24} {f(g and g['ict']):>16}  "
               f"{f(b['fact']):>16} {f(b['ict']):>16}")
-        table.append({"tokens": S, "docs": res[str(S)]["docs"], "routing": g, "bm25": b})
+        for name, o in (gpu_res or {}).get("also", {}).items():
+            ga = o["results"].get(str(S), {}).get("routing")
+            print(f"{'':>8} {'':>8}  {f(ga and ga['fact']):>24} {f(ga and ga['ict']):>16}  ({name}, layers "
+                  f"{o['router_layers']})")
+        table.append({"tokens": S, "docs": res[str(S)]["docs"], "routing": g, "bm25": b,
+                      "also": {name: o["results"].get(str(S), {}).get("routing")
+                               for name, o in (gpu_res or {}).get("also", {}).items()}})
     summary = {"bench": "quality_scale", "digest": digest, "sizes": list(meta["sizes"]), "gpu": gpu_res,
                "bm25": res, "table": table}
     out = Path(args.out)
@@ -382,6 +406,9 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--step", choices=("prepare", "gpu", "bm25"), required=True)
     ap.add_argument("--adapter", default=str(ROOT / "msa_memory" / "data" / "gemma3-270m-router"))
+    ap.add_argument("--also-adapter", action="append", default=None,
+                    help="gpu step: also report this adapter, made of some of --adapter's layers with the same "
+                         "weights (e.g. the shipped default beside a merge that extends it), from the same encode")
     ap.add_argument("--carry", default=str(ROOT / ".devcarry" / "scale"))
     ap.add_argument("--sizes", default=",".join(str(s) for s in SIZES))
     ap.add_argument("--needles", type=int, default=100)

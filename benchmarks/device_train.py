@@ -21,6 +21,11 @@ blocks up to the last candidate layer and the embedding rows of the tokens actua
    and runs ``recipe.run_training`` on CUDA with them (``features=``): same trainer, same layer
    selection, same saved adapter files, into ``$OUT/adapter``.
 
+3. ``eval`` (there, same carry): held-out recall of given adapters (shipped names or folders) on
+   the carry's dev queries against its dev + training passages, per layer and summed, with no
+   training; ``--greedy-base B --greedy-extra X`` adds X's layers to B's one at a time while dev
+   recall@16 (then MRR) rises. Writes ``$OUT/eval.json``.
+
 The result is what ``msa train-router ... --device cuda`` gives on a CUDA machine with the
 package installed, up to GPU arithmetic order; ``meta.json`` → ``command`` is that line.
 Benchmark tooling, not product code.
@@ -36,6 +41,10 @@ Usage::
     # here: the same data for deeper candidate layers, the pack cut into carry-sized parts
     python benchmarks/device_train.py repack --from .devcarry/train --carry .devcarry/deep \
         --layers 5,8,11,14,17 --max-layers 3 --split-mb 56
+    # there: the shipped adapter's dev recall and which trained layers would add to it (the carry's
+    # pack must hold every layer named: repack with --layers 1,2,5,8,11,12,13,14,15,16,17, say)
+    python benchmarks/device_train.py eval --carry .devcarry/all --adapter default \
+        --greedy-base default --greedy-extra $OUT/adapter/candidates
 """
 
 from __future__ import annotations
@@ -306,6 +315,130 @@ def gpu(a) -> None:
                       "feature_seconds": round(t_feat, 1)}, default=str))
 
 
+def evaluate_adapters(a) -> None:
+    """``eval``: held-out recall of trained adapters on the carry's dev memory (no training).
+
+    Extracts the dev passages, the training passages (as distractors, the ``--dev-distractors``
+    memory) and the dev queries for the union of the adapters' layers, then for every ``--adapter``
+    reports dev recall@1/5/16 of its layers summed (overall, per kind, per layer); with
+    ``--greedy-base B --greedy-extra X`` it also grows B's layers by X's, one layer at a time, while
+    recall@16 (then MRR) rises, the selection ``run_training`` makes, started from B. Writes
+    ``$OUT/eval.json``.
+    """
+    import dataclasses
+
+    import device_pack
+    import torch
+
+    from msa_memory.encode import RouterAdapter, RouterConfig
+    from msa_memory.encode.model import LoadedModel
+    from msa_memory.train.features import extract_passage_tokens, extract_query_tokens
+    from msa_memory.train.trainer import Features, RouterProjections, TrainConfig, evaluate, select_layers
+
+    t0 = time.perf_counter()
+    carry = Path(a.carry)
+    meta = json.loads((carry / "meta.json").read_text())
+    names = list(a.adapter or [])
+    if a.greedy_base or a.greedy_extra:
+        if not (a.greedy_base and a.greedy_extra):
+            raise SystemExit("eval: --greedy-base and --greedy-extra go together")
+        names += [x for x in (a.greedy_base, a.greedy_extra) if x not in names]
+    if not names:
+        raise SystemExit("eval: give at least one --adapter (a shipped name or a folder)")
+    adapters = {n: RouterAdapter.load(n) for n in names}
+    union = tuple(sorted({l for ad in adapters.values() for l in ad.config.router_layers}))
+    if not set(union) <= set(meta["layers"]):
+        raise SystemExit(f"eval: adapters use layers {list(union)}; the carry's pack holds {meta['layers']} "
+                         "(repack it with those layers)")
+    dev = torch.device(a.device)
+    model, _ = device_pack.load_pack(carry / "pack", a.device)
+    rc = dataclasses.replace(RouterConfig.from_dict(meta["router_config"]), router_layers=union)
+    loaded = LoadedModel(name=meta["model_name"] + " (device pack)", hf_model=model, tokenizer=None,
+                         router=RouterAdapter.from_model_qk(model, rc, warn=False).to(dev), wrap="plain",
+                         model_fingerprint=meta["model_fingerprint"])
+    d = np.load(carry / "data.npz")
+    xs = {}
+    for name in ("dev", "train"):
+        seqs = [s.astype(np.int64).tolist() for s in _split(d[f"{name}_p"], d[f"{name}_p_off"])]
+        xs[name] = (*extract_passage_tokens(loaded, seqs, max_batch_tokens=a.batch_tokens,
+                                            progress=_progress(f"{name} passages", t0)), len(seqs))
+    qt = [(q.astype(np.int64).tolist(), int(s)) for q, s in zip(_split(d["dev_q"], d["dev_q_off"]), d["dev_q_skip"])]
+    qx, qoff = extract_query_tokens(loaded, qt, max_batch_tokens=a.batch_tokens)
+    pos = [tuple(int(v) for v in p) for p in _split(d["dev_pos"], d["dev_pos_off"])]
+    kinds = [_KINDS[k] for k in d["dev_kind"]]
+    x_t, cd_t, n_t = xs["train"]
+    none = torch.zeros(0, len(union), qx.shape[-1], dtype=qx.dtype)
+    train_p = Features(union, x_t, cd_t, n_t, none, torch.zeros(1, dtype=torch.int64), [])
+    dev_f = Features(union, *xs["dev"], qx, qoff, pos, kinds).with_distractors(train_p)
+    t_feat = time.perf_counter() - t0
+    print(f"features: {dev_f.n_queries} dev queries against {dev_f.n_docs} passages, layers {list(union)} "
+          f"({t_feat:.0f}s)", flush=True)
+
+    def projections(ad):
+        c = ad.config
+        return RouterProjections(c.router_layers, [ad.q_proj[str(l)].weight for l in c.router_layers],
+                                 [ad.k_proj[str(l)].weight for l in c.router_layers], c.n_q_heads, c.n_kv_heads,
+                                 c.head_dim).to(dev)
+
+    def scoring(ad):
+        c = ad.config
+        return TrainConfig(device=a.device, score=c.score, head_reduce=c.head_reduce, query_reduce=c.query_reduce,
+                           chunk_reduce=c.chunk_reduce)
+
+    def fmt(r):
+        return {str(k): round(float(v), 4) for k, v in r.items()}
+
+    res: dict = {"carry": str(carry), "data_digest": _digest(carry), "dev_queries": dev_f.n_queries,
+                 "dev_memory_passages": dev_f.n_docs, "layers_extracted": list(union),
+                 "feature_seconds": round(t_feat, 1), "adapters": {}}
+    with torch.no_grad():
+        for n, ad in adapters.items():
+            ev = evaluate(projections(ad), dev_f, scoring(ad))
+            res["adapters"][n] = {"router_id": ad.fingerprint(), "layers": list(ad.config.router_layers),
+                                  "recall": fmt(ev["recall"]),
+                                  "by_kind": {k[7:]: fmt(v) for k, v in ev.items() if k.startswith("recall_")},
+                                  "per_layer": {str(l): fmt(r) for l, r in ev["per_layer"].items()}}
+            print(n, json.dumps(res["adapters"][n]), flush=True)
+        if a.greedy_base:
+            base, extra = adapters[a.greedy_base], adapters[a.greedy_extra]
+            both = RouterAdapter.merge([base, extra])
+            if scoring(base) != scoring(extra):
+                raise SystemExit("eval: --greedy-base and --greedy-extra score differently; they cannot be summed")
+            ev = evaluate(projections(both), dev_f, scoring(base))
+            layers = tuple(both.config.router_layers)
+            keep = [layers.index(l) for l in base.config.router_layers]
+            rest = [i for i in range(len(layers)) if i not in keep]
+            chosen, best, trace = list(keep), _quality(ev, keep), []
+            while rest:   # what select_layers does, started from the base's layers
+                q, i = max((_quality(ev, chosen + [i]), i) for i in rest)
+                if q <= best:
+                    break
+                chosen.append(i)
+                rest.remove(i)
+                best = q
+                trace.append({"added": layers[i], "layers": sorted(layers[c] for c in chosen),
+                              "recall@16": round(q[0], 4), "mrr": round(q[1], 4)})
+                print("greedy", json.dumps(trace[-1]), flush=True)
+            from msa_memory.train.scores import recall_at_k
+
+            base_r = recall_at_k(ev["layer_scores"][keep].sum(0), ev["positive"], (1, 5, 16))
+            res["greedy"] = {"base": a.greedy_base, "extra": a.greedy_extra, "base_recall": fmt(base_r),
+                             "all_recall": fmt(ev["recall"]), "trace": trace}
+    res["seconds"] = round(time.perf_counter() - t0, 1)
+    out = Path(os.environ.get("OUT", "."))
+    (out / "eval.json").write_text(json.dumps(res, indent=1))
+    print(json.dumps({k: v for k, v in res.items() if k != "adapters"}))
+
+
+def _quality(ev: dict, ids: list[int]) -> tuple[float, float]:
+    """(recall@16, MRR) of the summed layer scores ``ids`` of an ``evaluate`` result (select_layers' measure)."""
+    from msa_memory.train.scores import recall_at_k
+
+    s, positive = ev["layer_scores"][ids].sum(0), ev["positive"]
+    rank = (s > s.masked_fill(~positive, -1e9).amax(1, keepdim=True)).sum(1).float() + 1
+    return float(recall_at_k(s, positive, (16,))[16]), float((1.0 / rank).mean())
+
+
 def _progress(what: str, t0: float, parts: int = 8):
     """A ``progress(done, total)`` callback that prints about ``parts`` times."""
     nxt = [0]
@@ -334,7 +467,7 @@ _OVERRIDES = ("layers", "epochs", "hard_negatives", "mine_every", "query_reduce"
 
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("step", choices=("prepare", "repack", "gpu"))
+    ap.add_argument("step", choices=("prepare", "repack", "gpu", "eval"))
     ap.add_argument("--carry", default=str(ROOT / ".devcarry" / "train"))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--batch-tokens", type=int, default=65536)
@@ -345,6 +478,10 @@ def _parser() -> argparse.ArgumentParser:
                          "same machine (e.g. /tmp/feats)")
     ap.add_argument("--extract-only", action="store_true",
                     help="gpu: stop once the features are in --feature-cache (a later call trains from them)")
+    ap.add_argument("--adapter", action="append", default=None,
+                    help="eval: an adapter to measure (shipped name or folder); repeatable")
+    ap.add_argument("--greedy-base", default=None, help="eval: grow this adapter's layers ...")
+    ap.add_argument("--greedy-extra", default=None, help="eval: ... by this adapter's, greedily on dev recall@16")
     ap.add_argument("--from", dest="source", default=None, help="repack: the prepared carry to start from")
     ap.add_argument("--split-mb", type=int, default=0, help="repack: cut the pack into parts of this many MiB")
     # the msa train-router options (prepare)
@@ -379,7 +516,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> None:
     a = _parser().parse_args(argv)
-    {"prepare": prepare, "repack": repack, "gpu": gpu}[a.step](a)
+    {"prepare": prepare, "repack": repack, "gpu": gpu, "eval": evaluate_adapters}[a.step](a)
 
 
 if __name__ == "__main__":
