@@ -36,7 +36,11 @@ Regimes and ceilings (every baseline is measured in the same run, on the same de
    forward with its KV cache decoding the same count from the question alone (each token brought to
    the host before the next step in all). H200, 2026-12-01 (benchmarks/results/bench_runtime_h200.json):
    pooled TTFT 30.6 ms vs plain prefill of 8,225 tokens 57.3 ms; decoding 6.14 ms/token (marginal
-   3.39) vs dynamic 30.5 and HF 17.9 ms/token.
+   3.39) vs dynamic 30.5 and HF 17.9 ms/token. On a CPU where the engine runs one-row linears through
+   the AVX512-BF16 kernel (``cpu_gemv``) it also times the same engine's decoding with torch's own
+   (``dynamic_decode_no_gemv_ms_per_token``): 2-core AVX512-BF16 VM, 2026-12-02
+   (benchmarks/results/bench_runtime_cpu.json), 46.9 vs 79.3 ms/token (HF 68.5); pooled TTFT 123 ms vs
+   plain prefill 50.3 s.
 
 ``--gpu-check`` (CUDA only) also runs the GPU-vs-CPU equality check: a tiny random MSA checkpoint
 in fp32, pooled prefill logits and chosen documents per layer and greedy tokens on CPU vs GPU, and
@@ -415,6 +419,14 @@ def bench_ttft(dev: torch.device, which: str, k: int, doc_tokens: int, n_docs: i
     t_decode = (t_dec - t_pooled) / (n_new - 1)                 # per token, the graph's capture included
     t_marginal = (timeit(lambda: decode(2 * n_new), dev, rounds=3, warmup=1) - t_dec) / n_new
     t_dynamic = (timeit(lambda: decode(path="dynamic"), dev, rounds=3, warmup=1) - t_pooled) / (n_new - 1)
+    gemv = {}
+    if eng.gemv is not None:   # baseline: the same engine's decoding with torch's own one-row linears
+        fast = eng.gemv
+        eng.gemv = None
+        t_no = (timeit(lambda: decode(path="dynamic"), dev, rounds=3, warmup=1) - timeit(pooled, dev, rounds=3, warmup=1))
+        eng.gemv = fast
+        gemv = {"cpu_gemv": True, "dynamic_decode_no_gemv_ms_per_token": t_no / (n_new - 1) * 1e3,
+                "gemv_weight_copy_MB": fast.nbytes() / 1e6}
     with torch.inference_mode():
         t_hf = (timeit(hf_decode, dev, rounds=3, warmup=1) - timeit(hf_prefill_only, dev, rounds=3, warmup=1)) / (n_new - 1)
     st = eng.new_state(q_len + 2, prefix, top_k=k)
@@ -424,7 +436,7 @@ def bench_ttft(dev: torch.device, which: str, k: int, doc_tokens: int, n_docs: i
             "pooled_routing_ms": st.timings["routing_s"] * 1e3, "pooled_fetch_ms": st.timings["fetch_s"] * 1e3,
             "plain_tokens": 1 + k * doc_tokens + q_len, "decode_ms_per_token": t_decode * 1e3,
             "decode_marginal_ms_per_token": t_marginal * 1e3, "decode_path": "graph" if dev.type == "cuda" else "dynamic",
-            "dynamic_decode_ms_per_token": t_dynamic * 1e3, "hf_cache_decode_ms_per_token": t_hf * 1e3}
+            "dynamic_decode_ms_per_token": t_dynamic * 1e3, "hf_cache_decode_ms_per_token": t_hf * 1e3, **gemv}
 
 
 def gpu_check(other: str = "cuda") -> dict:
@@ -661,6 +673,10 @@ def main() -> None:
               f" (marginal, tokens 33-64: {r['decode_marginal_ms_per_token']:.2f}); dynamic path "
               f"{r['dynamic_decode_ms_per_token']:.2f}; HF's own forward with its KV cache, no memory: "
               f"{r['hf_cache_decode_ms_per_token']:.2f} ms/token")
+        if "dynamic_decode_no_gemv_ms_per_token" in r:
+            print(f"  CPU one-row linears through the AVX512-BF16 kernel (cpu_gemv): {r['dynamic_decode_ms_per_token']:.2f} "
+                  f"ms/token vs {r['dynamic_decode_no_gemv_ms_per_token']:.2f} with torch's own "
+                  f"({r['gemv_weight_copy_MB']:.0f} MB of blocked weight copies)")
     if "gpu_check" in results:
         print("\n# GPU vs CPU equality:", json.dumps(results["gpu_check"]))
     try:

@@ -26,9 +26,12 @@ replay instead of ~300 kernel launches from Python. The same step runs eagerly o
 (``path="static"``; the tests compare it with the dynamic path on CPU); buffers are zeroed beyond the
 written part so masked slots hold finite values.
 
-What it does not do: tokenize, choose modes, or know about stores (``memory.py`` does). The hooks
-and the attention switch exist only inside :meth:`MsaEngine.session`, so the shared HF model
-behaves normally elsewhere. Gemma-style sliding windows are honoured on prefix and local keys;
+On a CPU with AVX512-BF16 and a bf16 model, one-row linears (every projection and the LM head of a
+decode step) run the routing kernel as a GEMV inside sessions (``runtime.cpu_linear``; ``cpu_gemv``).
+
+What it does not do: tokenize, choose modes, or know about stores (``memory.py`` does). The hooks,
+the attention switch and the GEMV overrides exist only inside :meth:`MsaEngine.session`, so the
+shared HF model behaves normally elsewhere. Gemma-style sliding windows are honoured on prefix and local keys;
 memory keys carry no position and are always visible (as in MSA).
 """
 
@@ -263,7 +266,8 @@ class MsaEngine:
     """
 
     def __init__(self, hf_model: Any, router_layers: Sequence[int], router_q: Callable[[int, torch.Tensor], torch.Tensor],
-                 index: RouterIndex | None = None, content: ContentMemory | None = None) -> None:
+                 index: RouterIndex | None = None, content: ContentMemory | None = None, *,
+                 cpu_gemv: bool | str = "auto") -> None:
         _register()
         self.model = hf_model
         self.backbone = hf_model.model
@@ -280,6 +284,16 @@ class MsaEngine:
         self.n_q_heads = int(cfg.num_attention_heads)
         self.device = next(hf_model.parameters()).device
         self._mask_dict = {"full_attention": None, "sliding_attention": None, "chunked_attention": None}
+        if cpu_gemv not in (True, False, "auto"):
+            raise ConfigError(f"cpu_gemv={cpu_gemv!r} is not True, False or 'auto'.")
+        # one-row (decode) linears through the AVX512-BF16 kernel inside sessions (runtime.cpu_linear)
+        from msa_memory.runtime.cpu_linear import CpuGemv
+
+        use = self.device.type == "cpu" and cpu_gemv is not False and CpuGemv.available(hf_model)
+        if cpu_gemv is True and not use:
+            raise ConfigError("cpu_gemv=True needs the model on the CPU in bf16 and a CPU with AVX512-BF16 "
+                              "(and MSA_CPU_KERNEL not 0); use cpu_gemv='auto'.")
+        self.gemv = CpuGemv(hf_model) if use else None
 
     # ------------------------------------------------------------------ session
     @contextmanager
@@ -294,7 +308,11 @@ class MsaEngine:
             hooks.append(norm.register_forward_hook(self._make_hook(pos, li)))
         cfg._attn_implementation = ATTN_NAME
         try:
-            yield state
+            if self.gemv is None:
+                yield state
+            else:
+                with self.gemv.active():
+                    yield state
         finally:
             cfg._attn_implementation = old
             for h in hooks:
