@@ -39,8 +39,8 @@ Regimes and ceilings (every baseline is measured in the same run, on the same de
    3.39) vs dynamic 30.5 and HF 17.9 ms/token. On a CPU where the engine runs one-row linears through
    the AVX512-BF16 kernel (``cpu_gemv``) it also times the same engine's decoding with torch's own
    (``dynamic_decode_no_gemv_ms_per_token``): 2-core AVX512-BF16 VM, 2026-12-02
-   (benchmarks/results/bench_runtime_cpu.json), 46.9 vs 79.3 ms/token (HF 68.5); pooled TTFT 123 ms vs
-   plain prefill 50.3 s.
+   (benchmarks/results/bench_runtime_cpu.json), 34.5 vs 67.1 ms/token (HF 80.4); pooled TTFT 89.2 ms vs
+   plain prefill 51.6 s.
 
 ``--gpu-check`` (CUDA only) also runs the GPU-vs-CPU equality check: a tiny random MSA checkpoint
 in fp32, pooled prefill logits and chosen documents per layer and greedy tokens on CPU vs GPU, and
@@ -425,8 +425,7 @@ def bench_ttft(dev: torch.device, which: str, k: int, doc_tokens: int, n_docs: i
         eng.gemv = None
         t_no = (timeit(lambda: decode(path="dynamic"), dev, rounds=3, warmup=1) - timeit(pooled, dev, rounds=3, warmup=1))
         eng.gemv = fast
-        gemv = {"cpu_gemv": True, "dynamic_decode_no_gemv_ms_per_token": t_no / (n_new - 1) * 1e3,
-                "gemv_weight_copy_MB": fast.nbytes() / 1e6}
+        gemv = {"cpu_gemv": True, "dynamic_decode_no_gemv_ms_per_token": t_no / (n_new - 1) * 1e3}
     with torch.inference_mode():
         t_hf = (timeit(hf_decode, dev, rounds=3, warmup=1) - timeit(hf_prefill_only, dev, rounds=3, warmup=1)) / (n_new - 1)
     st = eng.new_state(q_len + 2, prefix, top_k=k)
@@ -675,8 +674,7 @@ def main() -> None:
               f"{r['hf_cache_decode_ms_per_token']:.2f} ms/token")
         if "dynamic_decode_no_gemv_ms_per_token" in r:
             print(f"  CPU one-row linears through the AVX512-BF16 kernel (cpu_gemv): {r['dynamic_decode_ms_per_token']:.2f} "
-                  f"ms/token vs {r['dynamic_decode_no_gemv_ms_per_token']:.2f} with torch's own "
-                  f"({r['gemv_weight_copy_MB']:.0f} MB of blocked weight copies)")
+                  f"ms/token vs {r['dynamic_decode_no_gemv_ms_per_token']:.2f} with torch's own")
     if "gpu_check" in results:
         print("\n# GPU vs CPU equality:", json.dumps(results["gpu_check"]))
     try:

@@ -27,7 +27,7 @@ replay instead of ~300 kernel launches from Python. The same step runs eagerly o
 written part so masked slots hold finite values.
 
 On a CPU with AVX512-BF16 and a bf16 model, one-row linears (every projection and the LM head of a
-decode step) run the routing kernel as a GEMV inside sessions (``runtime.cpu_linear``; ``cpu_gemv``).
+decode step) run an AVX512-BF16 GEMV inside sessions (``runtime.cpu_linear``; ``cpu_gemv``).
 
 What it does not do: tokenize, choose modes, or know about stores (``memory.py`` does). The hooks,
 the attention switch and the GEMV overrides exist only inside :meth:`MsaEngine.session`, so the
@@ -293,7 +293,7 @@ class MsaEngine:
         if cpu_gemv is True and not use:
             raise ConfigError("cpu_gemv=True needs the model on the CPU in bf16 and a CPU with AVX512-BF16 "
                               "(and MSA_CPU_KERNEL not 0); use cpu_gemv='auto'.")
-        self.gemv = CpuGemv(hf_model) if use else None
+        self.gemv = CpuGemv.for_model(hf_model) if use else None
 
     # ------------------------------------------------------------------ session
     @contextmanager

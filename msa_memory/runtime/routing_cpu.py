@@ -5,7 +5,9 @@ On CPUs with AVX512-BF16, :class:`~msa_memory.runtime.routing.RouterIndex` keeps
 side, so one 64-byte line is the (chunk lane × dim pair) operand of ``_mm512_dpbf16_ps`` and each
 block is one contiguous run. :func:`score_blocked` streams the keys once with fp32 accumulation,
 fuses the head / query reduce and runs on all torch threads (``at::parallel_for``). Every other
-case (fp32 keys, no AVX512-BF16, kernel off or broken) keeps the torch path of ``routing``.
+case (fp32 keys, no AVX512-BF16, kernel off or broken) keeps the torch path of ``routing``. The same
+extension holds :func:`doc_reduce` (per-document max / mean of chunk scores) and :func:`gemv_rows`
+(one bf16 row times a row-major bf16 weight: the decode-step linears of ``runtime.cpu_linear``).
 
 The extension is compiled at first use with ``torch.utils.cpp_extension.load`` (g++ with
 ``-mavx512bf16``, ninja) into torch's extension cache (``TORCH_EXTENSIONS_DIR``, default
@@ -26,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BLOCK", "available", "cpu_supported", "disabled_by_env", "doc_reduce", "load", "pack_blocked",
+__all__ = ["BLOCK", "available", "cpu_supported", "disabled_by_env", "doc_reduce", "gemv_rows", "load", "pack_blocked",
            "score_blocked", "unpack_blocked"]
 
 log = logging.getLogger(__name__)
@@ -153,6 +155,16 @@ def score_blocked(lhs: torch.Tensor, blk: torch.Tensor, T: int, rep: int, query_
     if mod is None:
         raise RuntimeError("the AVX512-BF16 routing kernel is not available")
     mod.score_blocked(lhs, blk, int(T), int(rep), 0 if query_reduce == "max" else 1, out)
+
+
+def gemv_rows(x: torch.Tensor, w: torch.Tensor, out: torch.Tensor) -> None:
+    """``out`` (O,) float32 ← ``w`` (O, I) bf16 (rows contiguous) times one bf16 row ``x`` (I,), fp32
+    accumulation: a one-row linear straight from the row-major weight (``runtime.cpu_linear``). Raises
+    where the kernel is not available."""
+    mod = load()
+    if mod is None:
+        raise RuntimeError("the AVX512-BF16 routing kernel is not available")
+    mod.gemv_rows(x, w, out)
 
 
 def doc_reduce(cs: torch.Tensor, offsets: torch.Tensor, chunk_reduce: str, out: torch.Tensor) -> None:

@@ -1,6 +1,7 @@
 """One-row bf16 linears through the AVX512-BF16 kernel (``runtime.cpu_linear``) equal the slow paths.
 
-The GEMV is checked against an fp32 matmul of the same bf16 values (hypothesis over shapes); the
+The GEMV is checked against an fp32 matmul of the same bf16 values (hypothesis over shapes, row
+strides and tails of any length); the
 module overrides against ``F.linear`` (one row: within bf16 rounding; any other input: the very same
 call); an engine with ``cpu_gemv`` on against the same engine with it off, per family, on a tiny bf16
 model fed the same tokens (every step's logits). Needs a CPU with AVX512-BF16 (this project's CI
@@ -25,13 +26,13 @@ from msa_memory.runtime.engine import MsaEngine
 pytestmark = pytest.mark.skipif(not routing_cpu.available(), reason="needs the AVX512-BF16 kernel")
 
 
-@settings(max_examples=25, deadline=None)
-@given(n_out=st.integers(1, 300), half_in=st.integers(1, 160), seed=st.integers(0, 2**16))
-def test_gemv_equals_fp32_matmul_of_the_bf16_values(n_out, half_in, seed):
+@settings(max_examples=30, deadline=None)
+@given(n_out=st.integers(1, 300), n_in=st.integers(1, 330), pad=st.integers(0, 40), seed=st.integers(0, 2**16))
+def test_gemv_equals_fp32_matmul_of_the_bf16_values(n_out, n_in, pad, seed):
     g = torch.Generator().manual_seed(seed)
-    w = torch.randn(n_out, 2 * half_in, generator=g).to(torch.bfloat16)
-    x = torch.randn(2 * half_in, generator=g).to(torch.bfloat16)
-    y = gemv(x, routing_cpu.pack_blocked(w.view(n_out, 1, -1)), n_out)
+    w = torch.randn(n_out, n_in + pad, generator=g).to(torch.bfloat16)[:, :n_in]   # rows contiguous, strided
+    x = torch.randn(n_in, generator=g).to(torch.bfloat16)
+    y = gemv(x, w)
     ref = w.double() @ x.double()
     assert y.dtype == torch.float32 and y.shape == (n_out,)
     assert (y.double() - ref).abs().max() <= 1e-5 * (w.double().abs() @ x.double().abs()).max() + 1e-6
@@ -40,7 +41,8 @@ def test_gemv_equals_fp32_matmul_of_the_bf16_values(n_out, half_in, seed):
 def test_overrides_serve_one_row_only_and_go_away():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(64, 96, bias=False), torch.nn.Linear(96, 40, bias=True),
-                                torch.nn.Linear(7, 5)).to(torch.bfloat16)          # in 7: odd, not covered
+                                torch.nn.Linear(7, 5)).to(torch.bfloat16)
+    model[2].weight.data = torch.randn(7, 5).to(torch.bfloat16).t()                # rows not contiguous
     gv = CpuGemv(model)
     assert [m.in_features for m in gv.modules] == [64, 96]
     lin0, lin1 = model[0], model[1]
@@ -85,6 +87,18 @@ def test_engine_with_gemv_gives_the_logits_of_the_engine_without(family):
     assert (out["fast"] - out["slow"]).abs().max() <= 0.01 * scale, family        # measured: 0 to 2e-4
     assert (out["fast"].argmax(-1) == out["slow"].argmax(-1)).float().mean() >= 0.9
     assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_engines_on_one_model_share_the_copies_and_nesting_keeps_the_overrides():
+    model = tiny_model("gemma3").to(torch.bfloat16)
+    a, b = MsaEngine(model, [], lambda p, x: x), MsaEngine(model, [], lambda p, x: x)
+    assert a.gemv is b.gemv is CpuGemv.for_model(model)
+    lin = a.gemv.modules[0]
+    with a.gemv.active():
+        with b.gemv.active():
+            assert "forward" in lin.__dict__
+        assert "forward" in lin.__dict__                   # the inner exit leaves the outer's overrides
+    assert "forward" not in lin.__dict__
 
 
 def test_engine_gemv_option_is_checked():
