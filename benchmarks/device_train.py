@@ -333,7 +333,7 @@ def evaluate_adapters(a) -> None:
     from msa_memory.encode import RouterAdapter, RouterConfig
     from msa_memory.encode.model import LoadedModel
     from msa_memory.train.features import extract_passage_tokens, extract_query_tokens
-    from msa_memory.train.trainer import Features, RouterProjections, TrainConfig, evaluate, select_layers
+    from msa_memory.train.trainer import Features, RouterProjections, TrainConfig, evaluate
 
     t0 = time.perf_counter()
     carry = Path(a.carry)
