@@ -333,7 +333,7 @@ def evaluate_adapters(a) -> None:
     from msa_memory.encode import RouterAdapter, RouterConfig
     from msa_memory.encode.model import LoadedModel
     from msa_memory.train.features import extract_passage_tokens, extract_query_tokens
-    from msa_memory.train.trainer import Features, RouterProjections, TrainConfig, evaluate
+    from msa_memory.train.trainer import Features, RouterProjections, TrainConfig, evaluate, select_layers
 
     t0 = time.perf_counter()
     carry = Path(a.carry)
@@ -375,10 +375,7 @@ def evaluate_adapters(a) -> None:
           f"({t_feat:.0f}s)", flush=True)
 
     def projections(ad):
-        c = ad.config
-        return RouterProjections(c.router_layers, [ad.q_proj[str(l)].weight for l in c.router_layers],
-                                 [ad.k_proj[str(l)].weight for l in c.router_layers], c.n_q_heads, c.n_kv_heads,
-                                 c.head_dim).to(dev)
+        return RouterProjections.from_adapter(ad).to(dev)
 
     def scoring(ad):
         c = ad.config
@@ -401,23 +398,16 @@ def evaluate_adapters(a) -> None:
             print(n, json.dumps(res["adapters"][n]), flush=True)
         if a.greedy_base:
             base, extra = adapters[a.greedy_base], adapters[a.greedy_extra]
-            both = RouterAdapter.merge([base, extra])
-            if scoring(base) != scoring(extra):
-                raise SystemExit("eval: --greedy-base and --greedy-extra score differently; they cannot be summed")
+            both = RouterAdapter.merge([base, extra])     # refuses parts that score differently
             ev = evaluate(projections(both), dev_f, scoring(base))
             layers = tuple(both.config.router_layers)
             keep = [layers.index(l) for l in base.config.router_layers]
-            rest = [i for i in range(len(layers)) if i not in keep]
-            chosen, best, trace = list(keep), _quality(ev, keep), []
-            while rest:   # what select_layers does, started from the base's layers
-                q, i = max((_quality(ev, chosen + [i]), i) for i in rest)
-                if q <= best:
-                    break
-                chosen.append(i)
-                rest.remove(i)
-                best = q
-                trace.append({"added": layers[i], "layers": sorted(layers[c] for c in chosen),
-                              "recall@16": round(q[0], 4), "mrr": round(q[1], 4)})
+            _, added = select_layers(ev["layer_scores"], ev["positive"], layers, max_layers=len(layers), start=keep)
+            trace, before = [], set(base.config.router_layers)
+            for t in added:
+                trace.append({"added": next(l for l in t["layers"] if l not in before), "layers": t["layers"],
+                              "recall@16": round(t["recall@16"], 4), "mrr": round(t["mrr"], 4)})
+                before = set(t["layers"])
                 print("greedy", json.dumps(trace[-1]), flush=True)
             from msa_memory.train.scores import recall_at_k
 
@@ -428,15 +418,6 @@ def evaluate_adapters(a) -> None:
     out = Path(os.environ.get("OUT", "."))
     (out / "eval.json").write_text(json.dumps(res, indent=1))
     print(json.dumps({k: v for k, v in res.items() if k != "adapters"}))
-
-
-def _quality(ev: dict, ids: list[int]) -> tuple[float, float]:
-    """(recall@16, MRR) of the summed layer scores ``ids`` of an ``evaluate`` result (select_layers' measure)."""
-    from msa_memory.train.scores import recall_at_k
-
-    s, positive = ev["layer_scores"][ids].sum(0), ev["positive"]
-    rank = (s > s.masked_fill(~positive, -1e9).amax(1, keepdim=True)).sum(1).float() + 1
-    return float(recall_at_k(s, positive, (16,))[16]), float((1.0 / rank).mean())
 
 
 def _progress(what: str, t0: float, parts: int = 8):

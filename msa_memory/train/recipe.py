@@ -299,9 +299,7 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
     elif dev_distractors:  # held-out queries against dev + training passages: recall at the corpus's size
         dev_f = dev_f.with_distractors(train_f)
         log(f"dev: {dev_f.n_queries} queries against {dev_f.n_docs} passages (dev + training passages)")
-    proj = RouterProjections(rc.router_layers, [loaded.router.q_proj[str(l)].weight for l in rc.router_layers],
-                             [loaded.router.k_proj[str(l)].weight for l in rc.router_layers],
-                             rc.n_q_heads, rc.n_kv_heads, rc.head_dim)
+    proj = RouterProjections.from_adapter(loaded.router)
 
     def on_epoch(rec: dict[str, Any]) -> None:
         r = rec.get("recall", {})

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -151,6 +151,13 @@ class RouterProjections(torch.nn.Module):
         """(..., E) → (..., Hk, D) router keys of layer position ``li``."""
         y = x.to(self.k[li].dtype) @ self.k[li].T
         return y.unflatten(-1, (self.n_kv_heads, self.head_dim))
+
+    @classmethod
+    def from_adapter(cls, adapter: Any) -> RouterProjections:
+        """fp32 copies of a ``RouterAdapter``'s projections at its router layers."""
+        c = adapter.config
+        return cls(c.router_layers, [adapter.q_proj[str(l)].weight for l in c.router_layers],
+                   [adapter.k_proj[str(l)].weight for l in c.router_layers], c.n_q_heads, c.n_kv_heads, c.head_dim)
 
     def subset(self, layers: tuple[int, ...]) -> RouterProjections:
         pos = [self.layers.index(x) for x in layers]
@@ -307,15 +314,17 @@ def mine_routing_negatives(proj: RouterProjections, feats: Features, n: int, cfg
 
 
 def select_layers(layer_scores: torch.Tensor, positive: torch.Tensor, layers: tuple[int, ...], *,
-                  max_layers: int = 9, k: int = 16) -> tuple[tuple[int, ...], list[dict[str, Any]]]:
+                  max_layers: int = 9, k: int = 16,
+                  start: Sequence[int] = ()) -> tuple[tuple[int, ...], list[dict[str, Any]]]:
     """Greedy forward selection of router layers whose summed scores maximise held-out recall@k.
 
-    Ties (and the stopping rule) use MRR of the first positive. Returns (layers, trace).
+    Ties (and the stopping rule) use MRR of the first positive. ``start``: positions (into ``layers``)
+    already chosen, which the selection grows (a layer is added only if it raises the start's
+    recall@k, then MRR). Returns (layers, trace of the additions).
     """
     L = layer_scores.shape[0]
-    chosen: list[int] = []
+    chosen: list[int] = list(start)
     trace: list[dict[str, Any]] = []
-    best_prev = -1.0
 
     def quality(ids: list[int]) -> tuple[float, float]:
         s = layer_scores[ids].sum(0)
@@ -323,13 +332,14 @@ def select_layers(layer_scores: torch.Tensor, positive: torch.Tensor, layers: tu
         rank = (s > s.masked_fill(~positive, -1e9).amax(1, keepdim=True)).sum(1).float() + 1
         return r, float((1.0 / rank).mean())
 
+    best = quality(chosen) if chosen else None
     while len(chosen) < min(max_layers, L):
         cands = [(quality(chosen + [j]), j) for j in range(L) if j not in chosen]
         (r, mrr), j = max(cands)
-        if chosen and (r, mrr) <= (best_prev, trace[-1]["mrr"]):
+        if best is not None and (r, mrr) <= best:
             break
         chosen.append(j)
-        best_prev = r
+        best = (r, mrr)
         trace.append({"layers": sorted(layers[i] for i in chosen), f"recall@{k}": r, "mrr": mrr})
     return tuple(sorted(layers[i] for i in chosen)), trace
 

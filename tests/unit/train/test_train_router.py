@@ -209,6 +209,24 @@ def test_training_increases_held_out_recall(bf16, layer_loss):
     assert set(chosen) <= {3, 5} and trace
 
 
+def test_layer_selection_started_from_chosen_layers_continues_the_same_selection():
+    """select_layers(start=...) grows given layers as the selection would have after choosing them."""
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randn(5, 40, 30, generator=g)
+    positive = torch.zeros(40, 30, dtype=torch.bool)
+    positive[torch.arange(40), torch.randint(0, 30, (40,), generator=g)] = True
+    scores[:, positive] += torch.tensor([0.2, 1.0, 0.6, 0.1, 0.8])[:, None]   # layers differ in strength
+    layers = (1, 4, 6, 9, 12)
+    full, trace = select_layers(scores, positive, layers, max_layers=5, k=5)
+    assert len(trace) >= 2
+    first = [layers.index(l) for l in trace[0]["layers"]]
+    rest, trace2 = select_layers(scores, positive, layers, max_layers=5, k=5, start=first)
+    assert rest == full and trace2 == trace[1:]
+    # a start that no layer improves stays as it is
+    assert select_layers(scores, positive, layers, max_layers=5, k=5, start=[layers.index(l) for l in full]) == \
+        (full, [])
+
+
 def test_frozen_layers_keep_their_weights_and_the_others_learn_to_complement_them():
     """frozen_layers: those layers' q/k stay bit-identical; with the sum loss the rest still learn."""
     train, held, proj = _task(4)
