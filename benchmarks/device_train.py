@@ -85,7 +85,7 @@ def train_command(a, init_adapter: str | None = None) -> str:
                                 a.batch_size, a.lr, a.n_train, a.n_dev, a.max_chars, a.seed, None, "cuda",
                                 a.hard_negatives, a.mine_every, a.builtin, a.negatives, a.cloze_remove,
                                 a.dev_distractors, a.bf16, a.layer_loss, a.query_reduce, a.head_reduce, init_adapter,
-                                a.freeze_layers)
+                                a.freeze_layers, a.fact_names)
 
 
 def train_config(a, device: str = "cuda"):
@@ -113,7 +113,7 @@ def prepare(a) -> None:
     layers = parse_layers(a.layers)
     train, dev = builtin_pairs(a.n_train, a.n_dev, seed=a.seed, max_chars=a.max_chars,
                                sources=tuple(s.strip() for s in a.builtin.split(",") if s.strip()),
-                               p_remove=a.cloze_remove)
+                               p_remove=a.cloze_remove, fact_names=a.fact_names)
     print(f"pairs: train {train.counts()}, dev {dev.counts()} ({time.perf_counter() - t0:.0f}s)", flush=True)
     hard = bm25_hard_negatives(train.passages, train.queries, cfg.n_hard) if cfg.n_hard else []  # also for
     # --hard-negatives routing|both runs of the gpu step (``--hard-negatives`` there), which add or replace them
@@ -479,6 +479,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--negatives", type=int, default=256)
     ap.add_argument("--cloze-remove", type=float, default=0.9)
+    ap.add_argument("--fact-names", default="syllables", choices=("syllables", "varied"))
     ap.add_argument("--dev-distractors", action="store_true")
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--layer-loss", default="each")

@@ -133,6 +133,7 @@ def train_router_cmd(
     head_reduce: Annotated[str, typer.Option("--head-reduce", help="How the router heads reduce, in training and in the adapter: mean (MSA) or max")] = "mean",
     init_adapter: Annotated[str | None, typer.Option("--init-adapter", help="Start from this router adapter's weights (its layers must cover --layers) instead of the model's q/k copies, e.g. to fine-tune with --layer-loss sum")] = None,
     freeze_layers: Annotated[str | None, typer.Option("--freeze-layers", help="Comma list of router layers kept as --init-adapter has them (scored, not updated), e.g. to train new layers that complement them with --layer-loss sum")] = None,
+    fact_names: Annotated[str, typer.Option("--fact-names", help="Names of the synthetic facts: syllables (from 14 syllables, the shipped adapters' recipe) or varied (from ~16k syllables; never the benchmark's)")] = "syllables",
     json_out: JsonOpt = False,
 ) -> None:
     """Train router projections (decoupled InfoNCE, frozen backbone) and save an adapter."""
@@ -147,12 +148,12 @@ def train_router_cmd(
             builtin=[b.strip() for b in builtin.split(",") if b.strip()], negatives=negatives,
             cloze_remove=cloze_remove, dev_distractors=dev_distractors, bf16=bf16, layer_loss=layer_loss,
             query_reduce=query_reduce, head_reduce=head_reduce, init_adapter=init_adapter,
-            freeze_layers=freeze_layers,
+            freeze_layers=freeze_layers, fact_names=fact_names,
             command=_train_router_command(out, corpus, store, pairs, model, layers, max_layers, epochs,
                                           batch_size, lr, n_train, n_dev, max_chars, seed, cache, device,
                                           hard_negatives, mine_every, builtin, negatives, cloze_remove,
                                           dev_distractors, bf16, layer_loss, query_reduce, head_reduce,
-                                          init_adapter, freeze_layers),
+                                          init_adapter, freeze_layers, fact_names),
             log=(lambda s: None) if json_out else (lambda s: typer.echo(s, err=True)))
         if json_out:
             _emit_json(summary)

@@ -29,7 +29,8 @@ def parse_layers(spec: str) -> Any:
     return out
 
 
-def _store_pairs(store_path: str, pairs_path: str | None, seed: int, p_remove: float = 0.5) -> tuple[Any, Any, Any]:
+def _store_pairs(store_path: str, pairs_path: str | None, seed: int, p_remove: float = 0.5,
+                 fact_names: str = "syllables") -> tuple[Any, Any, Any]:
     """(train, dev, store_docs): store_docs = (snapshot, doc ids) when the passages are the store's
     texts unchanged (user pairs), so their kept router inputs can be used; else None."""
     import random
@@ -53,8 +54,10 @@ def _store_pairs(store_path: str, pairs_path: str | None, seed: int, p_remove: f
     order = list(range(len(docs)))
     random.Random(seed).shuffle(order)
     n_dev = max(10, len(docs) // 10)
-    return (build_pairs([docs[i] for i in order[n_dev:]], split="train", seed=seed, p_remove=p_remove),
-            build_pairs([docs[i] for i in order[:n_dev]], split="train", seed=seed + 1000, p_remove=p_remove), None)
+    return (build_pairs([docs[i] for i in order[n_dev:]], split="train", seed=seed, p_remove=p_remove,
+                        fact_names=fact_names),
+            build_pairs([docs[i] for i in order[:n_dev]], split="train", seed=seed + 1000, p_remove=p_remove,
+                        fact_names=fact_names), None)
 
 
 def train_router_command(out: str, corpus: list[str] | None, store: str | None, pairs: str | None, model: str,
@@ -64,7 +67,7 @@ def train_router_command(out: str, corpus: list[str] | None, store: str | None, 
                           negatives: int = 32, cloze_remove: float = 0.5, dev_distractors: bool = False,
                           bf16: bool = False, layer_loss: str = "each", query_reduce: str = "max",
                           head_reduce: str = "mean", init_adapter: str | None = None,
-                          freeze_layers: str | None = None) -> str:
+                          freeze_layers: str | None = None, fact_names: str = "syllables") -> str:
     """The ``msa train-router`` line that reproduces a run (recorded in the adapter's training.json); options
     at their defaults are left out. Used by the CLI and by ``benchmarks/device_train.py``."""
     parts = ["msa train-router", f"--out {out}"] + [f"--corpus {c}" for c in corpus or []]
@@ -86,6 +89,7 @@ def train_router_command(out: str, corpus: list[str] | None, store: str | None, 
     parts += [f"--head-reduce {head_reduce}"] if head_reduce != "mean" else []
     parts += [f"--init-adapter {init_adapter}"] if init_adapter else []
     parts += [f"--freeze-layers {freeze_layers}"] if freeze_layers else []
+    parts += [f"--fact-names {fact_names}"] if fact_names != "syllables" else []
     return " ".join(parts)
 
 
@@ -109,7 +113,7 @@ def train_router_from_cli(*, out: str, corpus: Sequence[str] | None, store: str 
                           cloze_remove: float = 0.5, dev_distractors: bool = False, bf16: bool = False,
                           layer_loss: str = "each", query_reduce: str = "max",
                           head_reduce: str = "mean", init_adapter: str | None = None,
-                          freeze_layers: str | None = None) -> dict[str, Any]:
+                          freeze_layers: str | None = None, fact_names: str = "syllables") -> dict[str, Any]:
     """Build the pairs the options ask for and run :func:`msa_memory.train.recipe.run_training`."""
     from msa_memory.train.recipe import builtin_pairs, files_pairs, run_training
 
@@ -120,16 +124,20 @@ def train_router_from_cli(*, out: str, corpus: Sequence[str] | None, store: str 
                           "(--init-adapter), or there is nothing trained to keep.")
     if corpus and store:
         raise ConfigError("Give either --corpus or --store, not both.")
+    from msa_memory.train.pairs import FACT_NAMES
+
+    if fact_names not in FACT_NAMES:
+        raise ConfigError(f"--fact-names must be one of {', '.join(FACT_NAMES)}, got {fact_names!r}.")
     if (corpus or store) and tuple(builtin) != ("stdlib",):
         raise ConfigError("--builtin chooses the built-in recipe's text; it cannot be combined with --corpus or --store.")
     store_docs = None
     if store:
-        train, dev, store_docs = _store_pairs(store, pairs, seed, cloze_remove)
+        train, dev, store_docs = _store_pairs(store, pairs, seed, cloze_remove, fact_names)
     elif corpus:
-        train, dev = files_pairs(corpus, seed=seed, max_chars=max_chars, p_remove=cloze_remove)
+        train, dev = files_pairs(corpus, seed=seed, max_chars=max_chars, p_remove=cloze_remove, fact_names=fact_names)
     else:
         train, dev = builtin_pairs(n_train, n_dev, seed=seed, max_chars=max_chars, sources=tuple(builtin),
-                                   p_remove=cloze_remove)
+                                   p_remove=cloze_remove, fact_names=fact_names)
     cfg = train_config(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
                        hard_negatives=hard_negatives, mine_every=mine_every, negatives=negatives, bf16=bf16,
                        layer_loss=layer_loss, query_reduce=query_reduce, head_reduce=head_reduce,

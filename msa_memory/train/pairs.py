@@ -95,6 +95,18 @@ _QUESTIONS_EVAL = [
 _KINDS = ["station", "project", "company", "vessel", "protocol", "observatory", "foundation", "bridge"]
 _SYL_TRAIN = ["vel", "mor", "dak", "rin", "tes", "kor", "lam", "bri", "zan", "qui", "pol", "gar", "hen", "sul"]
 _SYL_EVAL = ["ost", "yra", "fen", "cul", "wex", "jor", "nim", "bax", "tho", "ule", "vos", "ker", "iph", "dru"]
+# ``names="varied"``: training names from thousands of onset + vowel + coda syllables instead of the 14
+# above, so the router learns to match any rare name rather than those 14 syllables' tokens. A word
+# that holds an eval syllable anywhere (across syllable boundaries too) is never drawn.
+_ONSETS = ["", "b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "z", "br",
+           "cr", "dr", "fr", "gr", "kr", "pr", "tr", "bl", "cl", "fl", "gl", "pl", "sl", "sk", "sp", "st", "sh",
+           "ch", "th", "qu"]
+_VOWELS = ["a", "e", "i", "o", "u", "y", "ae", "ai", "au", "ea", "ee", "ei", "ie", "oa", "oo", "ou"]
+_CODAS = ["", "b", "d", "g", "k", "l", "m", "n", "p", "r", "s", "t", "x", "z", "nd", "nt", "rk", "rn", "rt",
+          "ld", "lt", "sk", "st", "sh", "ng"]
+_SYL_VARIED = sorted({s for s in (o + v + c for o in _ONSETS for v in _VOWELS for c in _CODAS)
+                      if not any(e in s for e in _SYL_EVAL)})
+FACT_NAMES = ("syllables", "varied")
 _CITIES = {"train": ["Lisbon", "Oslo", "Quito", "Perth", "Dakar", "Hanoi", "Lima", "Tunis"],
            "eval": ["Bergen", "Cusco", "Fresno", "Harbin", "Malmo", "Nagoya", "Porto", "Zagreb"]}
 _PEOPLE = {"train": ["Ada Morrow", "Ilse Brandt", "Tomas Reyes", "Nina Okafor", "Paul Serrat"],
@@ -106,16 +118,28 @@ _MONTHS = ["January", "February", "March", "April", "May", "June", "July", "Augu
 
 
 class FactMaker:
-    """Makes synthetic facts; ``split`` ("train" or "eval") picks disjoint names and values."""
+    """Makes synthetic facts; ``split`` ("train" or "eval") picks disjoint names and values.
 
-    def __init__(self, split: str, seed: int = 0) -> None:
+    ``names``: ``"syllables"`` builds names from 14 syllables per split (the recipe of the shipped
+    adapters); ``"varied"`` (train only) from the 15,772 syllables of ``_SYL_VARIED``: words of 2–3 of
+    them, at most 12 letters, none holding an eval syllable.
+    """
+
+    def __init__(self, split: str, seed: int = 0, names: str = "syllables") -> None:
         if split not in ("train", "eval"):
             raise ConfigError(f"FactMaker split must be 'train' or 'eval', got {split!r}.")
+        if names not in FACT_NAMES:
+            raise ConfigError(f"Fact names must be one of {', '.join(FACT_NAMES)}, got {names!r}.")
+        if names == "varied" and split != "train":
+            raise ConfigError("Varied fact names are for training only: the eval names keep their own 14 syllables.")
         self.split = split
+        self.names = names
         self.rng = random.Random(f"{split}-{seed}")
         self._used: set[str] = set()
 
     def _name(self) -> str:
+        if self.names == "varied":
+            return self._varied_name()
         syl = _SYL_TRAIN if self.split == "train" else _SYL_EVAL
         for attempt in range(1000):
             # 2-3 syllable words give 23,520 names; a split that has used most of them (a corpus of
@@ -124,6 +148,17 @@ class FactMaker:
             n_syl = self.rng.choice((2, 3)) if attempt < 50 else 4
             word = "".join(self.rng.choice(syl) for _ in range(n_syl)).capitalize()
             name = f"the {word} {self.rng.choice(_KINDS)}"
+            if name not in self._used:
+                self._used.add(name)
+                return name
+        raise ConfigError("FactMaker ran out of distinct names; use fewer facts per split.")
+
+    def _varied_name(self) -> str:
+        for _ in range(1000):
+            word = "".join(self.rng.choice(_SYL_VARIED) for _ in range(self.rng.choice((2, 2, 3))))
+            if len(word) > 12 or any(e in word for e in _SYL_EVAL):
+                continue
+            name = f"the {word.capitalize()} {self.rng.choice(_KINDS)}"
             if name not in self._used:
                 self._used.add(name)
                 return name
@@ -199,18 +234,20 @@ def build_pairs(
     p_remove: float = 0.5,
     p_fact: float = 0.5,
     questions_per_fact: int = 2,
+    fact_names: str = "syllables",
 ) -> PairSet:
     """Turn (source, text) passages into a :class:`PairSet` with inverse-cloze and fact queries.
 
     Each passage gets at most one inverse-cloze query (probability ``p_ict``; its sentence removed
     with probability ``p_remove``) and at most one inserted fact (probability ``p_fact``) asked with
-    ``questions_per_fact`` phrasings. The passage text stored is the edited one (what must be encoded).
+    ``questions_per_fact`` phrasings; ``fact_names`` is :class:`FactMaker`'s ``names``. The passage
+    text stored is the edited one (what must be encoded).
     """
     for name, p in (("p_ict", p_ict), ("p_remove", p_remove), ("p_fact", p_fact)):
         if not 0.0 <= p <= 1.0:
             raise ConfigError(f"{name} must be in [0, 1], got {p!r}.")
     rng = random.Random(f"pairs-{split}-{seed}")
-    facts = FactMaker(split, seed)
+    facts = FactMaker(split, seed, fact_names)
     out = PairSet()
     for source, text in passages:
         i = len(out.passages)

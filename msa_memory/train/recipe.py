@@ -131,11 +131,13 @@ def builtin_passages(sources: Sequence[str] = ("stdlib",), *, seed: int = 0, max
 
 
 def builtin_pairs(n_train: int = 500, n_dev: int = 100, *, seed: int = 0, max_chars: int = 800,
-                  sources: Sequence[str] = ("stdlib",), p_remove: float = 0.5) -> tuple[PairSet, PairSet]:
+                  sources: Sequence[str] = ("stdlib",), p_remove: float = 0.5,
+                  fact_names: str = "syllables") -> tuple[PairSet, PairSet]:
     """Train and dev pair sets from the built-in ``sources`` (disjoint passages).
 
     ``n_train=0`` takes every passage the sources give after the ``n_dev`` dev passages;
-    ``p_remove`` is the probability that an inverse-cloze sentence is cut out of its passage.
+    ``p_remove`` is the probability that an inverse-cloze sentence is cut out of its passage;
+    ``fact_names`` how the synthetic facts' names are made (``pairs.FactMaker``).
     """
     ps = builtin_passages(sources, seed=seed, max_chars=max_chars)
     if n_train == 0:
@@ -143,13 +145,15 @@ def builtin_pairs(n_train: int = 500, n_dev: int = 100, *, seed: int = 0, max_ch
     if len(ps) < n_train + n_dev or n_train < 1:
         raise ConfigError(f"The built-in corpus ({'+'.join(sources)}) has {len(ps)} passages; asked for "
                           f"{n_train} + {n_dev}.", hint="lower --n-train / --n-dev, or add a source with --builtin.")
-    train = build_pairs(ps[:n_train], split="train", seed=seed, p_fact=0.6, p_remove=p_remove)
-    dev = build_pairs(ps[n_train:n_train + n_dev], split="train", seed=seed + 1000, p_fact=0.6, p_remove=p_remove)
+    train = build_pairs(ps[:n_train], split="train", seed=seed, p_fact=0.6, p_remove=p_remove, fact_names=fact_names)
+    dev = build_pairs(ps[n_train:n_train + n_dev], split="train", seed=seed + 1000, p_fact=0.6, p_remove=p_remove,
+                      fact_names=fact_names)
     return train, dev
 
 
 def files_pairs(paths: Sequence[str | Path], *, n_dev_fraction: float = 0.1, seed: int = 0,
-                max_chars: int = 1200, max_passages: int | None = None, p_remove: float = 0.5) -> tuple[PairSet, PairSet]:
+                max_chars: int = 1200, max_passages: int | None = None, p_remove: float = 0.5,
+                fact_names: str = "syllables") -> tuple[PairSet, PairSet]:
     """Train/dev pair sets from the user's own text files or folders (inverse cloze + facts)."""
     from msa_memory.encode.corpus import scan_corpus
 
@@ -160,8 +164,8 @@ def files_pairs(paths: Sequence[str | Path], *, n_dev_fraction: float = 0.1, see
     n_dev = max(1, int(len(ps) * n_dev_fraction))
     if len(ps) < 2 * n_dev or len(ps) < 20:
         raise ConfigError(f"{list(map(str, paths))} give only {len(ps)} passages; router training needs at least 20.")
-    return (build_pairs(ps[n_dev:], split="train", seed=seed, p_remove=p_remove),
-            build_pairs(ps[:n_dev], split="train", seed=seed + 1000, p_remove=p_remove))
+    return (build_pairs(ps[n_dev:], split="train", seed=seed, p_remove=p_remove, fact_names=fact_names),
+            build_pairs(ps[:n_dev], split="train", seed=seed + 1000, p_remove=p_remove, fact_names=fact_names))
 
 
 def adapter_from_projections(proj: Any, template: Any, *, layers: Sequence[int] | None = None,

@@ -9,6 +9,8 @@ import gzip
 import shutil
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from msa_memory.errors import ConfigError
 from msa_memory.train import corpus, recipe
@@ -165,3 +167,57 @@ def test_fact_maker_names_outlast_a_large_corpus():
     names = [fm._name() for _ in range(30_000)]
     assert len(set(names)) == 30_000
     assert max(len(n.split()[1]) for n in names) > max(len(n.split()[1]) for n in names[:10_000])
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 10_000))
+def test_varied_fact_names_never_hold_an_eval_syllable(seed):
+    """``names="varied"`` draws from ~16k syllables, and no word it makes contains one of the
+    benchmark's eval syllables, not even across a syllable boundary."""
+    from msa_memory.train.pairs import _SYL_EVAL, _SYL_TRAIN, FactMaker
+
+    fm = FactMaker("train", seed, names="varied")
+    words = [fm._name().split()[1].lower() for _ in range(400)]
+    assert len(set(words)) > 390                                       # distinct words, not 14 syllables' combos
+    assert not [w for w in words if any(e in w for e in _SYL_EVAL)]
+    assert all(len(w) <= 12 for w in words)
+    assert sum(all(_split_into(w, _SYL_TRAIN)) for w in words) < 5     # hardly ever the old train names
+    again = FactMaker("train", seed, names="varied")
+    assert [again._name().split()[1].lower() for _ in range(400)] == words   # deterministic
+
+
+def _split_into(word, syllables):
+    """Whether ``word`` is a concatenation of ``syllables`` (a one-element list: True or False)."""
+    ok = [True] + [False] * len(word)
+    for i in range(len(word)):
+        if ok[i]:
+            for s in syllables:
+                if word.startswith(s, i):
+                    ok[i + len(s)] = True
+    return [ok[-1]]
+
+
+def test_fact_names_option_checks_and_reaches_the_pairs(tmp_path):
+    from typer.testing import CliRunner
+
+    from msa_memory.cli import _train_router_command, app
+    from msa_memory.train.pairs import FactMaker, build_pairs
+
+    with pytest.raises(ConfigError, match="training only"):
+        FactMaker("eval", 0, names="varied")
+    with pytest.raises(ConfigError, match="syllables, varied"):
+        FactMaker("train", 0, names="words")
+    text = "First sentence here is long enough. Second sentence is also long enough. Third one ends it here."
+    docs = [("a", text)] * 30
+    plain = build_pairs(docs, seed=3, p_fact=1.0)
+    varied = build_pairs(docs, seed=3, p_fact=1.0, fact_names="varied")
+    fm = FactMaker("train", 3)
+    first = fm.make()[1]
+    assert plain.queries[1].text in first                             # the default recipe is unchanged
+    assert [q.text for q in plain.queries if q.kind == "ict"] == [q.text for q in varied.queries if q.kind == "ict"]
+    assert {q.text for q in plain.queries if q.kind == "fact"}.isdisjoint(q.text for q in varied.queries)
+    bad = CliRunner().invoke(app, ["train-router", "--fact-names", "words", "--out", str(tmp_path / "r"), "--json"])
+    assert bad.exit_code == 2 and "--fact-names" in bad.output and not (tmp_path / "r").exists()
+    cmd = _train_router_command("r/", None, None, None, "default", "1,5", 2, 3, 8, 1e-3, 0, 400, 800, 0,
+                                None, "cpu", fact_names="varied")
+    assert cmd.endswith("--fact-names varied")
