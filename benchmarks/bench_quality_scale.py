@@ -25,9 +25,11 @@ Three steps (``--step``):
    ``bench_quality.routing_scores`` does (layer-summed cosine, head-mean / query-max / chunk-max)
    and writes recall@1/5/16 per size and query kind into ``$OUT/scale_gpu.json``. ``--sizes`` may
    stop short of the prepared sizes (same haystack, the largest left out). ``--also-adapter A``
-   (repeatable) also reports A, an adapter made of some of ``--adapter``'s layers with the same
-   weights (the shipped default beside a merge that extends it), from the same encode: scores are
-   kept per layer and summed over each adapter's layers. 100M tokens through
+   (repeatable) also reports A, any adapter whose layers are among ``--adapter``'s, from the same
+   encode: its router keys are its own projections of the pooled router-layer inputs the encode
+   keeps (``PooledBatch.x``), exactly as ``msa store reindex-router`` would make them, and its query
+   rows its own; scores are kept per adapter and layer and summed over each adapter's layers (a
+   layer subset of ``--adapter`` with the same weights reuses its scores). 100M tokens through
    block 17 takes ~5 min of a device call (compose, encode, scoring).
 3. ``bm25`` (here, CPU): rebuilds the same haystack texts, runs BM25 (bm25s) on each size, merges
    the GPU file and prints the table and one JSON line; writes ``--out/quality_scale.json``.
@@ -237,14 +239,17 @@ def _gpu(args) -> None:
     model, _ = device_pack.load_pack(carry / "pack", args.device)
     adapter = RouterAdapter.load(args.adapter).to(dev)
     layers = list(adapter.config.router_layers)
-    also = {}   # --also-adapter: adapters made of some of the adapter's layers, same weights, same scoring
+    # --also-adapter: adapters over some of the encoded layers; a layer subset of the adapter with the
+    # same weights reuses its scores, any other is scored with its own projections of the pooled inputs
+    also: dict[str, tuple] = {}
     for name in args.also_adapter or []:
         other = RouterAdapter.load(name)
         sub = list(other.config.router_layers)
-        if not set(sub) <= set(layers) or adapter.subset(sub).fingerprint() != other.fingerprint():
-            raise SystemExit(f"--also-adapter {name} (layers {sub}, router id {other.fingerprint()}) is not a "
-                             f"layer subset of --adapter {args.adapter} (layers {layers})")
-        also[name] = (other.fingerprint(), sub)
+        if not set(sub) <= set(layers):
+            raise SystemExit(f"--also-adapter {name} (layers {sub}) has layers the encode does not pool: "
+                             f"--adapter {args.adapter} has {layers}; pass the adapter with more layers as --adapter")
+        own = adapter.subset(sub).fingerprint() != other.fingerprint()
+        also[name] = (other.fingerprint(), sub, other.to(dev) if own else None)
     loaded = LoadedModel(name="gemma-3-270m (device pack)", hf_model=model, tokenizer=None, router=adapter,
                          wrap="plain", model_fingerprint="pack")
     enc = Encoder(loaded, max_batch_tokens=args.batch_tokens)
@@ -266,18 +271,21 @@ def _gpu(args) -> None:
     # are kept, so GPU memory does not grow with the haystack
     qsplit = split(d["qt"], d["qt_off"])
     qx, qoff = extract_query_tokens(loaded, [(q.tolist(), int(s)) for q, s in zip(qsplit, d["q_skip"])])
-    cfg = adapter.config
     Q = len(qsplit)
     ln = [int(qoff[i + 1] - qoff[i]) for i in range(Q)]
     qmask = torch.zeros(Q, max(ln), dtype=torch.bool, device=dev)
-    rqs = []
+    qin = []
     for li, l in enumerate(layers):
         q = torch.zeros(Q, max(ln), qx.shape[-1], device=dev)
         for i in range(Q):
             q[i, :ln[i]] = qx[qoff[i]:qoff[i + 1], li].to(dev).float()
             qmask[i, :ln[i]] = True
-        rqs.append(adapter.router_q(l, q))                       # (Q, T, Hq, D)
-    total = torch.zeros(len(layers), Q, n_docs, device=dev)     # per layer: subsets are summed at the end
+        qin.append(q)
+    # scorers: (adapter, its layers, keys from the encode's own router keys?); per scorer and layer the
+    # (Q, docs) scores, summed over subsets at the end
+    scorers = [(adapter, layers, True)] + [(ad, sub, False) for _, sub, ad in also.values() if ad is not None]
+    rqs = [[ad.router_q(l, qin[layers.index(l)]) for l in sub] for ad, sub, _ in scorers]   # (Q, T, Hq, D)
+    totals = [torch.zeros(len(sub), Q, n_docs, device=dev) for _, sub, _ in scorers]
     chunk_counts: list[int] = []
     mem_trace = []
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -289,12 +297,17 @@ def _gpu(args) -> None:
         t1 = time.perf_counter()
         cd = torch.repeat_interleave(torch.arange(len(group), device=dev),
                                      torch.as_tensor(np.asarray(pb.n_chunks), device=dev))
-        for li in range(len(layers)):
-            cs = torch.cat([chunk_scores(rqs[li][s0:s0 + args.q_block], qmask[s0:s0 + args.q_block],
-                                         pb.k_router[li].to(torch.bfloat16).float(), score=cfg.score,
-                                         head_reduce=cfg.head_reduce, query_reduce=cfg.query_reduce)
-                            for s0 in range(0, Q, args.q_block)])              # (Q, C_b)
-            total[li, :, group[0]:group[-1] + 1] = doc_scores(cs, cd, len(group), chunk_reduce=cfg.chunk_reduce)
+        for si, (ad, sub, stored) in enumerate(scorers):
+            cfg = ad.config
+            for j, l in enumerate(sub):
+                li = layers.index(l)
+                keys = pb.k_router[li] if stored else ad.keys_from_pooled(l, pb.x[li])
+                cs = torch.cat([chunk_scores(rqs[si][j][s0:s0 + args.q_block], qmask[s0:s0 + args.q_block],
+                                             keys.to(torch.bfloat16).float(), score=cfg.score,
+                                             head_reduce=cfg.head_reduce, query_reduce=cfg.query_reduce)
+                                for s0 in range(0, Q, args.q_block)])              # (Q, C_b)
+                totals[si][j, :, group[0]:group[-1] + 1] = doc_scores(cs, cd, len(group),
+                                                                      chunk_reduce=cfg.chunk_reduce)
         chunk_counts += [int(c) for c in pb.n_chunks]
         del pb, cs, cd
         t_route += time.perf_counter() - t1
@@ -310,8 +323,8 @@ def _gpu(args) -> None:
     kinds = [str(x) for x in d["kinds"]]
     pos = d["positives"].tolist()
 
-    def recalls(sub: list[int]) -> dict:
-        summed = total[[layers.index(l) for l in sub]].sum(0)
+    def recalls(sub: list[int], si: int = 0) -> dict:
+        summed = totals[si][[scorers[si][1].index(l) for l in sub]].sum(0)
         res = {}
         for S, n in sorted(counts.items()):
             top = summed[:, : n_q + n].topk(16, dim=1).indices.cpu()
@@ -319,19 +332,26 @@ def _gpu(args) -> None:
             for kind in ("fact", "ict"):
                 idx = [i for i in range(Q) if kinds[i] == kind]
                 row[kind] = {kk: float(np.mean([pos[i] in top[i, :kk].tolist() for i in idx])) for kk in (1, 5, 16)}
+            mem = summed[:, : n_q + n]
+            at_pos = mem[torch.arange(Q, device=mem.device), torch.as_tensor(pos, device=mem.device)]
             res[str(S)] = {"routing": row, "docs": n_q + n, "tokens": int(lens[: n_q + n].sum()),
-                           "chunks": int(sum(chunk_counts[: n_q + n]))}
+                           "chunks": int(sum(chunk_counts[: n_q + n])),
+                           # per query: 1 + the documents scored above its positive (misses: how far off)
+                           "positive_rank": (1 + (mem > at_pos[:, None]).sum(1)).tolist()}
         return res
 
     res = recalls(layers)
+    own = {name: 1 + [n for n, v in also.items() if v[2] is not None].index(name)
+           for name, v in also.items() if v[2] is not None}
     out = {"step": "gpu", "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
            "digest": digest, "router_layers": layers, "router_id": adapter.fingerprint(),
            "encode_tokens": int(lens[:n_docs].sum()), "encode_seconds": round(t_encode, 1),
            "encode_tok_per_s": round(float(lens[:n_docs].sum()) / t_encode),
            "score_seconds_all_queries_all_layers": round(t_route, 2), "compose_seconds": round(t_compose, 1),
            "memory_trace_batch_tokens_GiB_before_after_gc": mem_trace, "results": res,
-           "also": {name: {"router_id": rid, "router_layers": sub, "results": recalls(sub)}
-                    for name, (rid, sub) in also.items()}}
+           "also": {name: {"router_id": rid, "router_layers": sub, "own_weights": name in own,
+                           "results": recalls(sub, own.get(name, 0))}
+                    for name, (rid, sub, _) in also.items()}}
     Path(os.environ.get("OUT", ".")).mkdir(parents=True, exist_ok=True)
     (Path(os.environ.get("OUT", ".")) / "scale_gpu.json").write_text(json.dumps(out, indent=1))
     print(json.dumps(out))
@@ -407,8 +427,8 @@ def main(argv=None) -> None:
     ap.add_argument("--step", choices=("prepare", "gpu", "bm25"), required=True)
     ap.add_argument("--adapter", default=str(ROOT / "msa_memory" / "data" / "gemma3-270m-router"))
     ap.add_argument("--also-adapter", action="append", default=None,
-                    help="gpu step: also report this adapter, made of some of --adapter's layers with the same "
-                         "weights (e.g. the shipped default beside a merge that extends it), from the same encode")
+                    help="gpu step: also report this adapter (its layers among --adapter's; its own weights, or "
+                         "a layer subset of --adapter's) from the same encode, e.g. a retrained adapter beside the default")
     ap.add_argument("--carry", default=str(ROOT / ".devcarry" / "scale"))
     ap.add_argument("--sizes", default=",".join(str(s) for s in SIZES))
     ap.add_argument("--needles", type=int, default=100)
