@@ -34,9 +34,9 @@ Regimes and ceilings (every baseline is measured in the same run, on the same de
    default path, a CUDA graph of the fixed-shape step captured per request, its capture included;
    ``marginal`` = tokens 33-64 of a 64-token decode), beside the engine's dynamic path and HF's own
    forward with its KV cache decoding the same count from the question alone (each token brought to
-   the host before the next step in all). H200, 2026-12-01 (benchmarks/results/bench_runtime_h200.json):
-   pooled TTFT 30.6 ms vs plain prefill of 8,225 tokens 57.3 ms; decoding 6.14 ms/token (marginal
-   3.39) vs dynamic 30.5 and HF 17.9 ms/token. On a CPU where the engine runs one-row linears through
+   the host before the next step in all). H200, 2026-12-02 (benchmarks/results/bench_runtime_h200.json):
+   pooled TTFT 30.7 ms vs plain prefill of 8,225 tokens 57.5 ms; decoding 5.89 ms/token (marginal
+   3.87) vs dynamic 21.2 and HF 17.7 ms/token. On a CPU where the engine runs one-row linears through
    the AVX512-BF16 kernel (``cpu_gemv``) it also times the same engine's decoding with torch's own
    (``dynamic_decode_no_gemv_ms_per_token``): 2-core AVX512-BF16 VM, 2026-12-02
    (benchmarks/results/bench_runtime_cpu.json), 34.5 vs 67.1 ms/token (HF 80.4); pooled TTFT 89.2 ms vs
