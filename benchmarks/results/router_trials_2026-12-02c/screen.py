@@ -27,12 +27,13 @@ n_needed = max(max(d) for S in sizes for d, _ in plans[S]) + 1
 x, chunk_doc = bq.pool_features(loaded, passages, n_needed, Path(".bench/quality_q200") / f"L{'-'.join(map(str, cand))}")
 qx, qoff = extract_queries(loaded, [q.text for q in queries])
 V = RouterAdapter.load(".bench/v5/adapter/candidates")
+S = RouterAdapter.load(".bench/shv/adapter/candidates") if Path(".bench/shv/adapter/candidates").is_dir() else None
 ads = {"default": RouterAdapter.load("default")}
 for name, spec in [a.split("=", 1) for a in sys.argv[1:]]:
     parts = []
     for p in spec.split("+"):
         src, _, layers = p.partition(":")
-        ad = V if src == "V" else RouterAdapter.load(src)
+        ad = V if src == "V" else S if src == "S" else RouterAdapter.load(src)
         parts.append(ad.subset(tuple(int(l) for l in layers.split(","))) if layers else ad)
     ads[name] = parts[0] if len(parts) == 1 else RouterAdapter.merge(parts)
 out = {}
