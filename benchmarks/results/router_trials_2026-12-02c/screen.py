@@ -4,10 +4,11 @@ benchmarks/bench_quality.py; no BM25 / MiniLM rows, which do not depend on the r
 
 Run from the repository root after ``bench_quality.py --layers 1,2,5,8,11,14,17 --cache .bench/quality_q200
 --sizes 16384,131072,1048576 --encode-only``; ``V`` is the varied-names run's candidates adapter
-(``$OUT/adapter/candidates`` of device_train.py gpu, kept at .bench/v5/adapter/candidates; not committed):
+(``$OUT/adapter/candidates`` of device_train.py gpu, kept at .bench/v5/adapter/candidates; not committed),
+``S`` the varied-names shallow run's (.bench/shv/adapter/candidates, when present):
 
     python benchmarks/results/router_trials_2026-12-02c/screen.py NAME=SPEC ...
-    # SPEC: parts joined by '+', each a shipped name or folder or V, optionally ':layers'
+    # SPEC: parts joined by '+', each a shipped name or folder, V or S, optionally ':layers'
 """
 import sys, json, warnings
 from pathlib import Path
