@@ -239,17 +239,22 @@ def _gpu(args) -> None:
     model, _ = device_pack.load_pack(carry / "pack", args.device)
     adapter = RouterAdapter.load(args.adapter).to(dev)
     layers = list(adapter.config.router_layers)
-    # --also-adapter: adapters over some of the encoded layers; a layer subset of the adapter with the
-    # same weights reuses its scores, any other is scored with its own projections of the pooled inputs
-    also: dict[str, tuple] = {}
+    # scorers: (adapter, its layers, keys = the encode's own router keys?). --also-adapter: adapters over
+    # some of the encoded layers; a layer subset of the adapter with the same weights reuses its scores
+    # (scorer 0), any other is a scorer of its own, keys projected from the pooled inputs
+    scorers = [(adapter, layers, True)]
+    also: dict[str, tuple] = {}   # name -> (router id, layers, scorer index)
     for name in args.also_adapter or []:
         other = RouterAdapter.load(name)
         sub = list(other.config.router_layers)
         if not set(sub) <= set(layers):
             raise SystemExit(f"--also-adapter {name} (layers {sub}) has layers the encode does not pool: "
                              f"--adapter {args.adapter} has {layers}; pass the adapter with more layers as --adapter")
-        own = adapter.subset(sub).fingerprint() != other.fingerprint()
-        also[name] = (other.fingerprint(), sub, other.to(dev) if own else None)
+        si = 0
+        if adapter.subset(sub).fingerprint() != other.fingerprint():
+            scorers.append((other.to(dev), sub, False))
+            si = len(scorers) - 1
+        also[name] = (other.fingerprint(), sub, si)
     loaded = LoadedModel(name="gemma-3-270m (device pack)", hf_model=model, tokenizer=None, router=adapter,
                          wrap="plain", model_fingerprint="pack")
     enc = Encoder(loaded, max_batch_tokens=args.batch_tokens)
@@ -281,9 +286,7 @@ def _gpu(args) -> None:
             q[i, :ln[i]] = qx[qoff[i]:qoff[i + 1], li].to(dev).float()
             qmask[i, :ln[i]] = True
         qin.append(q)
-    # scorers: (adapter, its layers, keys from the encode's own router keys?); per scorer and layer the
-    # (Q, docs) scores, summed over subsets at the end
-    scorers = [(adapter, layers, True)] + [(ad, sub, False) for _, sub, ad in also.values() if ad is not None]
+    # per scorer and layer the (Q, docs) scores, summed over subsets at the end
     rqs = [[ad.router_q(l, qin[layers.index(l)]) for l in sub] for ad, sub, _ in scorers]   # (Q, T, Hq, D)
     totals = [torch.zeros(len(sub), Q, n_docs, device=dev) for _, sub, _ in scorers]
     chunk_counts: list[int] = []
@@ -341,17 +344,15 @@ def _gpu(args) -> None:
         return res
 
     res = recalls(layers)
-    own = {name: 1 + [n for n, v in also.items() if v[2] is not None].index(name)
-           for name, v in also.items() if v[2] is not None}
     out = {"step": "gpu", "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
            "digest": digest, "router_layers": layers, "router_id": adapter.fingerprint(),
            "encode_tokens": int(lens[:n_docs].sum()), "encode_seconds": round(t_encode, 1),
            "encode_tok_per_s": round(float(lens[:n_docs].sum()) / t_encode),
            "score_seconds_all_queries_all_layers": round(t_route, 2), "compose_seconds": round(t_compose, 1),
            "memory_trace_batch_tokens_GiB_before_after_gc": mem_trace, "results": res,
-           "also": {name: {"router_id": rid, "router_layers": sub, "own_weights": name in own,
-                           "results": recalls(sub, own.get(name, 0))}
-                    for name, (rid, sub, _) in also.items()}}
+           "also": {name: {"router_id": rid, "router_layers": sub, "own_weights": si > 0,
+                           "results": recalls(sub, si)}
+                    for name, (rid, sub, si) in also.items()}}
     Path(os.environ.get("OUT", ".")).mkdir(parents=True, exist_ok=True)
     (Path(os.environ.get("OUT", ".")) / "scale_gpu.json").write_text(json.dumps(out, indent=1))
     print(json.dumps(out))

@@ -65,6 +65,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from msa_memory.train.pairs import FACT_NAMES  # noqa: E402
+
 _KINDS = ("ict", "fact", "user")
 
 
@@ -479,7 +481,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--negatives", type=int, default=256)
     ap.add_argument("--cloze-remove", type=float, default=0.9)
-    ap.add_argument("--fact-names", default="syllables", choices=("syllables", "varied"))
+    ap.add_argument("--fact-names", default="syllables", choices=FACT_NAMES)
     ap.add_argument("--dev-distractors", action="store_true")
     ap.add_argument("--bf16", action="store_true")
     ap.add_argument("--layer-loss", default="each")

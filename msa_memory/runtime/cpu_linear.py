@@ -4,8 +4,8 @@ Design note. Decoding feeds one token per step, so every ``nn.Linear`` of the mo
 matrix by ONE row: a GEMV bound by reading the weights. torch's bf16 path runs those at ~9-12
 GB/s on this 2-core AVX512-BF16 VM (Gemma 3 270M's 262144 × 640 LM head: 31-35 ms per call, against
 12 ms to read its 335 MB once). The routing extension's ``gemv_rows`` (``csrc/routing_cpu.cpp``)
-reads the weight as it lies, row-major, four rows per 32-element load of the input, with
-``_mm512_dpbf16_ps`` and fp32 accumulation, on torch's intra-op threads.
+reads the weight as it lies, row-major, one row at a time in memory order (32 elements per
+``_mm512_dpbf16_ps``, a masked tail), with fp32 accumulation, rows split over torch's intra-op threads.
 
 :class:`CpuGemv` covers the model's ``nn.Linear`` modules with bf16 CPU weights whose rows are
 contiguous (the decoder layers' projections and the LM head) and, inside :meth:`CpuGemv.active`,

@@ -124,10 +124,9 @@ def train_router_from_cli(*, out: str, corpus: Sequence[str] | None, store: str 
                           "(--init-adapter), or there is nothing trained to keep.")
     if corpus and store:
         raise ConfigError("Give either --corpus or --store, not both.")
-    from msa_memory.train.pairs import FACT_NAMES
+    from msa_memory.train.pairs import check_fact_names
 
-    if fact_names not in FACT_NAMES:
-        raise ConfigError(f"--fact-names must be one of {', '.join(FACT_NAMES)}, got {fact_names!r}.")
+    check_fact_names(fact_names, "--fact-names")   # before any text is read
     if (corpus or store) and tuple(builtin) != ("stdlib",):
         raise ConfigError("--builtin chooses the built-in recipe's text; it cannot be combined with --corpus or --store.")
     store_docs = None

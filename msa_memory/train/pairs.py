@@ -107,6 +107,13 @@ _CODAS = ["", "b", "d", "g", "k", "l", "m", "n", "p", "r", "s", "t", "x", "z", "
 _SYL_VARIED = sorted({s for s in (o + v + c for o in _ONSETS for v in _VOWELS for c in _CODAS)
                       if not any(e in s for e in _SYL_EVAL)})
 FACT_NAMES = ("syllables", "varied")
+
+
+def check_fact_names(names: str, what: str = "Fact names") -> None:
+    """Raise ``ConfigError`` unless ``names`` is one of :data:`FACT_NAMES` (``what`` names the option)."""
+    if names not in FACT_NAMES:
+        raise ConfigError(f"{what} must be one of {', '.join(FACT_NAMES)}, got {names!r}.")
+
 _CITIES = {"train": ["Lisbon", "Oslo", "Quito", "Perth", "Dakar", "Hanoi", "Lima", "Tunis"],
            "eval": ["Bergen", "Cusco", "Fresno", "Harbin", "Malmo", "Nagoya", "Porto", "Zagreb"]}
 _PEOPLE = {"train": ["Ada Morrow", "Ilse Brandt", "Tomas Reyes", "Nina Okafor", "Paul Serrat"],
@@ -128,8 +135,7 @@ class FactMaker:
     def __init__(self, split: str, seed: int = 0, names: str = "syllables") -> None:
         if split not in ("train", "eval"):
             raise ConfigError(f"FactMaker split must be 'train' or 'eval', got {split!r}.")
-        if names not in FACT_NAMES:
-            raise ConfigError(f"Fact names must be one of {', '.join(FACT_NAMES)}, got {names!r}.")
+        check_fact_names(names)
         if names == "varied" and split != "train":
             raise ConfigError("Varied fact names are for training only: the eval names keep their own 14 syllables.")
         self.split = split
