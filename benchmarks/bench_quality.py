@@ -65,11 +65,19 @@ KS = (1, 5, 16)
 
 
 # ----------------------------------------------------------------------------- data
-def build_eval(n_needles: int, n_ict: int, seed: int = 0):
-    """(passages, sources, queries, n_query_passages): query passages first, then distractors."""
+def query_passage_pool(seed: int = 0):
+    """(the shuffled pydoc (source, passage) pool the query passages come from, the rng that goes on to
+    build the eval). The first ``n_needles`` of the pool are the needle passages, in order, before
+    their fact was inserted."""
     rng = random.Random(f"bench-quality-{seed}")
     py = [(s, p) for s, t in pydoc_topics() for p in pack_paragraphs(t, max_chars=1200)]
     rng.shuffle(py)
+    return py, rng
+
+
+def build_eval(n_needles: int, n_ict: int, seed: int = 0):
+    """(passages, sources, queries, n_query_passages): query passages first, then distractors."""
+    py, rng = query_passage_pool(seed)
     facts = FactMaker("eval", seed)
     passages, sources, queries = [], [], []
     i = 0

@@ -103,7 +103,9 @@ from msa_memory.train.cli_support import train_router_command as _train_router_c
 
 @app.command("train-router", epilog="\b\nExamples:\n  msa train-router --out router/                  # built-in recipe (stdlib docstrings + facts)\n"
              "  msa train-router --corpus ./docs --out router/ --epochs 3\n"
-             "  msa train-router --store mem.msa --pairs pairs.jsonl --out router/ --json")
+             "  msa train-router --store mem.msa --pairs pairs.jsonl --out router/ --json\n"
+             "  msa train-router --store mem.msa --init-adapter default --layers 1,2,5,8,11,14,17 --keep-layers \\\n"
+             "      --out router/ --lr 0.001 --epochs 3   # adapt the default router to mem.msa's text")
 def train_router_cmd(
     out: Annotated[str, typer.Option("--out", "-o", help="Folder for the adapter (router_adapter.json/.safetensors), e.g. router/")],
     corpus: Annotated[list[str] | None, typer.Option("--corpus", help="Your text files/folders for inverse-cloze + fact pairs (default: the built-in stdlib-docstring recipe)")] = None,
@@ -134,6 +136,7 @@ def train_router_cmd(
     init_adapter: Annotated[str | None, typer.Option("--init-adapter", help="Start from this router adapter's weights (its layers must cover --layers) instead of the model's q/k copies, e.g. to fine-tune with --layer-loss sum")] = None,
     freeze_layers: Annotated[str | None, typer.Option("--freeze-layers", help="Comma list of router layers kept as --init-adapter has them (scored, not updated), e.g. to train new layers that complement them with --layer-loss sum")] = None,
     fact_names: Annotated[str, typer.Option("--fact-names", help="Names of the synthetic facts: syllables (from 14 syllables, the shipped adapters' recipe) or varied (from ~16k syllables; never the benchmark's)")] = "syllables",
+    keep_layers: Annotated[bool, typer.Option("--keep-layers", help="Keep every --layers layer (no selection on dev; --max-layers unused), e.g. to fine-tune --init-adapter to a --store's own text and re-key it in place with 'msa store reindex-router'")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Train router projections (decoupled InfoNCE, frozen backbone) and save an adapter."""
@@ -148,12 +151,12 @@ def train_router_cmd(
             builtin=[b.strip() for b in builtin.split(",") if b.strip()], negatives=negatives,
             cloze_remove=cloze_remove, dev_distractors=dev_distractors, bf16=bf16, layer_loss=layer_loss,
             query_reduce=query_reduce, head_reduce=head_reduce, init_adapter=init_adapter,
-            freeze_layers=freeze_layers, fact_names=fact_names,
+            freeze_layers=freeze_layers, fact_names=fact_names, keep_layers=keep_layers,
             command=_train_router_command(out, corpus, store, pairs, model, layers, max_layers, epochs,
                                           batch_size, lr, n_train, n_dev, max_chars, seed, cache, device,
                                           hard_negatives, mine_every, builtin, negatives, cloze_remove,
                                           dev_distractors, bf16, layer_loss, query_reduce, head_reduce,
-                                          init_adapter, freeze_layers, fact_names),
+                                          init_adapter, freeze_layers, fact_names, keep_layers),
             log=(lambda s: None) if json_out else (lambda s: typer.echo(s, err=True)))
         if json_out:
             _emit_json(summary)

@@ -136,7 +136,7 @@ def rekey(store: MemoryStore, router: dict[str, Any], keys_fn: KeysFn, *, messag
             f"{list(ident.router_layers)}; a new version can only re-key the same layers (content K̄V̄ are kept at "
             "exactly those layers).",
             hint="Train the adapter on the store's layers (msa train-router --layers "
-                 f"{','.join(map(str, ident.router_layers))} --max-layers {ident.n_layers}), or copy into a new store "
+                 f"{','.join(map(str, ident.router_layers))} --keep-layers), or copy into a new store "
                  "with `msa store reindex-router STORE --adapter DIR --dest NEW`.")
     router = {**router, "router_id": router["router_id"], "router_layers": layers}
     if version_router(base.manifest, ident)["router_id"] == router["router_id"]:

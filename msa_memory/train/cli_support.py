@@ -36,7 +36,8 @@ def _store_pairs(store_path: str, pairs_path: str | None, seed: int, p_remove: f
     import random
 
     from msa_memory.store import open_store
-    from msa_memory.train.pairs import PairSet, build_pairs, load_jsonl
+    from msa_memory.train.pairs import PairSet, load_jsonl
+    from msa_memory.train.recipe import self_supervised_pairs
 
     st = open_store(store_path)
     tab = st.documents(["doc_id", "source_path", "text"]).to_pydict()
@@ -51,13 +52,7 @@ def _store_pairs(store_path: str, pairs_path: str | None, seed: int, p_remove: f
         n_dev = max(1, len(qs) // 10)
         mk = lambda q: PairSet(list(tab["text"]), list(tab["source_path"]), q)  # noqa: E731
         return mk(qs[n_dev:]), mk(qs[:n_dev]), (st, ids)
-    order = list(range(len(docs)))
-    random.Random(seed).shuffle(order)
-    n_dev = max(10, len(docs) // 10)
-    return (build_pairs([docs[i] for i in order[n_dev:]], split="train", seed=seed, p_remove=p_remove,
-                        fact_names=fact_names),
-            build_pairs([docs[i] for i in order[:n_dev]], split="train", seed=seed + 1000, p_remove=p_remove,
-                        fact_names=fact_names), None)
+    return (*self_supervised_pairs(docs, seed=seed, p_remove=p_remove, fact_names=fact_names), None)
 
 
 def train_router_command(out: str, corpus: list[str] | None, store: str | None, pairs: str | None, model: str,
@@ -67,7 +62,8 @@ def train_router_command(out: str, corpus: list[str] | None, store: str | None, 
                           negatives: int = 32, cloze_remove: float = 0.5, dev_distractors: bool = False,
                           bf16: bool = False, layer_loss: str = "each", query_reduce: str = "max",
                           head_reduce: str = "mean", init_adapter: str | None = None,
-                          freeze_layers: str | None = None, fact_names: str = "syllables") -> str:
+                          freeze_layers: str | None = None, fact_names: str = "syllables",
+                          keep_layers: bool = False) -> str:
     """The ``msa train-router`` line that reproduces a run (recorded in the adapter's training.json); options
     at their defaults are left out. Used by the CLI and by ``benchmarks/device_train.py``."""
     parts = ["msa train-router", f"--out {out}"] + [f"--corpus {c}" for c in corpus or []]
@@ -90,6 +86,7 @@ def train_router_command(out: str, corpus: list[str] | None, store: str | None, 
     parts += [f"--init-adapter {init_adapter}"] if init_adapter else []
     parts += [f"--freeze-layers {freeze_layers}"] if freeze_layers else []
     parts += [f"--fact-names {fact_names}"] if fact_names != "syllables" else []
+    parts += ["--keep-layers"] if keep_layers else []
     return " ".join(parts)
 
 
@@ -113,7 +110,8 @@ def train_router_from_cli(*, out: str, corpus: Sequence[str] | None, store: str 
                           cloze_remove: float = 0.5, dev_distractors: bool = False, bf16: bool = False,
                           layer_loss: str = "each", query_reduce: str = "max",
                           head_reduce: str = "mean", init_adapter: str | None = None,
-                          freeze_layers: str | None = None, fact_names: str = "syllables") -> dict[str, Any]:
+                          freeze_layers: str | None = None, fact_names: str = "syllables",
+                          keep_layers: bool = False) -> dict[str, Any]:
     """Build the pairs the options ask for and run :func:`msa_memory.train.recipe.run_training`."""
     from msa_memory.train.recipe import builtin_pairs, files_pairs, run_training
 
@@ -145,4 +143,4 @@ def train_router_from_cli(*, out: str, corpus: Sequence[str] | None, store: str 
                         train_pairs=train, dev_pairs=dev, config=cfg, cache_dir=cache, device=device,
                         init_adapter=init_adapter,
                         command=command, log=log, loaded=loaded, dev_distractors=dev_distractors,
-                        store_docs=store_docs)
+                        store_docs=store_docs, keep_layers=keep_layers)

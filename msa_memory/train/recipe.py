@@ -151,6 +151,22 @@ def builtin_pairs(n_train: int = 500, n_dev: int = 100, *, seed: int = 0, max_ch
     return train, dev
 
 
+def self_supervised_pairs(docs: Sequence[tuple[str, str]], *, seed: int = 0, p_remove: float = 0.5,
+                          fact_names: str = "syllables") -> tuple[PairSet, PairSet]:
+    """Train/dev pair sets from (source, text) documents taken whole, as ``msa train-router --store``
+    builds them from a store's texts: shuffled with ``seed``, a tenth (at least 10) held out as dev,
+    inverse cloze + inserted facts (``build_pairs``) on each."""
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    n_dev = max(10, len(docs) // 10)
+    if len(docs) < 2 * n_dev:
+        raise ConfigError(f"{len(docs)} documents are too few for self-supervised router training (at least 20).")
+    return (build_pairs([docs[i] for i in order[n_dev:]], split="train", seed=seed, p_remove=p_remove,
+                        fact_names=fact_names),
+            build_pairs([docs[i] for i in order[:n_dev]], split="train", seed=seed + 1000, p_remove=p_remove,
+                        fact_names=fact_names))
+
+
 def files_pairs(paths: Sequence[str | Path], *, n_dev_fraction: float = 0.1, seed: int = 0,
                 max_chars: int = 1200, max_passages: int | None = None, p_remove: float = 0.5,
                 fact_names: str = "syllables") -> tuple[PairSet, PairSet]:
@@ -223,7 +239,7 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
                  config: Any = None, cache_dir: str | Path | None = None, init_adapter: str | Path | None = None,
                  device: str = "cpu", command: str = "", log: Log = print, loaded: Any = None,
                  dev_distractors: bool = False, store_docs: tuple[Any, Sequence[int]] | None = None,
-                 features: tuple[Any, Any] | None = None) -> dict[str, Any]:
+                 features: tuple[Any, Any] | None = None, keep_layers: bool = False) -> dict[str, Any]:
     """Train router projections and save the chosen adapter to ``out``; returns a summary dict.
 
     Parameters
@@ -238,6 +254,9 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
         Layers whose projections are trained and measured.
     max_layers : int, default 9
         Most layers the saved adapter keeps (greedy selection on dev recall@16).
+    keep_layers : bool, default False
+        Keep every candidate layer instead (no selection; ``max_layers`` is not used): e.g. to fine-tune
+        an adapter to a store's own text and re-key that store in place, which needs the same layers.
     train_pairs, dev_pairs : PairSet, optional
         Default: :func:`builtin_pairs`.
     config : TrainConfig, optional
@@ -258,7 +277,8 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
         needed and the counts recorded are the features' own.
     loaded : LoadedModel, optional
         An already loaded model (its router layers must include the candidates; it is not modified
-        except that its ``router`` is replaced by the candidate subset). Saves a reload.
+        except that its ``router`` is replaced by the candidate subset; with ``init_adapter`` a copy
+        carrying that adapter is used instead). Saves a reload.
     """
     import warnings
 
@@ -280,6 +300,8 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
                 loaded = load_model(model, adapter=adapter, device=device)
             else:
                 loaded = load_model(model, router_layers="all" if layers_arg is None else layers_arg, device=device)
+    elif adapter is not None:  # the given model, started from init_adapter's weights (not the router it has)
+        loaded = loaded.with_router(adapter)
     if candidate_layers == "lower-half":
         loaded.router = loaded.router.subset(range(loaded.n_layers // 2))
     elif candidate_layers == "upper-half":
@@ -313,9 +335,12 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
 
     history = train_router(proj, train_f, dev_f, cfg, log=on_epoch)
     ev = evaluate(proj, dev_f, cfg)
-    chosen, trace = select_layers(ev["layer_scores"], ev["positive"], proj.layers, max_layers=max_layers)
+    if keep_layers:
+        chosen, trace = tuple(proj.layers), []
+    else:
+        chosen, trace = select_layers(ev["layer_scores"], ev["positive"], proj.layers, max_layers=max_layers)
     final = evaluate(proj.subset(chosen), dev_f, cfg, per_layer=False)
-    log(f"layers chosen on dev: {list(chosen)}; dev recall@1/5/16 "
+    log(f"layers {'kept' if keep_layers else 'chosen on dev'}: {list(chosen)}; dev recall@1/5/16 "
         + "/".join(f"{final['recall'][k]:.3f}" for k in (1, 5, 16)))
     summary = {
         "command": command, "model": loaded.name, "model_fingerprint": loaded.model_fingerprint,

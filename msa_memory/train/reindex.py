@@ -105,7 +105,7 @@ def reindex_router(store: Any, adapter: Any, *args: Any, message: str | None = N
             f"{list(ident.router_layers)}; a new version of the same store can only re-key the same layers.",
             hint="Copy into a new store restricted to the adapter's layers with `msa store reindex-router STORE "
                  "--adapter DIR --dest NEW`, or train on the store's layers (msa train-router --layers "
-                 f"{','.join(map(str, ident.router_layers))} --max-layers {ident.n_layers}).")
+                 f"{','.join(map(str, ident.router_layers))} --keep-layers).")
     t0 = time.perf_counter()
     t_keys = [0.0]
     n_chunks = [0]

@@ -521,6 +521,54 @@ def test_store_pairs_training_reads_kept_router_inputs_instead_of_encoding(tiny_
     assert calls and any("keeps no router inputs" in x for x in lines), lines
 
 
+def test_store_adaptation_starts_from_the_adapter_keeps_its_layers_and_rekeys_in_place(tiny_loaded, tmp_path):
+    """--store --init-adapter A --keep-layers (the corpus adaptation of RECIPE's eighth session): training
+    starts from A's weights (not the router the given model carries), keeps every layer whatever
+    --max-layers says, and the store is re-keyed in place with the result; without --keep-layers the
+    selection may drop a layer, which an in-place re-key refuses."""
+    from msa_memory.encode import RouterAdapter
+    from msa_memory.train.cli_support import train_router_from_cli
+    from msa_memory.train.recipe import self_supervised_pairs
+    from msa_memory.train.reindex import reindex_router
+
+    texts = [t + f" Another sentence here {i}. And one more, {i * 3}." for i, t in enumerate(TEXTS * 2)]
+    root = tmp_path / "mem.msa"
+    st, ids = _store(root, tiny_loaded, texts)
+    start, _ = _adapter(tiny_loaded, 11, layers=(0, 1, 2, 3))          # not the weights tiny_loaded carries
+    start.save(tmp_path / "start")
+    common = dict(corpus=None, pairs=None, model="unused", layers="0,1,2,3", batch_size=8, lr=1e-2, n_train=0, n_dev=10,
+                  seed=0, cache=None, device="cpu", command="t", loaded=tiny_loaded, log=lambda m: None,
+                  init_adapter=str(tmp_path / "start"))
+    s0 = train_router_from_cli(out=str(tmp_path / "r0"), store=str(root), max_layers=1, epochs=0, keep_layers=True,
+                               **common)
+    assert s0["router_layers"] == [0, 1, 2, 3] and s0["selection"] == [] and not (tmp_path / "r0" / "candidates").exists()
+    got0 = RouterAdapter.load(tmp_path / "r0")
+    for l in ("0", "1", "2", "3"):                            # 0 epochs: exactly the starting adapter's weights
+        assert torch.equal(got0.q_proj[l].weight, start.q_proj[l].weight)
+    s1 = train_router_from_cli(out=str(tmp_path / "r1"), store=str(root), max_layers=1, epochs=1, keep_layers=True,
+                               **common)
+    adapted = RouterAdapter.load(tmp_path / "r1")
+    assert adapted.config.router_layers == (0, 1, 2, 3) and s1["train"]["queries"] > 0
+    assert not torch.equal(adapted.q_proj["1"].weight, start.q_proj["1"].weight)
+    new, _ = reindex_router(st, adapted)
+    assert new.identity.router_id == adapted.fingerprint() and new.version > st.version
+    assert new.texts(ids) == texts                  # the documents are untouched
+    s2 = train_router_from_cli(out=str(tmp_path / "r2"), store=str(root), max_layers=1, epochs=1, **common)
+    one = RouterAdapter.load(tmp_path / "r2")
+    assert len(s2["router_layers"]) == 1 and one.config.router_layers == tuple(s2["router_layers"])
+    with pytest.raises(IdentityMismatchError, match="differ from store"):
+        reindex_router(new, one)
+    # the pairs: a tenth (at least 10) of the documents held out, deterministic, every query on its own split
+    tr, dev = self_supervised_pairs([(f"d{i}", t) for i, t in enumerate(texts)], seed=0)
+    again = self_supervised_pairs([(f"d{i}", t) for i, t in enumerate(texts)], seed=0)
+    assert len(dev.passages) == 10 and len(tr.passages) == len(texts) - 10
+    assert [q.text for q in tr.queries] == [q.text for q in again[0].queries]
+    assert all(p < len(ps.passages) for ps in (tr, dev) for q in ps.queries for p in q.positives)
+    assert {s for s in dev.sources}.isdisjoint(tr.sources)
+    with pytest.raises(ConfigError, match="too few"):
+        self_supervised_pairs([(f"d{i}", t) for i, t in enumerate(texts[:15])])
+
+
 def test_reindex_refuses_layers_the_store_did_not_keep(tiny_loaded, tmp_path):
 
     from msa_memory.encode import RouterAdapter
