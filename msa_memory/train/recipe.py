@@ -334,12 +334,13 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
             f"({rec['seconds']:.0f}s)")
 
     history = train_router(proj, train_f, dev_f, cfg, log=on_epoch)
-    ev = evaluate(proj, dev_f, cfg)
-    if keep_layers:
+    if keep_layers:  # no selection: the one held-out evaluation is of every layer
         chosen, trace = tuple(proj.layers), []
+        final = evaluate(proj, dev_f, cfg, per_layer=False)
     else:
+        ev = evaluate(proj, dev_f, cfg)
         chosen, trace = select_layers(ev["layer_scores"], ev["positive"], proj.layers, max_layers=max_layers)
-    final = evaluate(proj.subset(chosen), dev_f, cfg, per_layer=False)
+        final = evaluate(proj.subset(chosen), dev_f, cfg, per_layer=False)
     log(f"layers {'kept' if keep_layers else 'chosen on dev'}: {list(chosen)}; dev recall@1/5/16 "
         + "/".join(f"{final['recall'][k]:.3f}" for k in (1, 5, 16)))
     summary = {
