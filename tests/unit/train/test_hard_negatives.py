@@ -135,7 +135,10 @@ def test_bm25_topk_is_the_best_bm25s_scores_in_order_ties_by_index(docs, queries
         ref = retriever.get_scores(q) if q else np.zeros(len(docs), dtype=np.float32)   # bm25s: one query
         want = sorted(range(len(docs)), key=lambda d: (-round(float(ref[d]), 5), d))[:kk]
         assert np.allclose(ref[row], ref[want], atol=1e-5)        # the same best scores, best first
-        ties_ok = all(round(float(ref[a]), 5) > round(float(ref[b]), 5) or a < b for a, b in zip(row, row[1:]))
+        # best first up to float32 summation order (scipy's product and bm25s's np.add.at add a passage's
+        # per-token scores in different orders, so near-ties 1e-7 apart may swap); exact ties (passages
+        # with the same token counts and length get the same summands) by index
+        ties_ok = all(ref[a] >= ref[b] - 1e-5 and (ref[a] != ref[b] or a < b) for a, b in zip(row, row[1:]))
         assert ties_ok and len(set(row.tolist())) == kk
 
 
