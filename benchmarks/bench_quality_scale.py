@@ -12,7 +12,7 @@ queries are ``build_eval``'s: 100 needle facts and 100 inverse-cloze sentences (
 A haystack of S tokens is the 200 positives plus the first distractors up to S tokens, so the
 sizes are nested and one encode of the largest serves them all.
 
-Three steps (``--step``):
+Four steps (``--step``):
 
 1. ``prepare`` (here, CPU): tokenizes the pool and the queries, builds the device pack of the
    default model (``device_pack.py``: the GGUF's own blocks 0..max router layer + the embedding
@@ -32,7 +32,11 @@ Three steps (``--step``):
    layer subset of ``--adapter`` with the same weights reuses its scores). 100M tokens through
    block 17 takes ~5 min of a device call (compose, encode, scoring).
 3. ``bm25`` (here, CPU): rebuilds the same haystack texts, runs BM25 (bm25s) on each size, merges
-   the GPU file and prints the table and one JSON line; writes ``--out/quality_scale.json``.
+   the GPU file and prints the table and one JSON line; writes ``--out/quality_scale.json`` and
+   ``quality_scale.png`` (recall@16 against memory size; with ``--cpu-json``, bench_quality's
+   16K–1M rows drawn beside, dashed).
+4. ``plot`` (anywhere): that PNG from an existing ``--scale-json`` (+ ``--cpu-json``), nothing re-run;
+   ``benchmarks/results/bench_quality_scale_h200.png`` is the committed H200 and CPU results drawn so.
 
 Dense MiniLM is not run past 1M (its weights, 90 MB, do not fit the device carry with the pack).
 
@@ -420,12 +424,74 @@ def bm25(args) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "quality_scale.json").write_text(json.dumps(summary, indent=1))
+    cpu = json.loads(Path(args.cpu_json).read_text()) if args.cpu_json else None
+    plot_scale(summary, cpu, out / "quality_scale.png")
     print(json.dumps({"bench": "quality_scale", "digest": digest, "table": table}))
+
+
+def plot_scale(summary: dict, cpu: dict | None, path: Path) -> None:
+    """recall@16 against memory size, needles and cloze side by side: the routing adapters and BM25 of a
+    ``quality_scale.json`` (solid), and, given ``bench_quality``'s CPU ``quality.json``, its 16K–1M
+    routing, BM25 and dense rows (dashed; other haystacks: real passages, not varied ones)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:  # the plot is a convenience; the JSON is the result
+        print(f"plot skipped: {e}", file=sys.stderr)
+        return
+    rows = summary["table"]
+    x = [r["tokens"] for r in rows]
+    layers = (summary.get("gpu") or {}).get("router_layers")
+    series = {f"routing, layers {layers}" if layers else "routing": [r["routing"] for r in rows],
+              "BM25 (bm25s)": [r["bm25"] for r in rows]}
+    for name in rows[0].get("also") or {}:
+        series[f"routing, {Path(name).name}"] = [(r.get("also") or {}).get(name) for r in rows]
+    colour = {"routing": "C0", "BM25": "C1", "dense": "C4"}  # one colour per method on both haystacks
+    extra = iter(["C2", "C3", "C5", "C6", "C7", "C8", "C9"])
+    first = next(iter(series))
+
+    def pick(name: str) -> str:
+        return colour["routing"] if name == first or "trained adapter" in name else colour.get(name.split()[0]) or next(extra)
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
+    for ax, kind, title in zip(axes, ("fact", "ict"), ("needle facts", "inverse cloze")):
+        for name, vals in series.items():
+            pts = [(s, v[kind]["16"]) for s, v in zip(x, vals) if v]
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=pick(name),
+                    label=f"{name} (GPU haystacks)")
+        if cpu:
+            sizes = sorted(int(s) for s in cpu["results"])
+            for name in [n for n in cpu["results"][str(sizes[0])] if not n.startswith("_") and "untrained" not in n]:
+                ax.plot(sizes, [cpu["results"][str(s)][name][kind]["16"] for s in sizes], ls="--", marker=".",
+                        color=pick(name), label=f"{name} (CPU haystacks)")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("memory size (tokens)")
+        ax.set_title(f"recall@16, {title}")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("recall@16")
+    axes[0].set_ylim(0, 1.02)
+    axes[1].legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot(args) -> None:
+    """The PNG of an existing ``quality_scale.json`` (``--scale-json``), without re-running anything."""
+    if not args.scale_json:
+        raise SystemExit("--step plot needs --scale-json (a quality_scale.json the bm25 step wrote)")
+    summary = json.loads(Path(args.scale_json).read_text())
+    cpu = json.loads(Path(args.cpu_json).read_text()) if args.cpu_json else None
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_scale(summary, cpu, out / "quality_scale.png")
+    print(json.dumps({"bench": "quality_scale", "plot": str(out / "quality_scale.png")}))
 
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--step", choices=("prepare", "gpu", "bm25"), required=True)
+    ap.add_argument("--step", choices=("prepare", "gpu", "bm25", "plot"), required=True)
     ap.add_argument("--adapter", default=str(ROOT / "msa_memory" / "data" / "gemma3-270m-router"))
     ap.add_argument("--also-adapter", action="append", default=None,
                     help="gpu step: also report this adapter (its layers among --adapter's; its own weights, or "
@@ -441,10 +507,13 @@ def main(argv=None) -> None:
     ap.add_argument("--q-block", type=int, default=40)
     ap.add_argument("--gpu-json", default=None, help="bm25 step: the scale_gpu.json the gpu step wrote")
     ap.add_argument("--bm25-json", default=None, help="bm25 step: reuse the BM25 figures of this quality_scale.json")
+    ap.add_argument("--cpu-json", default=None,
+                    help="bm25 / plot step: bench_quality's quality.json, drawn beside the scale curves (16K-1M)")
+    ap.add_argument("--scale-json", default=None, help="plot step: the quality_scale.json to draw")
     ap.add_argument("--out", default=str(ROOT / ".bench" / "quality"))
     args = ap.parse_args(argv)
     args.sizes = [int(s) for s in str(args.sizes).split(",")]
-    {"prepare": prepare, "gpu": gpu, "bm25": bm25}[args.step](args)
+    {"prepare": prepare, "gpu": gpu, "bm25": bm25, "plot": plot}[args.step](args)
 
 
 if __name__ == "__main__":
