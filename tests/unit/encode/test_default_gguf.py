@@ -63,7 +63,6 @@ def test_a_killed_assembler_leaves_no_file_a_later_load_refuses(home):
     assert not list(target.parent.glob(".*.tmp"))     # the killed one's temporary file removed too
 
 
-
 def test_a_torn_file_that_cannot_be_locked_is_a_clear_error_and_left_alone(home):
     from msa_memory.errors import ModelLoadError
 
