@@ -21,21 +21,22 @@ Pooled router inputs x̄ of every passage are computed once (the encoder's forwa
 cached under ``--cache`` (gitignored); router keys of any adapter are a linear map of them.
 Prints a table, writes ``quality.json`` and ``quality.png`` into ``--out``, ends with one JSON line.
 
-Measured (``--sizes 16384,131072,1048576 --em 20 --layers 1,2,5,8,11,14,17``, 100 needles + 100 cloze
-queries, 2-core AVX512-BF16 CPU; the shipped adapter, layers 1, 2, 5, 8, 11, 14, 17: the merge of the
-"shallow" (1, 5), "deep" (2, 14, 17) and "mid" (8, 11) adapters; benchmarks/results/bench_quality_cpu.json):
-routing recall@16 needles 1.00 / 1.00 / 0.94, inverse cloze 0.98 / 0.61 / 0.59 at 16K / 128K / 1M
+Measured (``--sizes 16384,131072,1048576 --em 20``, 100 needles + 100 cloze queries, 2-core
+AVX512-BF16 CPU; the shipped adapter, layers 1, 5, 8, 11, 13, 16, 17: the merge of the "shallow" (1,
+5), "deepv" (13, 16, 17) and "mid" (8, 11) adapters; benchmarks/results/bench_quality_cpu.json):
+routing recall@16 needles 1.00 / 0.99 / 0.93, inverse cloze 0.97 / 0.66 / 0.65 at 16K / 128K / 1M
 tokens, against BM25 1.00 / 1.00 / 1.00 and 0.93 / 0.71 / 0.71 and MiniLM 0.93 / 0.81 / 0.62 and
-0.97 / 0.69 / 0.64. Relative drop 16K → 1M: 6% (needles), 40% (cloze); routing stays below BM25 at 1M
-on both. On the same cached features the default before it (``--adapter merge5``, layers 1, 2, 5, 14,
-17; benchmarks/results/router_17421c10/) had 1.00 / 0.99 / 0.92 and 0.97 / 0.63 / 0.55, its parts
-(benchmarks/results/router_bacc1f25/, router_4b77c12b/) deep 1.00 / 0.97 / 0.80 and 0.96 / 0.56 / 0.53,
-shallow 1.00 / 0.97 / 0.79 and 0.94 / 0.49 / 0.45. End-to-end exact match in text mode (top-4, the
-first 20 needles of the 16K haystacks, one store per haystack): 0.40, 8 of 20 (merge5 and deep 0.35 each, 7 of 20;
-most misses are the 270M model answering "Yes." to "Can you find ..." questions). Reindex in place
-0.03 s vs encode + write 15.3 s for the first 16,611-token EM store (4.7 s with the shallow adapter,
-whose encoder stops after block 5). Before the deep adapter's run the benchmark asked 40 +
-40 queries (±0.07 per figure at 1M; now ±0.05).
+0.97 / 0.69 / 0.64. Relative drop 16K → 1M: 7% (needles), 33% (cloze); routing stays below BM25 at 1M
+on both. The default before it (``--adapter merge7``, layers 1, 2, 5, 8, 11, 14, 17, on a cache of the
+same passages' pooled inputs the same day; benchmarks/results/router_adcadcca/) had 1.00 / 1.00 / 0.94
+and 0.98 / 0.62 / 0.60, and ``merge5`` (1, 2, 5, 14, 17; an earlier session, benchmarks/results/router_17421c10/)
+1.00 / 0.99 / 0.92 and 0.97 / 0.63 / 0.55. End-to-end exact match in text mode (top-4, the first 20 needles
+of the 16K haystacks, one store per haystack): 0.40, 8 of 20, as merge7 (merge5 and the deep part 0.35
+each, 7 of 20; most misses are the 270M model answering "Yes." to "Can you find ..." questions). Reindex
+in place 0.04 s vs encode + write 28.8 s for the first 16,611-token EM store (with a test encoding
+beside it on the 2 cores; 15.3 s on idle cores in an earlier run, 4.7 s with the shallow adapter, whose
+encoder stops after block 5). Before the deep adapter's run the benchmark asked 40 + 40 queries
+(±0.07 per figure at 1M; now ±0.05).
 """
 
 from __future__ import annotations
@@ -301,7 +302,7 @@ def main(argv: list[str] | None = None, loaded=None) -> None:
         results[S]["_docs"] = [len(docs) for docs, _ in plans[S]]
 
     em = run_em(args, loaded, trained, untrained_sub, passages, queries, plans, sizes) if args.em else None
-    report(args, results, sizes, em, t_dense, n_needed, n_tokens, cfg, t_start)
+    report(args, results, sizes, em, t_dense, n_needed, n_tokens, cfg, t_start, trained.fingerprint())
 
 
 def run_em(args, loaded, adapter, other_adapter, passages, queries, plans, sizes):
@@ -359,7 +360,7 @@ def run_em(args, loaded, adapter, other_adapter, passages, queries, plans, sizes
             "rows": rows, **timing}
 
 
-def report(args, results, sizes, em, t_dense, n_needed, n_tokens, cfg, t_start):
+def report(args, results, sizes, em, t_dense, n_needed, n_tokens, cfg, t_start, router_id):
     names = [n for n in results[sizes[0]] if not n.startswith("_")]
     print(f"\n{'method':<30} {'queries':<8} " + " ".join(f"{S // 1024:>5}K r@1/5/16   " for S in sizes))
     for name in names:
@@ -382,11 +383,13 @@ def report(args, results, sizes, em, t_dense, n_needed, n_tokens, cfg, t_start):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+        # "-dirty": the run had uncommitted changes in it
+        commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
+                                text=True).stdout.strip()
     except OSError:
         commit = ""
     summary = {"bench": "quality", "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
-               "commit": commit, "adapter": args.adapter, "router_layers": list(cfg.router_layers),
+               "commit": commit, "adapter": args.adapter, "router_id": router_id, "router_layers": list(cfg.router_layers),
                "sizes_tokens": sizes, "passages_encoded": int(n_needed), "tokens_encoded": int(n_tokens[:n_needed].sum()),
                "results": {str(S): {k: v for k, v in results[S].items()} for S in sizes},
                "relative_drop_r16_smallest_to_largest": drop, "routing_r16_ge_bm25_at_largest": beats,

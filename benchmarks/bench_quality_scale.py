@@ -45,10 +45,16 @@ Measured (H200 for the gpu step, this 2-core CPU for BM25; 100 needles + 100 clo
 haystacks are those of the earlier 1M/10M-only prepare (digest 1e5b9ebb: the composition is nested)),
 routing recall@1/5/16 at 1M / 10M / 100M tokens (4,164 / 41,532 / 414,846 passages):
 
-* the shipped adapter (layers 1, 2, 5, 8, 11, 14, 17; benchmarks/results/bench_quality_scale_h200.json)
-  needles 0.52/0.85/0.93, 0.47/0.69/0.84, 0.35/0.61/0.68 and cloze 0.21/0.50/0.71, 0.16/0.41/0.60,
-  0.08/0.26/0.38;
-* the default before it (``merge5``, layers 1, 2, 5, 14, 17; the run before, same day;
+* the shipped adapter (layers 1, 5, 8, 11, 13, 16, 17; benchmarks/results/bench_quality_scale_h200.json)
+  needles 0.55/0.84/0.94, 0.48/0.75/0.84, 0.37/0.60/0.72 and cloze 0.20/0.57/0.73, 0.16/0.43/0.64,
+  0.09/0.30/0.39 (encode 176 s, 595k tok/s). An earlier call of the same session gave the same
+  figures to the digit with its weights as an ``--also-adapter`` of a 9-layer encode (``--adapter``
+  merge7 + deepv [13, 16]; benchmarks/results/router_trials_2026-12-02f/);
+* the default before it (``merge7``, layers 1, 2, 5, 8, 11, 14, 17; its own run:
+  benchmarks/results/router_adcadcca/bench_quality_scale_h200.json, and again, the same figures, as
+  ``--also-adapter`` of that 9-layer encode) needles 0.52/0.85/0.93, 0.47/0.69/0.84,
+  0.35/0.61/0.68 and cloze 0.21/0.50/0.71, 0.16/0.41/0.60, 0.08/0.26/0.38;
+* the one before that (``merge5``, layers 1, 2, 5, 14, 17; an earlier session;
   benchmarks/results/router_17421c10/bench_quality_scale_h200_q200.json) needles 0.58/0.83/0.90,
   0.47/0.72/0.78, 0.37/0.57/0.65 and cloze 0.20/0.49/0.70, 0.14/0.40/0.59, 0.11/0.22/0.32;
 * its deep part alone (2, 14, 17; benchmarks/results/router_bacc1f25/bench_quality_scale_h200_q200.json)

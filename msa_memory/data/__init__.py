@@ -1,19 +1,26 @@
 """Files shipped with the package: the router adapters trained for Gemma 3 270M.
 
-``gemma3-270m-router/`` (the default; layers 1, 2, 5, 8, 11, 14, 17) holds ``router_adapter.json`` +
+``gemma3-270m-router/`` (the default; layers 1, 5, 8, 11, 13, 16, 17) holds ``router_adapter.json`` +
 ``router_adapter.safetensors`` (a ``msa_memory.encode.RouterAdapter``) and ``RECIPE.md`` (the exact
 commands and data that reproduce it). It is the merge (``RouterAdapter.merge``) of three trained
 adapters, each also shipped as a *subset folder* of it (``router_subset.json``: which layers, their
 router id, the training run's provenance; beside it that run's ``training.json``):
 
-* ``gemma3-270m-router-deep/`` (layers 2, 14, 17): trained on the H200 over 69k passages;
+* ``gemma3-270m-router-deepv/`` (layers 13, 16, 17): trained on the H200 over 69k passages with
+  varied fact names, among the candidates 2, 13, 14, 16, 17;
 * ``gemma3-270m-router-shallow/`` (layers 1, 5): trained on this CPU over 25k passages; an encoder
   that stops after layer 5 instead of 17 encodes ~3× faster on a CPU;
 * ``gemma3-270m-router-mid/`` (layers 8, 11): the same 69k passages, trained on the H200 among
   candidates 5, 8, 11, 14, 17 (a trial run whose greedy selection kept layer 14 alone).
 
-``gemma3-270m-router-merge5/`` (layers 1, 2, 5, 14, 17: shallow + deep) is the default of the session
-before, kept as a subset folder so the stores it built keep their router.
+``gemma3-270m-router-deep/`` (layers 2, 14, 17) keeps its own weights: trained on the H200 over the
+same 69k passages, it was part of the two defaults before, and its layers 2 and 14 (and its own
+training of layer 17) are in no other shipped adapter. Those defaults are subset folders of several
+folders (``"parts"``), so the stores they built keep their router:
+
+* ``gemma3-270m-router-merge7/`` (layers 1, 2, 5, 8, 11, 14, 17: shallow + deep + mid), the default
+  of the session before;
+* ``gemma3-270m-router-merge5/`` (layers 1, 2, 5, 14, 17: shallow + deep), the one before that.
 
 ``load_model("default")`` uses the default when no adapter is given; all of them are reachable by
 name wherever an adapter folder is taken (``RouterAdapter.load``, ``load_model(adapter=...)``,
@@ -26,23 +33,29 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["DEFAULT_ROUTER_ADAPTER", "DEEP_ROUTER_ADAPTER", "SHALLOW_ROUTER_ADAPTER", "MID_ROUTER_ADAPTER",
-           "MERGE5_ROUTER_ADAPTER", "SHIPPED_ADAPTERS",
+__all__ = ["DEFAULT_ROUTER_ADAPTER", "DEEP_ROUTER_ADAPTER", "DEEPV_ROUTER_ADAPTER", "SHALLOW_ROUTER_ADAPTER",
+           "MID_ROUTER_ADAPTER", "MERGE5_ROUTER_ADAPTER", "MERGE7_ROUTER_ADAPTER", "SHIPPED_ADAPTERS",
            "default_router_adapter", "shipped_adapter", "shipped_adapter_for_router"]
 
+_HERE = Path(__file__).resolve().parent
 #: Folder of the trained router adapter of the default model (Gemma 3 270M, GGUF q4_k_m).
-DEFAULT_ROUTER_ADAPTER = Path(__file__).resolve().parent / "gemma3-270m-router"
-#: Router layers 2, 14, 17 of the default (its deep part).
-DEEP_ROUTER_ADAPTER = Path(__file__).resolve().parent / "gemma3-270m-router-deep"
+DEFAULT_ROUTER_ADAPTER = _HERE / "gemma3-270m-router"
+#: Router layers 13, 16, 17 of the default (its deep part, trained with varied fact names).
+DEEPV_ROUTER_ADAPTER = _HERE / "gemma3-270m-router-deepv"
 #: Router layers 1, 5 of the default (its shallow part): faster to encode, worse to route.
-SHALLOW_ROUTER_ADAPTER = Path(__file__).resolve().parent / "gemma3-270m-router-shallow"
+SHALLOW_ROUTER_ADAPTER = _HERE / "gemma3-270m-router-shallow"
 #: Router layers 8, 11 of the default (its middle part).
-MID_ROUTER_ADAPTER = Path(__file__).resolve().parent / "gemma3-270m-router-mid"
-#: Router layers 1, 2, 5, 14, 17 of the default (shallow + deep: the default of the session before).
-MERGE5_ROUTER_ADAPTER = Path(__file__).resolve().parent / "gemma3-270m-router-merge5"
+MID_ROUTER_ADAPTER = _HERE / "gemma3-270m-router-mid"
+#: Router layers 2, 14, 17 (the deep part of the two defaults before; weights of its own).
+DEEP_ROUTER_ADAPTER = _HERE / "gemma3-270m-router-deep"
+#: Router layers 1, 2, 5, 8, 11, 14, 17 (shallow + deep + mid: the default of the session before).
+MERGE7_ROUTER_ADAPTER = _HERE / "gemma3-270m-router-merge7"
+#: Router layers 1, 2, 5, 14, 17 (shallow + deep: the default before that).
+MERGE5_ROUTER_ADAPTER = _HERE / "gemma3-270m-router-merge5"
 #: Names an adapter argument may take instead of a folder (a folder of that name, if one exists, wins).
-SHIPPED_ADAPTERS = {"default": DEFAULT_ROUTER_ADAPTER, "deep": DEEP_ROUTER_ADAPTER, "shallow": SHALLOW_ROUTER_ADAPTER,
-                    "mid": MID_ROUTER_ADAPTER, "merge5": MERGE5_ROUTER_ADAPTER}
+SHIPPED_ADAPTERS = {"default": DEFAULT_ROUTER_ADAPTER, "deepv": DEEPV_ROUTER_ADAPTER, "shallow": SHALLOW_ROUTER_ADAPTER,
+                    "mid": MID_ROUTER_ADAPTER, "deep": DEEP_ROUTER_ADAPTER, "merge7": MERGE7_ROUTER_ADAPTER,
+                    "merge5": MERGE5_ROUTER_ADAPTER}
 
 
 def shipped_adapter(name: str) -> Path | None:

@@ -12,9 +12,11 @@ Sources: an MSA checkpoint's own weights, a saved adapter directory (``router_ad
 the model's own q_proj/k_proj at those layers. Adapters trained apart can be joined layer by layer
 (:meth:`RouterAdapter.merge`: routing sums the layers' scores, so a merged adapter routes by the sum
 of its parts); a *subset folder* (``router_subset.json``: ``{"of": FOLDER, "router_layers": [...],
-"router_id": ..., "extra": {...}}``) names some layers of another adapter folder, and
-:meth:`RouterAdapter.load` rebuilds it and checks its fingerprint, so a shipped merged adapter and
-the adapters it was made of share one copy of the weights.
+"router_id": ..., "extra": {...}}``) names some layers of another adapter folder, or, with
+``"parts": [{"of": FOLDER, "router_layers": [...]}, ...]`` in place of ``"of"``, the merge of layers
+of several folders (``router_layers`` is then all of theirs). :meth:`RouterAdapter.load` rebuilds it
+and checks its fingerprint, so a shipped merged adapter and the adapters it was made of share one
+copy of the weights.
 
 Score modes: ``"cosine"`` (paper, InfoNCE training; keys are stored L2-normalised per head after
 pooling, queries must be normalised too) or ``"dot"`` (reference inference as shipped: raw dot
@@ -277,8 +279,8 @@ class RouterAdapter(nn.Module):
     def load(cls, directory: str | Path) -> RouterAdapter:
         """Read an adapter written by :meth:`save`, from a folder or a shipped adapter's name.
 
-        ``directory`` may name a shipped adapter of the default model (``"default"``, ``"deep"``, ``"shallow"``:
-        :data:`msa_memory.data.SHIPPED_ADAPTERS`) when no folder of that name exists.
+        ``directory`` may name a shipped adapter of the default model (``"default"``, ``"shallow"``, ``"merge7"``,
+        …: :data:`msa_memory.data.SHIPPED_ADAPTERS`) when no folder of that name exists.
 
         Raises
         ------
@@ -313,23 +315,35 @@ class RouterAdapter(nn.Module):
         f = d / ADAPTER_SUBSET
         try:
             spec = json.loads(f.read_text())
-            of, layers, rid = d / spec["of"], spec["router_layers"], str(spec["router_id"])
+            layers, rid = [int(l) for l in spec["router_layers"]], str(spec["router_id"])
+            parts = ([(d / spec["of"], layers)] if "parts" not in spec else
+                     [(d / p["of"], [int(l) for l in p["router_layers"]]) for p in spec["parts"]])
             extra = dict(spec.get("extra", {}))
         except (ValueError, TypeError, KeyError) as e:
-            raise ModelLoadError(f"Router subset file {str(f)!r} is invalid ({e!r}): it needs 'of', 'router_layers' "
-                                 "and 'router_id'.") from e
-        if is_subset_folder(of):
-            raise ModelLoadError(f"{str(f)!r} names {str(of)!r}, itself a subset; name the full adapter folder.")
+            raise ModelLoadError(f"Router subset file {str(f)!r} is invalid ({e!r}): it needs 'of' (or 'parts': "
+                                 "[{'of', 'router_layers'}, ...]), 'router_layers' and 'router_id'.") from e
+        if not layers or sorted(l for _, ls in parts for l in ls) != sorted(layers):
+            raise ModelLoadError(f"{str(f)!r}: its parts' layers {[ls for _, ls in parts]} are not its router_layers "
+                                 f"{layers}.")
+        pieces = []
+        for of, ls in parts:
+            if is_subset_folder(of):
+                raise ModelLoadError(f"{str(f)!r} names {str(of)!r}, itself a subset; name the full adapter folder.")
+            try:
+                pieces.append(cls.load(of).subset(ls))
+            except (ConfigError, ValueError, TypeError) as e:
+                raise ModelLoadError(f"{str(f)!r}: {e}") from e
         try:
-            adapter = cls.load(of).subset(layers)
-        except (ConfigError, ValueError, TypeError) as e:
+            adapter = pieces[0] if len(pieces) == 1 else cls.merge(pieces)
+        except ConfigError as e:
             raise ModelLoadError(f"{str(f)!r}: {e}") from e
         adapter.config.extra.clear()
         adapter.config.extra.update(extra)
         got = adapter.fingerprint()
         if got != rid:
-            raise ModelLoadError(f"{str(f)!r}: layers {list(layers)} of {str(of)!r} have router id {got}, the file "
-                                 f"says {rid}: that folder's weights are not the ones this subset was made from.",
+            where = " + ".join(f"layers {ls} of {str(of)!r}" for of, ls in parts)
+            raise ModelLoadError(f"{str(f)!r}: {where} have router id {got}, the file says {rid}: "
+                                 "the weights there are not the ones this subset was made from.",
                                  hint="Restore the adapter folder it names, or remove the subset folder.")
         return adapter
 

@@ -183,28 +183,36 @@ def test_adapter_that_does_not_fit_the_model_is_refused(tmp_path):
 
 
 def test_shipped_adapters_load_by_name_and_a_folder_of_that_name_wins(tmp_path, monkeypatch):
-    from msa_memory.data import (DEEP_ROUTER_ADAPTER, DEFAULT_ROUTER_ADAPTER, MERGE5_ROUTER_ADAPTER, MID_ROUTER_ADAPTER,
-                                 SHALLOW_ROUTER_ADAPTER, shipped_adapter_for_router)
+    from msa_memory.data import (DEEP_ROUTER_ADAPTER, DEEPV_ROUTER_ADAPTER, DEFAULT_ROUTER_ADAPTER, MERGE5_ROUTER_ADAPTER,
+                                 MERGE7_ROUTER_ADAPTER, MID_ROUTER_ADAPTER, SHALLOW_ROUTER_ADAPTER,
+                                 shipped_adapter_for_router)
 
-    default, deep, shallow, mid, merge5 = (RouterAdapter.load(n) for n in ("default", "deep", "shallow", "mid", "merge5"))
-    assert default.fingerprint() == RouterAdapter.load(DEFAULT_ROUTER_ADAPTER).fingerprint() == "adcadcca073c2757"
-    assert deep.fingerprint() == RouterAdapter.load(DEEP_ROUTER_ADAPTER).fingerprint() == "bacc1f25d7bb2899"
-    assert shallow.fingerprint() == RouterAdapter.load(SHALLOW_ROUTER_ADAPTER).fingerprint() == "4b77c12b13a94f8c"
-    assert mid.fingerprint() == RouterAdapter.load(MID_ROUTER_ADAPTER).fingerprint() == "4152204ecd8ce65f"
-    assert merge5.fingerprint() == RouterAdapter.load(MERGE5_ROUTER_ADAPTER).fingerprint() == "17421c1042299e4b"
-    # the default is the merge of the three trained adapters (their router ids: the stores they built keep them)
-    assert default.config.router_layers == (1, 2, 5, 8, 11, 14, 17)
-    assert RouterAdapter.merge([shallow, deep, mid]).fingerprint() == default.fingerprint()
-    assert RouterAdapter.merge([shallow, deep]).fingerprint() == merge5.fingerprint()    # the default before
-    for a in (default, deep, shallow, mid, merge5):
-        assert shipped_adapter_for_router(a.fingerprint()) is not None
+    names = ("default", "deep", "deepv", "shallow", "mid", "merge5", "merge7")
+    folders = (DEFAULT_ROUTER_ADAPTER, DEEP_ROUTER_ADAPTER, DEEPV_ROUTER_ADAPTER, SHALLOW_ROUTER_ADAPTER,
+               MID_ROUTER_ADAPTER, MERGE5_ROUTER_ADAPTER, MERGE7_ROUTER_ADAPTER)
+    ids = ("a33595931c4c316b", "bacc1f25d7bb2899", "53c93270e635fd08", "4b77c12b13a94f8c", "4152204ecd8ce65f",
+           "17421c1042299e4b", "adcadcca073c2757")
+    default, deep, deepv, shallow, mid, merge5, merge7 = (RouterAdapter.load(n) for n in names)
+    for a, folder, rid in zip((default, deep, deepv, shallow, mid, merge5, merge7), folders, ids):
+        assert a.fingerprint() == RouterAdapter.load(folder).fingerprint() == rid, folder
+        assert shipped_adapter_for_router(rid) == folder    # a store built with any of them keeps its router
+    # the default is the merge of three trained adapters; merge7 (the default before) and merge5 (the one before
+    # that) are rebuilt from its layers and the deep part's own weights
+    assert default.config.router_layers == (1, 5, 8, 11, 13, 16, 17)
+    assert RouterAdapter.merge([shallow, deepv, mid]).fingerprint() == default.fingerprint()
+    assert RouterAdapter.merge([shallow, deep, mid]).fingerprint() == merge7.fingerprint()
+    assert RouterAdapter.merge([shallow, deep]).fingerprint() == merge5.fingerprint()
+    assert merge7.config.router_layers == (1, 2, 5, 8, 11, 14, 17)
+    assert not torch.equal(deep.k_proj["17"].weight, deepv.k_proj["17"].weight)   # two trainings of layer 17
     assert max(shallow.config.router_layers) < max(default.config.router_layers)   # the faster encode
-    assert deep.config.extra["trained_by"] == "msa train-router"                    # each part keeps its provenance
+    for part in (deep, deepv, shallow, mid):                                       # each part keeps its provenance
+        assert part.config.extra["trained_by"] == "msa train-router"
+    assert deepv.config.extra["command"].count("--fact-names varied") == 1
     cfg = RouterConfig((1,), n_q_heads=4, n_kv_heads=1, head_dim=16, hidden_size=64)
     RouterAdapter(cfg).save(tmp_path / "shallow")
     monkeypatch.chdir(tmp_path)
     assert RouterAdapter.load("shallow").config == cfg                 # the user's folder, not the shipped one
-    with pytest.raises(ModelLoadError, match="shipped adapter of the default model: deep, default, merge5, mid, shallow"):
+    with pytest.raises(ModelLoadError, match="shipped adapter of the default model: deep, deepv, default, merge5, merge7, mid, shallow"):
         RouterAdapter.load("deeper")
 
 
@@ -252,8 +260,27 @@ def test_merge_and_subset_roundtrip_and_refuse_bad_inputs(tmp_path):
     with pytest.raises(ModelLoadError, match="router_subset.json"):
         RouterAdapter.load(sub)
     (sub / "router_subset.json").write_text(json.dumps({"of": "../full"}))
-    with pytest.raises(ModelLoadError, match="needs 'of', 'router_layers' and 'router_id'"):
+    with pytest.raises(ModelLoadError, match="needs 'of' \\(or 'parts'"):
         RouterAdapter.load(sub)
+    # a subset folder of several folders' layers: their merge, fingerprint checked
+    c = _adapter((2, 3), 3, extra={"model_fingerprint": "m1"})
+    c.save(tmp_path / "other")
+    spec = {"parts": [{"of": "../full", "router_layers": [1, 4]}, {"of": "../other", "router_layers": [3]}],
+            "router_layers": [1, 3, 4], "router_id": RouterAdapter.merge([a, c.subset([3])]).fingerprint()}
+    (sub / "router_subset.json").write_text(json.dumps(spec))
+    got = RouterAdapter.load(sub)
+    assert got.config.router_layers == (1, 3, 4) and got.fingerprint() == spec["router_id"]
+    assert torch.equal(got.k_proj["3"].weight, c.k_proj["3"].weight) and torch.equal(got.q_proj["1"].weight, a.q_proj["1"].weight)
+    for bad, match in (({"router_layers": [1, 3]}, "are not its router_layers"),
+                       ({"router_id": a.fingerprint()}, "layers \\[1, 4\\] of .*full.* \\+ layers \\[3\\] of .*other"),
+                       ({"parts": [{"of": "../full", "router_layers": [1, 2]}, {"of": "../other", "router_layers": [2]}],
+                         "router_layers": [1, 2, 2]}, "must not overlap"),
+                       ({"parts": [{"of": "../part", "router_layers": [1, 3, 4]}]}, "itself a subset"),
+                       ({"parts": [], "router_layers": []}, "are not its router_layers"),
+                       ({"parts": [{"of": "../full"}]}, "needs 'of' \\(or 'parts'")):
+        (sub / "router_subset.json").write_text(json.dumps(spec | bad))
+        with pytest.raises(ModelLoadError, match=match):
+            RouterAdapter.load(sub)
 
 
 def test_router_config_validation():

@@ -42,9 +42,11 @@ def test_default_model_encodes_and_updates_example_files(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-def test_a_store_of_the_shallow_shipped_adapter_keeps_it_without_naming_it(tmp_path: Path) -> None:
-    """A store built with --adapter shallow (or by a release whose default it was) is updated and read
-    with model="default" and no adapter: the shipped adapter matching its router, not the current default."""
+@pytest.mark.parametrize("name", ["shallow", "merge7"])
+def test_a_store_of_an_older_shipped_adapter_keeps_it_without_naming_it(tmp_path: Path, name: str) -> None:
+    """A store built with --adapter shallow, or by the release whose default merge7 was (a subset folder of
+    two folders' layers), is updated and read with model="default" and no adapter: the shipped adapter
+    matching its router, not the current default."""
     from msa_memory.data import shipped_adapter_for_router
     from msa_memory.encode import RouterAdapter
     from msa_memory.runtime import Memory
@@ -52,18 +54,18 @@ def test_a_store_of_the_shallow_shipped_adapter_keeps_it_without_naming_it(tmp_p
     folder = tmp_path / "docs"
     folder.mkdir()
     (folder / "power.txt").write_bytes((EXAMPLES / "operations" / "power.txt").read_bytes())
-    res = encode_corpus([folder], tmp_path / "s.msa", adapter="shallow")
-    shallow = RouterAdapter.load("shallow")
-    assert res.version == 1 and open_store(tmp_path / "s.msa").identity.router_id == shallow.fingerprint()
-    assert shipped_adapter_for_router(shallow.fingerprint()) is not None
+    res = encode_corpus([folder], tmp_path / "s.msa", adapter=name)
+    old = RouterAdapter.load(name)
+    assert res.version == 1 and open_store(tmp_path / "s.msa").identity.router_id == old.fingerprint()
+    assert shipped_adapter_for_router(old.fingerprint()) is not None
     assert shipped_adapter_for_router(RouterAdapter.load("default").fingerprint()) != shipped_adapter_for_router(
-        shallow.fingerprint())
+        old.fingerprint())
     (folder / "note.txt").write_text("The spare generator key hangs in the control room, hook 7.\n")
     res = encode_corpus([folder], tmp_path / "s.msa")                       # model="default", no adapter
     store = open_store(tmp_path / "s.msa")
     assert res.version == 2 and res.files_added == ["docs/note.txt"]
-    assert store.identity.router_id == shallow.fingerprint()
+    assert store.identity.router_id == old.fingerprint()
     mem = Memory(store)                                                     # model="default", no adapter
-    assert mem.model.router_layers == shallow.config.router_layers
+    assert mem.model.router_layers == old.config.router_layers
     hits = mem.search("Where does the spare generator key hang?", k=1)
     assert hits.num_rows == 1 and hits.column("source_path")[0].as_py().startswith("docs/")
