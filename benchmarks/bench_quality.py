@@ -135,6 +135,15 @@ def haystacks(n_tokens: np.ndarray, queries: list, n_q: int, size: int, per_grou
     return out
 
 
+def plan_haystacks(loaded, passages, queries, n_q: int, sizes, group: int | None):
+    """(tokens of each passage as ``loaded`` wraps it, {size: haystacks(...)}, how many passages the
+    plans use): every size's haystacks, those of 16K tokens or less holding ``group`` queries each."""
+    n_tokens = np.array([len(loaded.wrap_ids(p, 0)) for p in passages])
+    plans = {S: haystacks(n_tokens, queries, n_q, S, group if S <= 16384 else None) for S in sizes}
+    n_needed = max(max(docs) for S in sizes for docs, _ in plans[S]) + 1
+    return n_tokens, plans, n_needed
+
+
 # ----------------------------------------------------------------------------- features (cached)
 def pool_features(loaded, passages, n_needed: int, cache: Path, block: int = 256):
     """x̄ (L, C, E) bf16 and chunk→passage of passages[:n_needed], encoded block-wise and cached."""
@@ -252,9 +261,7 @@ def main(argv: list[str] | None = None, loaded=None) -> None:
         loaded = load_model("default", router_layers=cand)
     elif loaded.router_layers != cand:
         loaded.router = loaded.router.subset(cand)
-    n_tokens = np.array([len(loaded.wrap_ids(p, 0)) for p in passages])
-    plans = {S: haystacks(n_tokens, queries, n_q, S, args.group if S <= 16384 else None) for S in sizes}
-    n_needed = max(max(docs) for S in sizes for docs, _ in plans[S]) + 1
+    n_tokens, plans, n_needed = plan_haystacks(loaded, passages, queries, n_q, sizes, args.group)
     print(f"eval: {len(queries)} queries ({args.needles} needles, {args.ict} inverse cloze), {n_needed} passages "
           f"({int(n_tokens[:n_needed].sum())} tokens) needed", file=sys.stderr, flush=True)
     cache = Path(args.cache)

@@ -15,9 +15,9 @@ adapter = RouterAdapter.load("default")
 layers = list(adapter.config.router_layers)
 passages, sources, queries, n_q = bq.build_eval(100, 100)
 loaded = load_model("default", router_layers=tuple(layers))
-n_tokens = np.array([len(loaded.wrap_ids(p, 0)) for p in passages])
-(docs, qidx), = bq.haystacks(n_tokens, queries, n_q, 1 << 20, None)
-x, chunk_doc = bq.pool_features(loaded, passages, max(docs) + 1, cache / ("L" + "-".join(map(str, layers))))
+_, plans, n_needed = bq.plan_haystacks(loaded, passages, queries, n_q, [1 << 20], None)
+(docs, qidx), = plans[1 << 20]
+x, chunk_doc = bq.pool_features(loaded, passages, n_needed, cache / ("L" + "-".join(map(str, layers))))
 qx, qoff = extract_queries(loaded, [q.text for q in queries])
 need = [i for i in qidx if queries[i].kind == "fact"]
 sc = bq.routing_scores(adapter, layers, x, chunk_doc, qx, qoff, docs, need, adapter.config)

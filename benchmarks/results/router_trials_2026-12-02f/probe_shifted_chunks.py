@@ -6,7 +6,7 @@ its aligned chunks (MSA), its shifted chunks, or both. Usage: probe_shifted_chun
 once into CACHE/shifted-L... here). Prints a table and one JSON line."""
 import json, sys, time
 from pathlib import Path
-import numpy as np, torch
+import torch
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_quality as bq
@@ -63,10 +63,8 @@ def main():
     tag = "L" + "-".join(map(str, layers))
     passages, _, queries, n_q = bq.build_eval(100, 100)
     loaded = load_model("default", router_layers=tuple(layers))
-    n_tokens = np.array([len(loaded.wrap_ids(p, 0)) for p in passages])
     sizes = [16384, 131072, 1048576]
-    plans = {S: bq.haystacks(n_tokens, queries, n_q, S, 10 if S <= 16384 else None) for S in sizes}
-    n_needed = max(max(d) for S in sizes for d, _ in plans[S]) + 1
+    _, plans, n_needed = bq.plan_haystacks(loaded, passages, queries, n_q, sizes, 10)
     xa, cda = bq.pool_features(loaded, passages, n_needed, cache / tag)
     xs, cds = shifted_features(loaded, passages, n_needed, cache / f"shifted-{tag}")
     qx, qoff = extract_queries(loaded, [q.text for q in queries])
