@@ -92,12 +92,7 @@ def main():
     res = {}
     for name, shift in combos.items():
         summed = sum(torch.maximum(sc[j]["A"], sc[j]["S"]) if l in shift else sc[j]["A"] for j, l in enumerate(layers))
-        for S, r in step["results"].items():
-            top = summed[:, : r["docs"]].topk(16, dim=1).indices.cpu()
-            row = {}
-            for kind in ("fact", "ict"):
-                ii = [i for i in range(len(kinds)) if kinds[i] == kind]
-                row[kind] = {str(k): float(np.mean([int(pos[i]) in top[i, :k].tolist() for i in ii])) for k in (1, 5, 16)}
+        for S, row in recall_rows(summed, step, kinds, pos).items():
             res.setdefault(S, {})[name] = row
     for S in step["results"]:   # the step's own (A alone) results, scored by it: the check of this sum
         assert res[S]["A (MSA)"] == step["results"][S]["routing"], (S, res[S]["A (MSA)"], step["results"][S]["routing"])
@@ -111,6 +106,19 @@ def main():
                "combos": {k: sorted(v) for k, v in combos.items()}, "results": res}
     (out / "grids_scale.json").write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary))
+
+
+def recall_rows(summed, step, kinds, pos):
+    """Per prepared size of the step: recall@1/5/16 per query kind of (Q, docs) summed scores."""
+    res = {}
+    for S, r in step["results"].items():
+        top = summed[:, : r["docs"]].topk(16, dim=1).indices.cpu()
+        row = {}
+        for kind in ("fact", "ict"):
+            ii = [i for i in range(len(kinds)) if kinds[i] == kind]
+            row[kind] = {str(k): float(np.mean([int(pos[i]) in top[i, :k].tolist() for i in ii])) for k in (1, 5, 16)}
+        res[S] = row
+    return res
 
 
 def chunk_reduce_is_max():

@@ -68,12 +68,7 @@ def main():
         combos = {"A": set(), "A+S shallow+mid": set(sub) - deep, "A+S all": set(sub)}
         for cname, shift in combos.items():
             summed = sum(torch.maximum(sc[si, l]["A"], sc[si, l]["S"]) if l in shift else sc[si, l]["A"] for l in sub)
-            for S, r in step["results"].items():
-                top = summed[:, : r["docs"]].topk(16, dim=1).indices.cpu()
-                row = {}
-                for kind in ("fact", "ict"):
-                    ii = [i for i in range(len(kinds)) if kinds[i] == kind]
-                    row[kind] = {str(k): float(np.mean([int(pos[i]) in top[i, :k].tolist() for i in ii])) for k in (1, 5, 16)}
+            for S, row in PG.recall_rows(summed, step, kinds, pos).items():
                 res.setdefault(name, {}).setdefault(S, {})[cname] = row
     for S in step["results"]:   # the A rows against the step's own scoring
         assert res[scorers[0][0]][S]["A"] == step["results"][S]["routing"], S
