@@ -27,6 +27,8 @@ from msa_memory.train.trainer import Features  # noqa: E402
 import device_train  # noqa: E402
 
 MASKS: list[torch.Tensor] = []   # per encoded batch: True where a chunk is a shifted one
+FEAT_MASK: dict[str, torch.Tensor] = {}   # the same per feature set ("train", "dev")
+ONLY = None   # --only AS|A: run one of the two trainings
 _run_training, _save, _load = R.run_training, FE.save_features, FE.load_features
 
 
@@ -62,9 +64,6 @@ def load_features(path: str) -> Features:
     return f
 
 
-FEAT_MASK: dict[str, torch.Tensor] = {}
-
-
 def run_training(*, out, features, **kw):
     tr, dv = features
     _split_masks(tr.x_chunks.shape[1])
@@ -98,7 +97,6 @@ def run_training(*, out, features, **kw):
     return first
 
 
-ONLY = None
 if __name__ == "__main__":
     if "--only" in sys.argv:
         i = sys.argv.index("--only")
