@@ -12,7 +12,10 @@ Reference behaviour: msa-reference.md §2.2-§2.5. For each batch of passages:
    tensors, never from an HF cache (Gemma 3's sliding layers keep only 512 tokens there);
 4. pool the layer's ``input_layernorm`` output x per chunk (fp32) and compute the router keys as
    ``router_k(mean x)`` (= mean of router_k(x): the projection is linear), L2-normalised per head
-   iff the router's score mode is "cosine".
+   iff the router's score mode is "cosine";
+5. at the router's ``shifted_layers`` (not MSA; empty by default) pool the same x once more over the
+   shifted grid (P-token windows from token P/2, :func:`~msa_memory.encode.pooling.shifted_layout`) and
+   make router keys of those means the same way: no second forward.
 
 The template prefix's K/V for every layer (:meth:`Encoder.template_prefix`) comes from one causal
 forward of the prefix tokens alone at positions 0..P-1, for the runtime.
@@ -33,9 +36,9 @@ import torch
 
 from msa_memory.encode.forward import AttnCall, PackedCausalAttention, causal_attention
 from msa_memory.encode.model import LoadedModel
-from msa_memory.encode.pooling import chunk_layout, chunk_mean_pool
+from msa_memory.encode.pooling import chunk_layout, chunk_mean_pool, shifted_layout
 from msa_memory.errors import ConfigError, EncodeError
-from msa_memory.schemas.records import STORAGE_DTYPES, EncodedChunks, Passage
+from msa_memory.schemas.records import STORAGE_DTYPES, EncodedChunks, Passage, shifted_chunk_counts
 
 __all__ = ["Encoder", "TemplatePrefix", "PooledBatch"]
 
@@ -71,6 +74,12 @@ class PooledBatch:
     """(L, C, E) pooled router-layer inputs."""
     k_router: torch.Tensor
     """(L, C, Hkv, D) router keys as stored."""
+    n_chunks_s: list[int] | None = None
+    """Chunks per document on the shifted grid (None: the router shifts no layer)."""
+    x_s: torch.Tensor | None = None
+    """(Ls, Cs, E) pooled router-layer inputs over the shifted grid, at the shifted layers."""
+    k_router_s: torch.Tensor | None = None
+    """(Ls, Cs, Hkv, D) router keys over the shifted grid, as stored."""
 
 
 def _to_storage(t: torch.Tensor, dtype: str) -> np.ndarray:
@@ -175,7 +184,8 @@ class Encoder:
         total = sum(len(s) for s in seqs)
         m = self.model
         L, H, D, E = len(m.router_layers), m.n_kv_heads, m.head_dim, m.hidden_size
-        kv_parts, kr_parts, x_parts, n_chunks = [], [], [], []
+        Ls = len(m.router.config.shifted_layers)
+        kv_parts, kr_parts, x_parts, krs_parts, xs_parts, n_chunks, n_chunks_s = [], [], [], [], [], [], []
         done = 0
         for batch in self._batches([len(s) for s in seqs]):
             pb = self.encode_tokens([seqs[i] for i in batch])
@@ -184,19 +194,30 @@ class Encoder:
             kr_parts.append(_to_storage(pb.k_router, self.store_dtype))
             if self.keep_router_inputs:
                 x_parts.append(_to_storage(pb.x, self.store_dtype))
+            if Ls:
+                krs_parts.append(_to_storage(pb.k_router_s, self.store_dtype))
+                if self.keep_router_inputs:
+                    xs_parts.append(_to_storage(pb.x_s, self.store_dtype))
+                n_chunks_s.extend(pb.n_chunks_s)
             n_chunks.extend(pb.n_chunks)
             done += sum(pb.n_tokens)
             if progress is not None:
                 progress(done, total)
         sd = STORAGE_DTYPES[self.store_dtype]
-        kv = np.concatenate(kv_parts, axis=0) if kv_parts else np.zeros((0, L, 2, H, D), dtype=sd)
-        kr = np.concatenate(kr_parts, axis=1) if kr_parts else np.zeros((L, 0, H, D), dtype=sd)
-        xr = None
-        if self.keep_router_inputs:
-            xr = np.concatenate(x_parts, axis=1) if x_parts else np.zeros((L, 0, E), dtype=sd)
+
+        def cat(parts: list[np.ndarray], axis: int, empty: tuple[int, ...]) -> np.ndarray:
+            return np.concatenate(parts, axis=axis) if parts else np.zeros(empty, dtype=sd)
+
+        kv = cat(kv_parts, 0, (0, L, 2, H, D))
+        kr = cat(kr_parts, 1, (L, 0, H, D))
+        xr = cat(x_parts, 1, (L, 0, E)) if self.keep_router_inputs else None
+        shifted: dict[str, np.ndarray | None] = {}
+        if Ls:
+            shifted = {"n_chunks_s": np.array(n_chunks_s, dtype=np.int64), "k_router_s": cat(krs_parts, 1, (Ls, 0, H, D)),
+                       "x_router_s": cat(xs_parts, 1, (Ls, 0, E)) if self.keep_router_inputs else None}
         return EncodedChunks(doc_ids=ids, n_tokens=np.array([len(s) for s in seqs], dtype=np.int64),
                              n_chunks=np.array(n_chunks, dtype=np.int64), k_router=kr, kv=kv,
-                             dtype=self.store_dtype, x_router=xr)  # type: ignore[arg-type]
+                             dtype=self.store_dtype, x_router=xr, **shifted)  # type: ignore[arg-type]
 
     @torch.inference_mode()
     def encode_tokens(self, seqs: Sequence[Sequence[int]]) -> PooledBatch:
@@ -219,6 +240,11 @@ class Encoder:
         k_out = torch.empty(L, C, m.n_kv_heads, m.head_dim, dtype=torch.float32, device=dev)
         v_out = torch.empty_like(k_out)
         x_out = torch.empty(L, C, m.hidden_size, dtype=torch.float32, device=dev)
+        shifted = m.router.config.shifted_layers
+        sslot = {l: i for i, l in enumerate(shifted)}
+        if shifted:
+            s_layout, s_keep = shifted_layout(lens, m.chunk_tokens, device=dev)
+            xs_out = torch.empty(len(shifted), s_keep.shape[0], m.hidden_size, dtype=torch.float32, device=dev)
         seen: set[int] = set()
         packed = PackedCausalAttention(lens, dev, strategy=self.attention_strategy)  # type: ignore[arg-type]
 
@@ -233,6 +259,9 @@ class Encoder:
 
         def on_input(layer: int, x: torch.Tensor) -> None:
             x_out[slot[layer]] = chunk_mean_pool(x[0], layout)  # (T, E) -> (C, E)
+            j = sslot.get(layer)
+            if j is not None:                                   # (T, E) -> (Cs, E)
+                xs_out[j] = chunk_mean_pool(x[0], s_layout).index_select(0, s_keep)
 
         try:
             m.backbone.run(ids, pos, attention, stop_after=max(router_layers) + 1,
@@ -244,7 +273,12 @@ class Encoder:
         if seen != set(router_layers):
             raise EncodeError(f"Router layers {sorted(set(router_layers) - seen)} were not reached by the forward.")
         kr = torch.stack([m.router.keys_from_pooled(l, x_out[i]) for i, l in enumerate(router_layers)])
-        return PooledBatch(n_tokens=lens, n_chunks=layout.n_chunks, k=k_out, v=v_out, x=x_out, k_router=kr)
+        pb = PooledBatch(n_tokens=lens, n_chunks=layout.n_chunks, k=k_out, v=v_out, x=x_out, k_router=kr)
+        if shifted:
+            pb.n_chunks_s = shifted_chunk_counts(lens, m.chunk_tokens).tolist()
+            pb.x_s = xs_out
+            pb.k_router_s = torch.stack([m.router.keys_from_pooled(l, xs_out[j]) for j, l in enumerate(shifted)])
+        return pb
 
     @torch.inference_mode()
     def template_prefix(self) -> TemplatePrefix:

@@ -32,7 +32,8 @@ import torch
 
 from msa_memory.errors import ConfigError
 
-__all__ = ["ChunkLayout", "chunk_layout", "chunk_mean_pool", "pool_naive", "n_chunks_of"]
+__all__ = ["ChunkLayout", "chunk_layout", "chunk_mean_pool", "pool_naive", "n_chunks_of", "shifted_layout",
+           "pool_shifted_naive"]
 
 
 def n_chunks_of(n_tokens: int, chunk_tokens: int) -> int:
@@ -109,6 +110,39 @@ def chunk_layout(seq_lens: Sequence[int], chunk_tokens: int, device: torch.devic
         kw["tail_rows"] = to((c0 + full)[has_tail])
     return ChunkLayout(chunk_tokens=p, n_tokens=int(lens.sum()), counts=torch.from_numpy(counts).to(device),
                        n_chunks=nc.tolist(), regular=bool(regular), **kw)
+
+
+def shifted_layout(seq_lens: Sequence[int], chunk_tokens: int,
+                   device: torch.device | str = "cpu") -> tuple[ChunkLayout, torch.Tensor]:
+    """The shifted router-key grid of documents of ``seq_lens`` tokens packed back to back.
+
+    Returns ``(layout, keep)``: ``chunk_mean_pool(x, layout)[keep]`` are the means over each document's
+    P-token windows starting at token P // 2, document by document (a document of at most P // 2 tokens:
+    one window, its whole text; see ``schemas.records.shifted_chunk_counts``). The layout is that of the
+    documents cut in two at P // 2, whose head pieces (tokens 0 .. P/2 - 1, inside the first aligned
+    chunk) ``keep`` leaves out where a document is longer than P // 2.
+    """
+    p = int(chunk_tokens)
+    h = p // 2
+    lens = np.asarray([int(n) for n in seq_lens], dtype=np.int64)
+    head = np.minimum(lens, h)
+    layout = chunk_layout(np.stack([head, lens - head], 1).reshape(-1).tolist(), p, device=device)
+    head_row = np.cumsum(layout.n_chunks)[0::2] - 1                      # the head piece's one chunk
+    drop = np.zeros(layout.n_total, dtype=bool)
+    drop[head_row[(lens > h) & (head > 0)]] = True                       # (P = 1: no head piece, none to drop)
+    return layout, torch.from_numpy(np.flatnonzero(~drop)).to(device)
+
+
+def pool_shifted_naive(x: np.ndarray, seq_lens: Sequence[int], chunk_tokens: int) -> np.ndarray:
+    """Reference shifted-grid pooling in a plain Python loop (float64): (T, ...) -> (Cs, ...)."""
+    out = []
+    start, p = 0, int(chunk_tokens)
+    for n in seq_lens:
+        windows = [(0, n)] if n <= p // 2 else [(a, min(a + p, n)) for a in range(p // 2, n, p)]
+        for a, b in windows:
+            out.append(x[start + a:start + b].astype(np.float64).mean(0))
+        start += n
+    return np.stack(out) if out else np.zeros((0, *x.shape[1:]), dtype=np.float64)
 
 
 def _rows_sum(x: torch.Tensor, n: int, p: int) -> torch.Tensor:

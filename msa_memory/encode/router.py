@@ -14,9 +14,10 @@ the model's own q_proj/k_proj at those layers. Adapters trained apart can be joi
 of its parts); a *subset folder* (``router_subset.json``: ``{"of": FOLDER, "router_layers": [...],
 "router_id": ..., "extra": {...}}``) names some layers of another adapter folder, or, with
 ``"parts": [{"of": FOLDER, "router_layers": [...]}, ...]`` in place of ``"of"``, the merge of layers
-of several folders (``router_layers`` is then all of theirs). :meth:`RouterAdapter.load` rebuilds it
-and checks its fingerprint, so a shipped merged adapter and the adapters it was made of share one
-copy of the weights.
+of several folders (``router_layers`` is then all of theirs); its optional ``"shifted_layers"`` (default
+none, whatever the folders it names have) are the layers with keys over the shifted grid too.
+:meth:`RouterAdapter.load` rebuilds it and checks its fingerprint, so a shipped merged adapter and the
+adapters it was made of share one copy of the weights.
 
 Score modes: ``"cosine"`` (paper, InfoNCE training; keys are stored L2-normalised per head after
 pooling, queries must be normalised too) or ``"dot"`` (reference inference as shipped: raw dot
@@ -102,12 +103,22 @@ class RouterConfig:
     """Where the weights came from: "msa-checkpoint", "adapter" or "init-from-qk"."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form provenance (training run, aux_loss_method...)."""
+    shifted_layers: tuple[int, ...] = ()
+    """Router layers whose keys are also pooled over chunks shifted by ``chunk_tokens // 2`` tokens
+    (``schemas.records.shifted_chunk_counts``); routing scores a document there by the max over both
+    grids. Not in MSA (empty: the reference's aligned grid alone); left out of :meth:`to_dict`, and so
+    of the router id, when empty."""
 
     def __post_init__(self) -> None:
         layers = tuple(int(x) for x in self.router_layers)
         object.__setattr__(self, "router_layers", layers)
         if not layers or list(layers) != sorted(set(layers)) or layers[0] < 0:
             raise ConfigError(f"router_layers must be ascending distinct layer indices >= 0, got {layers!r}.")
+        shifted = tuple(int(x) for x in self.shifted_layers)
+        object.__setattr__(self, "shifted_layers", shifted)
+        if list(shifted) != sorted(set(shifted)) or not set(shifted) <= set(layers):
+            raise ConfigError(f"shifted_layers must be ascending distinct router layers (router layers {list(layers)}), "
+                              f"got {list(shifted)!r}.")
         for name in ("n_q_heads", "n_kv_heads", "head_dim", "hidden_size", "chunk_tokens", "top_k"):
             if int(getattr(self, name)) <= 0:
                 raise ConfigError(f"RouterConfig.{name} must be positive, got {getattr(self, name)!r}.")
@@ -123,6 +134,10 @@ class RouterConfig:
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["router_layers"] = list(self.router_layers)
+        if self.shifted_layers:
+            d["shifted_layers"] = list(self.shifted_layers)
+        else:
+            del d["shifted_layers"]
         return d
 
     @classmethod
@@ -215,9 +230,21 @@ class RouterAdapter(nn.Module):
         if missing or not layers:
             raise ConfigError(f"Layers {missing or list(layers)} are not a subset of the adapter's router layers "
                               f"{list(self.config.router_layers)}.")
-        new = RouterAdapter(dataclasses.replace(self.config, router_layers=layers, extra=dict(self.config.extra)))
+        shifted = tuple(l for l in self.config.shifted_layers if l in layers)
+        new = RouterAdapter(dataclasses.replace(self.config, router_layers=layers, shifted_layers=shifted,
+                                                extra=dict(self.config.extra)))
         new.load_tensors(self.state_tensors(), where="adapter subset")
         return new.to(self.q_proj[str(layers[0])].weight.device)
+
+    def with_shifted_layers(self, layers) -> RouterAdapter:
+        """The same projections with keys also over the shifted grid at ``layers`` (router layers; empty:
+        the aligned grid alone). A new adapter, so a new router id: stores keep the grid they were built with."""
+        import dataclasses
+
+        new = RouterAdapter(dataclasses.replace(self.config, shifted_layers=tuple(sorted(int(l) for l in layers)),
+                                                extra=dict(self.config.extra)))
+        new.load_tensors(self.state_tensors(), where="adapter with shifted layers")
+        return new.to(self.q_proj[str(self.config.router_layers[0])].weight.device)
 
     @classmethod
     def merge(cls, adapters, extra: dict[str, Any] | None = None) -> RouterAdapter:
@@ -235,7 +262,8 @@ class RouterAdapter(nn.Module):
         if len(parts) < 2:
             raise ConfigError(f"merge needs at least two adapters, got {len(parts)}.")
         def shared(a: RouterAdapter) -> dict[str, Any]:   # what merged parts must agree on
-            return {k: v for k, v in a.config.to_dict().items() if k not in ("router_layers", "extra", "source")}
+            return {k: v for k, v in a.config.to_dict().items()
+                    if k not in ("router_layers", "shifted_layers", "extra", "source")}
 
         base = shared(parts[0])
         seen: dict[int, int] = {}
@@ -257,8 +285,9 @@ class RouterAdapter(nn.Module):
             fps = {a.config.extra.get("model_fingerprint") for a in parts}
             if len(fps) == 1 and None not in fps:   # reindex checks an adapter's backbone by it
                 prov["model_fingerprint"] = fps.pop()
-        merged = cls(dataclasses.replace(parts[0].config, router_layers=tuple(sorted(seen)), extra=prov,
-                                         source="adapter"))
+        shifted = tuple(sorted(l for a in parts for l in a.config.shifted_layers))
+        merged = cls(dataclasses.replace(parts[0].config, router_layers=tuple(sorted(seen)), shifted_layers=shifted,
+                                         extra=prov, source="adapter"))
         tensors: dict[str, torch.Tensor] = {}
         for a in parts:
             tensors.update(a.state_tensors())
@@ -319,6 +348,7 @@ class RouterAdapter(nn.Module):
             parts = ([(d / spec["of"], layers)] if "parts" not in spec else
                      [(d / p["of"], [int(l) for l in p["router_layers"]]) for p in spec["parts"]])
             extra = dict(spec.get("extra", {}))
+            shifted = [int(l) for l in spec.get("shifted_layers", [])]
         except (ValueError, TypeError, KeyError) as e:
             raise ModelLoadError(f"Router subset file {str(f)!r} is invalid ({e!r}): it needs 'of' (or 'parts': "
                                  "[{'of', 'router_layers'}, ...]), 'router_layers' and 'router_id'.") from e
@@ -335,6 +365,8 @@ class RouterAdapter(nn.Module):
                 raise ModelLoadError(f"{str(f)!r}: {e}") from e
         try:
             adapter = pieces[0] if len(pieces) == 1 else cls.merge(pieces)
+            if list(adapter.config.shifted_layers) != shifted:   # the subset file says which layers shift
+                adapter = adapter.with_shifted_layers(shifted)
         except ConfigError as e:
             raise ModelLoadError(f"{str(f)!r}: {e}") from e
         adapter.config.extra.clear()

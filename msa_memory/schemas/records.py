@@ -29,6 +29,7 @@ __all__ = [
     "from_float32",
     "ShardRecord",
     "identity_sha256",
+    "shifted_chunk_counts",
 ]
 
 LogicalDtype = Literal["bfloat16", "float16", "float32"]
@@ -40,6 +41,19 @@ STORAGE_DTYPES: dict[str, np.dtype[Any]] = {
 }
 #: On-disk format version this code writes; readers refuse newer ones.
 FORMAT_VERSION = 1
+
+
+def shifted_chunk_counts(n_tokens: Any, chunk_tokens: int) -> np.ndarray:
+    """(N,) int64 chunks of each document on the shifted router-key grid.
+
+    The shifted grid's chunks of a document of n tokens are its P-token windows that start at token
+    P // 2 (tokens P/2 .. 3P/2 - 1, 3P/2 .. 5P/2 - 1, ..., the last one partial), ceil((n - P/2) / P)
+    of them; a document of at most P/2 tokens has one, its whole text (the same tokens as its one
+    aligned chunk, so routing's max over both grids is unchanged by it).
+    """
+    n = np.asarray(n_tokens, dtype=np.int64)
+    h, p = int(chunk_tokens) // 2, int(chunk_tokens)
+    return np.where(n <= h, 1, -(-(n - h) // p)).astype(np.int64)
 
 
 def to_float32(a: np.ndarray, logical_dtype: str) -> np.ndarray:
@@ -89,6 +103,10 @@ class StoreIdentity:
     """How passages were wrapped before encoding (``"msa"``: ``<|im_start|>[ID]. text[ID]<|im_end|>``)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form, JSON-serialisable provenance (tokenizer name, score mode, package version...)."""
+    shifted_layers: tuple[int, ...] = ()
+    """Router layers that also keep router keys over the shifted chunk grid (``k_router_s``, see
+    :func:`shifted_chunk_counts`); a subset of ``router_layers``, empty for MSA's aligned grid alone.
+    Left out of :meth:`to_dict` when empty, so stores without it keep their identity hash."""
 
     def __post_init__(self) -> None:
         from msa_memory.errors import ConfigError
@@ -97,6 +115,10 @@ class StoreIdentity:
             raise ConfigError(
                 f"router_layers must be a non-empty ascending list of distinct layer indices, got {self.router_layers!r}."
             )
+        s = list(self.shifted_layers)
+        if s != sorted(set(s)) or not set(s) <= set(self.router_layers):
+            raise ConfigError(f"shifted_layers must be ascending distinct router layers (router layers "
+                              f"{list(self.router_layers)}), got {s!r}.")
         for name in ("chunk_tokens", "n_kv_heads", "head_dim"):
             if int(getattr(self, name)) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)!r}.")
@@ -107,21 +129,32 @@ class StoreIdentity:
     def n_layers(self) -> int:
         return len(self.router_layers)
 
+    @property
+    def shifted_positions(self) -> tuple[int, ...]:
+        """Router-layer positions (0..L-1) of the shifted layers; position j of ``k_router_s`` is the
+        j-th of them."""
+        return tuple(self.router_layers.index(l) for l in self.shifted_layers)
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["router_layers"] = list(self.router_layers)
+        if self.shifted_layers:
+            d["shifted_layers"] = list(self.shifted_layers)
+        else:
+            del d["shifted_layers"]
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> StoreIdentity:
         d = dict(d)
         d["router_layers"] = tuple(int(x) for x in d["router_layers"])
+        d["shifted_layers"] = tuple(int(x) for x in d.get("shifted_layers", ()))
         return cls(**d)
 
     def compatible_with(self, other: StoreIdentity) -> list[str]:
         """Names of the fields that make ``other`` unable to share a store with ``self`` (empty if none)."""
         keys = ("model_fingerprint", "router_id", "router_layers", "chunk_tokens", "n_kv_heads",
-                "head_dim", "dtype", "hidden_size", "wrap")
+                "head_dim", "dtype", "hidden_size", "wrap", "shifted_layers")
         return [k for k in keys if getattr(self, k) != getattr(other, k)]
 
 
@@ -164,11 +197,24 @@ class EncodedChunks:
     """Logical dtype of ``k_router``/``kv``/``x_router``."""
     x_router: np.ndarray | None = None
     """(L, C, E) optional pooled router-layer inputs (input_layernorm outputs), for re-indexing."""
+    n_chunks_s: np.ndarray | None = None
+    """(N,) int64 chunks of each document on the shifted grid (:func:`shifted_chunk_counts`), or None
+    when the store keeps no shifted grid; the two arrays below are then None too."""
+    k_router_s: np.ndarray | None = None
+    """(Ls, Cs, H, D) router keys over the shifted grid at the store's shifted layers, storage dtype."""
+    x_router_s: np.ndarray | None = None
+    """(Ls, Cs, E) pooled router-layer inputs over the shifted grid (when ``x_router`` is kept)."""
 
     @property
     def offsets(self) -> np.ndarray:
         """(N+1,) int64 chunk offsets of each document."""
         return np.concatenate([[0], np.cumsum(self.n_chunks, dtype=np.int64)])
+
+    @property
+    def offsets_s(self) -> np.ndarray:
+        """(N+1,) int64 offsets of each document's chunks on the shifted grid (empty grid: all 0)."""
+        n = self.n_chunks_s if self.n_chunks_s is not None else np.zeros(self.n_docs, np.int64)
+        return np.concatenate([[0], np.cumsum(n, dtype=np.int64)])
 
     @property
     def n_docs(self) -> int:

@@ -246,7 +246,7 @@ def commit(store: MemoryStore, add: Sequence[ShardRecord] = (), delete_ids: Iter
         added = _check_added(base, add)
         del_ids = _resolve_deletes(base, delete_ids, delete_paths)
         deleted: dict[str, list[int]] = {}
-        d_docs = d_chunks = d_tokens = 0
+        d_docs = d_chunks = d_tokens = d_bytes = 0
         removed: list[str] = []
         if del_ids.size:
             locs = base.locate(del_ids)
@@ -256,6 +256,7 @@ def commit(store: MemoryStore, add: Sequence[ShardRecord] = (), delete_ids: Iter
                 rec = base._view(sid).record
                 d_chunks += int(rec.chunk_offsets[pos + 1] - rec.chunk_offsets[pos])
                 d_tokens += int(rec.n_tokens[pos])
+                d_bytes += shards.tensor_bytes(base.identity, rec.n_tokens[pos:pos + 1])
             d_docs = int(del_ids.size)
             for sid, poss in by_shard.items():
                 live_after = base._live_mask(sid)
@@ -276,7 +277,7 @@ def commit(store: MemoryStore, add: Sequence[ShardRecord] = (), delete_ids: Iter
         n_chunks = old["n_chunks"] + a_chunks - d_chunks
         stats = {"n_docs": old["n_docs"] + sum(r.n_docs for r in add) - d_docs, "n_chunks": n_chunks,
                  "n_tokens": old["n_tokens"] + a_tokens - d_tokens,
-                 "n_bytes": n_chunks * shards.chunk_bytes(base.identity)}
+                 "n_bytes": old["n_bytes"] + sum(shards.tensor_bytes(base.identity, r.n_tokens) for r in add) - d_bytes}
         op = ("replace" if add and del_ids.size else "add" if add else "delete" if del_ids.size else "noop")
         new_ids = _ids.ids_to_ranges(np.concatenate([r.doc_ids for r in add])) if add else []
         m = new_manifest(

@@ -46,28 +46,40 @@ def _read_live(store: MemoryStore, sid: str) -> tuple[list[Passage], EncodedChun
     offs = rec.chunk_offsets
     chunk_idx = np.concatenate([np.arange(offs[i], offs[i + 1]) for i in live])  # (C_live,)
     kv = view.array("kv").read(0, rec.n_chunks)[chunk_idx]  # (C_live, L, 2, H, D)
-    L = store.identity.n_layers
+    idt = store.identity
+    L, keep_x = idt.n_layers, idt.hidden_size > 0
     k_router = store.shard_router_keys(sid).read(0, L)[:, chunk_idx]  # (L, C_live, H, D), this version's router
-    x_router = view.array("x_router").read(0, L)[:, chunk_idx] if store.identity.hidden_size > 0 else None
+    x_router = view.array("x_router").read(0, L)[:, chunk_idx] if keep_x else None
+    shifted: dict[str, np.ndarray | None] = {}
+    if idt.shifted_layers:                                              # the same for the shifted grid
+        Ls, s_offs = len(idt.shifted_layers), view.shifted_offsets
+        s_idx = np.concatenate([np.arange(s_offs[i], s_offs[i + 1]) for i in live])
+        shifted = {"n_chunks_s": np.diff(s_offs)[live],
+                   "k_router_s": store.shard_router_keys(sid, shifted=True).read(0, Ls)[:, s_idx],
+                   "x_router_s": view.array("x_router_s").read(0, Ls)[:, s_idx] if keep_x else None}
     passages = [Passage(text=r["text"], source_path=r["source_path"], passage_index=r["passage_index"],
                         byte_start=r["byte_start"], byte_end=r["byte_end"], file_sha256=r["file_sha256"])
                 for r in tab]
     enc = EncodedChunks(doc_ids=rec.doc_ids[live], n_tokens=rec.n_tokens[live],
-                        n_chunks=np.diff(offs)[live], k_router=k_router, kv=kv, dtype=store.identity.dtype,
-                        x_router=x_router)
+                        n_chunks=np.diff(offs)[live], k_router=k_router, kv=kv, dtype=idt.dtype,
+                        x_router=x_router, **shifted)  # type: ignore[arg-type]
     return passages, enc
 
 
 def _concat(parts: list[tuple[list[Passage], EncodedChunks]], dtype: str) -> tuple[list[Passage], EncodedChunks]:
     """Several shards' live documents as one write_shard input, in order."""
     encs = [e for _, e in parts]
-    x = np.concatenate([e.x_router for e in encs], axis=1) if encs[0].x_router is not None else None
+
+    def cat(name: str, axis: int) -> np.ndarray | None:   # None where the store keeps no such array
+        return None if getattr(encs[0], name) is None else np.concatenate([getattr(e, name) for e in encs], axis=axis)
+
     enc = EncodedChunks(doc_ids=np.concatenate([e.doc_ids for e in encs]),
                         n_tokens=np.concatenate([e.n_tokens for e in encs]),
                         n_chunks=np.concatenate([e.n_chunks for e in encs]),
-                        k_router=np.concatenate([e.k_router for e in encs], axis=1),  # (L, C, H, D)
-                        kv=np.concatenate([e.kv for e in encs], axis=0),  # (C, L, 2, H, D)
-                        dtype=dtype, x_router=x)  # type: ignore[arg-type]
+                        k_router=cat("k_router", 1),  # (L, C, H, D)
+                        kv=cat("kv", 0),  # (C, L, 2, H, D)
+                        dtype=dtype, x_router=cat("x_router", 1), n_chunks_s=cat("n_chunks_s", 0),
+                        k_router_s=cat("k_router_s", 1), x_router_s=cat("x_router_s", 1))  # type: ignore[arg-type]
     return [p for ps, _ in parts for p in ps], enc
 
 

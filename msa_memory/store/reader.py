@@ -144,19 +144,23 @@ class MemoryStore:
             v = self._views[shard_id] = ShardView(self.root, rec, self.identity)
         return v
 
-    def _keys(self, entry: dict[str, Any]) -> Any:
+    def _keys(self, entry: dict[str, Any], shifted: bool = False) -> Any:
         """Reader of a shard's router keys under this version's router (reindexed ones, rekey.py)."""
-        key = "rk:" + entry["shard_id"]
+        key = ("rks:" if shifted else "rk:") + entry["shard_id"]
         r = self._key_readers.get(key)
         if r is None:
-            r = self._key_readers[key] = keys_reader(self.root, entry, self.identity,
-                                                     self._view(entry["shard_id"]).record.n_chunks)
+            view = self._view(entry["shard_id"])
+            n = int(view.shifted_offsets[-1]) if shifted else view.record.n_chunks
+            r = self._key_readers[key] = keys_reader(self.root, entry, self.identity, n, shifted=shifted)
         return r
 
-    def shard_router_keys(self, shard_id: str) -> Any:
-        """ArrayReader of shard ``shard_id``'s (L, C, H, D) router keys as this version routes them."""
+    def shard_router_keys(self, shard_id: str, shifted: bool = False) -> Any:
+        """ArrayReader of shard ``shard_id``'s (L, C, H, D) router keys as this version routes them
+        (``shifted``: its (Ls, Cs, H, D) keys over the shifted grid)."""
         entry = next(e for e in self._shard_entries if e["shard_id"] == shard_id)
-        return self._keys(entry) if "router_keys" in entry else self._view(shard_id).array("k_router")
+        if "router_keys" in entry:
+            return self._keys(entry, shifted)
+        return self._view(shard_id).array("k_router_s" if shifted else "k_router")
 
     def _records(self) -> list[ShardRecord]:
         return [self._view(e["shard_id"]).record for e in self._shard_entries]
@@ -230,34 +234,54 @@ class MemoryStore:
         """Live router keys of router-layer position ``layer``: ((C, H, D) storage dtype, (C,) int64 doc ids)."""
         return self._per_layer("k_router", layer)
 
+    def router_keys_shifted(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+        """Live router keys over the shifted grid at the j-th shifted layer (``identity.shifted_layers[j]``):
+        ((Cs, H, D) storage dtype, (Cs,) int64 doc ids), documents in the order of :meth:`router_keys`."""
+        return self._per_layer("k_router_s", j)
+
     def router_inputs(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """Live pooled router-layer inputs ((C, E) storage dtype, (C,) doc ids); needs identity.hidden_size > 0."""
+        self._need_inputs()
+        return self._per_layer("x_router", layer)
+
+    def router_inputs_shifted(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+        """Live pooled inputs over the shifted grid at the j-th shifted layer ((Cs, E), (Cs,) doc ids)."""
+        self._need_inputs()
+        return self._per_layer("x_router_s", j)
+
+    def _need_inputs(self) -> None:
         if self.identity.hidden_size <= 0:
             from msa_memory.errors import ConfigError
 
             raise ConfigError(f"Store {str(self.root)!r} keeps no router inputs (identity.hidden_size=0).",
                               hint="Encode with keep_router_inputs=True into a new store to have them.")
-        return self._per_layer("x_router", layer)
 
     def _per_layer(self, name: str, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        L = self.identity.n_layers
+        idt = self.identity
+        shifted = name.endswith("_s")
+        L = len(idt.shifted_layers) if shifted else idt.n_layers
         if not isinstance(layer, (int, np.integer)) or not 0 <= int(layer) < L:
             from msa_memory.errors import ConfigError
 
-            raise ConfigError(f"Router layer position {layer!r} out of range: the store has {L} router layers "
-                              f"(decoder layers {list(self.identity.router_layers)}); pass 0..{L - 1}.")
-        tail = ((self.identity.n_kv_heads, self.identity.head_dim) if name == "k_router"
-                else (self.identity.hidden_size,))
+            what = (f"{L} shifted router layers (decoder layers {list(idt.shifted_layers)})" if shifted else
+                    f"{L} router layers (decoder layers {list(idt.router_layers)})")
+            raise ConfigError(f"{'Shifted' if shifted else 'Router'} layer position {layer!r} out of range: the store "
+                              f"has {what}" + (f"; pass 0..{L - 1}." if L else "."))
+        tail = ((idt.n_kv_heads, idt.head_dim) if name.startswith("k_router") else (idt.hidden_size,))
         keys, docs = [], []
         for e in self._shard_entries:
             view = self._view(e["shard_id"])
             rec = view.record
-            src = self._keys(e) if name == "k_router" and "router_keys" in e else view.array(name)
+            counts = np.diff(view.shifted_offsets if shifted else rec.chunk_offsets)
+            if name.startswith("k_router"):
+                src = self.shard_router_keys(e["shard_id"], shifted)
+            else:
+                src = view.array(name)
             block = src.read(int(layer), int(layer) + 1)[0]  # (C_shard, *tail)
-            chunk_doc = np.repeat(rec.doc_ids, np.diff(rec.chunk_offsets))
+            chunk_doc = np.repeat(rec.doc_ids, counts)
             live = self._live_mask(e["shard_id"])
             if not live.all():
-                keep = np.repeat(live, np.diff(rec.chunk_offsets))
+                keep = np.repeat(live, counts)
                 block, chunk_doc = block[keep], chunk_doc[keep]
             keys.append(block)
             docs.append(chunk_doc)
@@ -343,13 +367,14 @@ class MemoryStore:
                              extra=extra)
 
     def rekey(self, router: dict[str, Any], keys_fn: Any, *, message: str = "", read_version: int | None = None,
-              lock_timeout: float = 60.0, log: Any = None) -> MemoryStore:
+              lock_timeout: float = 60.0, log: Any = None, shifted_keys_fn: Any = None) -> MemoryStore:
         """Publish version N+1 with every shard's router keys recomputed from its kept router inputs
-        by ``keys_fn(shard_id, x_router)`` under ``router`` (see ``rekey.rekey``)."""
+        by ``keys_fn(shard_id, x_router)`` (and ``shifted_keys_fn(shard_id, x_router_s)`` for a shifted
+        grid) under ``router`` (see ``rekey.rekey``)."""
         from msa_memory.store import rekey
 
         return rekey.rekey(self, router, keys_fn, message=message, read_version=read_version,
-                           lock_timeout=lock_timeout, log=log)
+                           lock_timeout=lock_timeout, log=log, shifted_keys_fn=shifted_keys_fn)
 
     def restore(self, version: int | str, message: str | None = None) -> MemoryStore:
         """Publish a new version equal to ``version``."""

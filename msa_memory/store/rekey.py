@@ -20,7 +20,10 @@ What it means for everything else:
   restored version's router; commits carry the parent's router and keys; ``compact`` writes the
   version's keys into the new shard; ``gc`` keeps key arrays that any kept version names;
 - the router's layers must equal the store's router layers (content K̄V̄ are kept at exactly those
-  layers); copy into a new store (``train.reindex.reindex_router_to``) to change them.
+  layers); copy into a new store (``train.reindex.reindex_router_to``) to change them;
+- a store with a shifted grid (identity ``shifted_layers``) has its shifted keys recomputed too, by
+  ``shifted_keys_fn(shard_id, x_router_s)`` into ``k_router_s/`` beside ``k_router/``; the router's
+  ``shifted_layers`` must equal the store's (only those layers' shifted inputs are kept).
 """
 
 from __future__ import annotations
@@ -52,16 +55,22 @@ def version_router(manifest: dict[str, Any], identity: StoreIdentity) -> dict[st
     """The router of a version: its manifest's ``router`` or, absent, the identity's."""
     r = manifest.get("router")
     if r is None:
-        return {"router_id": identity.router_id, "router_layers": list(identity.router_layers)}
+        r = {"router_id": identity.router_id, "router_layers": list(identity.router_layers)}
+        if identity.shifted_layers:
+            r["shifted_layers"] = list(identity.shifted_layers)
     return dict(r)
 
 
-def keys_reader(root: Path, entry: dict[str, Any], identity: StoreIdentity, n_chunks: int) -> ArrayReader:
-    """Reader of the (L, C, H, D) router-key array a shard entry's ``router_keys`` names."""
-    L, H, D = identity.n_layers, identity.n_kv_heads, identity.head_dim
-    path = shard_file(root / entry["router_keys"]["path"] / "k_router", 4)
+def keys_reader(root: Path, entry: dict[str, Any], identity: StoreIdentity, n_chunks: int,
+                shifted: bool = False) -> ArrayReader:
+    """Reader of the (L, C, H, D) router-key array a shard entry's ``router_keys`` names (``shifted``: its
+    (Ls, Cs, H, D) ``k_router_s`` beside it)."""
+    L = len(identity.shifted_layers) if shifted else identity.n_layers
+    H, D = identity.n_kv_heads, identity.head_dim
+    name = "k_router_s" if shifted else "k_router"
+    path = shard_file(root / entry["router_keys"]["path"] / name, 4)
     return ArrayReader(path, (L, n_chunks, H, D), (1, n_chunks, H, D), STORAGE_DTYPES[identity.dtype],
-                       f"router keys {entry['router_keys']['path']!r} of shard {entry['shard_id']!r}")
+                       f"router keys {entry['router_keys']['path']!r}/{name} of shard {entry['shard_id']!r}")
 
 
 def router_key_paths(manifest: dict[str, Any]) -> set[str]:
@@ -75,28 +84,42 @@ def verify_keys(root: Path, entry: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _write_keys(root: Path, identity: StoreIdentity, shard_id: str, router_id: str,
-                keys: np.ndarray) -> dict[str, Any]:
-    """Write one shard's new keys durably under ``router_keys/``; returns the entry's ``router_keys``."""
+                keys: np.ndarray, keys_s: np.ndarray | None = None) -> dict[str, Any]:
+    """Write one shard's new keys (and its shifted grid's, ``keys_s``) durably under ``router_keys/``;
+    returns the entry's ``router_keys``."""
     name = f"{shard_id}.{router_id[:16]}.{token()}"
     stage = root / STAGING_DIR / f"rk-{name}"
     stage.mkdir(parents=True)
-    C, H, D = keys.shape[1], identity.n_kv_heads, identity.head_dim
-    written = write_array(stage / "k_router", keys, (1, C, H, D),
-                          {"msa_logical_dtype": identity.dtype, "dims": ["layer", "chunk", "head", "dim"],
-                           "msa_router_id": router_id, "msa_shard_id": shard_id})
-    fsync_dir(stage / "k_router")
+    H, D = identity.n_kv_heads, identity.head_dim
+    files: dict[str, dict[str, int]] = {}
+    for arr, k, dims in (("k_router", keys, ["layer", "chunk", "head", "dim"]),
+                         ("k_router_s", keys_s, ["shifted_layer", "shifted_chunk", "head", "dim"])):
+        if k is None:
+            continue
+        written = write_array(stage / arr, k, (1, k.shape[1], H, D),
+                              {"msa_logical_dtype": identity.dtype, "dims": dims,
+                               "msa_router_id": router_id, "msa_shard_id": shard_id})
+        fsync_dir(stage / arr)
+        files.update({f"{arr}/{rel}": {"size": size, "crc32c": crc} for rel, (size, crc) in written.items()})
     fsync_dir(stage)
     shards.fault_hook("rekey:staged")
     (root / ROUTER_KEYS_DIR).mkdir(exist_ok=True)
     os.rename(stage, root / ROUTER_KEYS_DIR / name)
     fsync_dir(root / ROUTER_KEYS_DIR)
-    files = {f"k_router/{rel}": {"size": size, "crc32c": crc} for rel, (size, crc) in sorted(written.items())}
-    return {"path": f"{ROUTER_KEYS_DIR}/{name}", "files": files}
+    return {"path": f"{ROUTER_KEYS_DIR}/{name}", "files": dict(sorted(files.items()))}
+
+
+def _checked(k: Any, shape: tuple[int, ...], st: Any, fn: str, shard_id: str) -> np.ndarray:
+    if not isinstance(k, np.ndarray) or k.shape != shape or k.dtype != st:
+        raise SchemaMismatchError(
+            f"{fn} returned {getattr(k, 'dtype', type(k).__name__)} {getattr(k, 'shape', '')} for shard "
+            f"{shard_id!r}; expected {st} {shape} (layers, chunks, kv heads, head dim).")
+    return k
 
 
 def rekey(store: MemoryStore, router: dict[str, Any], keys_fn: KeysFn, *, message: str = "",
           read_version: int | None = None, lock_timeout: float = 60.0,
-          log: Callable[[str], None] | None = None) -> MemoryStore:
+          log: Callable[[str], None] | None = None, shifted_keys_fn: KeysFn | None = None) -> MemoryStore:
     """Publish version N+1 = version N (``read_version``, default ``store.version``) with every
     shard's router keys recomputed by ``keys_fn`` and ``router`` as the version's router.
 
@@ -138,7 +161,18 @@ def rekey(store: MemoryStore, router: dict[str, Any], keys_fn: KeysFn, *, messag
             hint="Train the adapter on the store's layers (msa train-router --layers "
                  f"{','.join(map(str, ident.router_layers))} --keep-layers), or copy into a new store "
                  "with `msa store reindex-router STORE --adapter DIR --dest NEW`.")
+    shifted = [int(x) for x in router.get("shifted_layers", [])]
+    if shifted != list(ident.shifted_layers):
+        raise IdentityMismatchError(
+            f"The new router's shifted layers {shifted} differ from store {str(root)!r}'s {list(ident.shifted_layers)}; "
+            "the store keeps shifted-grid inputs at exactly those layers.",
+            hint="Use an adapter with the store's shifted layers (RouterAdapter.with_shifted_layers), or copy into a "
+                 "new store with `msa store reindex-router STORE --adapter DIR --dest NEW`.")
+    if shifted and shifted_keys_fn is None:
+        raise ConfigError(f"Store {str(root)!r} keeps a shifted grid at layers {shifted}: rekey needs shifted_keys_fn.")
     router = {**router, "router_id": router["router_id"], "router_layers": layers}
+    if shifted:
+        router["shifted_layers"] = shifted
     if version_router(base.manifest, ident)["router_id"] == router["router_id"]:
         return base
     check_name("router id", router["router_id"][:16])
@@ -151,12 +185,15 @@ def rekey(store: MemoryStore, router: dict[str, Any], keys_fn: KeysFn, *, messag
             view = base._view(e["shard_id"])
             C = view.record.n_chunks
             x = view.array("x_router").read(0, L)                      # (L, C, E) storage dtype
-            k = keys_fn(e["shard_id"], x)
-            if not isinstance(k, np.ndarray) or k.shape != (L, C, H, D) or k.dtype != st:
-                raise SchemaMismatchError(
-                    f"keys_fn returned {getattr(k, 'dtype', type(k).__name__)} {getattr(k, 'shape', '')} for shard "
-                    f"{e['shard_id']!r}; expected {st} {(L, C, H, D)} (layers, chunks, kv heads, head dim).")
-            rk = _write_keys(root, ident, e["shard_id"], router["router_id"], k)
+            k = _checked(keys_fn(e["shard_id"], x), (L, C, H, D), st, "keys_fn", e["shard_id"])
+            k_s = None
+            if shifted:
+                Ls, Cs = len(shifted), int(view.shifted_offsets[-1])
+                x_s = view.array("x_router_s").read(0, Ls)              # (Ls, Cs, E)
+                assert shifted_keys_fn is not None
+                k_s = _checked(shifted_keys_fn(e["shard_id"], x_s), (Ls, Cs, H, D), st, "shifted_keys_fn",
+                               e["shard_id"])
+            rk = _write_keys(root, ident, e["shard_id"], router["router_id"], k, k_s)
             written.append(root / rk["path"])
             entries.append({**{k_: v for k_, v in e.items() if k_ != "router_keys"}, "router_keys": rk})
             if log is not None:

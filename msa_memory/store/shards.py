@@ -13,6 +13,11 @@ Arrays of a shard (C chunks of the shard, L router layers; dtype = identity stor
     k_router   (L, C, H, D)     inner chunk (1, C, H, D): one layer of router keys = one read
     x_router   (L, C, E)        optional (identity.hidden_size > 0), inner chunk (1, C, E)
     chunk_doc  (C,) int64       document id of each chunk
+    k_router_s (Ls, Cs, H, D)   only with identity.shifted_layers: router keys over the shifted grid
+    x_router_s (Ls, Cs, E)      ... and its pooled inputs when x_router is kept
+
+Cs chunks of the shifted grid: document i owns ``shifted_offsets(record)[i:i+2]`` of them
+(``schemas.records.shifted_chunk_counts`` of its token count).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from msa_memory.schemas.records import (
     ShardRecord,
     StoreIdentity,
     identity_sha256,
+    shifted_chunk_counts,
 )
 from msa_memory.store import _ids, _manifest
 from msa_memory.store._layout import (
@@ -73,6 +79,26 @@ def chunk_bytes(identity: StoreIdentity) -> int:
     item = STORAGE_DTYPES[identity.dtype].itemsize
     L, H, D = identity.n_layers, identity.n_kv_heads, identity.head_dim
     return item * (L * 2 * H * D + L * H * D + L * identity.hidden_size)
+
+
+def shifted_chunk_bytes(identity: StoreIdentity) -> int:
+    """Bytes of stored tensors per chunk of the shifted grid (router keys + router inputs; 0 without one)."""
+    Ls = len(identity.shifted_layers)
+    return STORAGE_DTYPES[identity.dtype].itemsize * Ls * (identity.n_kv_heads * identity.head_dim + identity.hidden_size)
+
+
+def tensor_bytes(identity: StoreIdentity, n_tokens: np.ndarray) -> int:
+    """Bytes of stored tensors of documents of ``n_tokens`` tokens (both grids)."""
+    n = np.asarray(n_tokens, dtype=np.int64)
+    out = int((-(-n // identity.chunk_tokens)).sum()) * chunk_bytes(identity)
+    if identity.shifted_layers:
+        out += int(shifted_chunk_counts(n, identity.chunk_tokens).sum()) * shifted_chunk_bytes(identity)
+    return out
+
+
+def shifted_offsets(identity: StoreIdentity, record: ShardRecord) -> np.ndarray:
+    """(N+1,) int64 offsets of each document's chunks in the shard's shifted-grid arrays."""
+    return np.concatenate([[0], np.cumsum(shifted_chunk_counts(record.n_tokens, identity.chunk_tokens))])
 
 
 def check_encoded(identity: StoreIdentity, passages: Sequence[Passage], enc: EncodedChunks) -> None:
@@ -113,6 +139,28 @@ def check_encoded(identity: StoreIdentity, passages: Sequence[Passage], enc: Enc
         shapes.append(("x_router", enc.x_router, (L, C, E)))
     elif enc.x_router is not None:
         raise bad("EncodedChunks.x_router was given but the store keeps no router inputs (identity.hidden_size=0).")
+    Ls = len(identity.shifted_layers)
+    if Ls:
+        want_s = shifted_chunk_counts(enc.n_tokens, identity.chunk_tokens)
+        if enc.n_chunks_s is None or enc.k_router_s is None:
+            raise bad(f"The store keeps router keys over the shifted grid at layers {list(identity.shifted_layers)}; "
+                      "EncodedChunks.n_chunks_s / k_router_s are None.")
+        if not np.array_equal(enc.n_chunks_s, want_s):
+            i = int(np.flatnonzero(np.asarray(enc.n_chunks_s).reshape(-1)[:n] != want_s)[0]) \
+                if np.shape(enc.n_chunks_s) == (n,) else 0
+            raise bad(f"Document {int(enc.doc_ids[i])}: its shifted-grid chunk count is not the "
+                      f"{int(want_s[i])} its {int(enc.n_tokens[i])} tokens give (shifted_chunk_counts).")
+        Cs = int(want_s.sum())
+        shapes.append(("k_router_s", enc.k_router_s, (Ls, Cs, H, D)))
+        if E > 0:
+            if enc.x_router_s is None:
+                raise bad("The store keeps router inputs; EncodedChunks.x_router_s (the shifted grid's) is None.")
+            shapes.append(("x_router_s", enc.x_router_s, (Ls, Cs, E)))
+        elif enc.x_router_s is not None:
+            raise bad("EncodedChunks.x_router_s was given but the store keeps no router inputs (identity.hidden_size=0).")
+    elif enc.k_router_s is not None or enc.x_router_s is not None:
+        raise bad("EncodedChunks has shifted-grid router keys but the store keeps none (identity.shifted_layers is "
+                  "empty).")
     for name, a, shape in shapes:
         if not isinstance(a, np.ndarray) or a.shape != shape:
             raise bad(f"EncodedChunks.{name} has shape {getattr(a, 'shape', None)}; the store expects {shape} "
@@ -231,6 +279,16 @@ def write_shard_unchecked(root: Path, identity: StoreIdentity, shard_id: str, pa
                                     {**attrs, "dims": ["layer", "chunk", "hidden"]}))
     chunk_doc = np.repeat(np.asarray(encoded.doc_ids, dtype=np.int64), encoded.n_chunks)  # (C,)
     put("chunk_doc", write_array(stage / "chunk_doc", chunk_doc, (C,), {"dims": ["chunk"]}))
+    if identity.shifted_layers:
+        assert encoded.k_router_s is not None
+        Cs = int(encoded.k_router_s.shape[1])
+        put("k_router_s", write_array(stage / "k_router_s", encoded.k_router_s.astype(st, copy=False), (1, Cs, H, D),
+                                      {**attrs, "dims": ["shifted_layer", "shifted_chunk", "head", "dim"]}))
+        if E > 0:
+            assert encoded.x_router_s is not None
+            put("x_router_s", write_array(stage / "x_router_s", encoded.x_router_s.astype(st, copy=False), (1, Cs, E),
+                                          {**attrs, "dims": ["shifted_layer", "shifted_chunk", "hidden"]}))
+        fault_hook("shard:k_router_s")
     pq.write_table(_docs_table(passages, encoded, shard_id), stage / DOCS_FILE, write_page_checksum=True,
                    compression="zstd")
     fault_hook("shard:docs")
@@ -316,17 +374,25 @@ class ShardView:
         if name not in self._arrays:
             idt, C = self.identity, self.record.n_chunks
             L, H, D, E = idt.n_layers, idt.n_kv_heads, idt.head_dim, idt.hidden_size
+            Ls, Cs = len(idt.shifted_layers), int(self.shifted_offsets[-1])
             st = STORAGE_DTYPES[idt.dtype]
             spec: dict[str, tuple[tuple[int, ...], tuple[int, ...], Any]] = {
                 "kv": ((C, L, 2, H, D), (1, L, 2, H, D), st),
                 "k_router": ((L, C, H, D), (1, C, H, D), st),
                 "x_router": ((L, C, E), (1, C, E), st),
                 "chunk_doc": ((C,), (C,), np.dtype(np.int64)),
+                "k_router_s": ((Ls, Cs, H, D), (1, Cs, H, D), st),
+                "x_router_s": ((Ls, Cs, E), (1, Cs, E), st),
             }
             shape, chunk, dt = spec[name]
             path = shard_file(self.base / name, len(shape))
             self._arrays[name] = ArrayReader(path, shape, chunk, dt, f"shard {self.record.shard_id!r} array {name!r}")
         return self._arrays[name]
+
+    @property
+    def shifted_offsets(self) -> np.ndarray:
+        """(N+1,) offsets of each document's chunks in ``k_router_s`` / ``x_router_s``."""
+        return shifted_offsets(self.identity, self.record)
 
     def positions(self, doc_ids: np.ndarray) -> np.ndarray:
         """(N,) index of each id in the shard, -1 where absent."""

@@ -12,16 +12,18 @@ from pathlib import Path
 
 import numpy as np
 
-from msa_memory.schemas.records import STORAGE_DTYPES, EncodedChunks, Passage, StoreIdentity
+from msa_memory.schemas.records import STORAGE_DTYPES, EncodedChunks, Passage, StoreIdentity, shifted_chunk_counts
 
 __all__ = ["tiny_identity", "gemma_like_identity", "random_docs", "add_docs"]
 
 
-def tiny_identity(*, hidden_size: int = 0, dtype: str = "bfloat16", chunk_tokens: int = 4) -> StoreIdentity:
-    """A 2-layer, 2-head, D=8 identity (small enough for property tests)."""
+def tiny_identity(*, hidden_size: int = 0, dtype: str = "bfloat16", chunk_tokens: int = 4,
+                  shifted_layers: tuple[int, ...] = ()) -> StoreIdentity:
+    """A 2-layer (1, 3), 2-head, D=8 identity (small enough for property tests); ``shifted_layers``
+    (a subset of (1, 3)) adds the shifted router-key grid."""
     return StoreIdentity(model_name="tiny-test", model_fingerprint="f" * 64, router_id="r" * 16,
                          router_layers=(1, 3), chunk_tokens=chunk_tokens, n_kv_heads=2, head_dim=8,
-                         dtype=dtype, hidden_size=hidden_size)  # type: ignore[arg-type]
+                         dtype=dtype, hidden_size=hidden_size, shifted_layers=shifted_layers)  # type: ignore[arg-type]
 
 
 def gemma_like_identity() -> StoreIdentity:
@@ -53,13 +55,19 @@ def random_docs(identity: StoreIdentity, doc_ids: np.ndarray, n_tokens: Sequence
     kv = _values(rng, (C, L, 2, H, D), identity.dtype)
     k_router = _values(rng, (L, C, H, D), identity.dtype)
     x_router = _values(rng, (L, C, E), identity.dtype) if E > 0 else None
+    shifted: dict[str, np.ndarray | None] = {}
+    if identity.shifted_layers:
+        n_s = shifted_chunk_counts(tok, identity.chunk_tokens)
+        Ls, Cs = len(identity.shifted_layers), int(n_s.sum())
+        shifted = {"n_chunks_s": n_s, "k_router_s": _values(rng, (Ls, Cs, H, D), identity.dtype),
+                   "x_router_s": _values(rng, (Ls, Cs, E), identity.dtype) if E > 0 else None}
     passages = []
     for j, i in enumerate(ids):
         text = texts[j] if texts is not None else f"text of document {int(i)} ({source}) " + "é" * int(i % 5)
         passages.append(Passage(text=text, source_path=f"{source}/{int(i)}.txt", passage_index=j,
                                 byte_start=0, byte_end=len(text.encode()), file_sha256="0" * 64))
     enc = EncodedChunks(doc_ids=ids, n_tokens=tok, n_chunks=n_chunks, k_router=k_router, kv=kv,
-                        dtype=identity.dtype, x_router=x_router)
+                        dtype=identity.dtype, x_router=x_router, **shifted)  # type: ignore[arg-type]
     return passages, enc
 
 

@@ -22,11 +22,13 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Callable
 
 import numpy as np
 
 from msa_memory.errors import ConfigError, IdentityMismatchError
+from msa_memory.schemas.records import shifted_chunk_counts
 
 __all__ = ["reindex_router", "reindex_router_to", "router_keys_from_inputs", "check_adapter"]
 
@@ -58,6 +60,13 @@ def check_adapter(store: Any, adapter: Any) -> None:
         raise IdentityMismatchError(f"Adapter router layers {list(rc.router_layers)} include {missing}, which store "
                                     f"{str(store.root)!r} did not keep (it has {list(ident.router_layers)}).",
                                     hint="Train the adapter on a subset of the store's router layers.")
+    missing = [l for l in rc.shifted_layers if l not in ident.shifted_layers]
+    if missing:
+        raise IdentityMismatchError(f"Adapter shifted layers {list(rc.shifted_layers)} include {missing}, where store "
+                                    f"{str(store.root)!r} kept no shifted-grid inputs (it has "
+                                    f"{list(ident.shifted_layers)}).",
+                                    hint="Use RouterAdapter.with_shifted_layers(...) with the store's shifted layers, "
+                                         "or re-encode with an adapter that shifts those layers.")
 
 
 def reindex_router(store: Any, adapter: Any, *args: Any, message: str | None = None, adapter_path: str | None = None,
@@ -106,25 +115,36 @@ def reindex_router(store: Any, adapter: Any, *args: Any, message: str | None = N
             hint="Copy into a new store restricted to the adapter's layers with `msa store reindex-router STORE "
                  "--adapter DIR --dest NEW`, or train on the store's layers (msa train-router --layers "
                  f"{','.join(map(str, ident.router_layers))} --keep-layers).")
+    if list(rc.shifted_layers) != list(ident.shifted_layers):
+        raise IdentityMismatchError(
+            f"Adapter shifted layers {list(rc.shifted_layers)} differ from store {str(store.root)!r}'s "
+            f"{list(ident.shifted_layers)}; a new version of the same store keeps the same shifted grid.",
+            hint=f"Use adapter.with_shifted_layers({list(ident.shifted_layers)}), or copy into a new store with "
+                 "`msa store reindex-router STORE --adapter DIR --dest NEW`.")
     t0 = time.perf_counter()
     t_keys = [0.0]
     n_chunks = [0]
 
-    def keys_fn(shard_id: str, x: np.ndarray) -> np.ndarray:  # (L, C, E) -> (L, C, H, D), storage dtype
-        t1 = time.perf_counter()
-        k = np.stack([router_keys_from_inputs(adapter, l, x[i], ident.dtype) for i, l in enumerate(rc.router_layers)])
-        t_keys[0] += time.perf_counter() - t1
-        n_chunks[0] += x.shape[1]
-        return k
+    def make_keys_fn(layers: Sequence[int], count: bool) -> Callable[[str, np.ndarray], np.ndarray]:
+        def keys_fn(shard_id: str, x: np.ndarray) -> np.ndarray:  # (L, C, E) -> (L, C, H, D), storage dtype
+            t1 = time.perf_counter()
+            k = np.stack([router_keys_from_inputs(adapter, l, x[i], ident.dtype) for i, l in enumerate(layers)])
+            t_keys[0] += time.perf_counter() - t1
+            n_chunks[0] += x.shape[1] if count else 0
+            return k
+        return keys_fn
 
     router = {"router_id": adapter.fingerprint(), "router_layers": list(rc.router_layers),
               "score": rc.score, "source": rc.source}
+    if rc.shifted_layers:
+        router["shifted_layers"] = list(rc.shifted_layers)
     if adapter_path is not None:
         router["adapter_path"] = str(adapter_path)
     cmd = rc.extra.get("command") if isinstance(rc.extra, dict) else None
     if cmd:
         router["trained_by"] = str(cmd)
-    new = store.rekey(router, keys_fn, message=message or "", log=log)
+    new = store.rekey(router, make_keys_fn(rc.router_layers, True), message=message or "", log=log,
+                      shifted_keys_fn=make_keys_fn(rc.shifted_layers, False) if rc.shifted_layers else None)
     stats = {"docs": int(new.stats()["n_docs"]), "chunks": int(n_chunks[0]), "shards": len(new.manifest["shards"]),
              "layers": list(rc.router_layers), "router_id": router["router_id"], "version": new.version,
              "unchanged": new.version == store.version,
@@ -195,6 +215,7 @@ def reindex_router_to(src: Any, dest: str | Path, adapter: Any, *, docs_per_shar
     check_adapter(src, adapter)
     pos = [ident.router_layers.index(l) for l in rc.router_layers]  # positions of the kept layers
     new_ident = dataclasses.replace(ident, router_id=adapter.fingerprint(), router_layers=tuple(rc.router_layers),
+                                    shifted_layers=tuple(rc.shifted_layers),
                                     extra={**ident.extra, "reindexed_from": {"root": str(src.root), "version": src.version,
                                                                                "router_id": ident.router_id}})
     # 1. read: document rows, pooled inputs of the kept layers, content K̄V̄
@@ -215,11 +236,21 @@ def reindex_router_to(src: Any, dest: str | Path, adapter: Any, *, docs_per_shar
         t_keys += time.perf_counter() - t1
         xs.append(x)
     assert chunk_doc is not None
+    xs_s, keys_s = [], []                       # the shifted grid at the adapter's shifted layers
+    for l in rc.shifted_layers:
+        x, _ = src.router_inputs_shifted(ident.shifted_layers.index(l))   # (Cs, E), documents in the same order
+        t1 = time.perf_counter()
+        keys_s.append(router_keys_from_inputs(adapter, l, x, ident.dtype))
+        t_keys += time.perf_counter() - t1
+        xs_s.append(x)
     # documents in chunk order (contiguous runs of one id)
     order_ids = chunk_doc[np.r_[True, chunk_doc[1:] != chunk_doc[:-1]]] if chunk_doc.size else np.zeros(0, np.int64)
     row = {int(d): i for i, d in enumerate(ids)}
     n_ch = np.asarray([tab["n_chunks"][row[int(d)]] for d in order_ids], dtype=np.int64)
     offs = np.concatenate([[0], np.cumsum(n_ch)])
+    n_tok = np.asarray([tab["n_tokens"][row[int(d)]] for d in order_ids], dtype=np.int64)
+    n_ch_s = shifted_chunk_counts(n_tok, ident.chunk_tokens)
+    offs_s = np.concatenate([[0], np.cumsum(n_ch_s)])
     if log is not None:
         log(f"read {len(order_ids)} docs / {int(offs[-1])} chunks, keys for {len(pos)} layers in {t_keys:.2f}s")
     # 2. write: a new store with the same ids
@@ -229,17 +260,20 @@ def reindex_router_to(src: Any, dest: str | Path, adapter: Any, *, docs_per_shar
     recs = []
     for s in range(0, len(order_ids), docs_per_shard):
         d_ids = order_ids[s:s + docs_per_shard]
-        c0, c1 = int(offs[s]), int(offs[min(s + docs_per_shard, len(order_ids))])
+        e = min(s + docs_per_shard, len(order_ids))
+        c0, c1, s0, s1 = int(offs[s]), int(offs[e]), int(offs_s[s]), int(offs_s[e])
         kv = np.concatenate(src.load_kv(d_ids))[:, pos]                 # (C, L', 2, H, D)
         passages = [Passage(text=tab["text"][row[int(d)]], source_path=tab["source_path"][row[int(d)]],
                             passage_index=int(tab["passage_index"][row[int(d)]]),
                             byte_start=int(tab["byte_start"][row[int(d)]]), byte_end=int(tab["byte_end"][row[int(d)]]),
                             file_sha256=tab["file_sha256"][row[int(d)]]) for d in d_ids]
-        enc = EncodedChunks(doc_ids=d_ids.astype(np.int64),
-                            n_tokens=np.asarray([tab["n_tokens"][row[int(d)]] for d in d_ids], dtype=np.int64),
-                            n_chunks=n_ch[s:s + docs_per_shard], k_router=np.stack([k[c0:c1] for k in keys]),
+        shifted = {} if not rc.shifted_layers else {
+            "n_chunks_s": n_ch_s[s:e], "k_router_s": np.stack([k[s0:s1] for k in keys_s]),
+            "x_router_s": np.stack([x[s0:s1] for x in xs_s])}
+        enc = EncodedChunks(doc_ids=d_ids.astype(np.int64), n_tokens=n_tok[s:e],
+                            n_chunks=n_ch[s:e], k_router=np.stack([k[c0:c1] for k in keys]),
                             kv=np.ascontiguousarray(kv), dtype=ident.dtype,
-                            x_router=np.stack([x[c0:c1] for x in xs]))
+                            x_router=np.stack([x[c0:c1] for x in xs]), **shifted)
         recs.append(write_shard(dest, f"reindex-{s // docs_per_shard:05d}", passages, enc))
     msg = message or f"reindex-router from {src.root} v{src.version} with router {new_ident.router_id}"
     out = dest_store.commit(add=recs, message=msg)

@@ -12,7 +12,9 @@ import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from msa_memory.schemas.records import shifted_chunk_counts
 from msa_memory.store import _ids, create_store, write_shard
+from msa_memory.store.shards import tensor_bytes
 from msa_memory.testing.faults import validate_store_manifests
 from msa_memory.testing.store_kit import random_docs
 from msa_memory.testing.strategies import doc_id_sets, identities, token_counts
@@ -36,6 +38,13 @@ def test_roundtrip_any_identity(identity, counts, seed):
             assert chunk_doc.tolist() == np.repeat(ids, enc.n_chunks).tolist()
             if identity.hidden_size:
                 assert store.router_inputs(layer)[0].tobytes() == enc.x_router[layer].tobytes()
+        for j in range(len(identity.shifted_layers)):
+            keys, chunk_doc = store.router_keys_shifted(j)
+            assert keys.tobytes() == enc.k_router_s[j].tobytes()
+            assert chunk_doc.tolist() == np.repeat(ids, shifted_chunk_counts(counts, identity.chunk_tokens)).tolist()
+            if identity.hidden_size:
+                assert store.router_inputs_shifted(j)[0].tobytes() == enc.x_router_s[j].tobytes()
+        assert store.stats()["n_bytes"] == tensor_bytes(identity, counts)
         assert store.texts(ids) == [p.text for p in passages]
         assert validate_store_manifests(store.root) == 2
     finally:

@@ -346,3 +346,38 @@ def test_default_dtype_follows_the_cpu():
     want = torch.bfloat16 if ("amx_bf16" in flags or "avx512_bf16" in flags) else torch.float32
     assert default_dtype("cpu") == want
     assert default_dtype("cuda") == torch.bfloat16
+
+
+def test_shifted_layers_of_adapters(tmp_path):
+    """shifted_layers: a subset of the router layers, part of the router id only when set (adapters saved
+    before it keep their ids), kept by save/load, subset (its share), merge (the union) and subset folders
+    (theirs, whatever the folder they name has)."""
+    a = _adapter((1, 4), 0)
+    rid = a.fingerprint()
+    assert "shifted_layers" not in a.config.to_dict()
+    s = a.with_shifted_layers([4])
+    assert s.config.shifted_layers == (4,) and s.fingerprint() != rid
+    assert s.with_shifted_layers([]).fingerprint() == rid
+    assert torch.equal(s.k_proj["4"].weight, a.k_proj["4"].weight)
+    s.save(tmp_path / "s")
+    assert RouterAdapter.load(tmp_path / "s").fingerprint() == s.fingerprint()
+    assert s.subset([1]).config.shifted_layers == () and s.subset([4]).config.shifted_layers == (4,)
+    b = _adapter((2,), 1).with_shifted_layers([2])
+    assert RouterAdapter.merge([s, b]).config.shifted_layers == (2, 4)
+    assert RouterAdapter.merge([a, b]).config.shifted_layers == (2,)
+    with pytest.raises(ConfigError, match="shifted_layers must be ascending distinct router layers"):
+        a.with_shifted_layers([3])
+    with pytest.raises(ConfigError, match="shifted_layers"):
+        RouterConfig((1, 4), n_q_heads=4, n_kv_heads=2, head_dim=8, hidden_size=32, shifted_layers=(4, 1))
+    # subset folders: the file says which layers shift
+    sub = tmp_path / "part"
+    sub.mkdir()
+    spec = {"of": "../s", "router_layers": [1, 4], "router_id": rid}
+    (sub / "router_subset.json").write_text(json.dumps(spec))
+    assert RouterAdapter.load(sub).config.shifted_layers == ()            # the named folder's grid is not inherited
+    (sub / "router_subset.json").write_text(json.dumps(spec | {"shifted_layers": [1, 4],
+                                                               "router_id": a.with_shifted_layers([1, 4]).fingerprint()}))
+    assert RouterAdapter.load(sub).config.shifted_layers == (1, 4)
+    (sub / "router_subset.json").write_text(json.dumps(spec | {"shifted_layers": [2]}))
+    with pytest.raises(ModelLoadError, match="shifted_layers must be"):
+        RouterAdapter.load(sub)

@@ -139,3 +139,20 @@ def test_split_prefers_paragraphs_then_lines():
     assert len(big) == 1 and big[0].text == text and big[0].file_sha256
     with pytest.raises(ConfigError, match="max_tokens"):
         split_passages(text, "a", TOK, max_tokens=0)
+
+
+@given(lens=st.lists(st.integers(1, 150), min_size=1, max_size=7), p=st.integers(1, 70),
+       feat=st.integers(1, 4), seed=st.integers(0, 2**16))
+def test_shifted_pool_equals_naive(lens, p, feat, seed):
+    """The shifted router-key grid (windows of P from token P // 2; one whole-text window for documents
+    of at most P // 2 tokens): the fast layout + keep rows == a plain loop, and its chunk counts are
+    ``shifted_chunk_counts`` (what the store derives from token counts alone)."""
+    from msa_memory.encode.pooling import pool_shifted_naive, shifted_layout
+    from msa_memory.schemas.records import shifted_chunk_counts
+
+    x = torch.randn(sum(lens), feat, generator=torch.Generator().manual_seed(seed))
+    lay, keep = shifted_layout(lens, p)
+    out = chunk_mean_pool(x, lay)[keep]
+    want = pool_shifted_naive(x.double().numpy(), lens, p)
+    assert out.shape[0] == want.shape[0] == int(shifted_chunk_counts(lens, p).sum())
+    np.testing.assert_allclose(out.numpy(), want, atol=1e-5, rtol=0)

@@ -24,9 +24,12 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
 
 
-@pytest.fixture
-def store(tmp_path):
-    s = create_store(tmp_path / "mem.msa", tiny_identity(hidden_size=4))
+@pytest.fixture(params=["aligned", "shifted"])
+def store(tmp_path, request):
+    """A fresh tiny store keeping router inputs; every test runs twice: with MSA's aligned router-key grid
+    alone, and with the shifted grid at router layer 3 as well."""
+    shifted = (3,) if request.param == "shifted" else ()
+    s = create_store(tmp_path / "mem.msa", tiny_identity(hidden_size=4, shifted_layers=shifted))
     yield s
     if (tmp_path / "mem.msa" / "versions").exists():
         assert validate_store_manifests(tmp_path / "mem.msa") >= 1

@@ -285,3 +285,22 @@ def test_commit_extra_must_be_json(store):
     assert open_store(store.root).manifest["extra"] == {"job": {"workers": 2}}
     with pytest.raises(E.ConfigError, match="JSON-serialisable"):
         s.commit(extra={"bad": object()})
+
+
+@pytest.mark.parametrize("field,bad,msg", [
+    ("k_router_s", lambda a: None, "n_chunks_s / k_router_s are None"),
+    ("n_chunks_s", lambda a: a + 1, "shifted-grid chunk count is not the"),
+    ("k_router_s", lambda a: a[:, :-1], "k_router_s has shape"),
+    ("x_router_s", lambda a: None, "x_router_s .the shifted grid's. is None"),
+    ("x_router_s", lambda a: a.astype(np.float32), "x_router_s has dtype"),
+])
+def test_schema_mismatch_of_the_shifted_grid(store, rng, field, bad, msg):
+    p, enc = _enc(store, rng)
+    if not store.identity.shifted_layers:          # a store without the grid refuses one
+        enc = dataclasses.replace(enc, k_router_s=enc.k_router[:1])
+        msg = "the store keeps none"
+    else:
+        enc = dataclasses.replace(enc, **{field: bad(getattr(enc, field))})
+    with pytest.raises(E.SchemaMismatchError, match=msg):
+        write_shard(store.root, "s", p, enc)
+    assert not (store.root / "shards" / "s").exists()

@@ -56,6 +56,12 @@ def all_keys(store):
 
 
 @pytest.fixture
+def store(tmp_path):
+    """The aligned grid alone (the shifted grid's re-keying: test_rekey_shifted_grid)."""
+    return create_store(tmp_path / "mem.msa", tiny_identity(hidden_size=4))
+
+
+@pytest.fixture
 def two_shards(store, rng):
     s, *_ = add_docs(store, [5, 9, 2], rng, "a")
     s, *_ = add_docs(s, [7, 4], rng, "b")
@@ -220,3 +226,42 @@ def test_bad_input_changes_nothing(two_shards, tmp_path, rng):
         plain.rekey(router("x", plain.identity), linear_keys(1, plain.identity))
     assert open_store(plain.root).version == plain.version and not (plain.root / "router_keys").exists()
     assert files_before  # the fixture store had files to compare
+
+
+def test_rekey_shifted_grid(tmp_path, rng):
+    """A store with the shifted grid re-keys both grids: the new shifted keys are shifted_keys_fn of the
+    kept shifted inputs; a router with other shifted layers, or no shifted_keys_fn, publishes nothing."""
+    import dataclasses
+
+    ident = tiny_identity(hidden_size=4, shifted_layers=(3,))
+    s1 = create_store(tmp_path / "s.msa", ident)
+    s1, *_ = add_docs(s1, [5, 9, 2], rng, "a")
+    s1, *_ = add_docs(s1, [7, 4], rng, "b")
+    old_s = s1.router_keys_shifted(0)[0].tobytes()
+    fn = linear_keys(1, ident)
+    one = dataclasses.replace(ident, router_layers=(3,), shifted_layers=(3,))
+    fn_s = linear_keys(2, one)                      # one layer: (1, Cs, E) -> (1, Cs, H, D)
+    with pytest.raises(IdentityMismatchError, match="shifted layers"):
+        s1.rekey(router("r2", ident), fn, shifted_keys_fn=fn_s)
+    with pytest.raises(ConfigError, match="shifted_keys_fn"):
+        s1.rekey(router("r2", ident, shifted_layers=[3]), fn)
+    assert open_store(s1.root).version == s1.version
+    s2 = s1.rekey(router("r2", ident, shifted_layers=[3]), fn, shifted_keys_fn=fn_s)
+    assert s2.router["shifted_layers"] == [3] and s2.version == s1.version + 1
+    x, docs = s2.router_inputs_shifted(0)
+    k, kdocs = s2.router_keys_shifted(0)
+    assert np.array_equal(docs, kdocs) and k.tobytes() == fn_s("any", x[None])[0].tobytes()
+    for layer in range(2):
+        want, _ = expected_keys(s2, fn, layer)
+        assert s2.router_keys(layer)[0].tobytes() == want.tobytes()
+    assert open_store(s1.root, version=s1.version).router_keys_shifted(0)[0].tobytes() == old_s
+    assert s2.verify()["ok"]
+    # compaction after the reindex writes the version's shifted keys into the new shard
+    s3 = s2.commit(delete_ids=[int(docs[0])]).compact()
+    k3, docs3 = s3.router_keys_shifted(0)
+    by_doc = lambda k_, d_: {int(i): k_[d_ == i].tobytes() for i in np.unique(d_)}  # noqa: E731
+    assert by_doc(k3, docs3) == {i: b for i, b in by_doc(k, docs).items() if i != int(docs[0])}
+    # damage to the reindexed shifted keys is found
+    e = s2.manifest["shards"][0]
+    flip_byte(s2.root / e["router_keys"]["path"] / "k_router_s" / "c.0.0.0.0", 5)
+    assert not open_store(s2.root, version=s2.version).verify()["ok"]

@@ -96,11 +96,14 @@ def test_stats_and_versions(store, rng):
     s1, rec, _, enc = add_docs(store, [3, 8, 5], rng, "a", message="first")
     st = s1.stats()
     per_chunk = 2 * (2 * 2 * 2 * 8 + 2 * 2 * 8 + 2 * 4)  # bf16 bytes of kv + k_router + x_router (L=2,H=2,D=8,E=4)
+    # the shifted grid (P=4: windows from token 2) at one layer: 1 + 2 + 1 chunks of k_router_s + x_router_s
+    shifted = 4 * 2 * (2 * 8 + 4) if store.identity.shifted_layers else 0
     assert st["n_docs"] == 3 and st["n_chunks"] == 1 + 2 + 2 and st["n_tokens"] == 16
-    assert st["bytes_per_chunk"] == per_chunk and st["n_bytes"] == 5 * per_chunk
-    assert st["bytes_per_token"] == pytest.approx(5 * per_chunk / 16)
+    assert st["bytes_per_chunk"] == per_chunk and st["n_bytes"] == 5 * per_chunk + shifted
+    assert st["bytes_per_token"] == pytest.approx((5 * per_chunk + shifted) / 16)
     s2 = s1.commit(delete_ids=[int(enc.doc_ids[1])], message="second")
     assert s2.stats()["n_docs"] == 2 and s2.stats()["n_chunks"] == 3 and s2.stats()["n_tokens"] == 8
+    assert s2.stats()["n_bytes"] == 3 * per_chunk + shifted // 2     # doc 1 (8 tokens) had 2 of the 4
     vs = s2.versions()
     assert [v["version"] for v in vs] == [0, 1, 2]
     assert [v["operation"] for v in vs] == ["create", "add", "delete"]
@@ -227,3 +230,82 @@ def test_reprs_do_not_load_tensors(store, rng):
     assert "version=1" in repr(fresh) and "docs=2" in repr(fresh)
     assert "<table>" in fresh._repr_html_() and "router layers" in fresh._repr_html_()
     assert fresh._views == {}  # nothing read beyond the manifest
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_shifted_grid_round_trips_and_follows_deletes_and_compaction(tmp_path, rng, dtype):
+    """The shifted router-key grid (k_router_s, x_router_s): bit-exact, one run of chunks per document in the
+    order of router_keys, chunk counts from the token counts alone; deletes and compaction keep it right."""
+    from msa_memory.schemas.records import shifted_chunk_counts
+
+    ident = tiny_identity(hidden_size=5, dtype=dtype, shifted_layers=(1, 3))
+    store = create_store(tmp_path / "s", ident)
+    counts = [1, 2, 3, 4, 5, 6, 9, 17]             # P = 4: windows from token 2
+    store, rec, _, enc = add_docs(store, counts, rng, "s0")
+    assert enc.n_chunks_s.tolist() == [1, 1, 1, 1, 1, 1, 2, 4] == shifted_chunk_counts(counts, 4).tolist()
+    for j in range(2):
+        keys, docs = store.router_keys_shifted(j)
+        assert keys.tobytes() == enc.k_router_s[j].tobytes()
+        assert np.array_equal(docs, np.repeat(enc.doc_ids, enc.n_chunks_s))
+        x, xdocs = store.router_inputs_shifted(j)
+        assert x.tobytes() == enc.x_router_s[j].tobytes() and np.array_equal(xdocs, docs)
+    with pytest.raises(Exception, match="Shifted layer position 2 out of range"):
+        store.router_keys_shifted(2)
+    # a second shard, then a delete from each: the live runs of both grids, in the same document order
+    store, _, _, enc2 = add_docs(store, [7, 3], rng, "s1")
+    dead = [int(enc.doc_ids[6]), int(enc2.doc_ids[0])]
+    s2 = store.commit(delete_ids=dead)
+    live_a, live_s = [], []
+    for e in (enc, enc2):
+        for i, d in enumerate(e.doc_ids):
+            if int(d) not in dead:
+                live_a += [int(d)] * int(e.n_chunks[i])
+                live_s.append(e.k_router_s[:, e.offsets_s[i]:e.offsets_s[i + 1]])
+    want = np.concatenate(live_s, axis=1)
+    for j in range(2):
+        keys, docs = s2.router_keys_shifted(j)
+        assert keys.tobytes() == np.ascontiguousarray(want[j]).tobytes()
+        a_docs = s2.router_keys(j)[1]
+        assert a_docs.tolist() == live_a
+        # the runs of documents are in the same order on both grids
+        run = lambda d: d[np.r_[True, d[1:] != d[:-1]]].tolist()  # noqa: E731
+        assert run(docs) == run(a_docs)
+    s3 = s2.compact(merge_below_chunks=1000)
+    assert s3.manifest["operation"] == "compact" and len(s3.manifest["shards"]) == 1
+    for j in range(2):
+        assert s3.router_keys_shifted(j)[0].tobytes() == s2.router_keys_shifted(j)[0].tobytes()
+        assert s3.router_inputs_shifted(j)[0].tobytes() == s2.router_inputs_shifted(j)[0].tobytes()
+    assert s3.stats()["n_bytes"] == s2.stats()["n_bytes"] and s3.verify()["ok"]
+
+
+def test_shifted_grid_damage_is_found(tmp_path, rng):
+    from msa_memory.errors import ShardCorruptError
+    from msa_memory.testing.faults import flip_byte
+
+    store = create_store(tmp_path / "s", tiny_identity(shifted_layers=(3,)))
+    store, rec, _, _ = add_docs(store, [9, 13], rng, "s0")
+    assert "k_router_s/c.0.0.0.0" in rec.files and "x_router_s/c.0.0.0" not in rec.files   # no router inputs kept
+    flip_byte(tmp_path / "s" / "shards" / "s0" / "k_router_s" / "c.0.0.0.0", 3)
+    rep = store.verify()
+    assert not rep["ok"] and any("k_router_s" in p["file"] for p in rep["problems"])
+    with pytest.raises(ShardCorruptError):
+        store.router_keys_shifted(0)
+    assert store.router_keys(1)[0].shape[0] == 3 + 4        # the aligned grid is unharmed
+
+
+def test_identity_hash_of_stores_without_a_shifted_grid_is_unchanged():
+    """Stores written before the shifted grid existed keep their identity (and so their manifests'
+    identity_sha256): the field is left out of the JSON when empty."""
+    import dataclasses
+
+    from msa_memory.schemas.records import StoreIdentity, identity_sha256
+
+    ident = tiny_identity()
+    assert "shifted_layers" not in ident.to_dict()
+    assert StoreIdentity.from_dict(ident.to_dict()) == ident
+    with_grid = dataclasses.replace(ident, shifted_layers=(3,))
+    assert with_grid.to_dict()["shifted_layers"] == [3] and StoreIdentity.from_dict(with_grid.to_dict()) == with_grid
+    assert identity_sha256(with_grid) != identity_sha256(ident)
+    assert ident.compatible_with(with_grid) == ["shifted_layers"]
+    with pytest.raises(Exception, match="shifted_layers must be ascending distinct router layers"):
+        dataclasses.replace(ident, shifted_layers=(2,))
