@@ -50,9 +50,12 @@ bounded by tile × rows, never by C. The tile loop is the eager path, the refere
   chunk scores and never the R × C matrix; used only when triton imports (eager otherwise).
 
 What it does not do: fetch content K̄V̄ (``memory_tier``), or decide which layers route (the
-caller walks the model). Invariant: the chunk → document map is shared by all layers and maps
-to dense document indices 0..N-1; ``doc_ids[n]`` gives the store id. Not thread-safe (the scratch
-buffer and graph cache are per index).
+caller walks the model). Invariant: every chunk → document map indexes the same dense documents
+0..N-1 (``doc_ids[n]`` gives the store id) and gives every document at least one chunk. Either one
+map (C,) is shared by all layers (a store's aligned chunks), or each layer has its own map (C_l,) over
+its own C_l key rows (a layer that also keeps router keys of a shifted chunk grid: both grids' chunks,
+so its chunk-reduce max is the max over both); layers with equal maps share one set of reduce tables
+(``_ChunkMap``). Not thread-safe (the scratch buffer and graph cache are per index).
 """
 
 from __future__ import annotations
@@ -372,16 +375,86 @@ def pad_query_rows(q: torch.Tensor, cfg: RoutingConfig) -> torch.Tensor:
     return torch.cat([q, q[-1:].expand(P - T, *q.shape[1:])])
 
 
+class _ChunkMap:
+    """One chunk → document map and the tables of its document reduce, built once per distinct map
+    (layers whose maps are equal share one object): ``chunk_doc`` (C,) int64 and ``doc_chunk_count``
+    (N,) float32 on the device, and where each document's chunks are one contiguous run in document
+    order (what stores write): ``runs`` (starts, counts int32, max count) for ``routing_triton``'s
+    document top-k, on CPU ``lengths`` / ``offsets`` for ``torch.segment_reduce`` / ``routing_cpu.doc_reduce``,
+    on devices the ``gather`` index of :func:`doc_gather_index` (where it stays ≤ 8 × C entries)."""
+
+    __slots__ = ("chunk_doc", "doc_chunk_count", "gather", "lengths", "n_chunks", "offsets", "runs")
+
+    def __init__(self, chunk_doc_np: np.ndarray, n_docs: int, device: torch.device, where: str = "") -> None:
+        import torch
+
+        self.n_chunks = int(chunk_doc_np.shape[0])
+        if self.n_chunks and (chunk_doc_np.min() < 0 or chunk_doc_np.max() >= n_docs):
+            raise ConfigError(f"chunk_doc{where} must index 0..{n_docs - 1}, got range "
+                              f"[{chunk_doc_np.min()}, {chunk_doc_np.max()}].")
+        self.chunk_doc = torch.from_numpy(chunk_doc_np).to(device)
+        counts = np.bincount(chunk_doc_np, minlength=n_docs) if self.n_chunks else np.zeros(n_docs, np.int64)
+        if n_docs and counts.min() == 0:
+            none = np.flatnonzero(counts == 0)
+            raise ConfigError(f"Every document must own at least one chunk{where}; {len(none)} documents have none "
+                              f"(dense indices {none[:5].tolist()}{' ...' if len(none) > 5 else ''}).")
+        self.doc_chunk_count = torch.from_numpy(counts.astype(np.float32)).to(device)
+        # CPU chunk→doc reduce: when each document's chunks are contiguous and in order (what stores write),
+        # one pass over the runs: routing_cpu.doc_reduce with blocked keys, else torch.segment_reduce (2-core
+        # VM, max: 10k chunks / 1,250 documents 7.4 µs vs 29.7 µs; 1M / 125k 0.80 ms vs 1.83 ms; 1M / 250k 1.42
+        # vs 2.74 ms; segment_reduce was 2x numpy reduceat and ~5x scatter_reduce_)
+        self.lengths: torch.Tensor | None = None
+        self.offsets: torch.Tensor | None = None     # (N + 1,) int64 run offsets (CPU, sorted map)
+        self.gather: torch.Tensor | None = None
+        self.runs: tuple[torch.Tensor, torch.Tensor, int] | None = None   # (starts, counts, max count)
+        if self.n_chunks and np.all(chunk_doc_np[1:] >= chunk_doc_np[:-1]):
+            starts = np.flatnonzero(np.r_[True, chunk_doc_np[1:] != chunk_doc_np[:-1]])
+            if self.n_chunks < 2**31:
+                self.runs = (torch.from_numpy(starts.astype(np.int32)).to(device),
+                             torch.from_numpy(counts.astype(np.int32)).to(device), int(counts.max()))
+            if device.type == "cpu":
+                self.lengths = torch.from_numpy(counts)
+                self.offsets = torch.from_numpy(np.r_[0, np.cumsum(counts)].astype(np.int64))
+            elif n_docs * int(counts.max()) <= 8 * self.n_chunks:
+                # device chunk→doc max: one gather + amax instead of a scatter of float atomics (about 75 µs
+                # at 1M chunks on an H100)
+                self.gather = torch.from_numpy(doc_gather_index(starts, counts)).to(device)
+
+
+def _chunk_maps(chunk_doc: Any, n_layers: int, n_docs: int, device: torch.device) -> tuple[_ChunkMap, list[_ChunkMap]]:
+    """(layer 0's map, one map per layer) of ``RouterIndex``'s ``chunk_doc``: one array-like shared by all
+    layers, or a list / tuple of one array-like per layer (equal maps, by identity or value, built once)."""
+    if not (isinstance(chunk_doc, (list, tuple)) and any(np.ndim(m) > 0 for m in chunk_doc)):
+        shared = _ChunkMap(np.asarray(chunk_doc, dtype=np.int64), n_docs, device)
+        return shared, [shared] * n_layers
+    if len(chunk_doc) != n_layers:
+        raise ConfigError(f"chunk_doc gives {len(chunk_doc)} chunk → document maps for {n_layers} router layers; "
+                          "give one map shared by all layers or one per layer.")
+    seen: list[tuple[Any, np.ndarray, _ChunkMap]] = []
+    maps = []
+    for i, m in enumerate(chunk_doc):
+        arr = np.asarray(m, dtype=np.int64)
+        if arr.ndim != 1:
+            raise ConfigError(f"The chunk → document map of layer {i} must be 1-D (C_l,); got shape {arr.shape}.")
+        cm = next((c for obj, a, c in seen if obj is m or (a.shape == arr.shape and np.array_equal(a, arr))), None)
+        if cm is None:
+            cm = _ChunkMap(arr, n_docs, device, f" of layer {i}")
+            seen.append((m, arr, cm))
+        maps.append(cm)
+    return maps[0], maps
+
+
 class RouterIndex:
-    """Resident router keys of every router layer plus the chunk → document map.
+    """Resident router keys of every router layer plus the chunk → document map(s).
 
     Parameters
     ----------
     keys : sequence of torch.Tensor
-        One (C, H, D) tensor per router layer, any float dtype; moved to ``device`` as-is
+        One (C_l, H, D) tensor per router layer, any float dtype; moved to ``device`` as-is
         (cosine mode normalizes each chunk's heads once, here, in float32).
-    chunk_doc : array-like, (C,) int64
-        Dense document index 0..N-1 of every chunk, shared by all layers.
+    chunk_doc : array-like (C,) int64, or a list / tuple of one (C_l,) int64 array-like per layer
+        Dense document index 0..N-1 of every chunk: one map shared by all layers (then C_l = C), or
+        layer l's own map of its C_l key rows. Every map gives every document at least one chunk.
     doc_ids : array-like, (N,) int64
         Store id of each dense document index.
     config : RoutingConfig
@@ -395,12 +468,9 @@ class RouterIndex:
         self.config = config
         self.device = torch.device(device)
         self.doc_ids = np.asarray(doc_ids, dtype=np.int64)
-        chunk_doc_np = np.asarray(chunk_doc, dtype=np.int64)
         self.n_docs = int(self.doc_ids.shape[0])
-        self.n_chunks = int(chunk_doc_np.shape[0])
-        if self.n_chunks and (chunk_doc_np.min() < 0 or chunk_doc_np.max() >= self.n_docs):
-            raise ConfigError(f"chunk_doc must index 0..{self.n_docs - 1}, got range "
-                              f"[{chunk_doc_np.min()}, {chunk_doc_np.max()}].")
+        keys = list(keys)
+        self._map0, self._maps = _chunk_maps(chunk_doc, len(keys), self.n_docs, self.device)   # _maps[layer]
         self._keys: list[torch.Tensor] = []     # (C, H, D) views of the storage (rows, chunk-minor layouts)
         self._shapes: list[tuple[int, int, int]] = []
         self._chunk_minor = self.device.type == "cpu"
@@ -408,8 +478,12 @@ class RouterIndex:
         self._keys_blk: list[torch.Tensor] = []  # blocked (nb, H, D/2, 32, 2) bf16: the AVX512-BF16 kernel's layout
         resident = []
         for i, k in enumerate(keys):
-            if k.dim() != 3 or k.shape[0] != self.n_chunks:
-                raise ConfigError(f"Router keys of layer {i} must be (C={self.n_chunks}, H, D); got {tuple(k.shape)}.")
+            C = self._maps[i].n_chunks
+            if k.dim() != 3:
+                raise ConfigError(f"Router keys of layer {i} must be (C={C}, H, D); got {tuple(k.shape)}.")
+            if k.shape[0] != C:
+                raise ConfigError(f"Router keys of layer {i} have {k.shape[0]} rows but its chunk → document map has "
+                                  f"{C} chunks; the keys must be (C={C}, H, D), got {tuple(k.shape)}.")
             resident.append(resident_dtype(k.dtype, self.device, config.compute_dtype))
         # CPU + bf16 keys + AVX512-BF16: blocked keys scored by routing_cpu (built here, on first use)
         self._blocked = bool(self._chunk_minor and config.cpu_kernel and resident
@@ -429,33 +503,8 @@ class RouterIndex:
                 self._keys.append(self._keys_cm[-1].permute(2, 0, 1))
             else:
                 self._keys.append(k.contiguous())
-        self.chunk_doc = torch.from_numpy(chunk_doc_np).to(self.device)
-        counts = np.bincount(chunk_doc_np, minlength=self.n_docs) if self.n_chunks else np.zeros(self.n_docs, np.int64)
-        if self.n_docs and counts.min() == 0:
-            raise ConfigError("Every document must own at least one chunk; some documents have none.")
-        self.doc_chunk_count = torch.from_numpy(counts.astype(np.float32)).to(self.device)
-        # CPU chunk→doc reduce: when each document's chunks are contiguous and in order (what stores write),
-        # one pass over the runs: routing_cpu.doc_reduce with blocked keys, else torch.segment_reduce (2-core
-        # VM, max: 10k chunks / 1,250 documents 7.4 µs vs 29.7 µs; 1M / 125k 0.80 ms vs 1.83 ms; 1M / 250k 1.42
-        # vs 2.74 ms; segment_reduce was 2x numpy reduceat and ~5x scatter_reduce_)
-        self._doc_lengths = None
-        self._doc_offsets: torch.Tensor | None = None     # (N + 1,) int64 run offsets (CPU, sorted map)
-        self._doc_gather = None
-        self._doc_runs: tuple[torch.Tensor, torch.Tensor, int] | None = None   # (starts, counts, max count)
         self._doc_topk_broken = False
         self._doc_kernel_broken = False
-        if self.n_chunks and np.all(chunk_doc_np[1:] >= chunk_doc_np[:-1]):
-            starts = np.flatnonzero(np.r_[True, chunk_doc_np[1:] != chunk_doc_np[:-1]])
-            if self.n_chunks < 2**31:
-                self._doc_runs = (torch.from_numpy(starts.astype(np.int32)).to(self.device),
-                                  torch.from_numpy(counts.astype(np.int32)).to(self.device), int(counts.max()))
-            if self.device.type == "cpu":
-                self._doc_lengths = torch.from_numpy(counts)
-                self._doc_offsets = torch.from_numpy(np.r_[0, np.cumsum(counts)].astype(np.int64))
-            elif self.n_docs * int(counts.max()) <= 8 * self.n_chunks:
-                # device chunk→doc max: one gather + amax instead of a scatter of float atomics (about 75 µs
-                # at 1M chunks on an H100)
-                self._doc_gather = torch.from_numpy(doc_gather_index(starts, counts)).to(self.device)
         self._scratch: dict[Any, torch.Tensor] = {}      # reused GEMM output of the eager tile loop
         self._fused_broken = False                          # set when the Triton kernel failed once
         self._graphs: Any = None                           # routing_cuda.GraphRouteCache, made on first CUDA route
@@ -465,14 +514,34 @@ class RouterIndex:
         return len(self._shapes)
 
     @property
+    def n_chunks(self) -> int:
+        """Chunks of layer 0's chunk → document map (of every layer's when one map is shared; see
+        :meth:`layer_chunks`)."""
+        return self._map0.n_chunks
+
+    def layer_chunks(self, layer: int) -> int:
+        """Chunks C_l of router layer ``layer`` (its key rows, its chunk → document map's length)."""
+        return self._maps[layer].n_chunks
+
+    @property
+    def chunk_doc(self) -> torch.Tensor:
+        """(C,) int64 dense document index of each chunk of layer 0's map, on the device."""
+        return self._map0.chunk_doc
+
+    @property
+    def doc_chunk_count(self) -> torch.Tensor:
+        """(N,) float32 chunks of each document in layer 0's map, on the device."""
+        return self._map0.doc_chunk_count
+
+    @property
     def keys(self) -> list[torch.Tensor]:
-        """(C, H, D) resident keys of each router layer: views of the storage on devices and in the
+        """(C_l, H, D) resident keys of each router layer: views of the storage on devices and in the
         chunk-minor CPU layout; with the blocked layout of the CPU kernel (``layout == "blocked"``) each
         access returns row-major COPIES (for tests and baselines; routing never uses them)."""
         if self._blocked:
             from msa_memory.runtime import routing_cpu
 
-            return [routing_cpu.unpack_blocked(b, 0, self.n_chunks) for b in self._keys_blk]
+            return [routing_cpu.unpack_blocked(b, 0, m.n_chunks) for b, m in zip(self._keys_blk, self._maps)]
         return list(self._keys)
 
     @property
@@ -531,7 +600,7 @@ class RouterIndex:
         return routing_triton.available()
 
     def chunk_scores(self, layer: int, q: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
-        """(C,) float32 chunk scores S[c] of one query at one router layer.
+        """(C_l,) float32 chunk scores S[c] of one query at router layer ``layer`` (its own chunks).
 
         ``q`` is (T, Hq, D) router queries of the query tokens (already selected: only routing
         tokens). Hq must be a multiple of the keys' H. ``kernel``: ``"auto"`` (the fused Triton
@@ -544,7 +613,7 @@ class RouterIndex:
         if kernel not in ("auto", "torch", "triton", "cpu"):
             raise ConfigError(f"Routing kernel={kernel!r} is not one of 'auto', 'torch', 'triton', 'cpu'.")
         kv, lhs, plan = self._query(layer, q)
-        C = self.n_chunks
+        C = self._maps[layer].n_chunks
         out = torch.empty(C, dtype=torch.float32, device=self.device)
         if kernel == "cpu" and not self._blocked:
             raise ConfigError("Routing kernel='cpu' needs bf16 keys on a CPU with AVX512-BF16 (layout 'blocked'), "
@@ -628,7 +697,7 @@ class RouterIndex:
                 self._to_chunk_minor()
                 return False
         G, R, Dk = lhs.shape
-        C = self.n_chunks
+        C = out.shape[0]                                                     # the layer's chunks
         tile = max(routing_cpu.BLOCK, min(int(self.config.tile_chunks),
                                           _CPU_SCRATCH_BYTES // (G * R * blk.element_size())))
         tile -= tile % routing_cpu.BLOCK
@@ -644,24 +713,26 @@ class RouterIndex:
 
         while self._keys_blk:
             blk = self._keys_blk.pop(0)
-            cm = routing_cpu.unpack_blocked(blk, 0, self.n_chunks).permute(1, 2, 0).contiguous()
+            C = self._maps[len(self._keys_cm)].n_chunks                      # the layer moved now
+            cm = routing_cpu.unpack_blocked(blk, 0, C).permute(1, 2, 0).contiguous()
             del blk
             self._keys_cm.append(cm)
             self._keys.append(cm.permute(2, 0, 1))
         self._blocked = False
         self._scratch.clear()
 
-    def _doc_reduce(self, cs: torch.Tensor) -> torch.Tensor:
+    def _doc_reduce(self, cs: torch.Tensor, m: _ChunkMap) -> torch.Tensor:
+        """(N,) float32 chunk reduce of one layer's chunk scores ``cs`` (C_l,) over its map ``m``."""
         import torch
 
-        if self._doc_lengths is not None and cs.device.type == "cpu":     # sorted map: one pass over the runs
+        if m.lengths is not None and cs.device.type == "cpu":     # sorted map: one pass over the runs
             if self._blocked and not self._doc_kernel_broken and cs.dtype == torch.float32 and cs.is_contiguous():
-                # the kernel's extension is loaded (blocked keys): its doc_reduce (see __init__ for the figures)
+                # the kernel's extension is loaded (blocked keys): its doc_reduce (see _ChunkMap for the figures)
                 from msa_memory.runtime import routing_cpu
 
                 out = torch.empty(self.n_docs, dtype=torch.float32)
                 try:
-                    routing_cpu.doc_reduce(cs, self._doc_offsets, self.config.chunk_reduce, out)
+                    routing_cpu.doc_reduce(cs, m.offsets, self.config.chunk_reduce, out)
                     return out
                 except Exception as e:  # noqa: BLE001  (segment_reduce is exact too)
                     import warnings
@@ -670,18 +741,18 @@ class RouterIndex:
                                   "torch.segment_reduce.", RuntimeWarning, stacklevel=2)
                     self._doc_kernel_broken = True
             return torch.segment_reduce(cs, "max" if self.config.chunk_reduce == "max" else "mean",
-                                        lengths=self._doc_lengths)
+                                        lengths=m.lengths)
         if self.config.chunk_reduce == "max":
-            if self._doc_gather is not None:
-                return cs[self._doc_gather].amax(1)
+            if m.gather is not None:
+                return cs[m.gather].amax(1)
             ds = torch.full((self.n_docs,), float("-inf"), dtype=torch.float32, device=self.device)
-            return ds.scatter_reduce_(0, self.chunk_doc, cs, reduce="amax", include_self=True)
+            return ds.scatter_reduce_(0, m.chunk_doc, cs, reduce="amax", include_self=True)
         ds = torch.zeros(self.n_docs, dtype=torch.float32, device=self.device)
-        return ds.index_add_(0, self.chunk_doc, cs) / self.doc_chunk_count
+        return ds.index_add_(0, m.chunk_doc, cs) / m.doc_chunk_count
 
     def doc_scores(self, layer: int, q: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
         """(N,) float32 document scores s[d] (chunk reduce of :meth:`chunk_scores`)."""
-        return self._doc_reduce(self.chunk_scores(layer, q, kernel))
+        return self._doc_reduce(self.chunk_scores(layer, q, kernel), self._maps[layer])
 
     def route_device(self, layer: int, q: torch.Tensor, k: int, kernel: str = "auto") -> torch.Tensor:
         """(2, k) float64 on the device: row 0 the top-k document scores, row 1 their dense indices.
@@ -689,21 +760,20 @@ class RouterIndex:
         No host synchronisation inside: this is what the CUDA graph captures (float64 holds both the
         fp32 scores and indices < 2⁵³ exactly, so ONE copy brings both back).
         """
-        import torch
-
-        if self._doc_topk_ok(k):
+        m = self._maps[layer]
+        if self._doc_topk_ok(k, m):
             from msa_memory.runtime import routing_triton
 
             cs = self.chunk_scores(layer, q, kernel)
             try:
-                return routing_triton.doc_max_topk(cs, *self._doc_runs, k)
+                return routing_triton.doc_max_topk(cs, *m.runs, k)
             except Exception as e:  # noqa: BLE001  (a compile or launch failure: the torch path is exact too)
                 import warnings
 
                 warnings.warn(f"Triton document top-k failed ({type(e).__name__}: {e}); using torch.",
                               RuntimeWarning, stacklevel=2)
                 self._doc_topk_broken = True
-                return self._pack_topk(self._doc_reduce(cs), k)
+                return self._pack_topk(self._doc_reduce(cs, m), k)
         return self._pack_topk(self.doc_scores(layer, q, kernel), k)
 
     def _pack_topk(self, ds: torch.Tensor, k: int) -> torch.Tensor:
@@ -712,8 +782,10 @@ class RouterIndex:
         vals, idx = topk_blocked(ds, k) if ds.device.type == "cuda" else torch.topk(ds, k)
         return torch.stack([vals.double(), idx.double()])
 
-    def _doc_topk_ok(self, k: int) -> bool:
-        if not (self.config.fused_topk and self.config.chunk_reduce == "max" and self._doc_runs is not None
+    def _doc_topk_ok(self, k: int, m: _ChunkMap | None = None) -> bool:
+        """True when the Triton document top-k serves map ``m`` (default: layer 0's; bench_runtime asks)."""
+        m = self._map0 if m is None else m
+        if not (self.config.fused_topk and self.config.chunk_reduce == "max" and m.runs is not None
                 and not self._doc_topk_broken):
             return False
         if self.device.type != "cuda" and not _interpreting_triton():

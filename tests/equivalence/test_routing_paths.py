@@ -152,7 +152,7 @@ def test_sorted_map_segment_reduce_equals_scatter_reduce(chunk_reduce):
     cfg = RoutingConfig(chunk_reduce=chunk_reduce)
     srt = RouterIndex([keys], chunk_doc, np.arange(30), cfg)
     shuf = RouterIndex([keys[perm]], chunk_doc[perm], np.arange(30), cfg)
-    assert srt._doc_lengths is not None and shuf._doc_lengths is None
+    assert srt._maps[0].lengths is not None and shuf._maps[0].lengths is None
     q = torch.from_numpy(rng.standard_normal((3, 2, 8)).astype(np.float32))
     torch.testing.assert_close(srt.doc_scores(0, q), shuf.doc_scores(0, q), rtol=1e-6, atol=1e-6)
 
