@@ -43,6 +43,25 @@ _MODES = ("pooled", "text", "interleave")
 DEFAULT_STOPS = ("\n\nPassage ", "\nQuestion:")
 
 
+def _interleave_grids(docs: np.ndarray, sdocs: np.ndarray, doc_ids: np.ndarray,
+                      root: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(row order, chunk → dense document map) of a layer's aligned chunks (store ids ``docs``) followed by
+    its shifted-grid chunks (``sdocs``), put document by document: each document's aligned chunks, then its
+    shifted ones, documents in the store's order. Both grids list documents in the same order (one run each);
+    so the layer's map stays sorted where the aligned one is, and routing keeps its one-pass reduces."""
+    def runs(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:   # (run index of every chunk, run ids)
+        start = np.r_[True, d[1:] != d[:-1]] if d.size else np.zeros(0, bool)
+        return np.cumsum(start) - 1, d[start]
+
+    run_a, ids_a = runs(docs)
+    run_s, ids_s = runs(sdocs)
+    if not np.array_equal(ids_a, ids_s):
+        raise RuntimeMemoryError(f"Store {str(root)!r} lists its documents in another order on the shifted router-key "
+                                 "grid than on the aligned one; run `msa store verify`.")
+    order = np.argsort(np.concatenate([run_a, run_s]), kind="stable")     # a run's aligned rows come first
+    return order, np.searchsorted(doc_ids, np.concatenate([docs, sdocs])[order])
+
+
 def _cut(text: str, stops: Sequence[str]) -> str:
     """``text`` up to the first stop string."""
     cut = min((i for i in (text.find(x) for x in stops) if i >= 0), default=len(text))
@@ -138,9 +157,11 @@ class Memory:
         self.layout = layout_for(self.tokenizer, ident.wrap, use_chat_template)
         self.routing = self._routing_config(routing)
         t0 = time.perf_counter()
-        # 1. router keys: one resident tensor per router layer, shared chunk → dense doc map
+        # 1. router keys: one resident tensor per router layer, shared chunk → dense doc map; a layer with
+        #    the shifted grid too holds both grids' keys, document by document, with a map of its own
         dt = torch_dtype_of(ident.dtype)
-        keys, chunk_doc = [], None
+        keys, maps, chunk_doc, shifted = [], [], None, {p: j for j, p in enumerate(ident.shifted_positions)}
+        both: tuple[np.ndarray, np.ndarray] | None = None      # (row order, map) shared by the shifted layers
         for pos in range(ident.n_layers):
             k_np, docs = store.router_keys(pos)
             if chunk_doc is None:
@@ -149,11 +170,19 @@ class Memory:
             elif not np.array_equal(docs, first_docs):
                 raise RuntimeMemoryError(f"Router layer {pos} lists chunks in another order than layer 0 in store "
                                          f"{str(store.root)!r}; run `msa store verify`.")
+            layer_map = chunk_doc
+            if pos in shifted:
+                ks_np, sdocs = store.router_keys_shifted(shifted[pos])
+                if both is None:
+                    both = _interleave_grids(docs, sdocs, doc_ids, store.root)
+                k_np, layer_map = np.concatenate([k_np, ks_np])[both[0]], both[1]
             t = torch.from_numpy(np.ascontiguousarray(k_np))
             keys.append(t.view(dt) if t.dtype != dt else t)
+            maps.append(layer_map)
         assert chunk_doc is not None
         self.doc_ids = doc_ids.astype(np.int64)
-        self.index = RouterIndex(keys, chunk_doc, self.doc_ids, self.routing, device=self.device)
+        self.n_chunks = int(chunk_doc.shape[0])      #: aligned chunks (the shifted grid's are routing-only)
+        self.index = RouterIndex(keys, maps if shifted else chunk_doc, self.doc_ids, self.routing, device=self.device)
         del keys
         # 2. content tier
         n_chunks = np.bincount(chunk_doc, minlength=len(self.doc_ids)).astype(np.int64)
@@ -412,14 +441,16 @@ class Memory:
     def __repr__(self) -> str:
         i = self.identity
         return (f"Memory(store={str(self.store.root)!r}, version={self.store.version}, docs={self.index.n_docs}, "
-                f"chunks={self.index.n_chunks}, router_layers={list(i.router_layers)}, score={self.routing.score}, "
+                f"chunks={self.n_chunks}, router_layers={list(i.router_layers)}, "
+                + (f"shifted_layers={list(i.shifted_layers)}, " if i.shifted_layers else "") + f"score={self.routing.score}, "
                 f"top_k={self.routing.top_k}, device={self.device}, content={self.content.source})")
 
     def _repr_html_(self) -> str:
         i = self.identity
         rows = {"store": str(self.store.root), "version": self.store.version, "model": i.model_name,
-                "documents": self.index.n_docs, "chunks": self.index.n_chunks,
-                "router layers": list(i.router_layers), "routing": f"{self.routing.score}, heads {self.routing.head_reduce}, "
+                "documents": self.index.n_docs, "chunks": self.n_chunks,
+                "router layers": list(i.router_layers), "shifted grid at": list(i.shifted_layers) or "none",
+                "routing": f"{self.routing.score}, heads {self.routing.head_reduce}, "
                 f"tokens {self.routing.query_reduce}, chunks {self.routing.chunk_reduce}, top-{self.routing.top_k}",
                 "router keys resident": f"{self.index.nbytes() / 2**20:.1f} MiB on {self.device}",
                 "content K̄V̄": f"{self.content.source} ({self.content.host_nbytes() / 2**20:.1f} MiB preloaded)"}

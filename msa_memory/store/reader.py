@@ -75,6 +75,7 @@ class MemoryStore:
         rows = [("root", str(self.root)), ("version", f"{self.version} (latest {self.latest_version()})"),
                 ("documents", f"{s['n_docs']:,}"), ("chunks", f"{s['n_chunks']:,}"), ("tokens", f"{s['n_tokens']:,}"),
                 ("model", idt.model_name), ("router layers", str(list(idt.router_layers))),
+                ("shifted grid at", str(list(idt.shifted_layers)) if idt.shifted_layers else "none"),
                 ("layout", f"H={idt.n_kv_heads} D={idt.head_dim} P={idt.chunk_tokens} {idt.dtype}"),
                 ("bytes", f"{s['n_bytes']:,} live tensors, {s['disk_bytes']:,} on disk, "
                           f"{s['bytes_per_token']:.1f} B/token"), ("shards", str(s["n_shards"]))]

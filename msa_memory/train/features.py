@@ -28,7 +28,7 @@ from msa_memory.encode.encoder import token_batches
 from msa_memory.errors import ConfigError
 from msa_memory.train.trainer import Features
 
-__all__ = ["query_tokens", "extract_passages", "extract_passage_tokens", "extract_queries", "extract_query_tokens", "build_features",
+__all__ = ["query_tokens", "extract_passages", "extract_passage_tokens", "extract_passage_grids", "extract_queries", "extract_query_tokens", "build_features",
            "store_features", "save_features", "load_features"]
 
 
@@ -57,22 +57,40 @@ def extract_passage_tokens(loaded: Any, seqs: Sequence[Sequence[int]], *, max_ba
                            dtype: torch.dtype = torch.bfloat16,
                            progress: Callable[[int, int], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`extract_passages` on already wrapped token ids (``loaded.wrap_ids`` of each passage)."""
+    return extract_passage_grids(loaded, seqs, max_batch_tokens=max_batch_tokens, dtype=dtype, progress=progress)[:2]
+
+
+def extract_passage_grids(loaded: Any, seqs: Sequence[Sequence[int]], *, max_batch_tokens: int = 8192,
+                          dtype: torch.dtype = torch.bfloat16, progress: Callable[[int, int], None] | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """:func:`extract_passage_tokens` plus, when the loaded router shifts some layers, the pooled inputs
+    over the shifted grid at those layers: ``(x̄, chunk_doc, x̄_s (Ls, Cs, E) or None, chunk_doc_s or None)``."""
     from msa_memory.encode import Encoder
 
     enc = Encoder(loaded, max_batch_tokens=max_batch_tokens, keep_router_inputs=True)
     seqs = [list(s) for s in seqs]
-    xs, counts, done = [], [], 0
+    shifted = bool(loaded.router.config.shifted_layers)
+    xs, xss, counts, counts_s, done = [], [], [], [], 0
     total = len(seqs)
     for group in token_batches([len(s) for s in seqs], max_batch_tokens):
         pb = enc.encode_tokens([seqs[i] for i in group])
         xs.append(pb.x.to(dtype).cpu())                  # (L, C_b, E)
         counts += list(pb.n_chunks)
+        if shifted:
+            xss.append(pb.x_s.to(dtype).cpu())           # (Ls, Cs_b, E)
+            counts_s += list(pb.n_chunks_s)
         done += len(group)
         if progress is not None:
             progress(done, total)
-    x = torch.cat(xs, dim=1) if xs else torch.empty(len(loaded.router_layers), 0, loaded.hidden_size, dtype=dtype)
-    chunk_doc = torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(counts, dtype=torch.int64))
-    return x, chunk_doc
+
+    def grid(parts: list[torch.Tensor], n: list[int], L: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = torch.cat(parts, dim=1) if parts else torch.empty(L, 0, loaded.hidden_size, dtype=dtype)
+        return x, torch.repeat_interleave(torch.arange(len(seqs)), torch.tensor(n, dtype=torch.int64))
+
+    x, chunk_doc = grid(xs, counts, len(loaded.router_layers))
+    if not shifted:
+        return x, chunk_doc, None, None
+    return (x, chunk_doc, *grid(xss, counts_s, len(loaded.router.config.shifted_layers)))
 
 
 @torch.inference_mode()

@@ -199,3 +199,55 @@ def test_empty_store_search_says_how_to_fill_it(tiny_msa_model, tmp_path):
         mem.search(Q)
     with pytest.raises(RuntimeMemoryError, match="no documents"):
         mem.ask(Q, mode="pooled")
+
+
+def test_shifted_grid_routing_equals_bruteforce_max_over_both_grids(tiny_msa_model, tmp_path):
+    """A store whose adapter shifts a router layer: Memory routes that layer by each document's max over its
+    aligned and shifted chunks (brute force over HF's own hidden states and the store's two key arrays);
+    pooled mode's per-layer choices are the top-k of those same layer scores; the other layers are MSA's."""
+    from conftest import build_store
+
+    from msa_memory.encode.model import load_model
+
+    layers = tiny_msa_model.router_layers
+    router = tiny_msa_model.router.with_shifted_layers([layers[-1]])
+    loaded = load_model(str(tiny_msa_model.source["path"]), adapter=router, dtype=torch.float32)
+    passages = [p * 3 for p in __import__("conftest").PASSAGES]          # several chunks each at P = 16
+    store = build_store(tmp_path / "s.msa", loaded, passages=passages)
+    assert store.identity.shifted_layers == (layers[-1],)
+    mem = Memory(store, model=loaded)
+    assert "shifted_layers" in repr(mem) and mem.n_chunks == store.stats()["n_chunks"]
+    assert mem.index.layer_chunks(len(layers) - 1) == mem.n_chunks + len(store.router_keys_shifted(0)[0])
+    head, q = mem.layout.head_ids(), mem.layout.question(Q)
+    P, k = len(head), mem.routing.top_k
+    ids = torch.tensor([head + q.ids])
+    pos = torch.tensor([list(range(P)) + list(range(P + k, P + k + len(q.ids)))])
+    hf = mem.model.hf_model
+    per_layer, total = [], np.zeros(len(mem.doc_ids))
+    with torch.no_grad():
+        hs = hf(input_ids=ids, position_ids=pos, output_hidden_states=True).hidden_states
+        rows = torch.tensor([False] * P + q.route_rows)
+        for r, li in enumerate(layers):
+            x = hf.model.layers[li].input_layernorm(hs[li][0])[rows].double()
+            qr = (x @ router.q_proj[str(li)].weight.double().T).view(len(x), -1, mem.identity.head_dim)
+            grids = [store.router_keys(r)] + ([store.router_keys_shifted(0)] if li == layers[-1] else [])
+            best = np.full(len(mem.doc_ids), -np.inf)
+            for g, (k_np, docs) in enumerate(grids):
+                if g == 1:
+                    aligned_only = best.copy()
+                keys = torch.from_numpy(k_np.astype(np.float32)).double()
+                Hq, H = qr.shape[1], keys.shape[1]
+                S = torch.stack([qr[:, h] @ keys[:, h // (Hq // H)].T for h in range(Hq)], -1)
+                chunk = (S.mean(-1) / np.sqrt(mem.identity.head_dim)).max(0).values.numpy()
+                dense = np.searchsorted(mem.doc_ids, docs)
+                best = np.maximum(best, [chunk[dense == d].max() for d in range(len(mem.doc_ids))])
+            per_layer.append(best)
+            total += best
+    tab = mem.search(Q, k=4)
+    assert tab.column("doc_id").to_pylist() == mem.doc_ids[np.argsort(-total, kind="stable")[:4]].tolist()
+    np.testing.assert_allclose(tab.column("score").to_numpy(), np.sort(total)[::-1][:4], rtol=1e-4)
+    assert (per_layer[-1] > aligned_only).any()          # the shifted grid decides some documents' scores here
+    ans = mem.ask(Q, mode="pooled", max_new_tokens=2, stop_strings=())
+    for r, best in enumerate(per_layer):
+        want = mem.doc_ids[np.argsort(-best, kind="stable")[:k]]
+        assert sorted(ans.rounds[0].per_layer[r]) == sorted(want.tolist())
