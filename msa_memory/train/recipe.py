@@ -201,7 +201,9 @@ def adapter_from_projections(proj: Any, template: Any, *, layers: Sequence[int] 
     how: dict[str, Any] = {"score": score}
     if train_config is not None:
         how = {k: getattr(train_config, k) for k in ("score", "head_reduce", "query_reduce", "chunk_reduce")}
-    cfg = dataclasses.replace(template, router_layers=layers, source="adapter", extra=dict(extra or {}), **how)
+    shifted = tuple(l for l in template.shifted_layers if l in layers)   # an --init-adapter's shifted grid, kept
+    cfg = dataclasses.replace(template, router_layers=layers, shifted_layers=shifted, source="adapter",
+                              extra=dict(extra or {}), **how)
     ad = RouterAdapter(cfg)
     tensors = {}
     for l in layers:

@@ -678,3 +678,43 @@ def test_chunks_of_equals_the_per_passage_ranges():
     assert torch.equal(cidx, torch.cat(ranges))
     assert torch.equal(owner, torch.repeat_interleave(torch.arange(len(ranges)), torch.tensor([len(r) for r in ranges])))
     assert torch.equal(cd[cidx], docs[owner])
+
+
+def test_reindex_and_adaptation_keep_the_shifted_grid(tiny_loaded, tmp_path):
+    """A store built with a shifted grid (layer 3): reindex-router re-keys both grids (equal to a fresh encode
+    with the new adapter, up to bf16 rounding of the kept inputs), in place only with the store's shifted
+    layers, into a new store with any subset of them; training from it (--init-adapter) keeps the grid."""
+    from msa_memory.encode import RouterAdapter
+    from msa_memory.schemas.records import to_float32
+    from msa_memory.store import open_store
+    from msa_memory.train.cli_support import train_router_from_cli
+    from msa_memory.train.reindex import reindex_router, reindex_router_to
+
+    start, _ = _adapter(tiny_loaded, 3)
+    start = start.with_shifted_layers([3])
+    texts = [t + f" Another sentence here {i}. And one more, {i * 3}." for i, t in enumerate(TEXTS * 2)]
+    src, ids = _store(tmp_path / "a.msa", tiny_loaded.with_router(start), texts)
+    assert src.identity.shifted_layers == (3,)
+    new_ad, _ = _adapter(tiny_loaded, 7)
+    with pytest.raises(IdentityMismatchError, match="shifted layers"):
+        reindex_router(src, new_ad)
+    new_s = new_ad.with_shifted_layers([3])
+    fresh, _ = _store(tmp_path / "fresh.msa", tiny_loaded.with_router(new_s), texts)
+    for got in (reindex_router(src, new_s)[0], reindex_router_to(src, tmp_path / "b.msa", new_s)[0]):
+        assert got.identity.router_id == new_s.fingerprint() and got.identity.shifted_layers == (3,)
+        k, d = got.router_keys_shifted(0)
+        k_fr, d_fr = fresh.router_keys_shifted(0)
+        assert np.array_equal(d, d_fr)
+        np.testing.assert_allclose(to_float32(k, "bfloat16"), to_float32(k_fr, "bfloat16"), atol=2e-2, rtol=2e-2)
+    plain, _ = reindex_router_to(src, tmp_path / "c.msa", new_ad)          # a copy may leave the grid out
+    assert plain.identity.shifted_layers == () and not any(p.name == "k_router_s" for p in plain.root.rglob("*"))
+    # corpus adaptation from the shifted adapter keeps its grid, so the result re-keys the store in place
+    start.save(tmp_path / "start")
+    s = train_router_from_cli(out=str(tmp_path / "r1"), store=str(tmp_path / "a.msa"), corpus=None, pairs=None,
+                              model="unused", layers="1,3", max_layers=2, epochs=1, batch_size=8, lr=1e-2, n_train=0,
+                              n_dev=10, seed=0, cache=None, device="cpu", command="t", loaded=tiny_loaded,
+                              log=lambda m: None, init_adapter=str(tmp_path / "start"), keep_layers=True)
+    adapted = RouterAdapter.load(tmp_path / "r1")
+    assert adapted.config.shifted_layers == (3,) and s["router_layers"] == [1, 3]
+    new, _ = reindex_router(open_store(tmp_path / "a.msa"), adapted)     # the latest version (re-keyed above)
+    assert new.identity.router_id == adapted.fingerprint()
