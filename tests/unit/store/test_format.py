@@ -11,6 +11,7 @@ from pathlib import Path
 
 import jsonschema
 import numpy as np
+import pytest
 
 from msa_memory.store._manifest import manifest_validator
 from msa_memory.testing.store_kit import add_docs
@@ -30,11 +31,12 @@ def _layout_patterns() -> list[re.Pattern[str]]:
     return pats
 
 
-def test_fresh_store_matches_layout(tmp_path):
+@pytest.mark.parametrize("shifted", [(), (1, 3)])
+def test_fresh_store_matches_layout(tmp_path, shifted):
     from msa_memory.store import create_store
     from msa_memory.testing.store_kit import tiny_identity
 
-    store = create_store(tmp_path / "mem.msa", tiny_identity(hidden_size=3))
+    store = create_store(tmp_path / "mem.msa", tiny_identity(hidden_size=3, shifted_layers=shifted))
     rng = np.random.default_rng(0)
     store, *_ = add_docs(store, [5, 9], rng, "job1-000")
     store.tag("first")
@@ -48,6 +50,13 @@ def test_fresh_store_matches_layout(tmp_path):
                  "shards/job1-000/kv/c.0.0.0.0.0", "shards/job1-000/x_router/c.0.0.0",
                  "shards/job1-000/chunk_doc/c.0", "shards/job1-000/docs.parquet", "shards/job1-000/_record.json"):
         assert must in files
+    grid = ("shards/job1-000/k_router_s/c.0.0.0.0", "shards/job1-000/x_router_s/c.0.0.0")
+    assert all((g in files) == bool(shifted) for g in grid)
+    if shifted:   # P = 4: documents of 5 and 9 tokens have 1 and 2 windows from token 2
+        assert json.loads((store.root / "shards/job1-000/k_router_s/zarr.json").read_text())["shape"] == [2, 3, 2, 8]
+        assert json.loads((store.root / "msa_store.json").read_text())["identity"]["shifted_layers"] == [1, 3]
+    else:
+        assert "shifted_layers" not in json.loads((store.root / "msa_store.json").read_text())["identity"]
     meta = json.loads((store.root / "shards/job1-000/kv/zarr.json").read_text())
     assert meta["zarr_format"] == 3 and meta["data_type"] == "uint16" and meta["shape"] == [5, 2, 2, 2, 8]
     [codec] = meta["codecs"]
