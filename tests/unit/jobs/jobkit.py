@@ -80,6 +80,10 @@ def store_digest(root: Path) -> dict:
         keys, chunk_doc = s.router_keys(layer)
         order = np.argsort(chunk_doc, kind="stable")
         router.append(hashlib.sha256(np.ascontiguousarray(keys[order]).tobytes() + chunk_doc[order].tobytes()).hexdigest())
+    for j in range(len(s.identity.shifted_layers)):                      # the shifted router-key grid, if any
+        keys, chunk_doc = s.router_keys_shifted(j)
+        order = np.argsort(chunk_doc, kind="stable")
+        router.append(hashlib.sha256(np.ascontiguousarray(keys[order]).tobytes() + chunk_doc[order].tobytes()).hexdigest())
     return {"docs": docs, "kv": kv_hash, "router": router, "n_docs": len(docs)}
 
 

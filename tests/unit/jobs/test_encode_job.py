@@ -238,3 +238,52 @@ def test_encode_keep_router_inputs_then_append_and_reindex(tmp_path: Path, corpu
     assert stats["docs"] == s.stats()["n_docs"]
     ids = s.documents(columns=["doc_id"]).column(0).to_pylist()
     assert [a.tobytes() for a in new.load_kv(ids)] == [a.tobytes() for a in s.load_kv(ids)]
+
+
+def test_encode_with_a_shifted_grid_resumes_bit_identical_and_updates_like_a_fresh_encode(
+        tmp_path: Path, corpus: Path, tiny_model_dir: Path) -> None:
+    """An adapter with shifted layers: the job keeps both grids; a job stopped after its first shard resumes
+    to the uninterrupted result, shifted keys included; an edited file's shifted keys are a fresh encode's."""
+    import hashlib
+    import warnings
+
+    from msa_memory.encode import UntrainedRouterWarning, load_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UntrainedRouterWarning)
+        loaded = load_model(str(tiny_model_dir), router_layers="1,3")
+    adapter = tmp_path / "adapter"
+    loaded.router.with_shifted_layers([3]).save(adapter)
+    kw = dict(model=str(tiny_model_dir), adapter=str(adapter), **SMALL)
+    reference = tmp_path / "ref.msa"
+    encode_corpus([corpus], reference, **kw)
+    assert open_store(reference).identity.shifted_layers == (3,)
+
+    class Stop(Exception):
+        pass
+
+    def stop(event: dict) -> None:
+        if event["event"] == "shard":
+            raise Stop
+
+    store = tmp_path / "m.msa"
+    with pytest.raises(Stop):
+        encode_corpus([corpus], store, progress=stop, **kw)
+    res = encode_corpus([corpus], store, **kw)
+    assert res.shards_reused >= 1 and store_digest(store) == store_digest(reference)
+
+    def shifted_by_source(root: Path) -> dict:
+        s = open_store(root)
+        src = dict(zip(*s.documents(columns=["doc_id", "source_path"]).to_pydict().values()))
+        keys, docs = s.router_keys_shifted(0)
+        out: dict = {}
+        for d in sorted(set(docs.tolist())):
+            out.setdefault(src[d], []).append(hashlib.sha256(keys[docs == d].tobytes()).hexdigest())
+        return out
+
+    edit(corpus / "part1" / "note001.md", "# Note 1\n\n" + "The dome now opens at 17:05. " * 9 + "\n")
+    assert encode_corpus([corpus], store, **kw).files_replaced == ["notes/part1/note001.md"]
+    fresh = tmp_path / "fresh.msa"
+    encode_corpus([corpus], fresh, **kw)
+    assert shifted_by_source(store) == shifted_by_source(fresh)
+    assert open_store(store).verify()["ok"]
