@@ -523,25 +523,29 @@ def routing_paths_check(other: str = "cuda") -> list[dict]:
     C, N = 200_000, 25_000
     big = torch.randn(C, 1, 256, generator=gen).to(torch.bfloat16)
     cd = np.repeat(np.arange(N), 8)
+    # layer 1: a layer with the shifted grid (each document's 8 aligned chunks, then its 7 shifted ones: 15 rows
+    # per document, a chunk → document map of its own, as runtime.Memory builds it)
+    big_s = torch.randn(N * 15, 1, 256, generator=gen).to(torch.bfloat16)
+    cd_s = np.repeat(np.arange(N), 15)
     rows = []
     combos = [dict(), dict(score="cosine"), dict(head_reduce="max"), dict(query_reduce="mean"),
               dict(query_reduce="last"), dict(head_reduce="max", query_reduce="mean", chunk_reduce="mean")]
     for combo in combos:
         cfg = RoutingConfig(top_k=16, **combo)
-        gpu = RouterIndex([big], cd, np.arange(N), cfg, device=other)
-        cpu = RouterIndex([big], cd, np.arange(N), cfg)
-        for T in (1, 5, 16, 100, 256):
+        gpu = RouterIndex([big, big_s], [cd, cd_s], np.arange(N), cfg, device=other)
+        cpu = RouterIndex([big, big_s], [cd, cd_s], np.arange(N), cfg)
+        for layer, T in ((0, 1), (0, 5), (0, 16), (0, 100), (0, 256), (1, 1), (1, 16), (1, 100)):
             q = torch.randn(T, 4, 256, generator=gen)
             eager_cfg = dataclasses.replace(cfg, cuda_graphs=False, fused_scores=False, fused_topk=False)
             gpu.config = eager_cfg
-            r_eager = gpu.route(0, q, path="eager")
-            r_graph_nofuse = gpu.route(0, q, path="graph")                # graph around the same eager maths
+            r_eager = gpu.route(layer, q, path="eager")
+            r_graph_nofuse = gpu.route(layer, q, path="graph")                # graph around the same eager maths
             gpu.config = dataclasses.replace(cfg, fused_topk=False)
-            r_torch_topk = gpu.route(0, q)                                # default scores, torch doc max + top-k
+            r_torch_topk = gpu.route(layer, q)                                # default scores, torch doc max + top-k
             gpu.config = cfg
-            r_auto = gpu.route(0, q)                                      # default: graph (+ Triton where it applies)
-            r_cpu = cpu.route(0, q)
-            ref = gpu.doc_scores(0, q, kernel="torch").cpu().numpy()       # eager doc scores: the reference
+            r_auto = gpu.route(layer, q)                                      # default: graph (+ Triton where it applies)
+            r_cpu = cpu.route(layer, q)
+            ref = gpu.doc_scores(layer, q, kernel="torch").cpu().numpy()       # eager doc scores: the reference
             kth = np.sort(ref)[::-1][15]
             tol = 0.02 * (float(np.abs(r_eager.scores).max()) + 1.0)
 
@@ -552,13 +556,13 @@ def routing_paths_check(other: str = "cuda") -> list[dict]:
                         "worst_ref_margin": float((ref[a.doc_index] - kth).min())}
 
             row = {"combo": combo or "msa-default", "T": T, "tol": tol,
-                   "fused_used": bool(gpu._fused_ok(*gpu._query(0, q)[1:])),
+                   "layer": layer, "fused_used": bool(gpu._fused_ok(*gpu._query(layer, q)[1:])),
                    "graph_vs_eager": cmp(r_graph_nofuse, r_eager), "auto_vs_eager": cmp(r_auto, r_eager),
-                   "gpu_vs_cpu": cmp(r_auto, r_cpu), "topk_kernel_used": bool(gpu._doc_topk_ok(16)),
+                   "gpu_vs_cpu": cmp(r_auto, r_cpu), "topk_kernel_used": bool(gpu._doc_topk_ok(16, gpu._maps[layer])),
                    "topk_kernel_vs_torch": cmp(r_auto, r_torch_topk)}
             if row["fused_used"]:
-                fs = gpu.chunk_scores(0, q, kernel="triton")
-                es = gpu.chunk_scores(0, q, kernel="torch")
+                fs = gpu.chunk_scores(layer, q, kernel="triton")
+                es = gpu.chunk_scores(layer, q, kernel="torch")
                 row["triton_vs_eager_chunk_max_diff"] = float((fs - es).abs().max())
             # the graph runs the eager maths; only a padded row count (max reduce, T not a power of two) may let
             # the GEMM round differently, so exact equality is required elsewhere
@@ -568,7 +572,9 @@ def routing_paths_check(other: str = "cuda") -> list[dict]:
                          (ge["worst_ref_margin"] >= -tol and ge["max_score_diff"] <= tol)) and all(
                 row[n]["worst_ref_margin"] >= -tol and row[n]["max_score_diff"] <= tol
                 for n in ("auto_vs_eager", "gpu_vs_cpu")) and row.get("triton_vs_eager_chunk_max_diff", 0.0) <= tol and (
-                row["topk_kernel_vs_torch"]["max_score_diff"] == 0.0)            # same chunk scores: same top-k values
+                # same chunk scores: same top-k values; chunk-reduce mean sums a document's chunks with float atomics
+                # (index_add_) on CUDA, in an order that differs between calls (H200, 15 chunks a document: 1-2e-7)
+                row["topk_kernel_vs_torch"]["max_score_diff"] <= (0.0 if cfg.chunk_reduce == "max" else 1e-6))
             rows.append(row)
         del gpu
     return rows
