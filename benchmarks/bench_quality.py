@@ -21,13 +21,20 @@ Pooled router inputs x̄ of every passage are computed once (the encoder's forwa
 cached under ``--cache`` (gitignored); router keys of any adapter are a linear map of them.
 Prints a table, writes ``quality.json`` and ``quality.png`` into ``--out``, ends with one JSON line.
 
+An adapter with a shifted router-key grid (``shifted_layers``) is scored as ``runtime.Memory`` routes it
+(at those layers a passage's max over both grids' chunks; the encode pools both), and the row "routing
+(aligned grid only)" scores the same weights over MSA's aligned chunks alone: the grid's same-run baseline.
+
 Measured (``--sizes 16384,131072,1048576 --em 20``, 100 needles + 100 cloze queries, 2-core
-AVX512-BF16 CPU; the shipped adapter, layers 1, 5, 8, 11, 13, 16, 17: the merge of the "shallow" (1,
-5), "deepv" (13, 16, 17) and "mid" (8, 11) adapters; benchmarks/results/bench_quality_cpu.json):
-routing recall@16 needles 1.00 / 0.99 / 0.93, inverse cloze 0.97 / 0.66 / 0.65 at 16K / 128K / 1M
-tokens, against BM25 1.00 / 1.00 / 1.00 and 0.93 / 0.71 / 0.71 and MiniLM 0.93 / 0.81 / 0.62 and
-0.97 / 0.69 / 0.64. Relative drop 16K → 1M: 7% (needles), 33% (cloze); routing stays below BM25 at 1M
-on both. The default before it (``--adapter merge7``, layers 1, 2, 5, 8, 11, 14, 17, on a cache of the
+AVX512-BF16 CPU, thirteenth session; the shipped adapter, layers 1, 5, 8, 11, 13, 16, 17 with the
+shifted grid at 1, 5, 8, 11, weights the merge of the "shallow" (1, 5), "deepv" (13, 16, 17) and "mid"
+(8, 11) adapters; benchmarks/results/bench_quality_cpu.json): routing recall@16 needles 1.00 / 1.00 /
+0.99, inverse cloze 0.98 / 0.65 / 0.64 at 16K / 128K / 1M tokens; the same weights over the aligned grid
+alone (``--adapter aligned``, the default before) 1.00 / 0.99 / 0.93 and 0.97 / 0.66 / 0.65 (recall@1 of
+needles at 1M 0.63 against 0.56); BM25 1.00 / 1.00 / 1.00 and 0.93 / 0.71 / 0.71, MiniLM 0.93 / 0.81 /
+0.62 and 0.97 / 0.69 / 0.64. Relative drop 16K → 1M: 1% (needles), 35% (cloze); routing stays below BM25
+at 1M on both. End-to-end exact match 0.45 (9 of 20). The aligned default's own run
+(benchmarks/results/router_a3359593/) gave its row here to the digit. The default before that (``--adapter merge7``, layers 1, 2, 5, 8, 11, 14, 17, on a cache of the
 same passages' pooled inputs the same day; benchmarks/results/router_adcadcca/) had 1.00 / 1.00 / 0.94
 and 0.98 / 0.62 / 0.60, and ``merge5`` (1, 2, 5, 14, 17; an earlier session, benchmarks/results/router_17421c10/)
 1.00 / 0.99 / 0.92 and 0.97 / 0.63 / 0.55. End-to-end exact match in text mode (top-4, the first 20 needles

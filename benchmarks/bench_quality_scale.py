@@ -23,7 +23,9 @@ Four steps (``--step``):
    the same haystack (checks the sha256), encodes it with the encoder's own forward (bf16,
    ``Encoder.encode_tokens``; router keys of the adapter), routes the queries exactly as
    ``bench_quality.routing_scores`` does (layer-summed cosine, head-mean / query-max / chunk-max)
-   and writes recall@1/5/16 per size and query kind into ``$OUT/scale_gpu.json``. ``--sizes`` may
+   and writes recall@1/5/16 per size and query kind into ``$OUT/scale_gpu.json``. An adapter with a shifted
+   grid is scored as ``runtime.Memory`` routes it: the encode pools both grids, and at its shifted layers
+   a passage scores its max over both. ``--sizes`` may
    stop short of the prepared sizes (same haystack, the largest left out). ``--also-adapter A``
    (repeatable) also reports A, any adapter whose layers are among ``--adapter``'s, from the same
    encode: its router keys are its own projections of the pooled router-layer inputs the encode
@@ -45,11 +47,14 @@ Measured (H200 for the gpu step, this 2-core CPU for BM25; 100 needles + 100 clo
 haystacks are those of the earlier 1M/10M-only prepare (digest 1e5b9ebb: the composition is nested)),
 routing recall@1/5/16 at 1M / 10M / 100M tokens (4,164 / 41,532 / 414,846 passages):
 
-* the shipped adapter (layers 1, 5, 8, 11, 13, 16, 17; benchmarks/results/bench_quality_scale_h200.json)
-  needles 0.55/0.84/0.94, 0.48/0.75/0.84, 0.37/0.60/0.72 and cloze 0.20/0.57/0.73, 0.16/0.43/0.64,
-  0.09/0.30/0.39 (encode 176 s, 595k tok/s). An earlier call of the same session gave the same
-  figures to the digit with its weights as an ``--also-adapter`` of a 9-layer encode (``--adapter``
-  merge7 + deepv [13, 16]; benchmarks/results/router_trials_2026-12-02f/);
+* the shipped adapter (layers 1, 5, 8, 11, 13, 16, 17, shifted grid at 1, 5, 8, 11; thirteenth session,
+  ``--adapter default --also-adapter aligned``: one encode pooling both grids;
+  benchmarks/results/bench_quality_scale_h200.json) needles 0.65/0.92/0.96, 0.59/0.82/0.89,
+  0.43/0.71/0.80 and cloze 0.20/0.52/0.74, 0.19/0.42/0.63, 0.11/0.30/0.40 (encode 176 s, 595k tok/s);
+* the same weights over the aligned grid alone (``aligned``, the default before; the same encode, and
+  its own run of the tenth session, benchmarks/results/router_a3359593/, to the digit) needles
+  0.55/0.84/0.94, 0.48/0.75/0.84, 0.37/0.60/0.72 and cloze 0.20/0.57/0.73, 0.16/0.43/0.64,
+  0.09/0.30/0.39;
 * the default before it (``merge7``, layers 1, 2, 5, 8, 11, 14, 17; its own run:
   benchmarks/results/router_adcadcca/bench_quality_scale_h200.json, and again, the same figures, as
   ``--also-adapter`` of that 9-layer encode) needles 0.52/0.85/0.93, 0.47/0.69/0.84,
@@ -466,16 +471,22 @@ def plot_scale(summary: dict, cpu: dict | None, path: Path) -> None:
     rows = summary["table"]
     x = [r["tokens"] for r in rows]
     layers = (summary.get("gpu") or {}).get("router_layers")
-    series = {f"routing, layers {layers}" if layers else "routing": [r["routing"] for r in rows],
+    shifted = (summary.get("gpu") or {}).get("shifted_layers")
+    series = {(f"routing, layers {layers}" + (f", shifted grid at {shifted}" if shifted else "") if layers else "routing"):
+              [r["routing"] for r in rows],
               "BM25 (bm25s)": [r["bm25"] for r in rows]}
     for name in rows[0].get("also") or {}:
         series[f"routing, {Path(name).name}"] = [(r.get("also") or {}).get(name) for r in rows]
-    colour = {"routing": "C0", "BM25": "C1", "dense": "C4"}  # one colour per method on both haystacks
-    extra = iter(["C2", "C3", "C5", "C6", "C7", "C8", "C9"])
+    colour = {"routing": "C0", "BM25": "C1", "dense": "C4", "aligned": "C2"}  # one colour per method on both haystacks
+    extra = iter(["C3", "C5", "C6", "C7", "C8", "C9"])
     first = next(iter(series))
+    picked: dict[str, str] = {}
 
-    def pick(name: str) -> str:
-        return colour["routing"] if name == first or "trained adapter" in name else colour.get(name.split()[0]) or next(extra)
+    def pick(name: str) -> str:   # the same name gets the same colour in both panels
+        if name not in picked:
+            picked[name] = (colour["routing"] if name == first or "trained adapter" in name else
+                            colour["aligned"] if "aligned" in name else colour.get(name.split()[0]) or next(extra))
+        return picked[name]
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, kind, title in zip(axes, ("fact", "ict"), ("needle facts", "inverse cloze")):

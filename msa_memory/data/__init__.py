@@ -1,10 +1,11 @@
 """Files shipped with the package: the router adapters trained for Gemma 3 270M.
 
-``gemma3-270m-router/`` (the default; layers 1, 5, 8, 11, 13, 16, 17) holds ``router_adapter.json`` +
-``router_adapter.safetensors`` (a ``msa_memory.encode.RouterAdapter``) and ``RECIPE.md`` (the exact
-commands and data that reproduce it). It is the merge (``RouterAdapter.merge``) of three trained
-adapters, each also shipped as a *subset folder* of it (``router_subset.json``: which layers, their
-router id, the training run's provenance; beside it that run's ``training.json``):
+``gemma3-270m-router/`` (the default; layers 1, 5, 8, 11, 13, 16, 17, router keys also over the shifted
+chunk grid at layers 1, 5, 8, 11) holds ``router_adapter.json`` + ``router_adapter.safetensors`` (a
+``msa_memory.encode.RouterAdapter``) and ``RECIPE.md`` (the exact commands and data that reproduce it).
+Its weights are the merge (``RouterAdapter.merge``) of three trained adapters, each also shipped as a
+*subset folder* of it (``router_subset.json``: which layers, their router id, the training run's
+provenance; beside it that run's ``training.json``):
 
 * ``gemma3-270m-router-deepv/`` (layers 13, 16, 17): trained on the H200 over 69k passages with
   varied fact names, among the candidates 2, 13, 14, 16, 17;
@@ -12,6 +13,9 @@ router id, the training run's provenance; beside it that run's ``training.json``
   that stops after layer 5 instead of 17 encodes ~3× faster on a CPU;
 * ``gemma3-270m-router-mid/`` (layers 8, 11): the same 69k passages, trained on the H200 among
   candidates 5, 8, 11, 14, 17 (a trial run whose greedy selection kept layer 14 alone).
+
+``gemma3-270m-router-aligned/`` is the default's weights over MSA's aligned chunk grid alone: the default of
+the tenth to twelfth sessions (router id ``a33595931c4c316b``), so the stores it built keep their router.
 
 ``gemma3-270m-router-deep/`` (layers 2, 14, 17) keeps its own weights: trained on the H200 over the
 same 69k passages, it was part of the two defaults before, and its layers 2 and 14 (and its own
@@ -33,13 +37,15 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["DEFAULT_ROUTER_ADAPTER", "DEEP_ROUTER_ADAPTER", "DEEPV_ROUTER_ADAPTER", "SHALLOW_ROUTER_ADAPTER",
+__all__ = ["DEFAULT_ROUTER_ADAPTER", "ALIGNED_ROUTER_ADAPTER", "DEEP_ROUTER_ADAPTER", "DEEPV_ROUTER_ADAPTER", "SHALLOW_ROUTER_ADAPTER",
            "MID_ROUTER_ADAPTER", "MERGE5_ROUTER_ADAPTER", "MERGE7_ROUTER_ADAPTER", "SHIPPED_ADAPTERS",
            "default_router_adapter", "shipped_adapter", "shipped_adapter_for_router"]
 
 _HERE = Path(__file__).resolve().parent
 #: Folder of the trained router adapter of the default model (Gemma 3 270M, GGUF q4_k_m).
 DEFAULT_ROUTER_ADAPTER = _HERE / "gemma3-270m-router"
+#: The default's weights and layers with router keys over MSA's aligned chunks alone (the previous default).
+ALIGNED_ROUTER_ADAPTER = _HERE / "gemma3-270m-router-aligned"
 #: Router layers 13, 16, 17 of the default (its deep part, trained with varied fact names).
 DEEPV_ROUTER_ADAPTER = _HERE / "gemma3-270m-router-deepv"
 #: Router layers 1, 5 of the default (its shallow part): faster to encode, worse to route.
@@ -53,7 +59,7 @@ MERGE7_ROUTER_ADAPTER = _HERE / "gemma3-270m-router-merge7"
 #: Router layers 1, 2, 5, 14, 17 (shallow + deep: the default before that).
 MERGE5_ROUTER_ADAPTER = _HERE / "gemma3-270m-router-merge5"
 #: Names an adapter argument may take instead of a folder (a folder of that name, if one exists, wins).
-SHIPPED_ADAPTERS = {"default": DEFAULT_ROUTER_ADAPTER, "deepv": DEEPV_ROUTER_ADAPTER, "shallow": SHALLOW_ROUTER_ADAPTER,
+SHIPPED_ADAPTERS = {"default": DEFAULT_ROUTER_ADAPTER, "aligned": ALIGNED_ROUTER_ADAPTER, "deepv": DEEPV_ROUTER_ADAPTER, "shallow": SHALLOW_ROUTER_ADAPTER,
                     "mid": MID_ROUTER_ADAPTER, "deep": DEEP_ROUTER_ADAPTER, "merge7": MERGE7_ROUTER_ADAPTER,
                     "merge5": MERGE5_ROUTER_ADAPTER}
 

@@ -42,10 +42,11 @@ def test_default_model_encodes_and_updates_example_files(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["shallow", "merge7"])
+@pytest.mark.parametrize("name", ["shallow", "merge7", "aligned"])
 def test_a_store_of_an_older_shipped_adapter_keeps_it_without_naming_it(tmp_path: Path, name: str) -> None:
-    """A store built with --adapter shallow, or by the release whose default merge7 was (a subset folder of
-    two folders' layers), is updated and read with model="default" and no adapter: the shipped adapter
+    """A store built with --adapter shallow, by the release whose default merge7 was (a subset folder of
+    two folders' layers), or by the one whose default had no shifted grid ("aligned": the same weights as
+    today's default), is updated and read with model="default" and no adapter: the shipped adapter
     matching its router, not the current default."""
     from msa_memory.data import shipped_adapter_for_router
     from msa_memory.encode import RouterAdapter
