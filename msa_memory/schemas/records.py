@@ -22,6 +22,8 @@ __all__ = [
     "LogicalDtype",
     "STORAGE_DTYPES",
     "FORMAT_VERSION",
+    "READ_FORMAT_VERSION",
+    "SHIFTED_GRID_FORMAT_VERSION",
     "StoreIdentity",
     "Passage",
     "EncodedChunks",
@@ -39,8 +41,14 @@ STORAGE_DTYPES: dict[str, np.dtype[Any]] = {
     "float16": np.dtype(np.float16),
     "float32": np.dtype(np.float32),
 }
-#: On-disk format version this code writes; readers refuse newer ones.
+#: On-disk format version this code writes (manifests, shard records, the identity record of a store without a
+#: shifted router-key grid); readers refuse versions above ``READ_FORMAT_VERSION``.
 FORMAT_VERSION = 1
+#: The identity record of a store with a shifted router-key grid (``StoreIdentity.shifted_layers``) says 2, so
+#: that releases before the grid refuse such a store as a newer format instead of misreading its identity.
+SHIFTED_GRID_FORMAT_VERSION = 2
+#: The newest format version this code reads.
+READ_FORMAT_VERSION = 2
 
 
 def shifted_chunk_counts(n_tokens: Any, chunk_tokens: int) -> np.ndarray:

@@ -24,7 +24,7 @@ from msa_memory.errors import (
     StoreNotFoundError,
     VersionNotFoundError,
 )
-from msa_memory.schemas.records import FORMAT_VERSION, StoreIdentity
+from msa_memory.schemas.records import FORMAT_VERSION, READ_FORMAT_VERSION, SHIFTED_GRID_FORMAT_VERSION, StoreIdentity
 from msa_memory.store._layout import (
     DELETIONS_DIR,
     IDENTITY_FILE,
@@ -111,9 +111,9 @@ def validate_manifest(m: dict[str, Any], where: str) -> None:
 def _check_format(fv: Any, where: str) -> None:
     if not isinstance(fv, int):
         raise ManifestCorruptError(f"{where} has no valid format_version ({fv!r}).")
-    if fv > FORMAT_VERSION:
+    if fv > READ_FORMAT_VERSION:
         raise StoreFormatError(
-            f"{where} has format_version {fv}; this msa-memory reads formats up to {FORMAT_VERSION}.",
+            f"{where} has format_version {fv}; this msa-memory reads formats up to {READ_FORMAT_VERSION}.",
             hint="Upgrade msa-memory (pip install -U msa-memory) to read this store.",
         )
 
@@ -122,7 +122,8 @@ def _check_format(fv: Any, where: str) -> None:
 
 
 def write_identity(root: Path, identity: StoreIdentity, created: str) -> dict[str, Any]:
-    rec = {"format_version": FORMAT_VERSION, "created": created, "identity": identity.to_dict()}
+    fv = SHIFTED_GRID_FORMAT_VERSION if identity.shifted_layers else FORMAT_VERSION
+    rec = {"format_version": fv, "created": created, "identity": identity.to_dict()}
     replace_json_atomic(root / IDENTITY_FILE, rec)
     return rec
 
