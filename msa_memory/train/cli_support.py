@@ -63,7 +63,7 @@ def train_router_command(out: str, corpus: list[str] | None, store: str | None, 
                           bf16: bool = False, layer_loss: str = "each", query_reduce: str = "max",
                           head_reduce: str = "mean", init_adapter: str | None = None,
                           freeze_layers: str | None = None, fact_names: str = "syllables",
-                          keep_layers: bool = False) -> str:
+                          keep_layers: bool = False, shifted_layers: str | None = None) -> str:
     """The ``msa train-router`` line that reproduces a run (recorded in the adapter's training.json); options
     at their defaults are left out. Used by the CLI and by ``benchmarks/device_train.py``."""
     parts = ["msa train-router", f"--out {out}"] + [f"--corpus {c}" for c in corpus or []]
@@ -87,6 +87,7 @@ def train_router_command(out: str, corpus: list[str] | None, store: str | None, 
     parts += [f"--freeze-layers {freeze_layers}"] if freeze_layers else []
     parts += [f"--fact-names {fact_names}"] if fact_names != "syllables" else []
     parts += ["--keep-layers"] if keep_layers else []
+    parts += [f"--shifted-layers {shifted_layers}"] if shifted_layers is not None else []
     return " ".join(parts)
 
 
@@ -111,7 +112,7 @@ def train_router_from_cli(*, out: str, corpus: Sequence[str] | None, store: str 
                           layer_loss: str = "each", query_reduce: str = "max",
                           head_reduce: str = "mean", init_adapter: str | None = None,
                           freeze_layers: str | None = None, fact_names: str = "syllables",
-                          keep_layers: bool = False) -> dict[str, Any]:
+                          keep_layers: bool = False, shifted_layers: str | None = None) -> dict[str, Any]:
     """Build the pairs the options ask for and run :func:`msa_memory.train.recipe.run_training`."""
     from msa_memory.train.recipe import builtin_pairs, files_pairs, run_training
 
@@ -125,6 +126,7 @@ def train_router_from_cli(*, out: str, corpus: Sequence[str] | None, store: str 
     from msa_memory.train.pairs import check_fact_names
 
     check_fact_names(fact_names, "--fact-names")   # before any text is read
+    shifted = None if shifted_layers is None else (parse_layers(shifted_layers) if shifted_layers.strip() else ())
     if (corpus or store) and tuple(builtin) != ("stdlib",):
         raise ConfigError("--builtin chooses the built-in recipe's text; it cannot be combined with --corpus or --store.")
     store_docs = None
@@ -143,4 +145,4 @@ def train_router_from_cli(*, out: str, corpus: Sequence[str] | None, store: str 
                         train_pairs=train, dev_pairs=dev, config=cfg, cache_dir=cache, device=device,
                         init_adapter=init_adapter,
                         command=command, log=log, loaded=loaded, dev_distractors=dev_distractors,
-                        store_docs=store_docs, keep_layers=keep_layers)
+                        store_docs=store_docs, keep_layers=keep_layers, shifted_layers=shifted)

@@ -21,6 +21,7 @@ What this module does not do: print (it calls ``log``) or parse arguments (``cli
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import time
@@ -241,7 +242,8 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
                  config: Any = None, cache_dir: str | Path | None = None, init_adapter: str | Path | None = None,
                  device: str = "cpu", command: str = "", log: Log = print, loaded: Any = None,
                  dev_distractors: bool = False, store_docs: tuple[Any, Sequence[int]] | None = None,
-                 features: tuple[Any, Any] | None = None, keep_layers: bool = False) -> dict[str, Any]:
+                 features: tuple[Any, Any] | None = None, keep_layers: bool = False,
+                 shifted_layers: Sequence[int] | None = None) -> dict[str, Any]:
     """Train router projections and save the chosen adapter to ``out``; returns a summary dict.
 
     Parameters
@@ -259,6 +261,10 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
     keep_layers : bool, default False
         Keep every candidate layer instead (no selection; ``max_layers`` is not used): e.g. to fine-tune
         an adapter to a store's own text and re-key that store in place, which needs the same layers.
+    shifted_layers : sequence of int, optional
+        Candidate layers whose saved adapter also keys the shifted chunk grid (``RouterConfig.shifted_layers``;
+        those of them the selection keeps). None: ``init_adapter``'s, else none. Training scores the aligned
+        chunks either way (training over both grids gained nothing: the RECIPE's History, twelfth session).
     train_pairs, dev_pairs : PairSet, optional
         Default: :func:`builtin_pairs`.
     config : TrainConfig, optional
@@ -311,6 +317,12 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
     elif not isinstance(candidate_layers, str) and tuple(candidate_layers) != loaded.router_layers:
         loaded.router = loaded.router.subset(int(x) for x in candidate_layers)
     rc = loaded.router.config
+    if shifted_layers is not None:
+        bad = sorted(set(int(l) for l in shifted_layers) - set(rc.router_layers))
+        if bad:
+            raise ConfigError(f"--shifted-layers {bad} are not among the candidate layers {list(rc.router_layers)}.",
+                              hint="Name some of the --layers layers, e.g. the shallow ones.")
+        rc = dataclasses.replace(rc, shifted_layers=tuple(sorted(int(l) for l in shifted_layers)))
     if features is not None:
         train_f, dev_f = features  # the trainer takes the candidate layers out of them
         counts = (train_f.counts(), dev_f.counts())

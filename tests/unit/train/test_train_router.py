@@ -664,6 +664,22 @@ def test_cli_train_router_and_reindex(tmp_path):
     bad = CliRunner().invoke(app, ["train-router", "--pairs", "x.jsonl", "--out", str(tmp_path / "r2"), "--json"])
     assert bad.exit_code == 2 and "--pairs needs --store" in bad.output
 
+    # --shifted-layers: the saved adapters key the shifted grid at those of the layers they keep; recorded in the
+    # command; a layer that is no candidate is refused before any training
+    out5 = tmp_path / "router5"
+    r = CliRunner().invoke(app, ["train-router", "--corpus", str(corpus), "--model", str(mdir), "--out", str(out5),
+                                 "--layers", "1,3", "--max-layers", "2", "--keep-layers", "--epochs", "0",
+                                 "--batch-size", "8", "--max-chars", "300", "--init-adapter", str(out / "candidates"),
+                                 "--shifted-layers", "3", "--json"])
+    assert r.exit_code == 0, r.output
+    shifted = RouterAdapter.load(out5)
+    assert shifted.config.shifted_layers == (3,) and shifted.fingerprint() == full.with_shifted_layers([3]).fingerprint()
+    assert "--shifted-layers 3" in json.loads((out5 / "training.json").read_text())["command"]
+    bad = CliRunner().invoke(app, ["train-router", "--corpus", str(corpus), "--model", str(mdir), "--out",
+                                   str(tmp_path / "r6"), "--layers", "1,3", "--max-chars", "300", "--shifted-layers", "2",
+                                   "--json"])
+    assert bad.exit_code == 2 and "--shifted-layers [2] are not among the candidate layers [1, 3]" in bad.output
+
 
 def test_chunks_of_equals_the_per_passage_ranges():
     """Features.chunks_of (the vectorised gather of a training step) == concatenated per-passage ranges."""
