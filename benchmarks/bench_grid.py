@@ -15,7 +15,9 @@ is the same weights without the grid (the default before it). Three measurements
    aligned and shifted keys of each document (as many shifted chunks as aligned ones less one per document),
    median of ``--route-calls`` calls after a warm-up, at ``--chunks`` aligned chunks (8 chunks a document).
 
-Prints a table and one JSON line. Usage: ``python benchmarks/bench_grid.py [--rounds 3] [--chunks 100000,1000000]``.
+Prints a table and one JSON line. Usage: ``python benchmarks/bench_grid.py [--rounds 3] [--chunks 100000,1000000]``;
+``--device cuda`` measures the routing part alone on a GPU (the eager per-layer ``doc_scores`` that
+``Memory.route`` runs, the top-16 copied to the host).
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ def bench_encode(rounds: int) -> dict:
     return res
 
 
-def bench_route(chunks: int, calls: int, q_tokens: int = 16) -> dict:
+def bench_route(chunks: int, calls: int, q_tokens: int = 16, device: str = "cpu") -> dict:
     from msa_memory.runtime.routing import RouterIndex, RoutingConfig
 
     per_doc = 8
@@ -93,19 +95,22 @@ def bench_route(chunks: int, calls: int, q_tokens: int = 16) -> dict:
     shifted_pos = range(len(SHIFTED))                        # layers 1, 5, 8, 11 are positions 0..3 of seven
     keys_s = [torch.cat([keys[p].view(n_docs, per_doc, 1, 256), extra[p].view(n_docs, per_doc - 1, 1, 256)], 1)
               .reshape(-1, 1, 256) if p in shifted_pos else keys[p] for p in range(LAYERS)]
-    indexes = {"aligned": RouterIndex(keys, cd, np.arange(n_docs), cfg),
+    indexes = {"aligned": RouterIndex(keys, cd, np.arange(n_docs), cfg, device=device),
                "shifted": RouterIndex(keys_s, [both if p in shifted_pos else cd for p in range(LAYERS)],
-                                      np.arange(n_docs), cfg)}
+                                      np.arange(n_docs), cfg, device=device)}
     q = torch.randn(q_tokens, 4, 256, generator=g)
-    res = {"chunks": chunks, "docs": n_docs, "q_tokens": q_tokens, "layout": indexes["aligned"].layout}
+    res = {"chunks": chunks, "docs": n_docs, "q_tokens": q_tokens, "layout": indexes["aligned"].layout,
+           "device": device}
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     times: dict[str, list[float]] = {k: [] for k in indexes}
     for name, idx in indexes.items():                        # warm-up
         sum(idx.doc_scores(p, q) for p in range(LAYERS))
     for _ in range(calls):
         for name, idx in indexes.items():
+            sync()
             t0 = time.perf_counter()
             total = sum(idx.doc_scores(p, q) for p in range(LAYERS))
-            torch.topk(total, 16)
+            torch.topk(total, 16)[1].cpu()                   # the top-16 on the host, as Memory.route has it
             times[name].append(time.perf_counter() - t0)
     for name, idx in indexes.items():
         res[name] = {"route_ms": round(1e3 * statistics.median(times[name]), 3),
@@ -120,11 +125,12 @@ def main() -> None:
     ap.add_argument("--chunks", default="100000,1000000")
     ap.add_argument("--route-calls", type=int, default=11)
     ap.add_argument("--skip-encode", action="store_true")
+    ap.add_argument("--device", default="cpu", help="routing: where the keys live (cuda: routing only, no encode)")
     a = ap.parse_args()
     warnings.simplefilter("ignore")
     torch.set_grad_enabled(False)
-    enc = None if a.skip_encode else bench_encode(a.rounds)
-    routes = [bench_route(int(c), a.route_calls) for c in a.chunks.split(",")]
+    enc = None if a.skip_encode or a.device != "cpu" else bench_encode(a.rounds)
+    routes = [bench_route(int(c), a.route_calls, device=a.device) for c in a.chunks.split(",")]
     if enc:
         print(f"\n# encode: {enc['passages']} passages, {enc['tokens']} tokens (examples/corpus), default model "
               f"({enc['compute_dtype']}), median of {a.rounds} rounds")
@@ -135,7 +141,7 @@ def main() -> None:
                   f"{r['bytes_per_token_with_router_inputs']:>11.1f} {r['aligned_chunks']:>7} {r['shifted_chunks']:>8}")
         print(f"shifted / aligned: encode {enc['encode_ratio']:.3f}x, bytes {enc['bytes_ratio']:.3f}x")
     print(f"\n# routing one question ({routes[0]['q_tokens']} tokens), 7 router layers summed + top-16, "
-          f"{routes[0]['layout']} bf16 keys, median of {a.route_calls}")
+          f"{routes[0]['layout']} bf16 keys on {a.device}, median of {a.route_calls}")
     print(f"{'chunks':>9} {'aligned ms':>11} {'shifted ms':>11} {'ratio':>6} {'MiB aligned':>12} {'MiB shifted':>12}")
     for r in routes:
         print(f"{r['chunks']:>9} {r['aligned']['route_ms']:>11.2f} {r['shifted']['route_ms']:>11.2f} "
@@ -145,8 +151,9 @@ def main() -> None:
                                 text=True).stdout.strip()
     except OSError:
         commit = ""
-    print(json.dumps({"bench": "grid", "device": f"cpu ({platform.processor() or platform.machine()}, "
-                      f"{os.cpu_count()} cores)", "commit": commit, "torch_threads": torch.get_num_threads(),
+    where = (torch.cuda.get_device_name(0) if a.device.startswith("cuda") else
+             f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
+    print(json.dumps({"bench": "grid", "device": where, "commit": commit, "torch_threads": torch.get_num_threads(),
                       "encode": enc, "routing": routes}))
 
 
