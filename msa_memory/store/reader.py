@@ -274,10 +274,9 @@ class MemoryStore:
             view = self._view(e["shard_id"])
             rec = view.record
             counts = np.diff(view.shifted_offsets if shifted else rec.chunk_offsets)
-            if name.startswith("k_router"):
-                src = self.shard_router_keys(e["shard_id"], shifted)
-            else:
-                src = view.array(name)
+            # this version's keys: a reindexed shard's router_keys arrays, else the shard's own (entry at hand:
+            # shard_router_keys would look it up again, once per shard)
+            src = self._keys(e, shifted) if name.startswith("k_router") and "router_keys" in e else view.array(name)
             block = src.read(int(layer), int(layer) + 1)[0]  # (C_shard, *tail)
             chunk_doc = np.repeat(rec.doc_ids, counts)
             live = self._live_mask(e["shard_id"])

@@ -142,13 +142,16 @@ def check_encoded(identity: StoreIdentity, passages: Sequence[Passage], enc: Enc
     Ls = len(identity.shifted_layers)
     if Ls:
         want_s = shifted_chunk_counts(enc.n_tokens, identity.chunk_tokens)
-        if enc.n_chunks_s is None or enc.k_router_s is None:
+        ns = enc.n_chunks_s
+        if ns is None or enc.k_router_s is None:
             raise bad(f"The store keeps router keys over the shifted grid at layers {list(identity.shifted_layers)}; "
                       "EncodedChunks.n_chunks_s / k_router_s are None.")
-        if not np.array_equal(enc.n_chunks_s, want_s):
-            i = int(np.flatnonzero(np.asarray(enc.n_chunks_s).reshape(-1)[:n] != want_s)[0]) \
-                if np.shape(enc.n_chunks_s) == (n,) else 0
-            raise bad(f"Document {int(enc.doc_ids[i])}: its shifted-grid chunk count is not the "
+        if not isinstance(ns, np.ndarray) or ns.shape != (n,) or ns.dtype.kind not in "iu":
+            raise bad(f"EncodedChunks.n_chunks_s must be an integer array of shape ({n},), got "
+                      f"{getattr(ns, 'dtype', type(ns))} {getattr(ns, 'shape', '')}.")
+        if not np.array_equal(ns, want_s):
+            i = int(np.flatnonzero(ns != want_s)[0])
+            raise bad(f"Document {int(enc.doc_ids[i])}: its shifted-grid chunk count is {int(ns[i])}, not the "
                       f"{int(want_s[i])} its {int(enc.n_tokens[i])} tokens give (shifted_chunk_counts).")
         Cs = int(want_s.sum())
         shapes.append(("k_router_s", enc.k_router_s, (Ls, Cs, H, D)))
