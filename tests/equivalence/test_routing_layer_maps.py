@@ -24,9 +24,6 @@ from __future__ import annotations
 
 import importlib.util
 import itertools
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
@@ -39,6 +36,7 @@ from msa_memory.errors import ConfigError
 from msa_memory.runtime import routing_cpu
 from msa_memory.runtime.routing import RouterIndex, RoutingConfig, doc_gather_index
 from test_routing_equivalence import oracle_doc_scores  # the loop oracle (same folder: tests/equivalence)
+from test_routing_paths import run_under_triton_interpreter
 
 KERNEL = routing_cpu.available()
 COMBOS = list(itertools.product(("dot", "cosine"), ("mean", "max"), ("max", "mean", "last"), ("max", "mean")))
@@ -306,7 +304,4 @@ _TRITON_SCRIPT = textwrap.dedent("""
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed (GPU hosts check it)")
 def test_per_layer_maps_triton_doc_topk_under_interpreter():
     """Fused scores (C_l rows each) and ``doc_max_topk`` over each layer's own runs equal the eager torch path."""
-    env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=600,
-                       check=False)
-    assert r.returncode == 0 and "TRITON-OK" in r.stdout, r.stderr[-3000:]
+    run_under_triton_interpreter(_TRITON_SCRIPT)
