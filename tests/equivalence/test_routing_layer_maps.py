@@ -273,12 +273,6 @@ def test_per_layer_routing_equals_reference_property(case):
 
 _TRITON_SCRIPT = textwrap.dedent("""
     import numpy as np, torch
-    import triton.runtime.interpreter as ti
-    _orig = ti._patch_lang_tensor
-    def _patched(tensor, *args):               # numpy >= 2.4 refuses int() of a 1-element array
-        _orig(tensor, *args)
-        tensor.__index__ = lambda self: int(self.handle.data.reshape(-1)[0])
-    ti._patch_lang_tensor = _patched
     from msa_memory.runtime.routing import RouterIndex, RoutingConfig
     g = torch.Generator().manual_seed(0)
     rng = np.random.default_rng(0)

@@ -232,12 +232,6 @@ def test_route_rejects_graph_path_on_cpu_and_unknown_path():
 
 _TRITON_SCRIPT = textwrap.dedent("""
     import numpy as np, torch
-    import triton.runtime.interpreter as ti
-    _orig = ti._patch_lang_tensor
-    def _patched(tensor, *args):               # numpy >= 2.4 refuses int() of a 1-element array
-        _orig(tensor, *args)
-        tensor.__index__ = lambda self: int(self.handle.data.reshape(-1)[0])
-    ti._patch_lang_tensor = _patched
     from msa_memory.runtime.routing import RouterIndex, RoutingConfig
     g = torch.Generator().manual_seed(0)
     for H, rep, T, C, D, hr, score in [(1, 4, 70, 300, 64, "mean", "dot"), (2, 2, 33, 77, 16, "max", "cosine"),
@@ -287,12 +281,22 @@ _TRITON_SCRIPT = textwrap.dedent("""
 """)
 
 
+_INTERPRETER_PATCH = textwrap.dedent("""
+    import triton.runtime.interpreter as ti
+    _orig = ti._patch_lang_tensor
+    def _patched(tensor, *args):               # numpy >= 2.4 refuses int() of a 1-element array
+        _orig(tensor, *args)
+        tensor.__index__ = lambda self: int(self.handle.data.reshape(-1)[0])
+    ti._patch_lang_tensor = _patched
+""")
+
+
 def run_under_triton_interpreter(script: str) -> None:
-    """Run ``script`` in a fresh interpreter with ``TRITON_INTERPRET=1`` (set before triton imports); it prints
-    TRITON-OK when its checks pass."""
+    """Run ``script`` in a fresh interpreter with ``TRITON_INTERPRET=1`` (set before triton imports) and the
+    interpreter patched for numpy >= 2.4; it prints TRITON-OK when its checks pass."""
     env = dict(os.environ, TRITON_INTERPRET="1")
-    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600,
-                       check=False)
+    r = subprocess.run([sys.executable, "-c", _INTERPRETER_PATCH + script], env=env, capture_output=True, text=True,
+                       timeout=600, check=False)
     assert r.returncode == 0 and "TRITON-OK" in r.stdout, r.stderr[-3000:]
 
 
