@@ -84,7 +84,9 @@ def main(argv: list[str] | None = None) -> None:
     loaded = load_model("default", adapter=shipped)
     n_tokens = np.array([len(loaded.wrap_ids(p, 0)) for p in passages])
     (docs, qidx), = bq.haystacks(n_tokens, queries, n_q, args.size, None)
-    x, chunk_doc = bq.pool_features(loaded, passages, max(docs) + 1, Path(args.cache) / f"L{'-'.join(map(str, layers))}")
+    shifted = tuple(shipped.config.shifted_layers)
+    x, chunk_doc, x_s, cd_s = bq.pool_features(loaded, passages, max(docs) + 1, Path(args.cache) / bq.cache_tag(layers, shifted))
+    grid = (list(shifted), x_s, cd_s)       # routing over both grids at the shifted layers, as Memory does
     qx, qoff = extract_queries(loaded, [q.text for q in queries])
     print(f"haystack: {len(docs)} passages, {int(n_tokens[docs].sum())} tokens; {len(qidx)} queries", flush=True)
 
@@ -108,9 +110,9 @@ def main(argv: list[str] | None = None) -> None:
     kinds = {k: [j for j, i in enumerate(qidx) if queries[i].kind == k] for k in ("fact", "ict")}
     rows: dict[str, dict] = {}
     scorers = {"routing, shipped adapter": lambda: bq.routing_scores(shipped, list(layers), x, chunk_doc, qx, qoff, docs,
-                                                                     qidx, shipped.config),
+                                                                     qidx, shipped.config, grid),
                "routing, adapted to the memory": lambda: bq.routing_scores(adapted, list(layers), x, chunk_doc, qx, qoff,
-                                                                           docs, qidx, adapted.config),
+                                                                           docs, qidx, adapted.config, grid),
                "BM25 (bm25s)": lambda: bq.bm25_scores([passages[d] for d in docs], [queries[i].text for i in qidx])}
     for name, fn in scorers.items():
         s = fn()

@@ -196,6 +196,11 @@ def pool_features(loaded, passages, n_needed: int, cache: Path, block: int = 256
     return x[:, keep], cd[keep], x_s[:, keep_s], cd_s[keep_s]
 
 
+def cache_tag(layers, shifted=()) -> str:
+    """Folder name of a feature cache: its layers (``L1-5-...``) and shifted-grid layers (``-S1-5``)."""
+    return f"L{'-'.join(map(str, layers))}" + (f"-S{'-'.join(map(str, shifted))}" if shifted else "")
+
+
 def _texts_digest(texts) -> str:
     import hashlib
 
@@ -299,8 +304,7 @@ def main(argv: list[str] | None = None, loaded=None) -> None:
     print(f"eval: {len(queries)} queries ({args.needles} needles, {args.ict} inverse cloze), {n_needed} passages "
           f"({int(n_tokens[:n_needed].sum())} tokens) needed", file=sys.stderr, flush=True)
     cache = Path(args.cache)
-    tag = f"L{'-'.join(map(str, cand))}" + (f"-S{'-'.join(map(str, shifted))}" if shifted else "")
-    x, chunk_doc, x_s, cd_s = pool_features(loaded, passages, n_needed, cache / tag)
+    x, chunk_doc, x_s, cd_s = pool_features(loaded, passages, n_needed, cache / cache_tag(cand, shifted))
     if args.encode_only:
         return
     qx, qoff = extract_queries(loaded, [q.text for q in queries])
