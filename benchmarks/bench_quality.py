@@ -34,7 +34,8 @@ alone (``--adapter aligned``, the default before) 1.00 / 0.99 / 0.93 and 0.97 / 
 needles at 1M 0.63 against 0.56); BM25 1.00 / 1.00 / 1.00 and 0.93 / 0.71 / 0.71, MiniLM 0.93 / 0.81 /
 0.62 and 0.97 / 0.69 / 0.64. Relative drop 16K → 1M: 1% (needles), 35% (cloze); routing stays below BM25
 at 1M on both. End-to-end exact match 0.45 (9 of 20). The aligned default's own run
-(benchmarks/results/router_a3359593/) gave its row here to the digit. The default before that (``--adapter merge7``, layers 1, 2, 5, 8, 11, 14, 17, on a cache of the
+(benchmarks/results/router_a3359593/) gave the same recall@16 and recall@1 (two recall@5 figures 0.01 apart:
+this run's cache of pooled inputs was encoded afresh). The default before that (``--adapter merge7``, layers 1, 2, 5, 8, 11, 14, 17, on a cache of the
 same passages' pooled inputs the same day; benchmarks/results/router_adcadcca/) had 1.00 / 1.00 / 0.94
 and 0.98 / 0.62 / 0.60, and ``merge5`` (1, 2, 5, 14, 17; an earlier session, benchmarks/results/router_17421c10/)
 1.00 / 0.99 / 0.92 and 0.97 / 0.63 / 0.55. End-to-end exact match in text mode (top-4, the first 20 needles
