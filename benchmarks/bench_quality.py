@@ -197,9 +197,11 @@ def pool_features(loaded, passages, n_needed: int, cache: Path, block: int = 256
     return x[:, keep], cd[keep], x_s[:, keep_s], cd_s[keep_s]
 
 
-def cache_tag(layers, shifted=()) -> str:
-    """Folder name of a feature cache: its layers (``L1-5-...``) and shifted-grid layers (``-S1-5``)."""
-    return f"L{'-'.join(map(str, layers))}" + (f"-S{'-'.join(map(str, shifted))}" if shifted else "")
+def cache_tag(layers, shifted=(), window=None) -> str:
+    """Folder name of a feature cache: its layers (``L1-5-...``), shifted-grid layers (``-S1-5``) and that
+    grid's window when finer than the chunks (``-W32``)."""
+    return (f"L{'-'.join(map(str, layers))}" + (f"-S{'-'.join(map(str, shifted))}" if shifted else "")
+            + (f"-W{window}" if shifted and window else ""))
 
 
 def _texts_digest(texts) -> str:
@@ -300,12 +302,13 @@ def main(argv: list[str] | None = None, loaded=None) -> None:
         loaded = load_model("default", router_layers=cand)
     elif loaded.router_layers != cand:
         loaded.router = loaded.router.subset(cand)
-    loaded.router = loaded.router.with_shifted_layers(shifted)      # the encode pools the shifted grid there too
+    window = trained.config.shifted_window                         # the encode pools the shifted grid there too
+    loaded.router = loaded.router.with_shifted_layers(shifted, window)
     n_tokens, plans, n_needed = plan_haystacks(loaded, passages, queries, n_q, sizes, args.group)
     print(f"eval: {len(queries)} queries ({args.needles} needles, {args.ict} inverse cloze), {n_needed} passages "
           f"({int(n_tokens[:n_needed].sum())} tokens) needed", file=sys.stderr, flush=True)
     cache = Path(args.cache)
-    x, chunk_doc, x_s, cd_s = pool_features(loaded, passages, n_needed, cache / cache_tag(cand, shifted))
+    x, chunk_doc, x_s, cd_s = pool_features(loaded, passages, n_needed, cache / cache_tag(cand, shifted, window))
     if args.encode_only:
         return
     qx, qoff = extract_queries(loaded, [q.text for q in queries])

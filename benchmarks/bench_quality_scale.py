@@ -266,6 +266,10 @@ def _gpu(args) -> None:
     for name in args.also_adapter or []:
         other = RouterAdapter.load(name)
         sub, sub_s = list(other.config.router_layers), list(other.config.shifted_layers)
+        if sub_s and other.config.shifted_window != adapter.config.shifted_window:
+            raise SystemExit(f"--also-adapter {name}'s shifted grid has windows of {other.config.shifted_window} tokens, "
+                             f"--adapter {args.adapter}'s {adapter.config.shifted_window} (None: the chunks'): the "
+                             "encode pools one grid; score it in a run of its own")
         if not set(sub) <= set(layers) or not set(sub_s) <= set(shifted):
             raise SystemExit(f"--also-adapter {name} (layers {sub}, shifted {sub_s}) has layers the encode does not "
                              f"pool: --adapter {args.adapter} has {layers} (shifted {shifted}); pass the adapter with "

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         other = load_model("default", router_layers="all").router.subset(m.router_layers).with_shifted_layers(
-            m.router.config.shifted_layers)    # a version of the same store keeps its shifted grid
+            m.router.config.shifted_layers, m.router.config.shifted_window)   # a version keeps its shifted grid
     t0 = time.perf_counter()
     new, stats = reindex_router(store, other)
     t_reindex = time.perf_counter() - t0

@@ -303,7 +303,10 @@ def store_info(store: StoreArg, version: VersionOpt = None, json_out: JsonOpt = 
         typer.echo(f"model   : {ident.model_name}  [{ident.model_fingerprint[:16]}]  router {ident.router_id[:16]}")
         typer.echo(f"layout  : router layers {list(ident.router_layers)}, chunk {ident.chunk_tokens} tokens, "
                    f"{ident.n_kv_heads} kv-heads x {ident.head_dim}, {ident.dtype}, wrap {ident.wrap}")
-        if ident.shifted_layers:
+        if ident.shifted_layers and ident.shifted_window:
+            typer.echo(f"shifted : router keys also over {ident.shifted_window}-token windows at a stride of "
+                       f"{ident.shifted_window // 2} tokens at layers {list(ident.shifted_layers)}")
+        elif ident.shifted_layers:
             typer.echo(f"shifted : router keys also over chunks shifted by {ident.chunk_tokens // 2} tokens at layers "
                        f"{list(ident.shifted_layers)}")
         for k in ("n_docs", "n_chunks", "n_tokens", "n_bytes", "bytes_per_token", "n_shards"):

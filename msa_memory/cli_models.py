@@ -138,6 +138,7 @@ def train_router_cmd(
     fact_names: Annotated[str, typer.Option("--fact-names", help="Names of the synthetic facts: syllables (from 14 syllables, the shipped adapters' recipe) or varied (from ~16k syllables; never the benchmark's)")] = "syllables",
     keep_layers: Annotated[bool, typer.Option("--keep-layers", help="Keep every --layers layer (no selection on dev; --max-layers unused), e.g. to fine-tune --init-adapter to a --store's own text and re-key it in place with 'msa store reindex-router'")] = False,
     shifted_layers: Annotated[str | None, typer.Option("--shifted-layers", help="Candidate layers whose adapter also keys chunks shifted by 32 tokens (routing takes each document's best chunk over both grids there; stores keep both), e.g. 1,5,8,11; '' for none (default: --init-adapter's, else none)")] = None,
+    shifted_window: Annotated[int | None, typer.Option("--shifted-window", help="Tokens per window of that grid when finer than the 64-token chunks: windows of W tokens at a stride of W/2 (an even W below 64), e.g. 32; default: 64-token windows from token 32")] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Train router projections (decoupled InfoNCE, frozen backbone) and save an adapter."""
@@ -153,11 +154,13 @@ def train_router_cmd(
             cloze_remove=cloze_remove, dev_distractors=dev_distractors, bf16=bf16, layer_loss=layer_loss,
             query_reduce=query_reduce, head_reduce=head_reduce, init_adapter=init_adapter,
             freeze_layers=freeze_layers, fact_names=fact_names, keep_layers=keep_layers, shifted_layers=shifted_layers,
+            shifted_window=shifted_window,
             command=_train_router_command(out, corpus, store, pairs, model, layers, max_layers, epochs,
                                           batch_size, lr, n_train, n_dev, max_chars, seed, cache, device,
                                           hard_negatives, mine_every, builtin, negatives, cloze_remove,
                                           dev_distractors, bf16, layer_loss, query_reduce, head_reduce,
-                                          init_adapter, freeze_layers, fact_names, keep_layers, shifted_layers),
+                                          init_adapter, freeze_layers, fact_names, keep_layers, shifted_layers,
+                                          shifted_window),
             log=(lambda s: None) if json_out else (lambda s: typer.echo(s, err=True)))
         if json_out:
             _emit_json(summary)

@@ -16,6 +16,9 @@ provenance; beside it that run's ``training.json``):
 
 ``gemma3-270m-router-aligned/`` is the default's weights over MSA's aligned chunk grid alone: the default of
 the tenth to twelfth sessions (router id ``a33595931c4c316b``), so the stores it built keep their router.
+``gemma3-270m-router-fine/`` (``--adapter fine``, router id ``6ed0ac78744a84b0``) is the default's weights
+with the shifted grid at every layer and finer: 32-token windows at a stride of 16 tokens
+(``RouterConfig.shifted_window``), opt-in.
 
 ``gemma3-270m-router-deep/`` (layers 2, 14, 17) keeps its own weights: trained on the H200 over the
 same 69k passages, it was part of the two defaults before, and its layers 2 and 14 (and its own
@@ -37,7 +40,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["DEFAULT_ROUTER_ADAPTER", "ALIGNED_ROUTER_ADAPTER", "DEEP_ROUTER_ADAPTER", "DEEPV_ROUTER_ADAPTER", "SHALLOW_ROUTER_ADAPTER",
+__all__ = ["DEFAULT_ROUTER_ADAPTER", "ALIGNED_ROUTER_ADAPTER", "FINE_ROUTER_ADAPTER", "DEEP_ROUTER_ADAPTER", "DEEPV_ROUTER_ADAPTER", "SHALLOW_ROUTER_ADAPTER",
            "MID_ROUTER_ADAPTER", "MERGE5_ROUTER_ADAPTER", "MERGE7_ROUTER_ADAPTER", "SHIPPED_ADAPTERS",
            "default_router_adapter", "shipped_adapter", "shipped_adapter_for_router"]
 
@@ -46,6 +49,9 @@ _HERE = Path(__file__).resolve().parent
 DEFAULT_ROUTER_ADAPTER = _HERE / "gemma3-270m-router"
 #: The default's weights and layers with router keys over MSA's aligned chunks alone (the previous default).
 ALIGNED_ROUTER_ADAPTER = _HERE / "gemma3-270m-router-aligned"
+#: The default's weights and layers with router keys also over 32-token windows at a stride of 16 at every
+#: layer (opt-in: needles routed far better at 100M, ~2.2x the router bytes; RECIPE.md, History).
+FINE_ROUTER_ADAPTER = _HERE / "gemma3-270m-router-fine"
 #: Router layers 13, 16, 17 of the default (its deep part, trained with varied fact names).
 DEEPV_ROUTER_ADAPTER = _HERE / "gemma3-270m-router-deepv"
 #: Router layers 1, 5 of the default (its shallow part): faster to encode, worse to route.
@@ -59,7 +65,8 @@ MERGE7_ROUTER_ADAPTER = _HERE / "gemma3-270m-router-merge7"
 #: Router layers 1, 2, 5, 14, 17 (shallow + deep: the default before that).
 MERGE5_ROUTER_ADAPTER = _HERE / "gemma3-270m-router-merge5"
 #: Names an adapter argument may take instead of a folder (a folder of that name, if one exists, wins).
-SHIPPED_ADAPTERS = {"default": DEFAULT_ROUTER_ADAPTER, "aligned": ALIGNED_ROUTER_ADAPTER, "deepv": DEEPV_ROUTER_ADAPTER, "shallow": SHALLOW_ROUTER_ADAPTER,
+SHIPPED_ADAPTERS = {"default": DEFAULT_ROUTER_ADAPTER, "aligned": ALIGNED_ROUTER_ADAPTER, "fine": FINE_ROUTER_ADAPTER,
+                    "deepv": DEEPV_ROUTER_ADAPTER, "shallow": SHALLOW_ROUTER_ADAPTER,
                     "mid": MID_ROUTER_ADAPTER, "deep": DEEP_ROUTER_ADAPTER, "merge7": MERGE7_ROUTER_ADAPTER,
                     "merge5": MERGE5_ROUTER_ADAPTER}
 

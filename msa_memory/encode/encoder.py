@@ -14,7 +14,7 @@ Reference behaviour: msa-reference.md §2.2-§2.5. For each batch of passages:
    ``router_k(mean x)`` (= mean of router_k(x): the projection is linear), L2-normalised per head
    iff the router's score mode is "cosine";
 5. at the router's ``shifted_layers`` (not MSA; empty by default) pool the same x once more over the
-   shifted grid (P-token windows from token P/2, :func:`~msa_memory.encode.pooling.shifted_layout`) and
+   shifted grid (P-token windows from token P/2, or finer windows: :func:`~msa_memory.encode.pooling.shifted_pool`) and
    make router keys of those means the same way: no second forward.
 
 The template prefix's K/V for every layer (:meth:`Encoder.template_prefix`) comes from one causal
@@ -36,7 +36,7 @@ import torch
 
 from msa_memory.encode.forward import AttnCall, PackedCausalAttention, causal_attention
 from msa_memory.encode.model import LoadedModel
-from msa_memory.encode.pooling import chunk_layout, chunk_mean_pool, shifted_layout
+from msa_memory.encode.pooling import chunk_layout, chunk_mean_pool, shifted_pool
 from msa_memory.errors import ConfigError, EncodeError
 from msa_memory.schemas.records import STORAGE_DTYPES, EncodedChunks, Passage, shifted_chunk_counts
 
@@ -243,8 +243,10 @@ class Encoder:
         shifted = m.router.config.shifted_layers
         sslot = {l: i for i, l in enumerate(shifted)}
         if shifted:
-            s_layout, s_keep = shifted_layout(lens, m.chunk_tokens, device=dev)
-            xs_out = torch.empty(len(shifted), s_keep.shape[0], m.hidden_size, dtype=torch.float32, device=dev)
+            s_window = m.router.config.shifted_window
+            n_s = shifted_chunk_counts(lens, m.chunk_tokens, s_window)
+            s_pool = shifted_pool(lens, m.chunk_tokens, s_window, device=dev)
+            xs_out = torch.empty(len(shifted), int(n_s.sum()), m.hidden_size, dtype=torch.float32, device=dev)
         seen: set[int] = set()
         packed = PackedCausalAttention(lens, dev, strategy=self.attention_strategy)  # type: ignore[arg-type]
 
@@ -261,7 +263,7 @@ class Encoder:
             x_out[slot[layer]] = chunk_mean_pool(x[0], layout)  # (T, E) -> (C, E)
             j = sslot.get(layer)
             if j is not None:                                   # (T, E) -> (Cs, E)
-                xs_out[j] = chunk_mean_pool(x[0], s_layout).index_select(0, s_keep)
+                xs_out[j] = s_pool(x[0])
 
         try:
             m.backbone.run(ids, pos, attention, stop_after=max(router_layers) + 1,
@@ -275,7 +277,7 @@ class Encoder:
         kr = torch.stack([m.router.keys_from_pooled(l, x_out[i]) for i, l in enumerate(router_layers)])
         pb = PooledBatch(n_tokens=lens, n_chunks=layout.n_chunks, k=k_out, v=v_out, x=x_out, k_router=kr)
         if shifted:
-            pb.n_chunks_s = shifted_chunk_counts(lens, m.chunk_tokens).tolist()
+            pb.n_chunks_s = n_s.tolist()
             pb.x_s = xs_out
             pb.k_router_s = torch.stack([m.router.keys_from_pooled(l, xs_out[j]) for j, l in enumerate(shifted)])
         return pb

@@ -146,7 +146,7 @@ class LoadedModel:
             chunk_tokens=rc.chunk_tokens, n_kv_heads=self.n_kv_heads, head_dim=self.head_dim,
             dtype=store_dtype,  # type: ignore[arg-type]
             hidden_size=self.hidden_size if keep_router_inputs else 0, wrap=self.wrap,
-            shifted_layers=tuple(rc.shifted_layers),
+            shifted_layers=tuple(rc.shifted_layers), shifted_window=rc.shifted_window,
             extra={
                 "model_type": self.source.get("model_type"), "source": self.source.get("kind"),
                 "tokenizer": type(self.tokenizer).__name__, "n_q_heads": self.n_q_heads,

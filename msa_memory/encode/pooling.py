@@ -24,16 +24,17 @@ path is tested against (hypothesis: random lengths, P, feature shapes, dtypes, s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from msa_memory.errors import ConfigError
+from msa_memory.schemas.records import shifted_chunk_counts
 
 __all__ = ["ChunkLayout", "chunk_layout", "chunk_mean_pool", "pool_naive", "n_chunks_of", "shifted_layout",
-           "pool_shifted_naive"]
+           "shifted_pool", "pool_shifted_naive"]
 
 
 def n_chunks_of(n_tokens: int, chunk_tokens: int) -> int:
@@ -133,12 +134,40 @@ def shifted_layout(seq_lens: Sequence[int], chunk_tokens: int,
     return layout, torch.from_numpy(np.flatnonzero(~drop)).to(device)
 
 
-def pool_shifted_naive(x: np.ndarray, seq_lens: Sequence[int], chunk_tokens: int) -> np.ndarray:
+def shifted_pool(seq_lens: Sequence[int], chunk_tokens: int, window: int | None = None,
+                 device: torch.device | str = "cpu") -> Callable[[torch.Tensor], torch.Tensor]:
+    """The shifted router-key grid's pooling of documents of ``seq_lens`` tokens packed back to back:
+    ``f(x)`` maps (T, ...) to the (Cs, ...) float32 means over each document's windows, document by
+    document, in the order of ``schemas.records.shifted_chunk_counts`` (``window`` None: P-token windows
+    from P/2, :func:`shifted_layout`; a finer W: the document's W-token chunks from token 0, then its
+    W-token windows from W/2). The layouts are built once; ``f`` may be called per layer."""
+    if window is None or int(window) == int(chunk_tokens):
+        lay, keep = shifted_layout(seq_lens, chunk_tokens, device=device)
+        return lambda x: chunk_mean_pool(x, lay).index_select(0, keep)
+    w = int(window)
+    a_lay = chunk_layout(seq_lens, w, device=device)
+    s_lay, s_keep = shifted_layout(seq_lens, w, device=device)
+    n_a = np.asarray(a_lay.n_chunks, dtype=np.int64)
+    n_s = shifted_chunk_counts([int(n) for n in seq_lens], w)        # the W/2-shifted windows of each document
+    # row order: document d's aligned windows (rows of the first block), then its shifted ones (second block)
+    doc_a = np.repeat(np.arange(len(n_a)), n_a)
+    doc_s = np.repeat(np.arange(len(n_s)), n_s)
+    order = np.argsort(np.concatenate([doc_a, doc_s]), kind="stable")
+    order_t = torch.from_numpy(order).to(device)
+    return lambda x: torch.cat([chunk_mean_pool(x, a_lay), chunk_mean_pool(x, s_lay).index_select(0, s_keep)]
+                               ).index_select(0, order_t)
+
+
+def pool_shifted_naive(x: np.ndarray, seq_lens: Sequence[int], chunk_tokens: int,
+                       window: int | None = None) -> np.ndarray:
     """Reference shifted-grid pooling in a plain Python loop (float64): (T, ...) -> (Cs, ...)."""
     out = []
     start, p = 0, int(chunk_tokens)
+    fine = window is not None and int(window) != p
+    w = int(window) if fine else p
     for n in seq_lens:
-        windows = [(0, n)] if n <= p // 2 else [(a, min(a + p, n)) for a in range(p // 2, n, p)]
+        windows = [(a, min(a + w, n)) for a in range(0, n, w)] if fine else []
+        windows += [(0, n)] if n <= w // 2 else [(a, min(a + w, n)) for a in range(w // 2, n, w)]
         for a, b in windows:
             out.append(x[start + a:start + b].astype(np.float64).mean(0))
         start += n

@@ -15,7 +15,8 @@ of its parts); a *subset folder* (``router_subset.json``: ``{"of": FOLDER, "rout
 "router_id": ..., "extra": {...}}``) names some layers of another adapter folder, or, with
 ``"parts": [{"of": FOLDER, "router_layers": [...]}, ...]`` in place of ``"of"``, the merge of layers
 of several folders (``router_layers`` is then all of theirs); its optional ``"shifted_layers"`` (default
-none, whatever the folders it names have) are the layers with keys over the shifted grid too.
+none, whatever the folders it names have) are the layers with keys over the shifted grid too, and its
+optional ``"shifted_window"`` that grid's window (default none: P-token windows from P/2).
 :meth:`RouterAdapter.load` rebuilds it and checks its fingerprint, so a shipped merged adapter and the
 adapters it was made of share one copy of the weights.
 
@@ -40,6 +41,7 @@ import torch
 from torch import nn
 
 from msa_memory.errors import ConfigError, ModelLoadError
+from msa_memory.schemas.records import check_shifted_window
 
 __all__ = ["RouterConfig", "RouterAdapter", "UntrainedRouterWarning", "ADAPTER_JSON", "ADAPTER_WEIGHTS",
            "ADAPTER_SUBSET", "is_adapter_folder", "is_subset_folder"]
@@ -108,6 +110,10 @@ class RouterConfig:
     (``schemas.records.shifted_chunk_counts``); routing scores a document there by the max over both
     grids. Not in MSA (empty: the reference's aligned grid alone); left out of :meth:`to_dict`, and so
     of the router id, when empty."""
+    shifted_window: int | None = None
+    """Tokens per window of that grid when finer than ``chunk_tokens``: windows of W tokens at a stride
+    of W/2 (an even W, 2 <= W < P); None: P-token windows from token P/2. Left out of :meth:`to_dict`
+    when None."""
 
     def __post_init__(self) -> None:
         layers = tuple(int(x) for x in self.router_layers)
@@ -119,6 +125,11 @@ class RouterConfig:
         if list(shifted) != sorted(set(shifted)) or not set(shifted) <= set(layers):
             raise ConfigError(f"shifted_layers must be ascending distinct router layers (router layers {list(layers)}), "
                               f"got {list(shifted)!r}.")
+        window = check_shifted_window(self.shifted_window, self.chunk_tokens, "RouterConfig.shifted_window")
+        object.__setattr__(self, "shifted_window", window)
+        if window is not None and not shifted:
+            raise ConfigError(f"RouterConfig.shifted_window {window} needs shifted_layers (the layers that key the "
+                              "shifted grid).")
         for name in ("n_q_heads", "n_kv_heads", "head_dim", "hidden_size", "chunk_tokens", "top_k"):
             if int(getattr(self, name)) <= 0:
                 raise ConfigError(f"RouterConfig.{name} must be positive, got {getattr(self, name)!r}.")
@@ -138,6 +149,8 @@ class RouterConfig:
             d["shifted_layers"] = list(self.shifted_layers)
         else:
             del d["shifted_layers"]
+        if self.shifted_window is None:
+            del d["shifted_window"]
         return d
 
     @classmethod
@@ -232,16 +245,21 @@ class RouterAdapter(nn.Module):
                               f"{list(self.config.router_layers)}.")
         shifted = tuple(l for l in self.config.shifted_layers if l in layers)
         new = RouterAdapter(dataclasses.replace(self.config, router_layers=layers, shifted_layers=shifted,
+                                                shifted_window=self.config.shifted_window if shifted else None,
                                                 extra=dict(self.config.extra)))
         new.load_tensors(self.state_tensors(), where="adapter subset")
         return new.to(self.q_proj[str(layers[0])].weight.device)
 
-    def with_shifted_layers(self, layers) -> RouterAdapter:
+    def with_shifted_layers(self, layers, window: int | None | str = "keep") -> RouterAdapter:
         """The same projections with keys also over the shifted grid at ``layers`` (router layers; empty:
-        the aligned grid alone). A new adapter, so a new router id: stores keep the grid they were built with."""
+        the aligned grid alone), its windows ``window`` tokens long (``RouterConfig.shifted_window``; None:
+        the chunks' P from P/2; default: this adapter's). A new adapter, so a new router id: stores keep the
+        grid they were built with."""
         import dataclasses
 
-        new = RouterAdapter(dataclasses.replace(self.config, shifted_layers=tuple(sorted(int(l) for l in layers)),
+        layers = tuple(sorted(int(l) for l in layers))
+        w = self.config.shifted_window if window == "keep" else window
+        new = RouterAdapter(dataclasses.replace(self.config, shifted_layers=layers, shifted_window=w if layers else None,
                                                 extra=dict(self.config.extra)))
         new.load_tensors(self.state_tensors(), where="adapter with shifted layers")
         return new.to(self.q_proj[str(self.config.router_layers[0])].weight.device)
@@ -263,7 +281,7 @@ class RouterAdapter(nn.Module):
             raise ConfigError(f"merge needs at least two adapters, got {len(parts)}.")
         def shared(a: RouterAdapter) -> dict[str, Any]:   # what merged parts must agree on
             return {k: v for k, v in a.config.to_dict().items()
-                    if k not in ("router_layers", "shifted_layers", "extra", "source")}
+                    if k not in ("router_layers", "shifted_layers", "shifted_window", "extra", "source")}
 
         base = shared(parts[0])
         seen: dict[int, int] = {}
@@ -286,8 +304,13 @@ class RouterAdapter(nn.Module):
             if len(fps) == 1 and None not in fps:   # reindex checks an adapter's backbone by it
                 prov["model_fingerprint"] = fps.pop()
         shifted = tuple(sorted(l for a in parts for l in a.config.shifted_layers))
+        windows = {a.config.shifted_window for a in parts if a.config.shifted_layers}
+        if len(windows) > 1:
+            raise ConfigError(f"The adapters' shifted grids have different windows {sorted(windows, key=str)}; merged "
+                              "adapters must share one (RouterAdapter.with_shifted_layers(..., window=...)).")
         merged = cls(dataclasses.replace(parts[0].config, router_layers=tuple(sorted(seen)), shifted_layers=shifted,
-                                         extra=prov, source="adapter"))
+                                         shifted_window=windows.pop() if windows else None, extra=prov,
+                                         source="adapter"))
         tensors: dict[str, torch.Tensor] = {}
         for a in parts:
             tensors.update(a.state_tensors())
@@ -349,6 +372,8 @@ class RouterAdapter(nn.Module):
                      [(d / p["of"], [int(l) for l in p["router_layers"]]) for p in spec["parts"]])
             extra = dict(spec.get("extra", {}))
             shifted = [int(l) for l in spec.get("shifted_layers", [])]
+            window = spec.get("shifted_window")
+            window = None if window is None else int(window)
         except (ValueError, TypeError, KeyError) as e:
             raise ModelLoadError(f"Router subset file {str(f)!r} is invalid ({e!r}): it needs 'of' (or 'parts': "
                                  "[{'of', 'router_layers'}, ...]), 'router_layers' and 'router_id'.") from e
@@ -365,8 +390,8 @@ class RouterAdapter(nn.Module):
                 raise ModelLoadError(f"{str(f)!r}: {e}") from e
         try:
             adapter = pieces[0] if len(pieces) == 1 else cls.merge(pieces)
-            if list(adapter.config.shifted_layers) != shifted:   # the subset file says which layers shift
-                adapter = adapter.with_shifted_layers(shifted)
+            if list(adapter.config.shifted_layers) != shifted or adapter.config.shifted_window != window:
+                adapter = adapter.with_shifted_layers(shifted, window)   # the subset file says which layers shift
         except ConfigError as e:
             raise ModelLoadError(f"{str(f)!r}: {e}") from e
         adapter.config.extra.clear()

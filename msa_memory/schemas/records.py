@@ -24,6 +24,7 @@ __all__ = [
     "FORMAT_VERSION",
     "READ_FORMAT_VERSION",
     "SHIFTED_GRID_FORMAT_VERSION",
+    "FINE_GRID_FORMAT_VERSION",
     "StoreIdentity",
     "Passage",
     "EncodedChunks",
@@ -32,6 +33,7 @@ __all__ = [
     "ShardRecord",
     "identity_sha256",
     "shifted_chunk_counts",
+    "check_shifted_window",
 ]
 
 LogicalDtype = Literal["bfloat16", "float16", "float32"]
@@ -47,21 +49,52 @@ FORMAT_VERSION = 1
 #: The identity record of a store with a shifted router-key grid (``StoreIdentity.shifted_layers``) says 2, so
 #: that releases before the grid refuse such a store as a newer format instead of misreading its identity.
 SHIFTED_GRID_FORMAT_VERSION = 2
+#: ... and 3 when that grid has windows finer than the chunks (``StoreIdentity.shifted_window``), which
+#: releases reading version 2 do not know.
+FINE_GRID_FORMAT_VERSION = 3
 #: The newest format version this code reads.
-READ_FORMAT_VERSION = 2
+READ_FORMAT_VERSION = 3
 
 
-def shifted_chunk_counts(n_tokens: Any, chunk_tokens: int) -> np.ndarray:
+def shifted_chunk_counts(n_tokens: Any, chunk_tokens: int, window: int | None = None) -> np.ndarray:
     """(N,) int64 chunks of each document on the shifted router-key grid.
 
-    The shifted grid's chunks of a document of n tokens are its P-token windows that start at token
-    P // 2 (tokens P/2 .. 3P/2 - 1, 3P/2 .. 5P/2 - 1, ..., the last one partial), ceil((n - P/2) / P)
-    of them; a document of at most P/2 tokens has one, its whole text (the same tokens as its one
-    aligned chunk, so routing's max over both grids is unchanged by it).
+    With ``window`` None (or P), the grid's chunks of a document of n tokens are its P-token windows
+    that start at token P // 2 (tokens P/2 .. 3P/2 - 1, 3P/2 .. 5P/2 - 1, ..., the last one partial),
+    ceil((n - P/2) / P) of them; a document of at most P/2 tokens has one, its whole text (the same
+    tokens as its one aligned chunk, so routing's max over both grids is unchanged by it).
+
+    With a finer ``window`` W (even, 2 <= W < P: :func:`check_shifted_window`), a document's chunks are
+    its W-token windows from token 0 (0 .. W-1, W .. 2W-1, ...: ceil(n / W)), then its W-token windows
+    from token W/2 (the rule above with W for P): windows of W tokens at a stride of W/2.
     """
     n = np.asarray(n_tokens, dtype=np.int64)
-    h, p = int(chunk_tokens) // 2, int(chunk_tokens)
-    return np.where(n <= h, 1, -(-(n - h) // p)).astype(np.int64)
+    p = int(chunk_tokens) if window is None else int(window)
+    h = p // 2
+    shifted = np.where(n <= h, 1, -(-(n - h) // p)).astype(np.int64)
+    if window is None or int(window) == int(chunk_tokens):
+        return shifted
+    return (-(-n // p) + shifted).astype(np.int64)
+
+
+def check_shifted_window(window: Any, chunk_tokens: int, where: str = "shifted_window") -> int | None:
+    """``window`` as stored: None for the default grid (P-token windows from P/2; ``window`` None or P),
+    else an even W with 2 <= W < P (:func:`shifted_chunk_counts`). Anything else: ConfigError."""
+    from msa_memory.errors import ConfigError
+
+    if window is None:
+        return None
+    try:
+        w = int(window)
+    except (TypeError, ValueError):
+        w = -1
+    p = int(chunk_tokens)
+    if w == p:
+        return None
+    if isinstance(window, bool) or w != window or w < 2 or w >= p or w % 2:
+        raise ConfigError(f"{where} must be an even number of tokens from 2 to {p - 2} (finer than the "
+                          f"{p}-token chunks), or {p} / none for the default shifted grid; got {window!r}.")
+    return w
 
 
 def to_float32(a: np.ndarray, logical_dtype: str) -> np.ndarray:
@@ -115,9 +148,20 @@ class StoreIdentity:
     """Router layers that also keep router keys over the shifted chunk grid (``k_router_s``, see
     :func:`shifted_chunk_counts`); a subset of ``router_layers``, empty for MSA's aligned grid alone.
     Left out of :meth:`to_dict` when empty, so stores without it keep their identity hash."""
+    shifted_window: int | None = None
+    """Tokens per window of the shifted grid when finer than ``chunk_tokens`` (windows of W tokens at a
+    stride of W/2, :func:`shifted_chunk_counts`); None for P-token windows from token P/2. Left out of
+    :meth:`to_dict` when None."""
 
     def __post_init__(self) -> None:
         from msa_memory.errors import ConfigError
+
+        if self.shifted_window is not None:
+            if not self.shifted_layers:
+                raise ConfigError(f"shifted_window {self.shifted_window!r} needs shifted_layers (the layers that keep "
+                                  "the shifted grid).")
+            if check_shifted_window(self.shifted_window, self.chunk_tokens) is None:
+                raise ConfigError(f"shifted_window {self.shifted_window!r} equals chunk_tokens: leave it None.")
 
         if not self.router_layers or list(self.router_layers) != sorted(set(self.router_layers)):
             raise ConfigError(
@@ -150,6 +194,8 @@ class StoreIdentity:
             d["shifted_layers"] = list(self.shifted_layers)
         else:
             del d["shifted_layers"]
+        if self.shifted_window is None:
+            del d["shifted_window"]
         return d
 
     @classmethod
@@ -162,7 +208,7 @@ class StoreIdentity:
     def compatible_with(self, other: StoreIdentity) -> list[str]:
         """Names of the fields that make ``other`` unable to share a store with ``self`` (empty if none)."""
         keys = ("model_fingerprint", "router_id", "router_layers", "chunk_tokens", "n_kv_heads",
-                "head_dim", "dtype", "hidden_size", "wrap", "shifted_layers")
+                "head_dim", "dtype", "hidden_size", "wrap", "shifted_layers", "shifted_window")
         return [k for k in keys if getattr(self, k) != getattr(other, k)]
 
 

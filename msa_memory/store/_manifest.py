@@ -24,7 +24,8 @@ from msa_memory.errors import (
     StoreNotFoundError,
     VersionNotFoundError,
 )
-from msa_memory.schemas.records import FORMAT_VERSION, READ_FORMAT_VERSION, SHIFTED_GRID_FORMAT_VERSION, StoreIdentity
+from msa_memory.schemas.records import (FINE_GRID_FORMAT_VERSION, FORMAT_VERSION, READ_FORMAT_VERSION,
+                                        SHIFTED_GRID_FORMAT_VERSION, StoreIdentity)
 from msa_memory.store._layout import (
     DELETIONS_DIR,
     IDENTITY_FILE,
@@ -122,7 +123,8 @@ def _check_format(fv: Any, where: str) -> None:
 
 
 def write_identity(root: Path, identity: StoreIdentity, created: str) -> dict[str, Any]:
-    fv = SHIFTED_GRID_FORMAT_VERSION if identity.shifted_layers else FORMAT_VERSION
+    fv = (FINE_GRID_FORMAT_VERSION if identity.shifted_window is not None else
+          SHIFTED_GRID_FORMAT_VERSION if identity.shifted_layers else FORMAT_VERSION)
     rec = {"format_version": fv, "created": created, "identity": identity.to_dict()}
     replace_json_atomic(root / IDENTITY_FILE, rec)
     return rec

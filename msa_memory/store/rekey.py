@@ -58,6 +58,8 @@ def version_router(manifest: dict[str, Any], identity: StoreIdentity) -> dict[st
         r = {"router_id": identity.router_id, "router_layers": list(identity.router_layers)}
         if identity.shifted_layers:
             r["shifted_layers"] = list(identity.shifted_layers)
+        if identity.shifted_window is not None:
+            r["shifted_window"] = identity.shifted_window
     return dict(r)
 
 
@@ -168,11 +170,20 @@ def rekey(store: MemoryStore, router: dict[str, Any], keys_fn: KeysFn, *, messag
             "the store keeps shifted-grid inputs at exactly those layers.",
             hint="Use an adapter with the store's shifted layers (RouterAdapter.with_shifted_layers), or copy into a "
                  "new store with `msa store reindex-router STORE --adapter DIR --dest NEW`.")
+    window = router.get("shifted_window")
+    if shifted and (None if window is None else int(window)) != ident.shifted_window:
+        raise IdentityMismatchError(
+            f"The new router's shifted grid has windows of {window or ident.chunk_tokens} tokens, store {str(root)!r} "
+            f"keeps the inputs of windows of {ident.shifted_window or ident.chunk_tokens} tokens.",
+            hint="Use an adapter with the store's grid (RouterAdapter.with_shifted_layers(layers, window=...)), or "
+                 "re-encode.")
     if shifted and shifted_keys_fn is None:
         raise ConfigError(f"Store {str(root)!r} keeps a shifted grid at layers {shifted}: rekey needs shifted_keys_fn.")
     router = {**router, "router_id": router["router_id"], "router_layers": layers}
     if shifted:
         router["shifted_layers"] = shifted
+    if ident.shifted_window is not None:
+        router["shifted_window"] = ident.shifted_window
     if version_router(base.manifest, ident)["router_id"] == router["router_id"]:
         return base
     check_name("router id", router["router_id"][:16])

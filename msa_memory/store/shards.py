@@ -92,13 +92,13 @@ def tensor_bytes(identity: StoreIdentity, n_tokens: np.ndarray) -> int:
     n = np.asarray(n_tokens, dtype=np.int64)
     out = int((-(-n // identity.chunk_tokens)).sum()) * chunk_bytes(identity)
     if identity.shifted_layers:
-        out += int(shifted_chunk_counts(n, identity.chunk_tokens).sum()) * shifted_chunk_bytes(identity)
+        out += int(shifted_chunk_counts(n, identity.chunk_tokens, identity.shifted_window).sum()) * shifted_chunk_bytes(identity)
     return out
 
 
 def shifted_offsets(identity: StoreIdentity, record: ShardRecord) -> np.ndarray:
     """(N+1,) int64 offsets of each document's chunks in the shard's shifted-grid arrays."""
-    return np.concatenate([[0], np.cumsum(shifted_chunk_counts(record.n_tokens, identity.chunk_tokens))])
+    return np.concatenate([[0], np.cumsum(shifted_chunk_counts(record.n_tokens, identity.chunk_tokens, identity.shifted_window))])
 
 
 def check_encoded(identity: StoreIdentity, passages: Sequence[Passage], enc: EncodedChunks) -> None:
@@ -141,7 +141,7 @@ def check_encoded(identity: StoreIdentity, passages: Sequence[Passage], enc: Enc
         raise bad("EncodedChunks.x_router was given but the store keeps no router inputs (identity.hidden_size=0).")
     Ls = len(identity.shifted_layers)
     if Ls:
-        want_s = shifted_chunk_counts(enc.n_tokens, identity.chunk_tokens)
+        want_s = shifted_chunk_counts(enc.n_tokens, identity.chunk_tokens, identity.shifted_window)
         ns = enc.n_chunks_s
         if ns is None or enc.k_router_s is None:
             raise bad(f"The store keeps router keys over the shifted grid at layers {list(identity.shifted_layers)}; "

@@ -18,12 +18,13 @@ __all__ = ["tiny_identity", "gemma_like_identity", "random_docs", "add_docs"]
 
 
 def tiny_identity(*, hidden_size: int = 0, dtype: str = "bfloat16", chunk_tokens: int = 4,
-                  shifted_layers: tuple[int, ...] = ()) -> StoreIdentity:
+                  shifted_layers: tuple[int, ...] = (), shifted_window: int | None = None) -> StoreIdentity:
     """A 2-layer (1, 3), 2-head, D=8 identity (small enough for property tests); ``shifted_layers``
-    (a subset of (1, 3)) adds the shifted router-key grid."""
+    (a subset of (1, 3)) adds the shifted router-key grid, ``shifted_window`` makes its windows finer."""
     return StoreIdentity(model_name="tiny-test", model_fingerprint="f" * 64, router_id="r" * 16,
                          router_layers=(1, 3), chunk_tokens=chunk_tokens, n_kv_heads=2, head_dim=8,
-                         dtype=dtype, hidden_size=hidden_size, shifted_layers=shifted_layers)  # type: ignore[arg-type]
+                         dtype=dtype, hidden_size=hidden_size, shifted_layers=shifted_layers,  # type: ignore[arg-type]
+                         shifted_window=shifted_window)
 
 
 def gemma_like_identity() -> StoreIdentity:
@@ -57,7 +58,7 @@ def random_docs(identity: StoreIdentity, doc_ids: np.ndarray, n_tokens: Sequence
     x_router = _values(rng, (L, C, E), identity.dtype) if E > 0 else None
     shifted: dict[str, np.ndarray | None] = {}
     if identity.shifted_layers:
-        n_s = shifted_chunk_counts(tok, identity.chunk_tokens)
+        n_s = shifted_chunk_counts(tok, identity.chunk_tokens, identity.shifted_window)
         Ls, Cs = len(identity.shifted_layers), int(n_s.sum())
         shifted = {"n_chunks_s": n_s, "k_router_s": _values(rng, (Ls, Cs, H, D), identity.dtype),
                    "x_router_s": _values(rng, (Ls, Cs, E), identity.dtype) if E > 0 else None}

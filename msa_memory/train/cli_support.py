@@ -63,7 +63,8 @@ def train_router_command(out: str, corpus: list[str] | None, store: str | None, 
                           bf16: bool = False, layer_loss: str = "each", query_reduce: str = "max",
                           head_reduce: str = "mean", init_adapter: str | None = None,
                           freeze_layers: str | None = None, fact_names: str = "syllables",
-                          keep_layers: bool = False, shifted_layers: str | None = None) -> str:
+                          keep_layers: bool = False, shifted_layers: str | None = None,
+                          shifted_window: int | None = None) -> str:
     """The ``msa train-router`` line that reproduces a run (recorded in the adapter's training.json); options
     at their defaults are left out. Used by the CLI and by ``benchmarks/device_train.py``."""
     parts = ["msa train-router", f"--out {out}"] + [f"--corpus {c}" for c in corpus or []]
@@ -88,6 +89,7 @@ def train_router_command(out: str, corpus: list[str] | None, store: str | None, 
     parts += [f"--fact-names {fact_names}"] if fact_names != "syllables" else []
     parts += ["--keep-layers"] if keep_layers else []
     parts += [f"--shifted-layers {shifted_layers}"] if shifted_layers is not None else []
+    parts += [f"--shifted-window {shifted_window}"] if shifted_window is not None else []
     return " ".join(parts)
 
 
@@ -112,7 +114,8 @@ def train_router_from_cli(*, out: str, corpus: Sequence[str] | None, store: str 
                           layer_loss: str = "each", query_reduce: str = "max",
                           head_reduce: str = "mean", init_adapter: str | None = None,
                           freeze_layers: str | None = None, fact_names: str = "syllables",
-                          keep_layers: bool = False, shifted_layers: str | None = None) -> dict[str, Any]:
+                          keep_layers: bool = False, shifted_layers: str | None = None,
+                          shifted_window: int | None = None) -> dict[str, Any]:
     """Build the pairs the options ask for and run :func:`msa_memory.train.recipe.run_training`."""
     from msa_memory.train.recipe import builtin_pairs, files_pairs, run_training
 
@@ -145,4 +148,5 @@ def train_router_from_cli(*, out: str, corpus: Sequence[str] | None, store: str 
                         train_pairs=train, dev_pairs=dev, config=cfg, cache_dir=cache, device=device,
                         init_adapter=init_adapter,
                         command=command, log=log, loaded=loaded, dev_distractors=dev_distractors,
-                        store_docs=store_docs, keep_layers=keep_layers, shifted_layers=shifted)
+                        store_docs=store_docs, keep_layers=keep_layers, shifted_layers=shifted,
+                        shifted_window=shifted_window)

@@ -204,6 +204,7 @@ def adapter_from_projections(proj: Any, template: Any, *, layers: Sequence[int] 
         how = {k: getattr(train_config, k) for k in ("score", "head_reduce", "query_reduce", "chunk_reduce")}
     shifted = tuple(l for l in template.shifted_layers if l in layers)   # an --init-adapter's shifted grid, kept
     cfg = dataclasses.replace(template, router_layers=layers, shifted_layers=shifted, source="adapter",
+                              shifted_window=template.shifted_window if shifted else None,
                               extra=dict(extra or {}), **how)
     ad = RouterAdapter(cfg)
     tensors = {}
@@ -243,7 +244,7 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
                  device: str = "cpu", command: str = "", log: Log = print, loaded: Any = None,
                  dev_distractors: bool = False, store_docs: tuple[Any, Sequence[int]] | None = None,
                  features: tuple[Any, Any] | None = None, keep_layers: bool = False,
-                 shifted_layers: Sequence[int] | None = None) -> dict[str, Any]:
+                 shifted_layers: Sequence[int] | None = None, shifted_window: int | None = None) -> dict[str, Any]:
     """Train router projections and save the chosen adapter to ``out``; returns a summary dict.
 
     Parameters
@@ -265,6 +266,9 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
         Candidate layers whose saved adapter also keys the shifted chunk grid (``RouterConfig.shifted_layers``;
         those of them the selection keeps). None: ``init_adapter``'s, else none. Training scores the aligned
         chunks either way (training over both grids gained nothing: the RECIPE's History, twelfth session).
+    shifted_window : int, optional
+        That grid's windows when finer than the chunks (``RouterConfig.shifted_window``: an even W < P at a
+        stride of W/2). None: ``init_adapter``'s when ``shifted_layers`` is None too, else P-token windows.
     train_pairs, dev_pairs : PairSet, optional
         Default: :func:`builtin_pairs`.
     config : TrainConfig, optional
@@ -322,7 +326,10 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
         if bad:
             raise ConfigError(f"--shifted-layers {bad} are not among the candidate layers {list(rc.router_layers)}.",
                               hint="Name some of the --layers layers, e.g. the shallow ones.")
-        rc = dataclasses.replace(rc, shifted_layers=tuple(sorted(int(l) for l in shifted_layers)))
+        rc = dataclasses.replace(rc, shifted_layers=tuple(sorted(int(l) for l in shifted_layers)),
+                                 shifted_window=shifted_window if shifted_layers else None)
+    elif shifted_window is not None:
+        raise ConfigError("--shifted-window sets the windows of the shifted grid: name its layers too (--shifted-layers).")
     if features is not None:
         train_f, dev_f = features  # the trainer takes the candidate layers out of them
         counts = (train_f.counts(), dev_f.counts())

@@ -67,6 +67,12 @@ def check_adapter(store: Any, adapter: Any) -> None:
                                     f"{list(ident.shifted_layers)}).",
                                     hint="Use RouterAdapter.with_shifted_layers(...) with the store's shifted layers, "
                                          "or re-encode with an adapter that shifts those layers.")
+    if rc.shifted_layers and rc.shifted_window != ident.shifted_window:
+        raise IdentityMismatchError(f"Adapter's shifted grid has windows of {rc.shifted_window or rc.chunk_tokens} tokens, "
+                                    f"store {str(store.root)!r} kept the inputs of windows of "
+                                    f"{ident.shifted_window or ident.chunk_tokens} tokens.",
+                                    hint=f"Use RouterAdapter.with_shifted_layers(layers, window={ident.shifted_window}), "
+                                         "or re-encode with the adapter's grid.")
 
 
 def reindex_router(store: Any, adapter: Any, *args: Any, message: str | None = None, adapter_path: str | None = None,
@@ -138,6 +144,8 @@ def reindex_router(store: Any, adapter: Any, *args: Any, message: str | None = N
               "score": rc.score, "source": rc.source}
     if rc.shifted_layers:
         router["shifted_layers"] = list(rc.shifted_layers)
+    if rc.shifted_window is not None:
+        router["shifted_window"] = rc.shifted_window
     if adapter_path is not None:
         router["adapter_path"] = str(adapter_path)
     cmd = rc.extra.get("command") if isinstance(rc.extra, dict) else None
@@ -215,7 +223,7 @@ def reindex_router_to(src: Any, dest: str | Path, adapter: Any, *, docs_per_shar
     check_adapter(src, adapter)
     pos = [ident.router_layers.index(l) for l in rc.router_layers]  # positions of the kept layers
     new_ident = dataclasses.replace(ident, router_id=adapter.fingerprint(), router_layers=tuple(rc.router_layers),
-                                    shifted_layers=tuple(rc.shifted_layers),
+                                    shifted_layers=tuple(rc.shifted_layers), shifted_window=rc.shifted_window,
                                     extra={**ident.extra, "reindexed_from": {"root": str(src.root), "version": src.version,
                                                                                "router_id": ident.router_id}})
     # 1. read: document rows, pooled inputs of the kept layers, content K̄V̄
@@ -249,7 +257,7 @@ def reindex_router_to(src: Any, dest: str | Path, adapter: Any, *, docs_per_shar
     n_ch = np.asarray([tab["n_chunks"][row[int(d)]] for d in order_ids], dtype=np.int64)
     offs = np.concatenate([[0], np.cumsum(n_ch)])
     n_tok = np.asarray([tab["n_tokens"][row[int(d)]] for d in order_ids], dtype=np.int64)
-    n_ch_s = shifted_chunk_counts(n_tok, ident.chunk_tokens)
+    n_ch_s = shifted_chunk_counts(n_tok, ident.chunk_tokens, ident.shifted_window)
     offs_s = np.concatenate([[0], np.cumsum(n_ch_s)])
     if log is not None:
         log(f"read {len(order_ids)} docs / {int(offs[-1])} chunks, keys for {len(pos)} layers in {t_keys:.2f}s")

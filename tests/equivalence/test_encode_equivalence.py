@@ -226,20 +226,22 @@ def test_encoder_bf16_compute_is_close_to_fp32(fam_model):
     np.testing.assert_array_equal(b16.k_router, from_float32(f32.k_router, "bfloat16"))
 
 
-def test_shifted_grid_keys_equal_slow_reference_and_packing(fam_model):
+@pytest.mark.parametrize("window", [None, 4])
+def test_shifted_grid_keys_equal_slow_reference_and_packing(fam_model, window):
     """Router keys over the shifted grid (an adapter's ``shifted_layers``) == the router-key projection of
-    each passage's own HF forward, pooled over windows from token P/2 in a Python loop; packing many
-    passages == one at a time; the aligned arrays are those of the same adapter without the grid."""
+    each passage's own HF forward, pooled over windows from token P/2 (``window`` 4: 4-token windows at a
+    stride of 2) in a Python loop; packing many passages == one at a time; the aligned arrays are those of
+    the same adapter without the grid."""
     from msa_memory.encode.pooling import pool_shifted_naive
     from msa_memory.schemas.records import shifted_chunk_counts
 
-    shifted = fam_model.router.with_shifted_layers([3])
+    shifted = fam_model.router.with_shifted_layers([3], window)
     m = load_model(fam_model.hf_model, tokenizer=fam_model.tokenizer, adapter=shifted, dtype=torch.float32)
     ids = np.arange(len(TEXTS))
     ps = _passages()
     out = Encoder(m, store_dtype="float32", keep_router_inputs=True).encode(ids, ps)
     seqs = Encoder(m).tokenize(ids, ps)
-    assert out.n_chunks_s.tolist() == shifted_chunk_counts([len(s) for s in seqs], P).tolist()
+    assert out.n_chunks_s.tolist() == shifted_chunk_counts([len(s) for s in seqs], P, window).tolist()
     hf, bb = m.hf_model, m.backbone
     want_k, want_x = [], []
     with torch.no_grad():
@@ -248,11 +250,11 @@ def test_shifted_grid_keys_equal_slow_reference_and_packing(fam_model):
                     output_hidden_states=True).hidden_states
             x = bb.layers[3].input_layernorm(hs[3][0]).double()                       # (T, E)
             r = (x @ shifted.k_proj["3"].weight.double().T).view(len(s), -1, bb.head_dim)
-            rr = pool_shifted_naive(r.numpy(), [len(s)], P)
+            rr = pool_shifted_naive(r.numpy(), [len(s)], P, window)
             if shifted.config.score == "cosine":
                 rr = rr / np.linalg.norm(rr, axis=-1, keepdims=True)
             want_k.append(rr)
-            want_x.append(pool_shifted_naive(x.numpy(), [len(s)], P))
+            want_x.append(pool_shifted_naive(x.numpy(), [len(s)], P, window))
     assert_close(out.k_router_s[0], np.concatenate(want_k), 1e-5, "K̄ᵣ shifted")
     assert_close(out.x_router_s[0], np.concatenate(want_x), 1e-5, "x̄ shifted")
     plain = Encoder(fam_model, store_dtype="float32", keep_router_inputs=True).encode(ids, ps)
@@ -262,3 +264,4 @@ def test_shifted_grid_keys_equal_slow_reference_and_packing(fam_model):
     small = Encoder(m, store_dtype="float32", keep_router_inputs=True, max_batch_tokens=40).encode(ids, ps)
     assert_close(small.k_router_s, out.k_router_s, 1e-5, "K̄ᵣ shifted (small batches)")
     assert m.identity().shifted_layers == (3,) and m.identity().router_id != fam_model.identity().router_id
+    assert m.identity().shifted_window == window

@@ -203,6 +203,9 @@ def test_shipped_adapters_load_by_name_and_a_folder_of_that_name_wins(tmp_path, 
     assert default.config.shifted_layers == (1, 5, 8, 11) and aligned.config.shifted_layers == ()
     assert RouterAdapter.merge([shallow, deepv, mid]).fingerprint() == aligned.fingerprint()
     assert aligned.with_shifted_layers([1, 5, 8, 11]).fingerprint() == default.fingerprint()
+    fine = RouterAdapter.load("fine")   # opt-in: the same weights, 32-token windows at a stride of 16 at every layer
+    assert fine.fingerprint() == "6ed0ac78744a84b0" and shipped_adapter_for_router(fine.fingerprint()).name.endswith("-fine")
+    assert fine.fingerprint() == default.with_shifted_layers(default.config.router_layers, 32).fingerprint()
     assert all(a.config.shifted_layers == () for a in adapters[1:])
     assert RouterAdapter.merge([shallow, deep, mid]).fingerprint() == merge7.fingerprint()
     assert RouterAdapter.merge([shallow, deep]).fingerprint() == merge5.fingerprint()
@@ -216,7 +219,7 @@ def test_shipped_adapters_load_by_name_and_a_folder_of_that_name_wins(tmp_path, 
     RouterAdapter(cfg).save(tmp_path / "shallow")
     monkeypatch.chdir(tmp_path)
     assert RouterAdapter.load("shallow").config == cfg                 # the user's folder, not the shipped one
-    with pytest.raises(ModelLoadError, match="shipped adapter of the default model: aligned, deep, deepv, default, merge5, merge7, mid, shallow"):
+    with pytest.raises(ModelLoadError, match="shipped adapter of the default model: aligned, deep, deepv, default, fine, merge5, merge7, mid, shallow"):
         RouterAdapter.load("deeper")
 
 
@@ -385,3 +388,36 @@ def test_shifted_layers_of_adapters(tmp_path):
     (sub / "router_subset.json").write_text(json.dumps(spec | {"shifted_layers": [2]}))
     with pytest.raises(ModelLoadError, match="shifted_layers must be"):
         RouterAdapter.load(sub)
+
+
+def test_shifted_window_of_adapters(tmp_path):
+    """shifted_window (a grid finer than the chunks): in the router id only when set, kept by save/load,
+    with_shifted_layers (unless given), subset (dropped with the last shifted layer), merge (parts must agree)
+    and subset folders; validated."""
+    a = _adapter((1, 4), 0)
+    s = a.with_shifted_layers([4])
+    f = a.with_shifted_layers([4], 8)
+    assert "shifted_window" not in s.config.to_dict() and f.config.to_dict()["shifted_window"] == 8
+    assert len({a.fingerprint(), s.fingerprint(), f.fingerprint()}) == 3
+    assert f.with_shifted_layers([4], None).fingerprint() == s.fingerprint()
+    assert f.with_shifted_layers([4], 64).fingerprint() == s.fingerprint()           # P itself: the default grid
+    assert f.with_shifted_layers([1, 4]).config.shifted_window == 8                  # kept unless given
+    assert f.with_shifted_layers([]).fingerprint() == a.fingerprint()
+    f.save(tmp_path / "f")
+    assert RouterAdapter.load(tmp_path / "f").config.shifted_window == 8
+    assert f.subset([1]).config.shifted_window is None and f.subset([4]).config.shifted_window == 8
+    b = _adapter((2,), 1)
+    assert RouterAdapter.merge([f, b]).config.shifted_window == 8
+    assert RouterAdapter.merge([f, b.with_shifted_layers([2], 8)]).config.shifted_layers == (2, 4)
+    with pytest.raises(ConfigError, match="different windows"):
+        RouterAdapter.merge([f, b.with_shifted_layers([2])])
+    with pytest.raises(ConfigError, match="shifted_window must be an even number of tokens from 2 to 62"):
+        a.with_shifted_layers([4], 7)
+    with pytest.raises(ConfigError, match="needs shifted_layers"):
+        RouterConfig((1, 4), n_q_heads=4, n_kv_heads=2, head_dim=8, hidden_size=32, shifted_window=32)
+    sub = tmp_path / "part"
+    sub.mkdir()
+    spec = {"of": "../f", "router_layers": [1, 4], "shifted_layers": [4], "shifted_window": 8,
+            "router_id": f.fingerprint()}
+    (sub / "router_subset.json").write_text(json.dumps(spec))
+    assert RouterAdapter.load(sub).config.shifted_window == 8

@@ -156,3 +156,44 @@ def test_shifted_pool_equals_naive(lens, p, feat, seed):
     want = pool_shifted_naive(x.double().numpy(), lens, p)
     assert out.shape[0] == want.shape[0] == int(shifted_chunk_counts(lens, p).sum())
     np.testing.assert_allclose(out.numpy(), want, atol=1e-5, rtol=0)
+
+
+@given(lens=st.lists(st.integers(1, 150), min_size=1, max_size=7), p=st.integers(3, 70),
+       feat=st.integers(1, 4), seed=st.integers(0, 2**16), data=st.data())
+def test_fine_shifted_pool_equals_naive(lens, p, feat, seed, data):
+    """The shifted grid with windows finer than the chunks (an even W < P at a stride of W/2: each document's
+    W-token chunks from token 0, then its W-token windows from W/2): ``shifted_pool`` == a plain loop over
+    the windows written out by hand, document by document, with ``shifted_chunk_counts`` rows each; W = P is
+    the default grid."""
+    from msa_memory.encode.pooling import pool_shifted_naive, shifted_pool
+    from msa_memory.schemas.records import check_shifted_window, shifted_chunk_counts
+
+    w = data.draw(st.sampled_from([v for v in range(2, p, 2)] or [None]))
+    x = torch.randn(sum(lens), feat, generator=torch.Generator().manual_seed(seed))
+    out = shifted_pool(lens, p, w)(x)
+    want, start = [], 0
+    for n in lens:              # the windows of the spec, spelled out
+        if w is None:
+            spans = [(0, n)] if n <= p // 2 else [(a, min(a + p, n)) for a in range(p // 2, n, p)]
+        else:
+            spans = [(a, min(a + w, n)) for a in range(0, n, w)]
+            spans += [(0, n)] if n <= w // 2 else [(a, min(a + w, n)) for a in range(w // 2, n, w)]
+        want += [x[start + a:start + b].double().mean(0).numpy() for a, b in spans]
+        start += n
+    assert out.shape[0] == len(want) == int(shifted_chunk_counts(lens, p, w).sum())
+    np.testing.assert_allclose(out.numpy(), np.stack(want), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(pool_shifted_naive(x.double().numpy(), lens, p, w), np.stack(want), atol=1e-12)
+    assert check_shifted_window(w, p) == w and check_shifted_window(p, p) is None
+    np.testing.assert_array_equal(shifted_chunk_counts(lens, p, p), shifted_chunk_counts(lens, p))
+
+
+@pytest.mark.parametrize("bad", [1, 3, 0, -2, 64, 66, 2.5, "x", True])
+def test_shifted_window_must_be_even_and_finer(bad):
+    from msa_memory.errors import ConfigError
+    from msa_memory.schemas.records import check_shifted_window
+
+    if bad == 64:
+        assert check_shifted_window(bad, 64) is None          # P itself: the default grid
+        return
+    with pytest.raises(ConfigError, match="shifted_window must be an even number of tokens from 2 to 62"):
+        check_shifted_window(bad, 64)

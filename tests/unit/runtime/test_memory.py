@@ -201,19 +201,21 @@ def test_empty_store_search_says_how_to_fill_it(tiny_msa_model, tmp_path):
         mem.ask(Q, mode="pooled")
 
 
-def test_shifted_grid_routing_equals_bruteforce_max_over_both_grids(tiny_msa_model, store_builder, tmp_path):
-    """A store whose adapter shifts a router layer: Memory routes that layer by each document's max over its
-    aligned and shifted chunks (brute force over HF's own hidden states and the store's two key arrays);
-    pooled mode's per-layer choices are the top-k of those same layer scores; the other layers are MSA's."""
+@pytest.mark.parametrize("window", [None, 4])
+def test_shifted_grid_routing_equals_bruteforce_max_over_both_grids(tiny_msa_model, store_builder, tmp_path, window):
+    """A store whose adapter shifts a router layer (P-token windows from P/2, or 4-token windows at a stride
+    of 2): Memory routes that layer by each document's max over its aligned and shifted chunks (brute force
+    over HF's own hidden states and the store's two key arrays); pooled mode's per-layer choices are the
+    top-k of those same layer scores; the other layers are MSA's."""
     from msa_memory.encode.model import load_model
 
     build_store, base_passages = store_builder
     layers = tiny_msa_model.router_layers
-    router = tiny_msa_model.router.with_shifted_layers([layers[-1]])
+    router = tiny_msa_model.router.with_shifted_layers([layers[-1]], window)
     loaded = load_model(str(tiny_msa_model.source["path"]), adapter=router, dtype=torch.float32)
     passages = [p * 3 for p in base_passages]                           # several chunks each at P = 16
     store = build_store(tmp_path / "s.msa", loaded, passages=passages)
-    assert store.identity.shifted_layers == (layers[-1],)
+    assert store.identity.shifted_layers == (layers[-1],) and store.identity.shifted_window == window
     mem = Memory(store, model=loaded)
     assert "shifted_layers" in repr(mem) and mem.n_chunks == store.stats()["n_chunks"]
     assert mem.index.layer_chunks(len(layers) - 1) == mem.n_chunks + len(store.router_keys_shifted(0)[0])

@@ -24,12 +24,14 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(1234)
 
 
-@pytest.fixture(params=["aligned", "shifted"])
+@pytest.fixture(params=["aligned", "shifted", "fine"])
 def store(tmp_path, request):
-    """A fresh tiny store keeping router inputs; every test runs twice: with MSA's aligned router-key grid
-    alone, and with the shifted grid at router layer 3 as well."""
-    shifted = (3,) if request.param == "shifted" else ()
-    s = create_store(tmp_path / "mem.msa", tiny_identity(hidden_size=4, shifted_layers=shifted))
+    """A fresh tiny store keeping router inputs; every test runs three times: with MSA's aligned router-key
+    grid alone, with the shifted grid at router layer 3 as well, and with that grid's windows finer than
+    the chunks (2 tokens at a stride of 1, P = 4)."""
+    shifted = () if request.param == "aligned" else (3,)
+    window = 2 if request.param == "fine" else None
+    s = create_store(tmp_path / "mem.msa", tiny_identity(hidden_size=4, shifted_layers=shifted, shifted_window=window))
     yield s
     if (tmp_path / "mem.msa" / "versions").exists():
         assert validate_store_manifests(tmp_path / "mem.msa") >= 1

@@ -31,12 +31,13 @@ def _layout_patterns() -> list[re.Pattern[str]]:
     return pats
 
 
-@pytest.mark.parametrize("shifted", [(), (1, 3)])
-def test_fresh_store_matches_layout(tmp_path, shifted):
+@pytest.mark.parametrize("shifted,window", [((), None), ((1, 3), None), ((1, 3), 2)])
+def test_fresh_store_matches_layout(tmp_path, shifted, window):
     from msa_memory.store import create_store
     from msa_memory.testing.store_kit import tiny_identity
 
-    store = create_store(tmp_path / "mem.msa", tiny_identity(hidden_size=3, shifted_layers=shifted))
+    store = create_store(tmp_path / "mem.msa", tiny_identity(hidden_size=3, shifted_layers=shifted,
+                                                             shifted_window=window))
     rng = np.random.default_rng(0)
     store, *_ = add_docs(store, [5, 9], rng, "job1-000")
     store.tag("first")
@@ -52,12 +53,15 @@ def test_fresh_store_matches_layout(tmp_path, shifted):
         assert must in files
     grid = ("shards/job1-000/k_router_s/c.0.0.0.0", "shards/job1-000/x_router_s/c.0.0.0")
     assert all((g in files) == bool(shifted) for g in grid)
-    if shifted:   # P = 4: documents of 5 and 9 tokens have 1 and 2 windows from token 2
-        assert json.loads((store.root / "shards/job1-000/k_router_s/zarr.json").read_text())["shape"] == [2, 3, 2, 8]
-    # the identity record names the grid, and says format 2 (releases before the grid refuse it as newer)
+    if shifted:   # P = 4: documents of 5 and 9 tokens have 1 and 2 windows from token 2 (window 2: 3 + 2, 5 + 4)
+        assert json.loads((store.root / "shards/job1-000/k_router_s/zarr.json").read_text())["shape"] == \
+            [2, 14 if window else 3, 2, 8]
+    # the identity record names the grid, and says format 2 (releases before the grid refuse it as newer), 3
+    # for a grid finer than the chunks (releases before that refuse it too)
     rec = json.loads((store.root / "msa_store.json").read_text())
     assert rec["identity"].get("shifted_layers") == (list(shifted) or None)
-    assert rec["format_version"] == (2 if shifted else 1)
+    assert rec["identity"].get("shifted_window") == window
+    assert rec["format_version"] == (3 if window else 2 if shifted else 1)
     assert all(json.loads(p.read_text())["format_version"] == 1 for p in (store.root / "versions").glob("0*.json"))
     meta = json.loads((store.root / "shards/job1-000/kv/zarr.json").read_text())
     assert meta["zarr_format"] == 3 and meta["data_type"] == "uint16" and meta["shape"] == [5, 2, 2, 2, 8]

@@ -245,6 +245,8 @@ def test_rekey_shifted_grid(tmp_path, rng):
         s1.rekey(router("r2", ident), fn, shifted_keys_fn=fn_s)
     with pytest.raises(ConfigError, match="shifted_keys_fn"):
         s1.rekey(router("r2", ident, shifted_layers=[3]), fn)
+    with pytest.raises(IdentityMismatchError, match="windows of 2 tokens, store .* windows of 4 tokens"):
+        s1.rekey(router("r2", ident, shifted_layers=[3], shifted_window=2), fn, shifted_keys_fn=fn_s)
     assert open_store(s1.root).version == s1.version
     s2 = s1.rekey(router("r2", ident, shifted_layers=[3]), fn, shifted_keys_fn=fn_s)
     assert s2.router["shifted_layers"] == [3] and s2.version == s1.version + 1

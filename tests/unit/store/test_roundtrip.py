@@ -97,7 +97,9 @@ def test_stats_and_versions(store, rng):
     st = s1.stats()
     per_chunk = 2 * (2 * 2 * 2 * 8 + 2 * 2 * 8 + 2 * 4)  # bf16 bytes of kv + k_router + x_router (L=2,H=2,D=8,E=4)
     # the shifted grid (P=4: windows from token 2) at one layer: 1 + 2 + 1 chunks of k_router_s + x_router_s
-    shifted = 4 * 2 * (2 * 8 + 4) if store.identity.shifted_layers else 0
+    # (the finer grid, windows of 2 tokens from tokens 0 and 1: 3 + 8 + 5 chunks)
+    n_s = 16 if store.identity.shifted_window else 4
+    shifted = n_s * 2 * (2 * 8 + 4) if store.identity.shifted_layers else 0
     assert st["n_docs"] == 3 and st["n_chunks"] == 1 + 2 + 2 and st["n_tokens"] == 16
     assert st["bytes_per_chunk"] == per_chunk and st["n_bytes"] == 5 * per_chunk + shifted
     assert st["bytes_per_token"] == pytest.approx((5 * per_chunk + shifted) / 16)

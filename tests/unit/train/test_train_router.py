@@ -679,6 +679,21 @@ def test_cli_train_router_and_reindex(tmp_path):
                                    str(tmp_path / "r6"), "--layers", "1,3", "--max-chars", "300", "--shifted-layers", "2",
                                    "--json"])
     assert bad.exit_code == 2 and "--shifted-layers [2] are not among the candidate layers [1, 3]" in bad.output
+    # --shifted-window: that grid's windows finer than the chunks; recorded; without --shifted-layers refused
+    out7 = tmp_path / "router7"
+    r = CliRunner().invoke(app, ["train-router", "--corpus", str(corpus), "--model", str(mdir), "--out", str(out7),
+                                 "--layers", "1,3", "--max-layers", "2", "--keep-layers", "--epochs", "0",
+                                 "--batch-size", "8", "--max-chars", "300", "--init-adapter", str(out / "candidates"),
+                                 "--shifted-layers", "3", "--shifted-window", "4", "--json"])
+    assert r.exit_code == 0, r.output
+    fine = RouterAdapter.load(out7)
+    assert fine.config.shifted_window == 4 and fine.fingerprint() == full.with_shifted_layers([3], 4).fingerprint()
+    assert "--shifted-layers 3 --shifted-window 4" in json.loads((out7 / "training.json").read_text())["command"]
+    for extra, msg in ((["--shifted-window", "4"], "name its layers too"),
+                       (["--shifted-layers", "3", "--shifted-window", "5"], "shifted_window must be an even number")):
+        bad = CliRunner().invoke(app, ["train-router", "--corpus", str(corpus), "--model", str(mdir), "--out",
+                                       str(tmp_path / "r8"), "--layers", "1,3", "--max-chars", "300", *extra, "--json"])
+        assert bad.exit_code == 2 and msg in bad.output, bad.output
 
 
 def test_chunks_of_equals_the_per_passage_ranges():
@@ -694,6 +709,32 @@ def test_chunks_of_equals_the_per_passage_ranges():
     assert torch.equal(cidx, torch.cat(ranges))
     assert torch.equal(owner, torch.repeat_interleave(torch.arange(len(ranges)), torch.tensor([len(r) for r in ranges])))
     assert torch.equal(cd[cidx], docs[owner])
+
+
+def test_reindex_of_a_fine_shifted_grid(tiny_loaded, tmp_path):
+    """A store whose shifted grid is finer than its chunks (windows of 2 tokens): reindex-router re-keys it
+    like a fresh encode, and refuses an adapter whose grid has other windows (the kept inputs are the
+    store's windows)."""
+    from msa_memory.schemas.records import to_float32
+    from msa_memory.train.reindex import reindex_router, reindex_router_to
+
+    start, _ = _adapter(tiny_loaded, 3)
+    start = start.with_shifted_layers([3], 2)
+    texts = [t + f" Another sentence here {i}." for i, t in enumerate(TEXTS)]
+    src, _ = _store(tmp_path / "a.msa", tiny_loaded.with_router(start), texts)
+    assert src.identity.shifted_window == 2
+    new_ad, _ = _adapter(tiny_loaded, 7)
+    with pytest.raises(IdentityMismatchError, match="windows of"):
+        reindex_router(src, new_ad.with_shifted_layers([3]))
+    with pytest.raises(IdentityMismatchError, match="windows of"):
+        reindex_router_to(src, tmp_path / "x.msa", new_ad.with_shifted_layers([3]))
+    new_f = new_ad.with_shifted_layers([3], 2)
+    fresh, _ = _store(tmp_path / "fresh.msa", tiny_loaded.with_router(new_f), texts)
+    got, _ = reindex_router(src, new_f)
+    assert got.identity.router_id == new_f.fingerprint() and got.identity.shifted_window == 2
+    (k, d), (k_fr, d_fr) = got.router_keys_shifted(0), fresh.router_keys_shifted(0)
+    assert np.array_equal(d, d_fr)
+    np.testing.assert_allclose(to_float32(k, "bfloat16"), to_float32(k_fr, "bfloat16"), atol=2e-2, rtol=2e-2)
 
 
 def test_reindex_and_adaptation_keep_the_shifted_grid(tiny_loaded, tmp_path):
