@@ -2,7 +2,9 @@
 weights over MSA's aligned grid alone, measured side by side in one run.
 
 The default adapter keys layers 1, 5, 8, 11 over both grids (store-format.md section 11); ``aligned``
-is the same weights without the grid (the default before it). Three measurements:
+is the same weights without the grid (the default before it); ``fine`` (opt-in) keys every layer over
+32-token windows at a stride of 16 as well (``shifted_window`` 32). Three measurements, each grid against
+``aligned``:
 
 1. encode (the default model, this CPU): ``Encoder.encode`` of the same passages (the bundled example
    corpus, split as ``msa-encode`` splits it) with each adapter, alternating, ``--rounds`` rounds, median
@@ -13,7 +15,10 @@ is the same weights without the grid (the default before it). Three measurements
    as ``runtime.Memory`` builds it): one question's document scores summed over the seven layers
    (``doc_scores`` per layer, what ``Memory.route`` does), aligned keys only vs four layers holding the
    aligned and shifted keys of each document (as many shifted chunks as aligned ones less one per document),
-   median of ``--route-calls`` calls after a warm-up, at ``--chunks`` aligned chunks (8 chunks a document).
+   and (``fine``) all seven layers holding each document's 8 aligned + 32 fine windows (a 512-token
+   document: 16 windows from token 0, 16 from token 16), median of ``--route-calls`` calls after a warm-up,
+   at ``--chunks`` aligned chunks (8 chunks a document); ``fine`` only up to ``--fine-max-chunks`` (its keys
+   at 1M chunks need ~17 GiB).
 
 Prints a table and one JSON line. Usage: ``python benchmarks/bench_grid.py [--rounds 3] [--chunks 100000,1000000]``;
 ``--device cuda`` measures the routing part alone on a GPU (the eager per-layer ``doc_scores`` that
@@ -41,6 +46,7 @@ sys.path.insert(0, str(ROOT))
 
 SHIFTED = (1, 5, 8, 11)
 LAYERS = 7
+GRIDS = ("aligned", "shifted", "fine")
 
 
 def bench_encode(rounds: int) -> dict:
@@ -49,13 +55,16 @@ def bench_encode(rounds: int) -> dict:
 
     default = RouterAdapter.load("default")
     aligned = RouterAdapter.load("aligned")
+    fine = RouterAdapter.load("fine")
     assert default.config.shifted_layers == SHIFTED and aligned.config.shifted_layers == ()
+    assert fine.config.shifted_layers == aligned.config.router_layers and fine.config.shifted_window == 32
     loaded = load_model("default", adapter=aligned)
     passages = []
     for f in sorted((ROOT / "examples" / "corpus").rglob("*.txt")) + sorted((ROOT / "examples" / "corpus").rglob("*.md")):
         passages += split_passages(f.read_text(), str(f.relative_to(ROOT)), loaded.tokenizer)
     ids = np.arange(len(passages))
-    encoders = {"aligned": Encoder(loaded), "shifted": Encoder(loaded.with_router(default))}
+    encoders = {"aligned": Encoder(loaded), "shifted": Encoder(loaded.with_router(default)),
+                "fine": Encoder(loaded.with_router(fine))}
     times: dict[str, list[float]] = {k: [] for k in encoders}
     out = {}
     for name, enc in encoders.items():                       # warm-up (and the outputs, for the bytes)
@@ -78,10 +87,12 @@ def bench_encode(rounds: int) -> dict:
                      "aligned_chunks": int(out[name].kv.shape[0])}
     res["encode_ratio"] = res["shifted"]["encode_s"] / res["aligned"]["encode_s"]
     res["bytes_ratio"] = res["shifted"]["bytes_per_token"] / res["aligned"]["bytes_per_token"]
+    res["fine_encode_ratio"] = res["fine"]["encode_s"] / res["aligned"]["encode_s"]
+    res["fine_bytes_ratio"] = res["fine"]["bytes_per_token"] / res["aligned"]["bytes_per_token"]
     return res
 
 
-def bench_route(chunks: int, calls: int, q_tokens: int = 16, device: str = "cpu") -> dict:
+def bench_route(chunks: int, calls: int, q_tokens: int = 16, device: str = "cpu", fine: bool = True) -> dict:
     from msa_memory.runtime.routing import RouterIndex, RoutingConfig
 
     per_doc = 8
@@ -98,6 +109,14 @@ def bench_route(chunks: int, calls: int, q_tokens: int = 16, device: str = "cpu"
     indexes = {"aligned": RouterIndex(keys, cd, np.arange(n_docs), cfg, device=device),
                "shifted": RouterIndex(keys_s, [both if p in shifted_pos else cd for p in range(LAYERS)],
                                       np.arange(n_docs), cfg, device=device)}
+    if fine:                                                 # every layer: 8 aligned + 32 fine windows a document
+        per_f = 32
+        both_f = np.repeat(np.arange(n_docs), per_doc + per_f)
+        keys_f = [torch.cat([keys[p].view(n_docs, per_doc, 1, 256),
+                             torch.randn(n_docs, per_f, 1, 256, generator=g).to(torch.bfloat16)], 1).reshape(-1, 1, 256)
+                  for p in range(LAYERS)]
+        indexes["fine"] = RouterIndex(keys_f, [both_f] * LAYERS, np.arange(n_docs), cfg, device=device)
+        del keys_f
     q = torch.randn(q_tokens, 4, 256, generator=g)
     res = {"chunks": chunks, "docs": n_docs, "q_tokens": q_tokens, "layout": indexes["aligned"].layout,
            "device": device}
@@ -116,6 +135,8 @@ def bench_route(chunks: int, calls: int, q_tokens: int = 16, device: str = "cpu"
         res[name] = {"route_ms": round(1e3 * statistics.median(times[name]), 3),
                      "resident_MiB": round(idx.nbytes() / 2**20, 1)}
     res["route_ratio"] = res["shifted"]["route_ms"] / res["aligned"]["route_ms"]
+    if fine:
+        res["fine_route_ratio"] = res["fine"]["route_ms"] / res["aligned"]["route_ms"]
     return res
 
 
@@ -125,27 +146,32 @@ def main() -> None:
     ap.add_argument("--chunks", default="100000,1000000")
     ap.add_argument("--route-calls", type=int, default=11)
     ap.add_argument("--skip-encode", action="store_true")
+    ap.add_argument("--fine-max-chunks", type=int, default=300000, help="route the fine grid only up to this many chunks")
     ap.add_argument("--device", default="cpu", help="routing: where the keys live (cuda: routing only, no encode)")
     a = ap.parse_args()
     warnings.simplefilter("ignore")
     torch.set_grad_enabled(False)
     enc = None if a.skip_encode or a.device != "cpu" else bench_encode(a.rounds)
-    routes = [bench_route(int(c), a.route_calls, device=a.device) for c in a.chunks.split(",")]
+    routes = [bench_route(int(c), a.route_calls, device=a.device, fine=int(c) <= a.fine_max_chunks)
+              for c in a.chunks.split(",")]
     if enc:
         print(f"\n# encode: {enc['passages']} passages, {enc['tokens']} tokens (examples/corpus), default model "
               f"({enc['compute_dtype']}), median of {a.rounds} rounds")
         print(f"{'grid':<10} {'encode s':>9} {'tok/s':>8} {'B/token':>8} {'B/token +x':>11} {'chunks':>7} {'shifted':>8}")
-        for name in ("aligned", "shifted"):
+        for name in GRIDS:
             r = enc[name]
             print(f"{name:<10} {r['encode_s']:>9.2f} {r['tok_per_s']:>8.0f} {r['bytes_per_token']:>8.1f} "
                   f"{r['bytes_per_token_with_router_inputs']:>11.1f} {r['aligned_chunks']:>7} {r['shifted_chunks']:>8}")
-        print(f"shifted / aligned: encode {enc['encode_ratio']:.3f}x, bytes {enc['bytes_ratio']:.3f}x")
+        print(f"shifted / aligned: encode {enc['encode_ratio']:.3f}x, bytes {enc['bytes_ratio']:.3f}x; "
+              f"fine / aligned: encode {enc['fine_encode_ratio']:.3f}x, bytes {enc['fine_bytes_ratio']:.3f}x")
     print(f"\n# routing one question ({routes[0]['q_tokens']} tokens), 7 router layers summed + top-16, "
           f"{routes[0]['layout']} bf16 keys on {a.device}, median of {a.route_calls}")
-    print(f"{'chunks':>9} {'aligned ms':>11} {'shifted ms':>11} {'ratio':>6} {'MiB aligned':>12} {'MiB shifted':>12}")
+    print(f"{'chunks':>9} {'grid':>8} {'route ms':>9} {'x aligned':>10} {'MiB':>9}")
     for r in routes:
-        print(f"{r['chunks']:>9} {r['aligned']['route_ms']:>11.2f} {r['shifted']['route_ms']:>11.2f} "
-              f"{r['route_ratio']:>6.2f} {r['aligned']['resident_MiB']:>12.1f} {r['shifted']['resident_MiB']:>12.1f}")
+        for name in GRIDS:
+            if name in r:
+                ratio = 1.0 if name == "aligned" else r["route_ratio" if name == "shifted" else "fine_route_ratio"]
+                print(f"{r['chunks']:>9} {name:>8} {r[name]['route_ms']:>9.2f} {ratio:>10.2f} {r[name]['resident_MiB']:>9.1f}")
     try:
         commit = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=ROOT, capture_output=True,
                                 text=True).stdout.strip()

@@ -25,6 +25,11 @@ An adapter with a shifted router-key grid (``shifted_layers``) is scored as ``ru
 (at those layers a passage's max over both grids' chunks; the encode pools both), and the row "routing
 (aligned grid only)" scores the same weights over MSA's aligned chunks alone: the grid's same-run baseline.
 
+``--adapter fine`` (opt-in: the same weights, 32-token windows at a stride of 16 at every layer; fourteenth
+session, benchmarks/results/router_6ed0ac78/): needles 1.00 / 1.00 / 1.00 (recall@1 0.99 / 0.88 / 0.88), cloze
+0.97 / 0.65 / 0.63; its aligned row 1.00 / 0.99 / 0.93 and 0.97 / 0.66 / 0.65 (the figures below); exact match
+0.35 (7 of 20: two needles routed first but answered "Yes." / wrongly).
+
 Measured (``--sizes 16384,131072,1048576 --em 20``, 100 needles + 100 cloze queries, 2-core
 AVX512-BF16 CPU, thirteenth session; the shipped adapter, layers 1, 5, 8, 11, 13, 16, 17 with the
 shifted grid at 1, 5, 8, 11, weights the merge of the "shallow" (1, 5), "deepv" (13, 16, 17) and "mid"

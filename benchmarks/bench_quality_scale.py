@@ -51,6 +51,11 @@ routing recall@1/5/16 at 1M / 10M / 100M tokens (4,164 / 41,532 / 414,846 passag
   ``--adapter default --also-adapter aligned``: one encode pooling both grids;
   benchmarks/results/bench_quality_scale_h200.json) needles 0.65/0.92/0.96, 0.59/0.82/0.89,
   0.43/0.71/0.80 and cloze 0.20/0.52/0.74, 0.19/0.42/0.63, 0.11/0.30/0.40 (encode 176 s, 595k tok/s);
+* the same weights with the fine grid at every layer (``fine``, opt-in: 32-token windows at a stride of 16;
+  fourteenth session, ``--adapter fine --also-adapter aligned --batch-tokens 131072 --q-block 200``: one encode;
+  benchmarks/results/router_6ed0ac78/) needles 0.89/1.00/1.00, 0.88/1.00/1.00, 0.87/0.98/1.00 and cloze
+  0.15/0.54/0.74, 0.14/0.40/0.60, 0.10/0.22/0.36 (encode 191 s; the aligned row beside it repeats its
+  figures below exactly);
 * the same weights over the aligned grid alone (``aligned``, the default before; the same encode, and
   its own run of the tenth session, benchmarks/results/router_a3359593/, to the digit) needles
   0.55/0.84/0.94, 0.48/0.75/0.84, 0.37/0.60/0.72 and cloze 0.20/0.57/0.73, 0.16/0.43/0.64,
