@@ -41,7 +41,8 @@ def test_roundtrip_any_identity(identity, counts, seed):
         for j in range(len(identity.shifted_layers)):
             keys, chunk_doc = store.router_keys_shifted(j)
             assert keys.tobytes() == enc.k_router_s[j].tobytes()
-            assert chunk_doc.tolist() == np.repeat(ids, shifted_chunk_counts(counts, identity.chunk_tokens)).tolist()
+            assert chunk_doc.tolist() == np.repeat(ids, shifted_chunk_counts(counts, identity.chunk_tokens,
+                                                                               identity.shifted_window)).tolist()
             if identity.hidden_size:
                 assert store.router_inputs_shifted(j)[0].tobytes() == enc.x_router_s[j].tobytes()
         assert store.stats()["n_bytes"] == tensor_bytes(identity, counts)
