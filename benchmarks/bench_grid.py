@@ -1,9 +1,10 @@
-"""What the shifted router-key grid costs: encode time, store bytes and routing time, against the same
+"""What the shifted router-key grids cost: encode time, store bytes and routing time, against the same
 weights over MSA's aligned grid alone, measured side by side in one run.
 
-The default adapter keys layers 1, 5, 8, 11 over both grids (store-format.md section 11); ``aligned``
-is the same weights without the grid (the default before it); ``fine`` (opt-in) keys every layer over
-32-token windows at a stride of 16 as well (``shifted_window`` 32). Three measurements, each grid against
+Three grids of the shipped weights (store-format.md section 11): ``aligned`` (MSA's aligned chunks alone),
+``shifted`` (also the shifted 64-token grid at layers 1, 5, 8, 11; the default of the thirteenth and
+fourteenth sessions) and ``fine`` (every layer also over 32-token windows at a stride of 16,
+``shifted_window`` 32: the default since the fifteenth session). Three measurements, each grid against
 ``aligned``:
 
 1. encode (the default model, this CPU): ``Encoder.encode`` of the same passages (the bundled example
@@ -53,17 +54,17 @@ def bench_encode(rounds: int) -> dict:
     from msa_memory.encode import Encoder, RouterAdapter, load_model, split_passages
     from msa_memory.store.shards import tensor_bytes
 
-    default = RouterAdapter.load("default")
+    shifted = RouterAdapter.load("shifted")
     aligned = RouterAdapter.load("aligned")
-    fine = RouterAdapter.load("fine")
-    assert default.config.shifted_layers == SHIFTED and aligned.config.shifted_layers == ()
+    fine = RouterAdapter.load("default")
+    assert shifted.config.shifted_layers == SHIFTED and aligned.config.shifted_layers == ()
     assert fine.config.shifted_layers == aligned.config.router_layers and fine.config.shifted_window == 32
     loaded = load_model("default", adapter=aligned)
     passages = []
     for f in sorted((ROOT / "examples" / "corpus").rglob("*.txt")) + sorted((ROOT / "examples" / "corpus").rglob("*.md")):
         passages += split_passages(f.read_text(), str(f.relative_to(ROOT)), loaded.tokenizer)
     ids = np.arange(len(passages))
-    encoders = {"aligned": Encoder(loaded), "shifted": Encoder(loaded.with_router(default)),
+    encoders = {"aligned": Encoder(loaded), "shifted": Encoder(loaded.with_router(shifted)),
                 "fine": Encoder(loaded.with_router(fine))}
     times: dict[str, list[float]] = {k: [] for k in encoders}
     out = {}

@@ -47,20 +47,22 @@ Measured (H200 for the gpu step, this 2-core CPU for BM25; 100 needles + 100 clo
 haystacks are those of the earlier 1M/10M-only prepare (digest 1e5b9ebb: the composition is nested)),
 routing recall@1/5/16 at 1M / 10M / 100M tokens (4,164 / 41,532 / 414,846 passages):
 
-* the shipped adapter (layers 1, 5, 8, 11, 13, 16, 17, shifted grid at 1, 5, 8, 11; thirteenth session,
-  ``--adapter default --also-adapter aligned``: one encode pooling both grids;
-  benchmarks/results/bench_quality_scale_h200.json) needles 0.65/0.92/0.96, 0.59/0.82/0.89,
+* the shipped adapter (layers 1, 5, 8, 11, 13, 16, 17, router keys also over 32-token windows at a stride
+  of 16 at every layer; fifteenth session, ``--adapter default --also-adapter aligned --batch-tokens 131072
+  --q-block 200``: one encode; benchmarks/results/bench_quality_scale_h200.json) needles 0.89/1.00/1.00,
+  0.88/1.00/1.00, 0.87/0.98/1.00 and cloze 0.15/0.54/0.74, 0.14/0.40/0.60, 0.10/0.22/0.36 (encode 190 s,
+  551k tok/s); every figure and positive rank repeats the fourteenth session's run of it as ``--adapter
+  fine``, opt-in then (benchmarks/results/router_6ed0ac78/); the same run scored 14 layer and grid subsets
+  of it (benchmarks/results/router_trials_2026-12-04/, the RECIPE's History);
+* the default before it (``shifted``: the same weights with the shifted 64-token grid at 1, 5, 8, 11; thirteenth
+  session, ``--adapter default --also-adapter aligned``: one encode pooling both grids;
+  benchmarks/results/router_4677d0b5/) needles 0.65/0.92/0.96, 0.59/0.82/0.89,
   0.43/0.71/0.80 and cloze 0.20/0.52/0.74, 0.19/0.42/0.63, 0.11/0.30/0.40 (encode 176 s, 595k tok/s);
-* the same weights with the fine grid at every layer (``fine``, opt-in: 32-token windows at a stride of 16;
-  fourteenth session, ``--adapter fine --also-adapter aligned --batch-tokens 131072 --q-block 200``: one encode;
-  benchmarks/results/router_6ed0ac78/) needles 0.89/1.00/1.00, 0.88/1.00/1.00, 0.87/0.98/1.00 and cloze
-  0.15/0.54/0.74, 0.14/0.40/0.60, 0.10/0.22/0.36 (encode 191 s; the aligned row beside it repeats its
-  figures below exactly);
-* the same weights over the aligned grid alone (``aligned``, the default before; the same encode, and
+* the same weights over the aligned grid alone (``aligned``, the default before those; both encodes, and
   its own run of the tenth session, benchmarks/results/router_a3359593/, to the digit) needles
   0.55/0.84/0.94, 0.48/0.75/0.84, 0.37/0.60/0.72 and cloze 0.20/0.57/0.73, 0.16/0.43/0.64,
   0.09/0.30/0.39;
-* the default before it (``merge7``, layers 1, 2, 5, 8, 11, 14, 17; its own run:
+* the default before that (``merge7``, layers 1, 2, 5, 8, 11, 14, 17; its own run:
   benchmarks/results/router_adcadcca/bench_quality_scale_h200.json, and again, the same figures, as
   ``--also-adapter`` of that 9-layer encode) needles 0.52/0.85/0.93, 0.47/0.69/0.84,
   0.35/0.61/0.68 and cloze 0.21/0.50/0.71, 0.16/0.41/0.60, 0.08/0.26/0.38;

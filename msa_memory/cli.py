@@ -294,7 +294,8 @@ def store_info(store: StoreArg, version: VersionOpt = None, json_out: JsonOpt = 
     def body() -> None:
         s = _open(store, version)
         info = {"store": str(store), "version": int(s.version), "latest_version": int(s.latest_version()),
-                "identity": s.identity.to_dict(), "tags": s.tags(), **_jsonable(s.stats())}
+                "identity": s.identity.to_dict(), "tags": s.tags(), **_jsonable(s.stats()),
+                "router_key_bytes": s.router_key_bytes()}
         if json_out:
             _emit_json(info)
             return
@@ -313,6 +314,7 @@ def store_info(store: StoreArg, version: VersionOpt = None, json_out: JsonOpt = 
             if k in info:
                 v = info[k]
                 typer.echo(f"{k:<8}: {_human_bytes(v) if k == 'n_bytes' else (f'{v:,.1f}' if isinstance(v, float) else f'{v:,}')}")
+        typer.echo(f"router  : {_human_bytes(info['router_key_bytes'])} of router keys (held in memory to route)")
         if info["tags"]:
             typer.echo("tags    : " + ", ".join(f"{k}={v}" for k, v in sorted(info["tags"].items())))
 

@@ -173,7 +173,8 @@ def train_router_cmd(
 
 @store_app.command("reindex-router", epilog="\b\nExamples:\n  msa store reindex-router mem.msa --adapter router/          # new version of mem.msa\n"
                    "  msa store reindex-router mem.msa --adapter router/ --json\n"
-                   "  msa store reindex-router mem.msa --adapter router/ --dest mem2.msa   # copy into a new store")
+                   "  msa store reindex-router mem.msa --adapter router/ --dest mem2.msa   # copy into a new store\n"
+                   "  msa store reindex-router mem.msa --adapter aligned --dest small.msa  # the default's aligned keys alone")
 def store_reindex_router(
     store: StoreArg,
     adapter: Annotated[str, typer.Option("--adapter", help="Router adapter folder, e.g. router/, or a shipped adapter's name (default, deep, shallow)")],
@@ -185,7 +186,10 @@ def store_reindex_router(
     """Recompute router keys with a new adapter from the kept router inputs (no re-encoding).
 
     By default commits them as a new version of STORE (older versions keep their router); with
-    --dest writes a new store instead.
+    --dest writes a new store instead. A --dest copy to a part of the store's own router (fewer
+    layers, less or none of its shifted grid: e.g. --adapter aligned or shifted-free subsets for a
+    store of the default adapter, whose router keys are 5x the aligned grid's) copies the keys and
+    needs no kept router inputs.
     """
 
     def body() -> None:
@@ -202,7 +206,8 @@ def store_reindex_router(
             _emit_json(dict(stats, store=store, dest=dest))
             return
         if dest is not None:
-            typer.echo(f"wrote {stats['docs']} documents ({stats['chunks']} chunks) re-keyed with router "
+            how = "with the keys of router" if stats.get("copied") else "re-keyed with router"
+            typer.echo(f"wrote {stats['docs']} documents ({stats['chunks']} chunks) {how} "
                        f"{stats['router_id']} to {dest} (version {stats['version']}) in {stats['seconds']:.2f}s")
         elif stats["unchanged"]:
             typer.echo(f"version {stats['version']} of {store} is already routed by router {stats['router_id']}; "

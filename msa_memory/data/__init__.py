@@ -1,8 +1,9 @@
 """Files shipped with the package: the router adapters trained for Gemma 3 270M.
 
-``gemma3-270m-router/`` (the default; layers 1, 5, 8, 11, 13, 16, 17, router keys also over the shifted
-chunk grid at layers 1, 5, 8, 11) holds ``router_adapter.json`` + ``router_adapter.safetensors`` (a
-``msa_memory.encode.RouterAdapter``) and ``RECIPE.md`` (the exact commands and data that reproduce it).
+``gemma3-270m-router/`` (the default; layers 1, 5, 8, 11, 13, 16, 17, router keys also over a finer
+shifted grid at every layer: 32-token windows at a stride of 16 tokens, ``RouterConfig.shifted_window``)
+holds ``router_adapter.json`` + ``router_adapter.safetensors`` (a ``msa_memory.encode.RouterAdapter``) and
+``RECIPE.md`` (the exact commands and data that reproduce it).
 Its weights are the merge (``RouterAdapter.merge``) of three trained adapters, each also shipped as a
 *subset folder* of it (``router_subset.json``: which layers, their router id, the training run's
 provenance; beside it that run's ``training.json``):
@@ -14,11 +15,16 @@ provenance; beside it that run's ``training.json``):
 * ``gemma3-270m-router-mid/`` (layers 8, 11): the same 69k passages, trained on the H200 among
   candidates 5, 8, 11, 14, 17 (a trial run whose greedy selection kept layer 14 alone).
 
-``gemma3-270m-router-aligned/`` is the default's weights over MSA's aligned chunk grid alone: the default of
-the tenth to twelfth sessions (router id ``a33595931c4c316b``), so the stores it built keep their router.
-``gemma3-270m-router-fine/`` (``--adapter fine``, router id ``6ed0ac78744a84b0``) is the default's weights
-with the shifted grid at every layer and finer: 32-token windows at a stride of 16 tokens
-(``RouterConfig.shifted_window``), opt-in.
+Two more subset folders hold the default's weights over other router-key grids, so the stores they built
+keep their router:
+
+* ``gemma3-270m-router-shifted/`` (``--adapter shifted``, router id ``4677d0b5d88ecb88``): the shifted
+  64-token grid (windows from token 32) at layers 1, 5, 8, 11 only; the default of the thirteenth and
+  fourteenth sessions;
+* ``gemma3-270m-router-aligned/`` (``--adapter aligned``, router id ``a33595931c4c316b``): MSA's aligned
+  chunk grid alone; the default of the tenth to twelfth sessions.
+
+``--adapter fine`` (the default's grid, opt-in in the fourteenth session) is now another name of the default.
 
 ``gemma3-270m-router-deep/`` (layers 2, 14, 17) keeps its own weights: trained on the H200 over the
 same 69k passages, it was part of the two defaults before, and its layers 2 and 14 (and its own
@@ -26,7 +32,7 @@ training of layer 17) are in no other shipped adapter. Those defaults are subset
 folders (``"parts"``), so the stores they built keep their router:
 
 * ``gemma3-270m-router-merge7/`` (layers 1, 2, 5, 8, 11, 14, 17: shallow + deep + mid), the default
-  of the session before;
+  of the fifth to ninth sessions;
 * ``gemma3-270m-router-merge5/`` (layers 1, 2, 5, 14, 17: shallow + deep), the one before that.
 
 ``load_model("default")`` uses the default when no adapter is given; all of them are reachable by
@@ -40,18 +46,21 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["DEFAULT_ROUTER_ADAPTER", "ALIGNED_ROUTER_ADAPTER", "FINE_ROUTER_ADAPTER", "DEEP_ROUTER_ADAPTER", "DEEPV_ROUTER_ADAPTER", "SHALLOW_ROUTER_ADAPTER",
-           "MID_ROUTER_ADAPTER", "MERGE5_ROUTER_ADAPTER", "MERGE7_ROUTER_ADAPTER", "SHIPPED_ADAPTERS",
+__all__ = ["DEFAULT_ROUTER_ADAPTER", "SHIFTED_ROUTER_ADAPTER", "ALIGNED_ROUTER_ADAPTER", "FINE_ROUTER_ADAPTER",
+           "DEEP_ROUTER_ADAPTER", "DEEPV_ROUTER_ADAPTER", "SHALLOW_ROUTER_ADAPTER", "MID_ROUTER_ADAPTER", "MERGE5_ROUTER_ADAPTER", "MERGE7_ROUTER_ADAPTER", "SHIPPED_ADAPTERS",
            "default_router_adapter", "shipped_adapter", "shipped_adapter_for_router"]
 
 _HERE = Path(__file__).resolve().parent
 #: Folder of the trained router adapter of the default model (Gemma 3 270M, GGUF q4_k_m).
 DEFAULT_ROUTER_ADAPTER = _HERE / "gemma3-270m-router"
-#: The default's weights and layers with router keys over MSA's aligned chunks alone (the previous default).
+#: The default's weights and layers with router keys also over the shifted 64-token grid at 1, 5, 8, 11 (the
+#: previous default).
+SHIFTED_ROUTER_ADAPTER = _HERE / "gemma3-270m-router-shifted"
+#: The default's weights and layers with router keys over MSA's aligned chunks alone (the default before that).
 ALIGNED_ROUTER_ADAPTER = _HERE / "gemma3-270m-router-aligned"
-#: The default's weights and layers with router keys also over 32-token windows at a stride of 16 at every
-#: layer (opt-in: needles routed far better at 100M, ~2.2x the router bytes; RECIPE.md, History).
-FINE_ROUTER_ADAPTER = _HERE / "gemma3-270m-router-fine"
+#: The name ``fine`` (32-token windows at a stride of 16 at every layer, opt-in in the fourteenth session) is
+#: the default since.
+FINE_ROUTER_ADAPTER = DEFAULT_ROUTER_ADAPTER
 #: Router layers 13, 16, 17 of the default (its deep part, trained with varied fact names).
 DEEPV_ROUTER_ADAPTER = _HERE / "gemma3-270m-router-deepv"
 #: Router layers 1, 5 of the default (its shallow part): faster to encode, worse to route.
@@ -60,12 +69,13 @@ SHALLOW_ROUTER_ADAPTER = _HERE / "gemma3-270m-router-shallow"
 MID_ROUTER_ADAPTER = _HERE / "gemma3-270m-router-mid"
 #: Router layers 2, 14, 17 (the deep part of the two defaults before; weights of its own).
 DEEP_ROUTER_ADAPTER = _HERE / "gemma3-270m-router-deep"
-#: Router layers 1, 2, 5, 8, 11, 14, 17 (shallow + deep + mid: the default of the session before).
+#: Router layers 1, 2, 5, 8, 11, 14, 17 (shallow + deep + mid: the default of the fifth to ninth sessions).
 MERGE7_ROUTER_ADAPTER = _HERE / "gemma3-270m-router-merge7"
 #: Router layers 1, 2, 5, 14, 17 (shallow + deep: the default before that).
 MERGE5_ROUTER_ADAPTER = _HERE / "gemma3-270m-router-merge5"
 #: Names an adapter argument may take instead of a folder (a folder of that name, if one exists, wins).
-SHIPPED_ADAPTERS = {"default": DEFAULT_ROUTER_ADAPTER, "aligned": ALIGNED_ROUTER_ADAPTER, "fine": FINE_ROUTER_ADAPTER,
+SHIPPED_ADAPTERS = {"default": DEFAULT_ROUTER_ADAPTER, "fine": FINE_ROUTER_ADAPTER, "shifted": SHIFTED_ROUTER_ADAPTER,
+                    "aligned": ALIGNED_ROUTER_ADAPTER,
                     "deepv": DEEPV_ROUTER_ADAPTER, "shallow": SHALLOW_ROUTER_ADAPTER,
                     "mid": MID_ROUTER_ADAPTER, "deep": DEEP_ROUTER_ADAPTER, "merge7": MERGE7_ROUTER_ADAPTER,
                     "merge5": MERGE5_ROUTER_ADAPTER}

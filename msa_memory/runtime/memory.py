@@ -84,6 +84,49 @@ def _parse_bytes(v: int | str | None) -> int | None:
         raise ConfigError(f"Cannot read the byte size {v!r}; use an int or e.g. '4GiB', '512MiB'.") from e
 
 
+def free_bytes(device: Any) -> int | None:
+    """Bytes free for new tensors on ``device``: CUDA's free memory, a Linux host's MemAvailable; None where
+    it cannot be read (then nothing is checked)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_router_key_room(store: Any, device: Any) -> int:
+    """Raise RuntimeMemoryError, before anything is loaded, when the router keys cannot fit where they go."""
+    import torch
+
+    need = store.router_key_bytes()
+    ident = store.identity
+    where = ["cpu"] + (["cuda"] if torch.device(device).type == "cuda" else [])   # keys pass through the host
+    for w in where:
+        free = free_bytes(device if w == "cuda" else "cpu")
+        if free is not None and need > free:
+            grid = (f", {len(ident.shifted_layers)} of them also over a shifted grid of "
+                    f"{ident.shifted_window or ident.chunk_tokens}-token windows" if ident.shifted_layers else "")
+            raise RuntimeMemoryError(
+                f"The router keys of store {str(store.root)!r} take {need / 2**30:.2f} GiB ({ident.n_layers} router "
+                f"layers{grid}), more than the {free / 2**30:.2f} GiB free on {'the host' if w == 'cpu' else device}; "
+                "Memory keeps them all resident.",
+                hint="Open it where more memory is free (device='cuda' on a larger GPU, or a larger host), or use a "
+                     "store with fewer router keys: `msa store reindex-router STORE --dest NEW --adapter aligned` "
+                     "copies a store of the default adapter to MSA's aligned grid alone (a fifth of its keys) without "
+                     "encoding; `msa-encode ... --adapter shifted` encodes one with about a third.")
+    return need
+
+
 class Memory:
     """A store version opened for a model: route questions to documents and answer from them.
 
@@ -157,6 +200,7 @@ class Memory:
         self.layout = layout_for(self.tokenizer, ident.wrap, use_chat_template)
         self.routing = self._routing_config(routing)
         t0 = time.perf_counter()
+        self.router_key_bytes = _check_router_key_room(store, self.device)   #: resident router keys, bytes
         # 1. router keys: one resident tensor per router layer, shared chunk → dense doc map; a layer with
         #    the shifted grid too holds both grids' keys, document by document, with a map of its own
         dt = torch_dtype_of(ident.dtype)

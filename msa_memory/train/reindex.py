@@ -30,20 +30,26 @@ import numpy as np
 from msa_memory.errors import ConfigError, IdentityMismatchError
 from msa_memory.schemas.records import shifted_chunk_counts
 
-__all__ = ["reindex_router", "reindex_router_to", "router_keys_from_inputs", "check_adapter"]
+__all__ = ["reindex_router", "reindex_router_to", "router_keys_from_inputs", "check_adapter", "key_copy_source"]
 
 
-def check_adapter(store: Any, adapter: Any) -> None:
-    """Raise unless ``adapter`` can re-key ``store`` (a snapshot): router inputs kept, adapter layers
-    among the store's, same head layout / hidden size / pooling, same backbone when recorded."""
+def check_adapter(store: Any, adapter: Any, *, need_inputs: bool = True) -> None:
+    """Raise unless ``adapter`` can re-key ``store`` (a snapshot): router inputs kept (unless not
+    ``need_inputs``: keys copied, :func:`key_copy_source`), adapter layers among the store's, same head
+    layout / hidden size / pooling, same backbone when recorded."""
     ident, rc = store.identity, adapter.config
-    if ident.hidden_size <= 0:
+    if need_inputs and ident.hidden_size <= 0:
         raise ConfigError(f"Store {str(store.root)!r} keeps no router inputs (x_router), so its router keys cannot "
                           "be recomputed.", hint="Re-encode the corpus once with `msa-encode --keep-router-inputs` "
-                          "(Encoder(..., keep_router_inputs=True)); later adapters can then be applied by reindexing.")
-    for name, have, want in (("n_kv_heads", ident.n_kv_heads, rc.n_kv_heads), ("head_dim", ident.head_dim, rc.head_dim),
-                             ("hidden_size", ident.hidden_size, rc.hidden_size),
-                             ("chunk_tokens", ident.chunk_tokens, rc.chunk_tokens)):
+                          "(Encoder(..., keep_router_inputs=True)); later adapters can then be applied by reindexing. "
+                          "(A copy into a new store with --dest needs no inputs when the adapter is a part of the "
+                          "store's own router: fewer layers or a coarser grid, e.g. `--adapter aligned` for a store "
+                          "of the default adapter.)")
+    checks = [("n_kv_heads", ident.n_kv_heads, rc.n_kv_heads), ("head_dim", ident.head_dim, rc.head_dim),
+              ("chunk_tokens", ident.chunk_tokens, rc.chunk_tokens)]
+    if ident.hidden_size > 0:
+        checks.insert(2, ("hidden_size", ident.hidden_size, rc.hidden_size))
+    for name, have, want in checks:
         if have != want:
             raise IdentityMismatchError(
                 f"Adapter {name}={want} does not match store {str(store.root)!r} ({name}={have}): the adapter was "
@@ -73,6 +79,35 @@ def check_adapter(store: Any, adapter: Any) -> None:
                                     f"{ident.shifted_window or ident.chunk_tokens} tokens.",
                                     hint=f"Use RouterAdapter.with_shifted_layers(layers, window={ident.shifted_window}), "
                                          "or re-encode with the adapter's grid.")
+
+
+def key_copy_source(store: Any, adapter: Any, source_adapter: Any = None) -> Any:
+    """The router that built ``store``'s version when ``adapter`` is a part of it, else None.
+
+    A part: the same weights at a subset of its router layers, with its shifted grid at a subset of its
+    shifted layers (same window) or none. Such an adapter's router keys are rows the store already holds,
+    so :func:`reindex_router_to` copies them instead of recomputing them from router inputs. The source
+    router is ``source_adapter`` (its fingerprint must be the version's router id) or the shipped adapter
+    of that id (``msa_memory.data.shipped_adapter_for_router``).
+    """
+    ident, rc = store.identity, adapter.config
+    if source_adapter is None:
+        from msa_memory.data import shipped_adapter_for_router
+        from msa_memory.encode import RouterAdapter
+
+        found = shipped_adapter_for_router(ident.router_id)
+        if found is None:
+            return None
+        source_adapter = RouterAdapter.load(found)
+    elif source_adapter.fingerprint() != ident.router_id:
+        raise IdentityMismatchError(f"source_adapter has router id {source_adapter.fingerprint()}; version "
+                                    f"{store.version} of store {str(store.root)!r} is routed by {ident.router_id}.",
+                                    hint="Pass the adapter the store was encoded (or last re-keyed) with.")
+    src_rc = source_adapter.config
+    if not set(rc.router_layers) <= set(src_rc.router_layers) or not set(rc.shifted_layers) <= set(src_rc.shifted_layers):
+        return None
+    part = source_adapter.subset(list(rc.router_layers)).with_shifted_layers(list(rc.shifted_layers))
+    return source_adapter if part.fingerprint() == adapter.fingerprint() else None
 
 
 def reindex_router(store: Any, adapter: Any, *args: Any, message: str | None = None, adapter_path: str | None = None,
@@ -184,13 +219,17 @@ def router_keys_from_inputs(adapter: Any, layer: int, x: np.ndarray, logical_dty
 
 
 def reindex_router_to(src: Any, dest: str | Path, adapter: Any, *, docs_per_shard: int = 4096,
-                   message: str | None = None, log: Callable[[str], None] | None = None) -> tuple[Any, dict[str, Any]]:
+                      message: str | None = None, log: Callable[[str], None] | None = None,
+                      source_adapter: Any = None) -> tuple[Any, dict[str, Any]]:
     """Write ``src`` (a ``MemoryStore`` snapshot) re-keyed with ``adapter`` into a new store at ``dest``.
 
     Parameters
     ----------
     src : MemoryStore
-        The store to re-key; must keep router inputs (``identity.hidden_size > 0``).
+        The store to re-key; must keep router inputs (``identity.hidden_size > 0``), unless ``adapter``
+        is a part of the router that built it (:func:`key_copy_source`: the same weights at fewer layers
+        or with less or none of its shifted grid, e.g. ``aligned`` for a store of the default). A part's
+        keys are copied, not recomputed (kept or not, the inputs then only travel to the copy).
     dest : path
         Where the new store is created (must not exist or be empty).
     adapter : RouterAdapter
@@ -199,16 +238,19 @@ def reindex_router_to(src: Any, dest: str | Path, adapter: Any, *, docs_per_shar
     docs_per_shard : int, default 4096
     message : str, optional
         Commit message (default names the source and the adapter).
+    source_adapter : RouterAdapter, optional
+        The router of ``src``'s version, to tell a part of it (its fingerprint must be the version's router
+        id); default the shipped adapter of that id.
 
     Returns
     -------
     (MemoryStore, dict)
-        The new store's snapshot and timings: ``{"docs", "chunks", "seconds", "seconds_keys", ...}``.
+        The new store's snapshot and timings: ``{"docs", "chunks", "seconds", "seconds_keys", "copied", ...}``.
 
     Raises
     ------
     ConfigError
-        The source keeps no router inputs.
+        The source keeps no router inputs and the adapter is not a part of its router.
     IdentityMismatchError
         Adapter layers/head layout/pooling incompatible with the store.
     """
@@ -220,7 +262,11 @@ def reindex_router_to(src: Any, dest: str | Path, adapter: Any, *, docs_per_shar
     t0 = time.perf_counter()
     ident = src.identity
     rc = adapter.config
-    check_adapter(src, adapter)
+    # a part of the store's own router: its keys are rows the store holds, copied (bit for bit what the encoder
+    # wrote, where keys recomputed from the stored bf16 inputs would differ by rounding); inputs travel if kept
+    copy = key_copy_source(src, adapter, source_adapter) is not None
+    check_adapter(src, adapter, need_inputs=not copy)
+    keep_x = ident.hidden_size > 0
     pos = [ident.router_layers.index(l) for l in rc.router_layers]  # positions of the kept layers
     new_ident = dataclasses.replace(ident, router_id=adapter.fingerprint(), router_layers=tuple(rc.router_layers),
                                     shifted_layers=tuple(rc.shifted_layers), shifted_window=rc.shifted_window,
@@ -236,21 +282,31 @@ def reindex_router_to(src: Any, dest: str | Path, adapter: Any, *, docs_per_shar
     chunk_doc = None
     t_keys = 0.0
     for p, l in zip(pos, rc.router_layers):
-        x, cd = src.router_inputs(p)                                   # (C, E), (C,)
+        if keep_x:
+            x, cd = src.router_inputs(p)                               # (C, E), (C,)
+            xs.append(x)
+        if copy:
+            k, cd = src.router_keys(p)
+        else:
+            t1 = time.perf_counter()
+            k = router_keys_from_inputs(adapter, l, x, ident.dtype)
+            t_keys += time.perf_counter() - t1
+        keys.append(k)
         if chunk_doc is None:
             chunk_doc = cd
-        t1 = time.perf_counter()
-        keys.append(router_keys_from_inputs(adapter, l, x, ident.dtype))
-        t_keys += time.perf_counter() - t1
-        xs.append(x)
     assert chunk_doc is not None
     xs_s, keys_s = [], []                       # the shifted grid at the adapter's shifted layers
     for l in rc.shifted_layers:
-        x, _ = src.router_inputs_shifted(ident.shifted_layers.index(l))   # (Cs, E), documents in the same order
-        t1 = time.perf_counter()
-        keys_s.append(router_keys_from_inputs(adapter, l, x, ident.dtype))
-        t_keys += time.perf_counter() - t1
-        xs_s.append(x)
+        j = ident.shifted_layers.index(l)
+        if keep_x:
+            x, _ = src.router_inputs_shifted(j)                        # (Cs, E), documents in the same order
+            xs_s.append(x)
+        if copy:
+            keys_s.append(src.router_keys_shifted(j)[0])
+        else:
+            t1 = time.perf_counter()
+            keys_s.append(router_keys_from_inputs(adapter, l, x, ident.dtype))
+            t_keys += time.perf_counter() - t1
     # documents in chunk order (contiguous runs of one id)
     order_ids = chunk_doc[np.r_[True, chunk_doc[1:] != chunk_doc[:-1]]] if chunk_doc.size else np.zeros(0, np.int64)
     row = {int(d): i for i, d in enumerate(ids)}
@@ -277,15 +333,16 @@ def reindex_router_to(src: Any, dest: str | Path, adapter: Any, *, docs_per_shar
                             file_sha256=tab["file_sha256"][row[int(d)]]) for d in d_ids]
         shifted = {} if not rc.shifted_layers else {
             "n_chunks_s": n_ch_s[s:e], "k_router_s": np.stack([k[s0:s1] for k in keys_s]),
-            "x_router_s": np.stack([x[s0:s1] for x in xs_s])}
+            "x_router_s": np.stack([x[s0:s1] for x in xs_s]) if xs_s else None}
         enc = EncodedChunks(doc_ids=d_ids.astype(np.int64), n_tokens=n_tok[s:e],
                             n_chunks=n_ch[s:e], k_router=np.stack([k[c0:c1] for k in keys]),
                             kv=np.ascontiguousarray(kv), dtype=ident.dtype,
-                            x_router=np.stack([x[c0:c1] for x in xs]), **shifted)
+                            x_router=np.stack([x[c0:c1] for x in xs]) if xs else None, **shifted)
         recs.append(write_shard(dest, f"reindex-{s // docs_per_shard:05d}", passages, enc))
     msg = message or f"reindex-router from {src.root} v{src.version} with router {new_ident.router_id}"
     out = dest_store.commit(add=recs, message=msg)
     stats = {"docs": int(len(order_ids)), "chunks": int(offs[-1]), "layers": list(rc.router_layers),
              "seconds": round(time.perf_counter() - t0, 3), "seconds_read": round(t_read - t0, 3),
-             "seconds_keys": round(t_keys, 3), "router_id": new_ident.router_id, "version": out.version}
+             "seconds_keys": round(t_keys, 3), "router_id": new_ident.router_id, "version": out.version,
+             "copied": copy}
     return out, stats

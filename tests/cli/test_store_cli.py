@@ -50,6 +50,11 @@ def test_store_info_human_and_json(store_path: Path) -> None:
     info = _json_tail(r.stdout)
     assert info["version"] == 1 and info["latest_version"] == 3 and info["n_docs"] == 3
     assert info["identity"]["router_layers"] == [1, 3]
+    # the router keys Memory would hold: every live aligned chunk at both layers (no shifted grid here)
+    ident = info["identity"]
+    assert info["router_key_bytes"] == (info["n_chunks"] * 2 * ident["n_kv_heads"] * ident["head_dim"]
+                                        * (2 if ident["dtype"] == "bfloat16" else 4))
+    assert "of router keys" in runner.invoke(app, ["store", "info", str(store_path)]).output
 
 
 def test_store_versions_lists_every_version_with_tags(store_path: Path) -> None:

@@ -185,28 +185,33 @@ def test_adapter_that_does_not_fit_the_model_is_refused(tmp_path):
 def test_shipped_adapters_load_by_name_and_a_folder_of_that_name_wins(tmp_path, monkeypatch):
     from msa_memory.data import (ALIGNED_ROUTER_ADAPTER, DEEP_ROUTER_ADAPTER, DEEPV_ROUTER_ADAPTER,
                                  DEFAULT_ROUTER_ADAPTER, MERGE5_ROUTER_ADAPTER, MERGE7_ROUTER_ADAPTER,
-                                 MID_ROUTER_ADAPTER, SHALLOW_ROUTER_ADAPTER, shipped_adapter_for_router)
+                                 MID_ROUTER_ADAPTER, SHALLOW_ROUTER_ADAPTER, SHIFTED_ROUTER_ADAPTER,
+                                 shipped_adapter_for_router)
 
-    names = ("default", "aligned", "deep", "deepv", "shallow", "mid", "merge5", "merge7")
-    folders = (DEFAULT_ROUTER_ADAPTER, ALIGNED_ROUTER_ADAPTER, DEEP_ROUTER_ADAPTER, DEEPV_ROUTER_ADAPTER,
-               SHALLOW_ROUTER_ADAPTER, MID_ROUTER_ADAPTER, MERGE5_ROUTER_ADAPTER, MERGE7_ROUTER_ADAPTER)
-    ids = ("4677d0b5d88ecb88", "a33595931c4c316b", "bacc1f25d7bb2899", "53c93270e635fd08", "4b77c12b13a94f8c",
-           "4152204ecd8ce65f", "17421c1042299e4b", "adcadcca073c2757")
-    adapters = default, aligned, deep, deepv, shallow, mid, merge5, merge7 = [RouterAdapter.load(n) for n in names]
+    names = ("default", "shifted", "aligned", "deep", "deepv", "shallow", "mid", "merge5", "merge7")
+    folders = (DEFAULT_ROUTER_ADAPTER, SHIFTED_ROUTER_ADAPTER, ALIGNED_ROUTER_ADAPTER, DEEP_ROUTER_ADAPTER,
+               DEEPV_ROUTER_ADAPTER, SHALLOW_ROUTER_ADAPTER, MID_ROUTER_ADAPTER, MERGE5_ROUTER_ADAPTER,
+               MERGE7_ROUTER_ADAPTER)
+    ids = ("6ed0ac78744a84b0", "4677d0b5d88ecb88", "a33595931c4c316b", "bacc1f25d7bb2899", "53c93270e635fd08",
+           "4b77c12b13a94f8c", "4152204ecd8ce65f", "17421c1042299e4b", "adcadcca073c2757")
+    adapters = [RouterAdapter.load(n) for n in names]
+    default, shifted, aligned, deep, deepv, shallow, mid, merge5, merge7 = adapters
     for a, folder, rid in zip(adapters, folders, ids):
         assert a.fingerprint() == RouterAdapter.load(folder).fingerprint() == rid, folder
         assert shipped_adapter_for_router(rid) == folder    # a store built with any of them keeps its router
-    # the default's weights are the merge of three trained adapters, with the shifted grid at 1, 5, 8, 11; aligned
-    # (the default before) is the same without the grid; merge7 and merge5 (the ones before) are rebuilt from its
-    # layers and the deep part's own weights
+    # the default's weights are the merge of three trained adapters, with router keys also over 32-token
+    # windows at a stride of 16 at every layer; shifted (the default before) is the same weights with the
+    # shifted 64-token grid at 1, 5, 8, 11, aligned (the one before that) without a second grid; merge7 and
+    # merge5 (the ones before) are rebuilt from its layers and the deep part's own weights
     assert default.config.router_layers == (1, 5, 8, 11, 13, 16, 17)
-    assert default.config.shifted_layers == (1, 5, 8, 11) and aligned.config.shifted_layers == ()
+    assert default.config.shifted_layers == default.config.router_layers and default.config.shifted_window == 32
+    assert shifted.config.shifted_layers == (1, 5, 8, 11) and shifted.config.shifted_window is None
     assert RouterAdapter.merge([shallow, deepv, mid]).fingerprint() == aligned.fingerprint()
-    assert aligned.with_shifted_layers([1, 5, 8, 11]).fingerprint() == default.fingerprint()
-    fine = RouterAdapter.load("fine")   # opt-in: the same weights, 32-token windows at a stride of 16 at every layer
-    assert fine.fingerprint() == "6ed0ac78744a84b0" and shipped_adapter_for_router(fine.fingerprint()).name.endswith("-fine")
-    assert fine.fingerprint() == default.with_shifted_layers(default.config.router_layers, 32).fingerprint()
-    assert all(a.config.shifted_layers == () for a in adapters[1:])
+    assert aligned.with_shifted_layers([1, 5, 8, 11]).fingerprint() == shifted.fingerprint()
+    assert aligned.with_shifted_layers(aligned.config.router_layers, 32).fingerprint() == default.fingerprint()
+    # fine (the default's grid, opt-in for one session) is another name of the default
+    assert RouterAdapter.load("fine").fingerprint() == default.fingerprint()
+    assert all(a.config.shifted_layers == () for a in adapters[2:])
     assert RouterAdapter.merge([shallow, deep, mid]).fingerprint() == merge7.fingerprint()
     assert RouterAdapter.merge([shallow, deep]).fingerprint() == merge5.fingerprint()
     assert merge7.config.router_layers == (1, 2, 5, 8, 11, 14, 17)
@@ -219,7 +224,7 @@ def test_shipped_adapters_load_by_name_and_a_folder_of_that_name_wins(tmp_path, 
     RouterAdapter(cfg).save(tmp_path / "shallow")
     monkeypatch.chdir(tmp_path)
     assert RouterAdapter.load("shallow").config == cfg                 # the user's folder, not the shipped one
-    with pytest.raises(ModelLoadError, match="shipped adapter of the default model: aligned, deep, deepv, default, fine, merge5, merge7, mid, shallow"):
+    with pytest.raises(ModelLoadError, match="shipped adapter of the default model: aligned, deep, deepv, default, fine, merge5, merge7, mid, shallow, shifted\."):
         RouterAdapter.load("deeper")
 
 

@@ -42,12 +42,13 @@ def test_default_model_encodes_and_updates_example_files(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["shallow", "merge7", "aligned"])
+@pytest.mark.parametrize("name", ["shallow", "merge7", "aligned", "shifted"])
 def test_a_store_of_an_older_shipped_adapter_keeps_it_without_naming_it(tmp_path: Path, name: str) -> None:
     """A store built with --adapter shallow, by the release whose default merge7 was (a subset folder of
-    two folders' layers), or by the one whose default had no shifted grid ("aligned": the same weights as
-    today's default), is updated and read with model="default" and no adapter: the shipped adapter
-    matching its router, not the current default."""
+    two folders' layers), by the one whose default had no shifted grid ("aligned": the same weights as
+    today's default) or by the one whose default had the 64-token shifted grid at four layers ("shifted":
+    a store with k_router_s but no shifted_window), is updated and read with model="default" and no
+    adapter: the shipped adapter matching its router, not the current default."""
     from msa_memory.data import shipped_adapter_for_router
     from msa_memory.encode import RouterAdapter
     from msa_memory.runtime import Memory
@@ -68,5 +69,42 @@ def test_a_store_of_an_older_shipped_adapter_keeps_it_without_naming_it(tmp_path
     assert store.identity.router_id == old.fingerprint()
     mem = Memory(store)                                                     # model="default", no adapter
     assert mem.model.router_layers == old.config.router_layers
+    assert mem.model.router.config.shifted_layers == old.config.shifted_layers
+    assert store.identity.shifted_window == old.config.shifted_window
     hits = mem.search("Where does the spare generator key hang?", k=1)
     assert hits.num_rows == 1 and hits.column("source_path")[0].as_py().startswith("docs/")
+
+
+@pytest.mark.slow
+def test_a_default_store_is_copied_to_the_aligned_grid_without_router_inputs(tmp_path: Path) -> None:
+    """A store of the default adapter (32-token windows at every layer; no router inputs kept) is copied by
+    `msa store reindex-router --adapter aligned --dest` to MSA's aligned grid alone: the same weights, so its
+    keys are copied, not recomputed; the copy holds a fifth or less of the router keys, keeps every aligned
+    key bit for bit, and Memory with model="default" and no adapter routes it with the shipped `aligned`."""
+    from typer.testing import CliRunner
+
+    from msa_memory.cli import app
+    from msa_memory.encode import RouterAdapter
+    from msa_memory.runtime import Memory
+
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "power.txt").write_bytes((EXAMPLES / "operations" / "power.txt").read_bytes())
+    (folder / "note.txt").write_text("The spare generator key hangs in the control room, hook 7.\n")
+    encode_corpus([folder], tmp_path / "s.msa")                             # the default adapter
+    src = open_store(tmp_path / "s.msa")
+    assert src.identity.shifted_window == 32 and src.identity.hidden_size == 0
+    r = CliRunner().invoke(app, ["store", "reindex-router", str(tmp_path / "s.msa"), "--adapter", "aligned",
+                                 "--dest", str(tmp_path / "small.msa"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert '"copied": true' in r.output
+    small = open_store(tmp_path / "small.msa")
+    aligned = RouterAdapter.load("aligned")
+    assert small.identity.router_id == aligned.fingerprint() and small.identity.shifted_layers == ()
+    for p in range(len(aligned.config.router_layers)):
+        assert (small.router_keys(p)[0] == src.router_keys(p)[0]).all()
+    assert 3 * small.router_key_bytes() < src.router_key_bytes()
+    mem = Memory(small)                                                     # model="default", no adapter
+    assert mem.model.router.fingerprint() == aligned.fingerprint()
+    hits = mem.search("Where does the spare generator key hang?", k=1)
+    assert hits.column("source_path")[0].as_py() == "docs/note.txt"

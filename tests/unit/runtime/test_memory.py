@@ -252,3 +252,34 @@ def test_shifted_grid_routing_equals_bruteforce_max_over_both_grids(tiny_msa_mod
     for r, best in enumerate(per_layer):
         want = mem.doc_ids[np.argsort(-best, kind="stable")[:k]]
         assert sorted(ans.rounds[0].per_layer[r]) == sorted(want.tolist())
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_router_keys_that_cannot_fit_are_refused_before_loading(tiny_msa_model, store_builder, tmp_path, window,
+                                                                monkeypatch):
+    """Memory keeps every router key resident (with the default's fine grid 5x MSA's aligned keys). It counts
+    them from the store's live documents before loading anything (oracle: the bytes of the key arrays the
+    store hands out, after a delete), and refuses, naming the sizes and the cheaper grids, when they exceed
+    the memory free on the host; exactly the free bytes still open."""
+    import msa_memory.runtime.memory as memory_mod
+    from msa_memory.encode.model import load_model
+
+    build_store, base_passages = store_builder
+    layers = tiny_msa_model.router_layers
+    router = tiny_msa_model.router.with_shifted_layers(layers[1:], window)
+    loaded = load_model(str(tiny_msa_model.source["path"]), adapter=router, dtype=torch.float32)
+    store = build_store(tmp_path / "s.msa", loaded, passages=[p * 3 for p in base_passages])
+    doc_ids = store.documents(["doc_id"]).column("doc_id").to_pylist()
+    store = store.commit(delete_ids=doc_ids[1:2])                     # deleted chunks are not loaded
+    want = (sum(store.router_keys(r)[0].nbytes for r in range(len(layers)))
+            + sum(store.router_keys_shifted(j)[0].nbytes for j in range(len(layers) - 1)))
+    assert store.router_key_bytes() == want and Memory(store, model=loaded).router_key_bytes == want
+    free = memory_mod.free_bytes("cpu")
+    assert free is None or free > 0
+    monkeypatch.setattr(memory_mod, "free_bytes", lambda device: want - 1)
+    with pytest.raises(RuntimeMemoryError, match=r"router keys of store .* take 0\.00 GiB \(2 router layers, 1 of them "
+                                                 r"also over a shifted grid .*free on the host") as e:
+        Memory(store, model=loaded)
+    assert "--adapter aligned" in str(e.value) and "reindex-router" in str(e.value)
+    monkeypatch.setattr(memory_mod, "free_bytes", lambda device: want)
+    assert Memory(store, model=loaded).index.n_docs == len(doc_ids) - 1

@@ -424,12 +424,12 @@ def test_adapter_records_the_reducers_it_was_trained_with(tiny_loaded, tmp_path)
     assert (back.score, back.head_reduce, back.query_reduce, back.chunk_reduce) == ("dot", "max", "mean", "mean")
 
 
-def _store(root, loaded, texts):
+def _store(root, loaded, texts, keep=True):
     from msa_memory.encode import Encoder
     from msa_memory.schemas.records import Passage
     from msa_memory.store import create_store, write_shard
 
-    enc_ = Encoder(loaded, keep_router_inputs=True, store_dtype="bfloat16", max_batch_tokens=400)
+    enc_ = Encoder(loaded, keep_router_inputs=keep, store_dtype="bfloat16", max_batch_tokens=400)
     st = create_store(root, enc_.identity())
     ids = st.reserve_ids(len(texts))
     ps = [Passage(t, f"doc{i}.txt", 0) for i, t in enumerate(texts)]
@@ -775,3 +775,62 @@ def test_reindex_and_adaptation_keep_the_shifted_grid(tiny_loaded, tmp_path):
     assert adapted.config.shifted_layers == (3,) and s["router_layers"] == [1, 3]
     new, _ = reindex_router(open_store(tmp_path / "a.msa"), adapted)     # the latest version (re-keyed above)
     assert new.identity.router_id == adapted.fingerprint()
+
+
+@pytest.mark.parametrize("window", [None, 4])
+def test_a_part_of_the_store_router_is_copied_without_router_inputs(tiny_loaded, tmp_path, window):
+    """A store that kept no router inputs can still be copied (--dest) to a part of the router that built it:
+    fewer layers, its shifted grid at fewer layers, or none (a store of the default adapter → `aligned`).
+    The copy's router keys and K̄V̄ are the source's rows bit for bit and equal a fresh encode with that part,
+    and Memory routes it as it routes the fresh store. Any other adapter is refused with the inputs error, a
+    source_adapter that did not build the store by its id; nothing is written then."""
+    from msa_memory.errors import ConfigError
+    from msa_memory.runtime import Memory
+    from msa_memory.store import open_store
+    from msa_memory.train.reindex import reindex_router_to
+
+    full, _ = _adapter(tiny_loaded, 3)
+    full = full.with_shifted_layers([1, 3], window)
+    texts = [t + f" Another sentence here {i}. And one more, {i * 3}." for i, t in enumerate(TEXTS * 2)]
+    src, ids = _store(tmp_path / "a.msa", tiny_loaded.with_router(full), texts, keep=False)
+    assert src.identity.hidden_size == 0 and src.identity.shifted_window == window
+    parts = {"aligned": full.with_shifted_layers([]), "layer3": full.subset([3]),
+             "grid3": full.with_shifted_layers([3]), "same": full}
+    for name, part in parts.items():
+        fresh, _ = _store(tmp_path / f"fresh-{name}.msa", tiny_loaded.with_router(part), texts, keep=False)
+        out, stats = reindex_router_to(src, tmp_path / f"{name}.msa", part, source_adapter=full)
+        out = open_store(tmp_path / f"{name}.msa")
+        assert stats["copied"] and stats["docs"] == len(texts)
+        for f in ("router_id", "router_layers", "shifted_layers", "shifted_window", "hidden_size"):
+            assert getattr(out.identity, f) == getattr(fresh.identity, f), (name, f)
+        for p, l in enumerate(part.config.router_layers):
+            k, d = out.router_keys(p)
+            assert np.array_equal(k, src.router_keys(full.config.router_layers.index(l))[0])
+            assert np.array_equal(k, fresh.router_keys(p)[0]) and np.array_equal(d, fresh.router_keys(p)[1])
+        for j, l in enumerate(part.config.shifted_layers):
+            assert np.array_equal(out.router_keys_shifted(j)[0], fresh.router_keys_shifted(j)[0])
+        kv_pos = [full.config.router_layers.index(l) for l in part.config.router_layers]
+        for got, want, whole in zip(out.load_kv(ids), fresh.load_kv(ids), src.load_kv(ids)):
+            assert np.array_equal(got, want) and np.array_equal(got, whole[:, kv_pos])
+        model = tiny_loaded.with_router(part)
+        q = "Where does the quick fox number 5 jump?"
+        a, b = Memory(out, model=model).search(q, k=5), Memory(fresh, model=model).search(q, k=5)
+        assert a.column("doc_id").to_pylist() == b.column("doc_id").to_pylist()
+    other, _ = _adapter(tiny_loaded, 7)
+    for bad in (other, other.with_shifted_layers([3], window), full.with_shifted_layers([3], 2 if window else 4)):
+        with pytest.raises(ConfigError, match="keeps no router inputs"):
+            reindex_router_to(src, tmp_path / "bad.msa", bad, source_adapter=full)
+        assert not (tmp_path / "bad.msa").exists()
+    with pytest.raises(IdentityMismatchError, match="source_adapter has router id"):
+        reindex_router_to(src, tmp_path / "bad.msa", parts["aligned"], source_adapter=other)
+    assert not (tmp_path / "bad.msa").exists()
+    # a store that kept its inputs: a part's keys are copied too (the encoder's own, not recomputed from the
+    # bf16 inputs), and the inputs of the kept layers travel with them
+    kept, _ = _store(tmp_path / "kept.msa", tiny_loaded.with_router(full), texts)
+    out, stats = reindex_router_to(kept, tmp_path / "kept-part.msa", parts["grid3"], source_adapter=full)
+    assert stats["copied"] and out.identity.hidden_size == kept.identity.hidden_size > 0
+    for p in range(2):                                                   # layers 1, 3; the grid at 3 alone
+        assert np.array_equal(out.router_keys(p)[0], kept.router_keys(p)[0])
+        assert np.array_equal(out.router_inputs(p)[0], kept.router_inputs(p)[0])
+    assert np.array_equal(out.router_keys_shifted(0)[0], kept.router_keys_shifted(1)[0])
+    assert np.array_equal(out.router_inputs_shifted(0)[0], kept.router_inputs_shifted(1)[0])
