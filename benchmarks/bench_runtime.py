@@ -46,7 +46,9 @@ Regimes and ceilings (every baseline is measured in the same run, on the same de
 in fp32, pooled prefill logits and chosen documents per layer and greedy tokens on CPU vs GPU, and
 bf16 routing over 200k chunks on CPU vs GPU, and the routing paths (``routing_paths``): CUDA-graph
 route == eager route, fused Triton chunk scores == eager, GPU == CPU, for six reducer combinations
-× T in 1, 5, 16, 100, 256, and the decoding step's CUDA graph against the dynamic path (greedy and
+× T in 1, 5, 16, 100, 256 over a plain layer (8 chunks a document), a layer with the shifted 64-token grid
+(15 rows a document) and one with the default's 32-token windows (40 rows a document), ``Memory``'s check
+that router keys fit the device's free memory (``router_room_*``), and the decoding step's CUDA graph against the dynamic path (greedy and
 seeded sampled tokens, logits of a dynamic forward after the graph's steps). ``--triton-sweep`` times
 fused-kernel tile configs at 1.56M chunks × T in 1, 16, 256 and prints torch.profiler tables of
 graph routes at 10k and 1.56M chunks (the fixed cost and the kernels' shares).
@@ -480,12 +482,44 @@ def gpu_check(other: str = "cuda") -> dict:
     r_cpu = RouterIndex([big], cd, np.arange(25_000), RoutingConfig(top_k=16)).route(0, qq)
     r_gpu = RouterIndex([big], cd, np.arange(25_000), RoutingConfig(top_k=16), device=other).route(0, qq)
     overlap = len(set(r_cpu.doc_ids.tolist()) & set(r_gpu.doc_ids.tolist()))
-    return {"tiny_msa_logits_max_abs_diff": dmax, "tiny_msa_logits_ok": dmax < 1e-4,
+    return {**_router_room_check(other), "tiny_msa_logits_max_abs_diff": dmax, "tiny_msa_logits_ok": dmax < 1e-4,
             "chosen_docs_equal": res["ref"][1] == res["dev"][1], "greedy_tokens_equal": res["ref"][2] == res["dev"][2],
             "greedy_tokens": res["dev"][2], "check_device": other,
             "graph_decode_tokens_equal": res["graph"].pop("greedy") == res["ref"][2], **res["graph"],
             "bf16_route_top16_overlap": overlap,
             "bf16_route_max_score_diff": float(np.abs(np.sort(r_cpu.scores) - np.sort(r_gpu.scores)).max())}
+
+
+def _router_room_check(other: str) -> dict:
+    """``Memory``'s check that a store's router keys fit, on ``other``: ``free_bytes`` reads the device's free
+    memory, and a store whose keys exceed it (the host given room) is refused naming the device, one that
+    fits is not."""
+    import types
+
+    import msa_memory.runtime.memory as mm
+    from msa_memory.errors import RuntimeMemoryError
+
+    free = mm.free_bytes(other)
+    total = torch.cuda.get_device_properties(torch.device(other)).total_memory if other.startswith("cuda") else None
+    ident = types.SimpleNamespace(n_layers=7, shifted_layers=(1, 5), shifted_window=32, chunk_tokens=64)
+
+    def fake(need: int):
+        return types.SimpleNamespace(identity=ident, root="fake.msa", router_key_bytes=lambda: need)
+
+    orig = mm.free_bytes
+    mm.free_bytes = lambda d: (1 << 50) if torch.device(d).type == "cpu" else orig(d)   # the host has room
+    try:
+        try:
+            mm._check_router_key_room(fake(free + (1 << 30)), other)
+            refused = ""
+        except RuntimeMemoryError as e:
+            refused = str(e)
+        fits = mm._check_router_key_room(fake(free // 2), other) == free // 2
+    finally:
+        mm.free_bytes = orig
+    ok = bool(free and total and 0 < free <= total and other in refused and "--adapter aligned" in refused and fits)
+    return {"router_room_free_bytes": free, "router_room_total_bytes": total, "router_room_refused": refused[:200],
+            "router_room_ok": ok}
 
 
 def _graph_decode_check(eng: MsaEngine, dev: torch.device, query: list[int]) -> dict:
@@ -527,14 +561,19 @@ def routing_paths_check(other: str = "cuda") -> list[dict]:
     # per document, a chunk → document map of its own, as runtime.Memory builds it)
     big_s = torch.randn(N * 15, 1, 256, generator=gen).to(torch.bfloat16)
     cd_s = np.repeat(np.arange(N), 15)
+    # layer 2: a layer of the default adapter's fine grid (each document's 8 aligned chunks, then its 32 windows
+    # of 32 tokens at a stride of 16: 40 rows per document)
+    big_f = torch.randn(N * 40, 1, 256, generator=gen).to(torch.bfloat16)
+    cd_f = np.repeat(np.arange(N), 40)
     rows = []
     combos = [dict(), dict(score="cosine"), dict(head_reduce="max"), dict(query_reduce="mean"),
               dict(query_reduce="last"), dict(head_reduce="max", query_reduce="mean", chunk_reduce="mean")]
     for combo in combos:
         cfg = RoutingConfig(top_k=16, **combo)
-        gpu = RouterIndex([big, big_s], [cd, cd_s], np.arange(N), cfg, device=other)
-        cpu = RouterIndex([big, big_s], [cd, cd_s], np.arange(N), cfg)
-        for layer, T in ((0, 1), (0, 5), (0, 16), (0, 100), (0, 256), (1, 1), (1, 16), (1, 100)):
+        gpu = RouterIndex([big, big_s, big_f], [cd, cd_s, cd_f], np.arange(N), cfg, device=other)
+        cpu = RouterIndex([big, big_s, big_f], [cd, cd_s, cd_f], np.arange(N), cfg)
+        for layer, T in ((0, 1), (0, 5), (0, 16), (0, 100), (0, 256), (1, 1), (1, 16), (1, 100), (2, 1), (2, 16),
+                         (2, 100)):
             q = torch.randn(T, 4, 256, generator=gen)
             eager_cfg = dataclasses.replace(cfg, cuda_graphs=False, fused_scores=False, fused_topk=False)
             gpu.config = eager_cfg
