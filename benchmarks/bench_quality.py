@@ -18,7 +18,10 @@ Memory sizes: each size S is covered by haystacks of S tokens; every query is as
 (at 16K the queries are split over several haystacks, each holding its queries' positives).
 
 Pooled router inputs x̄ of every passage are computed once (the encoder's forward, bf16 CPU) and
-cached under ``--cache`` (gitignored); router keys of any adapter are a linear map of them.
+cached under ``--cache`` (gitignored); router keys of any adapter are a linear map of them, so
+``--also-adapter A`` (repeatable) scores any part of ``--adapter`` (its layers and shifted layers among
+``--adapter``'s) from the same cache as one more row. ``--seed N`` draws another query set (other query
+passages, facts and cloze sentences; its own cache): a held-out set for choices made on seed 0.
 Prints a table, writes ``quality.json`` and ``quality.png`` into ``--out``, ends with one JSON line.
 
 An adapter with a shifted router-key grid (``shifted_layers``) is scored as ``runtime.Memory`` routes it
@@ -290,6 +293,12 @@ def main(argv: list[str] | None = None, loaded=None) -> None:
                     help="layers whose x̄ is cached (a superset of the adapter's; default the adapter's own), e.g. "
                          "1,2,5,14,17 to score two adapters from one cache")
     ap.add_argument("--group", type=int, default=10, help="queries per 16K haystack")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="query set: another seed draws other query passages, facts and cloze sentences (a held-out "
+                         "set for choices made on seed 0); its own feature cache")
+    ap.add_argument("--also-adapter", action="append", default=None,
+                    help="also score this adapter (a part of --adapter: its layers and shifted layers among "
+                         "--adapter's, the same window) from the same cache, as a row 'routing (NAME)'")
     ap.add_argument("--cache", default=str(ROOT / ".bench" / "quality"))
     ap.add_argument("--out", default=str(ROOT / ".bench" / "quality"))
     ap.add_argument("--encode-only", action="store_true", help="only fill the feature cache")
@@ -305,7 +314,18 @@ def main(argv: list[str] | None = None, loaded=None) -> None:
     trained = RouterAdapter.load(args.adapter)
     cand = tuple(int(x) for x in args.layers.split(",")) if args.layers else tuple(trained.config.router_layers)
     shifted = tuple(trained.config.shifted_layers)
-    passages, sources, queries, n_q = build_eval(args.needles, args.ict)
+    passages, sources, queries, n_q = build_eval(args.needles, args.ict, seed=args.seed)
+    also = {}
+    for name in args.also_adapter or []:
+        other = RouterAdapter.load(name)
+        oc = other.config
+        if (not set(oc.router_layers) <= set(cand) or not set(oc.shifted_layers) <= set(shifted)
+                or (oc.shifted_layers and oc.shifted_window != trained.config.shifted_window)):
+            raise SystemExit(f"--also-adapter {name} (layers {list(oc.router_layers)}, shifted {list(oc.shifted_layers)}, "
+                             f"window {oc.shifted_window}) is not scored by this run's cache: its layers must be among "
+                             f"{list(cand)}, its shifted layers among {list(shifted)} with window "
+                             f"{trained.config.shifted_window}")
+        also[f"routing ({Path(name).name})"] = other
     if loaded is None:
         loaded = load_model("default", router_layers=cand)
     elif loaded.router_layers != cand:
@@ -316,7 +336,8 @@ def main(argv: list[str] | None = None, loaded=None) -> None:
     print(f"eval: {len(queries)} queries ({args.needles} needles, {args.ict} inverse cloze), {n_needed} passages "
           f"({int(n_tokens[:n_needed].sum())} tokens) needed", file=sys.stderr, flush=True)
     cache = Path(args.cache)
-    x, chunk_doc, x_s, cd_s = pool_features(loaded, passages, n_needed, cache / cache_tag(cand, shifted, window))
+    tag = cache_tag(cand, shifted, window) + (f"-seed{args.seed}" if args.seed else "")
+    x, chunk_doc, x_s, cd_s = pool_features(loaded, passages, n_needed, cache / tag)
     if args.encode_only:
         return
     qx, qoff = extract_queries(loaded, [q.text for q in queries])
@@ -352,6 +373,8 @@ def main(argv: list[str] | None = None, loaded=None) -> None:
             }
             if shifted:   # the same weights over MSA's aligned grid alone: the same-run baseline of the grid
                 sc[ALIGNED_ROW] = routing_scores(aligned, list(cand), x, chunk_doc, qx, qoff, docs, qidx, cfg)
+            for row_name, other in also.items():
+                sc[row_name] = routing_scores(other, list(cand), x, chunk_doc, qx, qoff, docs, qidx, other.config, grid)
             for name, s in sc.items():
                 for kind in ("fact", "ict"):
                     m = [j for j, i in enumerate(qidx) if queries[i].kind == kind]
@@ -365,7 +388,7 @@ def main(argv: list[str] | None = None, loaded=None) -> None:
         results[S]["_docs"] = [len(docs) for docs, _ in plans[S]]
 
     em = run_em(args, loaded, trained, untrained_sub, passages, queries, plans, sizes) if args.em else None
-    report(args, results, sizes, em, t_dense, n_needed, n_tokens, cfg, t_start, trained.fingerprint())
+    report(args, results, sizes, em, t_dense, n_needed, n_tokens, cfg, t_start, trained.fingerprint(), also)
 
 
 def run_em(args, loaded, adapter, other_adapter, passages, queries, plans, sizes):
@@ -423,7 +446,7 @@ def run_em(args, loaded, adapter, other_adapter, passages, queries, plans, sizes
             "rows": rows, **timing}
 
 
-def report(args, results, sizes, em, t_dense, n_needed, n_tokens, cfg, t_start, router_id):
+def report(args, results, sizes, em, t_dense, n_needed, n_tokens, cfg, t_start, router_id, also=None):
     names = [n for n in results[sizes[0]] if not n.startswith("_")]
     print(f"\n{'method':<30} {'queries':<8} " + " ".join(f"{S // 1024:>5}K r@1/5/16   " for S in sizes))
     for name in names:
@@ -453,6 +476,7 @@ def report(args, results, sizes, em, t_dense, n_needed, n_tokens, cfg, t_start, 
         commit = ""
     summary = {"bench": "quality", "device": f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
                "commit": commit, "adapter": args.adapter, "router_id": router_id, "router_layers": list(cfg.router_layers),
+               "seed": args.seed, "also": {n: a.fingerprint() for n, a in (also or {}).items()},
                "sizes_tokens": sizes, "passages_encoded": int(n_needed), "tokens_encoded": int(n_tokens[:n_needed].sum()),
                "results": {str(S): {k: v for k, v in results[S].items()} for S in sizes},
                "relative_drop_r16_smallest_to_largest": drop, "routing_r16_ge_bm25_at_largest": beats,
