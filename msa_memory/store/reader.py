@@ -139,13 +139,12 @@ class MemoryStore:
     def router_key_bytes(self) -> int:
         """Bytes of this version's live router keys: every router layer's aligned chunks plus, at the shifted
         layers, the shifted grid's (section 11 of store-format.md). ``runtime.Memory`` holds them all resident."""
-        from msa_memory.schemas.records import shifted_chunk_counts
-
         ident = self.identity
         rows = int(self.manifest["stats"]["n_chunks"]) * ident.n_layers
-        if ident.shifted_layers:
-            n_tok = self.documents(["n_tokens"]).column("n_tokens").to_numpy()
-            rows += int(shifted_chunk_counts(n_tok, ident.chunk_tokens, ident.shifted_window).sum()) * len(ident.shifted_layers)
+        if ident.shifted_layers:   # live documents' shifted chunks, from the shard records' token counts
+            live_s = sum(int(np.diff(self._view(e["shard_id"]).shifted_offsets)[self._live_mask(e["shard_id"])].sum())
+                         for e in self._shard_entries)
+            rows += live_s * len(ident.shifted_layers)
         return rows * ident.n_kv_heads * ident.head_dim * STORAGE_DTYPES[ident.dtype].itemsize
 
     # ------------------------------------------------------------------ shard / doc lookup
