@@ -23,6 +23,10 @@ cached under ``--cache`` (gitignored); router keys of any adapter are a linear m
 ``--adapter``'s) from the same cache as one more row. ``--seed N`` draws another query set (other query
 passages, facts and cloze sentences; its own cache): a held-out set for choices made on seed 0.
 Prints a table, writes ``quality.json`` and ``quality.png`` into ``--out``, ends with one JSON line.
+``quality.json`` also holds every query's positive rank per row and size (``_positive_rank``: 1 + the
+passages scored above its positive) and, per routing row, the queries it routes into the top 16 and
+BM25 does not and the reverse (``paired_r16_vs_bm25``: won / lost; printed under the table): a 100-query
+difference of 0.05 is noise unless the pairs lean one way.
 
 An adapter with a shifted router-key grid (``shifted_layers``) is scored as ``runtime.Memory`` routes it
 (at those layers a passage's max over both grids' chunks; the encode pools both), and the row "routing
@@ -359,6 +363,7 @@ def main(argv: list[str] | None = None, loaded=None) -> None:
 
     aligned = trained.with_shifted_layers([])
     results: dict = {}
+    ranks: dict = {}
     for S in sizes:
         rows: dict[str, dict[str, list]] = {}
         for docs, qidx in plans[S]:
@@ -376,6 +381,9 @@ def main(argv: list[str] | None = None, loaded=None) -> None:
             for row_name, other in also.items():
                 sc[row_name] = routing_scores(other, list(cand), x, chunk_doc, qx, qoff, docs, qidx, other.config, grid)
             for name, s in sc.items():
+                for j, i in enumerate(qidx):   # 1 + passages scored above the query's best positive
+                    best = s[j, pos_local[j]].max()
+                    ranks.setdefault(S, {}).setdefault(name, {})[i] = int((s[j] > best).sum()) + 1
                 for kind in ("fact", "ict"):
                     m = [j for j, i in enumerate(qidx) if queries[i].kind == kind]
                     if not m:
@@ -386,6 +394,8 @@ def main(argv: list[str] | None = None, loaded=None) -> None:
                              for kind, v in kinds.items()} for name, kinds in rows.items()}
         results[S]["_tokens"] = [int(n_tokens[docs].sum()) for docs, _ in plans[S]]
         results[S]["_docs"] = [len(docs) for docs, _ in plans[S]]
+        results[S]["_positive_rank"] = {name: [r[i] for i in range(len(queries))] for name, r in ranks[S].items()}
+        results[S]["_kind"] = [q.kind for q in queries]
 
     em = run_em(args, loaded, trained, untrained_sub, passages, queries, plans, sizes) if args.em else None
     report(args, results, sizes, em, t_dense, n_needed, n_tokens, cfg, t_start, trained.fingerprint(), also)
@@ -446,6 +456,23 @@ def run_em(args, loaded, adapter, other_adapter, passages, queries, plans, sizes
             "rows": rows, **timing}
 
 
+def paired_vs_bm25(results, sizes, k: int = 16) -> dict:
+    """Per routing row, size and query kind: queries whose positive is in the top k of the row and not of
+    BM25 (won) and the reverse (lost), from the per-query positive ranks (``_positive_rank``)."""
+    out: dict = {}
+    for S in sizes:
+        ranks, kinds = results[S]["_positive_rank"], results[S]["_kind"]
+        base = ranks["BM25 (bm25s)"]
+        for name, r in ranks.items():
+            if not name.startswith("routing"):
+                continue
+            for kind in ("fact", "ict"):
+                idx = [i for i, kd in enumerate(kinds) if kd == kind]
+                out.setdefault(name, {}).setdefault(str(S), {})[kind] = {
+                    "won": sum(r[i] <= k < base[i] for i in idx), "lost": sum(base[i] <= k < r[i] for i in idx)}
+    return out
+
+
 def report(args, results, sizes, em, t_dense, n_needed, n_tokens, cfg, t_start, router_id, also=None):
     names = [n for n in results[sizes[0]] if not n.startswith("_")]
     print(f"\n{'method':<30} {'queries':<8} " + " ".join(f"{S // 1024:>5}K r@1/5/16   " for S in sizes))
@@ -460,6 +487,11 @@ def report(args, results, sizes, em, t_dense, n_needed, n_tokens, cfg, t_start, 
                    / max(1e-9, results[sizes[0]]["routing (trained adapter)"][kind][16])) for kind in ("fact", "ict")}
     beats = {kind: results[sizes[-1]]["routing (trained adapter)"][kind][16] >= results[sizes[-1]]["BM25 (bm25s)"][kind][16]
              for kind in ("fact", "ict")}
+    paired = paired_vs_bm25(results, sizes)
+    for name, by_size in paired.items():
+        print(f"paired recall@16 vs BM25, {name}: " + "; ".join(
+            f"{S // 1024}K " + ", ".join(f"{'needles' if kind == 'fact' else 'cloze'} {c['won']} won / {c['lost']} lost"
+                                          for kind, c in by_size[str(S)].items()) for S in sizes))
     if em:
         print(f"\nend-to-end exact match (text mode, top-{em['k']}, {em['memory_tokens'] // 1024}K memory): "
               f"{em['exact_match']:.2f} on {em['n']} needles")
@@ -479,6 +511,7 @@ def report(args, results, sizes, em, t_dense, n_needed, n_tokens, cfg, t_start, 
                "seed": args.seed, "also": {n: a.fingerprint() for n, a in (also or {}).items()},
                "sizes_tokens": sizes, "passages_encoded": int(n_needed), "tokens_encoded": int(n_tokens[:n_needed].sum()),
                "results": {str(S): {k: v for k, v in results[S].items()} for S in sizes},
+               "paired_r16_vs_bm25": paired,
                "relative_drop_r16_smallest_to_largest": drop, "routing_r16_ge_bm25_at_largest": beats,
                "exact_match": em, "dense_embed_seconds": round(t_dense, 1), "seconds": round(time.perf_counter() - t_start, 1)}
     (out / "quality.json").write_text(json.dumps(summary, indent=1))
@@ -500,7 +533,9 @@ def report(args, results, sizes, em, t_dense, n_needed, n_tokens, cfg, t_start, 
         fig.savefig(out / "quality.png", dpi=110)
     except Exception as e:  # the plot is a convenience; the JSON is the result
         print(f"plot failed: {e}", file=sys.stderr)
-    print(json.dumps({k: v for k, v in summary.items() if k != "exact_match"} | {"exact_match": (em or {}).get("exact_match")}))
+    brief = {S: {k: v for k, v in r.items() if k not in ("_positive_rank", "_kind")} for S, r in summary["results"].items()}
+    print(json.dumps({k: v for k, v in summary.items() if k != "exact_match"} | {"results": brief}
+                     | {"exact_match": (em or {}).get("exact_match")}))   # per-query ranks: in the file only
 
 
 if __name__ == "__main__":

@@ -34,7 +34,10 @@ Four steps (``--step``):
    layer subset of ``--adapter`` with the same weights reuses its scores). 100M tokens through
    block 17 takes ~5 min of a device call (compose, encode, scoring).
 3. ``bm25`` (here, CPU): rebuilds the same haystack texts, runs BM25 (bm25s) on each size, merges
-   the GPU file and prints the table and one JSON line; writes ``--out/quality_scale.json`` and
+   the GPU file and prints the table and one JSON line. Under each size it prints every routing
+   adapter's paired recall@16 against BM25: the queries it routes into the top 16 and BM25 does not
+   (won), and the reverse (lost), from both sides' per-query ranks (BM25's: its place among its best 16,
+   17 when not among them; a ``--bm25-json`` without them is run again). Writes ``--out/quality_scale.json`` and
    ``quality_scale.png`` (recall@16 against memory size; with ``--cpu-json``, bench_quality's
    16K–1M rows drawn beside, dashed).
 4. ``plot`` (anywhere): that PNG from an existing ``--scale-json`` (+ ``--cpu-json``), nothing re-run;
@@ -76,7 +79,16 @@ routing recall@1/5/16 at 1M / 10M / 100M tokens (4,164 / 41,532 / 414,846 passag
   benchmarks/results/router_4b77c12b/bench_quality_scale_h200_q200.json) needles 0.33/0.66/0.75,
   0.18/0.43/0.58, 0.16/0.24/0.35 and cloze 0.11/0.30/0.59, 0.07/0.22/0.38, 0.03/0.09/0.17;
 * BM25 needles 1.00 at every size, cloze 0.21/0.56/0.76, 0.15/0.43/0.62, 0.13/0.30/0.40 (100M: 85 s
-  here; 1M and 10M reused from the 1e5b9ebb run).
+  here; 1M and 10M reused from the 1e5b9ebb run; run again in the sixteenth session with per-query ranks,
+  the same figures). Paired against it, the shipped adapter's cloze recall@16 wins / loses 9 / 11, 13 / 15
+  and 12 / 16 queries at 1M / 10M / 100M.
+
+With 300 cloze queries (``--ict 300`` at prepare and gpu; haystack 5d715d9e, whose first 100 cloze queries are
+the ones above; sixteenth session, one 100M encode in 221 s;
+benchmarks/results/cloze_gap_2026-12-04/bench_quality_scale_h200_cloze300.json) the shipped adapter has
+needles 0.89/1.00/1.00, 0.88/1.00/1.00, 0.84/0.97/1.00 and cloze 0.17/0.50/0.68, 0.16/0.46/0.63,
+0.14/0.37/0.54 at 1M / 10M / 100M; BM25 needles 1.00 (recall@1 0.99 at 1M) and cloze 0.18/0.56/0.73,
+0.16/0.48/0.66, 0.15/0.42/0.53; paired cloze recall@16 28 / 41, 36 / 43 and 42 / 39 queries won / lost.
 
 Encoding the 100M tokens took 167 s through block 17 (626k tok/s) and 63 s through block 5 (1.66M
 tok/s); before SDPA stopped using cuDNN's attention (``encode.forward.CUDA_SDPA_BACKENDS``) the same
@@ -425,7 +437,7 @@ def bm25(args) -> None:
     if args.bm25_json:  # BM25 does not depend on the router: reuse an earlier run's figures
         res = json.loads(Path(args.bm25_json).read_text())["bm25"]
     for S, n in sorted(counts.items()):
-        if str(S) in res:
+        if "positive_rank" in res.get(str(S), {}):   # (earlier runs' files hold no per-query ranks: run again)
             continue
         t0 = time.perf_counter()
         corpus = passages[:n_q] + ["".join(" " + texts[s] for s in c) for c in comp[:n]]
@@ -436,11 +448,15 @@ def bm25(args) -> None:
         row = {}
         for kind in ("fact", "ict"):
             idx = [i for i, q in enumerate(queries) if q.kind == kind]
-            row[kind] = {kk: float(np.mean([queries[i].positives[0] in docs[i][:kk].tolist() for i in idx]))
-                         for kk in (1, 5, 16)}
-        res[str(S)] = {"bm25": row, "docs": n_q + n, "seconds": round(time.perf_counter() - t0, 1)}
+            row[kind] = {str(kk): float(np.mean([queries[i].positives[0] in docs[i][:kk].tolist() for i in idx]))
+                         for kk in (1, 5, 16)}   # string keys, as the row reads back from a JSON file
+        # the positive's place among BM25's best 16 (1..16), 17: not among them
+        rank = [docs[i].tolist().index(q.positives[0]) + 1 if q.positives[0] in docs[i].tolist() else 17
+                for i, q in enumerate(queries)]
+        res[str(S)] = {"bm25": row, "docs": n_q + n, "seconds": round(time.perf_counter() - t0, 1),
+                       "positive_rank": rank}
         del r, corpus
-        print(f"  bm25 {S}: {res[str(S)]}", file=sys.stderr, flush=True)
+        print(f"  bm25 {S}: {row} ({res[str(S)]['seconds']} s)", file=sys.stderr, flush=True)
     table = []
     print(f"\n{'memory':>8} {'docs':>8}  {'routing r@1/5/16 needle':>24} {'cloze':>16}  {'BM25 needle':>16} {'cloze':>16}")
     for S in sorted(counts):
@@ -455,7 +471,11 @@ def bm25(args) -> None:
             ga = o["results"].get(str(S), {}).get("routing")
             print(f"{'':>8} {'':>8}  {f(ga and ga['fact']):>24} {f(ga and ga['ict']):>16}  ({name}, layers "
                   f"{o['router_layers']})")
-        table.append({"tokens": S, "docs": res[str(S)]["docs"], "routing": g, "bm25": b,
+        paired = _paired(gpu_res, res[str(S)].get("positive_rank"), S, queries)
+        for name, c in paired.items():
+            print(f"{'':>8} {'':>8}  paired recall@16 vs BM25, {name}: needles {c['fact']['won']} won / "
+                  f"{c['fact']['lost']} lost, cloze {c['ict']['won']} won / {c['ict']['lost']} lost")
+        table.append({"tokens": S, "docs": res[str(S)]["docs"], "routing": g, "bm25": b, "paired_r16_vs_bm25": paired,
                       "also": {name: o["results"].get(str(S), {}).get("routing")
                                for name, o in (gpu_res or {}).get("also", {}).items()}})
     summary = {"bench": "quality_scale", "digest": digest, "sizes": list(meta["sizes"]), "gpu": gpu_res,
@@ -466,6 +486,24 @@ def bm25(args) -> None:
     cpu = json.loads(Path(args.cpu_json).read_text()) if args.cpu_json else None
     plot_scale(summary, cpu, out / "quality_scale.png")
     print(json.dumps({"bench": "quality_scale", "digest": digest, "table": table}))
+
+
+def _paired(gpu_res: dict | None, bm25_rank: list[int] | None, S: int, queries, k: int = 16) -> dict:
+    """Per routing adapter of the gpu file: queries of each kind whose positive is in its top k and not in
+    BM25's (won), and the reverse (lost), at size S; empty without per-query ranks on both sides."""
+    if not gpu_res or not bm25_rank:
+        return {}
+    out = {}
+    rows = {"routing": gpu_res["results"].get(str(S), {})}
+    rows |= {name: o["results"].get(str(S), {}) for name, o in gpu_res.get("also", {}).items()}
+    for name, row in rows.items():
+        r = row.get("positive_rank")
+        if not r:
+            continue
+        out[name] = {kind: {"won": sum(r[i] <= k < bm25_rank[i] for i, q in enumerate(queries) if q.kind == kind),
+                            "lost": sum(bm25_rank[i] <= k < r[i] for i, q in enumerate(queries) if q.kind == kind)}
+                     for kind in ("fact", "ict")}
+    return out
 
 
 def plot_scale(summary: dict, cpu: dict | None, path: Path) -> None:
