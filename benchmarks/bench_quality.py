@@ -60,6 +60,10 @@ in place 0.04 s vs encode + write 28.8 s for the first 16,611-token EM store (wi
 beside it on the 2 cores; 15.3 s on idle cores in an earlier run, 4.7 s with the shallow adapter, whose
 encoder stops after block 5). Before the deep adapter's run the benchmark asked 40 + 40 queries
 (±0.07 per figure at 1M; now ±0.05).
+
+Four query sets (``--seed 0..3``, sixteenth session; benchmarks/results/cloze_gap_2026-12-04/): needle recall@16
+1.00 at every size on all four; cloze recall@16 pooled over the 400 queries 0.97 / 0.67 / 0.64 against BM25's
+0.91 / 0.71 / 0.67, paired 32 / 6, 42 / 56 and 38 / 48 queries won / lost against BM25 at 16K / 128K / 1M.
 """
 
 from __future__ import annotations
