@@ -460,6 +460,12 @@ def run_em(args, loaded, adapter, other_adapter, passages, queries, plans, sizes
             "rows": rows, **timing}
 
 
+def won_lost(ranks, base, idx, k: int = 16) -> dict:
+    """Of queries ``idx``: those whose positive is in the top k by ``ranks`` and not by ``base`` (won), and the
+    reverse (lost); ranks are 1-based positive ranks, one per query."""
+    return {"won": sum(ranks[i] <= k < base[i] for i in idx), "lost": sum(base[i] <= k < ranks[i] for i in idx)}
+
+
 def paired_vs_bm25(results, sizes, k: int = 16) -> dict:
     """Per routing row, size and query kind: queries whose positive is in the top k of the row and not of
     BM25 (won) and the reverse (lost), from the per-query positive ranks (``_positive_rank``)."""
@@ -472,8 +478,7 @@ def paired_vs_bm25(results, sizes, k: int = 16) -> dict:
                 continue
             for kind in ("fact", "ict"):
                 idx = [i for i, kd in enumerate(kinds) if kd == kind]
-                out.setdefault(name, {}).setdefault(str(S), {})[kind] = {
-                    "won": sum(r[i] <= k < base[i] for i in idx), "lost": sum(base[i] <= k < r[i] for i in idx)}
+                out.setdefault(name, {}).setdefault(str(S), {})[kind] = won_lost(r, base, idx, k)
     return out
 
 

@@ -491,6 +491,8 @@ def bm25(args) -> None:
 def _paired(gpu_res: dict | None, bm25_rank: list[int] | None, S: int, queries, k: int = 16) -> dict:
     """Per routing adapter of the gpu file: queries of each kind whose positive is in its top k and not in
     BM25's (won), and the reverse (lost), at size S; empty without per-query ranks on both sides."""
+    import bench_quality as bq
+
     if not gpu_res or not bm25_rank:
         return {}
     out = {}
@@ -500,8 +502,7 @@ def _paired(gpu_res: dict | None, bm25_rank: list[int] | None, S: int, queries, 
         r = row.get("positive_rank")
         if not r:
             continue
-        out[name] = {kind: {"won": sum(r[i] <= k < bm25_rank[i] for i, q in enumerate(queries) if q.kind == kind),
-                            "lost": sum(bm25_rank[i] <= k < r[i] for i, q in enumerate(queries) if q.kind == kind)}
+        out[name] = {kind: bq.won_lost(r, bm25_rank, [i for i, q in enumerate(queries) if q.kind == kind], k)
                      for kind in ("fact", "ict")}
     return out
 
