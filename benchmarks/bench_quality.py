@@ -23,6 +23,8 @@ cached under ``--cache`` (gitignored); router keys of any adapter are a linear m
 ``--adapter``'s) from the same cache as one more row. ``--seed N`` draws another query set (other query
 passages, facts and cloze sentences; its own cache): a held-out set for choices made on seed 0.
 Prints a table, writes ``quality.json`` and ``quality.png`` into ``--out``, ends with one JSON line.
+``--replot QUALITY_JSON`` only draws an earlier run's PNG into ``--out`` (baselines as pale bands under the
+routing rows, so a routing row level with BM25 stays visible).
 ``quality.json`` also holds every query's positive rank per row and size (``_positive_rank``: 1 + the
 passages scored above its positive) and, per routing row, the queries it routes into the top 16 and
 BM25 does not and the reverse (``paired_r16_vs_bm25``: won / lost; printed under the table): a 100-query
@@ -312,7 +314,13 @@ def main(argv: list[str] | None = None, loaded=None) -> None:
     ap.add_argument("--encode-only", action="store_true", help="only fill the feature cache")
     ap.add_argument("--em", type=int, default=0,
                     help="end-to-end exact match on this many needles (text mode, the smallest size's haystacks in turn)")
+    ap.add_argument("--replot", metavar="QUALITY_JSON",
+                    help="only draw the PNG of an existing quality.json into --out (nothing run)")
     args = ap.parse_args(argv)
+    if args.replot:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        plot_quality(json.loads(Path(args.replot).read_text()), Path(args.out) / "quality.png")
+        return
     warnings.simplefilter("ignore")
     t_start = time.perf_counter()
     from msa_memory.encode import RouterAdapter, load_model
@@ -482,6 +490,41 @@ def paired_vs_bm25(results, sizes, k: int = 16) -> dict:
     return out
 
 
+def line_style(name: str) -> dict:
+    """matplotlib keywords of a row: baselines (BM25, dense) as broad pale bands under the routing rows, so
+    that a routing row equal to a baseline (needles: 1.00 beside BM25's) still shows on top of it."""
+    if name.startswith(("BM25", "dense")):
+        return {"lw": 5, "alpha": 0.4, "zorder": 2, "marker": "s", "ms": 8}
+    return {"lw": 1.6, "zorder": 3, "marker": "o", "ms": 4}
+
+
+def plot_quality(summary: dict, path: Path) -> None:
+    """recall@16 against memory size, needles and cloze side by side, from a ``quality.json``."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        res = summary["results"]
+        sizes = sorted(res, key=int)
+        names = [n for n in res[sizes[0]] if not n.startswith("_")]
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+        for ax, kind, title in zip(axes, ("fact", "ict"), ("needle facts", "inverse cloze")):
+            for name in names:
+                vals = [res[S][name][kind] for S in sizes]
+                ax.plot([int(S) for S in sizes], [v.get("16", v.get(16)) for v in vals], label=name, **line_style(name))
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("memory size (tokens)")
+            ax.set_title(f"recall@16, {title}")
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("recall@16")
+        axes[1].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+    except Exception as e:  # the plot is a convenience; the JSON is the result
+        print(f"plot failed: {e}", file=sys.stderr)
+
+
 def report(args, results, sizes, em, t_dense, n_needed, n_tokens, cfg, t_start, router_id, also=None):
     names = [n for n in results[sizes[0]] if not n.startswith("_")]
     print(f"\n{'method':<30} {'queries':<8} " + " ".join(f"{S // 1024:>5}K r@1/5/16   " for S in sizes))
@@ -524,24 +567,7 @@ def report(args, results, sizes, em, t_dense, n_needed, n_tokens, cfg, t_start, 
                "relative_drop_r16_smallest_to_largest": drop, "routing_r16_ge_bm25_at_largest": beats,
                "exact_match": em, "dense_embed_seconds": round(t_dense, 1), "seconds": round(time.perf_counter() - t_start, 1)}
     (out / "quality.json").write_text(json.dumps(summary, indent=1))
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-        for ax, kind, title in zip(axes, ("fact", "ict"), ("needle facts", "inverse cloze")):
-            for name in names:
-                ax.plot(sizes, [results[S][name][kind][16] for S in sizes], marker="o", label=name)
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("memory size (tokens)")
-            ax.set_title(f"recall@16, {title}")
-            ax.grid(alpha=0.3)
-        axes[0].set_ylabel("recall@16")
-        axes[1].legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(out / "quality.png", dpi=110)
-    except Exception as e:  # the plot is a convenience; the JSON is the result
-        print(f"plot failed: {e}", file=sys.stderr)
+    plot_quality(summary, out / "quality.png")
     brief = {S: {k: v for k, v in r.items() if k not in ("_positive_rank", "_kind")} for S, r in summary["results"].items()}
     print(json.dumps({k: v for k, v in summary.items() if k != "exact_match"} | {"results": brief}
                      | {"exact_match": (em or {}).get("exact_match")}))   # per-query ranks: in the file only

@@ -518,6 +518,8 @@ def plot_scale(summary: dict, cpu: dict | None, path: Path) -> None:
     except ImportError as e:  # the plot is a convenience; the JSON is the result
         print(f"plot skipped: {e}", file=sys.stderr)
         return
+    import bench_quality as bq
+
     rows = summary["table"]
     x = [r["tokens"] for r in rows]
     layers = (summary.get("gpu") or {}).get("router_layers")
@@ -542,20 +544,20 @@ def plot_scale(summary: dict, cpu: dict | None, path: Path) -> None:
     for ax, kind, title in zip(axes, ("fact", "ict"), ("needle facts", "inverse cloze")):
         for name, vals in series.items():
             pts = [(s, v[kind]["16"]) for s, v in zip(x, vals) if v]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", color=pick(name),
-                    label=f"{name} (GPU haystacks)")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], color=pick(name), label=f"{name} (GPU haystacks)",
+                    **bq.line_style(name))
         if cpu:
             sizes = sorted(int(s) for s in cpu["results"])
             for name in [n for n in cpu["results"][str(sizes[0])] if not n.startswith("_") and "untrained" not in n]:
-                ax.plot(sizes, [cpu["results"][str(s)][name][kind]["16"] for s in sizes], ls="--", marker=".",
-                        color=pick(name), label=f"{name} (CPU haystacks)")
+                ax.plot(sizes, [cpu["results"][str(s)][name][kind]["16"] for s in sizes], ls="--",
+                        color=pick(name), label=f"{name} (CPU haystacks)", **dict(bq.line_style(name), marker="."))
         ax.set_xscale("log", base=2)
         ax.set_xlabel("memory size (tokens)")
         ax.set_title(f"recall@16, {title}")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("recall@16")
     axes[0].set_ylim(0, 1.02)
-    axes[1].legend(fontsize=7, loc="lower left")
+    axes[0].legend(fontsize=7, loc="lower left")   # the needle panel has room below its lines
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
