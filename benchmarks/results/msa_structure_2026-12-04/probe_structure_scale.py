@@ -13,7 +13,7 @@ BM25 as in ``probe_structure.py`` (Lucene idf, k1 1.5, b 0.75; bm25s's default t
 of 2+ word characters, bm25s's English stopwords; a query term said twice counts twice), each size indexed
 on its own units.
 
-Run from the repository root (this 2-core CPU: ~20 min, ~8 GiB):
+Run from the repository root (this 2-core CPU: 258 s):
 ``.venv/bin/python benchmarks/results/msa_structure_2026-12-04/probe_structure_scale.py``.
 Writes ``structure_scale.json`` beside this file.
 """
