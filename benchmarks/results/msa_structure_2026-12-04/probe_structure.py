@@ -34,21 +34,21 @@ import time
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
 import torch
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(HERE))
 import bench_quality as bq  # noqa: E402
 import bm25s  # noqa: E402
 from msa_memory.encode import load_model  # noqa: E402
+from probe_structure_scale import bm25_weights, tf_matrix  # noqa: E402
 
 SIZES = (16384, 131072, 1048576)
 SEEDS = (0, 1, 2, 3)
 KS = (1, 16)
 ROUTING = "routing (trained adapter)"
-K1, B = 1.5, 0.75
 
 
 def terms(texts):
@@ -56,22 +56,9 @@ def terms(texts):
 
 
 def bm25_matrix(unit_terms, vocab):
-    """(units × vocab) csr matrix of BM25 term weights, Lucene idf."""
-    rows, cols, tfs = [], [], []
+    """(units × vocab) matrix of BM25 term weights, Lucene idf (the scale probe's, over string terms)."""
     lens = np.array([len(t) for t in unit_terms], dtype=np.float64)
-    for i, ts in enumerate(unit_terms):
-        u, c = np.unique([vocab[t] for t in ts], return_counts=True) if ts else (np.array([], int), np.array([], int))
-        rows += [i] * len(u)
-        cols += u.tolist()
-        tfs += c.tolist()
-    n = len(unit_terms)
-    tf = sp.csr_matrix((np.array(tfs, dtype=np.float64), (rows, cols)), shape=(n, len(vocab)))
-    df = np.bincount(np.array(cols, dtype=np.int64), minlength=len(vocab)).astype(np.float64)
-    idf = np.log(1.0 + (n - df + 0.5) / (df + 0.5))
-    norm = K1 * (1 - B + B * lens / max(lens.mean(), 1e-9))
-    tf = tf.tocoo()
-    w = idf[tf.col] * tf.data * (K1 + 1) / (tf.data + norm[tf.row])
-    return sp.csr_matrix((w, (tf.row, tf.col)), shape=tf.shape)
+    return bm25_weights(tf_matrix([[vocab[t] for t in ts] for ts in unit_terms], len(unit_terms)), lens, len(vocab))
 
 
 def unit_scores(W, q_terms, vocab, how):
