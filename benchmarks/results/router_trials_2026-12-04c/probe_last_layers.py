@@ -7,6 +7,7 @@ Each query's positive rank is paired with the committed BM25 ranks of the same q
 default's ranks computed here (which must repeat the committed ones: checked and printed).
 
 Usage: python probe_last_layers.py --last NAME=DIR [--last NAME=DIR ...] --seed 0 [--out F.json]
+       [--template 'TEXT {q} TEXT'] [--only 'COMBINATION;COMBINATION']
 Inference only on cached pooled inputs (no encode); prints a table and one JSON line.
 """
 import argparse
@@ -49,6 +50,10 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--sizes", default="16384,131072,1048576")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--template", default=None,
+                    help="route the 'last' adapters' layers with each question put into this text at {q} (the "
+                         "default's layers keep the bare question), e.g. a PromptEOL-style suffix")
+    ap.add_argument("--only", default=None, help="semicolon-separated combination names to compute (default: all)")
     a = ap.parse_args()
     warnings.simplefilter("ignore")
     from msa_memory.encode import RouterAdapter, load_model
@@ -68,6 +73,9 @@ def main() -> None:
             raise SystemExit(f"--last {spec}: its query_reduce is {ad.config.query_reduce!r}, not 'last'")
         adapters[name] = ad
     table = combos([n for n in adapters if n != "max"])
+    if a.only:
+        keep = [c.strip() for c in a.only.split(";")]
+        table = {c: v for c, v in table.items() if c in keep or c.startswith("default")}
     passages, sources, queries, n_q = bq.build_eval(100, 100, seed=a.seed)
     loaded = load_model("default", router_layers=tuple(layers))
     loaded.router = loaded.router.with_shifted_layers(shifted, window)
@@ -75,6 +83,8 @@ def main() -> None:
     tag = bq.cache_tag(tuple(layers), shifted, window) + (f"-seed{a.seed}" if a.seed else "")
     x, chunk_doc, x_s, cd_s = bq.pool_features(loaded, passages, n_needed, ROOT / ".bench" / "quality" / tag)
     qx, qoff = extract_queries(loaded, [q.text for q in queries])
+    qx_t, qoff_t = (extract_queries(loaded, [a.template.replace("{q}", q.text) for q in queries])
+                    if a.template else (qx, qoff))
     grid = (list(shifted), x_s, cd_s)
     committed = json.loads((COMMITTED / f"bench_quality_cpu_seed{a.seed}.json").read_text())
     results, ranks = {}, {}
@@ -83,10 +93,14 @@ def main() -> None:
         for docs, qidx in plans[S]:
             pos_local = [[docs.index(p) for p in queries[i].positives] for i in qidx]
             per = {}
+            needed = {p for parts in table.values() for p in parts}
             for name, ad in adapters.items():
+                qxa, qoa = (qx, qoff) if name == "max" else (qx_t, qoff_t)
                 for l in layers:
+                    if (name, l) not in needed:
+                        continue
                     sub = ad.subset([l]).with_shifted_layers([l], window)
-                    per[(name, l)] = bq.routing_scores(sub, layers, x, chunk_doc, qx, qoff, docs, qidx, sub.config, grid)
+                    per[(name, l)] = bq.routing_scores(sub, layers, x, chunk_doc, qxa, qoa, docs, qidx, sub.config, grid)
             for c, parts in table.items():
                 s = sum(per[p] for p in parts)
                 for j, i in enumerate(qidx):   # 1 + passages scored above the query's best positive
@@ -119,7 +133,7 @@ def main() -> None:
         print(f"{c:52s} {f:>22s}   {i:>22s}   {wl} | {wd}")
     print(f"{'BM25 (committed ranks)':52s} {'':>22s}   " +
           " ".join(f"{results[S]['bm25_cloze_r16']:.2f}" for S in sizes))
-    out = {"seed": a.seed, "adapters": {n: ad.fingerprint() for n, ad in adapters.items()},
+    out = {"seed": a.seed, "template": a.template, "adapters": {n: ad.fingerprint() for n, ad in adapters.items()},
            "seconds": round(time.perf_counter() - t0), "results": {str(S): results[S] for S in sizes},
            "ranks": {str(S): ranks[S] for S in sizes}}
     if a.out:
