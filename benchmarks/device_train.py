@@ -111,6 +111,8 @@ def prepare(a) -> None:
     from msa_memory.train.recipe import bm25_hard_negatives, builtin_pairs
 
     t0 = time.perf_counter()
+    if a.query_template is not None and a.query_template.count("{q}") != 1:
+        raise SystemExit(f"--query-template {a.query_template!r}: put {{q}} (the question) in it exactly once")
     cfg = train_config(a)
     layers = parse_layers(a.layers)
     train, dev = builtin_pairs(a.n_train, a.n_dev, seed=a.seed, max_chars=a.max_chars,
@@ -125,7 +127,8 @@ def prepare(a) -> None:
     sets = {}
     for name, ps in (("train", train), ("dev", dev)):
         seqs = [loaded.wrap_ids(p, i) for i, p in enumerate(ps.passages)]
-        qt = [query_tokens(tok, q.text) for q in ps.queries]
+        qt = [query_tokens(tok, a.query_template.replace("{q}", q.text) if a.query_template else q.text)
+              for q in ps.queries]
         sets[name] = (seqs, qt, ps)
     used = np.unique(np.concatenate([np.concatenate([np.asarray(s) for s in seqs] + [np.asarray(t) for t, _ in qt])
                                      for seqs, qt, _ in sets.values()]))
@@ -152,6 +155,8 @@ def prepare(a) -> None:
             "router_config": loaded.router.config.to_dict(), "model_name": loaded.name,
             "model_fingerprint": loaded.model_fingerprint, "train": train.counts(), "dev": dev.counts(),
             "python": platform.python_version(), "packages": installed_packages(), "pack": info}
+    if a.query_template:   # a trial: msa train-router has no such option, so "command" does not reproduce it
+        meta["query_template"] = a.query_template
     (carry / "meta.json").write_text(json.dumps(meta, indent=1))
     sizes = {str(p.relative_to(carry)): p.stat().st_size for p in carry.rglob("*") if p.is_file()}
     print(json.dumps({"prepare_seconds": round(time.perf_counter() - t0), "files": sizes,
@@ -490,6 +495,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--hard-negatives", default="bm25", choices=("bm25", "routing", "both"))
     ap.add_argument("--mine-every", type=int, default=1)
     ap.add_argument("--freeze-layers", default=None)
+    ap.add_argument("--query-template", default=None,
+                    help="prepare (a trial, not a msa train-router option): tokenize every question put into this "
+                         "text at {q}, e.g. '{q}\nThis passage is about' (router_trials_2026-12-04c); route "
+                         "the trained adapter with the same text (probe_last_layers.py --template)")
     # gpu step: override options of the prepared recipe that data.npz does not depend on
     for k, typ in (("layers", str), ("epochs", int), ("hard-negatives", str), ("mine-every", int),
                    ("query-reduce", str), ("head-reduce", str), ("negatives", int), ("lr", float),

@@ -68,11 +68,13 @@ def main() -> None:
     adapters = {"max": default}
     for spec in a.last:
         name, path = spec.split("=", 1)
-        ad = RouterAdapter.load(path).with_shifted_layers(shifted, window)
+        ad = RouterAdapter.load(path)
+        ad = ad.with_shifted_layers([l for l in shifted if l in ad.config.router_layers], window)
         if ad.config.query_reduce != "last":
             raise SystemExit(f"--last {spec}: its query_reduce is {ad.config.query_reduce!r}, not 'last'")
         adapters[name] = ad
-    table = combos([n for n in adapters if n != "max"])
+    table = {c: parts for c, parts in combos([n for n in adapters if n != "max"]).items()   # each adapter's own layers
+             if all(l in adapters[n].config.router_layers for n, l in parts)}
     if a.only:
         keep = [c.strip() for c in a.only.split(";")]
         table = {c: v for c, v in table.items() if c in keep or c.startswith("default")}
@@ -96,7 +98,7 @@ def main() -> None:
             needed = {p for parts in table.values() for p in parts}
             for name, ad in adapters.items():
                 qxa, qoa = (qx, qoff) if name == "max" else (qx_t, qoff_t)
-                for l in layers:
+                for l in ad.config.router_layers:
                     if (name, l) not in needed:
                         continue
                     sub = ad.subset([l]).with_shifted_layers([l], window)
