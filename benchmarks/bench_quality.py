@@ -225,6 +225,25 @@ def cache_tag(layers, shifted=(), window=None) -> str:
             + (f"-W{window}" if shifted and window else ""))
 
 
+def seed_eval(adapter, seed: int, sizes, cache: Path, group: int | None = 10) -> dict:
+    """Query set ``seed`` of the CPU benchmark (100 needles + 100 cloze), its haystack plans for ``sizes`` and
+    the pooled router-layer inputs of ``adapter``'s layers and grid from ``cache`` (encoded there on a miss), as
+    ``main`` builds them with ``--adapter`` that adapter: for probes that score other weights on the same
+    haystacks. Returns passages, queries, loaded, plans, x, chunk_doc, grid (for ``routing_scores``)."""
+    from msa_memory.encode import load_model
+
+    layers = tuple(adapter.config.router_layers)
+    shifted, window = tuple(adapter.config.shifted_layers), adapter.config.shifted_window
+    passages, _, queries, n_q = build_eval(100, 100, seed=seed)
+    loaded = load_model("default", router_layers=layers)
+    loaded.router = loaded.router.with_shifted_layers(shifted, window)
+    _, plans, n_needed = plan_haystacks(loaded, passages, queries, n_q, sizes, group)
+    tag = cache_tag(layers, shifted, window) + (f"-seed{seed}" if seed else "")
+    x, chunk_doc, x_s, cd_s = pool_features(loaded, passages, n_needed, Path(cache) / tag)
+    return {"passages": passages, "queries": queries, "loaded": loaded, "plans": plans, "x": x,
+            "chunk_doc": chunk_doc, "grid": (list(shifted), x_s, cd_s)}
+
+
 def _texts_digest(texts) -> str:
     import hashlib
 

@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     warnings.simplefilter("ignore")
-    from msa_memory.encode import RouterAdapter, load_model
+    from msa_memory.encode import RouterAdapter
     from msa_memory.train.features import extract_queries
 
     t0 = time.perf_counter()
@@ -36,14 +36,10 @@ def main() -> None:
     layers = list(default.config.router_layers)
     shifted, window = tuple(default.config.shifted_layers), default.config.shifted_window
     late = RouterAdapter.load(a.late).with_shifted_layers(shifted, window)
-    passages, sources, queries, n_q = bq.build_eval(100, 100, seed=a.seed)
-    loaded = load_model("default", router_layers=tuple(layers))
-    loaded.router = loaded.router.with_shifted_layers(shifted, window)
-    n_tokens, plans, n_needed = bq.plan_haystacks(loaded, passages, queries, n_q, sizes, 10)
-    tag = bq.cache_tag(tuple(layers), shifted, window) + (f"-seed{a.seed}" if a.seed else "")
-    x, chunk_doc, x_s, cd_s = bq.pool_features(loaded, passages, n_needed, ROOT / ".bench" / "quality" / tag)
+    ev = bq.seed_eval(default, a.seed, sizes, ROOT / ".bench" / "quality")
+    queries, loaded, plans, x, chunk_doc, grid = (ev[k] for k in ("queries", "loaded", "plans", "x", "chunk_doc",
+                                                                   "grid"))
     qx, qoff = extract_queries(loaded, [q.text for q in queries])
-    grid = (list(shifted), x_s, cd_s)
     adapters = {"max": default, "late": late}
     combos = {
         "default: max at all 7": [("max", l) for l in layers],

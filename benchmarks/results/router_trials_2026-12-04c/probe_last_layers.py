@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="semicolon-separated combination names to compute (default: all)")
     a = ap.parse_args()
     warnings.simplefilter("ignore")
-    from msa_memory.encode import RouterAdapter, load_model
+    from msa_memory.encode import RouterAdapter
     from msa_memory.train.features import extract_queries
 
     t0 = time.perf_counter()
@@ -78,16 +78,12 @@ def main() -> None:
     if a.only:
         keep = [c.strip() for c in a.only.split(";")]
         table = {c: v for c, v in table.items() if c in keep or c.startswith("default")}
-    passages, sources, queries, n_q = bq.build_eval(100, 100, seed=a.seed)
-    loaded = load_model("default", router_layers=tuple(layers))
-    loaded.router = loaded.router.with_shifted_layers(shifted, window)
-    n_tokens, plans, n_needed = bq.plan_haystacks(loaded, passages, queries, n_q, sizes, 10)
-    tag = bq.cache_tag(tuple(layers), shifted, window) + (f"-seed{a.seed}" if a.seed else "")
-    x, chunk_doc, x_s, cd_s = bq.pool_features(loaded, passages, n_needed, ROOT / ".bench" / "quality" / tag)
+    ev = bq.seed_eval(default, a.seed, sizes, ROOT / ".bench" / "quality")
+    queries, loaded, plans, x, chunk_doc, grid = (ev[k] for k in ("queries", "loaded", "plans", "x", "chunk_doc",
+                                                                   "grid"))
     qx, qoff = extract_queries(loaded, [q.text for q in queries])
     qx_t, qoff_t = (extract_queries(loaded, [a.template.replace("{q}", q.text) for q in queries])
                     if a.template else (qx, qoff))
-    grid = (list(shifted), x_s, cd_s)
     committed = json.loads((COMMITTED / f"bench_quality_cpu_seed{a.seed}.json").read_text())
     results, ranks = {}, {}
     for S in sizes:
