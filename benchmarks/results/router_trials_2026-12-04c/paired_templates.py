@@ -8,13 +8,18 @@ from pathlib import Path
 
 from summarize import sign_p
 
-COMMITTED = Path(__file__).resolve().parents[1] / "cloze_gap_2026-12-04"
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parents[2] / "benchmarks"))
+import bench_quality as bq  # noqa: E402
+
+COMMITTED = HERE.parent / "cloze_gap_2026-12-04"
 
 a, b = sys.argv[1], sys.argv[2]
 pairs = [(f"{a}: last at 13, 16, 17", f"{b}: last at 13, 16, 17"), (f"{a}: last at 13", f"{b}: last at 13"),
          (f"max at all 7 + {a}: last at 13, 16, 17", f"max at all 7 + {b}: last at 13, 16, 17"),
          (f"max at all 7 + {a}: last at 13", f"max at all 7 + {b}: last at 13")]
 runs = {x: [json.loads(Path(f"probe_tpl_{x}_seed{s}.json").read_text()) for s in range(4)] for x in (a, b)}
+kinds = [json.loads((COMMITTED / f"bench_quality_cpu_seed{s}.json").read_text())["results"] for s in range(4)]
 print(f"{a} against {b}, 4 query sets: won / lost (p) at each size")
 out = {}
 for ra, rb in pairs:
@@ -23,12 +28,9 @@ for ra, rb in pairs:
         for kind in ("ict", "fact"):
             w = l = 0
             for s in range(4):
-                rka, rkb = runs[a][s]["ranks"][S][ra], runs[b][s]["ranks"][S][rb]
-                kinds = json.loads((COMMITTED / f"bench_quality_cpu_seed{s}.json").read_text())["results"][S]["_kind"]
-                for i, k in enumerate(kinds):
-                    if k == kind:
-                        w += rka[i] <= 16 < rkb[i]
-                        l += rkb[i] <= 16 < rka[i]
+                idx = [i for i, k in enumerate(kinds[s][S]["_kind"]) if k == kind]
+                wl = bq.won_lost(runs[a][s]["ranks"][S][ra], runs[b][s]["ranks"][S][rb], idx)
+                w, l = w + wl["won"], l + wl["lost"]
             out.setdefault(ra, {}).setdefault(S, {})[kind] = {"won": w, "lost": l, "p": round(sign_p(w, l), 3)}
             cells.append(f"{'cloze' if kind == 'ict' else 'needles'} {S}: {w}/{l} ({sign_p(w, l):.3f})")
     print(f"{ra}\n  " + "\n  ".join(cells))
