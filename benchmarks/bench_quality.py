@@ -303,6 +303,11 @@ def bm25_scores(texts, queries):
     return out
 
 
+def positive_rank(row, positives) -> int:
+    """1 + the passages a query's score row puts above its best-scored positive (1-based rank)."""
+    return int((row > row[positives].max()).sum()) + 1
+
+
 def recall(scores, positives):
     """{k: mean over queries of hit-in-top-k} for single-positive queries."""
     out = {}
@@ -412,9 +417,8 @@ def main(argv: list[str] | None = None, loaded=None) -> None:
             for row_name, other in also.items():
                 sc[row_name] = routing_scores(other, list(cand), x, chunk_doc, qx, qoff, docs, qidx, other.config, grid)
             for name, s in sc.items():
-                for j, i in enumerate(qidx):   # 1 + passages scored above the query's best positive
-                    best = s[j, pos_local[j]].max()
-                    ranks.setdefault(S, {}).setdefault(name, {})[i] = int((s[j] > best).sum()) + 1
+                for j, i in enumerate(qidx):
+                    ranks.setdefault(S, {}).setdefault(name, {})[i] = positive_rank(s[j], pos_local[j])
                 for kind in ("fact", "ict"):
                     m = [j for j, i in enumerate(qidx) if queries[i].kind == kind]
                     if not m:

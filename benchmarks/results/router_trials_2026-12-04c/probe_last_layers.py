@@ -101,8 +101,8 @@ def main() -> None:
                     per[(name, l)] = bq.routing_scores(sub, layers, x, chunk_doc, qxa, qoa, docs, qidx, sub.config, grid)
             for c, parts in table.items():
                 s = sum(per[p] for p in parts)
-                for j, i in enumerate(qidx):   # 1 + passages scored above the query's best positive
-                    rk[c][i] = int((s[j] > s[j, pos_local[j]].max()).sum()) + 1
+                for j, i in enumerate(qidx):
+                    rk[c][i] = bq.positive_rank(s[j], pos_local[j])
         ranks[S] = {c: [r[i] for i in range(len(queries))] for c, r in rk.items()}
         cr = committed["results"][str(S)]["_positive_rank"]
         same = sum(x == y for x, y in zip(ranks[S]["default: max at all 7"], cr["routing (trained adapter)"]))
