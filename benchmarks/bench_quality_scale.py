@@ -211,7 +211,7 @@ def prepare(args) -> None:
     texts, pool_ids, base, base_len = _pool(passages, n_q, tok, allowed)
     pool_len = np.array([len(x) for x in pool_ids], dtype=np.int64)
     qpass = [loaded.wrap_ids(passages[i], 0) for i in range(n_q)]
-    qtok = [query_tokens(tok, q.text) for q in queries]
+    qtok = [query_tokens(tok, q.text, adapter.config.query_suffix) for q in queries]   # as Memory routes them
     comp, digest = compose(base, base_len, pool_len, max(args.sizes) + 1, seed=args.seed)
     bos = [int(tok.bos_token_id)]
     used = np.unique(np.concatenate([np.concatenate(pool_ids), np.concatenate(qpass),

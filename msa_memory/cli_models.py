@@ -133,6 +133,7 @@ def train_router_cmd(
     layer_loss: Annotated[str, typer.Option("--layer-loss", help="each (every layer's own InfoNCE, averaged), sum (InfoNCE of the layer-summed score routing ranks by) or both")] = "each",
     query_reduce: Annotated[str, typer.Option("--query-reduce", help="How the question's tokens reduce to one score per chunk, in training and in the adapter: max (MSA), mean or last")] = "max",
     head_reduce: Annotated[str, typer.Option("--head-reduce", help="How the router heads reduce, in training and in the adapter: mean (MSA) or max")] = "mean",
+    query_suffix: Annotated[str, typer.Option("--query-suffix", help="Text appended to every question before it is routed, in training and in the adapter (not in MSA; needs --query-reduce last): the router reads the question where the suffix ends, e.g. $'\\nThis passage is about' in bash")] = "",
     init_adapter: Annotated[str | None, typer.Option("--init-adapter", help="Start from this router adapter's weights (its layers must cover --layers) instead of the model's q/k copies, e.g. to fine-tune with --layer-loss sum")] = None,
     freeze_layers: Annotated[str | None, typer.Option("--freeze-layers", help="Comma list of router layers kept as --init-adapter has them (scored, not updated), e.g. to train new layers that complement them with --layer-loss sum")] = None,
     fact_names: Annotated[str, typer.Option("--fact-names", help="Names of the synthetic facts: syllables (from 14 syllables, the shipped adapters' recipe) or varied (from ~16k syllables; never the benchmark's)")] = "syllables",
@@ -154,13 +155,13 @@ def train_router_cmd(
             cloze_remove=cloze_remove, dev_distractors=dev_distractors, bf16=bf16, layer_loss=layer_loss,
             query_reduce=query_reduce, head_reduce=head_reduce, init_adapter=init_adapter,
             freeze_layers=freeze_layers, fact_names=fact_names, keep_layers=keep_layers, shifted_layers=shifted_layers,
-            shifted_window=shifted_window,
+            shifted_window=shifted_window, query_suffix=query_suffix,
             command=_train_router_command(out, corpus, store, pairs, model, layers, max_layers, epochs,
                                           batch_size, lr, n_train, n_dev, max_chars, seed, cache, device,
                                           hard_negatives, mine_every, builtin, negatives, cloze_remove,
                                           dev_distractors, bf16, layer_loss, query_reduce, head_reduce,
                                           init_adapter, freeze_layers, fact_names, keep_layers, shifted_layers,
-                                          shifted_window),
+                                          shifted_window, query_suffix),
             log=(lambda s: None) if json_out else (lambda s: typer.echo(s, err=True)))
         if json_out:
             _emit_json(summary)

@@ -20,6 +20,9 @@ optional ``"shifted_window"`` that grid's window (default none: P-token windows 
 :meth:`RouterAdapter.load` rebuilds it and checks its fingerprint, so a shipped merged adapter and the
 adapters it was made of share one copy of the weights.
 
+An adapter may carry a *query suffix* (``RouterConfig.query_suffix``, not in MSA): text appended to every
+question before it is routed, read at its last token (``query_reduce = "last"``).
+
 Score modes: ``"cosine"`` (paper, InfoNCE training; keys are stored L2-normalised per head after
 pooling, queries must be normalised too) or ``"dot"`` (reference inference as shipped: raw dot
 product divided by sqrt(D), nothing normalised). Weights are kept in fp32 (they are small next to
@@ -44,7 +47,7 @@ from msa_memory.errors import ConfigError, ModelLoadError
 from msa_memory.schemas.records import check_shifted_window
 
 __all__ = ["RouterConfig", "RouterAdapter", "UntrainedRouterWarning", "ADAPTER_JSON", "ADAPTER_WEIGHTS",
-           "ADAPTER_SUBSET", "is_adapter_folder", "is_subset_folder"]
+           "ADAPTER_SUBSET", "is_adapter_folder", "is_subset_folder", "check_query_suffix"]
 
 ADAPTER_JSON = "router_adapter.json"
 ADAPTER_WEIGHTS = "router_adapter.safetensors"
@@ -64,6 +67,17 @@ def is_subset_folder(d: str | Path) -> bool:
 
 
 ScoreMode = Literal["cosine", "dot"]
+
+
+def check_query_suffix(suffix: Any, query_reduce: str, name: str) -> None:
+    """Raise ConfigError (naming ``name``) unless ``suffix`` is a string, and, when non-empty, ``query_reduce``
+    is "last"."""
+    if not isinstance(suffix, str):
+        raise ConfigError(f"{name} must be a string, got {suffix!r}.")
+    if suffix and query_reduce != "last":
+        raise ConfigError(f"{name} {suffix!r} needs query_reduce 'last' (the router query is read where the suffix "
+                          f"ends), got query_reduce {query_reduce!r}.",
+                          hint="Train with --query-reduce last, or leave the suffix out.")
 
 
 class UntrainedRouterWarning(UserWarning):
@@ -114,6 +128,12 @@ class RouterConfig:
     """Tokens per window of that grid when finer than ``chunk_tokens``: windows of W tokens at a stride
     of W/2 (an even W, 2 <= W < P); None: P-token windows from token P/2. Left out of :meth:`to_dict`
     when None."""
+    query_suffix: str = ""
+    """Text put after the question before it is routed (not in MSA; empty: the question alone). The
+    router query is then read where the suffix ends, so it needs ``query_reduce = "last"``; e.g.
+    ``"\nThis passage is about"`` turns the last position into a summary of the question. The suffix
+    is tokenized on its own (no special tokens) and appended to the question's tokens, so the question's
+    own tokens are the same with or without it. Left out of :meth:`to_dict` when empty."""
 
     def __post_init__(self) -> None:
         layers = tuple(int(x) for x in self.router_layers)
@@ -130,6 +150,7 @@ class RouterConfig:
         if window is not None and not shifted:
             raise ConfigError(f"RouterConfig.shifted_window {window} needs shifted_layers (the layers that key the "
                               "shifted grid).")
+        check_query_suffix(self.query_suffix, self.query_reduce, "RouterConfig.query_suffix")
         for name in ("n_q_heads", "n_kv_heads", "head_dim", "hidden_size", "chunk_tokens", "top_k"):
             if int(getattr(self, name)) <= 0:
                 raise ConfigError(f"RouterConfig.{name} must be positive, got {getattr(self, name)!r}.")
@@ -151,6 +172,8 @@ class RouterConfig:
             del d["shifted_layers"]
         if self.shifted_window is None:
             del d["shifted_window"]
+        if not self.query_suffix:
+            del d["query_suffix"]
         return d
 
     @classmethod

@@ -96,6 +96,9 @@ class ForwardState:
     top_k: int | None = None
     routes: dict[int, RouteResult] = field(default_factory=dict)
     """Router-layer position → its top-k (from the last routing forward)."""
+    preset_routes: dict[int, RouteResult] | None = None
+    """Routes decided beforehand (``MsaEngine.pooled_routes``): a routing forward attaches these
+    layers' memory instead of routing its own tokens."""
     doc_score_sum: torch.Tensor | None = None
     pending_memory: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     layers: dict[int, _LayerBuf] = field(default_factory=dict)
@@ -325,6 +328,9 @@ class MsaEngine:
             if st is None or not st.route or self.index is None:
                 return
             t0 = time.perf_counter()
+            if st.preset_routes is not None:
+                self._attach(st, pos, layer_idx, st.preset_routes[pos])
+                return
             x = output[0] if st.route_rows is None else output[0, st.route_rows]            # (T_r, E)
             q = self.router_q(pos, x).reshape(x.shape[0], -1, self.head_dim)                  # (T_r, Hq, D)
             if st.collect_only:
@@ -334,19 +340,23 @@ class MsaEngine:
                 st.timings["routing_s"] += time.perf_counter() - t0
                 return
             res = self.index.route(pos, q, k=st.top_k)
-            st.routes[pos] = res
             _sync(self.device)
-            t1 = time.perf_counter()
-            st.timings["routing_s"] += t1 - t0
-            if self.content is None:
-                raise RuntimeMemoryError("Pooled attention needs content K̄V̄, but this engine has none.")
-            mk, mv = self.content.layer_kv(res.doc_index, pos)                                # (H, M, D) each
-            dt = self.model.dtype
-            st.pending_memory[layer_idx] = (mk.to(self.device, dt), mv.to(self.device, dt))
-            _sync(self.device)
-            st.timings["fetch_s"] += time.perf_counter() - t1
+            st.timings["routing_s"] += time.perf_counter() - t0
+            self._attach(st, pos, layer_idx, res)
 
         return hook
+
+    def _attach(self, st: ForwardState, pos: int, layer_idx: int, res: RouteResult) -> None:
+        """Record router position ``pos``'s route and fetch its documents' K̄V̄ for layer ``layer_idx``."""
+        t1 = time.perf_counter()
+        st.routes[pos] = res
+        if self.content is None:
+            raise RuntimeMemoryError("Pooled attention needs content K̄V̄, but this engine has none.")
+        mk, mv = self.content.layer_kv(res.doc_index, pos)                                # (H, M, D) each
+        dt = self.model.dtype
+        st.pending_memory[layer_idx] = (mk.to(self.device, dt), mv.to(self.device, dt))
+        _sync(self.device)
+        st.timings["fetch_s"] += time.perf_counter() - t1
 
     # ------------------------------------------------------------------ forwards
     def forward(self, state: ForwardState, ids: Sequence[int] | torch.Tensor, positions: Sequence[int] | torch.Tensor,
@@ -409,6 +419,20 @@ class MsaEngine:
         self.forward(st, ids, positions, route_rows=route_rows, backbone_only=True)
         assert st.doc_score_sum is not None
         return st.doc_score_sum.float().cpu().numpy(), st.timings
+
+    def pooled_routes(self, ids: Sequence[int], positions: Sequence[int], route_rows: Any,
+                      prefix: Sequence[tuple[torch.Tensor, torch.Tensor]] | None, top_k: int,
+                      timings: dict[str, float] | None = None) -> dict[int, RouteResult]:
+        """Every router position's top-k from a pooled routing forward of ``ids`` (memory attached layer by
+        layer as it routes, as in a pooled prefill), for a later forward to use (``preset_routes``)."""
+        if self.index is None:
+            raise RuntimeMemoryError("Routing needs router keys, but this engine has none.")
+        st = self.new_state(len(ids), prefix, top_k=top_k)
+        self.forward(st, ids, positions, route_rows=route_rows, backbone_only=True)
+        if timings is not None:
+            for k in ("routing_s", "fetch_s"):
+                timings[k] = timings.get(k, 0.0) + st.timings[k]
+        return dict(st.routes)
 
     # ------------------------------------------------------------------ decoding
     def decode(self, state: ForwardState, first_logits: torch.Tensor, next_pos: int, *, max_new_tokens: int,

@@ -198,6 +198,10 @@ class Memory:
         self.device = torch.device(device)
         self.tokenizer = model.tokenizer
         self.layout = layout_for(self.tokenizer, ident.wrap, use_chat_template)
+        if self.layout.msa and self.query_suffix:
+            raise ConfigError(f"The router of store {str(store.root)!r} appends a query suffix "
+                              f"({self.query_suffix!r}), which MSA's own prompt layout (wrap 'msa') has no place for.",
+                              hint="Use a router adapter without --query-suffix for MSA-wrapped stores.")
         self.routing = self._routing_config(routing)
         t0 = time.perf_counter()
         self.router_key_bytes = _check_router_key_room(store, self.device)   #: resident router keys, bytes
@@ -315,12 +319,18 @@ class Memory:
             q = self.layout.question(question)
             P, k = len(self.layout.head_ids()), self.routing.top_k
             return q.ids, list(range(P + k, P + k + len(q.ids))), q.route_rows, self.prefix
-        ids = list(self.tokenizer(question, add_special_tokens=True)["input_ids"])   # what router training sees
-        bos = self.tokenizer.bos_token_id
-        rows = [not (i == 0 and bos is not None and t == bos) for i, t in enumerate(ids)]
-        if not any(rows):
-            raise ConfigError(f"The question {question!r} has no tokens to route with.")
-        return ids, list(range(len(ids))), rows, None
+        from msa_memory.train.features import query_tokens
+
+        ids, skip = query_tokens(self.tokenizer, question, self.query_suffix)   # what router training sees
+        return ids, list(range(len(ids))), [i >= skip for i in range(len(ids))], None
+
+    @property
+    def query_suffix(self) -> str:
+        """The router's query suffix (``RouterConfig.query_suffix``; "" for none), appended to every question
+        before it is routed."""
+        from msa_memory.train.features import router_suffix
+
+        return router_suffix(self.model)
 
     def route(self, question: str, k: int | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
         """(doc ids, scores, timings) of the top-k documents, scores summed over router layers."""
@@ -458,6 +468,13 @@ class Memory:
         q = self.layout.question(question)
         st = self.engine.new_state(len(q.ids) + kw["max_new_tokens"] + 1, prefix, top_k=kk)
         pos = list(range(P + kk, P + kk + len(q.ids)))                 # §3.2: query starts at P + k
+        if self.query_suffix:
+            # the router reads the question where the suffix ends, but the answer must not see the suffix:
+            # route a forward of question + suffix (memory attached as it routes, as in the prefill), then
+            # prefill the prompt with those routes
+            rq = self.layout.encode([(question, True), (self.query_suffix, True)])
+            st.preset_routes = self.engine.pooled_routes(rq.ids, list(range(P + kk, P + kk + len(rq.ids))),
+                                                         rq.route_rows, prefix, kk, st.timings)
         toks, reason = self._generate(st, q, pos, route=True, timings=timings, **kw)
         timings.update(st.timings)
         hits, per_layer = self.layer_hits(st.routes)

@@ -64,7 +64,7 @@ def train_router_command(out: str, corpus: list[str] | None, store: str | None, 
                           head_reduce: str = "mean", init_adapter: str | None = None,
                           freeze_layers: str | None = None, fact_names: str = "syllables",
                           keep_layers: bool = False, shifted_layers: str | None = None,
-                          shifted_window: int | None = None) -> str:
+                          shifted_window: int | None = None, query_suffix: str = "") -> str:
     """The ``msa train-router`` line that reproduces a run (recorded in the adapter's training.json); options
     at their defaults are left out. Used by the CLI and by ``benchmarks/device_train.py``."""
     parts = ["msa train-router", f"--out {out}"] + [f"--corpus {c}" for c in corpus or []]
@@ -90,19 +90,35 @@ def train_router_command(out: str, corpus: list[str] | None, store: str | None, 
     parts += ["--keep-layers"] if keep_layers else []
     parts += [f"--shifted-layers {shifted_layers}"] if shifted_layers is not None else []
     parts += [f"--shifted-window {shifted_window}"] if shifted_window is not None else []
+    parts += [f"--query-suffix {shell_quote(query_suffix)}"] if query_suffix else []
     return " ".join(parts)
+
+
+def shell_quote(text: str) -> str:
+    """``text`` as one bash word: ``shlex.quote`` when printable, else ANSI-C quoting (``$'\\n...'``)."""
+    import shlex
+
+    if text.isprintable():
+        return shlex.quote(text)
+    body = "".join(c if c.isprintable() and c not in "\\'" else
+                   {"\n": "\\n", "\t": "\\t", "\\": "\\\\", "'": "\\'"}.get(c, f"\\x{ord(c):02x}" if ord(c) < 128
+                                                                           else f"\\u{ord(c):04x}" if ord(c) < 65536
+                                                                           else f"\\U{ord(c):08x}")
+                   for c in text)
+    return f"$'{body}'"
 
 
 def train_config(*, epochs: int, batch_size: int, lr: float, seed: int, device: str, hard_negatives: str = "bm25",
                  mine_every: int = 1, negatives: int = 32, bf16: bool = False, layer_loss: str = "each",
-                 query_reduce: str = "max", head_reduce: str = "mean", freeze_layers: str | None = None) -> Any:
+                 query_reduce: str = "max", head_reduce: str = "mean", freeze_layers: str | None = None,
+                 query_suffix: str = "") -> Any:
     """The ``TrainConfig`` of the ``msa train-router`` options of the same names."""
     from msa_memory.train.trainer import TrainConfig
 
     return TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
                        hard_source=hard_negatives, mine_every=mine_every, n_random=negatives, bf16=bf16,
                        layer_loss=layer_loss, query_reduce=query_reduce, head_reduce=head_reduce,
-                       frozen_layers=parse_layers(freeze_layers) if freeze_layers else ())
+                       frozen_layers=parse_layers(freeze_layers) if freeze_layers else (), query_suffix=query_suffix)
 
 
 def train_router_from_cli(*, out: str, corpus: Sequence[str] | None, store: str | None, pairs: str | None,
@@ -115,7 +131,7 @@ def train_router_from_cli(*, out: str, corpus: Sequence[str] | None, store: str 
                           head_reduce: str = "mean", init_adapter: str | None = None,
                           freeze_layers: str | None = None, fact_names: str = "syllables",
                           keep_layers: bool = False, shifted_layers: str | None = None,
-                          shifted_window: int | None = None) -> dict[str, Any]:
+                          shifted_window: int | None = None, query_suffix: str = "") -> dict[str, Any]:
     """Build the pairs the options ask for and run :func:`msa_memory.train.recipe.run_training`."""
     from msa_memory.train.recipe import builtin_pairs, files_pairs, run_training
 
@@ -129,6 +145,9 @@ def train_router_from_cli(*, out: str, corpus: Sequence[str] | None, store: str 
     from msa_memory.train.pairs import check_fact_names
 
     check_fact_names(fact_names, "--fact-names")   # before any text is read
+    from msa_memory.encode.router import check_query_suffix
+
+    check_query_suffix(query_suffix, query_reduce, "--query-suffix")
     shifted = None if shifted_layers is None else (parse_layers(shifted_layers) if shifted_layers.strip() else ())
     if (corpus or store) and tuple(builtin) != ("stdlib",):
         raise ConfigError("--builtin chooses the built-in recipe's text; it cannot be combined with --corpus or --store.")
@@ -143,7 +162,7 @@ def train_router_from_cli(*, out: str, corpus: Sequence[str] | None, store: str 
     cfg = train_config(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
                        hard_negatives=hard_negatives, mine_every=mine_every, negatives=negatives, bf16=bf16,
                        layer_loss=layer_loss, query_reduce=query_reduce, head_reduce=head_reduce,
-                       freeze_layers=freeze_layers)
+                       freeze_layers=freeze_layers, query_suffix=query_suffix)
     return run_training(out=out, model=model, candidate_layers=parse_layers(layers), max_layers=max_layers,
                         train_pairs=train, dev_pairs=dev, config=cfg, cache_dir=cache, device=device,
                         init_adapter=init_adapter,

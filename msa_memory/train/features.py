@@ -8,7 +8,8 @@ store and the runtime see:
   ``input_layernorm`` output (last chunk partial, sums in fp32);
 - queries: the question tokens exactly as ``runtime.Memory`` routes them in text mode
   (``tokenizer(question, add_special_tokens=True)``, positions from 0, BOS not routing, no
-  memory: the cheap approximation of msa-reference §6.4), packed per-query causal → (T, L, E).
+  memory: the cheap approximation of msa-reference §6.4), packed per-query causal → (T, L, E); a
+  router's ``query_suffix`` is appended to each question as the runtime appends it.
 
 Because ``router_k_proj`` is linear and bias-free, ``router_k_proj(x̄)`` equals the pooled router
 key the encoder stores, so training needs no further backbone passes. The layers extracted are the
@@ -28,18 +29,29 @@ from msa_memory.encode.encoder import token_batches
 from msa_memory.errors import ConfigError
 from msa_memory.train.trainer import Features
 
-__all__ = ["query_tokens", "extract_passages", "extract_passage_tokens", "extract_passage_grids", "extract_queries", "extract_query_tokens", "build_features",
+__all__ = ["query_tokens", "router_suffix", "extract_passages", "extract_passage_tokens", "extract_passage_grids", "extract_queries", "extract_query_tokens", "build_features",
            "store_features", "save_features", "load_features"]
 
 
-def query_tokens(tokenizer: Any, question: str) -> tuple[list[int], int]:
-    """(token ids, number of leading non-routing tokens) of a question as text-mode routing sees it."""
+def query_tokens(tokenizer: Any, question: str, suffix: str = "") -> tuple[list[int], int]:
+    """(token ids, number of leading non-routing tokens) of a question as text-mode routing sees it.
+
+    ``suffix`` (a router's ``query_suffix``) is tokenized on its own, without special tokens, and
+    appended: the question's own tokens are the same with or without it.
+    """
     ids = list(tokenizer(question, add_special_tokens=True)["input_ids"])
     bos = tokenizer.bos_token_id
     skip = 1 if bos is not None and ids[:1] == [bos] else 0
     if len(ids) <= skip:
         raise ConfigError(f"The query {question!r} has no tokens to route with.")
+    if suffix:
+        ids += list(tokenizer(suffix, add_special_tokens=False)["input_ids"])
     return ids, skip
+
+
+def router_suffix(loaded: Any) -> str:
+    """The query suffix of ``loaded``'s router ("" for none)."""
+    return str(getattr(getattr(getattr(loaded, "router", None), "config", None), "query_suffix", "") or "")
 
 
 def extract_passages(loaded: Any, passages: Sequence[str], *, max_batch_tokens: int = 8192,
@@ -95,9 +107,13 @@ def extract_passage_grids(loaded: Any, seqs: Sequence[Sequence[int]], *, max_bat
 
 @torch.inference_mode()
 def extract_queries(loaded: Any, questions: Sequence[str], *, max_batch_tokens: int = 4096,
-                    dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router-layer inputs of the routing tokens of every question: ((Tq, L, E) flat, (Q+1,) offsets)."""
-    return extract_query_tokens(loaded, [query_tokens(loaded.tokenizer, q) for q in questions],
+                    dtype: torch.dtype = torch.bfloat16, suffix: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router-layer inputs of the routing tokens of every question: ((Tq, L, E) flat, (Q+1,) offsets).
+
+    ``suffix``: the query suffix appended to each question (:func:`query_tokens`); None: ``loaded``'s
+    router's own (:func:`router_suffix`)."""
+    sfx = router_suffix(loaded) if suffix is None else suffix
+    return extract_query_tokens(loaded, [query_tokens(loaded.tokenizer, q, sfx) for q in questions],
                                 max_batch_tokens=max_batch_tokens, dtype=dtype)
 
 
@@ -135,8 +151,10 @@ def extract_query_tokens(loaded: Any, toks: Sequence[tuple[Sequence[int], int]],
 
 def build_features(loaded: Any, passages: Sequence[str], queries: Sequence[Any], *,
                    hard_negatives: Sequence[Sequence[int]] | None = None, max_batch_tokens: int = 8192,
-                   log: Callable[[str], None] | None = None) -> Features:
-    """:class:`Features` of passages and :class:`~msa_memory.train.pairs.Query` objects over them."""
+                   log: Callable[[str], None] | None = None, query_suffix: str | None = None) -> Features:
+    """:class:`Features` of passages and :class:`~msa_memory.train.pairs.Query` objects over them.
+
+    ``query_suffix``: appended to every query (:func:`extract_queries`; None: ``loaded``'s router's)."""
     t0 = time.perf_counter()
     step = max(1, len(passages) // 10)
 
@@ -145,18 +163,19 @@ def build_features(loaded: Any, passages: Sequence[str], queries: Sequence[Any],
             log(f"  passages {done}/{total} ({time.perf_counter() - t0:.0f}s)")
 
     x, chunk_doc = extract_passages(loaded, passages, max_batch_tokens=max_batch_tokens, progress=prog)
-    qx, qoff = extract_queries(loaded, [q.text for q in queries])
+    sfx = router_suffix(loaded) if query_suffix is None else query_suffix
+    qx, qoff = extract_queries(loaded, [q.text for q in queries], suffix=sfx)
     if log is not None:
         log(f"  features: {len(passages)} passages, {x.shape[1]} chunks, {len(queries)} queries, "
             f"{len(loaded.router_layers)} layers, {time.perf_counter() - t0:.0f}s")
     return Features(tuple(int(v) for v in loaded.router_layers), x, chunk_doc, len(passages), qx, qoff,
                     [tuple(q.positives) for q in queries], [q.kind for q in queries],
-                    [tuple(h) for h in hard_negatives] if hard_negatives is not None else [])
+                    [tuple(h) for h in hard_negatives] if hard_negatives is not None else [], query_suffix=sfx)
 
 
 def store_features(loaded: Any, store: Any, doc_ids: Sequence[int], queries: Sequence[Any], *,
                    hard_negatives: Sequence[Sequence[int]] | None = None,
-                   log: Callable[[str], None] | None = None) -> Features | None:
+                   log: Callable[[str], None] | None = None, query_suffix: str | None = None) -> Features | None:
     """:class:`Features` whose passage inputs x̄ are read from ``store`` instead of re-encoded.
 
     ``doc_ids[i]`` is the store document of passage ``i`` (its text unchanged). Returns None when
@@ -190,13 +209,14 @@ def store_features(loaded: Any, store: Any, doc_ids: Sequence[int], queries: Seq
             order = np.argsort(pos, kind="stable")                        # documents in passage order
             chunk_doc = torch.from_numpy(pos[order])
         xs.append(torch.from_numpy(to_float32(x[order], ident.dtype)).to(torch.bfloat16))
-    qx, qoff = extract_queries(loaded, [q.text for q in queries])
+    sfx = router_suffix(loaded) if query_suffix is None else query_suffix
+    qx, qoff = extract_queries(loaded, [q.text for q in queries], suffix=sfx)
     if log is not None:
         log(f"  features: {len(doc_ids)} passages ({int(chunk_doc.shape[0])} chunks) read from the store's kept "
             f"router inputs, {len(queries)} queries encoded, {time.perf_counter() - t0:.0f}s")
     return Features(tuple(int(v) for v in layers), torch.stack(xs), chunk_doc, len(doc_ids), qx, qoff,
                     [tuple(q.positives) for q in queries], [q.kind for q in queries],
-                    [tuple(h) for h in hard_negatives] if hard_negatives is not None else [])
+                    [tuple(h) for h in hard_negatives] if hard_negatives is not None else [], query_suffix=sfx)
 
 
 def save_features(feats: Features, path: str) -> None:
@@ -204,11 +224,12 @@ def save_features(feats: Features, path: str) -> None:
     torch.save({"layers": list(feats.layers), "x_chunks": feats.x_chunks, "chunk_doc": feats.chunk_doc,
                 "n_docs": feats.n_docs, "q_x": feats.q_x, "q_offsets": feats.q_offsets,
                 "positives": [list(p) for p in feats.positives], "kinds": feats.kinds,
-                "hard_negatives": [list(h) for h in feats.hard_negatives]}, path)
+                "hard_negatives": [list(h) for h in feats.hard_negatives], "query_suffix": feats.query_suffix}, path)
 
 
 def load_features(path: str) -> Features:
     """Read features written by :func:`save_features`."""
     d = torch.load(path, weights_only=True, mmap=True)  # file-backed: a multi-GB cache is not copied into RAM
     return Features(tuple(d["layers"]), d["x_chunks"], d["chunk_doc"], int(d["n_docs"]), d["q_x"], d["q_offsets"],
-                    [tuple(p) for p in d["positives"]], list(d["kinds"]), [tuple(h) for h in d["hard_negatives"]])
+                    [tuple(p) for p in d["positives"]], list(d["kinds"]), [tuple(h) for h in d["hard_negatives"]],
+                    query_suffix=str(d.get("query_suffix", "")))

@@ -22,6 +22,7 @@ What this module does not do: print (it calls ``log``) or parse arguments (``cli
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import random
 import time
@@ -201,7 +202,8 @@ def adapter_from_projections(proj: Any, template: Any, *, layers: Sequence[int] 
     layers = tuple(sorted(int(x) for x in (layers or proj.layers)))
     how: dict[str, Any] = {"score": score}
     if train_config is not None:
-        how = {k: getattr(train_config, k) for k in ("score", "head_reduce", "query_reduce", "chunk_reduce")}
+        how = {k: getattr(train_config, k) for k in ("score", "head_reduce", "query_reduce", "chunk_reduce",
+                                                     "query_suffix")}
     shifted = tuple(l for l in template.shifted_layers if l in layers)   # an --init-adapter's shifted grid, kept
     cfg = dataclasses.replace(template, router_layers=layers, shifted_layers=shifted, source="adapter",
                               shifted_window=template.shifted_window if shifted else None,
@@ -217,9 +219,11 @@ def adapter_from_projections(proj: Any, template: Any, *, layers: Sequence[int] 
 
 
 def _features(loaded: Any, pairs: PairSet, hard: int, cache: Path | None, name: str, log: Log,
-              store_docs: tuple[Any, Sequence[int]] | None = None) -> Any:
+              store_docs: tuple[Any, Sequence[int]] | None = None, query_suffix: str = "") -> Any:
     from msa_memory.train.features import build_features, load_features, save_features, store_features
 
+    if query_suffix:   # queries read with a suffix are other features: cached apart
+        name += "-suffix-" + hashlib.sha256(query_suffix.encode()).hexdigest()[:8]
     if cache is not None:
         f = cache / f"{name}.pt"
         if f.is_file():
@@ -228,10 +232,12 @@ def _features(loaded: Any, pairs: PairSet, hard: int, cache: Path | None, name: 
     negs = bm25_hard_negatives(pairs.passages, pairs.queries, hard) if hard else None
     feats = None
     if store_docs is not None:  # passages are the store's documents unchanged: read their kept x̄
-        feats = store_features(loaded, store_docs[0], store_docs[1], pairs.queries, hard_negatives=negs, log=log)
+        feats = store_features(loaded, store_docs[0], store_docs[1], pairs.queries, hard_negatives=negs, log=log,
+                               query_suffix=query_suffix)
     if feats is None:
         log(f"features: {name}: encoding {len(pairs.passages)} passages, {len(pairs.queries)} queries")
-        feats = build_features(loaded, pairs.passages, pairs.queries, hard_negatives=negs, log=log)
+        feats = build_features(loaded, pairs.passages, pairs.queries, hard_negatives=negs, log=log,
+                               query_suffix=query_suffix)
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
         save_features(feats, str(cache / f"{name}.pt"))
@@ -273,7 +279,8 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
         Default: :func:`builtin_pairs`.
     config : TrainConfig, optional
     cache_dir : path, optional
-        Where extracted features are cached (``train.pt``, ``dev.pt``).
+        Where extracted features are cached (``train.pt``, ``dev.pt``; with a query suffix
+        ``train-suffix-HASH.pt``, ``dev-suffix-HASH.pt``, HASH the suffix's sha256, 8 hex digits).
     init_adapter : path, optional
         Start from this adapter's weights (its layers must cover the candidates) instead of q/k copies.
     dev_distractors : bool, default False
@@ -339,8 +346,8 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
     if features is None:
         cache = Path(cache_dir) if cache_dir else None
         train_f = _features(loaded, train_pairs, cfg.n_hard if cfg.hard_source in ("bm25", "both") else 0, cache,
-                            "train", log, store_docs)
-        dev_f = _features(loaded, dev_pairs, 0, cache, "dev", log, store_docs)
+                            "train", log, store_docs, cfg.query_suffix)
+        dev_f = _features(loaded, dev_pairs, 0, cache, "dev", log, store_docs, cfg.query_suffix)
     if dev_distractors and store_docs is not None:
         log("dev: --dev-distractors ignored: with --store --pairs the dev queries already face every store document")
     elif dev_distractors:  # held-out queries against dev + training passages: recall at the corpus's size

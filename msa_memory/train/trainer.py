@@ -54,6 +54,8 @@ class Features:
     positives: list[tuple[int, ...]]
     kinds: list[str] = field(default_factory=list)
     hard_negatives: list[tuple[int, ...]] = field(default_factory=list)
+    query_suffix: str = ""
+    """The text appended to every query before its inputs were taken (``RouterConfig.query_suffix``)."""
 
     def __post_init__(self) -> None:
         L, C, _ = self.x_chunks.shape
@@ -86,7 +88,7 @@ class Features:
             raise ConfigError(f"Layers {missing} were not extracted; available: {list(self.layers)}.")
         pos = [self.layers.index(x) for x in layers]
         return Features(tuple(layers), self.x_chunks[pos], self.chunk_doc, self.n_docs, self.q_x[:, pos],
-                        self.q_offsets, self.positives, self.kinds, self.hard_negatives)
+                        self.q_offsets, self.positives, self.kinds, self.hard_negatives, self.query_suffix)
 
     def with_distractors(self, other: Features) -> Features:
         """These queries against these passages *and* ``other``'s passages (appended after them).
@@ -98,12 +100,12 @@ class Features:
             other = other.layer_subset(self.layers)
         return Features(self.layers, torch.cat([self.x_chunks, other.x_chunks.to(self.x_chunks.dtype)], dim=1),
                         torch.cat([self.chunk_doc, other.chunk_doc + self.n_docs]), self.n_docs + other.n_docs,
-                        self.q_x, self.q_offsets, self.positives, self.kinds, self.hard_negatives)
+                        self.q_x, self.q_offsets, self.positives, self.kinds, self.hard_negatives, self.query_suffix)
 
     def to(self, device: torch.device | str) -> Features:
         """The same features with the passage and query arrays on ``device`` (indices stay on the CPU)."""
         return Features(self.layers, self.x_chunks.to(device), self.chunk_doc, self.n_docs, self.q_x.to(device),
-                        self.q_offsets, self.positives, self.kinds, self.hard_negatives)
+                        self.q_offsets, self.positives, self.kinds, self.hard_negatives, self.query_suffix)
 
     def chunks_of(self, docs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(chunk indices of passages ``docs`` in order, the position in ``docs`` of each of them)."""
@@ -186,6 +188,9 @@ class TrainConfig:
     head_reduce: str = "mean"
     query_reduce: str = "max"
     chunk_reduce: str = "max"
+    query_suffix: str = ""
+    """Text appended to every question before its router inputs are taken (``RouterConfig.query_suffix``;
+    needs ``query_reduce="last"``). The features must have been extracted with it."""
     ks: tuple[int, ...] = (1, 5, 16)
     seed: int = 0
     device: str = "cpu"
@@ -207,6 +212,9 @@ class TrainConfig:
         if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0 or not 0.001 <= self.tau <= 0.5:
             raise ConfigError(f"Invalid training config: epochs={self.epochs!r} (>=0), batch_size={self.batch_size!r} "
                               f"(>=1), lr={self.lr!r} (>0), tau={self.tau!r} (0.001..0.5).")
+        from msa_memory.encode.router import check_query_suffix
+
+        check_query_suffix(self.query_suffix, self.query_reduce, "TrainConfig.query_suffix")
         if self.layer_loss not in ("each", "sum", "both"):
             raise ConfigError(f"Invalid layer_loss={self.layer_loss!r}: 'each', 'sum' or 'both'.")
         if self.hard_source not in ("bm25", "routing", "both") or self.mine_every < 0 or self.n_hard < 0:
@@ -351,6 +359,12 @@ def train_router(proj: RouterProjections, train: Features, held_out: Features | 
     An epoch-0 record holds the held-out recall before any update.
     """
     cfg = cfg or TrainConfig()
+    for name, f in (("training", train), ("held-out", held_out)):
+        if f is not None and f.query_suffix != cfg.query_suffix:
+            raise ConfigError(f"The {name} features' queries were read with the suffix {f.query_suffix!r}, but the "
+                              f"router is trained for {cfg.query_suffix!r}.",
+                              hint="Extract the features with the training suffix (build_features(..., "
+                                   "query_suffix=...)), or train for theirs.")
     dev = torch.device(cfg.device)
     proj.to(dev)
     if tuple(train.layers) != proj.layers:

@@ -209,6 +209,19 @@ def test_training_increases_held_out_recall(bf16, layer_loss):
     assert set(chosen) <= {3, 5} and trace
 
 
+def test_training_refuses_features_read_with_another_query_suffix():
+    import dataclasses
+
+    train, held, proj = _task(0)
+    cfg = TrainConfig(epochs=1, batch_size=16, query_reduce="last", query_suffix="\nThis passage is about")
+    with pytest.raises(ConfigError, match="training features' queries were read with the suffix ''"):
+        train_router(proj, train, held, cfg)
+    sfx = [dataclasses.replace(f, query_suffix=cfg.query_suffix) for f in (train, held)]
+    with pytest.raises(ConfigError, match="held-out features"):
+        train_router(proj, sfx[0], held, cfg)
+    assert len(train_router(proj, *sfx, cfg)) == 2
+
+
 def test_layer_selection_started_from_chosen_layers_continues_the_same_selection():
     """select_layers(start=...) grows given layers as the selection would have after choosing them."""
     g = torch.Generator().manual_seed(0)
@@ -590,13 +603,8 @@ def test_reindex_refuses_layers_the_store_did_not_keep(tiny_loaded, tmp_path):
 
 # ----------------------------------------------------------------------------- end to end (CLI)
 
-def test_cli_train_router_and_reindex(tmp_path):
-    """`msa train-router` on a tiny HF model + a small corpus writes a loadable adapter whose
-    dev recall is reported per epoch; `msa store reindex-router` applies it to a store."""
-    from typer.testing import CliRunner
-
-    from msa_memory.cli import app
-    from msa_memory.encode import RouterAdapter
+def _cli_model_and_corpus(tmp_path):
+    """A tiny HF model folder and a 6-file corpus for the train-router CLI."""
     from msa_memory.encode.tiny import tiny_model, tiny_tokenizer
 
     mdir = tmp_path / "tiny"
@@ -612,6 +620,18 @@ def test_cli_train_router_and_reindex(tmp_path):
             sents = [" ".join(rng.choice(words, 6)).capitalize() + f" number {rng.integers(100)}." for _ in range(4)]
             paras.append(" ".join(sents))
         (corpus / f"f{i}.txt").write_text("\n\n".join(paras))
+    return mdir, corpus
+
+
+def test_cli_train_router_and_reindex(tmp_path):
+    """`msa train-router` on a tiny HF model + a small corpus writes a loadable adapter whose
+    dev recall is reported per epoch; `msa store reindex-router` applies it to a store."""
+    from typer.testing import CliRunner
+
+    from msa_memory.cli import app
+    from msa_memory.encode import RouterAdapter
+
+    mdir, corpus = _cli_model_and_corpus(tmp_path)
     out = tmp_path / "router"
     r = CliRunner().invoke(app, ["train-router", "--corpus", str(corpus), "--model", str(mdir), "--out", str(out),
                                  "--layers", "1,3", "--max-layers", "1", "--epochs", "1", "--batch-size", "8",
@@ -694,6 +714,51 @@ def test_cli_train_router_and_reindex(tmp_path):
         bad = CliRunner().invoke(app, ["train-router", "--corpus", str(corpus), "--model", str(mdir), "--out",
                                        str(tmp_path / "r8"), "--layers", "1,3", "--max-chars", "300", *extra, "--json"])
         assert bad.exit_code == 2 and msg in bad.output, bad.output
+
+
+def test_cli_train_router_with_a_query_suffix(tmp_path):
+    """`--query-suffix` (with `--query-reduce last`): the queries' features are read with the suffix appended
+    (cached apart from bare ones), the adapter carries it, the recorded command gives it back through bash;
+    without `--query-reduce last` it is refused before any work."""
+    import subprocess
+
+    from typer.testing import CliRunner
+
+    from msa_memory.cli import app
+    from msa_memory.encode import RouterAdapter
+    from msa_memory.train.features import load_features, query_tokens
+
+    mdir, corpus = _cli_model_and_corpus(tmp_path)
+    suffix = "\nThis passage is about"
+    out, cache = tmp_path / "router", tmp_path / "cache"
+    args = ["train-router", "--corpus", str(corpus), "--model", str(mdir), "--out", str(out), "--layers", "1,3",
+            "--max-layers", "2", "--epochs", "1", "--batch-size", "8", "--max-chars", "300", "--cache", str(cache),
+            "--query-reduce", "last", "--query-suffix", suffix, "--json"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    ad = RouterAdapter.load(out)
+    assert (ad.config.query_reduce, ad.config.query_suffix) == ("last", suffix)
+    cached = sorted(f.name for f in cache.iterdir())
+    assert len(cached) == 2 and all("-suffix-" in n for n in cached), cached
+    dev = load_features(str(next(cache.glob("dev-*.pt"))))
+    assert dev.query_suffix == suffix
+    from transformers import AutoTokenizer
+
+    tk = AutoTokenizer.from_pretrained(mdir)
+    n_sfx = len(tk(suffix, add_special_tokens=False)["input_ids"])
+    assert n_sfx > 0
+    rows = (dev.q_offsets[1:] - dev.q_offsets[:-1]).tolist()
+    from msa_memory.train.recipe import files_pairs
+
+    _, dev_pairs = files_pairs([str(corpus)], seed=0, max_chars=300)
+    want = [len(query_tokens(tk, q.text, suffix)[0]) - query_tokens(tk, q.text, suffix)[1] for q in dev_pairs.queries]
+    assert rows == want
+    cmd = json.loads((out / "training.json").read_text())["command"]
+    assert "--query-reduce last --query-suffix $'\\nThis passage is about'" in cmd
+    word = cmd.split("--query-suffix ", 1)[1]
+    assert subprocess.run(["bash", "-c", f"printf %s {word}"], capture_output=True, text=True).stdout == suffix
+    bad = CliRunner().invoke(app, [a if a != "last" else "max" for a in args])
+    assert bad.exit_code == 2 and "needs query_reduce 'last'" in bad.output, bad.output
 
 
 def test_chunks_of_equals_the_per_passage_ranges():
