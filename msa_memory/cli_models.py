@@ -140,6 +140,7 @@ def train_router_cmd(
     keep_layers: Annotated[bool, typer.Option("--keep-layers", help="Keep every --layers layer (no selection on dev; --max-layers unused), e.g. to fine-tune --init-adapter to a --store's own text and re-key it in place with 'msa store reindex-router'")] = False,
     shifted_layers: Annotated[str | None, typer.Option("--shifted-layers", help="Candidate layers whose adapter also keys chunks shifted by 32 tokens (routing takes each document's best chunk over both grids there; stores keep both), e.g. 1,5,8,11; '' for none (default: --init-adapter's, else none)")] = None,
     shifted_window: Annotated[int | None, typer.Option("--shifted-window", help="Tokens per window of that grid when finer than the 64-token chunks: windows of W tokens at a stride of W/2 (an even W below 64), e.g. 32; default: 64-token windows from token 32")] = None,
+    freeze_keys: Annotated[bool, typer.Option("--freeze-keys", help="Keep every layer's key projection as --init-adapter has it (only the query projections learn): stores built with that adapter keep valid router keys")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Train router projections (decoupled InfoNCE, frozen backbone) and save an adapter."""
@@ -155,13 +156,13 @@ def train_router_cmd(
             cloze_remove=cloze_remove, dev_distractors=dev_distractors, bf16=bf16, layer_loss=layer_loss,
             query_reduce=query_reduce, head_reduce=head_reduce, init_adapter=init_adapter,
             freeze_layers=freeze_layers, fact_names=fact_names, keep_layers=keep_layers, shifted_layers=shifted_layers,
-            shifted_window=shifted_window, query_suffix=query_suffix,
+            shifted_window=shifted_window, query_suffix=query_suffix, freeze_keys=freeze_keys,
             command=_train_router_command(out, corpus, store, pairs, model, layers, max_layers, epochs,
                                           batch_size, lr, n_train, n_dev, max_chars, seed, cache, device,
                                           hard_negatives, mine_every, builtin, negatives, cloze_remove,
                                           dev_distractors, bf16, layer_loss, query_reduce, head_reduce,
                                           init_adapter, freeze_layers, fact_names, keep_layers, shifted_layers,
-                                          shifted_window, query_suffix),
+                                          shifted_window, query_suffix, freeze_keys),
             log=(lambda s: None) if json_out else (lambda s: typer.echo(s, err=True)))
         if json_out:
             _emit_json(summary)

@@ -64,7 +64,7 @@ def train_router_command(out: str, corpus: list[str] | None, store: str | None, 
                           head_reduce: str = "mean", init_adapter: str | None = None,
                           freeze_layers: str | None = None, fact_names: str = "syllables",
                           keep_layers: bool = False, shifted_layers: str | None = None,
-                          shifted_window: int | None = None, query_suffix: str = "") -> str:
+                          shifted_window: int | None = None, query_suffix: str = "", freeze_keys: bool = False) -> str:
     """The ``msa train-router`` line that reproduces a run (recorded in the adapter's training.json); options
     at their defaults are left out. Used by the CLI and by ``benchmarks/device_train.py``."""
     parts = ["msa train-router", f"--out {out}"] + [f"--corpus {c}" for c in corpus or []]
@@ -83,6 +83,7 @@ def train_router_command(out: str, corpus: list[str] | None, store: str | None, 
     parts += ["--bf16"] if bf16 else []
     parts += [f"--layer-loss {layer_loss}"] if layer_loss != "each" else []
     parts += [f"--query-reduce {query_reduce}"] if query_reduce != "max" else []
+    parts += [f"--query-suffix {shell_quote(query_suffix)}"] if query_suffix else []
     parts += [f"--head-reduce {head_reduce}"] if head_reduce != "mean" else []
     parts += [f"--init-adapter {init_adapter}"] if init_adapter else []
     parts += [f"--freeze-layers {freeze_layers}"] if freeze_layers else []
@@ -90,7 +91,7 @@ def train_router_command(out: str, corpus: list[str] | None, store: str | None, 
     parts += ["--keep-layers"] if keep_layers else []
     parts += [f"--shifted-layers {shifted_layers}"] if shifted_layers is not None else []
     parts += [f"--shifted-window {shifted_window}"] if shifted_window is not None else []
-    parts += [f"--query-suffix {shell_quote(query_suffix)}"] if query_suffix else []
+    parts += ["--freeze-keys"] if freeze_keys else []
     return " ".join(parts)
 
 
@@ -111,14 +112,15 @@ def shell_quote(text: str) -> str:
 def train_config(*, epochs: int, batch_size: int, lr: float, seed: int, device: str, hard_negatives: str = "bm25",
                  mine_every: int = 1, negatives: int = 32, bf16: bool = False, layer_loss: str = "each",
                  query_reduce: str = "max", head_reduce: str = "mean", freeze_layers: str | None = None,
-                 query_suffix: str = "") -> Any:
+                 query_suffix: str = "", freeze_keys: bool = False) -> Any:
     """The ``TrainConfig`` of the ``msa train-router`` options of the same names."""
     from msa_memory.train.trainer import TrainConfig
 
     return TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
                        hard_source=hard_negatives, mine_every=mine_every, n_random=negatives, bf16=bf16,
                        layer_loss=layer_loss, query_reduce=query_reduce, head_reduce=head_reduce,
-                       frozen_layers=parse_layers(freeze_layers) if freeze_layers else (), query_suffix=query_suffix)
+                       frozen_layers=parse_layers(freeze_layers) if freeze_layers else (), query_suffix=query_suffix,
+                       freeze_keys=freeze_keys)
 
 
 def train_router_from_cli(*, out: str, corpus: Sequence[str] | None, store: str | None, pairs: str | None,
@@ -131,12 +133,16 @@ def train_router_from_cli(*, out: str, corpus: Sequence[str] | None, store: str 
                           head_reduce: str = "mean", init_adapter: str | None = None,
                           freeze_layers: str | None = None, fact_names: str = "syllables",
                           keep_layers: bool = False, shifted_layers: str | None = None,
-                          shifted_window: int | None = None, query_suffix: str = "") -> dict[str, Any]:
+                          shifted_window: int | None = None, query_suffix: str = "",
+                          freeze_keys: bool = False) -> dict[str, Any]:
     """Build the pairs the options ask for and run :func:`msa_memory.train.recipe.run_training`."""
     from msa_memory.train.recipe import builtin_pairs, files_pairs, run_training
 
     if pairs and not store:
         raise ConfigError("--pairs needs --store: positive_ids are document ids of that store.")
+    if freeze_keys and not init_adapter:
+        raise ConfigError("--freeze-keys keeps the router keys of the adapter training starts from: give it "
+                          "(--init-adapter), e.g. the one your stores were built with.")
     if freeze_layers and not init_adapter:
         raise ConfigError("--freeze-layers keeps layers as they start: give the adapter they start from "
                           "(--init-adapter), or there is nothing trained to keep.")
@@ -162,7 +168,7 @@ def train_router_from_cli(*, out: str, corpus: Sequence[str] | None, store: str 
     cfg = train_config(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
                        hard_negatives=hard_negatives, mine_every=mine_every, negatives=negatives, bf16=bf16,
                        layer_loss=layer_loss, query_reduce=query_reduce, head_reduce=head_reduce,
-                       freeze_layers=freeze_layers, query_suffix=query_suffix)
+                       freeze_layers=freeze_layers, query_suffix=query_suffix, freeze_keys=freeze_keys)
     return run_training(out=out, model=model, candidate_layers=parse_layers(layers), max_layers=max_layers,
                         train_pairs=train, dev_pairs=dev, config=cfg, cache_dir=cache, device=device,
                         init_adapter=init_adapter,

@@ -207,6 +207,10 @@ class TrainConfig:
     ``layer_loss="sum"`` the other layers learn to complement them (their errors are what the sum's
     loss sees)."""
 
+    freeze_keys: bool = False
+    """Keep every layer's ``router_k_proj`` as it starts (only the query projections learn): the router keys
+    of stores made with the starting adapter stay valid for the trained one."""
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "frozen_layers", tuple(int(x) for x in self.frozen_layers))
         if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0 or not 0.001 <= self.tau <= 0.5:
@@ -383,7 +387,7 @@ def train_router(proj: RouterProjections, train: Features, held_out: Features | 
                           f"{list(proj.layers)}.")
     for li, layer in enumerate(proj.layers):
         proj.q[li].requires_grad_(layer not in frozen)
-        proj.k[li].requires_grad_(layer not in frozen)
+        proj.k[li].requires_grad_(layer not in frozen and not cfg.freeze_keys)
     opt = torch.optim.AdamW([w for w in proj.parameters() if w.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = math.ceil(train.n_queries / cfg.batch_size)
     total = max(1, steps_per_epoch * cfg.epochs)

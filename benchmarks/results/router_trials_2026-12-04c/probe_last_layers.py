@@ -54,6 +54,9 @@ def main() -> None:
                     help="route the 'last' adapters' layers with each question put into this text at {q} (the "
                          "default's layers keep the bare question), e.g. a PromptEOL-style suffix")
     ap.add_argument("--only", default=None, help="semicolon-separated combination names to compute (default: all)")
+    ap.add_argument("--aligned-last", action="store_true",
+                    help="score the 'last' adapters' layers over the aligned chunk grid alone (default: the default's "
+                         "grid, aligned + shifted windows)")
     a = ap.parse_args()
     warnings.simplefilter("ignore")
     from msa_memory.encode import RouterAdapter
@@ -97,7 +100,7 @@ def main() -> None:
                 for l in ad.config.router_layers:
                     if (name, l) not in needed:
                         continue
-                    sub = ad.subset([l]).with_shifted_layers([l], window)
+                    sub = ad.subset([l]).with_shifted_layers([] if a.aligned_last and name != "max" else [l], window)
                     per[(name, l)] = bq.routing_scores(sub, layers, x, chunk_doc, qxa, qoa, docs, qidx, sub.config, grid)
             for c, parts in table.items():
                 s = sum(per[p] for p in parts)
@@ -131,7 +134,7 @@ def main() -> None:
         print(f"{c:52s} {f:>22s}   {i:>22s}   {wl} | {wd}")
     print(f"{'BM25 (committed ranks)':52s} {'':>22s}   " +
           " ".join(f"{results[S]['bm25_cloze_r16']:.2f}" for S in sizes))
-    out = {"seed": a.seed, "template": a.template, "adapters": {n: ad.fingerprint() for n, ad in adapters.items()},
+    out = {"seed": a.seed, "template": a.template, "aligned_last": a.aligned_last, "adapters": {n: ad.fingerprint() for n, ad in adapters.items()},
            "seconds": round(time.perf_counter() - t0), "results": {str(S): results[S] for S in sizes},
            "ranks": {str(S): ranks[S] for S in sizes}}
     if a.out:

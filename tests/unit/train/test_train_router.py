@@ -209,6 +209,18 @@ def test_training_increases_held_out_recall(bf16, layer_loss):
     assert set(chosen) <= {3, 5} and trace
 
 
+def test_freeze_keys_trains_the_queries_alone():
+    train, held, proj = _task(0)
+    k0 = [w.detach().clone() for w in proj.k]
+    q0 = [w.detach().clone() for w in proj.q]
+    cfg = TrainConfig(epochs=2, batch_size=16, lr=2e-2, n_hard=2, n_random=16, ks=(1, 5), freeze_keys=True)
+    before = evaluate(proj, held, cfg)["recall"]
+    train_router(proj, train, held, cfg)
+    assert all(torch.equal(a, b) for a, b in zip(proj.k, k0))
+    assert not any(torch.equal(a, b) for a, b in zip(proj.q, q0))
+    assert evaluate(proj, held, cfg)["recall"][5] > before[5]
+
+
 def test_training_refuses_features_read_with_another_query_suffix():
     import dataclasses
 
@@ -732,7 +744,7 @@ def test_cli_train_router_with_a_query_suffix(tmp_path):
     suffix = "\nThis passage is about"
     out, cache = tmp_path / "router", tmp_path / "cache"
     args = ["train-router", "--corpus", str(corpus), "--model", str(mdir), "--out", str(out), "--layers", "1,3",
-            "--max-layers", "2", "--epochs", "1", "--batch-size", "8", "--max-chars", "300", "--cache", str(cache),
+            "--keep-layers", "--epochs", "1", "--batch-size", "8", "--max-chars", "300", "--cache", str(cache),
             "--query-reduce", "last", "--query-suffix", suffix, "--json"]
     r = CliRunner().invoke(app, args)
     assert r.exit_code == 0, r.output
@@ -759,6 +771,19 @@ def test_cli_train_router_with_a_query_suffix(tmp_path):
     assert subprocess.run(["bash", "-c", f"printf %s {word}"], capture_output=True, text=True).stdout == suffix
     bad = CliRunner().invoke(app, [a if a != "last" else "max" for a in args])
     assert bad.exit_code == 2 and "needs query_reduce 'last'" in bad.output, bad.output
+    # --freeze-keys: only the query projections learn (the starting adapter's keys stay valid); needs --init-adapter
+    out2 = tmp_path / "router2"
+    args2 = [a if a != str(out) else str(out2) for a in args]
+    r = CliRunner().invoke(app, args2 + ["--init-adapter", str(out), "--freeze-keys", "--lr", "0.05"])
+    assert r.exit_code == 0, r.output
+    assert "features: reusing" in r.output
+    got = RouterAdapter.load(out2)
+    for l in got.config.router_layers:
+        assert torch.equal(got.k_proj[str(l)].weight, ad.k_proj[str(l)].weight)
+        assert not torch.equal(got.q_proj[str(l)].weight, ad.q_proj[str(l)].weight)
+    assert json.loads((out2 / "training.json").read_text())["command"].endswith("--freeze-keys")
+    bad = CliRunner().invoke(app, args2 + ["--freeze-keys"])
+    assert bad.exit_code == 2 and "--freeze-keys" in bad.output and "--init-adapter" in bad.output, bad.output
 
 
 def test_chunks_of_equals_the_per_passage_ranges():
