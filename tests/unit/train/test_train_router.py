@@ -767,7 +767,7 @@ def test_cli_train_router_with_a_query_suffix(tmp_path):
     assert rows == want
     cmd = json.loads((out / "training.json").read_text())["command"]
     assert "--query-reduce last --query-suffix $'\\nThis passage is about'" in cmd
-    word = cmd.split("--query-suffix ", 1)[1]
+    word = cmd.split("--query-suffix ", 1)[1].split(" --", 1)[0]
     assert subprocess.run(["bash", "-c", f"printf %s {word}"], capture_output=True, text=True).stdout == suffix
     bad = CliRunner().invoke(app, [a if a != "last" else "max" for a in args])
     assert bad.exit_code == 2 and "needs query_reduce 'last'" in bad.output, bad.output
