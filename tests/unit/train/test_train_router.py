@@ -774,9 +774,10 @@ def test_cli_train_router_with_a_query_suffix(tmp_path):
     # --freeze-keys: only the query projections learn (the starting adapter's keys stay valid); needs --init-adapter
     out2 = tmp_path / "router2"
     args2 = [a if a != str(out) else str(out2) for a in args]
+    stamps = {f.name: f.stat().st_mtime_ns for f in cache.iterdir()}
     r = CliRunner().invoke(app, args2 + ["--init-adapter", str(out), "--freeze-keys", "--lr", "0.05"])
     assert r.exit_code == 0, r.output
-    assert "features: reusing" in r.output
+    assert {f.name: f.stat().st_mtime_ns for f in cache.iterdir()} == stamps       # the suffixed features reused
     got = RouterAdapter.load(out2)
     for l in got.config.router_layers:
         assert torch.equal(got.k_proj[str(l)].weight, ad.k_proj[str(l)].weight)
