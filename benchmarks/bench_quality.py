@@ -251,10 +251,13 @@ def _texts_digest(texts) -> str:
 
 
 # ----------------------------------------------------------------------------- scorers
-def routing_scores(adapter, layers_all, x, chunk_doc, qx, qoff, docs, qidx, cfg, shifted=None):
+def routing_scores(adapter, layers_all, x, chunk_doc, qx, qoff, docs, qidx, cfg, shifted=None, suffix_rows=0):
     """(len(qidx), len(docs)) routing scores summed over the adapter's layers. ``shifted``: (shifted layers
     cached, x̄_s, chunk→passage) of the shifted grid; at the adapter's shifted layers a passage scores the
-    max over both grids' chunks (what ``runtime.Memory`` routes)."""
+    max over both grids' chunks (what ``runtime.Memory`` routes). ``suffix_rows``: each query's last that many
+    rows of ``qx`` are the adapter's query suffix (:func:`query_inputs`); with suffix queries
+    (``suffix_layers``) the layers' own queries read the rows before them and the suffix queries the last
+    row, summed, as ``runtime.Memory`` routes."""
     from msa_memory.train.scores import chunk_scores, doc_scores
 
     docs_t = torch.as_tensor(docs)
@@ -267,6 +270,7 @@ def routing_scores(adapter, layers_all, x, chunk_doc, qx, qoff, docs, qidx, cfg,
         sel_s = local[cd_s] >= 0
         cdoc_s = local[cd_s[sel_s]]
     total = torch.zeros(len(qidx), len(docs))
+    cut = suffix_rows if adapter.config.suffix_layers else 0     # rows only the suffix queries read
     for l in adapter.config.router_layers:
         li = layers_all.index(l)
         with torch.no_grad():
@@ -277,17 +281,34 @@ def routing_scores(adapter, layers_all, x, chunk_doc, qx, qoff, docs, qidx, cfg,
                 cd_l = torch.cat([cdoc, cdoc_s])
             for s in range(0, len(qidx), 16):
                 qs = qidx[s:s + 16]
-                lens = [int(qoff[i + 1] - qoff[i]) for i in qs]
+                lens = [int(qoff[i + 1] - qoff[i]) - cut for i in qs]
                 T = max(lens)
                 q = torch.zeros(len(qs), T, qx.shape[-1])
                 m = torch.zeros(len(qs), T, dtype=torch.bool)
                 for j, i in enumerate(qs):
-                    q[j, :lens[j]] = qx[qoff[i]:qoff[i + 1], li].float()
+                    q[j, :lens[j]] = qx[qoff[i]:qoff[i] + lens[j], li].float()
                     m[j, :lens[j]] = True
                 rq = adapter.router_q(l, q)                                    # (B, T, Hq, D)
                 cs = chunk_scores(rq, m, k, score=cfg.score, head_reduce=cfg.head_reduce, query_reduce=cfg.query_reduce)
                 total[s:s + len(qs)] += doc_scores(cs, cd_l, len(docs), chunk_reduce=cfg.chunk_reduce)
+                if cut and l in adapter.config.suffix_layers:                  # + the suffix query at the last row
+                    last = torch.stack([qx[int(qoff[i + 1]) - 1, li].float() for i in qs])[:, None]   # (B, 1, E)
+                    cs = chunk_scores(adapter.router_sq(l, last), torch.ones(len(qs), 1, dtype=torch.bool), k,
+                                      score=cfg.score, head_reduce=cfg.head_reduce, query_reduce=cfg.query_reduce)
+                    total[s:s + len(qs)] += doc_scores(cs, cd_l, len(docs), chunk_reduce=cfg.chunk_reduce)
     return total
+
+
+def query_inputs(loaded, adapter, texts, cache):
+    """(qx, qoff, suffix rows) of ``texts`` as ``adapter`` routes them: with its query suffix appended (the
+    suffix's token count, else 0); ``cache`` (a dict) keeps them per suffix."""
+    from msa_memory.train.features import extract_queries
+
+    sfx = adapter.config.query_suffix
+    if sfx not in cache:
+        qx, qoff = extract_queries(loaded, texts, suffix=sfx)
+        cache[sfx] = (qx, qoff, len(loaded.tokenizer(sfx, add_special_tokens=False)["input_ids"]) if sfx else 0)
+    return cache[sfx]
 
 
 def bm25_scores(texts, queries):
@@ -348,7 +369,6 @@ def main(argv: list[str] | None = None, loaded=None) -> None:
     warnings.simplefilter("ignore")
     t_start = time.perf_counter()
     from msa_memory.encode import RouterAdapter, load_model
-    from msa_memory.train.features import extract_queries
 
     sizes = [int(s) for s in args.sizes.split(",")]
     trained = RouterAdapter.load(args.adapter)
@@ -380,7 +400,10 @@ def main(argv: list[str] | None = None, loaded=None) -> None:
     x, chunk_doc, x_s, cd_s = pool_features(loaded, passages, n_needed, cache / tag)
     if args.encode_only:
         return
-    qx, qoff = extract_queries(loaded, [q.text for q in queries])
+    qcache: dict = {}
+    qx, qoff, _ = query_inputs(loaded, loaded.router, [q.text for q in queries], qcache)     # the bare questions
+    qin = {name: query_inputs(loaded, ad, [q.text for q in queries], qcache)
+           for name, ad in {"trained": trained, **also}.items()}
     untrained = loaded.router  # q/k copies at the candidate layers
     cfg = trained.config
     import dataclasses as dc
@@ -405,17 +428,19 @@ def main(argv: list[str] | None = None, loaded=None) -> None:
         for docs, qidx in plans[S]:
             pos_local = [[docs.index(p) for p in queries[i].positives] for i in qidx]
             sc = {
-                "routing (trained adapter)": routing_scores(trained, list(cand), x, chunk_doc, qx, qoff, docs, qidx, cfg,
-                                                            grid),
+                "routing (trained adapter)": routing_scores(trained, list(cand), x, chunk_doc, *qin["trained"][:2], docs,
+                                                            qidx, cfg, grid, qin["trained"][2]),
                 "routing (untrained q/k copy)": routing_scores(untrained_sub, list(cand), x, chunk_doc, qx, qoff, docs,
                                                                qidx, untrained_sub.config, grid),
                 "BM25 (bm25s)": bm25_scores([passages[d] for d in docs], [queries[i].text for i in qidx]),
                 "dense all-MiniLM-L6-v2": emb_q[qidx] @ emb_docs[docs].T,
             }
             if shifted:   # the same weights over MSA's aligned grid alone: the same-run baseline of the grid
-                sc[ALIGNED_ROW] = routing_scores(aligned, list(cand), x, chunk_doc, qx, qoff, docs, qidx, cfg)
+                sc[ALIGNED_ROW] = routing_scores(aligned, list(cand), x, chunk_doc, *qin["trained"][:2], docs, qidx, cfg,
+                                                 suffix_rows=qin["trained"][2])
             for row_name, other in also.items():
-                sc[row_name] = routing_scores(other, list(cand), x, chunk_doc, qx, qoff, docs, qidx, other.config, grid)
+                sc[row_name] = routing_scores(other, list(cand), x, chunk_doc, *qin[row_name][:2], docs, qidx,
+                                              other.config, grid, qin[row_name][2])
             for name, s in sc.items():
                 for j, i in enumerate(qidx):
                     ranks.setdefault(S, {}).setdefault(name, {})[i] = positive_rank(s[j], pos_local[j])

@@ -16,12 +16,16 @@ of its parts); a *subset folder* (``router_subset.json``: ``{"of": FOLDER, "rout
 ``"parts": [{"of": FOLDER, "router_layers": [...]}, ...]`` in place of ``"of"``, the merge of layers
 of several folders (``router_layers`` is then all of theirs); its optional ``"shifted_layers"`` (default
 none, whatever the folders it names have) are the layers with keys over the shifted grid too, and its
-optional ``"shifted_window"`` that grid's window (default none: P-token windows from P/2).
+optional ``"shifted_window"`` that grid's window (default none: P-token windows from P/2), and its
+optional ``"suffix": {"of": FOLDER, "router_layers": [...]}`` suffix queries taken from that adapter folder
+(:meth:`RouterAdapter.with_suffix_queries`).
 :meth:`RouterAdapter.load` rebuilds it and checks its fingerprint, so a shipped merged adapter and the
 adapters it was made of share one copy of the weights.
 
 An adapter may carry a *query suffix* (``RouterConfig.query_suffix``, not in MSA): text appended to every
-question before it is routed, read at its last token (``query_reduce = "last"``).
+question before it is routed, read at its last token, by the router query itself (``query_reduce = "last"``) or
+by *suffix queries* (``RouterConfig.suffix_layers``: a second query projection at some layers, scored against
+the layer's own keys and summed into its score, while the layer's own query reads the question's tokens).
 
 Score modes: ``"cosine"`` (paper, InfoNCE training; keys are stored L2-normalised per head after
 pooling, queries must be normalised too) or ``"dot"`` (reference inference as shipped: raw dot
@@ -69,12 +73,15 @@ def is_subset_folder(d: str | Path) -> bool:
 ScoreMode = Literal["cosine", "dot"]
 
 
-def check_query_suffix(suffix: Any, query_reduce: str, name: str) -> None:
-    """Raise ConfigError (naming ``name``) unless ``suffix`` is a string, and, when non-empty, ``query_reduce``
-    is "last"."""
+def check_query_suffix(suffix: Any, query_reduce: str, name: str, suffix_layers: tuple[int, ...] = ()) -> None:
+    """Raise ConfigError (naming ``name``) unless ``suffix`` is a string that, when non-empty, is read by a
+    ``query_reduce`` of "last" or by suffix queries (``suffix_layers``); suffix queries need a suffix."""
     if not isinstance(suffix, str):
         raise ConfigError(f"{name} must be a string, got {suffix!r}.")
-    if suffix and query_reduce != "last":
+    if suffix_layers and not suffix:
+        raise ConfigError(f"Suffix queries at layers {list(suffix_layers)} need a query suffix to read; {name} is "
+                          "empty.")
+    if suffix and query_reduce != "last" and not suffix_layers:
         raise ConfigError(f"{name} {suffix!r} needs query_reduce 'last' (the router query is read where the suffix "
                           f"ends), got query_reduce {query_reduce!r}.",
                           hint="Train with --query-reduce last, or leave the suffix out.")
@@ -90,6 +97,10 @@ def _q_key(layer: int) -> str:
 
 def _k_key(layer: int) -> str:
     return f"model.layers.{layer}.self_attn.router_k_proj.0.weight"
+
+
+def _sq_key(layer: int) -> str:
+    return f"model.layers.{layer}.self_attn.router_suffix_q_proj.0.weight"
 
 
 @dataclass(frozen=True)
@@ -129,11 +140,18 @@ class RouterConfig:
     of W/2 (an even W, 2 <= W < P); None: P-token windows from token P/2. Left out of :meth:`to_dict`
     when None."""
     query_suffix: str = ""
-    """Text put after the question before it is routed (not in MSA; empty: the question alone). The
-    router query is then read where the suffix ends, so it needs ``query_reduce = "last"``; e.g.
-    ``"\nThis passage is about"`` turns the last position into a summary of the question. The suffix
-    is tokenized on its own (no special tokens) and appended to the question's tokens, so the question's
-    own tokens are the same with or without it. Left out of :meth:`to_dict` when empty."""
+    """Text put after the question before it is routed (not in MSA; empty: the question alone), read where
+    it ends: by the router query itself with ``query_reduce = "last"``, or by the suffix queries of
+    ``suffix_layers``; e.g. ``"\nThis passage is about"`` turns the last position into a summary of the
+    question. The suffix is tokenized on its own (no special tokens) and appended to the question's tokens,
+    so the question's own tokens are the same with or without it. Left out of :meth:`to_dict` when empty."""
+    suffix_layers: tuple[int, ...] = ()
+    """Router layers that add a *suffix query* to their score (not in MSA; needs ``query_suffix``): a query
+    projection of their own (``router_suffix_q_proj``) read at the suffix's last token, scored as one row
+    against the layer's own router keys (both grids at a shifted layer) with the layer's score mode and head
+    and chunk reduces, and summed into the layer's document score. The layer's own queries then read the
+    question's tokens only (not the suffix's), reduced by ``query_reduce``; the keys are unchanged, so a
+    store's keys serve the adapter with or without them. Left out of :meth:`to_dict` when empty."""
 
     def __post_init__(self) -> None:
         layers = tuple(int(x) for x in self.router_layers)
@@ -150,7 +168,12 @@ class RouterConfig:
         if window is not None and not shifted:
             raise ConfigError(f"RouterConfig.shifted_window {window} needs shifted_layers (the layers that key the "
                               "shifted grid).")
-        check_query_suffix(self.query_suffix, self.query_reduce, "RouterConfig.query_suffix")
+        sfx_layers = tuple(int(x) for x in self.suffix_layers)
+        object.__setattr__(self, "suffix_layers", sfx_layers)
+        if list(sfx_layers) != sorted(set(sfx_layers)) or not set(sfx_layers) <= set(layers):
+            raise ConfigError(f"suffix_layers must be ascending distinct router layers (router layers {list(layers)}), "
+                              f"got {list(sfx_layers)!r}.")
+        check_query_suffix(self.query_suffix, self.query_reduce, "RouterConfig.query_suffix", sfx_layers)
         for name in ("n_q_heads", "n_kv_heads", "head_dim", "hidden_size", "chunk_tokens", "top_k"):
             if int(getattr(self, name)) <= 0:
                 raise ConfigError(f"RouterConfig.{name} must be positive, got {getattr(self, name)!r}.")
@@ -174,6 +197,10 @@ class RouterConfig:
             del d["shifted_window"]
         if not self.query_suffix:
             del d["query_suffix"]
+        if self.suffix_layers:
+            d["suffix_layers"] = list(self.suffix_layers)
+        else:
+            del d["suffix_layers"]
         return d
 
     @classmethod
@@ -204,6 +231,8 @@ class RouterAdapter(nn.Module):
                                      for l in c.router_layers})
         self.k_proj = nn.ModuleDict({str(l): nn.Linear(c.hidden_size, c.n_kv_heads * c.head_dim, bias=False)
                                      for l in c.router_layers})
+        self.sq_proj = nn.ModuleDict({str(l): nn.Linear(c.hidden_size, c.n_q_heads * c.head_dim, bias=False)
+                                      for l in c.suffix_layers})
         self.float()
 
     # -- maths -------------------------------------------------------------------------------
@@ -215,6 +244,14 @@ class RouterAdapter(nn.Module):
     def router_q(self, layer: int, x: torch.Tensor) -> torch.Tensor:
         """(…, E) router-layer inputs -> (…, Hq, D) router queries (fp32, not normalised)."""
         w = self.q_proj[self._check_layer(layer)].weight
+        return (x.to(w.dtype) @ w.T).unflatten(-1, (self.config.n_q_heads, self.config.head_dim))
+
+    def router_sq(self, layer: int, x: torch.Tensor) -> torch.Tensor:
+        """(…, E) router-layer inputs at the suffix's last token -> (…, Hq, D) suffix queries (``suffix_layers``)."""
+        key = self._check_layer(layer)
+        if key not in self.sq_proj:
+            raise ConfigError(f"Layer {layer!r} has no suffix query; suffix layers are {self.config.suffix_layers}.")
+        w = self.sq_proj[key].weight
         return (x.to(w.dtype) @ w.T).unflatten(-1, (self.config.n_q_heads, self.config.head_dim))
 
     def router_k(self, layer: int, x: torch.Tensor) -> torch.Tensor:
@@ -243,6 +280,8 @@ class RouterAdapter(nn.Module):
         for l in self.config.router_layers:
             out[_q_key(l)] = self.q_proj[str(l)].weight.detach().float().cpu().contiguous()
             out[_k_key(l)] = self.k_proj[str(l)].weight.detach().float().cpu().contiguous()
+        for l in self.config.suffix_layers:
+            out[_sq_key(l)] = self.sq_proj[str(l)].weight.detach().float().cpu().contiguous()
         return out
 
     def fingerprint(self) -> str:
@@ -267,7 +306,11 @@ class RouterAdapter(nn.Module):
             raise ConfigError(f"Layers {missing or list(layers)} are not a subset of the adapter's router layers "
                               f"{list(self.config.router_layers)}.")
         shifted = tuple(l for l in self.config.shifted_layers if l in layers)
+        sfx = tuple(l for l in self.config.suffix_layers if l in layers)
         new = RouterAdapter(dataclasses.replace(self.config, router_layers=layers, shifted_layers=shifted,
+                                                suffix_layers=sfx,
+                                                query_suffix=self.config.query_suffix
+                                                if sfx or self.config.query_reduce == "last" else "",
                                                 shifted_window=self.config.shifted_window if shifted else None,
                                                 extra=dict(self.config.extra)))
         new.load_tensors(self.state_tensors(), where="adapter subset")
@@ -304,7 +347,8 @@ class RouterAdapter(nn.Module):
             raise ConfigError(f"merge needs at least two adapters, got {len(parts)}.")
         def shared(a: RouterAdapter) -> dict[str, Any]:   # what merged parts must agree on
             return {k: v for k, v in a.config.to_dict().items()
-                    if k not in ("router_layers", "shifted_layers", "shifted_window", "extra", "source")}
+                    if k not in ("router_layers", "shifted_layers", "shifted_window", "suffix_layers", "extra",
+                                 "source")}
 
         base = shared(parts[0])
         seen: dict[int, int] = {}
@@ -331,7 +375,9 @@ class RouterAdapter(nn.Module):
         if len(windows) > 1:
             raise ConfigError(f"The adapters' shifted grids have different windows {sorted(windows, key=str)}; merged "
                               "adapters must share one (RouterAdapter.with_shifted_layers(..., window=...)).")
+        sfx = tuple(sorted(l for a in parts for l in a.config.suffix_layers))
         merged = cls(dataclasses.replace(parts[0].config, router_layers=tuple(sorted(seen)), shifted_layers=shifted,
+                                         suffix_layers=sfx,
                                          shifted_window=windows.pop() if windows else None, extra=prov,
                                          source="adapter"))
         tensors: dict[str, torch.Tensor] = {}
@@ -339,6 +385,54 @@ class RouterAdapter(nn.Module):
             tensors.update(a.state_tensors())
         merged.load_tensors(tensors, where="merged adapters")
         return merged
+
+    def with_suffix_queries(self, source: RouterAdapter, layers=None, extra: dict[str, Any] | None = None
+                            ) -> RouterAdapter:
+        """This adapter plus suffix queries (``RouterConfig.suffix_layers``) at ``layers`` (default: all of
+        ``source``'s), taken from ``source``: an adapter trained with ``query_reduce = "last"`` and a query
+        suffix, started from this one with its keys frozen (``msa train-router --init-adapter THIS --layers L
+        --query-reduce last --query-suffix S --freeze-keys``), so that its query at the suffix's end is scored
+        against these very keys. A new adapter (a new router id); its keys equal this one's, so stores built
+        with this adapter serve it after ``msa store reindex-router`` (a copy of the keys)."""
+        import dataclasses
+
+        sc = source.config
+        layers = tuple(sorted(int(l) for l in (sc.router_layers if layers is None else layers)))
+        if sc.query_reduce != "last" or not sc.query_suffix or sc.suffix_layers:
+            raise ConfigError(f"Suffix queries come from an adapter trained for them: query_reduce 'last' and a query "
+                              f"suffix, without suffix queries of its own; this one has query_reduce "
+                              f"{sc.query_reduce!r}, query suffix {sc.query_suffix!r}, suffix layers "
+                              f"{list(sc.suffix_layers)}.",
+                              hint="Train it with msa train-router --query-reduce last --query-suffix TEXT "
+                                   "--init-adapter THIS --freeze-keys.")
+        same = ("n_q_heads", "n_kv_heads", "head_dim", "hidden_size", "chunk_tokens", "score", "head_reduce",
+                "chunk_reduce")
+        diff = [k for k in same if getattr(sc, k) != getattr(self.config, k)]
+        if diff:
+            raise ConfigError(f"The suffix queries' adapter differs from this one in {diff}; a suffix query is scored "
+                              "like this adapter's own queries.")
+        if self.config.suffix_layers and self.config.query_suffix != sc.query_suffix:
+            raise ConfigError(f"This adapter's suffix queries read {self.config.query_suffix!r}; the new ones read "
+                              f"{sc.query_suffix!r}. One adapter has one suffix.")
+        for l in layers:
+            if l not in sc.router_layers or l not in self.config.router_layers:
+                raise ConfigError(f"Layer {l} is not a router layer of both adapters ({list(self.config.router_layers)} "
+                                  f"and the suffix queries' {list(sc.router_layers)}).")
+            if not torch.equal(source.k_proj[str(l)].weight.detach().cpu(), self.k_proj[str(l)].weight.detach().cpu()):
+                raise ConfigError(f"The suffix queries' adapter has other router keys at layer {l} than this one: its "
+                                  "queries were trained against keys this adapter's stores do not hold.",
+                                  hint="Train it from this adapter with its keys frozen: msa train-router "
+                                       "--init-adapter THIS --freeze-keys ...")
+        sfx = tuple(sorted(set(self.config.suffix_layers) | set(layers)))
+        prov = extra if extra is not None else {
+            **self.config.extra, "suffix_queries_from": {"router_id": source.fingerprint(), "router_layers": list(layers),
+                                                         "extra": sc.extra}}
+        new = RouterAdapter(dataclasses.replace(self.config, suffix_layers=sfx, query_suffix=sc.query_suffix,
+                                                extra=dict(prov)))
+        tensors = self.state_tensors()
+        tensors.update({_sq_key(l): source.q_proj[str(l)].weight.detach().float().cpu() for l in layers})
+        new.load_tensors(tensors, where="adapter with suffix queries")
+        return new
 
     def save(self, directory: str | Path) -> Path:
         """Write ``router_adapter.json`` + ``router_adapter.safetensors`` into ``directory``."""
@@ -397,6 +491,8 @@ class RouterAdapter(nn.Module):
             shifted = [int(l) for l in spec.get("shifted_layers", [])]
             window = spec.get("shifted_window")
             window = None if window is None else int(window)
+            sfx = spec.get("suffix")
+            sfx = None if sfx is None else (d / sfx["of"], [int(l) for l in sfx["router_layers"]])
         except (ValueError, TypeError, KeyError) as e:
             raise ModelLoadError(f"Router subset file {str(f)!r} is invalid ({e!r}): it needs 'of' (or 'parts': "
                                  "[{'of', 'router_layers'}, ...]), 'router_layers' and 'router_id'.") from e
@@ -415,6 +511,11 @@ class RouterAdapter(nn.Module):
             adapter = pieces[0] if len(pieces) == 1 else cls.merge(pieces)
             if list(adapter.config.shifted_layers) != shifted or adapter.config.shifted_window != window:
                 adapter = adapter.with_shifted_layers(shifted, window)   # the subset file says which layers shift
+            if sfx is not None:                                            # suffix queries from another folder
+                if is_subset_folder(sfx[0]):
+                    raise ModelLoadError(f"{str(f)!r}: its suffix queries' folder {str(sfx[0])!r} is itself a subset; "
+                                         "name the full adapter folder.")
+                adapter = adapter.with_suffix_queries(cls.load(sfx[0]), sfx[1])
         except ConfigError as e:
             raise ModelLoadError(f"{str(f)!r}: {e}") from e
         adapter.config.extra.clear()
@@ -431,15 +532,18 @@ class RouterAdapter(nn.Module):
         """Copy reference-named router weights (see :meth:`state_tensors`) into this adapter."""
         c = self.config
         with torch.no_grad():
-            for l in c.router_layers:
-                for key, lin in ((_q_key(l), self.q_proj[str(l)]), (_k_key(l), self.k_proj[str(l)])):
-                    if key not in tensors:
-                        raise ModelLoadError(f"{where} has no tensor {key!r} (router layers {c.router_layers}).")
-                    t = tensors[key]
-                    if tuple(t.shape) != tuple(lin.weight.shape):
-                        raise ModelLoadError(
-                            f"{where}: {key!r} has shape {tuple(t.shape)}, expected {tuple(lin.weight.shape)}.")
-                    lin.weight.copy_(t.float())
+            pairs = [(key, lin) for l in c.router_layers
+                     for key, lin in ((_q_key(l), self.q_proj[str(l)]), (_k_key(l), self.k_proj[str(l)]))]
+            pairs += [(_sq_key(l), self.sq_proj[str(l)]) for l in c.suffix_layers]
+            for key, lin in pairs:
+                if key not in tensors:
+                    raise ModelLoadError(f"{where} has no tensor {key!r} (router layers {c.router_layers}"
+                                         + (f", suffix layers {c.suffix_layers}" if c.suffix_layers else "") + ").")
+                t = tensors[key]
+                if tuple(t.shape) != tuple(lin.weight.shape):
+                    raise ModelLoadError(
+                        f"{where}: {key!r} has shape {tuple(t.shape)}, expected {tuple(lin.weight.shape)}.")
+                lin.weight.copy_(t.float())
 
     @classmethod
     def from_model_qk(cls, hf_model: nn.Module, config: RouterConfig, *, warn: bool = True) -> RouterAdapter:

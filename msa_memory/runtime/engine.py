@@ -96,6 +96,9 @@ class ForwardState:
     top_k: int | None = None
     routes: dict[int, RouteResult] = field(default_factory=dict)
     """Router-layer position → its top-k (from the last routing forward)."""
+    suffix_rows: int = 0
+    """Trailing routing rows of the next routing forward that are the router's query suffix: the suffix
+    queries read the last of them, the router queries the rows before them (0: no suffix queries)."""
     preset_routes: dict[int, RouteResult] | None = None
     """Routes decided beforehand (``MsaEngine.pooled_routes``): a routing forward attaches these
     layers' memory instead of routing its own tokens."""
@@ -266,16 +269,24 @@ class MsaEngine:
         Resident router keys; None means the model runs without memory.
     content : ContentMemory or None
         Content K̄V̄ (needed for pooled mode).
+    suffix_q : callable, optional
+        ``suffix_q(position, x) -> (1, Hq·D)`` the suffix query of a router position in ``suffix_positions``
+        (``RouterConfig.suffix_layers``), from the normed hidden of the suffix's last token.
     """
 
     def __init__(self, hf_model: Any, router_layers: Sequence[int], router_q: Callable[[int, torch.Tensor], torch.Tensor],
                  index: RouterIndex | None = None, content: ContentMemory | None = None, *,
-                 cpu_gemv: bool | str = "auto") -> None:
+                 cpu_gemv: bool | str = "auto", suffix_q: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+                 suffix_positions: Sequence[int] = ()) -> None:
         _register()
         self.model = hf_model
         self.backbone = hf_model.model
         self.router_layers = [int(x) for x in router_layers]
         self.router_q = router_q
+        self.suffix_q = suffix_q
+        self.suffix_positions = frozenset(int(p) for p in suffix_positions)
+        if self.suffix_positions and suffix_q is None:
+            raise ConfigError("Suffix positions need suffix_q, the suffix queries' projection.")
         self.index = index
         self.content = content
         n_layers = len(self.backbone.layers)
@@ -332,14 +343,22 @@ class MsaEngine:
                 self._attach(st, pos, layer_idx, st.preset_routes[pos])
                 return
             x = output[0] if st.route_rows is None else output[0, st.route_rows]            # (T_r, E)
+            sq = None
+            if st.suffix_rows:   # the suffix's last token feeds this position's suffix query, if it has one
+                if pos in self.suffix_positions:
+                    sq = self.suffix_q(pos, x[-1:]).reshape(1, -1, self.head_dim)             # (1, Hq, D)
+                x = x[:-st.suffix_rows]                                                       # the question's rows
             q = self.router_q(pos, x).reshape(x.shape[0], -1, self.head_dim)                  # (T_r, Hq, D)
             if st.collect_only:
                 ds = self.index.doc_scores(pos, q)                                            # (N,)
+                if sq is not None:
+                    ds = ds + self.index.doc_scores(pos, sq)
                 st.doc_score_sum = ds if st.doc_score_sum is None else st.doc_score_sum + ds
                 _sync(self.device)
                 st.timings["routing_s"] += time.perf_counter() - t0
                 return
-            res = self.index.route(pos, q, k=st.top_k)
+            res = (self.index.route(pos, q, k=st.top_k) if sq is None else
+                   self.index.route_scores(pos, self.index.doc_scores(pos, q) + self.index.doc_scores(pos, sq), st.top_k))
             _sync(self.device)
             st.timings["routing_s"] += time.perf_counter() - t0
             self._attach(st, pos, layer_idx, res)
@@ -410,24 +429,29 @@ class MsaEngine:
         return ForwardState(capacity=int(capacity), prefix=p, prefix_len=(p[0][0].shape[1] if p else 0), top_k=top_k)
 
     def route_only(self, ids: Sequence[int], positions: Sequence[int], route_rows: Any,
-                   prefix: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None) -> tuple[np.ndarray, dict[str, float]]:
-        """Document scores summed over all router layers (no memory attached): (N,) float32."""
+                   prefix: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                   suffix_rows: int = 0) -> tuple[np.ndarray, dict[str, float]]:
+        """Document scores summed over all router layers (no memory attached): (N,) float32.
+
+        ``suffix_rows``: the last that many routing rows are the query suffix (:attr:`ForwardState.suffix_rows`)."""
         if self.index is None:
             raise RuntimeMemoryError("Routing needs router keys, but this engine has none.")
         st = self.new_state(len(ids), prefix)
         st.collect_only = True
+        st.suffix_rows = int(suffix_rows)
         self.forward(st, ids, positions, route_rows=route_rows, backbone_only=True)
         assert st.doc_score_sum is not None
         return st.doc_score_sum.float().cpu().numpy(), st.timings
 
     def pooled_routes(self, ids: Sequence[int], positions: Sequence[int], route_rows: Any,
                       prefix: Sequence[tuple[torch.Tensor, torch.Tensor]] | None, top_k: int,
-                      timings: dict[str, float] | None = None) -> dict[int, RouteResult]:
+                      timings: dict[str, float] | None = None, suffix_rows: int = 0) -> dict[int, RouteResult]:
         """Every router position's top-k from a pooled routing forward of ``ids`` (memory attached layer by
         layer as it routes, as in a pooled prefill), for a later forward to use (``preset_routes``)."""
         if self.index is None:
             raise RuntimeMemoryError("Routing needs router keys, but this engine has none.")
         st = self.new_state(len(ids), prefix, top_k=top_k)
+        st.suffix_rows = int(suffix_rows)
         self.forward(st, ids, positions, route_rows=route_rows, backbone_only=True)
         if timings is not None:
             for k in ("routing_s", "fetch_s"):

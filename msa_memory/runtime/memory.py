@@ -256,8 +256,14 @@ class Memory:
         else:
             self.content = ContentMemory(n_chunks, layout, dt, self.device, loader=lambda idx: store.load_kv(self.doc_ids[idx]),
                                          cache_bytes=cache)
+        rc = getattr(model.router, "config", None)
+        sfx_layers = tuple(getattr(rc, "suffix_layers", ()))
+        #: trailing routing tokens that only the suffix queries read (the query suffix's, with suffix queries)
+        self.suffix_rows = len(self.tokenizer(self.query_suffix, add_special_tokens=False)["input_ids"]) \
+            if sfx_layers else 0
         self.engine = MsaEngine(model.hf_model, ident.router_layers, self._router_q, self.index, self.content,
-                                cpu_gemv=cpu_gemv)
+                                cpu_gemv=cpu_gemv, suffix_q=self._suffix_q if sfx_layers else None,
+                                suffix_positions=[ident.router_layers.index(l) for l in sfx_layers])
         self._prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._sources: dict[int, tuple[str, int]] | None = None
         self.open_s = time.perf_counter() - t0
@@ -276,6 +282,9 @@ class Memory:
 
     def _router_q(self, pos: int, x: torch.Tensor) -> torch.Tensor:
         return self.model.router.router_q(self.identity.router_layers[pos], x).flatten(-2)
+
+    def _suffix_q(self, pos: int, x: torch.Tensor) -> torch.Tensor:
+        return self.model.router.router_sq(self.identity.router_layers[pos], x).flatten(-2)
 
     @property
     def prefix(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -342,7 +351,7 @@ class Memory:
                                      "documents.", hint="Encode some with `msa-encode PATH --store STORE`.")
         ids, pos, rows, prefix = self._routing_query(question)
         t0 = time.perf_counter()
-        scores, timings = self.engine.route_only(ids, pos, rows, prefix)
+        scores, timings = self.engine.route_only(ids, pos, rows, prefix, suffix_rows=self.suffix_rows)
         order = np.argsort(-scores, kind="stable")[:k]
         timings = dict(timings, route_total_s=time.perf_counter() - t0)
         return self.doc_ids[order], scores[order], timings
@@ -474,7 +483,7 @@ class Memory:
             # prefill the prompt with those routes
             rq = self.layout.encode([(question, True), (self.query_suffix, True)])
             st.preset_routes = self.engine.pooled_routes(rq.ids, list(range(P + kk, P + kk + len(rq.ids))),
-                                                         rq.route_rows, prefix, kk, st.timings)
+                                                         rq.route_rows, prefix, kk, st.timings, self.suffix_rows)
         toks, reason = self._generate(st, q, pos, route=True, timings=timings, **kw)
         timings.update(st.timings)
         hits, per_layer = self.layer_hits(st.routes)

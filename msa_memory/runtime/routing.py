@@ -801,6 +801,20 @@ class RouterIndex:
             raise ConfigError(f"Router layer position {layer!r} out of range 0..{self.n_layers - 1}.")
         return min(int(k or self.config.top_k), self.n_docs)
 
+    def route_scores(self, layer: int, ds: torch.Tensor, k: int | None = None) -> RouteResult:
+        """Top-k documents of given (N,) document scores ``ds`` (e.g. a router layer's with its suffix query's
+        added), reported as router layer ``layer``'s route."""
+        import torch
+
+        k = self._check_route(layer, k)
+        if tuple(ds.shape) != (self.n_docs,):
+            raise ConfigError(f"Document scores of shape {tuple(ds.shape)} for {self.n_docs} documents.")
+        with torch.no_grad():
+            packed = self._pack_topk(ds.float(), k).cpu()
+        idx_np = packed[1].numpy().astype(np.int64)
+        return RouteResult(doc_index=idx_np, doc_ids=self.doc_ids[idx_np], scores=packed[0].numpy().astype(np.float32),
+                           layer=layer)
+
     def route(self, layer: int, q: torch.Tensor, k: int | None = None, path: str = "auto") -> RouteResult:
         """Top-k documents of router layer ``layer`` for router queries ``q`` (T, Hq, D).
 

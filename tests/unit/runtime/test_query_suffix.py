@@ -179,3 +179,150 @@ def test_bad_suffix_configurations_are_refused(tiny_msa_model, store_builder, tm
     store = build(tmp_path / "msa.msa", msa, passages=passages)
     with pytest.raises(ConfigError, match="query suffix"):
         Memory(store, model=msa)
+
+
+# ----------------------------------------------------------------------------- suffix queries beside token max
+
+def _suffix_queries_model(loaded, seed=1, layers=(1,)):
+    """``loaded`` with a random token-max router plus suffix queries at ``layers`` taken from a ``last`` adapter
+    that shares its keys (what msa train-router --init-adapter --freeze-keys trains)."""
+    from msa_memory.encode import RouterAdapter
+
+    base = RouterAdapter(dataclasses.replace(loaded.router.config, query_reduce="max", query_suffix="", extra={}))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for w in base.parameters():
+            w.copy_(torch.randn(w.shape, generator=g))
+    src = RouterAdapter(dataclasses.replace(base.config, router_layers=tuple(layers), query_reduce="last",
+                                            query_suffix=SUFFIX))
+    t = base.state_tensors()
+    for l in layers:
+        t[f"model.layers.{l}.self_attn.router_q_proj.0.weight"] = torch.randn(src.q_proj[str(l)].weight.shape, generator=g)
+    src.load_tensors(t)
+    return loaded.with_router(base.with_suffix_queries(src)), base, src
+
+
+@pytest.fixture(scope="module")
+def sq_memory(plain_model, tmp_path_factory):
+    m, _, _ = _suffix_queries_model(plain_model)
+    store = build_store(tmp_path_factory.mktemp("sq") / "mem.msa", m, [p * 2 for p in PASSAGES])
+    return Memory(store, model=m)
+
+
+@torch.no_grad()
+def _layer_scores(mem, x_rows, pos, proj):
+    """(N,) brute-force document scores of query rows ``x_rows`` (T, E) under projection ``proj`` (Hq·D, E)
+    against the store's keys of router position ``pos``: cosine per head, head mean, token max, chunk max."""
+    rc = mem.model.router.config
+    q = torch.nn.functional.normalize((x_rows.double() @ proj.double().T).view(len(x_rows), rc.n_q_heads, -1), dim=-1)
+    k_np, docs = mem.store.router_keys(pos)
+    keys = torch.from_numpy(k_np.astype(np.float32)).double()
+    rep = rc.n_q_heads // rc.n_kv_heads
+    S = torch.stack([q[:, h] @ keys[:, h // rep].T for h in range(rc.n_q_heads)], -1).mean(-1).amax(0).numpy()
+    dense = np.searchsorted(mem.doc_ids, docs)
+    return np.array([S[dense == d].max() for d in range(len(mem.doc_ids))])
+
+
+def test_suffix_queries_add_to_the_token_max_of_the_question(sq_memory):
+    mem = sq_memory
+    r = mem.model.router
+    assert r.config.suffix_layers == (1,) and r.config.query_reduce == "max" and mem.suffix_rows > 0
+    tok = mem.tokenizer
+    bare = list(tok(Q, add_special_tokens=True)["input_ids"])
+    ids = bare + list(tok(SUFFIX, add_special_tokens=False)["input_ids"])
+    assert mem.suffix_rows == len(ids) - len(bare)
+    hf = mem.model.hf_model
+    with torch.no_grad():
+        hs = hf(input_ids=torch.tensor([ids]), output_hidden_states=True).hidden_states
+    total = np.zeros(len(mem.doc_ids))
+    for pos, li in enumerate(mem.identity.router_layers):
+        x = hf.model.layers[li].input_layernorm(hs[li][0])
+        total += _layer_scores(mem, x[:len(bare)], pos, r.q_proj[str(li)].weight)            # the question's tokens
+        if li in r.config.suffix_layers:
+            total += _layer_scores(mem, x[-1:], pos, r.sq_proj[str(li)].weight)               # the suffix's end
+    tab = mem.search(Q, k=4)
+    assert tab.column("doc_id").to_pylist() == mem.doc_ids[np.argsort(-total, kind="stable")[:4]].tolist()
+    np.testing.assert_allclose(tab.column("score").to_numpy(), np.sort(total)[::-1][:4], rtol=1e-4)
+
+
+@torch.no_grad()
+def test_pooled_suffix_query_layer_routes_by_the_summed_score(sq_memory):
+    mem = sq_memory
+    r = mem.model.router
+    head, q = mem.layout.head_ids(), mem.layout.question(Q)
+    P, k = len(head), 2
+    ans = mem.ask(Q, mode="pooled", k=k, max_new_tokens=2, stop_strings=())
+    sfx = mem.layout.encode([(Q, True), (SUFFIX, True)]).ids
+    n_q = len(mem.layout.encode([(Q, True)]).ids)
+    pos = torch.tensor([list(range(P)) + list(range(P + k, P + k + len(sfx)))])
+    hf = mem.model.hf_model
+    hs = hf(input_ids=torch.tensor([head + sfx]), position_ids=pos, output_hidden_states=True).hidden_states
+    li = mem.identity.router_layers[0]                                  # routes before any memory is attached
+    x = hf.model.layers[li].input_layernorm(hs[li][0])[P:]
+    best = _layer_scores(mem, x[:n_q], 0, r.q_proj[str(li)].weight) + _layer_scores(mem, x[-1:], 0, r.sq_proj[str(li)].weight)
+    assert sorted(ans.rounds[0].per_layer[0]) == sorted(mem.doc_ids[np.argsort(-best, kind="stable")[:k]].tolist())
+    assert ans.n_prompt_tokens == P + len(q.ids)
+
+
+def test_suffix_queries_adapter_round_trips_and_refuses_foreign_keys(plain_model, tmp_path):
+    import json
+
+    from msa_memory.encode import RouterAdapter
+    from msa_memory.errors import ModelLoadError
+
+    m, base, src = _suffix_queries_model(plain_model)
+    ad = m.router
+    assert ad.config.query_suffix == SUFFIX and torch.equal(ad.sq_proj["1"].weight, src.q_proj["1"].weight)
+    assert ad.fingerprint() != base.fingerprint()
+    ad.save(tmp_path / "full")
+    back = RouterAdapter.load(tmp_path / "full")
+    assert back.config == ad.config and back.fingerprint() == ad.fingerprint()
+    assert back.subset([2]).config.suffix_layers == () and back.subset([2]).config.query_suffix == ""
+    assert back.subset([1]).config.suffix_layers == (1,)
+    # a subset folder names the token-max adapter and the suffix queries' folder: the same router
+    base.save(tmp_path / "base")
+    src.save(tmp_path / "src")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "router_subset.json").write_text(json.dumps(
+        {"of": "../base", "router_layers": [1, 2], "router_id": ad.fingerprint(), "extra": ad.config.extra,
+         "suffix": {"of": "../src", "router_layers": [1]}}))
+    assert RouterAdapter.load(tmp_path / "sub").fingerprint() == ad.fingerprint()
+    # suffix queries trained against other keys are refused
+    other = RouterAdapter(src.config)
+    with pytest.raises(ConfigError, match="other router keys at layer 1"):
+        base.with_suffix_queries(other)
+    with pytest.raises(ConfigError, match="trained for them"):
+        base.with_suffix_queries(base)
+    with pytest.raises(ConfigError, match="need a query suffix"):
+        dataclasses.replace(ad.config, query_suffix="")
+    (tmp_path / "src" / "router_adapter.safetensors").unlink()
+    with pytest.raises(ModelLoadError):
+        RouterAdapter.load(tmp_path / "sub")
+
+
+@pytest.mark.parametrize("which", ["suffix queries", "last at the suffix"])
+def test_the_benchmark_scores_suffix_adapters_as_memory_routes(which, sq_memory, suffix_memory):
+    """benchmarks/bench_quality.routing_scores (from pooled features, as the benchmark scores) == Memory.search."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
+    import bench_quality as bq
+
+    from msa_memory.train.features import extract_passages
+
+    mem = sq_memory if which == "suffix queries" else suffix_memory
+    loaded, ad = mem.model, mem.model.router
+    texts = mem.store.texts(mem.doc_ids.tolist())
+    x, chunk_doc = extract_passages(loaded, texts, dtype=torch.float32)
+    qx, qoff, n_sfx = bq.query_inputs(loaded, ad, [Q], {})
+    assert n_sfx == len(mem.tokenizer(SUFFIX, add_special_tokens=False)["input_ids"])
+    got = bq.routing_scores(ad, list(loaded.router_layers), x, chunk_doc, qx, qoff, list(range(len(texts))), [0],
+                            ad.config, suffix_rows=n_sfx)[0]
+    tab = mem.search(Q, k=len(texts))
+    want = np.full(len(texts), np.nan)
+    want[np.searchsorted(mem.doc_ids, tab.column("doc_id").to_numpy())] = tab.column("score").to_numpy()
+    np.testing.assert_allclose(got.numpy(), want, atol=3e-3)          # the benchmark reads queries in bf16
+    bare = bq.routing_scores(ad, list(loaded.router_layers), x, chunk_doc, qx, qoff, list(range(len(texts))), [0],
+                             ad.config)[0]                                 # the suffix rows routed as question rows
+    assert np.abs(bare.numpy() - want).max() > 3e-2 if which == "suffix queries" else True
