@@ -35,6 +35,13 @@ folders (``"parts"``), so the stores they built keep their router:
   of the fifth to ninth sessions;
 * ``gemma3-270m-router-merge5/`` (layers 1, 2, 5, 14, 17: shallow + deep), the one before that.
 
+``gemma3-270m-router-suffix/`` (``--adapter suffix``) is the default's router plus a *suffix query* at
+layer 13 (``RouterConfig.suffix_layers``): every question is also read at the end of the suffix
+"\nThis passage is about", by a query projection of its own scored against layer 13's own keys. Its
+weights: the default's, and ``gemma3-270m-router-suffix13/`` (``--adapter suffix13``: layer 13 with the
+default's keys and a query trained for the suffix's end, ``msa train-router ... --freeze-keys``; its
+``training.json`` beside it). ``RECIPE.md``'s section "The suffix query" has the commands and figures.
+
 ``load_model("default")`` uses the default when no adapter is given; all of them are reachable by
 name wherever an adapter folder is taken (``RouterAdapter.load``, ``load_model(adapter=...)``,
 ``msa-encode --adapter shallow``): see :func:`shipped_adapter`. A store built with any of them keeps
@@ -47,7 +54,8 @@ from functools import lru_cache
 from pathlib import Path
 
 __all__ = ["DEFAULT_ROUTER_ADAPTER", "SHIFTED_ROUTER_ADAPTER", "ALIGNED_ROUTER_ADAPTER", "FINE_ROUTER_ADAPTER",
-           "DEEP_ROUTER_ADAPTER", "DEEPV_ROUTER_ADAPTER", "SHALLOW_ROUTER_ADAPTER", "MID_ROUTER_ADAPTER", "MERGE5_ROUTER_ADAPTER", "MERGE7_ROUTER_ADAPTER", "SHIPPED_ADAPTERS",
+           "DEEP_ROUTER_ADAPTER", "DEEPV_ROUTER_ADAPTER", "SHALLOW_ROUTER_ADAPTER", "MID_ROUTER_ADAPTER", "MERGE5_ROUTER_ADAPTER", "MERGE7_ROUTER_ADAPTER",
+           "SUFFIX_ROUTER_ADAPTER", "SUFFIX13_ROUTER_ADAPTER", "SHIPPED_ADAPTERS",
            "default_router_adapter", "shipped_adapter", "shipped_adapter_for_router"]
 
 _HERE = Path(__file__).resolve().parent
@@ -73,12 +81,17 @@ DEEP_ROUTER_ADAPTER = _HERE / "gemma3-270m-router-deep"
 MERGE7_ROUTER_ADAPTER = _HERE / "gemma3-270m-router-merge7"
 #: Router layers 1, 2, 5, 14, 17 (shallow + deep: the default before that).
 MERGE5_ROUTER_ADAPTER = _HERE / "gemma3-270m-router-merge5"
+#: The default's router plus a suffix query at layer 13 (``RouterConfig.suffix_layers``, question suffix
+#: "\nThis passage is about"): the same router keys, so a store of the default serves it after a key copy.
+SUFFIX_ROUTER_ADAPTER = _HERE / "gemma3-270m-router-suffix"
+#: That suffix query's own adapter: layer 13 with the default's keys, its query trained for the suffix's end.
+SUFFIX13_ROUTER_ADAPTER = _HERE / "gemma3-270m-router-suffix13"
 #: Names an adapter argument may take instead of a folder (a folder of that name, if one exists, wins).
 SHIPPED_ADAPTERS = {"default": DEFAULT_ROUTER_ADAPTER, "fine": FINE_ROUTER_ADAPTER, "shifted": SHIFTED_ROUTER_ADAPTER,
                     "aligned": ALIGNED_ROUTER_ADAPTER,
                     "deepv": DEEPV_ROUTER_ADAPTER, "shallow": SHALLOW_ROUTER_ADAPTER,
                     "mid": MID_ROUTER_ADAPTER, "deep": DEEP_ROUTER_ADAPTER, "merge7": MERGE7_ROUTER_ADAPTER,
-                    "merge5": MERGE5_ROUTER_ADAPTER}
+                    "merge5": MERGE5_ROUTER_ADAPTER, "suffix": SUFFIX_ROUTER_ADAPTER, "suffix13": SUFFIX13_ROUTER_ADAPTER}
 
 
 def shipped_adapter(name: str) -> Path | None:

@@ -7,7 +7,7 @@ Each query's positive rank is paired with the committed BM25 ranks of the same q
 default's ranks computed here (which must repeat the committed ones: checked and printed).
 
 Usage: python probe_last_layers.py --last NAME=DIR [--last NAME=DIR ...] --seed 0 [--out F.json]
-       [--template 'TEXT {q} TEXT'] [--only 'COMBINATION;COMBINATION']
+       [--template 'TEXT {q} TEXT' | --suffix TEXT] [--only 'COMBINATION;COMBINATION'] [--aligned-last]
 Inference only on cached pooled inputs (no encode); prints a table and one JSON line.
 """
 import argparse
@@ -53,6 +53,9 @@ def main() -> None:
     ap.add_argument("--template", default=None,
                     help="route the 'last' adapters' layers with each question put into this text at {q} (the "
                          "default's layers keep the bare question), e.g. a PromptEOL-style suffix")
+    ap.add_argument("--suffix", default=None,
+                    help="route the 'last' adapters' layers with this query suffix appended as the product does "
+                         "(tokenized alone after the question: features.query_tokens), e.g. $'\\nThis passage is about'")
     ap.add_argument("--only", default=None, help="semicolon-separated combination names to compute (default: all)")
     ap.add_argument("--aligned-last", action="store_true",
                     help="score the 'last' adapters' layers over the aligned chunk grid alone (default: the default's "
@@ -85,8 +88,10 @@ def main() -> None:
     queries, loaded, plans, x, chunk_doc, grid = (ev[k] for k in ("queries", "loaded", "plans", "x", "chunk_doc",
                                                                    "grid"))
     qx, qoff = extract_queries(loaded, [q.text for q in queries])
-    qx_t, qoff_t = (extract_queries(loaded, [a.template.replace("{q}", q.text) for q in queries])
-                    if a.template else (qx, qoff))
+    if a.template and a.suffix:
+        raise SystemExit("--template or --suffix, not both")
+    qx_t, qoff_t = (extract_queries(loaded, [a.template.replace("{q}", q.text) for q in queries]) if a.template else
+                    extract_queries(loaded, [q.text for q in queries], suffix=a.suffix) if a.suffix else (qx, qoff))
     committed = json.loads((COMMITTED / f"bench_quality_cpu_seed{a.seed}.json").read_text())
     results, ranks = {}, {}
     for S in sizes:
@@ -134,7 +139,7 @@ def main() -> None:
         print(f"{c:52s} {f:>22s}   {i:>22s}   {wl} | {wd}")
     print(f"{'BM25 (committed ranks)':52s} {'':>22s}   " +
           " ".join(f"{results[S]['bm25_cloze_r16']:.2f}" for S in sizes))
-    out = {"seed": a.seed, "template": a.template, "aligned_last": a.aligned_last, "adapters": {n: ad.fingerprint() for n, ad in adapters.items()},
+    out = {"seed": a.seed, "template": a.template, "suffix": a.suffix, "aligned_last": a.aligned_last, "adapters": {n: ad.fingerprint() for n, ad in adapters.items()},
            "seconds": round(time.perf_counter() - t0), "results": {str(S): results[S] for S in sizes},
            "ranks": {str(S): ranks[S] for S in sizes}}
     if a.out:

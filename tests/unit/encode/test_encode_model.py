@@ -186,7 +186,7 @@ def test_shipped_adapters_load_by_name_and_a_folder_of_that_name_wins(tmp_path, 
     from msa_memory.data import (ALIGNED_ROUTER_ADAPTER, DEEP_ROUTER_ADAPTER, DEEPV_ROUTER_ADAPTER,
                                  DEFAULT_ROUTER_ADAPTER, MERGE5_ROUTER_ADAPTER, MERGE7_ROUTER_ADAPTER,
                                  MID_ROUTER_ADAPTER, SHALLOW_ROUTER_ADAPTER, SHIFTED_ROUTER_ADAPTER,
-                                 shipped_adapter_for_router)
+                                 shipped_adapter, shipped_adapter_for_router)
 
     names = ("default", "shifted", "aligned", "deep", "deepv", "shallow", "mid", "merge5", "merge7")
     folders = (DEFAULT_ROUTER_ADAPTER, SHIFTED_ROUTER_ADAPTER, ALIGNED_ROUTER_ADAPTER, DEEP_ROUTER_ADAPTER,
@@ -213,6 +213,14 @@ def test_shipped_adapters_load_by_name_and_a_folder_of_that_name_wins(tmp_path, 
     assert RouterAdapter.load("fine").fingerprint() == default.fingerprint()
     assert all(a.config.shifted_layers == () for a in adapters[2:])
     assert RouterAdapter.merge([shallow, deep, mid]).fingerprint() == merge7.fingerprint()
+    # suffix: the default plus a suffix query at layer 13 from suffix13, whose keys are the default's
+    suffix, suffix13 = RouterAdapter.load("suffix"), RouterAdapter.load("suffix13")
+    assert (suffix.fingerprint(), suffix13.fingerprint()) == ("0bd2cbf054be9ce9", "80c51a478dcbc868")
+    assert default.with_suffix_queries(suffix13).fingerprint() == suffix.fingerprint()
+    assert suffix.config.suffix_layers == (13,) and suffix.config.query_suffix == "\nThis passage is about"
+    assert torch.equal(suffix13.k_proj["13"].weight, default.k_proj["13"].weight)
+    for rid, name in (("0bd2cbf054be9ce9", "suffix"), ("80c51a478dcbc868", "suffix13")):
+        assert shipped_adapter_for_router(rid) == shipped_adapter(name)
     assert RouterAdapter.merge([shallow, deep]).fingerprint() == merge5.fingerprint()
     assert merge7.config.router_layers == (1, 2, 5, 8, 11, 14, 17)
     assert not torch.equal(deep.k_proj["17"].weight, deepv.k_proj["17"].weight)   # two trainings of layer 17
@@ -224,7 +232,7 @@ def test_shipped_adapters_load_by_name_and_a_folder_of_that_name_wins(tmp_path, 
     RouterAdapter(cfg).save(tmp_path / "shallow")
     monkeypatch.chdir(tmp_path)
     assert RouterAdapter.load("shallow").config == cfg                 # the user's folder, not the shipped one
-    with pytest.raises(ModelLoadError, match="shipped adapter of the default model: aligned, deep, deepv, default, fine, merge5, merge7, mid, shallow, shifted\."):
+    with pytest.raises(ModelLoadError, match="shipped adapter of the default model: aligned, deep, deepv, default, fine, merge5, merge7, mid, shallow, shifted, suffix, suffix13\."):
         RouterAdapter.load("deeper")
 
 
