@@ -434,6 +434,19 @@ class RouterAdapter(nn.Module):
         new.load_tensors(tensors, where="adapter with suffix queries")
         return new
 
+    def without_suffix_queries(self) -> RouterAdapter:
+        """The same router without its suffix queries (``suffix_layers``): the router that makes its keys (the
+        query suffix goes too, unless its own queries read it, ``query_reduce = "last"``)."""
+        import dataclasses
+
+        if not self.config.suffix_layers:
+            return self
+        keep = self.config.query_suffix if self.config.query_reduce == "last" else ""
+        new = RouterAdapter(dataclasses.replace(self.config, suffix_layers=(), query_suffix=keep,
+                                                extra=dict(self.config.extra)))
+        new.load_tensors(self.state_tensors(), where="adapter without suffix queries")
+        return new
+
     def save(self, directory: str | Path) -> Path:
         """Write ``router_adapter.json`` + ``router_adapter.safetensors`` into ``directory``."""
         from safetensors.torch import save_file

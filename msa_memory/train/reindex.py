@@ -85,7 +85,8 @@ def key_copy_source(store: Any, adapter: Any, source_adapter: Any = None) -> Any
     """The router that built ``store``'s version when ``adapter`` is a part of it, else None.
 
     A part: the same weights at a subset of its router layers, with its shifted grid at a subset of its
-    shifted layers (same window) or none. Such an adapter's router keys are rows the store already holds,
+    shifted layers (same window) or none; suffix queries (``RouterConfig.suffix_layers``) do not count, on
+    either side: they read the same keys. Such an adapter's router keys are rows the store already holds,
     so :func:`reindex_router_to` copies them instead of recomputing them from router inputs. The source
     router is ``source_adapter`` (its fingerprint must be the version's router id) or the shipped adapter
     of that id (``msa_memory.data.shipped_adapter_for_router``).
@@ -106,8 +107,9 @@ def key_copy_source(store: Any, adapter: Any, source_adapter: Any = None) -> Any
     src_rc = source_adapter.config
     if not set(rc.router_layers) <= set(src_rc.router_layers) or not set(rc.shifted_layers) <= set(src_rc.shifted_layers):
         return None
-    part = source_adapter.subset(list(rc.router_layers)).with_shifted_layers(list(rc.shifted_layers))
-    return source_adapter if part.fingerprint() == adapter.fingerprint() else None
+    part = source_adapter.without_suffix_queries().subset(list(rc.router_layers)).with_shifted_layers(
+        list(rc.shifted_layers))
+    return source_adapter if part.fingerprint() == adapter.without_suffix_queries().fingerprint() else None
 
 
 def reindex_router(store: Any, adapter: Any, *args: Any, message: str | None = None, adapter_path: str | None = None,

@@ -885,8 +885,19 @@ def test_a_part_of_the_store_router_is_copied_without_router_inputs(tiny_loaded,
     texts = [t + f" Another sentence here {i}. And one more, {i * 3}." for i, t in enumerate(TEXTS * 2)]
     src, ids = _store(tmp_path / "a.msa", tiny_loaded.with_router(full), texts, keep=False)
     assert src.identity.hidden_size == 0 and src.identity.shifted_window == window
+    import dataclasses
+
+    from msa_memory.encode import RouterAdapter
+
+    sq = RouterAdapter(dataclasses.replace(full.config, router_layers=(3,), shifted_layers=(), shifted_window=None,
+                                           query_reduce="last", query_suffix="\nThis passage is about"))
+    t = full.state_tensors()
+    t["model.layers.3.self_attn.router_q_proj.0.weight"] = torch.randn(sq.q_proj["3"].weight.shape,
+                                                                        generator=torch.Generator().manual_seed(5))
+    sq.load_tensors(t)
     parts = {"aligned": full.with_shifted_layers([]), "layer3": full.subset([3]),
-             "grid3": full.with_shifted_layers([3]), "same": full}
+             "grid3": full.with_shifted_layers([3]), "same": full,
+             "suffix query": full.with_suffix_queries(sq)}      # the same keys: suffix queries read them
     for name, part in parts.items():
         fresh, _ = _store(tmp_path / f"fresh-{name}.msa", tiny_loaded.with_router(part), texts, keep=False)
         out, stats = reindex_router_to(src, tmp_path / f"{name}.msa", part, source_adapter=full)
