@@ -205,6 +205,9 @@ def adapter_from_projections(proj: Any, template: Any, *, layers: Sequence[int] 
         how = {k: getattr(train_config, k) for k in ("score", "head_reduce", "query_reduce", "chunk_reduce",
                                                      "query_suffix")}
     shifted = tuple(l for l in template.shifted_layers if l in layers)   # an --init-adapter's shifted grid, kept
+    # an --init-adapter's suffix queries are not trained here: the saved adapter has none
+    how.setdefault("query_suffix", template.query_suffix if template.query_reduce == "last" else "")
+    how["suffix_layers"] = ()
     cfg = dataclasses.replace(template, router_layers=layers, shifted_layers=shifted, source="adapter",
                               shifted_window=template.shifted_window if shifted else None,
                               extra=dict(extra or {}), **how)

@@ -326,3 +326,23 @@ def test_the_benchmark_scores_suffix_adapters_as_memory_routes(which, sq_memory,
     bare = bq.routing_scores(ad, list(loaded.router_layers), x, chunk_doc, qx, qoff, list(range(len(texts))), [0],
                              ad.config)[0]                                 # the suffix rows routed as question rows
     assert np.abs(bare.numpy() - want).max() > 3e-2 if which == "suffix queries" else True
+
+
+def test_training_from_an_adapter_with_suffix_queries_saves_one_without_them(plain_model, tmp_path):
+    """--init-adapter of an adapter with suffix queries: its q/k train, its suffix queries are not carried."""
+    from msa_memory.encode import RouterAdapter
+    from msa_memory.train.pairs import PairSet, Query
+    from msa_memory.train.recipe import run_training
+    from msa_memory.train.trainer import TrainConfig
+
+    m, base, _ = _suffix_queries_model(plain_model)
+    m.router.save(tmp_path / "init")
+    texts = [p * 2 for p in PASSAGES]
+    ps = PairSet(passages=texts, sources=[f"t{i}" for i in range(len(texts))])
+    ps.queries = [Query(t.split(".")[0], (i,), "ict") for i, t in enumerate(texts)]
+    cfg = TrainConfig(epochs=0, batch_size=4, n_random=2, n_hard=0)
+    run_training(out=tmp_path / "out", train_pairs=ps, dev_pairs=ps, config=cfg, loaded=plain_model, log=lambda s: None,
+                 init_adapter=tmp_path / "init", candidate_layers=(1, 2), keep_layers=True)
+    out = RouterAdapter.load(tmp_path / "out")
+    assert out.config.suffix_layers == () and out.config.query_suffix == ""
+    assert out.fingerprint() == base.fingerprint()              # 0 epochs: the token-max router it started from
