@@ -340,7 +340,7 @@ def recall(scores, positives):
 
 def main(argv: list[str] | None = None, loaded=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--adapter", default=str(ROOT / "msa_memory" / "data" / "gemma3-270m-router"))
+    ap.add_argument("--adapter", default="default", help="adapter folder or shipped name (default: the shipped default)")
     ap.add_argument("--sizes", default="16384,131072")
     ap.add_argument("--needles", type=int, default=100)
     ap.add_argument("--ict", type=int, default=100)

@@ -194,6 +194,16 @@ def _vocab(passages: list[str], n_q: int, queries, tokenizer, n_frequent: int) -
     return must | {t for t, _ in cnt.most_common(n_frequent)}
 
 
+def no_suffix_queries(adapter, name: str):
+    """``adapter``, refused when it has suffix queries (``RouterConfig.suffix_layers``): this benchmark's GPU
+    scoring reads every query row with the layers' own projections and has no suffix-query path yet."""
+    if adapter.config.suffix_layers:
+        raise SystemExit(f"--adapter {name} has suffix queries at layers {list(adapter.config.suffix_layers)}, which "
+                         "bench_quality_scale does not score yet; measure it with bench_quality.py (CPU), or pass its "
+                         "token-max router here (--adapter tokenmax for the default)")
+    return adapter
+
+
 # ----------------------------------------------------------------------------- steps
 def prepare(args) -> None:
     import bench_quality as bq
@@ -204,7 +214,7 @@ def prepare(args) -> None:
     from msa_memory.train.features import query_tokens
 
     passages, _, queries, n_q = bq.build_eval(args.needles, args.ict)
-    adapter = RouterAdapter.load(args.adapter)
+    adapter = no_suffix_queries(RouterAdapter.load(args.adapter), args.adapter)
     loaded = load_model("default", adapter=adapter, dtype=torch.float32)
     tok = loaded.tokenizer
     allowed = _vocab(passages, n_q, queries, tok, args.vocab)
@@ -271,7 +281,7 @@ def _gpu(args) -> None:
     t_compose = time.perf_counter() - t0
     dev = torch.device(args.device)
     model, _ = device_pack.load_pack(carry / "pack", args.device)
-    adapter = RouterAdapter.load(args.adapter).to(dev)
+    adapter = no_suffix_queries(RouterAdapter.load(args.adapter), args.adapter).to(dev)
     layers = list(adapter.config.router_layers)
     shifted = list(adapter.config.shifted_layers)      # the encode pools the shifted grid at these layers
     # scorers: (adapter, its layers, keys = the encode's own router keys?). --also-adapter: adapters over
@@ -283,7 +293,7 @@ def _gpu(args) -> None:
     scorers = [(adapter, layers, True)]
     also: dict[str, tuple] = {}   # name -> (router id, layers, scorer index, shifted layers)
     for name in args.also_adapter or []:
-        other = RouterAdapter.load(name)
+        other = no_suffix_queries(RouterAdapter.load(name), name)
         sub, sub_s = list(other.config.router_layers), list(other.config.shifted_layers)
         if sub_s and other.config.shifted_window != adapter.config.shifted_window:
             raise SystemExit(f"--also-adapter {name}'s shifted grid has windows of {other.config.shifted_window} tokens, "
@@ -578,7 +588,9 @@ def plot(args) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--step", choices=("prepare", "gpu", "bm25", "plot"), required=True)
-    ap.add_argument("--adapter", default=str(ROOT / "msa_memory" / "data" / "gemma3-270m-router"))
+    ap.add_argument("--adapter", default="tokenmax",
+                    help="adapter folder or shipped name (default: tokenmax; this benchmark does not score suffix "
+                         "queries yet, so not the default)")
     ap.add_argument("--also-adapter", action="append", default=None,
                     help="gpu step: also report this adapter (its layers among --adapter's; its own weights, or "
                          "a layer subset of --adapter's) from the same encode, e.g. a retrained adapter beside the default")

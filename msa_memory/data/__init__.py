@@ -1,9 +1,14 @@
 """Files shipped with the package: the router adapters trained for Gemma 3 270M.
 
-``gemma3-270m-router/`` (the default; layers 1, 5, 8, 11, 13, 16, 17, router keys also over a finer
-shifted grid at every layer: 32-token windows at a stride of 16 tokens, ``RouterConfig.shifted_window``)
-holds ``router_adapter.json`` + ``router_adapter.safetensors`` (a ``msa_memory.encode.RouterAdapter``) and
-``RECIPE.md`` (the exact commands and data that reproduce it).
+The default (since the nineteenth session) is ``gemma3-270m-router-suffix/`` (``suffix``): the token-max router
+below plus a *suffix query* at layer 13 (``RouterConfig.suffix_layers``; described further down). It is a subset
+folder: its weights are those of ``gemma3-270m-router/`` and ``gemma3-270m-router-suffix13/``.
+
+``gemma3-270m-router/`` (``tokenmax``, the default until then; layers 1, 5, 8, 11, 13, 16, 17, router keys
+also over a finer shifted grid at every layer: 32-token windows at a stride of 16 tokens,
+``RouterConfig.shifted_window``) holds ``router_adapter.json`` + ``router_adapter.safetensors`` (a
+``msa_memory.encode.RouterAdapter``) and ``RECIPE.md`` (the exact commands and data that reproduce every
+shipped adapter).
 Its weights are the merge (``RouterAdapter.merge``) of three trained adapters, each also shipped as a
 *subset folder* of it (``router_subset.json``: which layers, their router id, the training run's
 provenance; beside it that run's ``training.json``):
@@ -15,7 +20,7 @@ provenance; beside it that run's ``training.json``):
 * ``gemma3-270m-router-mid/`` (layers 8, 11): the same 69k passages, trained on the H200 among
   candidates 5, 8, 11, 14, 17 (a trial run whose greedy selection kept layer 14 alone).
 
-Two more subset folders hold the default's weights over other router-key grids, so the stores they built
+Two more subset folders hold the token-max weights over other router-key grids, so the stores they built
 keep their router:
 
 * ``gemma3-270m-router-shifted/`` (``--adapter shifted``, router id ``4677d0b5d88ecb88``): the shifted
@@ -24,7 +29,7 @@ keep their router:
 * ``gemma3-270m-router-aligned/`` (``--adapter aligned``, router id ``a33595931c4c316b``): MSA's aligned
   chunk grid alone; the default of the tenth to twelfth sessions.
 
-``--adapter fine`` (the default's grid, opt-in in the fourteenth session) is now another name of the default.
+``--adapter fine`` (the token-max grid, opt-in in the fourteenth session) is another name of ``tokenmax``.
 
 ``gemma3-270m-router-deep/`` (layers 2, 14, 17) keeps its own weights: trained on the H200 over the
 same 69k passages, it was part of the two defaults before, and its layers 2 and 14 (and its own
@@ -35,12 +40,14 @@ folders (``"parts"``), so the stores they built keep their router:
   of the fifth to ninth sessions;
 * ``gemma3-270m-router-merge5/`` (layers 1, 2, 5, 14, 17: shallow + deep), the one before that.
 
-``gemma3-270m-router-suffix/`` (``--adapter suffix``) is the default's router plus a *suffix query* at
-layer 13 (``RouterConfig.suffix_layers``): every question is also read at the end of the suffix
+``gemma3-270m-router-suffix/`` (``--adapter suffix``, the default) is the token-max router plus a *suffix
+query* at layer 13 (``RouterConfig.suffix_layers``): every question is also read at the end of the suffix
 "\nThis passage is about", by a query projection of its own scored against layer 13's own keys. Its
-weights: the default's, and ``gemma3-270m-router-suffix13/`` (``--adapter suffix13``: layer 13 with the
-default's keys and a query trained for the suffix's end, ``msa train-router ... --freeze-keys``; its
-``training.json`` beside it). ``RECIPE.md``'s section "The suffix query" has the commands and figures.
+weights: the token-max router's, and ``gemma3-270m-router-suffix13/`` (``--adapter suffix13``: layer 13 with
+the token-max keys and a query trained for the suffix's end, ``msa train-router ... --freeze-keys``; its
+``training.json`` beside it). Its keys are the token-max router's, so a store of ``tokenmax`` serves it after
+a key copy (``msa store reindex-router STORE --dest NEW --adapter default``). ``RECIPE.md``'s section
+"The suffix query" has the commands and figures.
 
 ``load_model("default")`` uses the default when no adapter is given; all of them are reachable by
 name wherever an adapter folder is taken (``RouterAdapter.load``, ``load_model(adapter=...)``,
@@ -53,22 +60,23 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["DEFAULT_ROUTER_ADAPTER", "SHIFTED_ROUTER_ADAPTER", "ALIGNED_ROUTER_ADAPTER", "FINE_ROUTER_ADAPTER",
+__all__ = ["DEFAULT_ROUTER_ADAPTER", "TOKENMAX_ROUTER_ADAPTER", "SHIFTED_ROUTER_ADAPTER", "ALIGNED_ROUTER_ADAPTER", "FINE_ROUTER_ADAPTER",
            "DEEP_ROUTER_ADAPTER", "DEEPV_ROUTER_ADAPTER", "SHALLOW_ROUTER_ADAPTER", "MID_ROUTER_ADAPTER", "MERGE5_ROUTER_ADAPTER", "MERGE7_ROUTER_ADAPTER",
            "SUFFIX_ROUTER_ADAPTER", "SUFFIX13_ROUTER_ADAPTER", "SHIPPED_ADAPTERS",
            "default_router_adapter", "shipped_adapter", "shipped_adapter_for_router"]
 
 _HERE = Path(__file__).resolve().parent
-#: Folder of the trained router adapter of the default model (Gemma 3 270M, GGUF q4_k_m).
-DEFAULT_ROUTER_ADAPTER = _HERE / "gemma3-270m-router"
+#: The token-max router (the default until the nineteenth session; ``tokenmax``, also ``fine``): layers 1, 5, 8,
+#: 11, 13, 16, 17, keys over the aligned chunks and 32-token windows at every layer; the weights and RECIPE.md.
+TOKENMAX_ROUTER_ADAPTER = _HERE / "gemma3-270m-router"
 #: The default's weights and layers with router keys also over the shifted 64-token grid at 1, 5, 8, 11 (the
 #: previous default).
 SHIFTED_ROUTER_ADAPTER = _HERE / "gemma3-270m-router-shifted"
 #: The default's weights and layers with router keys over MSA's aligned chunks alone (the default before that).
 ALIGNED_ROUTER_ADAPTER = _HERE / "gemma3-270m-router-aligned"
 #: The name ``fine`` (32-token windows at a stride of 16 at every layer, opt-in in the fourteenth session) is
-#: the default since.
-FINE_ROUTER_ADAPTER = DEFAULT_ROUTER_ADAPTER
+#: the token-max router's.
+FINE_ROUTER_ADAPTER = TOKENMAX_ROUTER_ADAPTER
 #: Router layers 13, 16, 17 of the default (its deep part, trained with varied fact names).
 DEEPV_ROUTER_ADAPTER = _HERE / "gemma3-270m-router-deepv"
 #: Router layers 1, 5 of the default (its shallow part): faster to encode, worse to route.
@@ -86,8 +94,12 @@ MERGE5_ROUTER_ADAPTER = _HERE / "gemma3-270m-router-merge5"
 SUFFIX_ROUTER_ADAPTER = _HERE / "gemma3-270m-router-suffix"
 #: That suffix query's own adapter: layer 13 with the default's keys, its query trained for the suffix's end.
 SUFFIX13_ROUTER_ADAPTER = _HERE / "gemma3-270m-router-suffix13"
+#: The default router adapter of the default model (Gemma 3 270M, GGUF q4_k_m): ``suffix`` since the nineteenth
+#: session (2026-12-05).
+DEFAULT_ROUTER_ADAPTER = SUFFIX_ROUTER_ADAPTER
 #: Names an adapter argument may take instead of a folder (a folder of that name, if one exists, wins).
-SHIPPED_ADAPTERS = {"default": DEFAULT_ROUTER_ADAPTER, "fine": FINE_ROUTER_ADAPTER, "shifted": SHIFTED_ROUTER_ADAPTER,
+SHIPPED_ADAPTERS = {"default": DEFAULT_ROUTER_ADAPTER, "tokenmax": TOKENMAX_ROUTER_ADAPTER, "fine": FINE_ROUTER_ADAPTER,
+                    "shifted": SHIFTED_ROUTER_ADAPTER,
                     "aligned": ALIGNED_ROUTER_ADAPTER,
                     "deepv": DEEPV_ROUTER_ADAPTER, "shallow": SHALLOW_ROUTER_ADAPTER,
                     "mid": MID_ROUTER_ADAPTER, "deep": DEEP_ROUTER_ADAPTER, "merge7": MERGE7_ROUTER_ADAPTER,

@@ -185,46 +185,50 @@ def test_adapter_that_does_not_fit_the_model_is_refused(tmp_path):
 def test_shipped_adapters_load_by_name_and_a_folder_of_that_name_wins(tmp_path, monkeypatch):
     from msa_memory.data import (ALIGNED_ROUTER_ADAPTER, DEEP_ROUTER_ADAPTER, DEEPV_ROUTER_ADAPTER,
                                  DEFAULT_ROUTER_ADAPTER, MERGE5_ROUTER_ADAPTER, MERGE7_ROUTER_ADAPTER,
+                                 SUFFIX_ROUTER_ADAPTER, TOKENMAX_ROUTER_ADAPTER,
                                  MID_ROUTER_ADAPTER, SHALLOW_ROUTER_ADAPTER, SHIFTED_ROUTER_ADAPTER,
                                  shipped_adapter, shipped_adapter_for_router)
 
-    names = ("default", "shifted", "aligned", "deep", "deepv", "shallow", "mid", "merge5", "merge7")
-    folders = (DEFAULT_ROUTER_ADAPTER, SHIFTED_ROUTER_ADAPTER, ALIGNED_ROUTER_ADAPTER, DEEP_ROUTER_ADAPTER,
+    names = ("tokenmax", "shifted", "aligned", "deep", "deepv", "shallow", "mid", "merge5", "merge7")
+    folders = (TOKENMAX_ROUTER_ADAPTER, SHIFTED_ROUTER_ADAPTER, ALIGNED_ROUTER_ADAPTER, DEEP_ROUTER_ADAPTER,
                DEEPV_ROUTER_ADAPTER, SHALLOW_ROUTER_ADAPTER, MID_ROUTER_ADAPTER, MERGE5_ROUTER_ADAPTER,
                MERGE7_ROUTER_ADAPTER)
     ids = ("6ed0ac78744a84b0", "4677d0b5d88ecb88", "a33595931c4c316b", "bacc1f25d7bb2899", "53c93270e635fd08",
            "4b77c12b13a94f8c", "4152204ecd8ce65f", "17421c1042299e4b", "adcadcca073c2757")
     adapters = [RouterAdapter.load(n) for n in names]
-    default, shifted, aligned, deep, deepv, shallow, mid, merge5, merge7 = adapters
+    tokenmax, shifted, aligned, deep, deepv, shallow, mid, merge5, merge7 = adapters
     for a, folder, rid in zip(adapters, folders, ids):
         assert a.fingerprint() == RouterAdapter.load(folder).fingerprint() == rid, folder
         assert shipped_adapter_for_router(rid) == folder    # a store built with any of them keeps its router
-    # the default's weights are the merge of three trained adapters, with router keys also over 32-token
-    # windows at a stride of 16 at every layer; shifted (the default before) is the same weights with the
+    # tokenmax's weights are the merge of three trained adapters, with router keys also over 32-token
+    # windows at a stride of 16 at every layer; shifted (the default before it) is the same weights with the
     # shifted 64-token grid at 1, 5, 8, 11, aligned (the one before that) without a second grid; merge7 and
     # merge5 (the ones before) are rebuilt from its layers and the deep part's own weights
-    assert default.config.router_layers == (1, 5, 8, 11, 13, 16, 17)
-    assert default.config.shifted_layers == default.config.router_layers and default.config.shifted_window == 32
+    assert tokenmax.config.router_layers == (1, 5, 8, 11, 13, 16, 17)
+    assert tokenmax.config.shifted_layers == tokenmax.config.router_layers and tokenmax.config.shifted_window == 32
     assert shifted.config.shifted_layers == (1, 5, 8, 11) and shifted.config.shifted_window is None
     assert RouterAdapter.merge([shallow, deepv, mid]).fingerprint() == aligned.fingerprint()
     assert aligned.with_shifted_layers([1, 5, 8, 11]).fingerprint() == shifted.fingerprint()
-    assert aligned.with_shifted_layers(aligned.config.router_layers, 32).fingerprint() == default.fingerprint()
-    # fine (the default's grid, opt-in for one session) is another name of the default
-    assert RouterAdapter.load("fine").fingerprint() == default.fingerprint()
+    assert aligned.with_shifted_layers(aligned.config.router_layers, 32).fingerprint() == tokenmax.fingerprint()
+    # fine (tokenmax's grid, opt-in for one session) is another name of tokenmax
+    assert RouterAdapter.load("fine").fingerprint() == tokenmax.fingerprint()
     assert all(a.config.shifted_layers == () for a in adapters[2:])
     assert RouterAdapter.merge([shallow, deep, mid]).fingerprint() == merge7.fingerprint()
-    # suffix: the default plus a suffix query at layer 13 from suffix13, whose keys are the default's
+    # the default (since the nineteenth session) is suffix: tokenmax (the default before) plus a suffix query
+    # at layer 13 from suffix13, whose keys are tokenmax's
     suffix, suffix13 = RouterAdapter.load("suffix"), RouterAdapter.load("suffix13")
+    assert DEFAULT_ROUTER_ADAPTER == SUFFIX_ROUTER_ADAPTER
+    assert RouterAdapter.load("default").fingerprint() == suffix.fingerprint()
     assert (suffix.fingerprint(), suffix13.fingerprint()) == ("0bd2cbf054be9ce9", "80c51a478dcbc868")
-    assert default.with_suffix_queries(suffix13).fingerprint() == suffix.fingerprint()
+    assert tokenmax.with_suffix_queries(suffix13).fingerprint() == suffix.fingerprint()
     assert suffix.config.suffix_layers == (13,) and suffix.config.query_suffix == "\nThis passage is about"
-    assert torch.equal(suffix13.k_proj["13"].weight, default.k_proj["13"].weight)
+    assert torch.equal(suffix13.k_proj["13"].weight, tokenmax.k_proj["13"].weight)
     for rid, name in (("0bd2cbf054be9ce9", "suffix"), ("80c51a478dcbc868", "suffix13")):
         assert shipped_adapter_for_router(rid) == shipped_adapter(name)
     assert RouterAdapter.merge([shallow, deep]).fingerprint() == merge5.fingerprint()
     assert merge7.config.router_layers == (1, 2, 5, 8, 11, 14, 17)
     assert not torch.equal(deep.k_proj["17"].weight, deepv.k_proj["17"].weight)   # two trainings of layer 17
-    assert max(shallow.config.router_layers) < max(default.config.router_layers)   # the faster encode
+    assert max(shallow.config.router_layers) < max(tokenmax.config.router_layers)   # the faster encode
     for part in (deep, deepv, shallow, mid):                                       # each part keeps its provenance
         assert part.config.extra["trained_by"] == "msa train-router"
     assert deepv.config.extra["command"].count("--fact-names varied") == 1
@@ -232,7 +236,7 @@ def test_shipped_adapters_load_by_name_and_a_folder_of_that_name_wins(tmp_path, 
     RouterAdapter(cfg).save(tmp_path / "shallow")
     monkeypatch.chdir(tmp_path)
     assert RouterAdapter.load("shallow").config == cfg                 # the user's folder, not the shipped one
-    with pytest.raises(ModelLoadError, match="shipped adapter of the default model: aligned, deep, deepv, default, fine, merge5, merge7, mid, shallow, shifted, suffix, suffix13\."):
+    with pytest.raises(ModelLoadError, match="shipped adapter of the default model: aligned, deep, deepv, default, fine, merge5, merge7, mid, shallow, shifted, suffix, suffix13, tokenmax\."):
         RouterAdapter.load("deeper")
 
 
