@@ -102,16 +102,10 @@ def test_training_features_read_the_rows_routing_reads(plain_model):
     # causal attention: the question's own rows do not change when the suffix follows
     np.testing.assert_allclose(qx[:int(ob[1])].numpy(), qb[:int(ob[1])].numpy(), atol=1e-5)
     # the last row is HF's own input_layernorm output at the suffix's last token
-    li = plain_model.router_layers[-1]
-    seen = {}
-    h = plain_model.hf_model.model.layers[li].input_layernorm.register_forward_hook(
-        lambda m, i, o: seen.setdefault("x", o.detach()))
-    try:
-        with torch.no_grad():
-            plain_model.hf_model(input_ids=torch.tensor([ids]))
-    finally:
-        h.remove()
-    np.testing.assert_allclose(qx[int(offs[1]) - 1, -1].numpy(), seen["x"][0, -1].numpy(), atol=1e-4)
+    from msa_memory.testing.hf_kit import layer_input
+
+    x = layer_input(plain_model.hf_model, plain_model.router_layers[-1], ids)
+    np.testing.assert_allclose(qx[int(offs[1]) - 1, -1].numpy(), x[-1].numpy(), atol=1e-4)
 
 
 @torch.no_grad()

@@ -399,16 +399,10 @@ def test_query_features_are_text_mode_routing_rows(tiny_loaded):
     bos = tiny_loaded.tokenizer.bos_token_id
     assert skip == (1 if ids[0] == bos else 0) and int(offs[2] - offs[1]) == len(ids) - skip
     # one query alone through the plain HF model gives the same input_layernorm outputs
-    seen = {}
-    layer = tiny_loaded.router_layers[-1]
-    h = tiny_loaded.hf_model.model.layers[layer].input_layernorm.register_forward_hook(
-        lambda m, i, o: seen.setdefault("x", o.detach()))
-    try:
-        with torch.no_grad():
-            tiny_loaded.hf_model(input_ids=torch.tensor([ids]))
-    finally:
-        h.remove()
-    np.testing.assert_allclose(qx[offs[1]:offs[2], -1].numpy(), seen["x"][0, skip:].numpy(), atol=1e-4)
+    from msa_memory.testing.hf_kit import layer_input
+
+    x = layer_input(tiny_loaded.hf_model, tiny_loaded.router_layers[-1], ids)
+    np.testing.assert_allclose(qx[offs[1]:offs[2], -1].numpy(), x[skip:].numpy(), atol=1e-4)
 
 
 def _adapter(tiny_loaded, seed, layers=(1, 3)):
