@@ -87,7 +87,7 @@ def train_command(a, init_adapter: str | None = None) -> str:
                                 a.batch_size, a.lr, a.n_train, a.n_dev, a.max_chars, a.seed, None, "cuda",
                                 a.hard_negatives, a.mine_every, a.builtin, a.negatives, a.cloze_remove,
                                 a.dev_distractors, a.bf16, a.layer_loss, a.query_reduce, a.head_reduce, init_adapter,
-                                a.freeze_layers, a.fact_names)
+                                a.freeze_layers, a.fact_names, query_suffix=a.query_suffix, freeze_keys=a.freeze_keys)
 
 
 def train_config(a, device: str = "cuda"):
@@ -97,7 +97,7 @@ def train_config(a, device: str = "cuda"):
     return from_options(epochs=a.epochs, batch_size=a.batch_size, lr=a.lr, seed=a.seed, device=device,
                         hard_negatives=a.hard_negatives, mine_every=a.mine_every, negatives=a.negatives, bf16=a.bf16,
                         layer_loss=a.layer_loss, query_reduce=a.query_reduce, head_reduce=a.head_reduce,
-                        freeze_layers=a.freeze_layers)
+                        freeze_layers=a.freeze_layers, query_suffix=a.query_suffix, freeze_keys=a.freeze_keys)
 
 
 def prepare(a) -> None:
@@ -113,6 +113,9 @@ def prepare(a) -> None:
     t0 = time.perf_counter()
     if a.query_template is not None and a.query_template.count("{q}") != 1:
         raise SystemExit(f"--query-template {a.query_template!r}: put {{q}} (the question) in it exactly once")
+    if a.query_template is not None and a.query_suffix:
+        raise SystemExit("--query-template (a trial's joint tokenization) or --query-suffix (msa train-router's), "
+                         "not both")
     cfg = train_config(a)
     layers = parse_layers(a.layers)
     train, dev = builtin_pairs(a.n_train, a.n_dev, seed=a.seed, max_chars=a.max_chars,
@@ -127,8 +130,8 @@ def prepare(a) -> None:
     sets = {}
     for name, ps in (("train", train), ("dev", dev)):
         seqs = [loaded.wrap_ids(p, i) for i, p in enumerate(ps.passages)]
-        qt = [query_tokens(tok, a.query_template.replace("{q}", q.text) if a.query_template else q.text)
-              for q in ps.queries]
+        qt = [query_tokens(tok, a.query_template.replace("{q}", q.text)) if a.query_template else
+              query_tokens(tok, q.text, a.query_suffix) for q in ps.queries]
         sets[name] = (seqs, qt, ps)
     used = np.unique(np.concatenate([np.concatenate([np.asarray(s) for s in seqs] + [np.asarray(t) for t, _ in qt])
                                      for seqs, qt, _ in sets.values()]))
@@ -243,6 +246,8 @@ def gpu(a) -> None:
     layers = parse_layers(opts.layers)
     if not set(layers) <= set(meta["layers"]):
         raise SystemExit(f"--set-layers {opts.layers}: the pack holds layers up to {max(meta['layers'])} only")
+    if opts.freeze_keys and not a.init_adapter:
+        raise SystemExit("--freeze-keys keeps the keys of the adapter training starts from: give --init-adapter")
     cfg, command = train_config(opts, a.device), train_command(opts, a.init_adapter)
     d = np.load(carry / "data.npz")
     dev = torch.device(a.device)
@@ -289,7 +294,7 @@ def gpu(a) -> None:
         hard = ([tuple(int(v) for v in row if v >= 0) for row in d["train_hard"]]
                 if name == "train" and "train_hard" in d else [])
         feats[name] = Features(tuple(rc.router_layers), x, chunk_doc, len(seqs), qx, qoff, pos,
-                               [_KINDS[k] for k in d[f"{name}_kind"]], hard)
+                               [_KINDS[k] for k in d[f"{name}_kind"]], hard, query_suffix=opts.query_suffix)
         print(f"features {name}: {len(seqs)} passages, {x.shape[1]} chunks, {len(qt)} queries "
               f"({time.perf_counter() - t0:.0f}s)", flush=True)
     if fcache is not None and not (fcache / "digest").exists():
@@ -495,6 +500,12 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--hard-negatives", default="bm25", choices=("bm25", "routing", "both"))
     ap.add_argument("--mine-every", type=int, default=1)
     ap.add_argument("--freeze-layers", default=None)
+    ap.add_argument("--query-suffix", default="",
+                    help="msa train-router --query-suffix: append this to every question (tokenized alone, as the "
+                         "product routes it); with --query-reduce last")
+    ap.add_argument("--freeze-keys", action="store_true",
+                    help="msa train-router --freeze-keys: only the query projections learn (with the gpu step's "
+                         "--init-adapter)")
     ap.add_argument("--query-template", default=None,
                     help="prepare (a trial, not a msa train-router option): tokenize every question put into this "
                          "text at {q}, e.g. '{q}\nThis passage is about' (router_trials_2026-12-04c); route "
