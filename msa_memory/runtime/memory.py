@@ -334,6 +334,10 @@ class Memory:
         return ids, list(range(len(ids))), [i >= skip for i in range(len(ids))], None
 
     @property
+    def _suffix_layers(self) -> tuple[int, ...]:
+        return tuple(getattr(getattr(self.model.router, "config", None), "suffix_layers", ()))
+
+    @property
     def query_suffix(self) -> str:
         """The router's query suffix (``RouterConfig.query_suffix``; "" for none), appended to every question
         before it is routed."""
@@ -512,7 +516,9 @@ class Memory:
         i = self.identity
         return (f"Memory(store={str(self.store.root)!r}, version={self.store.version}, docs={self.index.n_docs}, "
                 f"chunks={self.n_chunks}, router_layers={list(i.router_layers)}, "
-                + (f"shifted_layers={list(i.shifted_layers)}, " if i.shifted_layers else "") + f"score={self.routing.score}, "
+                + (f"shifted_layers={list(i.shifted_layers)}, " if i.shifted_layers else "")
+                + (f"suffix_layers={list(self._suffix_layers)}, " if self._suffix_layers else "")
+                + f"score={self.routing.score}, "
                 f"top_k={self.routing.top_k}, device={self.device}, content={self.content.source})")
 
     def _repr_html_(self) -> str:
@@ -520,6 +526,8 @@ class Memory:
         rows = {"store": str(self.store.root), "version": self.store.version, "model": i.model_name,
                 "documents": self.index.n_docs, "chunks": self.n_chunks,
                 "router layers": list(i.router_layers), "shifted grid at": list(i.shifted_layers) or "none",
+                "query suffix": (f"{self.query_suffix!r}, read by suffix queries at {list(self._suffix_layers)}"
+                                 if self._suffix_layers else repr(self.query_suffix) if self.query_suffix else "none"),
                 "routing": f"{self.routing.score}, heads {self.routing.head_reduce}, "
                 f"tokens {self.routing.query_reduce}, chunks {self.routing.chunk_reduce}, top-{self.routing.top_k}",
                 "router keys resident": f"{self.index.nbytes() / 2**20:.1f} MiB on {self.device}",

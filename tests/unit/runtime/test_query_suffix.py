@@ -221,6 +221,7 @@ def test_suffix_queries_add_to_the_token_max_of_the_question(sq_memory):
     mem = sq_memory
     r = mem.model.router
     assert r.config.suffix_layers == (1,) and r.config.query_reduce == "max" and mem.suffix_rows > 0
+    assert "suffix_layers=[1]" in repr(mem) and "read by suffix queries at [1]" in mem._repr_html_()
     tok = mem.tokenizer
     bare = list(tok(Q, add_special_tokens=True)["input_ids"])
     ids = bare + list(tok(SUFFIX, add_special_tokens=False)["input_ids"])
