@@ -256,8 +256,7 @@ class Memory:
         else:
             self.content = ContentMemory(n_chunks, layout, dt, self.device, loader=lambda idx: store.load_kv(self.doc_ids[idx]),
                                          cache_bytes=cache)
-        rc = getattr(model.router, "config", None)
-        sfx_layers = tuple(getattr(rc, "suffix_layers", ()))
+        sfx_layers = self._suffix_layers
         #: trailing routing tokens that only the suffix queries read (the query suffix's, with suffix queries)
         self.suffix_rows = len(self.tokenizer(self.query_suffix, add_special_tokens=False)["input_ids"]) \
             if sfx_layers else 0
