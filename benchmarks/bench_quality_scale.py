@@ -25,7 +25,10 @@ Four steps (``--step``):
    ``bench_quality.routing_scores`` does (layer-summed cosine, head-mean / query-max / chunk-max)
    and writes recall@1/5/16 per size and query kind into ``$OUT/scale_gpu.json``. An adapter with a shifted
    grid is scored as ``runtime.Memory`` routes it: the encode pools both grids, and at its shifted layers
-   a passage scores its max over both. ``--sizes`` may
+   a passage scores its max over both. The queries carry ``--adapter``'s query suffix (prepared with it;
+   ``meta.json`` ``suffix_rows``): a router's own queries read the question's rows (the suffix's too where
+   its ``last`` query reads the suffix), suffix queries (``RouterConfig.suffix_layers``) the last row,
+   their score over both grids added to the layer's. ``--sizes`` may
    stop short of the prepared sizes (same haystack, the largest left out). ``--also-adapter A``
    (repeatable) also reports A, any adapter whose layers are among ``--adapter``'s, from the same
    encode: its router keys are its own projections of the pooled router-layer inputs the encode
@@ -194,14 +197,13 @@ def _vocab(passages: list[str], n_q: int, queries, tokenizer, n_frequent: int) -
     return must | {t for t, _ in cnt.most_common(n_frequent)}
 
 
-def no_suffix_queries(adapter, name: str):
-    """``adapter``, refused when it has suffix queries (``RouterConfig.suffix_layers``): this benchmark's GPU
-    scoring reads every query row with the layers' own projections and has no suffix-query path yet."""
-    if adapter.config.suffix_layers:
-        raise SystemExit(f"--adapter {name} has suffix queries at layers {list(adapter.config.suffix_layers)}, which "
-                         "bench_quality_scale does not score yet; measure it with bench_quality.py (CPU), or pass its "
-                         "token-max router here (--adapter tokenmax for the default)")
-    return adapter
+def same_suffix(adapter, name: str, prepared: str) -> None:
+    """Refuse an adapter that routes with another query suffix than the carry's queries were prepared with
+    (an adapter without one reads the question's rows alone, whatever the carry's suffix)."""
+    sfx = adapter.config.query_suffix
+    if sfx and sfx != prepared:
+        raise SystemExit(f"--adapter/--also-adapter {name} routes with the query suffix {sfx!r}, but the carry's queries "
+                         f"were prepared with {prepared!r}: prepare with an adapter of that suffix as --adapter")
 
 
 # ----------------------------------------------------------------------------- steps
@@ -214,7 +216,7 @@ def prepare(args) -> None:
     from msa_memory.train.features import query_tokens
 
     passages, _, queries, n_q = bq.build_eval(args.needles, args.ict)
-    adapter = no_suffix_queries(RouterAdapter.load(args.adapter), args.adapter)
+    adapter = RouterAdapter.load(args.adapter)
     loaded = load_model("default", adapter=adapter, dtype=torch.float32)
     tok = loaded.tokenizer
     allowed = _vocab(passages, n_q, queries, tok, args.vocab)
@@ -244,7 +246,10 @@ def prepare(args) -> None:
     meta = {"digest": digest, "seed": args.seed, "sizes": list(args.sizes), "n_q": n_q,
             "pool_sentences": len(texts), "base_passages": len(base), "distractors": len(comp),
             "pack": info, "adapter_layers": list(adapter.config.router_layers),
-            "router_id": adapter.fingerprint()}
+            "router_id": adapter.fingerprint(), "query_suffix": adapter.config.query_suffix,
+            # the queries' last that many tokens are the suffix (read by suffix queries or a "last" query only)
+            "suffix_rows": len(tok(adapter.config.query_suffix, add_special_tokens=False)["input_ids"])
+            if adapter.config.query_suffix else 0}
     (carry / "meta.json").write_text(json.dumps(meta, indent=1))
     sizes = {p.name: p.stat().st_size for p in carry.rglob("*") if p.is_file()}
     print(json.dumps(meta | {"files": sizes}))
@@ -281,7 +286,10 @@ def _gpu(args) -> None:
     t_compose = time.perf_counter() - t0
     dev = torch.device(args.device)
     model, _ = device_pack.load_pack(carry / "pack", args.device)
-    adapter = no_suffix_queries(RouterAdapter.load(args.adapter), args.adapter).to(dev)
+    adapter = RouterAdapter.load(args.adapter).to(dev)
+    n_sfx = int(meta.get("suffix_rows", 0))
+    suffix_of = lambda ad, name: same_suffix(ad, name, meta.get("query_suffix", ""))  # noqa: E731
+    suffix_of(adapter, args.adapter)
     layers = list(adapter.config.router_layers)
     shifted = list(adapter.config.shifted_layers)      # the encode pools the shifted grid at these layers
     # scorers: (adapter, its layers, keys = the encode's own router keys?). --also-adapter: adapters over
@@ -293,7 +301,8 @@ def _gpu(args) -> None:
     scorers = [(adapter, layers, True)]
     also: dict[str, tuple] = {}   # name -> (router id, layers, scorer index, shifted layers)
     for name in args.also_adapter or []:
-        other = no_suffix_queries(RouterAdapter.load(name), name)
+        other = RouterAdapter.load(name)
+        suffix_of(other, name)
         sub, sub_s = list(other.config.router_layers), list(other.config.shifted_layers)
         if sub_s and other.config.shifted_window != adapter.config.shifted_window:
             raise SystemExit(f"--also-adapter {name}'s shifted grid has windows of {other.config.shifted_window} tokens, "
@@ -304,10 +313,12 @@ def _gpu(args) -> None:
                              f"pool: --adapter {args.adapter} has {layers} (shifted {shifted}); pass the adapter with "
                              "more layers as --adapter")
         si = 0
-        if adapter.subset(sub).with_shifted_layers(sub_s).fingerprint() != other.fingerprint():
+        part = adapter.subset(sub).with_shifted_layers(sub_s)
+        # the same weights, or the same without the suffix queries (their scores are kept apart): scorer 0's
+        if other.fingerprint() not in (part.fingerprint(), part.without_suffix_queries().fingerprint()):
             scorers.append((other.to(dev), sub, False))
             si = len(scorers) - 1
-        also[name] = (other.fingerprint(), sub, si, sub_s)
+        also[name] = (other.fingerprint(), sub, si, sub_s, list(other.config.suffix_layers))
     loaded = LoadedModel(name="gemma-3-270m (device pack)", hf_model=model, tokenizer=None, router=adapter,
                          wrap="plain", model_fingerprint="pack")
     enc = Encoder(loaded, max_batch_tokens=args.batch_tokens)
@@ -331,18 +342,30 @@ def _gpu(args) -> None:
     qx, qoff = extract_query_tokens(loaded, [(q.tolist(), int(s)) for q, s in zip(qsplit, d["q_skip"])])
     Q = len(qsplit)
     ln = [int(qoff[i + 1] - qoff[i]) for i in range(Q)]
-    qmask = torch.zeros(Q, max(ln), dtype=torch.bool, device=dev)
     qin = []
     for li, l in enumerate(layers):
         q = torch.zeros(Q, max(ln), qx.shape[-1], device=dev)
         for i in range(Q):
             q[i, :ln[i]] = qx[qoff[i]:qoff[i + 1], li].to(dev).float()
-            qmask[i, :ln[i]] = True
         qin.append(q)
+
+    def mask(cut: int) -> torch.Tensor:   # (Q, T): each query's rows but its last ``cut``
+        return torch.arange(max(ln), device=dev)[None, :] < torch.tensor(ln, device=dev)[:, None] - cut
+
+    # a scorer's own queries read the question's rows; the suffix's rows only where its reducer is "last" and it
+    # has no suffix queries (as runtime.Memory routes); suffix queries read the last row
+    qmasks = [mask(0 if ad.config.query_suffix and not ad.config.suffix_layers else n_sfx)
+              for ad, _, _ in scorers]
+    one = torch.ones(Q, 1, dtype=torch.bool, device=dev)
+    last = [torch.stack([qx[int(qoff[i + 1]) - 1, li].to(dev).float() for i in range(Q)])[:, None]
+            for li in range(len(layers))]                                                  # (Q, 1, E) per layer
     # per scorer and layer the (Q, docs) scores, summed over subsets at the end
     rqs = [[ad.router_q(l, qin[layers.index(l)]) for l in sub] for ad, sub, _ in scorers]   # (Q, T, Hq, D)
+    sqs = [{l: ad.router_sq(l, last[layers.index(l)]) for l in ad.config.suffix_layers} for ad, _, _ in scorers]
     totals = [torch.zeros(len(sub), Q, n_docs, device=dev) for _, sub, _ in scorers]
     totals_s = [{l: torch.zeros(Q, n_docs, device=dev) for l in sub if l in shifted} for _, sub, _ in scorers]
+    totals_x = [{l: torch.zeros(Q, n_docs, device=dev) for l in sq} for sq in sqs]            # suffix queries
+    totals_xs = [{l: torch.zeros(Q, n_docs, device=dev) for l in sq if l in shifted} for sq in sqs]
     chunk_counts: list[int] = []
     mem_trace = []
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
@@ -360,8 +383,8 @@ def _gpu(args) -> None:
         for si, (ad, sub, stored) in enumerate(scorers):
             cfg = ad.config
 
-            def grid_scores(j: int, keys: torch.Tensor, chunk_doc: torch.Tensor) -> torch.Tensor:
-                cs = torch.cat([chunk_scores(rqs[si][j][s0:s0 + args.q_block], qmask[s0:s0 + args.q_block],
+            def grid_scores(rq: torch.Tensor, m: torch.Tensor, keys: torch.Tensor, chunk_doc: torch.Tensor) -> torch.Tensor:
+                cs = torch.cat([chunk_scores(rq[s0:s0 + args.q_block], m[s0:s0 + args.q_block],
                                              keys.to(torch.bfloat16).float(), score=cfg.score,
                                              head_reduce=cfg.head_reduce, query_reduce=cfg.query_reduce)
                                 for s0 in range(0, Q, args.q_block)])              # (Q, C_b)
@@ -370,11 +393,15 @@ def _gpu(args) -> None:
             for j, l in enumerate(sub):
                 li = layers.index(l)
                 keys = pb.k_router[li] if stored else ad.keys_from_pooled(l, pb.x[li])
-                totals[si][j, :, group[0]:group[-1] + 1] = grid_scores(j, keys, cd)
+                totals[si][j, :, group[0]:group[-1] + 1] = grid_scores(rqs[si][j], qmasks[si], keys, cd)
+                if l in sqs[si]:
+                    totals_x[si][l][:, group[0]:group[-1] + 1] = grid_scores(sqs[si][l], one, keys, cd)
                 if l in shifted:
                     ls = shifted.index(l)
                     keys = pb.k_router_s[ls] if stored else ad.keys_from_pooled(l, pb.x_s[ls])
-                    totals_s[si][l][:, group[0]:group[-1] + 1] = grid_scores(j, keys, cd_s)
+                    totals_s[si][l][:, group[0]:group[-1] + 1] = grid_scores(rqs[si][j], qmasks[si], keys, cd_s)
+                    if l in sqs[si]:
+                        totals_xs[si][l][:, group[0]:group[-1] + 1] = grid_scores(sqs[si][l], one, keys, cd_s)
         chunk_counts += [int(c) for c in pb.n_chunks]
         del pb, cd
         t_route += time.perf_counter() - t1
@@ -390,9 +417,12 @@ def _gpu(args) -> None:
     kinds = [str(x) for x in d["kinds"]]
     pos = d["positives"].tolist()
 
-    def recalls(sub: list[int], si: int = 0, sub_s: list[int] = ()) -> dict:
-        summed = sum(torch.maximum(totals[si][scorers[si][1].index(l)], totals_s[si][l]) if l in sub_s
-                     else totals[si][scorers[si][1].index(l)] for l in sub)
+    def recalls(sub: list[int], si: int = 0, sub_s: list[int] = (), sub_x: list[int] = ()) -> dict:
+        def grids(main: torch.Tensor, shifted_: dict, l: int) -> torch.Tensor:   # max over both grids at sub_s
+            return torch.maximum(main, shifted_[l]) if l in sub_s else main
+
+        summed = sum(grids(totals[si][scorers[si][1].index(l)], totals_s[si], l)
+                     + (grids(totals_x[si][l], totals_xs[si], l) if l in sub_x else 0) for l in sub)
         res = {}
         for S, n in sorted(counts.items()):
             top = summed[:, : n_q + n].topk(16, dim=1).indices.cpu()
@@ -408,16 +438,17 @@ def _gpu(args) -> None:
                            "positive_rank": (1 + (mem > at_pos[:, None]).sum(1)).tolist()}
         return res
 
-    res = recalls(layers, 0, shifted)
+    res = recalls(layers, 0, shifted, list(adapter.config.suffix_layers))
     out = {"step": "gpu", "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
            "digest": digest, "router_layers": layers, "shifted_layers": shifted, "router_id": adapter.fingerprint(),
            "encode_tokens": int(lens[:n_docs].sum()), "encode_seconds": round(t_encode, 1),
            "encode_tok_per_s": round(float(lens[:n_docs].sum()) / t_encode),
            "score_seconds_all_queries_all_layers": round(t_route, 2), "compose_seconds": round(t_compose, 1),
            "memory_trace_batch_tokens_GiB_before_after_gc": mem_trace, "results": res,
-           "also": {name: {"router_id": rid, "router_layers": sub, "shifted_layers": sub_s, "own_weights": si > 0,
-                           "results": recalls(sub, si, sub_s)}
-                    for name, (rid, sub, si, sub_s) in also.items()}}
+           "suffix_layers": list(adapter.config.suffix_layers), "suffix_rows": n_sfx,
+           "also": {name: {"router_id": rid, "router_layers": sub, "shifted_layers": sub_s, "suffix_layers": sub_x,
+                           "own_weights": si > 0, "results": recalls(sub, si, sub_s, sub_x)}
+                    for name, (rid, sub, si, sub_s, sub_x) in also.items()}}
     Path(os.environ.get("OUT", ".")).mkdir(parents=True, exist_ok=True)
     (Path(os.environ.get("OUT", ".")) / "scale_gpu.json").write_text(json.dumps(out, indent=1))
     print(json.dumps(out))
@@ -588,9 +619,7 @@ def plot(args) -> None:
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--step", choices=("prepare", "gpu", "bm25", "plot"), required=True)
-    ap.add_argument("--adapter", default="tokenmax",
-                    help="adapter folder or shipped name (default: tokenmax; this benchmark does not score suffix "
-                         "queries yet, so not the default)")
+    ap.add_argument("--adapter", default="default", help="adapter folder or shipped name (default: the shipped default)")
     ap.add_argument("--also-adapter", action="append", default=None,
                     help="gpu step: also report this adapter (its layers among --adapter's; its own weights, or "
                          "a layer subset of --adapter's) from the same encode, e.g. a retrained adapter beside the default")
