@@ -302,12 +302,12 @@ def routing_scores(adapter, layers_all, x, chunk_doc, qx, qoff, docs, qidx, cfg,
 def query_inputs(loaded, adapter, texts, cache):
     """(qx, qoff, suffix rows) of ``texts`` as ``adapter`` routes them: with its query suffix appended (the
     suffix's token count, else 0); ``cache`` (a dict) keeps them per suffix."""
-    from msa_memory.train.features import extract_queries
+    from msa_memory.train.features import extract_queries, suffix_tokens
 
     sfx = adapter.config.query_suffix
     if sfx not in cache:
         qx, qoff = extract_queries(loaded, texts, suffix=sfx)
-        cache[sfx] = (qx, qoff, len(loaded.tokenizer(sfx, add_special_tokens=False)["input_ids"]) if sfx else 0)
+        cache[sfx] = (qx, qoff, len(suffix_tokens(loaded.tokenizer, sfx)))
     return cache[sfx]
 
 

@@ -213,7 +213,7 @@ def prepare(args) -> None:
     import torch
 
     from msa_memory.encode import RouterAdapter, load_model
-    from msa_memory.train.features import query_tokens
+    from msa_memory.train.features import query_tokens, suffix_tokens
 
     passages, _, queries, n_q = bq.build_eval(args.needles, args.ict)
     adapter = RouterAdapter.load(args.adapter)
@@ -248,8 +248,7 @@ def prepare(args) -> None:
             "pack": info, "adapter_layers": list(adapter.config.router_layers),
             "router_id": adapter.fingerprint(), "query_suffix": adapter.config.query_suffix,
             # the queries' last that many tokens are the suffix (read by suffix queries or a "last" query only)
-            "suffix_rows": len(tok(adapter.config.query_suffix, add_special_tokens=False)["input_ids"])
-            if adapter.config.query_suffix else 0}
+            "suffix_rows": len(suffix_tokens(tok, adapter.config.query_suffix))}
     (carry / "meta.json").write_text(json.dumps(meta, indent=1))
     sizes = {p.name: p.stat().st_size for p in carry.rglob("*") if p.is_file()}
     print(json.dumps(meta | {"files": sizes}))

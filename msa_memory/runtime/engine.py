@@ -349,16 +349,18 @@ class MsaEngine:
                     sq = self.suffix_q(pos, x[-1:]).reshape(1, -1, self.head_dim)             # (1, Hq, D)
                 x = x[:-st.suffix_rows]                                                       # the question's rows
             q = self.router_q(pos, x).reshape(x.shape[0], -1, self.head_dim)                  # (T_r, Hq, D)
+
+            def summed() -> torch.Tensor:   # (N,) the position's document scores, its suffix query's added
+                ds = self.index.doc_scores(pos, q)
+                return ds if sq is None else ds + self.index.doc_scores(pos, sq)
+
             if st.collect_only:
-                ds = self.index.doc_scores(pos, q)                                            # (N,)
-                if sq is not None:
-                    ds = ds + self.index.doc_scores(pos, sq)
+                ds = summed()
                 st.doc_score_sum = ds if st.doc_score_sum is None else st.doc_score_sum + ds
                 _sync(self.device)
                 st.timings["routing_s"] += time.perf_counter() - t0
                 return
-            res = (self.index.route(pos, q, k=st.top_k) if sq is None else
-                   self.index.route_scores(pos, self.index.doc_scores(pos, q) + self.index.doc_scores(pos, sq), st.top_k))
+            res = self.index.route(pos, q, k=st.top_k) if sq is None else self.index.route_scores(pos, summed(), st.top_k)
             _sync(self.device)
             st.timings["routing_s"] += time.perf_counter() - t0
             self._attach(st, pos, layer_idx, res)

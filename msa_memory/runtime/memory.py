@@ -256,10 +256,11 @@ class Memory:
         else:
             self.content = ContentMemory(n_chunks, layout, dt, self.device, loader=lambda idx: store.load_kv(self.doc_ids[idx]),
                                          cache_bytes=cache)
+        from msa_memory.train.features import suffix_tokens
+
         sfx_layers = self._suffix_layers
         #: trailing routing tokens that only the suffix queries read (the query suffix's, with suffix queries)
-        self.suffix_rows = len(self.tokenizer(self.query_suffix, add_special_tokens=False)["input_ids"]) \
-            if sfx_layers else 0
+        self.suffix_rows = len(suffix_tokens(self.tokenizer, self.query_suffix)) if sfx_layers else 0
         self.engine = MsaEngine(model.hf_model, ident.router_layers, self._router_q, self.index, self.content,
                                 cpu_gemv=cpu_gemv, suffix_q=self._suffix_q if sfx_layers else None,
                                 suffix_positions=[ident.router_layers.index(l) for l in sfx_layers])

@@ -29,7 +29,7 @@ from msa_memory.encode.encoder import token_batches
 from msa_memory.errors import ConfigError
 from msa_memory.train.trainer import Features
 
-__all__ = ["query_tokens", "router_suffix", "extract_passages", "extract_passage_tokens", "extract_passage_grids", "extract_queries", "extract_query_tokens", "build_features",
+__all__ = ["query_tokens", "suffix_tokens", "router_suffix", "extract_passages", "extract_passage_tokens", "extract_passage_grids", "extract_queries", "extract_query_tokens", "build_features",
            "store_features", "save_features", "load_features"]
 
 
@@ -44,9 +44,13 @@ def query_tokens(tokenizer: Any, question: str, suffix: str = "") -> tuple[list[
     skip = 1 if bos is not None and ids[:1] == [bos] else 0
     if len(ids) <= skip:
         raise ConfigError(f"The query {question!r} has no tokens to route with.")
-    if suffix:
-        ids += list(tokenizer(suffix, add_special_tokens=False)["input_ids"])
-    return ids, skip
+    return ids + suffix_tokens(tokenizer, suffix), skip
+
+
+def suffix_tokens(tokenizer: Any, suffix: str) -> list[int]:
+    """The token ids of a query suffix as :func:`query_tokens` appends them (tokenized on its own, no special
+    tokens; [] for none): their count is the routing rows that only suffix queries read."""
+    return list(tokenizer(suffix, add_special_tokens=False)["input_ids"]) if suffix else []
 
 
 def router_suffix(loaded: Any) -> str:
