@@ -264,10 +264,10 @@ def gpu(a) -> None:
         if fcache is not None and tuple(layers) != tuple(meta["layers"]):
             raise SystemExit("--init-adapter with --feature-cache needs --set-layers = all the pack's layers "
                              f"{meta['layers']} (the cache holds every pack layer)")
-        rc = dataclasses.replace(init.config, router_layers=tuple(layers))
-        template = RouterAdapter(rc)
-        template.load_tensors(init.state_tensors(), where=f"--init-adapter {a.init_adapter}")
-        template = template.to(dev)
+        # its candidate layers, their shifted grids and suffix queries with them (as msa train-router's recipe
+        # takes the subset of an init adapter)
+        template = init.subset(layers).to(dev)
+        rc = template.config
     else:
         template = RouterAdapter.from_model_qk(model, rc, warn=False).to(dev)
     loaded = LoadedModel(name=meta["model_name"] + " (device pack)", hf_model=model, tokenizer=None,
