@@ -191,7 +191,9 @@ def store_reindex_router(
     --dest writes a new store instead. A --dest copy to a part of the store's own router (fewer
     layers, less or none of its shifted grid: e.g. --adapter aligned or shifted-free subsets for a
     store of the default adapter, whose router keys are 5x the aligned grid's) copies the keys and
-    needs no kept router inputs.
+    needs no kept router inputs. So does a new version with an adapter of the same key projections
+    (e.g. --adapter default for a store built by tokenmax, the default before its suffix query): the
+    stored keys are kept.
     """
 
     def body() -> None:
@@ -215,8 +217,11 @@ def store_reindex_router(
             typer.echo(f"version {stats['version']} of {store} is already routed by router {stats['router_id']}; "
                        "nothing to do")
         else:
+            how = "routed by" if stats.get("copied") else "re-keyed with"
+            keys = "; its router keys are the ones stored (same key projections): none recomputed" \
+                if stats.get("copied") else ""
             typer.echo(f"version {stats['version']} of {store}: {stats['docs']} documents ({stats['chunks']} chunks, "
-                       f"{stats['shards']} shards) re-keyed with router {stats['router_id']} in {stats['seconds']:.2f}s; "
+                       f"{stats['shards']} shards) {how} router {stats['router_id']} in {stats['seconds']:.2f}s{keys}; "
                        f"versions before it keep their router")
 
     _guard(json_out, body)

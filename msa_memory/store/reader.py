@@ -387,6 +387,14 @@ class MemoryStore:
         return rekey.rekey(self, router, keys_fn, message=message, read_version=read_version,
                            lock_timeout=lock_timeout, log=log, shifted_keys_fn=shifted_keys_fn)
 
+    def relabel(self, router: dict[str, Any], *, message: str = "", read_version: int | None = None,
+                lock_timeout: float = 60.0) -> MemoryStore:
+        """Publish version N+1 under ``router``, a router with the version's key projections, every shard's
+        router keys kept (see ``rekey.relabel``; no router inputs needed)."""
+        from msa_memory.store import rekey
+
+        return rekey.relabel(self, router, message=message, read_version=read_version, lock_timeout=lock_timeout)
+
     def restore(self, version: int | str, message: str | None = None) -> MemoryStore:
         """Publish a new version equal to ``version``."""
         from msa_memory.store import commit

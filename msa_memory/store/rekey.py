@@ -45,7 +45,7 @@ from msa_memory.store._zarrshard import ArrayReader, shard_file, write_array
 if TYPE_CHECKING:
     from msa_memory.store.reader import MemoryStore
 
-__all__ = ["rekey", "version_router", "keys_reader", "router_key_paths", "KeysFn"]
+__all__ = ["rekey", "relabel", "version_router", "keys_reader", "router_key_paths", "KeysFn"]
 
 #: keys_fn(shard_id, x_router (L, C, E) storage dtype) -> (L, C, H, D) keys in storage dtype.
 KeysFn = Callable[[str, np.ndarray], np.ndarray]
@@ -119,35 +119,22 @@ def _checked(k: Any, shape: tuple[int, ...], st: Any, fn: str, shard_id: str) ->
     return k
 
 
-def rekey(store: MemoryStore, router: dict[str, Any], keys_fn: KeysFn, *, message: str = "",
-          read_version: int | None = None, lock_timeout: float = 60.0,
-          log: Callable[[str], None] | None = None, shifted_keys_fn: KeysFn | None = None) -> MemoryStore:
-    """Publish version N+1 = version N (``read_version``, default ``store.version``) with every
-    shard's router keys recomputed by ``keys_fn`` and ``router`` as the version's router.
+def _base(store: MemoryStore, read_version: int | None) -> tuple[MemoryStore, int]:
+    """The snapshot a new version is made from (``read_version``, default ``store``'s) and its number."""
+    from msa_memory.store.reader import MemoryStore
 
-    ``router`` needs ``router_id`` (non-empty str) and ``router_layers`` (must equal the store's);
-    other JSON-able keys (adapter path, training command...) are kept as provenance. Returns the
-    new snapshot, or ``store`` itself when version N already has this router (nothing written).
-    Raises ConfigError (no router inputs kept, bad ``router``), IdentityMismatchError (other
-    layers), SchemaMismatchError (``keys_fn`` returned the wrong shape/dtype), VersionConflictError
-    (another writer published after N; nothing published). On any error no version is published.
-    """
+    rv = store.version if read_version is None else int(read_version)
+    return (store if store.version == rv else MemoryStore(store.root, rv)), rv
+
+
+def _checked_router(base: MemoryStore, router: Any) -> dict[str, Any]:
+    """``router`` checked against ``base``'s store (a JSON-able dict with a router id, the store's router
+    layers, shifted layers and shifted window) and completed with them."""
     import json
 
     from msa_memory.errors import IdentityMismatchError
-    from msa_memory.store import commit as _commit
-    from msa_memory.store.reader import MemoryStore
 
-    root = store.root
-    rv = store.version if read_version is None else int(read_version)
-    base = store if store.version == rv else MemoryStore(root, rv)
-    ident = base.identity
-    if ident.hidden_size <= 0:
-        raise ConfigError(
-            f"Store {str(root)!r} keeps no router inputs (x_router; identity.hidden_size=0), so its router keys "
-            "cannot be recomputed.",
-            hint="Encode the corpus once with `msa-encode --keep-router-inputs` (Encoder(keep_router_inputs=True)); "
-                 "later routers can then be applied with `msa store reindex-router`.")
+    root, ident = base.root, base.identity
     if not isinstance(router, dict) or not isinstance(router.get("router_id"), str) or not router["router_id"]:
         raise ConfigError(f"rekey(router=...) needs a dict with a non-empty 'router_id', got {router!r}.")
     try:
@@ -177,13 +164,66 @@ def rekey(store: MemoryStore, router: dict[str, Any], keys_fn: KeysFn, *, messag
             f"keeps the inputs of windows of {ident.shifted_window or ident.chunk_tokens} tokens.",
             hint="Use an adapter with the store's grid (RouterAdapter.with_shifted_layers(layers, window=...)), or "
                  "re-encode.")
-    if shifted and shifted_keys_fn is None:
-        raise ConfigError(f"Store {str(root)!r} keeps a shifted grid at layers {shifted}: rekey needs shifted_keys_fn.")
     router = {**router, "router_id": router["router_id"], "router_layers": layers}
     if shifted:
         router["shifted_layers"] = shifted
     if ident.shifted_window is not None:
         router["shifted_window"] = ident.shifted_window
+    return router
+
+
+def _publish(base: MemoryStore, rv: int, entries: list[dict[str, Any]], router: dict[str, Any], message: str,
+             lock_timeout: float, written: list[Path]) -> MemoryStore:
+    """Publish version ``rv`` + 1 = ``base`` with shard ``entries`` under ``router`` (the usual single commit
+    point); another writer's version since ``rv`` raises VersionConflictError and removes ``written``."""
+    from msa_memory.store import commit as _commit
+
+    root, ident = base.root, base.identity
+    with _commit.writer_lock(root, lock_timeout):
+        shards.fault_hook("rekey:locked")
+        latest = _manifest.latest_version(root)
+        if latest != rv:
+            for p in written:
+                shutil.rmtree(p, ignore_errors=True)
+            raise VersionConflictError(
+                f"Store {str(root)!r} is at version {latest}, but this reindex read version {rv}; nothing was "
+                "published.", hint="Re-open the store and run the reindex again.")
+        prev = version_router(base.manifest, ident)
+        m = _commit.new_manifest(
+            latest + 1, latest, "reindex", message or f"reindex router {prev['router_id'][:16]} -> "
+            f"{router['router_id'][:16]}", base._identity_sha, entries, list(base.manifest["deletions"]),
+            base.manifest["used_id_ranges"], dict(base.manifest["stats"]),
+            {"added_docs": 0, "deleted_docs": 0, "added_shards": [], "removed_shards": [],
+             "previous_router_id": prev["router_id"]}, router=router)
+        return _commit.publish(root, m)
+
+
+def rekey(store: MemoryStore, router: dict[str, Any], keys_fn: KeysFn, *, message: str = "",
+          read_version: int | None = None, lock_timeout: float = 60.0,
+          log: Callable[[str], None] | None = None, shifted_keys_fn: KeysFn | None = None) -> MemoryStore:
+    """Publish version N+1 = version N (``read_version``, default ``store.version``) with every
+    shard's router keys recomputed by ``keys_fn`` and ``router`` as the version's router.
+
+    ``router`` needs ``router_id`` (non-empty str) and ``router_layers`` (must equal the store's);
+    other JSON-able keys (adapter path, training command...) are kept as provenance. Returns the
+    new snapshot, or ``store`` itself when version N already has this router (nothing written).
+    Raises ConfigError (no router inputs kept, bad ``router``), IdentityMismatchError (other
+    layers), SchemaMismatchError (``keys_fn`` returned the wrong shape/dtype), VersionConflictError
+    (another writer published after N; nothing published). On any error no version is published.
+    """
+    root = store.root
+    base, rv = _base(store, read_version)
+    ident = base.identity
+    if ident.hidden_size <= 0:
+        raise ConfigError(
+            f"Store {str(root)!r} keeps no router inputs (x_router; identity.hidden_size=0), so its router keys "
+            "cannot be recomputed.",
+            hint="Encode the corpus once with `msa-encode --keep-router-inputs` (Encoder(keep_router_inputs=True)); "
+                 "later routers can then be applied with `msa store reindex-router`.")
+    router = _checked_router(base, router)
+    shifted = router.get("shifted_layers", [])
+    if shifted and shifted_keys_fn is None:
+        raise ConfigError(f"Store {str(root)!r} keeps a shifted grid at layers {shifted}: rekey needs shifted_keys_fn.")
     if version_router(base.manifest, ident)["router_id"] == router["router_id"]:
         return base
     check_name("router id", router["router_id"][:16])
@@ -214,20 +254,24 @@ def rekey(store: MemoryStore, router: dict[str, Any], keys_fn: KeysFn, *, messag
         for p in written:  # nothing will name them: remove now rather than leave them to gc
             shutil.rmtree(p, ignore_errors=True)
         raise
-    with _commit.writer_lock(root, lock_timeout):
-        shards.fault_hook("rekey:locked")
-        latest = _manifest.latest_version(root)
-        if latest != rv:
-            for p in written:
-                shutil.rmtree(p, ignore_errors=True)
-            raise VersionConflictError(
-                f"Store {str(root)!r} is at version {latest}, but this reindex read version {rv}; nothing was "
-                "published.", hint="Re-open the store and run the reindex again.")
-        prev = version_router(base.manifest, ident)
-        m = _commit.new_manifest(
-            latest + 1, latest, "reindex", message or f"reindex router {prev['router_id'][:16]} -> "
-            f"{router['router_id'][:16]}", base._identity_sha, entries, list(base.manifest["deletions"]),
-            base.manifest["used_id_ranges"], dict(base.manifest["stats"]),
-            {"added_docs": 0, "deleted_docs": 0, "added_shards": [], "removed_shards": [],
-             "previous_router_id": prev["router_id"]}, router=router)
-        return _commit.publish(root, m)
+    return _publish(base, rv, entries, router, message, lock_timeout, written)
+
+
+def relabel(store: MemoryStore, router: dict[str, Any], *, message: str = "", read_version: int | None = None,
+            lock_timeout: float = 60.0) -> MemoryStore:
+    """Publish version N+1 = version N under ``router``, every shard's router keys kept as they are.
+
+    For a router whose key projections equal version N's router's (the same router with other query
+    projections or suffix queries, ``RouterConfig.suffix_layers``), so that its keys are the ones stored; the
+    caller vouches for that (``train.reindex.key_copy_source``). Only the manifest is written, so the store
+    needs no kept router inputs. ``router`` is checked as in :func:`rekey` (the store's router layers, shifted
+    layers and window); returns the snapshot itself when version N already has this router.
+    """
+    base, rv = _base(store, read_version)
+    router = _checked_router(base, router)
+    prev = version_router(base.manifest, base.identity)["router_id"]
+    if prev == router["router_id"]:
+        return base
+    check_name("router id", router["router_id"][:16])
+    message = message or f"reindex router {prev[:16]} -> {router['router_id'][:16]} (same keys)"
+    return _publish(base, rv, list(base.manifest["shards"]), router, message, lock_timeout, [])

@@ -113,7 +113,7 @@ def key_copy_source(store: Any, adapter: Any, source_adapter: Any = None) -> Any
 
 
 def reindex_router(store: Any, adapter: Any, *args: Any, message: str | None = None, adapter_path: str | None = None,
-                   log: Callable[[str], None] | None = None) -> tuple[Any, dict[str, Any]]:
+                   log: Callable[[str], None] | None = None, source_adapter: Any = None) -> tuple[Any, dict[str, Any]]:
     """Commit ``adapter``'s router keys for every document of ``store`` as a new version of it.
 
     (The earlier form ``reindex_router(src, dest_path, adapter)`` still works and means
@@ -128,17 +128,23 @@ def reindex_router(store: Any, adapter: Any, *args: Any, message: str | None = N
         The new router: its layers must equal the store's router layers.
     message : str, optional
         Commit message. ``adapter_path`` is recorded in the version's router as provenance.
+    source_adapter : RouterAdapter, optional
+        The router of ``store``'s version (its fingerprint must be the version's router id); default the
+        shipped adapter of that id. When ``adapter`` has its key projections (:func:`key_copy_source`: e.g.
+        the default, which is ``tokenmax`` plus a suffix query, for a store ``tokenmax`` built), the new
+        version keeps the stored keys (``MemoryStore.relabel``): nothing recomputed, no router inputs needed.
 
     Returns
     -------
     (MemoryStore, dict)
         The new snapshot (``store`` itself when its version already has this router) and
-        ``{"docs", "chunks", "shards", "layers", "router_id", "version", "seconds", "seconds_keys"}``.
+        ``{"docs", "chunks", "shards", "layers", "router_id", "version", "seconds", "seconds_keys", "copied"}``
+        (``copied``: the keys were kept).
 
     Raises
     ------
     ConfigError
-        The store keeps no router inputs.
+        The store keeps no router inputs and ``adapter``'s keys are not the stored ones.
     IdentityMismatchError
         Adapter for another backbone (head layout, hidden size, pooling, fingerprint) or other layers.
     """
@@ -149,7 +155,8 @@ def reindex_router(store: Any, adapter: Any, *args: Any, message: str | None = N
         return reindex_router_to(store, adapter, args[0], message=message, log=log)
     if args:
         raise ConfigError(f"reindex_router(store, adapter) takes no further positional arguments, got {args!r}.")
-    check_adapter(store, adapter)
+    same_keys = key_copy_source(store, adapter, source_adapter) is not None
+    check_adapter(store, adapter, need_inputs=not same_keys)
     ident, rc = store.identity, adapter.config
     if list(rc.router_layers) != list(ident.router_layers):
         raise IdentityMismatchError(
@@ -188,11 +195,15 @@ def reindex_router(store: Any, adapter: Any, *args: Any, message: str | None = N
     cmd = rc.extra.get("command") if isinstance(rc.extra, dict) else None
     if cmd:
         router["trained_by"] = str(cmd)
-    new = store.rekey(router, make_keys_fn(rc.router_layers, True), message=message or "", log=log,
-                      shifted_keys_fn=make_keys_fn(rc.shifted_layers, False) if rc.shifted_layers else None)
+    if same_keys:   # the stored keys are this router's: a new version names it, nothing else is written
+        new = store.relabel(router, message=message or "")
+        n_chunks[0] = int(new.stats()["n_chunks"]) if new.version != store.version else 0
+    else:
+        new = store.rekey(router, make_keys_fn(rc.router_layers, True), message=message or "", log=log,
+                          shifted_keys_fn=make_keys_fn(rc.shifted_layers, False) if rc.shifted_layers else None)
     stats = {"docs": int(new.stats()["n_docs"]), "chunks": int(n_chunks[0]), "shards": len(new.manifest["shards"]),
              "layers": list(rc.router_layers), "router_id": router["router_id"], "version": new.version,
-             "unchanged": new.version == store.version,
+             "unchanged": new.version == store.version, "copied": same_keys,
              "seconds": round(time.perf_counter() - t0, 3), "seconds_keys": round(t_keys[0], 3)}
     return new, stats
 

@@ -80,7 +80,8 @@ def test_a_default_store_is_copied_to_the_aligned_grid_without_router_inputs(tmp
     """A store of the default adapter (32-token windows at every layer; no router inputs kept) is copied by
     `msa store reindex-router --adapter aligned --dest` to MSA's aligned grid alone: the same weights, so its
     keys are copied, not recomputed; the copy holds a fifth or less of the router keys, keeps every aligned
-    key bit for bit, and Memory with model="default" and no adapter routes it with the shipped `aligned`."""
+    key bit for bit, and Memory with model="default" and no adapter routes it with the shipped `aligned`.
+    In place (no --dest), `--adapter tokenmax` keeps the store's keys: the same key projections."""
     from typer.testing import CliRunner
 
     from msa_memory.cli import app
@@ -108,3 +109,14 @@ def test_a_default_store_is_copied_to_the_aligned_grid_without_router_inputs(tmp
     assert mem.model.router.fingerprint() == aligned.fingerprint()
     hits = mem.search("Where does the spare generator key hang?", k=1)
     assert hits.column("source_path")[0].as_py() == "docs/note.txt"
+    # in place: tokenmax (the default without its suffix query) has the same keys, so a new version of the
+    # store names it with no router inputs and no key recomputed; Memory then routes it with tokenmax
+    r = CliRunner().invoke(app, ["store", "reindex-router", str(tmp_path / "s.msa"), "--adapter", "tokenmax"])
+    assert r.exit_code == 0, r.output
+    assert "routed by router" in r.output and "none recomputed" in r.output
+    tm = open_store(tmp_path / "s.msa")
+    assert tm.version == src.version + 1 and tm.identity.router_id == RouterAdapter.load("tokenmax").fingerprint()
+    assert all((tm.router_keys(p)[0] == src.router_keys(p)[0]).all() for p in range(len(tm.identity.router_layers)))
+    mem = Memory(tm)
+    assert mem.model.router.fingerprint() == tm.identity.router_id and mem.model.router.config.suffix_layers == ()
+    assert mem.search("Where does the spare generator key hang?", k=1).column("source_path")[0].as_py() == "docs/note.txt"

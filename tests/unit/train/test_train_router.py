@@ -862,6 +862,70 @@ def test_reindex_and_adaptation_keep_the_shifted_grid(tiny_loaded, tmp_path):
     assert new.identity.router_id == adapted.fingerprint()
 
 
+def test_a_router_with_the_same_keys_reroutes_a_store_in_place_without_router_inputs(tiny_loaded, tmp_path):
+    """`msa store reindex-router STORE --adapter A` (no --dest) for a store without router inputs, where A has
+    the key projections of the version's router (here: the same router plus a suffix query, as the default is
+    tokenmax plus one): a new version names A, keeps every stored key (no key array written) and routes as a
+    store built by A does; and back. Other keys, other layers or a wrong source router are refused with
+    nothing published; the older versions keep their router."""
+    import dataclasses
+
+    from msa_memory.encode import RouterAdapter
+    from msa_memory.errors import ConfigError
+    from msa_memory.runtime import Memory
+    from msa_memory.store import open_store
+    from msa_memory.train.reindex import reindex_router
+
+    full, _ = _adapter(tiny_loaded, 3)
+    full = full.with_shifted_layers([1, 3], 4)
+    texts = [t + f" Another sentence here {i}. And one more, {i * 3}." for i, t in enumerate(TEXTS * 2)]
+    src, ids = _store(tmp_path / "a.msa", tiny_loaded.with_router(full), texts, keep=False)
+    assert src.identity.hidden_size == 0 and src.version == 1
+    sq = RouterAdapter(dataclasses.replace(full.config, router_layers=(3,), shifted_layers=(3,),
+                                           query_reduce="last", query_suffix="\nThis passage is about"))
+    t = full.state_tensors()
+    t["model.layers.3.self_attn.router_q_proj.0.weight"] = torch.randn(sq.q_proj["3"].weight.shape,
+                                                                        generator=torch.Generator().manual_seed(5))
+    sq.load_tensors(t)
+    with_sq = full.with_suffix_queries(sq)
+    fresh, _ = _store(tmp_path / "fresh.msa", tiny_loaded.with_router(with_sq), texts, keep=False)
+    new, stats = reindex_router(src, with_sq, source_adapter=full, message="suffix query")
+    assert stats["copied"] and not stats["unchanged"] and stats["version"] == new.version == 2
+    assert stats["chunks"] == src.stats()["n_chunks"] and stats["seconds_keys"] == 0
+    assert new.identity.router_id == with_sq.fingerprint() == fresh.identity.router_id
+    assert new.manifest["operation"] == "reindex" and new.manifest["message"] == "suffix query"
+    assert new.manifest["changes"]["previous_router_id"] == full.fingerprint()
+    assert not (tmp_path / "a.msa" / "router_keys").exists()                 # nothing but the manifest written
+    assert new.manifest["shards"] == src.manifest["shards"]
+    for p in range(2):
+        assert np.array_equal(new.router_keys(p)[0], fresh.router_keys(p)[0])
+        assert np.array_equal(new.router_keys_shifted(p)[0], fresh.router_keys_shifted(p)[0])
+    q = "Where does the quick fox number 5 jump?"
+    model = tiny_loaded.with_router(with_sq)
+    a, b = Memory(open_store(tmp_path / "a.msa"), model=model).search(q, k=5), Memory(fresh, model=model).search(q, k=5)
+    assert a.column("doc_id").to_pylist() == b.column("doc_id").to_pylist()
+    assert np.allclose(a.column("score").to_numpy(), b.column("score").to_numpy())
+    assert open_store(tmp_path / "a.msa", version=1).identity.router_id == full.fingerprint()   # v1 keeps its own
+    # again: nothing to do; back to the router that built it: the keys are the same the other way round too
+    again, stats = reindex_router(new, with_sq, source_adapter=with_sq)
+    assert stats["unchanged"] and again.version == 2
+    with pytest.raises(IdentityMismatchError, match="source_adapter has router id"):
+        reindex_router(new, full, source_adapter=full)                      # v2 is routed by with_sq now
+    back, stats = reindex_router(new, full, source_adapter=with_sq)
+    assert stats["copied"] and back.version == 3 and back.identity.router_id == full.fingerprint()
+    # other keys, other layers: refused, nothing published
+    other, _ = _adapter(tiny_loaded, 7)
+    with pytest.raises(ConfigError, match="keeps no router inputs"):
+        reindex_router(back, other.with_shifted_layers([1, 3], 4), source_adapter=full)
+    with pytest.raises(IdentityMismatchError, match="differ from store"):
+        reindex_router(back, full.subset([3]), source_adapter=full)
+    with pytest.raises(IdentityMismatchError, match="shifted layers"):
+        reindex_router(back, full.with_shifted_layers([3], 4), source_adapter=full)
+    assert open_store(tmp_path / "a.msa").version == 3
+    report = open_store(tmp_path / "a.msa").verify()
+    assert report["ok"], report
+
+
 @pytest.mark.parametrize("window", [None, 4])
 def test_a_part_of_the_store_router_is_copied_without_router_inputs(tiny_loaded, tmp_path, window):
     """A store that kept no router inputs can still be copied (--dest) to a part of the router that built it:
