@@ -92,6 +92,12 @@ benchmarks/results/cloze_gap_2026-12-04/bench_quality_scale_h200_cloze300.json) 
 needles 0.89/1.00/1.00, 0.88/1.00/1.00, 0.84/0.97/1.00 and cloze 0.17/0.50/0.68, 0.16/0.46/0.63,
 0.14/0.37/0.54 at 1M / 10M / 100M; BM25 needles 1.00 (recall@1 0.99 at 1M) and cloze 0.18/0.56/0.73,
 0.16/0.48/0.66, 0.15/0.42/0.53; paired cloze recall@16 28 / 41, 36 / 43 and 42 / 39 queries won / lost.
+The default since the nineteenth session (``suffix``: that adapter, ``tokenmax`` since, plus a suffix query at
+layer 13), on the same haystack with the queries prepared with its suffix (twentieth session, ``--adapter default
+--also-adapter tokenmax --also-adapter suffix13``, one encode in 225 s, scoring 67 s;
+benchmarks/results/suffix_scale_2026-12-05/): needles 0.92/1.00/1.00, 0.92/1.00/1.00, 0.90/1.00/1.00 and cloze
+0.17/0.51/0.69, 0.16/0.48/0.65, 0.14/0.41/0.56; paired cloze recall@16 against BM25 28 / 39, 40 / 43 and 45 / 35,
+against tokenmax 4 / 2, 7 / 3 and 9 / 2. tokenmax's ranks there repeat the sixteenth session's for every query.
 
 Encoding the 100M tokens took 167 s through block 17 (626k tok/s) and 63 s through block 5 (1.66M
 tok/s); before SDPA stopped using cuDNN's attention (``encode.forward.CUDA_SDPA_BACKENDS``) the same
@@ -564,7 +570,12 @@ def plot_scale(summary: dict, cpu: dict | None, path: Path) -> None:
     x = [r["tokens"] for r in rows]
     layers = (summary.get("gpu") or {}).get("router_layers")
     shifted = (summary.get("gpu") or {}).get("shifted_layers")
-    series = {(f"routing, layers {layers}" + (f", shifted grid at {shifted}" if shifted else "") if layers else "routing"):
+    sq = (summary.get("gpu") or {}).get("suffix_layers")
+    def ls(xs: list[int]) -> str:
+        return "all" if xs == layers else ",".join(map(str, xs))
+
+    series = {(f"routing, layers {','.join(map(str, layers))}" + (f", shifted grid at {ls(shifted)}" if shifted else "")
+               + (f", suffix queries at {ls(sq)}" if sq else "") if layers else "routing"):
               [r["routing"] for r in rows],
               "BM25 (bm25s)": [r["bm25"] for r in rows]}
     for name in rows[0].get("also") or {}:
