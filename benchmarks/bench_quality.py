@@ -34,6 +34,11 @@ An adapter with a shifted router-key grid (``shifted_layers``) is scored as ``ru
 (at those layers a passage's max over both grids' chunks; the encode pools both), and the row "routing
 (aligned grid only)" scores the same weights over MSA's aligned chunks alone: the grid's same-run baseline.
 
+The default since the nineteenth session (``suffix``: tokenmax + a suffix query at layer 13), twentieth session,
+``--adapter default --also-adapter tokenmax --seed 0 --em 20`` (benchmarks/results/suffix_scale_2026-12-05/):
+needles 1.00 / 1.00 / 1.00, cloze 0.97 / 0.70 / 0.66 (tokenmax 0.97 / 0.65 / 0.63), end-to-end exact match
+0.45 (9 of 20); every rank repeats its nineteenth-session run. Pooled over four query sets see the RECIPE.
+
 Measured (``--sizes 16384,131072,1048576 --em 20``, 100 needles + 100 cloze queries, 2-core
 AVX512-BF16 CPU, fifteenth session, 1,967 s; the shipped adapter, layers 1, 5, 8, 11, 13, 16, 17, router keys
 also over 32-token windows at a stride of 16 at every layer, weights the merge of the "shallow" (1, 5), "deepv"

