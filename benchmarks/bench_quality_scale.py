@@ -689,11 +689,16 @@ def plot_scale(summary: dict, cpu: dict | None, path: Path) -> None:
     first = next(iter(series))
     picked: dict[str, str] = {}
 
-    def pick(name: str) -> str:   # the same name gets the same colour in both panels
-        if name not in picked:
-            picked[name] = (colour["routing"] if name == first or "trained adapter" in name else
-                            colour["aligned"] if "aligned" in name else colour.get(name.split()[0]) or next(extra))
-        return picked[name]
+    def pick(name: str) -> str:   # the same method gets the same colour in both panels and on both haystacks
+        key = name                # "routing, X" (GPU) and "routing (X)" (CPU) are adapter X
+        if name.startswith("routing, ") and name != first:
+            key = name[len("routing, "):]
+        elif name.startswith("routing (") and name.endswith(")"):
+            key = name[len("routing ("):-1]
+        if key not in picked:
+            picked[key] = (colour["routing"] if name == first or "trained adapter" in name else
+                           colour["aligned"] if "aligned" in name else colour.get(name.split()[0]) or next(extra))
+        return picked[key]
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, kind, title in zip(axes, ("fact", "ict"), ("needle facts", "inverse cloze")):
