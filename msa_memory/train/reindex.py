@@ -9,7 +9,10 @@ Two ways:
 - ``reindex_router(store, adapter)`` (the default, in place): the adapter becomes the router of a
   new version of the same store (``MemoryStore.rekey``, store/rekey.py): new key arrays for every
   shard, one atomic commit; older versions keep their keys and their router and stay readable and
-  restorable. The adapter's layers must equal the store's router layers.
+  restorable. The adapter's layers must equal the store's router layers. An adapter with the key
+  projections of the version's router (``key_copy_source``: e.g. the default for a store of tokenmax,
+  its keys plus a suffix query) needs no new keys: the new version names it and keeps the stored ones
+  (``MemoryStore.relabel``), so the store needs no kept inputs.
 - ``reindex_router_to(src, dest, adapter)`` (``--dest``): a new store with the same document ids,
   texts and rows, the content K̄V̄ and x̄ restricted to the adapter's layers (which may be any
   subset of the store's), and the adapter's keys; the source is only read.
