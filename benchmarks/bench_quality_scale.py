@@ -219,8 +219,14 @@ def same_suffix(adapter, name: str, prepared: str) -> None:
                          f"were prepared with {prepared!r}: prepare with an adapter of that suffix as --adapter")
 
 
+def _flatten(xs) -> tuple[np.ndarray, np.ndarray]:
+    """A ragged list of id sequences as the carry stores it: the ids (int32) and the offsets (int64)."""
+    return (np.concatenate([np.asarray(x, dtype=np.int32) for x in xs]),
+            np.concatenate([[0], np.cumsum([len(x) for x in xs])]).astype(np.int64))
+
+
 def _split(flat: np.ndarray, off: np.ndarray) -> list[np.ndarray]:
-    """The pieces of a flat array at offsets ``off`` (the carry's ragged arrays)."""
+    """The pieces of a flat array at offsets ``off`` (:func:`_flatten` undone)."""
     return [flat[off[i]:off[i + 1]] for i in range(len(off) - 1)]
 
 
@@ -257,9 +263,7 @@ def _dense_prepare(carry: Path, texts: list[str], comp, passages: list[str], n_q
         assert joined == [t for i in c for t in sent[i]], "MiniLM's tokens of a joined distractor differ"
     qp = [tok(passages[i], truncation=True, max_length=limit)["input_ids"] for i in range(n_q)]
     qt = [tok(q.text, truncation=True, max_length=limit)["input_ids"] for q in queries]
-    flat = lambda xs: (np.concatenate([np.asarray(x, dtype=np.int32) for x in xs]),  # noqa: E731
-                       np.concatenate([[0], np.cumsum([len(x) for x in xs])]).astype(np.int64))
-    (dp, dp_off), (dqp, dqp_off), (dqt, dqt_off) = flat(sent), flat(qp), flat(qt)
+    (dp, dp_off), (dqp, dqp_off), (dqt, dqt_off) = _flatten(sent), _flatten(qp), _flatten(qt)
     return {"d_pool": dp, "d_pool_off": dp_off, "d_qp": dqp, "d_qp_off": dqp_off, "d_qt": dqt, "d_qt_off": dqt_off,
             "d_special": np.array([tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, limit], dtype=np.int64)}
 
@@ -326,8 +330,7 @@ def prepare(args) -> None:
     carry = Path(args.carry)
     info = device_pack.make_pack(carry / "pack", max(adapter.config.router_layers), used, last_norm_only=True)
     rm = lambda a: device_pack.remap(a, used).astype(np.int32)  # noqa: E731
-    flat = lambda xs: (np.concatenate([rm(x) for x in xs]),  # noqa: E731
-                       np.concatenate([[0], np.cumsum([len(x) for x in xs])]).astype(np.int64))
+    flat = lambda xs: _flatten([rm(x) for x in xs])  # noqa: E731
     pool_flat, pool_off = flat(pool_ids)
     qp_flat, qp_off = flat(qpass)
     qt_flat, qt_off = flat([t for t, _ in qtok])
@@ -370,10 +373,9 @@ def _gpu(args) -> None:
     carry = Path(args.carry)
     meta = json.loads((carry / "meta.json").read_text())
     d = np.load(carry / "data.npz")
-    split = _split
-    pool = split(d["pool"], d["pool_off"])
+    pool = _split(d["pool"], d["pool_off"])
     pool_len = np.array([len(x) for x in pool], dtype=np.int64)
-    base = split(d["base"], d["base_off"])
+    base = _split(d["base"], d["base_off"])
     t0 = time.perf_counter()
     comp, digest = compose(base, d["base_len"], pool_len, max(meta["sizes"]) + 1, seed=meta["seed"])
     if digest != meta["digest"]:
@@ -418,7 +420,7 @@ def _gpu(args) -> None:
                          wrap="plain", model_fingerprint="pack")
     enc = Encoder(loaded, max_batch_tokens=args.batch_tokens)
     bos = d["bos"].tolist()
-    seqs = split(d["qp"], d["qp_off"])
+    seqs = _split(d["qp"], d["qp_off"])
     qp = [s.tolist() for s in seqs]
     n_q = len(qp)
 
@@ -433,7 +435,7 @@ def _gpu(args) -> None:
     n_docs = n_q + max(counts.values())
     # router queries first; every encoded batch is scored at once and only its (Q, docs) scores
     # are kept, so GPU memory does not grow with the haystack
-    qsplit = split(d["qt"], d["qt_off"])
+    qsplit = _split(d["qt"], d["qt_off"])
     qx, qoff = extract_query_tokens(loaded, [(q.tolist(), int(s)) for q, s in zip(qsplit, d["q_skip"])])
     Q = len(qsplit)
     ln = [int(qoff[i + 1] - qoff[i]) for i in range(Q)]
