@@ -184,6 +184,24 @@ def prefix_counts(lens: np.ndarray, n_q_tokens: int, sizes) -> dict[int, int]:
     return {int(S): int(min(len(lens), np.searchsorted(cum, S) + 1)) for S in sizes}
 
 
+def _haystack(meta: dict, d, sizes) -> tuple[list[np.ndarray], np.ndarray, dict[int, int]]:
+    """A carry's haystack as the gpu and dense steps rebuild it: the distractors (refused unless their sha256 is
+    prepare's), every passage's length in tokens (the query passages first, then the distractors, BOS included),
+    and the distractors of each prepared size up to ``max(sizes)`` (``--sizes`` may stop short of prepare's)."""
+    pool_len = np.diff(d["pool_off"])
+    comp, digest = compose(_split(d["base"], d["base_off"]), d["base_len"], pool_len, max(meta["sizes"]) + 1,
+                           seed=meta["seed"])
+    if digest != meta["digest"]:
+        raise SystemExit(f"haystack differs from the one prepared here ({digest} vs {meta['digest']})")
+    q_len = np.diff(d["qp_off"])
+    lens = np.concatenate([q_len, [1 + int(pool_len[c].sum()) for c in comp]]).astype(np.int64)
+    kept = [S for S in meta["sizes"] if S <= max(sizes)]
+    if not kept:
+        raise SystemExit(f"--sizes {','.join(map(str, sizes))}: none of the prepared sizes {meta['sizes']} is that "
+                         "small")
+    return comp, lens, prefix_counts(lens[len(q_len):], int(q_len.sum()), kept)
+
+
 def _pool(passages: list[str], n_q: int, tokenizer, allowed: set[int] | None = None):
     """(sentence texts, their token ids, per distractor passage the pool indices of its sentences).
 
@@ -416,12 +434,9 @@ def _gpu(args) -> None:
     meta = json.loads((carry / "meta.json").read_text())
     d = np.load(carry / "data.npz")
     pool = _split(d["pool"], d["pool_off"])
-    pool_len = np.array([len(x) for x in pool], dtype=np.int64)
-    base = _split(d["base"], d["base_off"])
     t0 = time.perf_counter()
-    comp, digest = compose(base, d["base_len"], pool_len, max(meta["sizes"]) + 1, seed=meta["seed"])
-    if digest != meta["digest"]:
-        raise SystemExit(f"haystack differs from the one prepared here ({digest} vs {meta['digest']})")
+    comp, lens, counts = _haystack(meta, d, args.sizes)
+    digest = meta["digest"]
     t_compose = time.perf_counter() - t0
     dev = torch.device(args.device)
     model, _ = device_pack.load_pack(carry / "pack", args.device)
@@ -469,11 +484,6 @@ def _gpu(args) -> None:
     def passage(i: int) -> list[int]:
         return qp[i] if i < n_q else bos + np.concatenate([pool[s] for s in comp[i - n_q]]).tolist()
 
-    lens = np.array([len(x) for x in qp] + [1 + int(pool_len[c].sum()) for c in comp], dtype=np.int64)
-    sizes = [S for S in meta["sizes"] if S <= max(args.sizes)]   # --sizes may stop short of the prepared ones
-    if not sizes:
-        raise SystemExit(f"--sizes {args.sizes}: none of the prepared sizes {meta['sizes']} is that small")
-    counts = prefix_counts(lens[n_q:], int(lens[:n_q].sum()), sizes)
     n_docs = n_q + max(counts.values())
     # router queries first; every encoded batch is scored at once and only its (Q, docs) scores
     # are kept, so GPU memory does not grow with the haystack
@@ -603,17 +613,8 @@ def dense(args) -> None:
     d = np.load(carry / "data.npz")
     if "d_special" not in d:
         raise SystemExit(f"--step dense: carry {carry} was prepared without --dense; prepare it again with --dense")
-    pool_len = np.diff(d["pool_off"])
-    comp, digest = compose(_split(d["base"], d["base_off"]), d["base_len"], pool_len, max(meta["sizes"]) + 1,
-                           seed=meta["seed"])
-    if digest != meta["digest"]:
-        raise SystemExit(f"haystack differs from the one prepared here ({digest} vs {meta['digest']})")
-    n_q = int(meta["n_q"])
-    lens = np.concatenate([np.diff(d["qp_off"]), [1 + int(pool_len[c].sum()) for c in comp]]).astype(np.int64)
-    sizes = [S for S in meta["sizes"] if S <= max(args.sizes)]
-    if not sizes:
-        raise SystemExit(f"--sizes {args.sizes}: none of the prepared sizes {meta['sizes']} is that small")
-    counts = prefix_counts(lens[n_q:], int(lens[:n_q].sum()), sizes)
+    comp, lens, counts = _haystack(meta, d, args.sizes)
+    n_q = len(d["qp_off"]) - 1
     n_docs = n_q + max(counts.values())
     dev = torch.device(args.device)
     dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dense_dtype]
@@ -623,7 +624,8 @@ def dense(args) -> None:
     seconds = time.perf_counter() - t0
     kinds, pos = [str(x) for x in d["kinds"]], d["positives"].tolist()
     row = _dense_row(dev, dtype, seconds, n_docs, _ranked(ds, counts, n_q, kinds, pos, lens))
-    out = {"step": "dense", "device": row[DENSE]["device"], "torch": torch.__version__, "digest": digest, "also": row}
+    out = {"step": "dense", "device": row[DENSE]["device"], "torch": torch.__version__, "digest": meta["digest"],
+           "also": row}
     path = Path(args.out)
     path.mkdir(parents=True, exist_ok=True)
     (path / "scale_dense.json").write_text(json.dumps(out, indent=1))
