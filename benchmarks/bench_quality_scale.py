@@ -322,6 +322,13 @@ def _dense_prepare(carry: Path, texts: list[str], comp, passages: list[str], n_q
             "d_special": np.array([tok.cls_token_id, tok.sep_token_id, tok.pad_token_id, limit], dtype=np.int64)}
 
 
+def _dense_dtype(dev, dtype=None):
+    """MiniLM's dtype: ``dtype``, else fp16 on CUDA and fp32 elsewhere."""
+    import torch
+
+    return dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
+
+
 def _dense_scores(carry: Path, d, comp, n_docs: int, dev, batch: int = 512, dtype=None, log_every: int = 0):
     """(Q, n_docs) cosine scores of MiniLM's normalised mean-pooled embeddings (sentence-transformers'
     all-MiniLM-L6-v2 pipeline: transformer, mean over the attention mask, L2 norm); the model in ``dtype``
@@ -331,8 +338,7 @@ def _dense_scores(carry: Path, d, comp, n_docs: int, dev, batch: int = 512, dtyp
     from transformers import AutoModel
 
     cls, sep, pad, limit = (int(v) for v in d["d_special"])
-    dtype = dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
-    model = AutoModel.from_pretrained(carry / "dense", dtype=dtype).to(dev).eval()
+    model = AutoModel.from_pretrained(carry / "dense", dtype=_dense_dtype(dev, dtype)).to(dev).eval()
     sent, qp, qt = _split(d["d_pool"], d["d_pool_off"]), _split(d["d_qp"], d["d_qp_off"]), _split(d["d_qt"], d["d_qt_off"])
     n_q = len(qp)
 
@@ -638,7 +644,7 @@ def _dense_row(dev, dtype, seconds: float, n_docs: int, results: dict) -> dict:
 
     return {DENSE: {"router_id": None, "router_layers": [], "shifted_layers": [], "suffix_layers": [],
                     "own_weights": True, "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-                    "model_dtype": str(dtype or (torch.float16 if dev.type == "cuda" else torch.float32)),
+                    "model_dtype": str(_dense_dtype(dev, dtype)),
                     "seconds": round(seconds, 1), "passages": n_docs, "results": results}}
 
 
@@ -652,25 +658,37 @@ def merge_dense(gpu_res: dict | None, dense_res: dict) -> dict:
     return gpu_res
 
 
-def bm25(args) -> None:
+def haystack_texts(carry: Path, meta: dict, needles: int, ict: int):
+    """A carry's haystack as text, rebuilt here as prepare built it (the bm25 step's, and check_dense.py's): the
+    evaluation passages and queries, their count, the pool sentences, the distractors (refused unless their sha256
+    is prepare's), the pool sentences' token lengths and the default model's tokenizer."""
     import bench_quality as bq
-    import bm25s
     import torch
 
     from msa_memory.encode import load_model
+
+    passages, _, queries, n_q = bq.build_eval(needles, ict)
+    tok = load_model("default", dtype=torch.float32).tokenizer
+    allowed = set(json.loads((carry / "pack" / "pack.json").read_text())["vocab"])
+    texts, pool_ids, base, base_len = _pool(passages, n_q, tok, allowed)
+    pool_len = np.array([len(x) for x in pool_ids], dtype=np.int64)
+    comp, digest = compose(base, base_len, pool_len, max(meta["sizes"]) + 1, seed=meta["seed"])
+    if digest != meta["digest"]:
+        raise SystemExit(f"haystack differs from the one prepared in {carry} ({digest} vs {meta['digest']}): "
+                         "--needles / --ict must be prepare's")
+    return passages, queries, n_q, texts, comp, pool_len, tok
+
+
+def bm25(args) -> None:
+    import bm25s
 
     gpu_res = json.loads(Path(args.gpu_json).read_text()) if args.gpu_json else None
     carry = Path(args.carry)
     meta = json.loads((carry / "meta.json").read_text())
     if args.dense_json:
         gpu_res = merge_dense(gpu_res, json.loads(Path(args.dense_json).read_text()))
-    passages, _, queries, n_q = bq.build_eval(args.needles, args.ict)
-    tok = load_model("default", dtype=torch.float32).tokenizer
-    allowed = set(json.loads((carry / "pack" / "pack.json").read_text())["vocab"])
-    texts, pool_ids, base, base_len = _pool(passages, n_q, tok, allowed)
-    pool_len = np.array([len(x) for x in pool_ids], dtype=np.int64)
-    comp, digest = compose(base, base_len, pool_len, max(meta["sizes"]) + 1, seed=meta["seed"])
-    assert digest == meta["digest"], "haystack differs from the prepared one"
+    passages, queries, n_q, texts, comp, pool_len, tok = haystack_texts(carry, meta, args.needles, args.ict)
+    digest = meta["digest"]
     lens = np.array([1 + int(pool_len[c].sum()) for c in comp], dtype=np.int64)
     q_tokens = sum(len(tok(passages[i], add_special_tokens=False)["input_ids"]) + 1 for i in range(n_q))
     counts = prefix_counts(lens, q_tokens, meta["sizes"])

