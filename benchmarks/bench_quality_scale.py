@@ -385,7 +385,10 @@ def _dense_scores(carry: Path, d, comp, n_docs: int, dev, batch: int = 512, dtyp
         b1 = min(n_docs, b0 + block)
         f = cache / f"{b0:09d}-{b1:09d}.npy" if cache is not None else None
         if f is not None and f.exists():
-            e = np.load(f)
+            try:
+                e = np.load(f)
+            except (OSError, ValueError) as err:
+                raise SystemExit(f"--dense-cache: {f} cannot be read ({err}): delete it and run again") from err
             if e.shape != (b1 - b0, q.shape[1]) or e.dtype != np.float32:
                 raise SystemExit(f"--dense-cache: {f} holds {e.shape} {e.dtype}, not ({b1 - b0}, {q.shape[1]}) "
                                  f"float32: delete it and run again")
@@ -426,7 +429,8 @@ def _dense_cache_check(cache: Path, want: dict) -> None:
     cache.mkdir(parents=True, exist_ok=True)
     f = cache / "cache.json"
     if not f.exists():
-        f.write_text(json.dumps(want, indent=1))
+        (cache / ".cache.json.tmp").write_text(json.dumps(want, indent=1))
+        os.replace(cache / ".cache.json.tmp", f)
         return
     have = json.loads(f.read_text())
     diff = [f"{k}: {have.get(k)!r} there, {v!r} here" for k, v in want.items() if have.get(k) != v]

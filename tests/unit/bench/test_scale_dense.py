@@ -208,6 +208,10 @@ def test_a_dense_run_killed_mid_way_goes_on_from_its_cache_and_ranks_as_an_uncac
         bqs.main([*args[:-1], "4", "--dense-block", "4", "--dense-cache", str(cache), "--out", str(tmp_path / "x")])
     with pytest.raises(SystemExit, match="not a multiple"):
         bqs.main([*args, "--dense-block", "5", "--dense-cache", str(tmp_path / "c2"), "--out", str(tmp_path / "x")])
+    last = sorted(cache.glob("0*.npy"))[-1]
+    last.write_bytes(last.read_bytes()[:100])      # a block damaged after it was written: named, not read
+    with pytest.raises(SystemExit, match=f"{last.name} cannot be read"):
+        bqs.main([*args, "--dense-block", "4", "--dense-cache", str(cache), "--out", str(tmp_path / "x")])
     (cache / "cache.json").write_text(json.dumps(info | {"digest": "0" * 64}))
     with pytest.raises(SystemExit, match="digest: '0000"):
         bqs.main([*args, "--dense-block", "4", "--dense-cache", str(cache), "--out", str(tmp_path / "x")])
