@@ -64,7 +64,8 @@ draws it. Checked on this CPU at 64K tokens against sentence-transformers on the
 (benchmarks/results/suffix_scale_2026-12-05/check_dense.py); not yet run on a GPU. The carry (pack + data +
 MiniLM, ~130 MB) needs parts over several device calls. The 1M and 10M rows are measured on this CPU by the
 dense step (fp32: ~20 passages/s, 10M in ~35 min; bf16 ~2x faster, its 1M ranks equal fp32's in the top 16 for
-399 of 400 queries); 100M (415k passages) awaits a GPU.
+399 of 400 queries); 100M (414k passages) needs a GPU, or ~3 h of this CPU in bf16 (~35 passages/s), run with
+``--dense-cache`` so that it can span sessions.
 
 Measured (H200 for the gpu step, this 2-core CPU for BM25; 100 needles + 100 cloze queries,
 ``--sizes 1048576,10485760,104857600`` at prepare, haystack digest 15dd820e, whose 1M and 10M
