@@ -334,7 +334,7 @@ def _dense_dtype(dev, dtype=None):
 
 
 def _dense_scores(carry: Path, d, comp, n_docs: int, dev, batch: int = 512, dtype=None, log_every: int = 0,
-                  cache: Path | None = None, block: int = 8192, digest: str = ""):
+                  cache: Path | None = None, block: int = 8192, digest: str = "", stats: dict | None = None):
     """(Q, n_docs) cosine scores of MiniLM's normalised mean-pooled embeddings (sentence-transformers'
     all-MiniLM-L6-v2 pipeline: transformer, mean over the attention mask, L2 norm); the model in ``dtype``
     (default fp16 on CUDA, fp32 elsewhere), pooling and scores in fp32. ``log_every``: a progress line to stderr
@@ -344,7 +344,8 @@ def _dense_scores(carry: Path, d, comp, n_docs: int, dev, batch: int = 512, dtyp
     each written whole (a temporary file, then a rename), so a run that is killed or runs out of time goes on
     from its last whole block when run again; the scores equal an uncached run's bit for bit (the same batches,
     the same fp32 embeddings). Its ``cache.json`` binds it to the haystack ``digest``, the model file, dtype,
-    device type, batch and block; another run's cache is refused."""
+    device type, batch and block; another run's cache is refused. ``stats["from_cache"]``: the passages read from
+    it."""
     import torch
     from transformers import AutoModel
 
@@ -414,6 +415,8 @@ def _dense_scores(carry: Path, d, comp, n_docs: int, dev, batch: int = 512, dtyp
             os.replace(tmp, f)
     if cache is not None:
         print(f"  dense: {n_docs} passages, {reused} of them from the cache {cache}", file=sys.stderr, flush=True)
+    if stats is not None:
+        stats["from_cache"] = reused
     return out
 
 
@@ -693,14 +696,16 @@ def dense(args) -> None:
     n_docs = n_q + max(counts.values())
     dev = torch.device(args.device)
     dtype = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dense_dtype]
-    t0 = time.perf_counter()
+    t0, stats = time.perf_counter(), {}
     with torch.inference_mode():
         ds = _dense_scores(carry, d, comp, n_docs, dev, batch=args.dense_batch, dtype=dtype, log_every=20,
                            cache=Path(args.dense_cache) if args.dense_cache else None, block=args.dense_block,
-                           digest=meta["digest"])
+                           digest=meta["digest"], stats=stats)
     seconds = time.perf_counter() - t0
     kinds, pos = [str(x) for x in d["kinds"]], d["positives"].tolist()
     row = _dense_row(dev, dtype, seconds, n_docs, _ranked(ds, counts, n_q, kinds, pos, lens))
+    if args.dense_cache:   # ("seconds" is this run's: the passages read from the cache took it none)
+        row[DENSE]["from_cache"] = stats["from_cache"]
     out = {"step": "dense", "device": row[DENSE]["device"], "torch": torch.__version__, "digest": meta["digest"],
            "also": row}
     path = Path(args.out)

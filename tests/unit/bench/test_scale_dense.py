@@ -197,6 +197,7 @@ def test_a_dense_run_killed_mid_way_goes_on_from_its_cache_and_ranks_as_an_uncac
     resumed, plain = ((json.loads((tmp_path / o / "scale_dense.json").read_text())["also"][bqs.DENSE])
                       for o in ("resumed", "plain"))
     assert resumed["results"] == plain["results"] and resumed["passages"] == plain["passages"]
+    assert resumed["from_cache"] == n_docs and "from_cache" not in plain                  # (all of it, by then)
     assert all(len(r["positive_rank"]) == 3 for r in plain["results"].values())
     files = sorted(cache.glob("0*.npy"))
     assert {f.name: f.stat().st_mtime_ns for f in files if f.name in done} == done     # not computed again
