@@ -61,11 +61,12 @@ weights in fp16, 46 MB, in ``CARRY/dense``) and its token ids of the pool senten
 the gpu step embeds every passage (mean over the mask, L2 norm, cut at 256 tokens, as sentence-transformers
 does) and reports it as an ``--also-adapter`` row named ``dense all-MiniLM-L6-v2``, so the bm25 step pairs and
 draws it. Checked on this CPU at 64K tokens against sentence-transformers on the rebuilt texts
-(benchmarks/results/suffix_scale_2026-12-05/check_dense.py); not yet run on a GPU. The carry (pack + data +
-MiniLM, ~130 MB) needs parts over several device calls. The 1M and 10M rows are measured on this CPU by the
-dense step (fp32: ~20 passages/s, 10M in ~35 min; bf16 ~2x faster, its 1M ranks equal fp32's in the top 16 for
-399 of 400 queries); 100M (414k passages) needs a GPU, or ~3 h of this CPU in bf16 (~35 passages/s), run with
-``--dense-cache`` so that it can span sessions.
+(benchmarks/results/suffix_scale_2026-12-05/check_dense.py). The carry (pack + data + MiniLM, ~130 MB) needs
+parts over several device calls; the dense step needs no pack, and its carry (53 MB) fits one call. On an H100
+the dense step embeds the 100M haystack's 414,320 passages in 85 s in fp32 (66 s in fp16); on this CPU it runs
+~20 passages/s in fp32 and ~35 in bf16 (~3.3 h for 100M), with ``--dense-cache`` so that it can span sessions.
+The H100's fp32 ranks at 1M and 10M equal this CPU's fp32 ranks for all 400 queries; fp16 and bf16 keep the
+same top-16 membership for 399-400 of 400 queries.
 
 Measured (H200 for the gpu step, this 2-core CPU for BM25; 100 needles + 100 cloze queries,
 ``--sizes 1048576,10485760,104857600`` at prepare, haystack digest 15dd820e, whose 1M and 10M
@@ -118,9 +119,11 @@ benchmarks/results/suffix_scale_2026-12-05/): needles 0.92/1.00/1.00, 0.92/1.00/
 0.17/0.51/0.69, 0.16/0.48/0.65, 0.14/0.41/0.56; paired cloze recall@16 against BM25 28 / 39, 40 / 43 and 45 / 35,
 against tokenmax 4 / 2, 7 / 3 and 9 / 2. tokenmax's ranks there repeat the sixteenth session's for every query.
 Dense MiniLM on that haystack (twenty-first session, ``--step dense --device cpu --dense-dtype fp32 --sizes
-10485760`` on the 2-core CPU, 2,042 s; benchmarks/results/dense_scale_2026-12-05/): needles 0.41/0.60/0.67,
-0.36/0.47/0.57 and cloze 0.26/0.57/0.73, 0.25/0.55/0.71 at 1M / 10M; the default's paired cloze recall@16 against
-it 31 / 44 and 26 / 45, needles 33 / 0 and 43 / 0.
+10485760`` on the 2-core CPU, 2,042 s; twenty-third session, ``--device cuda --dense-dtype fp32 --sizes
+1048576,10485760,104857600`` on an H100, 85 s, the same ranks at 1M and 10M;
+benchmarks/results/dense_scale_2026-12-05/): needles 0.41/0.60/0.67, 0.36/0.47/0.57, 0.27/0.41/0.43 and cloze
+0.26/0.57/0.73, 0.25/0.55/0.71, 0.22/0.47/0.62 at 1M / 10M / 100M; the default's paired cloze recall@16 against
+it 31 / 44, 26 / 45 and 29 / 47, needles 33 / 0, 43 / 0 and 57 / 0.
 
 Encoding the 100M tokens took 167 s through block 17 (626k tok/s) and 63 s through block 5 (1.66M
 tok/s); before SDPA stopped using cuDNN's attention (``encode.forward.CUDA_SDPA_BACKENDS``) the same
