@@ -19,6 +19,9 @@ __all__ = [
     "StoreNotFoundError",
     "StoreExistsError",
     "StoreFormatError",
+    "StoreLayoutError",
+    "StoreNotWritableError",
+    "DiskFullError",
     "ManifestCorruptError",
     "ShardMissingError",
     "ShardCorruptError",
@@ -73,6 +76,21 @@ class StoreExistsError(StoreError, FileExistsError):
 
 class StoreFormatError(StoreError, ValueError):
     """The store was written by a newer (or unknown) format version."""
+
+
+class StoreLayoutError(StoreError, ValueError):
+    """A store folder or file is a symbolic link, or leads outside the store root: the store reads,
+    writes and deletes nothing through it."""
+
+
+class StoreNotWritableError(StoreError, PermissionError):
+    """A write (commit, gc, tag, repair...) was asked of a store this process cannot write to (read-only
+    file system or permissions); nothing was changed. Reads need no write access."""
+
+
+class DiskFullError(StoreError, OSError):
+    """The device of the store ran out of space during a write; no version was published and nothing
+    already stored was changed (files the write left are orphans that ``gc`` removes)."""
 
 
 class ManifestCorruptError(StoreError, ValueError):

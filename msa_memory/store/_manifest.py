@@ -2,16 +2,25 @@
 
 A version manifest lists everything version N is made of (shards, deletion files) plus running
 totals, so opening a version reads two small files and nothing that grows with the corpus except
-the list of shards. Manifests are validated against ``schemas/manifest.schema.json`` before they are
-published; a manifest that fails to parse or validate on read raises ManifestCorruptError.
+the list of shards. Every manifest read or published gets a structural check (types of the fields
+the store uses, and every id and path it turns into a file path: a shard id, a router-key or
+deletion path that could lead outside the store is refused); the full JSON Schema check
+(``schemas/manifest.schema.json``) runs too with ``MSA_STORE_STRICT_MANIFESTS=1``. A manifest that
+fails to parse or validate on read raises ManifestCorruptError naming the file and the field.
+
+``versions/_latest.json`` names the newest version ever published; a store whose hint names a
+version whose manifest is gone is refused (reading on would silently roll it back to an older
+version and reuse the lost number), as is one whose hint is damaged. ``msa store repair`` is the
+way out of both and of damaged manifests (``store/repair.py``).
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
 import json
 import os
+import stat
+from collections.abc import Mapping
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -21,19 +30,24 @@ import crc32c
 from msa_memory.errors import (
     ManifestCorruptError,
     StoreFormatError,
+    StoreLayoutError,
     StoreNotFoundError,
     VersionNotFoundError,
 )
 from msa_memory.schemas.records import (FINE_GRID_FORMAT_VERSION, FORMAT_VERSION, READ_FORMAT_VERSION,
                                         SHIFTED_GRID_FORMAT_VERSION, StoreIdentity)
 from msa_memory.store._layout import (
+    DELETION_PATH_RE,
     DELETIONS_DIR,
     IDENTITY_FILE,
     LATEST_HINT,
     TAGS_DIR,
+    ROUTER_KEYS_PATH_RE,
     VERSIONS_DIR,
     check_tag_name,
     dumps,
+    is_name,
+    is_rel_path,
     parse_version_file,
     publish_exclusive,
     replace_json_atomic,
@@ -67,45 +81,69 @@ _SHARD = {"shard_id": str, "n_docs": int, "n_chunks": int, "n_tokens": int, "n_b
           "doc_id_max": int, "record_crc32c": int}
 _DEL = {"path": str, "n_docs": int, "crc32c": int}
 _STATS = {"n_docs": int, "n_chunks": int, "n_tokens": int, "n_bytes": int}
+_DAMAGED = "The file was damaged or written by other software."
 
 
-def _check_fields(obj: Any, spec: Mapping[str, type], where: str) -> None:
+def repair_hint(root: Path) -> str:
+    """What to do about a damaged or lost manifest of the store at ``root``."""
+    return (f"Run `msa store repair {root}`: it sets the damaged file aside and publishes the newest good version "
+            "as a new one (nothing is deleted; `--dry-run` shows what it would do).")
+
+
+def _bad(where: str, field: str, msg: str, hint: str | None) -> ManifestCorruptError:
+    return ManifestCorruptError(f"Manifest {where}: field {field} {msg}", hint=hint or _DAMAGED)
+
+
+def _check_fields(obj: Any, spec: Mapping[str, type], where: str, prefix: str, hint: str | None) -> None:
     if not isinstance(obj, dict):
-        raise ManifestCorruptError(f"Manifest {where}: expected an object, got {type(obj).__name__}.")
+        raise _bad(where, prefix.rstrip(".") or "(root)", f"must be an object, got {type(obj).__name__}.", hint)
     for k, t in spec.items():
         v = obj.get(k)
         if not isinstance(v, t) or isinstance(v, bool):
-            raise ManifestCorruptError(
-                f"Manifest {where}: field {k!r} must be {t.__name__}, got {v!r}.",
-                hint="The file was damaged or written by other software; restore it or open an older version.")
+            raise _bad(where, f"{prefix}{k}", f"must be {t.__name__}, got {v!r}.", hint)
 
 
-def check_manifest_structure(m: dict[str, Any], where: str) -> None:
-    """Fast structural check (types of every field the reader uses); O(shards), microseconds each."""
-    _check_fields(m, _TOP, where)
+def check_manifest_structure(m: dict[str, Any], where: str, hint: str | None = None) -> None:
+    """Fast structural check (types of every field the reader uses, and every id and path that becomes a
+    file path); O(shards), microseconds each. ``where`` names the file, ``hint`` what to do about it."""
+    _check_fields(m, _TOP, where, "", hint)
     for i, e in enumerate(m["shards"]):
-        _check_fields(e, _SHARD, f"{where} shards[{i}]")
+        _check_fields(e, _SHARD, where, f"shards[{i}].", hint)
+        if not is_name(e["shard_id"]):
+            raise _bad(where, f"shards[{i}].shard_id", f"is {e['shard_id']!r}, not a shard id (1-128 characters of "
+                       "A-Z a-z 0-9 . _ -, starting with a letter or digit): it could lead outside the store.", hint)
         if "router_keys" in e:  # a reindexed version's keys of this shard (rekey.py)
-            _check_fields(e["router_keys"], {"path": str, "files": dict}, f"{where} shards[{i}].router_keys")
+            rk = e["router_keys"]
+            _check_fields(rk, {"path": str, "files": dict}, where, f"shards[{i}].router_keys.", hint)
+            if not ROUTER_KEYS_PATH_RE.match(rk["path"]):
+                raise _bad(where, f"shards[{i}].router_keys.path", f"is {rk['path']!r}, not router_keys/NAME: it "
+                           "could lead outside the store.", hint)
+            bad = next((k for k in rk["files"] if not is_rel_path(k)), None)
+            if bad is not None:
+                raise _bad(where, f"shards[{i}].router_keys.files", f"names {bad!r}, not a path inside the "
+                           "router-key folder: it could lead outside the store.", hint)
     if "router" in m:
-        _check_fields(m["router"], {"router_id": str, "router_layers": list}, f"{where} router")
+        _check_fields(m["router"], {"router_id": str, "router_layers": list}, where, "router.", hint)
     for i, e in enumerate(m["deletions"]):
-        _check_fields(e, _DEL, f"{where} deletions[{i}]")
-    _check_fields(m["stats"], _STATS, f"{where} stats")
+        _check_fields(e, _DEL, where, f"deletions[{i}].", hint)
+        if not DELETION_PATH_RE.match(e["path"]):
+            raise _bad(where, f"deletions[{i}].path", f"is {e['path']!r}, not deletions/NNNNNNNN-HEX.json: it could "
+                       "lead outside the store.", hint)
+    _check_fields(m["stats"], _STATS, where, "stats.", hint)
     if m.get("parent_version") is not None and not isinstance(m["parent_version"], int):
-        raise ManifestCorruptError(f"Manifest {where}: parent_version must be an int or null.")
+        raise _bad(where, "parent_version", "must be an int or null.", hint)
     if STRICT_VALIDATION:
-        validate_manifest(m, where)
+        validate_manifest(m, where, hint)
 
 
-def validate_manifest(m: dict[str, Any], where: str) -> None:
+def validate_manifest(m: dict[str, Any], where: str, hint: str | None = None) -> None:
     """Full JSON Schema validation (raises ManifestCorruptError)."""
     errors = sorted(manifest_validator().iter_errors(m), key=lambda e: list(e.path))
     if errors:
         e = errors[0]
         raise ManifestCorruptError(
             f"Manifest {where} fails its JSON Schema at {'/'.join(map(str, e.path)) or '(root)'}: {e.message}",
-            hint="The file was damaged or written by other software; restore it or open an older version.",
+            hint=hint or _DAMAGED,
         )
 
 
@@ -163,17 +201,51 @@ def list_versions(root: Path) -> list[int]:
     return sorted(v for v in (parse_version_file(n) for n in names) if v is not None)
 
 
-def latest_version(root: Path) -> int:
-    """Highest published version (hint file, then probing upwards; a full listing if no hint)."""
+def read_hint(root: Path) -> int | None:
+    """The version ``versions/_latest.json`` names; None if there is no hint. ManifestCorruptError if damaged."""
     hint = root / VERSIONS_DIR / LATEST_HINT
-    v: int | None = None
     try:
-        v = int(json.loads(hint.read_text())["version"])
-        if not version_file(root, v).exists():
-            v = None
-    except (FileNotFoundError, ValueError, KeyError, TypeError):
-        v = None
-    if v is None:
+        raw = hint.read_bytes()
+    except FileNotFoundError:
+        return None
+    try:
+        v = json.loads(raw)["version"]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"version {v!r}")
+        return v
+    except (ValueError, KeyError, TypeError) as e:
+        raise ManifestCorruptError(f"Latest-version hint {hint} of store {str(root)!r} is damaged ({e}); without it "
+                                   "a lost latest manifest would go unnoticed.", hint=repair_hint(root)) from None
+
+
+def latest_problem(root: Path) -> tuple[str, str] | None:
+    """(store-relative path, problem) when the store's latest version is lost or its hint damaged, else None."""
+    try:
+        hinted = read_hint(root)
+    except ManifestCorruptError as e:
+        return f"{VERSIONS_DIR}/{LATEST_HINT}", str(e)
+    if hinted is None or version_file(root, hinted).exists():
+        return None
+    vs = list_versions(root)
+    if vs and vs[-1] > hinted:
+        return None  # the hint lags (its update is best effort); newer versions exist
+    return (f"{VERSIONS_DIR}/{hinted:08d}.json",
+            f"Manifest {version_file(root, hinted)} of version {hinted} is missing, but {VERSIONS_DIR}/{LATEST_HINT} "
+            f"of store {str(root)!r} names it as the latest published version: it was deleted or lost. Reading on "
+            f"would silently roll the store back to version {vs[-1] if vs else 'none'} and publish another version "
+            f"{hinted}, so the store is refused.")
+
+
+def latest_version(root: Path) -> int:
+    """Highest published version (hint file, then probing upwards; a full listing if no hint).
+
+    Raises ManifestCorruptError when the hint names a version whose manifest is gone or is damaged.
+    """
+    lost = latest_problem(root)
+    if lost is not None:
+        raise ManifestCorruptError(lost[1], hint=repair_hint(root))
+    v = read_hint(root)
+    if v is None or not version_file(root, v).exists():
         vs = list_versions(root)
         if not vs:
             raise StoreNotFoundError(f"Store {str(root)!r} has no published version.",
@@ -187,6 +259,10 @@ def latest_version(root: Path) -> int:
 def read_manifest(root: Path, version: int) -> dict[str, Any]:
     path = version_file(root, version)
     try:
+        if stat.S_ISLNK(os.lstat(path).st_mode):
+            raise StoreLayoutError(f"Manifest {path} is a symbolic link (to {os.readlink(path)!r}); the store reads no "
+                                   "version through a link.",
+                                   hint="Replace the link with the manifest file itself (or remove it), then rerun.")
         raw = path.read_bytes()
     except FileNotFoundError:
         vs = list_versions(root)
@@ -200,20 +276,19 @@ def read_manifest(root: Path, version: int) -> dict[str, Any]:
         if not isinstance(m, dict):
             raise ValueError("not a JSON object")
     except ValueError as e:
-        raise ManifestCorruptError(
-            f"Manifest {path} is not valid JSON ({e}).",
-            hint="Open an older version (open_store(root, version=N-1)) or restore the file from a backup.",
-        ) from None
+        raise ManifestCorruptError(f"Manifest {path} is not valid JSON ({e}).", hint=repair_hint(root)) from None
     _check_format(m.get("format_version"), str(path))
-    check_manifest_structure(m, str(path))
+    check_manifest_structure(m, str(path), repair_hint(root))
     if m["version"] != version:
-        raise ManifestCorruptError(f"Manifest {path} says it is version {m['version']}, not {version}.")
+        raise ManifestCorruptError(f"Manifest {path} says it is version {m['version']}, not {version}.",
+                                   hint=repair_hint(root))
     return m
 
 
 def publish_manifest(root: Path, manifest: dict[str, Any]) -> bool:
     """Validate and publish manifest N by exclusive create (the commit point); False if N exists."""
-    check_manifest_structure(manifest, f"version {manifest.get('version')} (to be published)")
+    check_manifest_structure(manifest, f"version {manifest.get('version')} (to be published)",
+                             "This is a bug in the writer that made it; nothing was published.")
     ok = publish_exclusive(version_file(root, manifest["version"]), dumps(manifest))
     if ok:
         try:

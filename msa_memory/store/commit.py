@@ -45,8 +45,11 @@ from msa_memory.store._layout import (
     STAGING_DIR,
     TAGS_DIR,
     VERSIONS_DIR,
+    check_inside,
+    check_layout,
     check_name,
     now_iso,
+    os_write_error,
     token,
 )
 from msa_memory.store.reader import MemoryStore
@@ -59,10 +62,16 @@ _locks_guard = threading.Lock()
 
 
 @contextlib.contextmanager
-def writer_lock(root: Path, timeout: float = DEFAULT_LOCK_TIMEOUT) -> Iterator[None]:
-    """Hold the store's cross-process writer lock (re-entrant within one thread)."""
+def writer_lock(root: Path, timeout: float = DEFAULT_LOCK_TIMEOUT, action: str = "a write") -> Iterator[None]:
+    """Hold the store's cross-process writer lock (re-entrant within one thread).
+
+    Refuses a store whose folders or lock file are links (StoreLayoutError) before opening the lock
+    file; a read-only store or a full disk, on taking the lock or in the body, raises
+    StoreNotWritableError / DiskFullError naming ``action`` instead of a bare OSError.
+    """
     import filelock
 
+    check_layout(root, action)
     key = str(root.resolve() / LOCK_FILE)
     with _locks_guard:
         lock = _locks.get(key)
@@ -76,8 +85,18 @@ def writer_lock(root: Path, timeout: float = DEFAULT_LOCK_TIMEOUT) -> Iterator[N
             "committing or maintaining it.",
             hint=f"Wait and retry, or pass a larger lock_timeout. If no writer runs, remove {key}.",
         ) from None
+    except OSError as e:
+        err = os_write_error(root, e, action)
+        if err is None:
+            raise
+        raise err from None
     try:
         yield
+    except OSError as e:
+        err = os_write_error(root, e, action)
+        if err is None:
+            raise
+        raise err from e
     finally:
         lock.release()
 
@@ -134,7 +153,7 @@ def create_store(root: str | os.PathLike[str], identity: StoreIdentity, message:
     root.mkdir(parents=True, exist_ok=True)
     for d in (VERSIONS_DIR, SHARDS_DIR, STAGING_DIR, TAGS_DIR):
         (root / d).mkdir(exist_ok=True)
-    with writer_lock(root):
+    with writer_lock(root, action="creating a store"):
         if (root / IDENTITY_FILE).exists():
             raise StoreExistsError(f"A store was created concurrently at {str(root)!r}.")
         _manifest.write_identity(root, identity, now_iso())
@@ -160,6 +179,7 @@ def _check_added(base: MemoryStore, add: Sequence[ShardRecord]) -> list[dict[str
             raise DuplicateDocumentError(f"Shard {rec.shard_id!r} is already part of version {base.version} "
                                          "(or listed twice in this commit).", hint="Commit each shard once.")
         seen.add(rec.shard_id)
+        check_inside(root, f"{SHARDS_DIR}/{rec.shard_id}/{RECORD_FILE}", "a commit")
         on_disk = shards.read_record(root, rec.shard_id)
         if on_disk.to_dict() != rec.to_dict():
             raise ShardCorruptError(f"Shard {rec.shard_id!r} on disk does not match the record given to commit.",
@@ -235,7 +255,7 @@ def commit(store: MemoryStore, add: Sequence[ShardRecord] = (), delete_ids: Iter
     root = store.root
     add = list(add)
     rv = store.version if read_version is None else int(read_version)
-    with writer_lock(root, lock_timeout):
+    with writer_lock(root, lock_timeout, "a commit"):
         shards.fault_hook("commit:locked")
         latest = _manifest.latest_version(root)
         if latest != rv:
@@ -294,16 +314,9 @@ def restore(store: MemoryStore, version: int | str, message: str | None = None, 
             lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> MemoryStore:
     """Publish a new version whose content equals ``version`` (ids used since stay used)."""
     root = store.root
-    with writer_lock(root, lock_timeout):
+    with writer_lock(root, lock_timeout, "restore"):
         old = MemoryStore(root, version)
-        for e in old.manifest["shards"]:
-            if not (root / SHARDS_DIR / e["shard_id"] / RECORD_FILE).exists():
-                raise ShardMissingError(f"Version {old.version} needs shard {e['shard_id']!r}, which gc removed.",
-                                        hint="Restore a version that gc kept (see `msa store versions`).")
-            rk = e.get("router_keys")
-            if rk is not None and not (root / rk["path"]).is_dir():
-                raise ShardMissingError(f"Version {old.version} needs router keys {rk['path']!r}, which gc removed.",
-                                        hint="Restore a version that gc kept (see `msa store versions`).")
+        check_version_files(old, "restore")
         latest = _manifest.latest_version(root)
         cur = _manifest.read_manifest(root, latest)
         m = new_manifest(
@@ -315,11 +328,31 @@ def restore(store: MemoryStore, version: int | str, message: str | None = None, 
         return publish(root, m)
 
 
+def check_version_files(old: MemoryStore, action: str) -> None:
+    """Raise unless every shard, router-key array and deletion file version ``old`` names is in the store,
+    reached without a link (StoreLayoutError) and present (ShardMissingError): what a new version made
+    from it will read."""
+    root = old.root
+    for e in old.manifest["shards"]:
+        check_inside(root, f"{SHARDS_DIR}/{e['shard_id']}/{RECORD_FILE}", action)
+        if not (root / SHARDS_DIR / e["shard_id"] / RECORD_FILE).exists():
+            raise ShardMissingError(f"Version {old.version} needs shard {e['shard_id']!r}, which gc removed.",
+                                    hint="Restore a version that gc kept (see `msa store versions`).")
+        rk = e.get("router_keys")
+        if rk is not None:
+            check_inside(root, rk["path"], action)
+            if not (root / rk["path"]).is_dir():
+                raise ShardMissingError(f"Version {old.version} needs router keys {rk['path']!r}, which gc removed.",
+                                        hint="Restore a version that gc kept (see `msa store versions`).")
+    for d in old.manifest["deletions"]:
+        check_inside(root, d["path"], action)
+
+
 def reserve_ids(store: MemoryStore, n: int, *, lock_timeout: float = DEFAULT_LOCK_TIMEOUT) -> np.ndarray:
     """Hand out ``n`` fresh document ids (durable before return; never handed out again)."""
     if not isinstance(n, (int, np.integer)) or n < 0:
         raise ConfigError(f"reserve_ids(n) needs a non-negative int, got {n!r}.")
-    with writer_lock(store.root, lock_timeout):
+    with writer_lock(store.root, lock_timeout, "reserving ids"):
         latest = _manifest.read_manifest(store.root, _manifest.latest_version(store.root))
         used = latest["used_id_ranges"]
         start, stop = _ids.bump_next_id(store.root, int(n), floor=used[-1][1] if used else 0)
@@ -331,7 +364,7 @@ def tag(store: MemoryStore, name: str, version: int | None = None, *, force: boo
     v = store.version if version is None else int(version)
     if not _manifest.version_file(store.root, v).exists():
         raise VersionNotFoundError(f"Cannot tag version {v}: it does not exist in {str(store.root)!r}.")
-    with writer_lock(store.root):
+    with writer_lock(store.root, action="tagging"):
         if name in _manifest.read_tags(store.root) and not force:
             raise StoreExistsError(f"Tag {name!r} already exists (version {_manifest.read_tags(store.root)[name]}).",
                                    hint="Pass force=True to move it, or delete it first.")
@@ -358,7 +391,7 @@ def find_shard(store: MemoryStore, shard_id: str) -> ShardRecord | None:
             return None  # committed (or its ids were committed through another shard)
         if rec.identity_sha256 == store._identity_sha and not shards.verify_files(root, rec):
             return rec
-    with writer_lock(root):
+    with writer_lock(root, action="setting a damaged shard aside"):
         dst = root / STAGING_DIR / f"{shard_id}.damaged-{token()}"
         (root / STAGING_DIR).mkdir(exist_ok=True)
         try:

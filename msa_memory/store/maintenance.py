@@ -2,15 +2,24 @@
 files, orphans of crashed writers included; dry run by default) and verify (whole-file checksums).
 
 compact publishes a new version through the normal commit point; old shards stay on disk for the
-versions that still name them until gc removes them. gc takes the writer lock, so it never races
-a commit; files younger than ``grace_s`` are only reported, never removed, so a running job's
-not-yet-committed shards survive a gc run. verify never raises for damage: it reports it.
+versions that still name them until gc removes them. gc removes under the writer lock, so it never
+races a commit (a dry run takes no lock: it only lists); files younger than ``grace_s`` are only
+reported, never removed, so a running job's not-yet-committed shards survive a gc run.
+
+gc removes only what it proved is the store's own: an entry of a store folder whose name is one
+the store gives (``_layout.*_RE``), that is a regular file or a real folder holding only folders and
+regular files (a shard folder must also carry the shard group's ``zarr.json``). Links are never
+followed nor removed; anything else is left alone and reported under ``skipped``. A store whose
+folders are links or lead outside its root is refused before anything is listed. verify never
+raises for damage: it reports it (links on the way to a file included, and a lost latest version).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import stat
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -22,13 +31,23 @@ from msa_memory.schemas.records import EncodedChunks, Passage
 from msa_memory.store import _manifest, shards
 from msa_memory.store.rekey import router_key_paths, verify_keys
 from msa_memory.store._layout import (
+    DELETION_RE,
     DELETIONS_DIR,
     LATEST_HINT,
+    RECORD_FILE,
     ROUTER_KEYS_DIR,
+    ROUTER_KEYS_RE,
     SHARDS_DIR,
     STAGING_DIR,
+    STAGING_RE,
     TAGS_DIR,
+    TEMP_RE,
     VERSIONS_DIR,
+    check_layout,
+    is_name,
+    layout_problems,
+    link_in_path,
+    replace_json_atomic,
     token,
     version_file,
 )
@@ -129,9 +148,10 @@ def compact(store: MemoryStore, min_dead_fraction: float = 0.0, message: str = "
     if int(merge_below_chunks) < 0:
         raise ConfigError(f"merge_below_chunks must be >= 0, got {merge_below_chunks!r}.")
     root = store.root
-    with _commit.writer_lock(root):
+    with _commit.writer_lock(root, action="compact"):
         latest = _manifest.latest_version(root)
         base = MemoryStore(root, latest)
+        _commit.check_version_files(base, "compact")
         groups = _plan_compaction(base, float(min_dead_fraction), int(merge_below_chunks))
         if not groups:
             return base
@@ -156,20 +176,113 @@ def compact(store: MemoryStore, min_dead_fraction: float = 0.0, message: str = "
         return _commit.publish(root, m)
 
 
-def _size(p: Path) -> int:
-    if p.is_dir():
-        return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-    try:
-        return p.stat().st_size
-    except FileNotFoundError:
-        return 0
+_SHARD_GROUP = {"msa_memory": "shard"}
 
 
-def _age(p: Path, now: float) -> float:
+def _scan(path: Path) -> tuple[int, str | None]:
+    """(bytes, None) for an entry the store could have made: a regular file, or a real folder holding
+    only folders and regular files; (0, why not) for anything else (gc leaves it alone)."""
     try:
-        return now - p.stat().st_mtime
+        st = os.lstat(path)
     except FileNotFoundError:
-        return 0.0
+        return 0, "vanished while gc ran"
+    if stat.S_ISLNK(st.st_mode):
+        return 0, f"a symbolic link (to {os.readlink(path)!r}); the store never makes links"
+    if stat.S_ISREG(st.st_mode):
+        return st.st_size, None
+    if not stat.S_ISDIR(st.st_mode):
+        return 0, "not a regular file or folder"
+    total = 0
+    for dirpath, dirnames, filenames in os.walk(path):  # links are listed, never entered
+        for name in dirnames + filenames:
+            p = os.path.join(dirpath, name)
+            st = os.lstat(p)
+            rel = os.path.relpath(p, path)
+            if stat.S_ISLNK(st.st_mode):
+                return 0, f"holds a symbolic link ({rel}); the store never makes links"
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_size
+            elif not stat.S_ISDIR(st.st_mode):
+                return 0, f"holds {rel}, not a regular file or folder"
+    return total, None
+
+
+def _is_shard_folder(path: Path) -> bool:
+    """True if ``path`` carries the shard group's zarr.json (written first into every shard)."""
+    meta = path / "zarr.json"
+    try:
+        if not stat.S_ISREG(os.lstat(meta).st_mode) or os.lstat(meta).st_size > 1 << 16:
+            return False
+        return json.loads(meta.read_bytes()).get("attributes") == _SHARD_GROUP
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+#: kind -> (name pattern, must be a folder, what the store names such entries)
+_KINDS: dict[str, tuple[Any, bool, str]] = {
+    "shard": (is_name, True, "a shard id"),
+    "staging": (STAGING_RE.match, True, "SHARD.HEX, SHARD.damaged-HEX or rk-NAME.HEX"),
+    "router_keys": (ROUTER_KEYS_RE.match, True, "SHARD.ROUTER.HEX"),
+    "deletion": (DELETION_RE.match, False, "NNNNNNNN-HEX.json"),
+    "temp": (TEMP_RE.match, False, ".NAME.HEX.tmp"),
+    "manifest": (lambda n: True, False, "NNNNNNNN.json"),
+}
+
+
+def _own(root: Path, rel: str, kind: str) -> tuple[int, str | None]:
+    """(bytes, None) if ``root/rel`` is provably a ``kind`` entry the store made, else (0, why not)."""
+    path = root / rel
+    match, folder, scheme = _KINDS[kind]
+    if not match(path.name):
+        return 0, f"name {path.name!r} is not one the store gives ({scheme})"
+    size, why = _scan(path)
+    if why is not None:
+        return 0, why
+    if folder != path.is_dir():
+        return 0, "a file where the store keeps folders" if folder else "a folder where the store keeps files"
+    if kind == "shard" and not _is_shard_folder(path):
+        return 0, "no shard group zarr.json (attributes.msa_memory = 'shard') in it"
+    return size, None
+
+
+def _listing(root: Path, sub: str) -> list[str]:
+    try:
+        return sorted(os.listdir(root / sub))
+    except FileNotFoundError:
+        return []
+
+
+def _candidates(root: Path, versions: list[int], kept: set[int], refs: tuple[set[str], set[str], set[str]]
+                ) -> list[tuple[str, str]]:
+    """(store-relative path, kind) of every entry no kept version references (not yet proved the store's own)."""
+    ref_shards, ref_dels, ref_keys = refs
+    cands = [(f"{VERSIONS_DIR}/{version_file(root, v).name}", "manifest") for v in versions if v not in kept]
+    cands += [(f"{SHARDS_DIR}/{n}", "shard") for n in _listing(root, SHARDS_DIR) if n not in ref_shards]
+    cands += [(f"{STAGING_DIR}/{n}", "staging") for n in _listing(root, STAGING_DIR)]
+    cands += [(f"{ROUTER_KEYS_DIR}/{n}", "router_keys") for n in _listing(root, ROUTER_KEYS_DIR)
+              if f"{ROUTER_KEYS_DIR}/{n}" not in ref_keys]
+    cands += [(f"{DELETIONS_DIR}/{n}", "deletion") for n in _listing(root, DELETIONS_DIR)
+              if f"{DELETIONS_DIR}/{n}" not in ref_dels]
+    for sub in ("", VERSIONS_DIR, TAGS_DIR):
+        cands += [(f"{sub}/{n}".lstrip("/"), "temp") for n in _listing(root, sub or ".") if n.endswith(".tmp")]
+    return cands
+
+
+def _remove(path: Path) -> str | None:
+    """Remove a proved store entry (folders without following links); None, or why it is still there."""
+    errors: list[str] = []
+    try:
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            shutil.rmtree(path, onerror=lambda fn, p, exc: errors.append(f"{p}: {exc[1]}"))
+        else:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        errors.append(str(e))
+    if os.path.lexists(path):
+        return "; ".join(errors) or "still there after removal"
+    return None
 
 
 def gc(store: MemoryStore, dry_run: bool = True, *, keep_last: int | None = None,
@@ -180,69 +293,80 @@ def gc(store: MemoryStore, dry_run: bool = True, *, keep_last: int | None = None
     manifests of the others are removed too). Removable: shard directories no kept manifest lists
     (committed-then-dropped shards and orphans of crashed or abandoned writers), ``staging/``
     leftovers, router-key arrays (``router_keys/``) that no kept version names, unreferenced
-    deletion files and temp files. Anything younger than ``grace_s``
+    deletion files and temp files, each only once proved the store's own (module docstring);
+    others are reported under ``skipped`` and left alone. Anything younger than ``grace_s``
     seconds (default 1 h; a job may still be about to commit it) is reported under ``young`` and
-    left alone. Returns ``{"dry_run", "kept_versions", "removed_versions", "orphans": [{"path",
-    "kind", "bytes", "age_s"}], "young": [...], "bytes", "removed"}``.
+    left alone. A dry run takes no lock and writes nothing (it works on a read-only store).
+
+    Returns ``{"dry_run", "kept_versions", "removed_versions", "orphans": [{"path", "kind", "bytes",
+    "age_s"}], "young": [...], "skipped": [{"path", "kind", "reason"}], "failed": [{..., "error"}],
+    "bytes", "removed"}``: ``orphans`` and ``bytes`` are what was removed (a dry run: would be),
+    ``failed`` what could not be removed. Raises StoreLayoutError (a store folder is a link or leads
+    outside the root), ManifestCorruptError (a damaged manifest: gc deletes nothing until
+    ``msa store repair`` set it aside).
     """
     from msa_memory.store import commit as _commit
 
     if keep_last is not None and int(keep_last) < 1:
         raise ConfigError(f"keep_last must be >= 1 (the latest version is always kept), got {keep_last!r}.")
     root = store.root
+    if dry_run:
+        check_layout(root, "gc")
+        return _gc(root, True, keep_last, grace_s)
+    with _commit.writer_lock(root, action="gc"):
+        return _gc(root, False, keep_last, grace_s)
+
+
+def _gc(root: Path, dry_run: bool, keep_last: int | None, grace_s: float) -> dict[str, Any]:
     now = time.time()
-    with _commit.writer_lock(root):
-        versions = _manifest.list_versions(root)
-        kept = set(versions)
-        if keep_last is not None:
-            kept = set(versions[-int(keep_last):]) | set(_manifest.read_tags(root).values())
-            kept &= set(versions)
-        ref_shards: set[str] = set()
-        ref_dels: set[str] = set()
-        ref_keys: set[str] = set()
-        for v in sorted(kept):
-            m = _manifest.read_manifest(root, v)
-            ref_shards.update(e["shard_id"] for e in m["shards"])
-            ref_dels.update(d["path"] for d in m["deletions"])
-            ref_keys.update(router_key_paths(m))
-        cands: list[tuple[Path, str]] = []
-        cands += [(version_file(root, v), "manifest") for v in versions if v not in kept]
-        for d in sorted((root / SHARDS_DIR).iterdir()) if (root / SHARDS_DIR).exists() else []:
-            if d.name not in ref_shards:
-                cands.append((d, "shard"))
-        for d in sorted((root / STAGING_DIR).iterdir()) if (root / STAGING_DIR).exists() else []:
-            cands.append((d, "staging"))
-        for d in sorted((root / ROUTER_KEYS_DIR).iterdir()) if (root / ROUTER_KEYS_DIR).exists() else []:
-            if f"{ROUTER_KEYS_DIR}/{d.name}" not in ref_keys:
-                cands.append((d, "router_keys"))
-        for f in sorted((root / DELETIONS_DIR).iterdir()) if (root / DELETIONS_DIR).exists() else []:
-            if f"{DELETIONS_DIR}/{f.name}" not in ref_dels:
-                cands.append((f, "deletion"))
-        for sub in (root, root / VERSIONS_DIR, root / TAGS_DIR):
-            if sub.exists():
-                cands += [(f, "temp") for f in sorted(sub.iterdir()) if f.name.endswith(".tmp")]
-        orphans: list[dict[str, Any]] = []
-        young: list[dict[str, Any]] = []
-        for p, kind in cands:
-            age = round(_age(p, now), 3)
-            item = {"path": p.relative_to(root).as_posix(), "kind": kind, "bytes": _size(p), "age_s": age}
-            (orphans if kind == "manifest" or age >= grace_s else young).append(item)
-        if not dry_run:
-            for item in orphans:
-                p = root / str(item["path"])
-                if p.is_dir():
-                    shutil.rmtree(p, ignore_errors=True)
-                else:
-                    try:
-                        os.unlink(p)
-                    except FileNotFoundError:
-                        pass
-            if keep_last is not None:
-                hint = root / VERSIONS_DIR / LATEST_HINT
-                if hint.exists() and not version_file(root, _manifest.latest_version(root)).exists():
-                    hint.unlink()
-    return {"dry_run": bool(dry_run), "kept_versions": sorted(kept),
-            "removed_versions": sorted(set(versions) - kept), "orphans": orphans, "young": young,
+    _manifest.latest_version(root)  # refuses a store whose latest manifest was lost
+    versions = _manifest.list_versions(root)
+    kept = set(versions)
+    if keep_last is not None:
+        kept = (set(versions[-int(keep_last):]) | set(_manifest.read_tags(root).values())) & set(versions)
+    refs: tuple[set[str], set[str], set[str]] = (set(), set(), set())
+    skipped: list[dict[str, Any]] = []
+    for v in versions:
+        rel = f"{VERSIONS_DIR}/{version_file(root, v).name}"
+        if v not in kept and link_in_path(root, rel) is not None:
+            continue  # a linked manifest to drop: reported as skipped below, never read
+        m = _manifest.read_manifest(root, v)  # a damaged manifest (kept or not) stops gc here
+        if v in kept:
+            refs[0].update(e["shard_id"] for e in m["shards"])
+            refs[1].update(d["path"] for d in m["deletions"])
+            refs[2].update(router_key_paths(m))
+    orphans: list[dict[str, Any]] = []
+    young: list[dict[str, Any]] = []
+    for rel, kind in _candidates(root, versions, kept, refs):
+        size, why = _own(root, rel, kind)
+        if why is not None:
+            skipped.append({"path": rel, "kind": kind, "reason": why})
+            continue
+        try:
+            age = round(now - os.lstat(root / rel).st_mtime, 3)
+        except FileNotFoundError:
+            continue
+        item = {"path": rel, "kind": kind, "bytes": size, "age_s": age}
+        (orphans if kind == "manifest" or age >= grace_s else young).append(item)
+    failed: list[dict[str, Any]] = []
+    if not dry_run:
+        done = []
+        for item in orphans:
+            err = _remove(root / str(item["path"]))
+            (done if err is None else failed).append(item if err is None else {**item, "error": err})
+        orphans = done
+        hint = root / VERSIONS_DIR / LATEST_HINT
+        now_versions = _manifest.list_versions(root)
+        if keep_last is not None and hint.exists() and now_versions:
+            try:
+                stale = not version_file(root, int(json.loads(hint.read_text())["version"])).exists()
+            except (ValueError, KeyError, TypeError):
+                stale = True
+            if stale:  # the hint named a removed version: point it at the latest
+                replace_json_atomic(hint, {"version": now_versions[-1]})
+    removed_versions = sorted(int(i["path"][len(VERSIONS_DIR) + 1:-5]) for i in orphans if i["kind"] == "manifest")
+    return {"dry_run": bool(dry_run), "kept_versions": sorted(kept), "removed_versions": removed_versions,
+            "orphans": orphans, "young": young, "skipped": skipped, "failed": failed,
             "bytes": int(sum(i["bytes"] for i in orphans)), "removed": not dry_run}
 
 
@@ -256,8 +380,20 @@ def verify(store: MemoryStore) -> dict[str, Any]:
     root = store.root
     problems: list[dict[str, Any]] = []
     n_files = n_bytes = 0
+    for rel, problem in layout_problems(root):  # a store folder that is a link: nothing is read through it
+        problems.append({"file": rel, "shard_id": None, "doc_ids": [],
+                         "problem": f"{problem}; the store reads, writes and deletes nothing through a link or "
+                                    "outside its root: replace it with a real folder inside the store"})
+    if not any(p["file"].startswith(VERSIONS_DIR) for p in problems):
+        lost = _manifest.latest_problem(root)
+        if lost is not None:
+            problems.append({"file": lost[0], "shard_id": None, "problem": lost[1], "doc_ids": []})
     for e in store.manifest["shards"]:
         sid = e["shard_id"]
+        link = link_in_path(root, f"{SHARDS_DIR}/{sid}/{RECORD_FILE}")
+        if link is not None:
+            problems.append({"file": f"{SHARDS_DIR}/{sid}", "shard_id": sid, "problem": link, "doc_ids": []})
+            continue
         try:
             rec = store._view(sid).record
         except MsaError as err:
@@ -278,6 +414,10 @@ def verify(store: MemoryStore) -> dict[str, Any]:
             n_files += len(e["router_keys"]["files"])
             n_bytes += sum(f["size"] for f in e["router_keys"]["files"].values())
     for d in store.manifest["deletions"]:
+        link = link_in_path(root, d["path"])
+        if link is not None:
+            problems.append({"file": d["path"], "shard_id": None, "problem": link, "doc_ids": []})
+            continue
         try:
             _manifest.read_deletions(root, d)
         except MsaError as err:

@@ -39,7 +39,8 @@ import numpy as np
 from msa_memory.errors import ConfigError, SchemaMismatchError, VersionConflictError
 from msa_memory.schemas.records import STORAGE_DTYPES, StoreIdentity
 from msa_memory.store import _manifest, shards
-from msa_memory.store._layout import ROUTER_KEYS_DIR, STAGING_DIR, check_name, fsync_dir, token
+from msa_memory.store._layout import (ROUTER_KEYS_DIR, STAGING_DIR, check_layout, check_name, fsync_dir,
+                                     os_write_error, token)
 from msa_memory.store._zarrshard import ArrayReader, shard_file, write_array
 
 if TYPE_CHECKING:
@@ -179,7 +180,7 @@ def _publish(base: MemoryStore, rv: int, entries: list[dict[str, Any]], router: 
     from msa_memory.store import commit as _commit
 
     root, ident = base.root, base.identity
-    with _commit.writer_lock(root, lock_timeout):
+    with _commit.writer_lock(root, lock_timeout, "a reindex"):
         shards.fault_hook("rekey:locked")
         latest = _manifest.latest_version(root)
         if latest != rv:
@@ -227,6 +228,7 @@ def rekey(store: MemoryStore, router: dict[str, Any], keys_fn: KeysFn, *, messag
     if version_router(base.manifest, ident)["router_id"] == router["router_id"]:
         return base
     check_name("router id", router["router_id"][:16])
+    check_layout(root, "a reindex")
     st = STORAGE_DTYPES[ident.dtype]
     L, H, D = ident.n_layers, ident.n_kv_heads, ident.head_dim
     entries: list[dict[str, Any]] = []
@@ -250,10 +252,13 @@ def rekey(store: MemoryStore, router: dict[str, Any], keys_fn: KeysFn, *, messag
             if log is not None:
                 log(f"re-keyed shard {e['shard_id']} ({C} chunks)")
         shards.fault_hook("rekey:written")
-    except Exception:
+    except Exception as e:
         for p in written:  # nothing will name them: remove now rather than leave them to gc
             shutil.rmtree(p, ignore_errors=True)
-        raise
+        err = os_write_error(root, e, "a reindex") if isinstance(e, OSError) else None
+        if err is None:
+            raise
+        raise err from e
     return _publish(base, rv, entries, router, message, lock_timeout, written)
 
 

@@ -55,10 +55,14 @@ from msa_memory.store._layout import (
     RECORD_FILE,
     SHARDS_DIR,
     STAGING_DIR,
+    check_layout,
     check_name,
     dumps,
     fsync_dir,
+    is_rel_path,
+    link_in_path,
     now_iso,
+    os_write_error,
     token,
     write_bytes_durable,
 )
@@ -240,23 +244,41 @@ def write_shard(root: str | os.PathLike[str], shard_id: str, passages: Sequence[
     root = Path(root)
     identity = _manifest.read_identity(root)
     check_name("shard id", shard_id)
+    check_layout(root, f"writing shard {shard_id!r}")
     check_encoded(identity, passages, encoded)
     check_ids(root, encoded.doc_ids)
-    return write_shard_unchecked(root, identity, shard_id, passages, encoded)
+    try:
+        return write_shard_unchecked(root, identity, shard_id, passages, encoded)
+    except OSError as e:
+        err = os_write_error(root, e, f"writing shard {shard_id!r}")
+        if err is None:
+            raise
+        raise err from e
 
 
 def write_shard_unchecked(root: Path, identity: StoreIdentity, shard_id: str, passages: Sequence[Passage],
                           encoded: EncodedChunks) -> ShardRecord:
     """write_shard without the id checks (compaction rewrites ids that are already committed)."""
-    import pyarrow.parquet as pq
-
+    check_layout(root, f"writing shard {shard_id!r}")
     final = root / SHARDS_DIR / shard_id
-    if final.exists():
+    if os.path.lexists(final):
         raise StoreExistsError(f"Shard {shard_id!r} already exists in store {str(root)!r}.",
                                hint="Use store.find_shard(shard_id) to reuse it, or choose another shard id.")
-    st = STORAGE_DTYPES[identity.dtype]
     stage = root / STAGING_DIR / f"{shard_id}.{token()}"
     stage.mkdir(parents=True)
+    try:
+        return _write_staged(root, identity, shard_id, passages, encoded, stage, final)
+    except Exception:
+        shutil.rmtree(stage, ignore_errors=True)  # our own fresh folder: nothing names it
+        raise
+
+
+def _write_staged(root: Path, identity: StoreIdentity, shard_id: str, passages: Sequence[Passage],
+                  encoded: EncodedChunks, stage: Path, final: Path) -> ShardRecord:
+    """Write the shard into ``stage`` and rename it to ``final`` (write_shard_unchecked's body)."""
+    import pyarrow.parquet as pq
+
+    st = STORAGE_DTYPES[identity.dtype]
     fault_hook("shard:staged")
     attrs = {"msa_logical_dtype": identity.dtype}
     C = int(encoded.n_chunks.sum())
@@ -336,9 +358,21 @@ def read_record(root: Path, shard_id: str, expect_crc: int | None = None) -> Sha
         raise ShardCorruptError(f"Shard record {path} fails its checksum.",
                                 hint="Run `msa store verify` to see the damage; re-encode the shard's documents.")
     try:
-        return ShardRecord.from_dict(json.loads(data))
+        rec = ShardRecord.from_dict(json.loads(data))
     except Exception as e:  # noqa: BLE001
-        raise ManifestCorruptError(f"Shard record {path} is corrupt ({e}).") from None
+        raise ManifestCorruptError(f"Shard record {path} is corrupt ({e}).",
+                                   hint="Run `msa store verify STORE`; re-encode the shard's documents.") from None
+    # ids and paths a record gives are used to build paths: refuse any that could lead elsewhere
+    if rec.shard_id != shard_id:
+        raise ManifestCorruptError(f"Shard record {path}: field shard_id is {rec.shard_id!r}, not the shard's "
+                                   f"folder name {shard_id!r}.",
+                                   hint="The record was damaged or copied from another shard; run `msa store verify STORE`.")
+    bad = next((k for k in rec.files if not is_rel_path(k)), None)
+    if bad is not None:
+        raise ManifestCorruptError(f"Shard record {path}: field files names {bad!r}, not a path inside the shard "
+                                   "folder (components of A-Z a-z 0-9 . _ -, none empty, '.', '..' or hidden).",
+                                   hint="The record was damaged or written by other software; run `msa store verify STORE`.")
+    return rec
 
 
 def verify_files(root: Path, record: ShardRecord) -> list[tuple[str, str]]:
@@ -352,6 +386,10 @@ def check_files(root: Path, rel_dir: str, files: dict[str, dict[str, Any]]) -> l
     bad: list[tuple[str, str]] = []
     for rel, want in files.items():
         where = f"{rel_dir}/{rel}"
+        link = link_in_path(root, where)
+        if link is not None:  # never read through a link (it may lead outside the store)
+            bad.append((where, link))
+            continue
         try:
             size, crc = file_crc(root / rel_dir / rel)
         except FileNotFoundError:

@@ -214,3 +214,60 @@ def test_sigkill_during_compaction(base, tmp_path, point):
     assert again.version == store.version + 1 and _snapshot(again, True) == _snapshot(after, True)
     again.gc(dry_run=False, grace_s=0)
     assert open_store(store.root).verify()["ok"]
+
+
+# ----------------------------------------------------------------------------- disk full
+
+
+def _inject_enospc(monkeypatch, root):
+    """Every os.write to a file under ``root`` fails as a full disk does (ENOSPC), after the file was created."""
+    import errno
+    import os
+
+    real_write = os.write
+    prefix = str(root.resolve()) + os.sep
+
+    def write(fd, data):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            target = ""
+        if target.startswith(prefix):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+
+
+def _files(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("op", ["add", "delete", "restore", "compact", "tag"])
+def test_disk_full_at_commit_publishes_nothing(base, tmp_path, monkeypatch, op):
+    from msa_memory.errors import DiskFullError, StoreError
+
+    store, enc = base
+    rng = np.random.default_rng(4)
+    store = store.commit(delete_ids=[int(enc.doc_ids[0])])  # something for compact to do
+    _, rec, _, _ = add_docs(store, [3, 2], rng, "more", commit=False)
+    before, snap = _files(store.root), _snapshot(store)
+    calls = {"add": lambda: store.commit(add=[rec]), "delete": lambda: store.commit(delete_ids=[int(enc.doc_ids[1])]),
+             "restore": lambda: store.restore(1), "compact": lambda: store.compact(), "tag": lambda: store.tag("t")}
+    with monkeypatch.context() as m:
+        _inject_enospc(m, store.root)
+        with pytest.raises(DiskFullError) as ei:
+            calls[op]()
+    err = ei.value
+    assert isinstance(err, StoreError) and isinstance(err, OSError)
+    msg = str(err)
+    assert "No space left" in msg and "bytes free" in msg and str(store.root) in msg
+    assert "no version was published" in msg
+    assert "msa store gc" in msg
+    after = _files(store.root)
+    assert {k: v for k, v in after.items() if k in before} == before  # nothing already stored changed
+    assert not [k for k in after if k.endswith(".tmp")]  # the failed write's temp file is gone
+    reopened = open_store(store.root)
+    assert reopened.version == store.version and _snapshot(reopened) == snap
+    calls[op]()  # with space again the same call succeeds
+    assert open_store(store.root).verify()["ok"]
