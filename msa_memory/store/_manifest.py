@@ -218,6 +218,14 @@ def read_hint(root: Path) -> int | None:
                                    "a lost latest manifest would go unnoticed.", hint=repair_hint(root)) from None
 
 
+def _lost(root: Path, hinted: int, vs: list[int]) -> tuple[str, str]:
+    return (f"{VERSIONS_DIR}/{hinted:08d}.json",
+            f"Manifest {version_file(root, hinted)} of version {hinted} is missing, but {VERSIONS_DIR}/{LATEST_HINT} "
+            f"of store {str(root)!r} names it as the latest published version: it was deleted or lost. Reading on "
+            f"would silently roll the store back to version {vs[-1] if vs else 'none'} and publish another version "
+            f"{hinted}, so the store is refused.")
+
+
 def latest_problem(root: Path) -> tuple[str, str] | None:
     """(store-relative path, problem) when the store's latest version is lost or its hint damaged, else None."""
     try:
@@ -227,26 +235,20 @@ def latest_problem(root: Path) -> tuple[str, str] | None:
     if hinted is None or version_file(root, hinted).exists():
         return None
     vs = list_versions(root)
-    if vs and vs[-1] > hinted:
-        return None  # the hint lags (its update is best effort); newer versions exist
-    return (f"{VERSIONS_DIR}/{hinted:08d}.json",
-            f"Manifest {version_file(root, hinted)} of version {hinted} is missing, but {VERSIONS_DIR}/{LATEST_HINT} "
-            f"of store {str(root)!r} names it as the latest published version: it was deleted or lost. Reading on "
-            f"would silently roll the store back to version {vs[-1] if vs else 'none'} and publish another version "
-            f"{hinted}, so the store is refused.")
+    return _lost(root, hinted, vs) if not vs or vs[-1] < hinted else None  # else the hint only lags
 
 
 def latest_version(root: Path) -> int:
     """Highest published version (hint file, then probing upwards; a full listing if no hint).
 
-    Raises ManifestCorruptError when the hint names a version whose manifest is gone or is damaged.
+    Raises ManifestCorruptError when the hint is damaged or names a version whose manifest is gone
+    while no newer one exists (the hint's update is best effort, so it may lag, never lead).
     """
-    lost = latest_problem(root)
-    if lost is not None:
-        raise ManifestCorruptError(lost[1], hint=repair_hint(root))
     v = read_hint(root)
     if v is None or not version_file(root, v).exists():
         vs = list_versions(root)
+        if v is not None and (not vs or vs[-1] < v):
+            raise ManifestCorruptError(_lost(root, v, vs)[1], hint=repair_hint(root))
         if not vs:
             raise StoreNotFoundError(f"Store {str(root)!r} has no published version.",
                                      hint="Create the store with create_store() first.")

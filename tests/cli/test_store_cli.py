@@ -142,3 +142,140 @@ def test_store_cli_as_subprocess(store_path: Path, tmp_path: Path) -> None:
     # with --json even a usage error ends with one JSON line (and exit code 2)
     p = subprocess.run([*cmd, "store", "docs", str(store_path), "--limit", "-1", "--json"], capture_output=True, text=True, env=env)
     assert p.returncode == 2 and json.loads(p.stdout.strip().splitlines()[-1])["type"] == "UsageError"
+
+
+# ----------------------------------------------------------------------------- damage, links, read-only, disk full
+
+
+def _one_line_error(r, code: int, *needles: str) -> str:
+    assert r.exit_code == code, r.output
+    err = r.output.strip().splitlines()[-1] if r.output.strip() else ""
+    assert r.output.count("error: ") == 1 and err.startswith("error: "), r.output
+    for n in needles:
+        assert n in err, (n, err)
+    return err
+
+
+def _blocked_commands(root: str) -> list[list[str]]:
+    return [["store", "info", root], ["store", "versions", root], ["store", "docs", root], ["store", "verify", root],
+            ["store", "restore", root, "first", "--yes"], ["store", "gc", root, "--dry-run"],
+            ["store", "gc", root, "--yes", "--grace-s", "0"], ["store", "compact", root], ["store", "tag", root, "t"]]
+
+
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_store_repair_after_damaged_latest_manifest(store_path: Path, damage: str) -> None:
+    root = str(store_path)
+    latest = store_path / "versions" / "00000003.json"
+    v2_docs = open_store(store_path, 2).documents(["doc_id", "text"]).to_pylist()
+    if damage == "truncate":
+        latest.write_bytes(latest.read_bytes()[:100])
+    else:
+        latest.unlink()
+    for args in _blocked_commands(root):
+        _one_line_error(runner.invoke(app, args), 4, "00000003.json", f"msa store repair {root}")
+    # the way out: a dry run says what is wrong and changes nothing; the real run needs --yes
+    files = sorted(p.relative_to(store_path).as_posix() for p in store_path.rglob("*"))
+    r = runner.invoke(app, ["store", "repair", root, "--dry-run"])
+    assert r.exit_code == 0 and "00000003.json" in r.output and "version 2" in r.output, r.output
+    assert sorted(p.relative_to(store_path).as_posix() for p in store_path.rglob("*")) == files
+    _one_line_error(runner.invoke(app, ["store", "repair", root]), 2, "--yes")
+    r = runner.invoke(app, ["store", "repair", root, "--yes", "--json"])
+    assert r.exit_code == 0, r.output
+    out = _json_tail(r.stdout)
+    assert out["version"] == 4 and out["newest_good_version"] == 2
+    if damage == "truncate":
+        assert (store_path / out["moved"][0]["to"]).read_bytes() != b""  # kept aside, not deleted
+    for args in _blocked_commands(root)[:4]:
+        assert runner.invoke(app, args).exit_code == 0, args
+    assert open_store(store_path).documents(["doc_id", "text"]).to_pylist() == v2_docs
+    r = runner.invoke(app, ["store", "repair", root, "--yes"])
+    assert r.exit_code == 0 and "nothing to repair" in r.output
+
+
+def test_store_encode_after_a_damaged_latest_manifest(tmp_path: Path, corpus: Path, tiny_model_dir: Path) -> None:
+    from msa_memory.cli import encode_app
+
+    store = tmp_path / "m.msa"
+    args = [str(corpus), "--store", str(store), "--model", str(tiny_model_dir), "--shard-tokens", "800",
+            "--torch-threads", "1"]
+    assert runner.invoke(encode_app, args).exit_code == 0
+    (corpus / "part0" / "extra.md").write_text("# Extra\nanother note\n")
+    assert runner.invoke(encode_app, args).exit_code == 0  # version 2
+    v2 = store / "versions" / "00000002.json"
+    v2.write_bytes(v2.read_bytes()[:50])
+    _one_line_error(runner.invoke(encode_app, args), 4, str(v2), f"msa store repair {store}")
+    assert runner.invoke(app, ["store", "repair", str(store), "--yes"]).exit_code == 0
+    r = runner.invoke(encode_app, [*args, "--json"])
+    assert r.exit_code == 0, r.output
+    res = _json_tail(r.stdout)
+    assert res["committed"] and res["version"] == 4 and res["files_added"] == ["notes/part0/extra.md"]
+
+
+@pytest.mark.parametrize("folder", ["staging", "shards"])
+def test_store_gc_and_verify_refuse_a_linked_folder(store_path: Path, tmp_path: Path, folder: str) -> None:
+    import shutil
+    import time
+
+    root = str(store_path)
+    sibling = tmp_path / "sibling"
+    (sibling / "src").mkdir(parents=True)
+    (sibling / "src" / "a.py").write_text("keep me\n")
+    (tmp_path / "note.txt").write_text("keep me too\n")
+    old = time.time() - 7 * 24 * 3600
+    for p in (sibling / "src" / "a.py", sibling / "src", sibling, tmp_path / "note.txt"):
+        os.utime(p, (old, old))
+    shutil.rmtree(store_path / folder)
+    os.symlink("..", store_path / folder)
+    for args in (["store", "gc", root, "--yes", "--grace-s", "0"], ["store", "gc", root, "--dry-run"]):
+        _one_line_error(runner.invoke(app, args), 4, f"{store_path / folder}", "symbolic link")
+    r = runner.invoke(app, ["store", "verify", root])
+    assert r.exit_code == 4 and "symbolic link" in r.output
+    assert (sibling / "src" / "a.py").read_text() == "keep me\n" and (tmp_path / "note.txt").exists()
+
+
+def _ro(store: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run `msa ARGS` with ``store`` bind-mounted read-only in a private mount namespace (a real EROFS)."""
+    exe = Path(sys.executable).with_name("msa")
+    script = 'mount --bind -o ro "$1" "$1" && shift && exec "$@"'
+    return subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(store),
+                           str(exe), *args], capture_output=True, text=True,
+                          env={**os.environ, "MSA_DISABLE_PROGRESS_BARS": "1"})
+
+
+def test_store_read_only(store_path: Path) -> None:
+    root = str(store_path)
+    probe = _ro(store_path, "store", "info", root)
+    if "mount" in probe.stderr and probe.returncode != 0 or "unshare" in probe.stderr:
+        pytest.skip(f"no private read-only mounts here: {probe.stderr.strip()[:200]}")
+    assert probe.returncode == 0, probe.stderr
+    files = {p.relative_to(store_path).as_posix(): p.read_bytes() for p in store_path.rglob("*") if p.is_file()}
+    for args in (["store", "gc", root, "--dry-run"], ["store", "versions", root], ["store", "verify", root],
+                 ["store", "docs", root], ["store", "repair", root, "--dry-run"],
+                 ["store", "restore", root, "first", "--dry-run"]):
+        p = _ro(store_path, *args)
+        assert p.returncode == 0, (args, p.stderr)
+    for args in (["store", "gc", root, "--yes", "--grace-s", "0"], ["store", "tag", root, "t"],
+                 ["store", "restore", root, "first", "--yes"], ["store", "compact", root]):
+        p = _ro(store_path, *args)
+        err = p.stderr.strip().splitlines()
+        assert p.returncode == 1 and len(err) == 1, (args, p.stderr)
+        assert "not writable" in err[0] and root in err[0] and "OSError" not in err[0], err[0]
+    assert {p.relative_to(store_path).as_posix(): p.read_bytes() for p in store_path.rglob("*") if p.is_file()} == files
+
+
+def test_store_disk_full_is_one_line(store_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    real_write = os.write
+    prefix = str(store_path.resolve()) + os.sep
+
+    def write(fd: int, data: bytes) -> int:
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(prefix):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(os, "write", write)
+    r = runner.invoke(app, ["store", "restore", str(store_path), "first", "--yes"])
+    _one_line_error(r, 1, "No space left", "no version was published", "bytes free", "msa store gc")
+    monkeypatch.undo()
+    assert open_store(store_path).version == 3
