@@ -1,7 +1,7 @@
 """msa-memory: the memory half of MSA (Memory Sparse Attention) as software.
 
 Public API (imported lazily so that ``import msa_memory`` stays cheap and torch-free):
-``open_store``, ``create_store``, ``encode_corpus``, ``Memory``, ``load_model``.
+``open_store``, ``create_store``, ``encode_corpus``, ``encode_token_ids``, ``Memory``, ``load_model``.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ _LAZY = {
     "create_store": "msa_memory.store",
     "MemoryStore": "msa_memory.store",
     "encode_corpus": "msa_memory.jobs",
+    "encode_token_ids": "msa_memory.jobs",
     "load_model": "msa_memory.encode",
     "Memory": "msa_memory.runtime",
 }

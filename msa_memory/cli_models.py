@@ -20,18 +20,20 @@ from msa_memory.cli import (JsonOpt, StoreArg, VersionOpt, _emit_json, _guard, _
 # ----- msa ask / msa search (runtime) -----
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="The model the store was built with: 'default' (Gemma 3 270M), an HF folder or an MSA checkpoint")]
 AdapterOpt = Annotated[str | None, typer.Option("--adapter", help="Router adapter folder the store was built with, e.g. router/ (default model: not needed for a store built with a shipped adapter, e.g. 'shallow')")]
+TokenizerOpt = Annotated[str | None, typer.Option("--tokenizer", help="Tokenizer folder for a --model checkpoint saved without tokenizer files, e.g. Qwen3-4B-Instruct-2507/ (default: the model's own)")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N")]
 KOpt = Annotated[int | None, typer.Option("--k", "-k", help="Documents to retrieve (default: the router's top-k, 16 in MSA), e.g. 4", min=1)]
 
 
-def _memory(store: str, version: str | None, model: str, adapter: str | None, device: str, json_out: bool) -> Any:
+def _memory(store: str, version: str | None, model: str, adapter: str | None, device: str, json_out: bool,
+            tokenizer: str | None = None) -> Any:
     from msa_memory.runtime import Memory
 
     if not _progress_enabled(json_out):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-    return Memory(_open(store, version), model=model, adapter=adapter, device=device)
+    return Memory(_open(store, version), model=model, adapter=adapter, tokenizer=tokenizer, device=device)
 
 
 @app.command("ask", epilog="\b\nExamples:\n  msa ask mem.msa \"Who approved the budget?\" --mode text\n"
@@ -43,6 +45,7 @@ def ask(
     k: KOpt = None,
     model: ModelOpt = "default",
     adapter: AdapterOpt = None,
+    tokenizer: TokenizerOpt = None,
     device: DeviceOpt = "auto",
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest answer in tokens, e.g. 128", min=1)] = 64,
     temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy; e.g. 0.7 to sample", min=0.0)] = 0.0,
@@ -54,7 +57,7 @@ def ask(
     """Answer a question from a store (routes to top-k documents, then generates)."""
 
     def body() -> None:
-        mem = _memory(store, version, model, adapter, device, json_out)
+        mem = _memory(store, version, model, adapter, device, json_out, tokenizer)
         live = stream and not json_out and sys.stdout.isatty()
         ans = mem.ask(question, mode=mode, k=k, max_new_tokens=max_new_tokens, temperature=temperature,  # type: ignore[arg-type]
                       max_rounds=rounds, on_token=(lambda s: typer.echo(s, nl=False)) if live else None)
@@ -77,6 +80,7 @@ def search(
     k: Annotated[int, typer.Option("--k", "-k", help="Documents to list, e.g. 5", min=1)] = 10,
     model: ModelOpt = "default",
     adapter: AdapterOpt = None,
+    tokenizer: TokenizerOpt = None,
     device: DeviceOpt = "auto",
     version: VersionOpt = None,
     json_out: JsonOpt = False,
@@ -84,7 +88,7 @@ def search(
     """List the documents the router picks for a question (no generation)."""
 
     def body() -> None:
-        rows = _memory(store, version, model, adapter, device, json_out).search(question, k=k).to_pylist()
+        rows = _memory(store, version, model, adapter, device, json_out, tokenizer).search(question, k=k).to_pylist()
         if json_out:
             _emit_json({"question": question, "results": rows})
             return

@@ -2,7 +2,8 @@
 
 Reference behaviour: msa-reference.md §2.2-§2.5. For each batch of passages:
 
-1. wrap + tokenise each passage (:meth:`LoadedModel.wrap_ids`) and pack them back to back into one
+1. wrap + tokenise each passage (:meth:`LoadedModel.wrap_ids`; a passage given as token ids gets the
+   same frame around its ids, :meth:`LoadedModel.wrap_token_ids`) and pack them back to back into one
    row with no padding; positions restart at 0 for every passage (document-wise RoPE);
 2. run decoder layers ``0 .. max(router_layers)`` only (never the layers above, the final norm or
    the LM head) through :class:`~msa_memory.encode.forward.Backbone`, with block-diagonal causal
@@ -142,13 +143,21 @@ class Encoder:
 
     # -- public --------------------------------------------------------------------------------
     def tokenize(self, doc_ids: Sequence[int] | np.ndarray, passages: Sequence[Passage]) -> list[list[int]]:
-        """Wrapped token ids of each passage (MSA wrapping embeds the store document id)."""
+        """Wrapped token ids of each passage (MSA wrapping embeds the store document id).
+
+        A passage with ``token_ids`` is wrapped around those ids (:meth:`LoadedModel.wrap_token_ids`),
+        checked against the model's vocabulary; otherwise its ``text`` is tokenised.
+        """
         ids = np.asarray(doc_ids).reshape(-1)
         if len(ids) != len(passages):
             raise EncodeError(f"Got {len(ids)} doc_ids for {len(passages)} passages; give one id per passage.")
         out = []
         for d, p in zip(ids.tolist(), passages):
-            toks = self.model.wrap_ids(p.text, int(d))
+            if p.token_ids is not None:
+                given = self.model.check_token_ids(p.token_ids, f"Passage {p.passage_index} of {p.source_path!r}")
+                toks = self.model.wrap_token_ids(given, int(d))
+            else:
+                toks = self.model.wrap_ids(p.text, int(d))
             if not toks:
                 raise EncodeError(
                     f"Passage {p.passage_index} of {p.source_path!r} (doc id {d}) has no tokens to encode.",
@@ -221,7 +230,12 @@ class Encoder:
 
     @torch.inference_mode()
     def encode_tokens(self, seqs: Sequence[Sequence[int]]) -> PooledBatch:
-        """One packed forward over already-wrapped token sequences -> fp32 :class:`PooledBatch`."""
+        """One packed forward over already-wrapped token sequences -> fp32 :class:`PooledBatch`.
+
+        A building block of :meth:`encode`: nothing writes its result. To store documents given as
+        token ids, use ``msa_memory.encode_token_ids`` (or :meth:`encode` with
+        ``Passage(..., token_ids=...)``), which wraps them like text documents.
+        """
         m = self.model
         dev = m.device
         lens = [len(s) for s in seqs]

@@ -295,6 +295,7 @@ def encode_corpus(
     *,
     model: str = "default",
     adapter: str | None = None,
+    tokenizer: str | os.PathLike[str] | None = None,
     device: str = "auto",
     dtype: str | None = None,
     client: Client | None = None,
@@ -326,6 +327,8 @@ def encode_corpus(
         ``model="default"`` with no adapter updates an existing store with the shipped adapter that
         built it (``msa_memory.data.shipped_adapter_for_router``; e.g. one made before the default
         adapter changed, or with a shipped name such as ``adapter="deep"``), else uses the default adapter.
+    tokenizer : a tokenizer folder for a checkpoint saved without tokenizer files (``load_model(tokenizer=)``);
+        default None: the model's own.
     client, scheduler, workers : a ``distributed.Client``; or a scheduler address
         ``"tcp://HOST:PORT"``; or neither, and a local cluster of ``workers`` workers (default: one
         per GPU, else 1) is started and stopped.
@@ -371,7 +374,8 @@ def encode_corpus(
         adapter = _shipped_adapter_of(store)   # an existing store keeps the shipped router it was built with
     spec = ModelSpec(name=str(model), adapter=None if adapter is None else str(adapter), device=device, dtype=dtype,
                      torch_threads=None if torch_threads is None else int(torch_threads),
-                     max_batch_tokens=int(max_batch_tokens), keep_router_inputs=bool(keep_router_inputs))
+                     max_batch_tokens=int(max_batch_tokens), keep_router_inputs=bool(keep_router_inputs),
+                     tokenizer=None if tokenizer is None else str(tokenizer))
     options = ReaderOptions(include=tuple(include), exclude=tuple(exclude), respect_gitignore=respect_gitignore,
                             max_file_bytes=int(max_file_bytes), jsonl_text_field=jsonl_field)
     if scheduler is not None and compute and not dry_run:

@@ -42,6 +42,8 @@ class ModelSpec:
     max_batch_tokens: int = 8192
     keep_router_inputs: bool = False
     """Also keep the pooled router-layer inputs (``x_router``) so ``reindex-router`` can re-key the store."""
+    tokenizer: str | None = None
+    """Tokenizer folder for a checkpoint saved without one (``load_model(tokenizer=...)``); None: the model's own."""
 
 
 _CACHE: dict[tuple[Any, ...], tuple[Any, Any, threading.Lock]] = {}
@@ -69,14 +71,14 @@ def _resolve_device(device: str) -> str:
 def get_encoder(spec: ModelSpec, *, device: str | None = None) -> tuple[Any, Any, threading.Lock]:
     """``(LoadedModel, Encoder, lock)`` for ``spec``, loaded once per process (worker) and cached."""
     dev = device or _resolve_device(spec.device)
-    key = (spec.name, spec.adapter, dev, spec.dtype, spec.max_batch_tokens, spec.keep_router_inputs)
+    key = (spec.name, spec.adapter, dev, spec.dtype, spec.max_batch_tokens, spec.keep_router_inputs, spec.tokenizer)
     with _CACHE_LOCK:
         hit = _CACHE.get(key)
         if hit is not None:
             return hit
         from msa_memory.encode import Encoder, load_model
 
-        kwargs: dict[str, Any] = {"adapter": spec.adapter, "device": dev}
+        kwargs: dict[str, Any] = {"adapter": spec.adapter, "device": dev, "tokenizer": spec.tokenizer}
         if spec.dtype is not None:
             import torch
 

@@ -141,6 +141,9 @@ class Memory:
         Router adapter directory, passed to ``load_model`` when ``model`` is a name. None with
         ``model="default"``: the shipped adapter whose router built the store, if one did
         (``msa_memory.data.shipped_adapter_for_router``), else the default adapter.
+    tokenizer : str, path or tokenizer object, optional
+        Passed to ``load_model`` when ``model`` is a name: the tokenizer of a checkpoint saved
+        without tokenizer files. Default None: the checkpoint's own.
     device : str, default "cpu"
         ``"auto"`` picks CUDA when available.
     source : {"auto", "host", "store"}, default "auto"
@@ -163,9 +166,11 @@ class Memory:
     >>> mem = Memory("mem.msa", model="default")            # doctest: +SKIP
     >>> mem.search("Who wrote the report?", k=5).to_pandas()  # doctest: +SKIP
     >>> mem.ask("Who wrote the report?", mode="text")         # doctest: +SKIP
+    >>> mem.search(tok("Who wrote the report?", add_special_tokens=False)["input_ids"])  # doctest: +SKIP
     """
 
-    def __init__(self, store: Any, model: Any = "default", *, adapter: Any = None, device: str = "cpu",
+    def __init__(self, store: Any, model: Any = "default", *, adapter: Any = None, tokenizer: Any = None,
+                 device: str = "cpu",
                  source: str = "auto", memory_budget: int | str | None = "4GiB",
                  cache_bytes: int | str = "256MiB", routing: RoutingConfig | dict[str, Any] | None = None,
                  use_chat_template: bool | None = None, cpu_gemv: bool | str = "auto") -> None:
@@ -184,7 +189,10 @@ class Memory:
                 from msa_memory.data import shipped_adapter_for_router  # should the default have changed since
 
                 adapter = shipped_adapter_for_router(store.identity.router_id)
-            model = load_model(str(model), adapter=adapter, device=device)
+            model = load_model(str(model), adapter=adapter, device=device, tokenizer=tokenizer)
+        elif tokenizer is not None:
+            raise ConfigError("tokenizer= was given with a loaded model, which has its tokenizer already.",
+                              hint="Pass it to load_model(..., tokenizer=...) instead, or pass the model by name.")
         self.store, self.model = store, model
         model_dev = next(model.hf_model.parameters()).device
         if model_dev.type != torch.device(device).type:
@@ -322,7 +330,7 @@ class Memory:
         return out
 
     # ------------------------------------------------------------------ routing
-    def _routing_query(self, question: str) -> tuple[list[int], list[int], list[bool], Any]:
+    def _routing_query(self, question: str | list[int]) -> tuple[list[int], list[int], list[bool], Any]:
         """(ids, positions, route_rows, prefix) of the routing forward of a question."""
         if self.layout.msa:
             q = self.layout.question(question)
@@ -345,10 +353,30 @@ class Memory:
 
         return router_suffix(self.model)
 
-    def route(self, question: str, k: int | None = None) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
-        """(doc ids, scores, timings) of the top-k documents, scores summed over router layers."""
-        if not question or not question.strip():
-            raise ConfigError("The question is empty; pass some text to route with.")
+    def _question(self, question: Any) -> str | list[int]:
+        """A question as the prompt layouts take it: non-blank text, or token ids checked against the vocabulary."""
+        # NOTE(ids): route/search/ask all normalise the question here first; a limit on the question's
+        # length applied after this (e.g. to ``self.layout.question(q).ids``) holds for text and ids alike.
+        if isinstance(question, str):
+            if not question.strip():
+                raise ConfigError("The question is empty; pass some text (or token ids) to ask or route with.")
+            return question
+        return self.model.check_token_ids(question, "The question")
+
+    def _question_text(self, question: str | list[int]) -> str:
+        """The question as an Answer records it: the text, or the decoded token ids."""
+        return question if isinstance(question, str) else str(self.tokenizer.decode(question))
+
+    def route(self, question: str | Sequence[int], k: int | None = None
+              ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
+        """(doc ids, scores, timings) of the top-k documents, scores summed over router layers.
+
+        ``question``: text, or token ids (list of ints, 1-D integer array or tensor) made by the model's
+        tokenizer without special tokens; the ids take the text's tokens' place in the same prompt layout,
+        so ``tokenizer(text, add_special_tokens=False)["input_ids"]`` routes as ``text`` does wherever the
+        tokenizer splits the layout's strings apart at the question's edges (a byte-level one always does).
+        """
+        question = self._question(question)
         k = min(int(k or self.routing.top_k), self.index.n_docs)
         if k <= 0:
             raise RuntimeMemoryError(f"Store {str(self.store.root)!r} (version {self.store.version}) has no "
@@ -360,8 +388,11 @@ class Memory:
         timings = dict(timings, route_total_s=time.perf_counter() - t0)
         return self.doc_ids[order], scores[order], timings
 
-    def search(self, question: str, k: int = 10) -> Any:
-        """Top-k documents as a ``pyarrow.Table``: rank, doc_id, score, source_path, passage_index, text."""
+    def search(self, question: str | Sequence[int], k: int = 10) -> Any:
+        """Top-k documents as a ``pyarrow.Table``: rank, doc_id, score, source_path, passage_index, text.
+
+        ``question``: text or token ids, as in :meth:`route`.
+        """
         import pyarrow as pa
 
         ids, scores, _ = self.route(question, k)
@@ -432,13 +463,17 @@ class Memory:
     def _text(self, ids: list[int], stop_strings: Sequence[str]) -> str:
         return _cut(self.tokenizer.decode(ids, skip_special_tokens=True), stop_strings).strip()
 
-    def ask(self, question: str, mode: Mode | None = None, *, k: int | None = None, max_new_tokens: int = 64,
+    def ask(self, question: str | Sequence[int], mode: Mode | None = None, *, k: int | None = None,
+            max_new_tokens: int = 64,
             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, max_rounds: int = 3,
             on_token: Callable[[str], None] | None = None, stop_strings: Sequence[str] | None = None) -> Answer:
         """Answer ``question`` from memory.
 
         Parameters
         ----------
+        question : str or token ids
+            Text, or token ids as in :meth:`route` (modes "pooled" and "text"; the answer's
+            ``question`` is then their decoded text).
         mode : {"pooled", "text", "interleave"}, default: "pooled" for MSA stores, else "text"
         k : int, default: the router's top_k
         max_new_tokens : int, default 64
@@ -454,8 +489,10 @@ class Memory:
         mode = mode or ("pooled" if self.identity.wrap == "msa" else "text")
         if mode not in _MODES:
             raise ConfigError(f"mode={mode!r} is not one of {list(_MODES)}.")
-        if not question or not question.strip():
-            raise ConfigError("The question is empty; pass some text to ask.")
+        question = self._question(question)
+        if mode == "interleave" and not isinstance(question, str):
+            raise ConfigError("mode='interleave' takes a text question (its protocol quotes the question in text).",
+                              hint="Pass the question as text, or use mode='pooled' or mode='text' with token ids.")
         if int(max_new_tokens) < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}.")
         t0 = time.perf_counter()
@@ -469,11 +506,11 @@ class Memory:
         else:
             from msa_memory.runtime.interleave import ask_interleave
 
-            ans = ask_interleave(self, question, k, int(max_rounds), kw)
+            ans = ask_interleave(self, str(question), k, int(max_rounds), kw)
         ans.timings["total_s"] = time.perf_counter() - t0
         return ans
 
-    def _ask_pooled(self, question: str, k: int | None, kw: dict[str, Any]) -> Answer:
+    def _ask_pooled(self, question: str | list[int], k: int | None, kw: dict[str, Any]) -> Answer:
         timings: dict[str, float] = {}
         prefix = self.prefix
         P = len(self.layout.head_ids())
@@ -494,9 +531,10 @@ class Memory:
         rnd = Round(0, hits, per_layer=per_layer)
         text = self._text(toks, kw["stop_strings"])
         rnd.generated = text
-        return Answer(question, text, "pooled", [rnd], timings, len(q.ids) + P, len(toks), reason, toks)
+        return Answer(self._question_text(question), text, "pooled", [rnd], timings, len(q.ids) + P, len(toks), reason,
+                      toks)
 
-    def _ask_text(self, question: str, k: int | None, kw: dict[str, Any]) -> Answer:
+    def _ask_text(self, question: str | list[int], k: int | None, kw: dict[str, Any]) -> Answer:
         ids, scores, rt = self.route(question, k)
         timings = {"routing_s": rt["route_total_s"]}
         t = time.perf_counter()
@@ -509,7 +547,8 @@ class Memory:
         toks, reason = self._generate(st, full, list(range(len(full.ids))), route=False, timings=timings, **kw)
         text = self._text(toks, kw["stop_strings"])
         rnd = Round(0, self.hits(ids, scores), generated=text)
-        return Answer(question, text, "text", [rnd], timings, len(full.ids), len(toks), reason, toks)
+        return Answer(self._question_text(question), text, "text", [rnd], timings, len(full.ids), len(toks), reason,
+                      toks)
 
     # ------------------------------------------------------------------ reprs
     def __repr__(self) -> str:

@@ -13,19 +13,24 @@ be off by one at BPE boundaries (§9.8).
   Without a chat template: BOS (if any) as the prefix, then the question, then ``"\\nAnswer:"``.
 
 Text mode puts the chosen passages' raw text before the question inside the same layout.
+A question given as token ids (a list of ints) is a segment of its own, taken as it is, between the
+tokens of the fixed strings around it.
 What it does not do: run the model. Invariant: ``ids`` and ``route_rows`` have equal length.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Sequence, Union
 
 __all__ = ["Layout", "PromptIds", "layout_for", "MSA_INSTRUCTION", "MSA_RETURN_DOCS"]
 
 MSA_INSTRUCTION = "\nPlease answer the question based on the above historical document information\n\n"
 MSA_RETURN_DOCS = "Please return all documents related to the question\n"
 _SENTINEL = "\x00MSA_SENTINEL\x00"
+
+#: A prompt segment's content: text (tokenized on its own) or token ids (taken as they are).
+Segment = Union[str, Sequence[int]]
 
 
 @dataclass
@@ -51,13 +56,14 @@ class Layout:
     head: str
     tail: str
 
-    def encode(self, segments: Sequence[tuple[str, bool]]) -> PromptIds:
+    def encode(self, segments: Sequence[tuple[Segment, bool]]) -> PromptIds:
         ids: list[int] = []
         rows: list[bool] = []
         for text, routes in segments:
-            if not text:
+            if not len(text):
                 continue
-            t = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            t = self.tokenizer(text, add_special_tokens=False)["input_ids"] if isinstance(text, str) else \
+                [int(i) for i in text]
             ids += list(t)
             rows += [routes] * len(t)
         return PromptIds(ids, rows)
@@ -66,18 +72,23 @@ class Layout:
         """The template head: the cached prefix at positions 0..P-1."""
         return self.encode([(self.head, False)]).ids
 
-    def question(self, question: str) -> PromptIds:
-        """Pooled / routing layout: the question routes, the template tail does not."""
+    def _msa_question(self, question: Segment) -> list[tuple[Segment, bool]]:
+        """The routing segments of MSA's instruction-wrapped question (one string for a text question)."""
+        if isinstance(question, str):
+            return [(MSA_INSTRUCTION + question + "\n" + MSA_RETURN_DOCS, True)]
+        return [(MSA_INSTRUCTION, True), (question, True), ("\n" + MSA_RETURN_DOCS, True)]
+
+    def question(self, question: Segment) -> PromptIds:
+        """Pooled / routing layout: the question (text or token ids) routes, the template tail does not."""
         if self.msa:
-            return self.encode([(MSA_INSTRUCTION + question + "\n" + MSA_RETURN_DOCS, True), (self.tail, False)])
+            return self.encode([*self._msa_question(question), (self.tail, False)])
         return self.encode([(question, True), (self.tail, False)])
 
-    def with_passages(self, question: str, passages: Sequence[tuple[int, str]]) -> PromptIds:
-        """Text mode: passages' raw text before the question; only the question routes."""
+    def with_passages(self, question: Segment, passages: Sequence[tuple[int, str]]) -> PromptIds:
+        """Text mode: passages' raw text before the question (text or token ids); only the question routes."""
         if self.msa:
             docs = "".join(f"[{i}]. {text}\n" for i, text in passages)
-            return self.encode([(docs, False), (MSA_INSTRUCTION + question + "\n" + MSA_RETURN_DOCS, True),
-                                (self.tail, False)])
+            return self.encode([(docs, False), *self._msa_question(question), (self.tail, False)])
         docs = "".join(f"Passage {n + 1}:\n{text.strip()}\n\n" for n, (_, text) in enumerate(passages))
         pre = "Answer the question using the passages below.\n\n" if passages else ""
         return self.encode([(pre + docs + "Question: ", False), (question, True), (self.tail, False)])

@@ -228,6 +228,9 @@ class Passage:
     """Offset one past the passage's last byte."""
     file_sha256: str = ""
     """sha256 of the whole source file's bytes (what incremental updates compare)."""
+    token_ids: tuple[int, ...] | None = None
+    """The passage as token ids, when it was given so (``encode_token_ids``): the encoder wraps these
+    instead of tokenising ``text``, which then holds their decoded text. None: tokenise ``text``."""
 
 
 @dataclass(frozen=True)
