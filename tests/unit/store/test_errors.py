@@ -305,3 +305,13 @@ def test_schema_mismatch_of_the_shifted_grid(store, rng, field, bad, msg):
     with pytest.raises(E.SchemaMismatchError, match=msg):
         write_shard(store.root, "s", p, enc)
     assert not (store.root / "shards" / "s").exists()
+
+
+def test_layout_write_and_space_errors_catch_as_builtins():
+    """The errors of links, read-only stores and full disks are StoreErrors a notebook user can also catch as the
+    builtin they would expect, and their message carries the hint."""
+    cases = [(E.StoreLayoutError, ValueError), (E.StoreNotWritableError, PermissionError), (E.DiskFullError, OSError)]
+    for cls, builtin in cases:
+        err = cls("what failed.", hint="What to do.")
+        assert isinstance(err, E.StoreError) and isinstance(err, builtin)
+        assert str(err) == "what failed. What to do."
