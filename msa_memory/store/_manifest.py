@@ -311,6 +311,9 @@ def read_tags(root: Path) -> dict[str, int]:
         return out
     for n in names:
         if n.endswith(".json") and not n.startswith("."):
+            if os.path.islink(root / TAGS_DIR / n):
+                raise StoreLayoutError(f"Tag file {root / TAGS_DIR / n} is a symbolic link; the store reads nothing "
+                                       "through a link.", hint="Delete the link and tag the version again.")
             try:
                 out[n[:-5]] = int(json.loads((root / TAGS_DIR / n).read_text())["version"])
             except (ValueError, KeyError, TypeError, FileNotFoundError):

@@ -247,3 +247,13 @@ def test_the_store_root_itself_may_be_a_link(world, tmp_path):
     assert st.verify()["ok"]
     assert st.gc(dry_run=False, grace_s=0)["failed"] == []
     assert st.compact().version == 4
+
+
+def test_a_linked_tag_file_is_refused(world):
+    s, work, out = world
+    (out / "t.json").write_text('{"version": 1}')
+    os.symlink(out / "t.json", s.root / "tags" / "t.json")
+    with pytest.raises(E.StoreLayoutError, match="t.json"):
+        s.tags()
+    with pytest.raises(E.StoreLayoutError):
+        open_store(s.root, "t")
