@@ -29,6 +29,7 @@ matches one of the patterns below, so gc can tell its own leftovers from anythin
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import re
@@ -36,6 +37,7 @@ import shutil
 import stat
 import uuid
 from datetime import datetime, timezone
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -205,7 +207,7 @@ def publish_exclusive(path: Path, data: bytes) -> bool:
 # ----------------------------------------------------------------------------- links and the store root
 
 
-def _entry_problem(root: Path, rel: str, want_dir: bool) -> str | None:
+def _entry_problem(root: Path, real_root: Callable[[], str], rel: str, want_dir: bool) -> str | None:
     """Why ``root/rel`` is not a real folder (``want_dir``) / regular file of the store; None if it is or is absent."""
     path = root / rel
     try:
@@ -218,16 +220,19 @@ def _entry_problem(root: Path, rel: str, want_dir: bool) -> str | None:
         return "is not a folder"
     if not want_dir and not stat.S_ISREG(st.st_mode):
         return "is not a regular file"
-    if os.path.realpath(path) != os.path.join(os.path.realpath(root), rel):
-        return f"resolves to {os.path.realpath(path)!r}, outside the store root {os.path.realpath(root)!r}"
+    # not a link and directly under the root (or under a folder checked before it): it resolves inside
+    # realpath(root) by construction; the realpath is compared only where a parent could be a link
+    if "/" in rel and os.path.realpath(path) != os.path.join(real_root(), rel):
+        return f"resolves to {os.path.realpath(path)!r}, outside the store root {real_root()!r}"
     return None
 
 
 def layout_problems(root: Path) -> list[tuple[str, str]]:
     """(store-relative path, problem) for each store folder or top-level file that is a link, of the
     wrong kind or resolves outside the root. Costs a few lstat calls."""
-    out = [(d, p) for d in STORE_DIRS if (p := _entry_problem(root, d, True)) is not None]
-    return out + [(f, p) for f in STORE_FILES if (p := _entry_problem(root, f, False)) is not None]
+    real_root = functools.cache(lambda: os.path.realpath(root))
+    out = [(d, p) for d in STORE_DIRS if (p := _entry_problem(root, real_root, d, True)) is not None]
+    return out + [(f, p) for f in STORE_FILES if (p := _entry_problem(root, real_root, f, False)) is not None]
 
 
 def check_layout(root: Path, action: str) -> None:
