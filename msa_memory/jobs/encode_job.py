@@ -34,7 +34,14 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 import numpy as np
 
 from msa_memory.encode.corpus import ReaderOptions, scan_corpus
-from msa_memory.errors import ConfigError, IdentityMismatchError, JobError, MsaError
+from msa_memory.errors import (
+    ConfigError,
+    IdentityMismatchError,
+    JobError,
+    MsaError,
+    ShardMissingError,
+    VersionConflictError,
+)
 from msa_memory.jobs.cluster import job_client
 from msa_memory.jobs.plan import (
     FileDiff,
@@ -112,22 +119,46 @@ def _journal_path(root: str, plan_id: str) -> Path:
     return Path(root) / JOURNAL_DIR / f"{plan_id}.json"
 
 
+def _read_journal(path: Path, plan_id: str, n: int) -> np.ndarray | None:
+    try:
+        data = json.loads(path.read_text())
+        ids = np.asarray(data["doc_ids"], dtype=np.int64)
+        if data.get("plan_id") == plan_id and ids.shape == (n,):
+            return ids
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # missing or unreadable journal: reserve anew (ids are never reused, gaps are harmless)
+    return None
+
+
 def _reserve_ids(store: MemoryStore, root: str, plan_id: str, n: int) -> np.ndarray:
-    """Ids for the plan's ``n`` passages: the journal's (a resumed job) or freshly reserved."""
+    """Ids for the plan's ``n`` passages: the journal's (a resumed job) or freshly reserved.
+
+    A new journal is created exclusively (hard link of a complete temp file), so two identical jobs
+    started at once take the same ids (the loser's reservation is a harmless gap), write the same
+    shards and leave the commit to decide which of them publishes.
+    """
     path = _journal_path(root, plan_id)
-    if path.exists():
-        try:
-            data = json.loads(path.read_text())
-            ids = np.asarray(data["doc_ids"], dtype=np.int64)
-            if data.get("plan_id") == plan_id and ids.shape == (n,):
-                return ids
-        except (OSError, ValueError, KeyError):
-            pass  # unreadable journal: reserve anew (ids are never reused, gaps are harmless)
+    existed = path.exists()
+    if existed and (ids := _read_journal(path, plan_id, n)) is not None:
+        return ids
     ids = np.asarray(store.reserve_ids(n), dtype=np.int64)  # (n,) int64
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     tmp.write_text(json.dumps({"plan_id": plan_id, "doc_ids": ids.tolist()}))
-    os.replace(tmp, path)
+    try:
+        if existed:
+            os.replace(tmp, path)   # an unreadable journal: this one replaces it
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:  # an identical job beside this one wrote it first: take its ids
+                if (theirs := _read_journal(path, plan_id, n)) is not None:
+                    return theirs
+                os.replace(tmp, path)
+            except OSError:          # no hard links on this file system
+                os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return ids
 
 
@@ -168,8 +199,31 @@ def _shipped_adapter_of(store: Any) -> str | None:
     return None if found is None else str(found)
 
 
-def _open_or_create(root: str, identity: Any, *, create: bool) -> Any:
+def _created_beside(root: str, timeout: float = 30.0) -> Any:
+    """The store another process is creating at ``root`` right now, once complete; None when ``root``
+    holds anything but a store's own entries (a folder that is not a store) or none appears in time."""
     from msa_memory.errors import StoreNotFoundError
+    from msa_memory.store import _layout as L, open_store
+
+    own = {L.IDENTITY_FILE, L.IDS_FILE, L.LOCK_FILE, L.VERSIONS_DIR, L.TAGS_DIR, L.SHARDS_DIR, L.STAGING_DIR,
+           L.DELETIONS_DIR}
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return open_store(root)
+        except StoreNotFoundError:
+            pass
+        try:
+            names = {p.name for p in Path(root).iterdir()}
+        except OSError:
+            return None
+        if not names <= own or time.monotonic() > deadline:
+            return None
+        time.sleep(0.05)
+
+
+def _open_or_create(root: str, identity: Any, *, create: bool) -> Any:
+    from msa_memory.errors import StoreExistsError, StoreNotFoundError
     from msa_memory.store import create_store, open_store
 
     try:
@@ -178,7 +232,12 @@ def _open_or_create(root: str, identity: Any, *, create: bool) -> Any:
         if not create:  # dry run: plan against an empty store, create nothing
             return None
         # a new or empty directory; anything else there raises StoreExistsError (nothing is touched)
-        return create_store(root, identity, message=f"create for {identity.model_name}")
+        try:
+            return create_store(root, identity, message=f"create for {identity.model_name}")
+        except StoreExistsError:
+            store = _created_beside(root)   # the same msa-encode started twice: both create the store
+            if store is None:
+                raise
     bad = store.identity.compatible_with(identity)
     if bad:
         raise IdentityMismatchError(
@@ -268,8 +327,20 @@ def _commit(prepared: _Prepared, results: Sequence[ShardResult]) -> JobResult:
         from msa_memory.store import open_store
 
         store = open_store(prepared.root)
-    new = store.commit(add=[r.record for r in all_results], delete_ids=list(prepared.diff.delete_ids),
-                                message=prepared.message, read_version=prepared.diff.read_version)
+    if any(r.taken for r in all_results):
+        raise _conflict(prepared, next(r.shard_id for r in all_results if r.taken))
+    try:
+        new = store.commit(add=[r.record for r in all_results], delete_ids=list(prepared.diff.delete_ids),
+                           message=prepared.message, read_version=prepared.diff.read_version)
+    except VersionConflictError as e:
+        raise _conflict(prepared) from e
+    except ShardMissingError:
+        from msa_memory.store._layout import RECORD_FILE, SHARDS_DIR
+
+        gone = [r.shard_id for r in all_results if not (Path(prepared.root) / SHARDS_DIR / r.shard_id / RECORD_FILE).exists()]
+        if not gone:
+            raise
+        raise _removed_under_job(prepared, gone) from None
     res.version, res.committed = int(new.version), True
     res.message = f"committed version {res.version}"
     # every journal is stale now: a plan is tied to the version it read, and that is no longer the latest
@@ -277,6 +348,36 @@ def _commit(prepared: _Prepared, results: Sequence[ShardResult]) -> JobResult:
         journal.unlink(missing_ok=True)
     res.seconds = round(time.perf_counter() - prepared.t0, 3)
     return res
+
+
+def _conflict(prepared: _Prepared, taken: str | None = None) -> VersionConflictError:
+    """The job's one error when another writer got there first (e.g. the same msa-encode started twice)."""
+    from msa_memory.store import open_store
+
+    rv = prepared.diff.read_version
+    try:
+        latest: int | None = int(open_store(prepared.root).latest_version())
+    except MsaError:
+        latest = None
+    if latest is not None and latest != rv:
+        return VersionConflictError(
+            f"Store {prepared.root!r} is at version {latest}, but this job was planned against version {rv}: another "
+            "writer (e.g. the same msa-encode started twice) committed first; this job published nothing.",
+            hint="Rerun the command: it plans against the latest version and encodes only what is still missing.")
+    return VersionConflictError(
+        f"Shard {taken!r} of this job was written by another job on store {prepared.root!r} that has not committed "
+        f"yet (the store is still at version {rv}); this job published nothing.",
+        hint="Wait for the other msa-encode to finish, then rerun the command.")
+
+
+def _removed_under_job(prepared: _Prepared, gone: Sequence[str]) -> JobError:
+    more = f" and {len(gone) - 3} more" if len(gone) > 3 else ""
+    return JobError(
+        f"Shard(s) {', '.join(repr(g) for g in gone[:3])}{more} that this job wrote to {prepared.root!r} and had not "
+        "committed yet were removed while it ran (by `msa store gc` with a --grace-s shorter than the job); nothing "
+        f"committed is lost: the store is still at version {prepared.diff.read_version} and this job published nothing.",
+        hint="Rerun the same command to encode them again, and give gc a --grace-s longer than your encode jobs run "
+             "(default 3600 s).")
 
 
 def _finish_delayed(prepared: _Prepared, results: list[ShardResult]) -> JobResult:
@@ -426,6 +527,8 @@ def _run(prepared: _Prepared, *, client: Client | None, scheduler: str | None, w
                             raise err
                         raise err from exc
                     r = fut.result()
+                    if r.taken:  # another job on the store got this shard first: no commit can follow
+                        raise _conflict(prepared, r.shard_id)
                     results.append(r)
                     if progress:
                         # "tokens": as planned (the bar's unit); "tokens_encoded": wrapped, as encoded

@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -104,19 +105,50 @@ class ShardResult:
     n_bytes: int
     seconds: float
     reused: bool = False
+    taken: bool = False
+    """The shard id was taken by another job on the same store (an identical msa-encode running at the
+    same time) with a shard this task cannot reuse, e.g. one that job has committed: ``record`` is
+    None, and the job reports a version conflict instead of committing."""
 
 
 def encode_and_write_shard(task: ShardTask, spec: ModelSpec, store_root: str) -> ShardResult:
-    """Encode one batch of passages and write it as one immutable shard (no manifest is touched)."""
+    """Encode one batch of passages and write it as one immutable shard (no manifest is touched).
+
+    When another job on the same store (the same command started twice) has written this shard id
+    already, its shard is reused if it holds exactly this task's documents (same plan, same reserved
+    ids: the same bytes; ``find_shard`` verifies its checksums); otherwise the result is ``taken``.
+    """
+    from msa_memory.errors import DuplicateDocumentError, StoreExistsError
     from msa_memory.store import write_shard
+    from msa_memory.store._layout import SHARDS_DIR
 
     t0 = time.perf_counter()
+    if (Path(store_root) / SHARDS_DIR / task.shard_id).exists():   # written by a job beside this one
+        return _written_by_another(task, store_root, t0)
     _, encoder, lock = get_encoder(spec)
     with lock, _torch_threads(spec.torch_threads):
         encoded = encoder.encode(task.doc_ids, list(task.passages))
-    record = write_shard(store_root, task.shard_id, list(task.passages), encoded)
+    try:
+        record = write_shard(store_root, task.shard_id, list(task.passages), encoded)
+    except StoreExistsError:           # the other job wrote it while this one encoded
+        return _written_by_another(task, store_root, t0)
+    except DuplicateDocumentError:     # ... and has committed it: these ids are used now
+        if not (Path(store_root) / SHARDS_DIR / task.shard_id).exists():
+            raise
+        return _written_by_another(task, store_root, t0)
     return ShardResult(task.shard_id, record, n_docs=len(task.passages), n_tokens=int(np.sum(encoded.n_tokens)),
                        n_bytes=int(getattr(record, "n_bytes", 0) or 0), seconds=time.perf_counter() - t0)
+
+
+def _written_by_another(task: ShardTask, store_root: str, t0: float) -> ShardResult:
+    """The shard another job wrote under ``task.shard_id``: reused when it holds ``task``'s documents, else taken."""
+    from msa_memory.store import open_store
+
+    rec = open_store(store_root).find_shard(task.shard_id)   # None: committed, or not this store's / damaged
+    if rec is not None and np.array_equal(np.asarray(rec.doc_ids), task.doc_ids):
+        return ShardResult(task.shard_id, rec, len(task.passages), int(np.sum(rec.n_tokens)), int(rec.n_bytes),
+                           time.perf_counter() - t0, reused=True)
+    return ShardResult(task.shard_id, None, len(task.passages), 0, 0, time.perf_counter() - t0, taken=True)
 
 
 @contextlib.contextmanager
