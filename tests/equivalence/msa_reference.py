@@ -1,11 +1,16 @@
-"""A slow, explicit MSA reference (msa-reference.md §3.2–3.6) and a tiny random MSA checkpoint builder.
+"""A slow, explicit MSA reference (msa-reference.md §2.2-2.5, §3.2–3.6) and a tiny random MSA checkpoint builder.
 
 Written from the spec, independently of ``msa_memory.runtime``: float64 throughout, one decoder
 layer at a time, explicit RMSNorm / rotate-half RoPE / GQA repeat / SwiGLU MLP from the raw
 weights, explicit concatenation ``[template | memory of ascending doc order | query]`` and a full
 (T, P+M+T) boolean mask. Routing is a Python loop over heads of dot/√D or cosine scores. Decoding
 re-runs the whole query + generated sequence each step (no cache), with the routing decided once
-from the prompt's routing tokens (§3.6: no re-routing while decoding).
+from the prompt's routing tokens (§3.6: no re-routing while decoding). Stage 1 (``encode_doc``): one
+document alone, positions from 0, causal; per router layer the chunk means of K (post k_norm and
+RoPE), V and router_k_proj(input_layernorm(h)) (L2-normalised per head for INFONCE).
+
+The checkpoint's config.json is spelled as the reference's classes write it (transformers 4.51.3,
+``"sliding_window": false``; ``msa_memory.encode.tiny.reference_msa_config``).
 
 Used by ``test_pooled_equivalence.py`` and by ``benchmarks/bench_runtime.py --gpu``.
 """
@@ -32,6 +37,8 @@ def build_tiny_msa_checkpoint(path: Path, seed: int = 0, score: str = "INFONCE_D
     from safetensors.torch import save_file
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
+    from msa_memory.encode.tiny import reference_msa_config
+
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(Qwen3Config(**TINY)).eval()
     sd = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
@@ -43,12 +50,12 @@ def build_tiny_msa_checkpoint(path: Path, seed: int = 0, score: str = "INFONCE_D
     sd["temperature"] = torch.tensor(0.1)
     path.mkdir(parents=True, exist_ok=True)
     save_file(sd, str(path / "model.safetensors"))
-    cfg = dict(TINY, model_type="msa", architectures=["MSAForCausalLM"], torch_dtype="float32",
-               msa_config={"router_layer_idx": ",".join(map(str, ROUTER_LAYERS)), "top_k_docs": top_k,
-                           "pooling_kernel_size": chunk_tokens, "decouple_router": True,
-                           "head_reduce_method": "mean", "query_reduce_method": "max", "chunk_reduce_method": "max",
-                           "aux_loss_method": score, "infonce_loss_temp": 0.1})
-    (path / "config.json").write_text(json.dumps(cfg, indent=1))
+    msa = {"router_layer_idx": ",".join(map(str, ROUTER_LAYERS)), "top_k_docs": top_k,
+           "pooling_kernel_size": chunk_tokens, "decouple_router": True,
+           "head_reduce_method": "mean", "query_reduce_method": "max", "chunk_reduce_method": "max",
+           "aux_loss_method": score, "infonce_loss_temp": 0.1}
+    cfg = reference_msa_config(model.config, msa, torch_dtype="float32")
+    (path / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
     return path
 
 
@@ -86,6 +93,7 @@ class SlowMsa:
         self.router_layers = [int(x) for x in m["router_layer_idx"].split(",")]
         self.cosine = m["aux_loss_method"] == "INFONCE"
         self.top_k = int(m["top_k_docs"])
+        self.chunk_tokens = int(m["pooling_kernel_size"])
 
     def _qkv(self, li: int, x: torch.Tensor, pos: torch.Tensor):
         p, T = f"model.layers.{li}.self_attn.", x.shape[0]
@@ -122,6 +130,35 @@ class SlowMsa:
             out.append((k, v))
             h = self._mlp(li, self._attend(li, h, q, k, v, mask))
         return out
+
+    def encode_doc(self, ids: list[int]) -> dict[str, torch.Tensor]:
+        """§2.2-2.5 for one wrapped document alone: {"k", "v", "k_router"} each (L_r, C, H, D) float64.
+
+        Positions 0..T-1, causal; chunk means over ``pooling_kernel_size`` tokens (the last chunk
+        averages what it has); router keys = chunk mean of router_k_proj(input_layernorm(h)).
+        """
+        T, P = len(ids), self.chunk_tokens
+        h = self.sd["model.embed_tokens.weight"][ids]
+        pos = torch.arange(T)
+        mask = torch.tril(torch.ones(T, T, dtype=torch.bool))
+        out: dict[str, list[torch.Tensor]] = {"k": [], "v": [], "k_router": []}
+
+        def pool(x: torch.Tensor) -> torch.Tensor:              # (T, ...) -> (C, ...)
+            return torch.stack([x[c:c + P].mean(0) for c in range(0, T, P)])
+
+        for li in range(max(self.router_layers) + 1):
+            x = _rms(h, self.sd[f"model.layers.{li}.input_layernorm.weight"], self.eps)
+            q, k, v = self._qkv(li, x, pos)
+            if li in self.router_layers:
+                r = (x @ self.sd[f"model.layers.{li}.self_attn.router_k_proj.0.weight"].T).view(T, self.H, self.D)
+                kr = pool(r)
+                if self.cosine:
+                    kr = kr / kr.norm(dim=-1, keepdim=True)
+                out["k"].append(pool(k.transpose(0, 1)))
+                out["v"].append(pool(v.transpose(0, 1)))
+                out["k_router"].append(kr)
+            h = self._mlp(li, self._attend(li, h, q, k, v, mask))
+        return {name: torch.stack(parts) for name, parts in out.items()}
 
     def route(self, li: int, x_rows: torch.Tensor, keys: torch.Tensor, chunk_doc: np.ndarray, n_docs: int):
         """§3.3: dot/√D (or cosine), mean over heads, max over tokens, max over chunks; top-k docs."""
