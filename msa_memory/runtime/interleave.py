@@ -15,6 +15,9 @@ Design note. Two protocols behind one call, :func:`ask_interleave`:
   question plus the text injected in round r-1 and adds up to k documents not yet chosen; it stops
   when nothing new comes back or at the cap, then answers in text mode over all chosen documents.
 
+A question given as token ids takes the text's place as a segment of its own, in the routing
+layout, the answer cue and (other models) the re-routing query.
+
 What it does not do: batch several questions (the reference's pausing machinery is not needed for
 one sequence). Invariant: at most ``max_rounds`` retrieval rounds; every injected id exists.
 """
@@ -39,6 +42,13 @@ ANSWER_PREFIX = "The answer to the question is:"
 _ID = re.compile(r"\[(\d+)\]")
 
 
+def _cue(question: str | list[int], lead: str) -> list[tuple[Any, bool]]:
+    """Segments of the answer cue ``lead<|im_start|>The user's question is: Q\\n<|object_ref_end|>`` (never routes)."""
+    if isinstance(question, str):
+        return [(f"{lead}<|im_start|>The user's question is: {question}\n{ROUND_END}", False)]
+    return [(f"{lead}<|im_start|>The user's question is: ", False), (question, False), (f"\n{ROUND_END}", False)]
+
+
 def requested_ids(text: str, known: set[int]) -> list[int]:
     """Document ids ``[n]`` in generated ``text`` that exist in the store: deduplicated, ascending (§5.2)."""
     return sorted({int(m) for m in _ID.findall(text)} & known)
@@ -59,7 +69,8 @@ def _add(timings: dict[str, float], other: dict[str, float]) -> None:
         timings[key] = timings.get(key, 0.0) + v
 
 
-def ask_interleave(mem: Memory, question: str, k: int | None, max_rounds: int, kw: dict[str, Any]) -> Answer:
+def ask_interleave(mem: Memory, question: str | list[int], k: int | None, max_rounds: int,
+                   kw: dict[str, Any]) -> Answer:
     if max_rounds < 1:
         from msa_memory.errors import ConfigError
 
@@ -69,7 +80,8 @@ def ask_interleave(mem: Memory, question: str, k: int | None, max_rounds: int, k
     return _generic(mem, question, k, max_rounds, kw)
 
 
-def _msa_protocol(mem: Memory, question: str, k: int | None, max_rounds: int, kw: dict[str, Any]) -> Answer:
+def _msa_protocol(mem: Memory, question: str | list[int], k: int | None, max_rounds: int,
+                  kw: dict[str, Any]) -> Answer:
     lay, tok = mem.layout, mem.tokenizer
     kk = int(k or mem.routing.top_k)
     P = len(lay.head_ids())
@@ -82,8 +94,7 @@ def _msa_protocol(mem: Memory, question: str, k: int | None, max_rounds: int, kw
     reason = ""
     n_new = 0
     st = None
-    cue_room = len(lay.encode([(END_RETRIEVE + f"<|im_start|>The user's question is: {question}\n{ROUND_END}",
-                                False)]).ids)
+    cue_room = len(lay.encode(_cue(question, END_RETRIEVE)).ids)
     for r in range(max_rounds):
         prompt = base + history
         cap = len(prompt.ids) + 2 * kw["max_new_tokens"] + cue_room + 1
@@ -114,9 +125,7 @@ def _msa_protocol(mem: Memory, question: str, k: int | None, max_rounds: int, kw
     answer = ""
     if answer_phase and st is not None and reason != "eos":
         # forward the answer cue through the same cache (causal), then decode the answer
-        cue_text = ("" if END_RETRIEVE in rounds[-1].generated else END_RETRIEVE) + \
-            f"<|im_start|>The user's question is: {question}\n{ROUND_END}"
-        cue = lay.encode([(cue_text, False)])
+        cue = lay.encode(_cue(question, "" if END_RETRIEVE in rounds[-1].generated else END_RETRIEVE))
         start = st.local_pos[st.n_written - 1].item() + 1
         t0 = time.perf_counter()
         logits = mem.engine.forward(st, cue.ids, list(range(start, start + len(cue.ids))))
@@ -140,16 +149,17 @@ def _msa_protocol(mem: Memory, question: str, k: int | None, max_rounds: int, kw
     else:
         final = tok.decode(tok(answer or rounds[-1].generated, add_special_tokens=False)["input_ids"],
                            skip_special_tokens=True)
-    return Answer(question, final.strip(), "interleave", rounds, timings, len(base.ids) + P, n_new, reason, out)
+    return Answer(mem._question_text(question), final.strip(), "interleave", rounds, timings, len(base.ids) + P,
+                  n_new, reason, out)
 
 
-def _generic(mem: Memory, question: str, k: int | None, max_rounds: int, kw: dict[str, Any]) -> Answer:
+def _generic(mem: Memory, question: str | list[int], k: int | None, max_rounds: int, kw: dict[str, Any]) -> Answer:
     kk = int(k or mem.routing.top_k)
     chosen: list[int] = []
     scores: dict[int, float] = {}
     rounds: list[Round] = []
     timings: dict[str, float] = {}
-    query = question
+    query: str | list[int] = question
     for r in range(max_rounds):
         t0 = time.perf_counter()
         ids, sc, rt = mem.route(query, min(mem.index.n_docs, kk + len(chosen)))
@@ -164,7 +174,9 @@ def _generic(mem: Memory, question: str, k: int | None, max_rounds: int, kw: dic
         t1 = time.perf_counter()
         latest = mem.store.texts([d for d, _ in new])
         timings["fetch_s"] = timings.get("fetch_s", 0.0) + time.perf_counter() - t1
-        query = question + "\n" + "\n".join(latest)
+        more = "\n" + "\n".join(latest)
+        query = question + more if isinstance(question, str) else \
+            question + list(mem.tokenizer(more, add_special_tokens=False)["input_ids"])
     t2 = time.perf_counter()
     texts = mem.store.texts(chosen)
     timings["fetch_s"] = timings.get("fetch_s", 0.0) + time.perf_counter() - t2
@@ -176,4 +188,5 @@ def _generic(mem: Memory, question: str, k: int | None, max_rounds: int, kw: dic
     text = mem._text(out, kw["stop_strings"])
     if rounds:
         rounds[-1].generated = text
-    return Answer(question, text, "interleave", rounds, timings, len(full.ids), len(out), reason, out)
+    return Answer(mem._question_text(question), text, "interleave", rounds, timings, len(full.ids), len(out), reason,
+                  out)

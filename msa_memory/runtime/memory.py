@@ -472,8 +472,8 @@ class Memory:
         Parameters
         ----------
         question : str or token ids
-            Text, or token ids as in :meth:`route` (modes "pooled" and "text"; the answer's
-            ``question`` is then their decoded text).
+            Text, or token ids as in :meth:`route` (every mode; the answer's ``question`` is then
+            their decoded text).
         mode : {"pooled", "text", "interleave"}, default: "pooled" for MSA stores, else "text"
         k : int, default: the router's top_k
         max_new_tokens : int, default 64
@@ -490,9 +490,6 @@ class Memory:
         if mode not in _MODES:
             raise ConfigError(f"mode={mode!r} is not one of {list(_MODES)}.")
         question = self._question(question)
-        if mode == "interleave" and not isinstance(question, str):
-            raise ConfigError("mode='interleave' takes a text question (its protocol quotes the question in text).",
-                              hint="Pass the question as text, or use mode='pooled' or mode='text' with token ids.")
         if int(max_new_tokens) < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}.")
         t0 = time.perf_counter()
@@ -506,7 +503,7 @@ class Memory:
         else:
             from msa_memory.runtime.interleave import ask_interleave
 
-            ans = ask_interleave(self, str(question), k, int(max_rounds), kw)
+            ans = ask_interleave(self, question, k, int(max_rounds), kw)
         ans.timings["total_s"] = time.perf_counter() - t0
         return ans
 

@@ -3,9 +3,9 @@
 On the tiny MSA checkpoint's store (runtime conftest; byte-level tokenizer, so the text's tokens
 split exactly at the prompt layout's strings) and on a plain-wrap store whose tokenizer adds a BOS:
 the ids of ``tokenizer(question, add_special_tokens=False)`` given as a list, numpy array or tensor
-give the same search table (scores included) and, in pooled and text mode, the same tokens, answer,
-routed documents and prompt length as the text; the special tokens a text question gets are added
-around ids too. Bad ids and interleave mode with ids are refused with one-line ConfigErrors.
+give the same search table (scores included) and, in pooled, text and interleave mode, the same
+tokens, answer, rounds, routed documents and prompt length as the text; the special tokens a text
+question gets are added around ids too. Bad ids are refused with one-line ConfigErrors.
 
 Run: ``.venv/bin/python -m pytest tests/unit/runtime/test_question_ids.py -q``
 """
@@ -35,22 +35,22 @@ def test_search_with_question_ids_equals_text(tiny_memory, form):
     assert a.equals(b), (a.to_pydict(), b.to_pydict())
 
 
-@pytest.mark.parametrize("mode", ["pooled", "text"])
-def test_ask_with_question_ids_equals_text(tiny_memory, mode):
-    kw = dict(mode=mode, k=2, max_new_tokens=5, stop_strings=())
-    a = tiny_memory.ask(Q, **kw)
-    b = tiny_memory.ask(_ids(tiny_memory), **kw)
+def _same_answer(a, b):
     assert b.tokens == a.tokens and b.answer == a.answer and b.stop_reason == a.stop_reason
-    assert b.n_prompt_tokens == a.n_prompt_tokens
-    assert [(d.doc_id, d.score) for d in b.docs] == [(d.doc_id, d.score) for d in a.docs]
-    assert b.rounds[0].per_layer == a.rounds[0].per_layer
-    assert b.question == Q                                   # the decoded ids
+    assert (b.n_prompt_tokens, b.n_new_tokens) == (a.n_prompt_tokens, a.n_new_tokens)
+    assert [(r.index, [(d.doc_id, d.score) for d in r.docs], r.per_layer, r.generated) for r in b.rounds] == \
+        [(r.index, [(d.doc_id, d.score) for d in r.docs], r.per_layer, r.generated) for r in a.rounds]
+    assert b.question == a.question                          # the decoded ids
+
+
+@pytest.mark.parametrize("mode", ["pooled", "text", "interleave"])
+def test_ask_with_question_ids_equals_text(tiny_memory, mode):
+    kw = dict(mode=mode, k=2, max_new_tokens=5, stop_strings=(), max_rounds=2)
+    _same_answer(tiny_memory.ask(Q, **kw), tiny_memory.ask(_ids(tiny_memory), **kw))
 
 
 def test_question_ids_are_checked(tiny_memory, tiny_store, tiny_msa_model):
     mem = tiny_memory
-    with pytest.raises(ConfigError, match="interleave"):
-        mem.ask(_ids(mem), mode="interleave")
     with pytest.raises(ConfigError, match="no token ids"):
         mem.search([])
     with pytest.raises(ConfigError, match="token id 262, outside the model's vocabulary 0..261"):
@@ -93,5 +93,6 @@ def test_plain_store_question_ids_get_the_text_questions_special_tokens(tmp_path
     mem = Memory(build(tmp_path / "plain.msa", loaded), model=loaded)
     assert mem.layout.msa is False
     assert mem.search(Q, k=3).equals(mem.search(ids, k=3))
-    a, b = (mem.ask(q, mode="text", k=2, max_new_tokens=4, stop_strings=()) for q in (Q, ids))
-    assert (b.tokens, b.answer, b.n_prompt_tokens) == (a.tokens, a.answer, a.n_prompt_tokens)
+    for mode in ("text", "interleave"):
+        kw = dict(mode=mode, k=2, max_new_tokens=4, stop_strings=(), max_rounds=2)
+        _same_answer(mem.ask(Q, **kw), mem.ask(ids, **kw))
