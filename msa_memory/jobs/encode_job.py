@@ -337,7 +337,11 @@ def _commit(prepared: _Prepared, results: Sequence[ShardResult]) -> JobResult:
     except ShardMissingError:
         from msa_memory.store._layout import RECORD_FILE, SHARDS_DIR
 
-        gone = [r.shard_id for r in all_results if not (Path(prepared.root) / SHARDS_DIR / r.shard_id / RECORD_FILE).exists()]
+        def incomplete(r: ShardResult) -> bool:   # its record or one of the files it lists is gone
+            d = Path(prepared.root) / SHARDS_DIR / r.shard_id
+            return not (d / RECORD_FILE).exists() or any(not (d / f).exists() for f in r.record.files)
+
+        gone = [r.shard_id for r in all_results if incomplete(r)]
         if not gone:
             raise
         raise _removed_under_job(prepared, gone) from None
@@ -374,7 +378,8 @@ def _removed_under_job(prepared: _Prepared, gone: Sequence[str]) -> JobError:
     more = f" and {len(gone) - 3} more" if len(gone) > 3 else ""
     return JobError(
         f"Shard(s) {', '.join(repr(g) for g in gone[:3])}{more} that this job wrote to {prepared.root!r} and had not "
-        "committed yet were removed while it ran (by `msa store gc` with a --grace-s shorter than the job); nothing "
+        "committed yet were removed, whole or in part, while it ran (most likely by `msa store gc` with a --grace-s "
+        "shorter than the job); nothing "
         f"committed is lost: the store is still at version {prepared.diff.read_version} and this job published nothing.",
         hint="Rerun the same command to encode them again, and give gc a --grace-s longer than your encode jobs run "
              "(default 3600 s).")
