@@ -15,9 +15,12 @@ reason, and every other file is still read.
 Source keys: a file found under a folder argument ``a/b/docs`` is keyed ``docs/<path inside>``
 (the folder's own name, then the relative path, ``/``-separated); a file argument is keyed by its
 name. Keys therefore do not depend on the working directory, and a later run over the same
-folders finds the same keys. A JSON Lines record is keyed ``<file key>#<id>`` (its ``id`` field,
-else its 1-based line number) and hashed on its own text, so one changed record replaces one
-document. Two arguments with the same key space (two folders called ``docs``) are refused.
+folders finds the same keys. A JSON Lines record is keyed ``<file key>#id=<id>`` when it has a
+string or integer ``id`` and ``<file key>#line=<n>`` (its 1-based line) when it has none, so ids
+and line numbers never share a key; duplicate ids in one file refuse the file (skipped, naming both
+lines). A record is hashed on its own text, so one changed record replaces one document. Keys are
+unique in a scan: a file whose name equals another source's key is skipped with a reason. Two
+arguments with the same key space (two folders called ``docs``) are refused.
 """
 
 from __future__ import annotations
@@ -202,9 +205,23 @@ def scan_corpus(
             _scan_dir(p, root, options, scan)
         else:
             _read_into(p, root, options, scan)
-    scan.sources.sort(key=lambda s: s.key)
+    _drop_duplicate_keys(scan)
     scan.skipped.sort(key=lambda s: s.path)
     return scan
+
+
+def _drop_duplicate_keys(scan: CorpusScan) -> None:
+    """Sort the sources by key; a key met twice (a file named like a record key) keeps its first source."""
+    scan.sources.sort(key=lambda s: (s.key, s.path))
+    kept: list[SourceText] = []
+    for src in scan.sources:
+        if kept and kept[-1].key == src.key:
+            if kept[-1].path != src.path:  # one file is read once; another file with the same key is refused
+                scan.skipped.append(SkippedFile(src.path, f"same source key {src.key!r} as {kept[-1].path} (rename "
+                                                          "one of the two files)", src.key))
+            continue
+        kept.append(src)
+    scan.sources[:] = kept
 
 
 # ----------------------------------------------------------------------------- walking
@@ -320,6 +337,8 @@ def read_file(path: str | os.PathLike[str], key: str, options: ReaderOptions | N
         return [], f"too large ({st.st_size:,} bytes > max_file_bytes {options.max_file_bytes:,})"
     if suffix in BINARY_EXTENSIONS:
         return [], f"binary file type ({suffix})"
+    if suffix in JSONL_EXTENSIONS:
+        return _jsonl_file(path, key, options)
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -328,8 +347,6 @@ def read_file(path: str | os.PathLike[str], key: str, options: ReaderOptions | N
     if suffix in PDF_EXTENSIONS:
         text, reason = _pdf_text(data)
         kind = "pdf"
-    elif suffix in JSONL_EXTENSIONS:
-        return _jsonl_records(data, key, str(path), options)
     else:
         text, reason = _decode(data)
         kind = "text"
@@ -390,33 +407,60 @@ def _pdf_text(data: bytes) -> tuple[str | None, str | None]:
     return "\n\n".join(p.strip() for p in pages if p.strip()), None
 
 
-def _jsonl_records(data: bytes, key: str, path: str, options: ReaderOptions) -> tuple[list[SourceText], str | None]:
-    text, reason = _decode(data)
-    if reason is not None:
-        return [], reason
-    assert text is not None
+def _jsonl_file(path: Path, key: str, options: ReaderOptions) -> tuple[list[SourceText], str | None]:
+    """Read a JSON Lines file one line at a time (lines end at ``\\n`` only, as JSON Lines says).
+
+    Keys: ``<key>#id=<id>`` for a record with a string or integer ``id``, ``<key>#line=<n>`` for one
+    without (or with ``"id": null``): the two namespaces never meet. Two records with the same id,
+    or an id of another type, refuse the file with a reason naming the lines.
+    """
     field_name = options.jsonl_text_field
     out: list[SourceText] = []
-    seen: set[str] = set()
-    for lineno, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            return [], f"invalid JSON Lines (line {lineno}: {e.msg})"
-        if not isinstance(record, dict) or not isinstance(record.get(field_name), str):
-            return [], f"JSON Lines record on line {lineno} has no string field {field_name!r} (set jsonl_text_field / --jsonl-field)"
-        body = record[field_name]
-        if not body.strip():
-            continue
-        rid = record.get("id")
-        suffix = str(rid) if isinstance(rid, (str, int)) and str(rid) not in seen else str(lineno)
-        seen.add(suffix)
-        raw = body.encode("utf-8")
-        out.append(SourceText(key=f"{key}#{suffix}", text=body, sha256=hashlib.sha256(raw).hexdigest(),
-                              n_bytes=len(raw), kind="jsonl", path=path))
+    first_line_of: dict[str, int] = {}
+    offset = 0
+    try:
+        with open(path, "rb") as f:
+            if b"\x00" in f.read(_SNIFF_BYTES):
+                return [], "binary (NUL bytes)"
+            f.seek(0)
+            for lineno, raw in enumerate(f, start=1):
+                start, offset = offset, offset + len(raw)
+                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw, start = raw[3:], start + 3
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    return [], f"not UTF-8 text (undecodable byte at offset {start + e.start})"
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    return [], f"invalid JSON Lines (line {lineno}: {e.msg})"
+                if not isinstance(record, dict) or not isinstance(record.get(field_name), str):
+                    return [], (f"JSON Lines record on line {lineno} has no string field {field_name!r} "
+                                "(set jsonl_text_field / --jsonl-field)")
+                body = record[field_name]
+                if not body.strip():
+                    continue
+                rid = record.get("id")
+                if rid is None:
+                    suffix = f"line={lineno}"
+                elif isinstance(rid, (str, int)) and not isinstance(rid, bool):
+                    sid = str(rid)
+                    if sid in first_line_of:
+                        return [], (f"duplicate id {sid!r} on lines {first_line_of[sid]} and {lineno} (ids must be "
+                                    "unique within a file: change or remove one)")
+                    first_line_of[sid] = lineno
+                    suffix = f"id={sid}"
+                else:
+                    return [], (f"JSON Lines record on line {lineno} has an id of type {type(rid).__name__} (use a "
+                                "string or an integer, or leave the id out to key the record by its line number)")
+                raw_body = body.encode("utf-8", "surrogatepass")
+                out.append(SourceText(key=f"{key}#{suffix}", text=body, sha256=hashlib.sha256(raw_body).hexdigest(),
+                                      n_bytes=len(raw_body), kind="jsonl", path=str(path)))
+    except OSError as e:
+        return [], f"unreadable ({e.strerror or e})"
     if not out:
         return [], "no text (no non-empty JSON Lines records)"
     return out, None
-

@@ -99,9 +99,7 @@ def diff_sources(scan: CorpusScan, store: MemoryStore) -> FileDiff:
     # a skipped file keeps its old documents: an unreadable moment must not delete knowledge
     skipped_keys = _skipped_keys(scan)
     for key in sorted(stored):
-        base = _base_key(key)
-        if key in scanned or not scan.covers(key) or base in skipped_keys or any(
-                k.endswith("/") and base.startswith(k) for k in skipped_keys):
+        if key in scanned or not scan.covers(key) or _protected(key, skipped_keys):
             continue
         diff.deleted.append(key)
         diff.delete_ids.extend(stored[key][1])
@@ -109,8 +107,17 @@ def diff_sources(scan: CorpusScan, store: MemoryStore) -> FileDiff:
     return diff
 
 
-def _base_key(key: str) -> str:
-    return key.split("#", 1)[0]
+def _protected(key: str, skipped_keys: set[str]) -> bool:
+    """Whether ``key`` is a skipped file's key, one of its records' (``<file>#...``) or lies in a skipped folder.
+
+    Checks every prefix that ends before a ``#`` or after a ``/`` (a file name may itself hold a ``#``).
+    """
+    if key in skipped_keys:
+        return True
+    for i, ch in enumerate(key):
+        if (ch == "#" and key[:i] in skipped_keys) or (ch == "/" and key[:i + 1] in skipped_keys):
+            return True
+    return False
 
 
 def _skipped_keys(scan: CorpusScan) -> set[str]:

@@ -39,14 +39,14 @@ def test_scan_reads_every_supported_format(tmp_path: Path) -> None:
     scan = scan_corpus([root])
     by_key = {s.key: s for s in scan.sources}
     assert sorted(by_key) == ["docs/README", "docs/a.md", "docs/b.rst", "docs/c.txt", "docs/doc.pdf",
-                              "docs/faq.jsonl#3", "docs/faq.jsonl#q1", "docs/page.html", "docs/src/tool.py"]
+                              "docs/faq.jsonl#id=q1", "docs/faq.jsonl#line=3", "docs/page.html", "docs/src/tool.py"]
     assert scan.skipped == []
     assert by_key["docs/page.html"].kind == "html"
     assert by_key["docs/page.html"].text.splitlines() == ["Site", "Dial 5555 for help."]
     assert "var x" not in by_key["docs/page.html"].text
     assert by_key["docs/doc.pdf"].text == "The tank holds 30000 litres."
-    assert by_key["docs/faq.jsonl#q1"].text == "First answer."
-    assert by_key["docs/faq.jsonl#3"].sha256 == hashlib.sha256(b"Second answer.").hexdigest()
+    assert by_key["docs/faq.jsonl#id=q1"].text == "First answer."
+    assert by_key["docs/faq.jsonl#line=3"].sha256 == hashlib.sha256(b"Second answer.").hexdigest()
     raw = (root / "a.md").read_bytes()
     assert by_key["docs/a.md"].sha256 == hashlib.sha256(raw).hexdigest()
     assert by_key["docs/a.md"].n_bytes == len(raw)

@@ -37,7 +37,7 @@ def test_default_model_encodes_and_updates_example_files(tmp_path: Path) -> None
     lines[0] = lines[0].replace("lot P1", "lot P7")
     (folder / "faq.jsonl").write_text("\n".join(lines) + "\n")
     res = encode_corpus([folder], tmp_path / "m.msa")
-    assert res.version == 2 and res.files_replaced == ["handbook/faq.jsonl#faq-001"] and res.files_unchanged == 12
+    assert res.version == 2 and res.files_replaced == ["handbook/faq.jsonl#id=faq-001"] and res.files_unchanged == 12
     shutil.rmtree(tmp_path / "m.msa")
 
 
