@@ -285,8 +285,25 @@ app.command("encode", epilog=_ENCODE_EPILOG.replace("msa-encode", "msa encode"),
 def _open(store: str, version: str | None = None) -> Any:
     from msa_memory.store import open_store
 
+    _check_store_path(store)
     v: int | str | None = int(version) if version is not None and version.isdigit() else version
     return open_store(store, version=v)
+
+
+def _check_store_path(store: str, *, creates: bool = False) -> None:
+    """Refuse, before any model is loaded, a store path that is (or lies under) a regular file:
+    StoreNotFoundError (exit 3) to read a store there, ConfigError (exit 2) to create one (``creates``)."""
+    p = Path(store)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.exists() or p.is_dir():
+        return
+    where = "it is a regular file" if p == Path(store) else f"{str(p)!r} on its path is a regular file"
+    if creates:
+        raise E.ConfigError(f"Cannot create a store at {store!r}: {where}, and a store is a folder.",
+                            hint="Pass a new path (or an empty folder) for the store to create, e.g. mem2.msa.")
+    raise E.StoreNotFoundError(f"No store at {store!r}: {where}, and a store is a folder.",
+                               hint="Pass the store's folder, e.g. mem.msa; `msa-encode FOLDER --store PATH` creates one.")
 
 
 @store_app.command("info", epilog="\b\nExamples:\n  msa store info mem.msa\n  msa store info mem.msa --version 2 --json")

@@ -14,8 +14,8 @@ from typing import Annotated, Any
 
 import typer
 
-from msa_memory.cli import (JsonOpt, StoreArg, VersionOpt, _emit_json, _guard, _open, _progress_enabled, app,
-                            store_app)
+from msa_memory.cli import (JsonOpt, StoreArg, VersionOpt, _check_store_path, _emit_json, _guard, _open,
+                            _progress_enabled, app, store_app)
 
 # ----- msa ask / msa search (runtime) -----
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="The model the store was built with: 'default' (Gemma 3 270M), an HF folder or an MSA checkpoint")]
@@ -152,6 +152,8 @@ def train_router_cmd(
     def body() -> None:
         from msa_memory.train.cli_support import train_router_from_cli
 
+        if store is not None:
+            _check_store_path(store)   # before the model loads
         summary = train_router_from_cli(
             out=out, corpus=corpus, store=store, pairs=pairs, model=model, layers=layers, max_layers=max_layers,
             epochs=epochs, batch_size=batch_size, lr=lr, n_train=n_train, n_dev=n_dev, seed=seed, max_chars=max_chars, cache=cache,
@@ -205,6 +207,8 @@ def store_reindex_router(
         from msa_memory.train.reindex import reindex_router, reindex_router_to
 
         src = _open(store, version)
+        if dest is not None:
+            _check_store_path(dest, creates=True)
         ad = RouterAdapter.load(adapter)
         if dest is not None:
             new, stats = reindex_router_to(src, dest, ad, message=message)

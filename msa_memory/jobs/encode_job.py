@@ -199,6 +199,19 @@ def _shipped_adapter_of(store: Any) -> str | None:
     return None if found is None else str(found)
 
 
+def _check_store_path(store: str | os.PathLike[str]) -> None:
+    """ConfigError when the store path, or the nearest part of it that exists, is a regular file."""
+    p = Path(store)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if p.exists() and not p.is_dir():
+        where = f"{str(store)!r} is a regular file" if p == Path(store) else \
+            f"{str(p)!r} on the store path {str(store)!r} is a regular file"
+        raise ConfigError(f"Store path {where}; a store is a folder.",
+                          hint="Pass a store folder (e.g. --store mem.msa) or a path that does not exist yet: "
+                               "msa-encode creates the store there.")
+
+
 def _created_beside(root: str, timeout: float = 30.0) -> Any:
     """The store another process is creating at ``root`` right now, once complete; None when ``root``
     holds anything but a store's own entries (a folder that is not a store) or none appears in time."""
@@ -472,6 +485,8 @@ def encode_corpus(
     """
     if dtype is not None and dtype not in ("bfloat16", "float16", "float32"):
         raise ConfigError(f"dtype must be bfloat16, float16 or float32, got {dtype!r}.")
+    if isinstance(store, (str, os.PathLike)):
+        _check_store_path(store)   # before any model is loaded
     if shard_tokens is None:
         shard_tokens = default_shard_tokens(device)
     if torch_threads is not None and int(torch_threads) < 1:

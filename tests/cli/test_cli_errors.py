@@ -1,0 +1,76 @@
+"""Unclear errors made clear: one line, the offending value, what to do, the right exit code.
+
+- a store path that is a regular file (or lies under one): refused before any model is loaded, by
+  msa-encode (exit 2: it cannot create a store there) and by every command reading a store (exit 3);
+- output piped into `head`: the command exits quietly with 141 (as if killed by SIGPIPE).
+Run: .venv/bin/python -m pytest tests/cli/test_cli_errors.py -q
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from jobkit import make_corpus
+from typer.testing import CliRunner
+
+from msa_memory.cli import app, encode_app
+
+runner = CliRunner()
+BIN = Path(sys.executable).parent
+
+
+def _one_line_error(r, code: int, *needles: str) -> str:
+    assert r.exit_code == code, r.output
+    lines = [line for line in r.output.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1 and "Traceback" not in r.output, r.output
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+@pytest.fixture
+def a_file(tmp_path: Path) -> Path:
+    f = tmp_path / "mem.msa"
+    f.write_text("not a store\n")
+    return f
+
+
+@pytest.mark.parametrize("under", [False, True])
+def test_encode_refuses_a_store_path_that_is_a_file_before_loading_the_model(tmp_path: Path, corpus: Path,
+                                                                              a_file: Path, under: bool) -> None:
+    store = a_file / "sub.msa" if under else a_file
+    missing_model = tmp_path / "no-such-model"   # loading it would fail with ModelLoadError (exit 1)
+    r = runner.invoke(encode_app, [str(corpus), "--store", str(store), "--model", str(missing_model)])
+    _one_line_error(r, 2, str(a_file), "regular file", "folder")
+    r = runner.invoke(encode_app, [str(corpus), "--store", str(store), "--model", str(missing_model), "--json"])
+    assert r.exit_code == 2 and json.loads(r.stdout.strip().splitlines()[-1])["type"] == "ConfigError"
+    assert a_file.read_text() == "not a store\n"
+
+
+def test_every_store_command_refuses_a_file_store_path(tmp_path: Path, a_file: Path) -> None:
+    root = str(a_file)
+    missing_model = str(tmp_path / "no-such-model")
+    for args in (["store", "info", root], ["store", "versions", root], ["store", "docs", root],
+                 ["store", "verify", root], ["store", "compact", root], ["store", "gc", root, "--dry-run"],
+                 ["store", "tag", root, "t"], ["store", "restore", root, "1", "--yes"],
+                 ["search", root, "a question", "--model", missing_model],
+                 ["ask", root, "a question", "--model", missing_model],
+                 ["store", "reindex-router", root, "--adapter", str(tmp_path / "no-adapter")],
+                 ["train-router", "--store", root, "--out", str(tmp_path / "router"), "--model", missing_model]):
+        _one_line_error(runner.invoke(app, args), 3, root, "regular file")
+    assert a_file.read_text() == "not a store\n"
+
+
+def test_reindex_router_refuses_a_dest_that_is_a_file(tmp_path: Path, a_file: Path) -> None:
+    from msa_memory.store import create_store
+    from msa_memory.testing.store_kit import tiny_identity
+
+    src = tmp_path / "src.msa"
+    create_store(src, tiny_identity())
+    r = runner.invoke(app, ["store", "reindex-router", str(src), "--adapter", "aligned", "--dest", str(a_file)])
+    _one_line_error(r, 2, str(a_file), "regular file")
