@@ -17,7 +17,13 @@ instance leaves them to the outer one, and engines over one model share one inst
 (:meth:`CpuGemv.for_model`). No copy of any weight is made: the kernel reads the live tensors.
 
 What it does not do: run on GPUs, fp32 / fp16 weights, or CPUs without AVX512-BF16 (the kernel's
-own checks, ``routing_cpu.available``; ``MSA_CPU_KERNEL=0`` turns it off too).
+own checks, ``routing_cpu.available``). The fallback, torch's ``F.linear`` for every call, is what runs
+there and what ``MSA_CPU_KERNEL=0`` (process-wide) or ``MsaEngine(cpu_gemv=False)`` /
+``Memory(cpu_gemv=False)`` (per engine) force on any CPU. Both paths accumulate in fp32 and round the
+result to bf16 (plus the bias's rounding): each is within ``γ_n·Σ|w||x| + u_bf16·|y|`` (about one bf16
+rounding) of the exact ``w @ x``, which is what the tests check, layer by layer; the two paths may
+still differ by one bf16 ulp where their fp32 sums straddle a rounding boundary. :func:`gemv_reference`
+is the slow reference (an fp32 matmul of the same bf16 values).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["CpuGemv", "gemv"]
+__all__ = ["CpuGemv", "gemv", "gemv_reference"]
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -41,6 +47,11 @@ def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     y = torch.empty(w.shape[0], dtype=torch.float32)
     routing_cpu.gemv_rows(x.reshape(-1).contiguous(), w, y)
     return y
+
+
+def gemv_reference(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """:func:`gemv` in torch: an fp32 matmul of the same bf16 values (the reference; copies ``w`` to fp32)."""
+    return w.float() @ x.reshape(-1).float()
 
 
 def _eligible(lin: Any) -> bool:

@@ -12,8 +12,10 @@ extension holds :func:`doc_reduce` (per-document max / mean of chunk scores) and
 The extension is compiled at first use with ``torch.utils.cpp_extension.load`` (g++ with
 ``-mavx512bf16``, ninja) into torch's extension cache (``TORCH_EXTENSIONS_DIR``, default
 ``~/.cache/torch_extensions``); later processes reuse the build. ``MSA_CPU_KERNEL=0`` turns it
-off. A missing compiler, ninja or CPU feature, or a failed build, leaves :func:`load` returning
-None after one logged warning, and routing uses the torch path.
+off (the fallback switch: routing then runs the torch path of ``routing``, and one-row linears
+``F.linear``, on any CPU). A missing compiler, ninja or CPU feature, or a failed build, leaves
+:func:`load` returning None after one logged warning, and routing uses the torch path;
+:func:`unavailable_reason` says which of these applies (tests name it in their skip reasons).
 """
 
 from __future__ import annotations
@@ -28,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BLOCK", "available", "cpu_supported", "disabled_by_env", "doc_reduce", "gemv_rows", "load", "pack_blocked",
-           "score_blocked", "unpack_blocked"]
+__all__ = ["BLOCK", "CPU_FLAGS", "available", "cpu_supported", "disabled_by_env", "doc_reduce", "gemv_rows", "load",
+           "missing_cpu_flags", "pack_blocked", "score_blocked", "unavailable_reason", "unpack_blocked"]
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +40,12 @@ BLOCK = 32
 
 _SOURCE = Path(__file__).with_name("csrc") / "routing_cpu.cpp"
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512bf16", "-fopenmp"]
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512_bf16")
+"""The /proc/cpuinfo flags the kernel needs (the instructions of ``_FLAGS``)."""
 _lock = threading.Lock()
 _module: Any = None
 _tried = False
+_error = ""          # why the last build failed ("" when it did not)
 
 
 def disabled_by_env() -> bool:
@@ -48,19 +53,38 @@ def disabled_by_env() -> bool:
     return os.environ.get("MSA_CPU_KERNEL", "1").strip().lower() in ("0", "false", "off", "no")
 
 
-def cpu_supported() -> bool:
-    """True on x86-64 Linux CPUs with AVX512F, AVX512BW and AVX512-BF16 (/proc/cpuinfo flags)."""
+def missing_cpu_flags() -> list[str]:
+    """The flags of :data:`CPU_FLAGS` this CPU lacks (all of them off x86-64 Linux or without /proc/cpuinfo)."""
     if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return False
+        return list(CPU_FLAGS)
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
                     flags = set(line.split(":", 1)[1].split())
-                    return {"avx512f", "avx512bw", "avx512_bf16"} <= flags
+                    return [f for f in CPU_FLAGS if f not in flags]
     except OSError:
         pass
-    return False
+    return list(CPU_FLAGS)
+
+
+def cpu_supported() -> bool:
+    """True on x86-64 Linux CPUs with AVX512F, AVX512BW and AVX512-BF16 (/proc/cpuinfo flags)."""
+    return not missing_cpu_flags()
+
+
+def unavailable_reason() -> str | None:
+    """Why the kernel cannot be used here (None when it can): the switch, the missing CPU flags, or the
+    failed build. Builds the extension on the first call, as :func:`available` does."""
+    if load() is not None:
+        return None
+    if disabled_by_env():
+        return "MSA_CPU_KERNEL=0 turns the CPU kernel off"
+    missing = missing_cpu_flags()
+    if missing:
+        return (f"this CPU lacks {', '.join(missing)} (/proc/cpuinfo flags on x86-64 Linux), which the "
+                "AVX512-BF16 kernel needs")
+    return f"the AVX512-BF16 extension could not be built here ({_error or 'see the logged warning'})"
 
 
 def load() -> Any:
@@ -68,7 +92,7 @@ def load() -> Any:
 
     Built (or found in the cache) once per process; a failure is logged once and remembered.
     """
-    global _module, _tried
+    global _module, _tried, _error
     if _tried:
         return _module
     with _lock:
@@ -80,6 +104,7 @@ def load() -> Any:
         try:
             _module = _build()
         except Exception as e:  # noqa: BLE001  (no compiler / ninja / headers, a failed build: torch path)
+            _error = f"{type(e).__name__}: {str(e).strip()[:200]}"
             log.warning("AVX512-BF16 routing kernel unavailable (%s: %s); routing uses the torch path. "
                         "Set MSA_CPU_KERNEL=0 to skip the build.", type(e).__name__, str(e).strip()[:500])
             _module = None
@@ -110,9 +135,9 @@ def available() -> bool:
 
 def _reset_for_tests() -> None:
     """Forget the cached load result (tests toggle ``MSA_CPU_KERNEL``)."""
-    global _module, _tried
+    global _module, _tried, _error
     with _lock:
-        _module, _tried = None, False
+        _module, _tried, _error = None, False, ""
 
 
 def pack_blocked(keys: torch.Tensor) -> torch.Tensor:
