@@ -21,6 +21,8 @@ Exit codes (scripts may rely on them):
 5     conflict: another writer committed first or holds the lock (rerun)
 6     identity mismatch: the model/router differs from the one that built the store
 130   interrupted (Ctrl-C)
+141   stdout's reader went away (e.g. ``msa store docs S | head -1``): the command stops quietly,
+      with the status of a command killed by SIGPIPE
 ====  =====================================================================================
 """
 
@@ -42,6 +44,7 @@ __all__ = ["app", "encode_app", "main", "encode_main", "EXIT_CODES"]
 
 EXIT_OK, EXIT_FAIL, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_INTEGRITY, EXIT_CONFLICT, EXIT_IDENTITY = 0, 1, 2, 3, 4, 5, 6
 EXIT_INTERRUPTED = 130
+EXIT_PIPE_CLOSED = 141  # 128 + SIGPIPE: what a shell reports for `yes | head -1` under pipefail
 #: error class -> exit code; the first matching class (in this order) wins.
 EXIT_CODES: list[tuple[type[BaseException], int]] = [
     (E.IdentityMismatchError, EXIT_IDENTITY),
@@ -100,7 +103,29 @@ def _exit_code(exc: BaseException) -> int:
     return EXIT_FAIL
 
 
+def _stdout_closed() -> bool:
+    """True when stdout is a pipe whose reader has gone (``| head -1`` printed its line and exited)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(ev & select.POLLERR for _, ev in poller.poll(0))
+    except (AttributeError, OSError, ValueError):  # no real file behind stdout (e.g. a test runner)
+        return False
+
+
+def _exit_pipe_closed() -> NoReturn:
+    """Stop quietly: stdout to /dev/null (so the final flush cannot fail again), status 141."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+    raise typer.Exit(EXIT_PIPE_CLOSED)
+
+
 def _fail(exc: BaseException, json_out: bool) -> NoReturn:
+    if isinstance(exc, BrokenPipeError) and _stdout_closed():
+        _exit_pipe_closed()
     code = _exit_code(exc)
     hint = getattr(exc, "hint", None)
     if hint is None:
@@ -176,7 +201,8 @@ Examples:
   msa-encode docs/ --store mem.msa --json | tail -1 # machine-readable summary
 \b
 Exit codes: 0 ok (also: nothing changed), 1 failure, 2 bad usage, 3 not found,
-4 integrity, 5 conflict (rerun), 6 model differs from the store's, 130 interrupted.
+4 integrity, 5 conflict (rerun), 6 model differs from the store's, 130 interrupted,
+141 stdout closed by its reader (e.g. `| head -1`).
 A killed or failed job can simply be rerun: finished shards are reused."""
 
 

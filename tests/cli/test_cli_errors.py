@@ -74,3 +74,44 @@ def test_reindex_router_refuses_a_dest_that_is_a_file(tmp_path: Path, a_file: Pa
     create_store(src, tiny_identity())
     r = runner.invoke(app, ["store", "reindex-router", str(src), "--adapter", "aligned", "--dest", str(a_file)])
     _one_line_error(r, 2, str(a_file), "regular file")
+
+
+# ----------------------------------------------------------------------------- output piped into head
+
+
+@pytest.fixture(scope="module")
+def wide_store(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
+    """A store whose `msa store docs --limit 0` prints far more than a pipe holds (long source paths)."""
+    from msa_memory.jobs import encode_corpus
+
+    root = tmp_path_factory.mktemp("wide")
+    deep = root / "notes" / "/".join(f"{c * 200}" for c in "abc")
+    make_corpus(deep, 160, words=(3, 5))
+    encode_corpus([root / "notes"], root / "w.msa", model=str(tiny_model_dir), shard_tokens=10**6, workers=1,
+                  torch_threads=1)
+    return root / "w.msa"
+
+
+def _env() -> dict[str, str]:
+    # stdout buffered as Python has it by default (PYTHONUNBUFFERED makes a short write to a closed pipe silent)
+    return {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | {"MSA_DISABLE_PROGRESS_BARS": "1"}
+
+
+def _read_then_close(args: list[str], n_bytes: int | None = None) -> tuple[bytes, int, str]:
+    """Run `msa ARGS`, read its first line (or n_bytes) and close the pipe, like `| head -1`."""
+    p = subprocess.Popen([str(BIN / "msa"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env())
+    first = p.stdout.readline() if n_bytes is None else p.stdout.read(n_bytes)
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    return first, p.wait(timeout=120), err
+
+
+def test_output_piped_into_head_exits_quietly(wide_store: Path) -> None:
+    root = str(wide_store)
+    for args, n in ((["store", "docs", root, "--limit", "0"], None), (["store", "docs", root, "--limit", "0", "--json"], 100)):
+        first, rc, err = _read_then_close(args, n)
+        assert first and rc == 141 and err == "", (args, rc, err[-2000:])
+    # the shell pipeline itself: `head` prints one line; with pipefail the status is 141, as for `yes | head -1`
+    p = subprocess.run(["bash", "-o", "pipefail", "-c", f"'{BIN / 'msa'}' store docs '{root}' --limit 0 | head -1"],
+                       capture_output=True, text=True, timeout=120, env=_env())
+    assert p.returncode == 141 and p.stdout.count("\n") == 1 and p.stderr == "", (p.returncode, p.stderr[-2000:])
