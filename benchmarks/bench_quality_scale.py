@@ -41,8 +41,9 @@ Five steps (``--step``):
    scores the 1M and 10M haystacks here. Writes ``--out/scale_dense.json``, the row the gpu step's ``--dense``
    would add. ``--dense-cache DIR`` keeps the passage embeddings in whole blocks (``--dense-block``, written to a
    temporary file and renamed), so a run killed or out of time goes on from there when run again, with scores
-   equal to an uncached run's bit for bit; a cache of another haystack, model, dtype, device type or batch is
-   refused.
+   equal to an uncached run's bit for bit where both run in fp32 with the same batch and thread count on the
+   same machine (another batching, thread count or CPU kernel may round differently); a cache of another
+   haystack, model, dtype, device type or batch is refused.
 4. ``bm25`` (here, CPU): rebuilds the same haystack texts, runs BM25 (bm25s) on each size, merges
    the GPU file (and ``--dense-json``, the dense step's file, refused for another haystack) and prints the
    table and one JSON line. Under each size it prints every routing
@@ -346,7 +347,7 @@ def _dense_scores(carry: Path, d, comp, n_docs: int, dev, batch: int = 512, dtyp
     ``cache``: a folder that keeps the passage embeddings, ``block`` passages (a multiple of ``batch``) per file,
     each written whole (a temporary file, then a rename), so a run that is killed or runs out of time goes on
     from its last whole block when run again; the scores equal an uncached run's bit for bit (the same batches,
-    the same fp32 embeddings). Its ``cache.json`` binds it to the haystack ``digest``, the model file, dtype,
+    the same fp32 embeddings) where both run with the same thread count on the same machine's kernels. Its ``cache.json`` binds it to the haystack ``digest``, the model file, dtype,
     device type, batch and block; another run's cache is refused. ``stats["from_cache"]``: the passages read from
     it."""
     import torch

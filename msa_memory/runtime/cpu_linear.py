@@ -19,11 +19,12 @@ instance leaves them to the outer one, and engines over one model share one inst
 What it does not do: run on GPUs, fp32 / fp16 weights, or CPUs without AVX512-BF16 (the kernel's
 own checks, ``routing_cpu.available``). The fallback, torch's ``F.linear`` for every call, is what runs
 there and what ``MSA_CPU_KERNEL=0`` (process-wide) or ``MsaEngine(cpu_gemv=False)`` /
-``Memory(cpu_gemv=False)`` (per engine) force on any CPU. Both paths accumulate in fp32 and round the
-result to bf16 (plus the bias's rounding): each is within ``γ_n·Σ|w||x| + u_bf16·|y|`` (about one bf16
-rounding) of the exact ``w @ x``, which is what the tests check, layer by layer; the two paths may
-still differ by one bf16 ulp where their fp32 sums straddle a rounding boundary. :func:`gemv_reference`
-is the slow reference (an fp32 matmul of the same bf16 values).
+``Memory(cpu_gemv=False)`` (per engine) force on any CPU. Both paths accumulate in fp32 (the fp32 sum
+of n products is within γ_n·Σ|w_i x_i| of exact, γ_n = n·2^-24 / (1 − n·2^-24)) and round the result to
+bf16 (relative 2^-8; the bias add, one more rounding): each output is within about half a bf16 ulp of
+the exact ``w @ x + b``, which the tests check call by call, while the two paths may differ by one bf16
+ulp where their fp32 sums straddle a rounding boundary. :func:`gemv_reference` is the slow reference
+(an fp32 matmul of the same bf16 values).
 """
 
 from __future__ import annotations

