@@ -222,6 +222,7 @@ def encode(
     gitignore: Annotated[bool, typer.Option("--gitignore", help="Respect .gitignore files in the folders")] = False,
     max_file_mb: Annotated[float, typer.Option("--max-file-mb", help="Skip files larger than this (MB)", min=0.001)] = 32.0,
     jsonl_field: Annotated[str, typer.Option("--jsonl-field", help="Text field of .jsonl records")] = "text",
+    follow_links: Annotated[bool, typer.Option("--follow-links", help="Also follow symlinks that lead out of the folders given (default: counted, not followed)")] = False,
     shard_tokens: Annotated[int | None, typer.Option("--shard-tokens", help="Tokens per shard task: resume and progress granularity (default: 8192 on CPU, 262144 with GPUs)", min=1)] = None,
     max_passage_tokens: Annotated[int, typer.Option("--max-passage-tokens", help="Longest passage (MSA document) in tokens", min=16)] = 512,
     torch_threads: Annotated[int | None, typer.Option("--torch-threads", help="torch threads per worker (default: all cores for one local worker)", min=1)] = None,
@@ -241,7 +242,7 @@ def encode(
                 [str(p) for p in paths], store, model=model, adapter=adapter, tokenizer=tokenizer, device=device, dtype=dtype,
                 scheduler=scheduler, workers=workers, dry_run=dry_run, include=include or (),
                 exclude=exclude or (), respect_gitignore=gitignore, max_file_bytes=int(max_file_mb * 1024 * 1024),
-                jsonl_field=jsonl_field, shard_tokens=shard_tokens, max_passage_tokens=max_passage_tokens,
+                jsonl_field=jsonl_field, follow_links=follow_links, shard_tokens=shard_tokens, max_passage_tokens=max_passage_tokens,
                 torch_threads=torch_threads, keep_router_inputs=keep_router_inputs, message=message, progress=bar)
         finally:
             bar.close()
@@ -293,6 +294,12 @@ def _print_summary(r: Any) -> None:
     echo(f"  tokens: {tokens} ({rate:,.0f} tok/s)")
     echo(f"  bytes : {_human_bytes(r.bytes_written)} in {r.shards_written} new + {r.shards_reused} reused shards")
     echo(f"  time  : {r.seconds:.1f} s")
+    stores, links = getattr(r, "stores_excluded", []), getattr(r, "links_not_followed", [])
+    if stores:
+        echo(f"  scan  : {len(stores)} msa store{'s' * (len(stores) != 1)} left out: {', '.join(stores)}")
+    if links:
+        echo(f"  scan  : {len(links)} symlink{'s' * (len(links) != 1)} out of the scanned folders not followed "
+             "(--follow-links)")
     for s in r.skipped[:50]:
         echo(f"  skipped {s['path']}: {s['reason']}")
     if len(r.skipped) > 50:

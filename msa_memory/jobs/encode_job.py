@@ -97,6 +97,8 @@ class JobResult:
     files_unchanged: int = 0
     files_excluded: int = 0
     skipped: list[dict[str, str]] = field(default_factory=list)
+    stores_excluded: list[str] = field(default_factory=list)
+    links_not_followed: list[str] = field(default_factory=list)
     docs_added: int = 0
     docs_deleted: int = 0
     shards_written: int = 0
@@ -268,7 +270,7 @@ def _prepare(paths: Sequence[str | os.PathLike[str]] | str, store: str | os.Path
     if shard_tokens < 1 or max_passage_tokens < 1:
         raise ConfigError(f"shard_tokens and max_passage_tokens must be positive, got {shard_tokens!r}, {max_passage_tokens!r}.")
     root = str(store) if isinstance(store, (str, os.PathLike)) else str(store.root)  # a MemoryStore
-    scan = scan_corpus(paths if not isinstance(paths, (str, os.PathLike)) else [paths], options)
+    scan = scan_corpus(paths if not isinstance(paths, (str, os.PathLike)) else [paths], options, store=root)
     # 1. diff against an existing store first: an unchanged folder needs no model at all
     opened = _open_existing(root)
     if opened is not None and opened.identity.hidden_size > 0 and not spec.keep_router_inputs:
@@ -281,7 +283,8 @@ def _prepare(paths: Sequence[str | os.PathLike[str]] | str, store: str | os.Path
         opened = _open_or_create(root, identity, create=not dry_run)
     if opened is None:  # dry run against a store that does not exist yet: plan as if it were empty
         diff = FileDiff(read_version=-1, to_encode=list(scan.sources), added=[s.key for s in scan.sources],
-                        skipped=list(scan.skipped), n_excluded=scan.n_excluded)
+                        skipped=list(scan.skipped), n_excluded=scan.n_excluded,
+                        stores_excluded=list(scan.stores_excluded), links_not_followed=list(scan.links_not_followed))
     elif diff is None:  # the store was just created
         diff = diff_sources(scan, opened)
     result = JobResult(store=root, read_version=None if opened is None else int(opened.version),
@@ -289,6 +292,7 @@ def _prepare(paths: Sequence[str | os.PathLike[str]] | str, store: str | os.Path
                        files_added=diff.added, files_replaced=diff.replaced, files_deleted=diff.deleted,
                        files_unchanged=len(diff.unchanged), files_excluded=diff.n_excluded,
                        skipped=[{"path": s.path, "reason": s.reason} for s in diff.skipped],
+                       stores_excluded=diff.stores_excluded, links_not_followed=diff.links_not_followed,
                        docs_deleted=len(diff.delete_ids))
     prepared = _Prepared(root, opened, diff, result, [], [], spec, "", t0)
     if not diff.has_changes:
@@ -427,6 +431,7 @@ def encode_corpus(
     respect_gitignore: bool = False,
     max_file_bytes: int = 32 * 1024 * 1024,
     jsonl_field: str = "text",
+    follow_links: bool = False,
     shard_tokens: int | None = None,
     max_passage_tokens: int = 512,
     max_batch_tokens: int = 8192,
@@ -458,6 +463,9 @@ def encode_corpus(
     dry_run : plan only: nothing is reserved, encoded or written (a missing store is not created).
     include, exclude, respect_gitignore, max_file_bytes, jsonl_field : what is read (see
         ``encode.corpus.ReaderOptions``; defaults: all files, none excluded, off, 32 MiB, ``"text"``).
+    follow_links : also follow symlinks whose target lies outside the folders given; default False
+        (they are counted in ``JobResult.links_not_followed``). Msa stores in the folders (this one
+        included) are never read (``JobResult.stores_excluded``).
     shard_tokens : tokens per shard task; default None = :func:`default_shard_tokens` (8192 on a
         CPU machine: ~3-15 s of work per task there; 262144 where there are GPUs: ~1 s per task).
         Smaller means finer resume and progress, and more shards.
@@ -498,7 +506,8 @@ def encode_corpus(
                      max_batch_tokens=int(max_batch_tokens), keep_router_inputs=bool(keep_router_inputs),
                      tokenizer=None if tokenizer is None else str(tokenizer))
     options = ReaderOptions(include=tuple(include), exclude=tuple(exclude), respect_gitignore=respect_gitignore,
-                            max_file_bytes=int(max_file_bytes), jsonl_text_field=jsonl_field)
+                            max_file_bytes=int(max_file_bytes), jsonl_text_field=jsonl_field,
+                            follow_links=bool(follow_links))
     if scheduler is not None and compute and not dry_run:
         # connect first: an unreachable scheduler fails before the model is loaded or ids reserved
         with job_client(scheduler=scheduler) as (remote, _):

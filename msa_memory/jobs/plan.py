@@ -51,6 +51,10 @@ class FileDiff:
     """Document ids of replaced and deleted sources (removed in the job's one commit)."""
     skipped: list[SkippedFile] = field(default_factory=list)
     n_excluded: int = 0
+    stores_excluded: list[str] = field(default_factory=list)
+    """Folders the scan left out as msa stores (``CorpusScan.stores_excluded``)."""
+    links_not_followed: list[str] = field(default_factory=list)
+    """Symlinks out of the scanned folders the scan did not follow (``CorpusScan.links_not_followed``)."""
 
     @property
     def has_changes(self) -> bool:
@@ -73,7 +77,8 @@ class ShardTask:
 
 def diff_sources(scan: CorpusScan, store: MemoryStore) -> FileDiff:
     """Compare ``scan`` with ``store``'s version (sources keyed by ``source_path``, hashed by ``file_sha256``)."""
-    diff = FileDiff(read_version=int(store.version), skipped=list(scan.skipped), n_excluded=scan.n_excluded)
+    diff = FileDiff(read_version=int(store.version), skipped=list(scan.skipped), n_excluded=scan.n_excluded,
+                    stores_excluded=list(scan.stores_excluded), links_not_followed=list(scan.links_not_followed))
     table = store.documents(columns=["doc_id", "source_path", "file_sha256"])
     stored: dict[str, tuple[set[str], list[int]]] = {}
     if table.num_rows:
