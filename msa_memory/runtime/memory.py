@@ -169,6 +169,12 @@ class Memory:
     >>> mem.search(tok("Who wrote the report?", add_special_tokens=False)["input_ids"])  # doctest: +SKIP
     """
 
+    #: Longest question, in tokens, that route/search/ask take (``question_token_limit``: never more than the
+    #: model's context). A question's forward takes time and memory that grow with its length (the default
+    #: model spent 4.2 GB and 41 s on a 119 KB one), so longer ones are refused with ConfigError before any
+    #: forward. 2048 tokens is about 1,500 English words; set it on an instance to take longer questions.
+    max_question_tokens: int = 2048
+
     def __init__(self, store: Any, model: Any = "default", *, adapter: Any = None, tokenizer: Any = None,
                  device: str = "cpu",
                  source: str = "auto", memory_budget: int | str | None = "4GiB",
@@ -354,14 +360,36 @@ class Memory:
         return router_suffix(self.model)
 
     def _question(self, question: Any) -> str | list[int]:
-        """A question as the prompt layouts take it: non-blank text, or token ids checked against the vocabulary."""
-        # NOTE(ids): route/search/ask all normalise the question here first; a limit on the question's
-        # length applied after this (e.g. to ``self.layout.question(q).ids``) holds for text and ids alike.
+        """A question as the prompt layouts take it: non-blank text, or token ids checked against the vocabulary;
+        ConfigError, before any forward, when it is longer than ``question_token_limit`` tokens."""
+        # route/search/ask all normalise the question here first, so the limit holds for text and ids alike
         if isinstance(question, str):
             if not question.strip():
                 raise ConfigError("The question is empty; pass some text (or token ids) to ask or route with.")
-            return question
-        return self.model.check_token_ids(question, "The question")
+            n = len(self.tokenizer(question, add_special_tokens=False)["input_ids"])
+        else:
+            question = self.model.check_token_ids(question, "The question")
+            n = len(question)
+        if n > self.question_token_limit:
+            ctx = self._model_context()
+            raise ConfigError(
+                f"The question is {n:,} tokens long; Memory takes at most {self.question_token_limit:,} "
+                f"(max_question_tokens={self.max_question_tokens:,}"
+                + (f", the model's context {ctx:,})." if ctx else ")."),
+                hint="Ask with the question alone, a few words to a few sentences (routing reads the question, not a "
+                     "document); from Python, set mem.max_question_tokens higher (up to the model's context) to "
+                     "take longer ones, at the cost of time and memory.")
+        return question
+
+    def _model_context(self) -> int | None:
+        ctx = getattr(getattr(self.model.hf_model, "config", None), "max_position_embeddings", None)
+        return int(ctx) if ctx else None
+
+    @property
+    def question_token_limit(self) -> int:
+        """Longest question in tokens: ``max_question_tokens``, or the model's context where that is shorter."""
+        ctx = self._model_context()
+        return min(int(self.max_question_tokens), ctx) if ctx else int(self.max_question_tokens)
 
     def _question_text(self, question: str | list[int]) -> str:
         """The question as an Answer records it: the text, or the decoded token ids."""
