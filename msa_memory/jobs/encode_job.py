@@ -17,6 +17,10 @@ takes the same ids from the journal, finds the shards it already wrote with ``st
 (checksum-verified) and encodes only the rest; the committed tensors are bit-identical to an
 uninterrupted run's. The journal is removed after the commit.
 
+The same job started twice at once: the journal is created exclusively, so both runs take the same
+ids and write the same shards (a worker reuses the shard the other run wrote under its id); the
+commit's read_version check lets exactly one publish, and the other raises VersionConflictError.
+
 Key invariant: nothing is published until every shard of the plan is on disk; any failure leaves
 the store at the version the job read (plus orphan or reusable shards).
 """
