@@ -1,4 +1,5 @@
-"""Arrow schema of the per-shard document table (``shards/{shard_id}/docs.parquet``).
+"""Arrow schemas of the per-shard document table (``shards/{shard_id}/docs.parquet``) and of a shard's
+lexical postings (``postings.lex1.parquet``, see ``store/lexical.py``).
 
 One row per document (an MSA "document" = one passage). The table is written once with its
 shard and never changed: deletions live in per-version deletion files, not in this table.
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-__all__ = ["DOCUMENT_SCHEMA", "DOCUMENT_COLUMNS", "document_schema"]
+__all__ = ["DOCUMENT_SCHEMA", "DOCUMENT_COLUMNS", "POSTINGS_SCHEMA", "document_schema"]
 
 #: Columns of the document table, in order, with their meaning.
 DOCUMENT_SCHEMA = pa.schema(
@@ -33,6 +34,17 @@ DOCUMENT_SCHEMA = pa.schema(
     metadata={"msa_memory.table": "documents"},
 )
 DOCUMENT_COLUMNS: tuple[str, ...] = tuple(DOCUMENT_SCHEMA.names)
+
+#: Lexical postings of a shard: one row per distinct term of a document, sorted by doc_id then term_hash
+#: (a document's length is the sum of its tf). The writer adds ``msa_lexical_analyzer`` to the metadata.
+POSTINGS_SCHEMA = pa.schema(
+    [
+        pa.field("doc_id", pa.int64(), nullable=False),  # store id of the document
+        pa.field("term_hash", pa.uint64(), nullable=False),  # blake2b-64 of the term (UTF-8), little-endian
+        pa.field("tf", pa.int32(), nullable=False),  # occurrences of the term in the document
+    ],
+    metadata={"msa_memory.table": "postings"},
+)
 
 
 def document_schema() -> pa.Schema:

@@ -18,6 +18,8 @@ Layout (see docs/store-format.md)::
     ROOT/deletions/{N:08d}-{hex}.json   document ids deleted by version N
     ROOT/router_keys/{shard}.{router}.{hex}/k_router/   a shard's router keys under another router
                                         (written by a reindex; named by the versions that use them)
+    ROOT/lexical/{shard}.{analyzer}.{hex}.parquet   a shard's lexical postings written after the shard
+                                        (``msa store reindex-lexical``; named by the versions that use them)
     ROOT/damaged/{N:08d}.json.{hex}     damaged manifests ``repair`` set aside (never deleted by the store)
 
 Links: the store never creates symbolic links and never reads, writes or deletes through one.
@@ -55,10 +57,11 @@ DELETIONS_DIR = "deletions"
 RECORD_FILE = "_record.json"
 DOCS_FILE = "docs.parquet"
 ROUTER_KEYS_DIR = "router_keys"
+LEXICAL_DIR = "lexical"
 DAMAGED_DIR = "damaged"
 
 #: folders of a store (each a real folder directly under the root, never a link) and its top-level files
-STORE_DIRS = (VERSIONS_DIR, TAGS_DIR, SHARDS_DIR, STAGING_DIR, DELETIONS_DIR, ROUTER_KEYS_DIR, DAMAGED_DIR)
+STORE_DIRS = (VERSIONS_DIR, TAGS_DIR, SHARDS_DIR, STAGING_DIR, DELETIONS_DIR, ROUTER_KEYS_DIR, LEXICAL_DIR, DAMAGED_DIR)
 STORE_FILES = (IDENTITY_FILE, IDS_FILE, LOCK_FILE, f"{VERSIONS_DIR}/{LATEST_HINT}")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -71,6 +74,9 @@ DELETION_RE = re.compile(r"^\d{8,}-[0-9a-f]+\.json$")
 TEMP_RE = re.compile(rf"^\.[A-Za-z0-9_][A-Za-z0-9._-]*\.{_HEX}\.tmp$")
 _REL_PART_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,254}$")
 ROUTER_KEYS_PATH_RE = re.compile(r"^router_keys/[A-Za-z0-9][A-Za-z0-9._-]{0,254}$")
+#: lexical postings of a shard written after it: SHARD.ANALYZER.HEX.parquet under lexical/
+LEXICAL_RE = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,180}}\.{_HEX}\.parquet$")
+LEXICAL_PATH_RE = re.compile(rf"^lexical/[A-Za-z0-9][A-Za-z0-9._-]{{0,180}}\.{_HEX}\.parquet$")
 DELETION_PATH_RE = re.compile(r"^deletions/\d{8,}-[0-9a-f]+\.json$")
 
 

@@ -42,6 +42,7 @@ from msa_memory.store._layout import (
     IDENTITY_FILE,
     LATEST_HINT,
     TAGS_DIR,
+    LEXICAL_PATH_RE,
     ROUTER_KEYS_PATH_RE,
     VERSIONS_DIR,
     check_tag_name,
@@ -122,6 +123,13 @@ def check_manifest_structure(m: dict[str, Any], where: str, hint: str | None = N
             if bad is not None:
                 raise _bad(where, f"shards[{i}].router_keys.files", f"names {bad!r}, not a path inside the "
                            "router-key folder: it could lead outside the store.", hint)
+        if "lexical" in e:  # the shard's lexical postings written after it (lexical.py)
+            lx = e["lexical"]
+            _check_fields(lx, {"path": str, "analyzer": str, "size": int, "crc32c": int}, where,
+                          f"shards[{i}].lexical.", hint)
+            if not LEXICAL_PATH_RE.match(lx["path"]):
+                raise _bad(where, f"shards[{i}].lexical.path", f"is {lx['path']!r}, not lexical/NAME.HEX.parquet: "
+                           "it could lead outside the store.", hint)
     if "router" in m:
         _check_fields(m["router"], {"router_id": str, "router_layers": list}, where, "router.", hint)
     for i, e in enumerate(m["deletions"]):

@@ -329,7 +329,7 @@ def restore(store: MemoryStore, version: int | str, message: str | None = None, 
 
 
 def check_version_files(old: MemoryStore, action: str) -> None:
-    """Raise unless every shard, router-key array and deletion file version ``old`` names is in the store,
+    """Raise unless every shard, router-key array, lexical sidecar and deletion file version ``old`` names is in the store,
     reached without a link (StoreLayoutError) and present (ShardMissingError): what a new version made
     from it will read."""
     root = old.root
@@ -344,6 +344,12 @@ def check_version_files(old: MemoryStore, action: str) -> None:
             if not (root / rk["path"]).is_dir():
                 raise ShardMissingError(f"Version {old.version} needs router keys {rk['path']!r}, which gc removed.",
                                         hint="Restore a version that gc kept (see `msa store versions`).")
+        lx = e.get("lexical")
+        if lx is not None:
+            check_inside(root, lx["path"], action)
+            if not (root / lx["path"]).is_file():
+                raise ShardMissingError(f"Version {old.version} needs lexical postings {lx['path']!r}, which gc "
+                                        "removed.", hint="Restore a version that gc kept (see `msa store versions`).")
     for d in old.manifest["deletions"]:
         check_inside(root, d["path"], action)
 

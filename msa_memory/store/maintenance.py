@@ -29,11 +29,14 @@ import numpy as np
 from msa_memory.errors import ConfigError, MsaError
 from msa_memory.schemas.records import EncodedChunks, Passage
 from msa_memory.store import _manifest, shards
+from msa_memory.store.lexical import sidecar_paths, verify_postings
 from msa_memory.store.rekey import router_key_paths, verify_keys
 from msa_memory.store._layout import (
     DELETION_RE,
     DELETIONS_DIR,
     LATEST_HINT,
+    LEXICAL_DIR,
+    LEXICAL_RE,
     RECORD_FILE,
     ROUTER_KEYS_DIR,
     ROUTER_KEYS_RE,
@@ -223,6 +226,7 @@ _KINDS: dict[str, tuple[Any, bool, str]] = {
     "shard": (is_name, True, "a shard id"),
     "staging": (STAGING_RE.match, True, "SHARD.HEX, SHARD.damaged-HEX or rk-NAME.HEX"),
     "router_keys": (ROUTER_KEYS_RE.match, True, "SHARD.ROUTER.HEX"),
+    "lexical": (LEXICAL_RE.match, False, "SHARD.ANALYZER.HEX.parquet"),
     "deletion": (DELETION_RE.match, False, "NNNNNNNN-HEX.json"),
     "temp": (TEMP_RE.match, False, ".NAME.HEX.tmp"),
     "manifest": (lambda n: True, False, "NNNNNNNN.json"),
@@ -261,9 +265,11 @@ def _candidates(root: Path, versions: list[int], kept: set[int], refs: tuple[set
     cands += [(f"{STAGING_DIR}/{n}", "staging") for n in _listing(root, STAGING_DIR)]
     cands += [(f"{ROUTER_KEYS_DIR}/{n}", "router_keys") for n in _listing(root, ROUTER_KEYS_DIR)
               if f"{ROUTER_KEYS_DIR}/{n}" not in ref_keys]
+    cands += [(f"{LEXICAL_DIR}/{n}", "lexical") for n in _listing(root, LEXICAL_DIR)
+              if not n.endswith(".tmp") and f"{LEXICAL_DIR}/{n}" not in ref_keys]
     cands += [(f"{DELETIONS_DIR}/{n}", "deletion") for n in _listing(root, DELETIONS_DIR)
               if f"{DELETIONS_DIR}/{n}" not in ref_dels]
-    for sub in ("", VERSIONS_DIR, TAGS_DIR):
+    for sub in ("", VERSIONS_DIR, TAGS_DIR, LEXICAL_DIR):
         cands += [(f"{sub}/{n}".lstrip("/"), "temp") for n in _listing(root, sub or ".") if n.endswith(".tmp")]
     return cands
 
@@ -292,7 +298,8 @@ def gc(store: MemoryStore, dry_run: bool = True, *, keep_last: int | None = None
     Kept versions: all, or with ``keep_last=k`` the latest k plus every tagged version (the
     manifests of the others are removed too). Removable: shard directories no kept manifest lists
     (committed-then-dropped shards and orphans of crashed or abandoned writers), ``staging/``
-    leftovers, router-key arrays (``router_keys/``) that no kept version names, unreferenced
+    leftovers, router-key arrays (``router_keys/``) and lexical sidecars (``lexical/``) that no kept
+    version names, unreferenced
     deletion files and temp files, each only once proved the store's own (module docstring);
     others are reported under ``skipped`` and left alone. Anything younger than ``grace_s``
     seconds (default 1 h; a job may still be about to commit it) is reported under ``young`` and
@@ -334,7 +341,7 @@ def _gc(root: Path, dry_run: bool, keep_last: int | None, grace_s: float) -> dic
         if v in kept:
             refs[0].update(e["shard_id"] for e in m["shards"])
             refs[1].update(d["path"] for d in m["deletions"])
-            refs[2].update(router_key_paths(m))
+            refs[2].update(router_key_paths(m) | sidecar_paths(m))
     orphans: list[dict[str, Any]] = []
     young: list[dict[str, Any]] = []
     for rel, kind in _candidates(root, versions, kept, refs):
@@ -404,7 +411,8 @@ def verify(store: MemoryStore) -> dict[str, Any]:
             live_docs = [int(x) for x in rec.doc_ids[store._live_mask(sid)]]
         except MsaError:
             live_docs = [int(x) for x in rec.doc_ids]
-        for path, problem in shards.verify_files(root, rec):
+        bad_files = shards.verify_files(root, rec)
+        for path, problem in bad_files:
             problems.append({"file": path, "shard_id": sid, "problem": problem, "doc_ids": live_docs})
         n_files += len(rec.files) + 1
         n_bytes += e["n_bytes"]
@@ -413,6 +421,11 @@ def verify(store: MemoryStore) -> dict[str, Any]:
                 problems.append({"file": path, "shard_id": sid, "problem": problem, "doc_ids": live_docs})
             n_files += len(e["router_keys"]["files"])
             n_bytes += sum(f["size"] for f in e["router_keys"]["files"].values())
+        lex_problems, lex_files, lex_bytes = verify_postings(store, e, shard_ok=not bad_files)
+        problems += [{"file": path, "shard_id": sid, "problem": problem, "doc_ids": live_docs}
+                     for path, problem in lex_problems]
+        n_files += lex_files
+        n_bytes += lex_bytes
     for d in store.manifest["deletions"]:
         link = link_in_path(root, d["path"])
         if link is not None:

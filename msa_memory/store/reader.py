@@ -130,7 +130,8 @@ class MemoryStore:
         s["bytes_per_chunk"] = chunk_bytes(self.identity)
         s["disk_bytes"] = int(sum(e["n_bytes"] for e in self._shard_entries)
                               + sum(f["size"] for e in self._shard_entries if "router_keys" in e
-                                    for f in e["router_keys"]["files"].values()))
+                                    for f in e["router_keys"]["files"].values())
+                              + sum(e["lexical"]["size"] for e in self._shard_entries if "lexical" in e))
         s["n_shards"] = len(self._shard_entries)
         s["n_deletion_files"] = len(self.manifest["deletions"])
         s["version"] = self.version
@@ -394,6 +395,32 @@ class MemoryStore:
         from msa_memory.store import rekey
 
         return rekey.relabel(self, router, message=message, read_version=read_version, lock_timeout=lock_timeout)
+
+    def lexical_index(self, doc_ids: np.ndarray | None = None) -> Any:
+        """BM25 over this version's live documents (``lexical.LexicalIndex``; ``doc_ids`` their order, default
+        sorted ids). ConfigError when a shard has no lexical postings: ``reindex_lexical`` adds them."""
+        from msa_memory.store.lexical import LexicalIndex
+
+        return LexicalIndex.from_store(self, doc_ids)
+
+    def lexical_info(self) -> dict[str, Any]:
+        """``{"analyzer", "n_shards", "indexed_shards", "complete"}``: how many shards of this version have
+        lexical postings of the analyzer this release reads (``complete``: all, what hybrid retrieval needs)."""
+        from msa_memory.store.lexical import ANALYZER, lexical_source
+
+        n = sum(1 for e in self._shard_entries if (src := lexical_source(self, e)) is not None
+                and src.analyzer == ANALYZER)
+        return {"analyzer": ANALYZER, "n_shards": len(self._shard_entries), "indexed_shards": n,
+                "complete": n == len(self._shard_entries)}
+
+    def reindex_lexical(self, *, message: str = "", read_version: int | None = None, lock_timeout: float = 60.0,
+                        log: Any = None) -> MemoryStore:
+        """Publish version N+1 with lexical postings for every shard that lacks them (sidecars written from the
+        stored text, no re-encoding); this snapshot when none lacks them (see ``lexical.reindex_lexical``)."""
+        from msa_memory.store import lexical
+
+        return lexical.reindex_lexical(self, message=message, read_version=read_version, lock_timeout=lock_timeout,
+                                       log=log)
 
     def restore(self, version: int | str, message: str | None = None) -> MemoryStore:
         """Publish a new version equal to ``version``."""

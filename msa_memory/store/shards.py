@@ -16,6 +16,9 @@ Arrays of a shard (C chunks of the shard, L router layers; dtype = identity stor
     k_router_s (Ls, Cs, H, D)   only with identity.shifted_layers: router keys over the shifted grid
     x_router_s (Ls, Cs, E)      ... and its pooled inputs when x_router is kept
 
+Beside them ``docs.parquet`` (document rows with the text) and ``postings.lex1.parquet`` (the lexical
+postings of that text, ``store/lexical.py``; unless ``write_shard(..., lexical=False)``).
+
 Cs chunks of the shifted grid: document i owns ``shifted_offsets(record)[i:i+2]`` of them
 (``schemas.records.shifted_chunk_counts`` of its token count).
 """
@@ -234,8 +237,11 @@ def file_crc(path: Path) -> tuple[int, int]:
 
 
 def write_shard(root: str | os.PathLike[str], shard_id: str, passages: Sequence[Passage],
-                encoded: EncodedChunks) -> ShardRecord:
+                encoded: EncodedChunks, *, lexical: bool = True) -> ShardRecord:
     """Write one immutable shard of ``encoded`` documents; touches no manifest.
+
+    ``lexical`` (default True) also writes the lexical postings of the passages' text into the shard
+    (``store/lexical.py``); False writes a shard as releases before the lexical index did.
 
     Raises SchemaMismatchError (shapes/dtypes vs the identity), IdNotReservedError,
     DuplicateDocumentError (ids repeated or already committed), StoreExistsError (``shard_id``
@@ -248,7 +254,7 @@ def write_shard(root: str | os.PathLike[str], shard_id: str, passages: Sequence[
     check_encoded(identity, passages, encoded)
     check_ids(root, encoded.doc_ids)
     try:
-        return write_shard_unchecked(root, identity, shard_id, passages, encoded)
+        return write_shard_unchecked(root, identity, shard_id, passages, encoded, lexical=lexical)
     except OSError as e:
         err = os_write_error(root, e, f"writing shard {shard_id!r}")
         if err is None:
@@ -257,7 +263,7 @@ def write_shard(root: str | os.PathLike[str], shard_id: str, passages: Sequence[
 
 
 def write_shard_unchecked(root: Path, identity: StoreIdentity, shard_id: str, passages: Sequence[Passage],
-                          encoded: EncodedChunks) -> ShardRecord:
+                          encoded: EncodedChunks, *, lexical: bool = True) -> ShardRecord:
     """write_shard without the id checks (compaction rewrites ids that are already committed)."""
     check_layout(root, f"writing shard {shard_id!r}")
     final = root / SHARDS_DIR / shard_id
@@ -267,14 +273,14 @@ def write_shard_unchecked(root: Path, identity: StoreIdentity, shard_id: str, pa
     stage = root / STAGING_DIR / f"{shard_id}.{token()}"
     stage.mkdir(parents=True)
     try:
-        return _write_staged(root, identity, shard_id, passages, encoded, stage, final)
+        return _write_staged(root, identity, shard_id, passages, encoded, stage, final, lexical)
     except Exception:
         shutil.rmtree(stage, ignore_errors=True)  # our own fresh folder: nothing names it
         raise
 
 
 def _write_staged(root: Path, identity: StoreIdentity, shard_id: str, passages: Sequence[Passage],
-                  encoded: EncodedChunks, stage: Path, final: Path) -> ShardRecord:
+                  encoded: EncodedChunks, stage: Path, final: Path, lexical: bool = True) -> ShardRecord:
     """Write the shard into ``stage`` and rename it to ``final`` (write_shard_unchecked's body)."""
     import pyarrow.parquet as pq
 
@@ -324,6 +330,13 @@ def _write_staged(root: Path, identity: StoreIdentity, shard_id: str, passages: 
     finally:
         os.close(fd)
     files[DOCS_FILE] = {"size": size, "crc32c": crc}
+    if lexical:
+        from msa_memory.store.lexical import postings_bytes, postings_file
+
+        data = postings_bytes(encoded.doc_ids, [p.text for p in passages])
+        write_bytes_durable(stage / postings_file(), data)
+        files[postings_file()] = {"size": len(data), "crc32c": crc32c.crc32c(data)}
+        fault_hook("shard:lexical")
     record = ShardRecord(
         shard_id=shard_id, doc_ids=np.asarray(encoded.doc_ids, dtype=np.int64), chunk_offsets=encoded.offsets,
         n_tokens=np.asarray(encoded.n_tokens, dtype=np.int64), files=dict(sorted(files.items())),

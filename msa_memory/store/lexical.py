@@ -1,0 +1,393 @@
+"""The lexical index of a store: the analyzer, per-shard postings files, and BM25 over live documents.
+
+Design note. Hybrid retrieval (``Memory.search(..., retriever="hybrid")``) fuses routing with BM25, so
+the store keeps, per shard, the postings of its documents' text: one Parquet table of (doc_id,
+term_hash, tf) rows, sorted by doc_id then term_hash, one row per distinct term of a document. A
+document's length is the sum of its tf (its token count after stopword removal; a document with no
+tokens has no rows and length 0). Terms are stored as the first 8 bytes of their blake2b digest, so
+the table needs no vocabulary and shards built apart agree on every term.
+
+Where the postings live (docs/store-format.md, section 13):
+- ``write_shard`` writes ``postings.lex1.parquet`` into the shard itself, so the shard record's size
+  and crc32c cover it; msa-encode and compaction therefore build it for every shard they write;
+- ``reindex_lexical`` gives a version whose shards lack postings of this analyzer (a store encoded
+  without it, or with another analyzer) a sidecar ``lexical/SHARD.lex1.HEX.parquet``
+  per such shard, named from the shard's manifest entry (``"lexical"``), published as a new version
+  through the usual commit point; shards are never modified. A sidecar wins over in-shard postings.
+
+Liveness is the version's: deleted documents' rows stay in the files and are dropped when the index
+is built (the live mask of the shard, as for router keys). The analyzer's name (``ANALYZER``) is in
+the file name and in the Parquet metadata; postings of another analyzer are not used, and
+``check_index`` says how to rebuild them.
+
+BM25 (Robertson/Sparck Jones with Lucene's idf): for a question with distinct terms t,
+``score(d) = Σ_t idf(t) · tf(t,d)·(k1+1) / (tf(t,d) + k1·(1 − b + b·|d|/avgdl))`` with
+``idf(t) = ln(1 + (N − df(t) + 0.5) / (df(t) + 0.5))``, k1 = 1.2, b = 0.75, N the live documents,
+df over live documents, |d| the document's length and avgdl the mean length of the live documents.
+numpy only (no torch, no scipy): the index is a term-major sparse matrix (CSC of documents × terms).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import unicodedata
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import crc32c
+import numpy as np
+
+from msa_memory.errors import ConfigError, ShardCorruptError, ShardMissingError, VersionConflictError
+from msa_memory.store import _manifest, shards
+from msa_memory.store._layout import (LEXICAL_DIR, check_layout, fsync_dir, link_in_path, os_write_error, token,
+                                     write_bytes_durable)
+
+if TYPE_CHECKING:
+    from msa_memory.store.reader import MemoryStore
+
+__all__ = ["ANALYZER", "STOPWORDS", "BM25_K1", "BM25_B", "analyze", "term_hash", "postings_file",
+           "postings_bytes", "read_postings", "LexicalSource", "lexical_source", "check_index", "verify_postings",
+           "reindex_lexical", "LexicalIndex"]
+
+#: name + version of the analyzer below; stored with every postings file
+ANALYZER = "lex1"
+BM25_K1 = 1.2
+BM25_B = 0.75
+
+#: English stopwords (the usual function words; tokens split at apostrophes, so contraction pieces too)
+STOPWORDS: frozenset[str] = frozenset("""
+a about above after again against all am an and any are aren as at be because been before being below
+between both but by can cannot could couldn d did didn do does doesn doing don down during each few for
+from further had hadn has hasn have haven having he her here hers herself him himself his how i if in into
+is isn it its itself just ll m ma me might mightn more most must mustn my myself needn no nor not now o of
+off on once only or other ought our ours ourselves out over own re s same shall shan she should shouldn so
+some such t than that the their theirs them themselves then there these they this those through to too
+under until up upon us ve very was wasn we were weren what when where which while who whom whose why will
+with won would wouldn y yet you your yours yourself yourselves
+""".split())
+
+_TOKEN_RE = re.compile(r"[^\W_]+")
+_POSTINGS_RE = re.compile(r"^postings\.([A-Za-z0-9]+)\.parquet$")
+_META_KEY = b"msa_lexical_analyzer"
+
+
+def analyze(text: str) -> list[str]:
+    """Terms of ``text`` in order: Unicode NFKC, lower case, runs of letters/digits (``[^\\W_]+``), English
+    stopwords dropped; no stemming (analyzer ``lex1``)."""
+    return [t for t in _TOKEN_RE.findall(unicodedata.normalize("NFKC", text).lower()) if t not in STOPWORDS]
+
+
+def term_hash(term: str) -> int:
+    """Stable 64-bit id of a term: the first 8 bytes of blake2b(UTF-8), little-endian."""
+    return int.from_bytes(hashlib.blake2b(term.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def postings_file(analyzer: str | None = None) -> str:
+    """Name of a shard's postings file of ``analyzer`` (default ``ANALYZER``; in the shard folder)."""
+    return f"postings.{analyzer or ANALYZER}.parquet"
+
+
+def _schema() -> Any:
+    from msa_memory.schemas.arrow import POSTINGS_SCHEMA
+
+    return POSTINGS_SCHEMA.with_metadata({**(POSTINGS_SCHEMA.metadata or {}), _META_KEY: ANALYZER.encode()})
+
+
+def postings_bytes(doc_ids: np.ndarray, texts: Sequence[str]) -> bytes:
+    """The postings Parquet file of documents ``doc_ids`` with ``texts`` (rows by doc_id, then term_hash)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    hashes: dict[str, int] = {}
+    rows_d: list[int] = []
+    rows_t: list[int] = []
+    rows_f: list[int] = []
+    for d, text in sorted(zip((int(x) for x in doc_ids), texts), key=lambda p: p[0]):
+        counts = Counter(analyze(text))
+        for t in counts.keys() - hashes.keys():
+            hashes[t] = term_hash(t)
+        pairs = sorted((hashes[t], n) for t, n in counts.items())
+        rows_d.extend([d] * len(pairs))
+        rows_t.extend(h for h, _ in pairs)
+        rows_f.extend(n for _, n in pairs)
+    tab = pa.table({"doc_id": np.asarray(rows_d, dtype=np.int64), "term_hash": np.asarray(rows_t, dtype=np.uint64),
+                    "tf": np.asarray(rows_f, dtype=np.int32)}, schema=_schema())
+    sink = pa.BufferOutputStream()
+    pq.write_table(tab, sink, compression="zstd", write_page_checksum=True)
+    return bytes(sink.getvalue().to_pybytes())
+
+
+def read_postings(path: Path, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(doc_id int64, term_hash uint64, tf int32) of a postings file (page checksums verified; its analyzer
+    must be this one's). ``where`` names the file in errors."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        tab = pq.read_table(path, page_checksum_verification=True)
+    except FileNotFoundError:
+        raise ShardMissingError(f"Lexical postings {where} are missing.",
+                                hint="Run `msa store verify STORE`; `msa store reindex-lexical STORE` writes them anew.") from None
+    except (OSError, pa.ArrowException) as e:
+        raise ShardCorruptError(f"Lexical postings {where} are unreadable or corrupt ({e}).",
+                                hint="Run `msa store verify STORE`; `msa store reindex-lexical STORE` writes them anew.") from None
+    got = (tab.schema.metadata or {}).get(_META_KEY, b"").decode(errors="replace")
+    if got != ANALYZER or [f.name for f in tab.schema] != ["doc_id", "term_hash", "tf"]:
+        raise ShardCorruptError(f"Lexical postings {where} say analyzer {got!r} and columns "
+                                f"{[f.name for f in tab.schema]}, not {ANALYZER!r} and doc_id, term_hash, tf.",
+                                hint="Run `msa store verify STORE`; `msa store reindex-lexical STORE` writes them anew.")
+    return (tab.column("doc_id").to_numpy().astype(np.int64, copy=False),
+            tab.column("term_hash").to_numpy().astype(np.uint64, copy=False),
+            tab.column("tf").to_numpy().astype(np.int32, copy=False))
+
+
+# ----------------------------------------------------------------------------- where a shard's postings are
+
+
+@dataclass(frozen=True)
+class LexicalSource:
+    """Where a version reads one shard's postings."""
+
+    path: str
+    """Store-relative path of the postings file."""
+    analyzer: str
+    sidecar: bool
+    """True: ``lexical/...`` named by the manifest entry; False: inside the shard (its record covers it)."""
+
+
+def lexical_source(store: MemoryStore, entry: dict[str, Any]) -> LexicalSource | None:
+    """The postings a version reads for shard ``entry``: its sidecar, else the shard's own file of this
+    analyzer, else any other analyzer's (for messages), else None."""
+    sc = entry.get("lexical")
+    if sc is not None and sc["analyzer"] == ANALYZER:
+        return LexicalSource(sc["path"], sc["analyzer"], True)
+    sid = entry["shard_id"]
+    own = [m.group(1) for f in store._view(sid).record.files if (m := _POSTINGS_RE.match(f))]
+    if ANALYZER in own:
+        return LexicalSource(f"shards/{sid}/{postings_file()}", ANALYZER, False)
+    if sc is not None:
+        return LexicalSource(sc["path"], sc["analyzer"], True)
+    return LexicalSource(f"shards/{sid}/{postings_file(own[0])}", own[0], False) if own else None
+
+
+def _missing(store: MemoryStore) -> tuple[list[str], dict[str, str]]:
+    """(shards without postings, shard -> other analyzer) of the version."""
+    none, other = [], {}
+    for e in store.manifest["shards"]:
+        src = lexical_source(store, e)
+        if src is None:
+            none.append(e["shard_id"])
+        elif src.analyzer != ANALYZER:
+            other[e["shard_id"]] = src.analyzer
+    return none, other
+
+
+def check_index(store: MemoryStore) -> None:
+    """Raise ConfigError (one line, naming the store and the command that adds it) unless every shard of the
+    version has postings of this analyzer."""
+    none, other = _missing(store)
+    if not none and not other:
+        return
+    n = len(store.manifest["shards"])
+    root = str(store.root)
+    if other:
+        sid, name = next(iter(other.items()))
+        what = (f"lexical postings of analyzer {name!r} for {len(other)} of its {n} shards (e.g. {sid!r}); this "
+                f"release reads {ANALYZER!r}" + (f", and none for {len(none)} more" if none else ""))
+    else:
+        what = f"no lexical index for {len(none)} of its {n} shards (e.g. {none[0]!r})"
+    raise ConfigError(f"Store {root!r} (version {store.version}) has {what}; retriever='hybrid' needs one for every shard.",
+                      hint=f"Add it without re-encoding: `msa store reindex-lexical {root}` (a new version; msa-encode "
+                           "builds it for the documents it adds).")
+
+
+def verify_postings(store: MemoryStore, entry: dict[str, Any], shard_ok: bool) -> tuple[list[tuple[str, str]], int, int]:
+    """(problems, files, bytes) of shard ``entry``'s postings: a sidecar's size and crc32c, and for the postings
+    the version reads (in-shard ones only when ``shard_ok``: the record's checks passed) that they parse, are
+    this analyzer's and name only documents of the shard."""
+    root = store.root
+    problems: list[tuple[str, str]] = []
+    n_files = n_bytes = 0
+    sc = entry.get("lexical")
+    if sc is not None:
+        name = sc["path"].split("/", 1)[1]
+        problems += shards.check_files(root, LEXICAL_DIR, {name: {"size": sc["size"], "crc32c": sc["crc32c"]}})
+        n_files, n_bytes = 1, int(sc["size"])
+    src = lexical_source(store, entry)
+    if src is None or src.analyzer != ANALYZER or problems or (not src.sidecar and not shard_ok):
+        return problems, n_files, n_bytes
+    try:
+        docs, _, _ = read_postings(root / src.path, src.path)
+    except (ShardCorruptError, ShardMissingError) as e:
+        return problems + [(src.path, str(e))], n_files, n_bytes
+    stray = np.setdiff1d(docs, store._view(entry["shard_id"]).record.doc_ids)
+    if stray.size:
+        problems.append((src.path, f"names documents {stray[:10].tolist()} that shard {entry['shard_id']!r} does "
+                                   "not hold; `msa store reindex-lexical STORE` writes the postings anew"))
+    return problems, n_files, n_bytes
+
+
+def sidecar_paths(manifest: dict[str, Any]) -> set[str]:
+    """Store-relative paths of the lexical sidecars a manifest names."""
+    return {e["lexical"]["path"] for e in manifest["shards"] if "lexical" in e}
+
+
+# ----------------------------------------------------------------------------- reindex (sidecars)
+
+
+def _write_sidecar(root: Path, shard_id: str, data: bytes) -> dict[str, Any]:
+    """Write one shard's postings durably as ``lexical/SHARD.ANALYZER.HEX.parquet``; returns the entry's
+    ``lexical``."""
+    name = f"{shard_id}.{ANALYZER}.{token()}.parquet"
+    folder = root / LEXICAL_DIR
+    folder.mkdir(exist_ok=True)
+    tmp = folder / f".{name}.{token()}.tmp"
+    write_bytes_durable(tmp, data)
+    shards.fault_hook("lexical:staged")
+    os.rename(tmp, folder / name)
+    fsync_dir(folder)
+    return {"path": f"{LEXICAL_DIR}/{name}", "analyzer": ANALYZER, "size": len(data), "crc32c": crc32c.crc32c(data)}
+
+
+def reindex_lexical(store: MemoryStore, *, message: str = "", read_version: int | None = None,
+                    lock_timeout: float = 60.0, log: Callable[[str], None] | None = None) -> MemoryStore:
+    """Publish version N+1 = version N (``read_version``, default ``store.version``) with postings of this
+    analyzer for every shard that lacks them, written from the documents' stored text as sidecars; returns
+    the new snapshot, or the snapshot of N when every shard has them already (nothing written).
+
+    Raises VersionConflictError when another writer published after N (nothing published, the sidecars
+    written are removed). On any error no version is published.
+    """
+    from msa_memory.store import commit as _commit
+    from msa_memory.store.reader import MemoryStore
+
+    root = store.root
+    rv = store.version if read_version is None else int(read_version)
+    base = store if store.version == rv else MemoryStore(root, rv)
+    todo = [e for e in base.manifest["shards"] if (src := lexical_source(base, e)) is None or src.analyzer != ANALYZER]
+    if not todo:
+        return base
+    check_layout(root, "a lexical reindex")
+    entries = {e["shard_id"]: e for e in base.manifest["shards"]}
+    written: list[Path] = []
+    try:
+        for e in todo:
+            sid = e["shard_id"]
+            view = base._view(sid)
+            tab = view.table(["doc_id", "text"])
+            if not np.array_equal(tab.column("doc_id").to_numpy(), view.record.doc_ids):
+                raise ShardCorruptError(f"Document table of shard {sid!r} does not match its record.",
+                                        hint="Run `msa store verify STORE`.")
+            sc = _write_sidecar(root, sid, postings_bytes(view.record.doc_ids, tab.column("text").to_pylist()))
+            written.append(root / sc["path"])
+            entries[sid] = {**e, "lexical": sc}
+            if log is not None:
+                log(f"lexical postings of shard {sid} ({view.record.n_docs} documents)")
+        shards.fault_hook("lexical:written")
+        with _commit.writer_lock(root, lock_timeout, "a lexical reindex"):
+            latest = _manifest.latest_version(root)
+            if latest != rv:
+                raise VersionConflictError(
+                    f"Store {str(root)!r} is at version {latest}, but this lexical reindex read version {rv}; nothing "
+                    "was published.", hint="Re-open the store and run the reindex again.")
+            m = _commit.new_manifest(
+                latest + 1, latest, "reindex", message or f"lexical index ({ANALYZER}) for {len(todo)} shard(s)",
+                base._identity_sha, [entries[e["shard_id"]] for e in base.manifest["shards"]],
+                list(base.manifest["deletions"]), base.manifest["used_id_ranges"], dict(base.manifest["stats"]),
+                {"added_docs": 0, "deleted_docs": 0, "added_shards": [], "removed_shards": [],
+                 "lexical_analyzer": ANALYZER}, router=base.manifest.get("router"))
+            return _commit.publish(root, m)
+    except BaseException as e:
+        for p in written:  # nothing names them: remove now rather than leave them to gc
+            try:
+                p.unlink()
+            except OSError:
+                pass
+        err = os_write_error(root, e, "a lexical reindex") if isinstance(e, OSError) else None
+        if err is None:
+            raise
+        raise err from e
+
+
+# ----------------------------------------------------------------------------- BM25 over a version
+
+
+class LexicalIndex:
+    """BM25 over the live documents of a version (module docstring for the formula).
+
+    ``doc_ids`` (N,) are the documents in score order (sorted store ids by default, as ``Memory.doc_ids``);
+    the postings are a term-major sparse matrix: ``terms`` (T,) sorted term hashes, ``indptr`` (T+1,),
+    ``rows`` (P,) dense document index, ``weights`` (P,) the BM25 tf part of each posting (float64), and
+    ``idf`` (T,).
+    """
+
+    def __init__(self, doc_ids: np.ndarray, rows: np.ndarray, term_hashes: np.ndarray, tf: np.ndarray, *,
+                 k1: float = BM25_K1, b: float = BM25_B) -> None:
+        self.doc_ids = np.asarray(doc_ids, dtype=np.int64)
+        self.k1, self.b = float(k1), float(b)
+        n = self.n_docs = int(self.doc_ids.size)
+        rows = np.asarray(rows, dtype=np.int64)
+        tf64 = np.asarray(tf, dtype=np.float64)
+        self.terms, col = np.unique(np.asarray(term_hashes, dtype=np.uint64), return_inverse=True)
+        order = np.lexsort((rows, col))
+        self.rows = rows[order]
+        self.indptr = np.concatenate([[0], np.cumsum(np.bincount(col, minlength=self.terms.size))]).astype(np.int64)
+        self.doc_len = np.bincount(rows, weights=tf64, minlength=n)           # (N,) tokens after stopwords
+        self.avgdl = float(self.doc_len.sum() / n) if n else 0.0
+        df = np.diff(self.indptr).astype(np.float64)
+        self.idf = np.log1p((n - df + 0.5) / (df + 0.5))
+        t = tf64[order]
+        norm = self.k1 * (1.0 - self.b + self.b * self.doc_len[self.rows] / (self.avgdl or 1.0))
+        self.weights = t * (self.k1 + 1.0) / (t + norm)
+
+    def __repr__(self) -> str:
+        return (f"LexicalIndex(analyzer={ANALYZER!r}, docs={self.n_docs}, terms={self.terms.size}, "
+                f"postings={self.rows.size}, avgdl={self.avgdl:.1f}, k1={self.k1}, b={self.b})")
+
+    def scores(self, text: str) -> np.ndarray:
+        """(N,) float64 BM25 score of every document for the distinct terms of ``text``."""
+        out = np.zeros(self.n_docs, dtype=np.float64)
+        hashes = np.unique(np.asarray([term_hash(t) for t in set(analyze(text))], dtype=np.uint64))
+        if not hashes.size or not self.terms.size:
+            return out
+        cols = np.minimum(np.searchsorted(self.terms, hashes), self.terms.size - 1)
+        for c in cols[self.terms[cols] == hashes]:                       # the question's terms the store has
+            a, z = self.indptr[c], self.indptr[c + 1]
+            out[self.rows[a:z]] += self.idf[c] * self.weights[a:z]      # a document once per column
+        return out
+
+    @classmethod
+    def from_store(cls, store: MemoryStore, doc_ids: np.ndarray | None = None) -> LexicalIndex:
+        """The index of ``store``'s version over its live documents (``doc_ids``: their order, default sorted
+        ids); ConfigError (``check_index``) when a shard has no postings of this analyzer."""
+        check_index(store)
+        if doc_ids is None:
+            doc_ids = np.sort(store.documents(["doc_id"]).column("doc_id").to_numpy())
+        doc_ids = np.asarray(doc_ids, dtype=np.int64)
+        sorter = np.argsort(doc_ids, kind="stable")
+        sorted_ids = doc_ids[sorter]
+        rows, terms, tfs = [], [], []
+        for e in store.manifest["shards"]:
+            src = lexical_source(store, e)
+            assert src is not None
+            d, t, f = read_postings(store.root / src.path, src.path)
+            live = store._view(e["shard_id"]).record.doc_ids[store._live_mask(e["shard_id"])]
+            keep = np.isin(d, live)
+            d, t, f = d[keep], t[keep], f[keep]
+            if d.size and not doc_ids.size:
+                raise ConfigError(f"doc_ids given to LexicalIndex.from_store miss live documents of version "
+                                  f"{store.version} of {str(store.root)!r}; pass every live id.")
+            i = np.minimum(np.searchsorted(sorted_ids, d), max(doc_ids.size - 1, 0))
+            if d.size and not np.array_equal(sorted_ids[i], d):
+                raise ConfigError(f"doc_ids given to LexicalIndex.from_store miss live documents of version "
+                                  f"{store.version} of {str(store.root)!r}; pass every live id.")
+            rows.append(sorter[i] if d.size else np.zeros(0, np.int64))
+            terms.append(t)
+            tfs.append(f)
+        cat = (lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dt))
+        return cls(doc_ids, cat(rows, np.int64), cat(terms, np.uint64), cat(tfs, np.int32))
