@@ -347,7 +347,7 @@ def store_info(store: StoreArg, version: VersionOpt = None, json_out: JsonOpt = 
         s = _open(store, version)
         info = {"store": str(store), "version": int(s.version), "latest_version": int(s.latest_version()),
                 "identity": s.identity.to_dict(), "tags": s.tags(), **_jsonable(s.stats()),
-                "router_key_bytes": s.router_key_bytes()}
+                "router_key_bytes": s.router_key_bytes(), "lexical": s.lexical_info()}
         if json_out:
             _emit_json(info)
             return
@@ -367,6 +367,9 @@ def store_info(store: StoreArg, version: VersionOpt = None, json_out: JsonOpt = 
                 v = info[k]
                 typer.echo(f"{k:<8}: {_human_bytes(v) if k == 'n_bytes' else (f'{v:,.1f}' if isinstance(v, float) else f'{v:,}')}")
         typer.echo(f"router  : {_human_bytes(info['router_key_bytes'])} of router keys (held in memory to route)")
+        lex = s.lexical_info()
+        typer.echo(f"lexical : {lex['analyzer']} postings on {lex['indexed_shards']} of {lex['n_shards']} shards"
+                   + ("" if lex["complete"] else f" (`msa store reindex-lexical {store}` adds the rest)"))
         if info["tags"]:
             typer.echo("tags    : " + ", ".join(f"{k}={v}" for k, v in sorted(info["tags"].items())))
 
@@ -608,6 +611,41 @@ def store_repair(store: StoreArg, dry_run: DryRunOpt = False, yes: YesOpt = Fals
                        f"after --grace-s, re-encoding brings the documents back): {', '.join(res['unreferenced_shards'])}")
         typer.echo(f"repair {store}{' (dry run)' if dry_run else ''}: {len(res['problems'])} problem(s)"
                    + (", nothing changed" if dry_run else ""))
+
+    _guard(json_out, body)
+
+
+@store_app.command("reindex-lexical", epilog="\b\nExamples:\n  msa store reindex-lexical mem.msa          # index what lacks one, as a new version\n  msa store reindex-lexical mem.msa --json")
+def store_reindex_lexical(
+    store: StoreArg,
+    message: Annotated[str | None, typer.Option("--message", "-m", help="Commit message of the new version")] = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Add the lexical index (BM25 postings, for --retriever hybrid) to every shard that lacks it, as a new version.
+
+    Reads the documents' stored text (no model, no re-encoding); shards that have postings of this
+    release's analyzer are left as they are, and older versions keep what they had.
+    """
+
+    def body() -> None:
+        import time
+
+        s = _open(store)
+        t0 = time.perf_counter()
+        new = s.reindex_lexical(message=message or "")
+        info = new.lexical_info()
+        out = {"store": str(store), "read_version": int(s.version), "version": int(new.version),
+               "committed": int(new.version) != int(s.version), "analyzer": info["analyzer"],
+               "shards": info["n_shards"], "indexed_shards": info["indexed_shards"],
+               "seconds": round(time.perf_counter() - t0, 3)}
+        if json_out:
+            _emit_json(out)
+        elif out["committed"]:
+            typer.echo(f"version {out['version']} of {store}: lexical index ({out['analyzer']}) on all {out['shards']} "
+                       f"shards in {out['seconds']:.2f}s; versions before it keep what they had")
+        else:
+            typer.echo(f"version {out['version']} of {store} has a lexical index ({out['analyzer']}) on all "
+                       f"{out['shards']} shards; nothing to do")
 
     _guard(json_out, body)
 

@@ -23,6 +23,16 @@ AdapterOpt = Annotated[str | None, typer.Option("--adapter", help="Router adapte
 TokenizerOpt = Annotated[str | None, typer.Option("--tokenizer", help="Tokenizer folder for a --model checkpoint saved without tokenizer files, e.g. Qwen3-4B-Instruct-2507/ (default: the model's own)")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N")]
 KOpt = Annotated[int | None, typer.Option("--k", "-k", help="Documents to retrieve (default: the router's top-k, 16 in MSA), e.g. 4", min=1)]
+RetrieverOpt = Annotated[str, typer.Option("--retriever", help="routing (MSA's router) or hybrid (routing fused with BM25 over the store's lexical index; ask: text mode)")]
+
+
+def _check_retriever(store: str, version: str | None, retriever: str) -> None:
+    """Refuse a bad --retriever, or hybrid on a store without a lexical index, before the model loads."""
+    from msa_memory.runtime.hybrid import check_retriever
+    from msa_memory.store.lexical import check_index
+
+    if check_retriever(retriever) == "hybrid":
+        check_index(_open(store, version))
 
 
 def _memory(store: str, version: str | None, model: str, adapter: str | None, device: str, json_out: bool,
@@ -37,11 +47,12 @@ def _memory(store: str, version: str | None, model: str, adapter: str | None, de
 
 
 @app.command("ask", epilog="\b\nExamples:\n  msa ask mem.msa \"Who approved the budget?\" --mode text\n"
-             "  msa ask mem.msa \"Who approved the budget?\" --mode pooled -k 4 --json")
+             "  msa ask mem.msa \"Who approved the budget?\" --mode pooled -k 4 --json\n"
+             "  msa ask mem.msa \"Who approved the budget?\" --retriever hybrid")
 def ask(
     store: StoreArg,
     question: Annotated[str, typer.Argument(help="The question, e.g. 'Who approved the budget?'", show_default=False)],
-    mode: Annotated[str | None, typer.Option("--mode", help="pooled (MSA checkpoints), text (any model) or interleave; default pooled for MSA stores, else text")] = None,
+    mode: Annotated[str | None, typer.Option("--mode", help="pooled (MSA checkpoints), text (any model) or interleave; default pooled for MSA stores, else text (text with --retriever hybrid)")] = None,
     k: KOpt = None,
     model: ModelOpt = "default",
     adapter: AdapterOpt = None,
@@ -51,21 +62,24 @@ def ask(
     temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy; e.g. 0.7 to sample", min=0.0)] = 0.0,
     rounds: Annotated[int, typer.Option("--rounds", help="Round cap of --mode interleave", min=1)] = 3,
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print the answer as it is generated")] = True,
+    retriever: RetrieverOpt = "routing",
     version: VersionOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Answer a question from a store (routes to top-k documents, then generates)."""
 
     def body() -> None:
+        _check_retriever(store, version, retriever)
         mem = _memory(store, version, model, adapter, device, json_out, tokenizer)
         live = stream and not json_out and sys.stdout.isatty()
         ans = mem.ask(question, mode=mode, k=k, max_new_tokens=max_new_tokens, temperature=temperature,  # type: ignore[arg-type]
-                      max_rounds=rounds, on_token=(lambda s: typer.echo(s, nl=False)) if live else None)
+                      max_rounds=rounds, on_token=(lambda s: typer.echo(s, nl=False)) if live else None,
+                      retriever=retriever)  # type: ignore[arg-type]
         if json_out:
-            _emit_json(ans.to_dict())
+            _emit_json({**ans.to_dict(), "retriever": retriever})
             return
         typer.echo("" if live else ans.answer)
-        typer.echo(f"sources ({ans.mode}, {len(ans.rounds)} round(s)):")
+        typer.echo(f"sources ({ans.mode}{', hybrid' if retriever == 'hybrid' else ''}, {len(ans.rounds)} round(s)):")
         for d in ans.docs:
             typer.echo(f"  [{d.doc_id}] {d.source_path}#{d.passage_index}  score {d.score:.4g}")
         typer.echo("time    : " + ", ".join(f"{key.removesuffix('_s')} {v * 1000:.0f} ms" for key, v in ans.timings.items()))
@@ -73,7 +87,8 @@ def ask(
     _guard(json_out, body)
 
 
-@app.command("search", epilog="\b\nExamples:\n  msa search mem.msa \"budget approval\" -k 5\n  msa search mem.msa \"budget approval\" --json")
+@app.command("search", epilog="\b\nExamples:\n  msa search mem.msa \"budget approval\" -k 5\n  msa search mem.msa \"budget approval\" --json\n"
+             "  msa search mem.msa \"budget approval\" --retriever hybrid")
 def search(
     store: StoreArg,
     question: Annotated[str, typer.Argument(help="What to look for, e.g. 'budget approval'", show_default=False)],
@@ -82,15 +97,18 @@ def search(
     adapter: AdapterOpt = None,
     tokenizer: TokenizerOpt = None,
     device: DeviceOpt = "auto",
+    retriever: RetrieverOpt = "routing",
     version: VersionOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """List the documents the router picks for a question (no generation)."""
 
     def body() -> None:
-        rows = _memory(store, version, model, adapter, device, json_out, tokenizer).search(question, k=k).to_pylist()
+        _check_retriever(store, version, retriever)
+        mem = _memory(store, version, model, adapter, device, json_out, tokenizer)
+        rows = mem.search(question, k=k, retriever=retriever).to_pylist()  # type: ignore[arg-type]
         if json_out:
-            _emit_json({"question": question, "results": rows})
+            _emit_json({"question": question, "retriever": retriever, "results": rows})
             return
         for r in rows:
             text = " ".join(str(r["text"]).split())

@@ -27,6 +27,7 @@ import numpy as np
 
 from msa_memory.errors import ConfigError, RuntimeMemoryError
 from msa_memory.runtime.engine import MsaEngine
+from msa_memory.runtime.hybrid import Retriever, check_retriever, fuse_rrf
 from msa_memory.runtime.memory_tier import ContentMemory
 from msa_memory.runtime.prompts import PromptIds, layout_for
 from msa_memory.runtime.results import Answer, DocHit, Round
@@ -280,6 +281,7 @@ class Memory:
                                 suffix_positions=[ident.router_layers.index(l) for l in sfx_layers])
         self._prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._sources: dict[int, tuple[str, int]] | None = None
+        self._lexical: Any = None
         self.open_s = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ setup helpers
@@ -395,7 +397,7 @@ class Memory:
         """The question as an Answer records it: the text, or the decoded token ids."""
         return question if isinstance(question, str) else str(self.tokenizer.decode(question))
 
-    def route(self, question: str | Sequence[int], k: int | None = None
+    def route(self, question: str | Sequence[int], k: int | None = None, *, retriever: Retriever = "routing"
               ) -> tuple[np.ndarray, np.ndarray, dict[str, float]]:
         """(doc ids, scores, timings) of the top-k documents, scores summed over router layers.
 
@@ -403,7 +405,12 @@ class Memory:
         tokenizer without special tokens; the ids take the text's tokens' place in the same prompt layout,
         so ``tokenizer(text, add_special_tokens=False)["input_ids"]`` routes as ``text`` does wherever the
         tokenizer splits the layout's strings apart at the question's edges (a byte-level one always does).
+
+        ``retriever="hybrid"``: the documents and scores of the reciprocal-rank fusion of routing's ranking
+        with BM25's over the store's lexical index (``runtime/hybrid.py``; token ids are decoded for BM25);
+        ConfigError when the store has no lexical index (``msa store reindex-lexical STORE`` adds one).
         """
+        retriever = check_retriever(retriever)
         question = self._question(question)
         k = min(int(k or self.routing.top_k), self.index.n_docs)
         if k <= 0:
@@ -412,18 +419,32 @@ class Memory:
         ids, pos, rows, prefix = self._routing_query(question)
         t0 = time.perf_counter()
         scores, timings = self.engine.route_only(ids, pos, rows, prefix, suffix_rows=self.suffix_rows)
-        order = np.argsort(-scores, kind="stable")[:k]
+        if retriever == "hybrid":
+            t1 = time.perf_counter()
+            order, scores = fuse_rrf(scores, self.lexical_index().scores(self._question_text(question)))
+            timings = dict(timings, lexical_s=time.perf_counter() - t1)
+        else:
+            order = np.argsort(-scores, kind="stable")
+        order = order[:k]
         timings = dict(timings, route_total_s=time.perf_counter() - t0)
         return self.doc_ids[order], scores[order], timings
 
-    def search(self, question: str | Sequence[int], k: int = 10) -> Any:
+    def lexical_index(self) -> Any:
+        """BM25 over this store version's live documents (``store.lexical.LexicalIndex``, rows in the order of
+        ``doc_ids``), built from the store's postings at the first call; ConfigError when the store has none."""
+        if self._lexical is None:
+            self._lexical = self.store.lexical_index(self.doc_ids)
+        return self._lexical
+
+    def search(self, question: str | Sequence[int], k: int = 10, *, retriever: Retriever = "routing") -> Any:
         """Top-k documents as a ``pyarrow.Table``: rank, doc_id, score, source_path, passage_index, text.
 
-        ``question``: text or token ids, as in :meth:`route`.
+        ``question``: text or token ids, and ``retriever`` ("routing" or "hybrid": ``score`` is then the
+        fused score), as in :meth:`route`.
         """
         import pyarrow as pa
 
-        ids, scores, _ = self.route(question, k)
+        ids, scores, _ = self.route(question, k, retriever=retriever)
         hits = self.hits(ids, scores, preview=10**9)
         return pa.table({"rank": list(range(1, len(hits) + 1)), "doc_id": [h.doc_id for h in hits],
                          "score": [h.score for h in hits], "source_path": [h.source_path for h in hits],
@@ -494,7 +515,8 @@ class Memory:
     def ask(self, question: str | Sequence[int], mode: Mode | None = None, *, k: int | None = None,
             max_new_tokens: int = 64,
             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, max_rounds: int = 3,
-            on_token: Callable[[str], None] | None = None, stop_strings: Sequence[str] | None = None) -> Answer:
+            on_token: Callable[[str], None] | None = None, stop_strings: Sequence[str] | None = None,
+            retriever: Retriever = "routing") -> Answer:
         """Answer ``question`` from memory.
 
         Parameters
@@ -513,10 +535,19 @@ class Memory:
             Generation stops when the answer contains one of them (it is cut there). Default: the
             prompt's own section markers (``"\\n\\nPassage "``, ``"\\nQuestion:"``), which a base model
             starts to repeat once it has answered.
+        retriever : {"routing", "hybrid"}, default "routing"
+            "hybrid" reads the passages :meth:`search` with ``retriever="hybrid"`` ranks first, in text
+            mode (the default mode with it); pooled and interleave modes route inside the model's forward
+            (every router layer its own documents) and refuse it.
         """
-        mode = mode or ("pooled" if self.identity.wrap == "msa" else "text")
+        retriever = check_retriever(retriever)
+        mode = mode or ("text" if retriever == "hybrid" else "pooled" if self.identity.wrap == "msa" else "text")
         if mode not in _MODES:
             raise ConfigError(f"mode={mode!r} is not one of {list(_MODES)}.")
+        if retriever == "hybrid" and mode != "text":
+            raise ConfigError(f"retriever='hybrid' picks the passages of mode='text'; mode={mode!r} routes inside the "
+                              "model's forward, each router layer choosing its own documents.",
+                              hint="Ask with mode='text' (--mode text) for hybrid retrieval, or keep retriever='routing'.")
         question = self._question(question)
         if int(max_new_tokens) < 1:
             raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}.")
@@ -527,7 +558,7 @@ class Memory:
         if mode == "pooled":
             ans = self._ask_pooled(question, k, kw)
         elif mode == "text":
-            ans = self._ask_text(question, k, kw)
+            ans = self._ask_text(question, k, kw, retriever)
         else:
             from msa_memory.runtime.interleave import ask_interleave
 
@@ -559,8 +590,9 @@ class Memory:
         return Answer(self._question_text(question), text, "pooled", [rnd], timings, len(q.ids) + P, len(toks), reason,
                       toks)
 
-    def _ask_text(self, question: str | list[int], k: int | None, kw: dict[str, Any]) -> Answer:
-        ids, scores, rt = self.route(question, k)
+    def _ask_text(self, question: str | list[int], k: int | None, kw: dict[str, Any],
+                  retriever: Retriever = "routing") -> Answer:
+        ids, scores, rt = self.route(question, k, retriever=retriever)
         timings = {"routing_s": rt["route_total_s"]}
         t = time.perf_counter()
         texts = self.store.texts(ids.tolist())
