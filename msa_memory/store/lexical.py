@@ -44,8 +44,7 @@ import numpy as np
 
 from msa_memory.errors import ConfigError, ShardCorruptError, ShardMissingError, VersionConflictError
 from msa_memory.store import _manifest, shards
-from msa_memory.store._layout import (LEXICAL_DIR, check_layout, fsync_dir, link_in_path, os_write_error, token,
-                                     write_bytes_durable)
+from msa_memory.store._layout import LEXICAL_DIR, check_layout, fsync_dir, os_write_error, token, write_bytes_durable
 
 if TYPE_CHECKING:
     from msa_memory.store.reader import MemoryStore
