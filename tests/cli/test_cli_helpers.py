@@ -92,4 +92,5 @@ def test_jsonable_handles_numpy_paths_and_dataclasses() -> None:
     obj = {"a": np.int64(3), "b": np.arange(3), "c": Path("/x"), "d": Passage(text="t", source_path="s"), 4: (1.5,)}
     assert json.loads(json.dumps(cli._jsonable(obj))) == {
         "a": 3, "b": [0, 1, 2], "c": "/x", "4": [1.5],
-        "d": {"text": "t", "source_path": "s", "passage_index": 0, "byte_start": 0, "byte_end": 0, "file_sha256": ""}}
+        "d": {"text": "t", "source_path": "s", "passage_index": 0, "byte_start": 0, "byte_end": 0, "file_sha256": "",
+              "token_ids": None}}

@@ -58,25 +58,31 @@ def test_huge_question_is_refused_fast(tiny_memory):
     assert "119,000 tokens" in str(caught.value)
 
 
-def _run_capped(args: list[str], cap_bytes: int) -> tuple[int, str, str, int]:
+# Linux counts the RSS of the address space a process had before exec (here: a fork of this pytest process)
+# in its ru_maxrss, so `msa` is started from a small Python that reports its peak RSS from wait4.
+_MEASURED = ("import os, subprocess, sys\n"
+             "p = subprocess.Popen(sys.argv[2:])\n"
+             "_, status, usage = os.wait4(p.pid, 0)\n"
+             "p.returncode = os.waitstatus_to_exitcode(status)\n"
+             "open(sys.argv[1], 'w').write(str(usage.ru_maxrss * 1024))\n"
+             "sys.exit(p.returncode)\n")
+
+
+def _run_capped(args: list[str], cap_bytes: int, rss_file: Path) -> tuple[int, str, str, int]:
     """Run `msa ARGS` with its address space capped; (exit code, stdout, stderr, peak RSS in bytes)."""
     def cap() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (cap_bytes, cap_bytes))
 
-    p = subprocess.Popen([str(BIN / "msa"), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         preexec_fn=cap, env={**os.environ, "MSA_DISABLE_PROGRESS_BARS": "1"})
-    out, err = p.stdout.read(), p.stderr.read()
-    _, status, usage = os.wait4(p.pid, 0)
-    p.returncode = os.waitstatus_to_exitcode(status)
-    p.stdout.close()
-    p.stderr.close()
-    return p.returncode, out, err, usage.ru_maxrss * 1024
+    p = subprocess.run([sys.executable, "-c", _MEASURED, str(rss_file), str(BIN / "msa"), *args], capture_output=True,
+                       text=True, preexec_fn=cap, env={**os.environ, "MSA_DISABLE_PROGRESS_BARS": "1"}, timeout=600)
+    return p.returncode, p.stdout, p.stderr, int(rss_file.read_text())
 
 
 @pytest.mark.parametrize("command", ["search", "ask"])
-def test_cli_refuses_a_119_kb_question_with_exit_code_2_in_little_memory(tiny_store, tiny_msa_model, command):
+def test_cli_refuses_a_119_kb_question_with_exit_code_2_in_little_memory(tiny_store, tiny_msa_model, command,
+                                                                         tmp_path):
     args = [command, str(tiny_store.root), HUGE, "--model", tiny_msa_model.source["path"], "--device", "cpu", "--json"]
-    rc, out, err, peak = _run_capped(args, 4 << 30)   # before the fix the forward ran out of this and died
+    rc, out, err, peak = _run_capped(args, 4 << 30, tmp_path / "rss")   # before the fix the forward ran out of this and died
     assert rc == 2, err[-3000:]
     res = json.loads(out.strip().splitlines()[-1])
     assert res["type"] == "ConfigError" and res["exit_code"] == 2
