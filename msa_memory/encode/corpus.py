@@ -1,9 +1,10 @@
 """Corpus readers: folders and files → ``SourceText`` records (key, text, sha256), no torch.
 
 What it does: walks the paths a job is given, chooses a reader by file extension (plain text,
-Markdown, reStructuredText and source code as UTF-8 text; HTML to text with BeautifulSoup; PDF
-with pypdf; JSON Lines with a text field, one record per line), applies include/exclude globs and,
-on request, ``.gitignore`` files (pathspec, git's own matching rules), and hashes what it read.
+Markdown, reStructuredText and source code as UTF-8 text; HTML to text in one linear pass
+(``encode._html``; a page nested deeper than 4096 elements is skipped); PDF with pypdf; JSON
+Lines with a text field, one record per line), applies include/exclude globs and, on request,
+``.gitignore`` files (pathspec, git's own matching rules), and hashes what it read.
 
 What it deliberately does not do: split, tokenize or encode (``encode/`` does), or decide what
 changed since the last version (``jobs/plan.py`` does).
@@ -45,6 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from msa_memory.encode._html import HtmlTooDeep, html_to_text
 from msa_memory.errors import ConfigError
 
 __all__ = [
@@ -529,7 +531,10 @@ def read_file(path: str | os.PathLike[str], key: str, options: ReaderOptions | N
         text, reason = _decode(data)
         kind = "text"
         if reason is None and suffix in HTML_EXTENSIONS:
-            text, kind = _html_text(text), "html"
+            try:
+                text, kind = html_to_text(text), "html"
+            except HtmlTooDeep as e:
+                return [], f"{e}: not read"
     if reason is not None:
         return [], reason
     assert text is not None
@@ -546,25 +551,6 @@ def _decode(data: bytes) -> tuple[str | None, str | None]:
     except UnicodeDecodeError as e:
         return None, f"not UTF-8 text (undecodable byte at offset {e.start})"
     return text, None
-
-
-def _html_text(html: str) -> str:
-    from bs4 import BeautifulSoup
-
-    soup = BeautifulSoup(html, "html.parser")
-    for tag in soup(["script", "style", "noscript", "template", "head"]):
-        tag.decompose()
-    # block elements end a line; inline ones (<b>, <a>) stay inside their sentence
-    for tag in soup.find_all(_HTML_BLOCKS):
-        tag.append("\n")
-    for br in soup.find_all("br"):
-        br.replace_with("\n")
-    lines = (" ".join(line.split()) for line in soup.get_text().splitlines())
-    return "\n".join(line for line in lines if line)
-
-
-_HTML_BLOCKS = ["p", "div", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "pre", "blockquote",
-                "section", "article", "header", "footer", "table", "ul", "ol", "dt", "dd", "title"]
 
 
 def _pdf_text(data: bytes) -> tuple[str | None, str | None]:
