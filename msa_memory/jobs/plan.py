@@ -132,18 +132,29 @@ def _skipped_keys(scan: CorpusScan) -> set[str]:
 def split_and_count(
     sources: Sequence[SourceText], tokenizer: Any, *, max_passage_tokens: int,
 ) -> tuple[list[Passage], list[int]]:
-    """Split every source into passages and count each passage's tokens. Deterministic."""
-    from msa_memory.encode import split_passages
+    """Split every source into passages and count each passage's tokens. Deterministic.
+
+    Memory: the passages, plus one tokenizer batch (``encode.iter_passages`` streams each source and
+    passages are counted 256 at a time), whatever the size of a source.
+    """
+    from msa_memory.encode.passages import iter_passages
 
     passages: list[Passage] = []
-    for src in sources:
-        passages.extend(split_passages(src.text, src.key, tokenizer, max_tokens=max_passage_tokens,
-                                       file_sha256=src.sha256))
     counts: list[int] = []
     step = 256
-    for i in range(0, len(passages), step):
-        enc = tokenizer([p.text for p in passages[i:i + step]], add_special_tokens=False)
+
+    def count(batch: list[Passage]) -> None:
+        enc = tokenizer([p.text for p in batch], add_special_tokens=False, return_attention_mask=False,
+                        return_token_type_ids=False)
         counts.extend(len(ids) for ids in enc["input_ids"])
+
+    for src in sources:
+        for p in iter_passages(src.text, src.key, tokenizer, max_tokens=max_passage_tokens, file_sha256=src.sha256):
+            passages.append(p)
+            if len(passages) - len(counts) == step:
+                count(passages[len(counts):])
+    if len(passages) > len(counts):
+        count(passages[len(counts):])
     return passages, counts
 
 
