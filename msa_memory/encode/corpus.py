@@ -388,10 +388,12 @@ class _Walk:
     def _folder(self, root: _Root, folder: Path, rel_folder: str, via_link: bool) -> list[tuple[Path, str]]:
         """Read one folder's entries; returns its subfolders (in name order) to walk next."""
         scan, opts = self.scan, self.options
-        ident = _ident(folder)
-        if ident is None:
-            scan.skipped.append(SkippedFile(str(folder), "unreadable folder", root.key + rel_folder))
+        try:
+            st = os.stat(folder)
+        except OSError as e:
+            scan.skipped.append(SkippedFile(str(folder), f"unreadable folder ({e.strerror or e})", root.key + rel_folder))
             return []
+        ident = (st.st_dev, st.st_ino)
         if ident in root.visited:  # a bind mount of an ancestor (links are never walked here)
             scan.skipped.append(SkippedFile(str(folder), "folder already visited (a mount of its own ancestor)"))
             return []
@@ -534,7 +536,7 @@ def read_file(path: str | os.PathLike[str], key: str, options: ReaderOptions | N
             try:
                 text, kind = html_to_text(text), "html"
             except HtmlTooDeep as e:
-                return [], f"{e}: not read"
+                return [], f"{e}: not read (close its elements, or convert the page to text)"
     if reason is not None:
         return [], reason
     assert text is not None
