@@ -333,23 +333,23 @@ def check_version_files(old: MemoryStore, action: str) -> None:
     reached without a link (StoreLayoutError) and present (ShardMissingError): what a new version made
     from it will read."""
     root = old.root
-    for e in old.manifest["shards"]:
-        check_inside(root, f"{SHARDS_DIR}/{e['shard_id']}/{RECORD_FILE}", action)
-        if not (root / SHARDS_DIR / e["shard_id"] / RECORD_FILE).exists():
-            raise ShardMissingError(f"Version {old.version} needs shard {e['shard_id']!r}, which gc removed.",
+
+    def need(present: bool, what: str) -> None:
+        if not present:
+            raise ShardMissingError(f"Version {old.version} needs {what}, which gc removed.",
                                     hint="Restore a version that gc kept (see `msa store versions`).")
-        rk = e.get("router_keys")
-        if rk is not None:
-            check_inside(root, rk["path"], action)
-            if not (root / rk["path"]).is_dir():
-                raise ShardMissingError(f"Version {old.version} needs router keys {rk['path']!r}, which gc removed.",
-                                        hint="Restore a version that gc kept (see `msa store versions`).")
-        lx = e.get("lexical")
-        if lx is not None:
-            check_inside(root, lx["path"], action)
-            if not (root / lx["path"]).is_file():
-                raise ShardMissingError(f"Version {old.version} needs lexical postings {lx['path']!r}, which gc "
-                                        "removed.", hint="Restore a version that gc kept (see `msa store versions`).")
+
+    for e in old.manifest["shards"]:
+        record = f"{SHARDS_DIR}/{e['shard_id']}/{RECORD_FILE}"
+        check_inside(root, record, action)
+        need((root / record).exists(), f"shard {e['shard_id']!r}")
+        # sidecars: re-keyed router keys (a folder) and lexical postings (a file)
+        for key, is_present, what in (("router_keys", Path.is_dir, "router keys"),
+                                      ("lexical", Path.is_file, "lexical postings")):
+            side = e.get(key)
+            if side is not None:
+                check_inside(root, side["path"], action)
+                need(is_present(root / side["path"]), f"{what} {side['path']!r}")
     for d in old.manifest["deletions"]:
         check_inside(root, d["path"], action)
 
