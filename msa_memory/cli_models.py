@@ -203,7 +203,7 @@ def train_router_cmd(
                    "  msa store reindex-router mem.msa --adapter aligned --dest small.msa  # the default's aligned keys alone")
 def store_reindex_router(
     store: StoreArg,
-    adapter: Annotated[str, typer.Option("--adapter", help="Router adapter folder, e.g. router/, or a shipped adapter's name (default, deep, shallow)")],
+    adapter: Annotated[str, typer.Option("--adapter", help="Router adapter folder, e.g. router/, or a shipped adapter's name (default, aligned, shallow)")],
     dest: Annotated[str | None, typer.Option("--dest", help="Write a NEW store here instead of a new version (needed when the adapter uses fewer layers), e.g. mem2.msa")] = None,
     message: Annotated[str | None, typer.Option("--message", "-m", help="Commit message of the new version")] = None,
     version: VersionOpt = None,
@@ -213,11 +213,10 @@ def store_reindex_router(
 
     By default commits them as a new version of STORE (older versions keep their router); with
     --dest writes a new store instead. A --dest copy to a part of the store's own router (fewer
-    layers, less or none of its shifted grid: e.g. --adapter aligned or shifted-free subsets for a
-    store of the default adapter, whose router keys are 5x the aligned grid's) copies the keys and
-    needs no kept router inputs. So does a new version with an adapter of the same key projections
-    (e.g. --adapter default for a store built by tokenmax, the default before its suffix query): the
-    stored keys are kept.
+    layers, less or none of its shifted grid: e.g. --adapter aligned for a store of the default
+    adapter, whose router keys are 5x the aligned grid's) copies the keys and needs no kept router
+    inputs. So does a new version with an adapter of the same key projections (e.g. the default
+    adapter for a store built by the same router without its suffix query): the stored keys are kept.
     """
 
     def body() -> None:

@@ -18,7 +18,8 @@ of several folders (``router_layers`` is then all of theirs); its optional ``"sh
 none, whatever the folders it names have) are the layers with keys over the shifted grid too, and its
 optional ``"shifted_window"`` that grid's window (default none: P-token windows from P/2), and its
 optional ``"suffix": {"of": FOLDER, "router_layers": [...]}`` suffix queries taken from that adapter folder
-(:meth:`RouterAdapter.with_suffix_queries`).
+(:meth:`RouterAdapter.with_suffix_queries`); ``"suffix_queries": false`` drops the suffix queries the folder
+it names has (:meth:`RouterAdapter.without_suffix_queries`).
 :meth:`RouterAdapter.load` rebuilds it and checks its fingerprint, so a shipped merged adapter and the
 adapters it was made of share one copy of the weights.
 
@@ -461,8 +462,8 @@ class RouterAdapter(nn.Module):
     def load(cls, directory: str | Path) -> RouterAdapter:
         """Read an adapter written by :meth:`save`, from a folder or a shipped adapter's name.
 
-        ``directory`` may name a shipped adapter of the default model (``"default"``, ``"shallow"``, ``"merge7"``,
-        …: :data:`msa_memory.data.SHIPPED_ADAPTERS`) when no folder of that name exists.
+        ``directory`` may name a shipped adapter of the default model (``"default"``, ``"aligned"``,
+        ``"shallow"``: :data:`msa_memory.data.SHIPPED_ADAPTERS`) when no folder of that name exists.
 
         Raises
         ------
@@ -506,6 +507,9 @@ class RouterAdapter(nn.Module):
             window = None if window is None else int(window)
             sfx = spec.get("suffix")
             sfx = None if sfx is None else (d / sfx["of"], [int(l) for l in sfx["router_layers"]])
+            keep_sfx = spec.get("suffix_queries", True)
+            if not isinstance(keep_sfx, bool):
+                raise TypeError(f"'suffix_queries' must be true or false, got {keep_sfx!r}")
         except (ValueError, TypeError, KeyError) as e:
             raise ModelLoadError(f"Router subset file {str(f)!r} is invalid ({e!r}): it needs 'of' (or 'parts': "
                                  "[{'of', 'router_layers'}, ...]), 'router_layers' and 'router_id'.") from e
@@ -522,6 +526,8 @@ class RouterAdapter(nn.Module):
                 raise ModelLoadError(f"{str(f)!r}: {e}") from e
         try:
             adapter = pieces[0] if len(pieces) == 1 else cls.merge(pieces)
+            if not keep_sfx and adapter.config.suffix_layers:
+                adapter = adapter.without_suffix_queries()                 # the folder's router without them
             if list(adapter.config.shifted_layers) != shifted or adapter.config.shifted_window != window:
                 adapter = adapter.with_shifted_layers(shifted, window)   # the subset file says which layers shift
             if sfx is not None:                                            # suffix queries from another folder

@@ -124,7 +124,7 @@ def _check_router_key_room(store: Any, device: Any) -> int:
                 hint="Open it where more memory is free (device='cuda' on a larger GPU, or a larger host), or use a "
                      "store with fewer router keys: `msa store reindex-router STORE --dest NEW --adapter aligned` "
                      "copies a store of the default adapter to MSA's aligned grid alone (a fifth of its keys) without "
-                     "encoding; `msa-encode ... --adapter shifted` encodes one with about a third.")
+                     "encoding.")
     return need
 
 

@@ -183,61 +183,69 @@ def test_adapter_that_does_not_fit_the_model_is_refused(tmp_path):
 
 
 def test_shipped_adapters_load_by_name_and_a_folder_of_that_name_wins(tmp_path, monkeypatch):
-    from msa_memory.data import (ALIGNED_ROUTER_ADAPTER, DEEP_ROUTER_ADAPTER, DEEPV_ROUTER_ADAPTER,
-                                 DEFAULT_ROUTER_ADAPTER, MERGE5_ROUTER_ADAPTER, MERGE7_ROUTER_ADAPTER,
-                                 SUFFIX_ROUTER_ADAPTER, TOKENMAX_ROUTER_ADAPTER,
-                                 MID_ROUTER_ADAPTER, SHALLOW_ROUTER_ADAPTER, SHIFTED_ROUTER_ADAPTER,
-                                 shipped_adapter, shipped_adapter_for_router)
+    """The three shipped adapters load by name with the router ids stores record (RECIPE.md has their
+    commands): the default (both grids at every layer, a suffix query at layer 13), aligned (the same
+    weights, aligned grid alone, no suffix query) and shallow (its layers 1, 5); a folder of the name wins."""
+    import json
 
-    names = ("tokenmax", "shifted", "aligned", "deep", "deepv", "shallow", "mid", "merge5", "merge7")
-    folders = (TOKENMAX_ROUTER_ADAPTER, SHIFTED_ROUTER_ADAPTER, ALIGNED_ROUTER_ADAPTER, DEEP_ROUTER_ADAPTER,
-               DEEPV_ROUTER_ADAPTER, SHALLOW_ROUTER_ADAPTER, MID_ROUTER_ADAPTER, MERGE5_ROUTER_ADAPTER,
-               MERGE7_ROUTER_ADAPTER)
-    ids = ("6ed0ac78744a84b0", "4677d0b5d88ecb88", "a33595931c4c316b", "bacc1f25d7bb2899", "53c93270e635fd08",
-           "4b77c12b13a94f8c", "4152204ecd8ce65f", "17421c1042299e4b", "adcadcca073c2757")
+    from msa_memory.data import (ALIGNED_ROUTER_ADAPTER, DEFAULT_ROUTER_ADAPTER, SHALLOW_ROUTER_ADAPTER,
+                                 SHIPPED_ADAPTERS, shipped_adapter, shipped_adapter_for_router)
+
+    names = ("default", "aligned", "shallow")
+    folders = (DEFAULT_ROUTER_ADAPTER, ALIGNED_ROUTER_ADAPTER, SHALLOW_ROUTER_ADAPTER)
+    ids = ("0bd2cbf054be9ce9", "a33595931c4c316b", "4b77c12b13a94f8c")
+    assert sorted(SHIPPED_ADAPTERS) == sorted(names)
     adapters = [RouterAdapter.load(n) for n in names]
-    tokenmax, shifted, aligned, deep, deepv, shallow, mid, merge5, merge7 = adapters
-    for a, folder, rid in zip(adapters, folders, ids):
+    default, aligned, shallow = adapters
+    for a, name, folder, rid in zip(adapters, names, folders, ids):
+        assert shipped_adapter(name) == folder
         assert a.fingerprint() == RouterAdapter.load(folder).fingerprint() == rid, folder
         assert shipped_adapter_for_router(rid) == folder    # a store built with any of them keeps its router
-    # tokenmax's weights are the merge of three trained adapters, with router keys also over 32-token
-    # windows at a stride of 16 at every layer; shifted (the default before it) is the same weights with the
-    # shifted 64-token grid at 1, 5, 8, 11, aligned (the one before that) without a second grid; merge7 and
-    # merge5 (the ones before) are rebuilt from its layers and the deep part's own weights
-    assert tokenmax.config.router_layers == (1, 5, 8, 11, 13, 16, 17)
-    assert tokenmax.config.shifted_layers == tokenmax.config.router_layers and tokenmax.config.shifted_window == 32
-    assert shifted.config.shifted_layers == (1, 5, 8, 11) and shifted.config.shifted_window is None
-    assert RouterAdapter.merge([shallow, deepv, mid]).fingerprint() == aligned.fingerprint()
-    assert aligned.with_shifted_layers([1, 5, 8, 11]).fingerprint() == shifted.fingerprint()
-    assert aligned.with_shifted_layers(aligned.config.router_layers, 32).fingerprint() == tokenmax.fingerprint()
-    # fine (tokenmax's grid, opt-in for one session) is another name of tokenmax
-    assert RouterAdapter.load("fine").fingerprint() == tokenmax.fingerprint()
-    assert all(a.config.shifted_layers == () for a in adapters[2:])
-    assert RouterAdapter.merge([shallow, deep, mid]).fingerprint() == merge7.fingerprint()
-    # the default (since the nineteenth session) is suffix: tokenmax (the default before) plus a suffix query
-    # at layer 13 from suffix13, whose keys are tokenmax's
-    suffix, suffix13 = RouterAdapter.load("suffix"), RouterAdapter.load("suffix13")
-    assert DEFAULT_ROUTER_ADAPTER == SUFFIX_ROUTER_ADAPTER
-    assert RouterAdapter.load("default").fingerprint() == suffix.fingerprint()
-    assert (suffix.fingerprint(), suffix13.fingerprint()) == ("0bd2cbf054be9ce9", "80c51a478dcbc868")
-    assert tokenmax.with_suffix_queries(suffix13).fingerprint() == suffix.fingerprint()
-    assert suffix.config.suffix_layers == (13,) and suffix.config.query_suffix == "\nThis passage is about"
-    assert torch.equal(suffix13.k_proj["13"].weight, tokenmax.k_proj["13"].weight)
-    for rid, name in (("0bd2cbf054be9ce9", "suffix"), ("80c51a478dcbc868", "suffix13")):
-        assert shipped_adapter_for_router(rid) == shipped_adapter(name)
-    assert RouterAdapter.merge([shallow, deep]).fingerprint() == merge5.fingerprint()
-    assert merge7.config.router_layers == (1, 2, 5, 8, 11, 14, 17)
-    assert not torch.equal(deep.k_proj["17"].weight, deepv.k_proj["17"].weight)   # two trainings of layer 17
-    assert max(shallow.config.router_layers) < max(tokenmax.config.router_layers)   # the faster encode
-    for part in (deep, deepv, shallow, mid):                                       # each part keeps its provenance
-        assert part.config.extra["trained_by"] == "msa train-router"
-    assert deepv.config.extra["command"].count("--fact-names varied") == 1
+    # the default: router keys also over 32-token windows at a stride of 16 at every layer, and a suffix
+    # query at layer 13; aligned is the same router without both, shallow its layers 1 and 5
+    assert default.config.router_layers == (1, 5, 8, 11, 13, 16, 17)
+    assert default.config.shifted_layers == default.config.router_layers and default.config.shifted_window == 32
+    assert default.config.suffix_layers == (13,) and default.config.query_suffix == "\nThis passage is about"
+    assert aligned.config.shifted_layers == () and aligned.config.suffix_layers == ()
+    assert aligned.with_shifted_layers(aligned.config.router_layers, 32).fingerprint() == \
+        default.without_suffix_queries().fingerprint()
+    assert default.subset([1, 5]).with_shifted_layers([]).fingerprint() == shallow.fingerprint()
+    assert max(shallow.config.router_layers) < max(default.config.router_layers)   # the faster encode
+    for layer in default.config.router_layers:                                    # the weights ship once
+        assert torch.equal(aligned.k_proj[str(layer)].weight, default.k_proj[str(layer)].weight)
+    # the subset folders name the default's folder; aligned drops its suffix query
+    spec = json.loads((ALIGNED_ROUTER_ADAPTER / "router_subset.json").read_text())
+    assert spec["of"] == "../gemma3-270m-router" and spec["suffix_queries"] is False
+    # provenance: the training commands of the default's three parts and of its suffix query
+    assert len(default.config.extra["merged_from"]) == 3
+    assert "--freeze-keys" in default.config.extra["suffix_query_from"]["extra"]["command"]
+    assert shallow.config.extra["trained_by"] == "msa train-router"
     cfg = RouterConfig((1,), n_q_heads=4, n_kv_heads=1, head_dim=16, hidden_size=64)
     RouterAdapter(cfg).save(tmp_path / "shallow")
     monkeypatch.chdir(tmp_path)
     assert RouterAdapter.load("shallow").config == cfg                 # the user's folder, not the shipped one
-    with pytest.raises(ModelLoadError, match="shipped adapter of the default model: aligned, deep, deepv, default, fine, merge5, merge7, mid, shallow, shifted, suffix, suffix13, tokenmax\."):
+    with pytest.raises(ModelLoadError, match=r"shipped adapter of the default model: aligned, default, shallow\."):
         RouterAdapter.load("deeper")
+
+
+def test_a_subset_folder_can_drop_the_suffix_queries_of_the_folder_it_names(tmp_path):
+    """router_subset.json with "suffix_queries": false gives the named folder's router without its suffix
+    queries (checked by router id); a value other than true or false is refused in one line."""
+    from msa_memory.data import DEFAULT_ROUTER_ADAPTER
+
+    full = RouterAdapter.load("default")
+    plain = full.without_suffix_queries()
+    (tmp_path / "sub").mkdir()
+    spec = {"of": str(DEFAULT_ROUTER_ADAPTER), "router_layers": list(full.config.router_layers),
+            "shifted_layers": list(full.config.shifted_layers), "shifted_window": 32,
+            "suffix_queries": False, "router_id": plain.fingerprint()}
+    (tmp_path / "sub" / "router_subset.json").write_text(json.dumps(spec))
+    got = RouterAdapter.load(tmp_path / "sub")
+    assert got.fingerprint() == plain.fingerprint() and got.config.suffix_layers == ()
+    spec["suffix_queries"] = "no"
+    (tmp_path / "sub" / "router_subset.json").write_text(json.dumps(spec))
+    with pytest.raises(ModelLoadError, match="suffix_queries"):
+        RouterAdapter.load(tmp_path / "sub")
 
 
 def _adapter(layers, seed, **kw):

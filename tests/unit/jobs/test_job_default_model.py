@@ -42,13 +42,11 @@ def test_default_model_encodes_and_updates_example_files(tmp_path: Path) -> None
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["shallow", "merge7", "aligned", "shifted"])
-def test_a_store_of_an_older_shipped_adapter_keeps_it_without_naming_it(tmp_path: Path, name: str) -> None:
-    """A store built with --adapter shallow, by the release whose default merge7 was (a subset folder of
-    two folders' layers), by the one whose default had no shifted grid ("aligned": the same weights as
-    today's default) or by the one whose default had the 64-token shifted grid at four layers ("shifted":
-    a store with k_router_s but no shifted_window), is updated and read with model="default" and no
-    adapter: the shipped adapter matching its router, not the current default."""
+@pytest.mark.parametrize("name", ["shallow", "aligned"])
+def test_a_store_of_another_shipped_adapter_keeps_it_without_naming_it(tmp_path: Path, name: str) -> None:
+    """A store built with --adapter shallow or --adapter aligned (subset folders of the default's weights:
+    fewer layers, or the aligned grid alone without the suffix query) is updated and read with
+    model="default" and no adapter: the shipped adapter matching its router, not the default."""
     from msa_memory.data import shipped_adapter_for_router
     from msa_memory.encode import RouterAdapter
     from msa_memory.runtime import Memory
@@ -81,7 +79,8 @@ def test_a_default_store_is_copied_to_the_aligned_grid_without_router_inputs(tmp
     `msa store reindex-router --adapter aligned --dest` to MSA's aligned grid alone: the same weights, so its
     keys are copied, not recomputed; the copy holds a fifth or less of the router keys, keeps every aligned
     key bit for bit, and Memory with model="default" and no adapter routes it with the shipped `aligned`.
-    In place (no --dest), `--adapter tokenmax` keeps the store's keys: the same key projections."""
+    In place (no --dest), the default's router without its suffix query keeps the store's keys: the same
+    key projections."""
     from typer.testing import CliRunner
 
     from msa_memory.cli import app
@@ -109,14 +108,17 @@ def test_a_default_store_is_copied_to_the_aligned_grid_without_router_inputs(tmp
     assert mem.model.router.fingerprint() == aligned.fingerprint()
     hits = mem.search("Where does the spare generator key hang?", k=1)
     assert hits.column("source_path")[0].as_py() == "docs/note.txt"
-    # in place: tokenmax (the default without its suffix query) has the same keys, so a new version of the
-    # store names it with no router inputs and no key recomputed; Memory then routes it with tokenmax
-    r = CliRunner().invoke(app, ["store", "reindex-router", str(tmp_path / "s.msa"), "--adapter", "tokenmax"])
+    # in place: the default without its suffix query has the same keys, so a new version of the store
+    # names it with no router inputs and no key recomputed; Memory then routes it with that adapter
+    plain = RouterAdapter.load("default").without_suffix_queries()
+    plain.save(tmp_path / "plain")
+    r = CliRunner().invoke(app, ["store", "reindex-router", str(tmp_path / "s.msa"), "--adapter",
+                                 str(tmp_path / "plain")])
     assert r.exit_code == 0, r.output
     assert "routed by router" in r.output and "none recomputed" in r.output
     tm = open_store(tmp_path / "s.msa")
-    assert tm.version == src.version + 1 and tm.identity.router_id == RouterAdapter.load("tokenmax").fingerprint()
+    assert tm.version == src.version + 1 and tm.identity.router_id == plain.fingerprint()
     assert all((tm.router_keys(p)[0] == src.router_keys(p)[0]).all() for p in range(len(tm.identity.router_layers)))
-    mem = Memory(tm)
+    mem = Memory(tm, adapter=str(tmp_path / "plain"))
     assert mem.model.router.fingerprint() == tm.identity.router_id and mem.model.router.config.suffix_layers == ()
     assert mem.search("Where does the spare generator key hang?", k=1).column("source_path")[0].as_py() == "docs/note.txt"
