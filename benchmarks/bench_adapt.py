@@ -11,7 +11,7 @@ haystack holds them (without their query sentence). Pairs: ``recipe.self_supervi
 inverse cloze + synthetic facts with train-split names). Training: ``recipe.run_training`` from the
 shipped adapter with every layer kept, i.e. the command
 
-    msa train-router --store MEM --init-adapter default --layers 1,2,5,8,11,14,17 --keep-layers \
+    msa train-router --store MEM --init-adapter default --layers 1,5,8,11,13,16,17 --keep-layers \
         --epochs 3 --lr 0.001 --negatives 256 --cloze-remove 0.9 --fact-names varied --bf16 --dev-distractors
 
 (the options of this script). Scoring: ``bench_quality.routing_scores`` over the haystack's cached pooled
@@ -19,13 +19,13 @@ inputs, whose linear map is what ``msa store reindex-router`` writes as the re-k
 The training features (every passage re-encoded with its edits, the encoder's own forward) are cached under
 ``--train-cache``. Prints a table, writes ``adapt.json`` into ``--out``, ends with one JSON line.
 
-Measured (``--size 1048576 --cache .bench/quality``, this 2-core AVX512-BF16 CPU, sixteenth session, 1,943 s:
-training features 984 s, 3 epochs of 178–194 s; benchmarks/results/bench_adapt_cpu.json), the shipped default
+Measured (``--size 1048576 --cache .bench/quality``, 2-core AVX512-BF16 CPU, 2026-12-04, 1,943 s:
+training features 984 s, 3 epochs of 178–194 s; benchmarks/results/bench_adapt_cpu.json), the default router
+without its suffix query
 (layers 1, 5, 8, 11, 13, 16, 17 with its 32-token window grid, which the adapted adapter keeps): recall@1/5/16
 needles 0.88 / 1.00 / 1.00 adapted vs 0.88 / 1.00 / 1.00 shipped (BM25 1.00 / 1.00 / 1.00), cloze 0.08 / 0.38 /
-0.64 vs 0.11 / 0.39 / 0.63 (BM25 0.15 / 0.49 / 0.71); dev recall@16 0.643 before and after. With the default of
-the fifth to ninth sessions (merge7, benchmarks/results/router_adcadcca/bench_adapt_cpu.json): needles 0.56 /
-0.88 / 0.97 adapted vs 0.54 / 0.83 / 0.94 shipped, cloze 0.08 / 0.34 / 0.62 vs 0.09 / 0.32 / 0.60.
+0.64 vs 0.11 / 0.39 / 0.63 (BM25 0.15 / 0.49 / 0.71); dev recall@16 0.643 before and after: adapting to the
+corpus gains nothing measurable here.
 """
 
 from __future__ import annotations

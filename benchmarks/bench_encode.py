@@ -36,8 +36,7 @@ backbone only (padded) / prefill with the last logit:
 * Qwen3-4B shape (36 blocks, 18..35 pooled): mix64:64-512 42.9k vs 23.9k / 23.9k / 26.9k.
 * With cuDNN allowed, a mixed-length batch paid ~40 ms per new attention shape (~0.45 s for its
   ~11 length buckets). The 100M-token quality haystack (``bench_quality_scale.py``) now encodes at
-  626k tok/s through block 17 and 1.66M through block 5, against 110k / 132k in the previous
-  session's runs.
+  626k tok/s through block 17 and 1.66M through block 5, against 110k / 132k with cuDNN's attention.
 
 Earlier (2026-11-22, after commit 25bfd34, shapes repeated every round: pooling without index_add_,
 GQA-native SDPA, storage cast on the device; results in benchmarks/results/bench_encode_{h100,cpu}.json):
@@ -49,8 +48,8 @@ GQA-native SDPA, storage cast on the device; results in benchmarks/results/bench
   1.06); 4x8192 330k vs 222k / 229k (1.48 / 1.44). Qwen3-4B shape (layers 18..35 pooled, 5 rounds):
   32x512 49.2k vs 48.0k / 49.2k (1.03 / 1.00); 8x2048 46.7k vs 46.5k / 47.3k (1.005 / 0.99); 2x8192
   41.4k vs 40.7k / 41.0k (1.02 / 1.01). Peak GiB: Gemma 64x512 ours 1.13, prefill(last) 1.65,
-  backbone 1.09; Qwen 32x512 ours 9.67, prefill(last) 11.91, backbone 9.66. Mixed lengths (earlier
-  call of the same session, before kv_only_last): Gemma mix128:64-512 355k vs 240k (1.48), Qwen
+  backbone 1.09; Qwen 32x512 ours 9.67, prefill(last) 11.91, backbone 9.66. Mixed lengths (an earlier
+  run the same day, before kv_only_last): Gemma mix128:64-512 355k vs 240k (1.48), Qwen
   mix64:64-512 41.5k vs 26.0k (1.60).
   History on Qwen 32x512: 07e25c2 43.0k (0.88 / 0.86); index_add_ pooling -> reshape-sum 44.2k;
   + SDPA enable_gqa instead of repeated K/V 45.2k; + casting/transposing the result on the GPU before

@@ -1,11 +1,11 @@
 """What the shifted router-key grids cost: encode time, store bytes and routing time, against the same
 weights over MSA's aligned grid alone, measured side by side in one run.
 
-Three grids of the shipped weights (store-format.md section 11): ``aligned`` (MSA's aligned chunks alone),
-``shifted`` (also the shifted 64-token grid at layers 1, 5, 8, 11; the default of the thirteenth and
-fourteenth sessions) and ``fine`` (every layer also over 32-token windows at a stride of 16,
-``shifted_window`` 32: the default since the fifteenth session). Three measurements, each grid against
-``aligned``:
+Three grids of the shipped weights (store-format.md section 11): ``aligned`` (MSA's aligned chunks alone,
+the shipped ``aligned``), ``shifted`` (also the shifted 64-token grid at layers 1, 5, 8, 11, built here with
+``with_shifted_layers``) and ``fine`` (every layer also over 32-token windows at a stride of 16,
+``shifted_window`` 32: the default's grid; its suffix query, which reads the same keys, is left out). Three
+measurements, each grid against ``aligned``:
 
 1. encode (the default model, this CPU): ``Encoder.encode`` of the same passages (the bundled example
    corpus, split as ``msa-encode`` splits it) with each adapter, alternating, ``--rounds`` rounds, median
@@ -54,9 +54,9 @@ def bench_encode(rounds: int) -> dict:
     from msa_memory.encode import Encoder, RouterAdapter, load_model, split_passages
     from msa_memory.store.shards import tensor_bytes
 
-    shifted = RouterAdapter.load("shifted")
     aligned = RouterAdapter.load("aligned")
-    fine = RouterAdapter.load("default")
+    shifted = aligned.with_shifted_layers(list(SHIFTED))
+    fine = RouterAdapter.load("default").without_suffix_queries()
     assert shifted.config.shifted_layers == SHIFTED and aligned.config.shifted_layers == ()
     assert fine.config.shifted_layers == aligned.config.router_layers and fine.config.shifted_window == 32
     loaded = load_model("default", adapter=aligned)

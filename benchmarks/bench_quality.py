@@ -34,43 +34,12 @@ An adapter with a shifted router-key grid (``shifted_layers``) is scored as ``ru
 (at those layers a passage's max over both grids' chunks; the encode pools both), and the row "routing
 (aligned grid only)" scores the same weights over MSA's aligned chunks alone: the grid's same-run baseline.
 
-The default since the nineteenth session (``suffix``: tokenmax + a suffix query at layer 13), twentieth session,
-``--adapter default --also-adapter tokenmax --seed 0 --em 20`` (benchmarks/results/suffix_scale_2026-12-05/):
-needles 1.00 / 1.00 / 1.00, cloze 0.97 / 0.70 / 0.66 (tokenmax 0.97 / 0.65 / 0.63), end-to-end exact match
-0.45 (9 of 20); every rank repeats its nineteenth-session run. Pooled over four query sets see the RECIPE.
-
-Measured (``--sizes 16384,131072,1048576 --em 20``, 100 needles + 100 cloze queries, 2-core
-AVX512-BF16 CPU, fifteenth session, 1,967 s; the shipped adapter, layers 1, 5, 8, 11, 13, 16, 17, router keys
-also over 32-token windows at a stride of 16 at every layer, weights the merge of the "shallow" (1, 5), "deepv"
-(13, 16, 17) and "mid" (8, 11) adapters; benchmarks/results/bench_quality_cpu.json): routing recall@16 needles
-1.00 / 1.00 / 1.00 (recall@1 0.99 / 0.88 / 0.88), inverse cloze 0.97 / 0.65 / 0.63 at 16K / 128K / 1M tokens;
-the same weights over the aligned grid alone (``--adapter aligned``) 1.00 / 0.99 / 0.93 (recall@1 at 1M 0.56)
-and 0.97 / 0.66 / 0.65; BM25 1.00 / 1.00 / 1.00 and 0.93 / 0.71 / 0.71, MiniLM 0.93 / 0.81 / 0.62 and 0.97 /
-0.69 / 0.64. Relative drop 16K → 1M: 0% (needles), 35% (cloze); routing ties BM25 on needles at 1M and stays
-below it on cloze. End-to-end exact match 0.35 (7 of 20: needles routed first but answered "Yes." or
-wrongly). Every figure, and every exact-match answer, repeats the fourteenth session's run of the same adapter
-as ``--adapter fine`` (benchmarks/results/router_6ed0ac78/).
-
-The default before it (``--adapter shifted``: the shifted 64-token grid at 1, 5, 8, 11; thirteenth session,
-benchmarks/results/router_4677d0b5/): needles 1.00 / 1.00 / 0.99 (recall@1 at 1M 0.63), cloze 0.98 / 0.65 /
-0.64, exact match 0.45 (9 of 20). The aligned rows above repeat the recall@16 and recall@1 of the aligned
-default's own run (benchmarks/results/router_a3359593/; two recall@5 figures 0.01 apart, a cache of pooled
-inputs encoded afresh). The default before that (``--adapter merge7``, layers 1, 2, 5, 8, 11, 14, 17, on a
-cache of the same passages' pooled inputs the same day; benchmarks/results/router_adcadcca/) had 1.00 / 1.00 /
-0.94 and 0.98 / 0.62 / 0.60, and ``merge5`` (1, 2, 5, 14, 17; an earlier session,
-benchmarks/results/router_17421c10/) 1.00 / 0.99 / 0.92 and 0.97 / 0.63 / 0.55. End-to-end exact match in
-text mode (top-4, the first 20 needles of the 16K haystacks, one store per haystack) was 0.40 (8 of 20) for
-aligned and merge7, 0.35 for merge5 and the deep part (most misses are the 270M model answering "Yes." to
-"Can you find ..." questions). Reindex in place of the first 16,611-token EM store with the default's grid,
-this run: 0.11 s vs 15.5 s to encode and write it (136x). Earlier, the aligned default: reindex
-in place 0.04 s vs encode + write 28.8 s for the first 16,611-token EM store (with a test encoding
-beside it on the 2 cores; 15.3 s on idle cores in an earlier run, 4.7 s with the shallow adapter, whose
-encoder stops after block 5). Before the deep adapter's run the benchmark asked 40 + 40 queries
-(±0.07 per figure at 1M; now ±0.05).
-
-Four query sets (``--seed 0..3``, sixteenth session; benchmarks/results/cloze_gap_2026-12-04/): needle recall@16
-1.00 at every size on all four; cloze recall@16 pooled over the 400 queries 0.97 / 0.67 / 0.64 against BM25's
-0.91 / 0.71 / 0.67, paired 32 / 6, 42 / 56 and 38 / 48 queries won / lost against BM25 at 16K / 128K / 1M.
+Measured: the shipped adapters' figures, with machine and date, are in
+``msa_memory/data/gemma3-270m-router/RECIPE.md`` ("Held-out figures"); the result files are
+``benchmarks/results/quality/default_cpu_seed{0,1,2,3}.json`` (the default, ``--adapter default --seed N``, four
+query sets, 2-core CPU, 2026-12-05), ``default_cpu_em.json`` (``--seed 0 --em 20``: end-to-end exact match),
+``grids_cpu.json`` (the default's grid beside the aligned grid, 2026-12-04) and ``shallow_cpu.json``
+(``--adapter shallow``, 2026-12-01).
 """
 
 from __future__ import annotations

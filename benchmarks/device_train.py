@@ -508,7 +508,7 @@ def _parser() -> argparse.ArgumentParser:
                          "--init-adapter)")
     ap.add_argument("--query-template", default=None,
                     help="prepare (a trial, not a msa train-router option): tokenize every question put into this "
-                         "text at {q}, e.g. '{q}\nThis passage is about' (router_trials_2026-12-04c); route "
+                         "text at {q}, e.g. '{q}\nThis passage is about'; route "
                          "the trained adapter with the same text (probe_last_layers.py --template)")
     # gpu step: override options of the prepared recipe that data.npz does not depend on
     for k, typ in (("layers", str), ("epochs", int), ("hard-negatives", str), ("mine-every", int),
