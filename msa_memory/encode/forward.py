@@ -134,7 +134,7 @@ def _lock_for(obj: object) -> threading.RLock:
 #: passages of 40-320 tokens with new lengths in every call (``benchmarks/bench_encode.py --fresh``,
 #: same run): 423k tok/s this way, 80k with cuDNN allowed, 305k for HF's own padded backbone; equal
 #: lengths (no new shapes): 556k vs 566k. The 100M-token quality haystack encoded through block 17 at
-#: 626k tok/s, against 110k the session before. ``None`` leaves PyTorch's own choice (cuDNN first on
+#: 626k tok/s, against 110k with cuDNN allowed. ``None`` leaves PyTorch's own choice (cuDNN first on
 #: Hopper). The runtime's engine keeps PyTorch's choice: cuDNN runs its masked prefills best (8,225
 #: tokens of text in 66 ms, 220 ms without it, H200), and its decoding steps showed no consistent
 #: difference (24.1 vs 24.6 and 37.0 vs 29.7 ms/token without / with cuDNN in two runs).
