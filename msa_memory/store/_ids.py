@@ -11,12 +11,12 @@ commit touches only O(ranges) state, not O(documents in the store).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 
 from msa_memory.errors import ManifestCorruptError
-from msa_memory.store._layout import IDS_FILE, replace_json_atomic
+from msa_memory.store._layout import IDS_FILE, dumps
+from msa_memory.store.backend import Backend
 
 Ranges = list[list[int]]  # sorted, disjoint, non-adjacent [start, stop) pairs
 
@@ -55,10 +55,10 @@ def in_ranges(ids: np.ndarray, ranges: Ranges) -> np.ndarray:
     return res
 
 
-def read_next_id(root: Path) -> int:
-    path = root / IDS_FILE
+def read_next_id(be: Backend) -> int:
+    path = f"{be}/{IDS_FILE}"
     try:
-        d = json.loads(path.read_text())
+        d = json.loads(be.read(IDS_FILE))
         return int(d["next_id"])
     except FileNotFoundError:
         return 0
@@ -69,8 +69,8 @@ def read_next_id(root: Path) -> int:
         ) from None
 
 
-def bump_next_id(root: Path, n: int, floor: int = 0) -> tuple[int, int]:
+def bump_next_id(be: Backend, n: int, floor: int = 0) -> tuple[int, int]:
     """Reserve ``n`` ids (caller holds the writer lock); returns [start, stop). Durable on return."""
-    start = max(read_next_id(root), floor)
-    replace_json_atomic(root / IDS_FILE, {"next_id": start + n})
+    start = max(read_next_id(be), floor)
+    be.replace(IDS_FILE, dumps({"next_id": start + n}))
     return start, start + n

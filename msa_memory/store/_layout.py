@@ -1,9 +1,10 @@
-"""Key layout of a store directory and the few atomic file primitives everything else uses.
+"""Key layout of a store, name validation, and the store-wide checks built on its backend.
 
-No store logic here: path names, name validation, durable writes. The invariant the rest of
-the store builds on: a file that a reader can see under its final name is complete (written to a
-temporary name, fsynced, then renamed/linked), and ``publish_exclusive`` is the only way a version
-manifest comes into existence (it fails if the name exists: the commit point).
+No store logic and no I/O of its own: key names, name patterns, the link/layout checks (answered by the
+backend: media without links have nothing to report), whole-file checksums, and the mapping of a failed
+write to DiskFullError / StoreNotWritableError. The invariants the rest of the store builds on are the
+backend's (``backend.py``): a key a reader can see is complete, and ``Backend.publish`` (create-if-absent)
+is the only way a version manifest comes into existence (the commit point).
 
 Layout (see docs/store-format.md)::
 
@@ -21,6 +22,7 @@ Layout (see docs/store-format.md)::
     ROOT/lexical/{shard}.{analyzer}.{hex}.parquet   a shard's lexical postings written after the shard
                                         (``msa store reindex-lexical``; named by the versions that use them)
     ROOT/damaged/{N:08d}.json.{hex}     damaged manifests ``repair`` set aside (never deleted by the store)
+    ROOT/leases/{N:08d}.{hex}.json      a reader's lease on version N (gc keeps leased versions, reader.py)
 
 Links: the store never creates symbolic links and never reads, writes or deletes through one.
 ``check_layout`` refuses a store whose folders (or lock/identity/id files) are links or lead outside
@@ -31,19 +33,17 @@ matches one of the patterns below, so gc can tell its own leftovers from anythin
 from __future__ import annotations
 
 import errno
-import functools
 import json
 import os
 import re
-import shutil
-import stat
 import uuid
 from datetime import datetime, timezone
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 from msa_memory.errors import ConfigError, DiskFullError, MsaError, StoreLayoutError, StoreNotWritableError
+from msa_memory.store._local import LocalBackend
+from msa_memory.store._memory import MemoryBackend
+from msa_memory.store.backend import Backend
 
 IDENTITY_FILE = "msa_store.json"
 IDS_FILE = "_ids.json"
@@ -59,9 +59,11 @@ DOCS_FILE = "docs.parquet"
 ROUTER_KEYS_DIR = "router_keys"
 LEXICAL_DIR = "lexical"
 DAMAGED_DIR = "damaged"
+LEASES_DIR = "leases"
 
 #: folders of a store (each a real folder directly under the root, never a link) and its top-level files
-STORE_DIRS = (VERSIONS_DIR, TAGS_DIR, SHARDS_DIR, STAGING_DIR, DELETIONS_DIR, ROUTER_KEYS_DIR, LEXICAL_DIR, DAMAGED_DIR)
+STORE_DIRS = (VERSIONS_DIR, TAGS_DIR, SHARDS_DIR, STAGING_DIR, DELETIONS_DIR, ROUTER_KEYS_DIR, LEXICAL_DIR, DAMAGED_DIR,
+              LEASES_DIR)
 STORE_FILES = (IDENTITY_FILE, IDS_FILE, LOCK_FILE, f"{VERSIONS_DIR}/{LATEST_HINT}")
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -78,6 +80,8 @@ ROUTER_KEYS_PATH_RE = re.compile(r"^router_keys/[A-Za-z0-9][A-Za-z0-9._-]{0,254}
 LEXICAL_RE = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._-]{{0,180}}\.{_HEX}\.parquet$")
 LEXICAL_PATH_RE = re.compile(rf"^lexical/[A-Za-z0-9][A-Za-z0-9._-]{{0,180}}\.{_HEX}\.parquet$")
 DELETION_PATH_RE = re.compile(r"^deletions/\d{8,}-[0-9a-f]+\.json$")
+#: a reader's lease on the version it has open: NNNNNNNN.HEX.json under leases/ (``reader.py``)
+LEASE_RE = re.compile(rf"^(\d{{8,}})\.{_HEX}\.json$")
 
 
 def is_name(name: object) -> bool:
@@ -107,8 +111,8 @@ def check_tag_name(name: str) -> str:
     return name
 
 
-def version_file(root: Path, version: int) -> Path:
-    return root / VERSIONS_DIR / f"{version:08d}.json"
+def version_key(version: int) -> str:
+    return f"{VERSIONS_DIR}/{version:08d}.json"
 
 
 def parse_version_file(name: str) -> int | None:
@@ -124,183 +128,114 @@ def token() -> str:
     return uuid.uuid4().hex[:12]
 
 
-def fsync_dir(path: Path) -> None:
-    """Make a rename/creation inside ``path`` durable (no-op where directories can't be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_bytes_durable(path: Path, data: bytes) -> None:
-    """Write ``data`` to a new file and fsync it (the caller renames it into place).
-
-    Never follows a link at ``path``. On failure (a full disk, say) the partial file is removed and
-    the OSError, naming ``path``, is raised.
-    """
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o666)
-        try:
-            view = memoryview(data).cast("B")
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError as e:
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-        if e.filename is None:
-            e.filename = str(path)
-        raise
-
-
 def dumps(obj: Any) -> bytes:
     return (json.dumps(obj, indent=1, sort_keys=False) + "\n").encode()
 
 
-def replace_json_atomic(path: Path, obj: Any) -> None:
-    """Atomically replace ``path`` with ``obj`` as JSON (temp file, fsync, rename, fsync dir)."""
-    tmp = path.with_name(f".{path.name}.{token()}.tmp")
-    write_bytes_durable(tmp, dumps(obj))
-    try:
-        os.replace(tmp, path)
-    except OSError:
-        os.unlink(tmp)
-        raise
-    fsync_dir(path.parent)
-
-
-def publish_exclusive(path: Path, data: bytes) -> bool:
-    """Create ``path`` with ``data`` only if it does not exist; True if this call created it.
-
-    The content is complete before the name appears (temp file + ``os.link``, which fails on an
-    existing name), so a reader never sees a partial manifest.
-    """
-    tmp = path.with_name(f".{path.name}.{token()}.tmp")
-    write_bytes_durable(tmp, data)
-    try:
-        os.link(tmp, path)
-    except FileExistsError:
-        return False
-    except OSError:  # no hard links here (some network/FUSE file systems): O_EXCL create instead
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return False
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    finally:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-    fsync_dir(path.parent)
-    return True
+def open_backend(location: str | os.PathLike[str] | Backend) -> Backend:
+    """The backend of a store location: a Backend as is, ``memory://NAME`` (an in-process store, for tests
+    and notebooks), else a local folder (``_local.LocalBackend``)."""
+    if isinstance(location, Backend):
+        return location
+    if isinstance(location, str) and location.startswith("memory://"):
+        return MemoryBackend.named(location)
+    return LocalBackend(location)
 
 
 # ----------------------------------------------------------------------------- links and the store root
 
 
-def _entry_problem(root: Path, real_root: Callable[[], str], rel: str, want_dir: bool) -> str | None:
-    """Why ``root/rel`` is not a real folder (``want_dir``) / regular file of the store; None if it is or is absent."""
-    path = root / rel
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return None
-    if stat.S_ISLNK(st.st_mode):
-        return f"is a symbolic link (to {os.readlink(path)!r})"
-    if want_dir and not stat.S_ISDIR(st.st_mode):
-        return "is not a folder"
-    if not want_dir and not stat.S_ISREG(st.st_mode):
-        return "is not a regular file"
-    # not a link and directly under the root (or under a folder checked before it): it resolves inside
-    # realpath(root) by construction; the realpath is compared only where a parent could be a link
-    if "/" in rel and os.path.realpath(path) != os.path.join(real_root(), rel):
-        return f"resolves to {os.path.realpath(path)!r}, outside the store root {real_root()!r}"
-    return None
-
-
-def layout_problems(root: Path) -> list[tuple[str, str]]:
+def layout_problems(be: Backend) -> list[tuple[str, str]]:
     """(store-relative path, problem) for each store folder or top-level file that is a link, of the
-    wrong kind or resolves outside the root. Costs a few lstat calls."""
-    real_root = functools.cache(lambda: os.path.realpath(root))
-    out = [(d, p) for d in STORE_DIRS if (p := _entry_problem(root, real_root, d, True)) is not None]
-    return out + [(f, p) for f in STORE_FILES if (p := _entry_problem(root, real_root, f, False)) is not None]
+    wrong kind or resolves outside the root. Costs a few lstat calls (none on media without links)."""
+    if not be.supports_links:
+        return []
+    out = [(d, p) for d in STORE_DIRS if (p := be.entry_problem(d, True)) is not None]
+    return out + [(f, p) for f in STORE_FILES if (p := be.entry_problem(f, False)) is not None]
 
 
-def check_layout(root: Path, action: str) -> None:
-    """Raise StoreLayoutError unless every store folder is a real folder inside ``root`` (no links).
+def check_layout(be: Backend, action: str) -> None:
+    """Raise StoreLayoutError unless every store folder is a real folder inside the root (no links).
 
     ``action`` names what is refused (``"gc"``, ``"a commit"``...); called before any write or delete.
     """
-    problems = layout_problems(root)
+    problems = layout_problems(be)
     if problems:
         rel, problem = problems[0]
+        where = f"{be}/{rel}"
         raise StoreLayoutError(
-            f"Store folder {str(root / rel)!r} {problem}; msa-memory reads, writes and deletes nothing through a link "
+            f"Store folder {where!r} {problem}; msa-memory reads, writes and deletes nothing through a link "
             f"or outside the store root, so {action} is refused and nothing was changed.",
-            hint=f"Replace {str(root / rel)!r} with a real folder inside the store (move the contents it should hold "
+            hint=f"Replace {where!r} with a real folder inside the store (move the contents it should hold "
                  "there), then rerun; `msa store verify STORE` lists every such path.")
 
 
-def link_in_path(root: Path, rel: str) -> str | None:
-    """The first link on the way from ``root`` to ``root/rel`` as a problem line, or None (absent parts end the walk)."""
-    cur = root
-    for part in rel.split("/"):
-        cur = cur / part
-        try:
-            st = os.lstat(cur)
-        except (FileNotFoundError, NotADirectoryError):
-            return None
-        if stat.S_ISLNK(st.st_mode):
-            return f"{cur.relative_to(root).as_posix()} is a symbolic link (to {os.readlink(cur)!r}); not read through it"
-    return None
-
-
-def check_inside(root: Path, rel: str, action: str) -> None:
-    """Raise StoreLayoutError if a link lies on the way from ``root`` to ``root/rel``."""
-    problem = link_in_path(root, rel)
+def check_inside(be: Backend, rel: str, action: str) -> None:
+    """Raise StoreLayoutError if a link lies on the way from the root to ``rel``."""
+    problem = be.link_in_path(rel)
     if problem is not None:
         raise StoreLayoutError(
-            f"Store entry {str(root / rel)!r} is reached through a link ({problem.split(';')[0]}); {action} is refused "
+            f"Store entry {f'{be}/{rel}'!r} is reached through a link ({problem.split(';')[0]}); {action} is refused "
             "and nothing was changed.",
             hint="The store never makes links: replace the link with the real folder it points to, then rerun; "
                  "`msa store verify STORE` lists every such path.")
 
 
+# ----------------------------------------------------------------------------- whole-file checksums
+
+
+def file_crc(be: Backend, key: str) -> tuple[int, int]:
+    """(size, crc32c) of a whole key, read in 8 MiB pieces."""
+    import crc32c
+
+    crc, size = 0, 0
+    with be.open_input(key) as f:
+        while block := f.read(8 << 20):
+            crc = crc32c.crc32c(block, crc)
+            size += len(block)
+    return size, crc
+
+
+def check_files(be: Backend, rel_dir: str, files: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+    """(store-relative path, problem) for each of ``files`` (name -> {"size", "crc32c"}) under ``rel_dir``
+    that is missing, reached through a link, or whose size or crc32c differs."""
+    bad: list[tuple[str, str]] = []
+    for rel, want in files.items():
+        where = f"{rel_dir}/{rel}"
+        link = be.link_in_path(where)
+        if link is not None:  # never read through a link (it may lead outside the store)
+            bad.append((where, link))
+            continue
+        try:
+            size, crc = file_crc(be, where)
+        except FileNotFoundError:
+            bad.append((where, "missing"))
+            continue
+        if size != want["size"]:
+            bad.append((where, f"size {size} != {want['size']}"))
+        elif crc != want["crc32c"]:
+            bad.append((where, "crc32c mismatch"))
+    return bad
+
+
 # ----------------------------------------------------------------------------- write failures
 
 
-def os_write_error(root: Path, e: OSError, action: str) -> MsaError | None:
+def os_write_error(be: Backend, e: BaseException, action: str) -> MsaError | None:
     """The store error a failed write ``e`` means (disk full, read-only store), or None for other errors."""
-    if isinstance(e, MsaError):
+    if isinstance(e, MsaError) or not isinstance(e, OSError):
         return None
     what = f" ({e.strerror or e}: {e.filename})" if e.filename else f" ({e.strerror or e})"
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        try:
-            free = f"{shutil.disk_usage(root).free:,} bytes free"
-        except OSError:
-            free = "free space unknown"
+        free_bytes = be.free_bytes()
+        free = f"{free_bytes:,} bytes free" if free_bytes is not None else "free space unknown"
         return DiskFullError(
-            f"No space left on the device of store {str(root)!r} during {action}{what}, {free}: no version was "
+            f"No space left on the device of store {str(be)!r} during {action}{what}, {free}: no version was "
             "published and nothing already stored was changed.",
-            hint=f"Free space on that device (`msa store gc {root} --yes` removes files no version uses), then rerun.")
+            hint=f"Free space on that device (`msa store gc {be} --yes` removes files no version uses), then rerun.")
     if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
         return StoreNotWritableError(
-            f"Store {str(root)!r} is not writable{what}; {action} needs to write to it, so nothing was changed.",
+            f"Store {str(be)!r} is not writable{what}; {action} needs to write to it, so nothing was changed.",
             hint="Reads (info, versions, docs, verify, gc --dry-run, repair --dry-run) work as they are; to change the "
                  "store, make its folder writable (permissions, or remount it read-write) or copy it somewhere writable.")
     return None

@@ -19,10 +19,8 @@ from __future__ import annotations
 import functools
 import json
 import os
-import stat
 from collections.abc import Mapping
 from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import crc32c
@@ -50,12 +48,10 @@ from msa_memory.store._layout import (
     is_name,
     is_rel_path,
     parse_version_file,
-    publish_exclusive,
-    replace_json_atomic,
     token,
-    version_file,
-    write_bytes_durable,
+    version_key,
 )
+from msa_memory.store.backend import Backend
 
 _VERSIONS_HINT = "Run `msa store versions STORE` to list versions and tags."
 
@@ -85,7 +81,7 @@ _STATS = {"n_docs": int, "n_chunks": int, "n_tokens": int, "n_bytes": int}
 _DAMAGED = "The file was damaged or written by other software."
 
 
-def repair_hint(root: Path) -> str:
+def repair_hint(root: Backend) -> str:
     """What to do about a damaged or lost manifest of the store at ``root``."""
     return (f"Run `msa store repair {root}`: it sets the damaged file aside and publishes the newest good version "
             "as a new one (nothing is deleted; `--dry-run` shows what it would do).")
@@ -168,18 +164,18 @@ def _check_format(fv: Any, where: str) -> None:
 # ----------------------------------------------------------------------------- identity
 
 
-def write_identity(root: Path, identity: StoreIdentity, created: str) -> dict[str, Any]:
+def write_identity(be: Backend, identity: StoreIdentity, created: str) -> dict[str, Any]:
     fv = (FINE_GRID_FORMAT_VERSION if identity.shifted_window is not None else
           SHIFTED_GRID_FORMAT_VERSION if identity.shifted_layers else FORMAT_VERSION)
     rec = {"format_version": fv, "created": created, "identity": identity.to_dict()}
-    replace_json_atomic(root / IDENTITY_FILE, rec)
+    be.replace(IDENTITY_FILE, dumps(rec))
     return rec
 
 
-def read_identity(root: Path) -> StoreIdentity:
-    path = root / IDENTITY_FILE
+def read_identity(root: Backend) -> StoreIdentity:
+    path = f"{root}/{IDENTITY_FILE}"
     try:
-        raw = path.read_bytes()
+        raw = root.read(IDENTITY_FILE)
     except (FileNotFoundError, NotADirectoryError):
         raise StoreNotFoundError(
             f"No msa-memory store at {str(root)!r} (missing {IDENTITY_FILE}).",
@@ -201,20 +197,17 @@ def read_identity(root: Path) -> StoreIdentity:
 # ----------------------------------------------------------------------------- versions
 
 
-def list_versions(root: Path) -> list[int]:
-    try:
-        names = os.listdir(root / VERSIONS_DIR)
-    except FileNotFoundError:
-        return []
+def list_versions(root: Backend) -> list[int]:
+    names = root.list(VERSIONS_DIR)
     return sorted(v for v in (parse_version_file(n) for n in names) if v is not None)
 
 
-def read_hint(root: Path) -> int | None:
+def read_hint(root: Backend) -> int | None:
     """The version ``versions/_latest.json`` names; None if there is no hint. ManifestCorruptError if damaged."""
-    hint = root / VERSIONS_DIR / LATEST_HINT
+    hint = f"{root}/{VERSIONS_DIR}/{LATEST_HINT}"
     try:
-        raw = hint.read_bytes()
-    except FileNotFoundError:
+        raw = root.read(f"{VERSIONS_DIR}/{LATEST_HINT}")
+    except (FileNotFoundError, NotADirectoryError):
         return None
     try:
         v = json.loads(raw)["version"]
@@ -226,34 +219,34 @@ def read_hint(root: Path) -> int | None:
                                    "a lost latest manifest would go unnoticed.", hint=repair_hint(root)) from None
 
 
-def _lost(root: Path, hinted: int, vs: list[int]) -> tuple[str, str]:
+def _lost(root: Backend, hinted: int, vs: list[int]) -> tuple[str, str]:
     return (f"{VERSIONS_DIR}/{hinted:08d}.json",
-            f"Manifest {version_file(root, hinted)} of version {hinted} is missing, but {VERSIONS_DIR}/{LATEST_HINT} "
+            f"Manifest {root}/{version_key(hinted)} of version {hinted} is missing, but {VERSIONS_DIR}/{LATEST_HINT} "
             f"of store {str(root)!r} names it as the latest published version: it was deleted or lost. Reading on "
             f"would silently roll the store back to version {vs[-1] if vs else 'none'} and publish another version "
             f"{hinted}, so the store is refused.")
 
 
-def latest_problem(root: Path) -> tuple[str, str] | None:
+def latest_problem(root: Backend) -> tuple[str, str] | None:
     """(store-relative path, problem) when the store's latest version is lost or its hint damaged, else None."""
     try:
         hinted = read_hint(root)
     except ManifestCorruptError as e:
         return f"{VERSIONS_DIR}/{LATEST_HINT}", str(e)
-    if hinted is None or version_file(root, hinted).exists():
+    if hinted is None or root.exists(version_key(hinted)):
         return None
     vs = list_versions(root)
     return _lost(root, hinted, vs) if not vs or vs[-1] < hinted else None  # else the hint only lags
 
 
-def latest_version(root: Path) -> int:
+def latest_version(root: Backend) -> int:
     """Highest published version (hint file, then probing upwards; a full listing if no hint).
 
     Raises ManifestCorruptError when the hint is damaged or names a version whose manifest is gone
     while no newer one exists (the hint's update is best effort, so it may lag, never lead).
     """
     v = read_hint(root)
-    if v is None or not version_file(root, v).exists():
+    if v is None or not root.exists(version_key(v)):
         vs = list_versions(root)
         if v is not None and (not vs or vs[-1] < v):
             raise ManifestCorruptError(_lost(root, v, vs)[1], hint=repair_hint(root))
@@ -261,19 +254,21 @@ def latest_version(root: Path) -> int:
             raise StoreNotFoundError(f"Store {str(root)!r} has no published version.",
                                      hint="Create the store with create_store() first.")
         v = vs[-1]
-    while version_file(root, v + 1).exists():
+    while root.exists(version_key(v + 1)):
         v += 1
     return v
 
 
-def read_manifest(root: Path, version: int) -> dict[str, Any]:
-    path = version_file(root, version)
+def read_manifest(root: Backend, version: int) -> dict[str, Any]:
+    key = version_key(version)
+    path = f"{root}/{key}"
     try:
-        if stat.S_ISLNK(os.lstat(path).st_mode):
-            raise StoreLayoutError(f"Manifest {path} is a symbolic link (to {os.readlink(path)!r}); the store reads no "
+        info = root.stat(key) if root.supports_links else None
+        if info is not None and info.kind == "link":
+            raise StoreLayoutError(f"Manifest {path} is a symbolic link (to {info.target!r}); the store reads no "
                                    "version through a link.",
                                    hint="Replace the link with the manifest file itself (or remove it), then rerun.")
-        raw = path.read_bytes()
+        raw = root.read(key)
     except FileNotFoundError:
         vs = list_versions(root)
         raise VersionNotFoundError(
@@ -295,56 +290,58 @@ def read_manifest(root: Path, version: int) -> dict[str, Any]:
     return m
 
 
-def publish_manifest(root: Path, manifest: dict[str, Any]) -> bool:
-    """Validate and publish manifest N by exclusive create (the commit point); False if N exists."""
+def publish_manifest(root: Backend, manifest: dict[str, Any]) -> bool:
+    """Validate and publish manifest N by conditional publish (the commit point); False if N exists."""
     check_manifest_structure(manifest, f"version {manifest.get('version')} (to be published)",
                              "This is a bug in the writer that made it; nothing was published.")
-    ok = publish_exclusive(version_file(root, manifest["version"]), dumps(manifest))
+    ok = root.publish(version_key(manifest["version"]), dumps(manifest))
     if ok:
-        try:
-            replace_json_atomic(root / VERSIONS_DIR / LATEST_HINT, {"version": manifest["version"]})
-        except OSError:
-            pass  # only a hint
+        write_hint(root, manifest["version"])
     return ok
+
+
+def write_hint(root: Backend, version: int) -> None:
+    """Point ``versions/_latest.json`` at ``version`` (best effort: only a hint)."""
+    try:
+        root.replace(f"{VERSIONS_DIR}/{LATEST_HINT}", dumps({"version": version}))
+    except OSError:
+        pass
 
 
 # ----------------------------------------------------------------------------- tags
 
 
-def read_tags(root: Path) -> dict[str, int]:
+def read_tags(root: Backend) -> dict[str, int]:
     out: dict[str, int] = {}
-    try:
-        names = sorted(os.listdir(root / TAGS_DIR))
-    except FileNotFoundError:
-        return out
-    for n in names:
+    for n in root.list(TAGS_DIR):
         if n.endswith(".json") and not n.startswith("."):
-            if os.path.islink(root / TAGS_DIR / n):
-                raise StoreLayoutError(f"Tag file {root / TAGS_DIR / n} is a symbolic link; the store reads nothing "
+            key = f"{TAGS_DIR}/{n}"
+            info = root.stat(key) if root.supports_links else None
+            if info is not None and info.kind == "link":
+                raise StoreLayoutError(f"Tag file {root}/{key} is a symbolic link; the store reads nothing "
                                        "through a link.", hint="Delete the link and tag the version again.")
             try:
-                out[n[:-5]] = int(json.loads((root / TAGS_DIR / n).read_text())["version"])
+                out[n[:-5]] = int(json.loads(root.read(key))["version"])
             except (ValueError, KeyError, TypeError, FileNotFoundError):
-                raise ManifestCorruptError(f"Tag file {root / TAGS_DIR / n} is corrupt.",
+                raise ManifestCorruptError(f"Tag file {root}/{key} is corrupt.",
                                            hint="Delete it and tag the version again.") from None
     return out
 
 
-def write_tag(root: Path, name: str, version: int, created: str) -> None:
+def write_tag(root: Backend, name: str, version: int, created: str) -> None:
     check_tag_name(name)
-    (root / TAGS_DIR).mkdir(exist_ok=True)
-    replace_json_atomic(root / TAGS_DIR / f"{name}.json", {"version": version, "created": created})
+    root.replace(f"{TAGS_DIR}/{name}.json", dumps({"version": version, "created": created}))
 
 
-def delete_tag(root: Path, name: str) -> None:
+def delete_tag(root: Backend, name: str) -> None:
     check_tag_name(name)
-    try:
-        os.unlink(root / TAGS_DIR / f"{name}.json")
-    except FileNotFoundError:
-        raise VersionNotFoundError(f"Tag {name!r} not found in store {str(root)!r}.", hint=_VERSIONS_HINT) from None
+    key = f"{TAGS_DIR}/{name}.json"
+    if root.stat(key) is None:
+        raise VersionNotFoundError(f"Tag {name!r} not found in store {str(root)!r}.", hint=_VERSIONS_HINT)
+    root.delete(key)
 
 
-def resolve_version(root: Path, version: int | str | None) -> int:
+def resolve_version(root: Backend, version: int | str | None) -> int:
     if version is None:
         return latest_version(root)
     if isinstance(version, (int,)) and not isinstance(version, bool):
@@ -363,19 +360,18 @@ def resolve_version(root: Path, version: int | str | None) -> int:
 # ----------------------------------------------------------------------------- deletion files
 
 
-def write_deletions(root: Path, version: int, deleted: dict[str, list[int]]) -> dict[str, Any]:
+def write_deletions(root: Backend, version: int, deleted: dict[str, list[int]]) -> dict[str, Any]:
     """Write the ids deleted by ``version``, per shard; returns the manifest entry."""
     rel = f"{DELETIONS_DIR}/{version:08d}-{token()}.json"
     data = dumps({"version": version, "deleted": deleted})
-    (root / DELETIONS_DIR).mkdir(exist_ok=True)
-    write_bytes_durable(root / rel, data)
+    root.write(rel, data, exclusive=True)
     return {"path": rel, "n_docs": sum(len(v) for v in deleted.values()), "crc32c": crc32c.crc32c(data)}
 
 
-def read_deletions(root: Path, entry: dict[str, Any]) -> dict[str, list[int]]:
-    path = root / entry["path"]
+def read_deletions(root: Backend, entry: dict[str, Any]) -> dict[str, list[int]]:
+    path = f"{root}/{entry['path']}"
     try:
-        data = path.read_bytes()
+        data = root.read(entry["path"])
     except FileNotFoundError:
         from msa_memory.errors import ShardMissingError
 
@@ -387,3 +383,16 @@ def read_deletions(root: Path, entry: dict[str, Any]) -> dict[str, list[int]]:
         raise ShardCorruptError(f"Deletion file {path} fails its checksum.",
                                 hint="Restore it from a backup; `msa store verify` lists all damaged files.")
     return {str(k): [int(x) for x in v] for k, v in json.loads(data)["deleted"].items()}
+
+
+def version_router(manifest: dict[str, Any], identity: StoreIdentity) -> dict[str, Any]:
+    """The router of a version: its manifest's ``router`` or, absent, the identity's (a reindex can give a
+    version another router than the one the store was created with, ``rekey.py``)."""
+    r = manifest.get("router")
+    if r is None:
+        r = {"router_id": identity.router_id, "router_layers": list(identity.router_layers)}
+        if identity.shifted_layers:
+            r["shifted_layers"] = list(identity.shifted_layers)
+        if identity.shifted_window is not None:
+            r["shifted_window"] = identity.shifted_window
+    return dict(r)

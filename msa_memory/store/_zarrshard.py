@@ -8,7 +8,7 @@ separate byte-range request (about 15 MB/s here, and one read per chunk).
 
 Inner chunks are laid out in C order, back to back, so the inner chunks ``a..b`` of the first
 axis are one contiguous byte range: one ``pread`` fetches a document's chunks across all layers
-and K/V. Every inner chunk carries its own crc32c, checked on every read (a flipped byte raises
+and K/V (one ranged read on a backend). Every inner chunk carries its own crc32c, checked on every read (a flipped byte raises
 :class:`ShardCorruptError`, never returns wrong numbers). Tests check zarr-python reads these files
 bit-identically (the general path) against this fast path.
 """
@@ -16,15 +16,13 @@ bit-identically (the general path) against this fast path.
 from __future__ import annotations
 
 import json
-import os
-from pathlib import Path
 from typing import Any
 
 import crc32c
 import numpy as np
 
 from msa_memory.errors import ShardCorruptError, ShardMissingError
-from msa_memory.store._layout import write_bytes_durable
+from msa_memory.store.backend import Backend
 
 MAX_U64 = np.uint64(2**64 - 1)
 _CRC = 4  # bytes of the crc32c trailer of every inner chunk and of the index
@@ -57,13 +55,13 @@ def array_metadata(shape: tuple[int, ...], chunk_shape: tuple[int, ...], dtype: 
     }
 
 
-def shard_file(array_dir: Path, ndim: int) -> Path:
-    """Path of the single shard file of an array (chunk key ``c.0.0...``: no nested directories,
+def shard_file(array_dir: str, ndim: int) -> str:
+    """Key of the single shard file of an array (chunk key ``c.0.0...``: no nested directories,
     so a shard has few directories to fsync)."""
-    return array_dir / ".".join(["c"] + ["0"] * ndim)
+    return f"{array_dir}/" + ".".join(["c"] + ["0"] * ndim)
 
 
-def write_array(array_dir: Path, data: np.ndarray, chunk_shape: tuple[int, ...],
+def write_array(be: Backend, array_dir: str, data: np.ndarray, chunk_shape: tuple[int, ...],
                 attributes: dict[str, Any]) -> dict[str, tuple[int, int]]:
     """Write ``data`` as a one-shard Zarr v3 array; returns {array-relative path: (size, crc32c)}.
 
@@ -84,41 +82,21 @@ def write_array(array_dir: Path, data: np.ndarray, chunk_shape: tuple[int, ...],
     index_bytes = index_full.tobytes()
     index_bytes += np.uint32(crc32c.crc32c(index_bytes)).astype("<u4").tobytes()
 
-    array_dir.mkdir(parents=True, exist_ok=True)
     meta = json.dumps(array_metadata(data.shape, chunk_shape, data.dtype, attributes), indent=2).encode()
-    write_bytes_durable(array_dir / "zarr.json", meta)
-    path = shard_file(array_dir, data.ndim)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # chunk rows and their crc32c trailers go straight from `data` to the file (writev, no copy)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    be.write(f"{array_dir}/zarr.json", meta, exclusive=True)
+    key = shard_file(array_dir, data.ndim)
+    # chunk rows and their crc32c trailers go straight from `data` to the medium (writev, no copy)
+    iov: list[Any] = []
     file_crc = 0
-    try:
-        for lo in range(0, n_inner, _IOV_ROWS):
-            iov: list[Any] = []
-            hi = min(n_inner, lo + _IOV_ROWS)
-            for i in range(lo, hi):
-                iov += (raw[i], crc_bytes[i])
-                file_crc = crc32c.crc32c(crc_bytes[i], crc32c.crc32c(raw[i], file_crc))
-            _writev_all(fd, iov, (hi - lo) * stride)
-        _writev_all(fd, [index_bytes], len(index_bytes))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    for i in range(n_inner):
+        iov += (raw[i], crc_bytes[i])
+        file_crc = crc32c.crc32c(crc_bytes[i], crc32c.crc32c(raw[i], file_crc))
+    iov.append(index_bytes)
+    be.write(key, iov, exclusive=True)
     # whole-file checksum computed from the bytes written (no second read of the file)
     file_crc = crc32c.crc32c(index_bytes, file_crc)
-    rel = path.relative_to(array_dir).as_posix()
+    rel = key[len(array_dir) + 1:]
     return {"zarr.json": (len(meta), crc32c.crc32c(meta)), rel: (n_inner * stride + len(index_bytes), file_crc)}
-
-
-_IOV_ROWS = 256  # 2 iovecs per row, below IOV_MAX (1024)
-
-
-def _writev_all(fd: int, iov: list[Any], total: int) -> None:
-    n = os.writev(fd, iov)
-    if n < total:  # short write: finish the rest the simple way
-        rest = b"".join(bytes(memoryview(b).cast("B")) for b in iov)[n:]
-        while rest:
-            rest = rest[os.write(fd, rest):]
 
 
 class ArrayReader:
@@ -128,9 +106,10 @@ class ArrayReader:
     identity and the shard record); the index is read and checked once, on first use.
     """
 
-    def __init__(self, path: Path, shape: tuple[int, ...], chunk_shape: tuple[int, ...],
+    def __init__(self, be: Backend, key: str, shape: tuple[int, ...], chunk_shape: tuple[int, ...],
                  dtype: np.dtype[Any], label: str) -> None:
-        self.path, self.shape, self.chunk_shape = path, shape, chunk_shape
+        self.be, self.key, self.shape, self.chunk_shape = be, key, shape, chunk_shape
+        self.path = f"{be}/{key}"  # for messages
         self.dtype = np.dtype(dtype).newbyteorder("<")
         self.label = label
         self.n_inner = shape[0] // chunk_shape[0] if chunk_shape[0] else 0
@@ -145,25 +124,26 @@ class ArrayReader:
             hint="Run `msa store verify` to list corrupt files and affected documents; re-encode those documents.",
         )
 
-    def _open(self) -> int:
+    def _missing(self) -> ShardMissingError:
+        return ShardMissingError(
+            f"{self.label}: shard file {self.path} is missing.",
+            hint="The store was damaged (files removed by hand?); restore the directory or re-encode the documents.")
+
+    def _ranges(self, ranges: list[tuple[int, int]]) -> list[bytes]:
         try:
-            return os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise ShardMissingError(
-                f"{self.label}: shard file {self.path} is missing.",
-                hint="The store was damaged (files removed by hand?); restore the directory or re-encode the documents.",
-            ) from None
+            return self.be.read_ranges(self.key, ranges)
+        except (FileNotFoundError, NotADirectoryError):
+            raise self._missing() from None
 
     def index(self) -> np.ndarray:
         """(n_inner, 2) uint64 (offset, nbytes) of each inner chunk, checksum-verified."""
         if self._index is None:
             size = self.n_inner * 16 + _CRC
-            fd = self._open()
-            try:
-                end = os.fstat(fd).st_size
-                raw = os.pread(fd, size, end - size) if end >= size else b""
-            finally:
-                os.close(fd)
+            info = self.be.stat(self.key)
+            if info is None:
+                raise self._missing()
+            end = info.size
+            raw = self._ranges([(end - size, size)])[0] if end >= size else b""
             if len(raw) != size:
                 raise self._corrupt(f"truncated shard file ({end} bytes)")
             if crc32c.crc32c(raw[:-_CRC]) != int(np.frombuffer(raw[-_CRC:], "<u4")[0]):
@@ -182,32 +162,40 @@ class ArrayReader:
         return self.read_many([(start, stop)])[0]
 
     def read_many(self, ranges: list[tuple[int, int]]) -> list[np.ndarray]:
-        """:meth:`read` of several ranges with one open of the file."""
+        """:meth:`read` of several ranges with one batch of ranged reads (one open of a local file)."""
         idx = self.index()
-        fd = self._open()
-        try:
-            return [self._read(fd, idx, int(a), int(b)) for a, b in ranges]
-        finally:
-            os.close(fd)
+        stride = self.inner_bytes + _CRC
+        want: list[tuple[int, int]] = []   # byte ranges of all requests, in order
+        spans: list[tuple[int, int, int]] = []  # (start, stop, number of byte ranges) per request
+        for a, b in ranges:
+            start, stop = int(a), int(b)
+            if stop > start and not 0 <= start <= stop <= self.n_inner:
+                raise IndexError(f"inner chunks {start}:{stop} out of range 0:{self.n_inner} of {self.path}")
+            if stop <= start:
+                parts: list[tuple[int, int]] = []
+            elif self._c_order:  # write_array's layout: the chunks are one contiguous range, one read
+                parts = [(start * stride, (stop - start) * stride)]
+            else:  # written by another v3 writer: one read per inner chunk, in index order
+                parts = [(int(off), stride) for off in idx[start:stop, 0]]
+            spans.append((start, stop, len(parts)))
+            want += parts
+        got = self._ranges(want) if want else []
+        out, i = [], 0
+        for start, stop, k in spans:
+            out.append(self._decode(start, stop, got[i:i + k]))
+            i += k
+        return out
 
-    def _read(self, fd: int, index: np.ndarray, start: int, stop: int) -> np.ndarray:
+    def _decode(self, start: int, stop: int, parts: list[bytes]) -> np.ndarray:
         n = stop - start
-        out_shape = (n * self.chunk_shape[0],) + tuple(self.chunk_shape[1:])
+        out_shape = (max(n, 0) * self.chunk_shape[0],) + tuple(self.chunk_shape[1:])
         if n <= 0:
             return np.empty(out_shape, dtype=self._native)
-        if not 0 <= start <= stop <= self.n_inner:
-            raise IndexError(f"inner chunks {start}:{stop} out of range 0:{self.n_inner} of {self.path}")
         ib = self.inner_bytes
         stride = ib + _CRC
-        if self._c_order:  # write_array's layout: the chunks are one contiguous range, one read
-            raw = os.pread(fd, n * stride, start * stride)
-            if len(raw) != n * stride:
-                raise self._corrupt("truncated shard file")
-        else:  # written by another v3 writer: one read per inner chunk, in index order
-            parts = [os.pread(fd, stride, int(off)) for off in index[start:stop, 0]]
-            if any(len(p) != stride for p in parts):
-                raise self._corrupt("truncated shard file")
-            raw = b"".join(parts)
+        if sum(len(p) for p in parts) != n * stride:
+            raise self._corrupt("truncated shard file")
+        raw = parts[0] if len(parts) == 1 else b"".join(parts)
         mv = memoryview(raw)
         stored = np.ndarray((n,), dtype="<u4", buffer=raw, offset=ib, strides=(stride,)).tolist()
         computed = [crc32c.crc32c(mv[o:o + ib]) for o in range(0, n * stride, stride)]

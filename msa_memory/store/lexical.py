@@ -10,7 +10,7 @@ the table needs no vocabulary and shards built apart agree on every term.
 Where the postings live (docs/store-format.md, section 13):
 - ``write_shard`` writes ``postings.lex1.parquet`` into the shard itself, so the shard record's size
   and crc32c cover it; msa-encode and compaction therefore build it for every shard they write;
-- ``reindex_lexical`` gives a version whose shards lack postings of this analyzer (a store encoded
+- ``rekey.reindex_lexical`` gives a version whose shards lack postings of this analyzer (a store encoded
   without it, or with another analyzer) a sidecar ``lexical/SHARD.lex1.HEX.parquet``
   per such shard, named from the shard's manifest entry (``"lexical"``), published as a new version
   through the usual commit point; shards are never modified. A sidecar wins over in-shard postings.
@@ -30,28 +30,37 @@ numpy only (no torch, no scipy): the index is a term-major sparse matrix (CSC of
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import unicodedata
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-import crc32c
 import numpy as np
 
-from msa_memory.errors import ConfigError, ShardCorruptError, ShardMissingError, VersionConflictError
-from msa_memory.store import _manifest, shards
-from msa_memory.store._layout import LEXICAL_DIR, check_layout, fsync_dir, os_write_error, token, write_bytes_durable
+from msa_memory.errors import ConfigError, ShardCorruptError, ShardMissingError
+from msa_memory.store._layout import LEXICAL_DIR, check_files
+from msa_memory.store.backend import Backend
 
-if TYPE_CHECKING:
-    from msa_memory.store.reader import MemoryStore
+
+class _Snapshot(Protocol):
+    """What this module reads of a ``reader.Snapshot`` (not imported: the reader imports this module)."""
+
+    backend: Backend
+    root: Any
+    version: int
+    manifest: dict[str, Any]
+
+    def _view(self, shard_id: str) -> Any: ...
+
+    def _live_mask(self, shard_id: str) -> np.ndarray: ...
+
+    def documents(self, columns: Sequence[str] | None = None) -> Any: ...
 
 __all__ = ["ANALYZER", "STOPWORDS", "BM25_K1", "BM25_B", "analyze", "term_hash", "postings_file",
            "postings_bytes", "read_postings", "LexicalSource", "lexical_source", "check_index", "verify_postings",
-           "reindex_lexical", "LexicalIndex"]
+           "sidecar_paths", "LexicalIndex"]
 
 #: name + version of the analyzer below; stored with every postings file
 ANALYZER = "lex1"
@@ -121,15 +130,17 @@ def postings_bytes(doc_ids: np.ndarray, texts: Sequence[str]) -> bytes:
     return bytes(sink.getvalue().to_pybytes())
 
 
-def read_postings(path: Path, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(doc_id int64, term_hash uint64, tf int32) of a postings file (page checksums verified; its analyzer
-    must be this one's). ``where`` names the file in errors."""
+def read_postings(be: Backend, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(doc_id int64, term_hash uint64, tf int32) of the postings file ``key`` (page checksums verified; its
+    analyzer must be this one's)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    where = key
     try:
-        tab = pq.read_table(path, page_checksum_verification=True)
-    except FileNotFoundError:
+        with be.open_input(key) as f:
+            tab = pq.read_table(f, page_checksum_verification=True)
+    except (FileNotFoundError, NotADirectoryError):
         raise ShardMissingError(f"Lexical postings {where} are missing.",
                                 hint="Run `msa store verify STORE`; `msa store reindex-lexical STORE` writes them anew.") from None
     except (OSError, pa.ArrowException) as e:
@@ -159,7 +170,7 @@ class LexicalSource:
     """True: ``lexical/...`` named by the manifest entry; False: inside the shard (its record covers it)."""
 
 
-def lexical_source(store: MemoryStore, entry: dict[str, Any]) -> LexicalSource | None:
+def lexical_source(store: _Snapshot, entry: dict[str, Any]) -> LexicalSource | None:
     """The postings a version reads for shard ``entry``: its sidecar, else the shard's own file of this
     analyzer, else any other analyzer's (for messages), else None."""
     sc = entry.get("lexical")
@@ -174,7 +185,7 @@ def lexical_source(store: MemoryStore, entry: dict[str, Any]) -> LexicalSource |
     return LexicalSource(f"shards/{sid}/{postings_file(own[0])}", own[0], False) if own else None
 
 
-def _missing(store: MemoryStore) -> tuple[list[str], dict[str, str]]:
+def _missing(store: _Snapshot) -> tuple[list[str], dict[str, str]]:
     """(shards without postings, shard -> other analyzer) of the version."""
     none, other = [], {}
     for e in store.manifest["shards"]:
@@ -186,7 +197,7 @@ def _missing(store: MemoryStore) -> tuple[list[str], dict[str, str]]:
     return none, other
 
 
-def check_index(store: MemoryStore) -> None:
+def check_index(store: _Snapshot) -> None:
     """Raise ConfigError (one line, naming the store and the command that adds it) unless every shard of the
     version has postings of this analyzer."""
     none, other = _missing(store)
@@ -205,23 +216,23 @@ def check_index(store: MemoryStore) -> None:
                            "builds it for the documents it adds).")
 
 
-def verify_postings(store: MemoryStore, entry: dict[str, Any], shard_ok: bool) -> tuple[list[tuple[str, str]], int, int]:
+def verify_postings(store: _Snapshot, entry: dict[str, Any], shard_ok: bool) -> tuple[list[tuple[str, str]], int, int]:
     """(problems, files, bytes) of shard ``entry``'s postings: a sidecar's size and crc32c, and for the postings
     the version reads (in-shard ones only when ``shard_ok``: the record's checks passed) that they parse, are
     this analyzer's and name only documents of the shard."""
-    root = store.root
+    be = store.backend
     problems: list[tuple[str, str]] = []
     n_files = n_bytes = 0
     sc = entry.get("lexical")
     if sc is not None:
         name = sc["path"].split("/", 1)[1]
-        problems += shards.check_files(root, LEXICAL_DIR, {name: {"size": sc["size"], "crc32c": sc["crc32c"]}})
+        problems += check_files(be, LEXICAL_DIR, {name: {"size": sc["size"], "crc32c": sc["crc32c"]}})
         n_files, n_bytes = 1, int(sc["size"])
     src = lexical_source(store, entry)
     if src is None or src.analyzer != ANALYZER or problems or (not src.sidecar and not shard_ok):
         return problems, n_files, n_bytes
     try:
-        docs, _, _ = read_postings(root / src.path, src.path)
+        docs, _, _ = read_postings(be, src.path)
     except (ShardCorruptError, ShardMissingError) as e:
         return problems + [(src.path, str(e))], n_files, n_bytes
     stray = np.setdiff1d(docs, store._view(entry["shard_id"]).record.doc_ids)
@@ -234,83 +245,6 @@ def verify_postings(store: MemoryStore, entry: dict[str, Any], shard_ok: bool) -
 def sidecar_paths(manifest: dict[str, Any]) -> set[str]:
     """Store-relative paths of the lexical sidecars a manifest names."""
     return {e["lexical"]["path"] for e in manifest["shards"] if "lexical" in e}
-
-
-# ----------------------------------------------------------------------------- reindex (sidecars)
-
-
-def _write_sidecar(root: Path, shard_id: str, data: bytes) -> dict[str, Any]:
-    """Write one shard's postings durably as ``lexical/SHARD.ANALYZER.HEX.parquet``; returns the entry's
-    ``lexical``."""
-    name = f"{shard_id}.{ANALYZER}.{token()}.parquet"
-    folder = root / LEXICAL_DIR
-    folder.mkdir(exist_ok=True)
-    tmp = folder / f".{name}.{token()}.tmp"
-    write_bytes_durable(tmp, data)
-    shards.fault_hook("lexical:staged")
-    os.rename(tmp, folder / name)
-    fsync_dir(folder)
-    return {"path": f"{LEXICAL_DIR}/{name}", "analyzer": ANALYZER, "size": len(data), "crc32c": crc32c.crc32c(data)}
-
-
-def reindex_lexical(store: MemoryStore, *, message: str = "", read_version: int | None = None,
-                    lock_timeout: float = 60.0, log: Callable[[str], None] | None = None) -> MemoryStore:
-    """Publish version N+1 = version N (``read_version``, default ``store.version``) with postings of this
-    analyzer for every shard that lacks them, written from the documents' stored text as sidecars; returns
-    the new snapshot, or the snapshot of N when every shard has them already (nothing written).
-
-    Raises VersionConflictError when another writer published after N (nothing published, the sidecars
-    written are removed). On any error no version is published.
-    """
-    from msa_memory.store import commit as _commit
-    from msa_memory.store.reader import MemoryStore
-
-    root = store.root
-    rv = store.version if read_version is None else int(read_version)
-    base = store if store.version == rv else MemoryStore(root, rv)
-    todo = [e for e in base.manifest["shards"] if (src := lexical_source(base, e)) is None or src.analyzer != ANALYZER]
-    if not todo:
-        return base
-    check_layout(root, "a lexical reindex")
-    entries = {e["shard_id"]: e for e in base.manifest["shards"]}
-    written: list[Path] = []
-    try:
-        for e in todo:
-            sid = e["shard_id"]
-            view = base._view(sid)
-            tab = view.table(["doc_id", "text"])
-            if not np.array_equal(tab.column("doc_id").to_numpy(), view.record.doc_ids):
-                raise ShardCorruptError(f"Document table of shard {sid!r} does not match its record.",
-                                        hint="Run `msa store verify STORE`.")
-            sc = _write_sidecar(root, sid, postings_bytes(view.record.doc_ids, tab.column("text").to_pylist()))
-            written.append(root / sc["path"])
-            entries[sid] = {**e, "lexical": sc}
-            if log is not None:
-                log(f"lexical postings of shard {sid} ({view.record.n_docs} documents)")
-        shards.fault_hook("lexical:written")
-        with _commit.writer_lock(root, lock_timeout, "a lexical reindex"):
-            latest = _manifest.latest_version(root)
-            if latest != rv:
-                raise VersionConflictError(
-                    f"Store {str(root)!r} is at version {latest}, but this lexical reindex read version {rv}; nothing "
-                    "was published.", hint="Re-open the store and run the reindex again.")
-            m = _commit.new_manifest(
-                latest + 1, latest, "reindex", message or f"lexical index ({ANALYZER}) for {len(todo)} shard(s)",
-                base._identity_sha, [entries[e["shard_id"]] for e in base.manifest["shards"]],
-                list(base.manifest["deletions"]), base.manifest["used_id_ranges"], dict(base.manifest["stats"]),
-                {"added_docs": 0, "deleted_docs": 0, "added_shards": [], "removed_shards": [],
-                 "lexical_analyzer": ANALYZER}, router=base.manifest.get("router"))
-            return _commit.publish(root, m)
-    except BaseException as e:
-        for p in written:  # nothing names them: remove now rather than leave them to gc
-            try:
-                p.unlink()
-            except OSError:
-                pass
-        err = os_write_error(root, e, "a lexical reindex") if isinstance(e, OSError) else None
-        if err is None:
-            raise
-        raise err from e
 
 
 # ----------------------------------------------------------------------------- BM25 over a version
@@ -361,7 +295,7 @@ class LexicalIndex:
         return out
 
     @classmethod
-    def from_store(cls, store: MemoryStore, doc_ids: np.ndarray | None = None) -> LexicalIndex:
+    def from_store(cls, store: _Snapshot, doc_ids: np.ndarray | None = None) -> LexicalIndex:
         """The index of ``store``'s version over its live documents (``doc_ids``: their order, default sorted
         ids); ConfigError (``check_index``) when a shard has no postings of this analyzer."""
         check_index(store)
@@ -374,7 +308,7 @@ class LexicalIndex:
         for e in store.manifest["shards"]:
             src = lexical_source(store, e)
             assert src is not None
-            d, t, f = read_postings(store.root / src.path, src.path)
+            d, t, f = read_postings(store.backend, src.path)
             live = store._view(e["shard_id"]).record.doc_ids[store._live_mask(e["shard_id"])]
             keep = np.isin(d, live)
             d, t, f = d[keep], t[keep], f[keep]

@@ -17,24 +17,18 @@ raises for damage: it reports it (links on the way to a file included, and a los
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import stat
 import time
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from msa_memory.errors import ConfigError, MsaError
 from msa_memory.schemas.records import EncodedChunks, Passage
-from msa_memory.store import _manifest, shards
-from msa_memory.store.lexical import sidecar_paths, verify_postings
-from msa_memory.store.rekey import router_key_paths, verify_keys
+from msa_memory.store import _leases, _manifest, commit as _commit, shards
 from msa_memory.store._layout import (
     DELETION_RE,
     DELETIONS_DIR,
-    LATEST_HINT,
+    LEASES_DIR,
     LEXICAL_DIR,
     LEXICAL_RE,
     RECORD_FILE,
@@ -47,19 +41,19 @@ from msa_memory.store._layout import (
     TEMP_RE,
     VERSIONS_DIR,
     check_layout,
+    dumps,
     is_name,
     layout_problems,
-    link_in_path,
-    replace_json_atomic,
     token,
-    version_file,
+    version_key,
 )
+from msa_memory.store.backend import Backend
+from msa_memory.store.lexical import sidecar_paths, verify_postings
+from msa_memory.store.reader import Snapshot
+from msa_memory.store.rekey import router_key_paths, verify_keys
 
-if TYPE_CHECKING:
-    from msa_memory.store.reader import MemoryStore
 
-
-def _read_live(store: MemoryStore, sid: str) -> tuple[list[Passage], EncodedChunks]:
+def _read_live(store: Snapshot, sid: str) -> tuple[list[Passage], EncodedChunks]:
     """Live documents of shard ``sid`` as passages + encoded arrays (what write_shard takes)."""
     view = store._view(sid)
     rec = view.record
@@ -105,7 +99,7 @@ def _concat(parts: list[tuple[list[Passage], EncodedChunks]], dtype: str) -> tup
     return [p for ps, _ in parts for p in ps], enc
 
 
-def _plan_compaction(base: MemoryStore, min_dead_fraction: float, merge_below_chunks: int) -> list[list[str]]:
+def _plan_compaction(base: Snapshot, min_dead_fraction: float, merge_below_chunks: int) -> list[list[str]]:
     """Groups of shard ids to rewrite; each group becomes one new shard."""
     deleted = base.deleted()
     groups: list[list[str]] = []
@@ -135,25 +129,22 @@ def _plan_compaction(base: MemoryStore, min_dead_fraction: float, merge_below_ch
     return [g for g in groups if len(g) > 1 or deleted.get(g[0]) is not None and deleted[g[0]].size > 0]
 
 
-def compact(store: MemoryStore, min_dead_fraction: float = 0.0, message: str = "compact", *,
-            merge_below_chunks: int = 0) -> MemoryStore:
+def compact(store: Snapshot, min_dead_fraction: float = 0.0, message: str = "compact", *,
+            merge_below_chunks: int = 0) -> Any:
     """Rewrite shards of the latest version: every shard whose deleted share of chunks exceeds
     ``min_dead_fraction`` (default 0.0: any deletion), and, with ``merge_below_chunks=n > 0``,
     shards holding fewer than n live chunks merged together (many small incremental commits).
     Publishes a new version with the same live documents (bit-identical arrays and rows) and fewer
     dead bytes / shards. Returns the new snapshot, or the latest one unchanged when nothing qualifies.
     """
-    from msa_memory.store import commit as _commit
-    from msa_memory.store.reader import MemoryStore
-
     if not 0.0 <= float(min_dead_fraction) < 1.0:
         raise ConfigError(f"min_dead_fraction must be in [0, 1), got {min_dead_fraction!r}.")
     if int(merge_below_chunks) < 0:
         raise ConfigError(f"merge_below_chunks must be >= 0, got {merge_below_chunks!r}.")
-    root = store.root
+    root = store.backend
     with _commit.writer_lock(root, action="compact"):
         latest = _manifest.latest_version(root)
-        base = MemoryStore(root, latest)
+        base = store.checkout_version(latest)
         _commit.check_version_files(base, "compact")
         groups = _plan_compaction(base, float(min_dead_fraction), int(merge_below_chunks))
         if not groups:
@@ -176,47 +167,43 @@ def compact(store: MemoryStore, min_dead_fraction: float = 0.0, message: str = "
             base.manifest["used_id_ranges"], dict(base.manifest["stats"]),
             {"added_docs": 0, "deleted_docs": 0, "added_shards": [e["shard_id"] for e in new_entries],
              "removed_shards": victims}, router=base.manifest.get("router"))
-        return _commit.publish(root, m)
+        return _commit.publish(base, m)
 
 
 _SHARD_GROUP = {"msa_memory": "shard"}
 
 
-def _scan(path: Path) -> tuple[int, str | None]:
+def _scan(be: Backend, rel: str) -> tuple[int, str | None]:
     """(bytes, None) for an entry the store could have made: a regular file, or a real folder holding
     only folders and regular files; (0, why not) for anything else (gc leaves it alone)."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
+    info = be.stat(rel)
+    if info is None:
         return 0, "vanished while gc ran"
-    if stat.S_ISLNK(st.st_mode):
-        return 0, f"a symbolic link (to {os.readlink(path)!r}); the store never makes links"
-    if stat.S_ISREG(st.st_mode):
-        return st.st_size, None
-    if not stat.S_ISDIR(st.st_mode):
+    if info.kind == "link":
+        return 0, f"a symbolic link (to {info.target!r}); the store never makes links"
+    if info.kind == "file":
+        return info.size, None
+    if info.kind != "folder":
         return 0, "not a regular file or folder"
     total = 0
-    for dirpath, dirnames, filenames in os.walk(path):  # links are listed, never entered
-        for name in dirnames + filenames:
-            p = os.path.join(dirpath, name)
-            st = os.lstat(p)
-            rel = os.path.relpath(p, path)
-            if stat.S_ISLNK(st.st_mode):
-                return 0, f"holds a symbolic link ({rel}); the store never makes links"
-            if stat.S_ISREG(st.st_mode):
-                total += st.st_size
-            elif not stat.S_ISDIR(st.st_mode):
-                return 0, f"holds {rel}, not a regular file or folder"
+    for sub in be.walk(rel):  # links are listed, never entered
+        inner = sub.key[len(rel) + 1:]
+        if sub.kind == "link":
+            return 0, f"holds a symbolic link ({inner}); the store never makes links"
+        if sub.kind == "file":
+            total += sub.size
+        elif sub.kind != "folder":
+            return 0, f"holds {inner}, not a regular file or folder"
     return total, None
 
 
-def _is_shard_folder(path: Path) -> bool:
-    """True if ``path`` carries the shard group's zarr.json (written first into every shard)."""
-    meta = path / "zarr.json"
+def _is_shard_folder(be: Backend, rel: str) -> bool:
+    """True if ``rel`` carries the shard group's zarr.json (written first into every shard)."""
+    info = be.stat(f"{rel}/zarr.json")
+    if info is None or info.kind != "file" or info.size > 1 << 16:
+        return False
     try:
-        if not stat.S_ISREG(os.lstat(meta).st_mode) or os.lstat(meta).st_size > 1 << 16:
-            return False
-        return json.loads(meta.read_bytes()).get("attributes") == _SHARD_GROUP
+        return json.loads(be.read(f"{rel}/zarr.json")).get("attributes") == _SHARD_GROUP
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -233,65 +220,51 @@ _KINDS: dict[str, tuple[Any, bool, str]] = {
 }
 
 
-def _own(root: Path, rel: str, kind: str) -> tuple[int, str | None]:
-    """(bytes, None) if ``root/rel`` is provably a ``kind`` entry the store made, else (0, why not)."""
-    path = root / rel
+def _own(be: Backend, rel: str, kind: str) -> tuple[int, str | None]:
+    """(bytes, None) if ``rel`` is provably a ``kind`` entry the store made, else (0, why not)."""
+    name = rel.rsplit("/", 1)[-1]
     match, folder, scheme = _KINDS[kind]
-    if not match(path.name):
-        return 0, f"name {path.name!r} is not one the store gives ({scheme})"
-    size, why = _scan(path)
+    if not match(name):
+        return 0, f"name {name!r} is not one the store gives ({scheme})"
+    size, why = _scan(be, rel)
     if why is not None:
         return 0, why
-    if folder != path.is_dir():
+    info = be.stat(rel)
+    if info is not None and folder != (info.kind == "folder"):
         return 0, "a file where the store keeps folders" if folder else "a folder where the store keeps files"
-    if kind == "shard" and not _is_shard_folder(path):
+    if kind == "shard" and not _is_shard_folder(be, rel):
         return 0, "no shard group zarr.json (attributes.msa_memory = 'shard') in it"
     return size, None
 
 
-def _listing(root: Path, sub: str) -> list[str]:
-    try:
-        return sorted(os.listdir(root / sub))
-    except FileNotFoundError:
-        return []
-
-
-def _candidates(root: Path, versions: list[int], kept: set[int], refs: tuple[set[str], set[str], set[str]]
+def _candidates(be: Backend, versions: list[int], kept: set[int], refs: tuple[set[str], set[str], set[str]]
                 ) -> list[tuple[str, str]]:
     """(store-relative path, kind) of every entry no kept version references (not yet proved the store's own)."""
     ref_shards, ref_dels, ref_keys = refs
-    cands = [(f"{VERSIONS_DIR}/{version_file(root, v).name}", "manifest") for v in versions if v not in kept]
-    cands += [(f"{SHARDS_DIR}/{n}", "shard") for n in _listing(root, SHARDS_DIR) if n not in ref_shards]
-    cands += [(f"{STAGING_DIR}/{n}", "staging") for n in _listing(root, STAGING_DIR)]
-    cands += [(f"{ROUTER_KEYS_DIR}/{n}", "router_keys") for n in _listing(root, ROUTER_KEYS_DIR)
+    cands = [(version_key(v), "manifest") for v in versions if v not in kept]
+    cands += [(f"{SHARDS_DIR}/{n}", "shard") for n in be.list(SHARDS_DIR) if n not in ref_shards]
+    cands += [(f"{STAGING_DIR}/{n}", "staging") for n in be.list(STAGING_DIR)]
+    cands += [(f"{ROUTER_KEYS_DIR}/{n}", "router_keys") for n in be.list(ROUTER_KEYS_DIR)
               if f"{ROUTER_KEYS_DIR}/{n}" not in ref_keys]
-    cands += [(f"{LEXICAL_DIR}/{n}", "lexical") for n in _listing(root, LEXICAL_DIR)
+    cands += [(f"{LEXICAL_DIR}/{n}", "lexical") for n in be.list(LEXICAL_DIR)
               if not n.endswith(".tmp") and f"{LEXICAL_DIR}/{n}" not in ref_keys]
-    cands += [(f"{DELETIONS_DIR}/{n}", "deletion") for n in _listing(root, DELETIONS_DIR)
+    cands += [(f"{DELETIONS_DIR}/{n}", "deletion") for n in be.list(DELETIONS_DIR)
               if f"{DELETIONS_DIR}/{n}" not in ref_dels]
-    for sub in ("", VERSIONS_DIR, TAGS_DIR, LEXICAL_DIR):
-        cands += [(f"{sub}/{n}".lstrip("/"), "temp") for n in _listing(root, sub or ".") if n.endswith(".tmp")]
+    for sub in ("", VERSIONS_DIR, TAGS_DIR, LEXICAL_DIR, LEASES_DIR):
+        cands += [(f"{sub}/{n}".lstrip("/"), "temp") for n in be.list(sub) if n.endswith(".tmp")]
     return cands
 
 
-def _remove(path: Path) -> str | None:
+def _remove(be: Backend, rel: str) -> str | None:
     """Remove a proved store entry (folders without following links); None, or why it is still there."""
-    errors: list[str] = []
     try:
-        if stat.S_ISDIR(os.lstat(path).st_mode):
-            shutil.rmtree(path, onerror=lambda fn, p, exc: errors.append(f"{p}: {exc[1]}"))
-        else:
-            os.unlink(path)
-    except FileNotFoundError:
-        pass
+        be.delete_prefix(rel)
     except OSError as e:
-        errors.append(str(e))
-    if os.path.lexists(path):
-        return "; ".join(errors) or "still there after removal"
+        return str(e)
     return None
 
 
-def gc(store: MemoryStore, dry_run: bool = True, *, keep_last: int | None = None,
+def gc(store: Snapshot, dry_run: bool = True, *, keep_last: int | None = None,
        grace_s: float = 3600.0) -> dict[str, Any]:
     """Find (``dry_run=True``, the default) or remove files that no kept version references.
 
@@ -312,79 +285,136 @@ def gc(store: MemoryStore, dry_run: bool = True, *, keep_last: int | None = None
     outside the root), ManifestCorruptError (a damaged manifest: gc deletes nothing until
     ``msa store repair`` set it aside).
     """
-    from msa_memory.store import commit as _commit
-
     if keep_last is not None and int(keep_last) < 1:
         raise ConfigError(f"keep_last must be >= 1 (the latest version is always kept), got {keep_last!r}.")
-    root = store.root
+    be = store.backend
     if dry_run:
-        check_layout(root, "gc")
-        return _gc(root, True, keep_last, grace_s)
-    with _commit.writer_lock(root, action="gc"):
-        return _gc(root, False, keep_last, grace_s)
+        check_layout(be, "gc")
+        return _gc(be, True, keep_last, grace_s)
+    with _commit.writer_lock(be, action="gc"):
+        return _gc(be, False, keep_last, grace_s)
 
 
-def _gc(root: Path, dry_run: bool, keep_last: int | None, grace_s: float) -> dict[str, Any]:
+_Refs = tuple[set[str], set[str], set[str]]
+
+
+def _refs(manifests: list[dict[str, Any]]) -> _Refs:
+    """(shard ids, deletion paths, router-key and lexical sidecar paths) the manifests name."""
+    refs: _Refs = (set(), set(), set())
+    for m in manifests:
+        refs[0].update(e["shard_id"] for e in m["shards"])
+        refs[1].update(d["path"] for d in m["deletions"])
+        refs[2].update(router_key_paths(m) | sidecar_paths(m))
+    return refs
+
+
+def _named_by(item: dict[str, Any], refs: _Refs) -> bool:
+    path = str(item["path"])
+    return (item["kind"] == "shard" and path.split("/", 1)[1] in refs[0]) or path in refs[1] or path in refs[2]
+
+
+def _gc(be: Backend, dry_run: bool, keep_last: int | None, grace_s: float) -> dict[str, Any]:
     now = time.time()
-    _manifest.latest_version(root)  # refuses a store whose latest manifest was lost
-    versions = _manifest.list_versions(root)
+    _manifest.latest_version(be)  # refuses a store whose latest manifest was lost
+    versions = _manifest.list_versions(be)
+    leases = _leases.young_leases(be, grace_s, now)
     kept = set(versions)
-    if keep_last is not None:
-        kept = (set(versions[-int(keep_last):]) | set(_manifest.read_tags(root).values())) & set(versions)
-    refs: tuple[set[str], set[str], set[str]] = (set(), set(), set())
-    skipped: list[dict[str, Any]] = []
+    if keep_last is not None:  # the latest k, tagged versions, and versions a snapshot opened within grace_s reads
+        kept = (set(versions[-int(keep_last):]) | set(_manifest.read_tags(be).values()) | set(leases)
+                | _superseded_within(be, versions, grace_s, now)) & set(versions)
+    manifests: dict[int, dict[str, Any]] = {}
     for v in versions:
-        rel = f"{VERSIONS_DIR}/{version_file(root, v).name}"
-        if v not in kept and link_in_path(root, rel) is not None:
+        if v not in kept and be.link_in_path(version_key(v)) is not None:
             continue  # a linked manifest to drop: reported as skipped below, never read
-        m = _manifest.read_manifest(root, v)  # a damaged manifest (kept or not) stops gc here
-        if v in kept:
-            refs[0].update(e["shard_id"] for e in m["shards"])
-            refs[1].update(d["path"] for d in m["deletions"])
-            refs[2].update(router_key_paths(m) | sidecar_paths(m))
+        manifests[v] = _manifest.read_manifest(be, v)  # a damaged manifest (kept or not) stops gc here
+    refs = _refs([manifests[v] for v in sorted(kept) if v in manifests])
     orphans: list[dict[str, Any]] = []
     young: list[dict[str, Any]] = []
-    for rel, kind in _candidates(root, versions, kept, refs):
-        size, why = _own(root, rel, kind)
+    skipped: list[dict[str, Any]] = []
+    for rel, kind in _candidates(be, versions, kept, refs):
+        size, why = _own(be, rel, kind)
         if why is not None:
             skipped.append({"path": rel, "kind": kind, "reason": why})
             continue
-        try:
-            age = round(now - os.lstat(root / rel).st_mtime, 3)
-        except FileNotFoundError:
+        info = be.stat(rel)
+        if info is None:
             continue
-        item = {"path": rel, "kind": kind, "bytes": size, "age_s": age}
-        (orphans if kind == "manifest" or age >= grace_s else young).append(item)
+        item = {"path": rel, "kind": kind, "bytes": size, "age_s": round(now - info.mtime, 3)}
+        (orphans if kind == "manifest" or item["age_s"] >= grace_s else young).append(item)
     failed: list[dict[str, Any]] = []
+    expired = _leases.expired_leases(be, max(grace_s, _leases.EXPIRE_S), now)
     if not dry_run:
-        done = []
-        for item in orphans:
-            err = _remove(root / str(item["path"]))
-            (done if err is None else failed).append(item if err is None else {**item, "error": err})
-        orphans = done
-        hint = root / VERSIONS_DIR / LATEST_HINT
-        now_versions = _manifest.list_versions(root)
-        if keep_last is not None and hint.exists() and now_versions:
-            try:
-                stale = not version_file(root, int(json.loads(hint.read_text())["version"])).exists()
-            except (ValueError, KeyError, TypeError):
-                stale = True
-            if stale:  # the hint named a removed version: point it at the latest
-                replace_json_atomic(hint, {"version": now_versions[-1]})
+        for key in expired:  # leases of readers that crashed or idled for a day: nothing honours them
+            be.delete(key)
+        orphans, failed, late = _remove_orphans(be, orphans, manifests, grace_s)
+        kept |= late
+        if keep_last is not None:
+            _fix_hint(be)
     removed_versions = sorted(int(i["path"][len(VERSIONS_DIR) + 1:-5]) for i in orphans if i["kind"] == "manifest")
     return {"dry_run": bool(dry_run), "kept_versions": sorted(kept), "removed_versions": removed_versions,
-            "orphans": orphans, "young": young, "skipped": skipped, "failed": failed,
-            "bytes": int(sum(i["bytes"] for i in orphans)), "removed": not dry_run}
+            "leased_versions": sorted(set(leases) & kept), "expired_leases": len(expired), "orphans": orphans, "young": young, "skipped": skipped,
+            "failed": failed, "bytes": int(sum(i["bytes"] for i in orphans)), "removed": not dry_run}
 
 
-def verify(store: MemoryStore) -> dict[str, Any]:
+def _superseded_within(be: Backend, versions: list[int], grace_s: float, now: float) -> set[int]:
+    """Versions whose successor was published less than ``grace_s`` ago (a snapshot may have opened them as the
+    latest version within the grace period)."""
+    out: set[int] = set()
+    for v, nxt in zip(versions[::-1][1:], versions[::-1]):  # newest first: stop at the first old successor
+        info = be.stat(version_key(nxt))
+        if info is None or now - info.mtime >= grace_s:
+            break
+        out.add(v)
+    return out
+
+
+def _remove_orphans(be: Backend, orphans: list[dict[str, Any]], manifests: dict[int, dict[str, Any]],
+                    grace_s: float) -> tuple[list[dict[str, Any]], list[dict[str, Any]], set[int]]:
+    """Remove ``orphans``: manifests first, then (leases read again) the files. A version a snapshot leased
+    while gc ran (it read the manifest before gc removed it) gets its manifest back and keeps its files.
+    Returns (removed, failed, versions put back)."""
+    done: list[dict[str, Any]] = []
+    failed: list[dict[str, Any]] = []
+
+    def remove(item: dict[str, Any]) -> None:
+        err = _remove(be, str(item["path"]))
+        (done if err is None else failed).append(item if err is None else {**item, "error": err})
+
+    for item in orphans:
+        if item["kind"] == "manifest":
+            remove(item)
+    dropped = {int(i["path"][len(VERSIONS_DIR) + 1:-5]): i for i in done}
+    late = set(_leases.young_leases(be, grace_s)) & set(dropped) & set(manifests)
+    for v in late:  # a reader got there first: put the version back, byte for byte what it read
+        be.publish(version_key(v), dumps(manifests[v]))
+        done.remove(dropped[v])
+    keep = _refs([manifests[v] for v in late])
+    for item in orphans:
+        if item["kind"] != "manifest" and not _named_by(item, keep):
+            remove(item)
+    return [i for i in done if not (i["kind"] != "manifest" and _named_by(i, keep))], failed, late
+
+
+def _fix_hint(be: Backend) -> None:
+    """Point the latest-version hint at the latest version when it names a removed one."""
+    now_versions = _manifest.list_versions(be)
+    try:
+        hinted = _manifest.read_hint(be)
+        stale = hinted is not None and not be.exists(version_key(hinted))
+    except MsaError:
+        stale = True
+    if stale and now_versions:
+        _manifest.write_hint(be, now_versions[-1])
+
+
+def verify(store: Snapshot) -> dict[str, Any]:
     """Check the whole-file checksums of every file version ``store.version`` needs.
 
     Returns ``{"ok", "version", "checked_files", "checked_bytes", "problems": [{"file", "shard_id",
     "problem", "doc_ids"}]}``; ``doc_ids`` are the live documents held by the damaged shard (their
     tensors or rows must not be trusted). Never raises for damage.
     """
-    root = store.root
+    root = store.backend
     problems: list[dict[str, Any]] = []
     n_files = n_bytes = 0
     for rel, problem in layout_problems(root):  # a store folder that is a link: nothing is read through it
@@ -397,7 +427,7 @@ def verify(store: MemoryStore) -> dict[str, Any]:
             problems.append({"file": lost[0], "shard_id": None, "problem": lost[1], "doc_ids": []})
     for e in store.manifest["shards"]:
         sid = e["shard_id"]
-        link = link_in_path(root, f"{SHARDS_DIR}/{sid}/{RECORD_FILE}")
+        link = root.link_in_path(f"{SHARDS_DIR}/{sid}/{RECORD_FILE}")
         if link is not None:
             problems.append({"file": f"{SHARDS_DIR}/{sid}", "shard_id": sid, "problem": link, "doc_ids": []})
             continue
@@ -427,7 +457,7 @@ def verify(store: MemoryStore) -> dict[str, Any]:
         n_files += lex_files
         n_bytes += lex_bytes
     for d in store.manifest["deletions"]:
-        link = link_in_path(root, d["path"])
+        link = root.link_in_path(d["path"])
         if link is not None:
             problems.append({"file": d["path"], "shard_id": None, "problem": link, "doc_ids": []})
             continue

@@ -1,4 +1,4 @@
-"""MemoryStore: a read snapshot of one version, plus the writer verbs that publish new ones.
+"""Snapshot: a read snapshot of one version of a store. It reads; it never publishes.
 
 Opening reads the identity record and one manifest: nothing that grows with the corpus except
 the manifest's shard list. Everything else is lazy and cached on the object: shard records
@@ -6,8 +6,11 @@ the manifest's shard list. Everything else is lazy and cached on the object: sha
 router keys when asked for, K̄V̄ of the requested documents only. A snapshot only reads files that
 its manifest names, and those never change, so a reader of version N never sees later writes.
 
-Writer verbs (``commit``, ``restore``, ``rekey``, ``compact``, ``gc``, ``tag``, ``reserve_ids``) live
-in ``commit.py``/``rekey.py``/``maintenance.py`` and are bound here; each returns a new snapshot.
+A snapshot holds a lease on its version while it lives (``_leases.py``): gc keeps leased versions
+within its grace period, so the files a snapshot reads stay there. The writer verbs (``commit``,
+``restore``, ``rekey``, ``compact``, ``gc``, ``tag``, ``reserve_ids``) live in ``commit.py``,
+``rekey.py`` and ``maintenance.py``; ``api.MemoryStore`` is a Snapshot with them bound, and each
+returns a new snapshot of its own class (``checkout_version``).
 ``identity`` is the stored identity record with this version's router (``router``; a reindex can
 give a version another router than the one the store was created with, see ``rekey.py``).
 """
@@ -17,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,19 +27,35 @@ import numpy as np
 from msa_memory.errors import DocumentNotFoundError, IdentityMismatchError, ManifestCorruptError
 from msa_memory.schemas.records import STORAGE_DTYPES, ShardRecord, StoreIdentity, identity_sha256
 from msa_memory.store import _manifest
-from msa_memory.store.rekey import keys_reader, version_router
-from msa_memory.store.shards import ShardView, chunk_bytes, read_record
+from msa_memory.store._layout import open_backend
+from msa_memory.store._leases import Lease
+from msa_memory.store._manifest import version_router
+from msa_memory.store.backend import Backend
+from msa_memory.store.lexical import ANALYZER, LexicalIndex, lexical_source
+from msa_memory.store.shards import ShardView, chunk_bytes, keys_reader, read_record
 
 
-class MemoryStore:
-    """Snapshot of version ``version`` of the store at ``root`` (see docs/design.md, section store)."""
+class Snapshot:
+    """Read snapshot of version ``version`` (None = latest, int, or tag) of the store at ``root`` (a folder,
+    ``memory://NAME`` or a :class:`Backend`). It holds a lease on its version (``_leases.py``; taken at open
+    for an explicit version, once in use for a minute for the latest); ``lease=False`` holds none (gc may
+    then remove an old version under it)."""
 
-    def __init__(self, root: str | os.PathLike[str], version: int | str | None = None) -> None:
-        self.root = Path(root)
+    def __init__(self, root: str | os.PathLike[str] | Backend, version: int | str | None = None, *,
+                 lease: bool = True) -> None:
+        #: where the store's keys live (``backend.py``); ``root`` is its location as given (a Path for a folder)
+        self.backend: Backend = open_backend(root)
+        self.root: Any = self.backend.root
         #: the identity record as written at creation (msa_store.json); shard records hash this one
-        self.stored_identity: StoreIdentity = _manifest.read_identity(self.root)
-        self.version: int = _manifest.resolve_version(self.root, version)
-        self.manifest: dict[str, Any] = _manifest.read_manifest(self.root, self.version)
+        self.stored_identity: StoreIdentity = _manifest.read_identity(self.backend)
+        self.version: int = _manifest.resolve_version(self.backend, version)
+        # the lease goes first: a gc that removes this version's manifest after we read it sees the lease
+        self._lease = Lease(self, self.backend, self.version, eager=version is not None) if lease else None
+        try:
+            self.manifest: dict[str, Any] = _manifest.read_manifest(self.backend, self.version)
+        except BaseException:
+            self.release()
+            raise
         self._identity_sha = identity_sha256(self.stored_identity)
         if self.manifest["identity_sha256"] != self._identity_sha:
             raise IdentityMismatchError(
@@ -65,7 +83,7 @@ class MemoryStore:
     def __repr__(self) -> str:
         s = self.manifest["stats"]
         idt = self.identity
-        return (f"MemoryStore({str(self.root)!r}, version={self.version}, docs={s['n_docs']}, chunks={s['n_chunks']}, "
+        return (f"{type(self).__name__}({str(self.root)!r}, version={self.version}, docs={s['n_docs']}, chunks={s['n_chunks']}, "
                 f"layers={list(idt.router_layers)}, dtype={idt.dtype}, bytes={s['n_bytes']})")
 
     def _repr_html_(self) -> str:
@@ -81,16 +99,16 @@ class MemoryStore:
                           f"{s['bytes_per_token']:.1f} B/token"), ("shards", str(s["n_shards"]))]
         body = "".join(f"<tr><th style='text-align:left'>{html.escape(k)}</th><td>{html.escape(v)}</td></tr>"
                        for k, v in rows)
-        return f"<table><caption>MemoryStore</caption>{body}</table>"
+        return f"<table><caption>{type(self).__name__}</caption>{body}</table>"
 
     def latest_version(self) -> int:
-        return _manifest.latest_version(self.root)
+        return _manifest.latest_version(self.backend)
 
     def versions(self) -> list[dict[str, Any]]:
         """One dict per published version: version, timestamp, message, n_docs, n_chunks, operation, router_id."""
         out = []
-        for v in _manifest.list_versions(self.root):
-            m = _manifest.read_manifest(self.root, v)
+        for v in _manifest.list_versions(self.backend):
+            m = _manifest.read_manifest(self.backend, v)
             out.append({"version": v, "timestamp": m["timestamp"], "message": m["message"],
                         "n_docs": m["stats"]["n_docs"], "n_chunks": m["stats"]["n_chunks"],
                         "operation": m["operation"],
@@ -98,10 +116,22 @@ class MemoryStore:
         return out
 
     def tags(self) -> dict[str, int]:
-        return _manifest.read_tags(self.root)
+        return _manifest.read_tags(self.backend)
 
-    def checkout_version(self, version: int | str) -> MemoryStore:
-        return MemoryStore(self.root, version)
+    def checkout_version(self, version: int | str | None, *, lease: bool = True) -> Any:
+        """A snapshot of ``version`` (None = latest) of the same store, of this snapshot's class."""
+        return type(self)(self.backend, version, lease=lease)
+
+    def _published(self, version: int) -> Any:
+        """The snapshot of ``version``, just published by this process (the latest: its lease is lazy)."""
+        snap = type(self)(self.backend, version, lease=False)
+        snap._lease = Lease(snap, snap.backend, version, eager=False)
+        return snap
+
+    def release(self) -> None:
+        """Drop this snapshot's lease now (it is dropped anyway when the snapshot is garbage-collected)."""
+        if self._lease is not None:
+            self._lease.release()
 
     def check_identity(self, identity: StoreIdentity) -> None:
         """Raise IdentityMismatchError unless ``identity`` may read/append to this store."""
@@ -150,11 +180,13 @@ class MemoryStore:
 
     # ------------------------------------------------------------------ shard / doc lookup
     def _view(self, shard_id: str) -> ShardView:
+        if self._lease is not None:
+            self._lease.renew()
         v = self._views.get(shard_id)
         if v is None:
             entry = next(e for e in self._shard_entries if e["shard_id"] == shard_id)
-            rec = read_record(self.root, shard_id, expect_crc=entry["record_crc32c"])
-            v = self._views[shard_id] = ShardView(self.root, rec, self.identity)
+            rec = read_record(self.backend, shard_id, expect_crc=entry["record_crc32c"])
+            v = self._views[shard_id] = ShardView(self.backend, rec, self.identity)
         return v
 
     def _keys(self, entry: dict[str, Any], shifted: bool = False) -> Any:
@@ -164,7 +196,7 @@ class MemoryStore:
         if r is None:
             view = self._view(entry["shard_id"])
             n = int(view.shifted_offsets[-1]) if shifted else view.record.n_chunks
-            r = self._key_readers[key] = keys_reader(self.root, entry, self.identity, n, shifted=shifted)
+            r = self._key_readers[key] = keys_reader(self.backend, entry, self.identity, n, shifted=shifted)
         return r
 
     def shard_router_keys(self, shard_id: str, shifted: bool = False) -> Any:
@@ -184,7 +216,7 @@ class MemoryStore:
             live_shards = {e["shard_id"] for e in self._shard_entries}
             acc: dict[str, list[int]] = {}
             for entry in self.manifest["deletions"]:
-                for sid, ids in _manifest.read_deletions(self.root, entry).items():
+                for sid, ids in _manifest.read_deletions(self.backend, entry).items():
                     if sid in live_shards:
                         acc.setdefault(sid, []).extend(ids)
             self._deleted = {k: np.unique(np.asarray(v, dtype=np.int64)) for k, v in acc.items()}
@@ -362,102 +394,16 @@ class MemoryStore:
             return schema.empty_table()
         return pa.concat_tables(parts)
 
-    # ------------------------------------------------------------------ writer verbs (commit.py, maintenance.py)
-    def reserve_ids(self, n: int, *, lock_timeout: float = 60.0) -> np.ndarray:
-        """(n,) int64 fresh document ids, durable before return and never handed out again."""
-        from msa_memory.store import commit
-
-        return commit.reserve_ids(self, n, lock_timeout=lock_timeout)
-
-    def commit(self, add: Sequence[ShardRecord] = (), delete_ids: Iterable[int] = (),
-               delete_paths: Iterable[str] = (), message: str = "", read_version: int | None = None, *,
-               lock_timeout: float = 60.0, extra: dict[str, Any] | None = None) -> MemoryStore:
-        """Publish version N+1 (add shards, delete ids/paths; both = replace). See ``commit.commit``."""
-        from msa_memory.store import commit
-
-        return commit.commit(self, add, delete_ids, delete_paths, message, read_version, lock_timeout=lock_timeout,
-                             extra=extra)
-
-    def rekey(self, router: dict[str, Any], keys_fn: Any, *, message: str = "", read_version: int | None = None,
-              lock_timeout: float = 60.0, log: Any = None, shifted_keys_fn: Any = None) -> MemoryStore:
-        """Publish version N+1 with every shard's router keys recomputed from its kept router inputs
-        by ``keys_fn(shard_id, x_router)`` (and ``shifted_keys_fn(shard_id, x_router_s)`` for a shifted
-        grid) under ``router`` (see ``rekey.rekey``)."""
-        from msa_memory.store import rekey
-
-        return rekey.rekey(self, router, keys_fn, message=message, read_version=read_version,
-                           lock_timeout=lock_timeout, log=log, shifted_keys_fn=shifted_keys_fn)
-
-    def relabel(self, router: dict[str, Any], *, message: str = "", read_version: int | None = None,
-                lock_timeout: float = 60.0) -> MemoryStore:
-        """Publish version N+1 under ``router``, a router with the version's key projections, every shard's
-        router keys kept (see ``rekey.relabel``; no router inputs needed)."""
-        from msa_memory.store import rekey
-
-        return rekey.relabel(self, router, message=message, read_version=read_version, lock_timeout=lock_timeout)
-
+    # ------------------------------------------------------------------ lexical index (read side)
     def lexical_index(self, doc_ids: np.ndarray | None = None) -> Any:
         """BM25 over this version's live documents (``lexical.LexicalIndex``; ``doc_ids`` their order, default
         sorted ids). ConfigError when a shard has no lexical postings: ``reindex_lexical`` adds them."""
-        from msa_memory.store.lexical import LexicalIndex
-
         return LexicalIndex.from_store(self, doc_ids)
 
     def lexical_info(self) -> dict[str, Any]:
         """``{"analyzer", "n_shards", "indexed_shards", "complete"}``: how many shards of this version have
         lexical postings of the analyzer this release reads (``complete``: all, what hybrid retrieval needs)."""
-        from msa_memory.store.lexical import ANALYZER, lexical_source
-
         n = sum(1 for e in self._shard_entries if (src := lexical_source(self, e)) is not None
                 and src.analyzer == ANALYZER)
         return {"analyzer": ANALYZER, "n_shards": len(self._shard_entries), "indexed_shards": n,
                 "complete": n == len(self._shard_entries)}
-
-    def reindex_lexical(self, *, message: str = "", read_version: int | None = None, lock_timeout: float = 60.0,
-                        log: Any = None) -> MemoryStore:
-        """Publish version N+1 with lexical postings for every shard that lacks them (sidecars written from the
-        stored text, no re-encoding); this snapshot when none lacks them (see ``lexical.reindex_lexical``)."""
-        from msa_memory.store import lexical
-
-        return lexical.reindex_lexical(self, message=message, read_version=read_version, lock_timeout=lock_timeout,
-                                       log=log)
-
-    def restore(self, version: int | str, message: str | None = None) -> MemoryStore:
-        """Publish a new version equal to ``version``."""
-        from msa_memory.store import commit
-
-        return commit.restore(self, version, message)
-
-    def tag(self, name: str, version: int | None = None, *, force: bool = False) -> None:
-        """Tag ``version`` (default: this snapshot's) as ``name``."""
-        from msa_memory.store import commit
-
-        commit.tag(self, name, version, force=force)
-
-    def delete_tag(self, name: str) -> None:
-        _manifest.delete_tag(self.root, name)
-
-    def find_shard(self, shard_id: str) -> ShardRecord | None:
-        """An uncommitted, checksum-verified shard's record (to resume a job), else None."""
-        from msa_memory.store import commit
-
-        return commit.find_shard(self, shard_id)
-
-    def compact(self, min_dead_fraction: float = 0.0, message: str = "compact", *,
-                merge_below_chunks: int = 0) -> MemoryStore:
-        """Rewrite shards holding deleted documents (and merge small ones); see maintenance.compact."""
-        from msa_memory.store import maintenance
-
-        return maintenance.compact(self, min_dead_fraction, message, merge_below_chunks=merge_below_chunks)
-
-    def gc(self, dry_run: bool = True, *, keep_last: int | None = None, grace_s: float = 3600.0) -> dict[str, Any]:
-        """List (dry run) or remove files no kept version references (see maintenance.gc)."""
-        from msa_memory.store import maintenance
-
-        return maintenance.gc(self, dry_run, keep_last=keep_last, grace_s=grace_s)
-
-    def verify(self) -> dict[str, Any]:
-        """Check every file of this version; report corrupt/missing files and the documents they hold."""
-        from msa_memory.store import maintenance
-
-        return maintenance.verify(self)

@@ -28,52 +28,27 @@ What it means for everything else:
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Callable
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import crc32c
 import numpy as np
 
-from msa_memory.errors import ConfigError, SchemaMismatchError, VersionConflictError
+from msa_memory.errors import ConfigError, SchemaMismatchError, ShardCorruptError
 from msa_memory.schemas.records import STORAGE_DTYPES, StoreIdentity
-from msa_memory.store import _manifest, shards
-from msa_memory.store._layout import (ROUTER_KEYS_DIR, STAGING_DIR, check_layout, check_name, fsync_dir,
+from msa_memory.store import _manifest, commit as _commit, lexical, shards
+from msa_memory.store._layout import (LEXICAL_DIR, ROUTER_KEYS_DIR, STAGING_DIR, check_files, check_layout, check_name,
                                      os_write_error, token)
-from msa_memory.store._zarrshard import ArrayReader, shard_file, write_array
+from msa_memory.store._manifest import version_router
+from msa_memory.store._zarrshard import write_array
+from msa_memory.store.backend import Backend
+from msa_memory.store.lexical import ANALYZER, lexical_source
+from msa_memory.store.reader import Snapshot
 
-if TYPE_CHECKING:
-    from msa_memory.store.reader import MemoryStore
-
-__all__ = ["rekey", "relabel", "version_router", "keys_reader", "router_key_paths", "KeysFn"]
+__all__ = ["rekey", "relabel", "reindex_lexical", "router_key_paths", "verify_keys", "KeysFn"]
 
 #: keys_fn(shard_id, x_router (L, C, E) storage dtype) -> (L, C, H, D) keys in storage dtype.
 KeysFn = Callable[[str, np.ndarray], np.ndarray]
-
-
-def version_router(manifest: dict[str, Any], identity: StoreIdentity) -> dict[str, Any]:
-    """The router of a version: its manifest's ``router`` or, absent, the identity's."""
-    r = manifest.get("router")
-    if r is None:
-        r = {"router_id": identity.router_id, "router_layers": list(identity.router_layers)}
-        if identity.shifted_layers:
-            r["shifted_layers"] = list(identity.shifted_layers)
-        if identity.shifted_window is not None:
-            r["shifted_window"] = identity.shifted_window
-    return dict(r)
-
-
-def keys_reader(root: Path, entry: dict[str, Any], identity: StoreIdentity, n_chunks: int,
-                shifted: bool = False) -> ArrayReader:
-    """Reader of the (L, C, H, D) router-key array a shard entry's ``router_keys`` names (``shifted``: its
-    (Ls, Cs, H, D) ``k_router_s`` beside it)."""
-    L = len(identity.shifted_layers) if shifted else identity.n_layers
-    H, D = identity.n_kv_heads, identity.head_dim
-    name = "k_router_s" if shifted else "k_router"
-    path = shard_file(root / entry["router_keys"]["path"] / name, 4)
-    return ArrayReader(path, (L, n_chunks, H, D), (1, n_chunks, H, D), STORAGE_DTYPES[identity.dtype],
-                       f"router keys {entry['router_keys']['path']!r}/{name} of shard {entry['shard_id']!r}")
 
 
 def router_key_paths(manifest: dict[str, Any]) -> set[str]:
@@ -81,35 +56,34 @@ def router_key_paths(manifest: dict[str, Any]) -> set[str]:
     return {e["router_keys"]["path"] for e in manifest["shards"] if "router_keys" in e}
 
 
-def verify_keys(root: Path, entry: dict[str, Any]) -> list[tuple[str, str]]:
+def verify_keys(be: Backend, entry: dict[str, Any]) -> list[tuple[str, str]]:
     """(path, problem) for each missing or damaged file of a shard entry's router keys."""
-    return shards.check_files(root, entry["router_keys"]["path"], entry["router_keys"]["files"])
+    return check_files(be, entry["router_keys"]["path"], entry["router_keys"]["files"])
 
 
-def _write_keys(root: Path, identity: StoreIdentity, shard_id: str, router_id: str,
+def _write_keys(be: Backend, identity: StoreIdentity, shard_id: str, router_id: str,
                 keys: np.ndarray, keys_s: np.ndarray | None = None) -> dict[str, Any]:
-    """Write one shard's new keys (and its shifted grid's, ``keys_s``) durably under ``router_keys/``;
+    """Write one shard's new keys (and its shifted grid's, ``keys_s``) durably under ``router_keys/`` (staged
+    and renamed where the backend can; else in place: the manifest naming them is what commits them);
     returns the entry's ``router_keys``."""
     name = f"{shard_id}.{router_id[:16]}.{token()}"
-    stage = root / STAGING_DIR / f"rk-{name}"
-    stage.mkdir(parents=True)
+    final = f"{ROUTER_KEYS_DIR}/{name}"
+    stage = f"{STAGING_DIR}/rk-{name}" if be.supports_atomic_rename else final
     H, D = identity.n_kv_heads, identity.head_dim
     files: dict[str, dict[str, int]] = {}
     for arr, k, dims in (("k_router", keys, ["layer", "chunk", "head", "dim"]),
                          ("k_router_s", keys_s, ["shifted_layer", "shifted_chunk", "head", "dim"])):
         if k is None:
             continue
-        written = write_array(stage / arr, k, (1, k.shape[1], H, D),
+        written = write_array(be, f"{stage}/{arr}", k, (1, k.shape[1], H, D),
                               {"msa_logical_dtype": identity.dtype, "dims": dims,
                                "msa_router_id": router_id, "msa_shard_id": shard_id})
-        fsync_dir(stage / arr)
         files.update({f"{arr}/{rel}": {"size": size, "crc32c": crc} for rel, (size, crc) in written.items()})
-    fsync_dir(stage)
+    be.sync_prefix(stage)
     shards.fault_hook("rekey:staged")
-    (root / ROUTER_KEYS_DIR).mkdir(exist_ok=True)
-    os.rename(stage, root / ROUTER_KEYS_DIR / name)
-    fsync_dir(root / ROUTER_KEYS_DIR)
-    return {"path": f"{ROUTER_KEYS_DIR}/{name}", "files": dict(sorted(files.items()))}
+    if stage != final:
+        be.rename_prefix(stage, final)
+    return {"path": final, "files": dict(sorted(files.items()))}
 
 
 def _checked(k: Any, shape: tuple[int, ...], st: Any, fn: str, shard_id: str) -> np.ndarray:
@@ -120,15 +94,13 @@ def _checked(k: Any, shape: tuple[int, ...], st: Any, fn: str, shard_id: str) ->
     return k
 
 
-def _base(store: MemoryStore, read_version: int | None) -> tuple[MemoryStore, int]:
+def _base(store: Snapshot, read_version: int | None) -> tuple[Snapshot, int]:
     """The snapshot a new version is made from (``read_version``, default ``store``'s) and its number."""
-    from msa_memory.store.reader import MemoryStore
-
     rv = store.version if read_version is None else int(read_version)
-    return (store if store.version == rv else MemoryStore(store.root, rv)), rv
+    return (store if store.version == rv else store.checkout_version(rv)), rv
 
 
-def _checked_router(base: MemoryStore, router: Any) -> dict[str, Any]:
+def _checked_router(base: Snapshot, router: Any) -> dict[str, Any]:
     """``router`` checked against ``base``'s store (a JSON-able dict with a router id, the store's router
     layers, shifted layers and shifted window) and completed with them."""
     import json
@@ -173,22 +145,17 @@ def _checked_router(base: MemoryStore, router: Any) -> dict[str, Any]:
     return router
 
 
-def _publish(base: MemoryStore, rv: int, entries: list[dict[str, Any]], router: dict[str, Any], message: str,
-             lock_timeout: float, written: list[Path]) -> MemoryStore:
+def _publish(base: Snapshot, rv: int, entries: list[dict[str, Any]], router: dict[str, Any], message: str,
+             lock_timeout: float, written: list[str]) -> Any:
     """Publish version ``rv`` + 1 = ``base`` with shard ``entries`` under ``router`` (the usual single commit
     point); another writer's version since ``rv`` raises VersionConflictError and removes ``written``."""
-    from msa_memory.store import commit as _commit
-
-    root, ident = base.root, base.identity
-    with _commit.writer_lock(root, lock_timeout, "a reindex"):
+    be, ident = base.backend, base.identity
+    with _commit.writer_lock(be, lock_timeout, "a reindex"):
         shards.fault_hook("rekey:locked")
-        latest = _manifest.latest_version(root)
+        latest = _manifest.latest_version(be)
         if latest != rv:
-            for p in written:
-                shutil.rmtree(p, ignore_errors=True)
-            raise VersionConflictError(
-                f"Store {str(root)!r} is at version {latest}, but this reindex read version {rv}; nothing was "
-                "published.", hint="Re-open the store and run the reindex again.")
+            _remove(be, written)
+            _conflict(be, latest, rv, "reindex")
         prev = version_router(base.manifest, ident)
         m = _commit.new_manifest(
             latest + 1, latest, "reindex", message or f"reindex router {prev['router_id'][:16]} -> "
@@ -196,12 +163,29 @@ def _publish(base: MemoryStore, rv: int, entries: list[dict[str, Any]], router: 
             base.manifest["used_id_ranges"], dict(base.manifest["stats"]),
             {"added_docs": 0, "deleted_docs": 0, "added_shards": [], "removed_shards": [],
              "previous_router_id": prev["router_id"]}, router=router)
-        return _commit.publish(root, m)
+        return _commit.publish(base, m)
 
 
-def rekey(store: MemoryStore, router: dict[str, Any], keys_fn: KeysFn, *, message: str = "",
+def _remove(be: Backend, written: list[str]) -> None:
+    """Remove what a reindex wrote and nothing names (rather than leave it to gc)."""
+    for key in written:
+        try:
+            be.delete_prefix(key)
+        except OSError:
+            pass
+
+
+def _conflict(be: Backend, latest: int, rv: int, what: str) -> None:
+    from msa_memory.errors import VersionConflictError
+
+    raise VersionConflictError(
+        f"Store {str(be)!r} is at version {latest}, but this {what} read version {rv}; nothing was published.",
+        hint=f"Re-open the store and run the {what} again.")
+
+
+def rekey(store: Snapshot, router: dict[str, Any], keys_fn: KeysFn, *, message: str = "",
           read_version: int | None = None, lock_timeout: float = 60.0,
-          log: Callable[[str], None] | None = None, shifted_keys_fn: KeysFn | None = None) -> MemoryStore:
+          log: Callable[[str], None] | None = None, shifted_keys_fn: KeysFn | None = None) -> Any:
     """Publish version N+1 = version N (``read_version``, default ``store.version``) with every
     shard's router keys recomputed by ``keys_fn`` and ``router`` as the version's router.
 
@@ -212,7 +196,7 @@ def rekey(store: MemoryStore, router: dict[str, Any], keys_fn: KeysFn, *, messag
     layers), SchemaMismatchError (``keys_fn`` returned the wrong shape/dtype), VersionConflictError
     (another writer published after N; nothing published). On any error no version is published.
     """
-    root = store.root
+    root = store.backend
     base, rv = _base(store, read_version)
     ident = base.identity
     if ident.hidden_size <= 0:
@@ -232,7 +216,7 @@ def rekey(store: MemoryStore, router: dict[str, Any], keys_fn: KeysFn, *, messag
     st = STORAGE_DTYPES[ident.dtype]
     L, H, D = ident.n_layers, ident.n_kv_heads, ident.head_dim
     entries: list[dict[str, Any]] = []
-    written: list[Path] = []
+    written: list[str] = []
     try:
         for e in base.manifest["shards"]:
             view = base._view(e["shard_id"])
@@ -247,23 +231,22 @@ def rekey(store: MemoryStore, router: dict[str, Any], keys_fn: KeysFn, *, messag
                 k_s = _checked(shifted_keys_fn(e["shard_id"], x_s), (Ls, Cs, H, D), st, "shifted_keys_fn",
                                e["shard_id"])
             rk = _write_keys(root, ident, e["shard_id"], router["router_id"], k, k_s)
-            written.append(root / rk["path"])
+            written.append(rk["path"])
             entries.append({**{k_: v for k_, v in e.items() if k_ != "router_keys"}, "router_keys": rk})
             if log is not None:
                 log(f"re-keyed shard {e['shard_id']} ({C} chunks)")
         shards.fault_hook("rekey:written")
     except Exception as e:
-        for p in written:  # nothing will name them: remove now rather than leave them to gc
-            shutil.rmtree(p, ignore_errors=True)
-        err = os_write_error(root, e, "a reindex") if isinstance(e, OSError) else None
+        _remove(root, written)  # nothing will name them: remove now rather than leave them to gc
+        err = os_write_error(root, e, "a reindex")
         if err is None:
             raise
         raise err from e
     return _publish(base, rv, entries, router, message, lock_timeout, written)
 
 
-def relabel(store: MemoryStore, router: dict[str, Any], *, message: str = "", read_version: int | None = None,
-            lock_timeout: float = 60.0) -> MemoryStore:
+def relabel(store: Snapshot, router: dict[str, Any], *, message: str = "", read_version: int | None = None,
+            lock_timeout: float = 60.0) -> Any:
     """Publish version N+1 = version N under ``router``, every shard's router keys kept as they are.
 
     For a router whose key projections equal version N's router's (the same router with other query
@@ -280,3 +263,65 @@ def relabel(store: MemoryStore, router: dict[str, Any], *, message: str = "", re
     check_name("router id", router["router_id"][:16])
     message = message or f"reindex router {prev[:16]} -> {router['router_id'][:16]} (same keys)"
     return _publish(base, rv, list(base.manifest["shards"]), router, message, lock_timeout, [])
+
+
+# ----------------------------------------------------------------------------- lexical sidecars
+
+
+def _write_sidecar(be: Backend, shard_id: str, data: bytes) -> dict[str, Any]:
+    """Write one shard's postings durably as ``lexical/SHARD.ANALYZER.HEX.parquet`` (a fresh name: written
+    once); returns the entry's ``lexical``."""
+    key = f"{LEXICAL_DIR}/{shard_id}.{ANALYZER}.{token()}.parquet"
+    shards.fault_hook("lexical:staged")
+    be.write(key, data, exclusive=True)
+    return {"path": key, "analyzer": ANALYZER, "size": len(data), "crc32c": crc32c.crc32c(data)}
+
+
+def reindex_lexical(store: Snapshot, *, message: str = "", read_version: int | None = None,
+                    lock_timeout: float = 60.0, log: Callable[[str], None] | None = None) -> Any:
+    """Publish version N+1 = version N (``read_version``, default ``store.version``) with postings of this
+    analyzer (``lexical.ANALYZER``) for every shard that lacks them, written from the documents' stored text as
+    sidecars; returns the new snapshot, or the snapshot of N when every shard has them already (nothing written).
+
+    Raises VersionConflictError when another writer published after N (nothing published, the sidecars
+    written are removed). On any error no version is published.
+    """
+    be = store.backend
+    base, rv = _base(store, read_version)
+    todo = [e for e in base.manifest["shards"] if (src := lexical_source(base, e)) is None or src.analyzer != ANALYZER]
+    if not todo:
+        return base
+    check_layout(be, "a lexical reindex")
+    entries = {e["shard_id"]: e for e in base.manifest["shards"]}
+    written: list[str] = []
+    try:
+        for e in todo:
+            sid = e["shard_id"]
+            view = base._view(sid)
+            tab = view.table(["doc_id", "text"])
+            if not np.array_equal(tab.column("doc_id").to_numpy(), view.record.doc_ids):
+                raise ShardCorruptError(f"Document table of shard {sid!r} does not match its record.",
+                                        hint="Run `msa store verify STORE`.")
+            sc = _write_sidecar(be, sid, lexical.postings_bytes(view.record.doc_ids, tab.column("text").to_pylist()))
+            written.append(sc["path"])
+            entries[sid] = {**e, "lexical": sc}
+            if log is not None:
+                log(f"lexical postings of shard {sid} ({view.record.n_docs} documents)")
+        shards.fault_hook("lexical:written")
+        with _commit.writer_lock(be, lock_timeout, "a lexical reindex"):
+            latest = _manifest.latest_version(be)
+            if latest != rv:
+                _conflict(be, latest, rv, "lexical reindex")
+            m = _commit.new_manifest(
+                latest + 1, latest, "reindex", message or f"lexical index ({ANALYZER}) for {len(todo)} shard(s)",
+                base._identity_sha, [entries[e["shard_id"]] for e in base.manifest["shards"]],
+                list(base.manifest["deletions"]), base.manifest["used_id_ranges"], dict(base.manifest["stats"]),
+                {"added_docs": 0, "deleted_docs": 0, "added_shards": [], "removed_shards": [],
+                 "lexical_analyzer": ANALYZER}, router=base.manifest.get("router"))
+            return _commit.publish(base, m)
+    except BaseException as e:
+        _remove(be, written)  # nothing names them: remove now rather than leave them to gc
+        err = os_write_error(be, e, "a lexical reindex")
+        if err is None:
+            raise
+        raise err from e

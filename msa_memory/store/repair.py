@@ -23,49 +23,46 @@ shard, removed by ``gc`` after its grace period. Re-encoding the corpus brings t
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from msa_memory.errors import ManifestCorruptError, ShardMissingError, StoreLayoutError
-from msa_memory.store import _ids, _manifest, shards
+from msa_memory.store import _ids, _manifest, commit as _commit, shards
 from msa_memory.store._layout import (
     DAMAGED_DIR,
     LATEST_HINT,
     SHARDS_DIR,
     VERSIONS_DIR,
     check_layout,
-    fsync_dir,
+    dumps,
     is_name,
-    replace_json_atomic,
+    open_backend,
     token,
-    version_file,
+    version_key,
 )
+from msa_memory.store.backend import Backend
+from msa_memory.store.reader import Snapshot
 
 __all__ = ["repair"]
 
 
-def _readable(root: Path, v: int) -> tuple[Any, str | None]:
+def _readable(root: Backend, v: int) -> tuple[Any, str | None]:
     """(snapshot, None) if version ``v`` opens, else (None, why): damage that repair sets aside."""
-    from msa_memory.store.reader import MemoryStore
-
     try:
-        return MemoryStore(root, v), None
+        return Snapshot(root, v, lease=False), None
     except (ManifestCorruptError, StoreLayoutError) as e:
         return None, str(e)
 
 
 def _usable(snap: Any) -> str | None:
     """Why a new version made from ``snap`` could not be read (a file it names is gone or linked), or None."""
-    from msa_memory.store.commit import check_version_files
-
     try:
-        check_version_files(snap, "repair")
+        _commit.check_version_files(snap, "repair")
     except (ShardMissingError, StoreLayoutError) as e:
         return str(e)
     return None
 
 
-def _plan(root: Path) -> dict[str, Any]:
+def _plan(root: Backend) -> dict[str, Any]:
     """What is wrong with the store's manifests and what repair would do about it (reads only)."""
     problems: list[dict[str, str]] = []
     hint_bad = False
@@ -81,7 +78,7 @@ def _plan(root: Path) -> dict[str, Any]:
         snap, why = _readable(root, v)
         if snap is None:
             damaged.append(v)
-            problems.append({"path": f"{VERSIONS_DIR}/{version_file(root, v).name}", "problem": str(why)})
+            problems.append({"path": version_key(v), "problem": str(why)})
         else:
             snaps[v] = snap
     lost = _manifest.latest_problem(root) if not hint_bad else None
@@ -102,20 +99,17 @@ def _plan(root: Path) -> dict[str, Any]:
                 f"Store {str(root)!r} has no readable version to repair from: the manifests of versions "
                 f"{damaged or 'none'} are damaged{' and version ' + str(top) + ' is lost' if top not in listed else ''}"
                 f"{', and the readable ones name files that are gone' if snaps else ''}; repair changed nothing.",
-                hint=f"Restore {root / VERSIONS_DIR} from a backup, or encode into a new store.")
+                hint=f"Restore {root}/{VERSIONS_DIR} from a backup, or encode into a new store.")
     unreferenced: list[str] = []
     if damaged or lost is not None:
         named = {e["shard_id"] for s in snaps.values() for e in s.manifest["shards"]}
-        try:
-            on_disk = sorted(n for n in os.listdir(root / SHARDS_DIR) if is_name(n))
-        except FileNotFoundError:
-            on_disk = []
+        on_disk = [n for n in root.list(SHARDS_DIR) if is_name(n)]
         unreferenced = [n for n in on_disk if n not in named]
     return {"problems": problems, "damaged": damaged, "hint_bad": hint_bad, "top": top, "good": good,
             "newest_readable": newest, "skipped_versions": skipped, "snaps": snaps, "unreferenced": unreferenced}
 
 
-def _used_ranges(root: Path, plan: dict[str, Any]) -> _ids.Ranges:
+def _used_ranges(root: Backend, plan: dict[str, Any]) -> _ids.Ranges:
     """Every id any readable version or any shard on disk holds (a lost version's ids stay used)."""
     import numpy as np
 
@@ -131,10 +125,8 @@ def _used_ranges(root: Path, plan: dict[str, Any]) -> _ids.Ranges:
     return used
 
 
-def _publish_good(root: Path, plan: dict[str, Any], message: str | None) -> int:
+def _publish_good(root: Backend, plan: dict[str, Any], message: str | None) -> int:
     """Publish version top + 1 equal to the newest good version; returns its number."""
-    from msa_memory.store import commit as _commit
-
     good = plan["snaps"][plan["good"]]
     version = plan["top"] + 1
     what = ", ".join(p["path"] for p in plan["problems"])
@@ -145,7 +137,7 @@ def _publish_good(root: Path, plan: dict[str, Any], message: str | None) -> int:
         dict(good.manifest["stats"]),
         {"added_docs": 0, "deleted_docs": 0, "added_shards": [], "removed_shards": [], "restored_from": plan["good"]},
         {"repair": {"problems": [p["path"] for p in plan["problems"]]}}, router=good.manifest.get("router"))
-    _commit.publish(root, m)
+    _commit.publish(good, m)
     return version
 
 
@@ -165,9 +157,7 @@ def repair(root: str | os.PathLike[str], dry_run: bool = True, *, message: str |
     >>> report = repair("mem.msa")                 # doctest: +SKIP
     >>> report = repair("mem.msa", dry_run=False)  # doctest: +SKIP
     """
-    from msa_memory.store import commit as _commit
-
-    root = Path(root)
+    root = open_backend(root)
     _manifest.read_identity(root)  # not a store, or a damaged identity record: nothing repair can do
     if dry_run:
         check_layout(root, "repair")
@@ -175,31 +165,36 @@ def repair(root: str | os.PathLike[str], dry_run: bool = True, *, message: str |
     with _commit.writer_lock(root, lock_timeout, "repair"):
         plan = _plan(root)
         moved: list[dict[str, str]] = []
-        if plan["damaged"]:
-            (root / DAMAGED_DIR).mkdir(exist_ok=True)
         for v in plan["damaged"]:  # set aside, never delete: a person may still read what is left in them
-            src = version_file(root, v)
-            dst = root / DAMAGED_DIR / f"{src.name}.{token()}"
-            os.rename(src, dst)
-            moved.append({"from": f"{VERSIONS_DIR}/{src.name}", "to": f"{DAMAGED_DIR}/{dst.name}"})
-        if moved:
-            fsync_dir(root / VERSIONS_DIR)
-            fsync_dir(root / DAMAGED_DIR)
+            src = version_key(v)
+            dst = f"{DAMAGED_DIR}/{src.rsplit('/', 1)[1]}.{token()}"
+            _set_aside(root, src, dst)
+            moved.append({"from": src, "to": dst})
         version = _publish_good(root, plan, message) if plan["good"] is not None else None
         hint_rewritten = False
         if version is None and (plan["hint_bad"] or _manifest.latest_problem(root) is not None):
             listed = _manifest.list_versions(root)
             if listed:
-                replace_json_atomic(root / VERSIONS_DIR / LATEST_HINT, {"version": listed[-1]})
+                root.replace(f"{VERSIONS_DIR}/{LATEST_HINT}", dumps({"version": listed[-1]}))
                 hint_rewritten = True
         return _report(root, plan, False, moved, hint_rewritten, version)
 
 
-def _report(root: Path, plan: dict[str, Any], dry_run: bool, moved: list[dict[str, str]], hint_rewritten: bool,
+def _set_aside(be: Backend, src: str, dst: str) -> None:
+    """Move a damaged manifest (it may be a link: moved, never followed) to ``dst`` (a rename where the
+    backend has one, else copy then delete)."""
+    if be.supports_atomic_rename:
+        be.rename_prefix(src, dst)
+        return
+    be.write(dst, be.read(src), exclusive=True)
+    be.delete(src)
+
+
+def _report(root: Backend, plan: dict[str, Any], dry_run: bool, moved: list[dict[str, str]], hint_rewritten: bool,
             version: int | None) -> dict[str, Any]:
     if dry_run:
-        moved = [{"from": f"{VERSIONS_DIR}/{version_file(root, v).name}",
-                  "to": f"{DAMAGED_DIR}/{version_file(root, v).name}.HEX"} for v in plan["damaged"]]
+        moved = [{"from": version_key(v), "to": f"{DAMAGED_DIR}/{version_key(v).rsplit('/', 1)[1]}.HEX"}
+                 for v in plan["damaged"]]
         version = plan["top"] + 1 if plan["good"] is not None else None
         hint_rewritten = version is None and bool(plan["problems"]) and not plan["damaged"]
     return {"store": str(root), "dry_run": dry_run, "ok": not plan["problems"], "problems": plan["problems"],

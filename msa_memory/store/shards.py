@@ -4,7 +4,9 @@
 everything into ``staging/{shard_id}.{hex}/``, fsyncs it, writes ``_record.json`` (the
 :class:`ShardRecord`, with the size and crc32c of every file) last, and renames the directory to
 ``shards/{shard_id}/`` in one step. A shard directory under ``shards/`` is therefore complete; it
-becomes part of the store only when a commit lists it. Shards are never modified afterwards
+becomes part of the store only when a commit lists it. On a backend without atomic rename (object
+storage) the files go straight to ``shards/{shard_id}/`` and the record is written last, exclusively:
+there a shard exists once its record does (readers and commits only ever start from the record). Shards are never modified afterwards
 (compaction writes new ones). No manifest, lock or id counter is touched here except to read.
 
 Arrays of a shard (C chunks of the shard, L router layers; dtype = identity storage dtype)::
@@ -27,9 +29,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import crc32c
@@ -58,18 +58,19 @@ from msa_memory.store._layout import (
     RECORD_FILE,
     SHARDS_DIR,
     STAGING_DIR,
+    check_files,
     check_layout,
     check_name,
     dumps,
-    fsync_dir,
     is_rel_path,
-    link_in_path,
     now_iso,
+    open_backend,
     os_write_error,
     token,
-    write_bytes_durable,
 )
 from msa_memory.store._zarrshard import ArrayReader, shard_file, write_array
+from msa_memory.store.backend import Backend
+from msa_memory.store import lexical as _lexical
 
 def _no_fault(point: str) -> None:
     """Default fault hook: does nothing."""
@@ -179,7 +180,7 @@ def check_encoded(identity: StoreIdentity, passages: Sequence[Passage], enc: Enc
             raise bad(f"EncodedChunks.{name} has dtype {a.dtype}; logical {identity.dtype!r} is stored as {st}.")
 
 
-def check_ids(root: Path, doc_ids: np.ndarray, used: _ids.Ranges | None = None) -> None:
+def check_ids(root: Backend, doc_ids: np.ndarray, used: _ids.Ranges | None = None) -> None:
     """Ids must be distinct, reserved (< next_id) and never committed (not in ``used`` ranges)."""
     ids = np.asarray(doc_ids, dtype=np.int64)
     uniq, counts = np.unique(ids, return_counts=True)
@@ -226,16 +227,6 @@ def _docs_table(passages: Sequence[Passage], enc: EncodedChunks, shard_id: str) 
     return pa.table(cols, schema=DOCUMENT_SCHEMA)
 
 
-def file_crc(path: Path) -> tuple[int, int]:
-    """(size, crc32c) of a whole file, read in 8 MiB pieces."""
-    crc, size = 0, 0
-    with open(path, "rb") as f:
-        while block := f.read(8 << 20):
-            crc = crc32c.crc32c(block, crc)
-            size += len(block)
-    return size, crc
-
-
 def write_shard(root: str | os.PathLike[str], shard_id: str, passages: Sequence[Passage],
                 encoded: EncodedChunks, *, lexical: bool = True) -> ShardRecord:
     """Write one immutable shard of ``encoded`` documents; touches no manifest.
@@ -247,41 +238,58 @@ def write_shard(root: str | os.PathLike[str], shard_id: str, passages: Sequence[
     DuplicateDocumentError (ids repeated or already committed), StoreExistsError (``shard_id``
     already written: use ``store.find_shard`` to resume), StoreNotFoundError.
     """
-    root = Path(root)
-    identity = _manifest.read_identity(root)
+    be = open_backend(root)
+    identity = _manifest.read_identity(be)
     check_name("shard id", shard_id)
-    check_layout(root, f"writing shard {shard_id!r}")
+    check_layout(be, f"writing shard {shard_id!r}")
     check_encoded(identity, passages, encoded)
-    check_ids(root, encoded.doc_ids)
+    check_ids(be, encoded.doc_ids)
     try:
-        return write_shard_unchecked(root, identity, shard_id, passages, encoded, lexical=lexical)
+        return write_shard_unchecked(be, identity, shard_id, passages, encoded, lexical=lexical)
     except OSError as e:
-        err = os_write_error(root, e, f"writing shard {shard_id!r}")
+        err = os_write_error(be, e, f"writing shard {shard_id!r}")
         if err is None:
             raise
         raise err from e
 
 
-def write_shard_unchecked(root: Path, identity: StoreIdentity, shard_id: str, passages: Sequence[Passage],
+def write_shard_unchecked(be: Backend, identity: StoreIdentity, shard_id: str, passages: Sequence[Passage],
                           encoded: EncodedChunks, *, lexical: bool = True) -> ShardRecord:
     """write_shard without the id checks (compaction rewrites ids that are already committed)."""
-    check_layout(root, f"writing shard {shard_id!r}")
-    final = root / SHARDS_DIR / shard_id
-    if os.path.lexists(final):
-        raise StoreExistsError(f"Shard {shard_id!r} already exists in store {str(root)!r}.",
+    check_layout(be, f"writing shard {shard_id!r}")
+    final = f"{SHARDS_DIR}/{shard_id}"
+    rename = be.supports_atomic_rename
+    if (be.stat(final) is not None) if rename else be.exists(f"{final}/{RECORD_FILE}"):
+        raise StoreExistsError(f"Shard {shard_id!r} already exists in store {str(be)!r}.",
                                hint="Use store.find_shard(shard_id) to reuse it, or choose another shard id.")
-    stage = root / STAGING_DIR / f"{shard_id}.{token()}"
-    stage.mkdir(parents=True)
+    # without rename the files go in place: a leftover of a crashed writer (no record) is not a shard
+    stage = f"{STAGING_DIR}/{shard_id}.{token()}" if rename else final
+    if not rename:
+        be.delete_prefix(final)
+    be.make_prefix(stage)
     try:
-        return _write_staged(root, identity, shard_id, passages, encoded, stage, final, lexical)
-    except Exception:
-        shutil.rmtree(stage, ignore_errors=True)  # our own fresh folder: nothing names it
+        record = _write_files(be, identity, shard_id, passages, encoded, stage, lexical)
+        fault_hook("shard:record")
+        if rename:
+            be.sync_prefix(stage)
+            try:
+                be.rename_prefix(stage, final)
+            except FileExistsError:
+                raise StoreExistsError(f"Shard {shard_id!r} was written concurrently by another writer.",
+                                       hint="Use a distinct shard id per writer task.") from None
+            be.sync_prefix(SHARDS_DIR)
+    except BaseException:
+        if rename:
+            be.delete_prefix(stage)  # our own fresh folder: nothing names it
         raise
+    fault_hook("shard:published")
+    return record
 
 
-def _write_staged(root: Path, identity: StoreIdentity, shard_id: str, passages: Sequence[Passage],
-                  encoded: EncodedChunks, stage: Path, final: Path, lexical: bool = True) -> ShardRecord:
-    """Write the shard into ``stage`` and rename it to ``final`` (write_shard_unchecked's body)."""
+def _write_files(be: Backend, identity: StoreIdentity, shard_id: str, passages: Sequence[Passage],
+                 encoded: EncodedChunks, stage: str, lexical: bool = True) -> ShardRecord:
+    """Write the shard's files under ``stage``, its record last (exclusively); returns the record."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     st = STORAGE_DTYPES[identity.dtype]
@@ -296,74 +304,61 @@ def _write_staged(root: Path, identity: StoreIdentity, shard_id: str, passages: 
             files[f"{name}/{rel}"] = {"size": size, "crc32c": crc}
 
     group = json.dumps(GROUP_META, indent=2).encode()
-    write_bytes_durable(stage / "zarr.json", group)
+    be.write(f"{stage}/zarr.json", group, exclusive=True)
     files["zarr.json"] = {"size": len(group), "crc32c": crc32c.crc32c(group)}
-    put("kv", write_array(stage / "kv", encoded.kv.astype(st, copy=False), (1, L, 2, H, D),
+    put("kv", write_array(be, f"{stage}/kv", encoded.kv.astype(st, copy=False), (1, L, 2, H, D),
                 {**attrs, "dims": ["chunk", "layer", "kv", "head", "dim"]}))
     fault_hook("shard:kv")
-    put("k_router", write_array(stage / "k_router", encoded.k_router.astype(st, copy=False), (1, C, H, D),
+    put("k_router", write_array(be, f"{stage}/k_router", encoded.k_router.astype(st, copy=False), (1, C, H, D),
                                 {**attrs, "dims": ["layer", "chunk", "head", "dim"]}))
     fault_hook("shard:k_router")
     if E > 0:
         assert encoded.x_router is not None
-        put("x_router", write_array(stage / "x_router", encoded.x_router.astype(st, copy=False), (1, C, E),
+        put("x_router", write_array(be, f"{stage}/x_router", encoded.x_router.astype(st, copy=False), (1, C, E),
                                     {**attrs, "dims": ["layer", "chunk", "hidden"]}))
     chunk_doc = np.repeat(np.asarray(encoded.doc_ids, dtype=np.int64), encoded.n_chunks)  # (C,)
-    put("chunk_doc", write_array(stage / "chunk_doc", chunk_doc, (C,), {"dims": ["chunk"]}))
+    put("chunk_doc", write_array(be, f"{stage}/chunk_doc", chunk_doc, (C,), {"dims": ["chunk"]}))
     if identity.shifted_layers:
         assert encoded.k_router_s is not None
         Cs = int(encoded.k_router_s.shape[1])
-        put("k_router_s", write_array(stage / "k_router_s", encoded.k_router_s.astype(st, copy=False), (1, Cs, H, D),
+        put("k_router_s", write_array(be, f"{stage}/k_router_s", encoded.k_router_s.astype(st, copy=False), (1, Cs, H, D),
                                       {**attrs, "dims": ["shifted_layer", "shifted_chunk", "head", "dim"]}))
         if E > 0:
             assert encoded.x_router_s is not None
-            put("x_router_s", write_array(stage / "x_router_s", encoded.x_router_s.astype(st, copy=False), (1, Cs, E),
+            put("x_router_s", write_array(be, f"{stage}/x_router_s", encoded.x_router_s.astype(st, copy=False), (1, Cs, E),
                                           {**attrs, "dims": ["shifted_layer", "shifted_chunk", "hidden"]}))
         fault_hook("shard:k_router_s")
-    pq.write_table(_docs_table(passages, encoded, shard_id), stage / DOCS_FILE, write_page_checksum=True,
-                   compression="zstd")
+    sink = pa.BufferOutputStream()
+    pq.write_table(_docs_table(passages, encoded, shard_id), sink, write_page_checksum=True, compression="zstd")
+    docs = sink.getvalue()
+    be.write(f"{stage}/{DOCS_FILE}", memoryview(docs), exclusive=True)
     fault_hook("shard:docs")
-    size, crc = file_crc(stage / DOCS_FILE)  # small; pyarrow wrote it (not fsynced: do it here)
-    fd = os.open(stage / DOCS_FILE, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    files[DOCS_FILE] = {"size": size, "crc32c": crc}
+    files[DOCS_FILE] = {"size": docs.size, "crc32c": crc32c.crc32c(memoryview(docs))}
     if lexical:
-        from msa_memory.store.lexical import postings_bytes, postings_file
-
-        data = postings_bytes(encoded.doc_ids, [p.text for p in passages])
-        write_bytes_durable(stage / postings_file(), data)
-        files[postings_file()] = {"size": len(data), "crc32c": crc32c.crc32c(data)}
+        data = _lexical.postings_bytes(encoded.doc_ids, [p.text for p in passages])
+        be.write(f"{stage}/{_lexical.postings_file()}", data, exclusive=True)
+        files[_lexical.postings_file()] = {"size": len(data), "crc32c": crc32c.crc32c(data)}
         fault_hook("shard:lexical")
     record = ShardRecord(
         shard_id=shard_id, doc_ids=np.asarray(encoded.doc_ids, dtype=np.int64), chunk_offsets=encoded.offsets,
         n_tokens=np.asarray(encoded.n_tokens, dtype=np.int64), files=dict(sorted(files.items())),
         identity_sha256=identity_sha256(identity), created=now_iso(),
     )
-    write_bytes_durable(stage / RECORD_FILE, dumps(record.to_dict()))
-    for dirpath, _, _ in os.walk(stage):
-        fsync_dir(Path(dirpath))
-    fault_hook("shard:record")
-    (root / SHARDS_DIR).mkdir(exist_ok=True)
     try:
-        os.rename(stage, final)
-    except OSError:
-        shutil.rmtree(stage, ignore_errors=True)
+        be.write(f"{stage}/{RECORD_FILE}", dumps(record.to_dict()), exclusive=True)
+    except FileExistsError:
         raise StoreExistsError(f"Shard {shard_id!r} was written concurrently by another writer.",
                                hint="Use a distinct shard id per writer task.") from None
-    fsync_dir(root / SHARDS_DIR)
-    fault_hook("shard:published")
     return record
 
 
-def read_record(root: Path, shard_id: str, expect_crc: int | None = None) -> ShardRecord:
-    path = root / SHARDS_DIR / shard_id / RECORD_FILE
+def read_record(root: Backend | str | os.PathLike[str], shard_id: str, expect_crc: int | None = None) -> ShardRecord:
+    be = open_backend(root)
+    path = f"{be}/{SHARDS_DIR}/{shard_id}/{RECORD_FILE}"
     try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise ShardMissingError(f"Shard {shard_id!r} is missing from store {str(root)!r} ({path}).",
+        data = be.read(f"{SHARDS_DIR}/{shard_id}/{RECORD_FILE}")
+    except (FileNotFoundError, NotADirectoryError):
+        raise ShardMissingError(f"Shard {shard_id!r} is missing from store {str(be)!r} ({path}).",
                                 hint="Restore the shard directory from a backup, or open an older version.") from None
     if expect_crc is not None and crc32c.crc32c(data) != expect_crc:
         from msa_memory.errors import ShardCorruptError
@@ -388,39 +383,17 @@ def read_record(root: Path, shard_id: str, expect_crc: int | None = None) -> Sha
     return rec
 
 
-def verify_files(root: Path, record: ShardRecord) -> list[tuple[str, str]]:
+def verify_files(be: Backend, record: ShardRecord) -> list[tuple[str, str]]:
     """(relative path, problem) for every file of the shard that is missing or fails its checksum."""
-    return check_files(root, f"{SHARDS_DIR}/{record.shard_id}", record.files)
-
-
-def check_files(root: Path, rel_dir: str, files: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
-    """(store-relative path, problem) for each of ``files`` (name -> {"size", "crc32c"}) under
-    ``root/rel_dir`` that is missing or whose size or crc32c differs."""
-    bad: list[tuple[str, str]] = []
-    for rel, want in files.items():
-        where = f"{rel_dir}/{rel}"
-        link = link_in_path(root, where)
-        if link is not None:  # never read through a link (it may lead outside the store)
-            bad.append((where, link))
-            continue
-        try:
-            size, crc = file_crc(root / rel_dir / rel)
-        except FileNotFoundError:
-            bad.append((where, "missing"))
-            continue
-        if size != want["size"]:
-            bad.append((where, f"size {size} != {want['size']}"))
-        elif crc != want["crc32c"]:
-            bad.append((where, "crc32c mismatch"))
-    return bad
+    return check_files(be, f"{SHARDS_DIR}/{record.shard_id}", record.files)
 
 
 class ShardView:
     """Read access to one committed shard (arrays opened lazily, indexes cached)."""
 
-    def __init__(self, root: Path, record: ShardRecord, identity: StoreIdentity) -> None:
-        self.root, self.record, self.identity = root, record, identity
-        self.base = root / SHARDS_DIR / record.shard_id
+    def __init__(self, be: Backend, record: ShardRecord, identity: StoreIdentity) -> None:
+        self.be, self.record, self.identity = be, record, identity
+        self.base = f"{SHARDS_DIR}/{record.shard_id}"
         self._arrays: dict[str, ArrayReader] = {}
         self._sorted: tuple[np.ndarray, np.ndarray] | None = None
 
@@ -439,8 +412,9 @@ class ShardView:
                 "x_router_s": ((Ls, Cs, E), (1, Cs, E), st),
             }
             shape, chunk, dt = spec[name]
-            path = shard_file(self.base / name, len(shape))
-            self._arrays[name] = ArrayReader(path, shape, chunk, dt, f"shard {self.record.shard_id!r} array {name!r}")
+            key = shard_file(f"{self.base}/{name}", len(shape))
+            self._arrays[name] = ArrayReader(self.be, key, shape, chunk, dt,
+                                             f"shard {self.record.shard_id!r} array {name!r}")
         return self._arrays[name]
 
     @property
@@ -465,10 +439,12 @@ class ShardView:
 
         from msa_memory.errors import ShardCorruptError
 
-        path = self.base / DOCS_FILE
+        key = f"{self.base}/{DOCS_FILE}"
+        path = f"{self.be}/{key}"
         try:
-            tab = pq.read_table(path, columns=columns, page_checksum_verification=True)
-        except FileNotFoundError:
+            with self.be.open_input(key) as f:
+                tab = pq.read_table(f, columns=columns, page_checksum_verification=True)
+        except (FileNotFoundError, NotADirectoryError):
             raise ShardMissingError(f"Document table {path} is missing.",
                                     hint="Restore the shard directory from a backup, or open an older version.") from None
         except (OSError, pa.ArrowException) as e:
@@ -478,3 +454,15 @@ class ShardView:
             raise ShardCorruptError(f"Document table {path} has {tab.num_rows} rows, its record {self.record.n_docs}.",
                                     hint="Run `msa store verify`; re-encode the shard's documents.")
         return tab
+
+
+def keys_reader(be: Backend, entry: dict[str, Any], identity: StoreIdentity, n_chunks: int,
+                shifted: bool = False) -> ArrayReader:
+    """Reader of the (L, C, H, D) router-key array a shard entry's ``router_keys`` names (a reindexed version's
+    keys, ``rekey.py``; ``shifted``: its (Ls, Cs, H, D) ``k_router_s`` beside it)."""
+    L = len(identity.shifted_layers) if shifted else identity.n_layers
+    H, D = identity.n_kv_heads, identity.head_dim
+    name = "k_router_s" if shifted else "k_router"
+    key = shard_file(f"{entry['router_keys']['path']}/{name}", 4)
+    return ArrayReader(be, key, (L, n_chunks, H, D), (1, n_chunks, H, D), STORAGE_DTYPES[identity.dtype],
+                       f"router keys {entry['router_keys']['path']!r}/{name} of shard {entry['shard_id']!r}")

@@ -8,7 +8,6 @@ finite floats, so round trips can be compared bit for bit.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 
@@ -82,6 +81,6 @@ def add_docs(store, n_tokens: Sequence[int], rng: np.random.Generator, shard_id:
 
     ids = store.reserve_ids(len(n_tokens))
     passages, enc = random_docs(store.identity, ids, n_tokens, rng, source=source)
-    rec = write_shard(Path(store.root), shard_id, passages, enc)
+    rec = write_shard(store.backend, shard_id, passages, enc)
     new = store.commit(add=[rec], message=message) if commit else store
     return new, rec, passages, enc

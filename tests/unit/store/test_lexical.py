@@ -69,7 +69,7 @@ def test_shard_holds_postings_covered_by_its_record(store, rng):
     s, ids = add_texts(store, ["the blue door code 4471", "red door", "apples grow"], rng, "s1")
     rec = s._view("s1").record
     assert lexical.postings_file() == "postings.lex1.parquet" and "postings.lex1.parquet" in rec.files
-    d, t, f = lexical.read_postings(Path(s.root) / "shards/s1/postings.lex1.parquet", "p")
+    d, t, f = lexical.read_postings(s.backend, "shards/s1/postings.lex1.parquet")
     assert d.tolist() == sorted(d.tolist()) and set(d.tolist()) == set(ids.tolist())
     want = sorted((int(ids[0]), term_hash(x), 1) for x in ("blue", "door", "code", "4471"))
     assert sorted(zip(d.tolist(), t.tolist(), f.tolist()))[:4] == want

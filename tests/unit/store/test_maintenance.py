@@ -149,9 +149,9 @@ def test_publish_without_hard_links(store, rng, monkeypatch):
 
     with pytest.raises(VersionConflictError):
         stale.commit(message="stale")
-    from msa_memory.store._layout import publish_exclusive
+    from msa_memory.store._local import LocalBackend
 
-    target = store.root / "versions" / "99999999.json"
-    assert publish_exclusive(target, b"{}") and not publish_exclusive(target, b"[]")
+    be, target = LocalBackend(store.root), store.root / "versions" / "99999999.json"
+    assert be.publish("versions/99999999.json", b"{}") and not be.publish("versions/99999999.json", b"[]")
     assert target.read_bytes() == b"{}"
     target.unlink()

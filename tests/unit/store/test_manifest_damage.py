@@ -210,7 +210,7 @@ def test_escaping_ids_are_refused_on_publish(three):
     m = dict(three.manifest, version=4, parent_version=3)
     m["shards"] = [dict(m["shards"][0], shard_id="../outside")]
     with pytest.raises(E.ManifestCorruptError, match=r"shards\[0\]\.shard_id"):
-        C.publish(root, m)
+        C.publish(three, m)
     assert not (root / "versions" / "00000004.json").exists()
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from msa_memory.errors import ShardCorruptError
+from msa_memory.store._local import LocalBackend
 from msa_memory.store._zarrshard import ArrayReader, shard_file, write_array
 
 
@@ -33,14 +34,16 @@ def test_reader_agrees_with_zarr(tmp_path, permute):
     zarr = pytest.importorskip("zarr")
     rng = np.random.default_rng(0)
     a = rng.integers(0, 2**16, size=(7, 3, 5), dtype=np.uint16)  # (C, x, y)
-    write_array(tmp_path / "arr", a, (1, 3, 5), {"msa_logical_dtype": "bfloat16"})
-    path = shard_file(tmp_path / "arr", 3)
+    be = LocalBackend(tmp_path)
+    write_array(be, "arr", a, (1, 3, 5), {"msa_logical_dtype": "bfloat16"})
+    key = shard_file("arr", 3)
+    path = tmp_path / key
     stride = 3 * 5 * 2 + 4
     if permute:
         _permute_shard(path, 7, stride, permute)
     z = zarr.open_array(tmp_path / "arr", mode="r")
     assert np.array_equal(z[:], a)
-    r = ArrayReader(path, a.shape, (1, 3, 5), np.uint16, "test")
+    r = ArrayReader(be, key, a.shape, (1, 3, 5), np.uint16, "test")
     for lo, hi in [(0, 7), (2, 5), (6, 7), (4, 4)]:
         assert np.array_equal(r.read(lo, hi), a[lo:hi])
         assert np.array_equal(r.read(lo, hi), z[lo:hi])
@@ -50,8 +53,10 @@ def test_reader_agrees_with_zarr(tmp_path, permute):
 
 def test_truncated_file_raises(tmp_path):
     a = np.arange(40, dtype=np.uint16).reshape(4, 10)
-    write_array(tmp_path / "arr", a, (1, 10), {})
-    path = shard_file(tmp_path / "arr", 2)
+    be = LocalBackend(tmp_path)
+    write_array(be, "arr", a, (1, 10), {})
+    key = shard_file("arr", 2)
+    path = tmp_path / key
     path.write_bytes(path.read_bytes()[:30])
     with pytest.raises(ShardCorruptError):
-        ArrayReader(path, a.shape, (1, 10), np.uint16, "t").read(0, 1)
+        ArrayReader(be, key, a.shape, (1, 10), np.uint16, "t").read(0, 1)
