@@ -16,12 +16,14 @@ import typer
 
 from msa_memory.cli import (JsonOpt, StoreArg, VersionOpt, _check_store_path, _emit_json, _guard, _open,
                             _progress_enabled, app, store_app)
+from msa_memory.errors import ConfigError
 
 # ----- msa ask / msa search (runtime) -----
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="The model the store was built with: 'default' (Gemma 3 270M), an HF folder or an MSA checkpoint")]
 AdapterOpt = Annotated[str | None, typer.Option("--adapter", help="Router adapter folder the store was built with, e.g. router/ (default model: not needed for a store built with a shipped adapter, e.g. 'shallow')")]
 TokenizerOpt = Annotated[str | None, typer.Option("--tokenizer", help="Tokenizer folder for a --model checkpoint saved without tokenizer files, e.g. Qwen3-4B-Instruct-2507/ (default: the model's own)")]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N")]
+DevicesOpt = Annotated[str | None, typer.Option("--devices", help="Shard the router keys by document over these devices (Memory Parallel), comma-separated, e.g. cuda:0,cuda:1; the model runs on the first (default: all keys on --device)")]
 KOpt = Annotated[int | None, typer.Option("--k", "-k", help="Documents to retrieve (default: the router's top-k, 16 in MSA), e.g. 4", min=1)]
 RetrieverOpt = Annotated[str, typer.Option("--retriever", help="routing (MSA's router) or hybrid (routing fused with BM25 over the store's lexical index; ask: text mode)")]
 
@@ -36,13 +38,20 @@ def _check_retriever(store: str, version: str | None, retriever: str) -> None:
 
 
 def _memory(store: str, version: str | None, model: str, adapter: str | None, device: str, json_out: bool,
-            tokenizer: str | None = None) -> Any:
+            tokenizer: str | None = None, devices: str | None = None) -> Any:
     from msa_memory.runtime import Memory
+
+    shards = [d.strip() for d in devices.split(",") if d.strip()] if devices else None
+    if devices is not None and not shards:
+        raise ConfigError(f"--devices {devices!r} names no device.", hint="Give a comma-separated list, e.g. cuda:0,cuda:1.")
 
     if not _progress_enabled(json_out):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
+    if shards:
+        return Memory(_open(store, version), model=model, adapter=adapter, tokenizer=tokenizer, devices=shards,
+                      device=shards[0] if device == "auto" else device)
     return Memory(_open(store, version), model=model, adapter=adapter, tokenizer=tokenizer, device=device)
 
 
@@ -58,6 +67,7 @@ def ask(
     adapter: AdapterOpt = None,
     tokenizer: TokenizerOpt = None,
     device: DeviceOpt = "auto",
+    devices: DevicesOpt = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest answer in tokens, e.g. 128", min=1)] = 64,
     temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy; e.g. 0.7 to sample", min=0.0)] = 0.0,
     rounds: Annotated[int, typer.Option("--rounds", help="Round cap of --mode interleave", min=1)] = 3,
@@ -70,7 +80,7 @@ def ask(
 
     def body() -> None:
         _check_retriever(store, version, retriever)
-        mem = _memory(store, version, model, adapter, device, json_out, tokenizer)
+        mem = _memory(store, version, model, adapter, device, json_out, tokenizer, devices)
         live = stream and not json_out and sys.stdout.isatty()
         ans = mem.ask(question, mode=mode, k=k, max_new_tokens=max_new_tokens, temperature=temperature,  # type: ignore[arg-type]
                       max_rounds=rounds, on_token=(lambda s: typer.echo(s, nl=False)) if live else None,
@@ -97,6 +107,7 @@ def search(
     adapter: AdapterOpt = None,
     tokenizer: TokenizerOpt = None,
     device: DeviceOpt = "auto",
+    devices: DevicesOpt = None,
     retriever: RetrieverOpt = "routing",
     version: VersionOpt = None,
     json_out: JsonOpt = False,
@@ -105,7 +116,7 @@ def search(
 
     def body() -> None:
         _check_retriever(store, version, retriever)
-        mem = _memory(store, version, model, adapter, device, json_out, tokenizer)
+        mem = _memory(store, version, model, adapter, device, json_out, tokenizer, devices)
         rows = mem.search(question, k=k, retriever=retriever).to_pylist()  # type: ignore[arg-type]
         if json_out:
             _emit_json({"question": question, "retriever": retriever, "results": rows})

@@ -352,11 +352,11 @@ class MsaEngine:
 
             def summed() -> torch.Tensor:   # (N,) the position's document scores, its suffix query's added
                 ds = self.index.doc_scores(pos, q)
-                return ds if sq is None else ds + self.index.doc_scores(pos, sq)
+                return ds if sq is None else self.index.add(ds, self.index.doc_scores(pos, sq))
 
             if st.collect_only:
                 ds = summed()
-                st.doc_score_sum = ds if st.doc_score_sum is None else st.doc_score_sum + ds
+                st.doc_score_sum = self.index.add(st.doc_score_sum, ds)
                 _sync(self.device)
                 st.timings["routing_s"] += time.perf_counter() - t0
                 return
@@ -443,7 +443,7 @@ class MsaEngine:
         st.suffix_rows = int(suffix_rows)
         self.forward(st, ids, positions, route_rows=route_rows, backbone_only=True)
         assert st.doc_score_sum is not None
-        return st.doc_score_sum.float().cpu().numpy(), st.timings
+        return self.index.gather_scores(st.doc_score_sum), st.timings
 
     def pooled_routes(self, ids: Sequence[int], positions: Sequence[int], route_rows: Any,
                       prefix: Sequence[tuple[torch.Tensor, torch.Tensor]] | None, top_k: int,

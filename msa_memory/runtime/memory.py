@@ -29,6 +29,7 @@ from msa_memory.errors import ConfigError, RuntimeMemoryError
 from msa_memory.runtime.engine import MsaEngine
 from msa_memory.runtime.hybrid import Retriever, check_retriever, fuse_rrf
 from msa_memory.runtime.memory_tier import ContentMemory
+from msa_memory.runtime.parallel import DistributedRouterIndex, ShardedRouterIndex, shard_bounds, shard_rows
 from msa_memory.runtime.prompts import PromptIds, layout_for
 from msa_memory.runtime.results import Answer, DocHit, Round
 from msa_memory.runtime.routing import RouterIndex, RoutingConfig, torch_dtype_of
@@ -105,23 +106,46 @@ def free_bytes(device: Any) -> int | None:
     return None
 
 
-def _check_router_key_room(store: Any, device: Any) -> int:
-    """Raise RuntimeMemoryError, before anything is loaded, when the router keys cannot fit where they go."""
+def _world_size(distributed: Any) -> int:
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_initialized():
+        raise ConfigError("Memory(..., distributed=...) needs torch.distributed initialised in this process.",
+                          hint="Start the processes with torchrun (or call torch.distributed.init_process_group) "
+                               "first; for several devices in one process use devices=[...] instead.")
+    return dist.get_world_size(None if distributed is True else distributed)
+
+
+def _rank(distributed: Any) -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank(None if distributed is True else distributed)
+
+
+def _check_router_key_room(store: Any, devices: Sequence[Any], n_shards: int = 1) -> int:
+    """Raise RuntimeMemoryError, before anything is loaded, when the router keys cannot fit where they go.
+
+    ``n_shards`` > 1: each device holds about 1/n_shards of the keys (shards are balanced by chunk count);
+    the host check is for the whole, as the keys pass through the host. Returns all shards' bytes."""
     import torch
 
     need = store.router_key_bytes()
     ident = store.identity
-    where = ["cpu"] + (["cuda"] if torch.device(device).type == "cuda" else [])   # keys pass through the host
-    for w in where:
-        free = free_bytes(device if w == "cuda" else "cpu")
-        if free is not None and need > free:
+    share = -(-need // max(1, n_shards))
+    where: list[tuple[Any, int]] = [("cpu", need)]     # keys pass through the host
+    where += [(d, share) for d in dict.fromkeys(str(d) for d in devices) if torch.device(d).type == "cuda"]
+    for w, n in where:
+        free = free_bytes(w)
+        if free is not None and n > free:
             grid = (f", {len(ident.shifted_layers)} of them also over a shifted grid of "
                     f"{ident.shifted_window or ident.chunk_tokens}-token windows" if ident.shifted_layers else "")
+            part = f" ({n / 2**30:.2f} GiB a shard of {n_shards})" if n_shards > 1 and w != "cpu" else ""
             raise RuntimeMemoryError(
-                f"The router keys of store {str(store.root)!r} take {need / 2**30:.2f} GiB ({ident.n_layers} router "
-                f"layers{grid}), more than the {free / 2**30:.2f} GiB free on {'the host' if w == 'cpu' else device}; "
-                "Memory keeps them all resident.",
-                hint="Open it where more memory is free (device='cuda' on a larger GPU, or a larger host), or use a "
+                f"The router keys of store {str(store.root)!r} take {need / 2**30:.2f} GiB{part} ({ident.n_layers} "
+                f"router layers{grid}), more than the {free / 2**30:.2f} GiB free on "
+                f"{'the host' if w == 'cpu' else w}; Memory keeps them all resident.",
+                hint="Open it where more memory is free (device='cuda' on a larger GPU, devices=[...] or "
+                     "distributed=True to shard the keys over several GPUs, or a larger host), or use a "
                      "store with fewer router keys: `msa store reindex-router STORE --dest NEW --adapter aligned` "
                      "copies a store of the default adapter to MSA's aligned grid alone (a fifth of its keys) without "
                      "encoding.")
@@ -157,6 +181,16 @@ class Memory:
         Device-side cache of fetched documents.
     routing : RoutingConfig or dict, optional
         Overrides of the router's score / reducers / top_k (defaults: the model's router config).
+    devices : sequence of str, optional
+        Memory Parallel in one process: the router keys sharded by document over these devices (e.g.
+        ``["cuda:0", "cuda:1"]``), each scoring its shard, one merge per router layer
+        (``runtime.parallel``); the model runs on ``device``, which defaults to ``devices[0]``. Routes equal
+        one device's.
+    distributed : bool or process group, default False
+        Memory Parallel over processes: this process keeps only its rank's shard of the router keys (of
+        the default ``torch.distributed`` group, or the group given) on ``device``; every rank must run the
+        same calls in lockstep (e.g. one question per ``torchrun`` job step), each routing merge being one
+        ``all_gather``.
     cpu_gemv : bool or "auto", default "auto"
         On a CPU with AVX512-BF16 and a bf16 model, run one-row linears (decode steps, the LM head)
         through an AVX512-BF16 GEMV over the weights as they are (``runtime.cpu_linear``; no copy):
@@ -177,12 +211,19 @@ class Memory:
     max_question_tokens: int = 2048
 
     def __init__(self, store: Any, model: Any = "default", *, adapter: Any = None, tokenizer: Any = None,
-                 device: str = "cpu",
+                 device: str | None = None, devices: Sequence[str] | None = None, distributed: Any = False,
                  source: str = "auto", memory_budget: int | str | None = "4GiB",
                  cache_bytes: int | str = "256MiB", routing: RoutingConfig | dict[str, Any] | None = None,
                  use_chat_template: bool | None = None, cpu_gemv: bool | str = "auto") -> None:
         import torch
 
+        devices = [str(d) for d in devices] if devices else None
+        if devices is not None and distributed:
+            raise ConfigError("devices= and distributed= both shard the router keys; give one of them.",
+                              hint="devices= for several devices in this process, distributed=True for one shard "
+                                   "per torch.distributed rank.")
+        if device is None:
+            device = devices[0] if devices else "cpu"
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         if isinstance(store, (str, os.PathLike)):
@@ -219,11 +260,13 @@ class Memory:
                               hint="Use a router adapter without --query-suffix for MSA-wrapped stores.")
         self.routing = self._routing_config(routing)
         t0 = time.perf_counter()
-        self.router_key_bytes = _check_router_key_room(store, self.device)   #: resident router keys, bytes
+        n_shards = len(devices) if devices else (_world_size(distributed) if distributed else 1)
+        self.router_key_bytes = _check_router_key_room(store, devices or [self.device], n_shards)  #: all shards'
         # 1. router keys: one resident tensor per router layer, shared chunk → dense doc map; a layer with
         #    the shifted grid too holds both grids' keys, document by document, with a map of its own
         dt = torch_dtype_of(ident.dtype)
         keys, maps, chunk_doc, shifted = [], [], None, {p: j for j, p in enumerate(ident.shifted_positions)}
+        cut: tuple[int, int] | None = None     # distributed: this rank's document range, its rows kept alone
         both: tuple[np.ndarray, np.ndarray] | None = None      # (row order, map) shared by the shifted layers
         for pos in range(ident.n_layers):
             k_np, docs = store.router_keys(pos)
@@ -239,13 +282,30 @@ class Memory:
                 if both is None:
                     both = _interleave_grids(docs, sdocs, doc_ids, store.root)
                 k_np, layer_map = np.concatenate([k_np, ks_np])[both[0]], both[1]
+            if distributed:
+                if cut is None:
+                    bounds = shard_bounds(np.bincount(chunk_doc, minlength=len(doc_ids)), n_shards)
+                    rank = _rank(distributed)
+                    cut = int(bounds[rank]), int(bounds[rank + 1])
+                rows, layer_map = shard_rows(layer_map, *cut)
+                k_np = k_np[rows]
             t = torch.from_numpy(np.ascontiguousarray(k_np))
             keys.append(t.view(dt) if t.dtype != dt else t)
             maps.append(layer_map)
         assert chunk_doc is not None
         self.doc_ids = doc_ids.astype(np.int64)
         self.n_chunks = int(chunk_doc.shape[0])      #: aligned chunks (the shifted grid's are routing-only)
-        self.index = RouterIndex(keys, maps if shifted else chunk_doc, self.doc_ids, self.routing, device=self.device)
+        layer_maps = maps if shifted else maps[0]
+        if distributed:
+            assert cut is not None
+            local = RouterIndex(keys, layer_maps, self.doc_ids[cut[0]:cut[1]], self.routing, device=self.device)
+            self.index: Any = DistributedRouterIndex(local, self.doc_ids, bounds,
+                                                     None if distributed is True else distributed)
+        elif devices and len(devices) > 1:
+            self.index = ShardedRouterIndex(keys, layer_maps, self.doc_ids, self.routing, devices)
+        else:
+            self.index = RouterIndex(keys, layer_maps, self.doc_ids, self.routing,
+                                     device=devices[0] if devices else self.device)
         del keys
         # 2. content tier
         n_chunks = np.bincount(chunk_doc, minlength=len(self.doc_ids)).astype(np.int64)

@@ -754,6 +754,15 @@ class RouterIndex:
         """(N,) float32 document scores s[d] (chunk reduce of :meth:`chunk_scores`)."""
         return self._doc_reduce(self.chunk_scores(layer, q, kernel), self._maps[layer])
 
+    @staticmethod
+    def add(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+        """Sum of two :meth:`doc_scores` results (``a`` None: ``b``); sharded indexes sum shard by shard."""
+        return b if a is None else a + b
+
+    def gather_scores(self, ds: torch.Tensor) -> np.ndarray:
+        """(N,) float32 host copy of :meth:`doc_scores` results, in dense document order."""
+        return ds.float().cpu().numpy()
+
     def route_device(self, layer: int, q: torch.Tensor, k: int, kernel: str = "auto") -> torch.Tensor:
         """(2, k) float64 on the device: row 0 the top-k document scores, row 1 their dense indices.
 
