@@ -64,7 +64,10 @@ def train_router_command(out: str, corpus: list[str] | None, store: str | None, 
                           head_reduce: str = "mean", init_adapter: str | None = None,
                           freeze_layers: str | None = None, fact_names: str = "syllables",
                           keep_layers: bool = False, shifted_layers: str | None = None,
-                          shifted_window: int | None = None, query_suffix: str = "", freeze_keys: bool = False) -> str:
+                          shifted_window: int | None = None, query_suffix: str = "", freeze_keys: bool = False,
+                          objective: str = "infonce", teacher: str = "minilm", queries: str | None = None,
+                          distill_tau: float = 0.1, distill_alpha: float = 0.25, teacher_mined: int = 15,
+                          teacher_random: int = 8) -> str:
     """The ``msa train-router`` line that reproduces a run (recorded in the adapter's training.json); options
     at their defaults are left out. Used by the CLI and by ``benchmarks/device_train.py``."""
     parts = ["msa train-router", f"--out {out}"] + [f"--corpus {c}" for c in corpus or []]
@@ -92,6 +95,11 @@ def train_router_command(out: str, corpus: list[str] | None, store: str | None, 
     parts += [f"--shifted-layers {shifted_layers}"] if shifted_layers is not None else []
     parts += [f"--shifted-window {shifted_window}"] if shifted_window is not None else []
     parts += ["--freeze-keys"] if freeze_keys else []
+    parts += [f"--queries {queries}"] if queries else []
+    if objective != "infonce":
+        parts += [f"--objective {objective}", f"--teacher {teacher}", f"--distill-tau {distill_tau:g}",
+                  f"--distill-alpha {distill_alpha:g}", f"--teacher-mined {teacher_mined}",
+                  f"--teacher-random {teacher_random}"]
     return " ".join(parts)
 
 
@@ -112,7 +120,8 @@ def shell_quote(text: str) -> str:
 def train_config(*, epochs: int, batch_size: int, lr: float, seed: int, device: str, hard_negatives: str = "bm25",
                  mine_every: int = 1, negatives: int = 32, bf16: bool = False, layer_loss: str = "each",
                  query_reduce: str = "max", head_reduce: str = "mean", freeze_layers: str | None = None,
-                 query_suffix: str = "", freeze_keys: bool = False) -> Any:
+                 query_suffix: str = "", freeze_keys: bool = False, objective: str = "infonce",
+                 distill_tau: float = 0.1, distill_alpha: float = 0.25) -> Any:
     """The ``TrainConfig`` of the ``msa train-router`` options of the same names."""
     from msa_memory.train.trainer import TrainConfig
 
@@ -120,7 +129,7 @@ def train_config(*, epochs: int, batch_size: int, lr: float, seed: int, device: 
                        hard_source=hard_negatives, mine_every=mine_every, n_random=negatives, bf16=bf16,
                        layer_loss=layer_loss, query_reduce=query_reduce, head_reduce=head_reduce,
                        frozen_layers=parse_layers(freeze_layers) if freeze_layers else (), query_suffix=query_suffix,
-                       freeze_keys=freeze_keys)
+                       freeze_keys=freeze_keys, objective=objective, distill_tau=distill_tau, distill_alpha=distill_alpha)
 
 
 def train_router_from_cli(*, out: str, corpus: Sequence[str] | None, store: str | None, pairs: str | None,
@@ -134,9 +143,24 @@ def train_router_from_cli(*, out: str, corpus: Sequence[str] | None, store: str 
                           freeze_layers: str | None = None, fact_names: str = "syllables",
                           keep_layers: bool = False, shifted_layers: str | None = None,
                           shifted_window: int | None = None, query_suffix: str = "",
-                          freeze_keys: bool = False) -> dict[str, Any]:
-    """Build the pairs the options ask for and run :func:`msa_memory.train.recipe.run_training`."""
-    from msa_memory.train.recipe import builtin_pairs, files_pairs, run_training
+                          freeze_keys: bool = False, objective: str = "infonce", teacher: str = "minilm",
+                          queries: str | None = None, distill_tau: float = 0.1, distill_alpha: float = 0.25,
+                          teacher_mined: int = 15, teacher_random: int = 8) -> dict[str, Any]:
+    """Build the pairs the options ask for and run :func:`msa_memory.train.recipe.run_training`.
+
+    ``queries`` (built-in recipe only): pseudo-query sources (``distill.QUERY_SOURCES``, comma-separated)
+    instead of inverse cloze + facts; ``objective="distill"`` distils ``teacher``'s rankings over them."""
+    from msa_memory.train.recipe import builtin_pairs, distill_pairs, files_pairs, run_training
+
+    if objective not in ("infonce", "distill"):
+        raise ConfigError(f"--objective must be infonce or distill, got {objective!r}.")
+    if objective == "distill":
+        from msa_memory.train.distill import check_teacher
+
+        check_teacher(teacher)
+    if queries and (corpus or store):
+        raise ConfigError("--queries chooses the built-in recipe's pseudo-queries; it cannot be combined with "
+                          "--corpus or --store.")
 
     if pairs and not store:
         raise ConfigError("--pairs needs --store: positive_ids are document ids of that store.")
@@ -162,16 +186,22 @@ def train_router_from_cli(*, out: str, corpus: Sequence[str] | None, store: str 
         train, dev, store_docs = _store_pairs(store, pairs, seed, cloze_remove, fact_names)
     elif corpus:
         train, dev = files_pairs(corpus, seed=seed, max_chars=max_chars, p_remove=cloze_remove, fact_names=fact_names)
+    elif queries:
+        train, dev = distill_pairs(n_train, n_dev, seed=seed, max_chars=max_chars, sources=tuple(builtin),
+                                   queries=queries, p_remove=cloze_remove, docs_cache=cache)
     else:
         train, dev = builtin_pairs(n_train, n_dev, seed=seed, max_chars=max_chars, sources=tuple(builtin),
                                    p_remove=cloze_remove, fact_names=fact_names)
     cfg = train_config(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
                        hard_negatives=hard_negatives, mine_every=mine_every, negatives=negatives, bf16=bf16,
                        layer_loss=layer_loss, query_reduce=query_reduce, head_reduce=head_reduce,
-                       freeze_layers=freeze_layers, query_suffix=query_suffix, freeze_keys=freeze_keys)
+                       freeze_layers=freeze_layers, query_suffix=query_suffix, freeze_keys=freeze_keys,
+                       objective=objective, distill_tau=distill_tau, distill_alpha=distill_alpha)
     return run_training(out=out, model=model, candidate_layers=parse_layers(layers), max_layers=max_layers,
                         train_pairs=train, dev_pairs=dev, config=cfg, cache_dir=cache, device=device,
                         init_adapter=init_adapter,
                         command=command, log=log, loaded=loaded, dev_distractors=dev_distractors,
                         store_docs=store_docs, keep_layers=keep_layers, shifted_layers=shifted,
-                        shifted_window=shifted_window)
+                        shifted_window=shifted_window,
+                        teacher={"teacher": teacher, "n_mined": teacher_mined, "n_random": teacher_random}
+                        if objective == "distill" else None)

@@ -244,7 +244,9 @@ def save_features(feats: Features, path: str) -> None:
     torch.save({"layers": list(feats.layers), "x_chunks": feats.x_chunks, "chunk_doc": feats.chunk_doc,
                 "n_docs": feats.n_docs, "q_x": feats.q_x, "q_offsets": feats.q_offsets,
                 "positives": [list(p) for p in feats.positives], "kinds": feats.kinds,
-                "hard_negatives": [list(h) for h in feats.hard_negatives], "query_suffix": feats.query_suffix}, path)
+                "hard_negatives": [list(h) for h in feats.hard_negatives], "query_suffix": feats.query_suffix,
+                **({"teacher_cands": feats.teacher_cands, "teacher_scores": feats.teacher_scores}
+                   if feats.teacher_cands is not None else {})}, path)
 
 
 def load_features(path: str) -> Features:
@@ -252,4 +254,5 @@ def load_features(path: str) -> Features:
     d = torch.load(path, weights_only=True, mmap=True)  # file-backed: a multi-GB cache is not copied into RAM
     return Features(tuple(d["layers"]), d["x_chunks"], d["chunk_doc"], int(d["n_docs"]), d["q_x"], d["q_offsets"],
                     [tuple(p) for p in d["positives"]], list(d["kinds"]), [tuple(h) for h in d["hard_negatives"]],
-                    query_suffix=str(d.get("query_suffix", "")))
+                    query_suffix=str(d.get("query_suffix", "")), teacher_cands=d.get("teacher_cands"),
+                    teacher_scores=d.get("teacher_scores"))

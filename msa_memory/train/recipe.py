@@ -37,7 +37,8 @@ from msa_memory.errors import ConfigError
 from msa_memory.train.corpus import man_pages, pack_paragraphs, package_docstrings, stdlib_docstrings
 from msa_memory.train.pairs import PairSet, build_pairs
 
-__all__ = ["BUILTIN_SOURCES", "bm25_hard_negatives", "bm25_topk", "builtin_passages", "builtin_pairs", "files_pairs", "adapter_from_projections", "run_training"]
+__all__ = ["BUILTIN_SOURCES", "bm25_hard_negatives", "bm25_topk", "builtin_passages", "builtin_pairs", "distill_pairs",
+           "files_pairs", "adapter_from_projections", "run_training"]
 
 Log = Callable[[str], None]
 
@@ -153,6 +154,50 @@ def builtin_pairs(n_train: int = 500, n_dev: int = 100, *, seed: int = 0, max_ch
     return train, dev
 
 
+def distill_pairs(n_train: int = 4000, n_dev: int = 400, *, seed: int = 0, max_chars: int = 800,
+                  sources: Sequence[str] = ("stdlib",), queries: Sequence[str] = ("summary", "name", "first-sentence"),
+                  p_remove: float = 0.5, docs_cache: str | Path | None = None) -> tuple[PairSet, PairSet]:
+    """Train and dev pair sets of pseudo-queries (``distill.pseudo_query_pairs``: docstring summaries, man NAME
+    lines, first sentences, inverse cloze) over the built-in ``sources``; dev and train passages come from
+    disjoint documents (dev: the first documents of a seeded shuffle, up to ``n_dev`` passages).
+    ``n_train=0``: every passage the remaining documents give. ``docs_cache``: a folder where each source's
+    documents are kept as ``docs-NAME.json`` after the first read (rendering every man page takes minutes)."""
+    from msa_memory.train.distill import parse_query_sources, pseudo_query_pairs
+
+    queries = parse_query_sources(queries)
+    unknown = [x for x in sources if x not in BUILTIN_SOURCES]
+    if unknown or not sources:
+        raise ConfigError(f"Unknown built-in training source(s) {unknown or list(sources)!r}; "
+                          f"choose from {sorted(BUILTIN_SOURCES)}.")
+    docs = [tuple(d) for name in dict.fromkeys(sources) for d in _cached_docs(name, docs_cache)]
+    random.Random(f"distill-split-{seed}").shuffle(docs)
+    n_passages, cut = 0, 0
+    while cut < len(docs) and n_passages < n_dev:
+        n_passages += len(pack_paragraphs(docs[cut][1], max_chars=max_chars))
+        cut += 1
+    dev = pseudo_query_pairs(docs[:cut], queries, seed=seed + 1000, max_chars=max_chars, max_passages=n_dev,
+                             p_remove=p_remove)
+    train = pseudo_query_pairs(docs[cut:], queries, seed=seed, max_chars=max_chars, max_passages=n_train or None,
+                               p_remove=p_remove)
+    if len(train.queries) < 1 or len(dev.queries) < 1:
+        raise ConfigError(f"The pseudo-query sources {list(queries)} gave {len(train.queries)} training and "
+                          f"{len(dev.queries)} dev queries over {'+'.join(sources)}.",
+                          hint="add a source (--queries ...,ict) or more text (--builtin stdlib,man,packages).")
+    return train, dev
+
+
+def _cached_docs(name: str, cache: str | Path | None) -> list[tuple[str, str]]:
+    if cache is None:
+        return BUILTIN_SOURCES[name]()
+    f = Path(cache) / f"docs-{name}.json"
+    if f.is_file():
+        return [tuple(d) for d in json.loads(f.read_text(encoding="utf-8"))]
+    docs = BUILTIN_SOURCES[name]()
+    f.parent.mkdir(parents=True, exist_ok=True)
+    f.write_text(json.dumps(docs), encoding="utf-8")
+    return docs
+
+
 def self_supervised_pairs(docs: Sequence[tuple[str, str]], *, seed: int = 0, p_remove: float = 0.5,
                           fact_names: str = "syllables") -> tuple[PairSet, PairSet]:
     """Train/dev pair sets from (source, text) documents taken whole, as ``msa train-router --store``
@@ -253,7 +298,8 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
                  device: str = "cpu", command: str = "", log: Log = print, loaded: Any = None,
                  dev_distractors: bool = False, store_docs: tuple[Any, Sequence[int]] | None = None,
                  features: tuple[Any, Any] | None = None, keep_layers: bool = False,
-                 shifted_layers: Sequence[int] | None = None, shifted_window: int | None = None) -> dict[str, Any]:
+                 shifted_layers: Sequence[int] | None = None, shifted_window: int | None = None,
+                 teacher: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train router projections and save the chosen adapter to ``out``; returns a summary dict.
 
     Parameters
@@ -297,6 +343,10 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
         Train and dev features already extracted with ``loaded``'s backbone (e.g. on another
         machine from pre-tokenized pairs: ``benchmarks/device_train.py``); the pairs are then not
         needed and the counts recorded are the features' own.
+    teacher : dict, optional
+        With ``config.objective == "distill"``: ``{"teacher": "minilm" | "bm25" | "fusion", "n_mined": int,
+        "n_random": int}`` for ``distill.teacher_lists`` over the training pairs (cached beside the features
+        as ``teacher-NAME-MINED-RANDOM-SEED.pt``). Default: minilm, 15 mined, 8 random.
     loaded : LoadedModel, optional
         An already loaded model (its router layers must include the candidates; it is not modified
         except that its ``router`` is replaced by the candidate subset; with ``init_adapter`` a copy
@@ -351,6 +401,9 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
         train_f = _features(loaded, train_pairs, cfg.n_hard if cfg.hard_source in ("bm25", "both") else 0, cache,
                             "train", log, store_docs, cfg.query_suffix)
         dev_f = _features(loaded, dev_pairs, 0, cache, "dev", log, store_docs, cfg.query_suffix)
+    if cfg.objective == "distill" and train_f.teacher_cands is None:
+        train_f = _with_teacher(train_f, train_pairs, dict(teacher or {}), cfg.seed,
+                                Path(cache_dir) if cache_dir and features is None else None, log)
     if dev_distractors and store_docs is not None:
         log("dev: --dev-distractors ignored: with --store --pairs the dev queries already face every store document")
     elif dev_distractors:  # held-out queries against dev + training passages: recall at the corpus's size
@@ -383,7 +436,12 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
         "dev_recall": final["recall"], "dev_recall_by_kind": {k[7:]: v for k, v in final.items() if k.startswith("recall_")},
         "seconds": round(time.perf_counter() - t0, 1),
     }
-    extra = {"trained_by": "msa train-router", "loss": "INFONCE_DECOUPLE", "tau": cfg.tau,
+    if cfg.objective == "distill":
+        summary["teacher"] = {"teacher": "minilm", "n_mined": 15, "n_random": 8, **dict(teacher or {})}
+    extra = {"trained_by": "msa train-router",
+             "loss": "INFONCE_DECOUPLE" if cfg.objective == "infonce" else
+             f"listwise KL to {summary['teacher']['teacher']} + {cfg.distill_alpha:g} x INFONCE_DECOUPLE",
+             "tau": cfg.tau,
              "dev_recall": {str(k): v for k, v in final["recall"].items()}, "command": command,
              "model_fingerprint": loaded.model_fingerprint}  # reindex refuses stores of another backbone
     ad = adapter_from_projections(proj, rc, layers=chosen, train_config=cfg, extra=extra)
@@ -397,6 +455,32 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
     summary["router_id"] = ad.fingerprint()
     summary["out"] = str(out)
     return summary
+
+
+def _with_teacher(train_f: Any, pairs: PairSet | None, teacher: dict[str, Any], seed: int, cache: Path | None,
+                  log: Log) -> Any:
+    """``train_f`` with the teacher's candidate lists over ``pairs`` (``distill.teacher_lists``), cached."""
+    from msa_memory.train.distill import check_teacher, teacher_lists
+
+    name, n_mined, n_random = teacher.get("teacher", "minilm"), int(teacher.get("n_mined", 15)), int(teacher.get("n_random", 8))
+    check_teacher(name)
+    f = cache / f"teacher-{name}-{n_mined}-{n_random}-{seed}.pt" if cache is not None else None
+    if f is not None and f.is_file():
+        d = torch.load(f, weights_only=True)
+        if int(d["cands"].shape[0]) == train_f.n_queries:
+            log(f"teacher: reusing {f}")
+            return train_f.with_teacher(d["cands"], d["scores"])
+    if pairs is None:
+        raise ConfigError("Distillation needs the training pairs' texts for the teacher, or features that carry its "
+                          "candidate lists (Features.with_teacher).")
+    t0 = time.perf_counter()
+    cands, scores = teacher_lists(pairs.passages, pairs.queries, name, n_mined=n_mined, n_random=n_random, seed=seed,
+                                  log=log)
+    log(f"teacher {name}: {cands.shape[0]} candidate lists of {cands.shape[1]} ({time.perf_counter() - t0:.0f}s)")
+    if f is not None:
+        f.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({"cands": torch.from_numpy(cands), "scores": torch.from_numpy(scores)}, f)
+    return train_f.with_teacher(cands, scores)
 
 
 def _jsonable(x: Any) -> Any:

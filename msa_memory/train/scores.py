@@ -35,7 +35,7 @@ HeadReduce = Literal["mean", "max"]
 QueryReduce = Literal["max", "mean", "last"]
 ChunkReduce = Literal["max", "mean"]
 
-__all__ = ["chunk_scores", "doc_scores", "decoupled_infonce", "recall_at_k"]
+__all__ = ["chunk_scores", "doc_scores", "decoupled_infonce", "listwise_kl", "recall_at_k"]
 
 _NEG = -1.0e9  # score of a masked / missing entry; far below any cosine or scaled dot product
 
@@ -167,6 +167,37 @@ def decoupled_infonce(
     if not bool(has.any()):
         return scores.sum() * 0.0
     return (per.sum(dim=1)[has] / n_pos[has]).mean()
+
+
+def listwise_kl(
+    student: torch.Tensor, teacher: torch.Tensor, valid: torch.Tensor | None = None, *,
+    tau_student: float = 0.1, tau_teacher: float = 0.1,
+) -> torch.Tensor:
+    """Listwise distillation loss: ``KL(p_teacher || p_student)`` over each row's candidate list, averaged.
+
+    ``p_teacher = softmax(teacher / tau_teacher)`` and ``p_student = softmax(student / tau_student)`` over the
+    row's valid entries; rows with fewer than two valid entries are skipped (0 if none is left).
+
+    Parameters
+    ----------
+    student : (B, M) the router's document scores of each row's candidates.
+    teacher : (B, M) the teacher's scores of the same candidates (e.g. min-max scaled to [0, 1]).
+    valid : (B, M) bool or None; False entries (padding) take no part.
+    """
+    import torch
+
+    if valid is None:
+        valid = torch.ones(student.shape, dtype=torch.bool, device=student.device)
+    valid = valid.to(torch.bool) & torch.isfinite(teacher)
+    t = torch.where(valid, teacher.float(), torch.zeros((), device=teacher.device)) / float(tau_teacher)
+    log_p = torch.log_softmax(t.masked_fill(~valid, float("-inf")), dim=1)
+    log_q = torch.log_softmax((student.float() / float(tau_student)).masked_fill(~valid, float("-inf")), dim=1)
+    p = log_p.exp()
+    per = (p * (log_p - log_q)).masked_fill(~valid, 0.0).sum(dim=1)
+    keep = valid.sum(dim=1) >= 2
+    if not bool(keep.any()):
+        return student.sum() * 0.0
+    return per[keep].mean()
 
 
 def recall_at_k(scores: torch.Tensor, positive: torch.Tensor, ks: tuple[int, ...] = (1, 5, 16)) -> dict[int, float]:

@@ -31,7 +31,7 @@ from typing import Any, Callable, Sequence
 import torch
 
 from msa_memory.errors import ConfigError
-from msa_memory.train.scores import chunk_scores, decoupled_infonce, doc_scores, recall_at_k
+from msa_memory.train.scores import chunk_scores, decoupled_infonce, doc_scores, listwise_kl, recall_at_k
 
 __all__ = ["Features", "RouterProjections", "TrainConfig", "train_router", "evaluate", "select_layers",
            "mine_routing_negatives"]
@@ -56,6 +56,11 @@ class Features:
     hard_negatives: list[tuple[int, ...]] = field(default_factory=list)
     query_suffix: str = ""
     """The text appended to every query before its inputs were taken (``RouterConfig.query_suffix``)."""
+    teacher_cands: torch.Tensor | None = None
+    """(Q, M) int64 candidate passages of every query for listwise distillation (``distill.teacher_lists``;
+    -1 pads), or None."""
+    teacher_scores: torch.Tensor | None = None
+    """(Q, M) float32 the teacher's scores of ``teacher_cands`` (NaN pads)."""
 
     def __post_init__(self) -> None:
         L, C, _ = self.x_chunks.shape
@@ -64,6 +69,10 @@ class Features:
                               f"{L} (chunks) and {self.q_x.shape[1]} (queries).")
         if self.chunk_doc.shape[0] != C or len(self.positives) != self.n_queries:
             raise ConfigError("Features: chunk_doc must have one entry per chunk and positives one per query.")
+        if (self.teacher_cands is None) != (self.teacher_scores is None) or (
+                self.teacher_cands is not None and (self.teacher_cands.shape != self.teacher_scores.shape
+                                                    or self.teacher_cands.shape[0] != self.n_queries)):
+            raise ConfigError("Features: teacher_cands and teacher_scores go together, (Q, M) each.")
         starts = torch.full((self.n_docs + 1,), C, dtype=torch.int64)
         # chunk ranges per document (chunks of a document are contiguous, documents in order)
         counts = torch.bincount(self.chunk_doc, minlength=self.n_docs)
@@ -88,7 +97,8 @@ class Features:
             raise ConfigError(f"Layers {missing} were not extracted; available: {list(self.layers)}.")
         pos = [self.layers.index(x) for x in layers]
         return Features(tuple(layers), self.x_chunks[pos], self.chunk_doc, self.n_docs, self.q_x[:, pos],
-                        self.q_offsets, self.positives, self.kinds, self.hard_negatives, self.query_suffix)
+                        self.q_offsets, self.positives, self.kinds, self.hard_negatives, self.query_suffix,
+                        self.teacher_cands, self.teacher_scores)
 
     def with_distractors(self, other: Features) -> Features:
         """These queries against these passages *and* ``other``'s passages (appended after them).
@@ -100,12 +110,20 @@ class Features:
             other = other.layer_subset(self.layers)
         return Features(self.layers, torch.cat([self.x_chunks, other.x_chunks.to(self.x_chunks.dtype)], dim=1),
                         torch.cat([self.chunk_doc, other.chunk_doc + self.n_docs]), self.n_docs + other.n_docs,
-                        self.q_x, self.q_offsets, self.positives, self.kinds, self.hard_negatives, self.query_suffix)
+                        self.q_x, self.q_offsets, self.positives, self.kinds, self.hard_negatives, self.query_suffix,
+                        self.teacher_cands, self.teacher_scores)
+
+    def with_teacher(self, cands: Any, scores: Any) -> Features:
+        """The same features with listwise-distillation candidates and teacher scores ((Q, M) each)."""
+        return Features(self.layers, self.x_chunks, self.chunk_doc, self.n_docs, self.q_x, self.q_offsets,
+                        self.positives, self.kinds, self.hard_negatives, self.query_suffix,
+                        torch.as_tensor(cands, dtype=torch.int64), torch.as_tensor(scores, dtype=torch.float32))
 
     def to(self, device: torch.device | str) -> Features:
         """The same features with the passage and query arrays on ``device`` (indices stay on the CPU)."""
         return Features(self.layers, self.x_chunks.to(device), self.chunk_doc, self.n_docs, self.q_x.to(device),
-                        self.q_offsets, self.positives, self.kinds, self.hard_negatives, self.query_suffix)
+                        self.q_offsets, self.positives, self.kinds, self.hard_negatives, self.query_suffix,
+                        self.teacher_cands, self.teacher_scores)
 
     def chunks_of(self, docs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(chunk indices of passages ``docs`` in order, the position in ``docs`` of each of them)."""
@@ -211,6 +229,16 @@ class TrainConfig:
     """Keep every layer's ``router_k_proj`` as it starts (only the query projections learn): the router keys
     of stores made with the starting adapter stay valid for the trained one."""
 
+    objective: str = "infonce"
+    """"infonce": the decoupled InfoNCE of each query's positives (MSA's loss); "distill": listwise
+    distillation, ``KL(softmax(teacher / distill_tau) || softmax(router / tau))`` over each query's teacher
+    candidate list (``Features.teacher_cands``; ``distill.teacher_lists``), plus ``distill_alpha`` times the
+    InfoNCE. Which scores the KL reads follows ``layer_loss`` as the InfoNCE does."""
+    distill_tau: float = 0.1
+    """Temperature of the teacher's softmax over its [0, 1]-scaled scores (best and worst 1/tau apart)."""
+    distill_alpha: float = 0.25
+    """Weight of the positives' InfoNCE added to the distillation loss (0: the teacher alone)."""
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "frozen_layers", tuple(int(x) for x in self.frozen_layers))
         if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0 or not 0.001 <= self.tau <= 0.5:
@@ -219,6 +247,9 @@ class TrainConfig:
         from msa_memory.encode.router import check_query_suffix
 
         check_query_suffix(self.query_suffix, self.query_reduce, "TrainConfig.query_suffix")
+        if self.objective not in ("infonce", "distill") or not self.distill_tau > 0 or self.distill_alpha < 0:
+            raise ConfigError(f"Invalid objective={self.objective!r} ('infonce' or 'distill'), distill_tau="
+                              f"{self.distill_tau!r} (>0), distill_alpha={self.distill_alpha!r} (>=0).")
         if self.layer_loss not in ("each", "sum", "both"):
             raise ConfigError(f"Invalid layer_loss={self.layer_loss!r}: 'each', 'sum' or 'both'.")
         if self.hard_source not in ("bm25", "routing", "both") or self.mine_every < 0 or self.n_hard < 0:
@@ -411,6 +442,10 @@ def train_router(proj: RouterProjections, train: Features, held_out: Features | 
     with torch.no_grad():
         record(0, float("nan"), 0.0)
     use_bm25 = cfg.hard_source in ("bm25", "both") and bool(train.hard_negatives)
+    distill = cfg.objective == "distill"
+    if distill and train.teacher_cands is None:
+        raise ConfigError("objective='distill' needs the teacher's candidate lists in the training features "
+                          "(Features.with_teacher, distill.teacher_lists).")
     mined: list[tuple[int, ...]] | None = None
     for epoch in range(1, cfg.epochs + 1):
         t0, losses = time.perf_counter(), []
@@ -428,6 +463,8 @@ def train_router(proj: RouterProjections, train: Features, held_out: Features | 
                     cand.update(train.hard_negatives[i][: cfg.n_hard])
                 if mined is not None:
                     cand.update(mined[i])
+                if distill:
+                    cand.update(d for d in train.teacher_cands[i].tolist() if d >= 0)
             cand.update(torch.randint(0, N, (cfg.n_random,), generator=gen).tolist())
             cdocs = torch.tensor(sorted(cand), dtype=torch.int64)
             local = {d: j for j, d in enumerate(cdocs.tolist())}
@@ -445,11 +482,24 @@ def train_router(proj: RouterProjections, train: Features, held_out: Features | 
                 layer_s = [_layer_doc_scores(proj, li, qx[li].to(dev), qmask.to(dev), xc[li], cdoc.to(dev), len(cdocs),
                                              cfg).float() for li in range(L)]
             w = 0.5 if cfg.layer_loss == "both" else 1.0
+            if distill:   # each query's teacher list, as columns of the step's candidates
+                tc = train.teacher_cands[bidx]                                   # (B, M)
+                tvalid = tc >= 0
+                cols = torch.tensor([[local[d] if d >= 0 else 0 for d in row] for row in tc.tolist()],
+                                    dtype=torch.int64, device=dev)
+                tsc, tvalid = train.teacher_scores[bidx].to(dev), tvalid.to(dev)
+
+            def objective(s: torch.Tensor) -> torch.Tensor:
+                if not distill:
+                    return decoupled_infonce(s, pos_d, tau=cfg.tau)
+                kl = listwise_kl(s.gather(1, cols), tsc, tvalid, tau_student=cfg.tau, tau_teacher=cfg.distill_tau)
+                return kl + cfg.distill_alpha * decoupled_infonce(s, pos_d, tau=cfg.tau) if cfg.distill_alpha else kl
+
             if cfg.layer_loss in ("each", "both"):
                 for s in layer_s:
-                    loss = loss + w * decoupled_infonce(s, pos_d, tau=cfg.tau) / L
+                    loss = loss + w * objective(s) / L
             if cfg.layer_loss in ("sum", "both"):
-                loss = loss + w * decoupled_infonce(torch.stack(layer_s).mean(0), pos_d, tau=cfg.tau)
+                loss = loss + w * objective(torch.stack(layer_s).mean(0))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
