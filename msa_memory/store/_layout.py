@@ -181,7 +181,25 @@ def check_inside(be: Backend, rel: str, action: str) -> None:
                  "`msa store verify STORE` lists every such path.")
 
 
-# ----------------------------------------------------------------------------- whole-file checksums
+# ----------------------------------------------------------------------------- whole-file checksums and tables
+
+
+def read_parquet(be: Backend, key: str, label: str, hint: str, columns: list[str] | None = None, *,
+                 missing_hint: str | None = None) -> Any:
+    """The Parquet table ``key`` (``columns`` only; page checksums verified). ShardMissingError when absent
+    (hint ``missing_hint``, default ``hint``), ShardCorruptError when unreadable; ``label`` names it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from msa_memory.errors import ShardCorruptError, ShardMissingError
+
+    try:
+        with be.open_input(key) as f:
+            return pq.read_table(f, columns=columns, page_checksum_verification=True)
+    except (FileNotFoundError, NotADirectoryError):
+        raise ShardMissingError(f"{label} is missing.", hint=missing_hint or hint) from None
+    except (OSError, pa.ArrowException) as e:
+        raise ShardCorruptError(f"{label} is unreadable or corrupt ({e}).", hint=hint) from None
 
 
 def file_crc(be: Backend, key: str) -> tuple[int, int]:

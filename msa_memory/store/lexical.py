@@ -40,7 +40,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from msa_memory.errors import ConfigError, ShardCorruptError, ShardMissingError
-from msa_memory.store._layout import LEXICAL_DIR, check_files
+from msa_memory.store._layout import LEXICAL_DIR, check_files, read_parquet
 from msa_memory.store.backend import Backend
 
 
@@ -133,19 +133,9 @@ def postings_bytes(doc_ids: np.ndarray, texts: Sequence[str]) -> bytes:
 def read_postings(be: Backend, key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(doc_id int64, term_hash uint64, tf int32) of the postings file ``key`` (page checksums verified; its
     analyzer must be this one's)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     where = key
-    try:
-        with be.open_input(key) as f:
-            tab = pq.read_table(f, page_checksum_verification=True)
-    except (FileNotFoundError, NotADirectoryError):
-        raise ShardMissingError(f"Lexical postings {where} are missing.",
-                                hint="Run `msa store verify STORE`; `msa store reindex-lexical STORE` writes them anew.") from None
-    except (OSError, pa.ArrowException) as e:
-        raise ShardCorruptError(f"Lexical postings {where} are unreadable or corrupt ({e}).",
-                                hint="Run `msa store verify STORE`; `msa store reindex-lexical STORE` writes them anew.") from None
+    tab = read_parquet(be, key, f"Lexical postings {where}",
+                       "Run `msa store verify STORE`; `msa store reindex-lexical STORE` writes them anew.")
     got = (tab.schema.metadata or {}).get(_META_KEY, b"").decode(errors="replace")
     if got != ANALYZER or [f.name for f in tab.schema] != ["doc_id", "term_hash", "tf"]:
         raise ShardCorruptError(f"Lexical postings {where} say analyzer {got!r} and columns "

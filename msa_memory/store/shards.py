@@ -66,6 +66,7 @@ from msa_memory.store._layout import (
     now_iso,
     open_backend,
     os_write_error,
+    read_parquet,
     token,
 )
 from msa_memory.store._zarrshard import ArrayReader, shard_file, write_array
@@ -434,22 +435,12 @@ class ShardView:
 
     def table(self, columns: list[str] | None = None) -> Any:
         """The shard's document rows (Parquet page checksums verified)."""
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         from msa_memory.errors import ShardCorruptError
 
-        key = f"{self.base}/{DOCS_FILE}"
-        path = f"{self.be}/{key}"
-        try:
-            with self.be.open_input(key) as f:
-                tab = pq.read_table(f, columns=columns, page_checksum_verification=True)
-        except (FileNotFoundError, NotADirectoryError):
-            raise ShardMissingError(f"Document table {path} is missing.",
-                                    hint="Restore the shard directory from a backup, or open an older version.") from None
-        except (OSError, pa.ArrowException) as e:
-            raise ShardCorruptError(f"Document table {path} is unreadable or corrupt ({e}).",
-                                    hint="Run `msa store verify`; re-encode the shard's documents.") from None
+        path = f"{self.be}/{self.base}/{DOCS_FILE}"
+        tab = read_parquet(self.be, f"{self.base}/{DOCS_FILE}", f"Document table {path}",
+                           "Run `msa store verify`; re-encode the shard's documents.", columns,
+                           missing_hint="Restore the shard directory from a backup, or open an older version.")
         if tab.num_rows != self.record.n_docs:
             raise ShardCorruptError(f"Document table {path} has {tab.num_rows} rows, its record {self.record.n_docs}.",
                                     hint="Run `msa store verify`; re-encode the shard's documents.")
