@@ -6,8 +6,9 @@ the manifest's shard list. Everything else is lazy and cached on the object: sha
 router keys when asked for, K̄V̄ of the requested documents only. A snapshot only reads files that
 its manifest names, and those never change, so a reader of version N never sees later writes.
 
-A snapshot holds a lease on its version while it lives (``_leases.py``): gc keeps leased versions
-within its grace period, so the files a snapshot reads stay there. The writer verbs (``commit``,
+A snapshot leases its version (``_leases.py``: at open for an explicit version, after a minute of use
+for the latest) and gc keeps leased and recently superseded versions within its grace period, so the
+files a snapshot opened within that period reads stay there. The writer verbs (``commit``,
 ``restore``, ``rekey``, ``compact``, ``gc``, ``tag``, ``reserve_ids``) live in ``commit.py``,
 ``rekey.py`` and ``maintenance.py``; ``api.MemoryStore`` is a Snapshot with them bound, and each
 returns a new snapshot of its own class (``checkout_version``).
