@@ -236,6 +236,12 @@ def encode(
     def body() -> None:
         from msa_memory.jobs import encode_corpus
 
+        if store.startswith("s3://"):  # NOTE(store): issue 40 item 3; the store API itself takes s3:// URLs
+            raise E.ConfigError(
+                f"msa-encode cannot write to {store!r} yet: the encode job keeps its resume journal on a local "
+                "file system (encoding across hosts into a bucket is issue 40 item 3).",
+                hint="Encode into a local folder (msa-encode PATH --store mem.msa), then copy it to the bucket while "
+                     "no writer runs (aws s3 sync mem.msa " + store + "); msa store / msa ask read it there.")
         bar = _ProgressBar(_progress_enabled(json_out))
         try:
             result = encode_corpus(
@@ -325,7 +331,10 @@ def _open(store: str, version: str | None = None) -> Any:
 
 def _check_store_path(store: str, *, creates: bool = False) -> None:
     """Refuse, before any model is loaded, a store path that is (or lies under) a regular file:
-    StoreNotFoundError (exit 3) to read a store there, ConfigError (exit 2) to create one (``creates``)."""
+    StoreNotFoundError (exit 3) to read a store there, ConfigError (exit 2) to create one (``creates``).
+    A store URL (``s3://``, ``memory://``) names no local path: nothing to check here."""
+    if "://" in store:
+        return
     p = Path(store)
     while not p.exists() and p != p.parent:
         p = p.parent

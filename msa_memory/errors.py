@@ -28,6 +28,7 @@ __all__ = [
     "VersionNotFoundError",
     "VersionConflictError",
     "LockTimeoutError",
+    "StoreUnavailableError",
     "SchemaMismatchError",
     "IdentityMismatchError",
     "DocumentNotFoundError",
@@ -115,6 +116,11 @@ class VersionConflictError(StoreError, RuntimeError):
 
 class LockTimeoutError(StoreError, TimeoutError):
     """The store's writer lock could not be taken in time."""
+
+
+class StoreUnavailableError(StoreError, ConnectionError):
+    """The medium of a remote store (S3) kept failing or throttling after the retries with backoff; the
+    call changed nothing it had not finished (no version was published by a failed commit)."""
 
 
 class SchemaMismatchError(StoreError, ValueError):

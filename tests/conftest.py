@@ -13,3 +13,40 @@ settings.register_profile(
 )
 settings.register_profile("nightly", max_examples=1000, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+# ----------------------------------------------------------------------------- S3 (moto on loopback)
+import pytest  # noqa: E402
+
+_S3_MISSING = ("needs {pkg} for the S3 backend's tests against a local S3 server: "
+               "pip install 'msa-memory[test]' (make test installs it)")
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server in a child process on 127.0.0.1 (``msa_memory.testing.s3_server``), for the whole
+    session; the AWS_* variables that point clients (and child processes) at it are set meanwhile."""
+    pytest.importorskip("moto", reason=_S3_MISSING.format(pkg="moto[server]"))
+    pytest.importorskip("flask", reason=_S3_MISSING.format(pkg="moto[server]"))
+    pytest.importorskip("obstore", reason=_S3_MISSING.format(pkg="obstore"))
+    from msa_memory.testing.s3_server import S3Server
+
+    srv = S3Server()
+    env = srv.env()
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield srv
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        srv.stop()
+
+
+@pytest.fixture
+def s3_url(s3_server) -> str:
+    """``s3://BUCKET/store`` on a fresh bucket of the session's server."""
+    return f"s3://{s3_server.create_bucket()}/store"

@@ -667,6 +667,12 @@ class Memory:
         return Answer(self._question_text(question), text, "text", [rnd], timings, len(full.ids), len(toks), reason,
                       toks)
 
+    def stats(self) -> dict[str, Any]:
+        """What this Memory read from its store: the backend's requests and bytes (counted on remote stores
+        such as ``s3://``; the local backend counts nothing), the local router-key cache's hits, misses and
+        bytes (``None`` on a local store), and the bytes of router keys held resident."""
+        return {**self.store.io_stats(), "router_key_bytes_resident": int(self.index.nbytes())}
+
     # ------------------------------------------------------------------ reprs
     def __repr__(self) -> str:
         i = self.identity
@@ -675,7 +681,9 @@ class Memory:
                 + (f"shifted_layers={list(i.shifted_layers)}, " if i.shifted_layers else "")
                 + (f"suffix_layers={list(self._suffix_layers)}, " if self._suffix_layers else "")
                 + f"score={self.routing.score}, "
-                f"top_k={self.routing.top_k}, device={self.device}, content={self.content.source})")
+                f"top_k={self.routing.top_k}, device={self.device}, content={self.content.source}"
+                + (f", store_read={self.store.backend.stats['bytes_read']}B" if getattr(self.store.backend, "remote",
+                                                                                     False) else "") + ")")
 
     def _repr_html_(self) -> str:
         i = self.identity

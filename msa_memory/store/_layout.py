@@ -10,6 +10,8 @@ Layout (see docs/store-format.md)::
 
     ROOT/msa_store.json                 identity record, written once
     ROOT/_ids.json                      id counter {"next_id": n}, replaced atomically under the lock
+    ROOT/ids/{k:012d}.json              id claim k {"seq", "start", "stop", "nonce"} (backends without locks;
+                                        write-once, conditional publish; never deleted)
     ROOT/_writer.lock                   cross-process writer lock (filelock)
     ROOT/versions/{N:08d}.json          version manifests (exclusive create = commit)
     ROOT/versions/_latest.json          best-effort hint of the latest version number
@@ -47,6 +49,7 @@ from msa_memory.store.backend import Backend
 
 IDENTITY_FILE = "msa_store.json"
 IDS_FILE = "_ids.json"
+IDS_DIR = "ids"
 LOCK_FILE = "_writer.lock"
 VERSIONS_DIR = "versions"
 LATEST_HINT = "_latest.json"
@@ -134,11 +137,16 @@ def dumps(obj: Any) -> bytes:
 
 def open_backend(location: str | os.PathLike[str] | Backend) -> Backend:
     """The backend of a store location: a Backend as is, ``memory://NAME`` (an in-process store, for tests
-    and notebooks), else a local folder (``_local.LocalBackend``)."""
+    and notebooks), ``s3://BUCKET/PREFIX`` (``_s3.S3Backend``, needs obstore), else a local folder
+    (``_local.LocalBackend``)."""
     if isinstance(location, Backend):
         return location
     if isinstance(location, str) and location.startswith("memory://"):
         return MemoryBackend.named(location)
+    if isinstance(location, str) and location.startswith("s3://"):
+        from msa_memory.store._s3 import S3Backend
+
+        return S3Backend.for_url(location)
     return LocalBackend(location)
 
 

@@ -27,6 +27,7 @@ import crc32c
 
 from msa_memory.errors import (
     ManifestCorruptError,
+    MsaError,
     StoreFormatError,
     StoreLayoutError,
     StoreNotFoundError,
@@ -296,13 +297,24 @@ def publish_manifest(root: Backend, manifest: dict[str, Any]) -> bool:
                              "This is a bug in the writer that made it; nothing was published.")
     ok = root.publish(version_key(manifest["version"]), dumps(manifest))
     if ok:
-        write_hint(root, manifest["version"])
+        write_hint(root, manifest["version"], forward_only=not root.supports_locks)
     return ok
 
 
-def write_hint(root: Backend, version: int) -> None:
-    """Point ``versions/_latest.json`` at ``version`` (best effort: only a hint)."""
+def write_hint(root: Backend, version: int, *, forward_only: bool = False) -> None:
+    """Point ``versions/_latest.json`` at ``version`` (best effort: only a hint).
+
+    ``forward_only`` (commits on a backend without locks): leave a hint that names ``version`` or a later
+    one alone. Two committers may still interleave read and write, so the hint may lag by a version or
+    two; it never leads (a manifest is published before its hint), and readers probe upwards from it."""
     try:
+        if forward_only:
+            try:
+                hinted = read_hint(root)
+            except MsaError:
+                hinted = None
+            if hinted is not None and hinted >= version:
+                return
         root.replace(f"{VERSIONS_DIR}/{LATEST_HINT}", dumps({"version": version}))
     except OSError:
         pass

@@ -360,7 +360,11 @@ def reserve_ids(store: Snapshot, n: int, *, lock_timeout: float = DEFAULT_LOCK_T
     with writer_lock(be, lock_timeout, "reserving ids"):
         latest = _manifest.read_manifest(be, _manifest.latest_version(be))
         used = latest["used_id_ranges"]
-        start, stop = _ids.bump_next_id(be, int(n), floor=used[-1][1] if used else 0)
+        floor = used[-1][1] if used else 0
+        if be.supports_locks:
+            start, stop = _ids.bump_next_id(be, int(n), floor=floor)
+        else:  # no lock to serialise a counter: claim the range by conditional publish (_ids.py)
+            start, stop = _ids.claim_ids(be, int(n), floor=floor)
     return np.arange(start, stop, dtype=np.int64)
 
 

@@ -388,11 +388,21 @@ def _remove_orphans(be: Backend, orphans: list[dict[str, Any]], manifests: dict[
     for v in late:  # a reader got there first: put the version back, byte for byte what it read
         be.publish(version_key(v), dumps(manifests[v]))
         done.remove(dropped[v])
-    keep = _refs([manifests[v] for v in late])
+    keep = _refs([manifests[v] for v in late] + _published_since(be, manifests))
     for item in orphans:
         if item["kind"] != "manifest" and not _named_by(item, keep):
             remove(item)
     return [i for i in done if not (i["kind"] != "manifest" and _named_by(i, keep))], failed, late
+
+
+def _published_since(be: Backend, manifests: dict[int, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Manifests published after gc listed the versions (none can be, under the writer lock). Without a lock
+    a commit may publish while gc runs; what it names is kept (a shard older than ``grace_s`` that a
+    commit names while gc is deleting files is the remaining window; docs/store-format.md section 14)."""
+    if be.supports_locks or not manifests:
+        return []
+    newest = max(manifests)
+    return [_manifest.read_manifest(be, v) for v in _manifest.list_versions(be) if v > newest]
 
 
 def _fix_hint(be: Backend) -> None:

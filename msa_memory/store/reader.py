@@ -79,6 +79,7 @@ class Snapshot:
         self._table_cache: dict[str, Any] = {}
         self._range_index: tuple[np.ndarray, np.ndarray, np.ndarray, bool] | None = None
         self._key_readers: dict[str, Any] = {}
+        self._key_cache: Any = None
 
     # ------------------------------------------------------------------ metadata
     def __repr__(self) -> str:
@@ -322,7 +323,13 @@ class Snapshot:
             # this version's keys: a reindexed shard's router_keys arrays, else the shard's own (entry at hand:
             # shard_router_keys would look it up again, once per shard)
             src = self._keys(e, shifted) if name.startswith("k_router") and "router_keys" in e else view.array(name)
-            block = src.read(int(layer), int(layer) + 1)[0]  # (C_shard, *tail)
+            if name.startswith("k_router") and getattr(self.backend, "remote", False):  # object storage: cached
+                rk = e.get("router_keys", {}).get("path", "")
+                block = self.key_cache().block(f"{src.key}|{e['record_crc32c']}|{rk}|{int(layer)}",
+                                               (int(counts.sum()), *tail), STORAGE_DTYPES[idt.dtype],
+                                               lambda src=src: src.read(int(layer), int(layer) + 1)[0])
+            else:
+                block = src.read(int(layer), int(layer) + 1)[0]  # (C_shard, *tail)
             chunk_doc = np.repeat(rec.doc_ids, counts)
             live = self._live_mask(e["shard_id"])
             if not live.all():
@@ -334,6 +341,20 @@ class Snapshot:
         if not keys:
             return np.empty((0, *tail), dtype=st), np.empty((0,), dtype=np.int64)
         return np.concatenate(keys), np.concatenate(docs)
+
+    def key_cache(self) -> Any:
+        """The local cache of this store's router keys (``_cache.RouterKeyCache``; used on remote backends)."""
+        if self._key_cache is None:
+            from msa_memory.store._cache import RouterKeyCache
+
+            self._key_cache = RouterKeyCache(str(self.root))
+        return self._key_cache
+
+    def io_stats(self) -> dict[str, Any]:
+        """What reading this store cost so far in this process: the backend's requests and bytes (remote
+        backends count them; {} otherwise) and the router-key cache's hits and bytes (None when unused)."""
+        return {"store": str(self.root), "backend": dict(getattr(self.backend, "stats", {})),
+                "router_key_cache": self._key_cache.info() if self._key_cache is not None else None}
 
     def load_kv(self, doc_ids: Sequence[int] | np.ndarray) -> list[np.ndarray]:
         """Content K̄V̄ of each id, in the given order: (C_d, L, 2, H, D) storage dtype, one read per doc."""

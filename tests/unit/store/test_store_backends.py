@@ -2,8 +2,9 @@
 
 ``TestBackendContract`` is parametrised over the backends: the local folder (publish by hard link), the
 local folder with links off (publish by O_EXCL create, as on file systems without hard links) and the
-in-process memory backend (object-storage semantics: no rename, no links). A new backend (S3) adds
-one entry to ``BACKENDS``. Oracles: write-once refuses an existing key and leaves it intact; of
+in-process memory backend (object-storage semantics: no rename, no links) and the S3 backend against
+moto's S3 server on loopback (started by the ``s3_server`` fixture in tests/conftest.py; skipped with
+the reason when moto[server] or obstore is not installed). A new backend adds one entry to ``BACKENDS``. Oracles: write-once refuses an existing key and leaves it intact; of
 concurrent publishers of one key exactly one wins and the key holds its bytes (real processes where
 the backend is shared across processes, threads otherwise); ranged reads equal slices of the whole;
 listing names direct children only; delete is idempotent; errors are the builtins the store catches.
@@ -28,13 +29,14 @@ from msa_memory.store._local import LocalBackend
 from msa_memory.store._memory import MemoryBackend
 from msa_memory.store.backend import Backend
 
-BACKENDS = ["local", "local-nolink", "memory"]
+BACKENDS = ["local", "local-nolink", "memory", "s3"]
 
 _PUBLISH_CHILD = """
 import os, sys, time
+from msa_memory.store._layout import open_backend
 from msa_memory.store._local import LocalBackend
 root, key, go, me, links = sys.argv[1:6]
-be = LocalBackend(root, use_links=links == "1")
+be = open_backend(root) if root.startswith("s3://") else LocalBackend(root, use_links=links == "1")
 while not os.path.exists(go):
     time.sleep(0.001)
 print("WON" if be.publish(key, me.encode() * 1000) else "LOST", flush=True)
@@ -51,7 +53,12 @@ with be.lock("_writer.lock", 10):
 """
 
 
-def _make(kind: str, tmp_path: Path) -> Backend:
+def _make(kind: str, tmp_path: Path, request: pytest.FixtureRequest | None = None) -> Backend:
+    if kind == "s3":
+        from msa_memory.store._s3 import S3Backend
+
+        assert request is not None
+        return S3Backend(request.getfixturevalue("s3_url"))
     if kind == "memory":
         return MemoryBackend(f"memory://contract-{uuid.uuid4().hex}")
     return LocalBackend(tmp_path / "store", use_links=kind == "local")
@@ -59,7 +66,7 @@ def _make(kind: str, tmp_path: Path) -> Backend:
 
 @pytest.fixture(params=BACKENDS)
 def be(request, tmp_path) -> Backend:
-    return _make(request.param, tmp_path)
+    return _make(request.param, tmp_path, request)
 
 
 class TestBackendContract:
@@ -209,11 +216,11 @@ class TestBackendContract:
 
 
 @pytest.mark.parametrize("kind", BACKENDS)
-def test_store_lifecycle_on_each_backend(kind, tmp_path):
+def test_store_lifecycle_on_each_backend(kind, tmp_path, request):
     from msa_memory.store import create_store, open_store
     from msa_memory.testing.store_kit import add_docs, tiny_identity
 
-    be = _make(kind, tmp_path)
+    be = _make(kind, tmp_path, request)
     rng = np.random.default_rng(3)
     s = create_store(be, tiny_identity(hidden_size=2))
     s, rec, _, enc = add_docs(s, [5, 9, 3], rng, "a")
