@@ -14,6 +14,18 @@ process, CPU only. Every figure has its baseline measured in the same run:
 4. commit latency of adding one document (``commit``; ``write_shard`` of the doc reported apart)
    to stores of 1k and 100k documents (1k-doc shards); the target is a ratio within 2x.
 
+5. object store: the same three figures (write MB/s of ``write_shard``, ``open_store`` time, p50/p95
+   ``load_kv`` of 16 random documents) for a store on S3 (``s3://``, the obstore backend) against a
+   local folder in the same run. The S3 server is moto on loopback (``msa_memory.testing.s3_server``,
+   a child process): a functional stand-in, not S3's latency. A request costs ~1 ms of moto's Python
+   handling instead of S3's 10-30 ms to first byte, and bandwidth is loopback's, so these rows show the
+   backend's own overhead (requests per operation, buffering), not what a bucket in a region gives.
+   moto also reads and copies the whole object for every ranged GET, so its fetch latency grows with
+   the shard file's size (44 MB here), which S3's does not. A 16-document fetch is ~10 HTTP requests
+   (obstore's ``get_ranges`` merges neighbouring ranges and runs up to 10 at once); an open is 5
+   (identity, hint, HEAD of the version and of the next, manifest).
+   Skipped (with the reason) when moto[server] or obstore is not installed; ``--no-object-store`` too.
+
 Shapes default to Gemma-3-270M: 9 router layers x 1 kv head x 256, bf16, 64-token chunks.
 Prints a table, then one JSON line. ``--quick`` shrinks everything for a smoke run.
 """
@@ -184,17 +196,90 @@ def bench_commit(work: Path, sizes: list[int], rounds: int) -> list[dict]:
     return out
 
 
+def bench_object_store(work: Path, n_docs: int, chunks_per_doc: int, rounds: int, trials: int) -> dict:
+    """Section 5: local folder vs s3:// on moto (loopback), same shapes, same documents, same fetch order."""
+    try:
+        import moto  # noqa: F401
+        import obstore  # noqa: F401
+
+        from msa_memory.testing.s3_server import S3Server
+    except ImportError as e:
+        return {"skipped": f"needs moto[server] and obstore (pip install 'msa-memory[test]'): {e}"}
+    identity = gemma_like_identity()
+    out: dict = {"docs": n_docs, "server": "moto on loopback (functional stand-in, not S3 latency)"}
+    with S3Server() as srv:
+        old = {k: os.environ.get(k) for k in srv.env()}
+        os.environ.update(srv.env())
+        try:
+            for kind in ("local", "s3"):
+                rng = np.random.default_rng(5)
+                writes, nbytes, root, rec, store = [], 0, "", None, None
+                for r in range(rounds + 1):  # round 0: warm-up
+                    root = str(work / f"obj-{kind}-{r}") if kind == "local" else f"s3://{srv.create_bucket()}/store"
+                    store = create_store(root, identity)
+                    ids = store.reserve_ids(n_docs)
+                    passages, enc = random_docs(identity, ids, [chunks_per_doc * 64] * n_docs, rng)
+                    nbytes = enc.kv.nbytes + enc.k_router.nbytes
+                    t = time.perf_counter()
+                    rec = write_shard(root, "s", passages, enc)
+                    if r:
+                        writes.append(time.perf_counter() - t)
+                store = store.commit(add=[rec], message="bench")
+                opens = []
+                for r in range(rounds + 5):
+                    t = time.perf_counter()
+                    s = open_store(root)
+                    if r >= 2:
+                        opens.append(time.perf_counter() - t)
+                pick = np.random.default_rng(6)
+                fetches = []
+                for t_i in range(trials + 3):
+                    ids16 = pick.choice(n_docs, size=16, replace=False) + int(s.documents(["doc_id"]).column(
+                        "doc_id")[0].as_py())
+                    t = time.perf_counter()
+                    s.load_kv(ids16)
+                    if t_i >= 3:
+                        fetches.append(time.perf_counter() - t)
+                q = lambda xs, p: round(1e3 * float(np.percentile(xs, p)), 2)  # noqa: E731
+                out[kind] = {"write_mb_s": round(nbytes / 1e6 / _median(writes), 1),
+                             "open_ms": round(1e3 * _median(opens), 2),
+                             "fetch16_p50_ms": q(fetches, 50), "fetch16_p95_ms": q(fetches, 95)}
+                if kind == "s3":
+                    before = dict(s.backend.stats)
+                    s.load_kv(pick.choice(n_docs, size=16, replace=False) + int(s.documents(["doc_id"]).column(
+                        "doc_id")[0].as_py()))
+                    out[kind]["mb_read_per_fetch16"] = round((s.backend.stats["bytes_read"] - before["bytes_read"])
+                                                             / 1e6, 2)
+            out["tensor_mb"] = round(nbytes / 1e6, 1)
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="small sizes for a smoke run (~10 s)")
     ap.add_argument("--open-full-shape", action="store_true", help="build open-time stores with head_dim 256")
     ap.add_argument("--workdir", default=None, help="where to build stores (default: a temp dir)")
+    ap.add_argument("--no-object-store", action="store_true", help="leave out section 5 (s3:// on moto, loopback)")
+    ap.add_argument("--only-object-store", action="store_true", help="run section 5 alone")
     args = ap.parse_args()
     q = args.quick
     work = Path(tempfile.mkdtemp(prefix="bench_store_", dir=args.workdir))
     try:
         if os.environ.get("MSA_BENCH_DROP_CACHES") == "1":
             subprocess.run(["sh", "-c", "sync; echo 3 > /proc/sys/vm/drop_caches"], check=False)
+        objstore = ({"skipped": "--no-object-store"} if args.no_object_store else
+                    bench_object_store(work, 100 if q else 400, 8, 2 if q else 3, 20 if q else 60))
+        if args.only_object_store:
+            _print_object_store(objstore)
+            print(json.dumps({"bench": "store", "quick": q, "device": platform.machine(), "cpus": os.cpu_count(),
+                              "object_store": objstore}))
+            return
         write = bench_write(work, 100 if q else 1000, 8, 3 if q else 4)
         opens = bench_open(work, [10_000, 100_000] if q else [10_000, 100_000, 1_000_000], args.open_full_shape,
                            10_000, 10 if q else 20)
@@ -223,10 +308,25 @@ def main() -> None:
         print(f"   {c['docs']:>10}{c['shards']:>8}{c['commit_ms']:>12.2f}{c['write_shard_ms']:>16.2f}")
     ratio = commit[-1]["commit_ms"] / commit[0]["commit_ms"]
     print(f"   large/small commit latency = {ratio:.2f} (target <= 2)")
+    _print_object_store(objstore)
     commit_id = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     print(json.dumps({"bench": "store", "quick": q, "commit": commit_id, "device": platform.machine(),
                       "cpus": os.cpu_count(), "python": sys.version.split()[0], "write": write, "open": opens,
-                      "fetch16": fetch, "commit_latency": commit, "commit_ratio": round(ratio, 2)}))
+                      "fetch16": fetch, "commit_latency": commit, "commit_ratio": round(ratio, 2),
+                      "object_store": objstore}))
+
+
+def _print_object_store(o: dict) -> None:
+    if "skipped" in o:
+        print(f"\n5. object store: skipped ({o['skipped']})")
+        return
+    print(f"\n5. object store vs local folder, {o['docs']} docs ({o['tensor_mb']} MB); S3 = {o['server']}")
+    print(f"   {'':<14}{'write MB/s':>12}{'open ms':>10}{'fetch16 p50 ms':>16}{'fetch16 p95 ms':>16}")
+    for kind in ("local", "s3"):
+        r = o[kind]
+        print(f"   {kind:<14}{r['write_mb_s']:>12.1f}{r['open_ms']:>10.2f}{r['fetch16_p50_ms']:>16.2f}"
+              f"{r['fetch16_p95_ms']:>16.2f}")
+    print(f"   MB read from s3 per 16-doc fetch: {o['s3']['mb_read_per_fetch16']} (the documents' K̄V̄, nothing more)")
 
 
 if __name__ == "__main__":

@@ -247,7 +247,7 @@ def latest_version(root: Backend) -> int:
     while no newer one exists (the hint's update is best effort, so it may lag, never lead).
     """
     v = read_hint(root)
-    if v is None or not root.exists(version_key(v)):
+    if v is None or not root.probe(version_key(v)):
         vs = list_versions(root)
         if v is not None and (not vs or vs[-1] < v):
             raise ManifestCorruptError(_lost(root, v, vs)[1], hint=repair_hint(root))
@@ -255,7 +255,7 @@ def latest_version(root: Backend) -> int:
             raise StoreNotFoundError(f"Store {str(root)!r} has no published version.",
                                      hint="Create the store with create_store() first.")
         v = vs[-1]
-    while root.exists(version_key(v + 1)):
+    while root.probe(version_key(v + 1)):
         v += 1
     return v
 

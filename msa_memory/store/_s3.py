@@ -234,6 +234,19 @@ class S3Backend(Backend):
                 newest = t if newest is None else max(newest, t)
         return KeyInfo(key, "folder", 0, newest) if newest is not None else None
 
+    def probe(self, key: str) -> bool:
+        import obstore
+
+        check_key(key)
+        try:
+            meta = self._call("HEAD", key, obstore.head, key)
+        except FileNotFoundError:
+            return False
+        finally:
+            self._count()
+        self._sizes[key] = int(meta["size"])
+        return True
+
     def list(self, prefix: str = "") -> list[str]:
         import obstore
 

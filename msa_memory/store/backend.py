@@ -119,6 +119,12 @@ class Backend(ABC):
     def exists(self, key: str) -> bool:
         return self.stat(key) is not None
 
+    def probe(self, key: str) -> bool:
+        """``exists`` for a key the caller knows to name a file (a version manifest): object stores answer it
+        with one HEAD, where ``exists`` must also look for keys under it (a folder). The version probes of
+        every open use it. Default: ``exists`` (a link counts, as ``stat`` reports it)."""
+        return self.exists(key)
+
     @abstractmethod
     def list(self, prefix: str = "") -> list[str]:
         """Sorted names of the direct children of ``prefix`` ("" = the root); [] when it has none."""
