@@ -183,6 +183,25 @@ def test_s3_throttling_is_retried_with_backoff_then_a_clear_error(s3_store, s3_u
         assert isinstance(err.value, ConnectionError)
 
 
+def test_s3_unreachable_endpoint_is_one_clear_line_in_the_cli(s3_url, monkeypatch):
+    """Connection errors are retried too, then StoreUnavailableError; the CLI prints it as one line, exit 1."""
+    from typer.testing import CliRunner
+
+    from msa_memory.cli import app
+    from msa_memory.store._s3 import S3Backend
+
+    with pytest.raises(StoreUnavailableError) as err:
+        S3Backend(s3_url, options={"endpoint": "http://127.0.0.1:9"}, max_retries=1, init_backoff_s=0.01).read("x")
+    assert s3_url in str(err.value)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("MSA_S3_MAX_RETRIES", "1")
+    monkeypatch.setenv("MSA_S3_INIT_BACKOFF_S", "0.01")
+    r = CliRunner().invoke(app, ["store", "versions", s3_url])
+    lines = [ln for ln in r.output.splitlines() if ln.strip()]
+    assert r.exit_code == 1 and s3_url in lines[0] and "MSA_S3_MAX_RETRIES" in lines[0], r.output
+    assert len(lines) <= 2  # the error line (+ "set MSA_DEBUG=1 for the full traceback")
+
+
 def test_s3_conflicting_version_error_from_a_stale_writer(s3_store, s3_url):
     stale = open_store(s3_url)
     add_docs(s3_store, [2], np.random.default_rng(5), "b")
@@ -250,6 +269,15 @@ def test_s3_end_to_end_memory_and_store_cli(s3_url, tiny_model, tmp_path, monkey
         assert r.exit_code == 0, (cmd, r.output)
     r = runner.invoke(app, ["store", "versions", s3_url, "--json"])
     assert [v["version"] for v in json.loads(r.stdout.strip().splitlines()[-1])["versions"]] == [0, 1]
+    r = runner.invoke(app, ["search", s3_url, "blue door code", "-k", "2", "--model", tiny_model.source["path"],
+                            "--device", "cpu", "--json"])
+    assert r.exit_code == 0, r.output
+    assert [h["doc_id"] for h in json.loads(r.stdout.strip().splitlines()[-1])["results"]] == \
+        [h["doc_id"] for h in hits]
+    for cmd in (["store", "tag", s3_url, "first", "--version", "1"], ["store", "restore", s3_url, "first", "--yes"]):
+        r = runner.invoke(app, cmd)
+        assert r.exit_code == 0, (cmd, r.output)
+    assert open_store(s3_url).version == 2 and open_store(s3_url, "first").version == 1
     r = runner.invoke(app, ["store", "gc", s3_url, "--yes", "--keep-last", "1", "--json"])
     assert r.exit_code == 0, r.output
     r = runner.invoke(encode_app, [str(tmp_path), "--store", s3_url])
