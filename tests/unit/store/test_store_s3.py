@@ -282,3 +282,27 @@ def test_s3_end_to_end_memory_and_store_cli(s3_url, tiny_model, tmp_path, monkey
     assert r.exit_code == 0, r.output
     r = runner.invoke(encode_app, [str(tmp_path), "--store", s3_url])
     assert r.exit_code == 2 and "cannot write to" in r.output and "item 3" in r.output
+
+
+def test_lock_free_gc_keeps_what_a_version_published_during_its_run_names(monkeypatch):
+    """Without a lock gc cannot exclude a commit: one that publishes while gc runs (here: between gc's
+    listing and its removals) names a shard gc had listed as an orphan; gc lists the versions again and
+    keeps it. Oracle: the new version verifies and its shard is still there."""
+    from msa_memory.store import maintenance
+
+    be = _LockFreeMemory(f"memory://gc-{uuid.uuid4().hex}")
+    s = create_store(be, tiny_identity())
+    s, rec, *_ = add_docs(s, [3, 2], np.random.default_rng(2), "late", commit=False)  # written long ago
+    for k in list(be._objects):
+        be.set_mtime(k, time.time() - 7200)
+    real = maintenance._remove_orphans
+    published = []
+
+    def commit_meanwhile(b, orphans, manifests, grace_s):
+        assert "shards/late" in {o["path"] for o in orphans}
+        published.append(s.commit(add=[rec], message="slow job"))
+        return real(b, orphans, manifests, grace_s)
+
+    monkeypatch.setattr(maintenance, "_remove_orphans", commit_meanwhile)
+    s.gc(dry_run=False)
+    assert published and be.exists("shards/late/_record.json") and open_store(be).verify()["ok"]
