@@ -1,9 +1,11 @@
-"""Shared pytest configuration: hypothesis profiles (HYPOTHESIS_PROFILE=default|ci|nightly)."""
+"""Shared pytest configuration: hypothesis profiles (HYPOTHESIS_PROFILE=default|ci|nightly), and the local S3
+server of the S3 backend's tests (``s3_server``, ``s3_url``)."""
 
 from __future__ import annotations
 
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile("default", max_examples=50, deadline=None)
@@ -16,7 +18,6 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 # ----------------------------------------------------------------------------- S3 (moto on loopback)
-import pytest  # noqa: E402
 
 _S3_MISSING = ("needs {pkg} for the S3 backend's tests against a local S3 server: "
                "pip install 'msa-memory[test]' (make test installs it)")
