@@ -9,6 +9,12 @@ Lines with a text field, one record per line), applies include/exclude globs and
 What it deliberately does not do: split, tokenize or encode (``encode/`` does), or decide what
 changed since the last version (``jobs/plan.py`` does).
 
+Memory: with ``ReaderOptions(hold_text=False)`` (what ``msa-encode`` uses) a plain-text file is read
+once in blocks (``encode._textfile``): the scan keeps its hash and a small block index, not its
+text, and :meth:`SourceText.open_text` reads the text back a block at a time, checked against the
+block digests. HTML, PDF and JSON Lines files are parsed whole and their text is held; each such
+file is capped by ``max_file_bytes``.
+
 Key invariant: a bad file never stops a scan. Binary, undecodable, empty, unreadable and
 oversized files, broken symlinks and symlink loops are listed in ``CorpusScan.skipped`` with a
 reason, and every other file is still read.
@@ -47,6 +53,7 @@ from pathlib import Path
 from typing import Any
 
 from msa_memory.encode._html import HtmlTooDeep, html_to_text
+from msa_memory.encode._textfile import TextFile, TextIndex, index_text_file
 from msa_memory.errors import ConfigError
 
 __all__ = [
@@ -97,8 +104,9 @@ class SourceText:
 
     key: str
     """Stable source key stored as ``source_path`` (see the module note)."""
-    text: str
-    """Extracted text (UTF-8 decoded; HTML/PDF converted to text)."""
+    text: str | None
+    """Extracted text (UTF-8 decoded; HTML/PDF converted to text); None for a plain-text file read
+    with ``hold_text=False``: :meth:`open_text` reads it from the file."""
     sha256: str
     """sha256 of the file's bytes (of the record's text for JSON Lines records)."""
     n_bytes: int
@@ -107,6 +115,17 @@ class SourceText:
     """Reader used: ``text``, ``html``, ``pdf`` or ``jsonl``."""
     path: str
     """Filesystem path the text came from."""
+    index: TextIndex | None = None
+    """Block index of a plain-text file read with ``hold_text=False`` (``text`` is None then)."""
+
+    def open_text(self) -> str | TextFile:
+        """The text: ``text`` when held, else a :class:`TextFile` reading the file a block at a time
+        (raises JobError, naming the file, when a block no longer matches what the scan read)."""
+        if self.text is not None:
+            return self.text
+        if self.index is None:
+            raise ValueError(f"source {self.key!r} has neither text nor a text index")
+        return TextFile(self.index, self.key)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +158,10 @@ class ReaderOptions:
     follow_links: bool = False
     """Follow symlinks whose target lies outside the scanned folders. Default: off (they are listed in
     ``CorpusScan.links_not_followed``). Links that stay inside are always followed (see the module note)."""
+    hold_text: bool = True
+    """Keep each file's text in ``SourceText.text``. False: a plain-text file (not HTML, PDF or JSON
+    Lines) is hashed and indexed in one streaming read and its text left on disk (``text`` None,
+    ``index`` set; same checks, reasons and sha256). Default: held."""
 
     def __post_init__(self) -> None:
         if int(self.max_file_bytes) <= 0:
@@ -521,6 +544,12 @@ def read_file(path: str | os.PathLike[str], key: str, options: ReaderOptions | N
         return [], f"binary file type ({suffix})"
     if suffix in JSONL_EXTENSIONS:
         return _jsonl_file(path, key, options)
+    if not options.hold_text and suffix not in PDF_EXTENSIONS and suffix not in HTML_EXTENSIONS:
+        index, reason = index_text_file(path)
+        if index is None:
+            return [], reason
+        return [SourceText(key=key, text=None, sha256=index.sha256, n_bytes=index.n_bytes, kind="text",
+                           path=str(path), index=index)], None
     try:
         data = path.read_bytes()
     except OSError as e:

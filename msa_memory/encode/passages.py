@@ -10,8 +10,10 @@ Memory and time are bounded by a batch, not by the document: pieces are produced
 in tokenizer calls of at most ``_BATCH_CHARS`` characters; a span longer than
 ``_CHARS_PER_TOKEN_LIMIT * max_tokens`` characters is never tokenized whole (it is cut further, as
 a span over the limit is); a run without separators is cut by searching a window that doubles from
-``4 * max_tokens`` characters. So a passage never holds more than that many characters, and a
-document costs its text, its passages and one batch.
+``4 * max_tokens`` characters. So a passage never holds more than that many characters. The text is
+a ``str`` or a :class:`~msa_memory.encode._textfile.TextFile` (a file read a block at a time); the
+splitter asks for ranges of it front to back, reading ahead by a few batches at most, so a file
+costs a few blocks, not its size. Both give the same passages (tested).
 
 Invariants (tested with hypothesis): ``source_bytes[p.byte_start:p.byte_end].decode() == p.text``;
 passages are in order, never overlap, have no leading/trailing whitespace, and everything outside
@@ -24,8 +26,9 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, Protocol
 
+from msa_memory.encode._textfile import TextFile
 from msa_memory.errors import ConfigError
 from msa_memory.schemas.records import Passage
 
@@ -42,25 +45,49 @@ Span = tuple[int, int, "int | None"]
 """(start, end, token count or None when not counted yet / too long to count), character offsets."""
 
 
-def _pieces(text: str, start: int, end: int, level: int) -> Iterator[Span]:
+class _Text(Protocol):
+    """What the splitter reads of a text: its length, ranges, and separator matches (``TextFile``, ``_Str``)."""
+
+    def __len__(self) -> int: ...
+    def get(self, start: int, end: int) -> str: ...
+    def finditer(self, pattern: re.Pattern[str], start: int, end: int) -> Iterator[tuple[int, int]]: ...
+
+
+class _Str:
+    """A ``str`` as a :class:`_Text`."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __len__(self) -> int:
+        return len(self.text)
+
+    def get(self, start: int, end: int) -> str:
+        return self.text[start:end]
+
+    def finditer(self, pattern: re.Pattern[str], start: int, end: int) -> Iterator[tuple[int, int]]:
+        return (m.span() for m in pattern.finditer(self.text, start, end))
+
+
+def _pieces(text: _Text, start: int, end: int, level: int) -> Iterator[Span]:
     """Cut text[start:end] after each separator match of ``level``: contiguous spans, lazily."""
     s = start
-    for m in _LEVELS[level].finditer(text, start, end):
-        if m.end() > s and m.end() < end:
-            yield (s, m.end(), None)
-            s = m.end()
+    for _, m_end in text.finditer(_LEVELS[level], start, end):
+        if m_end > s and m_end < end:
+            yield (s, m_end, None)
+            s = m_end
     yield (s, end, None)
 
 
 class _Counter:
     """Token counts of spans of one text, in bounded tokenizer calls (``add_special_tokens=False``)."""
 
-    def __init__(self, text: str, tokenizer: Any, max_tokens: int) -> None:
+    def __init__(self, text: _Text, tokenizer: Any, max_tokens: int) -> None:
         self.text, self.tokenizer = text, tokenizer
         self.too_long = _CHARS_PER_TOKEN_LIMIT * max_tokens
 
     def _run(self, spans: list[tuple[int, int]]) -> list[int]:
-        enc = self.tokenizer([self.text[s:e] for s, e in spans], add_special_tokens=False,
+        enc = self.tokenizer([self.text.get(s, e) for s, e in spans], add_special_tokens=False,
                              return_attention_mask=False, return_token_type_ids=False)["input_ids"]
         return [len(ids) for ids in enc]
 
@@ -89,8 +116,7 @@ class _Counter:
         chars = 0
         for sp in spans:
             pending.append(sp)
-            if sp[2] is None:
-                chars += sp[1] - sp[0]
+            chars += sp[1] - sp[0]  # what is read ahead of the consumer (a flush changes no result)
             if chars >= _BATCH_CHARS or len(pending) >= 4096:
                 yield from self._fill(pending)
                 pending, chars = [], 0
@@ -108,14 +134,14 @@ def _over(n: int | None, max_tokens: int) -> bool:
     return n is None or n > max_tokens
 
 
-def split_passages(text: str, source_path: str, tokenizer: Any, max_tokens: int = DEFAULT_MAX_TOKENS, *,
+def split_passages(text: str | TextFile, source_path: str, tokenizer: Any, max_tokens: int = DEFAULT_MAX_TOKENS, *,
                    file_sha256: str | None = None) -> list[Passage]:
     """Split ``text`` into :class:`Passage` records of at most ``max_tokens`` tokens.
 
     Parameters
     ----------
-    text : str
-        The whole source document.
+    text : str or TextFile
+        The whole source document (a ``TextFile`` reads it from its file a block at a time).
     source_path : str
         Recorded in every passage.
     tokenizer : transformers tokenizer
@@ -123,7 +149,7 @@ def split_passages(text: str, source_path: str, tokenizer: Any, max_tokens: int 
     max_tokens : int, default 512
         Text tokens per passage (wrapping adds a few).
     file_sha256 : str, optional
-        Recorded in every passage; default the sha256 of ``text`` in UTF-8.
+        Recorded in every passage; default the sha256 of ``text`` in UTF-8 (of a ``TextFile``: its file's).
 
     Returns
     -------
@@ -145,31 +171,44 @@ def split_passages(text: str, source_path: str, tokenizer: Any, max_tokens: int 
     return list(iter_passages(text, source_path, tokenizer, max_tokens, file_sha256=file_sha256))
 
 
-def iter_passages(text: str, source_path: str, tokenizer: Any, max_tokens: int = DEFAULT_MAX_TOKENS, *,
+def iter_passages(text: str | TextFile, source_path: str, tokenizer: Any, max_tokens: int = DEFAULT_MAX_TOKENS, *,
                   file_sha256: str | None = None) -> Iterator[Passage]:
-    """:func:`split_passages`, one passage at a time (memory: the text and one tokenizer batch)."""
+    """:func:`split_passages`, one passage at a time (memory: one tokenizer batch, and the text if a ``str``)."""
     if int(max_tokens) < 1:
         raise ConfigError(f"max_tokens must be >= 1, got {max_tokens!r}.")
     max_tokens = int(max_tokens)
-    sha = file_sha256 or hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
-    counter = _Counter(text, tokenizer, max_tokens)
-    spans = _merge(text, _fit(text, [(0, len(text), None)], 0, max_tokens, counter), max_tokens, counter)
-    pos_c, pos_b, index = 0, 0, 0
+    if isinstance(text, TextFile):
+        src: _Text = text
+        sha = file_sha256 or text.index.sha256
+    else:
+        src = _Str(text)
+        sha = file_sha256 or hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+    counter = _Counter(src, tokenizer, max_tokens)
+    spans = _merge(src, _fit(src, [(0, len(src), None)], 0, max_tokens, counter), max_tokens, counter)
+    pos_c, pos_b, index = 0, 0, 0  # character and UTF-8 byte offset of the end of the last span seen
     for s, e, _ in spans:
-        seg = text[s:e]  # strip whitespace, drop empty, convert char offsets to UTF-8 byte offsets incrementally
+        if s > pos_c:  # spans are contiguous from 0; a gap would be counted all the same
+            pos_b += _utf8_len(src.get(pos_c, s))
+        seg = src.get(s, e)  # strip whitespace, drop empty, convert char offsets to UTF-8 byte offsets
         ls = len(seg) - len(seg.lstrip())
         rs = len(seg.rstrip())
+        pos_c = e
         if rs <= ls:
+            pos_b += _utf8_len(seg)
             continue
-        bs = pos_b + len(text[pos_c:s + ls].encode("utf-8", "surrogatepass"))
-        be = bs + len(seg[ls:rs].encode("utf-8", "surrogatepass"))
-        pos_c, pos_b = s + rs, be
+        bs = pos_b + _utf8_len(seg[:ls])
+        be = bs + _utf8_len(seg[ls:rs])
+        pos_b = be + _utf8_len(seg[rs:])
         yield Passage(text=seg[ls:rs], source_path=source_path, passage_index=index, byte_start=bs, byte_end=be,
                       file_sha256=sha)
         index += 1
 
 
-def _fit(text: str, spans: Iterable[Span], level: int, max_tokens: int, counter: _Counter) -> Iterator[Span]:
+def _utf8_len(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _fit(text: _Text, spans: Iterable[Span], level: int, max_tokens: int, counter: _Counter) -> Iterator[Span]:
     """Recursively cut spans that are over ``max_tokens`` at finer boundaries."""
     for s, e, n in counter.with_counts(spans):
         if not _over(n, max_tokens) or e - s <= 1:
@@ -210,7 +249,7 @@ def _groups(spans: Iterator[Span], max_tokens: int) -> Iterator[list[Span]]:
         yield group
 
 
-def _merge(text: str, spans: Iterable[Span], max_tokens: int, counter: _Counter) -> Iterator[Span]:
+def _merge(text: _Text, spans: Iterable[Span], max_tokens: int, counter: _Counter) -> Iterator[Span]:
     """Merge consecutive contiguous spans greedily while the merged text stays within max_tokens.
 
     Token counts are not exactly additive across a boundary: each merged run is counted again, and a
@@ -220,14 +259,14 @@ def _merge(text: str, spans: Iterable[Span], max_tokens: int, counter: _Counter)
     chars = 0
     for group in _groups(counter.with_counts(spans), max_tokens):
         batch.append(group)
-        chars += group[-1][1] - group[0][0] if len(group) > 1 else 0
+        chars += group[-1][1] - group[0][0]  # read ahead of the consumer (a flush changes no result)
         if chars >= _BATCH_CHARS or len(batch) >= 4096:
             yield from _verify(text, batch, max_tokens, counter)
             batch, chars = [], 0
     yield from _verify(text, batch, max_tokens, counter)
 
 
-def _verify(text: str, batch: list[list[Span]], max_tokens: int, counter: _Counter) -> Iterator[Span]:
+def _verify(text: _Text, batch: list[list[Span]], max_tokens: int, counter: _Counter) -> Iterator[Span]:
     multi = [g for g in batch if len(g) > 1]
     counts = iter(counter.count([(g[0][0], g[-1][1]) for g in multi]))
     for g in batch:
@@ -243,7 +282,7 @@ def _verify(text: str, batch: list[list[Span]], max_tokens: int, counter: _Count
             yield from _merge(text, g[half:], max_tokens, counter)
 
 
-def _hard_split(text: str, s: int, e: int, max_tokens: int, counter: _Counter) -> Iterator[Span]:
+def _hard_split(text: _Text, s: int, e: int, max_tokens: int, counter: _Counter) -> Iterator[Span]:
     """Split a run without separators into pieces of <= max_tokens tokens.
 
     Each cut is the largest end whose prefix fits, found by bisection inside a window that doubles

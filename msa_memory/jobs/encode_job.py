@@ -1,15 +1,24 @@
 """``encode_corpus``: the msa-encode job (plan → encode-and-write-shard tasks on Dask → one commit).
 
 Phases:
-1. Plan, on the client: scan the folders (``encode.corpus``), diff them against the store's
-   latest version by file sha256 (``plan.diff_sources``), split and count passages, reserve their
-   document ids from the store (MSA wraps every passage with its id, so ids come before encoding),
-   and cut shard tasks with ids derived from the plan.
-2. Encode, on the workers: ``encode_and_write_shard`` encodes one batch with a model loaded once
-   per worker (``get_encoder``, cached by model, adapter, device and dtype) and writes one
-   immutable shard. Workers never touch a manifest.
+1. Plan, on the client: scan the folders (``encode.corpus``; plain-text files are hashed and
+   indexed in one streaming read, their text is not kept), diff them against the store's latest
+   version by file sha256 (``plan.diff_sources``), split and count passages (``plan.plan_passages``:
+   a plain-text file is read back a block at a time and only its passages' byte ranges and token
+   counts are kept), reserve their document ids from the store (MSA wraps every passage with its
+   id, so ids come before encoding), and cut shard tasks with ids derived from the plan.
+2. Encode, on the workers: ``encode_and_write_shard`` reads its passages back (byte ranges of
+   plain-text files, checked against the scan's block digests: a file changed since the plan fails
+   the job, naming the file) and encodes them with a model loaded once per worker (``get_encoder``,
+   cached by model, adapter, device and dtype) and writes one immutable shard. Workers never touch
+   a manifest.
 3. Commit, once: ``store.commit(add=shards, delete_ids=..., read_version=<version planned from>)``.
    An unchanged folder commits nothing.
+
+Memory: per plain-text file its block index and ~56 bytes a passage (byte range, token count, id,
+and the task's copy of range and id), ~1 KB a shard task, and one tokenizer batch, whatever the
+file's size; HTML, PDF and JSON Lines files are parsed whole and their text and passages held (each
+file at most ``max_file_bytes``).
 
 Resume: the reserved ids are written to a job journal (``<store>/_jobs/<plan id>.json``) before
 any shard is encoded. A job killed at any moment and started again computes the same plan id,
@@ -51,9 +60,9 @@ from msa_memory.jobs.plan import (
     FileDiff,
     ShardTask,
     diff_sources,
-    make_shard_tasks,
     plan_id_of,
-    split_and_count,
+    plan_passages,
+    shard_tasks,
 )
 from msa_memory.jobs.worker import (
     ModelSpec,
@@ -303,26 +312,28 @@ def _prepare(paths: Sequence[str | os.PathLike[str]] | str, store: str | os.Path
         result.message = "no changes: every file matches the store's latest version; nothing committed"
         return prepared
     assert model is not None and identity is not None
-    passages, counts = split_and_count(diff.to_encode, model.tokenizer, max_passage_tokens=max_passage_tokens)
+    planned = plan_passages(diff.to_encode, model.tokenizer, max_passage_tokens=max_passage_tokens)
+    n_passages = sum(len(p) for p in planned)
     settings = {"shard_tokens": shard_tokens, "max_passage_tokens": max_passage_tokens,
                 "max_batch_tokens": spec.max_batch_tokens}
     # what decides the tensors: the identity (less its free-form name) and the compute dtype
     fingerprint = {k: v for k, v in identity.to_dict().items() if k != "model_name"}
     plan_id = plan_id_of(fingerprint, diff.read_version, diff.to_encode, settings)
-    result.plan_id, result.tokens_planned, result.docs_added = plan_id, int(sum(counts)), len(passages)
+    result.plan_id, result.docs_added = plan_id, n_passages
+    result.tokens_planned = int(sum(int(p.n_tokens.sum()) for p in planned))
     prepared.message = message or (f"msa-encode: {len(diff.added)} added, {len(diff.replaced)} replaced, "
                                    f"{len(diff.deleted)} deleted files (plan {plan_id[:12]})")
     if dry_run:
-        placeholder = np.arange(len(passages), dtype=np.int64)
-        prepared.tasks = make_shard_tasks(passages, counts, placeholder, plan_id=plan_id, shard_tokens=shard_tokens)
+        placeholder = np.arange(n_passages, dtype=np.int64)
+        prepared.tasks = shard_tasks(planned, placeholder, plan_id=plan_id, shard_tokens=shard_tokens)
         result.message = f"dry run: {len(prepared.tasks)} shard(s) to encode, nothing written"
         return prepared
-    ids = _reserve_ids(opened, root, plan_id, len(passages))
-    tasks = make_shard_tasks(passages, counts, ids, plan_id=plan_id, shard_tokens=shard_tokens)
+    ids = _reserve_ids(opened, root, plan_id, n_passages)
+    tasks = shard_tasks(planned, ids, plan_id=plan_id, shard_tokens=shard_tokens)
     for t in tasks:
         rec = opened.find_shard(t.shard_id)
         if rec is not None:
-            prepared.reused.append(ShardResult(t.shard_id, rec, len(t.passages), int(np.sum(rec.n_tokens)),
+            prepared.reused.append(ShardResult(t.shard_id, rec, t.n_docs, int(np.sum(rec.n_tokens)),
                                                int(rec.n_bytes), 0.0, reused=True))
         else:
             prepared.tasks.append(t)
@@ -511,7 +522,7 @@ def encode_corpus(
                      tokenizer=None if tokenizer is None else str(tokenizer))
     options = ReaderOptions(include=tuple(include), exclude=tuple(exclude), respect_gitignore=respect_gitignore,
                             max_file_bytes=int(max_file_bytes), jsonl_text_field=jsonl_field,
-                            follow_links=bool(follow_links))
+                            follow_links=bool(follow_links), hold_text=False)
     if scheduler is not None and compute and not dry_run:
         # connect first: an unreachable scheduler fails before the model is loaded or ids reserved
         with job_client(scheduler=scheduler) as (remote, _):

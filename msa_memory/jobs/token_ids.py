@@ -142,7 +142,7 @@ def _plan(pairs: list[tuple[str, np.ndarray]], root: str, spec: ModelSpec, *, sh
     for t in tasks:
         rec = opened.find_shard(t.shard_id)
         if rec is not None:   # written by an earlier, interrupted run of the same plan
-            prepared.reused.append(ShardResult(t.shard_id, rec, len(t.passages), int(np.sum(rec.n_tokens)),
+            prepared.reused.append(ShardResult(t.shard_id, rec, t.n_docs, int(np.sum(rec.n_tokens)),
                                                int(rec.n_bytes), 0.0, reused=True))
         else:
             prepared.tasks.append(t)

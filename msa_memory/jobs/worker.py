@@ -1,12 +1,15 @@
 """Worker side of the msa-encode job: the cached model and the encode-and-write-shard task.
 
 ``get_encoder`` loads a model once per process (a Dask worker) and caches it, keyed by model,
-adapter, device, dtype and batch size; ``encode_and_write_shard`` encodes one batch of passages
-with it and writes one immutable shard with ``store.write_shard``. Nothing here reads or writes a
+adapter, device, dtype and batch size; ``encode_and_write_shard`` reads its batch of passages
+(``ShardTask.load_passages``: a plain-text file's passages are read back from the file by byte
+range, each block checked against the digest the scan took), encodes them with it and writes one
+immutable shard with ``store.write_shard``. Nothing here reads or writes a
 version manifest: only the job's single commit (``encode_job``) does.
 
 Key invariant: a task is a pure function of its ``ShardTask`` and ``ModelSpec`` (same inputs,
-same shard bytes), which is what lets a resumed job trust shards written by an earlier run.
+same shard bytes), which is what lets a resumed job trust shards written by an earlier run. A file
+that changed since the plan makes the task fail with a JobError naming it (nothing is committed).
 """
 
 from __future__ import annotations
@@ -125,18 +128,19 @@ def encode_and_write_shard(task: ShardTask, spec: ModelSpec, store_root: str) ->
     t0 = time.perf_counter()
     if (Path(store_root) / SHARDS_DIR / task.shard_id).exists():   # written by a job beside this one
         return _written_by_another(task, store_root, t0)
+    passages = task.load_passages()   # JobError when a streamed file changed since the plan
     _, encoder, lock = get_encoder(spec)
     with lock, _torch_threads(spec.torch_threads):
-        encoded = encoder.encode(task.doc_ids, list(task.passages))
+        encoded = encoder.encode(task.doc_ids, passages)
     try:
-        record = write_shard(store_root, task.shard_id, list(task.passages), encoded)
+        record = write_shard(store_root, task.shard_id, passages, encoded)
     except StoreExistsError:           # the other job wrote it while this one encoded
         return _written_by_another(task, store_root, t0)
     except DuplicateDocumentError:     # ... and has committed it: these ids are used now
         if not (Path(store_root) / SHARDS_DIR / task.shard_id).exists():
             raise
         return _written_by_another(task, store_root, t0)
-    return ShardResult(task.shard_id, record, n_docs=len(task.passages), n_tokens=int(np.sum(encoded.n_tokens)),
+    return ShardResult(task.shard_id, record, n_docs=len(passages), n_tokens=int(np.sum(encoded.n_tokens)),
                        n_bytes=int(getattr(record, "n_bytes", 0) or 0), seconds=time.perf_counter() - t0)
 
 
@@ -146,9 +150,9 @@ def _written_by_another(task: ShardTask, store_root: str, t0: float) -> ShardRes
 
     rec = open_store(store_root).find_shard(task.shard_id)   # None: committed, or not this store's / damaged
     if rec is not None and np.array_equal(np.asarray(rec.doc_ids), task.doc_ids):
-        return ShardResult(task.shard_id, rec, len(task.passages), int(np.sum(rec.n_tokens)), int(rec.n_bytes),
+        return ShardResult(task.shard_id, rec, task.n_docs, int(np.sum(rec.n_tokens)), int(rec.n_bytes),
                            time.perf_counter() - t0, reused=True)
-    return ShardResult(task.shard_id, None, len(task.passages), 0, 0, time.perf_counter() - t0, taken=True)
+    return ShardResult(task.shard_id, None, task.n_docs, 0, 0, time.perf_counter() - t0, taken=True)
 
 
 @contextlib.contextmanager

@@ -1,29 +1,34 @@
-"""Peak memory of planning one big file is its size times a small constant (issue 41, item 9).
+"""Peak memory of msa-encode does not grow with the size of a text file (issue 41, item 9).
 
 The repro: ``msa-encode --dry-run`` on a 32 MB text file peaked at 4.4 GB with the default model
-(a 200 MB file was killed at 22.7 GB): the passage splitter tokenized the whole text in one call,
-several times over, holding every token's encoding at once. Now it counts in bounded batches.
+(a 200 MB file was killed at 22.7 GB). Then planning held each file's text and its passages (2-5 x
+its size). Now a plain-text file is scanned, split and encoded from the file a block at a time: what
+the plan keeps of a file is a record per passage (byte range, token count, id) and one shard task per
+``shard_tokens`` tokens (a reference into the file), not its text.
 
-The test runs real ``msa-encode --dry-run`` children on the tiny random-weight model: first on a
-one-line file (the baseline: Python, torch, the model, Dask imports), then on a generated
-``BIG_MB`` text file, and compares their peak RSS. Each is started by a small Python parent that
+The tests run real ``msa-encode`` children on the tiny random-weight model, on a small and on a big
+generated text file, and compare their peak RSS. Each child is started by a small Python parent that
 reports its ``ru_maxrss``: Linux charges a child the high-water RSS of the address space it ran in
-before ``exec``, which for a child of this (large) pytest process is pytest's own.
-The bound comes from what the plan holds for one ASCII file of F bytes:
+before ``exec``, which for a child of this (large) pytest process is pytest's own. The bound on
+``peak(big) - peak(small)`` comes from what grows with the file:
 
-- the file's bytes while it is read and hashed (F, freed after decoding) and its text (F, held by
-  the scan's ``SourceText``);
-- the passages' texts (F) and their records: ``Passage`` objects, counts and shard tasks, a few
-  hundred bytes per passage of at most 512 byte-level tokens (<= 1 F here);
-- allocator slack on all of that (freed chunks are not always returned to the OS): <= 1 F;
+- one batch, the same for both files but reached in full only by the big one: ``BATCH_MB`` =
+  64 MiB of fixed buffers (allocator arenas, the block cache of 16 x 256 KiB, Dask) + one tokenizer
+  batch (``encode.passages._BATCH_CHARS`` characters, ~100 bytes per byte-level token in the
+  tokenizer and its Python lists);
+- the plan's records: per passage, in the plan a byte range, a token count and an id (32 bytes) and
+  in its shard task a copy of the range and the id (24 bytes), with ``array`` over-allocation
+  (1/8) and slack: ``PASSAGE_BYTES`` = 96; per shard task its objects besides those (task, part,
+  3 numpy array headers, the index of its one or two blocks, key and id strings: 0.9 KiB under
+  tracemalloc) times 4 for allocator slack: ``TASK_BYTES`` = 4096. Counts come from the run's report.
 
-so at most 5 F, plus ``BATCH_MB`` for one tokenizer batch (``encode.passages._BATCH_CHARS``
-characters, ~100 bytes per byte-level token in the tokenizer and its Python lists) and the other
-fixed buffers. A watchdog kills a child as soon as its RSS passes the bound, so a regression fails
-in seconds instead of filling the machine's memory.
+The old code held the text, so on the dry run (4 MiB vs 64 MiB) it needs >= 3 x 60 MiB more, over the
+bound (~120 MiB): a watchdog kills a child as soon as its RSS passes the bound, so a regression fails
+in seconds instead of filling the machine's memory. The real encode (256 KiB vs 2 MiB, every token
+encoded at ~15K tokens/s) checks that encoding many shards adds nothing per shard.
 
-Run: .venv/bin/python -m pytest tests/unit/jobs/test_plan_memory.py -q   (~1-2 min: the tiny model's
-byte-level tokenizer reads ~0.5 MB/s per pass on a busy 2-core machine)
+Run: .venv/bin/python -m pytest tests/unit/jobs/test_plan_memory.py -q   (~10 min on a busy 2-core
+machine: the byte-level tokenizer reads ~0.5 MB/s per pass)
 """
 
 from __future__ import annotations
@@ -42,9 +47,9 @@ import pytest
 
 from msa_memory.encode import passages
 
-BIG_MB = 16
-FACTOR = 5
 BATCH_MB = 64 + 100 * passages._BATCH_CHARS / 2**20  # fixed buffers + one tokenizer batch
+PASSAGE_BYTES = 96
+TASK_BYTES = 4096
 BIN = Path(sys.executable).parent
 
 
@@ -86,12 +91,12 @@ def _descendants_rss_kb(pid: int) -> int:
     return total
 
 
-def _dry_run_peak(corpus: Path, store: Path, model: Path, log: Path, kill_above_kb: int | None = None,
-                  timeout_s: float = 900) -> tuple[int, int, dict]:
-    """Run ``msa-encode --dry-run --json`` in a child; (peak RSS in KiB, exit status, its JSON)."""
+def _peak(corpus: Path, store: Path, model: Path, log: Path, *args: str, kill_above_kb: int | None = None,
+          timeout_s: float = 1200) -> tuple[int, int, dict]:
+    """Run ``msa-encode --json ARGS`` in a child; (peak RSS in KiB, exit status, its JSON)."""
     peak_file = log.with_suffix(".maxrss")
     cmd = [sys.executable, "-c", _SHIM, str(peak_file), str(BIN / "msa-encode"), str(corpus), "--store", str(store),
-           "--model", str(model), "--dry-run", "--json", "--torch-threads", "1"]
+           "--model", str(model), "--json", "--torch-threads", "1", *args]
     env = {**os.environ, "MSA_DISABLE_PROGRESS_BARS": "1", "OMP_NUM_THREADS": "1"}
     with open(log, "wb") as out:
         child = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -114,27 +119,47 @@ def _dry_run_peak(corpus: Path, store: Path, model: Path, log: Path, kill_above_
         watcher.start()
         child.wait()
         watcher.join()
-    assert not killed, f"msa-encode --dry-run on {corpus}: {killed[0]}"
+    assert not killed, f"msa-encode {' '.join(args)} on {corpus}: {killed[0]}"
     text = log.read_text(errors="replace")
     assert child.returncode == 0, text[-2000:]
     return int(peak_file.read_text()), child.returncode, json.loads(text.strip().splitlines()[-1])
 
 
-@pytest.mark.slow
-def test_dry_run_peak_rss_is_file_size_times_a_small_factor(tmp_path: Path, tiny_model_dir: Path) -> None:
-    small = tmp_path / "small"
-    small.mkdir()
-    (small / "a.txt").write_text("A one-line note about the dome.\n")
-    base_kb, _, res = _dry_run_peak(small, tmp_path / "s.msa", tiny_model_dir, tmp_path / "small.log")
-    assert res["docs_added"] == 1
+def _n_tasks(res: dict) -> int:
+    return int(res["message"].split()[2]) if res["dry_run"] else res["shards_written"]  # "dry run: N shard(s) ..."
 
-    size = BIG_MB * 2**20
-    _text_file(tmp_path / "big" / "big.txt", size)
-    bound_kb = base_kb + int((FACTOR * size / 2**20 + BATCH_MB) * 1024)
-    peak_kb, _, res = _dry_run_peak(tmp_path / "big", tmp_path / "b.msa", tiny_model_dir, tmp_path / "big.log",
-                                    kill_above_kb=bound_kb)
-    assert res["skipped"] == [] and res["tokens_planned"] >= size * 0.99  # byte-level: a token per byte
-    extra_mb = (peak_kb - base_kb) / 1024
-    print(f"baseline {base_kb / 1024:.0f} MiB; {BIG_MB} MiB file: peak {peak_kb / 1024:.0f} MiB "
-          f"(+{extra_mb:.0f} MiB = {extra_mb / BIG_MB:.1f} x the file); bound +{(bound_kb - base_kb) / 1024:.0f} MiB")
+
+def _records(res: dict) -> int:
+    """Bytes the plan's records may take (module note): per passage and per shard task of a run's report."""
+    return PASSAGE_BYTES * res["docs_added"] + TASK_BYTES * _n_tasks(res)
+
+
+def _compare(tmp_path: Path, model: Path, small_bytes: int, big_bytes: int, *args: str) -> None:
+    """Peak RSS of ``msa-encode ARGS`` on a big file minus that on a small one <= the bound of the module note."""
+    _text_file(tmp_path / "small" / "notes.txt", small_bytes)
+    _text_file(tmp_path / "big" / "notes.txt", big_bytes, seed=1)
+    small_kb, _, small = _peak(tmp_path / "small", tmp_path / "s.msa", model, tmp_path / "small.log", *args)
+    # the kill bound, before the big run's counts are known: the small run's passages and shards a byte, x 1.25
+    scale = 1.25 * big_bytes / small_bytes
+    worst_kb = small_kb + int((BATCH_MB * 2**20 + scale * _records(small)) / 1024)
+    peak_kb, _, big = _peak(tmp_path / "big", tmp_path / "b.msa", model, tmp_path / "big.log", *args,
+                            kill_above_kb=worst_kb)
+    for res, n in ((small, small_bytes), (big, big_bytes)):
+        assert res["skipped"] == [] and res["tokens_planned"] >= n * 0.99  # byte-level: a token per byte
+    bound_kb = small_kb + int((BATCH_MB * 2**20 + _records(big)) / 1024)
+    grew = (peak_kb - small_kb) / 1024
+    print(f"msa-encode {' '.join(args)}: {small_bytes / 2**20:g} MiB file: peak {small_kb / 1024:.0f} MiB; "
+          f"{big_bytes / 2**20:g} MiB file: {peak_kb / 1024:.0f} MiB (+{grew:.0f} MiB for "
+          f"{(big_bytes - small_bytes) / 2**20:g} MiB more text, {big['docs_added']} passages, {_n_tasks(big)} shards); "
+          f"bound +{(bound_kb - small_kb) / 1024:.0f} MiB")
     assert peak_kb <= bound_kb
+
+
+@pytest.mark.slow
+def test_dry_run_peak_rss_does_not_grow_with_the_file(tmp_path: Path, tiny_model_dir: Path) -> None:
+    _compare(tmp_path, tiny_model_dir, 4 * 2**20, 64 * 2**20, "--dry-run", "--max-file-mb", "100")
+
+
+@pytest.mark.slow
+def test_encode_peak_rss_does_not_grow_with_the_file(tmp_path: Path, tiny_model_dir: Path) -> None:
+    _compare(tmp_path, tiny_model_dir, 2**18, 2**21, "--shard-tokens", "65536")
