@@ -40,7 +40,7 @@ a complete temp file on a local disk, a PUT with ``If-None-Match: *`` on a bucke
 ids and write the same shards (a worker reuses the shard the other run wrote under its id); the
 commit's read_version check lets exactly one publish, and the other raises VersionConflictError.
 
-Key invariant: nothing is published until every shard of the plan is on disk; any failure leaves
+Key invariant: nothing is published until every shard of the plan is in the store; any failure leaves
 the store at the version the job read (plus orphan or reusable shards).
 """
 
@@ -388,7 +388,7 @@ def _commit(prepared: _Prepared, results: Sequence[ShardResult]) -> JobResult:
     res.tokens_reused = sum(r.n_tokens for r in all_results if r.reused)
     res.bytes_written = sum(r.n_bytes for r in all_results)
     store = prepared.store
-    if store is None:  # the commit task of a compute=False graph: reopen by path (stores don't pickle)
+    if store is None:  # the commit task of a compute=False graph: reopen by location (stores don't pickle)
         from msa_memory.store import open_store
 
         store = open_store(prepared.root)
@@ -596,10 +596,23 @@ def _run(prepared: _Prepared, *, client: Client | None, scheduler: str | None, w
             spec = prepared.spec
             if threads and not spec.torch_threads:
                 spec = replace(spec, torch_threads=threads)
-            futures = [c.submit(encode_and_write_shard, t, spec, prepared.root, key=f"encode-{t.shard_id}",
-                                pure=False, retries=0) for t in prepared.tasks]
+            # a given cluster's workers may sit on other hosts, sharing nothing with this one but the store:
+            # send them the text (read here, a window of tasks ahead) instead of references into local files
+            remote = client is not None or scheduler is not None
+            pending = iter(prepared.tasks)
+
+            def submit(t: ShardTask) -> Any:
+                return c.submit(encode_and_write_shard, t.with_text() if remote else t, spec, prepared.root,
+                                key=f"encode-{t.shard_id}", pure=False, retries=0)
+
+            window = 2 * max(1, len(c.scheduler_info().get("workers", {}))) if remote else len(prepared.tasks)
+            futures = [submit(t) for _, t in zip(range(window), pending)]
+            done = as_completed(futures)
             try:
-                for fut in as_completed(futures):
+                for fut in done:
+                    if (nxt := next(pending, None)) is not None:
+                        futures.append(new := submit(nxt))
+                        done.add(new)
                     if fut.status == "error":
                         exc = fut.exception()
                         err = _task_error(prepared, fut.key, exc)

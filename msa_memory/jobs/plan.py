@@ -33,7 +33,7 @@ import hashlib
 import json
 from array import array
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -144,6 +144,15 @@ class ShardTask:
     def passages(self) -> tuple[Passage, ...]:
         """``tuple(load_passages())`` (reads streamed parts from their files)."""
         return tuple(self.load_passages())
+
+    def with_text(self) -> ShardTask:
+        """This task with its streamed parts read now (blocks checked) and their passages held: for workers
+        on other hosts, which cannot read the client's files. The same passages, so the same shard."""
+        if all(p.passages is not None for p in self.parts):
+            return self
+        return replace(self, parts=tuple(p if p.passages is not None else ShardPart(p.key, p.first,
+                                                                                    passages=tuple(p.load()))
+                                         for p in self.parts))
 
 
 def diff_sources(scan: CorpusScan, store: MemoryStore) -> FileDiff:

@@ -102,7 +102,7 @@ def test_msa_encode_onto_a_bucket_then_search_ask_and_an_incremental_rerun(
 
 
 def test_msa_encode_killed_on_a_bucket_then_resumed(s3_url: str, tiny_model_dir: Path, tmp_path: Path) -> None:
-    corpus = make_corpus(tmp_path / "notes", 24, words=(120, 200))
+    corpus = make_corpus(tmp_path / "notes", 12, words=(120, 200))
     args = ["--model", str(tiny_model_dir), "--shard-tokens", "1200", "--max-passage-tokens", "512",
             "--torch-threads", "1", "--json"]
     env = {**os.environ, "MSA_DISABLE_PROGRESS_BARS": "1"}
@@ -194,3 +194,20 @@ def test_dask_workers_sharing_only_the_bucket_write_the_shards(
                 proc.wait(timeout=max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_encode_token_ids_onto_a_bucket(s3_url: str, tiny_model_dir: Path, tmp_path: Path) -> None:
+    from msa_memory.encode.tiny import tiny_tokenizer
+    from msa_memory.jobs import encode_token_ids
+
+    tok = tiny_tokenizer()
+    docs = {k: tok(t, add_special_tokens=False)["input_ids"] for k, t in
+            [("door", "The blue door code is 4471."), ("cats", "Cats sleep all day in the barn.")]}
+    kw = {"model": str(tiny_model_dir), "shard_tokens": 40, "workers": 1, "torch_threads": 1}
+    res = encode_token_ids(docs, s3_url, **kw)
+    assert res.committed and res.version == 1 and res.store == s3_url and res.shards_written == 2
+    local = tmp_path / "ids.msa"
+    encode_token_ids(docs, local, **kw)
+    assert store_digest(s3_url) == store_digest(local)            # type: ignore[arg-type]
+    assert not encode_token_ids(docs, s3_url, **kw).committed      # unchanged: nothing to do
+    assert open_backend(s3_url).list("_jobs") == []

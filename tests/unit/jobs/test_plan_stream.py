@@ -204,3 +204,19 @@ def test_a_file_changed_during_the_plan_fails_it_naming_the_file(tmp_path: Path)
     os.remove(path)
     with pytest.raises(JobError, match="cannot be read any more"):
         TextFile(index, "notes/n.txt").get(0, 10)
+
+
+def test_a_task_with_its_text_needs_no_file(tmp_path: Path) -> None:
+    """What the job sends to the workers of a given cluster (other hosts, sharing only the store):
+    ``with_text`` reads the streamed parts on the client, so the task no longer refers to the file."""
+    root = tmp_path / "notes"
+    _write(root / "big.md", _big_text(200).encode())
+    planned = plan_passages(scan_corpus([root], ReaderOptions(hold_text=False)).sources, TOK, max_passage_tokens=64)
+    n = sum(len(p) for p in planned)
+    tasks = shard_tasks(planned, np.arange(n, dtype=np.int64), plan_id="ef" * 32, shard_tokens=700)
+    want = [t.load_passages() for t in tasks]
+    shipped = [t.with_text() for t in tasks]
+    assert all(p.passages is not None and p.index is None for t in shipped for p in t.parts)
+    assert all(s.with_text() is s for s in shipped)
+    (root / "big.md").unlink()
+    assert [pickle.loads(pickle.dumps(t)).load_passages() for t in shipped] == want
