@@ -102,7 +102,7 @@ def test_msa_encode_onto_a_bucket_then_search_ask_and_an_incremental_rerun(
 
 
 def test_msa_encode_killed_on_a_bucket_then_resumed(s3_url: str, tiny_model_dir: Path, tmp_path: Path) -> None:
-    corpus = make_corpus(tmp_path / "notes", 12, words=(120, 200))
+    corpus = make_corpus(tmp_path / "notes", 9, words=(120, 200))
     args = ["--model", str(tiny_model_dir), "--shard-tokens", "1200", "--max-passage-tokens", "512",
             "--torch-threads", "1", "--json"]
     env = {**os.environ, "MSA_DISABLE_PROGRESS_BARS": "1"}
