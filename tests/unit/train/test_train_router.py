@@ -994,3 +994,28 @@ def test_a_part_of_the_store_router_is_copied_without_router_inputs(tiny_loaded,
         assert np.array_equal(out.router_inputs(p)[0], kept.router_inputs(p)[0])
     assert np.array_equal(out.router_keys_shifted(0)[0], kept.router_keys_shifted(1)[0])
     assert np.array_equal(out.router_inputs_shifted(0)[0], kept.router_inputs_shifted(1)[0])
+
+
+def test_cli_train_router_distills_a_bm25_teacher(tmp_path):
+    """`msa train-router --objective distill` (BM25 teacher over the corpus' own queries) trains and records the
+    options; a bad --objective or --teacher, or --queries with --corpus, is refused before any work."""
+    from typer.testing import CliRunner
+
+    from msa_memory.cli import app
+
+    mdir, corpus = _cli_model_and_corpus(tmp_path)
+    out = tmp_path / "router"
+    base = ["train-router", "--corpus", str(corpus), "--model", str(mdir), "--layers", "1,3", "--keep-layers",
+            "--epochs", "1", "--batch-size", "8", "--max-chars", "300", "--json"]
+    r = CliRunner().invoke(app, [*base, "--out", str(out), "--objective", "distill", "--teacher", "bm25",
+                                 "--teacher-mined", "3", "--teacher-random", "2"])
+    assert r.exit_code == 0, r.output
+    summary = json.loads(r.stdout.strip().splitlines()[-1])
+    assert summary["train"]["queries"] > 0 and sorted(summary["router_layers"]) == [1, 3]
+    cmd = json.loads((out / "training.json").read_text())["command"]
+    for part in ("--objective distill", "--teacher bm25", "--teacher-mined 3", "--teacher-random 2"):
+        assert part in cmd
+    for flag, value in (("--objective", "contrastive"), ("--teacher", "gpt"), ("--queries", "summary")):
+        bad = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "bad"), "--objective", "distill", flag, value])
+        assert bad.exit_code == 2 and (value if flag != "--queries" else flag) in bad.output
+        assert not (tmp_path / "bad").exists()
