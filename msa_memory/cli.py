@@ -116,11 +116,18 @@ def _stdout_closed() -> bool:
 
 
 def _exit_pipe_closed() -> NoReturn:
-    """Stop quietly: stdout to /dev/null (so the final flush cannot fail again), status 141."""
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
-    raise typer.Exit(EXIT_PIPE_CLOSED)
+    """Stop quietly with status 141: stdout's reader is gone.
+
+    ``os._exit``, not a normal exit: finalising the interpreter while a native library still has threads
+    working for the interrupted command (pyarrow's I/O pool under ``msa store docs S | head -1``) sometimes
+    aborted the process instead (SIGABRT, status 134, "terminate called without an active exception").
+    Nothing is lost by skipping finalisation: stdout has no reader, a commit is one atomic publish (an
+    interrupted command has published all or nothing), and a reader's lease expires by itself."""
+    try:
+        sys.stderr.flush()
+    except (OSError, ValueError):
+        pass
+    os._exit(EXIT_PIPE_CLOSED)
 
 
 def _fail(exc: BaseException, json_out: bool) -> NoReturn:
