@@ -97,16 +97,6 @@ class MemoryBackend(Backend):
                 raise FileExistsError(f"{self.root}/{key} exists")
             self._objects[key] = (blob, time.time())
 
-    def replace(self, key: str, data: bytes) -> None:
-        self.write(key, data)
-
-    def publish(self, key: str, data: bytes) -> bool:
-        try:
-            self.write(key, data, exclusive=True)
-        except FileExistsError:
-            return False
-        return True
-
     def delete(self, key: str) -> None:
         with self._mutex:
             self._objects.pop(check_key(key), None)

@@ -304,16 +304,6 @@ class S3Backend(Backend):
         self._count(n_written=len(blob))
         self._sizes[key] = len(blob)
 
-    def replace(self, key: str, data: bytes) -> None:
-        self.write(key, data)
-
-    def publish(self, key: str, data: bytes) -> bool:
-        try:
-            self.write(key, data, exclusive=True)
-        except FileExistsError:
-            return False
-        return True
-
     def delete(self, key: str) -> None:
         import obstore
 

@@ -142,16 +142,24 @@ class Backend(ABC):
         that fails leaves no partial key behind. ``durable=False`` may skip the flush to stable storage
         (leases: a machine that crashes takes its readers with it)."""
 
-    @abstractmethod
     def replace(self, key: str, data: bytes) -> None:
-        """Atomically set ``key`` to ``data``: a reader sees the old content or the new, never a mix."""
+        """Atomically set ``key`` to ``data``: a reader sees the old content or the new, never a mix.
 
-    @abstractmethod
+        Here one :meth:`write`, which is atomic where a whole object is put at once (object stores, memory);
+        a backend whose writes are not (a local file) overrides it."""
+        self.write(key, data)
+
     def publish(self, key: str, data: bytes) -> bool:
         """Conditional publish: create ``key`` with ``data`` only if absent; True if this call created it.
 
         The content is complete the moment the key can be seen, and of concurrent publishers of one
-        key (threads, processes, hosts) exactly one gets True."""
+        key (threads, processes, hosts) exactly one gets True. Here one write-once :meth:`write`, which
+        must then be such a create-if-absent; a backend that publishes otherwise (a link) overrides it."""
+        try:
+            self.write(key, data, exclusive=True)
+        except FileExistsError:
+            return False
+        return True
 
     @abstractmethod
     def delete(self, key: str) -> None:
