@@ -207,56 +207,47 @@ def bench_object_store(work: Path, n_docs: int, chunks_per_doc: int, rounds: int
         return {"skipped": f"needs moto[server] and obstore (pip install 'msa-memory[test]'): {e}"}
     identity = gemma_like_identity()
     out: dict = {"docs": n_docs, "server": "moto on loopback (functional stand-in, not S3 latency)"}
-    with S3Server() as srv:
-        old = {k: os.environ.get(k) for k in srv.env()}
-        os.environ.update(srv.env())
-        try:
-            for kind in ("local", "s3"):
-                rng = np.random.default_rng(5)
-                writes, nbytes, root, rec, store = [], 0, "", None, None
-                for r in range(rounds + 1):  # round 0: warm-up
-                    root = str(work / f"obj-{kind}-{r}") if kind == "local" else f"s3://{srv.create_bucket()}/store"
-                    store = create_store(root, identity)
-                    ids = store.reserve_ids(n_docs)
-                    passages, enc = random_docs(identity, ids, [chunks_per_doc * 64] * n_docs, rng)
-                    nbytes = enc.kv.nbytes + enc.k_router.nbytes
-                    t = time.perf_counter()
-                    rec = write_shard(root, "s", passages, enc)
-                    if r:
-                        writes.append(time.perf_counter() - t)
-                store = store.commit(add=[rec], message="bench")
-                opens = []
-                for r in range(rounds + 5):
-                    t = time.perf_counter()
-                    s = open_store(root)
-                    if r >= 2:
-                        opens.append(time.perf_counter() - t)
-                pick = np.random.default_rng(6)
-                fetches = []
-                for t_i in range(trials + 3):
-                    ids16 = pick.choice(n_docs, size=16, replace=False) + int(s.documents(["doc_id"]).column(
-                        "doc_id")[0].as_py())
-                    t = time.perf_counter()
-                    s.load_kv(ids16)
-                    if t_i >= 3:
-                        fetches.append(time.perf_counter() - t)
-                q = lambda xs, p: round(1e3 * float(np.percentile(xs, p)), 2)  # noqa: E731
-                out[kind] = {"write_mb_s": round(nbytes / 1e6 / _median(writes), 1),
-                             "open_ms": round(1e3 * _median(opens), 2),
-                             "fetch16_p50_ms": q(fetches, 50), "fetch16_p95_ms": q(fetches, 95)}
-                if kind == "s3":
-                    before = dict(s.backend.stats)
-                    s.load_kv(pick.choice(n_docs, size=16, replace=False) + int(s.documents(["doc_id"]).column(
-                        "doc_id")[0].as_py()))
-                    out[kind]["mb_read_per_fetch16"] = round((s.backend.stats["bytes_read"] - before["bytes_read"])
-                                                             / 1e6, 2)
-            out["tensor_mb"] = round(nbytes / 1e6, 1)
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+    with S3Server() as srv, srv.environment():
+        for kind in ("local", "s3"):
+            rng = np.random.default_rng(5)
+            writes, nbytes, root, rec, store = [], 0, "", None, None
+            for r in range(rounds + 1):  # round 0: warm-up
+                root = str(work / f"obj-{kind}-{r}") if kind == "local" else f"s3://{srv.create_bucket()}/store"
+                store = create_store(root, identity)
+                ids = store.reserve_ids(n_docs)
+                passages, enc = random_docs(identity, ids, [chunks_per_doc * 64] * n_docs, rng)
+                nbytes = enc.kv.nbytes + enc.k_router.nbytes
+                t = time.perf_counter()
+                rec = write_shard(root, "s", passages, enc)
+                if r:
+                    writes.append(time.perf_counter() - t)
+            store = store.commit(add=[rec], message="bench")
+            opens = []
+            for r in range(rounds + 5):
+                t = time.perf_counter()
+                s = open_store(root)
+                if r >= 2:
+                    opens.append(time.perf_counter() - t)
+            pick = np.random.default_rng(6)
+            fetches = []
+            for t_i in range(trials + 3):
+                ids16 = pick.choice(n_docs, size=16, replace=False) + int(s.documents(["doc_id"]).column(
+                    "doc_id")[0].as_py())
+                t = time.perf_counter()
+                s.load_kv(ids16)
+                if t_i >= 3:
+                    fetches.append(time.perf_counter() - t)
+            q = lambda xs, p: round(1e3 * float(np.percentile(xs, p)), 2)  # noqa: E731
+            out[kind] = {"write_mb_s": round(nbytes / 1e6 / _median(writes), 1),
+                         "open_ms": round(1e3 * _median(opens), 2),
+                         "fetch16_p50_ms": q(fetches, 50), "fetch16_p95_ms": q(fetches, 95)}
+            if kind == "s3":
+                before = dict(s.backend.stats)
+                s.load_kv(pick.choice(n_docs, size=16, replace=False) + int(s.documents(["doc_id"]).column(
+                    "doc_id")[0].as_py()))
+                out[kind]["mb_read_per_fetch16"] = round((s.backend.stats["bytes_read"] - before["bytes_read"])
+                                                         / 1e6, 2)
+        out["tensor_mb"] = round(nbytes / 1e6, 1)
     return out
 
 

@@ -33,17 +33,10 @@ def s3_server():
     from msa_memory.testing.s3_server import S3Server
 
     srv = S3Server()
-    env = srv.env()
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
     try:
-        yield srv
+        with srv.environment():
+            yield srv
     finally:
-        for k, v in old.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         srv.stop()
 
 

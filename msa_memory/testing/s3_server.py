@@ -30,6 +30,8 @@ import sys
 import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -67,6 +69,22 @@ class S3Server:
 
     def env(self) -> dict[str, str]:
         return s3_env(self.endpoint)
+
+    @contextmanager
+    def environment(self) -> Iterator[S3Server]:
+        """The AWS_* variables of :meth:`env` set in ``os.environ`` meanwhile (clients and child processes
+        reach this server), restored as they were on exit."""
+        env = self.env()
+        old = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            yield self
+        finally:
+            for k, v in old.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
     def create_bucket(self, name: str | None = None) -> str:
         """Create a bucket (a fresh random name by default); returns its name."""
