@@ -104,7 +104,8 @@ def test_builtin_sources_selection_and_sizes(monkeypatch):
 def test_cli_builtin_option_errors_and_command_line(tmp_path):
     from typer.testing import CliRunner
 
-    from msa_memory.cli import _train_router_command, app
+    from msa_memory.cli import app
+    from msa_memory.train.cli_support import train_router_command as _train_router_command
 
     bad = CliRunner().invoke(app, ["train-router", "--builtin", "stdlib,wiki", "--out", str(tmp_path / "r"), "--json"])
     assert bad.exit_code == 2 and "wiki" in bad.output
@@ -200,7 +201,8 @@ def _split_into(word, syllables):
 def test_fact_names_option_checks_and_reaches_the_pairs(tmp_path):
     from typer.testing import CliRunner
 
-    from msa_memory.cli import _train_router_command, app
+    from msa_memory.cli import app
+    from msa_memory.train.cli_support import train_router_command as _train_router_command
     from msa_memory.train.pairs import FactMaker, build_pairs
 
     with pytest.raises(ConfigError, match="training only"):

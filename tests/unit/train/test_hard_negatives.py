@@ -106,7 +106,7 @@ def test_bad_hard_negative_config():
 
 
 def test_cli_command_records_mining_options():
-    from msa_memory.cli import _train_router_command
+    from msa_memory.train.cli_support import train_router_command as _train_router_command
 
     cmd = _train_router_command("r/", None, "mem.msa", None, "default", "0,1", 2, 3, 8, 1e-3, 500, 100, 800, 0,
                                 None, "cpu", "routing", 0)

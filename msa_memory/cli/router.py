@@ -1,138 +1,17 @@
-"""The ``msa`` commands that load a model: ``ask`` / ``search`` (runtime) and ``train-router`` /
-``store reindex-router`` (router training).
+"""``msa train-router`` and ``msa store reindex-router``: train router projections into an adapter,
+and re-key a store with one.
 
-Split from :mod:`msa_memory.cli` (which imports this module once its ``app`` / ``store_app`` and
-shared helpers exist, so these commands register on the same groups). Same conventions as there:
-arguments and printing only, the work is done by ``msa_memory.runtime`` / ``msa_memory.train``,
-errors through ``_guard``.
+Arguments and printing only; the work is done by :mod:`msa_memory.train`.
 """
 
 from __future__ import annotations
 
-import sys
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from msa_memory.cli import (JsonOpt, StoreArg, VersionOpt, _check_store_path, _emit_json, _guard, _open,
-                            _progress_enabled, app, store_app)
-from msa_memory.errors import ConfigError
-
-# ----- msa ask / msa search (runtime) -----
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="The model the store was built with: 'default' (Gemma 3 270M), an HF folder or an MSA checkpoint")]
-AdapterOpt = Annotated[str | None, typer.Option("--adapter", help="Router adapter folder the store was built with, e.g. router/ (default model: not needed for a store built with a shipped adapter, e.g. 'shallow')")]
-TokenizerOpt = Annotated[str | None, typer.Option("--tokenizer", help="Tokenizer folder for a --model checkpoint saved without tokenizer files, e.g. Qwen3-4B-Instruct-2507/ (default: the model's own)")]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N")]
-DevicesOpt = Annotated[str | None, typer.Option("--devices", help="Shard the router keys by document over these devices (Memory Parallel), comma-separated, e.g. cuda:0,cuda:1; the model runs on the first (default: all keys on --device)")]
-KOpt = Annotated[int | None, typer.Option("--k", "-k", help="Documents to retrieve (default: the router's top-k, 16 in MSA), e.g. 4", min=1)]
-RetrieverOpt = Annotated[str, typer.Option("--retriever", help="routing (MSA's router) or hybrid (routing fused with BM25 over the store's lexical index; ask: text mode)")]
-
-
-def _check_retriever(store: str, version: str | None, retriever: str) -> None:
-    """Refuse a bad --retriever, or hybrid on a store without a lexical index, before the model loads."""
-    from msa_memory.runtime.hybrid import check_retriever
-    from msa_memory.store.lexical import check_index
-
-    if check_retriever(retriever) == "hybrid":
-        check_index(_open(store, version))
-
-
-def _memory(store: str, version: str | None, model: str, adapter: str | None, device: str, json_out: bool,
-            tokenizer: str | None = None, devices: str | None = None) -> Any:
-    from msa_memory.runtime import Memory
-
-    shards = [d.strip() for d in devices.split(",") if d.strip()] if devices else None
-    if devices is not None and not shards:
-        raise ConfigError(f"--devices {devices!r} names no device.", hint="Give a comma-separated list, e.g. cuda:0,cuda:1.")
-
-    if not _progress_enabled(json_out):
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
-    if shards:
-        return Memory(_open(store, version), model=model, adapter=adapter, tokenizer=tokenizer, devices=shards,
-                      device=shards[0] if device == "auto" else device)
-    return Memory(_open(store, version), model=model, adapter=adapter, tokenizer=tokenizer, device=device)
-
-
-@app.command("ask", epilog="\b\nExamples:\n  msa ask mem.msa \"Who approved the budget?\" --mode text\n"
-             "  msa ask mem.msa \"Who approved the budget?\" --mode pooled -k 4 --json\n"
-             "  msa ask mem.msa \"Who approved the budget?\" --retriever hybrid")
-def ask(
-    store: StoreArg,
-    question: Annotated[str, typer.Argument(help="The question, e.g. 'Who approved the budget?'", show_default=False)],
-    mode: Annotated[str | None, typer.Option("--mode", help="pooled (MSA checkpoints), text (any model) or interleave; default pooled for MSA stores, else text (text with --retriever hybrid)")] = None,
-    k: KOpt = None,
-    model: ModelOpt = "default",
-    adapter: AdapterOpt = None,
-    tokenizer: TokenizerOpt = None,
-    device: DeviceOpt = "auto",
-    devices: DevicesOpt = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Longest answer in tokens, e.g. 128", min=1)] = 64,
-    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy; e.g. 0.7 to sample", min=0.0)] = 0.0,
-    rounds: Annotated[int, typer.Option("--rounds", help="Round cap of --mode interleave", min=1)] = 3,
-    stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print the answer as it is generated")] = True,
-    retriever: RetrieverOpt = "routing",
-    version: VersionOpt = None,
-    json_out: JsonOpt = False,
-) -> None:
-    """Answer a question from a store (routes to top-k documents, then generates)."""
-
-    def body() -> None:
-        _check_retriever(store, version, retriever)
-        mem = _memory(store, version, model, adapter, device, json_out, tokenizer, devices)
-        live = stream and not json_out and sys.stdout.isatty()
-        ans = mem.ask(question, mode=mode, k=k, max_new_tokens=max_new_tokens, temperature=temperature,  # type: ignore[arg-type]
-                      max_rounds=rounds, on_token=(lambda s: typer.echo(s, nl=False)) if live else None,
-                      retriever=retriever)  # type: ignore[arg-type]
-        if json_out:
-            _emit_json({**ans.to_dict(), "retriever": retriever})
-            return
-        typer.echo("" if live else ans.answer)
-        typer.echo(f"sources ({ans.mode}{', hybrid' if retriever == 'hybrid' else ''}, {len(ans.rounds)} round(s)):")
-        for d in ans.docs:
-            typer.echo(f"  [{d.doc_id}] {d.source_path}#{d.passage_index}  score {d.score:.4g}")
-        typer.echo("time    : " + ", ".join(f"{key.removesuffix('_s')} {v * 1000:.0f} ms" for key, v in ans.timings.items()))
-
-    _guard(json_out, body)
-
-
-@app.command("search", epilog="\b\nExamples:\n  msa search mem.msa \"budget approval\" -k 5\n  msa search mem.msa \"budget approval\" --json\n"
-             "  msa search mem.msa \"budget approval\" --retriever hybrid")
-def search(
-    store: StoreArg,
-    question: Annotated[str, typer.Argument(help="What to look for, e.g. 'budget approval'", show_default=False)],
-    k: Annotated[int, typer.Option("--k", "-k", help="Documents to list, e.g. 5", min=1)] = 10,
-    model: ModelOpt = "default",
-    adapter: AdapterOpt = None,
-    tokenizer: TokenizerOpt = None,
-    device: DeviceOpt = "auto",
-    devices: DevicesOpt = None,
-    retriever: RetrieverOpt = "routing",
-    version: VersionOpt = None,
-    json_out: JsonOpt = False,
-) -> None:
-    """List the documents the router picks for a question (no generation)."""
-
-    def body() -> None:
-        _check_retriever(store, version, retriever)
-        mem = _memory(store, version, model, adapter, device, json_out, tokenizer, devices)
-        rows = mem.search(question, k=k, retriever=retriever).to_pylist()  # type: ignore[arg-type]
-        if json_out:
-            _emit_json({"question": question, "retriever": retriever, "results": rows})
-            return
-        for r in rows:
-            text = " ".join(str(r["text"]).split())
-            typer.echo(f"{r['rank']:>3}. [{r['doc_id']}] {r['score']:.4g}  {r['source_path']}#{r['passage_index']}  "
-                       f"{text[:90]}{'…' if len(text) > 90 else ''}")
-
-    _guard(json_out, body)
-
-
-# ----- msa train-router / msa store reindex-router (router training) -----
-# (owned by the router-training engineer; logic in msa_memory.train)
-from msa_memory.train.cli_support import train_router_command as _train_router_command  # noqa: E402
-
+from msa_memory.cli.common import JsonOpt, StoreArg, VersionOpt, app, check_store_path, emit_json, guard, open_version, store_app
+from msa_memory.train.cli_support import train_router_command
 
 @app.command("train-router", epilog="\b\nExamples:\n  msa train-router --out router/                  # built-in recipe (stdlib docstrings + facts)\n"
              "  msa train-router --corpus ./docs --out router/ --epochs 3\n"
@@ -189,7 +68,7 @@ def train_router_cmd(
         from msa_memory.train.cli_support import train_router_from_cli
 
         if store is not None:
-            _check_store_path(store)   # before the model loads
+            check_store_path(store)   # before the model loads
         distill = dict(objective=objective, teacher=teacher, queries=queries, distill_tau=distill_tau,
                        distill_alpha=distill_alpha, teacher_mined=teacher_mined, teacher_random=teacher_random)
         summary = train_router_from_cli(
@@ -201,7 +80,7 @@ def train_router_cmd(
             query_reduce=query_reduce, head_reduce=head_reduce, init_adapter=init_adapter,
             freeze_layers=freeze_layers, fact_names=fact_names, keep_layers=keep_layers, shifted_layers=shifted_layers,
             shifted_window=shifted_window, query_suffix=query_suffix, freeze_keys=freeze_keys, **distill,
-            command=_train_router_command(out, corpus, store, pairs, model, layers, max_layers, epochs,
+            command=train_router_command(out, corpus, store, pairs, model, layers, max_layers, epochs,
                                           batch_size, lr, n_train, n_dev, max_chars, seed, cache, device,
                                           hard_negatives, mine_every, builtin, negatives, cloze_remove,
                                           dev_distractors, bf16, layer_loss, query_reduce, head_reduce,
@@ -209,12 +88,12 @@ def train_router_cmd(
                                           shifted_window, query_suffix, freeze_keys, **distill),
             log=(lambda s: None) if json_out else (lambda s: typer.echo(s, err=True)))
         if json_out:
-            _emit_json(summary)
+            emit_json(summary)
             return
         typer.echo(f"saved router adapter {summary['router_id']} to {summary['out']}: layers {summary['router_layers']}, "
                    "dev recall@1/5/16 " + "/".join(f"{summary['dev_recall'][k]:.3f}" for k in (1, 5, 16)))
 
-    _guard(json_out, body)
+    guard(json_out, body)
 
 
 @store_app.command("reindex-router", epilog="\b\nExamples:\n  msa store reindex-router mem.msa --adapter router/          # new version of mem.msa\n"
@@ -243,16 +122,16 @@ def store_reindex_router(
         from msa_memory.encode import RouterAdapter
         from msa_memory.train.reindex import reindex_router, reindex_router_to
 
-        src = _open(store, version)
+        src = open_version(store, version)
         if dest is not None:
-            _check_store_path(dest, creates=True)
+            check_store_path(dest, creates=True)
         ad = RouterAdapter.load(adapter)
         if dest is not None:
             new, stats = reindex_router_to(src, dest, ad, message=message)
         else:
             new, stats = reindex_router(src, ad, message=message, adapter_path=adapter)
         if json_out:
-            _emit_json(dict(stats, store=store, dest=dest))
+            emit_json(dict(stats, store=store, dest=dest))
             return
         if dest is not None:
             how = "with the keys of router" if stats.get("copied") else "re-keyed with router"
@@ -269,4 +148,4 @@ def store_reindex_router(
                        f"{stats['shards']} shards) {how} router {stats['router_id']} in {stats['seconds']:.2f}s{keys}; "
                        f"versions before it keep their router")
 
-    _guard(json_out, body)
+    guard(json_out, body)
