@@ -63,7 +63,7 @@ _STATE: contextvars.ContextVar[ForwardState | None] = contextvars.ContextVar("ms
 _REGISTERED = False
 
 
-def _sync(device: Any) -> None:
+def sync_device(device: Any) -> None:
     import torch
 
     if getattr(device, "type", str(device)) == "cuda":
@@ -357,11 +357,11 @@ class MsaEngine:
             if st.collect_only:
                 ds = summed()
                 st.doc_score_sum = self.index.add(st.doc_score_sum, ds)
-                _sync(self.device)
+                sync_device(self.device)
                 st.timings["routing_s"] += time.perf_counter() - t0
                 return
             res = self.index.route(pos, q, k=st.top_k) if sq is None else self.index.route_scores(pos, summed(), st.top_k)
-            _sync(self.device)
+            sync_device(self.device)
             st.timings["routing_s"] += time.perf_counter() - t0
             self._attach(st, pos, layer_idx, res)
 
@@ -376,7 +376,7 @@ class MsaEngine:
         mk, mv = self.content.layer_kv(res.doc_index, pos)                                # (H, M, D) each
         dt = self.model.dtype
         st.pending_memory[layer_idx] = (mk.to(self.device, dt), mv.to(self.device, dt))
-        _sync(self.device)
+        sync_device(self.device)
         st.timings["fetch_s"] += time.perf_counter() - t1
 
     # ------------------------------------------------------------------ forwards

@@ -26,13 +26,12 @@ from __future__ import annotations
 
 import re
 import time
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
+from msa_memory.runtime.engine import sync_device
 from msa_memory.runtime.prompts import PromptIds
-from msa_memory.runtime.results import Answer, Round
-
-if TYPE_CHECKING:
-    from msa_memory.runtime.memory import Memory
+from msa_memory.runtime.results import Answer, DocHit, Round
 
 __all__ = ["ask_interleave", "requested_ids", "inject", "ROUND_END", "END_RETRIEVE", "ANSWER_PREFIX"]
 
@@ -40,6 +39,29 @@ ROUND_END = "<|object_ref_end|>"
 END_RETRIEVE = "<End-of-Retrieve>"
 ANSWER_PREFIX = "The answer to the question is:"
 _ID = re.compile(r"\[(\d+)\]")
+
+
+class Host(Protocol):
+    """What the two protocols use of a :class:`msa_memory.runtime.memory.Memory` (which calls them)."""
+
+    layout: Any
+    tokenizer: Any
+    routing: Any
+    doc_ids: Any
+    engine: Any
+    store: Any
+    index: Any
+    device: Any
+
+    @property
+    def prefix(self) -> Any: ...
+    def route(self, question: Any, k: int | None = None) -> tuple[Any, Any, dict[str, float]]: ...
+    def hits(self, doc_ids: Any, scores: Any) -> list[DocHit]: ...
+    def layer_hits(self, routes: dict[int, Any]) -> tuple[list[DocHit], dict[int, list[int]]]: ...
+    def generate_ids(self, state: Any, prompt: PromptIds, positions: list[int], **kw: Any) -> tuple[list[int], str]: ...
+    def eos_ids(self) -> list[int]: ...
+    def answer_text(self, ids: list[int], stop_strings: Sequence[str]) -> str: ...
+    def question_text(self, question: str | list[int]) -> str: ...
 
 
 def _cue(question: str | list[int], lead: str) -> list[tuple[Any, bool]]:
@@ -69,7 +91,7 @@ def _add(timings: dict[str, float], other: dict[str, float]) -> None:
         timings[key] = timings.get(key, 0.0) + v
 
 
-def ask_interleave(mem: Memory, question: str | list[int], k: int | None, max_rounds: int,
+def ask_interleave(mem: Host, question: str | list[int], k: int | None, max_rounds: int,
                    kw: dict[str, Any]) -> Answer:
     if max_rounds < 1:
         from msa_memory.errors import ConfigError
@@ -80,7 +102,7 @@ def ask_interleave(mem: Memory, question: str | list[int], k: int | None, max_ro
     return _generic(mem, question, k, max_rounds, kw)
 
 
-def _msa_protocol(mem: Memory, question: str | list[int], k: int | None, max_rounds: int,
+def _msa_protocol(mem: Host, question: str | list[int], k: int | None, max_rounds: int,
                   kw: dict[str, Any]) -> Answer:
     lay, tok = mem.layout, mem.tokenizer
     kk = int(k or mem.routing.top_k)
@@ -106,7 +128,7 @@ def _msa_protocol(mem: Memory, question: str | list[int], k: int | None, max_rou
             return ROUND_END in text or END_RETRIEVE in text
 
         rt: dict[str, float] = {}
-        out, reason = mem._generate(st, prompt, pos, route=True, timings=rt, stop=stop,
+        out, reason = mem.generate_ids(st, prompt, pos, route=True, timings=rt, stop=stop,
                                     **{**kw, "stop_strings": ()})
         _add(timings, {**rt, **st.timings})
         n_new += len(out)
@@ -131,12 +153,10 @@ def _msa_protocol(mem: Memory, question: str | list[int], k: int | None, max_rou
         logits = mem.engine.forward(st, cue.ids, list(range(start, start + len(cue.ids))))
         timings["prefill_s"] = timings.get("prefill_s", 0.0) + time.perf_counter() - t0
         t1 = time.perf_counter()
-        from msa_memory.runtime.engine import _sync
-
-        eos = mem._eos_ids()
+        eos = mem.eos_ids()
         out = list(mem.engine.decode(st, logits, start + len(cue.ids), max_new_tokens=kw["max_new_tokens"],
                                      eos_ids=eos, temperature=kw["temperature"], top_p=kw["top_p"]))
-        _sync(mem.device)
+        sync_device(mem.device)
         timings["decode_s"] = timings.get("decode_s", 0.0) + time.perf_counter() - t1
         n_new += len(out)
         reason = "eos" if out and out[-1] in eos else "length"
@@ -149,11 +169,11 @@ def _msa_protocol(mem: Memory, question: str | list[int], k: int | None, max_rou
     else:
         final = tok.decode(tok(answer or rounds[-1].generated, add_special_tokens=False)["input_ids"],
                            skip_special_tokens=True)
-    return Answer(mem._question_text(question), final.strip(), "interleave", rounds, timings, len(base.ids) + P,
+    return Answer(mem.question_text(question), final.strip(), "interleave", rounds, timings, len(base.ids) + P,
                   n_new, reason, out)
 
 
-def _generic(mem: Memory, question: str | list[int], k: int | None, max_rounds: int, kw: dict[str, Any]) -> Answer:
+def _generic(mem: Host, question: str | list[int], k: int | None, max_rounds: int, kw: dict[str, Any]) -> Answer:
     kk = int(k or mem.routing.top_k)
     chosen: list[int] = []
     scores: dict[int, float] = {}
@@ -184,9 +204,9 @@ def _generic(mem: Memory, question: str | list[int], k: int | None, max_rounds: 
     head = mem.layout.head_ids()
     full = PromptIds(head + prompt.ids, [False] * len(head) + prompt.route_rows)
     st = mem.engine.new_state(len(full.ids) + kw["max_new_tokens"] + 1)
-    out, reason = mem._generate(st, full, list(range(len(full.ids))), route=False, timings=timings, **kw)
-    text = mem._text(out, kw["stop_strings"])
+    out, reason = mem.generate_ids(st, full, list(range(len(full.ids))), route=False, timings=timings, **kw)
+    text = mem.answer_text(out, kw["stop_strings"])
     if rounds:
         rounds[-1].generated = text
-    return Answer(mem._question_text(question), text, "interleave", rounds, timings, len(full.ids), len(out), reason,
+    return Answer(mem.question_text(question), text, "interleave", rounds, timings, len(full.ids), len(out), reason,
                   out)

@@ -453,7 +453,7 @@ class Memory:
         ctx = self._model_context()
         return min(int(self.max_question_tokens), ctx) if ctx else int(self.max_question_tokens)
 
-    def _question_text(self, question: str | list[int]) -> str:
+    def question_text(self, question: str | list[int]) -> str:
         """The question as an Answer records it: the text, or the decoded token ids."""
         return question if isinstance(question, str) else str(self.tokenizer.decode(question))
 
@@ -481,7 +481,7 @@ class Memory:
         scores, timings = self.engine.route_only(ids, pos, rows, prefix, suffix_rows=self.suffix_rows)
         if retriever == "hybrid":
             t1 = time.perf_counter()
-            order, scores = fuse_rrf(scores, self.lexical_index().scores(self._question_text(question)))
+            order, scores = fuse_rrf(scores, self.lexical_index().scores(self.question_text(question)))
             timings = dict(timings, lexical_s=time.perf_counter() - t1)
         else:
             order = np.argsort(-scores, kind="stable")
@@ -511,7 +511,7 @@ class Memory:
                          "passage_index": [h.passage_index for h in hits], "text": [h.preview for h in hits]})
 
     # ------------------------------------------------------------------ generation
-    def _eos_ids(self) -> list[int]:
+    def eos_ids(self) -> list[int]:
         ids = set()
         tok = self.tokenizer
         if tok.eos_token_id is not None:
@@ -525,7 +525,7 @@ class Memory:
                 ids.add(i)
         return sorted(ids)
 
-    def _generate(self, state: Any, prompt: PromptIds, positions: list[int], *, route: bool,
+    def generate_ids(self, state: Any, prompt: PromptIds, positions: list[int], *, route: bool,
                   max_new_tokens: int, temperature: float, top_p: float, seed: int | None,
                   on_token: Callable[[str], None] | None, timings: dict[str, float],
                   stop: Callable[[list[int]], bool] | None = None,
@@ -540,17 +540,17 @@ class Memory:
 
         import torch
 
-        from msa_memory.runtime.engine import _sync
+        from msa_memory.runtime.engine import sync_device
 
         t0 = time.perf_counter()
         logits = self.engine.forward(state, prompt.ids, positions, route_rows=prompt.route_rows if route else None)
-        _sync(self.device)
+        sync_device(self.device)
         timings["prefill_s"] = timings.get("prefill_s", 0.0) + time.perf_counter() - t0
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         t1 = time.perf_counter()
         out: list[int] = []
         shown = ""
-        eos = self._eos_ids()
+        eos = self.eos_ids()
         for tok in self.engine.decode(state, logits, positions[-1] + 1, max_new_tokens=max_new_tokens, eos_ids=eos,
                                       temperature=temperature, top_p=top_p, generator=gen, stop=stop):
             out.append(tok)
@@ -569,7 +569,7 @@ class Memory:
         reason = "eos" if out and out[-1] in eos else ("stop" if stop is not None and out and stop(out) else "length")
         return out, reason
 
-    def _text(self, ids: list[int], stop_strings: Sequence[str]) -> str:
+    def answer_text(self, ids: list[int], stop_strings: Sequence[str]) -> str:
         return _cut(self.tokenizer.decode(ids, skip_special_tokens=True), stop_strings).strip()
 
     def ask(self, question: str | Sequence[int], mode: Mode | None = None, *, k: int | None = None,
@@ -641,13 +641,13 @@ class Memory:
             rq = self.layout.encode([(question, True), (self.query_suffix, True)])
             st.preset_routes = self.engine.pooled_routes(rq.ids, list(range(P + kk, P + kk + len(rq.ids))),
                                                          rq.route_rows, prefix, kk, st.timings, self.suffix_rows)
-        toks, reason = self._generate(st, q, pos, route=True, timings=timings, **kw)
+        toks, reason = self.generate_ids(st, q, pos, route=True, timings=timings, **kw)
         timings.update(st.timings)
         hits, per_layer = self.layer_hits(st.routes)
         rnd = Round(0, hits, per_layer=per_layer)
-        text = self._text(toks, kw["stop_strings"])
+        text = self.answer_text(toks, kw["stop_strings"])
         rnd.generated = text
-        return Answer(self._question_text(question), text, "pooled", [rnd], timings, len(q.ids) + P, len(toks), reason,
+        return Answer(self.question_text(question), text, "pooled", [rnd], timings, len(q.ids) + P, len(toks), reason,
                       toks)
 
     def _ask_text(self, question: str | list[int], k: int | None, kw: dict[str, Any],
@@ -661,10 +661,10 @@ class Memory:
         head = self.layout.head_ids()
         full = PromptIds(head + prompt.ids, [False] * len(head) + prompt.route_rows)
         st = self.engine.new_state(len(full.ids) + kw["max_new_tokens"] + 1)
-        toks, reason = self._generate(st, full, list(range(len(full.ids))), route=False, timings=timings, **kw)
-        text = self._text(toks, kw["stop_strings"])
+        toks, reason = self.generate_ids(st, full, list(range(len(full.ids))), route=False, timings=timings, **kw)
+        text = self.answer_text(toks, kw["stop_strings"])
         rnd = Round(0, self.hits(ids, scores), generated=text)
-        return Answer(self._question_text(question), text, "text", [rnd], timings, len(full.ids), len(toks), reason,
+        return Answer(self.question_text(question), text, "text", [rnd], timings, len(full.ids), len(toks), reason,
                       toks)
 
     def stats(self) -> dict[str, Any]:

@@ -137,7 +137,7 @@ def test_pooled_mode_routes_with_the_suffix_and_answers_without_it(suffix_memory
     st = mem.engine.new_state(len(q.ids) + 4, mem.prefix, top_k=k)
     st.preset_routes = mem.engine.pooled_routes(sfx, list(range(P + k, P + k + len(sfx))), [True] * len(sfx),
                                                 mem.prefix, k)
-    toks, _ = mem._generate(st, q, list(range(P + k, P + k + len(q.ids))), route=True, max_new_tokens=3,
+    toks, _ = mem.generate_ids(st, q, list(range(P + k, P + k + len(q.ids))), route=True, max_new_tokens=3,
                             temperature=0.0, top_p=1.0, seed=None, on_token=None, timings={}, stop_strings=())
     assert toks == ans.tokens
     assert {p: r.doc_ids.tolist() for p, r in st.routes.items()} == ans.rounds[0].per_layer
