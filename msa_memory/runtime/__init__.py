@@ -11,7 +11,8 @@ from msa_memory.runtime.memory import Memory, Mode
 from msa_memory.runtime.memory_tier import ContentMemory
 from msa_memory.runtime.engine import MsaEngine
 from msa_memory.runtime.results import Answer, DocHit, Round
-from msa_memory.runtime.routing import RouterIndex, RouteResult, RoutingConfig
+from msa_memory.routing.config import RoutingConfig
+from msa_memory.routing.index import RouterIndex, RouteResult
 
 __all__ = ["Memory", "Mode", "ContentMemory", "MsaEngine", "Answer", "DocHit", "Round", "RouterIndex",
            "RouteResult", "RoutingConfig"]

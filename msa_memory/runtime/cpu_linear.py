@@ -17,7 +17,7 @@ instance leaves them to the outer one, and engines over one model share one inst
 (:meth:`CpuGemv.for_model`). No copy of any weight is made: the kernel reads the live tensors.
 
 What it does not do: run on GPUs, fp32 / fp16 weights, or CPUs without AVX512-BF16 (the kernel's
-own checks, ``routing_cpu.available``). The fallback, torch's ``F.linear`` for every call, is what runs
+own checks, ``cpu_avx512.available``). The fallback, torch's ``F.linear`` for every call, is what runs
 there and what ``MSA_CPU_KERNEL=0`` (process-wide) or ``MsaEngine(cpu_gemv=False)`` /
 ``Memory(cpu_gemv=False)`` (per engine) force on any CPU. Both paths accumulate in fp32 (the fp32 sum
 of n products is within γ_n·Σ|w_i x_i| of exact, γ_n = n·2^-24 / (1 − n·2^-24)) and round the result to
@@ -43,10 +43,10 @@ def gemv(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """(O,) float32 ``w @ x`` for one bf16 row ``x`` (I,) and a bf16 weight ``w`` (O, I) with contiguous rows."""
     import torch
 
-    from msa_memory.runtime import routing_cpu
+    from msa_memory.routing.kernels import cpu_avx512
 
     y = torch.empty(w.shape[0], dtype=torch.float32)
-    routing_cpu.gemv_rows(x.reshape(-1).contiguous(), w, y)
+    cpu_avx512.gemv_rows(x.reshape(-1).contiguous(), w, y)
     return y
 
 
@@ -93,10 +93,10 @@ class CpuGemv:
         """True when the kernel runs here and ``model`` has bf16 linear weights on the CPU."""
         import torch
 
-        from msa_memory.runtime import routing_cpu
+        from msa_memory.routing.kernels import cpu_avx512
 
         return (any(isinstance(m, torch.nn.Linear) and _eligible(m) for m in model.modules())
-                and routing_cpu.available())
+                and cpu_avx512.available())
 
     def _forward(self, lin: Any) -> Any:
         import torch

@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     import torch
 
     from msa_memory.runtime.memory_tier import ContentMemory
-    from msa_memory.runtime.routing import RouteResult, RouterIndex
+    from msa_memory.routing.index import RouteResult, RouterIndex
 
 __all__ = ["MsaEngine", "ForwardState", "ATTN_NAME", "GRAPH_MIN_TOKENS"]
 

@@ -32,7 +32,9 @@ from msa_memory.runtime.memory_tier import ContentMemory
 from msa_memory.runtime.parallel import DistributedRouterIndex, ShardedRouterIndex, shard_bounds, shard_rows
 from msa_memory.runtime.prompts import PromptIds, layout_for
 from msa_memory.runtime.results import Answer, DocHit, Round
-from msa_memory.runtime.routing import RouterIndex, RoutingConfig, torch_dtype_of
+from msa_memory.routing.config import RoutingConfig
+from msa_memory.routing.index import RouterIndex
+from msa_memory.routing.scoring import torch_dtype_of
 
 if TYPE_CHECKING:
     import torch

@@ -4,7 +4,7 @@ MSA serves a memory larger than one accelerator holds by sharding the router key
 §4): each shard scores its own documents, keeps its local top-k, and one merge picks the global top-k. Two
 forms share the shard layout and the merge:
 
-- :class:`ShardedRouterIndex`: one process, one :class:`~msa_memory.runtime.routing.RouterIndex` per device
+- :class:`ShardedRouterIndex`: one process, one :class:`~msa_memory.routing.index.RouterIndex` per device
   (``Memory(store, devices=["cuda:0", "cuda:1"])``, ``msa ask --devices cuda:0,cuda:1``);
 - :class:`DistributedRouterIndex`: one shard per ``torch.distributed`` rank (NCCL on GPUs, gloo on CPU),
   every rank running the same question in lockstep (``Memory(store, distributed=True)`` in each process of a
@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from msa_memory.errors import ConfigError
-from msa_memory.runtime.routing import RouteResult, RouterIndex, RoutingConfig
+from msa_memory.routing.config import RoutingConfig
+from msa_memory.routing.index import RouteResult, RouterIndex
 
 
 def shard_bounds(doc_chunks: np.ndarray, n_shards: int) -> np.ndarray:

@@ -17,7 +17,7 @@ import torch
 
 from msa_memory.runtime.engine import MsaEngine
 from msa_memory.runtime.memory_tier import ContentMemory
-from msa_memory.runtime.routing import RouterIndex, RoutingConfig
+from msa_memory.routing import RouterIndex, RoutingConfig
 
 from msa_reference import ROUTER_LAYERS, TINY, SlowMsa, build_tiny_msa_checkpoint, load_weights
 

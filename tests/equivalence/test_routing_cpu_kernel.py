@@ -48,8 +48,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from msa_memory.errors import ConfigError
-from msa_memory.runtime import routing, routing_cpu
-from msa_memory.runtime.routing import RouterIndex, RoutingConfig, prepare_lhs
+from msa_memory.routing import scoring
+from msa_memory.routing.kernels import cpu_avx512 as routing_cpu
+from msa_memory.routing import RouterIndex, RoutingConfig, prepare_lhs
 from test_routing_paths import einsum_chunk_scores  # the float64 formula (same folder: tests/equivalence)
 
 KERNEL = routing_cpu.available()
@@ -328,7 +329,7 @@ def test_failed_build_logs_one_warning_and_falls_back(fresh_kernel_state, caplog
     fresh_kernel_state.delenv("MSA_CPU_KERNEL", raising=False)
     fresh_kernel_state.setattr(routing_cpu, "missing_cpu_flags", lambda: [])
     fresh_kernel_state.setattr(routing_cpu, "_build", broken_build)
-    with caplog.at_level(logging.WARNING, logger="msa_memory.runtime.routing_cpu"):
+    with caplog.at_level(logging.WARNING, logger="msa_memory.routing.kernels.cpu_avx512"):
         assert routing_cpu.load() is None
         assert routing_cpu.load() is None                            # remembered: no second attempt, no warning
     assert [r.getMessage() for r in caplog.records if "routing kernel unavailable" in r.getMessage()] == [
@@ -374,10 +375,10 @@ def test_resident_dtype_follows_the_cpu(monkeypatch):
     """``compute_dtype="auto"`` on CPU: bf16 / fp16 keys stay as stored where the CPU has native bf16 (AMX,
     AVX512-BF16) and are widened to fp32 elsewhere; both branches, whatever this CPU is."""
     for native, want in ((True, torch.bfloat16), (False, torch.float32)):
-        monkeypatch.setattr(routing, "cpu_has_native_bf16", lambda native=native: native)
-        assert routing.resident_dtype(torch.bfloat16, "cpu") == want
-        assert routing.resident_dtype(torch.bfloat16, "cpu", "bfloat16") == torch.bfloat16
-        assert routing.resident_dtype(torch.float32, "cpu") == torch.float32
+        monkeypatch.setattr(scoring, "cpu_has_native_bf16", lambda native=native: native)
+        assert scoring.resident_dtype(torch.bfloat16, "cpu") == want
+        assert scoring.resident_dtype(torch.bfloat16, "cpu", "bfloat16") == torch.bfloat16
+        assert scoring.resident_dtype(torch.float32, "cpu") == torch.float32
     g = torch.Generator().manual_seed(5)
     keys = torch.randn(70, 1, 64, generator=g).to(torch.bfloat16)
     index = RouterIndex([keys], np.arange(70), np.arange(70), RoutingConfig())    # (native: False, from above)

@@ -1,4 +1,4 @@
-"""Routing (msa_memory.runtime.routing) equals a brute-force numpy implementation of msa-reference §3.3.
+"""Routing (msa_memory.routing) equals a brute-force numpy implementation of msa-reference §3.3.
 
 Covers every score × head-reduce × query-reduce × chunk-reduce combination with hypothesis-drawn
 shapes (GQA ratios, tiles smaller than C, documents of 1..n chunks, unsorted chunk→doc maps), in
@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from msa_memory.errors import ConfigError, RuntimeMemoryError
-from msa_memory.runtime.routing import RouterIndex, RoutingConfig
+from msa_memory.routing import RouterIndex, RoutingConfig
 
 COMBOS = list(itertools.product(("dot", "cosine"), ("mean", "max"), ("max", "mean", "last"), ("max", "mean")))
 
@@ -129,7 +129,7 @@ def test_route_multi_layer_each_layer_uses_own_keys():
 
 
 def test_resident_keys_widen_only_where_bf16_is_emulated():
-    from msa_memory.runtime.routing import cpu_has_native_bf16, resident_dtype
+    from msa_memory.routing import cpu_has_native_bf16, resident_dtype
 
     want = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     assert resident_dtype(torch.bfloat16, "cpu") == want

@@ -33,8 +33,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from msa_memory.errors import ConfigError
-from msa_memory.runtime import routing_cpu
-from msa_memory.runtime.routing import RouterIndex, RoutingConfig, doc_gather_index
+from msa_memory.routing.kernels import cpu_avx512 as routing_cpu
+from msa_memory.routing import RouterIndex, RoutingConfig, doc_gather_index
 from test_routing_equivalence import oracle_doc_scores  # the loop oracle (same folder: tests/equivalence)
 from test_routing_paths import run_under_triton_interpreter
 
@@ -273,7 +273,7 @@ def test_per_layer_routing_equals_reference_property(case):
 
 _TRITON_SCRIPT = textwrap.dedent("""
     import numpy as np, torch
-    from msa_memory.runtime.routing import RouterIndex, RoutingConfig
+    from msa_memory.routing import RouterIndex, RoutingConfig
     g = torch.Generator().manual_seed(0)
     rng = np.random.default_rng(0)
     a = rng.integers(1, 4, 300)

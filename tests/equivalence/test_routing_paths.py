@@ -28,7 +28,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from msa_memory.errors import ConfigError
-from msa_memory.runtime.routing import (
+from msa_memory.routing import (
     RouterIndex,
     RoutingConfig,
     doc_gather_index,
@@ -232,7 +232,7 @@ def test_route_rejects_graph_path_on_cpu_and_unknown_path():
 
 _TRITON_SCRIPT = textwrap.dedent("""
     import numpy as np, torch
-    from msa_memory.runtime.routing import RouterIndex, RoutingConfig
+    from msa_memory.routing import RouterIndex, RoutingConfig
     g = torch.Generator().manual_seed(0)
     for H, rep, T, C, D, hr, score in [(1, 4, 70, 300, 64, "mean", "dot"), (2, 2, 33, 77, 16, "max", "cosine"),
                                        (1, 1, 130, 129, 32, "mean", "dot"), (3, 1, 64, 5, 8, "max", "dot")]:
@@ -246,7 +246,7 @@ _TRITON_SCRIPT = textwrap.dedent("""
         assert torch.equal(index.chunk_scores(0, q), fused)          # "auto" takes the kernel under the interpreter
         assert index.route(0, q).doc_index.tolist() == index.route(0, q, path="eager").doc_index.tolist()
     # both MMA orientations of the score kernel (CHUNKS_M), whatever CONFIGS picks by row count
-    from msa_memory.runtime import routing_triton as rt
+    from msa_memory.routing.kernels import fused_triton as rt
     for G, R, C in ((1, 1, 50), (1, 16, 300), (2, 40, 77), (1, 130, 64)):
         lhs, keys = torch.randn(G, R, 32, generator=g), torch.randn(C, G, 32, generator=g)
         ref = torch.einsum("grd,cgd->cgr", lhs, keys).amax(dim=(1, 2))
@@ -254,7 +254,7 @@ _TRITON_SCRIPT = textwrap.dedent("""
             out = rt.fused_max_scores(lhs, keys, torch.empty(C), CHUNKS_M=cm, BLOCK_C=64, BLOCK_R=16, BLOCK_D=16)
             assert torch.allclose(out, ref, rtol=1e-5, atol=1e-5), (G, R, C, cm, (out - ref).abs().max())
     # the document max + top-k kernels (doc_max_topk) against scatter amax + torch.topk
-    from msa_memory.runtime import routing_triton as rt
+    from msa_memory.routing.kernels import fused_triton as rt
     rng = np.random.default_rng(0)
     for n_docs, max_c, k in [(1, 1, 1), (5, 3, 5), (300, 4, 16), (3000, 6, 64), (700, 1, 7), (12000, 2, 16)]:
         counts = rng.integers(1, max_c + 1, n_docs)

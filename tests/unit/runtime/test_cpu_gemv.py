@@ -34,7 +34,8 @@ from hypothesis import strategies as st
 
 from msa_memory.encode.tiny import FAMILIES, tiny_model
 from msa_memory.errors import ConfigError
-from msa_memory.runtime import cpu_linear, routing_cpu
+from msa_memory.routing.kernels import cpu_avx512 as routing_cpu
+from msa_memory.runtime import cpu_linear
 from msa_memory.runtime.cpu_linear import CpuGemv, gemv, gemv_reference
 from msa_memory.runtime.engine import MsaEngine
 

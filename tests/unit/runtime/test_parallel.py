@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from msa_memory.errors import ConfigError
 from msa_memory.runtime.parallel import ShardedRouterIndex, merge_topk, shard_bounds
-from msa_memory.runtime.routing import RouterIndex, RoutingConfig
+from msa_memory.routing import RouterIndex, RoutingConfig
 
 WORDS = "apple river door code blue red cat meeting orchard sea barn map green north east lobby".split()
 QUESTIONS = ["blue door code", "what grows in the orchard", "item 7", "the meeting in the east lobby"]

@@ -132,7 +132,7 @@ def test_every_reducer_combination_equals_brute_force(combo, B, T, hk, C, seed):
                          [("cosine", "mean", "max", "max"), ("dot", "mean", "max", "max"),
                           ("cosine", "max", "mean", "mean"), ("dot", "mean", "last", "max")])
 def test_scores_rank_like_runtime_router(score, head_reduce, query_reduce, chunk_reduce):
-    from msa_memory.runtime.routing import RouterIndex, RoutingConfig
+    from msa_memory.routing import RouterIndex, RoutingConfig
 
     g = torch.Generator().manual_seed(2)
     k = torch.randn(40, 2, 16, generator=g)

@@ -23,12 +23,10 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
-from msa_memory.runtime.routing import pad_query_rows
+from msa_memory.routing.scoring import pad_query_rows
 
 if TYPE_CHECKING:
     import torch
-
-    from msa_memory.runtime.routing import RouterIndex
 
 __all__ = ["GraphRouteCache"]
 
@@ -41,9 +39,9 @@ class _Entry:
 
 
 class GraphRouteCache:
-    """Captured routes of one ``RouterIndex`` on CUDA, keyed by (layer, padded T, Hq, k, dtype, config)."""
+    """Captured routes of one :class:`~msa_memory.routing.index.RouterIndex` (``index``) on CUDA, keyed by (layer, padded T, Hq, k, dtype, config)."""
 
-    def __init__(self, index: RouterIndex, max_graphs: int = 16, warmup: int = 2) -> None:
+    def __init__(self, index: Any, max_graphs: int = 16, warmup: int = 2) -> None:
         self.index = index
         self.max_graphs = int(max_graphs)
         self.warmup = int(warmup)

@@ -1,6 +1,6 @@
 """CPU routing kernel: bf16 router keys in a blocked layout, scored with AVX512-BF16 (``csrc/routing_cpu.cpp``).
 
-On CPUs with AVX512-BF16, :class:`~msa_memory.runtime.routing.RouterIndex` keeps bf16 keys blocked,
+On CPUs with AVX512-BF16, :class:`~msa_memory.routing.index.RouterIndex` keeps bf16 keys blocked,
 (nb, H, D/2, 32, 2) (:func:`pack_blocked`): 32 chunks per block, the two dims of each pair side by
 side, so one 64-byte line is the (chunk lane × dim pair) operand of ``_mm512_dpbf16_ps`` and each
 block is one contiguous run. :func:`score_blocked` streams the keys once with fp32 accumulation,

@@ -12,7 +12,7 @@ Design note. This is msa-reference.md §3.3–3.4 as one function per router lay
 ``score="cosine"`` is the paper / training path (q and K̄ᵣ L2-normalized per head, scale 1).
 Keys stay resident on the device as ONE tensor per router layer (``RouterIndex.layout``): row-major,
 viewed as (C, G, Dk), on GPUs; on CPU bf16 keys are stored blocked, (⌈C/32⌉, H, D/2, 32, 2), and
-scored by the AVX512-BF16 kernel of ``routing_cpu`` where the CPU has it (and ``cpu_kernel`` /
+scored by the AVX512-BF16 kernel of ``cpu_avx512`` where the CPU has it (and ``cpu_kernel`` /
 ``MSA_CPU_KERNEL`` leave it on), other CPU keys chunk-minor, (H, D, C). ``keys[layer]`` is a (C, H, D)
 view (a row-major copy for blocked keys).
 
@@ -26,7 +26,7 @@ query-mean). On CPU the chunk-minor GEMV streams the keys on both cores (MKL's r
 one: 2.7× slower at 1M chunks) and CPU tiles keep the GEMM output cache-sized (2 MiB). Peak memory is
 bounded by tile × rows, never by C. The tile loop is the eager path, the reference for the others:
 
-- CPU, blocked bf16 keys: ``routing_cpu.score_blocked`` streams the keys once (each block of 32 chunks
+- CPU, blocked bf16 keys: ``cpu_avx512.score_blocked`` streams the keys once (each block of 32 chunks
   is one contiguous run; a 64-byte line is the chunk × dim-pair operand of ``_mm512_dpbf16_ps``), with
   fp32 accumulation, the head/query reduce fused and every torch thread. It replaces the torch GEMMs,
   whose one-row and skinny bf16 cases ran far off the floors (1M chunks, 2-core AVX512-BF16 VM: see
@@ -36,17 +36,17 @@ bounded by tile × rows, never by C. The tile loop is the eager path, the refere
 
 - CUDA: :meth:`RouterIndex.route` replays the whole route of a layer (score + reduces + top-k) as a
   CUDA graph cached per (layer, T, k, dtype) with ONE device→host copy of (scores, indices)
-  (``routing_cuda``); ``RoutingConfig.cuda_graphs=False`` turns it off. Max-reduced queries are
+  (``cuda_graph``); ``RoutingConfig.cuda_graphs=False`` turns it off. Max-reduced queries are
   padded to a power-of-two row count by repeating the last row (max unchanged), so few graphs serve
   all query lengths.
-- Chunk → document reduce: over sorted document runs on CPU, ``routing_cpu.doc_reduce`` (the kernel's
+- Chunk → document reduce: over sorted document runs on CPU, ``cpu_avx512.doc_reduce`` (the kernel's
   extension, with blocked keys) else ``torch.segment_reduce``; on GPUs a gather of
   :func:`doc_gather_index` + ``amax`` (chunk-reduce max over contiguous documents, no float
   atomics) else ``scatter_reduce_``; on CUDA the top-k is :func:`topk_blocked` (two stages). With
   chunk-reduce max on CUDA (``fused_topk``), document max + top-k are instead two Triton launches
-  (``routing_triton.doc_max_topk``), the graph's fixed cost at small stores.
+  (``fused_triton.doc_max_topk``), the graph's fixed cost at small stores.
 - CUDA, query-reduce max (and any one-row query) with ≥ ``fused_min_rows`` rows: a Triton kernel
-  (``routing_triton``) scores a block of chunks against all rows with ``tl.dot`` and keeps the max in registers, writing fp32
+  (``fused_triton``) scores a block of chunks against all rows with ``tl.dot`` and keeps the max in registers, writing fp32
   chunk scores and never the R × C matrix; used only when triton imports (eager otherwise).
 
 What it does not do: fetch content K̄V̄ (``memory_tier``), or decide which layers route (the
@@ -62,137 +62,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from msa_memory.errors import ConfigError, RuntimeMemoryError
+from msa_memory.routing.config import RoutingConfig
+from msa_memory.routing.scoring import (ScorePlan, doc_gather_index, prepare_lhs, resident_dtype, score_tile,
+                                        score_tile_cm, topk_blocked)
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = [
-    "RouteResult",
-    "RouterIndex",
-    "RoutingConfig",
-    "ScoreMode",
-    "cpu_has_native_bf16",
-    "doc_gather_index",
-    "pad_query_rows",
-    "prepare_lhs",
-    "resident_dtype",
-    "topk_blocked",
-    "score_tile",
-    "score_tile_cm",
-    "torch_dtype_of",
-]
-
-ScoreMode = Literal["dot", "cosine"]
-HeadReduce = Literal["mean", "max"]
-QueryReduce = Literal["max", "mean", "last"]
-ChunkReduce = Literal["max", "mean"]
-
-_CHOICES = {
-    "score": ("dot", "cosine"),
-    "head_reduce": ("mean", "max"),
-    "query_reduce": ("max", "mean", "last"),
-    "chunk_reduce": ("max", "mean"),
-}
-
-
-@dataclass(frozen=True)
-class RoutingConfig:
-    """How router scores are computed and reduced (msa-reference §3.3); validated on construction."""
-
-    score: ScoreMode = "dot"
-    """``"dot"``: raw <q, K̄ᵣ>/√D (reference inference); ``"cosine"``: per-head L2-normalized (paper)."""
-    head_reduce: HeadReduce = "mean"
-    """Reduce over query heads: ``"mean"`` (MSA) or ``"max"``."""
-    query_reduce: QueryReduce = "max"
-    """Reduce over query tokens: ``"max"`` (MSA), ``"mean"`` or ``"last"``."""
-    chunk_reduce: ChunkReduce = "max"
-    """Reduce a document's chunk scores: ``"max"`` (MSA) or ``"mean"``."""
-    top_k: int = 16
-    """Documents chosen per router layer (fewer if the store holds fewer)."""
-    tile_chunks: int = 262_144
-    """Chunks scored per matmul tile; bounds the score buffer to rows × tile_chunks floats (on CPU the
-    tile also shrinks so that buffer stays ≤ 2 MiB, cache-sized)."""
-    cuda_graphs: bool = True
-    """On CUDA, replay each layer's route as a cached CUDA graph (one launch, one device→host copy)."""
-    fused_scores: bool = True
-    """On CUDA with triton, score query-reduce-max queries of ≥ ``fused_min_rows`` rows with the fused kernel."""
-    fused_min_rows: int = 1
-    """Rows of the left operand (query tokens × heads kept apart) from which the fused kernel is used."""
-    fused_topk: bool = True
-    """On CUDA with triton, chunk-reduce max over a sorted chunk → document map: the document max and the
-    top-k as two Triton launches (``routing_triton.doc_max_topk``) instead of about ten torch kernels."""
-    cpu_kernel: bool = True
-    """On CPUs with AVX512-BF16, keep bf16 keys in the blocked layout and score them with the AVX512-BF16
-    kernel (``routing_cpu``; built at first use, ``MSA_CPU_KERNEL=0`` turns it off everywhere). False: the
-    chunk-minor layout and the torch GEMM path."""
-    compute_dtype: str = "auto"
-    """Dtype of the resident keys and the score GEMM: ``"auto"`` keeps the stored dtype on GPUs and on
-    CPUs with native bf16 (AMX / AVX512-BF16) and widens bf16/fp16 keys to float32 once, at load, on
-    other CPUs (where bf16 GEMMs are emulated and ~100× slower); or ``"float32"`` / ``"bfloat16"``."""
-
-    def __post_init__(self) -> None:
-        for name, allowed in _CHOICES.items():
-            value = getattr(self, name)
-            if value not in allowed:
-                raise ConfigError(f"Routing {name}={value!r} is not supported; allowed: {list(allowed)}.")
-        if int(self.top_k) < 1:
-            raise ConfigError(f"Routing top_k must be >= 1, got {self.top_k!r}.")
-        if int(self.tile_chunks) < 1:
-            raise ConfigError(f"Routing tile_chunks must be >= 1, got {self.tile_chunks!r}.")
-        if int(self.fused_min_rows) < 1:
-            raise ConfigError(f"Routing fused_min_rows must be >= 1, got {self.fused_min_rows!r}.")
-        if self.compute_dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ConfigError(f"Routing compute_dtype={self.compute_dtype!r} is not one of "
-                              "'auto', 'float32', 'bfloat16', 'float16'.")
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RoutingConfig:
-        """Build from a dict; accepts MSA ``msa_config`` spellings (``*_reduce_method``, ``top_k_docs``)."""
-        aliases = {
-            "head_reduce_method": "head_reduce", "query_reduce_method": "query_reduce",
-            "chunk_reduce_method": "chunk_reduce", "top_k_docs": "top_k", "doc_top_k": "top_k",
-            "score_mode": "score",
-        }
-        known = {f for f in cls.__dataclass_fields__}
-        out: dict[str, Any] = {}
-        for key, value in d.items():
-            key = aliases.get(key, key)
-            if key in known:
-                out[key] = value
-        return cls(**out)
-
-
-def cpu_has_native_bf16() -> bool:
-    """True when the CPU has AMX-BF16 or AVX512-BF16 (bf16 GEMMs run natively)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def resident_dtype(stored: torch.dtype, device: Any, compute_dtype: str = "auto") -> torch.dtype:
-    """The dtype router keys are kept in on ``device`` (see ``RoutingConfig.compute_dtype``)."""
-    import torch
-
-    if compute_dtype != "auto":
-        return torch_dtype_of(compute_dtype)
-    if torch.device(device).type == "cpu" and stored != torch.float32 and not cpu_has_native_bf16():
-        return torch.float32
-    return stored
-
-
-def torch_dtype_of(logical: str) -> torch.dtype:
-    """torch dtype of a store's logical dtype name."""
-    import torch
-
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[logical]
+__all__ = ["RouteResult", "RouterIndex"]
 
 
 @dataclass
@@ -210,177 +92,13 @@ class RouteResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass(frozen=True)
-class ScorePlan:
-    """How the rows of a left operand reduce: T query tokens × ``rep`` heads of a group (head-max)."""
-
-    T: int
-    rep: int
-    query_reduce: str
-
-
-def prepare_lhs(q: torch.Tensor, cfg: RoutingConfig, H: int, dtype: torch.dtype) -> tuple[torch.Tensor, ScorePlan]:
-    """Left operand (G, R, Dk) of the score GEMM for router queries ``q`` (T, Hq, D), and its plan.
-
-    ``q`` must already be float32 on the keys' device. See the module note for the folds.
-    """
-    import torch
-
-    T, Hq, D = q.shape
-    rep = Hq // H
-    if cfg.score == "cosine":
-        q = torch.nn.functional.normalize(q, dim=-1)
-        scale = 1.0
-    else:
-        scale = D ** -0.5
-    if cfg.query_reduce == "last":  # only the last token matters; drop the others up front
-        q = q[-1:]
-        T = 1
-    if cfg.head_reduce == "mean":
-        lhs = q.view(T, H, rep, D).sum(2).reshape(T, H * D) * (scale / Hq)   # (T, H·D)
-        if cfg.query_reduce == "mean" and T > 1:                               # linear: fold the T mean too
-            lhs = lhs.mean(0, keepdim=True)
-            T = 1
-        return lhs.unsqueeze(0).to(dtype), ScorePlan(T, 1, "max" if T == 1 else cfg.query_reduce)
-    lhs = (q * scale).view(T, H, rep, D).permute(1, 0, 2, 3).reshape(H, T * rep, D)         # (H, T·rep, D)
-    return lhs.to(dtype), ScorePlan(T, rep, "max" if T == 1 else cfg.query_reduce)
-
-
-def score_tile(lhs: torch.Tensor, kt: torch.Tensor, plan: ScorePlan, out: torch.Tensor,
-               scratch: torch.Tensor | None = None) -> None:
-    """Chunk scores of one tile of keys ``kt`` (t, G, Dk) into ``out`` (t,) float32.
-
-    One GEMM (a GEMV when G = R = 1) into ``scratch`` (at least G·t·R elements of the keys' dtype;
-    allocated when None), then the head and query reduces of the tile, written into ``out``.
-    """
-    import torch
-
-    t, G, Dk = kt.shape
-    R = lhs.shape[1]
-    if G == 1 and R == 1:                                                   # GEMV: memory-bound
-        if out.dtype == kt.dtype:
-            torch.mv(kt.view(t, Dk), lhs[0, 0], out=out)
-        else:
-            out.copy_(torch.mv(kt.view(t, Dk), lhs[0, 0]))
-        return
-    n = G * t * R
-    buf = scratch[:n] if scratch is not None and scratch.numel() >= n else torch.empty(n, dtype=kt.dtype,
-                                                                                        device=kt.device)
-    if G == 1:
-        s = torch.mm(kt.view(t, Dk), lhs[0].T, out=buf.view(t, R)).T[None]    # (1, R, t) view of (t, R)
-    else:
-        s = torch.bmm(kt.transpose(0, 1), lhs.transpose(1, 2), out=buf.view(G, t, R)).transpose(1, 2)
-    _reduce_rows(s, plan, out)
-
-
-def _reduce_rows(s: torch.Tensor, plan: ScorePlan, out: torch.Tensor) -> None:
-    """``out`` (t,) ← the head and query reduce of one tile's scores ``s`` (G, R, t) (any strides)."""
-    import torch
-
-    if plan.query_reduce == "max":                                            # max over all rows = head & query max
-        if out.dtype == s.dtype:
-            torch.amax(s, dim=(0, 1), out=out)
-        else:
-            out.copy_(s.amax(dim=(0, 1)))
-        return
-    m = s.unflatten(1, (plan.T, plan.rep)).amax(dim=(0, 2))                   # (T, t): max over groups and heads
-    out.copy_(m.float().mean(0))
-
-
-def score_tile_cm(lhs: torch.Tensor, kt: torch.Tensor, plan: ScorePlan, out: torch.Tensor,
-                  scratch: torch.Tensor | None = None) -> None:
-    """:func:`score_tile` for chunk-minor keys ``kt`` (G, Dk, t) (the CPU layout), into ``out`` (t,) float32.
-
-    In this layout the fp32 GEMV reads the keys as a column-major (t, Dk) operand, which MKL streams
-    with both cores (1M × 256 fp32 keys on the 2-core dev box: 44 ms vs 118 ms for the row-major GEMV,
-    which runs on one core). A bf16 ``torch.mv`` of a strided tile falls off oneDNN's fast path (1M ×
-    256 bf16 keys in 262k-chunk tiles on an AVX512-BF16 2-core box: 299 ms), so half-precision GEMVs
-    run as a (1, Dk) × (Dk, t) GEMM into the scratch (37 ms; 53 ms with a fresh output per tile).
-    Multi-row queries: below ``_CM_TALL_MIN_ROWS`` rows the GEMM writes (R, t) (the query max is then
-    an elementwise max of rows), from it on (t, R) (measured at 1M chunks: R = 2 82 vs 328 ms, R = 16
-    122 vs 174 ms, R = 256 1039 vs 1121 ms, the better one chosen).
-
-    On CPUs with AVX512-BF16, bf16 keys do not come here: :class:`RouterIndex` stores them blocked and
-    scores them with ``routing_cpu.score_blocked``, since oneDNN's one-row bf16 GEMM reads only ~9–14 GB/s
-    of 25–29 GB/s copy bandwidth and its skinny GEMMs reach ~85 of ~400 GFLOP/s (``bench_runtime.py``,
-    1M × 256 keys, whole route on the 2-core AVX512-BF16 VM, three quiet runs: T = 1 / 16 / 256 in
-    23.6–25.2 / 30.9–34.9 / 326–355 ms with the kernel against 39.6–59.1 / 77.2–103 / 450–507 ms with
-    the GEMMs here). This remains the path of fp32 / fp16 keys, and of bf16 keys where the kernel is off
-    (``RoutingConfig.cpu_kernel``, ``MSA_CPU_KERNEL=0``) or cannot be built.
-    """
-    import torch
-
-    G, Dk, t = kt.shape
-    R = lhs.shape[1]
-    if G == 1 and R == 1 and kt.dtype == torch.float32:                     # GEMV: memory-bound
-        torch.mv(kt[0].T, lhs[0, 0], out=out)
-        return
-    n = G * t * R
-    buf = scratch[:n] if scratch is not None and scratch.numel() >= n else torch.empty(n, dtype=kt.dtype,
-                                                                                        device=kt.device)
-    if G == 1 and R == 1:   # bf16/fp16 GEMV as a one-row GEMM into the scratch (see the note above)
-        torch.mm(lhs[0], kt[0], out=buf.view(1, t))
-        out.copy_(buf[:t])
-        return
-    if G == 1:
-        if R >= _CM_TALL_MIN_ROWS:   # (t, R) output, keys as the transposed A operand: MKL's faster kernel here
-            s = torch.mm(kt[0].T, lhs[0].T, out=buf.view(t, R)).T            # (R, t) view
-        else:
-            s = torch.mm(lhs[0], kt[0], out=buf.view(R, t))                 # (R, t)
-        s = s[None]
-    else:
-        s = torch.bmm(lhs, kt, out=buf.view(G, R, t))                       # (G, R, t)
-    _reduce_rows(s, plan, out)
-
-
-def doc_gather_index(starts: np.ndarray, counts: np.ndarray) -> np.ndarray:
-    """(N, max count) int64 chunk index of each document's chunks (contiguous runs from ``starts``),
-    short documents repeating their last chunk: ``scores[idx].amax(1)`` is the per-document max."""
-    j = np.minimum(np.arange(int(counts.max()))[None, :], np.asarray(counts)[:, None] - 1)
-    return np.asarray(starts, dtype=np.int64)[:, None] + j
-
-
-def topk_blocked(x: torch.Tensor, k: int, block: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """``torch.topk(x, k)`` of a 1-D tensor in two stages: top-k of each ``block``-sized slice
-    (−inf padded), then top-k of those candidates. The same values (the global top-k lies among the
-    per-block top-k's); among exact ties the indices may differ. Plain ``torch.topk`` for short inputs
-    or k > block. Used on CUDA (at 125k documents on an H100: 55 µs vs 72 µs in a CUDA graph).
-    """
-    import torch
-
-    n = x.shape[0]
-    if k > block or n <= 4 * block:
-        return torch.topk(x, k)
-    xb = torch.nn.functional.pad(x, (0, (-n) % block), value=float("-inf")).view(-1, block)
-    v, i = torch.topk(xb, k, dim=1)                                           # (n_blocks, k)
-    i = i + torch.arange(0, xb.shape[0] * block, block, device=x.device)[:, None]
-    vals, j = torch.topk(v.flatten(), k)
-    return vals, i.flatten()[j]
-
-
-def pad_query_rows(q: torch.Tensor, cfg: RoutingConfig) -> torch.Tensor:
-    """``q`` (T, Hq, D) with rows repeated up to a power of two where that changes no score.
-
-    Query-reduce max: repeating the last token leaves every max unchanged, so a graph captured for
-    the padded length serves every T up to it. Query "last": only the last row. Mean: unchanged.
-    """
-    T = q.shape[0]
-    if cfg.query_reduce == "last":
-        return q[-1:]
-    if cfg.query_reduce != "max" or T & (T - 1) == 0:
-        return q
-    import torch
-
-    P = 1 << (T - 1).bit_length()
-    return torch.cat([q, q[-1:].expand(P - T, *q.shape[1:])])
-
 
 class _ChunkMap:
     """One chunk → document map and the tables of its document reduce, built once per distinct map
     (layers whose maps are equal share one object): ``chunk_doc`` (C,) int64 and ``doc_chunk_count``
     (N,) float32 on the device, and where each document's chunks are one contiguous run in document
-    order (what stores write): ``runs`` (starts, counts int32, max count) for ``routing_triton``'s
-    document top-k, on CPU ``lengths`` / ``offsets`` for ``torch.segment_reduce`` / ``routing_cpu.doc_reduce``,
+    order (what stores write): ``runs`` (starts, counts int32, max count) for ``fused_triton``'s
+    document top-k, on CPU ``lengths`` / ``offsets`` for ``torch.segment_reduce`` / ``cpu_avx512.doc_reduce``,
     on devices the ``gather`` index of :func:`doc_gather_index` (where it stays ≤ 8 × C entries)."""
 
     __slots__ = ("chunk_doc", "doc_chunk_count", "gather", "lengths", "n_chunks", "offsets", "runs")
@@ -400,7 +118,7 @@ class _ChunkMap:
                               f"(dense indices {none[:5].tolist()}{' ...' if len(none) > 5 else ''}).")
         self.doc_chunk_count = torch.from_numpy(counts.astype(np.float32)).to(device)
         # CPU chunk→doc reduce: when each document's chunks are contiguous and in order (what stores write),
-        # one pass over the runs: routing_cpu.doc_reduce with blocked keys, else torch.segment_reduce (2-core
+        # one pass over the runs: cpu_avx512.doc_reduce with blocked keys, else torch.segment_reduce (2-core
         # VM, max: 10k chunks / 1,250 documents 7.4 µs vs 29.7 µs; 1M / 125k 0.80 ms vs 1.83 ms; 1M / 250k 1.42
         # vs 2.74 ms; segment_reduce was 2x numpy reduceat and ~5x scatter_reduce_)
         self.lengths: torch.Tensor | None = None
@@ -485,7 +203,7 @@ class RouterIndex:
                 raise ConfigError(f"Router keys of layer {i} have {k.shape[0]} rows but its chunk → document map has "
                                   f"{C} chunks; the keys must be (C={C}, H, D), got {tuple(k.shape)}.")
             resident.append(resident_dtype(k.dtype, self.device, config.compute_dtype))
-        # CPU + bf16 keys + AVX512-BF16: blocked keys scored by routing_cpu (built here, on first use)
+        # CPU + bf16 keys + AVX512-BF16: blocked keys scored by cpu_avx512 (built here, on first use)
         self._blocked = bool(self._chunk_minor and config.cpu_kernel and resident
                              and all(dt == torch.bfloat16 for dt in resident)
                              and all(k.shape[-1] % 2 == 0 for k in keys) and _cpu_kernel_module() is not None)
@@ -495,9 +213,9 @@ class RouterIndex:
                 k = torch.nn.functional.normalize(k.float(), dim=-1).to(k.dtype)
             self._shapes.append(tuple(k.shape))
             if self._blocked:       # (nb, H, D/2, 32, 2): each block of 32 chunks one contiguous run
-                from msa_memory.runtime import routing_cpu
+                from msa_memory.routing.kernels import cpu_avx512
 
-                self._keys_blk.append(routing_cpu.pack_blocked(k))
+                self._keys_blk.append(cpu_avx512.pack_blocked(k))
             elif self._chunk_minor:   # stored (H, D, C): the score GEMM streams keys as a column-major operand
                 self._keys_cm.append(k.permute(1, 2, 0).contiguous())
                 self._keys.append(self._keys_cm[-1].permute(2, 0, 1))
@@ -507,7 +225,7 @@ class RouterIndex:
         self._doc_kernel_broken = False
         self._scratch: dict[Any, torch.Tensor] = {}      # reused GEMM output of the eager tile loop
         self._fused_broken = False                          # set when the Triton kernel failed once
-        self._graphs: Any = None                           # routing_cuda.GraphRouteCache, made on first CUDA route
+        self._graphs: Any = None                           # cuda_graph.GraphRouteCache, made on first CUDA route
 
     @property
     def n_layers(self) -> int:
@@ -539,15 +257,15 @@ class RouterIndex:
         chunk-minor CPU layout; with the blocked layout of the CPU kernel (``layout == "blocked"``) each
         access returns row-major COPIES (for tests and baselines; routing never uses them)."""
         if self._blocked:
-            from msa_memory.runtime import routing_cpu
+            from msa_memory.routing.kernels import cpu_avx512
 
-            return [routing_cpu.unpack_blocked(b, 0, m.n_chunks) for b, m in zip(self._keys_blk, self._maps)]
+            return [cpu_avx512.unpack_blocked(b, 0, m.n_chunks) for b, m in zip(self._keys_blk, self._maps)]
         return list(self._keys)
 
     @property
     def layout(self) -> str:
         """How the keys are stored: ``"rows"`` (C, H, D) on devices, ``"chunk_minor"`` (H, D, C) on CPU, or
-        ``"blocked"`` (⌈C/32⌉, H, D/2, 32, 2) on CPUs with the AVX512-BF16 kernel (``routing_cpu``)."""
+        ``"blocked"`` (⌈C/32⌉, H, D/2, 32, 2) on CPUs with the AVX512-BF16 kernel (``cpu_avx512``)."""
         return "blocked" if self._blocked else "chunk_minor" if self._chunk_minor else "rows"
 
     @property
@@ -595,9 +313,9 @@ class RouterIndex:
             return False
         if self.device.type != "cuda" and not _interpreting_triton():
             return False
-        from msa_memory.runtime import routing_triton
+        from msa_memory.routing.kernels import fused_triton
 
-        return routing_triton.available()
+        return fused_triton.available()
 
     def chunk_scores(self, layer: int, q: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
         """(C_l,) float32 chunk scores S[c] of one query at router layer ``layer`` (its own chunks).
@@ -620,21 +338,21 @@ class RouterIndex:
                               "RoutingConfig.cpu_kernel and MSA_CPU_KERNEL not 0.")
         use_fused = kernel == "triton" or (kernel == "auto" and self._fused_ok(lhs, plan))
         if use_fused:
-            from msa_memory.runtime import routing_triton
+            from msa_memory.routing.kernels import fused_triton
 
-            if plan.query_reduce != "max" or not routing_triton.available():
+            if plan.query_reduce != "max" or not fused_triton.available():
                 raise ConfigError("The fused Triton kernel needs triton and query_reduce 'max' (or 'last').")
             try:
                 # the kernel reads (C, G, Dk) rows; CPU keys are chunk-minor or blocked (only the interpreter runs it there)
                 if self._blocked:   # unpack this layer only (``self.keys`` unpacks every layer)
-                    from msa_memory.runtime import routing_cpu
+                    from msa_memory.routing.kernels import cpu_avx512
 
-                    rows = routing_cpu.unpack_blocked(kv, 0, C).reshape(C, lhs.shape[0], -1)
+                    rows = cpu_avx512.unpack_blocked(kv, 0, C).reshape(C, lhs.shape[0], -1)
                 elif self._chunk_minor:
                     rows = kv.permute(2, 0, 1).contiguous()
                 else:
                     rows = kv
-                routing_triton.fused_max_scores(lhs, rows, out)
+                fused_triton.fused_max_scores(lhs, rows, out)
                 return out
             except Exception as e:
                 if kernel == "triton":
@@ -677,15 +395,15 @@ class RouterIndex:
 
     def _blocked_scores(self, blk: torch.Tensor, lhs: torch.Tensor, plan: ScorePlan, out: torch.Tensor,
                         kernel: str) -> bool:
-        """``out`` ← chunk scores from blocked CPU keys with the AVX512-BF16 kernel (``routing_cpu``); True
+        """``out`` ← chunk scores from blocked CPU keys with the AVX512-BF16 kernel (``cpu_avx512``); True
         when done. ``kernel="torch"``: the torch tile loop over row-major tiles unpacked from the blocks
         (``score_tile``, the reference; slow, a copy per tile). Should the kernel fail, the keys move to
         the chunk-minor layout once (one warning) and False sends this route to the torch path there."""
-        from msa_memory.runtime import routing_cpu
+        from msa_memory.routing.kernels import cpu_avx512
 
         if kernel != "torch":
             try:
-                routing_cpu.score_blocked(lhs, blk, plan.T, plan.rep, plan.query_reduce, out)
+                cpu_avx512.score_blocked(lhs, blk, plan.T, plan.rep, plan.query_reduce, out)
                 return True
             except Exception as e:  # noqa: BLE001
                 if kernel == "cpu":
@@ -698,23 +416,23 @@ class RouterIndex:
                 return False
         G, R, Dk = lhs.shape
         C = out.shape[0]                                                     # the layer's chunks
-        tile = max(routing_cpu.BLOCK, min(int(self.config.tile_chunks),
+        tile = max(cpu_avx512.BLOCK, min(int(self.config.tile_chunks),
                                           _CPU_SCRATCH_BYTES // (G * R * blk.element_size())))
-        tile -= tile % routing_cpu.BLOCK
+        tile -= tile % cpu_avx512.BLOCK
         scratch = self._get_scratch(G * min(tile, C) * R, blk.dtype)
         for start in range(0, C, tile):
-            rows = routing_cpu.unpack_blocked(blk, start, min(C, start + tile))           # (t, H, D) copy
+            rows = cpu_avx512.unpack_blocked(blk, start, min(C, start + tile))           # (t, H, D) copy
             score_tile(lhs, rows.view(rows.shape[0], G, Dk), plan, out[start:start + rows.shape[0]], scratch)
         return True
 
     def _to_chunk_minor(self) -> None:
         """Move blocked keys to the chunk-minor layout (the torch path's), layer by layer."""
-        from msa_memory.runtime import routing_cpu
+        from msa_memory.routing.kernels import cpu_avx512
 
         while self._keys_blk:
             blk = self._keys_blk.pop(0)
             C = self._maps[len(self._keys_cm)].n_chunks                      # the layer moved now
-            cm = routing_cpu.unpack_blocked(blk, 0, C).permute(1, 2, 0).contiguous()
+            cm = cpu_avx512.unpack_blocked(blk, 0, C).permute(1, 2, 0).contiguous()
             del blk
             self._keys_cm.append(cm)
             self._keys.append(cm.permute(2, 0, 1))
@@ -728,11 +446,11 @@ class RouterIndex:
         if m.lengths is not None and cs.device.type == "cpu":     # sorted map: one pass over the runs
             if self._blocked and not self._doc_kernel_broken and cs.dtype == torch.float32 and cs.is_contiguous():
                 # the kernel's extension is loaded (blocked keys): its doc_reduce (see _ChunkMap for the figures)
-                from msa_memory.runtime import routing_cpu
+                from msa_memory.routing.kernels import cpu_avx512
 
                 out = torch.empty(self.n_docs, dtype=torch.float32)
                 try:
-                    routing_cpu.doc_reduce(cs, m.offsets, self.config.chunk_reduce, out)
+                    cpu_avx512.doc_reduce(cs, m.offsets, self.config.chunk_reduce, out)
                     return out
                 except Exception as e:  # noqa: BLE001  (segment_reduce is exact too)
                     import warnings
@@ -771,11 +489,11 @@ class RouterIndex:
         """
         m = self._maps[layer]
         if self._doc_topk_ok(k, m):
-            from msa_memory.runtime import routing_triton
+            from msa_memory.routing.kernels import fused_triton
 
             cs = self.chunk_scores(layer, q, kernel)
             try:
-                return routing_triton.doc_max_topk(cs, *m.runs, k)
+                return fused_triton.doc_max_topk(cs, *m.runs, k)
             except Exception as e:  # noqa: BLE001  (a compile or launch failure: the torch path is exact too)
                 import warnings
 
@@ -799,9 +517,9 @@ class RouterIndex:
             return False
         if self.device.type != "cuda" and not _interpreting_triton():
             return False
-        from msa_memory.runtime import routing_triton
+        from msa_memory.routing.kernels import fused_triton
 
-        return routing_triton.available() and routing_triton.doc_max_topk_plan(self.n_docs, k) is not None
+        return fused_triton.available() and fused_triton.doc_max_topk_plan(self.n_docs, k) is not None
 
     def _check_route(self, layer: int, k: int | None) -> int:
         if self.n_docs == 0:
@@ -841,7 +559,7 @@ class RouterIndex:
             if self.device.type != "cuda":
                 raise ConfigError("Routing path='graph' needs the router keys on a CUDA device.")
             if self._graphs is None:
-                from msa_memory.runtime.routing_cuda import GraphRouteCache
+                from msa_memory.routing.kernels.cuda_graph import GraphRouteCache
 
                 self._graphs = GraphRouteCache(self)
             packed = self._graphs.route(layer, q, k)
@@ -854,14 +572,13 @@ class RouterIndex:
 
 
 _CPU_SCRATCH_BYTES = 2 << 20   # CPU score tile: a cache-sized GEMM output (1M chunks, T=256: 2 MiB 1.04 s, 64 MiB 2.6 s)
-_CM_TALL_MIN_ROWS = 16
 
 
 def _cpu_kernel_module() -> Any:
     """The AVX512-BF16 routing extension, or None (no such CPU, MSA_CPU_KERNEL=0, or no build)."""
-    from msa_memory.runtime import routing_cpu
+    from msa_memory.routing.kernels import cpu_avx512
 
-    return routing_cpu.load()
+    return cpu_avx512.load()
 
 
 def _capturing(device: Any) -> bool:
