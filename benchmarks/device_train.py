@@ -16,7 +16,7 @@ blocks up to the last candidate layer and the embedding rows of the tokens actua
    installed-package list the ``packages`` source read).
 2. ``gpu`` (there, with ``--carry`` carried and the ``gguf`` wheel installed): loads the pack,
    builds the untrained template adapter from the pack's own q/k projections
-   (``RouterAdapter.from_model_qk``, as ``load_model`` does), extracts the features with the
+   (``encode.router_from_model_qk``, as ``load_model`` does), extracts the features with the
    encoder's own forward (``features.extract_passage_tokens`` / ``extract_query_tokens``, bf16),
    and runs ``recipe.run_training`` on CUDA with them (``features=``): same trainer, same layer
    selection, same saved adapter files, into ``$OUT/adapter``.
@@ -226,7 +226,7 @@ def gpu(a) -> None:
     import device_pack
     import torch
 
-    from msa_memory.encode import RouterAdapter, RouterConfig
+    from msa_memory.encode import RouterAdapter, RouterConfig, router_from_model_qk
     from msa_memory.encode.model import LoadedModel
     from msa_memory.train.features import extract_passage_tokens, extract_query_tokens
     from msa_memory.train.cli_support import parse_layers
@@ -269,7 +269,7 @@ def gpu(a) -> None:
         template = init.subset(layers).to(dev)
         rc = template.config
     else:
-        template = RouterAdapter.from_model_qk(model, rc, warn=False).to(dev)
+        template = router_from_model_qk(model, rc, warn=False).to(dev)
     loaded = LoadedModel(name=meta["model_name"] + " (device pack)", hf_model=model, tokenizer=None,
                          router=template, wrap="plain", model_fingerprint=meta["model_fingerprint"])
     feats = {}
@@ -342,7 +342,7 @@ def evaluate_adapters(a) -> None:
     import device_pack
     import torch
 
-    from msa_memory.encode import RouterAdapter, RouterConfig
+    from msa_memory.encode import RouterAdapter, RouterConfig, router_from_model_qk
     from msa_memory.encode.model import LoadedModel
     from msa_memory.train.features import extract_passage_tokens, extract_query_tokens
     from msa_memory.train.trainer import Features, RouterProjections, TrainConfig, evaluate, select_layers
@@ -366,7 +366,7 @@ def evaluate_adapters(a) -> None:
     model, _ = device_pack.load_pack(carry / "pack", a.device)
     rc = dataclasses.replace(RouterConfig.from_dict(meta["router_config"]), router_layers=union)
     loaded = LoadedModel(name=meta["model_name"] + " (device pack)", hf_model=model, tokenizer=None,
-                         router=RouterAdapter.from_model_qk(model, rc, warn=False).to(dev), wrap="plain",
+                         router=router_from_model_qk(model, rc, warn=False).to(dev), wrap="plain",
                          model_fingerprint=meta["model_fingerprint"])
     d = np.load(carry / "data.npz")
     xs = {}

@@ -1,13 +1,13 @@
 """Files shipped with the package: the router adapters trained for Gemma 3 270M (the default model).
 
 Three adapters ship, each reachable by name wherever an adapter folder is taken (``RouterAdapter.load``,
-``load_model(adapter=...)``, ``msa-encode --adapter aligned``; see :func:`shipped_adapter`):
+``load_model(adapter=...)``, ``msa-encode --adapter aligned``; see :func:`msa_memory.routing.files.shipped_adapter`):
 
 * ``default`` (``gemma3-270m-router/``, router id ``0bd2cbf054be9ce9``): router layers 1, 5, 8, 11, 13, 16,
   17; router keys over MSA's aligned 64-token chunks and, at every layer, over 32-token windows at a stride
   of 16 tokens (``RouterConfig.shifted_window``); a *suffix query* at layer 13 (``RouterConfig.suffix_layers``:
   the question is also read at the end of "\nThis passage is about"). ``router_adapter.json`` +
-  ``router_adapter.safetensors`` (a ``msa_memory.encode.RouterAdapter``), and ``RECIPE.md``: the commands,
+  ``router_adapter.safetensors`` (a :class:`msa_memory.routing.adapter.RouterAdapter`), and ``RECIPE.md``: the commands,
   data and held-out figures of every shipped adapter.
 * ``aligned`` (``gemma3-270m-router-aligned/``, router id ``a33595931c4c316b``): the default's weights over
   MSA's aligned chunks alone, without the suffix query. A fifth of the default's resident router keys
@@ -24,16 +24,16 @@ folder, and the router id that ``RouterAdapter.load`` checks), so the weights sh
 
 ``load_model("default")`` uses the default when no adapter is given. A store built with any shipped adapter
 keeps it: ``model="default"`` without an adapter reads and updates it with the adapter whose router id the
-store names (:func:`shipped_adapter_for_router`).
+store names (:mod:`msa_memory.routing.registry`).
+
+This module only says where the folders are; it imports nothing of the package.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 
-__all__ = ["DEFAULT_ROUTER_ADAPTER", "ALIGNED_ROUTER_ADAPTER", "SHALLOW_ROUTER_ADAPTER", "SHIPPED_ADAPTERS",
-           "default_router_adapter", "shipped_adapter", "shipped_adapter_for_router"]
+__all__ = ["DEFAULT_ROUTER_ADAPTER", "ALIGNED_ROUTER_ADAPTER", "SHALLOW_ROUTER_ADAPTER", "SHIPPED_ADAPTERS"]
 
 _HERE = Path(__file__).resolve().parent
 #: The default router adapter of the default model (Gemma 3 270M, GGUF q4_k_m): layers 1, 5, 8, 11, 13, 16, 17,
@@ -47,46 +47,3 @@ SHALLOW_ROUTER_ADAPTER = _HERE / "gemma3-270m-router-shallow"
 SHIPPED_ADAPTERS = {"default": DEFAULT_ROUTER_ADAPTER, "aligned": ALIGNED_ROUTER_ADAPTER,
                     "shallow": SHALLOW_ROUTER_ADAPTER}
 
-
-def shipped_adapter(name: str) -> Path | None:
-    """The folder of the shipped adapter called ``name`` (a key of :data:`SHIPPED_ADAPTERS`), else None."""
-    from msa_memory.encode.router import is_adapter_folder
-
-    d = SHIPPED_ADAPTERS.get(str(name))
-    return d if d is not None and is_adapter_folder(d) else None
-
-
-def default_router_adapter() -> Path | None:
-    """The default model's trained adapter folder, or None when the package ships none."""
-    from msa_memory.encode.router import is_adapter_folder
-
-    return DEFAULT_ROUTER_ADAPTER if is_adapter_folder(DEFAULT_ROUTER_ADAPTER) else None
-
-
-@lru_cache(maxsize=None)
-def _shipped_router_ids() -> dict[str, Path]:
-    import json
-
-    from msa_memory.encode.router import ADAPTER_SUBSET, RouterAdapter, is_subset_folder
-
-    out = {}
-    for d in (shipped_adapter(n) for n in SHIPPED_ADAPTERS):
-        if d is None:
-            continue
-        if is_subset_folder(d):
-            # a subset folder names its router id; RouterAdapter.load checks it when the folder is used,
-            # so the merged weights it is cut from are not read once more per subset here
-            out[str(json.loads((d / ADAPTER_SUBSET).read_text())["router_id"])] = d
-        else:
-            out[RouterAdapter.load(d).fingerprint()] = d
-    return out
-
-
-def shipped_adapter_for_router(router_id: str) -> Path | None:
-    """The shipped adapter whose fingerprint is ``router_id`` (a store's ``identity.router_id``), else None.
-
-    What ``model="default"`` without an adapter falls back to for an existing store: a store encoded
-    with ``--adapter aligned`` or ``--adapter shallow`` keeps being read and updated with that adapter,
-    not with the default.
-    """
-    return _shipped_router_ids().get(str(router_id))

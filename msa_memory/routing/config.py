@@ -1,4 +1,10 @@
-"""How router scores are computed and reduced (msa-reference §3.3): the choices, defined once.
+"""How router keys are made and scored (msa-reference §1.2, §3.3): the choices, defined once, and the
+two configurations that use them.
+
+- :class:`RouterConfig`: an adapter's own configuration, saved with its weights (layers, head layout,
+  pooling, the score and reduces it was trained for, grids, query suffix); it names the router id.
+- :class:`RoutingConfig`: how a runtime scores resident keys (the same score and reduces, taken from
+  the adapter by ``Memory``, plus top-k and the fast-path switches); never saved.
 
 The score and reduce literals below are the only definitions of them: the router adapter's config
 (:class:`msa_memory.routing.adapter.RouterConfig`), the runtime's :class:`RoutingConfig` and the
@@ -7,12 +13,14 @@ reference scorer (:mod:`msa_memory.routing.reference`) all use them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 from msa_memory.errors import ConfigError
+from msa_memory.schemas.records import check_shifted_window
 
-__all__ = ["ScoreMode", "HeadReduce", "QueryReduce", "ChunkReduce", "CHOICES", "check_choice", "RoutingConfig"]
+__all__ = ["ScoreMode", "HeadReduce", "QueryReduce", "ChunkReduce", "CHOICES", "check_choice", "RoutingConfig",
+           "RouterConfig", "check_query_suffix"]
 
 ScoreMode = Literal["dot", "cosine"]
 HeadReduce = Literal["mean", "max"]
@@ -97,3 +105,124 @@ class RoutingConfig:
             if key in known:
                 out[key] = value
         return cls(**out)
+
+
+def check_query_suffix(suffix: Any, query_reduce: str, name: str, suffix_layers: tuple[int, ...] = ()) -> None:
+    """Raise ConfigError (naming ``name``) unless ``suffix`` is a string that, when non-empty, is read by a
+    ``query_reduce`` of "last" or by suffix queries (``suffix_layers``); suffix queries need a suffix."""
+    if not isinstance(suffix, str):
+        raise ConfigError(f"{name} must be a string, got {suffix!r}.")
+    if suffix_layers and not suffix:
+        raise ConfigError(f"Suffix queries at layers {list(suffix_layers)} need a query suffix to read; {name} is "
+                          "empty.")
+    if suffix and query_reduce != "last" and not suffix_layers:
+        raise ConfigError(f"{name} {suffix!r} needs query_reduce 'last' (the router query is read where the suffix "
+                          f"ends), got query_reduce {query_reduce!r}.",
+                          hint="Train with --query-reduce last, or leave the suffix out.")
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """How router keys are made and scored (msa-reference.md §1.2, §3.3)."""
+
+    router_layers: tuple[int, ...]
+    """Decoder layer indices with router projections, ascending."""
+    n_q_heads: int
+    """Router query heads Hq (query head h uses key head h // (Hq // Hkv))."""
+    n_kv_heads: int
+    """Router key heads Hkv."""
+    head_dim: int
+    """Per-head dimension D."""
+    hidden_size: int
+    """Input size E (the model's hidden size)."""
+    chunk_tokens: int = 64
+    """Pooling size P (MSA's pooling_kernel_size)."""
+    score: ScoreMode = "cosine"
+    """"cosine" (normalised q and K̄ᵣ) or "dot" (raw dot / sqrt(D))."""
+    head_reduce: HeadReduce = "mean"
+    query_reduce: QueryReduce = "max"
+    chunk_reduce: ChunkReduce = "max"
+    top_k: int = 16
+    """Documents chosen per router layer (MSA: doc_top_k, else top_k_docs, else 16)."""
+    source: str = "adapter"
+    """Where the weights came from: "msa-checkpoint", "adapter" or "init-from-qk"."""
+    extra: dict[str, Any] = field(default_factory=dict)
+    """Free-form provenance (training run, aux_loss_method...)."""
+    shifted_layers: tuple[int, ...] = ()
+    """Router layers whose keys are also pooled over chunks shifted by ``chunk_tokens // 2`` tokens
+    (``schemas.records.shifted_chunk_counts``); routing scores a document there by the max over both
+    grids. Not in MSA (empty: the reference's aligned grid alone); left out of :meth:`to_dict`, and so
+    of the router id, when empty."""
+    shifted_window: int | None = None
+    """Tokens per window of that grid when finer than ``chunk_tokens``: windows of W tokens at a stride
+    of W/2 (an even W, 2 <= W < P); None: P-token windows from token P/2. Left out of :meth:`to_dict`
+    when None."""
+    query_suffix: str = ""
+    """Text put after the question before it is routed (not in MSA; empty: the question alone), read where
+    it ends: by the router query itself with ``query_reduce = "last"``, or by the suffix queries of
+    ``suffix_layers``; e.g. ``"\nThis passage is about"`` turns the last position into a summary of the
+    question. The suffix is tokenized on its own (no special tokens) and appended to the question's tokens,
+    so the question's own tokens are the same with or without it. Left out of :meth:`to_dict` when empty."""
+    suffix_layers: tuple[int, ...] = ()
+    """Router layers that add a *suffix query* to their score (not in MSA; needs ``query_suffix``): a query
+    projection of their own (``router_suffix_q_proj``) read at the suffix's last token, scored as one row
+    against the layer's own router keys (both grids at a shifted layer) with the layer's score mode and head
+    and chunk reduces, and summed into the layer's document score. The layer's own queries then read the
+    question's tokens only (not the suffix's), reduced by ``query_reduce``; the keys are unchanged, so a
+    store's keys serve the adapter with or without them. Left out of :meth:`to_dict` when empty."""
+
+    def __post_init__(self) -> None:
+        layers = tuple(int(x) for x in self.router_layers)
+        object.__setattr__(self, "router_layers", layers)
+        if not layers or list(layers) != sorted(set(layers)) or layers[0] < 0:
+            raise ConfigError(f"router_layers must be ascending distinct layer indices >= 0, got {layers!r}.")
+        shifted = tuple(int(x) for x in self.shifted_layers)
+        object.__setattr__(self, "shifted_layers", shifted)
+        if list(shifted) != sorted(set(shifted)) or not set(shifted) <= set(layers):
+            raise ConfigError(f"shifted_layers must be ascending distinct router layers (router layers {list(layers)}), "
+                              f"got {list(shifted)!r}.")
+        window = check_shifted_window(self.shifted_window, self.chunk_tokens, "RouterConfig.shifted_window")
+        object.__setattr__(self, "shifted_window", window)
+        if window is not None and not shifted:
+            raise ConfigError(f"RouterConfig.shifted_window {window} needs shifted_layers (the layers that key the "
+                              "shifted grid).")
+        sfx_layers = tuple(int(x) for x in self.suffix_layers)
+        object.__setattr__(self, "suffix_layers", sfx_layers)
+        if list(sfx_layers) != sorted(set(sfx_layers)) or not set(sfx_layers) <= set(layers):
+            raise ConfigError(f"suffix_layers must be ascending distinct router layers (router layers {list(layers)}), "
+                              f"got {list(sfx_layers)!r}.")
+        check_query_suffix(self.query_suffix, self.query_reduce, "RouterConfig.query_suffix", sfx_layers)
+        for name in ("n_q_heads", "n_kv_heads", "head_dim", "hidden_size", "chunk_tokens", "top_k"):
+            if int(getattr(self, name)) <= 0:
+                raise ConfigError(f"RouterConfig.{name} must be positive, got {getattr(self, name)!r}.")
+        if self.n_q_heads % self.n_kv_heads:
+            raise ConfigError(
+                f"n_q_heads ({self.n_q_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads}).")
+        for name, ok in CHOICES.items():
+            if getattr(self, name) not in ok:
+                raise ConfigError(f"RouterConfig.{name} must be one of {ok}, got {getattr(self, name)!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["router_layers"] = list(self.router_layers)
+        if self.shifted_layers:
+            d["shifted_layers"] = list(self.shifted_layers)
+        else:
+            del d["shifted_layers"]
+        if self.shifted_window is None:
+            del d["shifted_window"]
+        if not self.query_suffix:
+            del d["query_suffix"]
+        if self.suffix_layers:
+            d["suffix_layers"] = list(self.suffix_layers)
+        else:
+            del d["suffix_layers"]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RouterConfig:
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"Unknown router config keys {unknown!r}; allowed: {sorted(known)}.")
+        return cls(**d)

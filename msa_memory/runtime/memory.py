@@ -167,7 +167,7 @@ class Memory:
     adapter : str or path, optional
         Router adapter directory, passed to ``load_model`` when ``model`` is a name. None with
         ``model="default"``: the shipped adapter whose router built the store, if one did
-        (``msa_memory.data.shipped_adapter_for_router``), else the default adapter.
+        (``msa_memory.routing.registry.adapter_for_store``), else the default adapter.
     tokenizer : str, path or tokenizer object, optional
         Passed to ``load_model`` when ``model`` is a name: the tokenizer of a checkpoint saved
         without tokenizer files. Default None: the checkpoint's own.
@@ -235,10 +235,10 @@ class Memory:
         if isinstance(model, (str, os.PathLike)):
             from msa_memory.encode import load_model
 
-            if adapter is None and str(model) == "default":   # the shipped adapter the store was built with,
-                from msa_memory.data import shipped_adapter_for_router  # should the default have changed since
+            from msa_memory.routing.registry import adapter_for_store
 
-                adapter = shipped_adapter_for_router(store.identity.router_id)
+            # the default model keeps the shipped adapter the store was built with, should the default have changed
+            adapter = adapter_for_store(store.identity.router_id, model, adapter)
             model = load_model(str(model), adapter=adapter, device=device, tokenizer=tokenizer)
         elif tokenizer is not None:
             raise ConfigError("tokenizer= was given with a loaded model, which has its tokenizer already.",

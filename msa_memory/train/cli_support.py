@@ -1,6 +1,6 @@
 """Argument plumbing of ``msa train-router``: turn CLI options into a :func:`recipe.run_training` call.
 
-Kept out of ``cli.py`` so that file stays argument parsing and printing only. Sources of pairs:
+Kept out of ``msa_memory.cli.router`` so that module stays argument parsing and printing only. Sources of pairs:
 the built-in recipe (no ``--corpus``/``--store``), the user's files (``--corpus``), or a store's
 documents (``--store``, optionally with ``--pairs`` JSONL over its document ids, plus inverse
 cloze and facts built from its texts).
@@ -175,7 +175,7 @@ def train_router_from_cli(*, out: str, corpus: Sequence[str] | None, store: str 
     from msa_memory.train.pairs import check_fact_names
 
     check_fact_names(fact_names, "--fact-names")   # before any text is read
-    from msa_memory.encode.router import check_query_suffix
+    from msa_memory.routing.config import check_query_suffix
 
     check_query_suffix(query_suffix, query_reduce, "--query-suffix")
     shifted = None if shifted_layers is None else (parse_layers(shifted_layers) if shifted_layers.strip() else ())

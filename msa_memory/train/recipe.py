@@ -16,7 +16,7 @@ own documents, so the negatives are what the store's routing confuses), re-mined
 ``mine_every`` epochs or once; or "both".
 Layer choice: train every candidate layer (each layer's loss only moves its own projections),
 then keep the greedy subset whose summed scores rank best on the dev queries.
-What this module does not do: print (it calls ``log``) or parse arguments (``cli.py`` does).
+What this module does not do: print (it calls ``log``) or parse arguments (``msa_memory.cli.router`` does).
 """
 
 from __future__ import annotations
@@ -320,7 +320,7 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
     shifted_layers : sequence of int, optional
         Candidate layers whose saved adapter also keys the shifted chunk grid (``RouterConfig.shifted_layers``;
         those of them the selection keeps). None: ``init_adapter``'s, else none. Training scores the aligned
-        chunks either way (training over both grids gained nothing: the RECIPE's History, twelfth session).
+        chunks either way (training over both grids gained nothing on the dev set).
     shifted_window : int, optional
         That grid's windows when finer than the chunks (``RouterConfig.shifted_window``: an even W < P at a
         stride of W/2). None: ``init_adapter``'s when ``shifted_layers`` is None too, else P-token windows.

@@ -10,8 +10,8 @@ Two ways:
   new version of the same store (``MemoryStore.rekey``, store/rekey.py): new key arrays for every
   shard, one atomic commit; older versions keep their keys and their router and stay readable and
   restorable. The adapter's layers must equal the store's router layers. An adapter with the key
-  projections of the version's router (``key_copy_source``: e.g. the default for a store of tokenmax,
-  its keys plus a suffix query) needs no new keys: the new version names it and keeps the stored ones
+  projections of the version's router (``key_copy_source``: e.g. the default adapter for a store built by
+  the same router without its suffix query: the same keys plus a suffix query) needs no new keys: the new version names it and keeps the stored ones
   (``MemoryStore.relabel``), so the store needs no kept inputs.
 - ``reindex_router_to(src, dest, adapter)`` (``--dest``): a new store with the same document ids,
   texts and rows, the content K̄V̄ and x̄ restricted to the adapter's layers (which may be any
@@ -92,17 +92,15 @@ def key_copy_source(store: Any, adapter: Any, source_adapter: Any = None) -> Any
     either side: they read the same keys. Such an adapter's router keys are rows the store already holds,
     so :func:`reindex_router_to` copies them instead of recomputing them from router inputs. The source
     router is ``source_adapter`` (its fingerprint must be the version's router id) or the shipped adapter
-    of that id (``msa_memory.data.shipped_adapter_for_router``).
+    of that id (``msa_memory.routing.registry.shipped_router``).
     """
     ident, rc = store.identity, adapter.config
     if source_adapter is None:
-        from msa_memory.data import shipped_adapter_for_router
-        from msa_memory.encode import RouterAdapter
+        from msa_memory.routing.registry import shipped_router
 
-        found = shipped_adapter_for_router(ident.router_id)
-        if found is None:
+        source_adapter = shipped_router(ident.router_id)
+        if source_adapter is None:
             return None
-        source_adapter = RouterAdapter.load(found)
     elif source_adapter.fingerprint() != ident.router_id:
         raise IdentityMismatchError(f"source_adapter has router id {source_adapter.fingerprint()}; version "
                                     f"{store.version} of store {str(store.root)!r} is routed by {ident.router_id}.",
@@ -134,7 +132,7 @@ def reindex_router(store: Any, adapter: Any, *args: Any, message: str | None = N
     source_adapter : RouterAdapter, optional
         The router of ``store``'s version (its fingerprint must be the version's router id); default the
         shipped adapter of that id. When ``adapter`` has its key projections (:func:`key_copy_source`: e.g.
-        the default, which is ``tokenmax`` plus a suffix query, for a store ``tokenmax`` built), the new
+        the default adapter for a store built by the same router without its suffix query), the new
         version keeps the stored keys (``MemoryStore.relabel``): nothing recomputed, no router inputs needed.
 
     Returns

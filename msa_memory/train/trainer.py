@@ -244,7 +244,7 @@ class TrainConfig:
         if self.epochs < 0 or self.batch_size < 1 or not self.lr > 0 or not 0.001 <= self.tau <= 0.5:
             raise ConfigError(f"Invalid training config: epochs={self.epochs!r} (>=0), batch_size={self.batch_size!r} "
                               f"(>=1), lr={self.lr!r} (>0), tau={self.tau!r} (0.001..0.5).")
-        from msa_memory.encode.router import check_query_suffix
+        from msa_memory.routing.config import check_query_suffix
 
         check_query_suffix(self.query_suffix, self.query_reduce, "TrainConfig.query_suffix")
         if self.objective not in ("infonce", "distill") or not self.distill_tau > 0 or self.distill_alpha < 0:

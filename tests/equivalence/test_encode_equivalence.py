@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from msa_memory.encode import Backbone, Encoder, causal_attention, load_model, pool_naive
-from msa_memory.encode.router import UntrainedRouterWarning
+from msa_memory.routing.adapter import UntrainedRouterWarning
 from msa_memory.encode.tiny import FAMILIES, tiny_model, tiny_tokenizer
 from msa_memory.schemas.records import Passage
 

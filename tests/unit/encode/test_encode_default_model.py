@@ -30,7 +30,7 @@ def test_default_model_loads_and_encodes_passages():
         again = load_model("default")
     assert m.model_fingerprint == again.model_fingerprint
     ident = m.identity()
-    from msa_memory.data import default_router_adapter
+    from msa_memory.routing.files import default_router_adapter
 
     shipped = default_router_adapter()  # the trained adapter shipped with the package, if any
     want_layers = RouterAdapter.load(shipped).config.router_layers if shipped else tuple(range(9, 18))

@@ -1,6 +1,6 @@
 """Model loading: MSA checkpoints, plain HF dirs/objects, router adapters, fingerprints, identity, errors.
 
-Covers ``msa_memory.encode.model`` and ``msa_memory.encode.router`` on tiny random models (no
+Covers ``msa_memory.encode.model`` and ``msa_memory.routing.adapter`` on tiny random models (no
 downloads): an MSA-format checkpoint (config.json with msa_config + safetensors with the reference
 key names) loads with its config honoured and its router keys equal the formula
 K̄ᵣ = mean_t(router_k_proj(input_layernorm(h_t))) (normalised only for aux_loss_method "INFONCE");
@@ -188,8 +188,9 @@ def test_shipped_adapters_load_by_name_and_a_folder_of_that_name_wins(tmp_path, 
     weights, aligned grid alone, no suffix query) and shallow (its layers 1, 5); a folder of the name wins."""
     import json
 
-    from msa_memory.data import (ALIGNED_ROUTER_ADAPTER, DEFAULT_ROUTER_ADAPTER, SHALLOW_ROUTER_ADAPTER,
-                                 SHIPPED_ADAPTERS, shipped_adapter, shipped_adapter_for_router)
+    from msa_memory.data import ALIGNED_ROUTER_ADAPTER, DEFAULT_ROUTER_ADAPTER, SHALLOW_ROUTER_ADAPTER, SHIPPED_ADAPTERS
+    from msa_memory.routing.files import shipped_adapter
+    from msa_memory.routing.registry import shipped_adapter_for_router
 
     names = ("default", "aligned", "shallow")
     folders = (DEFAULT_ROUTER_ADAPTER, ALIGNED_ROUTER_ADAPTER, SHALLOW_ROUTER_ADAPTER)

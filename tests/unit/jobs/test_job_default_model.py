@@ -47,7 +47,7 @@ def test_a_store_of_another_shipped_adapter_keeps_it_without_naming_it(tmp_path:
     """A store built with --adapter shallow or --adapter aligned (subset folders of the default's weights:
     fewer layers, or the aligned grid alone without the suffix query) is updated and read with
     model="default" and no adapter: the shipped adapter matching its router, not the default."""
-    from msa_memory.data import shipped_adapter_for_router
+    from msa_memory.routing.registry import shipped_adapter_for_router
     from msa_memory.encode import RouterAdapter
     from msa_memory.runtime import Memory
 

@@ -358,7 +358,7 @@ def test_passage_features_equal_encoder_router_inputs(tiny_loaded):
 def test_training_on_given_features_equals_training_from_pairs(tiny_loaded, tmp_path):
     """run_training(features=...) (what benchmarks/device_train.py runs on a GPU over features it
     extracted from pre-tokenized pairs) saves the same adapter as run_training on the pairs."""
-    from msa_memory.encode import RouterAdapter
+    from msa_memory.encode import RouterAdapter, router_from_model_qk
     from msa_memory.train.features import extract_passage_tokens, extract_query_tokens, query_tokens
     from msa_memory.train.pairs import PairSet, Query
     from msa_memory.train.recipe import run_training
@@ -371,7 +371,7 @@ def test_training_on_given_features_equals_training_from_pairs(tiny_loaded, tmp_
     train, dev = pairs(0, 9), pairs(9, 12)
     cfg = TrainConfig(epochs=2, batch_size=4, lr=1e-2, seed=0, n_random=4, hard_source="routing", n_hard=2)
     fresh = lambda: tiny_loaded.with_router(  # noqa: E731  (run_training swaps in its candidate subset)
-        RouterAdapter.from_model_qk(tiny_loaded.hf_model, tiny_loaded.router.config, warn=False))
+        router_from_model_qk(tiny_loaded.hf_model, tiny_loaded.router.config, warn=False))
     common = dict(candidate_layers=(1, 2), max_layers=2, config=cfg, command="t", log=lambda s: None,
                   dev_distractors=True)
     a = run_training(out=tmp_path / "pairs", train_pairs=train, dev_pairs=dev, loaded=fresh(), **common)

@@ -1,15 +1,15 @@
-"""Router projections (MSA's router_q_proj / router_k_proj) and their scoring configuration.
+"""Router projections (MSA's router_q_proj / router_k_proj): the adapter that makes router keys and queries.
 
 A :class:`RouterAdapter` holds, for each router layer l, two bias-free linear maps from the
 layer's ``input_layernorm`` output x (hidden size E): ``q_proj[l]: E -> Hq*D`` and
 ``k_proj[l]: E -> Hkv*D``. Their outputs get no norm and no RoPE (msa-reference.md §1.3). It also
-carries the routing configuration (:class:`RouterConfig`: layers, pooling size, head layout, score
-mode, reducers, top-k) so a store and a runtime agree on how keys were made and must be scored.
+carries the routing configuration (:class:`~msa_memory.routing.config.RouterConfig`: layers, pooling size, head layout,
+score mode, reducers, top-k) so a store and a runtime agree on how keys were made and must be scored.
 
 Sources: an MSA checkpoint's own weights, a saved adapter directory (``router_adapter.json`` +
 ``router_adapter.safetensors``, tensors named as in the reference,
 ``model.layers.{l}.self_attn.router_{q,k}_proj.0.weight``), or -- weak, with a warning -- a copy of
-the model's own q_proj/k_proj at those layers. Adapters trained apart can be joined layer by layer
+the model's own q_proj/k_proj at those layers (``msa_memory.encode.model.router_from_model_qk``). Adapters trained apart can be joined layer by layer
 (:meth:`RouterAdapter.merge`: routing sums the layers' scores, so a merged adapter routes by the sum
 of its parts); a *subset folder* (``router_subset.json``: ``{"of": FOLDER, "router_layers": [...],
 "router_id": ..., "extra": {...}}``) names some layers of another adapter folder, or, with
@@ -35,57 +35,24 @@ the backbone, and trainable by router training); :meth:`RouterAdapter.keys_from_
 K̄ᵣ = k_proj(mean x) -- equal to mean(k_proj(x)) because the map is linear -- so router keys can
 be recomputed from stored pooled inputs (``x_router``) without re-running the model.
 """
-
 from __future__ import annotations
 
 import hashlib
 import json
-import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
 
 from msa_memory.errors import ConfigError, ModelLoadError
-from msa_memory.schemas.records import check_shifted_window
+from msa_memory.routing.config import RouterConfig
+from msa_memory.data import SHIPPED_ADAPTERS
+from msa_memory.routing.files import (ADAPTER_JSON, ADAPTER_SUBSET, ADAPTER_WEIGHTS, is_subset_folder,
+                                      shipped_adapter)
 
-__all__ = ["RouterConfig", "RouterAdapter", "UntrainedRouterWarning", "ADAPTER_JSON", "ADAPTER_WEIGHTS",
-           "ADAPTER_SUBSET", "is_adapter_folder", "is_subset_folder", "check_query_suffix"]
-
-ADAPTER_JSON = "router_adapter.json"
-ADAPTER_WEIGHTS = "router_adapter.safetensors"
-ADAPTER_SUBSET = "router_subset.json"
-
-
-def is_adapter_folder(d: str | Path) -> bool:
-    """True when ``d`` holds a saved adapter (json + safetensors) or a subset file."""
-    d = Path(d)
-    return ((d / ADAPTER_JSON).is_file() and (d / ADAPTER_WEIGHTS).is_file()) or (d / ADAPTER_SUBSET).is_file()
-
-
-def is_subset_folder(d: str | Path) -> bool:
-    """True when ``d`` is a subset folder: a subset file and no adapter of its own (which would win)."""
-    d = Path(d)
-    return (d / ADAPTER_SUBSET).is_file() and not (d / ADAPTER_JSON).is_file()
-
-
-ScoreMode = Literal["cosine", "dot"]
-
-
-def check_query_suffix(suffix: Any, query_reduce: str, name: str, suffix_layers: tuple[int, ...] = ()) -> None:
-    """Raise ConfigError (naming ``name``) unless ``suffix`` is a string that, when non-empty, is read by a
-    ``query_reduce`` of "last" or by suffix queries (``suffix_layers``); suffix queries need a suffix."""
-    if not isinstance(suffix, str):
-        raise ConfigError(f"{name} must be a string, got {suffix!r}.")
-    if suffix_layers and not suffix:
-        raise ConfigError(f"Suffix queries at layers {list(suffix_layers)} need a query suffix to read; {name} is "
-                          "empty.")
-    if suffix and query_reduce != "last" and not suffix_layers:
-        raise ConfigError(f"{name} {suffix!r} needs query_reduce 'last' (the router query is read where the suffix "
-                          f"ends), got query_reduce {query_reduce!r}.",
-                          hint="Train with --query-reduce last, or leave the suffix out.")
+__all__ = ["RouterAdapter", "UntrainedRouterWarning"]
 
 
 class UntrainedRouterWarning(UserWarning):
@@ -102,115 +69,6 @@ def _k_key(layer: int) -> str:
 
 def _sq_key(layer: int) -> str:
     return f"model.layers.{layer}.self_attn.router_suffix_q_proj.0.weight"
-
-
-@dataclass(frozen=True)
-class RouterConfig:
-    """How router keys are made and scored (msa-reference.md §1.2, §3.3)."""
-
-    router_layers: tuple[int, ...]
-    """Decoder layer indices with router projections, ascending."""
-    n_q_heads: int
-    """Router query heads Hq (query head h uses key head h // (Hq // Hkv))."""
-    n_kv_heads: int
-    """Router key heads Hkv."""
-    head_dim: int
-    """Per-head dimension D."""
-    hidden_size: int
-    """Input size E (the model's hidden size)."""
-    chunk_tokens: int = 64
-    """Pooling size P (MSA's pooling_kernel_size)."""
-    score: ScoreMode = "cosine"
-    """"cosine" (normalised q and K̄ᵣ) or "dot" (raw dot / sqrt(D))."""
-    head_reduce: Literal["mean", "max"] = "mean"
-    query_reduce: Literal["max", "mean", "last"] = "max"
-    chunk_reduce: Literal["max", "mean"] = "max"
-    top_k: int = 16
-    """Documents chosen per router layer (MSA: doc_top_k, else top_k_docs, else 16)."""
-    source: str = "adapter"
-    """Where the weights came from: "msa-checkpoint", "adapter" or "init-from-qk"."""
-    extra: dict[str, Any] = field(default_factory=dict)
-    """Free-form provenance (training run, aux_loss_method...)."""
-    shifted_layers: tuple[int, ...] = ()
-    """Router layers whose keys are also pooled over chunks shifted by ``chunk_tokens // 2`` tokens
-    (``schemas.records.shifted_chunk_counts``); routing scores a document there by the max over both
-    grids. Not in MSA (empty: the reference's aligned grid alone); left out of :meth:`to_dict`, and so
-    of the router id, when empty."""
-    shifted_window: int | None = None
-    """Tokens per window of that grid when finer than ``chunk_tokens``: windows of W tokens at a stride
-    of W/2 (an even W, 2 <= W < P); None: P-token windows from token P/2. Left out of :meth:`to_dict`
-    when None."""
-    query_suffix: str = ""
-    """Text put after the question before it is routed (not in MSA; empty: the question alone), read where
-    it ends: by the router query itself with ``query_reduce = "last"``, or by the suffix queries of
-    ``suffix_layers``; e.g. ``"\nThis passage is about"`` turns the last position into a summary of the
-    question. The suffix is tokenized on its own (no special tokens) and appended to the question's tokens,
-    so the question's own tokens are the same with or without it. Left out of :meth:`to_dict` when empty."""
-    suffix_layers: tuple[int, ...] = ()
-    """Router layers that add a *suffix query* to their score (not in MSA; needs ``query_suffix``): a query
-    projection of their own (``router_suffix_q_proj``) read at the suffix's last token, scored as one row
-    against the layer's own router keys (both grids at a shifted layer) with the layer's score mode and head
-    and chunk reduces, and summed into the layer's document score. The layer's own queries then read the
-    question's tokens only (not the suffix's), reduced by ``query_reduce``; the keys are unchanged, so a
-    store's keys serve the adapter with or without them. Left out of :meth:`to_dict` when empty."""
-
-    def __post_init__(self) -> None:
-        layers = tuple(int(x) for x in self.router_layers)
-        object.__setattr__(self, "router_layers", layers)
-        if not layers or list(layers) != sorted(set(layers)) or layers[0] < 0:
-            raise ConfigError(f"router_layers must be ascending distinct layer indices >= 0, got {layers!r}.")
-        shifted = tuple(int(x) for x in self.shifted_layers)
-        object.__setattr__(self, "shifted_layers", shifted)
-        if list(shifted) != sorted(set(shifted)) or not set(shifted) <= set(layers):
-            raise ConfigError(f"shifted_layers must be ascending distinct router layers (router layers {list(layers)}), "
-                              f"got {list(shifted)!r}.")
-        window = check_shifted_window(self.shifted_window, self.chunk_tokens, "RouterConfig.shifted_window")
-        object.__setattr__(self, "shifted_window", window)
-        if window is not None and not shifted:
-            raise ConfigError(f"RouterConfig.shifted_window {window} needs shifted_layers (the layers that key the "
-                              "shifted grid).")
-        sfx_layers = tuple(int(x) for x in self.suffix_layers)
-        object.__setattr__(self, "suffix_layers", sfx_layers)
-        if list(sfx_layers) != sorted(set(sfx_layers)) or not set(sfx_layers) <= set(layers):
-            raise ConfigError(f"suffix_layers must be ascending distinct router layers (router layers {list(layers)}), "
-                              f"got {list(sfx_layers)!r}.")
-        check_query_suffix(self.query_suffix, self.query_reduce, "RouterConfig.query_suffix", sfx_layers)
-        for name in ("n_q_heads", "n_kv_heads", "head_dim", "hidden_size", "chunk_tokens", "top_k"):
-            if int(getattr(self, name)) <= 0:
-                raise ConfigError(f"RouterConfig.{name} must be positive, got {getattr(self, name)!r}.")
-        if self.n_q_heads % self.n_kv_heads:
-            raise ConfigError(
-                f"n_q_heads ({self.n_q_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads}).")
-        allowed = {"score": ("cosine", "dot"), "head_reduce": ("mean", "max"),
-                   "query_reduce": ("max", "mean", "last"), "chunk_reduce": ("max", "mean")}
-        for name, ok in allowed.items():
-            if getattr(self, name) not in ok:
-                raise ConfigError(f"RouterConfig.{name} must be one of {ok}, got {getattr(self, name)!r}.")
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["router_layers"] = list(self.router_layers)
-        if self.shifted_layers:
-            d["shifted_layers"] = list(self.shifted_layers)
-        else:
-            del d["shifted_layers"]
-        if self.shifted_window is None:
-            del d["shifted_window"]
-        if not self.query_suffix:
-            del d["query_suffix"]
-        if self.suffix_layers:
-            d["suffix_layers"] = list(self.suffix_layers)
-        else:
-            del d["suffix_layers"]
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> RouterConfig:
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(d) - known)
-        if unknown:
-            raise ConfigError(f"Unknown router config keys {unknown!r}; allowed: {sorted(known)}.")
-        return cls(**d)
 
 
 class RouterAdapter(nn.Module):
@@ -463,7 +321,7 @@ class RouterAdapter(nn.Module):
         """Read an adapter written by :meth:`save`, from a folder or a shipped adapter's name.
 
         ``directory`` may name a shipped adapter of the default model (``"default"``, ``"aligned"``,
-        ``"shallow"``: :data:`msa_memory.data.SHIPPED_ADAPTERS`) when no folder of that name exists.
+        ``"shallow"``: :data:`msa_memory.data.SHIPPED_ADAPTERS`, :func:`~msa_memory.routing.files.shipped_adapter`) when no folder of that name exists.
 
         Raises
         ------
@@ -471,8 +329,6 @@ class RouterAdapter(nn.Module):
             The directory lacks either file, or a tensor is missing or has the wrong shape.
         """
         from safetensors.torch import load_file
-
-        from msa_memory.data import SHIPPED_ADAPTERS, shipped_adapter
 
         d = Path(directory)
         if not d.exists():
@@ -563,28 +419,3 @@ class RouterAdapter(nn.Module):
                     raise ModelLoadError(
                         f"{where}: {key!r} has shape {tuple(t.shape)}, expected {tuple(lin.weight.shape)}.")
                 lin.weight.copy_(t.float())
-
-    @classmethod
-    def from_model_qk(cls, hf_model: nn.Module, config: RouterConfig, *, warn: bool = True) -> RouterAdapter:
-        """Initialise router_q/k from the model's own q_proj/k_proj at the router layers (weak).
-
-        The copies skip q_norm/k_norm and RoPE, as router projections do; untrained they route
-        poorly (architecture.md: 2/20 needles in the top 16 where BM25 finds 19/20).
-        """
-        from msa_memory.encode.forward import Backbone
-
-        bb = Backbone(hf_model)
-        adapter = cls(config)
-        with torch.no_grad():
-            for l in config.router_layers:
-                if l >= bb.n_layers:
-                    raise ConfigError(f"Router layer {l} is out of range for a {bb.n_layers}-layer model.")
-                attn = bb.layers[l].self_attn
-                adapter.q_proj[str(l)].weight.copy_(attn.q_proj.weight.float())
-                adapter.k_proj[str(l)].weight.copy_(attn.k_proj.weight.float())
-        if warn:
-            warnings.warn(
-                "No router adapter given: router projections were copied from the model's own q/k "
-                "projections. Untrained routing is weak; train one (msa train-router) and pass "
-                "adapter=DIR.", UntrainedRouterWarning, stacklevel=3)
-        return adapter
