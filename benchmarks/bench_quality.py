@@ -276,7 +276,8 @@ def routing_scores(adapter, layers_all, x, chunk_doc, qx, qoff, docs, qidx, cfg,
 def query_inputs(loaded, adapter, texts, cache):
     """(qx, qoff, suffix rows) of ``texts`` as ``adapter`` routes them: with its query suffix appended (the
     suffix's token count, else 0); ``cache`` (a dict) keeps them per suffix."""
-    from msa_memory.train.features import extract_queries, suffix_tokens
+    from msa_memory.routing.query import suffix_tokens
+    from msa_memory.train.features import extract_queries
 
     sfx = adapter.config.query_suffix
     if sfx not in cache:

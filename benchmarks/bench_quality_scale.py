@@ -400,7 +400,7 @@ def prepare(args) -> None:
     import torch
 
     from msa_memory.encode import RouterAdapter, load_model
-    from msa_memory.train.features import query_tokens, suffix_tokens
+    from msa_memory.routing.query import query_tokens, suffix_tokens
 
     passages, _, queries, n_q = bq.build_eval(args.needles, args.ict)
     adapter = RouterAdapter.load(args.adapter)

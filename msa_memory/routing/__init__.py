@@ -2,6 +2,8 @@
 
 - ``config``: the score / reduce choices (defined once) and :class:`RoutingConfig`
 - ``scoring``: the eager score path of one router layer (query operand, score tiles, top-k helpers)
+- ``adapter``, ``files``, ``registry``: the router projections, their file format, which adapter routes a store
+- ``query``: a question's routing tokens; ``reference``: the slow, differentiable reference scorer
 - ``index``: :class:`RouterIndex`, the resident router keys of a store and their top-k route
 - ``kernels/``: the fast paths (AVX512-BF16 CPU extension, fused Triton, CUDA graphs); each says
   when it applies and is tested against the eager path

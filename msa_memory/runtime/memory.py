@@ -333,7 +333,7 @@ class Memory:
         else:
             self.content = ContentMemory(n_chunks, layout, dt, self.device, loader=lambda idx: store.load_kv(self.doc_ids[idx]),
                                          cache_bytes=cache)
-        from msa_memory.train.features import suffix_tokens
+        from msa_memory.routing.query import suffix_tokens
 
         sfx_layers = self._suffix_layers
         #: trailing routing tokens that only the suffix queries read (the query suffix's, with suffix queries)
@@ -406,7 +406,7 @@ class Memory:
             q = self.layout.question(question)
             P, k = len(self.layout.head_ids()), self.routing.top_k
             return q.ids, list(range(P + k, P + k + len(q.ids))), q.route_rows, self.prefix
-        from msa_memory.train.features import query_tokens
+        from msa_memory.routing.query import query_tokens
 
         ids, skip = query_tokens(self.tokenizer, question, self.query_suffix)   # what router training sees
         return ids, list(range(len(ids))), [i >= skip for i in range(len(ids))], None
@@ -419,7 +419,7 @@ class Memory:
     def query_suffix(self) -> str:
         """The router's query suffix (``RouterConfig.query_suffix``; "" for none), appended to every question
         before it is routed."""
-        from msa_memory.train.features import router_suffix
+        from msa_memory.routing.query import router_suffix
 
         return router_suffix(self.model)
 

@@ -7,9 +7,10 @@ store and the runtime see:
   ``keep_router_inputs`` semantics: x̄ (L, C, E) = the chunk-mean of each router layer's
   ``input_layernorm`` output (last chunk partial, sums in fp32);
 - queries: the question tokens exactly as ``runtime.Memory`` routes them in text mode
-  (``tokenizer(question, add_special_tokens=True)``, positions from 0, BOS not routing, no
-  memory: the cheap approximation of msa-reference §6.4), packed per-query causal → (T, L, E); a
-  router's ``query_suffix`` is appended to each question as the runtime appends it.
+  (:func:`msa_memory.routing.query.query_tokens`: ``tokenizer(question, add_special_tokens=True)``,
+  positions from 0, BOS not routing, no memory: the cheap approximation of msa-reference §6.4), packed
+  per-query causal → (T, L, E); a router's ``query_suffix`` is appended to each question as the runtime
+  appends it.
 
 Because ``router_k_proj`` is linear and bias-free, ``router_k_proj(x̄)`` equals the pooled router
 key the encoder stores, so training needs no further backbone passes. The layers extracted are the
@@ -27,51 +28,11 @@ import torch
 
 from msa_memory.encode.encoder import token_batches
 from msa_memory.errors import ConfigError
+from msa_memory.routing.query import query_tokens, router_suffix, special_token_frame, suffix_tokens  # noqa: F401  (also this module's API)
 from msa_memory.train.trainer import Features
 
 __all__ = ["query_tokens", "suffix_tokens", "router_suffix", "extract_passages", "extract_passage_tokens", "extract_passage_grids", "extract_queries", "extract_query_tokens", "build_features",
            "store_features", "save_features", "load_features"]
-
-
-def query_tokens(tokenizer: Any, question: str | Sequence[int], suffix: str = "") -> tuple[list[int], int]:
-    """(token ids, number of leading non-routing tokens) of a question as text-mode routing sees it.
-
-    ``suffix`` (a router's ``query_suffix``) is tokenized on its own, without special tokens, and
-    appended: the question's own tokens are the same with or without it. A question given as token
-    ids (made without special tokens) gets the special tokens the tokenizer adds around a text.
-    """
-    if isinstance(question, str):
-        ids = list(tokenizer(question, add_special_tokens=True)["input_ids"])
-    else:
-        head, tail = special_token_frame(tokenizer)
-        ids = head + [int(i) for i in question] + tail
-    bos = tokenizer.bos_token_id
-    skip = 1 if bos is not None and ids[:1] == [bos] else 0
-    if len(ids) <= skip:
-        raise ConfigError(f"The query {question!r} has no tokens to route with.")
-    return ids + suffix_tokens(tokenizer, suffix), skip
-
-
-def special_token_frame(tokenizer: Any) -> tuple[list[int], list[int]]:
-    """(ids before, ids after) that ``add_special_tokens=True`` puts around a text's tokens (e.g. ([BOS], []))."""
-    plain = list(tokenizer("a", add_special_tokens=False)["input_ids"])
-    full = list(tokenizer("a", add_special_tokens=True)["input_ids"])
-    for i in range(len(full) - len(plain) + 1):
-        if full[i:i + len(plain)] == plain:
-            return full[:i], full[i + len(plain):]
-    bos = tokenizer.bos_token_id
-    return ([bos] if bos is not None and full[:1] == [bos] else []), []
-
-
-def suffix_tokens(tokenizer: Any, suffix: str) -> list[int]:
-    """The token ids of a query suffix as :func:`query_tokens` appends them (tokenized on its own, no special
-    tokens; [] for none): their count is the routing rows that only suffix queries read."""
-    return list(tokenizer(suffix, add_special_tokens=False)["input_ids"]) if suffix else []
-
-
-def router_suffix(loaded: Any) -> str:
-    """The query suffix of ``loaded``'s router ("" for none)."""
-    return str(getattr(getattr(getattr(loaded, "router", None), "config", None), "query_suffix", "") or "")
 
 
 def extract_passages(loaded: Any, passages: Sequence[str], *, max_batch_tokens: int = 8192,

@@ -79,7 +79,7 @@ def _bos_tokenizer():
 def test_plain_store_question_ids_get_the_text_questions_special_tokens(tmp_path, store_builder):
     from msa_memory.encode import UntrainedRouterWarning, load_model
     from msa_memory.encode.tiny import tiny_model
-    from msa_memory.train.features import query_tokens, special_token_frame
+    from msa_memory.routing.query import query_tokens, special_token_frame
 
     tok = _bos_tokenizer()
     assert tok("ab", add_special_tokens=True)["input_ids"][0] == 2 and special_token_frame(tok) == ([2], [])
