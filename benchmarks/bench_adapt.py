@@ -115,9 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     kinds = {k: [j for j, i in enumerate(qidx) if queries[i].kind == k] for k in ("fact", "ict")}
     rows: dict[str, dict] = {}
     scorers = {"routing, shipped adapter": lambda: bq.routing_scores(shipped, list(layers), x, chunk_doc, qx, qoff, docs,
-                                                                     qidx, shipped.config, grid),
+                                                                     qidx, grid),
                "routing, adapted to the memory": lambda: bq.routing_scores(adapted, list(layers), x, chunk_doc, qx, qoff,
-                                                                           docs, qidx, adapted.config, grid),
+                                                                           docs, qidx, grid),
                "BM25 (bm25s)": lambda: bq.bm25_scores([passages[d] for d in docs], [queries[i].text for i in qidx])}
     for name, fn in scorers.items():
         s = fn()

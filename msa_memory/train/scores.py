@@ -1,136 +1,20 @@
-"""Differentiable routing scores (msa-reference §3.3) and the decoupled InfoNCE loss (§6.2).
+"""Router-training losses (msa-reference §6.2): the decoupled InfoNCE, listwise distillation, recall@k.
 
-The runtime ranks documents with a no-grad version of the same formula; this module is the
-torch-autograd twin that router training back-propagates through. Both must agree exactly on the
-ranking (a test checks it against ``msa_memory.runtime`` once that exists).
-
-Score of query ``b`` against document ``d`` at one router layer (paper Eq. 2, training path):
-
-    S[b, t, c] = head_reduce_h  sim(q[b, t, h], k[c, g(h)])      g(h) = h // (Hq / Hk)   (GQA)
-    S[b, c]    = query_reduce_t S[b, t, c]                        (masked tokens excluded)
-    s[b, d]    = chunk_reduce_{c in d} S[b, c]
-
-with ``sim`` the cosine (``score="cosine"``: q and k L2-normalised per head, the pooled key
-normalised *after* pooling) or the raw dot product over sqrt(D) (``score="dot"``, what the
-reference inference engine ships). Several router layers are combined by summing their document
-scores (rank-equivalent to the mean).
+The scores they take come from :mod:`msa_memory.routing.reference`: the differentiable form of
+routing's formula, which training back-propagates through.
 
 What this module does not do: project hidden states (``trainer.RouterProjections`` does) or
-choose negatives (``trainer`` does). Invariant: every reduction keeps gradients to every
-projection weight that influenced the winning entries (max) or all entries (mean).
+choose negatives (``trainer`` does).
 """
 
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
 
-from msa_memory.errors import ConfigError
-
-ScoreMode = Literal["cosine", "dot"]
-HeadReduce = Literal["mean", "max"]
-QueryReduce = Literal["max", "mean", "last"]
-ChunkReduce = Literal["max", "mean"]
-
-__all__ = ["chunk_scores", "doc_scores", "decoupled_infonce", "listwise_kl", "recall_at_k"]
-
-_NEG = -1.0e9  # score of a masked / missing entry; far below any cosine or scaled dot product
-
-
-def _check(name: str, value: str, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{name} must be one of {allowed}, got {value!r}.")
-
-
-def chunk_scores(
-    q: torch.Tensor,
-    q_mask: torch.Tensor,
-    k: torch.Tensor,
-    *,
-    score: ScoreMode = "cosine",
-    head_reduce: HeadReduce = "mean",
-    query_reduce: QueryReduce = "max",
-) -> torch.Tensor:
-    """Query-reduced scores of every query against every chunk at one layer.
-
-    Parameters
-    ----------
-    q : (B, T, Hq, D) router queries (``router_q_proj`` output reshaped to heads).
-    q_mask : (B, T) bool, True for the query tokens that take part in routing.
-    k : (C, Hk, D) pooled router keys (``router_k_proj`` of the pooled input), Hq % Hk == 0.
-    score, head_reduce, query_reduce : see the module docstring; defaults are MSA's.
-
-    Returns
-    -------
-    (B, C) float tensor S[b, c].
-    """
-    import torch
-
-    _check("score", score, ("cosine", "dot"))
-    _check("head_reduce", head_reduce, ("mean", "max"))
-    _check("query_reduce", query_reduce, ("max", "mean", "last"))
-    B, T, Hq, D = q.shape
-    C, Hk, Dk = k.shape
-    if Dk != D or Hq % Hk:
-        raise ConfigError(f"router query heads {tuple(q.shape)} and key heads {tuple(k.shape)} do not match "
-                          "(need equal head_dim and Hq divisible by Hk).")
-    G = Hq // Hk
-    if score == "cosine":
-        q = torch.nn.functional.normalize(q.float(), dim=-1)
-        k = torch.nn.functional.normalize(k.float(), dim=-1)
-    else:
-        q = q.float() / math.sqrt(D)
-        k = k.float()
-    mask = q_mask.to(torch.bool)
-    if head_reduce == "mean":
-        # mean_h <q_h, k_g(h)> = (1/Hq) sum_g <sum_{h in g} q_h, k_g>: one (B*T, Hk*D) @ (Hk*D, C) matmul
-        qg = q.reshape(B, T, Hk, G, D).sum(dim=3).reshape(B, T, Hk * D) / Hq
-        if query_reduce == "mean":   # linear in the query rows: the mean over tokens folds into one row per query
-            w = mask.to(qg.dtype)
-            qbar = (qg * w[:, :, None]).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)[:, None]
-            return qbar @ k.reshape(C, Hk * D).T  # (B, C)
-        s = (qg.reshape(B * T, Hk * D) @ k.reshape(C, Hk * D).T).reshape(B, T, C)  # (B, T, C)
-    else:
-        qh = q.reshape(B, T, Hk, G, D)
-        s = torch.einsum("btkgd,ckd->btkgc", qh, k).reshape(B, T, Hq, C).amax(dim=2)  # (B, T, C)
-    if query_reduce == "max":
-        s = s.masked_fill(~mask[:, :, None], _NEG).amax(dim=1)
-    elif query_reduce == "mean":
-        w = mask.to(s.dtype)
-        s = (s * w[:, :, None]).sum(dim=1) / w.sum(dim=1).clamp_min(1.0)[:, None]
-    else:  # last valid token of each query
-        last = (mask.cumsum(dim=1) == mask.sum(dim=1, keepdim=True)) & mask
-        idx = last.to(torch.int64).argmax(dim=1)  # (B,)
-        s = s[torch.arange(B, device=s.device), idx]
-    return s  # (B, C)
-
-
-def doc_scores(
-    s_chunk: torch.Tensor,
-    chunk_doc: torch.Tensor,
-    n_docs: int,
-    *,
-    chunk_reduce: ChunkReduce = "max",
-) -> torch.Tensor:
-    """Reduce (B, C) chunk scores to (B, N) document scores; ``chunk_doc`` (C,) maps chunks to 0..N-1.
-
-    Documents without chunks score ``-1e9``.
-    """
-    import torch
-
-    _check("chunk_reduce", chunk_reduce, ("max", "mean"))
-    B = s_chunk.shape[0]
-    idx = chunk_doc.to(torch.int64).unsqueeze(0).expand(B, -1)
-    out = torch.full((B, n_docs), _NEG, dtype=s_chunk.dtype, device=s_chunk.device)
-    if chunk_reduce == "max":
-        return out.scatter_reduce(1, idx, s_chunk, reduce="amax", include_self=False)
-    total = torch.zeros((B, n_docs), dtype=s_chunk.dtype, device=s_chunk.device).scatter_add(1, idx, s_chunk)
-    count = torch.zeros((n_docs,), dtype=s_chunk.dtype, device=s_chunk.device).scatter_add(
-        0, chunk_doc.to(torch.int64), torch.ones_like(chunk_doc, dtype=s_chunk.dtype))
-    return torch.where(count > 0, total / count.clamp_min(1.0), out)
+__all__ = ["decoupled_infonce", "listwise_kl", "recall_at_k"]
 
 
 def decoupled_infonce(

@@ -31,7 +31,8 @@ from typing import Any, Callable, Sequence
 import torch
 
 from msa_memory.errors import ConfigError
-from msa_memory.train.scores import chunk_scores, decoupled_infonce, doc_scores, listwise_kl, recall_at_k
+from msa_memory.routing.reference import chunk_scores, doc_scores
+from msa_memory.train.scores import decoupled_infonce, listwise_kl, recall_at_k
 
 __all__ = ["Features", "RouterProjections", "TrainConfig", "train_router", "evaluate", "select_layers",
            "mine_routing_negatives"]
