@@ -55,7 +55,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from bench_runtime import copy_bandwidth  # noqa: E402
 
-from msa_memory.runtime.parallel import DistributedRouterIndex, ShardedRouterIndex  # noqa: E402
+from msa_memory.routing.parallel import DistributedRouterIndex, ShardedRouterIndex  # noqa: E402
 from msa_memory.routing import RouterIndex, RoutingConfig  # noqa: E402
 
 SHAPES = {"msa4b": dict(L=18, H=8, Hq=32, D=128), "gemma": dict(L=6, H=1, Hq=4, D=256)}

@@ -496,7 +496,7 @@ def _router_room_check(other: str) -> dict:
     fits is not."""
     import types
 
-    import msa_memory.runtime.memory as mm
+    import msa_memory.routing.resident as mm
     from msa_memory.errors import RuntimeMemoryError
 
     free = mm.free_bytes(other)
@@ -510,11 +510,11 @@ def _router_room_check(other: str) -> dict:
     mm.free_bytes = lambda d: (1 << 50) if torch.device(d).type == "cpu" else orig(d)   # the host has room
     try:
         try:
-            mm._check_router_key_room(fake(free + (1 << 30)), [other])
+            mm.check_router_key_room(fake(free + (1 << 30)), [other])
             refused = ""
         except RuntimeMemoryError as e:
             refused = str(e)
-        fits = mm._check_router_key_room(fake(free // 2), [other]) == free // 2
+        fits = mm.check_router_key_room(fake(free // 2), [other]) == free // 2
     finally:
         mm.free_bytes = orig
     ok = bool(free and total and 0 < free <= total and other in refused and "--adapter aligned" in refused and fits)

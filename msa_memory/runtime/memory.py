@@ -27,14 +27,13 @@ import numpy as np
 
 from msa_memory.errors import ConfigError, RuntimeMemoryError
 from msa_memory.runtime.engine import MsaEngine
+from msa_memory.runtime.generation import generate, stop_at
 from msa_memory.runtime.hybrid import Retriever, check_retriever, fuse_rrf
-from msa_memory.runtime.memory_tier import ContentMemory
-from msa_memory.runtime.parallel import DistributedRouterIndex, ShardedRouterIndex, shard_bounds, shard_rows
+from msa_memory.runtime.memory_tier import content_for_store
 from msa_memory.runtime.prompts import PromptIds, layout_for
 from msa_memory.runtime.results import Answer, DocHit, Round
 from msa_memory.routing.config import RoutingConfig
-from msa_memory.routing.index import RouterIndex
-from msa_memory.routing.scoring import torch_dtype_of
+from msa_memory.routing.resident import load_resident_index
 
 if TYPE_CHECKING:
     import torch
@@ -47,111 +46,40 @@ _MODES = ("pooled", "text", "interleave")
 DEFAULT_STOPS = ("\n\nPassage ", "\nQuestion:")
 
 
-def _interleave_grids(docs: np.ndarray, sdocs: np.ndarray, doc_ids: np.ndarray,
-                      root: Any) -> tuple[np.ndarray, np.ndarray]:
-    """(row order, chunk → dense document map) of a layer's aligned chunks (store ids ``docs``) followed by
-    its shifted-grid chunks (``sdocs``), put document by document: each document's aligned chunks, then its
-    shifted ones, documents in the store's order. Both grids list documents in the same order (one run each);
-    so the layer's map stays sorted where the aligned one is, and routing keeps its one-pass reduces."""
-    def runs(d: np.ndarray) -> tuple[np.ndarray, np.ndarray]:   # (run index of every chunk, run ids)
-        start = np.r_[True, d[1:] != d[:-1]] if d.size else np.zeros(0, bool)
-        return np.cumsum(start) - 1, d[start]
-
-    run_a, ids_a = runs(docs)
-    run_s, ids_s = runs(sdocs)
-    if not np.array_equal(ids_a, ids_s):
-        raise RuntimeMemoryError(f"Store {str(root)!r} lists its documents in another order on the shifted router-key "
-                                 "grid than on the aligned one; run `msa store verify`.")
-    order = np.argsort(np.concatenate([run_a, run_s]), kind="stable")     # a run's aligned rows come first
-    return order, np.searchsorted(doc_ids, np.concatenate([docs, sdocs])[order])
-
-
-def _cut(text: str, stops: Sequence[str]) -> str:
-    """``text`` up to the first stop string."""
-    cut = min((i for i in (text.find(x) for x in stops) if i >= 0), default=len(text))
-    return text[:cut]
-
-
-def _holds_prefix(text: str, stops: Sequence[str]) -> bool:
-    """True if ``text`` ends with the beginning of a stop string (hold it back while streaming)."""
-    return any(text.endswith(x[:n]) for x in stops for n in range(1, len(x)))
-
-
-def _parse_bytes(v: int | str | None) -> int | None:
-    if v is None or isinstance(v, int):
-        return v
-    s = str(v).strip().upper().replace("IB", "").replace("B", "")
-    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    try:
-        return int(float(s[:-1]) * mult[s[-1]]) if s and s[-1] in mult else int(float(s))
-    except ValueError as e:
-        raise ConfigError(f"Cannot read the byte size {v!r}; use an int or e.g. '4GiB', '512MiB'.") from e
-
-
-def free_bytes(device: Any) -> int | None:
-    """Bytes free for new tensors on ``device``: CUDA's free memory, a Linux host's MemAvailable; None where
-    it cannot be read (then nothing is checked)."""
+def _open(store: Any, model: Any, adapter: Any, tokenizer: Any, device: str | None, devices: list[str] | None,
+          distributed: Any) -> tuple[Any, Any, str]:
+    """(store, loaded model, device) for ``Memory``: the store opened and the model loaded (by name: with the
+    adapter that routes the store, :func:`~msa_memory.routing.registry.adapter_for_store`) on the device asked."""
     import torch
 
-    device = torch.device(device)
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    if device.type != "cpu":
-        return None
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
+    if devices is not None and distributed:
+        raise ConfigError("devices= and distributed= both shard the router keys; give one of them.",
+                          hint="devices= for several devices in this process, distributed=True for one shard "
+                               "per torch.distributed rank.")
+    if device is None:
+        device = devices[0] if devices else "cpu"
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if isinstance(store, (str, os.PathLike)):
+        from msa_memory.store import open_store
 
+        store = open_store(store)
+    if isinstance(model, (str, os.PathLike)):
+        from msa_memory.encode import load_model
+        from msa_memory.routing.registry import adapter_for_store
 
-def _world_size(distributed: Any) -> int:
-    import torch.distributed as dist
-
-    if not dist.is_available() or not dist.is_initialized():
-        raise ConfigError("Memory(..., distributed=...) needs torch.distributed initialised in this process.",
-                          hint="Start the processes with torchrun (or call torch.distributed.init_process_group) "
-                               "first; for several devices in one process use devices=[...] instead.")
-    return dist.get_world_size(None if distributed is True else distributed)
-
-
-def _rank(distributed: Any) -> int:
-    import torch.distributed as dist
-
-    return dist.get_rank(None if distributed is True else distributed)
-
-
-def _check_router_key_room(store: Any, devices: Sequence[Any], n_shards: int = 1) -> int:
-    """Raise RuntimeMemoryError, before anything is loaded, when the router keys cannot fit where they go.
-
-    ``n_shards`` > 1: each device holds about 1/n_shards of the keys (shards are balanced by chunk count);
-    the host check is for the whole, as the keys pass through the host. Returns all shards' bytes."""
-    import torch
-
-    need = store.router_key_bytes()
-    ident = store.identity
-    share = -(-need // max(1, n_shards))
-    where: list[tuple[Any, int]] = [("cpu", need)]     # keys pass through the host
-    where += [(d, share) for d in dict.fromkeys(str(d) for d in devices) if torch.device(d).type == "cuda"]
-    for w, n in where:
-        free = free_bytes(w)
-        if free is not None and n > free:
-            grid = (f", {len(ident.shifted_layers)} of them also over a shifted grid of "
-                    f"{ident.shifted_window or ident.chunk_tokens}-token windows" if ident.shifted_layers else "")
-            part = f" ({n / 2**30:.2f} GiB a shard of {n_shards})" if n_shards > 1 and w != "cpu" else ""
-            raise RuntimeMemoryError(
-                f"The router keys of store {str(store.root)!r} take {need / 2**30:.2f} GiB{part} ({ident.n_layers} "
-                f"router layers{grid}), more than the {free / 2**30:.2f} GiB free on "
-                f"{'the host' if w == 'cpu' else w}; Memory keeps them all resident.",
-                hint="Open it where more memory is free (device='cuda' on a larger GPU, devices=[...] or "
-                     "distributed=True to shard the keys over several GPUs, or a larger host), or use a "
-                     "store with fewer router keys: `msa store reindex-router STORE --dest NEW --adapter aligned` "
-                     "copies a store of the default adapter to MSA's aligned grid alone (a fifth of its keys) without "
-                     "encoding.")
-    return need
+        # the default model keeps the shipped adapter the store was built with, should the default have changed
+        adapter = adapter_for_store(store.identity.router_id, model, adapter)
+        model = load_model(str(model), adapter=adapter, device=device, tokenizer=tokenizer)
+    elif tokenizer is not None:
+        raise ConfigError("tokenizer= was given with a loaded model, which has its tokenizer already.",
+                          hint="Pass it to load_model(..., tokenizer=...) instead, or pass the model by name.")
+    model_dev = next(model.hf_model.parameters()).device
+    if model_dev.type != torch.device(device).type:
+        raise ConfigError(f"The model is on {model_dev} but Memory was asked for device={device!r}.",
+                          hint="Load the model with load_model(..., device=...) on the same device, or pass "
+                               "the model by name so Memory loads it there.")
+    return store, model, device
 
 
 class Memory:
@@ -186,7 +114,7 @@ class Memory:
     devices : sequence of str, optional
         Memory Parallel in one process: the router keys sharded by document over these devices (e.g.
         ``["cuda:0", "cuda:1"]``), each scoring its shard, one merge per router layer
-        (``runtime.parallel``); the model runs on ``device``, which defaults to ``devices[0]``. Routes equal
+        (``routing.parallel``); the model runs on ``device``, which defaults to ``devices[0]``. Routes equal
         one device's.
     distributed : bool or process group, default False
         Memory Parallel over processes: this process keeps only its rank's shard of the router keys (of
@@ -220,35 +148,8 @@ class Memory:
         import torch
 
         devices = [str(d) for d in devices] if devices else None
-        if devices is not None and distributed:
-            raise ConfigError("devices= and distributed= both shard the router keys; give one of them.",
-                              hint="devices= for several devices in this process, distributed=True for one shard "
-                                   "per torch.distributed rank.")
-        if device is None:
-            device = devices[0] if devices else "cpu"
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if isinstance(store, (str, os.PathLike)):
-            from msa_memory.store import open_store
-
-            store = open_store(store)
-        if isinstance(model, (str, os.PathLike)):
-            from msa_memory.encode import load_model
-
-            from msa_memory.routing.registry import adapter_for_store
-
-            # the default model keeps the shipped adapter the store was built with, should the default have changed
-            adapter = adapter_for_store(store.identity.router_id, model, adapter)
-            model = load_model(str(model), adapter=adapter, device=device, tokenizer=tokenizer)
-        elif tokenizer is not None:
-            raise ConfigError("tokenizer= was given with a loaded model, which has its tokenizer already.",
-                              hint="Pass it to load_model(..., tokenizer=...) instead, or pass the model by name.")
+        store, model, device = _open(store, model, adapter, tokenizer, device, devices, distributed)
         self.store, self.model = store, model
-        model_dev = next(model.hf_model.parameters()).device
-        if model_dev.type != torch.device(device).type:
-            raise ConfigError(f"The model is on {model_dev} but Memory was asked for device={device!r}.",
-                              hint="Load the model with load_model(..., device=...) on the same device, or pass "
-                                   "the model by name so Memory loads it there.")
         ident = store.identity
         # NOTE(train): a store that kept router inputs (x_router, e.g. from reindex-router) records hidden_size
         store.check_identity(model.identity(store_dtype=ident.dtype, keep_router_inputs=ident.hidden_size > 0))
@@ -262,77 +163,16 @@ class Memory:
                               hint="Use a router adapter without --query-suffix for MSA-wrapped stores.")
         self.routing = self._routing_config(routing)
         t0 = time.perf_counter()
-        n_shards = len(devices) if devices else (_world_size(distributed) if distributed else 1)
-        self.router_key_bytes = _check_router_key_room(store, devices or [self.device], n_shards)  #: all shards'
-        # 1. router keys: one resident tensor per router layer, shared chunk → dense doc map; a layer with
-        #    the shifted grid too holds both grids' keys, document by document, with a map of its own
-        dt = torch_dtype_of(ident.dtype)
-        keys, maps, chunk_doc, shifted = [], [], None, {p: j for j, p in enumerate(ident.shifted_positions)}
-        cut: tuple[int, int] | None = None     # distributed: this rank's document range, its rows kept alone
-        both: tuple[np.ndarray, np.ndarray] | None = None      # (row order, map) shared by the shifted layers
-        for pos in range(ident.n_layers):
-            k_np, docs = store.router_keys(pos)
-            if chunk_doc is None:
-                doc_ids, chunk_doc = np.unique(docs, return_inverse=True)
-                first_docs = docs
-            elif not np.array_equal(docs, first_docs):
-                raise RuntimeMemoryError(f"Router layer {pos} lists chunks in another order than layer 0 in store "
-                                         f"{str(store.root)!r}; run `msa store verify`.")
-            layer_map = chunk_doc
-            if pos in shifted:
-                ks_np, sdocs = store.router_keys_shifted(shifted[pos])
-                if both is None:
-                    both = _interleave_grids(docs, sdocs, doc_ids, store.root)
-                k_np, layer_map = np.concatenate([k_np, ks_np])[both[0]], both[1]
-            if distributed:
-                if cut is None:
-                    bounds = shard_bounds(np.bincount(chunk_doc, minlength=len(doc_ids)), n_shards)
-                    rank = _rank(distributed)
-                    cut = int(bounds[rank]), int(bounds[rank + 1])
-                rows, layer_map = shard_rows(layer_map, *cut)
-                k_np = k_np[rows]
-            t = torch.from_numpy(np.ascontiguousarray(k_np))
-            keys.append(t.view(dt) if t.dtype != dt else t)
-            maps.append(layer_map)
-        assert chunk_doc is not None
-        self.doc_ids = doc_ids.astype(np.int64)
+        # 1. router keys: the store's resident index (one tensor per router layer, sharded if asked)
+        resident = load_resident_index(store, self.routing, self.device, devices, distributed)
+        self.router_key_bytes = resident.key_bytes   #: all shards'
+        self.index: Any = resident.index
+        self.doc_ids = resident.doc_ids
+        chunk_doc = resident.chunk_doc
         self.n_chunks = int(chunk_doc.shape[0])      #: aligned chunks (the shifted grid's are routing-only)
-        layer_maps = maps if shifted else maps[0]
-        if distributed:
-            assert cut is not None
-            local = RouterIndex(keys, layer_maps, self.doc_ids[cut[0]:cut[1]], self.routing, device=self.device)
-            self.index: Any = DistributedRouterIndex(local, self.doc_ids, bounds,
-                                                     None if distributed is True else distributed)
-        elif devices and len(devices) > 1:
-            self.index = ShardedRouterIndex(keys, layer_maps, self.doc_ids, self.routing, devices)
-        else:
-            self.index = RouterIndex(keys, layer_maps, self.doc_ids, self.routing,
-                                     device=devices[0] if devices else self.device)
-        del keys
         # 2. content tier
-        n_chunks = np.bincount(chunk_doc, minlength=len(self.doc_ids)).astype(np.int64)
-        layout = (ident.n_layers, ident.n_kv_heads, ident.head_dim)
-        kv_bytes = int(n_chunks.sum()) * ident.n_layers * 2 * ident.n_kv_heads * ident.head_dim * \
-            torch.empty((), dtype=dt).element_size()
-        budget = _parse_bytes(memory_budget)
-        if source not in ("auto", "host", "store"):
-            raise ConfigError(f"source={source!r} is not one of 'auto', 'host', 'store'.")
-        if source == "auto":
-            source = "host" if budget is None or kv_bytes <= budget else "store"
-        if source == "host" and budget is not None and kv_bytes > budget:
-            raise RuntimeMemoryError(f"Content K̄V̄ of this store takes {kv_bytes / 2**30:.2f} GiB, over the "
-                                     f"memory_budget of {budget / 2**30:.2f} GiB.",
-                                     hint="Use source='store' (read on demand) or raise memory_budget.")
-        cache = _parse_bytes(cache_bytes) or 0
-        if source == "host":
-            arrays = store.load_kv(self.doc_ids) if len(self.doc_ids) else []
-            flat = (torch.from_numpy(np.concatenate(arrays)) if arrays
-                    else torch.empty((0, *layout[:1], 2, *layout[1:]), dtype=dt))
-            host = flat.view(dt) if flat.dtype != dt else flat
-            self.content = ContentMemory(n_chunks, layout, dt, self.device, host_kv=host, cache_bytes=cache)
-        else:
-            self.content = ContentMemory(n_chunks, layout, dt, self.device, loader=lambda idx: store.load_kv(self.doc_ids[idx]),
-                                         cache_bytes=cache)
+        self.content = content_for_store(store, self.doc_ids, chunk_doc, self.device, source=source,
+                                         memory_budget=memory_budget, cache_bytes=cache_bytes)
         from msa_memory.routing.query import suffix_tokens
 
         sfx_layers = self._suffix_layers
@@ -527,52 +367,13 @@ class Memory:
                 ids.add(i)
         return sorted(ids)
 
-    def generate_ids(self, state: Any, prompt: PromptIds, positions: list[int], *, route: bool,
-                  max_new_tokens: int, temperature: float, top_p: float, seed: int | None,
-                  on_token: Callable[[str], None] | None, timings: dict[str, float],
-                  stop: Callable[[list[int]], bool] | None = None,
-                  stop_strings: Sequence[str] = ()) -> tuple[list[int], str]:
-        """Prefill ``prompt`` into ``state`` then decode; returns (new token ids, stop reason)."""
-        if stop_strings and stop is None:
-            tok_ = self.tokenizer
-
-            def stop(ids: list[int]) -> bool:
-                text = tok_.decode(ids[-16:], skip_special_tokens=True)
-                return any(x in text for x in stop_strings)
-
-        import torch
-
-        from msa_memory.runtime.engine import sync_device
-
-        t0 = time.perf_counter()
-        logits = self.engine.forward(state, prompt.ids, positions, route_rows=prompt.route_rows if route else None)
-        sync_device(self.device)
-        timings["prefill_s"] = timings.get("prefill_s", 0.0) + time.perf_counter() - t0
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        t1 = time.perf_counter()
-        out: list[int] = []
-        shown = ""
-        eos = self.eos_ids()
-        for tok in self.engine.decode(state, logits, positions[-1] + 1, max_new_tokens=max_new_tokens, eos_ids=eos,
-                                      temperature=temperature, top_p=top_p, generator=gen, stop=stop):
-            out.append(tok)
-            if on_token is not None:
-                text = _cut(self.tokenizer.decode(out, skip_special_tokens=True), stop_strings)
-                if len(text) > len(shown) and not text.endswith("\ufffd") and not _holds_prefix(text, stop_strings):
-                    on_token(text[len(shown):])
-                    shown = text
-            if "first_token_s" not in timings:
-                timings["first_token_s"] = time.perf_counter() - t0
-        if on_token is not None:  # flush what was held back as a possible stop-string start
-            text = _cut(self.tokenizer.decode(out, skip_special_tokens=True), stop_strings)
-            if len(text) > len(shown):
-                on_token(text[len(shown):])
-        timings["decode_s"] = timings.get("decode_s", 0.0) + time.perf_counter() - t1
-        reason = "eos" if out and out[-1] in eos else ("stop" if stop is not None and out and stop(out) else "length")
-        return out, reason
+    def generate_ids(self, state: Any, prompt: PromptIds, positions: list[int], **kw: Any) -> tuple[list[int], str]:
+        """Prefill ``prompt`` into ``state`` then decode; returns (new token ids, stop reason)
+        (:func:`msa_memory.runtime.generation.generate`; keywords as there)."""
+        return generate(self.engine, self.tokenizer, self.device, self.eos_ids(), state, prompt, positions, **kw)
 
     def answer_text(self, ids: list[int], stop_strings: Sequence[str]) -> str:
-        return _cut(self.tokenizer.decode(ids, skip_special_tokens=True), stop_strings).strip()
+        return stop_at(self.tokenizer.decode(ids, skip_special_tokens=True), stop_strings).strip()
 
     def ask(self, question: str | Sequence[int], mode: Mode | None = None, *, k: int | None = None,
             max_new_tokens: int = 64,

@@ -27,7 +27,7 @@ from msa_memory.errors import ConfigError, RuntimeMemoryError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ContentMemory", "Source"]
+__all__ = ["ContentMemory", "Source", "content_for_store"]
 
 Source = Literal["host", "store", "auto"]
 
@@ -198,3 +198,50 @@ class ContentMemory:
     def clear_cache(self) -> None:
         self._cache.clear()
         self._cached_bytes = 0
+
+
+def _parse_bytes(v: int | str | None) -> int | None:
+    if v is None or isinstance(v, int):
+        return v
+    s = str(v).strip().upper().replace("IB", "").replace("B", "")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    try:
+        return int(float(s[:-1]) * mult[s[-1]]) if s and s[-1] in mult else int(float(s))
+    except ValueError as e:
+        raise ConfigError(f"Cannot read the byte size {v!r}; use an int or e.g. '4GiB', '512MiB'.") from e
+
+
+def content_for_store(store: Any, doc_ids: np.ndarray, chunk_doc: np.ndarray, device: Any, *, source: str = "auto",
+                      memory_budget: int | str | None = "4GiB", cache_bytes: int | str = "256MiB") -> ContentMemory:
+    """The content tier of a store version's documents ``doc_ids`` (dense order; ``chunk_doc`` maps each
+    aligned chunk to one): ``source`` "host" preloads every document's K̄V̄ (up to ``memory_budget``),
+    "store" reads chosen documents on demand, "auto" picks "host" if it fits (see ``runtime.Memory``)."""
+    import torch
+
+    from msa_memory.routing.scoring import torch_dtype_of
+
+    ident = store.identity
+    dt = torch_dtype_of(ident.dtype)
+    n_chunks = np.bincount(chunk_doc, minlength=len(doc_ids)).astype(np.int64)
+    layout = (ident.n_layers, ident.n_kv_heads, ident.head_dim)
+    kv_bytes = int(n_chunks.sum()) * ident.n_layers * 2 * ident.n_kv_heads * ident.head_dim * \
+        torch.empty((), dtype=dt).element_size()
+    budget = _parse_bytes(memory_budget)
+    if source not in ("auto", "host", "store"):
+        raise ConfigError(f"source={source!r} is not one of 'auto', 'host', 'store'.")
+    if source == "auto":
+        source = "host" if budget is None or kv_bytes <= budget else "store"
+    if source == "host" and budget is not None and kv_bytes > budget:
+        raise RuntimeMemoryError(f"Content K̄V̄ of this store takes {kv_bytes / 2**30:.2f} GiB, over the "
+                                 f"memory_budget of {budget / 2**30:.2f} GiB.",
+                                 hint="Use source='store' (read on demand) or raise memory_budget.")
+    cache = _parse_bytes(cache_bytes) or 0
+    if source == "host":
+        arrays = store.load_kv(doc_ids) if len(doc_ids) else []
+        flat = (torch.from_numpy(np.concatenate(arrays)) if arrays
+                else torch.empty((0, *layout[:1], 2, *layout[1:]), dtype=dt))
+        host = flat.view(dt) if flat.dtype != dt else flat
+        return ContentMemory(n_chunks, layout, dt, device, host_kv=host, cache_bytes=cache)
+    else:
+        return ContentMemory(n_chunks, layout, dt, device, loader=lambda idx: store.load_kv(doc_ids[idx]),
+                             cache_bytes=cache)

@@ -149,11 +149,11 @@ def test_reprs_show_store_and_answer_sources(tiny_memory):
 
 
 def test_stop_strings_cut_the_answer_and_streaming_holds_them_back():
-    from msa_memory.runtime.memory import _cut, _holds_prefix
+    from msa_memory.runtime.generation import holds_stop_prefix, stop_at
 
-    assert _cut("4471.\n\nPassage 4: more", ("\n\nPassage ", "\nQuestion:")) == "4471."
-    assert _cut("no stop here", ("\nQuestion:",)) == "no stop here"
-    assert _holds_prefix("4471.\n\nPas", ("\n\nPassage ",)) and not _holds_prefix("4471.", ("\n\nPassage ",))
+    assert stop_at("4471.\n\nPassage 4: more", ("\n\nPassage ", "\nQuestion:")) == "4471."
+    assert stop_at("no stop here", ("\nQuestion:",)) == "no stop here"
+    assert holds_stop_prefix("4471.\n\nPas", ("\n\nPassage ",)) and not holds_stop_prefix("4471.", ("\n\nPassage ",))
 
 
 def test_stop_string_from_the_model_output_ends_generation(tiny_memory):
@@ -261,7 +261,7 @@ def test_router_keys_that_cannot_fit_are_refused_before_loading(tiny_msa_model, 
     them from the store's live documents before loading anything (oracle: the bytes of the key arrays the
     store hands out, after a delete), and refuses, naming the sizes and the cheaper grids, when they exceed
     the memory free on the host; exactly the free bytes still open."""
-    import msa_memory.runtime.memory as memory_mod
+    import msa_memory.routing.resident as resident_mod
     from msa_memory.encode.model import load_model
 
     build_store, base_passages = store_builder
@@ -274,12 +274,12 @@ def test_router_keys_that_cannot_fit_are_refused_before_loading(tiny_msa_model, 
     want = (sum(store.router_keys(r)[0].nbytes for r in range(len(layers)))
             + sum(store.router_keys_shifted(j)[0].nbytes for j in range(len(layers) - 1)))
     assert store.router_key_bytes() == want and Memory(store, model=loaded).router_key_bytes == want
-    free = memory_mod.free_bytes("cpu")
+    free = resident_mod.free_bytes("cpu")
     assert free is None or free > 0
-    monkeypatch.setattr(memory_mod, "free_bytes", lambda device: want - 1)
+    monkeypatch.setattr(resident_mod, "free_bytes", lambda device: want - 1)
     with pytest.raises(RuntimeMemoryError, match=r"router keys of store .* take 0\.00 GiB \(2 router layers, 1 of them "
                                                  r"also over a shifted grid .*free on the host") as e:
         Memory(store, model=loaded)
     assert "--adapter aligned" in str(e.value) and "reindex-router" in str(e.value)
-    monkeypatch.setattr(memory_mod, "free_bytes", lambda device: want)
+    monkeypatch.setattr(resident_mod, "free_bytes", lambda device: want)
     assert Memory(store, model=loaded).index.n_docs == len(doc_ids) - 1
