@@ -18,7 +18,7 @@ top-k documents, and their K̄V̄ are fetched before the layer's attention runs 
 layer routes on its own hidden state, which already saw lower router layers' memory (§3.3).
 HF's KV cache is off (``use_cache=False``); the LM head runs on the last position only.
 
-Decoding on CUDA replays a CUDA graph of one fixed-shape step (``_StaticStep``): the step attends the
+Decoding on CUDA replays a CUDA graph of one fixed-shape step (``StaticStep``): the step attends the
 whole preallocated buffer under a mask built on the device from a device-side token counter, writes
 its k/v with ``index_copy_`` at that counter, and leaves the argmax, the logits and the incremented
 counter and position in static tensors; the host only copies the token back. One token costs one graph
@@ -29,6 +29,8 @@ written part so masked slots hold finite values.
 On a CPU with AVX512-BF16 and a bf16 model, one-row linears (every projection and the LM head of a
 decode step) run an AVX512-BF16 GEMV inside sessions (``runtime.cpu_linear``; ``cpu_gemv``).
 
+The attention core and the per-request state are in :mod:`msa_memory.runtime.attention`.
+
 What it does not do: tokenize, choose modes, or know about stores (``memory.py`` does). The hooks,
 the attention switch and the GEMV overrides exist only inside :meth:`MsaEngine.session`, so the
 shared HF model behaves normally elsewhere. Gemma-style sliding windows are honoured on prefix and local keys;
@@ -37,15 +39,14 @@ memory keys carry no position and are always visible (as in MSA).
 
 from __future__ import annotations
 
-import contextvars
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from msa_memory.errors import ConfigError, RuntimeMemoryError
+from msa_memory.runtime.attention import ATTN_NAME, CURRENT_STATE, ForwardState, StaticStep, register_attention
 
 if TYPE_CHECKING:
     import torch
@@ -55,12 +56,9 @@ if TYPE_CHECKING:
 
 __all__ = ["MsaEngine", "ForwardState", "ATTN_NAME", "GRAPH_MIN_TOKENS"]
 
-ATTN_NAME = "msa_runtime"
 GRAPH_MIN_TOKENS = 8
 """``decode(path="auto")`` captures a CUDA graph of the step from this many new tokens on (capture costs
 about three eager steps)."""
-_STATE: contextvars.ContextVar[ForwardState | None] = contextvars.ContextVar("msa_forward_state", default=None)
-_REGISTERED = False
 
 
 def sync_device(device: Any) -> None:
@@ -68,191 +66,6 @@ def sync_device(device: Any) -> None:
 
     if getattr(device, "type", str(device)) == "cuda":
         torch.cuda.synchronize()
-
-
-@dataclass
-class _LayerBuf:
-    k: torch.Tensor          # (H, cap, D)
-    v: torch.Tensor          # (H, cap, D)
-    local_start: int         # P + M
-    n_local: int = 0         # local tokens written so far
-
-
-@dataclass
-class ForwardState:
-    """Everything one request's forwards share: buffers, prefix, routing decisions, timings."""
-
-    capacity: int
-    """Local tokens (prompt + generated + injected) the buffers can hold."""
-    prefix: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None
-    """Per decoder layer (K, V), each (H, P, D), or None for no prefix."""
-    prefix_len: int = 0
-    route: bool = False
-    """Route (and fetch memory) in the next forward's router layers."""
-    route_rows: torch.Tensor | None = None
-    """(T,) bool: which tokens of the next forward are routing-query tokens (doc_id 0)."""
-    collect_only: bool = False
-    """Route-only pass: accumulate document scores, attach no memory."""
-    top_k: int | None = None
-    routes: dict[int, RouteResult] = field(default_factory=dict)
-    """Router-layer position → its top-k (from the last routing forward)."""
-    suffix_rows: int = 0
-    """Trailing routing rows of the next routing forward that are the router's query suffix: the suffix
-    queries read the last of them, the router queries the rows before them (0: no suffix queries)."""
-    preset_routes: dict[int, RouteResult] | None = None
-    """Routes decided beforehand (``MsaEngine.pooled_routes``): a routing forward attaches these
-    layers' memory instead of routing its own tokens."""
-    doc_score_sum: torch.Tensor | None = None
-    pending_memory: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    layers: dict[int, _LayerBuf] = field(default_factory=dict)
-    local_pos: torch.Tensor | None = None
-    """(capacity,) int64 positions of local tokens (for sliding windows)."""
-    cur_pos: torch.Tensor | None = None
-    n_written: int = 0
-    timings: dict[str, float] = field(default_factory=lambda: {"routing_s": 0.0, "fetch_s": 0.0})
-    masks: dict[tuple, torch.Tensor] = field(default_factory=dict)
-    """Attention masks of the current forward, by (prefix + memory length, local tokens before, T, window)."""
-    static: _StaticStep | None = None
-    """The fixed-shape decoding step while one runs (its forwards attend the whole buffer)."""
-    decode_graph: tuple[_StaticStep, Any] | None = None
-    """A captured CUDA graph of this request's decoding step, kept for its later decode calls."""
-
-
-@dataclass
-class _StaticStep:
-    """Device tensors of one fixed-shape decoding step (what a CUDA graph of it reads and writes)."""
-
-    ids: torch.Tensor        # (1, 1) long: the token to feed; the step leaves its argmax here
-    pos: torch.Tensor        # (1, 1) long: its position; the step adds 1
-    n: torch.Tensor          # (1,) long: local tokens written before it; the step adds 1
-    logits: torch.Tensor     # (V,) float32: the step's last-position logits
-
-
-def _attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: Any,
-               scaling: float | None = None, dropout: float = 0.0, sliding_window: int | None = None,
-               softcap: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
-    """AttentionInterface entry: route to the active request's state, or plain SDPA outside one."""
-    st = _STATE.get()
-    if st is None:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                      scaling=scaling, sliding_window=sliding_window, **kwargs)
-    return _attend(st, module.layer_idx, query, key, value, scaling, sliding_window, softcap), None
-
-
-def _attend(st: ForwardState, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            scaling: float | None, window: int | None, softcap: float | None) -> torch.Tensor:
-    import torch
-
-    _, Hq, T, D = q.shape
-    H = k.shape[1]
-    buf = st.layers.get(layer_idx)
-    if buf is None:  # first forward of this request at this layer: allocate [prefix | memory | local]
-        pk, pv = st.prefix[layer_idx] if st.prefix is not None else (None, None)
-        mk, mv = st.pending_memory.pop(layer_idx, (None, None))
-        P = 0 if pk is None else pk.shape[1]
-        M = 0 if mk is None else mk.shape[1]
-        cap = P + M + st.capacity
-        kb = torch.empty((H, cap, D), dtype=k.dtype, device=k.device)
-        vb = torch.empty((H, cap, D), dtype=v.dtype, device=v.device)
-        if P:
-            kb[:, :P] = pk
-            vb[:, :P] = pv
-        if M:
-            kb[:, P:P + M] = mk
-            vb[:, P:P + M] = mv
-        buf = st.layers[layer_idx] = _LayerBuf(kb, vb, P + M)
-    if st.static is not None:
-        return _attend_static(st, st.static, buf, q, k, v, scaling, window, softcap)
-    n0 = buf.n_local
-    if n0 + T > st.capacity:
-        raise RuntimeMemoryError(f"Request needs more than its {st.capacity} local-token slots; raise max_new_tokens "
-                                 "or shorten the prompt.")
-    s = buf.local_start + n0
-    buf.k[:, s:s + T] = k[0]
-    buf.v[:, s:s + T] = v[0]
-    buf.n_local = n0 + T
-    total = s + T
-    keys, vals = buf.k[:, :total].unsqueeze(0), buf.v[:, :total].unsqueeze(0)     # (1, H, total, D)
-    mask = None
-    if T > 1 or window is not None:
-        # (T, total) bool: memory/prefix visible, local causal (bottom-right aligned), sliding window.
-        # The same for every layer of this forward with the same [prefix | memory] length and window:
-        # built once per forward (``ForwardState.masks``, emptied when ``MsaEngine.forward`` ends), not per layer
-        mkey = (buf.local_start, n0, T, window)
-        mask = st.masks.get(mkey)
-        if mask is None:
-            mask = torch.ones((T, total), dtype=torch.bool, device=q.device)
-            i = torch.arange(T, device=q.device).unsqueeze(1)
-            j = torch.arange(n0 + T, device=q.device).unsqueeze(0)
-            mask[:, buf.local_start:] = j <= n0 + i
-            if window is not None and st.local_pos is not None:
-                qpos = st.local_pos[n0:n0 + T].unsqueeze(1)
-                mask[:, buf.local_start:] &= (qpos - st.local_pos[:n0 + T].unsqueeze(0)) < window
-                P = st.prefix_len
-                if P:
-                    mask[:, :P] &= (qpos - torch.arange(P, device=q.device).unsqueeze(0)) < window
-            st.masks[mkey] = mask
-    return _sdpa(q, keys, vals, mask, scaling, softcap)
-
-
-def _sdpa(q: torch.Tensor, keys: torch.Tensor, vals: torch.Tensor, mask: torch.Tensor | None,
-          scaling: float | None, softcap: float | None) -> torch.Tensor:
-    """(1, T, Hq, D) attention of q (1, Hq, T, D) over keys/vals (1, H, S, D) under a (T, S) bool mask."""
-    import torch
-    import torch.nn.functional as F
-
-    Hq, D, H = q.shape[1], q.shape[3], keys.shape[1]
-    scale = scaling if scaling is not None else D ** -0.5
-    if softcap is None:
-        out = F.scaled_dot_product_attention(q, keys, vals, attn_mask=mask, scale=scale, enable_gqa=(Hq != H))
-    else:  # logit soft-capping (Gemma 2): explicit attention
-        rep = Hq // H
-        kk, vv = keys.repeat_interleave(rep, 1), vals.repeat_interleave(rep, 1)
-        w = (q @ kk.transpose(-1, -2)) * scale
-        w = torch.tanh(w / softcap) * softcap
-        if mask is not None:
-            w = w.masked_fill(~mask, float("-inf"))
-        out = torch.softmax(w.float(), -1).to(q.dtype) @ vv
-    return out.transpose(1, 2).contiguous()                                        # (1, T, Hq, D)
-
-
-def _attend_static(st: ForwardState, sp: _StaticStep, buf: _LayerBuf, q: torch.Tensor, k: torch.Tensor,
-                   v: torch.Tensor, scaling: float | None, window: int | None, softcap: float | None) -> torch.Tensor:
-    """One decoding token against the whole [prefix | memory | local] buffer, with no host-side index:
-    its k/v go to slot ``local_start + sp.n`` and the mask is built from ``sp.n`` / ``sp.pos`` on the
-    device (the same visibility as the dynamic path: prefix and memory, local tokens up to this one,
-    sliding windows on prefix and local positions; memory always visible)."""
-    import torch
-
-    if q.shape[2] != 1:
-        raise RuntimeMemoryError("The fixed-shape decoding step takes one token per forward.")
-    L, cap = buf.local_start, buf.k.shape[1]
-    slot = sp.n + L                                                                 # (1,) long, on the device
-    buf.k.index_copy_(1, slot, k[0])
-    buf.v.index_copy_(1, slot, v[0])
-    mkey = ("static", L, cap, window)
-    mask = st.masks.get(mkey)
-    if mask is None:
-        j = torch.arange(cap, device=q.device)
-        vis = j <= slot
-        if window is not None:
-            P = st.prefix_len
-            kpos = torch.cat([torch.arange(P, device=q.device), torch.zeros(L - P, dtype=torch.long, device=q.device),
-                              st.local_pos[:cap - L]])
-            vis = vis & (((sp.pos[0] - kpos) < window) | ((j >= P) & (j < L)))
-        mask = st.masks[mkey] = vis.view(1, cap)
-    return _sdpa(q, buf.k.unsqueeze(0), buf.v.unsqueeze(0), mask, scaling, softcap)
-
-
-def _register() -> None:
-    global _REGISTERED
-    if not _REGISTERED:
-        from transformers import AttentionInterface
-
-        AttentionInterface.register(ATTN_NAME, _attention)
-        _REGISTERED = True
 
 
 class MsaEngine:
@@ -278,7 +91,7 @@ class MsaEngine:
                  index: RouterIndex | None = None, content: ContentMemory | None = None, *,
                  cpu_gemv: bool | str = "auto", suffix_q: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
                  suffix_positions: Sequence[int] = ()) -> None:
-        _register()
+        register_attention()
         self.model = hf_model
         self.backbone = hf_model.model
         self.router_layers = [int(x) for x in router_layers]
@@ -315,7 +128,7 @@ class MsaEngine:
         """Activate ``state``: custom attention + router hooks on, restored on exit."""
         cfg = self.model.config
         old = cfg._attn_implementation
-        token = _STATE.set(state)
+        token = CURRENT_STATE.set(state)
         hooks = []
         for pos, li in enumerate(self.router_layers):
             norm = self.backbone.layers[li].input_layernorm
@@ -331,11 +144,11 @@ class MsaEngine:
             cfg._attn_implementation = old
             for h in hooks:
                 h.remove()
-            _STATE.reset(token)
+            CURRENT_STATE.reset(token)
 
     def _make_hook(self, pos: int, layer_idx: int) -> Callable[..., None]:
         def hook(module: Any, inputs: Any, output: torch.Tensor) -> None:
-            st = _STATE.get()
+            st = CURRENT_STATE.get()
             if st is None or not st.route or self.index is None:
                 return
             t0 = time.perf_counter()
@@ -544,14 +357,14 @@ class MsaEngine:
             for buf in state.layers.values():
                 buf.n_local = n0 + steps
 
-    def _new_step(self, vocab: int) -> _StaticStep:
+    def _new_step(self, vocab: int) -> StaticStep:
         import torch
 
         z = dict(dtype=torch.long, device=self.device)
-        return _StaticStep(torch.zeros((1, 1), **z), torch.zeros((1, 1), **z), torch.zeros(1, **z),
+        return StaticStep(torch.zeros((1, 1), **z), torch.zeros((1, 1), **z), torch.zeros(1, **z),
                            torch.zeros(vocab, dtype=torch.float32, device=self.device))
 
-    def _static_forward(self, state: ForwardState, sp: _StaticStep) -> None:
+    def _static_forward(self, state: ForwardState, sp: StaticStep) -> None:
         """The fixed-shape step: only device tensors change between calls (what a CUDA graph replays)."""
         import torch
 
@@ -569,7 +382,7 @@ class MsaEngine:
         sp.n.add_(1)
         sp.pos.add_(1)
 
-    def _capture_step(self, state: ForwardState, n0: int, next_pos: int) -> tuple[_StaticStep, Any]:
+    def _capture_step(self, state: ForwardState, n0: int, next_pos: int) -> tuple[StaticStep, Any]:
         """Warm the step up on a side stream (cuBLAS / SDPA choose their kernels), then capture it. The
         warm-up calls write slot ``n0`` only, which the first replay overwrites."""
         import torch
