@@ -25,7 +25,7 @@ Rows:
 
 Data (built by this script from ``--seed``, never from an IR collection):
 - passages: the language-reference topics of ``pydoc_data.topics`` and the README/FAQ/NEWS/markdown files of
-  the installed Debian packages (``msa_memory.train.corpus.pydoc_topics`` / ``debian_docs``, read-only: the
+  the installed Debian packages (``msa_memory.train.texts.pydoc_topics`` / ``debian_docs``, read-only: the
   sources that module reserves for evaluation; router training reads stdlib docstrings, man pages and package
   docstrings), packed into passages of 250–600 characters, one ``.txt`` file each, shuffled by the seed;
 - (a) ``--needles`` needle questions: a fact about a fictional place ("Visitors to the Ashcombe archive are let
@@ -81,7 +81,7 @@ os.environ.setdefault("MSA_DISABLE_PROGRESS_BARS", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from msa_memory.train.corpus import debian_docs, pack_paragraphs, pydoc_topics, sentences  # noqa: E402
+from msa_memory.train.texts import debian_docs, pack_paragraphs, pydoc_topics, sentences  # noqa: E402
 
 MODES = ("pooled", "interleave", "text", "bm25")
 ROW_NAME = {"pooled": "pooled", "interleave": "interleave", "text": "text", "bm25": "bm25-rag"}

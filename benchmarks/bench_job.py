@@ -48,7 +48,7 @@ def _git_commit() -> str:
 
 def direct_encode(corpus: Path, spec, shard_tokens: int, max_passage_tokens: int) -> tuple[float, float, int, int]:
     """The baseline: the same passages, the same batches, Encoder.encode in this process, no writes."""
-    from msa_memory.encode.corpus import scan_corpus
+    from msa_memory.encode.scan import scan_corpus
     from msa_memory.jobs.encode_job import get_encoder
     from msa_memory.jobs.plan import make_shard_tasks, split_and_count
 

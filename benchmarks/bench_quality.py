@@ -62,7 +62,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from msa_memory.train.corpus import debian_docs, pack_paragraphs, pydoc_topics, sentences  # noqa: E402
+from msa_memory.train.texts import debian_docs, pack_paragraphs, pydoc_topics, sentences  # noqa: E402
 from msa_memory.train.pairs import FactMaker, Query, insert_sentence  # noqa: E402
 
 KS = (1, 5, 16)

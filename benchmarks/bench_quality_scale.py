@@ -162,7 +162,7 @@ def _pool(passages: list[str], n_q: int, tokenizer, allowed: set[int] | None = N
     Sentences of the query passages are left out; with ``allowed``, so is every sentence with a
     token outside it (the device pack embeds only a compact vocabulary).
     """
-    from msa_memory.train.corpus import sentences
+    from msa_memory.train.texts import sentences
 
     banned = {passages[i][a:b].strip() for i in range(n_q) for a, b in sentences(passages[i])}
     uniq = list(dict.fromkeys(t for p in passages[n_q:] for a, b in sentences(p)

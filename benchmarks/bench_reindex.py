@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     from msa_memory.encode import Encoder, load_model
     from msa_memory.schemas.records import Passage, to_float32
     from msa_memory.store import create_store, open_store, write_shard
-    from msa_memory.train.corpus import pack_paragraphs, pydoc_topics
+    from msa_memory.train.texts import pack_paragraphs, pydoc_topics
     from msa_memory.train.reindex import reindex_router
 
     torch.set_num_threads(os.cpu_count() or 1)

@@ -106,7 +106,7 @@ def prepare(a) -> None:
 
     from msa_memory.train.cli_support import parse_layers
     from msa_memory.encode import load_model
-    from msa_memory.train.corpus import installed_packages
+    from msa_memory.train.texts import installed_packages
     from msa_memory.routing.query import query_tokens
     from msa_memory.train.recipe import bm25_hard_negatives, builtin_pairs
 

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))          # benchmar
 
 import bench_answers as ba  # noqa: E402
 from msa_memory.train import pairs  # noqa: E402
-from msa_memory.train.corpus import pydoc_topics  # noqa: E402
+from msa_memory.train.texts import pydoc_topics  # noqa: E402
 
 
 @pytest.fixture(scope="module")

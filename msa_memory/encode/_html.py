@@ -1,4 +1,4 @@
-"""HTML to text in one linear pass, with a depth bound: the HTML reader of ``encode.corpus``.
+"""HTML to text in one linear pass, with a depth bound: the HTML reader of ``encode.scan``.
 
 What it does: tokenizes HTML with a handful of anchored regular expressions (text, character
 references, start/end tags with quoted attribute values, comments, declarations, processing

@@ -1,7 +1,7 @@
 """``encode_corpus``: the msa-encode job (plan → encode-and-write-shard tasks on Dask → one commit).
 
 Phases:
-1. Plan, on the client: scan the folders (``encode.corpus``; plain-text files are hashed and
+1. Plan, on the client: scan the folders (``encode.scan``; plain-text files are hashed and
    indexed in one streaming read, their text is not kept), diff them against the store's latest
    version by file sha256 (``plan.diff_sources``), split and count passages (``plan.plan_passages``:
    a plain-text file is read back a block at a time and only its passages' byte ranges and token
@@ -56,7 +56,8 @@ from typing import TYPE_CHECKING, Any, Literal, overload
 
 import numpy as np
 
-from msa_memory.encode.corpus import ReaderOptions, scan_corpus
+from msa_memory.encode.scan import scan_corpus
+from msa_memory.encode.sources import ReaderOptions
 from msa_memory.errors import (
     ConfigError,
     IdentityMismatchError,
@@ -513,7 +514,7 @@ def encode_corpus(
         JobResult is returned directly.
     dry_run : plan only: nothing is reserved, encoded or written (a missing store is not created).
     include, exclude, respect_gitignore, max_file_bytes, jsonl_field : what is read (see
-        ``encode.corpus.ReaderOptions``; defaults: all files, none excluded, off, 32 MiB, ``"text"``).
+        ``encode.sources.ReaderOptions``; defaults: all files, none excluded, off, 32 MiB, ``"text"``).
     follow_links : also follow symlinks whose target lies outside the folders given; default False
         (they are counted in ``JobResult.links_not_followed``). Msa stores in the folders (this one
         included) are never read (``JobResult.stores_excluded``).

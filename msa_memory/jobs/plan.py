@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from msa_memory.encode._textfile import TextIndex
-from msa_memory.encode.corpus import CorpusScan, SkippedFile, SourceText
+from msa_memory.encode.sources import CorpusScan, SkippedFile, SourceText
 from msa_memory.schemas.records import Passage
 
 if TYPE_CHECKING:

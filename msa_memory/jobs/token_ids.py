@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from msa_memory.encode.corpus import CorpusScan, SourceText
+from msa_memory.encode.sources import CorpusScan, SourceText
 from msa_memory.errors import ConfigError
 from msa_memory.jobs.encode_job import (
     JobResult,

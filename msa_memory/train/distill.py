@@ -35,7 +35,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from msa_memory.errors import ConfigError
-from msa_memory.train.corpus import TextDoc, pack_paragraphs, sentences
+from msa_memory.train.texts import TextDoc, pack_paragraphs, sentences
 from msa_memory.train.pairs import PairSet, Query
 
 __all__ = ["QUERY_SOURCES", "TEACHERS", "parse_query_sources", "man_name_line", "pseudo_query_pairs",

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from msa_memory.errors import ConfigError
-from msa_memory.train.corpus import sentences
+from msa_memory.train.texts import sentences
 
 __all__ = ["Query", "PairSet", "FactMaker", "build_pairs", "load_jsonl"]
 

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from msa_memory.errors import ConfigError
-from msa_memory.train.corpus import man_pages, pack_paragraphs, package_docstrings, stdlib_docstrings
+from msa_memory.train.texts import man_pages, pack_paragraphs, package_docstrings, stdlib_docstrings
 from msa_memory.train.pairs import PairSet, build_pairs
 
 __all__ = ["BUILTIN_SOURCES", "bm25_hard_negatives", "bm25_topk", "builtin_passages", "builtin_pairs", "distill_pairs",
@@ -218,7 +218,7 @@ def files_pairs(paths: Sequence[str | Path], *, n_dev_fraction: float = 0.1, see
                 max_chars: int = 1200, max_passages: int | None = None, p_remove: float = 0.5,
                 fact_names: str = "syllables") -> tuple[PairSet, PairSet]:
     """Train/dev pair sets from the user's own text files or folders (inverse cloze + facts)."""
-    from msa_memory.encode.corpus import scan_corpus
+    from msa_memory.encode.scan import scan_corpus
 
     docs = [(s.key, s.text) for s in scan_corpus([str(p) for p in paths]).sources]
     ps = _shuffled_passages(docs, seed, max_chars)

@@ -19,7 +19,8 @@ import pytest
 from typer.testing import CliRunner
 
 from msa_memory.cli import encode_app
-from msa_memory.encode.corpus import ReaderOptions, read_file, scan_corpus
+from msa_memory.encode.scan import scan_corpus
+from msa_memory.encode.sources import ReaderOptions, read_file
 
 BLOCKS = ["p", "div", "li", "tr", "h1", "h2", "h3", "h4", "h5", "h6", "pre", "blockquote", "section", "article",
           "header", "footer", "table", "ul", "ol", "dt", "dd", "title"]

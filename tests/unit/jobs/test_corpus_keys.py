@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from msa_memory.encode.corpus import scan_corpus
+from msa_memory.encode.scan import scan_corpus
 from msa_memory.jobs import encode_corpus
 from msa_memory.jobs.plan import diff_sources
 from msa_memory.store import open_store
@@ -89,7 +89,7 @@ def test_rerun_of_unchanged_jsonl_folder_commits_nothing(tmp_path: Path, tiny_mo
 def test_plan_protects_exactly_the_documents_of_a_skipped_file_whose_name_has_a_hash(tmp_path: Path) -> None:
     from test_job_plan import _scan, _store_with
 
-    from msa_memory.encode.corpus import SkippedFile
+    from msa_memory.encode.sources import SkippedFile
 
     store, ids = _store_with(tmp_path, {"d/a#b.md": ("AB", 1), "d/a": ("A", 1), "d/c#d.jsonl#id=1": ("R", 1),
                                         "d/c": ("C", 1)})

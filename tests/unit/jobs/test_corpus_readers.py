@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 from jobkit import minimal_pdf
 
-from msa_memory.encode.corpus import ReaderOptions, scan_corpus, source_root_key
+from msa_memory.encode.scan import scan_corpus, source_root_key
+from msa_memory.encode.sources import ReaderOptions
 from msa_memory.errors import ConfigError
 
 

@@ -20,7 +20,8 @@ from pathlib import Path
 from typer.testing import CliRunner
 
 from msa_memory.cli import encode_app
-from msa_memory.encode.corpus import ReaderOptions, scan_corpus
+from msa_memory.encode.scan import scan_corpus
+from msa_memory.encode.sources import ReaderOptions
 from msa_memory.jobs import encode_corpus
 from msa_memory.store import create_store, open_store
 from msa_memory.testing.store_kit import tiny_identity

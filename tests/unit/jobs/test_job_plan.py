@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from msa_memory.encode.corpus import CorpusScan, SkippedFile, SourceText
+from msa_memory.encode.sources import CorpusScan, SkippedFile, SourceText
 from msa_memory.jobs.plan import diff_sources, make_shard_tasks, plan_id_of
 from msa_memory.schemas.records import Passage
 from msa_memory.store import create_store, write_shard

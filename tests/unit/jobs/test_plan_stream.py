@@ -24,7 +24,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from msa_memory.encode._textfile import TextFile, index_text_file
-from msa_memory.encode.corpus import ReaderOptions, _decode, scan_corpus
+from msa_memory.encode.scan import scan_corpus
+from msa_memory.encode.sources import ReaderOptions, decode_text
 from msa_memory.encode.passages import split_passages
 from msa_memory.encode.tiny import tiny_tokenizer
 from msa_memory.errors import JobError
@@ -83,7 +84,7 @@ def test_a_streaming_read_skips_a_file_for_the_reason_a_whole_read_gives(tmp_pat
     if b"\x00" in data[:8192]:
         assert reason == "binary (NUL bytes)"
         return
-    text, whole_reason = _decode(data)
+    text, whole_reason = decode_text(data)
     if whole_reason is None and not text.strip():
         whole_reason = "no text (empty after extraction)"
     assert reason == whole_reason

@@ -1,6 +1,6 @@
 """Built-in training text: man pages rendered with groff, source selection, the CLI's --builtin.
 
-Run: ``.venv/bin/python -m pytest tests/unit/train/test_builtin_corpus.py -q`` (no model, seconds).
+Run: ``.venv/bin/python -m pytest tests/unit/train/test_builtin_texts.py -q`` (no model, seconds).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from msa_memory.errors import ConfigError
-from msa_memory.train import corpus, recipe
+from msa_memory.train import recipe, texts
 
 needs_groff = pytest.mark.skipif(shutil.which("groff") is None, reason="groff is not installed")
 
@@ -44,7 +44,7 @@ print nothing but the frobnicated output itself
 
 @needs_groff
 def test_render_man_keeps_prose_joins_lines_drops_name_synopsis_see_also():
-    text = corpus.render_man(PAGE)
+    text = texts.render_man(PAGE)
     paras = text.split("\n\n")
     assert paras[0] == ("frob reads each FILE and writes its frobnicated form to standard output, keeping "
                         "the original untouched.")
@@ -71,17 +71,17 @@ def test_man_pages_reads_sections_skips_redirects_links_translations_and_caps_fa
     (root / "man1" / "link.1.gz").symlink_to(root / "man1" / "frob.1.gz")
     _write_page(root / "de" / "man1" / "frob.1.gz", long_page)         # a translation
     _write_page(root / "man1" / "tiny.1.gz", ".TH T 1\n.SH DESCRIPTION\nToo short to train on.\n")
-    docs = corpus.man_pages(root, max_per_family=2)
+    docs = texts.man_pages(root, max_per_family=2)
     # family "frob" is capped at its first 2 pages in sorted order ('-' sorts before '.')
     assert [s for s, _ in docs] == ["man/man1/frob-extra.1", "man/man1/frob-more.1.gz", "man/man8/zap.8.gz"]
     assert all("Frob the file named" in t or "Zap the file" in t or "Frobx" in t for _, t in docs)
-    assert corpus.man_pages(tmp_path / "nowhere") == []
+    assert texts.man_pages(tmp_path / "nowhere") == []
 
 
 def test_man_pages_without_groff_is_a_clear_error(monkeypatch, tmp_path):
-    monkeypatch.setattr(corpus.shutil, "which", lambda name: None)
+    monkeypatch.setattr(texts.shutil, "which", lambda name: None)
     with pytest.raises(ConfigError, match="groff"):
-        corpus.man_pages(tmp_path)
+        texts.man_pages(tmp_path)
 
 
 def test_builtin_sources_selection_and_sizes(monkeypatch):
@@ -139,14 +139,14 @@ def test_package_docstrings_skips_tests_vendored_duplicates_and_caps_packages(tm
     _module(tmp_path / "gamma.py", [long("Gamma single-module package")])
     (tmp_path / "broken.py").write_text("def (:\n")                                # unparsable: skipped
 
-    docs = corpus.package_docstrings(tmp_path)
+    docs = texts.package_docstrings(tmp_path)
     names = [s for s, _ in docs]
     assert names == ["packages/alpha/core.py:<module>", "packages/alpha/core.py:f0", "packages/alpha/core.py:f1",
                      "packages/beta/a.py:<module>", "packages/beta/b.py:<module>", "packages/gamma.py:<module>"]
     assert sum("Shared text" in d for _, d in docs) == 1                           # exact duplicate dropped
-    assert docs == corpus.package_docstrings(tmp_path)                             # deterministic
+    assert docs == texts.package_docstrings(tmp_path)                             # deterministic
     # a package stops contributing once it has given max_chars_per_package characters
-    capped = [s for s, _ in corpus.package_docstrings(tmp_path, max_chars_per_package=250)]
+    capped = [s for s, _ in texts.package_docstrings(tmp_path, max_chars_per_package=250)]
     assert capped == ["packages/alpha/core.py:<module>", "packages/beta/a.py:<module>", "packages/gamma.py:<module>"]
     assert "packages" in recipe.BUILTIN_SOURCES
 
@@ -155,8 +155,8 @@ def test_installed_packages_lists_distributions(tmp_path):
     info = tmp_path / "frob-1.2.3.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: frob\nVersion: 1.2.3\n")
-    assert corpus.installed_packages(tmp_path) == ["frob==1.2.3"]
-    assert any(p.startswith("torch==") for p in corpus.installed_packages())
+    assert texts.installed_packages(tmp_path) == ["frob==1.2.3"]
+    assert any(p.startswith("torch==") for p in texts.installed_packages())
 
 
 def test_fact_maker_names_outlast_a_large_corpus():
