@@ -46,11 +46,10 @@ the store at the version the job read (plus orphan or reusable shards).
 
 from __future__ import annotations
 
-import json
 import os
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, overload
 
@@ -58,23 +57,12 @@ import numpy as np
 
 from msa_memory.encode.scan import scan_corpus
 from msa_memory.encode.sources import ReaderOptions
-from msa_memory.errors import (
-    ConfigError,
-    IdentityMismatchError,
-    JobError,
-    MsaError,
-    ShardMissingError,
-    VersionConflictError,
-)
+from msa_memory.errors import ConfigError
 from msa_memory.jobs.cluster import job_client
-from msa_memory.jobs.plan import (
-    FileDiff,
-    ShardTask,
-    diff_sources,
-    plan_id_of,
-    plan_passages,
-    shard_tasks,
-)
+from msa_memory.jobs.journal import is_local, reserve_ids, store_location
+from msa_memory.jobs.runner import (JobResult, Prepared, ProgressFn, default_shard_tokens, finish_delayed,
+                                    open_existing, open_or_create, run_tasks, shipped_adapter_of)
+from msa_memory.jobs.plan import FileDiff, diff_sources, plan_id_of, plan_passages, shard_tasks
 from msa_memory.jobs.worker import (
     ModelSpec,
     ShardResult,
@@ -91,158 +79,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ModelSpec", "JobResult", "ShardResult", "encode_corpus", "encode_and_write_shard", "get_encoder"]
 
-ProgressFn = Callable[[dict[str, Any]], None]
-JOURNAL_DIR = "_jobs"
-
-
-def default_shard_tokens(device: str = "auto") -> int:
-    """Tokens per shard task so that a task is at least about a second of work on the device."""
-    from msa_memory.jobs.cluster import gpu_count
-
-    on_gpu = device.startswith("cuda") or (device == "auto" and gpu_count() > 0)
-    return 262144 if on_gpu else 8192
-
-
-# ----------------------------------------------------------------------------- result
-
-
-@dataclass
-class JobResult:
-    """Summary of one job (``to_dict()`` is the CLI's ``--json`` object)."""
-
-    store: str
-    read_version: int | None
-    version: int | None
-    committed: bool
-    dry_run: bool = False
-    plan_id: str = ""
-    files_added: list[str] = field(default_factory=list)
-    files_replaced: list[str] = field(default_factory=list)
-    files_deleted: list[str] = field(default_factory=list)
-    files_unchanged: int = 0
-    files_excluded: int = 0
-    skipped: list[dict[str, str]] = field(default_factory=list)
-    stores_excluded: list[str] = field(default_factory=list)
-    links_not_followed: list[str] = field(default_factory=list)
-    docs_added: int = 0
-    docs_deleted: int = 0
-    shards_written: int = 0
-    shards_reused: int = 0
-    tokens_planned: int = 0
-    tokens_encoded: int = 0
-    tokens_reused: int = 0
-    bytes_written: int = 0
-    seconds: float = 0.0
-    message: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-# ----------------------------------------------------------------------------- journal
-
-
-def store_location(store: str | os.PathLike[str] | MemoryStore | Backend) -> str | Backend:
-    """Where the job's store is, as the job and its workers open it: a local path or URL string, or a
-    remote backend object (an ``S3Backend`` built with options pickles as its URL and options)."""
-    from msa_memory.store import MemoryStore
-    from msa_memory.store.backend import Backend
-
-    if isinstance(store, MemoryStore):
-        store = store.backend
-    if isinstance(store, Backend):
-        return store if getattr(store, "remote", False) else str(store.root)
-    return str(store)
-
-
-def is_local(location: str | Backend) -> bool:
-    """Whether ``location`` names a local folder (not a URL, not a backend object)."""
-    return isinstance(location, str) and "://" not in location
-
-
-def _journal_key(plan_id: str) -> str:
-    return f"{JOURNAL_DIR}/{plan_id}.json"
-
-
-def _read_journal(be: Backend, plan_id: str, n: int) -> np.ndarray | None:
-    try:
-        data = json.loads(be.read(_journal_key(plan_id)))
-        ids = np.asarray(data["doc_ids"], dtype=np.int64)
-        if data.get("plan_id") == plan_id and ids.shape == (n,):
-            return ids
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # missing or unreadable journal: reserve anew (ids are never reused, gaps are harmless)
-    return None
-
-
-def _reserve_ids(store: MemoryStore, plan_id: str, n: int) -> np.ndarray:
-    """Ids for the plan's ``n`` passages: the journal's (a resumed job) or freshly reserved.
-
-    A new journal is created by the backend's conditional publish, so two identical jobs started at
-    once take the same ids (the loser's reservation is a harmless gap), write the same shards and
-    leave the commit to decide which of them publishes.
-    """
-    be, key = store.backend, _journal_key(plan_id)
-    existed = be.probe(key)
-    if existed and (ids := _read_journal(be, plan_id, n)) is not None:
-        return ids
-    ids = np.asarray(store.reserve_ids(n), dtype=np.int64)  # (n,) int64
-    data = json.dumps({"plan_id": plan_id, "doc_ids": ids.tolist()}).encode()
-    if existed:
-        be.replace(key, data)    # an unreadable journal: this one replaces it
-    elif not be.publish(key, data):   # an identical job beside this one wrote it first: take its ids
-        if (theirs := _read_journal(be, plan_id, n)) is not None:
-            return theirs
-        be.replace(key, data)
-    return ids
-
-
-def _remove_journals(be: Backend) -> None:
-    """Remove every job journal (best effort: a stale journal names a plan no later job computes)."""
-    try:
-        for name in be.list(JOURNAL_DIR):
-            if name.endswith(".json"):
-                be.delete(f"{JOURNAL_DIR}/{name}")
-    except OSError:
-        pass
-
-
 # ----------------------------------------------------------------------------- the job
-
-
-@dataclass
-class _Prepared:
-    root: Any
-    """The store's location (``store_location``): a path or URL string, or a remote backend."""
-    store: Any
-    diff: FileDiff
-    result: JobResult
-    tasks: list[ShardTask]
-    reused: list[ShardResult]
-    spec: ModelSpec
-    message: str
-    t0: float
-
-
-def _open_existing(root: str | Backend) -> Any:
-    """The latest version of the store at ``root``, or None when there is no store there."""
-    from msa_memory.errors import StoreNotFoundError
-    from msa_memory.store import open_store
-
-    try:
-        return open_store(root)
-    except StoreNotFoundError:
-        return None
-
-
-def _shipped_adapter_of(store: Any) -> str | None:
-    """The shipped adapter that routes the existing ``store`` (``msa_memory.routing.registry``), or None (new
-    store, other router)."""
-    from msa_memory.routing.registry import adapter_for_store
-    from msa_memory.store import MemoryStore
-
-    existing = store if isinstance(store, MemoryStore) else _open_existing(store_location(store))
-    return None if existing is None else adapter_for_store(existing.identity.router_id, "default")
 
 
 def _check_store_path(store: str | os.PathLike[str]) -> None:
@@ -261,57 +98,9 @@ def _check_store_path(store: str | os.PathLike[str]) -> None:
                                "msa-encode creates the store there.")
 
 
-def _created_beside(root: str | Backend, timeout: float = 30.0) -> Any:
-    """The store another process is creating at ``root`` right now, once complete; None when ``root``
-    holds anything but a store's own entries (a folder that is not a store) or none appears in time."""
-    from msa_memory.errors import StoreNotFoundError
-    from msa_memory.store import _layout as L, open_store
-
-    own = {*L.STORE_DIRS, L.IDENTITY_FILE, L.IDS_FILE, L.IDS_DIR, L.LOCK_FILE, JOURNAL_DIR}
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return open_store(root)
-        except StoreNotFoundError:
-            pass
-        try:
-            names = set(L.open_backend(root).list(""))
-        except OSError:
-            return None
-        if not names <= own or time.monotonic() > deadline:
-            return None
-        time.sleep(0.05)
-
-
-def _open_or_create(root: str | Backend, identity: Any, *, create: bool) -> Any:
-    from msa_memory.errors import StoreExistsError, StoreNotFoundError
-    from msa_memory.store import create_store, open_store
-
-    try:
-        store = open_store(root)
-    except StoreNotFoundError:
-        if not create:  # dry run: plan against an empty store, create nothing
-            return None
-        # a new or empty directory; anything else there raises StoreExistsError (nothing is touched)
-        try:
-            return create_store(root, identity, message=f"create for {identity.model_name}")
-        except StoreExistsError:
-            store = _created_beside(root)   # the same msa-encode started twice: both create the store
-            if store is None:
-                raise
-    bad = store.identity.compatible_with(identity)
-    if bad:
-        raise IdentityMismatchError(
-            f"Store {root} was built by model {store.identity.model_name!r}; the model given "
-            f"({identity.model_name!r}) differs in {', '.join(bad)}.",
-            hint="Encode with the model (and router adapter) the store was built with, or use a new --store.",
-        )
-    return store
-
-
 def _prepare(paths: Sequence[str | os.PathLike[str]] | str, store: str | os.PathLike[str] | MemoryStore, *,
              spec: ModelSpec, options: ReaderOptions, shard_tokens: int, max_passage_tokens: int,
-             message: str | None, dry_run: bool, progress: ProgressFn | None) -> _Prepared:
+             message: str | None, dry_run: bool, progress: ProgressFn | None) -> Prepared:
     t0 = time.perf_counter()
     if shard_tokens < 1 or max_passage_tokens < 1:
         raise ConfigError(f"shard_tokens and max_passage_tokens must be positive, got {shard_tokens!r}, {max_passage_tokens!r}.")
@@ -319,7 +108,7 @@ def _prepare(paths: Sequence[str | os.PathLike[str]] | str, store: str | os.Path
     scan = scan_corpus(paths if not isinstance(paths, (str, os.PathLike)) else [paths], options,
                        store=root if is_local(root) else None)
     # 1. diff against an existing store first: an unchanged folder needs no model at all
-    opened = _open_existing(root)
+    opened = open_existing(root)
     if opened is not None and opened.identity.hidden_size > 0 and not spec.keep_router_inputs:
         spec = replace(spec, keep_router_inputs=True)  # the store keeps x_router: so do its appends
     diff = diff_sources(scan, opened) if opened is not None else None
@@ -327,7 +116,7 @@ def _prepare(paths: Sequence[str | os.PathLike[str]] | str, store: str | os.Path
     if diff is None or diff.has_changes or dry_run:
         model, _, _ = get_encoder(spec, device="cpu" if spec.device == "auto" else spec.device)
         identity = model.identity(keep_router_inputs=spec.keep_router_inputs)
-        opened = _open_or_create(root, identity, create=not dry_run)
+        opened = open_or_create(root, identity, create=not dry_run)
     if opened is None:  # dry run against a store that does not exist yet: plan as if it were empty
         diff = FileDiff(read_version=-1, to_encode=list(scan.sources), added=[s.key for s in scan.sources],
                         skipped=list(scan.skipped), n_excluded=scan.n_excluded,
@@ -341,7 +130,7 @@ def _prepare(paths: Sequence[str | os.PathLike[str]] | str, store: str | os.Path
                        skipped=[{"path": s.path, "reason": s.reason} for s in diff.skipped],
                        stores_excluded=diff.stores_excluded, links_not_followed=diff.links_not_followed,
                        docs_deleted=len(diff.delete_ids))
-    prepared = _Prepared(root, opened, diff, result, [], [], spec, "", t0)
+    prepared = Prepared(root, opened, diff, result, [], [], spec, "", t0)
     if not diff.has_changes:
         result.message = "no changes: every file matches the store's latest version; nothing committed"
         return prepared
@@ -362,7 +151,7 @@ def _prepare(paths: Sequence[str | os.PathLike[str]] | str, store: str | os.Path
         prepared.tasks = shard_tasks(planned, placeholder, plan_id=plan_id, shard_tokens=shard_tokens)
         result.message = f"dry run: {len(prepared.tasks)} shard(s) to encode, nothing written"
         return prepared
-    ids = _reserve_ids(opened, plan_id, n_passages)
+    ids = reserve_ids(opened, plan_id, n_passages)
     tasks = shard_tasks(planned, ids, plan_id=plan_id, shard_tokens=shard_tokens)
     for t in tasks:
         rec = opened.find_shard(t.shard_id)
@@ -377,83 +166,6 @@ def _prepare(paths: Sequence[str | os.PathLike[str]] | str, store: str | os.Path
                   "shards_reused": len(prepared.reused), "tokens_total": result.tokens_planned,
                   "tokens_reused": sum(t.n_tokens for t in tasks if t.shard_id in reused)})
     return prepared
-
-
-def _commit(prepared: _Prepared, results: Sequence[ShardResult]) -> JobResult:
-    """The one commit of the job (on the client for ``compute=True``)."""
-    res = prepared.result
-    all_results = sorted([*prepared.reused, *results], key=lambda r: r.shard_id)
-    res.shards_written = sum(not r.reused for r in all_results)
-    res.shards_reused = sum(r.reused for r in all_results)
-    res.tokens_encoded = sum(r.n_tokens for r in all_results if not r.reused)
-    res.tokens_reused = sum(r.n_tokens for r in all_results if r.reused)
-    res.bytes_written = sum(r.n_bytes for r in all_results)
-    store = prepared.store
-    if store is None:  # the commit task of a compute=False graph: reopen by location (stores don't pickle)
-        from msa_memory.store import open_store
-
-        store = open_store(prepared.root)
-    if any(r.taken for r in all_results):
-        raise _conflict(prepared, next(r.shard_id for r in all_results if r.taken))
-    try:
-        new = store.commit(add=[r.record for r in all_results], delete_ids=list(prepared.diff.delete_ids),
-                           message=prepared.message, read_version=prepared.diff.read_version)
-    except VersionConflictError as e:
-        raise _conflict(prepared) from e
-    except ShardMissingError:
-        from msa_memory.store._layout import RECORD_FILE, SHARDS_DIR
-
-        be = store.backend
-
-        def incomplete(r: ShardResult) -> bool:   # its record or one of the files it lists is gone
-            d = f"{SHARDS_DIR}/{r.shard_id}"
-            return not be.probe(f"{d}/{RECORD_FILE}") or any(not be.probe(f"{d}/{f}") for f in r.record.files)
-
-        gone = [r.shard_id for r in all_results if incomplete(r)]
-        if not gone:
-            raise
-        raise _removed_under_job(prepared, gone) from None
-    res.version, res.committed = int(new.version), True
-    res.message = f"committed version {res.version}"
-    # every journal is stale now: a plan is tied to the version it read, and that is no longer the latest
-    _remove_journals(store.backend)
-    res.seconds = round(time.perf_counter() - prepared.t0, 3)
-    return res
-
-
-def _conflict(prepared: _Prepared, taken: str | None = None) -> VersionConflictError:
-    """The job's one error when another writer got there first (e.g. the same msa-encode started twice)."""
-    from msa_memory.store import open_store
-
-    rv = prepared.diff.read_version
-    try:
-        latest: int | None = int(open_store(prepared.root).latest_version())
-    except MsaError:
-        latest = None
-    if latest is not None and latest != rv:
-        return VersionConflictError(
-            f"Store {str(prepared.root)!r} is at version {latest}, but this job was planned against version {rv}: another "
-            "writer (e.g. the same msa-encode started twice) committed first; this job published nothing.",
-            hint="Rerun the command: it plans against the latest version and encodes only what is still missing.")
-    return VersionConflictError(
-        f"Shard {taken!r} of this job was written by another job on store {str(prepared.root)!r} that has not committed "
-        f"yet (the store is still at version {rv}); this job published nothing.",
-        hint="Wait for the other msa-encode to finish, then rerun the command.")
-
-
-def _removed_under_job(prepared: _Prepared, gone: Sequence[str]) -> JobError:
-    more = f" and {len(gone) - 3} more" if len(gone) > 3 else ""
-    return JobError(
-        f"Shard(s) {', '.join(repr(g) for g in gone[:3])}{more} that this job wrote to {str(prepared.root)!r} and had not "
-        "committed yet were removed, whole or in part, while it ran (most likely by `msa store gc` with a --grace-s "
-        "shorter than the job); nothing "
-        f"committed is lost: the store is still at version {prepared.diff.read_version} and this job published nothing.",
-        hint="Rerun the same command to encode them again, and give gc a --grace-s longer than your encode jobs run "
-             "(default 3600 s).")
-
-
-def _finish_delayed(prepared: _Prepared, results: list[ShardResult]) -> JobResult:
-    return _commit(prepared, results)
 
 
 @overload
@@ -552,7 +264,7 @@ def encode_corpus(
     if torch_threads is not None and int(torch_threads) < 1:
         raise ConfigError(f"torch_threads must be >= 1, got {torch_threads!r}.")
     if adapter is None and str(model) == "default":
-        adapter = _shipped_adapter_of(store)   # an existing store keeps the shipped router it was built with
+        adapter = shipped_adapter_of(store)   # an existing store keeps the shipped router it was built with
     spec = ModelSpec(name=str(model), adapter=None if adapter is None else str(adapter), device=device, dtype=dtype,
                      torch_threads=None if torch_threads is None else int(torch_threads),
                      max_batch_tokens=int(max_batch_tokens), keep_router_inputs=bool(keep_router_inputs),
@@ -569,7 +281,7 @@ def encode_corpus(
             if not prepared.diff.has_changes:
                 prepared.result.seconds = round(time.perf_counter() - prepared.t0, 3)
                 return prepared.result
-            return _run(prepared, client=remote, scheduler=None, workers=None, progress=progress)
+            return run_tasks(prepared, client=remote, scheduler=None, workers=None, progress=progress)
     prepared = _prepare(paths, store, spec=spec, options=options, shard_tokens=int(shard_tokens),
                         max_passage_tokens=int(max_passage_tokens), message=message, dry_run=dry_run,
                         progress=progress)
@@ -581,67 +293,8 @@ def encode_corpus(
 
         shard_nodes = [dask.delayed(encode_and_write_shard, pure=True, name=f"encode-{t.shard_id}")(
             t, prepared.spec, prepared.root) for t in prepared.tasks]
-        return dask.delayed(_finish_delayed, pure=False, name=f"commit-{prepared.result.plan_id[:16]}")(
+        return dask.delayed(finish_delayed, pure=False, name=f"commit-{prepared.result.plan_id[:16]}")(
             replace(prepared, store=None), shard_nodes)
-    return _run(prepared, client=client, scheduler=scheduler, workers=workers, progress=progress)
+    return run_tasks(prepared, client=client, scheduler=scheduler, workers=workers, progress=progress)
 
 
-def _run(prepared: _Prepared, *, client: Client | None, scheduler: str | None, workers: int | None,
-         progress: ProgressFn | None) -> JobResult:
-    from distributed import as_completed
-
-    results: list[ShardResult] = []
-    planned = {t.shard_id: t.n_tokens for t in prepared.tasks}
-    if prepared.tasks:
-        with job_client(client=client, scheduler=scheduler, workers=workers) as (c, threads):
-            spec = prepared.spec
-            if threads and not spec.torch_threads:
-                spec = replace(spec, torch_threads=threads)
-            # a given cluster's workers may sit on other hosts, sharing nothing with this one but the store:
-            # send them the text (read here, a window of tasks ahead) instead of references into local files
-            remote = client is not None or scheduler is not None
-            pending = iter(prepared.tasks)
-
-            def submit(t: ShardTask) -> Any:
-                return c.submit(encode_and_write_shard, t.with_text() if remote else t, spec, prepared.root,
-                                key=f"encode-{t.shard_id}", pure=False, retries=0)
-
-            window = 2 * max(1, len(c.scheduler_info().get("workers", {}))) if remote else len(prepared.tasks)
-            futures = [submit(t) for _, t in zip(range(window), pending)]
-            done = as_completed(futures)
-            try:
-                for fut in done:
-                    if (nxt := next(pending, None)) is not None:
-                        futures.append(new := submit(nxt))
-                        done.add(new)
-                    if fut.status == "error":
-                        exc = fut.exception()
-                        err = _task_error(prepared, fut.key, exc)
-                        if err is exc:
-                            raise err
-                        raise err from exc
-                    r = fut.result()
-                    if r.taken:  # another job on the store got this shard first: no commit can follow
-                        raise _conflict(prepared, r.shard_id)
-                    results.append(r)
-                    if progress:
-                        # "tokens": as planned (the bar's unit); "tokens_encoded": wrapped, as encoded
-                        progress({"event": "shard", "shard_id": r.shard_id, "tokens": planned[r.shard_id],
-                                  "tokens_encoded": r.n_tokens, "docs": r.n_docs, "bytes": r.n_bytes,
-                                  "seconds": r.seconds})
-            finally:
-                for fut in futures:
-                    fut.cancel()
-    res = _commit(prepared, results)
-    if progress:
-        progress({"event": "committed", "version": res.version})
-    return res
-
-
-def _task_error(prepared: _Prepared, key: Any, exc: BaseException | None) -> MsaError:
-    detail = f"{type(exc).__name__}: {exc}" if exc is not None else "unknown error"
-    if isinstance(exc, MsaError):  # already says what is wrong; keep its type (and exit code)
-        return exc
-    return JobError(f"Shard task {key!r} failed ({detail}); nothing was committed (store still at version "
-                    f"{prepared.diff.read_version}).",
-                    hint="Fix the cause and rerun the same command: finished shards are reused.")

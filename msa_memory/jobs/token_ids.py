@@ -28,18 +28,9 @@ import numpy as np
 
 from msa_memory.encode.sources import CorpusScan, SourceText
 from msa_memory.errors import ConfigError
-from msa_memory.jobs.encode_job import (
-    JobResult,
-    ProgressFn,
-    _open_existing,
-    _open_or_create,
-    _Prepared,
-    _reserve_ids,
-    _run,
-    _shipped_adapter_of,
-    default_shard_tokens,
-    store_location,
-)
+from msa_memory.jobs.journal import reserve_ids, store_location
+from msa_memory.jobs.runner import (JobResult, Prepared, ProgressFn, default_shard_tokens, open_existing, open_or_create,
+                                    run_tasks, shipped_adapter_of)
 from msa_memory.jobs.plan import FileDiff, diff_sources, make_shard_tasks, plan_id_of
 from msa_memory.jobs.worker import ModelSpec, ShardResult, get_encoder
 from msa_memory.schemas.records import Passage
@@ -86,14 +77,14 @@ def _as_docs(docs: TokenDocs) -> list[tuple[str, np.ndarray]]:
 
 
 def _plan(pairs: list[tuple[str, np.ndarray]], root: Any, spec: ModelSpec, *, shard_tokens: int,
-          message: str | None, dry_run: bool, progress: ProgressFn | None) -> _Prepared:
+          message: str | None, dry_run: bool, progress: ProgressFn | None) -> Prepared:
     """What encode_job._prepare does for folders, for token-id documents."""
     t0 = time.perf_counter()
     shas = {key: token_ids_sha256(ids) for key, ids in pairs}
     sources = [SourceText(key=k, text="", sha256=shas[k], n_bytes=8 * len(ids), kind="token_ids", path="")
                for k, ids in pairs]
     scan = CorpusScan(sources=sorted(sources, key=lambda s: s.key), roots=[k for k, _ in pairs])
-    opened = _open_existing(root)
+    opened = open_existing(root)
     if opened is not None and opened.identity.hidden_size > 0 and not spec.keep_router_inputs:
         spec = replace(spec, keep_router_inputs=True)  # the store keeps x_router: so do its appends
     diff = diff_sources(scan, opened) if opened is not None else None
@@ -103,7 +94,7 @@ def _plan(pairs: list[tuple[str, np.ndarray]], root: Any, spec: ModelSpec, *, sh
         for key, ids in pairs:                          # fail before anything is reserved or written
             model.check_token_ids(ids, f"Token-id document {key!r}")
         identity = model.identity(keep_router_inputs=spec.keep_router_inputs)
-        opened = _open_or_create(root, identity, create=not dry_run)
+        opened = open_or_create(root, identity, create=not dry_run)
     if opened is None:  # dry run against a store that does not exist yet
         diff = FileDiff(read_version=-1, to_encode=list(scan.sources), added=[s.key for s in scan.sources])
     elif diff is None:  # the store was just created
@@ -112,7 +103,7 @@ def _plan(pairs: list[tuple[str, np.ndarray]], root: Any, spec: ModelSpec, *, sh
                        version=None if opened is None else int(opened.version), committed=False, dry_run=dry_run,
                        files_added=diff.added, files_replaced=diff.replaced, files_deleted=diff.deleted,
                        files_unchanged=len(diff.unchanged), docs_deleted=len(diff.delete_ids))
-    prepared = _Prepared(root=root, store=opened, diff=diff, result=result, tasks=[], reused=[], spec=spec,
+    prepared = Prepared(root=root, store=opened, diff=diff, result=result, tasks=[], reused=[], spec=spec,
                          message="", t0=t0)
     if not diff.has_changes:
         result.message = "no changes: every document matches the store's latest version; nothing committed"
@@ -138,7 +129,7 @@ def _plan(pairs: list[tuple[str, np.ndarray]], root: Any, spec: ModelSpec, *, sh
                                           plan_id=plan_id, shard_tokens=shard_tokens)
         result.message = f"dry run: {len(prepared.tasks)} shard(s) to encode, nothing written"
         return prepared
-    doc_ids = _reserve_ids(opened, plan_id, len(passages))
+    doc_ids = reserve_ids(opened, plan_id, len(passages))
     tasks = make_shard_tasks(passages, counts, doc_ids, plan_id=plan_id, shard_tokens=shard_tokens)
     for t in tasks:
         rec = opened.find_shard(t.shard_id)
@@ -219,7 +210,7 @@ def encode_token_ids(
     if shard_tokens < 1:
         raise ConfigError(f"shard_tokens must be positive, got {shard_tokens!r}.")
     if adapter is None and str(model) == "default":
-        adapter = _shipped_adapter_of(store)   # an existing store keeps the shipped router it was built with
+        adapter = shipped_adapter_of(store)   # an existing store keeps the shipped router it was built with
     spec = ModelSpec(name=str(model), adapter=None if adapter is None else str(adapter), device=device, dtype=dtype,
                      torch_threads=None if torch_threads is None else int(torch_threads),
                      max_batch_tokens=int(max_batch_tokens), keep_router_inputs=bool(keep_router_inputs),
@@ -230,4 +221,4 @@ def encode_token_ids(
     if dry_run or not prepared.diff.has_changes:
         prepared.result.seconds = round(time.perf_counter() - prepared.t0, 3)
         return prepared.result
-    return _run(prepared, client=client, scheduler=scheduler, workers=workers, progress=progress)
+    return run_tasks(prepared, client=client, scheduler=scheduler, workers=workers, progress=progress)

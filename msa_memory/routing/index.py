@@ -55,7 +55,7 @@ caller walks the model). Invariant: every chunk → document map indexes the sam
 map (C,) is shared by all layers (a store's aligned chunks), or each layer has its own map (C_l,) over
 its own C_l key rows (a layer that also keeps router keys of a shifted chunk grid: both grids' chunks,
 so its chunk-reduce max is the max over both); layers with equal maps share one set of reduce tables
-(``_ChunkMap``). Not thread-safe (the scratch buffer and graph cache are per index).
+(``routing.chunk_map.ChunkMap``). Not thread-safe (the scratch buffer and graph cache are per index).
 """
 
 from __future__ import annotations
@@ -67,9 +67,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from msa_memory.errors import ConfigError, RuntimeMemoryError
+from msa_memory.routing.chunk_map import ChunkMap, chunk_maps
 from msa_memory.routing.config import RoutingConfig
-from msa_memory.routing.scoring import (ScorePlan, doc_gather_index, prepare_lhs, resident_dtype, score_tile,
-                                        score_tile_cm, topk_blocked)
+from msa_memory.routing.scoring import ScorePlan, prepare_lhs, resident_dtype, score_tile, score_tile_cm, topk_blocked
 
 if TYPE_CHECKING:
     import torch
@@ -91,75 +91,6 @@ class RouteResult:
     """Router-layer position 0..L-1 (``-1`` when not tied to a layer)."""
     extra: dict[str, Any] = field(default_factory=dict)
 
-
-
-class _ChunkMap:
-    """One chunk → document map and the tables of its document reduce, built once per distinct map
-    (layers whose maps are equal share one object): ``chunk_doc`` (C,) int64 and ``doc_chunk_count``
-    (N,) float32 on the device, and where each document's chunks are one contiguous run in document
-    order (what stores write): ``runs`` (starts, counts int32, max count) for ``fused_triton``'s
-    document top-k, on CPU ``lengths`` / ``offsets`` for ``torch.segment_reduce`` / ``cpu_avx512.doc_reduce``,
-    on devices the ``gather`` index of :func:`doc_gather_index` (where it stays ≤ 8 × C entries)."""
-
-    __slots__ = ("chunk_doc", "doc_chunk_count", "gather", "lengths", "n_chunks", "offsets", "runs")
-
-    def __init__(self, chunk_doc_np: np.ndarray, n_docs: int, device: torch.device, where: str = "") -> None:
-        import torch
-
-        self.n_chunks = int(chunk_doc_np.shape[0])
-        if self.n_chunks and (chunk_doc_np.min() < 0 or chunk_doc_np.max() >= n_docs):
-            raise ConfigError(f"chunk_doc{where} must index 0..{n_docs - 1}, got range "
-                              f"[{chunk_doc_np.min()}, {chunk_doc_np.max()}].")
-        self.chunk_doc = torch.from_numpy(chunk_doc_np).to(device)
-        counts = np.bincount(chunk_doc_np, minlength=n_docs) if self.n_chunks else np.zeros(n_docs, np.int64)
-        if n_docs and counts.min() == 0:
-            none = np.flatnonzero(counts == 0)
-            raise ConfigError(f"Every document must own at least one chunk{where}; {len(none)} documents have none "
-                              f"(dense indices {none[:5].tolist()}{' ...' if len(none) > 5 else ''}).")
-        self.doc_chunk_count = torch.from_numpy(counts.astype(np.float32)).to(device)
-        # CPU chunk→doc reduce: when each document's chunks are contiguous and in order (what stores write),
-        # one pass over the runs: cpu_avx512.doc_reduce with blocked keys, else torch.segment_reduce (2-core
-        # VM, max: 10k chunks / 1,250 documents 7.4 µs vs 29.7 µs; 1M / 125k 0.80 ms vs 1.83 ms; 1M / 250k 1.42
-        # vs 2.74 ms; segment_reduce was 2x numpy reduceat and ~5x scatter_reduce_)
-        self.lengths: torch.Tensor | None = None
-        self.offsets: torch.Tensor | None = None     # (N + 1,) int64 run offsets (CPU, sorted map)
-        self.gather: torch.Tensor | None = None
-        self.runs: tuple[torch.Tensor, torch.Tensor, int] | None = None   # (starts, counts, max count)
-        if self.n_chunks and np.all(chunk_doc_np[1:] >= chunk_doc_np[:-1]):
-            starts = np.flatnonzero(np.r_[True, chunk_doc_np[1:] != chunk_doc_np[:-1]])
-            if self.n_chunks < 2**31:
-                self.runs = (torch.from_numpy(starts.astype(np.int32)).to(device),
-                             torch.from_numpy(counts.astype(np.int32)).to(device), int(counts.max()))
-            if device.type == "cpu":
-                self.lengths = torch.from_numpy(counts)
-                self.offsets = torch.from_numpy(np.r_[0, np.cumsum(counts)].astype(np.int64))
-            elif n_docs * int(counts.max()) <= 8 * self.n_chunks:
-                # device chunk→doc max: one gather + amax instead of a scatter of float atomics (about 75 µs
-                # at 1M chunks on an H100)
-                self.gather = torch.from_numpy(doc_gather_index(starts, counts)).to(device)
-
-
-def _chunk_maps(chunk_doc: Any, n_layers: int, n_docs: int, device: torch.device) -> tuple[_ChunkMap, list[_ChunkMap]]:
-    """(layer 0's map, one map per layer) of ``RouterIndex``'s ``chunk_doc``: one array-like shared by all
-    layers, or a list / tuple of one array-like per layer (equal maps, by identity or value, built once)."""
-    if not (isinstance(chunk_doc, (list, tuple)) and any(np.ndim(m) > 0 for m in chunk_doc)):
-        shared = _ChunkMap(np.asarray(chunk_doc, dtype=np.int64), n_docs, device)
-        return shared, [shared] * n_layers
-    if len(chunk_doc) != n_layers:
-        raise ConfigError(f"chunk_doc gives {len(chunk_doc)} chunk → document maps for {n_layers} router layers; "
-                          "give one map shared by all layers or one per layer.")
-    seen: list[tuple[Any, np.ndarray, _ChunkMap]] = []
-    maps = []
-    for i, m in enumerate(chunk_doc):
-        arr = np.asarray(m, dtype=np.int64)
-        if arr.ndim != 1:
-            raise ConfigError(f"The chunk → document map of layer {i} must be 1-D (C_l,); got shape {arr.shape}.")
-        cm = next((c for obj, a, c in seen if obj is m or (a.shape == arr.shape and np.array_equal(a, arr))), None)
-        if cm is None:
-            cm = _ChunkMap(arr, n_docs, device, f" of layer {i}")
-            seen.append((m, arr, cm))
-        maps.append(cm)
-    return maps[0], maps
 
 
 class RouterIndex:
@@ -188,7 +119,7 @@ class RouterIndex:
         self.doc_ids = np.asarray(doc_ids, dtype=np.int64)
         self.n_docs = int(self.doc_ids.shape[0])
         keys = list(keys)
-        self._map0, self._maps = _chunk_maps(chunk_doc, len(keys), self.n_docs, self.device)   # _maps[layer]
+        self._map0, self._maps = chunk_maps(chunk_doc, len(keys), self.n_docs, self.device)   # _maps[layer]
         self._keys: list[torch.Tensor] = []     # (C, H, D) views of the storage (rows, chunk-minor layouts)
         self._shapes: list[tuple[int, int, int]] = []
         self._chunk_minor = self.device.type == "cpu"
@@ -439,13 +370,13 @@ class RouterIndex:
         self._blocked = False
         self._scratch.clear()
 
-    def _doc_reduce(self, cs: torch.Tensor, m: _ChunkMap) -> torch.Tensor:
+    def _doc_reduce(self, cs: torch.Tensor, m: ChunkMap) -> torch.Tensor:
         """(N,) float32 chunk reduce of one layer's chunk scores ``cs`` (C_l,) over its map ``m``."""
         import torch
 
         if m.lengths is not None and cs.device.type == "cpu":     # sorted map: one pass over the runs
             if self._blocked and not self._doc_kernel_broken and cs.dtype == torch.float32 and cs.is_contiguous():
-                # the kernel's extension is loaded (blocked keys): its doc_reduce (see _ChunkMap for the figures)
+                # the kernel's extension is loaded (blocked keys): its doc_reduce (see ChunkMap for the figures)
                 from msa_memory.routing.kernels import cpu_avx512
 
                 out = torch.empty(self.n_docs, dtype=torch.float32)
@@ -509,7 +440,7 @@ class RouterIndex:
         vals, idx = topk_blocked(ds, k) if ds.device.type == "cuda" else torch.topk(ds, k)
         return torch.stack([vals.double(), idx.double()])
 
-    def _doc_topk_ok(self, k: int, m: _ChunkMap | None = None) -> bool:
+    def _doc_topk_ok(self, k: int, m: ChunkMap | None = None) -> bool:
         """True when the Triton document top-k serves map ``m`` (default: layer 0's; bench_runtime asks)."""
         m = self._map0 if m is None else m
         if not (self.config.fused_topk and self.config.chunk_reduce == "max" and m.runs is not None
