@@ -42,7 +42,7 @@ from msa_memory.store._layout import (LEXICAL_DIR, ROUTER_KEYS_DIR, STAGING_DIR,
 from msa_memory.store._manifest import version_router
 from msa_memory.store._zarrshard import write_array
 from msa_memory.store.backend import Backend
-from msa_memory.store.lexical import ANALYZER, lexical_source
+from msa_memory.store.lexical import lexical_source
 from msa_memory.store.reader import Snapshot
 
 __all__ = ["rekey", "relabel", "reindex_lexical", "router_key_paths", "verify_keys", "KeysFn"]
@@ -268,19 +268,20 @@ def relabel(store: Snapshot, router: dict[str, Any], *, message: str = "", read_
 # ----------------------------------------------------------------------------- lexical sidecars
 
 
-def _write_sidecar(be: Backend, shard_id: str, data: bytes) -> dict[str, Any]:
-    """Write one shard's postings durably as ``lexical/SHARD.ANALYZER.HEX.parquet`` (a fresh name: written
-    once); returns the entry's ``lexical``."""
-    key = f"{LEXICAL_DIR}/{shard_id}.{ANALYZER}.{token()}.parquet"
+def _write_sidecar(be: Backend, shard_id: str, analyzer: str, data: bytes) -> dict[str, Any]:
+    """Write one shard's postings of ``analyzer`` durably as ``lexical/SHARD.ANALYZER.HEX.parquet`` (a fresh
+    name: written once); returns the entry's ``lexical``."""
+    key = f"{LEXICAL_DIR}/{shard_id}.{analyzer}.{token()}.parquet"
     shards.fault_hook("lexical:staged")
     be.write(key, data, exclusive=True)
-    return {"path": key, "analyzer": ANALYZER, "size": len(data), "crc32c": crc32c.crc32c(data)}
+    return {"path": key, "analyzer": analyzer, "size": len(data), "crc32c": crc32c.crc32c(data)}
 
 
 def reindex_lexical(store: Snapshot, *, message: str = "", read_version: int | None = None,
                     lock_timeout: float = 60.0, log: Callable[[str], None] | None = None) -> Any:
-    """Publish version N+1 = version N (``read_version``, default ``store.version``) with postings of this
-    analyzer (``lexical.ANALYZER``) for every shard that lacks them, written from the documents' stored text as
+    """Publish version N+1 = version N (``read_version``, default ``store.version``) with postings of the
+    analyzer this release writes (``lexical.ANALYZER``, ``lex2``) for every shard that lacks them (none, or
+    only ``lex1`` ones: this upgrades a store encoded before), written from the documents' stored text as
     sidecars; returns the new snapshot, or the snapshot of N when every shard has them already (nothing written).
 
     Raises VersionConflictError when another writer published after N (nothing published, the sidecars
@@ -288,7 +289,8 @@ def reindex_lexical(store: Snapshot, *, message: str = "", read_version: int | N
     """
     be = store.backend
     base, rv = _base(store, read_version)
-    todo = [e for e in base.manifest["shards"] if (src := lexical_source(base, e)) is None or src.analyzer != ANALYZER]
+    analyzer = lexical.ANALYZER
+    todo = [e for e in base.manifest["shards"] if lexical_source(base, e, analyzer) is None]
     if not todo:
         return base
     check_layout(be, "a lexical reindex")
@@ -302,7 +304,8 @@ def reindex_lexical(store: Snapshot, *, message: str = "", read_version: int | N
             if not np.array_equal(tab.column("doc_id").to_numpy(), view.record.doc_ids):
                 raise ShardCorruptError(f"Document table of shard {sid!r} does not match its record.",
                                         hint="Run `msa store verify STORE`.")
-            sc = _write_sidecar(be, sid, lexical.postings_bytes(view.record.doc_ids, tab.column("text").to_pylist()))
+            texts = tab.column("text").to_pylist()
+            sc = _write_sidecar(be, sid, analyzer, lexical.postings_bytes(view.record.doc_ids, texts, analyzer))
             written.append(sc["path"])
             entries[sid] = {**e, "lexical": sc}
             if log is not None:
@@ -313,11 +316,11 @@ def reindex_lexical(store: Snapshot, *, message: str = "", read_version: int | N
             if latest != rv:
                 _conflict(be, latest, rv, "lexical reindex")
             m = _commit.new_manifest(
-                latest + 1, latest, "reindex", message or f"lexical index ({ANALYZER}) for {len(todo)} shard(s)",
+                latest + 1, latest, "reindex", message or f"lexical index ({analyzer}) for {len(todo)} shard(s)",
                 base._identity_sha, [entries[e["shard_id"]] for e in base.manifest["shards"]],
                 list(base.manifest["deletions"]), base.manifest["used_id_ranges"], dict(base.manifest["stats"]),
                 {"added_docs": 0, "deleted_docs": 0, "added_shards": [], "removed_shards": [],
-                 "lexical_analyzer": ANALYZER}, router=base.manifest.get("router"))
+                 "lexical_analyzer": analyzer}, router=base.manifest.get("router"))
             return _commit.publish(base, m)
     except BaseException as e:
         _remove(be, written)  # nothing names them: remove now rather than leave them to gc

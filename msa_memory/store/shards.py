@@ -18,8 +18,10 @@ Arrays of a shard (C chunks of the shard, L router layers; dtype = identity stor
     k_router_s (Ls, Cs, H, D)   only with identity.shifted_layers: router keys over the shifted grid
     x_router_s (Ls, Cs, E)      ... and its pooled inputs when x_router is kept
 
-Beside them ``docs.parquet`` (document rows with the text) and ``postings.lex1.parquet`` (the lexical
-postings of that text, ``store/lexical.py``; unless ``write_shard(..., lexical=False)``).
+Beside them ``docs.parquet`` (document rows with the text) and ``postings.lex2.parquet`` (the lexical
+postings of that text under the analyzer this release writes, ``lexical.ANALYZER``: stemmed terms,
+``store/lexical.py``; unless ``write_shard(..., lexical=False)``; releases before wrote
+``postings.lex1.parquet``, unstemmed, which the reader still reads).
 
 Cs chunks of the shifted grid: document i owns ``shifted_offsets(record)[i:i+2]`` of them
 (``schemas.records.shifted_chunk_counts`` of its token count).

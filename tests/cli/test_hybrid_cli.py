@@ -1,6 +1,7 @@
 """Hybrid retrieval end to end on a tiny random-weight model: msa-encode builds the lexical index, msa search /
 ask --retriever hybrid use it, an incremental store scores as a fresh encode of the same corpus, verify names
-a damaged postings file, and a store encoded without the index is refused until reindex-lexical adds it.
+a damaged postings file, a store encoded without the index is refused until reindex-lexical adds it, and a
+store of lex1 (unstemmed) postings answers hybrid questions until reindex-lexical upgrades it to lex2.
 Run: .venv/bin/python -m pytest tests/cli/test_hybrid_cli.py -q
 """
 
@@ -55,9 +56,9 @@ def test_encode_builds_the_index_and_search_ask_use_it(tmp_path: Path, corpus: P
     _encode(corpus, store, tiny_model_dir)
     s = open_store(store)
     assert s.lexical_info()["complete"] and s.manifest["stats"]["n_docs"] >= 8
-    assert all("postings.lex1.parquet" in s._view(e["shard_id"]).record.files for e in s.manifest["shards"])
+    assert all("postings.lex2.parquet" in s._view(e["shard_id"]).record.files for e in s.manifest["shards"])
     r = runner.invoke(app, ["store", "info", str(store)])
-    assert r.exit_code == 0 and f"lexical : lex1 postings on {len(s.manifest['shards'])} of " in r.output
+    assert r.exit_code == 0 and f"lexical : lex2 postings on {len(s.manifest['shards'])} of " in r.output
     args = [str(store), "--model", str(tiny_model_dir), "--device", "cpu"]
     r = runner.invoke(app, ["search", str(store), "fuel generator tank", "-k", "3", *args[1:], "--retriever", "hybrid",
                             "--json"])
@@ -115,15 +116,15 @@ def test_verify_names_a_damaged_postings_file(tmp_path: Path, corpus: Path, tiny
     store = tmp_path / "m.msa"
     _encode(corpus, store, tiny_model_dir)
     sid = open_store(store).manifest["shards"][0]["shard_id"]
-    path = store / "shards" / sid / "postings.lex1.parquet"
+    path = store / "shards" / sid / "postings.lex2.parquet"
     data = bytearray(path.read_bytes())
     data[len(data) // 3] ^= 0x01
     path.write_bytes(bytes(data))
     r = runner.invoke(app, ["store", "verify", str(store)])
-    assert r.exit_code == 4 and f"shards/{sid}/postings.lex1.parquet" in r.output and "crc32c mismatch" in r.output
+    assert r.exit_code == 4 and f"shards/{sid}/postings.lex2.parquet" in r.output and "crc32c mismatch" in r.output
     r = runner.invoke(app, ["store", "verify", str(store), "--json"])
     assert r.exit_code == 4
-    assert [p["file"] for p in _tail(r.stdout)["report"]["problems"]] == [f"shards/{sid}/postings.lex1.parquet"]
+    assert [p["file"] for p in _tail(r.stdout)["report"]["problems"]] == [f"shards/{sid}/postings.lex2.parquet"]
 
 
 def test_store_encoded_without_the_index_is_refused_then_reindexed(tmp_path: Path, corpus: Path, tiny_model_dir: Path,
@@ -145,7 +146,7 @@ def test_store_encoded_without_the_index_is_refused_then_reindexed(tmp_path: Pat
         assert f"`msa store reindex-lexical {old}`" in r.output
     assert runner.invoke(app, ["search", str(old), "fuel tank", *args[:-2]]).exit_code == 0   # routing as before
     r = runner.invoke(app, ["store", "info", str(old)])
-    assert f"lexical : lex1 postings on 0 of {n_shards} shards (`msa store reindex-lexical {old}` adds the rest)" in r.output
+    assert f"lexical : lex2 postings on 0 of {n_shards} shards (`msa store reindex-lexical {old}` adds the rest)" in r.output
     r = runner.invoke(app, ["store", "reindex-lexical", str(old), "--json"])
     assert r.exit_code == 0, r.output
     out = _tail(r.stdout)
@@ -153,6 +154,37 @@ def test_store_encoded_without_the_index_is_refused_then_reindexed(tmp_path: Pat
     r = runner.invoke(app, ["store", "reindex-lexical", str(old)])
     assert r.exit_code == 0 and "nothing to do" in r.output
     assert runner.invoke(app, ["search", str(old), "fuel tank", *args]).exit_code == 0
+    assert runner.invoke(app, ["store", "verify", str(old)]).exit_code == 0
+    fresh = tmp_path / "fresh.msa"
+    _encode(corpus, fresh, tiny_model_dir)
+    _same_scores(_lexical_scores(old), _lexical_scores(fresh))
+
+
+def test_lex1_store_answers_then_reindex_upgrades_it(tmp_path: Path, corpus: Path, tiny_model_dir: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    from msa_memory.runtime import Memory
+    from msa_memory.store import lexical
+
+    old = tmp_path / "old.msa"
+    monkeypatch.setattr(lexical, "ANALYZER", "lex1")      # shards as releases before lex2 wrote them
+    _encode(corpus, old, tiny_model_dir)
+    monkeypatch.undo()
+    s = open_store(old)
+    n_shards = len(s.manifest["shards"])
+    assert all("postings.lex1.parquet" in s._view(e["shard_id"]).record.files for e in s.manifest["shards"])
+    args = ["--model", str(tiny_model_dir), "--device", "cpu", "--retriever", "hybrid", "--json"]
+    r = runner.invoke(app, ["search", str(old), "fuel generator tanks", "-k", "3", *args])
+    assert r.exit_code == 0, r.output
+    mem = Memory(str(old), model=str(tiny_model_dir))
+    assert mem.lexical_index().analyzer == "lex1"
+    want = mem.search("fuel generator tanks", k=3, retriever="hybrid").column("doc_id").to_pylist()
+    assert [x["doc_id"] for x in _tail(r.stdout)["results"]] == want
+    r = runner.invoke(app, ["store", "info", str(old)])
+    assert f"lexical : lex2 postings on 0 of {n_shards} shards (`msa store reindex-lexical {old}` adds the rest)" in r.output
+    assert runner.invoke(app, ["store", "verify", str(old)]).exit_code == 0
+    r = runner.invoke(app, ["store", "reindex-lexical", str(old), "--json"])
+    assert r.exit_code == 0 and _tail(r.stdout)["indexed_shards"] == n_shards, r.output
+    assert open_store(old).lexical_index().analyzer == "lex2"
     assert runner.invoke(app, ["store", "verify", str(old)]).exit_code == 0
     fresh = tmp_path / "fresh.msa"
     _encode(corpus, fresh, tiny_model_dir)

@@ -1,7 +1,8 @@
 """Hybrid retrieval in the runtime (runtime/hybrid.py, Memory.route/search/ask(retriever=...)): the fusion
 against a slow reciprocal-rank fusion, Memory's hybrid ranking against that fusion of its own routing and
-BM25 scores, questions as token ids, text mode reading the fused passages, pooled mode refusing it, and a
-store without a lexical index refused with one line.
+BM25 scores, questions as token ids, text mode reading the fused passages, pooled mode refusing it, a
+store without a lexical index refused with one line, and a store of lex1 (unstemmed) postings answering with
+lex1 until reindex_lexical upgrades it to rank as a fresh lex2 store.
 Run: .venv/bin/python -m pytest tests/unit/runtime/test_hybrid.py -q
 """
 
@@ -49,7 +50,7 @@ def test_memory_hybrid_is_the_fusion_of_its_routing_and_bm25(tiny_memory):
     routing = np.empty(n)
     routing[np.searchsorted(mem.doc_ids, r_ids)] = r_scores
     lexical = mem.store.lexical_index(mem.doc_ids).scores(q)
-    assert lexical.max() > 0 and repr(mem.lexical_index()).startswith("LexicalIndex(analyzer='lex1'")
+    assert lexical.max() > 0 and repr(mem.lexical_index()).startswith("LexicalIndex(analyzer='lex2'")
     want_order, want_fused = rrf_reference(routing.tolist(), lexical.tolist())
     ids, scores, timings = mem.route(q, 4, retriever="hybrid")
     assert ids.tolist() == mem.doc_ids[want_order[:4]].tolist() and "lexical_s" in timings
@@ -103,3 +104,30 @@ def test_store_without_lexical_index_refused_in_one_line(tiny_msa_model, store_b
     new = old.reindex_lexical()
     mem = Memory(new, model=tiny_msa_model)
     assert len(mem.search("blue door", k=2, retriever="hybrid")) == 2
+
+
+def test_lex1_store_answers_hybrid_and_ranks_as_fresh_after_reindex(tiny_msa_model, store_builder, tmp_path,
+                                                                     monkeypatch):
+    """A store encoded before lex2 (postings.lex1.parquet): hybrid fuses routing with BM25 over its lex1
+    postings, the question analysed with lex1; after reindex_lexical it ranks as a store encoded now."""
+    from msa_memory.runtime import Memory
+    from msa_memory.store import lexical
+
+    build_store, _ = store_builder
+    monkeypatch.setattr(lexical, "ANALYZER", "lex1")
+    old = build_store(tmp_path / "old.msa", tiny_msa_model)
+    monkeypatch.undo()
+    mem = Memory(old, model=tiny_msa_model)
+    q = "Which codes open the doors?"                      # 'codes', 'doors': only their stems are in the texts
+    n = len(mem.doc_ids)
+    r_ids, r_scores, _ = mem.route(q, n)
+    routing = np.empty(n)
+    routing[np.searchsorted(mem.doc_ids, r_ids)] = r_scores
+    assert mem.lexical_index().analyzer == "lex1" and mem.lexical_index().scores(q).max() == 0
+    want_order, _ = rrf_reference(routing.tolist(), [0.0] * n)
+    assert mem.route(q, n, retriever="hybrid")[0].tolist() == mem.doc_ids[want_order].tolist()
+    new = Memory(old.reindex_lexical(), model=tiny_msa_model)
+    fresh = Memory(build_store(tmp_path / "fresh.msa", tiny_msa_model), model=tiny_msa_model)
+    assert new.lexical_index().analyzer == "lex2" and new.lexical_index().scores(q).max() > 0
+    a, b = new.route(q, n, retriever="hybrid"), fresh.route(q, n, retriever="hybrid")
+    assert a[0].tolist() == b[0].tolist() and np.array_equal(a[1], b[1])
