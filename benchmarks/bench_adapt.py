@@ -14,7 +14,7 @@ shipped adapter with every layer kept, i.e. the command
     msa train-router --store MEM --init-adapter default --layers 1,5,8,11,13,16,17 --keep-layers \
         --epochs 3 --lr 0.001 --negatives 256 --cloze-remove 0.9 --fact-names varied --bf16 --dev-distractors
 
-(the options of this script). Scoring: ``bench_quality.routing_scores`` over the haystack's cached pooled
+(the options of this script). Scoring: ``_quality_eval.routing_scores`` over the haystack's cached pooled
 inputs, whose linear map is what ``msa store reindex-router`` writes as the re-keyed store's router keys.
 The training features (every passage re-encoded with its edits, the encoder's own forward) are cached under
 ``--train-cache``. Prints a table, writes ``adapt.json`` into ``--out``, ends with one JSON line.
@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import bench_quality as bq  # noqa: E402
+import _quality_eval as qe  # noqa: E402
 
 from msa_memory.train.features import extract_queries  # noqa: E402
 
@@ -78,8 +78,8 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     shipped = RouterAdapter.load("default")
     layers = tuple(shipped.config.router_layers)
-    passages, sources, queries, n_q = bq.build_eval(args.needles, args.ict, seed=args.seed)
-    pool, _ = bq.query_passage_pool(args.seed)
+    passages, sources, queries, n_q = qe.build_eval(args.needles, args.ict, seed=args.seed)
+    pool, _ = qe.query_passage_pool(args.seed)
     texts = list(passages)
     for j in range(args.needles):  # the needle passages before their eval fact was inserted
         assert queries[j].kind == "fact" and queries[j].positives == (j,)
@@ -87,10 +87,10 @@ def main(argv: list[str] | None = None) -> None:
         texts[j] = pool[j][1]
     loaded = load_model("default", adapter=shipped)
     n_tokens = np.array([len(loaded.wrap_ids(p, 0)) for p in passages])
-    (docs, qidx), = bq.haystacks(n_tokens, queries, n_q, args.size, None)
+    (docs, qidx), = qe.haystacks(n_tokens, queries, n_q, args.size, None)
     shifted = tuple(shipped.config.shifted_layers)
-    tag = bq.cache_tag(layers, shifted, shipped.config.shifted_window)
-    x, chunk_doc, x_s, cd_s = bq.pool_features(loaded, passages, max(docs) + 1, Path(args.cache) / tag)
+    tag = qe.cache_tag(layers, shifted, shipped.config.shifted_window)
+    x, chunk_doc, x_s, cd_s = qe.pool_features(loaded, passages, max(docs) + 1, Path(args.cache) / tag)
     grid = (list(shifted), x_s, cd_s)       # routing over both grids at the shifted layers, as Memory does
     qx, qoff = extract_queries(loaded, [q.text for q in queries])
     print(f"haystack: {len(docs)} passages, {int(n_tokens[docs].sum())} tokens; {len(qidx)} queries", flush=True)
@@ -114,20 +114,20 @@ def main(argv: list[str] | None = None) -> None:
     pos_local = [[docs.index(p) for p in queries[i].positives] for i in qidx]
     kinds = {k: [j for j, i in enumerate(qidx) if queries[i].kind == k] for k in ("fact", "ict")}
     rows: dict[str, dict] = {}
-    scorers = {"routing, shipped adapter": lambda: bq.routing_scores(shipped, list(layers), x, chunk_doc, qx, qoff, docs,
+    scorers = {"routing, shipped adapter": lambda: qe.routing_scores(shipped, list(layers), x, chunk_doc, qx, qoff, docs,
                                                                      qidx, grid),
-               "routing, adapted to the memory": lambda: bq.routing_scores(adapted, list(layers), x, chunk_doc, qx, qoff,
+               "routing, adapted to the memory": lambda: qe.routing_scores(adapted, list(layers), x, chunk_doc, qx, qoff,
                                                                            docs, qidx, grid),
-               "BM25 (bm25s)": lambda: bq.bm25_scores([passages[d] for d in docs], [queries[i].text for i in qidx])}
+               "BM25 (bm25s)": lambda: qe.bm25_scores([passages[d] for d in docs], [queries[i].text for i in qidx])}
     for name, fn in scorers.items():
         s = fn()
-        rows[name] = {k: bq.recall(s[m], [pos_local[j] for j in m]) for k, m in kinds.items()}
+        rows[name] = {k: qe.recall(s[m], [pos_local[j] for j in m]) for k, m in kinds.items()}
         ranks = [int((s[j] > s[j, pos_local[j][0]]).sum()) for j in range(len(qidx))]
         rows[name]["positive_rank"] = ranks
     print(f"\nrecall@1/5/16 at {args.size} tokens ({len(docs)} passages)")
     print(f"{'':<34} {'needles':<18} cloze")
     for name, r in rows.items():
-        print(f"{name:<34} " + "  ".join(" / ".join(f"{r[k][kk]:.2f}" for kk in bq.KS) for k in ("fact", "ict")))
+        print(f"{name:<34} " + "  ".join(" / ".join(f"{r[k][kk]:.2f}" for kk in qe.KS) for k in ("fact", "ict")))
     result = {
         "bench": "bench_adapt", "size_tokens": args.size, "haystack_passages": len(docs),
         "haystack_tokens": int(n_tokens[docs].sum()), "queries": {k: len(m) for k, m in kinds.items()},

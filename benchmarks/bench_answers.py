@@ -68,7 +68,6 @@ import random
 import re
 import shutil
 import string
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -80,7 +79,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MSA_DISABLE_PROGRESS_BARS", "1")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from _common import git_commit  # noqa: E402
 from msa_memory.train.texts import debian_docs, pack_paragraphs, pydoc_topics, sentences  # noqa: E402
 
 MODES = ("pooled", "interleave", "text", "bm25")
@@ -522,14 +523,6 @@ def plot(summary: dict, sizes: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-                              check=False).stdout.strip()
-    except OSError:
-        return ""
 
 
 def cpu_name() -> str:

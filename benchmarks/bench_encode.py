@@ -80,7 +80,6 @@ import inspect
 import json
 import platform
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -90,33 +89,22 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from msa_memory.encode import Encoder, UntrainedRouterWarning, load_model, split_passages  # noqa: E402
 from msa_memory.encode.encoder import _to_storage  # noqa: E402
+from _common import git_commit, sync  # noqa: E402
 from msa_memory.schemas.records import Passage  # noqa: E402
 
 warnings.simplefilter("ignore", UntrainedRouterWarning)
 
 
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _time(fn, dev: torch.device) -> float:
-    _sync(dev)
+    sync(dev)
     t0 = time.perf_counter()
     fn()
-    _sync(dev)
+    sync(dev)
     return time.perf_counter() - t0
-
-
-def _commit() -> str:
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True,
-                                       stderr=subprocess.DEVNULL).strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _device_name(dev: torch.device) -> str:
@@ -437,7 +425,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = cpu_default(args) if args.model == "default" else gpu_random(args)
-    out["commit"] = _commit()
+    out["commit"] = git_commit() or "unknown"
     if args.model == "default":
         print(f"{'method':40s} {'tok/s':>10s} {'median s':>10s}")
         for k, r in out["results"].items():

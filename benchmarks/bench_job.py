@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,14 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-    except OSError:
-        return ""
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, git_commit  # noqa: E402
 
 
 def direct_encode(corpus: Path, spec, shard_tokens: int, max_passage_tokens: int) -> tuple[float, float, int, int]:
@@ -155,7 +148,7 @@ def main() -> None:
     for name, a, b, c, e in rows:
         print(f"{name:<48} {a:>10} {b:>10} {c:>14}  {e}")
     print(json.dumps({
-        "bench": "job", "commit": _git_commit(), "device": "cpu", "machine": platform.machine(),
+        "bench": "job", "commit": git_commit(), "device": "cpu", "machine": platform.machine(),
         "python": sys.version.split()[0], "corpus": str(corpus), "model": args.model,
         "dtype": str(model.dtype).removeprefix("torch."), "files": len(files), "passages": n_passages,
         "tokens": tokens, "rounds": args.rounds, "direct_s": d, "job_s": j, "incremental_s": i,

@@ -1,7 +1,7 @@
-"""BM25 hard-negative mining of ``msa train-router``: ``recipe.bm25_topk`` vs bm25s's own retrieve.
+"""BM25 hard-negative mining of ``msa train-router``: ``bm25_negatives.bm25_topk`` vs bm25s's own retrieve.
 
 The training recipe mines, for every query, the best BM25 passages that are not its positives
-(``recipe.bm25_hard_negatives``). bm25s scores one query at a time (one ``np.add.at`` per query
+(``bm25_negatives.bm25_hard_negatives``). bm25s scores one query at a time (one ``np.add.at`` per query
 token over that token's documents, then a top-k), which took 1,276 s for the 142k queries over
 69k passages of the shipped adapter's data on 2 cores. ``bm25_topk`` computes the same scores as
 one sparse product per block of queries. Both run here on the same index, passages and queries
@@ -41,7 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     import bm25s
 
     from msa_memory.train.pairs import sentences
-    from msa_memory.train.recipe import bm25_topk, builtin_passages
+    from msa_memory.train.bm25_negatives import bm25_topk
+    from msa_memory.train.recipe import builtin_passages
 
     t0 = time.perf_counter()
     passages = [p for _, p in builtin_passages(("stdlib", "man"))][: a.passages]
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         s = retriever.get_scores(q) if q else np.zeros(len(passages), dtype=np.float32)
         same_scores += bool(np.allclose(np.sort(s[ours[i]])[::-1], ref_scores[i], rtol=1e-5, atol=1e-5))
         same_sets += set(ours[i].tolist()) == set(ref[i].tolist())
-    rows = [("bm25s BM25.retrieve (baseline)", t_ref), ("recipe.bm25_topk", t_ours)]
+    rows = [("bm25s BM25.retrieve (baseline)", t_ref), ("bm25_negatives.bm25_topk", t_ours)]
     print(f"{len(passages)} passages, {len(queries)} queries, k={a.k}; index {t_index:.1f} s (shared), "
           f"data {t_data:.1f} s")
     print(f"| {'what':32} | {'seconds':>8} | {'ms / query':>10} |")

@@ -40,7 +40,6 @@ import os
 import platform
 import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -53,7 +52,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from bench_runtime import copy_bandwidth  # noqa: E402
+from _common import copy_bandwidth, git_commit  # noqa: E402
 
 from msa_memory.routing.parallel import DistributedRouterIndex, ShardedRouterIndex  # noqa: E402
 from msa_memory.routing import RouterIndex, RoutingConfig  # noqa: E402
@@ -210,7 +209,7 @@ def main() -> None:
             rows.append(row)
         del keys
     device = torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine()
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    commit = git_commit()
     hdr = f"{'tokens':>11} {'form':>9} {'devices':>28} {'key GB':>7} {'layer ms':>9} {'floor ms':>9} {'prefill ms':>10} {'× single':>8} same"
     print(hdr)
     for r in rows:

@@ -22,7 +22,7 @@ Five steps (``--step``):
 2. ``gpu`` (the lent GPU, with ``--carry`` carried and the ``gguf`` wheel installed): rebuilds
    the same haystack (checks the sha256), encodes it with the encoder's own forward (bf16,
    ``Encoder.encode_tokens``; router keys of the adapter), routes the queries exactly as
-   ``bench_quality.routing_scores`` does (layer-summed cosine, head-mean / query-max / chunk-max)
+   ``_quality_eval.routing_scores`` does (layer-summed cosine, head-mean / query-max / chunk-max)
    and writes recall@1/5/16 per size and query kind into ``$OUT/scale_gpu.json``. An adapter with a shifted
    grid is scored as ``runtime.Memory`` routes it: the encode pools both grids, and at its shifted layers
    a passage scores its max over both. The queries carry ``--adapter``'s query suffix (prepared with it;
@@ -395,14 +395,14 @@ def _dense_cache_check(cache: Path, want: dict) -> None:
 
 # ----------------------------------------------------------------------------- steps
 def prepare(args) -> None:
-    import bench_quality as bq
+    import _quality_eval as qe
     import device_pack
     import torch
 
     from msa_memory.encode import RouterAdapter, load_model
     from msa_memory.routing.query import query_tokens, suffix_tokens
 
-    passages, _, queries, n_q = bq.build_eval(args.needles, args.ict)
+    passages, _, queries, n_q = qe.build_eval(args.needles, args.ict)
     adapter = RouterAdapter.load(args.adapter)
     loaded = load_model("default", adapter=adapter, dtype=torch.float32)
     tok = loaded.tokenizer
@@ -688,12 +688,12 @@ def haystack_texts(carry: Path, meta: dict, needles: int, ict: int):
     """A carry's haystack as text, rebuilt here as prepare built it (the bm25 step's, and check_dense.py's): the
     evaluation passages and queries, their count, the pool sentences, the distractors (refused unless their sha256
     is prepare's), the pool sentences' token lengths and the default model's tokenizer."""
-    import bench_quality as bq
+    import _quality_eval as qe
     import torch
 
     from msa_memory.encode import load_model
 
-    passages, _, queries, n_q = bq.build_eval(needles, ict)
+    passages, _, queries, n_q = qe.build_eval(needles, ict)
     tok = load_model("default", dtype=torch.float32).tokenizer
     allowed = set(json.loads((carry / "pack" / "pack.json").read_text())["vocab"])
     texts, pool_ids, base, base_len = _pool(passages, n_q, tok, allowed)
@@ -781,7 +781,7 @@ def _paired(gpu_res: dict | None, bm25_rank: list[int] | None, S: int, queries, 
     """Per routing adapter of the gpu file: queries of each kind whose positive is in its top k and not in
     BM25's (won), and the reverse (lost), at size S; empty without per-query ranks on both sides. (Any other
     per-query ranks for ``bm25_rank``, the dense row's: the same pairing against those.)"""
-    import bench_quality as bq
+    import _quality_eval as qe
 
     if not gpu_res or not bm25_rank:
         return {}
@@ -792,7 +792,7 @@ def _paired(gpu_res: dict | None, bm25_rank: list[int] | None, S: int, queries, 
         r = row.get("positive_rank")
         if not r:
             continue
-        out[name] = {kind: bq.won_lost(r, bm25_rank, [i for i, q in enumerate(queries) if q.kind == kind], k)
+        out[name] = {kind: qe.won_lost(r, bm25_rank, [i for i, q in enumerate(queries) if q.kind == kind], k)
                      for kind in ("fact", "ict")}
     return out
 
@@ -808,7 +808,7 @@ def plot_scale(summary: dict, cpu: dict | None, path: Path) -> None:
     except ImportError as e:  # the plot is a convenience; the JSON is the result
         print(f"plot skipped: {e}", file=sys.stderr)
         return
-    import bench_quality as bq
+    import _quality_eval as qe
 
     rows = summary["table"]
     x = [r["tokens"] for r in rows]
@@ -846,12 +846,12 @@ def plot_scale(summary: dict, cpu: dict | None, path: Path) -> None:
         for name, vals in series.items():
             pts = [(s, v[kind]["16"]) for s, v in zip(x, vals) if v]
             ax.plot([p[0] for p in pts], [p[1] for p in pts], color=pick(name), label=f"{name} (GPU haystacks)",
-                    **bq.line_style(name))
+                    **qe.line_style(name))
         if cpu:
             sizes = sorted(int(s) for s in cpu["results"])
             for name in [n for n in cpu["results"][str(sizes[0])] if not n.startswith("_") and "untrained" not in n]:
                 ax.plot(sizes, [cpu["results"][str(s)][name][kind]["16"] for s in sizes], ls="--",
-                        color=pick(name), label=f"{name} (CPU haystacks)", **dict(bq.line_style(name), marker="."))
+                        color=pick(name), label=f"{name} (CPU haystacks)", **dict(qe.line_style(name), marker="."))
         ax.set_xscale("log", base=2)
         ax.set_xlabel("memory size (tokens)")
         ax.set_title(f"recall@16, {title}")

@@ -49,6 +49,9 @@ import numpy as np
 from msa_memory.store import create_store, open_store, write_shard
 from msa_memory.testing.store_kit import gemma_like_identity, random_docs
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import git_commit  # noqa: E402
+
 
 def _fsync_write(path: Path, arrays: list[np.ndarray]) -> None:
     with open(path, "wb") as f:
@@ -300,7 +303,7 @@ def main() -> None:
     ratio = commit[-1]["commit_ms"] / commit[0]["commit_ms"]
     print(f"   large/small commit latency = {ratio:.2f} (target <= 2)")
     _print_object_store(objstore)
-    commit_id = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit_id = git_commit()
     print(json.dumps({"bench": "store", "quick": q, "commit": commit_id, "device": platform.machine(),
                       "cpus": os.cpu_count(), "python": sys.version.split()[0], "write": write, "open": opens,
                       "fetch16": fetch, "commit_latency": commit, "commit_ratio": round(ratio, 2),

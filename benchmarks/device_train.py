@@ -7,7 +7,7 @@ blocks up to the last candidate layer and the embedding rows of the tokens actua
 
 1. ``prepare`` (here, CPU): builds the train / dev pairs exactly as ``msa train-router`` does for
    the same options (``cli_support.train_router_from_cli`` → ``recipe.builtin_pairs``), mines
-   the BM25 hard negatives (``recipe.bm25_hard_negatives``), tokenizes the passages
+   the BM25 hard negatives (``bm25_negatives.bm25_hard_negatives``), tokenizes the passages
    (``LoadedModel.wrap_ids``) and the queries (``features.query_tokens``), and writes into
    ``--carry``: the device pack (``device_pack.make_pack``: the GGUF's own blocks
    0..max candidate layer, bit-identical once de-quantised, + the embedding rows of every token
@@ -108,7 +108,8 @@ def prepare(a) -> None:
     from msa_memory.encode import load_model
     from msa_memory.train.texts import installed_packages
     from msa_memory.routing.query import query_tokens
-    from msa_memory.train.recipe import bm25_hard_negatives, builtin_pairs
+    from msa_memory.train.bm25_negatives import bm25_hard_negatives
+    from msa_memory.train.recipe import builtin_pairs
 
     t0 = time.perf_counter()
     if a.query_template is not None and a.query_template.count("{q}") != 1:
