@@ -35,7 +35,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from msa_memory.encode.forward import AttnCall, PackedCausalAttention, causal_attention
+from msa_memory.encode.attention import PackedCausalAttention, causal_attention
+from msa_memory.encode.forward import AttnCall
 from msa_memory.encode.model import LoadedModel
 from msa_memory.encode.pooling import chunk_layout, chunk_mean_pool, shifted_pool
 from msa_memory.errors import ConfigError, EncodeError
@@ -112,7 +113,7 @@ class Encoder:
     store_dtype : "bfloat16" | "float16" | "float32", default "bfloat16"
         Logical dtype of the returned arrays.
     attention_strategy : "auto" | "loop" | "bucket", default "auto"
-        See :class:`~msa_memory.encode.forward.PackedCausalAttention`.
+        See :class:`~msa_memory.encode.attention.PackedCausalAttention`.
 
     Examples
     --------
@@ -258,9 +259,9 @@ class Encoder:
         sslot = {l: i for i, l in enumerate(shifted)}
         if shifted:
             s_window = m.router.config.shifted_window
-            n_s = shifted_chunk_counts(lens, m.chunk_tokens, s_window)
+            n_shifted = shifted_chunk_counts(lens, m.chunk_tokens, s_window)
             s_pool = shifted_pool(lens, m.chunk_tokens, s_window, device=dev)
-            xs_out = torch.empty(len(shifted), int(n_s.sum()), m.hidden_size, dtype=torch.float32, device=dev)
+            xs_out = torch.empty(len(shifted), int(n_shifted.sum()), m.hidden_size, dtype=torch.float32, device=dev)
         seen: set[int] = set()
         packed = PackedCausalAttention(lens, dev, strategy=self.attention_strategy)  # type: ignore[arg-type]
 
@@ -291,7 +292,7 @@ class Encoder:
         kr = torch.stack([m.router.keys_from_pooled(l, x_out[i]) for i, l in enumerate(router_layers)])
         pb = PooledBatch(n_tokens=lens, n_chunks=layout.n_chunks, k=k_out, v=v_out, x=x_out, k_router=kr)
         if shifted:
-            pb.n_chunks_s = n_s.tolist()
+            pb.n_chunks_s = n_shifted.tolist()
             pb.x_s = xs_out
             pb.k_router_s = torch.stack([m.router.keys_from_pooled(l, xs_out[j]) for j, l in enumerate(shifted)])
         return pb

@@ -148,11 +148,11 @@ def shifted_pool(seq_lens: Sequence[int], chunk_tokens: int, window: int | None 
     a_lay = chunk_layout(seq_lens, w, device=device)
     s_lay, s_keep = shifted_layout(seq_lens, w, device=device)
     n_a = np.asarray(a_lay.n_chunks, dtype=np.int64)
-    n_s = shifted_chunk_counts([int(n) for n in seq_lens], w)        # the W/2-shifted windows of each document
+    n_shifted = shifted_chunk_counts([int(n) for n in seq_lens], w)        # the W/2-shifted windows of each document
     # row order: document d's aligned windows (rows of the first block), then its shifted ones (second block)
-    doc_a = np.repeat(np.arange(len(n_a)), n_a)
-    doc_s = np.repeat(np.arange(len(n_s)), n_s)
-    order = np.argsort(np.concatenate([doc_a, doc_s]), kind="stable")
+    doc_aligned = np.repeat(np.arange(len(n_a)), n_a)
+    doc_shifted = np.repeat(np.arange(len(n_shifted)), n_shifted)
+    order = np.argsort(np.concatenate([doc_aligned, doc_shifted]), kind="stable")
     order_t = torch.from_numpy(order).to(device)
     return lambda x: torch.cat([chunk_mean_pool(x, a_lay), chunk_mean_pool(x, s_lay).index_select(0, s_keep)]
                                ).index_select(0, order_t)

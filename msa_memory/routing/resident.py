@@ -105,12 +105,12 @@ def interleave_grids(docs: np.ndarray, sdocs: np.ndarray, doc_ids: np.ndarray,
         start = np.r_[True, d[1:] != d[:-1]] if d.size else np.zeros(0, bool)
         return np.cumsum(start) - 1, d[start]
 
-    run_a, ids_a = runs(docs)
-    run_s, ids_s = runs(sdocs)
-    if not np.array_equal(ids_a, ids_s):
+    run_aligned, ids_aligned = runs(docs)
+    run_shifted, ids_shifted = runs(sdocs)
+    if not np.array_equal(ids_aligned, ids_shifted):
         raise RuntimeMemoryError(f"Store {str(root)!r} lists its documents in another order on the shifted router-key "
                                  "grid than on the aligned one; run `msa store verify`.")
-    order = np.argsort(np.concatenate([run_a, run_s]), kind="stable")     # a run's aligned rows come first
+    order = np.argsort(np.concatenate([run_aligned, run_shifted]), kind="stable")     # a run's aligned rows come first
     return order, np.searchsorted(doc_ids, np.concatenate([docs, sdocs])[order])
 
 

@@ -29,7 +29,7 @@ import torch
 from msa_memory.encode.encoder import token_batches
 from msa_memory.errors import ConfigError
 from msa_memory.routing.query import query_tokens, router_suffix, special_token_frame, suffix_tokens  # noqa: F401  (also this module's API)
-from msa_memory.train.trainer import Features
+from msa_memory.train.feature_set import Features
 
 __all__ = ["query_tokens", "suffix_tokens", "router_suffix", "extract_passages", "extract_passage_tokens", "extract_passage_grids", "extract_queries", "extract_query_tokens", "build_features",
            "store_features", "save_features", "load_features"]
@@ -63,15 +63,15 @@ def extract_passage_grids(loaded: Any, seqs: Sequence[Sequence[int]], *, max_bat
     enc = Encoder(loaded, max_batch_tokens=max_batch_tokens, keep_router_inputs=True)
     seqs = [list(s) for s in seqs]
     shifted = bool(loaded.router.config.shifted_layers)
-    xs, xss, counts, counts_s, done = [], [], [], [], 0
+    xs, xs_shifted, counts, counts_shifted, done = [], [], [], [], 0
     total = len(seqs)
     for group in token_batches([len(s) for s in seqs], max_batch_tokens):
         pb = enc.encode_tokens([seqs[i] for i in group])
         xs.append(pb.x.to(dtype).cpu())                  # (L, C_b, E)
         counts += list(pb.n_chunks)
         if shifted:
-            xss.append(pb.x_s.to(dtype).cpu())           # (Ls, Cs_b, E)
-            counts_s += list(pb.n_chunks_s)
+            xs_shifted.append(pb.x_s.to(dtype).cpu())           # (Ls, Cs_b, E)
+            counts_shifted += list(pb.n_chunks_s)
         done += len(group)
         if progress is not None:
             progress(done, total)
@@ -83,7 +83,7 @@ def extract_passage_grids(loaded: Any, seqs: Sequence[Sequence[int]], *, max_bat
     x, chunk_doc = grid(xs, counts, len(loaded.router_layers))
     if not shifted:
         return x, chunk_doc, None, None
-    return (x, chunk_doc, *grid(xss, counts_s, len(loaded.router.config.shifted_layers)))
+    return (x, chunk_doc, *grid(xs_shifted, counts_shifted, len(loaded.router.config.shifted_layers)))
 
 
 @torch.inference_mode()

@@ -34,82 +34,14 @@ import numpy as np
 import torch
 
 from msa_memory.errors import ConfigError
+from msa_memory.train.bm25_negatives import bm25_hard_negatives
 from msa_memory.train.texts import man_pages, pack_paragraphs, package_docstrings, stdlib_docstrings
 from msa_memory.train.pairs import PairSet, build_pairs
 
-__all__ = ["BUILTIN_SOURCES", "bm25_hard_negatives", "bm25_topk", "builtin_passages", "builtin_pairs", "distill_pairs",
+__all__ = ["BUILTIN_SOURCES", "builtin_passages", "builtin_pairs", "distill_pairs",
            "files_pairs", "adapter_from_projections", "run_training"]
 
 Log = Callable[[str], None]
-
-
-def bm25_hard_negatives(passages: Sequence[str], queries: Sequence[Any], n: int = 8) -> list[tuple[int, ...]]:
-    """Per query, the ``n`` best BM25 passages that are not among its positives."""
-    try:
-        import bm25s
-    except ImportError as e:
-        raise ConfigError("Hard-negative mining needs the package bm25s.",
-                          hint="pip install 'msa-memory[train]' (or bm25s).") from e
-    if not passages or not queries:
-        return [() for _ in queries]
-    retriever = bm25s.BM25()
-    retriever.index(bm25s.tokenize(list(passages), stopwords="en", show_progress=False), show_progress=False)
-    k = min(len(passages), n + max(len(q.positives) for q in queries))
-    docs = bm25_topk(retriever, bm25s.tokenize([q.text for q in queries], stopwords="en", return_ids=False,
-                                               show_progress=False), k)
-    out = []
-    for q, row in zip(queries, docs):
-        pos = set(q.positives)
-        out.append(tuple(int(d) for d in row if int(d) not in pos)[:n])
-    return out
-
-
-def bm25_topk(retriever: Any, query_tokens: Sequence[Sequence[str]], k: int, block: int = 256) -> np.ndarray:
-    """(Q, k) passage indices of the ``k`` best BM25 scores of each query, best first.
-
-    The scores are bm25s's own (``BM25.get_scores``: the sum of the index's precomputed per-token
-    document scores over the query's tokens, repeats counted, tokens outside the index dropped),
-    computed for a block of ``block`` queries as one sparse product (query-token counts × the
-    index's token × passage scores, scipy) instead of bm25s's one ``np.add.at`` per query token and
-    a top-k over every passage (speed: ``benchmarks/bench_mining.py``). Ties rank the lower passage index first (bm25s leaves
-    their order to ``argpartition``); a query without a known token scores 0 everywhere. Only the
-    passages sharing a token with the query are ranked; the rest score 0, which assumes positive
-    per-token scores (bm25s's default "lucene" method, what :func:`bm25_hard_negatives` builds).
-    """
-    import itertools
-
-    try:
-        from scipy import sparse
-    except ImportError as e:
-        raise ConfigError("Hard-negative mining needs the package scipy.",
-                          hint="pip install 'msa-memory[train]' (or scipy).") from e
-    sc = retriever.scores
-    n_docs, vocab = int(sc["num_docs"]), len(sc["indptr"]) - 1
-    k = min(int(k), n_docs)
-    index = sparse.csr_matrix((sc["data"], sc["indices"], sc["indptr"]), shape=(vocab, n_docs))
-    out = np.empty((len(query_tokens), k), dtype=np.int64)
-    for b0 in range(0, len(query_tokens), block):
-        ids = [retriever.get_tokens_ids(list(q)) for q in query_tokens[b0:b0 + block]]
-        rows = np.repeat(np.arange(len(ids)), [len(x) for x in ids])
-        cols = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64, count=len(rows))
-        counts = sparse.csr_matrix((np.ones(len(rows), dtype=index.dtype), (rows, cols)), shape=(len(ids), vocab))
-        scores = (counts @ index).tocsr()          # (B, N) sparse: only passages sharing a token score > 0
-        scores.eliminate_zeros()
-        for i in range(len(ids)):
-            lo, hi = scores.indptr[i], scores.indptr[i + 1]
-            docs, vals = scores.indices[lo:hi].astype(np.int64), scores.data[lo:hi]
-            if len(vals) > k:                      # keep the k best: all above the k-th score, ties by index
-                kth = np.partition(vals, len(vals) - k)[len(vals) - k]
-                above = vals > kth
-                tied = np.sort(docs[vals == kth])[:k - int(above.sum())]
-                docs, vals = np.concatenate([docs[above], tied]), np.concatenate([vals[above], np.full(len(tied), kth)])
-            order = np.lexsort((docs, -vals))                                 # score desc, then index asc
-            best = docs[order]
-            if len(best) < k:                      # fewer scoring passages than k: zero-score ones, lowest index
-                rest = np.setdiff1d(np.arange(min(n_docs, k + len(best))), best, assume_unique=True)[:k - len(best)]
-                best = np.concatenate([best, rest])
-            out[b0 + i] = best
-    return out
 
 
 def _shuffled_passages(docs: list[tuple[str, str]], seed: int, max_chars: int) -> list[tuple[str, str]]:
@@ -352,9 +284,6 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
         except that its ``router`` is replaced by the candidate subset; with ``init_adapter`` a copy
         carrying that adapter is used instead). Saves a reload.
     """
-    import warnings
-
-    from msa_memory.encode import RouterAdapter, UntrainedRouterWarning, load_model
     from msa_memory.train.trainer import RouterProjections, TrainConfig, evaluate, select_layers, train_router
 
     cfg = config or TrainConfig(device=device)
@@ -364,32 +293,8 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
     layers_arg: Any = candidate_layers
     if candidate_layers == "lower-half":
         layers_arg = None  # resolved below once the model is known
-    adapter = RouterAdapter.load(init_adapter) if init_adapter else None
-    if loaded is None:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UntrainedRouterWarning)
-            if adapter is not None:
-                loaded = load_model(model, adapter=adapter, device=device)
-            else:
-                loaded = load_model(model, router_layers="all" if layers_arg is None else layers_arg, device=device)
-    elif adapter is not None:  # the given model, started from init_adapter's weights (not the router it has)
-        loaded = loaded.with_router(adapter)
-    if candidate_layers == "lower-half":
-        loaded.router = loaded.router.subset(range(loaded.n_layers // 2))
-    elif candidate_layers == "upper-half":
-        loaded.router = loaded.router.subset(range(loaded.n_layers // 2, loaded.n_layers))
-    elif not isinstance(candidate_layers, str) and tuple(candidate_layers) != loaded.router_layers:
-        loaded.router = loaded.router.subset(int(x) for x in candidate_layers)
-    rc = loaded.router.config
-    if shifted_layers is not None:
-        bad = sorted(set(int(l) for l in shifted_layers) - set(rc.router_layers))
-        if bad:
-            raise ConfigError(f"--shifted-layers {bad} are not among the candidate layers {list(rc.router_layers)}.",
-                              hint="Name some of the --layers layers, e.g. the shallow ones.")
-        rc = dataclasses.replace(rc, shifted_layers=tuple(sorted(int(l) for l in shifted_layers)),
-                                 shifted_window=shifted_window if shifted_layers else None)
-    elif shifted_window is not None:
-        raise ConfigError("--shifted-window sets the windows of the shifted grid: name its layers too (--shifted-layers).")
+    loaded = _candidate_model(model, loaded, init_adapter, candidate_layers, layers_arg, device)
+    rc = _with_grid(loaded.router.config, shifted_layers, shifted_window)
     if features is not None:
         train_f, dev_f = features  # the trainer takes the candidate layers out of them
         counts = (train_f.counts(), dev_f.counts())
@@ -444,8 +349,55 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
              "tau": cfg.tau,
              "dev_recall": {str(k): v for k, v in final["recall"].items()}, "command": command,
              "model_fingerprint": loaded.model_fingerprint}  # reindex refuses stores of another backbone
+    return _save(Path(out), proj, rc, chosen, cfg, extra, summary)
+
+
+def _candidate_model(model: Any, loaded: Any, init_adapter: Any, candidate_layers: Any, layers_arg: Any,
+                     device: str) -> Any:
+    """The model to train on, its router cut to the candidate layers: ``loaded`` (started from
+    ``init_adapter``'s weights when given) or ``model`` loaded with every candidate layer."""
+    import warnings
+
+    from msa_memory.encode import RouterAdapter, UntrainedRouterWarning, load_model
+
+    adapter = RouterAdapter.load(init_adapter) if init_adapter else None
+    if loaded is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UntrainedRouterWarning)
+            if adapter is not None:
+                loaded = load_model(model, adapter=adapter, device=device)
+            else:
+                loaded = load_model(model, router_layers="all" if layers_arg is None else layers_arg, device=device)
+    elif adapter is not None:  # the given model, started from init_adapter's weights (not the router it has)
+        loaded = loaded.with_router(adapter)
+    if candidate_layers == "lower-half":
+        loaded.router = loaded.router.subset(range(loaded.n_layers // 2))
+    elif candidate_layers == "upper-half":
+        loaded.router = loaded.router.subset(range(loaded.n_layers // 2, loaded.n_layers))
+    elif not isinstance(candidate_layers, str) and tuple(candidate_layers) != loaded.router_layers:
+        loaded.router = loaded.router.subset(int(x) for x in candidate_layers)
+    return loaded
+
+
+def _with_grid(rc: Any, shifted_layers: Sequence[int] | None, shifted_window: int | None) -> Any:
+    """``rc`` with the shifted grid the saved adapter keys (``--shifted-layers`` / ``--shifted-window``)."""
+    if shifted_layers is not None:
+        bad = sorted(set(int(l) for l in shifted_layers) - set(rc.router_layers))
+        if bad:
+            raise ConfigError(f"--shifted-layers {bad} are not among the candidate layers {list(rc.router_layers)}.",
+                              hint="Name some of the --layers layers, e.g. the shallow ones.")
+        return dataclasses.replace(rc, shifted_layers=tuple(sorted(int(l) for l in shifted_layers)),
+                                   shifted_window=shifted_window if shifted_layers else None)
+    if shifted_window is not None:
+        raise ConfigError("--shifted-window sets the windows of the shifted grid: name its layers too (--shifted-layers).")
+    return rc
+
+
+def _save(out: Path, proj: Any, rc: Any, chosen: Sequence[int], cfg: Any, extra: dict[str, Any],
+          summary: dict[str, Any]) -> dict[str, Any]:
+    """Save the chosen layers' adapter to ``out`` (every trained layer's to ``out/candidates`` when fewer were
+    chosen) and ``training.json``; returns ``summary`` with the router id and folder."""
     ad = adapter_from_projections(proj, rc, layers=chosen, train_config=cfg, extra=extra)
-    out = Path(out)
     ad.save(out)
     if tuple(chosen) != tuple(proj.layers):  # every trained layer too, to choose another subset later
         extra_all = {**extra, "note": f"all candidate layers; the adapter one folder up keeps {list(chosen)}"}

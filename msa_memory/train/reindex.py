@@ -22,6 +22,7 @@ fingerprint when the adapter records one) and change nothing when it does not fi
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from pathlib import Path
@@ -268,9 +269,7 @@ def reindex_router_to(src: Any, dest: str | Path, adapter: Any, *, docs_per_shar
     IdentityMismatchError
         Adapter layers/head layout/pooling incompatible with the store.
     """
-    import dataclasses
-
-    from msa_memory.schemas.records import EncodedChunks, Passage
+    from msa_memory.schemas.records import EncodedChunks
     from msa_memory.store import create_store, write_shard
 
     t0 = time.perf_counter()
@@ -292,6 +291,63 @@ def reindex_router_to(src: Any, dest: str | Path, adapter: Any, *, docs_per_shar
     tab = src.documents(cols).to_pydict()
     ids = np.asarray(tab["doc_id"], dtype=np.int64)
     t_read = time.perf_counter()
+    rows = _router_rows(src, adapter, pos, copy, keep_x)
+    xs, keys, chunk_doc, xs_shifted, keys_shifted, t_keys = (rows.xs, rows.keys, rows.chunk_doc, rows.xs_shifted,
+                                                             rows.keys_shifted, rows.seconds_keys)
+    # documents in chunk order (contiguous runs of one id)
+    order_ids = chunk_doc[np.r_[True, chunk_doc[1:] != chunk_doc[:-1]]] if chunk_doc.size else np.zeros(0, np.int64)
+    row = {int(d): i for i, d in enumerate(ids)}
+    n_ch = np.asarray([tab["n_chunks"][row[int(d)]] for d in order_ids], dtype=np.int64)
+    offs = np.concatenate([[0], np.cumsum(n_ch)])
+    n_tok = np.asarray([tab["n_tokens"][row[int(d)]] for d in order_ids], dtype=np.int64)
+    n_chunks_shifted = shifted_chunk_counts(n_tok, ident.chunk_tokens, ident.shifted_window)
+    offs_shifted = np.concatenate([[0], np.cumsum(n_chunks_shifted)])
+    if log is not None:
+        log(f"read {len(order_ids)} docs / {int(offs[-1])} chunks, keys for {len(pos)} layers in {t_keys:.2f}s")
+    # 2. write: a new store with the same ids
+    dest_store = create_store(dest, new_ident, message="create (reindex-router)")
+    if len(ids):
+        dest_store.reserve_ids(int(ids.max()) + 1)
+    recs = []
+    for s in range(0, len(order_ids), docs_per_shard):
+        d_ids = order_ids[s:s + docs_per_shard]
+        e = min(s + docs_per_shard, len(order_ids))
+        c0, c1, s0, s1 = int(offs[s]), int(offs[e]), int(offs_shifted[s]), int(offs_shifted[e])
+        kv = np.concatenate(src.load_kv(d_ids))[:, pos]                 # (C, L', 2, H, D)
+        shifted = {} if not rc.shifted_layers else {
+            "n_chunks_s": n_chunks_shifted[s:e], "k_router_s": np.stack([k[s0:s1] for k in keys_shifted]),
+            "x_router_s": np.stack([x[s0:s1] for x in xs_shifted]) if xs_shifted else None}
+        enc = EncodedChunks(doc_ids=d_ids.astype(np.int64), n_tokens=n_tok[s:e],
+                            n_chunks=n_ch[s:e], k_router=np.stack([k[c0:c1] for k in keys]),
+                            kv=np.ascontiguousarray(kv), dtype=ident.dtype,
+                            x_router=np.stack([x[c0:c1] for x in xs]) if xs else None, **shifted)
+        recs.append(write_shard(dest, f"reindex-{s // docs_per_shard:05d}", _passages(tab, row, d_ids), enc))
+    msg = message or f"reindex-router from {src.root} v{src.version} with router {new_ident.router_id}"
+    out = dest_store.commit(add=recs, message=msg)
+    stats = {"docs": int(len(order_ids)), "chunks": int(offs[-1]), "layers": list(rc.router_layers),
+             "seconds": round(time.perf_counter() - t0, 3), "seconds_read": round(t_read - t0, 3),
+             "seconds_keys": round(t_keys, 3), "router_id": new_ident.router_id, "version": out.version,
+             "copied": copy}
+    return out, stats
+
+
+@dataclasses.dataclass
+class _RouterRows:
+    """What :func:`reindex_router_to` reads of the kept layers: pooled inputs (if kept) and router keys, on the
+    aligned grid and on the adapter's shifted layers, and the aligned chunks' documents."""
+
+    xs: list[np.ndarray]
+    keys: list[np.ndarray]
+    chunk_doc: np.ndarray
+    xs_shifted: list[np.ndarray]
+    keys_shifted: list[np.ndarray]
+    seconds_keys: float
+
+
+def _router_rows(src: Any, adapter: Any, pos: list[int], copy: bool, keep_x: bool) -> _RouterRows:
+    """The kept layers' rows of ``src``: router keys copied (``copy``: a part of the store's router) or
+    recomputed from the kept inputs with ``adapter``."""
+    ident, rc = src.identity, adapter.config
     xs, keys = [], []
     chunk_doc = None
     t_keys = 0.0
@@ -309,54 +365,26 @@ def reindex_router_to(src: Any, dest: str | Path, adapter: Any, *, docs_per_shar
         if chunk_doc is None:
             chunk_doc = cd
     assert chunk_doc is not None
-    xs_s, keys_s = [], []                       # the shifted grid at the adapter's shifted layers
+    xs_shifted, keys_shifted = [], []                       # the shifted grid at the adapter's shifted layers
     for l in rc.shifted_layers:
         j = ident.shifted_layers.index(l)
         if keep_x:
             x, _ = src.router_inputs_shifted(j)                        # (Cs, E), documents in the same order
-            xs_s.append(x)
+            xs_shifted.append(x)
         if copy:
-            keys_s.append(src.router_keys_shifted(j)[0])
+            keys_shifted.append(src.router_keys_shifted(j)[0])
         else:
             t1 = time.perf_counter()
-            keys_s.append(router_keys_from_inputs(adapter, l, x, ident.dtype))
+            keys_shifted.append(router_keys_from_inputs(adapter, l, x, ident.dtype))
             t_keys += time.perf_counter() - t1
-    # documents in chunk order (contiguous runs of one id)
-    order_ids = chunk_doc[np.r_[True, chunk_doc[1:] != chunk_doc[:-1]]] if chunk_doc.size else np.zeros(0, np.int64)
-    row = {int(d): i for i, d in enumerate(ids)}
-    n_ch = np.asarray([tab["n_chunks"][row[int(d)]] for d in order_ids], dtype=np.int64)
-    offs = np.concatenate([[0], np.cumsum(n_ch)])
-    n_tok = np.asarray([tab["n_tokens"][row[int(d)]] for d in order_ids], dtype=np.int64)
-    n_ch_s = shifted_chunk_counts(n_tok, ident.chunk_tokens, ident.shifted_window)
-    offs_s = np.concatenate([[0], np.cumsum(n_ch_s)])
-    if log is not None:
-        log(f"read {len(order_ids)} docs / {int(offs[-1])} chunks, keys for {len(pos)} layers in {t_keys:.2f}s")
-    # 2. write: a new store with the same ids
-    dest_store = create_store(dest, new_ident, message="create (reindex-router)")
-    if len(ids):
-        dest_store.reserve_ids(int(ids.max()) + 1)
-    recs = []
-    for s in range(0, len(order_ids), docs_per_shard):
-        d_ids = order_ids[s:s + docs_per_shard]
-        e = min(s + docs_per_shard, len(order_ids))
-        c0, c1, s0, s1 = int(offs[s]), int(offs[e]), int(offs_s[s]), int(offs_s[e])
-        kv = np.concatenate(src.load_kv(d_ids))[:, pos]                 # (C, L', 2, H, D)
-        passages = [Passage(text=tab["text"][row[int(d)]], source_path=tab["source_path"][row[int(d)]],
-                            passage_index=int(tab["passage_index"][row[int(d)]]),
-                            byte_start=int(tab["byte_start"][row[int(d)]]), byte_end=int(tab["byte_end"][row[int(d)]]),
-                            file_sha256=tab["file_sha256"][row[int(d)]]) for d in d_ids]
-        shifted = {} if not rc.shifted_layers else {
-            "n_chunks_s": n_ch_s[s:e], "k_router_s": np.stack([k[s0:s1] for k in keys_s]),
-            "x_router_s": np.stack([x[s0:s1] for x in xs_s]) if xs_s else None}
-        enc = EncodedChunks(doc_ids=d_ids.astype(np.int64), n_tokens=n_tok[s:e],
-                            n_chunks=n_ch[s:e], k_router=np.stack([k[c0:c1] for k in keys]),
-                            kv=np.ascontiguousarray(kv), dtype=ident.dtype,
-                            x_router=np.stack([x[c0:c1] for x in xs]) if xs else None, **shifted)
-        recs.append(write_shard(dest, f"reindex-{s // docs_per_shard:05d}", passages, enc))
-    msg = message or f"reindex-router from {src.root} v{src.version} with router {new_ident.router_id}"
-    out = dest_store.commit(add=recs, message=msg)
-    stats = {"docs": int(len(order_ids)), "chunks": int(offs[-1]), "layers": list(rc.router_layers),
-             "seconds": round(time.perf_counter() - t0, 3), "seconds_read": round(t_read - t0, 3),
-             "seconds_keys": round(t_keys, 3), "router_id": new_ident.router_id, "version": out.version,
-             "copied": copy}
-    return out, stats
+    return _RouterRows(xs, keys, chunk_doc, xs_shifted, keys_shifted, t_keys)
+
+
+def _passages(tab: dict[str, list[Any]], row: dict[int, int], d_ids: np.ndarray) -> list[Any]:
+    """The ``Passage`` records of documents ``d_ids`` from their document-table rows."""
+    from msa_memory.schemas.records import Passage
+
+    return [Passage(text=tab["text"][row[int(d)]], source_path=tab["source_path"][row[int(d)]],
+                    passage_index=int(tab["passage_index"][row[int(d)]]),
+                    byte_start=int(tab["byte_start"][row[int(d)]]), byte_end=int(tab["byte_end"][row[int(d)]]),
+                    file_sha256=tab["file_sha256"][row[int(d)]]) for d in d_ids]

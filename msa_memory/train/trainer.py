@@ -1,6 +1,7 @@
 """Train router projections on precomputed features (msa-reference §6.4, router-only recipe).
 
-The backbone is frozen, so everything the router sees is computed once (``features.py``):
+The backbone is frozen, so everything the router sees is computed once (``features.py``, held in a
+:class:`~msa_memory.train.feature_set.Features`):
 per chunk the pooled router-layer input x̄ (L, C, E) and per query its router-layer inputs
 (L, T, E). Router keys are ``router_k_proj(x̄)`` exactly (a bias-free linear map commutes with the
 chunk mean), so a training step is a handful of matmuls and runs on CPU.
@@ -25,125 +26,18 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import torch
 
 from msa_memory.errors import ConfigError
 from msa_memory.routing.reference import chunk_scores, doc_scores
+from msa_memory.train.feature_set import Features  # also this module's API
 from msa_memory.train.scores import decoupled_infonce, listwise_kl, recall_at_k
 
 __all__ = ["Features", "RouterProjections", "TrainConfig", "train_router", "evaluate", "select_layers",
            "mine_routing_negatives"]
-
-
-@dataclass
-class Features:
-    """Frozen-backbone inputs of the router for one set of passages and queries.
-
-    ``layers`` are decoder-layer indices of the L axis. Query tokens are stored flat:
-    query i owns rows ``q_offsets[i]:q_offsets[i+1]`` of ``q_x``.
-    """
-
-    layers: tuple[int, ...]
-    x_chunks: torch.Tensor      # (L, C, E) pooled router-layer inputs, bf16/fp32
-    chunk_doc: torch.Tensor     # (C,) int64 passage index of every chunk
-    n_docs: int
-    q_x: torch.Tensor           # (Tq, L, E) router-layer inputs of all query tokens, flat
-    q_offsets: torch.Tensor     # (Q+1,) int64
-    positives: list[tuple[int, ...]]
-    kinds: list[str] = field(default_factory=list)
-    hard_negatives: list[tuple[int, ...]] = field(default_factory=list)
-    query_suffix: str = ""
-    """The text appended to every query before its inputs were taken (``RouterConfig.query_suffix``)."""
-    teacher_cands: torch.Tensor | None = None
-    """(Q, M) int64 candidate passages of every query for listwise distillation (``distill.teacher_lists``;
-    -1 pads), or None."""
-    teacher_scores: torch.Tensor | None = None
-    """(Q, M) float32 the teacher's scores of ``teacher_cands`` (NaN pads)."""
-
-    def __post_init__(self) -> None:
-        L, C, _ = self.x_chunks.shape
-        if L != len(self.layers) or self.q_x.shape[1] != L:
-            raise ConfigError(f"Features have {len(self.layers)} layers but arrays carry "
-                              f"{L} (chunks) and {self.q_x.shape[1]} (queries).")
-        if self.chunk_doc.shape[0] != C or len(self.positives) != self.n_queries:
-            raise ConfigError("Features: chunk_doc must have one entry per chunk and positives one per query.")
-        if (self.teacher_cands is None) != (self.teacher_scores is None) or (
-                self.teacher_cands is not None and (self.teacher_cands.shape != self.teacher_scores.shape
-                                                    or self.teacher_cands.shape[0] != self.n_queries)):
-            raise ConfigError("Features: teacher_cands and teacher_scores go together, (Q, M) each.")
-        starts = torch.full((self.n_docs + 1,), C, dtype=torch.int64)
-        # chunk ranges per document (chunks of a document are contiguous, documents in order)
-        counts = torch.bincount(self.chunk_doc, minlength=self.n_docs)
-        starts = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)])
-        self.doc_chunk_offsets = starts  # (N+1,)
-
-    @property
-    def n_queries(self) -> int:
-        return int(self.q_offsets.shape[0]) - 1
-
-    def counts(self) -> dict[str, int]:
-        """Passages, queries and queries per kind (the shape of ``PairSet.counts``)."""
-        out = {"passages": self.n_docs, "queries": self.n_queries}
-        for k in self.kinds:
-            out[k] = out.get(k, 0) + 1
-        return out
-
-    def layer_subset(self, layers: tuple[int, ...]) -> Features:
-        """The same features restricted to ``layers`` (a subset of ``self.layers``)."""
-        missing = [x for x in layers if x not in self.layers]
-        if missing:
-            raise ConfigError(f"Layers {missing} were not extracted; available: {list(self.layers)}.")
-        pos = [self.layers.index(x) for x in layers]
-        return Features(tuple(layers), self.x_chunks[pos], self.chunk_doc, self.n_docs, self.q_x[:, pos],
-                        self.q_offsets, self.positives, self.kinds, self.hard_negatives, self.query_suffix,
-                        self.teacher_cands, self.teacher_scores)
-
-    def with_distractors(self, other: Features) -> Features:
-        """These queries against these passages *and* ``other``'s passages (appended after them).
-
-        Used to measure held-out recall in a memory as large as the training corpus: ``other``'s
-        passages hold none of these queries' positives, so they can only push positives down.
-        """
-        if tuple(other.layers) != tuple(self.layers):
-            other = other.layer_subset(self.layers)
-        return Features(self.layers, torch.cat([self.x_chunks, other.x_chunks.to(self.x_chunks.dtype)], dim=1),
-                        torch.cat([self.chunk_doc, other.chunk_doc + self.n_docs]), self.n_docs + other.n_docs,
-                        self.q_x, self.q_offsets, self.positives, self.kinds, self.hard_negatives, self.query_suffix,
-                        self.teacher_cands, self.teacher_scores)
-
-    def with_teacher(self, cands: Any, scores: Any) -> Features:
-        """The same features with listwise-distillation candidates and teacher scores ((Q, M) each)."""
-        return Features(self.layers, self.x_chunks, self.chunk_doc, self.n_docs, self.q_x, self.q_offsets,
-                        self.positives, self.kinds, self.hard_negatives, self.query_suffix,
-                        torch.as_tensor(cands, dtype=torch.int64), torch.as_tensor(scores, dtype=torch.float32))
-
-    def to(self, device: torch.device | str) -> Features:
-        """The same features with the passage and query arrays on ``device`` (indices stay on the CPU)."""
-        return Features(self.layers, self.x_chunks.to(device), self.chunk_doc, self.n_docs, self.q_x.to(device),
-                        self.q_offsets, self.positives, self.kinds, self.hard_negatives, self.query_suffix,
-                        self.teacher_cands, self.teacher_scores)
-
-    def chunks_of(self, docs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(chunk indices of passages ``docs`` in order, the position in ``docs`` of each of them)."""
-        offs = self.doc_chunk_offsets
-        counts = offs[docs + 1] - offs[docs]
-        owner = torch.repeat_interleave(torch.arange(len(docs)), counts)
-        first = torch.cumsum(counts, 0) - counts                   # where each passage's run starts
-        return offs[docs][owner] + torch.arange(int(counts.sum())) - first[owner], owner
-
-    def query_batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Padded (L, B, T, E) query inputs and (B, T) mask for query indices ``idx``."""
-        starts, ends = self.q_offsets[idx], self.q_offsets[idx + 1]
-        lens = ends - starts
-        T = int(lens.max())
-        ar = torch.arange(T)
-        mask = ar[None, :] < lens[:, None]                        # (B, T)
-        rows = (starts[:, None] + ar[None, :]).clamp(max=self.q_x.shape[0] - 1)
-        x = self.q_x[rows.to(self.q_x.device)]                    # (B, T, L, E)
-        return x.permute(2, 0, 1, 3), mask
 
 
 class RouterProjections(torch.nn.Module):
@@ -388,21 +282,16 @@ def select_layers(layer_scores: torch.Tensor, positive: torch.Tensor, layers: tu
     return tuple(sorted(layers[i] for i in chosen)), trace
 
 
-def train_router(proj: RouterProjections, train: Features, held_out: Features | None = None,
-                 cfg: TrainConfig | None = None, *, log: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    """Train ``proj`` in place; returns one record per epoch (loss, seconds, held-out recall@k).
-
-    An epoch-0 record holds the held-out recall before any update.
-    """
-    cfg = cfg or TrainConfig()
+def _placed(proj: RouterProjections, train: Features, held_out: Features | None, cfg: TrainConfig,
+            dev: torch.device) -> tuple[Features, Features | None]:
+    """The features checked against ``cfg`` and cut to ``proj``'s layers; on CUDA the training arrays on the
+    GPU when they fit (each step's chunks and query rows are then gathered there)."""
     for name, f in (("training", train), ("held-out", held_out)):
         if f is not None and f.query_suffix != cfg.query_suffix:
             raise ConfigError(f"The {name} features' queries were read with the suffix {f.query_suffix!r}, but the "
                               f"router is trained for {cfg.query_suffix!r}.",
                               hint="Extract the features with the training suffix (build_features(..., "
                                    "query_suffix=...)), or train for theirs.")
-    dev = torch.device(cfg.device)
-    proj.to(dev)
     if tuple(train.layers) != proj.layers:
         train = train.layer_subset(proj.layers)
     if held_out is not None and tuple(held_out.layers) != proj.layers:
@@ -411,8 +300,12 @@ def train_router(proj: RouterProjections, train: Features, held_out: Features | 
         need = (train.x_chunks.numel() * train.x_chunks.element_size() + train.q_x.numel() * train.q_x.element_size())
         if need < 0.6 * torch.cuda.mem_get_info(dev)[0]:
             train = train.to(dev)
-    L, N = len(proj.layers), train.n_docs
-    gen = torch.Generator().manual_seed(cfg.seed)
+    return train, held_out
+
+
+def _optimizer(proj: RouterProjections, cfg: TrainConfig, n_queries: int) -> tuple[Any, Any]:
+    """(AdamW over the trainable projections, warm-up + cosine schedule); frozen layers (and, with
+    ``freeze_keys``, every key projection) get no gradient."""
     frozen = set(cfg.frozen_layers)
     if not frozen <= set(proj.layers) or frozen >= set(proj.layers):
         raise ConfigError(f"frozen layers {sorted(frozen)} must be some, not all, of the router layers "
@@ -421,10 +314,81 @@ def train_router(proj: RouterProjections, train: Features, held_out: Features | 
         proj.q[li].requires_grad_(layer not in frozen)
         proj.k[li].requires_grad_(layer not in frozen and not cfg.freeze_keys)
     opt = torch.optim.AdamW([w for w in proj.parameters() if w.requires_grad], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(train.n_queries / cfg.batch_size)
+    steps_per_epoch = math.ceil(n_queries / cfg.batch_size)
     total = max(1, steps_per_epoch * cfg.epochs)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, total // 20))
                                               * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    return opt, sched
+
+
+def _candidates(train: Features, bidx: torch.Tensor, cfg: TrainConfig, mined: list[tuple[int, ...]] | None,
+                use_bm25: bool, distill: bool, gen: torch.Generator) -> tuple[torch.Tensor, dict[int, int]]:
+    """A step's candidate passages (positives ∪ hard negatives ∪ teacher lists ∪ ``n_random`` random ones),
+    sorted, and each one's column."""
+    cand: set[int] = set()
+    for i in bidx.tolist():
+        cand.update(train.positives[i])
+        if use_bm25:
+            cand.update(train.hard_negatives[i][: cfg.n_hard])
+        if mined is not None:
+            cand.update(mined[i])
+        if distill:
+            cand.update(d for d in train.teacher_cands[i].tolist() if d >= 0)
+    cand.update(torch.randint(0, train.n_docs, (cfg.n_random,), generator=gen).tolist())
+    cdocs = torch.tensor(sorted(cand), dtype=torch.int64)
+    return cdocs, {d: j for j, d in enumerate(cdocs.tolist())}
+
+
+def _step_loss(proj: RouterProjections, train: Features, bidx: torch.Tensor, cdocs: torch.Tensor,
+               local: dict[int, int], cfg: TrainConfig, dev: torch.device, distill: bool) -> torch.Tensor:
+    """One step's loss: decoupled InfoNCE (or listwise distillation) per layer (mean over layers) and/or of
+    the layer-averaged score, over the candidates' chunks."""
+    L = len(proj.layers)
+    cidx, cdoc = train.chunks_of(cdocs)                                   # (L, Cc, E) and chunk -> candidate
+    xc = train.x_chunks[:, cidx.to(train.x_chunks.device)].to(dev)
+    qx, qmask = train.query_batch(bidx)
+    pos = torch.zeros(len(bidx), len(cdocs), dtype=torch.bool)
+    for b, i in enumerate(bidx.tolist()):
+        pos[b, [local[d] for d in train.positives[i]]] = True
+    loss = torch.zeros((), device=dev)
+    pos_d = pos.to(dev)
+    with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+        layer_scores = [_layer_doc_scores(proj, li, qx[li].to(dev), qmask.to(dev), xc[li], cdoc.to(dev), len(cdocs),
+                                          cfg).float() for li in range(L)]
+    w = 0.5 if cfg.layer_loss == "both" else 1.0
+    if distill:   # each query's teacher list, as columns of the step's candidates
+        tc = train.teacher_cands[bidx]                                   # (B, M)
+        tvalid = tc >= 0
+        cols = torch.tensor([[local[d] if d >= 0 else 0 for d in row] for row in tc.tolist()],
+                            dtype=torch.int64, device=dev)
+        tsc, tvalid = train.teacher_scores[bidx].to(dev), tvalid.to(dev)
+
+    def objective(s: torch.Tensor) -> torch.Tensor:
+        if not distill:
+            return decoupled_infonce(s, pos_d, tau=cfg.tau)
+        kl = listwise_kl(s.gather(1, cols), tsc, tvalid, tau_student=cfg.tau, tau_teacher=cfg.distill_tau)
+        return kl + cfg.distill_alpha * decoupled_infonce(s, pos_d, tau=cfg.tau) if cfg.distill_alpha else kl
+
+    if cfg.layer_loss in ("each", "both"):
+        for s in layer_scores:
+            loss = loss + w * objective(s) / L
+    if cfg.layer_loss in ("sum", "both"):
+        loss = loss + w * objective(torch.stack(layer_scores).mean(0))
+    return loss
+
+
+def train_router(proj: RouterProjections, train: Features, held_out: Features | None = None,
+                 cfg: TrainConfig | None = None, *, log: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Train ``proj`` in place; returns one record per epoch (loss, seconds, held-out recall@k).
+
+    An epoch-0 record holds the held-out recall before any update.
+    """
+    cfg = cfg or TrainConfig()
+    dev = torch.device(cfg.device)
+    proj.to(dev)
+    train, held_out = _placed(proj, train, held_out, cfg, dev)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    opt, sched = _optimizer(proj, cfg, train.n_queries)
     history: list[dict[str, Any]] = []
 
     def record(epoch: int, loss: float, secs: float) -> None:
@@ -456,51 +420,8 @@ def train_router(proj: RouterProjections, train: Features, held_out: Features | 
         order = torch.randperm(train.n_queries, generator=gen)
         for s0 in range(0, train.n_queries, cfg.batch_size):
             bidx = order[s0:s0 + cfg.batch_size]
-            # 1. candidate passages: positives ∪ hard negatives ∪ random
-            cand: set[int] = set()
-            for i in bidx.tolist():
-                cand.update(train.positives[i])
-                if use_bm25:
-                    cand.update(train.hard_negatives[i][: cfg.n_hard])
-                if mined is not None:
-                    cand.update(mined[i])
-                if distill:
-                    cand.update(d for d in train.teacher_cands[i].tolist() if d >= 0)
-            cand.update(torch.randint(0, N, (cfg.n_random,), generator=gen).tolist())
-            cdocs = torch.tensor(sorted(cand), dtype=torch.int64)
-            local = {d: j for j, d in enumerate(cdocs.tolist())}
-            # 2. gather their chunks: (L, Cc, E) and local chunk → candidate map
-            cidx, cdoc = train.chunks_of(cdocs)
-            xc = train.x_chunks[:, cidx.to(train.x_chunks.device)].to(dev)
-            qx, qmask = train.query_batch(bidx)
-            pos = torch.zeros(len(bidx), len(cdocs), dtype=torch.bool)
-            for b, i in enumerate(bidx.tolist()):
-                pos[b, [local[d] for d in train.positives[i]]] = True
-            # 3. decoupled InfoNCE per layer (mean over layers) and/or of the layer-averaged score
-            loss = torch.zeros((), device=dev)
-            pos_d = pos.to(dev)
-            with torch.autocast(device_type=dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                layer_s = [_layer_doc_scores(proj, li, qx[li].to(dev), qmask.to(dev), xc[li], cdoc.to(dev), len(cdocs),
-                                             cfg).float() for li in range(L)]
-            w = 0.5 if cfg.layer_loss == "both" else 1.0
-            if distill:   # each query's teacher list, as columns of the step's candidates
-                tc = train.teacher_cands[bidx]                                   # (B, M)
-                tvalid = tc >= 0
-                cols = torch.tensor([[local[d] if d >= 0 else 0 for d in row] for row in tc.tolist()],
-                                    dtype=torch.int64, device=dev)
-                tsc, tvalid = train.teacher_scores[bidx].to(dev), tvalid.to(dev)
-
-            def objective(s: torch.Tensor) -> torch.Tensor:
-                if not distill:
-                    return decoupled_infonce(s, pos_d, tau=cfg.tau)
-                kl = listwise_kl(s.gather(1, cols), tsc, tvalid, tau_student=cfg.tau, tau_teacher=cfg.distill_tau)
-                return kl + cfg.distill_alpha * decoupled_infonce(s, pos_d, tau=cfg.tau) if cfg.distill_alpha else kl
-
-            if cfg.layer_loss in ("each", "both"):
-                for s in layer_s:
-                    loss = loss + w * objective(s) / L
-            if cfg.layer_loss in ("sum", "both"):
-                loss = loss + w * objective(torch.stack(layer_s).mean(0))
+            cdocs, local = _candidates(train, bidx, cfg, mined, use_bm25, distill, gen)
+            loss = _step_loss(proj, train, bidx, cdocs, local, cfg, dev, distill)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -2,7 +2,7 @@
 
 Oracle: a brute-force loop over queries, tokens, heads, chunks and layers (cosine, head-mean,
 query-max, chunk-max, summed over layers: what routing does) gives every query's scores; the mined
-negatives must be exactly its top non-positive passages, in order. BM25 (recipe.bm25_topk, the
+negatives must be exactly its top non-positive passages, in order. BM25 (bm25_negatives.bm25_topk, the
 block sparse product): bm25s's own per-query ``get_scores`` is the oracle.
 """
 
@@ -129,7 +129,7 @@ _WORDS = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "lambda"
          queries=[["alpha", "gamma", "delta", "omega"]], k=2, block=1)
 def test_bm25_topk_is_the_best_bm25s_scores_in_order_ties_by_index(docs, queries, k, block):
     bm25s = pytest.importorskip("bm25s")
-    from msa_memory.train.recipe import bm25_topk
+    from msa_memory.train.bm25_negatives import bm25_topk
 
     retriever = bm25s.BM25()
     retriever.index(bm25s.tokenize([" ".join(d) for d in docs], show_progress=False), show_progress=False)
@@ -160,7 +160,7 @@ def test_bm25_topk_is_the_best_bm25s_scores_in_order_ties_by_index(docs, queries
 def test_bm25_hard_negatives_leave_out_positives():
     pytest.importorskip("bm25s")
     from msa_memory.train.pairs import Query
-    from msa_memory.train.recipe import bm25_hard_negatives
+    from msa_memory.train.bm25_negatives import bm25_hard_negatives
 
     passages = ["the red fox jumps", "a red car parks", "the blue sea", "red red red wine", "green fields"]
     qs = [Query("red fox", (0,), "ict"), Query("blue", (2,), "ict"), Query("nothing known here", (4,), "ict")]
