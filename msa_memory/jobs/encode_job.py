@@ -60,8 +60,8 @@ from msa_memory.encode.sources import ReaderOptions
 from msa_memory.errors import ConfigError
 from msa_memory.jobs.cluster import job_client
 from msa_memory.jobs.journal import is_local, reserve_ids, store_location
-from msa_memory.jobs.runner import (JobResult, Prepared, ProgressFn, default_shard_tokens, finish_delayed,
-                                    open_existing, open_or_create, run_tasks, shipped_adapter_of)
+from msa_memory.jobs.runner import (JobResult, Prepared, ProgressFn, default_shard_tokens, finish_delayed, job_result,
+                                    open_existing, open_or_create, queue_tasks, run_tasks, shipped_adapter_of)
 from msa_memory.jobs.plan import FileDiff, diff_sources, plan_id_of, plan_passages, shard_tasks
 from msa_memory.jobs.worker import (
     ModelSpec,
@@ -123,13 +123,7 @@ def _prepare(paths: Sequence[str | os.PathLike[str]] | str, store: str | os.Path
                         stores_excluded=list(scan.stores_excluded), links_not_followed=list(scan.links_not_followed))
     elif diff is None:  # the store was just created
         diff = diff_sources(scan, opened)
-    result = JobResult(store=str(root), read_version=None if opened is None else int(opened.version),
-                       version=None if opened is None else int(opened.version), committed=False, dry_run=dry_run,
-                       files_added=diff.added, files_replaced=diff.replaced, files_deleted=diff.deleted,
-                       files_unchanged=len(diff.unchanged), files_excluded=diff.n_excluded,
-                       skipped=[{"path": s.path, "reason": s.reason} for s in diff.skipped],
-                       stores_excluded=diff.stores_excluded, links_not_followed=diff.links_not_followed,
-                       docs_deleted=len(diff.delete_ids))
+    result = job_result(root, opened, diff, dry_run)
     prepared = Prepared(root, opened, diff, result, [], [], spec, "", t0)
     if not diff.has_changes:
         result.message = "no changes: every file matches the store's latest version; nothing committed"
@@ -152,19 +146,7 @@ def _prepare(paths: Sequence[str | os.PathLike[str]] | str, store: str | os.Path
         result.message = f"dry run: {len(prepared.tasks)} shard(s) to encode, nothing written"
         return prepared
     ids = reserve_ids(opened, plan_id, n_passages)
-    tasks = shard_tasks(planned, ids, plan_id=plan_id, shard_tokens=shard_tokens)
-    for t in tasks:
-        rec = opened.find_shard(t.shard_id)
-        if rec is not None:
-            prepared.reused.append(ShardResult(t.shard_id, rec, t.n_docs, int(np.sum(rec.n_tokens)),
-                                               int(rec.n_bytes), 0.0, reused=True))
-        else:
-            prepared.tasks.append(t)
-    reused = {r.shard_id for r in prepared.reused}
-    if progress:
-        progress({"event": "planned", "files": len(diff.to_encode), "shards": len(tasks),
-                  "shards_reused": len(prepared.reused), "tokens_total": result.tokens_planned,
-                  "tokens_reused": sum(t.n_tokens for t in tasks if t.shard_id in reused)})
+    queue_tasks(prepared, shard_tasks(planned, ids, plan_id=plan_id, shard_tokens=shard_tokens), progress)
     return prepared
 
 

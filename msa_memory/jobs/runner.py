@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from msa_memory.errors import IdentityMismatchError, JobError, MsaError, ShardMissingError, VersionConflictError
 from msa_memory.jobs.cluster import job_client
 from msa_memory.jobs.journal import JOURNAL_DIR, remove_journals, store_location
@@ -24,7 +26,7 @@ if TYPE_CHECKING:
     from msa_memory.store.backend import Backend
 
 __all__ = ["ProgressFn", "JobResult", "Prepared", "default_shard_tokens", "open_existing", "shipped_adapter_of",
-           "open_or_create", "run_tasks", "commit_job", "finish_delayed"]
+           "open_or_create", "job_result", "queue_tasks", "run_tasks", "commit_job", "finish_delayed"]
 
 
 ProgressFn = Callable[[dict[str, Any]], None]
@@ -83,6 +85,35 @@ class Prepared:
     spec: ModelSpec
     message: str
     t0: float
+
+
+def job_result(root: Any, opened: Any, diff: FileDiff, dry_run: bool) -> JobResult:
+    """The job's result as planned: the store's version (``opened``: None for a store not made yet) and the
+    diff's sources; nothing committed yet."""
+    version = None if opened is None else int(opened.version)
+    return JobResult(store=str(root), read_version=version, version=version, committed=False, dry_run=dry_run,
+                     files_added=diff.added, files_replaced=diff.replaced, files_deleted=diff.deleted,
+                     files_unchanged=len(diff.unchanged), files_excluded=diff.n_excluded,
+                     skipped=[{"path": s.path, "reason": s.reason} for s in diff.skipped],
+                     stores_excluded=diff.stores_excluded, links_not_followed=diff.links_not_followed,
+                     docs_deleted=len(diff.delete_ids))
+
+
+def queue_tasks(prepared: Prepared, tasks: Sequence[ShardTask], progress: ProgressFn | None) -> None:
+    """Put the plan's shard tasks into ``prepared``: a shard the store has already (written by an earlier,
+    interrupted run of the same plan) is reused, the others are to run; then report the plan to ``progress``."""
+    for t in tasks:
+        rec = prepared.store.find_shard(t.shard_id)
+        if rec is not None:
+            prepared.reused.append(ShardResult(t.shard_id, rec, t.n_docs, int(np.sum(rec.n_tokens)),
+                                               int(rec.n_bytes), 0.0, reused=True))
+        else:
+            prepared.tasks.append(t)
+    if progress:
+        reused = {r.shard_id for r in prepared.reused}
+        progress({"event": "planned", "files": len(prepared.diff.to_encode), "shards": len(tasks),
+                  "shards_reused": len(prepared.reused), "tokens_total": prepared.result.tokens_planned,
+                  "tokens_reused": sum(t.n_tokens for t in tasks if t.shard_id in reused)})
 
 
 def open_existing(root: str | Backend) -> Any:

@@ -29,10 +29,10 @@ import numpy as np
 from msa_memory.encode.sources import CorpusScan, SourceText
 from msa_memory.errors import ConfigError
 from msa_memory.jobs.journal import reserve_ids, store_location
-from msa_memory.jobs.runner import (JobResult, Prepared, ProgressFn, default_shard_tokens, open_existing, open_or_create,
-                                    run_tasks, shipped_adapter_of)
+from msa_memory.jobs.runner import (JobResult, Prepared, ProgressFn, default_shard_tokens, job_result, open_existing,
+                                    open_or_create, queue_tasks, run_tasks, shipped_adapter_of)
 from msa_memory.jobs.plan import FileDiff, diff_sources, make_shard_tasks, plan_id_of
-from msa_memory.jobs.worker import ModelSpec, ShardResult, get_encoder
+from msa_memory.jobs.worker import ModelSpec, get_encoder
 from msa_memory.schemas.records import Passage
 
 if TYPE_CHECKING:
@@ -99,10 +99,7 @@ def _plan(pairs: list[tuple[str, np.ndarray]], root: Any, spec: ModelSpec, *, sh
         diff = FileDiff(read_version=-1, to_encode=list(scan.sources), added=[s.key for s in scan.sources])
     elif diff is None:  # the store was just created
         diff = diff_sources(scan, opened)
-    result = JobResult(store=str(root), read_version=None if opened is None else int(opened.version),
-                       version=None if opened is None else int(opened.version), committed=False, dry_run=dry_run,
-                       files_added=diff.added, files_replaced=diff.replaced, files_deleted=diff.deleted,
-                       files_unchanged=len(diff.unchanged), docs_deleted=len(diff.delete_ids))
+    result = job_result(root, opened, diff, dry_run)
     prepared = Prepared(root=root, store=opened, diff=diff, result=result, tasks=[], reused=[], spec=spec,
                          message="", t0=t0)
     if not diff.has_changes:
@@ -130,19 +127,8 @@ def _plan(pairs: list[tuple[str, np.ndarray]], root: Any, spec: ModelSpec, *, sh
         result.message = f"dry run: {len(prepared.tasks)} shard(s) to encode, nothing written"
         return prepared
     doc_ids = reserve_ids(opened, plan_id, len(passages))
-    tasks = make_shard_tasks(passages, counts, doc_ids, plan_id=plan_id, shard_tokens=shard_tokens)
-    for t in tasks:
-        rec = opened.find_shard(t.shard_id)
-        if rec is not None:   # written by an earlier, interrupted run of the same plan
-            prepared.reused.append(ShardResult(t.shard_id, rec, t.n_docs, int(np.sum(rec.n_tokens)),
-                                               int(rec.n_bytes), 0.0, reused=True))
-        else:
-            prepared.tasks.append(t)
-    if progress:
-        reused = {r.shard_id for r in prepared.reused}
-        progress({"event": "planned", "files": len(diff.to_encode), "shards": len(tasks),
-                  "shards_reused": len(prepared.reused), "tokens_total": result.tokens_planned,
-                  "tokens_reused": sum(t.n_tokens for t in tasks if t.shard_id in reused)})
+    queue_tasks(prepared, make_shard_tasks(passages, counts, doc_ids, plan_id=plan_id, shard_tokens=shard_tokens),
+                progress)
     return prepared
 
 
