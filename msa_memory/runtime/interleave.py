@@ -146,20 +146,8 @@ def _msa_protocol(mem: Host, question: str | list[int], k: int | None, max_round
         history = inject(lay, history, list(zip(wanted, mem.store.texts(wanted))))
     answer = ""
     if answer_phase and st is not None and reason != "eos":
-        # forward the answer cue through the same cache (causal), then decode the answer
-        cue = lay.encode(_cue(question, "" if END_RETRIEVE in rounds[-1].generated else END_RETRIEVE))
-        start = st.local_pos[st.n_written - 1].item() + 1
-        t0 = time.perf_counter()
-        logits = mem.engine.forward(st, cue.ids, list(range(start, start + len(cue.ids))))
-        timings["prefill_s"] = timings.get("prefill_s", 0.0) + time.perf_counter() - t0
-        t1 = time.perf_counter()
-        eos = mem.eos_ids()
-        out = list(mem.engine.decode(st, logits, start + len(cue.ids), max_new_tokens=kw["max_new_tokens"],
-                                     eos_ids=eos, temperature=kw["temperature"], top_p=kw["top_p"]))
-        sync_device(mem.device)
-        timings["decode_s"] = timings.get("decode_s", 0.0) + time.perf_counter() - t1
+        out, reason = _answer_after_cue(mem, st, question, END_RETRIEVE in rounds[-1].generated, kw, timings)
         n_new += len(out)
-        reason = "eos" if out and out[-1] in eos else "length"
         answer = tok.decode(out, skip_special_tokens=False)
         if kw.get("on_token") is not None:
             kw["on_token"](tok.decode(out, skip_special_tokens=True))
@@ -171,6 +159,24 @@ def _msa_protocol(mem: Host, question: str | list[int], k: int | None, max_round
                            skip_special_tokens=True)
     return Answer(mem.question_text(question), final.strip(), "interleave", rounds, timings, len(base.ids) + P,
                   n_new, reason, out)
+
+
+def _answer_after_cue(mem: Host, st: Any, question: str | list[int], retrieval_ended: bool, kw: dict[str, Any],
+                      timings: dict[str, float]) -> tuple[list[int], str]:
+    """Forward the answer cue through the request's cache (causally), then decode the answer: (ids, stop
+    reason). The cue says ``<End-of-Retrieve>`` itself when the model did not (``retrieval_ended`` False)."""
+    cue = mem.layout.encode(_cue(question, "" if retrieval_ended else END_RETRIEVE))
+    start = st.local_pos[st.n_written - 1].item() + 1
+    t0 = time.perf_counter()
+    logits = mem.engine.forward(st, cue.ids, list(range(start, start + len(cue.ids))))
+    timings["prefill_s"] = timings.get("prefill_s", 0.0) + time.perf_counter() - t0
+    t1 = time.perf_counter()
+    eos = mem.eos_ids()
+    out = list(mem.engine.decode(st, logits, start + len(cue.ids), max_new_tokens=kw["max_new_tokens"],
+                                 eos_ids=eos, temperature=kw["temperature"], top_p=kw["top_p"]))
+    sync_device(mem.device)
+    timings["decode_s"] = timings.get("decode_s", 0.0) + time.perf_counter() - t1
+    return out, "eos" if out and out[-1] in eos else "length"
 
 
 def _generic(mem: Host, question: str | list[int], k: int | None, max_rounds: int, kw: dict[str, Any]) -> Answer:

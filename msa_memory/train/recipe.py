@@ -343,13 +343,17 @@ def run_training(*, out: str | Path, model: str = "default", candidate_layers: A
     }
     if cfg.objective == "distill":
         summary["teacher"] = {"teacher": "minilm", "n_mined": 15, "n_random": 8, **dict(teacher or {})}
-    extra = {"trained_by": "msa train-router",
-             "loss": "INFONCE_DECOUPLE" if cfg.objective == "infonce" else
-             f"listwise KL to {summary['teacher']['teacher']} + {cfg.distill_alpha:g} x INFONCE_DECOUPLE",
-             "tau": cfg.tau,
-             "dev_recall": {str(k): v for k, v in final["recall"].items()}, "command": command,
-             "model_fingerprint": loaded.model_fingerprint}  # reindex refuses stores of another backbone
-    return _save(Path(out), proj, rc, chosen, cfg, extra, summary)
+    return _save(Path(out), proj, rc, chosen, cfg, _provenance(cfg, summary, final, command, loaded), summary)
+
+
+def _provenance(cfg: Any, summary: dict[str, Any], final: dict[str, Any], command: str, loaded: Any) -> dict[str, Any]:
+    """What the saved adapter records of its training (``RouterConfig.extra``)."""
+    return {"trained_by": "msa train-router",
+            "loss": "INFONCE_DECOUPLE" if cfg.objective == "infonce" else
+            f"listwise KL to {summary['teacher']['teacher']} + {cfg.distill_alpha:g} x INFONCE_DECOUPLE",
+            "tau": cfg.tau,
+            "dev_recall": {str(k): v for k, v in final["recall"].items()}, "command": command,
+            "model_fingerprint": loaded.model_fingerprint}  # reindex refuses stores of another backbone
 
 
 def _candidate_model(model: Any, loaded: Any, init_adapter: Any, candidate_layers: Any, layers_arg: Any,
