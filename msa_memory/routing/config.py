@@ -106,6 +106,20 @@ class RoutingConfig:
                 out[key] = value
         return cls(**out)
 
+    @classmethod
+    def for_router(cls, router_config: Any, overrides: RoutingConfig | dict[str, Any] | None = None) -> RoutingConfig:
+        """How a runtime scores the keys of an adapter: ``router_config``'s score, reduces and top-k (a
+        :class:`RouterConfig`; None: the defaults), with ``overrides`` (a dict of fields, or a whole config,
+        which then wins as it is)."""
+        if isinstance(overrides, RoutingConfig):
+            return overrides
+        base: dict[str, Any] = {}
+        if router_config is not None:
+            base = {k: getattr(router_config, k) for k in ("score", "head_reduce", "query_reduce", "chunk_reduce",
+                                                           "top_k") if hasattr(router_config, k)}
+        base.update(overrides or {})
+        return cls.from_dict(base)
+
 
 def check_query_suffix(suffix: Any, query_reduce: str, name: str, suffix_layers: tuple[int, ...] = ()) -> None:
     """Raise ConfigError (naming ``name``) unless ``suffix`` is a string that, when non-empty, is read by a

@@ -161,7 +161,7 @@ class Memory:
             raise ConfigError(f"The router of store {str(store.root)!r} appends a query suffix "
                               f"({self.query_suffix!r}), which MSA's own prompt layout (wrap 'msa') has no place for.",
                               hint="Use a router adapter without --query-suffix for MSA-wrapped stores.")
-        self.routing = self._routing_config(routing)
+        self.routing = RoutingConfig.for_router(getattr(getattr(model, "router", None), "config", None), routing)
         t0 = time.perf_counter()
         # 1. router keys: the store's resident index (one tensor per router layer, sharded if asked)
         resident = load_resident_index(store, self.routing, self.device, devices, distributed)
@@ -187,17 +187,6 @@ class Memory:
         self.open_s = time.perf_counter() - t0
 
     # ------------------------------------------------------------------ setup helpers
-    def _routing_config(self, routing: RoutingConfig | dict[str, Any] | None) -> RoutingConfig:
-        if isinstance(routing, RoutingConfig):
-            return routing
-        base: dict[str, Any] = {}
-        rc = getattr(getattr(self.model, "router", None), "config", None)
-        if rc is not None:
-            base = {k: getattr(rc, k) for k in ("score", "head_reduce", "query_reduce", "chunk_reduce", "top_k")
-                    if hasattr(rc, k)}
-        base.update(routing or {})
-        return RoutingConfig.from_dict(base)
-
     def _router_q(self, pos: int, x: torch.Tensor) -> torch.Tensor:
         return self.model.router.router_q(self.identity.router_layers[pos], x).flatten(-2)
 
