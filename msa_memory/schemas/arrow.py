@@ -1,5 +1,5 @@
 """Arrow schemas of the per-shard document table (``shards/{shard_id}/docs.parquet``) and of a shard's
-lexical postings (``postings.lex1.parquet``, see ``store/lexical.py``).
+lexical postings (``postings.ANALYZER.parquet``, see ``store/lexical.py``).
 
 One row per document (an MSA "document" = one passage). The table is written once with its
 shard and never changed: deletions live in per-version deletion files, not in this table.
