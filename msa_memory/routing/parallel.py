@@ -160,8 +160,17 @@ class ShardedRouterIndex(_ShardedBase):
         return [s.nbytes() for s in self.shards]
 
     # -- scores: one tensor per shard, on the shard's device
-    def doc_scores(self, layer: int, q: torch.Tensor) -> list[torch.Tensor]:
-        return [s.doc_scores(layer, q.to(s.device, non_blocking=True)) for s in self.shards]
+    def doc_scores(self, layer: int, q: torch.Tensor, *, suffix: bool = False) -> list[torch.Tensor]:
+        return [s.doc_scores(layer, q.to(s.device, non_blocking=True), suffix=suffix) for s in self.shards]
+
+    @property
+    def centred(self) -> bool:
+        return self.shards[0].centred
+
+    def set_query_centres(self, centres: Any, suffix: Any = None) -> None:
+        """:meth:`RouterIndex.set_query_centres` on every shard (each keeps its own chunks' offsets)."""
+        for s in self.shards:
+            s.set_query_centres(centres, suffix)
 
     @staticmethod
     def add(a: list[torch.Tensor] | None, b: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -261,8 +270,16 @@ class DistributedRouterIndex(_ShardedBase):
         """This rank's resident router-key bytes."""
         return self.local.nbytes()
 
-    def doc_scores(self, layer: int, q: torch.Tensor) -> torch.Tensor:
-        return self.local.doc_scores(layer, q.to(self.device))
+    def doc_scores(self, layer: int, q: torch.Tensor, *, suffix: bool = False) -> torch.Tensor:
+        return self.local.doc_scores(layer, q.to(self.device), suffix=suffix)
+
+    @property
+    def centred(self) -> bool:
+        return self.local.centred
+
+    def set_query_centres(self, centres: Any, suffix: Any = None) -> None:
+        """:meth:`RouterIndex.set_query_centres` on this rank's shard."""
+        self.local.set_query_centres(centres, suffix)
 
     @staticmethod
     def add(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:

@@ -70,6 +70,9 @@ class ForwardState:
     """Routes decided beforehand (``MsaEngine.pooled_routes``): a routing forward attaches these
     layers' memory instead of routing its own tokens."""
     doc_score_sum: torch.Tensor | None = None
+    query_sums: dict[tuple[bool, int], tuple[torch.Tensor, int]] | None = None
+    """Calibration pass (``MsaEngine.query_sums``): the router positions' summed prepared queries; nothing
+    is scored or attached."""
     pending_memory: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     layers: dict[int, LayerBuf] = field(default_factory=dict)
     local_pos: torch.Tensor | None = None

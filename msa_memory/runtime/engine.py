@@ -68,6 +68,18 @@ def sync_device(device: Any) -> None:
         torch.cuda.synchronize()
 
 
+def _add_query_sum(sums: dict[tuple[bool, int], tuple[torch.Tensor, int]], key: tuple[bool, int], q: torch.Tensor,
+                   score: str) -> None:
+    """Add the prepared router queries ``q`` (T, Hq, D) to ``sums[key]`` (see :meth:`MsaEngine.query_sums`)."""
+    import torch
+
+    q = q.detach().to("cpu", torch.float64)
+    if score == "cosine":
+        q = torch.nn.functional.normalize(q, dim=-1)
+    total, n = sums.get(key, (torch.zeros(q.shape[1:], dtype=torch.float64), 0))
+    sums[key] = (total + q.sum(0), n + q.shape[0])
+
+
 class MsaEngine:
     """Runs a HF causal LM with MSA memory attention.
 
@@ -162,10 +174,15 @@ class MsaEngine:
                     sq = self.suffix_q(pos, x[-1:]).reshape(1, -1, self.head_dim)             # (1, Hq, D)
                 x = x[:-st.suffix_rows]                                                       # the question's rows
             q = self.router_q(pos, x).reshape(x.shape[0], -1, self.head_dim)                  # (T_r, Hq, D)
+            if st.query_sums is not None:   # calibration pass: sum the queries, route nothing
+                _add_query_sum(st.query_sums, (False, pos), q, self.index.config.score)
+                if sq is not None:
+                    _add_query_sum(st.query_sums, (True, pos), sq, self.index.config.score)
+                return
 
             def summed() -> torch.Tensor:   # (N,) the position's document scores, its suffix query's added
                 ds = self.index.doc_scores(pos, q)
-                return ds if sq is None else self.index.add(ds, self.index.doc_scores(pos, sq))
+                return ds if sq is None else self.index.add(ds, self.index.doc_scores(pos, sq, suffix=True))
 
             if st.collect_only:
                 ds = summed()
@@ -257,6 +274,22 @@ class MsaEngine:
         self.forward(st, ids, positions, route_rows=route_rows, backbone_only=True)
         assert st.doc_score_sum is not None
         return self.index.gather_scores(st.doc_score_sum), st.timings
+
+    def query_sums(self, ids: Sequence[int], positions: Sequence[int], route_rows: Any,
+                   prefix: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                   suffix_rows: int = 0) -> dict[tuple[bool, int], tuple[torch.Tensor, int]]:
+        """One routing forward of ``ids`` that scores nothing: {(suffix?, router position): (sum over the
+        routing rows of the prepared router queries (Hq, D) float64 on the CPU, rows)}, the prepared query
+        being what the index scores (L2-normalised per head under ``score="cosine"``, raw under ``"dot"``).
+        What :meth:`~msa_memory.routing.index.RouterIndex.set_query_centres` takes is their mean."""
+        if self.index is None:
+            raise RuntimeMemoryError("Query centres need router keys, but this engine has none.")
+        st = self.new_state(len(ids), prefix)
+        st.collect_only = True
+        st.suffix_rows = int(suffix_rows)
+        st.query_sums = {}
+        self.forward(st, ids, positions, route_rows=route_rows, backbone_only=True)
+        return st.query_sums
 
     def pooled_routes(self, ids: Sequence[int], positions: Sequence[int], route_rows: Any,
                       prefix: Sequence[tuple[torch.Tensor, torch.Tensor]] | None, top_k: int,

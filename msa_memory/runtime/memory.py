@@ -320,6 +320,32 @@ class Memory:
         timings = dict(timings, route_total_s=time.perf_counter() - t0)
         return self.doc_ids[order], scores[order], timings
 
+    def centre_queries(self, source: str | Sequence[str] | None = "store", *, n: int = 256) -> dict[str, Any]:
+        """Query centring, a hubness correction (``runtime/centre.py``): every later route scores each chunk
+        by its score minus its mean score against reference questions. ``source``: ``"store"`` (the first
+        sentences of ``n`` of the store's own passages, cached per store version), a list of texts, or None
+        (centring off). Returns what was set (source, number of reference questions, cached or computed)."""
+        from msa_memory.runtime import centre
+
+        source = centre.check_source(source)
+        if source is None:
+            self.index.set_query_centres(None)
+            return {"centred": False}
+        path = centre.cache_path(self.store, self.identity.router_id, n) if source == "store" else None
+        got = centre.load_cached(path) if path is not None else None
+        cached = got is not None
+        texts = centre.reference_texts(self.store, self.doc_ids, n) if source == "store" else list(source)
+        if got is None:
+            sums: dict = {}
+            for text in texts:
+                ids, pos, rows, prefix = self._routing_query(self._question(text))
+                centre.add_sums(sums, self.engine.query_sums(ids, pos, rows, prefix, suffix_rows=self.suffix_rows))
+            got = centre.centres_of(sums)
+            if path is not None:
+                centre.save_cached(path, got)
+        self.index.set_query_centres(got["q"], got["sq"])
+        return centre.describe(got, "store" if source == "store" else "texts", len(texts), cached)
+
     def lexical_index(self) -> Any:
         """BM25 over this store version's live documents (``store.lexical.LexicalIndex``, rows in the order of
         ``doc_ids``), built from the store's postings at the first call; ConfigError when the store has none."""
