@@ -20,6 +20,7 @@ TokenizerOpt = Annotated[str | None, typer.Option("--tokenizer", help="Tokenizer
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N")]
 DevicesOpt = Annotated[str | None, typer.Option("--devices", help="Shard the router keys by document over these devices (Memory Parallel), comma-separated, e.g. cuda:0,cuda:1; the model runs on the first (default: all keys on --device)")]
 KOpt = Annotated[int | None, typer.Option("--k", "-k", help="Documents to retrieve (default: the router's top-k, 16 in MSA), e.g. 4", min=1)]
+CentreOpt = Annotated[bool, typer.Option("--centre-queries/--no-centre-queries", help="Route with query centring calibrated on the store's own passages (a hubness correction; the first use on a store version computes it, later ones load it from the cache)")]
 RetrieverOpt = Annotated[str, typer.Option("--retriever", help="routing (MSA's router) or hybrid (routing fused with BM25 over the store's lexical index; ask: text mode)")]
 
 
@@ -68,6 +69,7 @@ def ask(
     rounds: Annotated[int, typer.Option("--rounds", help="Round cap of --mode interleave", min=1)] = 3,
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print the answer as it is generated")] = True,
     retriever: RetrieverOpt = "routing",
+    centre_queries: CentreOpt = False,
     version: VersionOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -76,6 +78,8 @@ def ask(
     def body() -> None:
         _check_retriever(store, version, retriever)
         mem = _memory(store, version, model, adapter, device, json_out, tokenizer, devices)
+        if centre_queries:
+            mem.centre_queries("store")
         live = stream and not json_out and sys.stdout.isatty()
         ans = mem.ask(question, mode=mode, k=k, max_new_tokens=max_new_tokens, temperature=temperature,  # type: ignore[arg-type]
                       max_rounds=rounds, on_token=(lambda s: typer.echo(s, nl=False)) if live else None,
@@ -104,6 +108,7 @@ def search(
     device: DeviceOpt = "auto",
     devices: DevicesOpt = None,
     retriever: RetrieverOpt = "routing",
+    centre_queries: CentreOpt = False,
     version: VersionOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -112,9 +117,11 @@ def search(
     def body() -> None:
         _check_retriever(store, version, retriever)
         mem = _memory(store, version, model, adapter, device, json_out, tokenizer, devices)
+        if centre_queries:
+            mem.centre_queries("store")
         rows = mem.search(question, k=k, retriever=retriever).to_pylist()  # type: ignore[arg-type]
         if json_out:
-            emit_json({"question": question, "retriever": retriever, "results": rows})
+            emit_json({"question": question, "retriever": retriever, "centre_queries": centre_queries, "results": rows})
             return
         for r in rows:
             text = " ".join(str(r["text"]).split())

@@ -26,6 +26,22 @@ def test_cli_search_json_lists_k_documents(tiny_store, tiny_msa_model):
     assert all(r["source_path"].startswith("notes/") for r in out["results"])
 
 
+def test_cli_search_centre_queries_ranks_as_memory_does(tiny_store, tiny_msa_model, tmp_path, monkeypatch):
+    from msa_memory.runtime import Memory
+
+    monkeypatch.setenv("MSA_CACHE_DIR", str(tmp_path))
+    store, *rest = _args(tiny_store, tiny_msa_model)
+    res = runner.invoke(app, ["search", store, "blue door code", "-k", "4", *rest, "--centre-queries", "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    mem = Memory(tiny_store, model=tiny_msa_model)
+    mem.centre_queries("store")
+    want = mem.search("blue door code", k=4).to_pylist()
+    assert out["centre_queries"] is True
+    assert [r["doc_id"] for r in out["results"]] == [r["doc_id"] for r in want]
+    assert [r["score"] for r in out["results"]] == [r["score"] for r in want]
+
+
 def test_cli_ask_prints_answer_sources_and_json(tiny_store, tiny_msa_model):
     store, *rest = _args(tiny_store, tiny_msa_model)
     res = runner.invoke(app, ["ask", store, "What is the blue door code?", "--mode", "text", "-k", "2",
