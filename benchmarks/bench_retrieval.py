@@ -28,13 +28,13 @@ Prints a table, writes ``retrieval.json`` and ``retrieval.png`` into ``--out``, 
 
 Latest results (``benchmarks/results/retrieval/``, the default adapter, a 2-core AVX2 CPU shared with other
 work, so latencies are inflated):
-- ``retrieval.json`` (``--collections cisi,med``, lexical index ``lex1``): nDCG@10 on CISI / MED: routing
-  0.298 / 0.692, hybrid 0.400 / 0.750, BM25 0.339 / 0.667, BM25 + stemmer 0.370 / 0.696, dense MiniLM
-  0.407 / 0.788; routing against BM25 paired 17 won / 30 lost and 17 / 13.
+- ``retrieval.json`` (all three collections, lexical index ``lex1``): nDCG@10 on CISI / MED / NPL: routing
+  0.298 / 0.692 / 0.115, hybrid 0.400 / 0.750 / 0.312, BM25 0.339 / 0.667 / 0.353, BM25 + stemmer 0.370 /
+  0.696 / 0.428, dense MiniLM 0.407 / 0.788 / 0.434; routing against BM25 paired 17 won / 30 lost, 17 / 13
+  and 11 / 71.
 - ``retrieval_centred.json`` (``--collections cisi,med --no-dense --centred``, lexical index ``lex2``):
   routing 0.298 / 0.692, centred on the store 0.339 / 0.672, hybrid 0.409 / 0.750, BM25 0.339 / 0.667,
   BM25 + stemmer 0.370 / 0.696.
-NPL's store (11,429 documents) has not been measured yet.
 
 Run: ``python benchmarks/bench_retrieval.py`` (all three collections, the default adapter; encoding them
 takes about an hour on a 2-core CPU the first time, then the stores are reused).
