@@ -117,7 +117,7 @@ def load_cached(path: Path) -> dict[str, dict[int, Any]] | None:
 
 def describe(centres: dict[str, dict[int, Any]], source: str, n_texts: int, cached: bool) -> dict[str, Any]:
     """What ``Memory.centre_queries`` reports."""
-    return {"centred": True, "source": source, "reference_questions": n_texts, "cached": cached,
+    return {"centred": bool(centres["q"] or centres["sq"]), "source": source, "reference_questions": n_texts, "cached": cached,
             "layers": sorted(centres["q"]), "suffix_layers": sorted(centres["sq"]),
             "centre_norms": {int(p): round(float(t.norm()), 4) for p, t in centres["q"].items()}}
 
