@@ -35,6 +35,8 @@ work, so latencies are inflated):
 - ``retrieval_centred.json`` (``--collections cisi,med --no-dense --centred``, lexical index ``lex2``):
   routing 0.298 / 0.692, centred on the store 0.339 / 0.672, hybrid 0.409 / 0.750, BM25 0.339 / 0.667,
   BM25 + stemmer 0.370 / 0.696.
+- ``retrieval_centred_npl.json`` (``--collections npl --no-dense --centred``, ``lex2``): routing 0.115, centred
+  0.108, hybrid 0.327, BM25 0.353, BM25 + stemmer 0.428.
 
 Run: ``python benchmarks/bench_retrieval.py`` (all three collections, the default adapter; encoding them
 takes about an hour on a 2-core CPU the first time, then the stores are reused).
