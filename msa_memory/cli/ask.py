@@ -34,7 +34,16 @@ def _check_retriever(store: str, version: str | None, retriever: str) -> None:
 
 
 def _memory(store: str, version: str | None, model: str, adapter: str | None, device: str, json_out: bool,
-            tokenizer: str | None = None, devices: str | None = None) -> Any:
+            tokenizer: str | None = None, devices: str | None = None, centre_queries: bool = False) -> Any:
+    """The Memory a command asks for; ``centre_queries``: with query centres from the store's own passages."""
+    mem = _open_memory(store, version, model, adapter, device, json_out, tokenizer, devices)
+    if centre_queries:
+        mem.centre_queries("store")
+    return mem
+
+
+def _open_memory(store: str, version: str | None, model: str, adapter: str | None, device: str, json_out: bool,
+                 tokenizer: str | None, devices: str | None) -> Any:
     from msa_memory.runtime import Memory
 
     shards = [d.strip() for d in devices.split(",") if d.strip()] if devices else None
@@ -77,9 +86,7 @@ def ask(
 
     def body() -> None:
         _check_retriever(store, version, retriever)
-        mem = _memory(store, version, model, adapter, device, json_out, tokenizer, devices)
-        if centre_queries:
-            mem.centre_queries("store")
+        mem = _memory(store, version, model, adapter, device, json_out, tokenizer, devices, centre_queries)
         live = stream and not json_out and sys.stdout.isatty()
         ans = mem.ask(question, mode=mode, k=k, max_new_tokens=max_new_tokens, temperature=temperature,  # type: ignore[arg-type]
                       max_rounds=rounds, on_token=(lambda s: typer.echo(s, nl=False)) if live else None,
@@ -116,9 +123,7 @@ def search(
 
     def body() -> None:
         _check_retriever(store, version, retriever)
-        mem = _memory(store, version, model, adapter, device, json_out, tokenizer, devices)
-        if centre_queries:
-            mem.centre_queries("store")
+        mem = _memory(store, version, model, adapter, device, json_out, tokenizer, devices, centre_queries)
         rows = mem.search(question, k=k, retriever=retriever).to_pylist()  # type: ignore[arg-type]
         if json_out:
             emit_json({"question": question, "retriever": retriever, "centre_queries": centre_queries, "results": rows})

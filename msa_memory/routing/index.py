@@ -93,6 +93,16 @@ class RouteResult:
 
 
 
+def route_k(n_docs: int, n_layers: int, top_k: int, layer: int, k: int | None) -> int:
+    """Documents a route of router layer position ``layer`` returns (``k``, default ``top_k``, at most
+    ``n_docs``); RuntimeMemoryError for an empty store, ConfigError for a layer out of range."""
+    if n_docs == 0:
+        raise RuntimeMemoryError("The store has no documents to route to; encode some first (`msa-encode`).")
+    if not 0 <= layer < n_layers:
+        raise ConfigError(f"Router layer position {layer!r} out of range 0..{n_layers - 1}.")
+    return min(int(k or top_k), n_docs)
+
+
 class RouterIndex:
     """Resident router keys of every router layer plus the chunk → document map(s).
 
@@ -502,11 +512,7 @@ class RouterIndex:
         return fused_triton.available() and fused_triton.doc_max_topk_plan(self.n_docs, k) is not None
 
     def _check_route(self, layer: int, k: int | None) -> int:
-        if self.n_docs == 0:
-            raise RuntimeMemoryError("The store has no documents to route to; encode some first (`msa-encode`).")
-        if not 0 <= layer < self.n_layers:
-            raise ConfigError(f"Router layer position {layer!r} out of range 0..{self.n_layers - 1}.")
-        return min(int(k or self.config.top_k), self.n_docs)
+        return route_k(self.n_docs, self.n_layers, self.config.top_k, layer, k)
 
     def route_scores(self, layer: int, ds: torch.Tensor, k: int | None = None) -> RouteResult:
         """Top-k documents of given (N,) document scores ``ds`` (e.g. a router layer's with its suffix query's

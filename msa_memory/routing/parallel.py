@@ -34,7 +34,7 @@ import torch
 
 from msa_memory.errors import ConfigError
 from msa_memory.routing.config import RoutingConfig
-from msa_memory.routing.index import RouteResult, RouterIndex
+from msa_memory.routing.index import RouteResult, RouterIndex, route_k
 
 
 def shard_bounds(doc_chunks: np.ndarray, n_shards: int) -> np.ndarray:
@@ -109,13 +109,7 @@ class _ShardedBase:
         return RouteResult(doc_index=index, doc_ids=self.doc_ids[index], scores=scores, layer=layer)
 
     def _k(self, layer: int, k: int | None) -> int:
-        from msa_memory.errors import RuntimeMemoryError
-
-        if self.n_docs == 0:
-            raise RuntimeMemoryError("The store has no documents to route to; encode some first (`msa-encode`).")
-        if not 0 <= layer < self.n_layers:
-            raise ConfigError(f"Router layer position {layer!r} out of range 0..{self.n_layers - 1}.")
-        return min(int(k or self.config.top_k), self.n_docs)
+        return route_k(self.n_docs, self.n_layers, self.config.top_k, layer, k)
 
     @property
     def n_layers(self) -> int:  # pragma: no cover - overridden

@@ -87,32 +87,35 @@ def cache_path(store: Any, router_id: str, n: int) -> Path:
     return _cache_dir() / (hashlib.sha256(key.encode()).hexdigest()[:32] + ".safetensors")
 
 
-def save_cached(path: Path, centres: dict[str, dict[int, Any]]) -> None:
-    """Write ``centres`` to ``path`` (temp file + rename, so a reader never sees half a file)."""
+def save_cached(path: Path, centres: dict[str, dict[int, Any]], n_texts: int) -> None:
+    """Write ``centres`` (from ``n_texts`` reference questions) to ``path`` (temp file + rename, so a reader
+    never sees half a file)."""
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {f"{kind}.{pos}": t.contiguous() for kind, table in centres.items() for pos, t in table.items()}
     tmp = path.with_suffix(f".tmp{np.random.default_rng().integers(1 << 30)}")
-    save_file(tensors, str(tmp))
+    save_file(tensors, str(tmp), metadata={"reference_questions": str(int(n_texts))})
     tmp.replace(path)
 
 
-def load_cached(path: Path) -> dict[str, dict[int, Any]] | None:
-    """Centres saved by :func:`save_cached`, or None when there are none (or the file is unreadable)."""
+def load_cached(path: Path) -> tuple[dict[str, dict[int, Any]], int] | None:
+    """(centres, reference questions) saved by :func:`save_cached`, or None when there are none (or the file
+    is unreadable)."""
     if not path.is_file():
         return None
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
+    out: dict[str, dict[int, Any]] = {"q": {}, "sq": {}}
     try:
-        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            n_texts = int((f.metadata() or {})["reference_questions"])
+            for name in f.keys():
+                kind, pos = name.split(".")
+                out[kind][int(pos)] = f.get_tensor(name)
     except Exception:  # noqa: BLE001  (a damaged cache entry is recomputed, never trusted)
         return None
-    out: dict[str, dict[int, Any]] = {"q": {}, "sq": {}}
-    for name, t in tensors.items():
-        kind, pos = name.split(".")
-        out[kind][int(pos)] = t
-    return out
+    return out, n_texts
 
 
 def describe(centres: dict[str, dict[int, Any]], source: str, n_texts: int, cached: bool) -> dict[str, Any]:

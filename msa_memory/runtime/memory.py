@@ -332,19 +332,20 @@ class Memory:
             self.index.set_query_centres(None)
             return {"centred": False}
         path = centre.cache_path(self.store, self.identity.router_id, n) if source == "store" else None
-        got = centre.load_cached(path) if path is not None else None
-        cached = got is not None
-        texts = centre.reference_texts(self.store, self.doc_ids, n) if source == "store" else list(source)
-        if got is None:
+        hit = centre.load_cached(path) if path is not None else None
+        if hit is not None:                       # the store version's centres: no passage is read
+            got, n_texts = hit
+        else:
+            texts = centre.reference_texts(self.store, self.doc_ids, n) if source == "store" else list(source)
             sums: dict = {}
             for text in texts:
                 ids, pos, rows, prefix = self._routing_query(self._question(text))
                 centre.add_sums(sums, self.engine.query_sums(ids, pos, rows, prefix, suffix_rows=self.suffix_rows))
-            got = centre.centres_of(sums)
+            got, n_texts = centre.centres_of(sums), len(texts)
             if path is not None:
-                centre.save_cached(path, got)
+                centre.save_cached(path, got, n_texts)
         self.index.set_query_centres(got["q"], got["sq"])
-        return centre.describe(got, "store" if source == "store" else "texts", len(texts), cached)
+        return centre.describe(got, "store" if source == "store" else "texts", n_texts, hit is not None)
 
     def lexical_index(self) -> Any:
         """BM25 over this store version's live documents (``store.lexical.LexicalIndex``, rows in the order of

@@ -77,6 +77,7 @@ def test_store_centres_are_cached_per_version(tiny_memory, tmp_path, monkeypatch
         path = centre.cache_path(mem.store, mem.identity.router_id, 4)
         assert path.is_file() and path.parent.parent == tmp_path
         second = mem.centre_queries("store", n=4)
+        assert second["reference_questions"] == first["reference_questions"]
         assert second["cached"] and all(torch.equal(offsets[k], v) for k, v in mem.index._offsets.items())
         path.write_bytes(b"not a safetensors file")                             # damaged: recomputed, rewritten
         third = mem.centre_queries("store", n=4)
