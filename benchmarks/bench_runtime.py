@@ -536,9 +536,10 @@ def routing_paths_check(other: str = "cuda") -> list[dict]:
                         "worst_ref_margin": float((ref[a.doc_index] - kth).min())}
 
             row = {"combo": combo or "msa-default", "T": T, "tol": tol,
-                   "layer": layer, "fused_used": bool(gpu._fused_ok(*gpu._query(layer, q)[1:])),
+                   "layer": layer, "fused_used": gpu.kernel_for("scores", layer, q) == "triton",
                    "graph_vs_eager": cmp(r_graph_nofuse, r_eager), "auto_vs_eager": cmp(r_auto, r_eager),
-                   "gpu_vs_cpu": cmp(r_auto, r_cpu), "topk_kernel_used": bool(gpu._doc_topk_ok(16, gpu._maps[layer])),
+                   "gpu_vs_cpu": cmp(r_auto, r_cpu),
+                   "topk_kernel_used": gpu.kernel_for("doc_topk", layer, k=16) == "triton_doc_topk",
                    "topk_kernel_vs_torch": cmp(r_auto, r_torch_topk)}
             if row["fused_used"]:
                 fs = gpu.chunk_scores(layer, q, kernel="triton")

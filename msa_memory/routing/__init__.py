@@ -1,12 +1,15 @@
 """Routing: which documents a question reads (msa-reference §3.3-3.4), in one place.
 
 - ``config``: the score / reduce choices (defined once) and :class:`RoutingConfig`
-- ``scoring``: the eager score path of one router layer (query operand, score tiles, top-k helpers)
+- ``scoring``: the eager (torch) score path of one router layer, the reference of every kernel (query
+  operand, score tiles and their loop, document reduce, top-k, centring offsets)
 - ``adapter``, ``files``, ``registry``: the router projections, their file format, which adapter routes a store
 - ``query``: a question's routing tokens; ``reference``: the slow, differentiable reference scorer
 - ``index``: :class:`RouterIndex`, the resident router keys of a store and their top-k route
-- ``kernels/``: the fast paths (AVX512-BF16 CPU extension, fused Triton, CUDA graphs); each says
-  when it applies and is tested against the eager path
+  (``result``: :class:`RouteResult`); ``resident``, ``parallel``: a store's keys loaded, sharded
+- ``kernels/``: the fast paths (AVX512-BF16 CPU extension, fused Triton, CUDA graphs) behind one
+  interface (``kernels.base``): each states when it applies, the index picks through
+  ``kernels.select``, and ``tests/unit/routing/test_kernels.py`` checks each against ``reference``
 """
 
 from msa_memory.routing.config import ChunkReduce, HeadReduce, QueryReduce, RoutingConfig, ScoreMode

@@ -24,30 +24,20 @@ keeps G = H groups of R = T·rep rows. :func:`score_tile` (row-major keys) / :fu
 head/query reduce in the same tile, and become a GEMV when R = G = 1 (query "last", or head-mean +
 query-mean). On CPU the chunk-minor GEMV streams the keys on both cores (MKL's row-major GEMV runs on
 one: 2.7× slower at 1M chunks) and CPU tiles keep the GEMM output cache-sized (2 MiB). Peak memory is
-bounded by tile × rows, never by C. The tile loop is the eager path, the reference for the others:
+bounded by tile × rows, never by C. The tile loop is the eager path, the reference for the others.
 
-- CPU, blocked bf16 keys: ``cpu_avx512.score_blocked`` streams the keys once (each block of 32 chunks
-  is one contiguous run; a 64-byte line is the chunk × dim-pair operand of ``_mm512_dpbf16_ps``), with
-  fp32 accumulation, the head/query reduce fused and every torch thread. It replaces the torch GEMMs,
-  whose one-row and skinny bf16 cases ran far off the floors (1M chunks, 2-core AVX512-BF16 VM: see
-  :func:`score_tile_cm` and ``benchmarks/results/bench_runtime_cpu.json``). ``kernel="torch"`` scores
-  row-major tiles unpacked from the blocks (the reference; slow); if the kernel fails, the index moves
-  its keys to the chunk-minor layout once and continues on the torch path.
-
-- CUDA: :meth:`RouterIndex.route` replays the whole route of a layer (score + reduces + top-k) as a
-  CUDA graph cached per (layer, T, k, dtype) with ONE device→host copy of (scores, indices)
-  (``cuda_graph``); ``RoutingConfig.cuda_graphs=False`` turns it off. Max-reduced queries are
-  padded to a power-of-two row count by repeating the last row (max unchanged), so few graphs serve
-  all query lengths.
-- Chunk → document reduce: over sorted document runs on CPU, ``cpu_avx512.doc_reduce`` (the kernel's
-  extension, with blocked keys) else ``torch.segment_reduce``; on GPUs a gather of
-  :func:`doc_gather_index` + ``amax`` (chunk-reduce max over contiguous documents, no float
-  atomics) else ``scatter_reduce_``; on CUDA the top-k is :func:`topk_blocked` (two stages). With
-  chunk-reduce max on CUDA (``fused_topk``), document max + top-k are instead two Triton launches
-  (``fused_triton.doc_max_topk``), the graph's fixed cost at small stores.
-- CUDA, query-reduce max (and any one-row query) with ≥ ``fused_min_rows`` rows: a Triton kernel
-  (``fused_triton``) scores a block of chunks against all rows with ``tl.dot`` and keeps the max in registers, writing fp32
-  chunk scores and never the R × C matrix; used only when triton imports (eager otherwise).
+The fast paths are kernels of ``routing.kernels``, behind one interface (``kernels.base``): each states
+its stage (scores, document reduce, document top-k, whole route), devices, key dtypes and layout, CPU
+flags, reduces and ``RoutingConfig`` switch, and the index asks ``kernels.select`` at each step instead of
+testing those conditions itself; a kernel that fails is marked broken and the torch path takes over.
+Today: on CPUs with AVX512-BF16, bf16 keys are held blocked and scored by ``cpu_avx512`` (whose extension
+also reduces chunks to documents; ``kernel="torch"`` then scores row tiles unpacked from the blocks, and a
+failing kernel moves the keys to the chunk-minor layout once); on CUDA, query-reduce-max scores and the
+chunk-max document top-k are Triton kernels (``fused_triton``) and the whole route of a layer replays as a
+CUDA graph with ONE device→host copy (``cuda_graph``; max-reduced queries padded to a power-of-two row
+count by repeating the last row, so few graphs serve all query lengths). The reference path's document
+reduce is ``torch.segment_reduce`` over sorted runs on CPU, a gather + ``amax`` or ``scatter_reduce_`` on
+devices, and its top-k :func:`topk_blocked` on CUDA (``routing.scoring``).
 
 What it does not do: fetch content K̄V̄ (``memory_tier``), or decide which layers route (the
 caller walks the model). Invariant: every chunk → document map indexes the same dense documents
@@ -60,47 +50,32 @@ so its chunk-reduce max is the max over both); layers with equal maps share one 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from msa_memory.errors import ConfigError, RuntimeMemoryError
+from msa_memory.errors import ConfigError
+from msa_memory.routing import kernels
 from msa_memory.routing.chunk_map import ChunkMap, chunk_maps
 from msa_memory.routing.config import RoutingConfig
-from msa_memory.routing.scoring import ScorePlan, prepare_lhs, resident_dtype, score_tile, score_tile_cm, topk_blocked
+from msa_memory.routing.kernels import Need, RoutingKernel
+from msa_memory.routing.result import RouteResult, route_k
+from msa_memory.routing.scoring import (ScorePlan, Scratch, centre_offsets, eager_scores, eager_scores_unpacking,
+                                        pack_topk, prepare_lhs, resident_dtype, torch_doc_reduce)
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["RouteResult", "RouterIndex"]
+__all__ = ["RouteResult", "RouterIndex", "route_k"]
+
+_STAGE_WORDS = {"scores": "score kernel", "doc_reduce": "document reduce kernel", "doc_topk": "document top-k kernel",
+                "route": "route kernel"}
 
 
-@dataclass
-class RouteResult:
-    """Top-k documents of one router layer for one query."""
-
-    doc_index: np.ndarray
-    """(k,) int64 dense document indices, best first."""
-    doc_ids: np.ndarray
-    """(k,) int64 store document ids, best first."""
-    scores: np.ndarray
-    """(k,) float32 document scores, descending."""
-    layer: int = -1
-    """Router-layer position 0..L-1 (``-1`` when not tied to a layer)."""
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-
-def route_k(n_docs: int, n_layers: int, top_k: int, layer: int, k: int | None) -> int:
-    """Documents a route of router layer position ``layer`` returns (``k``, default ``top_k``, at most
-    ``n_docs``); RuntimeMemoryError for an empty store, ConfigError for a layer out of range."""
-    if n_docs == 0:
-        raise RuntimeMemoryError("The store has no documents to route to; encode some first (`msa-encode`).")
-    if not 0 <= layer < n_layers:
-        raise ConfigError(f"Router layer position {layer!r} out of range 0..{n_layers - 1}.")
-    return min(int(k or top_k), n_docs)
+def _dtype_name(dtype: Any) -> str:
+    return str(dtype).removeprefix("torch.")
 
 
 class RouterIndex:
@@ -134,40 +109,47 @@ class RouterIndex:
         self._shapes: list[tuple[int, int, int]] = []
         self._chunk_minor = self.device.type == "cpu"
         self._keys_cm: list[torch.Tensor] = []
-        self._keys_blk: list[torch.Tensor] = []  # blocked (nb, H, D/2, 32, 2) bf16: the AVX512-BF16 kernel's layout
-        resident = []
-        for i, k in enumerate(keys):
-            C = self._maps[i].n_chunks
-            if k.dim() != 3:
-                raise ConfigError(f"Router keys of layer {i} must be (C={C}, H, D); got {tuple(k.shape)}.")
-            if k.shape[0] != C:
-                raise ConfigError(f"Router keys of layer {i} have {k.shape[0]} rows but its chunk → document map has "
-                                  f"{C} chunks; the keys must be (C={C}, H, D), got {tuple(k.shape)}.")
-            resident.append(resident_dtype(k.dtype, self.device, config.compute_dtype))
-        # CPU + bf16 keys + AVX512-BF16: blocked keys scored by cpu_avx512 (built here, on first use)
-        self._blocked = bool(self._chunk_minor and config.cpu_kernel and resident
-                             and all(dt == torch.bfloat16 for dt in resident)
-                             and all(k.shape[-1] % 2 == 0 for k in keys) and _cpu_kernel_module() is not None)
+        self._keys_packed: list[torch.Tensor] = []   # keys in the layout of self._packer (e.g. blocked bf16)
+        self.broken_kernels: set[str] = set()
+        """Names of the kernels that failed in this index (not asked again)."""
+        resident = [self._resident_dtype(i, k) for i, k in enumerate(keys)]
+        self._packer = self._layout_kernel(keys, resident)
         for k, dt in zip(keys, resident):
             k = k.to(self.device, dt)
             if config.score == "cosine":  # normalize after pooling, per chunk and head (§3.3 training path)
                 k = torch.nn.functional.normalize(k.float(), dim=-1).to(k.dtype)
             self._shapes.append(tuple(k.shape))
-            if self._blocked:       # (nb, H, D/2, 32, 2): each block of 32 chunks one contiguous run
-                from msa_memory.routing.kernels import cpu_avx512
-
-                self._keys_blk.append(cpu_avx512.pack_blocked(k))
+            if self._packer is not None:          # the kernel's own layout (blocked: 32 chunks a contiguous run)
+                self._keys_packed.append(self._packer.pack(k))
             elif self._chunk_minor:   # stored (H, D, C): the score GEMM streams keys as a column-major operand
                 self._keys_cm.append(k.permute(1, 2, 0).contiguous())
                 self._keys.append(self._keys_cm[-1].permute(2, 0, 1))
             else:
                 self._keys.append(k.contiguous())
-        self._doc_topk_broken = False
-        self._doc_kernel_broken = False
-        self._scratch: dict[Any, torch.Tensor] = {}      # reused GEMM output of the eager tile loop
-        self._fused_broken = False                          # set when the Triton kernel failed once
-        self._graphs: Any = None                           # cuda_graph.GraphRouteCache, made on first CUDA route
+        self._scratch = Scratch(self.device)              # reused GEMM output of the eager tile loop
+        self._graphs: Any = None                          # the route kernel's cache (CUDA graphs), made on first use
         self._offsets: dict[tuple[bool, int], torch.Tensor] = {}   # (suffix?, layer) -> (C_l,) query-centre offsets
+
+    def _resident_dtype(self, i: int, k: torch.Tensor) -> torch.dtype:
+        C = self._maps[i].n_chunks
+        if k.dim() != 3:
+            raise ConfigError(f"Router keys of layer {i} must be (C={C}, H, D); got {tuple(k.shape)}.")
+        if k.shape[0] != C:
+            raise ConfigError(f"Router keys of layer {i} have {k.shape[0]} rows but its chunk → document map has "
+                              f"{C} chunks; the keys must be (C={C}, H, D), got {tuple(k.shape)}.")
+        return resident_dtype(k.dtype, self.device, self.config.compute_dtype)
+
+    def _layout_kernel(self, keys: list[torch.Tensor], resident: list[torch.dtype]) -> RoutingKernel | None:
+        """The score kernel with a key layout of its own that serves every layer (its layout is kept), else None."""
+        if not keys:
+            return None
+        for kern in kernels.all_kernels():
+            if kern.stage != "scores" or not kern.layout:
+                continue
+            if all(kern.applies(Need("scores", self.device.type, self.config, key_dtype=_dtype_name(dt),
+                                     head_dim=int(k.shape[-1]))) for k, dt in zip(keys, resident)):
+                return kern
+        return None
 
     @property
     def n_layers(self) -> int:
@@ -196,50 +178,84 @@ class RouterIndex:
     @property
     def keys(self) -> list[torch.Tensor]:
         """(C_l, H, D) resident keys of each router layer: views of the storage on devices and in the
-        chunk-minor CPU layout; with the blocked layout of the CPU kernel (``layout == "blocked"``) each
-        access returns row-major COPIES (for tests and baselines; routing never uses them)."""
-        if self._blocked:
-            from msa_memory.routing.kernels import cpu_avx512
-
-            return [cpu_avx512.unpack_blocked(b, 0, m.n_chunks) for b, m in zip(self._keys_blk, self._maps)]
+        chunk-minor CPU layout; with a kernel's own layout (e.g. ``layout == "blocked"``) each access returns
+        row-major COPIES (for tests and baselines; routing never uses them)."""
+        if self._packer is not None:
+            return [self._packer.unpack(b, 0, m.n_chunks) for b, m in zip(self._keys_packed, self._maps)]
         return list(self._keys)
 
     @property
     def layout(self) -> str:
-        """How the keys are stored: ``"rows"`` (C, H, D) on devices, ``"chunk_minor"`` (H, D, C) on CPU, or
-        ``"blocked"`` (⌈C/32⌉, H, D/2, 32, 2) on CPUs with the AVX512-BF16 kernel (``cpu_avx512``)."""
-        return "blocked" if self._blocked else "chunk_minor" if self._chunk_minor else "rows"
+        """How the keys are stored: ``"rows"`` (C, H, D) on devices, ``"chunk_minor"`` (H, D, C) on CPU, or a
+        kernel's own layout: ``"blocked"`` (⌈C/32⌉, H, D/2, 32, 2) on CPUs with the AVX512-BF16 kernel."""
+        if self._packer is not None:
+            return self._packer.layout
+        return "chunk_minor" if self._chunk_minor else "rows"
 
     @property
     def key_dtype(self) -> torch.dtype:
         """Dtype of the resident keys (the score GEMM's)."""
         import torch
 
-        stored = self._keys_blk or self._keys
+        stored = self._keys_packed or self._keys
         return stored[0].dtype if stored else torch.float32
 
     def nbytes(self) -> int:
         """Bytes of resident router keys (all layers; the blocked layout pads C to a multiple of 32)."""
-        return sum(k.numel() * k.element_size() for k in (self._keys_blk or self._keys))
+        return sum(k.numel() * k.element_size() for k in (self._keys_packed or self._keys))
+
+    # ------------------------------------------------------------------ kernels
+    def _need(self, stage: str, layer: int = 0, **kw: Any) -> Need:
+        return Need(stage, self.device.type, self.config, key_dtype=_dtype_name(self.key_dtype),  # type: ignore[arg-type]
+                    layout=self.layout, head_dim=self._shapes[layer][2] if self._shapes else 0, **kw)
+
+    def _select(self, need: Need) -> RoutingKernel | None:
+        return kernels.select(need, self.broken_kernels)
+
+    def _kernel_failed(self, kern: RoutingKernel, e: Exception, then: str = "using the torch path.") -> None:
+        warnings.warn(f"Routing {_STAGE_WORDS[kern.stage]} failed ({kern.name}, {type(e).__name__}: {e}); {then}",
+                      RuntimeWarning, stacklevel=3)
+        self.broken_kernels.add(kern.name)
+
+    def _scores_need(self, layer: int, lhs: torch.Tensor, plan: ScorePlan) -> Need:
+        return self._need("scores", layer, rows=int(lhs.shape[1]), query_reduce=plan.query_reduce)
+
+    def kernel_for(self, stage: str, layer: int = 0, q: torch.Tensor | None = None, k: int | None = None) -> str | None:
+        """Name of the kernel that serves ``stage`` (``"scores"``, ``"doc_reduce"``, ``"doc_topk"``,
+        ``"route"``) of a route at router layer ``layer`` (``"scores"`` needs the query ``q``, ``"doc_topk"``
+        ``k``); None: the torch reference path. For tests and benchmarks."""
+        if stage == "scores":
+            if q is None:
+                raise ConfigError("kernel_for('scores') needs the query q (T, Hq, D).")
+            _, lhs, plan = self._query(layer, q)
+            need = self._scores_need(layer, lhs, plan)
+        elif stage in ("doc_reduce", "doc_topk"):
+            m = self._maps[layer]
+            sorted_map = m.runs is not None if stage == "doc_topk" else (m.offsets is not None or m.runs is not None)
+            need = self._need(stage, layer, sorted_map=sorted_map, n_docs=self.n_docs,
+                              k=int(k or self.config.top_k))
+        else:
+            need = self._need(stage, layer, k=int(k or self.config.top_k))
+        kern = self._select(need)
+        return None if kern is None else kern.name
 
     # ------------------------------------------------------------------ scoring
     def _query(self, layer: int, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, ScorePlan]:
         """(keys, lhs (G, R, Dk), plan) of one query at one layer, input checked. The keys are viewed
-        (C, G, Dk) on devices and (G, Dk, C) on CPU (chunk-minor storage); blocked CPU keys come as stored,
-        (nb, H, D/2, 32, 2)."""
+        (C, G, Dk) on devices and (G, Dk, C) on CPU (chunk-minor storage); keys in a kernel's layout come as
+        stored (blocked: (nb, H, D/2, 32, 2))."""
         import torch
 
         C, H, D = self._shapes[layer]
         self._check_query(layer, q)
         lhs, plan = prepare_lhs(q.to(self.device, torch.float32), self.config, H, self.key_dtype)
-        if self._blocked:
-            return self._keys_blk[layer], lhs, plan
-        keys = self._keys[layer]
+        if self._packer is not None:
+            return self._keys_packed[layer], lhs, plan
         if self._chunk_minor:
             kt = self._keys_cm[layer]
             return (kt.view(1, H * D, C) if lhs.shape[0] == 1 else kt), lhs, plan
-        kv = keys.view(C, 1, H * D) if lhs.shape[0] == 1 else keys
-        return kv, lhs, plan
+        keys = self._keys[layer]
+        return (keys.view(C, 1, H * D) if lhs.shape[0] == 1 else keys), lhs, plan
 
     def _check_query(self, layer: int, q: torch.Tensor) -> None:
         _, H, D = self._shapes[layer]
@@ -248,167 +264,95 @@ class RouterIndex:
         if q.shape[0] == 0:
             raise ConfigError("Routing needs at least one query token; got an empty query.")
 
-    def _fused_ok(self, lhs: torch.Tensor, plan: ScorePlan) -> bool:
-        cfg = self.config
-        if self._fused_broken or not (cfg.fused_scores and plan.query_reduce == "max"
-                                      and lhs.shape[1] >= cfg.fused_min_rows):
-            return False
-        if self.device.type != "cuda" and not _interpreting_triton():
-            return False
-        from msa_memory.routing.kernels import fused_triton
-
-        return fused_triton.available()
+    def _score_kernel(self, kernel: str, need: Need) -> RoutingKernel | None:
+        """The score kernel ``kernel`` asks for (``"auto"``: the applicable one; ``"torch"``: none)."""
+        if kernel == "torch":
+            return None
+        if kernel == "auto":
+            return self._select(need)
+        kern = kernels.named(kernel)
+        if kern is None or kern.stage != "scores":
+            names = [k.name for k in kernels.all_kernels() if k.stage == "scores"]
+            raise ConfigError(f"Routing kernel={kernel!r} is not one of {['auto', 'torch', *names]}.")
+        why = kern.why_not(need)
+        if why is not None:
+            raise ConfigError(f"Routing kernel={kernel!r} does not apply here: it {why}.")
+        return kern
 
     def chunk_scores(self, layer: int, q: torch.Tensor, kernel: str = "auto") -> torch.Tensor:
         """(C_l,) float32 chunk scores S[c] of one query at router layer ``layer`` (its own chunks).
 
         ``q`` is (T, Hq, D) router queries of the query tokens (already selected: only routing
-        tokens). Hq must be a multiple of the keys' H. ``kernel``: ``"auto"`` (the fused Triton
-        kernel where it applies, the AVX512-BF16 CPU kernel for blocked keys, see the module note),
-        ``"torch"`` (the eager tile loop), ``"triton"`` (the fused kernel) or ``"cpu"`` (the CPU
-        kernel); the last two raise ConfigError where they do not apply.
+        tokens). Hq must be a multiple of the keys' H. ``kernel``: ``"auto"`` (the score kernel of
+        ``routing.kernels`` that applies, see the module note), ``"torch"`` (the eager tile loop, the
+        reference) or a score kernel's name (``"triton"``, ``"cpu"``), which raises ConfigError where it
+        does not apply.
         """
         import torch
 
-        if kernel not in ("auto", "torch", "triton", "cpu"):
-            raise ConfigError(f"Routing kernel={kernel!r} is not one of 'auto', 'torch', 'triton', 'cpu'.")
         kv, lhs, plan = self._query(layer, q)
+        kern = self._score_kernel(kernel, self._scores_need(layer, lhs, plan))
         C = self._maps[layer].n_chunks
         out = torch.empty(C, dtype=torch.float32, device=self.device)
-        if kernel == "cpu" and not self._blocked:
-            raise ConfigError("Routing kernel='cpu' needs bf16 keys on a CPU with AVX512-BF16 (layout 'blocked'), "
-                              "RoutingConfig.cpu_kernel and MSA_CPU_KERNEL not 0.")
-        use_fused = kernel == "triton" or (kernel == "auto" and self._fused_ok(lhs, plan))
-        if use_fused:
-            from msa_memory.routing.kernels import fused_triton
-
-            if plan.query_reduce != "max" or not fused_triton.available():
-                raise ConfigError("The fused Triton kernel needs triton and query_reduce 'max' (or 'last').")
+        if kern is not None:
+            own = bool(kern.layout) and kern is self._packer
             try:
-                # the kernel reads (C, G, Dk) rows; CPU keys are chunk-minor or blocked (only the interpreter runs it there)
-                if self._blocked:   # unpack this layer only (``self.keys`` unpacks every layer)
-                    from msa_memory.routing.kernels import cpu_avx512
-
-                    rows = cpu_avx512.unpack_blocked(kv, 0, C).reshape(C, lhs.shape[0], -1)
-                elif self._chunk_minor:
-                    rows = kv.permute(2, 0, 1).contiguous()
+                kern.score(lhs, kv if own else self._rows(layer, kv, lhs), plan, out)
+                return out
+            except Exception as e:  # noqa: BLE001  (a build, compile or launch failure: the torch path is exact too)
+                if kernel != "auto":
+                    raise
+                if own:
+                    self._kernel_failed(kern, e, "keys move to the chunk-minor layout and routing uses the torch path.")
+                    self._to_chunk_minor()
+                    kv, lhs, plan = self._query(layer, q)
                 else:
-                    rows = kv
-                fused_triton.fused_max_scores(lhs, rows, out)
-                return out
-            except Exception as e:
-                if kernel == "triton":
-                    raise
-                import warnings
+                    self._kernel_failed(kern, e)
+        if self._packer is not None:          # kernel="torch" on a kernel's layout: row tiles unpacked (slow)
+            return eager_scores_unpacking(lhs, kv, self._packer.unpack, plan, out, tile_chunks=self.config.tile_chunks,
+                                          block=self._packer.block, scratch=self._scratch)
+        scratch = None if _capturing(self.device) else self._scratch    # graphs allocate their own (private pool)
+        return eager_scores(lhs, kv, plan, out, chunk_minor=self._chunk_minor, tile_chunks=self.config.tile_chunks,
+                            scratch=scratch)
 
-                warnings.warn(f"Fused Triton routing kernel failed ({type(e).__name__}: {e}); using the eager path.",
-                              RuntimeWarning, stacklevel=2)
-                self._fused_broken = True
-        if self._blocked:
-            if self._blocked_scores(kv, lhs, plan, out, kernel):
-                return out
-            kv, lhs, plan = self._query(layer, q)                      # the kernel failed: now chunk-minor
-        tile = int(self.config.tile_chunks)
-        G, R = lhs.shape[0], lhs.shape[1]
-        if self.device.type == "cpu":   # bound the scratch to a cache-sized tile (see _CPU_SCRATCH_BYTES)
-            tile = min(tile, max(2048, _CPU_SCRATCH_BYTES // (G * R * kv.element_size())))
-        scratch = None
-        gemv = G == 1 and R == 1 and not (self._chunk_minor and kv.dtype != torch.float32)
-        if not gemv and not _capturing(self.device):   # graphs allocate their own (private pool)
-            scratch = self._get_scratch(G * min(tile, C) * R, kv.dtype)
-        for start in range(0, C, tile):
-            if self._chunk_minor:
-                kt = kv[:, :, start:start + tile]
-                score_tile_cm(lhs, kt, plan, out[start:start + kt.shape[2]], scratch)
-            else:
-                kt = kv[start:start + tile]
-                score_tile(lhs, kt, plan, out[start:start + kt.shape[0]], scratch)
-        return out
-
-    def _get_scratch(self, need: int, dtype: torch.dtype) -> torch.Tensor:
-        import torch
-
-        scratch = self._scratch.get(dtype)
-        if scratch is None or scratch.numel() < need or scratch.device != self.device:
-            with torch.inference_mode(False):   # a normal tensor: reusable in and outside inference mode
-                scratch = torch.empty(need, dtype=dtype, device=self.device)
-            self._scratch[dtype] = scratch
-        return scratch
-
-    def _blocked_scores(self, blk: torch.Tensor, lhs: torch.Tensor, plan: ScorePlan, out: torch.Tensor,
-                        kernel: str) -> bool:
-        """``out`` ← chunk scores from blocked CPU keys with the AVX512-BF16 kernel (``cpu_avx512``); True
-        when done. ``kernel="torch"``: the torch tile loop over row-major tiles unpacked from the blocks
-        (``score_tile``, the reference; slow, a copy per tile). Should the kernel fail, the keys move to
-        the chunk-minor layout once (one warning) and False sends this route to the torch path there."""
-        from msa_memory.routing.kernels import cpu_avx512
-
-        if kernel != "torch":
-            try:
-                cpu_avx512.score_blocked(lhs, blk, plan.T, plan.rep, plan.query_reduce, out)
-                return True
-            except Exception as e:  # noqa: BLE001
-                if kernel == "cpu":
-                    raise
-                import warnings
-
-                warnings.warn(f"AVX512-BF16 routing kernel failed ({type(e).__name__}: {e}); keys move to the "
-                              "chunk-minor layout and routing uses the torch path.", RuntimeWarning, stacklevel=3)
-                self._to_chunk_minor()
-                return False
-        G, R, Dk = lhs.shape
-        C = out.shape[0]                                                     # the layer's chunks
-        tile = max(cpu_avx512.BLOCK, min(int(self.config.tile_chunks),
-                                          _CPU_SCRATCH_BYTES // (G * R * blk.element_size())))
-        tile -= tile % cpu_avx512.BLOCK
-        scratch = self._get_scratch(G * min(tile, C) * R, blk.dtype)
-        for start in range(0, C, tile):
-            rows = cpu_avx512.unpack_blocked(blk, start, min(C, start + tile))           # (t, H, D) copy
-            score_tile(lhs, rows.view(rows.shape[0], G, Dk), plan, out[start:start + rows.shape[0]], scratch)
-        return True
+    def _rows(self, layer: int, kv: torch.Tensor, lhs: torch.Tensor) -> torch.Tensor:
+        """One layer's keys as (C, G, Dk) rows, what kernels without a layout of their own read (CPU keys are
+        chunk-minor or packed: then a copy, which only the Triton interpreter asks for)."""
+        C = self._maps[layer].n_chunks
+        if self._packer is not None:
+            return self._packer.unpack(kv, 0, C).reshape(C, lhs.shape[0], -1)
+        if self._chunk_minor:
+            return kv.permute(2, 0, 1).contiguous()
+        return kv
 
     def _to_chunk_minor(self) -> None:
-        """Move blocked keys to the chunk-minor layout (the torch path's), layer by layer."""
-        from msa_memory.routing.kernels import cpu_avx512
-
-        while self._keys_blk:
-            blk = self._keys_blk.pop(0)
+        """Move keys held in a kernel's layout to the chunk-minor layout (the torch path's), layer by layer."""
+        assert self._packer is not None
+        while self._keys_packed:
+            packed = self._keys_packed.pop(0)
             C = self._maps[len(self._keys_cm)].n_chunks                      # the layer moved now
-            cm = cpu_avx512.unpack_blocked(blk, 0, C).permute(1, 2, 0).contiguous()
-            del blk
+            cm = self._packer.unpack(packed, 0, C).permute(1, 2, 0).contiguous()
+            del packed
             self._keys_cm.append(cm)
             self._keys.append(cm.permute(2, 0, 1))
-        self._blocked = False
+        self._packer = None
+        self._chunk_minor = True
         self._scratch.clear()
 
     def _doc_reduce(self, cs: torch.Tensor, m: ChunkMap) -> torch.Tensor:
         """(N,) float32 chunk reduce of one layer's chunk scores ``cs`` (C_l,) over its map ``m``."""
         import torch
 
-        if m.lengths is not None and cs.device.type == "cpu":     # sorted map: one pass over the runs
-            if self._blocked and not self._doc_kernel_broken and cs.dtype == torch.float32 and cs.is_contiguous():
-                # the kernel's extension is loaded (blocked keys): its doc_reduce (see ChunkMap for the figures)
-                from msa_memory.routing.kernels import cpu_avx512
-
-                out = torch.empty(self.n_docs, dtype=torch.float32)
-                try:
-                    cpu_avx512.doc_reduce(cs, m.offsets, self.config.chunk_reduce, out)
-                    return out
-                except Exception as e:  # noqa: BLE001  (segment_reduce is exact too)
-                    import warnings
-
-                    warnings.warn(f"CPU document reduce kernel failed ({type(e).__name__}: {e}); using "
-                                  "torch.segment_reduce.", RuntimeWarning, stacklevel=2)
-                    self._doc_kernel_broken = True
-            return torch.segment_reduce(cs, "max" if self.config.chunk_reduce == "max" else "mean",
-                                        lengths=m.lengths)
-        if self.config.chunk_reduce == "max":
-            if m.gather is not None:
-                return cs[m.gather].amax(1)
-            ds = torch.full((self.n_docs,), float("-inf"), dtype=torch.float32, device=self.device)
-            return ds.scatter_reduce_(0, m.chunk_doc, cs, reduce="amax", include_self=True)
-        ds = torch.zeros(self.n_docs, dtype=torch.float32, device=self.device)
-        return ds.index_add_(0, m.chunk_doc, cs) / m.doc_chunk_count
+        kern = self._select(self._need("doc_reduce", sorted_map=m.offsets is not None or m.runs is not None,
+                                       n_docs=self.n_docs))
+        if kern is not None:
+            out = torch.empty(self.n_docs, dtype=torch.float32, device=cs.device)
+            try:
+                kern.reduce(cs, m, self.config.chunk_reduce, out)    # type: ignore[attr-defined]
+                return out
+            except Exception as e:  # noqa: BLE001  (the torch reduce is exact too)
+                self._kernel_failed(kern, e)
+        return torch_doc_reduce(cs, m, self.config.chunk_reduce, self.n_docs)
 
     def doc_scores(self, layer: int, q: torch.Tensor, kernel: str = "auto", *, suffix: bool = False) -> torch.Tensor:
         """(N,) float32 document scores s[d] (chunk reduce of :meth:`chunk_scores`); with query centres set
@@ -450,13 +394,8 @@ class RouterIndex:
                 if mu.dim() != 2 or mu.shape[1] != D or mu.shape[0] % H:
                     raise ConfigError(f"Query centre of router layer position {layer} must be (Hq, D={D}) with Hq a "
                                       f"multiple of H={H}; got {tuple(mu.shape)}.")
-                k = keys[layer].cpu().double()                                 # (C, H, D), normalised if cosine
-                g = mu.double().view(H, mu.shape[0] // H, D).sum(1)             # (H, D): GQA groups summed
-                scale = 1.0 if self.config.score == "cosine" else D ** -0.5
-                # head mean, as prepare_lhs folds it; row by row in float64, so a chunk's offset does not
-                # depend on which other chunks (which shard) it is computed with
-                off = (k * g).sum((1, 2)) * (scale / mu.shape[0])
-                offsets[(is_suffix, layer)] = off.float().to(self.device).contiguous()
+                off = centre_offsets(keys[layer], mu, self.config.score)
+                offsets[(is_suffix, layer)] = off.to(self.device).contiguous()
         self._offsets = offsets
 
     @staticmethod
@@ -468,6 +407,7 @@ class RouterIndex:
         """(N,) float32 host copy of :meth:`doc_scores` results, in dense document order."""
         return ds.float().cpu().numpy()
 
+    # ------------------------------------------------------------------ top-k
     def route_device(self, layer: int, q: torch.Tensor, k: int, kernel: str = "auto") -> torch.Tensor:
         """(2, k) float64 on the device: row 0 the top-k document scores, row 1 their dense indices.
 
@@ -475,44 +415,26 @@ class RouterIndex:
         fp32 scores and indices < 2⁵³ exactly, so ONE copy brings both back).
         """
         m = self._maps[layer]
-        if self._doc_topk_ok(k, m):
-            from msa_memory.routing.kernels import fused_triton
-
-            cs = self.chunk_scores(layer, q, kernel)
-            off = self._offsets.get((False, int(layer)))
-            if off is not None:
-                cs = cs - off
-            try:
-                return fused_triton.doc_max_topk(cs, *m.runs, k)
-            except Exception as e:  # noqa: BLE001  (a compile or launch failure: the torch path is exact too)
-                import warnings
-
-                warnings.warn(f"Triton document top-k failed ({type(e).__name__}: {e}); using torch.",
-                              RuntimeWarning, stacklevel=2)
-                self._doc_topk_broken = True
-                return self._pack_topk(self._doc_reduce(cs, m), k)
-        return self._pack_topk(self.doc_scores(layer, q, kernel), k)
-
-    def _pack_topk(self, ds: torch.Tensor, k: int) -> torch.Tensor:
-        import torch
-
-        vals, idx = topk_blocked(ds, k) if ds.device.type == "cuda" else torch.topk(ds, k)
-        return torch.stack([vals.double(), idx.double()])
-
-    def _doc_topk_ok(self, k: int, m: ChunkMap | None = None) -> bool:
-        """True when the Triton document top-k serves map ``m`` (default: layer 0's; bench_runtime asks)."""
-        m = self._map0 if m is None else m
-        if not (self.config.fused_topk and self.config.chunk_reduce == "max" and m.runs is not None
-                and not self._doc_topk_broken):
-            return False
-        if self.device.type != "cuda" and not _interpreting_triton():
-            return False
-        from msa_memory.routing.kernels import fused_triton
-
-        return fused_triton.available() and fused_triton.doc_max_topk_plan(self.n_docs, k) is not None
+        kern = self._select(self._need("doc_topk", layer, sorted_map=m.runs is not None, n_docs=self.n_docs, k=k))
+        if kern is None:
+            return pack_topk(self.doc_scores(layer, q, kernel), k)
+        cs = self.chunk_scores(layer, q, kernel)
+        off = self._offsets.get((False, int(layer)))
+        if off is not None:
+            cs = cs - off
+        try:
+            return kern.topk(cs, m, k)          # type: ignore[attr-defined]
+        except Exception as e:  # noqa: BLE001  (a compile or launch failure: the torch path is exact too)
+            self._kernel_failed(kern, e)
+            return pack_topk(self._doc_reduce(cs, m), k)
 
     def _check_route(self, layer: int, k: int | None) -> int:
         return route_k(self.n_docs, self.n_layers, self.config.top_k, layer, k)
+
+    def _result(self, layer: int, packed: torch.Tensor) -> RouteResult:
+        idx_np = packed[1].numpy().astype(np.int64)
+        return RouteResult(doc_index=idx_np, doc_ids=self.doc_ids[idx_np], scores=packed[0].numpy().astype(np.float32),
+                           layer=layer)
 
     def route_scores(self, layer: int, ds: torch.Tensor, k: int | None = None) -> RouteResult:
         """Top-k documents of given (N,) document scores ``ds`` (e.g. a router layer's with its suffix query's
@@ -523,16 +445,14 @@ class RouterIndex:
         if tuple(ds.shape) != (self.n_docs,):
             raise ConfigError(f"Document scores of shape {tuple(ds.shape)} for {self.n_docs} documents.")
         with torch.no_grad():
-            packed = self._pack_topk(ds.float(), k).cpu()
-        idx_np = packed[1].numpy().astype(np.int64)
-        return RouteResult(doc_index=idx_np, doc_ids=self.doc_ids[idx_np], scores=packed[0].numpy().astype(np.float32),
-                           layer=layer)
+            return self._result(layer, pack_topk(ds.float(), k).cpu())
 
     def route(self, layer: int, q: torch.Tensor, k: int | None = None, path: str = "auto") -> RouteResult:
         """Top-k documents of router layer ``layer`` for router queries ``q`` (T, Hq, D).
 
-        ``path``: ``"auto"`` (the CUDA graph on CUDA when ``config.cuda_graphs``, else eager),
-        ``"eager"`` (op by op: the reference) or ``"graph"`` (CUDA only).
+        ``path``: ``"auto"`` (the route kernel where one applies, e.g. the CUDA graph on CUDA when
+        ``config.cuda_graphs``, else eager), ``"eager"`` (op by op: the reference) or ``"graph"`` (the route
+        kernel, CUDA only).
         """
         import torch
 
@@ -543,40 +463,23 @@ class RouterIndex:
         if self._offsets:   # query centres: the chunk offsets come off before the document reduce
             with torch.no_grad():
                 return self.route_scores(layer, self.doc_scores(layer, q), k)
-        use_graph = path == "graph" or (path == "auto" and self.config.cuda_graphs and self.device.type == "cuda")
-        if use_graph:
-            if self.device.type != "cuda":
+        kern = None
+        if path == "auto":
+            kern = self._select(self._need("route", layer, k=k))
+        elif path == "graph":           # forced: the route kernel of this device, whatever the config's switch
+            kern = next((r for r in kernels.all_kernels() if r.stage == "route"
+                         and self.device.type in r.device_types()), None)
+            if kern is None:
                 raise ConfigError("Routing path='graph' needs the router keys on a CUDA device.")
+        if kern is not None:
             if self._graphs is None:
-                from msa_memory.routing.kernels.cuda_graph import GraphRouteCache
-
-                self._graphs = GraphRouteCache(self)
-            packed = self._graphs.route(layer, q, k)
-        else:
-            with torch.no_grad():
-                packed = self.route_device(layer, q, k).cpu()
-        vals = packed[0].numpy().astype(np.float32)
-        idx_np = packed[1].numpy().astype(np.int64)
-        return RouteResult(doc_index=idx_np, doc_ids=self.doc_ids[idx_np], scores=vals, layer=layer)
-
-
-_CPU_SCRATCH_BYTES = 2 << 20   # CPU score tile: a cache-sized GEMM output (1M chunks, T=256: 2 MiB 1.04 s, 64 MiB 2.6 s)
-
-
-def _cpu_kernel_module() -> Any:
-    """The AVX512-BF16 routing extension, or None (no such CPU, MSA_CPU_KERNEL=0, or no build)."""
-    from msa_memory.routing.kernels import cpu_avx512
-
-    return cpu_avx512.load()
+                self._graphs = kern.make(self)     # type: ignore[attr-defined]
+            return self._result(layer, self._graphs.route(layer, q, k))
+        with torch.no_grad():
+            return self._result(layer, self.route_device(layer, q, k).cpu())
 
 
 def _capturing(device: Any) -> bool:
     import torch
 
     return torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing()
-
-
-def _interpreting_triton() -> bool:
-    import os
-
-    return os.environ.get("TRITON_INTERPRET", "") == "1"

@@ -1,7 +1,12 @@
-"""The eager score path of one router layer, shared by :class:`~msa_memory.routing.index.RouterIndex`
-and the kernels: the query's left operand (:func:`prepare_lhs`), one tile of chunk scores with the
-head/query reduce fused (:func:`score_tile`, :func:`score_tile_cm`), and the helpers of the document
-reduce and top-k. See the design note of :mod:`msa_memory.routing.index` for the folds and layouts.
+"""The eager (torch) score path of one router layer: the reference every routing kernel is checked
+against, shared by :class:`~msa_memory.routing.index.RouterIndex` and the kernels.
+
+The query's left operand (:func:`prepare_lhs`); one tile of chunk scores with the head/query reduce fused
+(:func:`score_tile`, :func:`score_tile_cm`) and the tile loop over a layer (:func:`eager_scores`, with its
+reused :class:`Scratch`); the document reduce (:func:`torch_doc_reduce`), the top-k (:func:`topk_blocked`,
+:func:`pack_topk`) and the per-chunk offsets of query centring (:func:`centre_offsets`). See the design
+note of :mod:`msa_memory.routing.index` for the folds and layouts. Holds no state of an index: the index
+passes its keys, maps and scratch in.
 """
 
 from __future__ import annotations
@@ -16,10 +21,13 @@ if TYPE_CHECKING:
 
     from msa_memory.routing.config import RoutingConfig
 
-__all__ = ["ScorePlan", "cpu_has_native_bf16", "doc_gather_index", "pad_query_rows", "prepare_lhs", "resident_dtype",
-           "score_tile", "score_tile_cm", "topk_blocked", "torch_dtype_of"]
+__all__ = ["CPU_SCRATCH_BYTES", "ScorePlan", "Scratch", "centre_offsets", "cpu_has_native_bf16", "doc_gather_index",
+           "eager_scores", "pack_topk", "pad_query_rows", "prepare_lhs", "resident_dtype", "score_tile",
+           "score_tile_cm", "topk_blocked", "torch_doc_reduce", "torch_dtype_of"]
 
 _CM_TALL_MIN_ROWS = 16   # score_tile_cm: from this many query rows on, the GEMM writes (t, R)
+CPU_SCRATCH_BYTES = 2 << 20
+"""CPU score tile: a cache-sized GEMM output (1M chunks, T=256: 2 MiB 1.04 s, 64 MiB 2.6 s)."""
 
 
 def cpu_has_native_bf16() -> bool:
@@ -213,3 +221,105 @@ def pad_query_rows(q: torch.Tensor, cfg: RoutingConfig) -> torch.Tensor:
 
     P = 1 << (T - 1).bit_length()
     return torch.cat([q, q[-1:].expand(P - T, *q.shape[1:])])
+
+
+class Scratch:
+    """The reused GEMM output of the eager tile loop, one buffer per dtype, on one device."""
+
+    def __init__(self, device: Any) -> None:
+        self.device = device
+        self._bufs: dict[Any, torch.Tensor] = {}
+
+    def get(self, need: int, dtype: torch.dtype) -> torch.Tensor:
+        """A buffer of at least ``need`` elements of ``dtype`` (grown when smaller)."""
+        import torch
+
+        buf = self._bufs.get(dtype)
+        if buf is None or buf.numel() < need or buf.device != self.device:
+            with torch.inference_mode(False):   # a normal tensor: reusable in and outside inference mode
+                buf = torch.empty(need, dtype=dtype, device=self.device)
+            self._bufs[dtype] = buf
+        return buf
+
+    def clear(self) -> None:
+        self._bufs.clear()
+
+
+def eager_scores(lhs: torch.Tensor, kv: torch.Tensor, plan: ScorePlan, out: torch.Tensor, *, chunk_minor: bool,
+                 tile_chunks: int, scratch: Scratch | None) -> torch.Tensor:
+    """``out`` (C,) float32 ← chunk scores of ``lhs`` (G, R, Dk) against one layer's keys ``kv``, tile by tile:
+    (C, G, Dk) rows, or (G, Dk, C) with ``chunk_minor`` (the CPU layout). ``scratch`` None: fresh buffers (what
+    a CUDA graph capture needs, its own pool). On CPU the tile shrinks so the GEMM output stays cache-sized."""
+    import torch
+
+    C = out.shape[0]
+    tile = int(tile_chunks)
+    G, R = lhs.shape[0], lhs.shape[1]
+    if kv.device.type == "cpu":   # bound the scratch to a cache-sized tile (see CPU_SCRATCH_BYTES)
+        tile = min(tile, max(2048, CPU_SCRATCH_BYTES // (G * R * kv.element_size())))
+    buf = None
+    gemv = G == 1 and R == 1 and not (chunk_minor and kv.dtype != torch.float32)
+    if not gemv and scratch is not None:
+        buf = scratch.get(G * min(tile, C) * R, kv.dtype)
+    for start in range(0, C, tile):
+        if chunk_minor:
+            kt = kv[:, :, start:start + tile]
+            score_tile_cm(lhs, kt, plan, out[start:start + kt.shape[2]], buf)
+        else:
+            kt = kv[start:start + tile]
+            score_tile(lhs, kt, plan, out[start:start + kt.shape[0]], buf)
+    return out
+
+
+def eager_scores_unpacking(lhs: torch.Tensor, stored: torch.Tensor, unpack: Any, plan: ScorePlan, out: torch.Tensor,
+                           *, tile_chunks: int, block: int, scratch: Scratch) -> torch.Tensor:
+    """:func:`eager_scores` of keys held in a kernel's own layout: row-major tiles of ``block``-multiple chunks
+    unpacked from ``stored`` by ``unpack(stored, start, stop)`` (a copy per tile; the slow reference)."""
+    G, R, Dk = lhs.shape
+    C = out.shape[0]
+    tile = max(block, min(int(tile_chunks), CPU_SCRATCH_BYTES // (G * R * stored.element_size())))
+    tile -= tile % block
+    buf = scratch.get(G * min(tile, C) * R, stored.dtype)
+    for start in range(0, C, tile):
+        rows = unpack(stored, start, min(C, start + tile))                         # (t, H, D) copy
+        score_tile(lhs, rows.view(rows.shape[0], G, Dk), plan, out[start:start + rows.shape[0]], buf)
+    return out
+
+
+def torch_doc_reduce(cs: torch.Tensor, chunk_map: Any, chunk_reduce: str, n_docs: int) -> torch.Tensor:
+    """(N,) float32 chunk → document reduce of one layer's chunk scores ``cs`` (C_l,) over its
+    :class:`~msa_memory.routing.chunk_map.ChunkMap`: one pass over sorted runs on CPU
+    (``torch.segment_reduce``), a gather + amax or a scatter on devices."""
+    import torch
+
+    m = chunk_map
+    if m.lengths is not None and cs.device.type == "cpu":     # sorted map: one pass over the runs
+        return torch.segment_reduce(cs, "max" if chunk_reduce == "max" else "mean", lengths=m.lengths)
+    if chunk_reduce == "max":
+        if m.gather is not None:
+            return cs[m.gather].amax(1)
+        ds = torch.full((n_docs,), float("-inf"), dtype=torch.float32, device=cs.device)
+        return ds.scatter_reduce_(0, m.chunk_doc, cs, reduce="amax", include_self=True)
+    ds = torch.zeros(n_docs, dtype=torch.float32, device=cs.device)
+    return ds.index_add_(0, m.chunk_doc, cs) / m.doc_chunk_count
+
+
+def pack_topk(ds: torch.Tensor, k: int) -> torch.Tensor:
+    """(2, k) float64: top-k of document scores ``ds`` (N,): row 0 the scores, row 1 the dense indices
+    (float64 holds both exactly, so one device → host copy brings them back)."""
+    import torch
+
+    vals, idx = topk_blocked(ds, k) if ds.device.type == "cuda" else torch.topk(ds, k)
+    return torch.stack([vals.double(), idx.double()])
+
+
+def centre_offsets(keys: torch.Tensor, mu: torch.Tensor, score: str) -> torch.Tensor:
+    """(C,) float32 per-chunk offset of query centring: the mean score of centre ``mu`` (Hq, D) against keys
+    (C, H, D) (normalised under ``score="cosine"``), head-mean folded as :func:`prepare_lhs` folds it. Row by
+    row in float64, so a chunk's offset does not depend on which other chunks (which shard) it is computed with."""
+    D = keys.shape[-1]
+    H = keys.shape[1]
+    k = keys.cpu().double()
+    g = mu.double().view(H, mu.shape[0] // H, D).sum(1)             # (H, D): GQA groups summed
+    scale = 1.0 if score == "cosine" else D ** -0.5
+    return ((k * g).sum((1, 2)) * (scale / mu.shape[0])).float()

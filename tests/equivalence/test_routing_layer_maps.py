@@ -282,7 +282,7 @@ _TRITON_SCRIPT = textwrap.dedent("""
     q = torch.randn(5, 2, 16, generator=g)
     fast = RouterIndex(keys, maps, np.arange(300), RoutingConfig(top_k=16))
     slow = RouterIndex(keys, maps, np.arange(300), RoutingConfig(top_k=16, fused_topk=False, fused_scores=False))
-    assert fast._doc_topk_ok(16) and fast._doc_topk_ok(16, fast._maps[1])
+    assert fast.kernel_for("doc_topk", 0, k=16) == fast.kernel_for("doc_topk", 1, k=16) == "triton_doc_topk"
     for layer in range(2):
         fused = fast.chunk_scores(layer, q, kernel="triton")
         assert fused.shape == (len(maps[layer]),)
@@ -290,7 +290,7 @@ _TRITON_SCRIPT = textwrap.dedent("""
         r, e = fast.route(layer, q), slow.route(layer, q)
         assert r.doc_index.tolist() == e.doc_index.tolist(), layer
         assert np.allclose(r.scores, e.scores, rtol=1e-5, atol=1e-5), layer
-    assert not fast._doc_topk_broken and not fast._fused_broken
+    assert not fast.broken_kernels
     print("TRITON-OK")
 """)
 

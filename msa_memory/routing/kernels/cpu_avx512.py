@@ -22,16 +22,18 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 import threading
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from msa_memory.routing.kernels import base
+
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["BLOCK", "CPU_FLAGS", "available", "cpu_supported", "disabled_by_env", "doc_reduce", "gemv_rows", "load",
-           "missing_cpu_flags", "pack_blocked", "score_blocked", "unavailable_reason", "unpack_blocked"]
+__all__ = ["BLOCK", "CPU_FLAGS", "KERNELS", "BlockedDocReduce", "BlockedScores", "available", "cpu_supported",
+           "disabled_by_env", "doc_reduce", "gemv_rows", "load", "missing_cpu_flags", "pack_blocked", "score_blocked",
+           "unavailable_reason", "unpack_blocked"]
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +57,7 @@ def disabled_by_env() -> bool:
 
 def missing_cpu_flags() -> list[str]:
     """The flags of :data:`CPU_FLAGS` this CPU lacks (all of them off x86-64 Linux or without /proc/cpuinfo)."""
-    if platform.system() != "Linux" or platform.machine() not in ("x86_64", "AMD64"):
-        return list(CPU_FLAGS)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return [f for f in CPU_FLAGS if f not in flags]
-    except OSError:
-        pass
-    return list(CPU_FLAGS)
+    return base.missing_cpu_flags(CPU_FLAGS)
 
 
 def cpu_supported() -> bool:
@@ -200,3 +192,57 @@ def doc_reduce(cs: torch.Tensor, offsets: torch.Tensor, chunk_reduce: str, out: 
     if mod is None:
         raise RuntimeError("the AVX512-BF16 routing kernel is not available")
     mod.doc_reduce(cs, offsets, 0 if chunk_reduce == "max" else 1, out)
+
+
+class _Extension(base.RoutingKernel):
+    """What both kernels of the extension need: a CPU with :data:`CPU_FLAGS`, ``RoutingConfig.cpu_kernel``,
+    ``MSA_CPU_KERNEL`` not 0, and the extension built (:func:`load`)."""
+
+    devices = ("cpu",)
+    cpu_flags = CPU_FLAGS
+    switch = "cpu_kernel"
+    priority = 10
+
+    def missing_cpu_flags(self) -> list[str]:
+        return missing_cpu_flags()          # the module's function, looked up at each call (tests replace it)
+
+    def unavailable_reason(self) -> str | None:
+        return unavailable_reason()
+
+
+class BlockedScores(_Extension):
+    """Chunk scores of bf16 keys held blocked, (⌈C/32⌉, H, D/2, 32, 2): :func:`score_blocked`."""
+
+    name = "cpu"
+    stage = "scores"
+    key_dtypes = ("bfloat16",)
+    layouts = ("blocked",)
+    layout = "blocked"
+    block = BLOCK
+    even_head_dim = True
+
+    def pack(self, keys: torch.Tensor) -> torch.Tensor:
+        return pack_blocked(keys)
+
+    def unpack(self, stored: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
+        return unpack_blocked(stored, start, stop)
+
+    def score(self, lhs: torch.Tensor, keys: torch.Tensor, plan: Any, out: torch.Tensor) -> None:
+        score_blocked(lhs, keys, plan.T, plan.rep, plan.query_reduce, out)
+
+
+class BlockedDocReduce(_Extension):
+    """Per-document max / mean over sorted chunk runs (:func:`doc_reduce`), for indexes whose keys
+    :class:`BlockedScores` holds (its extension is loaded there; no build for other indexes)."""
+
+    name = "cpu_doc_reduce"
+    stage = "doc_reduce"
+    layouts = ("blocked",)
+    needs_sorted_map = True
+
+    def reduce(self, cs: torch.Tensor, chunk_map: Any, chunk_reduce: str, out: torch.Tensor) -> None:
+        doc_reduce(cs.float().contiguous(), chunk_map.offsets, chunk_reduce, out)
+
+
+KERNELS = (BlockedScores(), BlockedDocReduce())
+"""The kernels of this module (found by :func:`msa_memory.routing.kernels.all_kernels`)."""

@@ -23,12 +23,13 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
+from msa_memory.routing.kernels import base
 from msa_memory.routing.scoring import pad_query_rows
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["GraphRouteCache"]
+__all__ = ["KERNELS", "CudaGraphRoute", "GraphRouteCache"]
 
 
 class _Entry:
@@ -98,3 +99,19 @@ class GraphRouteCache:
         entry.graph.replay()
         torch.cuda.current_stream(self.index.device).synchronize()
         return entry.host
+
+
+class CudaGraphRoute(base.RoutingKernel):
+    """Whole routes of one index replayed as CUDA graphs: ``make(index)`` gives its :class:`GraphRouteCache`."""
+
+    name = "cuda_graph"
+    stage = "route"
+    devices = ("cuda",)
+    switch = "cuda_graphs"
+
+    def make(self, index: Any) -> GraphRouteCache:
+        return GraphRouteCache(index)
+
+
+KERNELS = (CudaGraphRoute(),)
+"""The kernels of this module (found by :func:`msa_memory.routing.kernels.all_kernels`)."""

@@ -23,20 +23,18 @@ graph). Invariant: it runs only where ``available()`` (triton imports; on CPU on
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import os
+from typing import TYPE_CHECKING, Any
+
+from msa_memory.routing.kernels import base
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["CONFIGS", "available", "config_for", "doc_max_topk", "doc_max_topk_plan", "fused_max_scores"]
+__all__ = ["CONFIGS", "KERNELS", "FusedDocTopk", "FusedMaxScores", "available", "config_for", "doc_max_topk",
+           "doc_max_topk_plan", "fused_max_scores"]
 
-try:  # pragma: no cover - depends on the install
-    import triton
-    import triton.language as tl
-
-    _HAVE = True
-except Exception:  # noqa: BLE001  (ImportError, or a broken triton/driver combination)
-    _HAVE = False
+_jit: Any = None        # the _triton_jit module once imported; False when triton does not import here
 
 CONFIGS = [  # (max rows R, launch config); measured on an H100 (bench_runtime.py --triton-sweep), and the
     # CHUNKS_M choice at 1.56M chunks: R=1 0.339 ms (rows on M) vs 0.389 (chunks on M); R=16 0.338 vs 0.298;
@@ -54,88 +52,22 @@ def config_for(R: int) -> dict:
     return dict(next(c for r, c in CONFIGS if R <= r))
 
 
+def _device_code() -> Any:
+    """The :mod:`._triton_jit` module (triton imported on the first call), or None where triton does not import."""
+    global _jit
+    if _jit is None:
+        try:  # pragma: no cover - depends on the install
+            from msa_memory.routing.kernels import _triton_jit
+
+            _jit = _triton_jit
+        except Exception:  # noqa: BLE001  (ImportError, or a broken triton/driver combination)
+            _jit = False
+    return _jit or None
+
+
 def available() -> bool:
-    """True when triton imported (the kernel can be launched)."""
-    return _HAVE
-
-
-if _HAVE:
-
-    @triton.jit
-    def _max_scores_kernel(Q, K, OUT, C, R, DK, G, s_qg, s_qr, s_kc, s_kg,
-                           BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
-                           IEEE: tl.constexpr, CHUNKS_M: tl.constexpr):
-        # CHUNKS_M: chunks are the MMA's M side (acc is BLOCK_C × BLOCK_R, max along each row); otherwise
-        # query rows are (acc BLOCK_R × BLOCK_C, max down each column, across warps)
-        pid = tl.program_id(0)
-        offs_c = pid * BLOCK_C + tl.arange(0, BLOCK_C)
-        cmask = offs_c < C
-        best = tl.full((BLOCK_C,), float("-inf"), tl.float32)
-        for g in range(G):
-            for r0 in range(0, R, BLOCK_R):
-                offs_r = r0 + tl.arange(0, BLOCK_R)
-                rmask = offs_r < R
-                if CHUNKS_M:
-                    acc = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
-                else:
-                    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-                for d0 in range(0, DK, BLOCK_D):
-                    offs_d = d0 + tl.arange(0, BLOCK_D)
-                    dmask = offs_d < DK
-                    q = tl.load(Q + g * s_qg + offs_r[:, None] * s_qr + offs_d[None, :],
-                                mask=rmask[:, None] & dmask[None, :], other=0.0)
-                    k = tl.load(K + offs_c[:, None] * s_kc + g * s_kg + offs_d[None, :],
-                                mask=cmask[:, None] & dmask[None, :], other=0.0)
-                    if CHUNKS_M:
-                        if IEEE:
-                            acc = tl.dot(k, tl.trans(q), acc, input_precision="ieee")
-                        else:
-                            acc = tl.dot(k, tl.trans(q), acc)
-                    else:
-                        if IEEE:
-                            acc = tl.dot(q, tl.trans(k), acc, input_precision="ieee")
-                        else:
-                            acc = tl.dot(q, tl.trans(k), acc)
-                if CHUNKS_M:
-                    acc = tl.where(rmask[None, :], acc, float("-inf"))
-                    best = tl.maximum(best, tl.max(acc, axis=1))
-                else:
-                    acc = tl.where(rmask[:, None], acc, float("-inf"))
-                    best = tl.maximum(best, tl.max(acc, axis=0))
-        tl.store(OUT + offs_c, best, mask=cmask)
-
-
-    @triton.jit
-    def _doc_max_topk_kernel(CS, STARTS, COUNTS, N, MAXC, OUT_V, OUT_I, K: tl.constexpr, BLOCK_N: tl.constexpr):
-        # one program: BLOCK_N documents' max chunk score (chunks starts[n] .. starts[n] + counts[n] - 1),
-        # then the block's top K by K rounds of max / argmax (ties: the lowest document first)
-        pid = tl.program_id(0)
-        lane = tl.arange(0, BLOCK_N)
-        offs = pid * BLOCK_N + lane
-        m = offs < N
-        st = tl.load(STARTS + offs, mask=m, other=0)
-        last = tl.load(COUNTS + offs, mask=m, other=1) - 1
-        best = tl.full((BLOCK_N,), float("-inf"), tl.float32)
-        for j in range(0, MAXC):
-            v = tl.load(CS + st + tl.minimum(j, last), mask=m, other=float("-inf"))
-            best = tl.maximum(best, v)
-        for i in tl.static_range(K):
-            mx, am = tl.max(best, axis=0, return_indices=True, return_indices_tie_break_left=True)
-            tl.store(OUT_V + pid * K + i, mx)
-            tl.store(OUT_I + pid * K + i, pid * BLOCK_N + am)
-            best = tl.where(lane == am, float("-inf"), best)
-
-    @triton.jit
-    def _topk_merge_kernel(V, I, M, OUT, K: tl.constexpr, BLOCK: tl.constexpr):
-        # one program: the top K of M candidates (value, document) → OUT (2, K) float64 (scores; indices)
-        lane = tl.arange(0, BLOCK)
-        m = lane < M
-        v = tl.load(V + lane, mask=m, other=float("-inf"))
-        for i in tl.static_range(K):
-            mx, am = tl.max(v, axis=0, return_indices=True, return_indices_tie_break_left=True)
-            tl.store(OUT + i, mx.to(tl.float64))
-            tl.store(OUT + K + i, tl.load(I + am).to(tl.float64))
-            v = tl.where(lane == am, float("-inf"), v)
+    """True when triton imports (the kernel can be launched); imports it on the first call."""
+    return _device_code() is not None
 
 
 MERGE_MAX = 8192
@@ -166,8 +98,10 @@ def doc_max_topk(cs: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor, m
     the candidates. Same values as ``torch.topk``; among exact ties the lowest document index comes first.
     """
     import torch
+    import triton
 
-    if not _HAVE:
+    jit = _device_code()
+    if jit is None:
         raise RuntimeError("triton is not importable here; use the eager routing path.")
     n = int(starts.shape[0])
     plan = doc_max_topk_plan(n, k)
@@ -178,9 +112,9 @@ def doc_max_topk(cs: torch.Tensor, starts: torch.Tensor, counts: torch.Tensor, m
     vals = torch.empty(m, dtype=torch.float32, device=cs.device)
     idx = torch.empty(m, dtype=torch.int32, device=cs.device)
     out = torch.empty((2, k), dtype=torch.float64, device=cs.device)
-    _doc_max_topk_kernel[(n_blocks,)](cs, starts, counts, n, int(max_count), vals, idx, K=k, BLOCK_N=block,
+    jit.doc_max_topk_kernel[(n_blocks,)](cs, starts, counts, n, int(max_count), vals, idx, K=k, BLOCK_N=block,
                                       num_warps=4 if block <= 1024 else 8)
-    _topk_merge_kernel[(1,)](vals, idx, m, out, K=k, BLOCK=triton.next_power_of_2(m),
+    jit.topk_merge_kernel[(1,)](vals, idx, m, out, K=k, BLOCK=triton.next_power_of_2(m),
                              num_warps=4 if m <= 2048 else 8)
     return out
 
@@ -190,8 +124,11 @@ def fused_max_scores(lhs: torch.Tensor, keys: torch.Tensor, out: torch.Tensor, *
 
     ``config`` overrides :func:`config_for` (BLOCK_C, BLOCK_R, BLOCK_D, CHUNKS_M, num_warps, num_stages).
     """
-    if not _HAVE:
+    jit = _device_code()
+    if jit is None:
         raise RuntimeError("triton is not importable here; use the eager routing path.")
+    import triton
+
     G, R, DK = lhs.shape
     C = keys.shape[0]
     if keys.shape[1:] != (G, DK) or keys.stride(2) != 1 or lhs.dtype != keys.dtype:
@@ -203,7 +140,7 @@ def fused_max_scores(lhs: torch.Tensor, keys: torch.Tensor, out: torch.Tensor, *
     block_d = max(16, min(cfg["BLOCK_D"], triton.next_power_of_2(DK)))
     grid = (triton.cdiv(C, cfg["BLOCK_C"]),)
     if C:
-        _max_scores_kernel[grid](lhs, keys, out, C, R, DK, G, lhs.stride(0), lhs.stride(1), keys.stride(0),
+        jit.max_scores_kernel[grid](lhs, keys, out, C, R, DK, G, lhs.stride(0), lhs.stride(1), keys.stride(0),
                                  keys.stride(1), BLOCK_C=cfg["BLOCK_C"], BLOCK_R=block_r, BLOCK_D=block_d,
                                  IEEE=keys.dtype == _f32(), CHUNKS_M=bool(cfg.get("CHUNKS_M", 0)),
                                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
@@ -214,3 +151,55 @@ def _f32() -> torch.dtype:
     import torch
 
     return torch.float32
+
+
+class _Triton(base.RoutingKernel):
+    """Where a Triton kernel runs: CUDA, or CPU tensors under ``TRITON_INTERPRET=1`` (the tests)."""
+
+    devices = ("cuda",)
+    priority = 20
+
+    def device_types(self) -> tuple[str, ...]:
+        return ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET", "") == "1" else self.devices
+
+    def unavailable_reason(self) -> str | None:
+        return None if available() else "triton does not import here"
+
+
+class FusedMaxScores(_Triton):
+    """Query-reduce-max chunk scores of row-major keys (C, G, Dk): :func:`fused_max_scores`."""
+
+    name = "triton"
+    stage = "scores"
+    query_reduces = ("max",)
+    switch = "fused_scores"
+
+    def extra_why_not(self, need: base.Need) -> str | None:
+        if need.rows < need.config.fused_min_rows:
+            return f"needs at least fused_min_rows={need.config.fused_min_rows} query rows, got {need.rows}"
+        return None
+
+    def score(self, lhs: torch.Tensor, keys: torch.Tensor, plan: Any, out: torch.Tensor) -> None:
+        fused_max_scores(lhs, keys, out)
+
+
+class FusedDocTopk(_Triton):
+    """Document max and top-k over sorted chunk runs in two launches: :func:`doc_max_topk`."""
+
+    name = "triton_doc_topk"
+    stage = "doc_topk"
+    chunk_reduces = ("max",)
+    needs_sorted_map = True
+    switch = "fused_topk"
+
+    def extra_why_not(self, need: base.Need) -> str | None:
+        if doc_max_topk_plan(need.n_docs, need.k) is None or need.k > need.n_docs:
+            return f"k={need.k} over {need.n_docs} documents is outside what it handles (k <= {TOPK_MAX})"
+        return None
+
+    def topk(self, cs: torch.Tensor, chunk_map: Any, k: int) -> torch.Tensor:
+        return doc_max_topk(cs, *chunk_map.runs, k)
+
+
+KERNELS = (FusedMaxScores(), FusedDocTopk())
+"""The kernels of this module (found by :func:`msa_memory.routing.kernels.all_kernels`)."""
