@@ -1,26 +1,30 @@
 """How router keys are made and scored (msa-reference §1.2, §3.3): the choices, defined once, and the
 two configurations that use them.
 
-- :class:`RouterConfig`: an adapter's own configuration, saved with its weights (layers, head layout,
-  pooling, the score and reduces it was trained for, grids, query suffix); it names the router id.
-- :class:`RoutingConfig`: how a runtime scores resident keys (the same score and reduces, taken from
-  the adapter by ``Memory``, plus top-k and the fast-path switches); never saved.
+- :class:`ScoreChoices`: the score, the three reduces and top-k, with the one set of defaults (MSA's:
+  cosine, head mean, query max, chunk max, 16 documents). Both configurations below derive from it and
+  add no field of it again.
+- :class:`RouterConfig` (``ScoreChoices`` + the adapter's layout): an adapter's own configuration, saved
+  with its weights as one flat JSON object (layers, head layout, pooling, the score and reduces it was
+  trained for, grids, query suffix); it names the router id.
+- :class:`RoutingConfig` (``ScoreChoices`` + the runtime's switches): how a runtime scores resident keys
+  (the adapter's choices, taken by :meth:`RoutingConfig.for_router`, plus tile size and the fast-path
+  switches); never saved.
 
-The score and reduce literals below are the only definitions of them: the router adapter's config
-(:class:`msa_memory.routing.adapter.RouterConfig`), the runtime's :class:`RoutingConfig` and the
-reference scorer (:mod:`msa_memory.routing.reference`) all use them.
+The score and reduce literals below are the only definitions of them: both configurations and the
+reference scorer (:mod:`msa_memory.routing.reference`) use them.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 from msa_memory.errors import ConfigError
 from msa_memory.schemas.records import check_shifted_window
 
-__all__ = ["ScoreMode", "HeadReduce", "QueryReduce", "ChunkReduce", "CHOICES", "check_choice", "RoutingConfig",
-           "RouterConfig", "check_query_suffix"]
+__all__ = ["ScoreMode", "HeadReduce", "QueryReduce", "ChunkReduce", "CHOICES", "SCORE_FIELDS", "check_choice",
+           "ScoreChoices", "RoutingConfig", "RouterConfig", "check_query_suffix"]
 
 ScoreMode = Literal["dot", "cosine"]
 HeadReduce = Literal["mean", "max"]
@@ -42,12 +46,13 @@ def check_choice(name: str, value: str, what: str = "Routing") -> None:
         raise ConfigError(f"{what} {name}={value!r} is not supported; allowed: {list(allowed)}.")
 
 
-@dataclass(frozen=True)
-class RoutingConfig:
-    """How router scores are computed and reduced (msa-reference §3.3); validated on construction."""
+@dataclass(frozen=True, kw_only=True)
+class ScoreChoices:
+    """How router scores are computed, reduced and cut (msa-reference §3.3); validated on construction."""
 
-    score: ScoreMode = "dot"
-    """``"dot"``: raw <q, K̄ᵣ>/√D (reference inference); ``"cosine"``: per-head L2-normalized (paper)."""
+    score: ScoreMode = "cosine"
+    """``"cosine"``: q and K̄ᵣ L2-normalized per head, scale 1 (the paper, training, every adapter here);
+    ``"dot"``: raw <q, K̄ᵣ>/√D (MSA's reference inference engine)."""
     head_reduce: HeadReduce = "mean"
     """Reduce over query heads: ``"mean"`` (MSA) or ``"max"``."""
     query_reduce: QueryReduce = "max"
@@ -55,7 +60,28 @@ class RoutingConfig:
     chunk_reduce: ChunkReduce = "max"
     """Reduce a document's chunk scores: ``"max"`` (MSA) or ``"mean"``."""
     top_k: int = 16
-    """Documents chosen per router layer (fewer if the store holds fewer)."""
+    """Documents chosen per router layer, fewer if the store holds fewer (MSA: doc_top_k, else top_k_docs)."""
+
+    def __post_init__(self) -> None:
+        what = "Routing" if isinstance(self, RoutingConfig) else type(self).__name__
+        for name in CHOICES:
+            check_choice(name, getattr(self, name), what)
+        if int(self.top_k) < 1:
+            raise ConfigError(f"{what} top_k must be >= 1, got {self.top_k!r}.")
+
+    def score_choices(self) -> dict[str, Any]:
+        """The fields of :class:`ScoreChoices` (score, reduces, top-k) as a dict."""
+        return {name: getattr(self, name) for name in SCORE_FIELDS}
+
+
+SCORE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(ScoreChoices))
+"""The names of :class:`ScoreChoices`' fields."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoutingConfig(ScoreChoices):
+    """How a runtime scores resident router keys: :class:`ScoreChoices` plus tile size and fast-path switches."""
+
     tile_chunks: int = 262_144
     """Chunks scored per matmul tile; bounds the score buffer to rows × tile_chunks floats (on CPU the
     tile also shrinks so that buffer stays ≤ 2 MiB, cache-sized)."""
@@ -78,10 +104,7 @@ class RoutingConfig:
     other CPUs (where bf16 GEMMs are emulated and ~100× slower); or ``"float32"`` / ``"bfloat16"``."""
 
     def __post_init__(self) -> None:
-        for name in CHOICES:
-            check_choice(name, getattr(self, name))
-        if int(self.top_k) < 1:
-            raise ConfigError(f"Routing top_k must be >= 1, got {self.top_k!r}.")
+        super().__post_init__()
         if int(self.tile_chunks) < 1:
             raise ConfigError(f"Routing tile_chunks must be >= 1, got {self.tile_chunks!r}.")
         if int(self.fused_min_rows) < 1:
@@ -115,8 +138,7 @@ class RoutingConfig:
             return overrides
         base: dict[str, Any] = {}
         if router_config is not None:
-            base = {k: getattr(router_config, k) for k in ("score", "head_reduce", "query_reduce", "chunk_reduce",
-                                                           "top_k") if hasattr(router_config, k)}
+            base = {k: getattr(router_config, k) for k in SCORE_FIELDS if hasattr(router_config, k)}
         base.update(overrides or {})
         return cls.from_dict(base)
 
@@ -136,8 +158,9 @@ def check_query_suffix(suffix: Any, query_reduce: str, name: str, suffix_layers:
 
 
 @dataclass(frozen=True)
-class RouterConfig:
-    """How router keys are made and scored (msa-reference.md §1.2, §3.3)."""
+class RouterConfig(ScoreChoices):
+    """How router keys are made (msa-reference.md §1.2): an adapter's layout, plus the :class:`ScoreChoices`
+    it was trained for (keyword-only). Saved flat, one JSON object (:meth:`to_dict` / :meth:`from_dict`)."""
 
     router_layers: tuple[int, ...]
     """Decoder layer indices with router projections, ascending."""
@@ -151,13 +174,6 @@ class RouterConfig:
     """Input size E (the model's hidden size)."""
     chunk_tokens: int = 64
     """Pooling size P (MSA's pooling_kernel_size)."""
-    score: ScoreMode = "cosine"
-    """"cosine" (normalised q and K̄ᵣ) or "dot" (raw dot / sqrt(D))."""
-    head_reduce: HeadReduce = "mean"
-    query_reduce: QueryReduce = "max"
-    chunk_reduce: ChunkReduce = "max"
-    top_k: int = 16
-    """Documents chosen per router layer (MSA: doc_top_k, else top_k_docs, else 16)."""
     source: str = "adapter"
     """Where the weights came from: "msa-checkpoint", "adapter" or "init-from-qk"."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -186,6 +202,7 @@ class RouterConfig:
     store's keys serve the adapter with or without them. Left out of :meth:`to_dict` when empty."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         layers = tuple(int(x) for x in self.router_layers)
         object.__setattr__(self, "router_layers", layers)
         if not layers or list(layers) != sorted(set(layers)) or layers[0] < 0:
@@ -206,15 +223,12 @@ class RouterConfig:
             raise ConfigError(f"suffix_layers must be ascending distinct router layers (router layers {list(layers)}), "
                               f"got {list(sfx_layers)!r}.")
         check_query_suffix(self.query_suffix, self.query_reduce, "RouterConfig.query_suffix", sfx_layers)
-        for name in ("n_q_heads", "n_kv_heads", "head_dim", "hidden_size", "chunk_tokens", "top_k"):
+        for name in ("n_q_heads", "n_kv_heads", "head_dim", "hidden_size", "chunk_tokens"):
             if int(getattr(self, name)) <= 0:
                 raise ConfigError(f"RouterConfig.{name} must be positive, got {getattr(self, name)!r}.")
         if self.n_q_heads % self.n_kv_heads:
             raise ConfigError(
                 f"n_q_heads ({self.n_q_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads}).")
-        for name, ok in CHOICES.items():
-            if getattr(self, name) not in ok:
-                raise ConfigError(f"RouterConfig.{name} must be one of {ok}, got {getattr(self, name)!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)

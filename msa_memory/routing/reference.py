@@ -25,13 +25,14 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from msa_memory.errors import ConfigError
-from msa_memory.routing.config import CHOICES, ChunkReduce, HeadReduce, QueryReduce, ScoreMode
+from msa_memory.routing.config import CHOICES, ChunkReduce, HeadReduce, QueryReduce, ScoreChoices, ScoreMode
 
 if TYPE_CHECKING:
     import torch
 
 __all__ = ["chunk_scores", "doc_scores", "adapter_doc_scores", "MISSING"]
 
+_DEFAULT = ScoreChoices()   # the one set of defaults (MSA's)
 MISSING = -1.0e9  #: score of a masked / missing entry; far below any cosine or scaled dot product
 _NEG = MISSING
 
@@ -47,9 +48,9 @@ def chunk_scores(
     q_mask: torch.Tensor,
     k: torch.Tensor,
     *,
-    score: ScoreMode = "cosine",
-    head_reduce: HeadReduce = "mean",
-    query_reduce: QueryReduce = "max",
+    score: ScoreMode = _DEFAULT.score,
+    head_reduce: HeadReduce = _DEFAULT.head_reduce,
+    query_reduce: QueryReduce = _DEFAULT.query_reduce,
 ) -> torch.Tensor:
     """Query-reduced scores of every query against every chunk at one layer.
 
@@ -58,7 +59,7 @@ def chunk_scores(
     q : (B, T, Hq, D) router queries (``router_q_proj`` output reshaped to heads).
     q_mask : (B, T) bool, True for the query tokens that take part in routing.
     k : (C, Hk, D) pooled router keys (``router_k_proj`` of the pooled input), Hq % Hk == 0.
-    score, head_reduce, query_reduce : see the module docstring; defaults are MSA's.
+    score, head_reduce, query_reduce : see the module docstring; defaults are MSA's (``ScoreChoices``).
 
     Returns
     -------
@@ -110,7 +111,7 @@ def doc_scores(
     chunk_doc: torch.Tensor,
     n_docs: int,
     *,
-    chunk_reduce: ChunkReduce = "max",
+    chunk_reduce: ChunkReduce = _DEFAULT.chunk_reduce,
 ) -> torch.Tensor:
     """Reduce (B, C) chunk scores to (B, N) document scores; ``chunk_doc`` (C,) maps chunks to 0..N-1.
 
