@@ -8,7 +8,7 @@ wraps the HF model in an ``MsaEngine``. Then:
 
 - :meth:`Memory.search` routes the question (document scores summed over all router layers, the
   way router training scores) and returns a ``pyarrow.Table`` (``.to_pandas()`` away);
-- :meth:`Memory.ask` answers in ``pooled`` (faithful MSA: each router layer attends to its own top-k
+- :meth:`Memory.ask` (its verbs in ``asking.py``) answers in ``pooled`` (faithful MSA: each router layer attends to its own top-k
   documents' pooled K̄V̄), ``text`` (route, then the passages' raw text before the question) or
   ``interleave`` (multi-round; ``interleave.py``) mode, optionally streaming text pieces.
 
@@ -21,29 +21,24 @@ from __future__ import annotations
 import html
 import os
 import time
-from typing import TYPE_CHECKING, Any, Callable, Literal, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from msa_memory.errors import ConfigError, RuntimeMemoryError
+from msa_memory.runtime.asking import DEFAULT_STOPS, AskVerbs, Mode
 from msa_memory.runtime.engine import MsaEngine
-from msa_memory.runtime.generation import generate, stop_at
 from msa_memory.runtime.hybrid import Retriever, check_retriever, fuse_rrf
 from msa_memory.runtime.memory_tier import content_for_store
-from msa_memory.runtime.prompts import PromptIds, layout_for
-from msa_memory.runtime.results import Answer, DocHit, Round
+from msa_memory.runtime.prompts import layout_for
+from msa_memory.runtime.results import DocHit
 from msa_memory.routing.config import RoutingConfig
 from msa_memory.routing.resident import load_resident_index
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["Memory", "Mode"]
-
-Mode = Literal["pooled", "text", "interleave"]
-_MODES = ("pooled", "text", "interleave")
-#: Section markers of our own prompts; a base model that starts repeating them has finished its answer.
-DEFAULT_STOPS = ("\n\nPassage ", "\nQuestion:")
+__all__ = ["DEFAULT_STOPS", "Memory", "Mode"]
 
 
 def _open(store: Any, model: Any, adapter: Any, tokenizer: Any, device: str | None, devices: list[str] | None,
@@ -82,7 +77,7 @@ def _open(store: Any, model: Any, adapter: Any, tokenizer: Any, device: str | No
     return store, model, device
 
 
-class Memory:
+class Memory(AskVerbs):
     """A store version opened for a model: route questions to documents and answer from them.
 
     Parameters
@@ -367,124 +362,6 @@ class Memory:
         return pa.table({"rank": list(range(1, len(hits) + 1)), "doc_id": [h.doc_id for h in hits],
                          "score": [h.score for h in hits], "source_path": [h.source_path for h in hits],
                          "passage_index": [h.passage_index for h in hits], "text": [h.preview for h in hits]})
-
-    # ------------------------------------------------------------------ generation
-    def eos_ids(self) -> list[int]:
-        ids = set()
-        tok = self.tokenizer
-        if tok.eos_token_id is not None:
-            ids.add(int(tok.eos_token_id))
-        gc = getattr(self.model.hf_model, "generation_config", None)
-        e = getattr(gc, "eos_token_id", None)
-        ids.update([e] if isinstance(e, int) else list(e or []))
-        for t in ("<|im_end|>", "<end_of_turn>"):
-            i = tok.convert_tokens_to_ids(t)
-            if isinstance(i, int) and i != tok.unk_token_id and i is not None:
-                ids.add(i)
-        return sorted(ids)
-
-    def generate_ids(self, state: Any, prompt: PromptIds, positions: list[int], **kw: Any) -> tuple[list[int], str]:
-        """Prefill ``prompt`` into ``state`` then decode; returns (new token ids, stop reason)
-        (:func:`msa_memory.runtime.generation.generate`; keywords as there)."""
-        return generate(self.engine, self.tokenizer, self.device, self.eos_ids(), state, prompt, positions, **kw)
-
-    def answer_text(self, ids: list[int], stop_strings: Sequence[str]) -> str:
-        return stop_at(self.tokenizer.decode(ids, skip_special_tokens=True), stop_strings).strip()
-
-    def ask(self, question: str | Sequence[int], mode: Mode | None = None, *, k: int | None = None,
-            max_new_tokens: int = 64,
-            temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, max_rounds: int = 3,
-            on_token: Callable[[str], None] | None = None, stop_strings: Sequence[str] | None = None,
-            retriever: Retriever = "routing") -> Answer:
-        """Answer ``question`` from memory.
-
-        Parameters
-        ----------
-        question : str or token ids
-            Text, or token ids as in :meth:`route` (every mode; the answer's ``question`` is then
-            their decoded text).
-        mode : {"pooled", "text", "interleave"}, default: "pooled" for MSA stores, else "text"
-        k : int, default: the router's top_k
-        max_new_tokens : int, default 64
-        temperature : float, default 0.0 (greedy); top_p : float, default 1.0; seed : int, optional
-        max_rounds : int, default 3 (interleave)
-        on_token : callable, optional
-            Called with each new piece of answer text as it is generated (streaming).
-        stop_strings : sequence of str, optional
-            Generation stops when the answer contains one of them (it is cut there). Default: the
-            prompt's own section markers (``"\\n\\nPassage "``, ``"\\nQuestion:"``), which a base model
-            starts to repeat once it has answered.
-        retriever : {"routing", "hybrid"}, default "routing"
-            "hybrid" reads the passages :meth:`search` with ``retriever="hybrid"`` ranks first, in text
-            mode (the default mode with it); pooled and interleave modes route inside the model's forward
-            (every router layer its own documents) and refuse it.
-        """
-        retriever = check_retriever(retriever)
-        mode = mode or ("text" if retriever == "hybrid" else "pooled" if self.identity.wrap == "msa" else "text")
-        if mode not in _MODES:
-            raise ConfigError(f"mode={mode!r} is not one of {list(_MODES)}.")
-        if retriever == "hybrid" and mode != "text":
-            raise ConfigError(f"retriever='hybrid' picks the passages of mode='text'; mode={mode!r} routes inside the "
-                              "model's forward, each router layer choosing its own documents.",
-                              hint="Ask with mode='text' (--mode text) for hybrid retrieval, or keep retriever='routing'.")
-        question = self._question(question)
-        if int(max_new_tokens) < 1:
-            raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens!r}.")
-        t0 = time.perf_counter()
-        stops = tuple(stop_strings) if stop_strings is not None else DEFAULT_STOPS
-        kw = dict(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p), seed=seed,
-                  on_token=on_token, stop_strings=stops)
-        if mode == "pooled":
-            ans = self._ask_pooled(question, k, kw)
-        elif mode == "text":
-            ans = self._ask_text(question, k, kw, retriever)
-        else:
-            from msa_memory.runtime.interleave import ask_interleave
-
-            ans = ask_interleave(self, question, k, int(max_rounds), kw)
-        ans.timings["total_s"] = time.perf_counter() - t0
-        return ans
-
-    def _ask_pooled(self, question: str | list[int], k: int | None, kw: dict[str, Any]) -> Answer:
-        timings: dict[str, float] = {}
-        prefix = self.prefix
-        P = len(self.layout.head_ids())
-        kk = int(k or self.routing.top_k)
-        q = self.layout.question(question)
-        st = self.engine.new_state(len(q.ids) + kw["max_new_tokens"] + 1, prefix, top_k=kk)
-        pos = list(range(P + kk, P + kk + len(q.ids)))                 # §3.2: query starts at P + k
-        if self.query_suffix:
-            # the router reads the question where the suffix ends, but the answer must not see the suffix:
-            # route a forward of question + suffix (memory attached as it routes, as in the prefill), then
-            # prefill the prompt with those routes
-            rq = self.layout.encode([(question, True), (self.query_suffix, True)])
-            st.preset_routes = self.engine.pooled_routes(rq.ids, list(range(P + kk, P + kk + len(rq.ids))),
-                                                         rq.route_rows, prefix, kk, st.timings, self.suffix_rows)
-        toks, reason = self.generate_ids(st, q, pos, route=True, timings=timings, **kw)
-        timings.update(st.timings)
-        hits, per_layer = self.layer_hits(st.routes)
-        rnd = Round(0, hits, per_layer=per_layer)
-        text = self.answer_text(toks, kw["stop_strings"])
-        rnd.generated = text
-        return Answer(self.question_text(question), text, "pooled", [rnd], timings, len(q.ids) + P, len(toks), reason,
-                      toks)
-
-    def _ask_text(self, question: str | list[int], k: int | None, kw: dict[str, Any],
-                  retriever: Retriever = "routing") -> Answer:
-        ids, scores, rt = self.route(question, k, retriever=retriever)
-        timings = {"routing_s": rt["route_total_s"]}
-        t = time.perf_counter()
-        texts = self.store.texts(ids.tolist())
-        timings["fetch_s"] = time.perf_counter() - t
-        prompt = self.layout.with_passages(question, list(zip(ids.tolist(), texts)))
-        head = self.layout.head_ids()
-        full = PromptIds(head + prompt.ids, [False] * len(head) + prompt.route_rows)
-        st = self.engine.new_state(len(full.ids) + kw["max_new_tokens"] + 1)
-        toks, reason = self.generate_ids(st, full, list(range(len(full.ids))), route=False, timings=timings, **kw)
-        text = self.answer_text(toks, kw["stop_strings"])
-        rnd = Round(0, self.hits(ids, scores), generated=text)
-        return Answer(self.question_text(question), text, "text", [rnd], timings, len(full.ids), len(toks), reason,
-                      toks)
 
     def stats(self) -> dict[str, Any]:
         """What this Memory read from its store: the backend's requests and bytes (counted on remote stores
