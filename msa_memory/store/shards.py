@@ -114,73 +114,90 @@ def shifted_offsets(identity: StoreIdentity, record: ShardRecord) -> np.ndarray:
 
 def check_encoded(identity: StoreIdentity, passages: Sequence[Passage], enc: EncodedChunks) -> None:
     """Raise SchemaMismatchError unless ``enc`` fits ``identity`` (shapes, dtypes, counts)."""
-    L, H, D, E = identity.n_layers, identity.n_kv_heads, identity.head_dim, identity.hidden_size
+    _check_counts(identity, passages, enc)
     st = STORAGE_DTYPES[identity.dtype]
-    hint = "Encode with the model/router this store was built with (see `msa store info`)."
+    for name, a, shape in _expected_arrays(identity, enc) + _expected_shifted_arrays(identity, enc):
+        if not isinstance(a, np.ndarray) or a.shape != shape:
+            raise _mismatch(f"EncodedChunks.{name} has shape {getattr(a, 'shape', None)}; the store expects {shape} "
+                            "(C chunks, L router layers, H kv heads, D head dim, E hidden).")
+        if a.dtype != st:
+            raise _mismatch(f"EncodedChunks.{name} has dtype {a.dtype}; logical {identity.dtype!r} is stored as {st}.")
 
-    def bad(msg: str) -> SchemaMismatchError:
-        return SchemaMismatchError(msg, hint=hint)
 
+def _mismatch(msg: str) -> SchemaMismatchError:
+    return SchemaMismatchError(msg, hint="Encode with the model/router this store was built with (see `msa store info`).")
+
+
+def _check_int_array(name: str, a: Any, n: int) -> None:
+    if not isinstance(a, np.ndarray) or a.shape != (n,) or a.dtype.kind not in "iu":
+        raise _mismatch(f"EncodedChunks.{name} must be an integer array of shape ({n},), got "
+                        f"{getattr(a, 'dtype', type(a))} {getattr(a, 'shape', '')}.")
+
+
+def _check_counts(identity: StoreIdentity, passages: Sequence[Passage], enc: EncodedChunks) -> None:
+    """The dtype, the document count and each document's token and chunk counts."""
     if enc.dtype != identity.dtype:
-        raise bad(f"EncodedChunks.dtype is {enc.dtype!r}; the store keeps {identity.dtype!r}.")
+        raise _mismatch(f"EncodedChunks.dtype is {enc.dtype!r}; the store keeps {identity.dtype!r}.")
     n = enc.n_docs
     if n == 0:
-        raise bad("A shard needs at least one document; got 0.")
+        raise _mismatch("A shard needs at least one document; got 0.")
     if len(passages) != n:
-        raise bad(f"{len(passages)} passages for {n} encoded documents; pass one Passage per doc id.")
+        raise _mismatch(f"{len(passages)} passages for {n} encoded documents; pass one Passage per doc id.")
     for name in ("doc_ids", "n_tokens", "n_chunks"):
-        a = getattr(enc, name)
-        if not isinstance(a, np.ndarray) or a.shape != (n,) or a.dtype.kind not in "iu":
-            raise bad(f"EncodedChunks.{name} must be an integer array of shape ({n},), got "
-                      f"{getattr(a, 'dtype', type(a))} {getattr(a, 'shape', '')}.")
+        _check_int_array(name, getattr(enc, name), n)
     if np.any(enc.n_tokens <= 0):
-        raise bad(f"Every document needs at least one token; n_tokens has {int((enc.n_tokens <= 0).sum())} "
-                  "non-positive entries.")
+        raise _mismatch(f"Every document needs at least one token; n_tokens has {int((enc.n_tokens <= 0).sum())} "
+                        "non-positive entries.")
     want_chunks = -(-enc.n_tokens // identity.chunk_tokens)
     if not np.array_equal(enc.n_chunks, want_chunks):
         i = int(np.flatnonzero(enc.n_chunks != want_chunks)[0])
-        raise bad(f"Document {int(enc.doc_ids[i])}: n_chunks={int(enc.n_chunks[i])} but "
-                  f"ceil(n_tokens={int(enc.n_tokens[i])} / chunk_tokens={identity.chunk_tokens}) = {int(want_chunks[i])}.")
+        raise _mismatch(f"Document {int(enc.doc_ids[i])}: n_chunks={int(enc.n_chunks[i])} but ceil(n_tokens="
+                        f"{int(enc.n_tokens[i])} / chunk_tokens={identity.chunk_tokens}) = {int(want_chunks[i])}.")
+
+
+def _expected_arrays(identity: StoreIdentity, enc: EncodedChunks) -> list[tuple[str, Any, tuple[int, ...]]]:
+    """(name, array, expected shape) of the aligned grid's arrays (content K̄V̄, router keys and inputs)."""
+    L, H, D, E = identity.n_layers, identity.n_kv_heads, identity.head_dim, identity.hidden_size
     C = int(enc.n_chunks.sum())
     shapes: list[tuple[str, Any, tuple[int, ...]]] = [
         ("kv", enc.kv, (C, L, 2, H, D)), ("k_router", enc.k_router, (L, C, H, D))]
     if E > 0:
         if enc.x_router is None:
-            raise bad(f"The store keeps router inputs x_router (hidden_size={E}); EncodedChunks.x_router is None.")
+            raise _mismatch(f"The store keeps router inputs x_router (hidden_size={E}); EncodedChunks.x_router is None.")
         shapes.append(("x_router", enc.x_router, (L, C, E)))
     elif enc.x_router is not None:
-        raise bad("EncodedChunks.x_router was given but the store keeps no router inputs (identity.hidden_size=0).")
-    Ls = len(identity.shifted_layers)
-    if Ls:
-        want_s = shifted_chunk_counts(enc.n_tokens, identity.chunk_tokens, identity.shifted_window)
-        ns = enc.n_chunks_s
-        if ns is None or enc.k_router_s is None:
-            raise bad(f"The store keeps router keys over the shifted grid at layers {list(identity.shifted_layers)}; "
-                      "EncodedChunks.n_chunks_s / k_router_s are None.")
-        if not isinstance(ns, np.ndarray) or ns.shape != (n,) or ns.dtype.kind not in "iu":
-            raise bad(f"EncodedChunks.n_chunks_s must be an integer array of shape ({n},), got "
-                      f"{getattr(ns, 'dtype', type(ns))} {getattr(ns, 'shape', '')}.")
-        if not np.array_equal(ns, want_s):
-            i = int(np.flatnonzero(ns != want_s)[0])
-            raise bad(f"Document {int(enc.doc_ids[i])}: its shifted-grid chunk count is {int(ns[i])}, not the "
-                      f"{int(want_s[i])} its {int(enc.n_tokens[i])} tokens give (shifted_chunk_counts).")
-        Cs = int(want_s.sum())
-        shapes.append(("k_router_s", enc.k_router_s, (Ls, Cs, H, D)))
-        if E > 0:
-            if enc.x_router_s is None:
-                raise bad("The store keeps router inputs; EncodedChunks.x_router_s (the shifted grid's) is None.")
-            shapes.append(("x_router_s", enc.x_router_s, (Ls, Cs, E)))
-        elif enc.x_router_s is not None:
-            raise bad("EncodedChunks.x_router_s was given but the store keeps no router inputs (identity.hidden_size=0).")
-    elif enc.k_router_s is not None or enc.x_router_s is not None:
-        raise bad("EncodedChunks has shifted-grid router keys but the store keeps none (identity.shifted_layers is "
-                  "empty).")
-    for name, a, shape in shapes:
-        if not isinstance(a, np.ndarray) or a.shape != shape:
-            raise bad(f"EncodedChunks.{name} has shape {getattr(a, 'shape', None)}; the store expects {shape} "
-                      "(C chunks, L router layers, H kv heads, D head dim, E hidden).")
-        if a.dtype != st:
-            raise bad(f"EncodedChunks.{name} has dtype {a.dtype}; logical {identity.dtype!r} is stored as {st}.")
+        raise _mismatch("EncodedChunks.x_router was given but the store keeps no router inputs (identity.hidden_size=0).")
+    return shapes
+
+
+def _expected_shifted_arrays(identity: StoreIdentity, enc: EncodedChunks) -> list[tuple[str, Any, tuple[int, ...]]]:
+    """(name, array, expected shape) of the shifted grid's router keys and inputs; its chunk counts checked."""
+    Ls, H, D, E = len(identity.shifted_layers), identity.n_kv_heads, identity.head_dim, identity.hidden_size
+    if not Ls:
+        if enc.k_router_s is not None or enc.x_router_s is not None:
+            raise _mismatch("EncodedChunks has shifted-grid router keys but the store keeps none "
+                            "(identity.shifted_layers is empty).")
+        return []
+    want_s = shifted_chunk_counts(enc.n_tokens, identity.chunk_tokens, identity.shifted_window)
+    ns = enc.n_chunks_s
+    if ns is None or enc.k_router_s is None:
+        raise _mismatch(f"The store keeps router keys over the shifted grid at layers {list(identity.shifted_layers)}; "
+                        "EncodedChunks.n_chunks_s / k_router_s are None.")
+    _check_int_array("n_chunks_s", ns, enc.n_docs)
+    if not np.array_equal(ns, want_s):
+        i = int(np.flatnonzero(ns != want_s)[0])
+        raise _mismatch(f"Document {int(enc.doc_ids[i])}: its shifted-grid chunk count is {int(ns[i])}, not the "
+                        f"{int(want_s[i])} its {int(enc.n_tokens[i])} tokens give (shifted_chunk_counts).")
+    Cs = int(want_s.sum())
+    shapes: list[tuple[str, Any, tuple[int, ...]]] = [("k_router_s", enc.k_router_s, (Ls, Cs, H, D))]
+    if E > 0:
+        if enc.x_router_s is None:
+            raise _mismatch("The store keeps router inputs; EncodedChunks.x_router_s (the shifted grid's) is None.")
+        shapes.append(("x_router_s", enc.x_router_s, (Ls, Cs, E)))
+    elif enc.x_router_s is not None:
+        raise _mismatch("EncodedChunks.x_router_s was given but the store keeps no router inputs "
+                        "(identity.hidden_size=0).")
+    return shapes
 
 
 def check_ids(root: Backend, doc_ids: np.ndarray, used: _ids.Ranges | None = None) -> None:
@@ -292,56 +309,9 @@ def write_shard_unchecked(be: Backend, identity: StoreIdentity, shard_id: str, p
 def _write_files(be: Backend, identity: StoreIdentity, shard_id: str, passages: Sequence[Passage],
                  encoded: EncodedChunks, stage: str, lexical: bool = True) -> ShardRecord:
     """Write the shard's files under ``stage``, its record last (exclusively); returns the record."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    st = STORAGE_DTYPES[identity.dtype]
     fault_hook("shard:staged")
-    attrs = {"msa_logical_dtype": identity.dtype}
-    C = int(encoded.n_chunks.sum())
-    L, H, D, E = identity.n_layers, identity.n_kv_heads, identity.head_dim, identity.hidden_size
-    files: dict[str, dict[str, int]] = {}
-
-    def put(name: str, written: dict[str, tuple[int, int]]) -> None:
-        for rel, (size, crc) in written.items():
-            files[f"{name}/{rel}"] = {"size": size, "crc32c": crc}
-
-    group = json.dumps(GROUP_META, indent=2).encode()
-    be.write(f"{stage}/zarr.json", group, exclusive=True)
-    files["zarr.json"] = {"size": len(group), "crc32c": crc32c.crc32c(group)}
-    put("kv", write_array(be, f"{stage}/kv", encoded.kv.astype(st, copy=False), (1, L, 2, H, D),
-                {**attrs, "dims": ["chunk", "layer", "kv", "head", "dim"]}))
-    fault_hook("shard:kv")
-    put("k_router", write_array(be, f"{stage}/k_router", encoded.k_router.astype(st, copy=False), (1, C, H, D),
-                                {**attrs, "dims": ["layer", "chunk", "head", "dim"]}))
-    fault_hook("shard:k_router")
-    if E > 0:
-        assert encoded.x_router is not None
-        put("x_router", write_array(be, f"{stage}/x_router", encoded.x_router.astype(st, copy=False), (1, C, E),
-                                    {**attrs, "dims": ["layer", "chunk", "hidden"]}))
-    chunk_doc = np.repeat(np.asarray(encoded.doc_ids, dtype=np.int64), encoded.n_chunks)  # (C,)
-    put("chunk_doc", write_array(be, f"{stage}/chunk_doc", chunk_doc, (C,), {"dims": ["chunk"]}))
-    if identity.shifted_layers:
-        assert encoded.k_router_s is not None
-        Cs = int(encoded.k_router_s.shape[1])
-        put("k_router_s", write_array(be, f"{stage}/k_router_s", encoded.k_router_s.astype(st, copy=False), (1, Cs, H, D),
-                                      {**attrs, "dims": ["shifted_layer", "shifted_chunk", "head", "dim"]}))
-        if E > 0:
-            assert encoded.x_router_s is not None
-            put("x_router_s", write_array(be, f"{stage}/x_router_s", encoded.x_router_s.astype(st, copy=False), (1, Cs, E),
-                                          {**attrs, "dims": ["shifted_layer", "shifted_chunk", "hidden"]}))
-        fault_hook("shard:k_router_s")
-    sink = pa.BufferOutputStream()
-    pq.write_table(_docs_table(passages, encoded, shard_id), sink, write_page_checksum=True, compression="zstd")
-    docs = sink.getvalue()
-    be.write(f"{stage}/{DOCS_FILE}", memoryview(docs), exclusive=True)
-    fault_hook("shard:docs")
-    files[DOCS_FILE] = {"size": docs.size, "crc32c": crc32c.crc32c(memoryview(docs))}
-    if lexical:
-        data = _lexical.postings_bytes(encoded.doc_ids, [p.text for p in passages])
-        be.write(f"{stage}/{_lexical.postings_file()}", data, exclusive=True)
-        files[_lexical.postings_file()] = {"size": len(data), "crc32c": crc32c.crc32c(data)}
-        fault_hook("shard:lexical")
+    files = _write_arrays(be, identity, encoded, stage)
+    files.update(_write_tables(be, passages, encoded, shard_id, stage, lexical))
     record = ShardRecord(
         shard_id=shard_id, doc_ids=np.asarray(encoded.doc_ids, dtype=np.int64), chunk_offsets=encoded.offsets,
         n_tokens=np.asarray(encoded.n_tokens, dtype=np.int64), files=dict(sorted(files.items())),
@@ -353,6 +323,64 @@ def _write_files(be: Backend, identity: StoreIdentity, shard_id: str, passages: 
         raise StoreExistsError(f"Shard {shard_id!r} was written concurrently by another writer.",
                                hint="Use a distinct shard id per writer task.") from None
     return record
+
+
+def _write_arrays(be: Backend, identity: StoreIdentity, encoded: EncodedChunks, stage: str) -> dict[str, dict[str, int]]:
+    """The shard's zarr group and arrays under ``stage``; returns {relative path: {size, crc32c}} of their files."""
+    st = STORAGE_DTYPES[identity.dtype]
+    attrs = {"msa_logical_dtype": identity.dtype}
+    C = int(encoded.n_chunks.sum())
+    L, H, D, E = identity.n_layers, identity.n_kv_heads, identity.head_dim, identity.hidden_size
+    files: dict[str, dict[str, int]] = {}
+
+    def put(name: str, data: np.ndarray, chunks: tuple[int, ...], dims: list[str], logical: bool = True) -> None:
+        written = write_array(be, f"{stage}/{name}", data.astype(st, copy=False) if logical else data, chunks,
+                              {**(attrs if logical else {}), "dims": dims})
+        for rel, (size, crc) in written.items():
+            files[f"{name}/{rel}"] = {"size": size, "crc32c": crc}
+
+    group = json.dumps(GROUP_META, indent=2).encode()
+    be.write(f"{stage}/zarr.json", group, exclusive=True)
+    files["zarr.json"] = {"size": len(group), "crc32c": crc32c.crc32c(group)}
+    put("kv", encoded.kv, (1, L, 2, H, D), ["chunk", "layer", "kv", "head", "dim"])
+    fault_hook("shard:kv")
+    put("k_router", encoded.k_router, (1, C, H, D), ["layer", "chunk", "head", "dim"])
+    fault_hook("shard:k_router")
+    if E > 0:
+        assert encoded.x_router is not None
+        put("x_router", encoded.x_router, (1, C, E), ["layer", "chunk", "hidden"])
+    chunk_doc = np.repeat(np.asarray(encoded.doc_ids, dtype=np.int64), encoded.n_chunks)  # (C,)
+    put("chunk_doc", chunk_doc, (C,), ["chunk"], logical=False)
+    if identity.shifted_layers:
+        assert encoded.k_router_s is not None
+        Cs = int(encoded.k_router_s.shape[1])
+        put("k_router_s", encoded.k_router_s, (1, Cs, H, D), ["shifted_layer", "shifted_chunk", "head", "dim"])
+        if E > 0:
+            assert encoded.x_router_s is not None
+            put("x_router_s", encoded.x_router_s, (1, Cs, E), ["shifted_layer", "shifted_chunk", "hidden"])
+        fault_hook("shard:k_router_s")
+    return files
+
+
+def _write_tables(be: Backend, passages: Sequence[Passage], encoded: EncodedChunks, shard_id: str, stage: str,
+                  lexical: bool) -> dict[str, dict[str, int]]:
+    """The shard's document table (Parquet) and, with ``lexical``, its BM25 postings under ``stage``; returns
+    {relative path: {size, crc32c}} of the files."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(_docs_table(passages, encoded, shard_id), sink, write_page_checksum=True, compression="zstd")
+    docs = sink.getvalue()
+    be.write(f"{stage}/{DOCS_FILE}", memoryview(docs), exclusive=True)
+    fault_hook("shard:docs")
+    files = {DOCS_FILE: {"size": docs.size, "crc32c": crc32c.crc32c(memoryview(docs))}}
+    if lexical:
+        data = _lexical.postings_bytes(encoded.doc_ids, [p.text for p in passages])
+        be.write(f"{stage}/{_lexical.postings_file()}", data, exclusive=True)
+        files[_lexical.postings_file()] = {"size": len(data), "crc32c": crc32c.crc32c(data)}
+        fault_hook("shard:lexical")
+    return files
 
 
 def read_record(root: Backend | str | os.PathLike[str], shard_id: str, expect_crc: int | None = None) -> ShardRecord:

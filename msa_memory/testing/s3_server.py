@@ -114,6 +114,57 @@ class S3Server:
         self.stop()
 
 
+class _ProxyHandler(BaseHTTPRequestHandler):
+    """One request to a :class:`FaultProxy`: counted, then failed (an S3 throttling answer) or forwarded."""
+
+    protocol_version = "HTTP/1.1"
+    proxy: FaultProxy   # set on the per-proxy subclass
+
+    def log_message(self, *args: Any) -> None:  # quiet
+        pass
+
+    def _handle(self) -> None:
+        n = int(self.headers.get("Content-Length") or 0)
+        body = self.rfile.read(n) if n else b""
+        if self.proxy._arrived():
+            self._send_fault()
+        else:
+            self._forward(body)
+
+    def _send_fault(self) -> None:
+        """The S3 error a throttled request gets (503 SlowDown or 429 TooManyRequests)."""
+        status = self.proxy.status
+        code = "SlowDown" if status == 503 else "TooManyRequests"
+        msg = (f"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code>"
+               "<Message>Please reduce your request rate.</Message></Error>").encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(msg)))
+        self.end_headers()
+        self.wfile.write(msg)
+
+    def _forward(self, body: bytes) -> None:
+        """The request sent on to the target, its answer copied back."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.proxy.target_port, timeout=60)
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection",)}
+        conn.request(self.command, self.path, body=body, headers=headers)
+        resp = conn.getresponse()
+        data = resp.read()
+        self.send_response(resp.status)
+        for k, v in resp.getheaders():
+            if k.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
+                self.send_header(k, v)
+        # a HEAD answer has no body but the object's length
+        self.send_header("Content-Length", resp.getheader("Content-Length", "0") if self.command == "HEAD"
+                         else str(len(data)))
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(data)
+        conn.close()
+
+    do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
+
+
 class FaultProxy:
     """A loopback HTTP proxy to ``target_port`` that fails the next ``fail_next`` requests with ``status``."""
 
@@ -125,59 +176,24 @@ class FaultProxy:
         self.n_failed = 0
         self.times: list[float] = []  # arrival time of each request (monotonic), to see the backoff
         self._mutex = threading.Lock()
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:  # quiet
-                pass
-
-            def _handle(self) -> None:
-                n = int(self.headers.get("Content-Length") or 0)
-                body = self.rfile.read(n) if n else b""
-                with proxy._mutex:
-                    proxy.n_requests += 1
-                    proxy.times.append(time.monotonic())
-                    fail = proxy.fail_next > 0
-                    if fail:
-                        proxy.fail_next -= 1
-                        proxy.n_failed += 1
-                if fail:
-                    code = "SlowDown" if proxy.status == 503 else "TooManyRequests"
-                    msg = (f"<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>{code}</Code>"
-                           "<Message>Please reduce your request rate.</Message></Error>").encode()
-                    self.send_response(proxy.status)
-                    self.send_header("Content-Type", "application/xml")
-                    self.send_header("Content-Length", str(len(msg)))
-                    self.end_headers()
-                    self.wfile.write(msg)
-                    return
-                conn = http.client.HTTPConnection("127.0.0.1", proxy.target_port, timeout=60)
-                headers = {k: v for k, v in self.headers.items() if k.lower() not in ("connection",)}
-                conn.request(self.command, self.path, body=body, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read()
-                self.send_response(resp.status)
-                for k, v in resp.getheaders():
-                    if k.lower() not in ("transfer-encoding", "connection", "content-length", "server", "date"):
-                        self.send_header(k, v)
-                # a HEAD answer has no body but the object's length
-                self.send_header("Content-Length", resp.getheader("Content-Length", "0") if self.command == "HEAD"
-                                 else str(len(data)))
-                self.end_headers()
-                if self.command != "HEAD":
-                    self.wfile.write(data)
-                conn.close()
-
-            do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _handle
-
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        handler = type("Handler", (_ProxyHandler,), {"proxy": self})
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
+
+    def _arrived(self) -> bool:
+        """Count one request; True when it is to fail."""
+        with self._mutex:
+            self.n_requests += 1
+            self.times.append(time.monotonic())
+            fail = self.fail_next > 0
+            if fail:
+                self.fail_next -= 1
+                self.n_failed += 1
+        return fail
 
     def stop(self) -> None:
         self._server.shutdown()
