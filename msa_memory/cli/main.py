@@ -15,6 +15,7 @@ from msa_memory.cli.encode import encode_app  # registers msa encode
 import msa_memory.cli.store  # noqa: E402,F401,I001  (registers msa store ...)
 import msa_memory.cli.ask  # noqa: E402,F401  (registers msa ask, msa search)
 import msa_memory.cli.router  # noqa: E402,F401  (registers msa train-router, msa store reindex-router)
+import msa_memory.cli.reader  # noqa: E402,F401  (registers msa train-reader)
 
 __all__ = ["app", "encode_app", "main", "encode_main", "run_app"]
 

@@ -82,6 +82,8 @@ class ForwardState:
     timings: dict[str, float] = field(default_factory=lambda: {"routing_s": 0.0, "fetch_s": 0.0})
     masks: dict[tuple, torch.Tensor] = field(default_factory=dict)
     """Attention masks of the current forward, by (prefix + memory length, local tokens before, T, window)."""
+    reader: bool = False
+    """Apply the engine's reader adapter (question-side LoRA) to this request's forwards."""
     static: StaticStep | None = None
     """The fixed-shape decoding step while one runs (its forwards attend the whole buffer)."""
     decode_graph: tuple[StaticStep, Any] | None = None

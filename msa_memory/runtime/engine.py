@@ -40,7 +40,7 @@ memory keys carry no position and are always visible (as in MSA).
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -97,12 +97,15 @@ class MsaEngine:
     suffix_q : callable, optional
         ``suffix_q(position, x) -> (1, Hq·D)`` the suffix query of a router position in ``suffix_positions``
         (``RouterConfig.suffix_layers``), from the normed hidden of the suffix's last token.
+    reader : ReaderAdapter, optional
+        A question-side LoRA (:mod:`msa_memory.runtime.reader`), attached to ``hf_model``; it is applied to
+        the forwards of states with ``reader=True`` only.
     """
 
     def __init__(self, hf_model: Any, router_layers: Sequence[int], router_q: Callable[[int, torch.Tensor], torch.Tensor],
                  index: RouterIndex | None = None, content: ContentMemory | None = None, *,
                  cpu_gemv: bool | str = "auto", suffix_q: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
-                 suffix_positions: Sequence[int] = ()) -> None:
+                 suffix_positions: Sequence[int] = (), reader: Any = None) -> None:
         register_attention()
         self.model = hf_model
         self.backbone = hf_model.model
@@ -114,6 +117,7 @@ class MsaEngine:
             raise ConfigError("Suffix positions need suffix_q, the suffix queries' projection.")
         self.index = index
         self.content = content
+        self.reader = reader
         n_layers = len(self.backbone.layers)
         bad = [x for x in self.router_layers if not 0 <= x < n_layers]
         if bad:
@@ -146,12 +150,15 @@ class MsaEngine:
             norm = self.backbone.layers[li].input_layernorm
             hooks.append(norm.register_forward_hook(self._make_hook(pos, li)))
         cfg._attn_implementation = ATTN_NAME
+        if state.reader and self.reader is None:
+            raise ConfigError("This request asks for the reader adapter, but the engine has none.")
         try:
-            if self.gemv is None:
+            with ExitStack() as stack:
+                if self.reader is not None:
+                    stack.enter_context(self.reader.active(state.reader))
+                if self.gemv is not None:
+                    stack.enter_context(self.gemv.active())
                 yield state
-            else:
-                with self.gemv.active():
-                    yield state
         finally:
             cfg._attn_implementation = old
             for h in hooks:
@@ -211,10 +218,13 @@ class MsaEngine:
 
     # ------------------------------------------------------------------ forwards
     def forward(self, state: ForwardState, ids: Sequence[int] | torch.Tensor, positions: Sequence[int] | torch.Tensor,
-                *, route_rows: Any = None, logits: bool = True, backbone_only: bool = False) -> torch.Tensor | None:
+                *, route_rows: Any = None, logits: bool = True, backbone_only: bool = False,
+                grad: bool = False) -> torch.Tensor | None:
         """One forward of new local tokens; returns last-position logits (V,) float32 or None.
 
         ``route_rows`` (T,) bool marks routing-query tokens; when given, this forward routes.
+        ``grad=True`` (training a reader): autograd on, and the final hidden states of all T tokens
+        (T, E) are returned instead of logits (the caller applies the LM head where it needs it).
         """
         import torch
 
@@ -231,9 +241,13 @@ class MsaEngine:
             if rr.shape[0] != T or not bool(rr.any()):
                 raise ConfigError(f"route_rows must be a ({T},) bool mask with at least one True.")
             state.route, state.route_rows = True, rr
-        with self.session(state), torch.inference_mode():
+        with self.session(state), (torch.enable_grad() if grad else torch.inference_mode()):
             try:
-                if backbone_only:
+                if grad:
+                    res = self.backbone(input_ids=ids_t, position_ids=pos_t, attention_mask=self._mask_dict,
+                                        use_cache=False)
+                    out = res.last_hidden_state[0]
+                elif backbone_only:
                     self.backbone(input_ids=ids_t, position_ids=pos_t, attention_mask=self._mask_dict, use_cache=False)
                     out = None
                 else:
@@ -246,19 +260,21 @@ class MsaEngine:
         state.n_written += T
         return out
 
-    def compute_prefix(self, template_ids: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per-layer (K, V) of the template head at positions 0..P-1, causal among themselves."""
+    def compute_prefix(self, template_ids: Sequence[int], reader: bool = False) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer (K, V) of the template head at positions 0..P-1, causal among themselves (with the reader
+        adapter applied when ``reader``)."""
         n = len(template_ids)
         if n == 0:
             return []
-        st = ForwardState(capacity=n)
+        st = ForwardState(capacity=n, reader=bool(reader))
         self.forward(st, list(template_ids), list(range(n)), backbone_only=True)
         return [(st.layers[i].k[:, :n].clone(), st.layers[i].v[:, :n].clone()) for i in range(len(self.backbone.layers))]
 
     def new_state(self, capacity: int, prefix: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,
-                  top_k: int | None = None) -> ForwardState:
+                  top_k: int | None = None, reader: bool = False) -> ForwardState:
         p = list(prefix) if prefix else None
-        return ForwardState(capacity=int(capacity), prefix=p, prefix_len=(p[0][0].shape[1] if p else 0), top_k=top_k)
+        return ForwardState(capacity=int(capacity), prefix=p, prefix_len=(p[0][0].shape[1] if p else 0), top_k=top_k,
+                            reader=bool(reader))
 
     def route_only(self, ids: Sequence[int], positions: Sequence[int], route_rows: Any,
                    prefix: Sequence[tuple[torch.Tensor, torch.Tensor]] | None = None,

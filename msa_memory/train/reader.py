@@ -1,0 +1,396 @@
+"""Train a reader adapter: a question-side LoRA that answers from pooled K̄V̄ (issue 39).
+
+Design note. The objective is MSA's answer loss (msa-reference §6.2, ``L_ans``) with the memory attended
+the way the runtime attends it: the training forward *is* the runtime's pooled forward
+(:meth:`MsaEngine.forward` with ``grad=True``), so the prompt layout, the positions (§3.2: the question
+starts at P + k), the [prefix | memory | local] attention and the per-layer routes are the ones
+``Memory.ask(mode="pooled")`` uses. Each training question is routed once by the frozen model (reader off,
+the routes ``Memory`` answers with too); where a router layer's top-k misses the gold passage, the gold
+passage replaces its last route (teacher forcing, §6.4), so the loss never asks for an answer the memory
+does not hold. The store is a real store, encoded by ``encode_corpus`` from passages of the training
+sources only (stdlib and package docstrings, ``msa_memory.train.texts``), with a fact from
+:class:`~msa_memory.train.pairs.FactMaker` (split "train") planted at a sentence boundary of each passage;
+the answer span is the fact's value, which occurs in its passage only. Questions of a held-out fraction of
+the facts never reach the optimizer and give the dev figures.
+
+The routing loss (``L_aux``) is not here: routing is the router adapter's (``msa train-router``), and a
+reader never changes routes (:mod:`msa_memory.runtime.reader`). What it does not do: encode documents with
+the adapted model (end-to-end training; stores would have to be re-encoded and name the reader).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from msa_memory.errors import ConfigError
+
+__all__ = ["ALL_TARGETS", "ReaderQuestion", "make_reader_corpus", "load_questions", "ReaderTrainer", "run_reader_training",
+           "pooled_routes"]
+
+
+@dataclass
+class ReaderQuestion:
+    question: str
+    answer: str
+    files: list[str]          # corpus-relative paths of the gold passages
+    fact: int                 # fact index (questions of one fact share it)
+    split: str                # "train" or "dev"
+
+
+def make_reader_corpus(out_dir: str | Path, n_passages: int = 400, *, seed: int = 0, dev_fraction: float = 0.1,
+                       sources: str = "stdlib,packages", min_chars: int = 250, max_chars: int = 600) -> dict[str, Any]:
+    """Write ``out_dir/corpus/*.txt`` (one passage each, a planted fact in each) and ``out_dir/questions.jsonl``.
+
+    Passages come from the training sources (``stdlib``: standard-library docstrings, ``packages``: installed
+    packages' docstrings), packed to ``min_chars``–``max_chars`` characters and shuffled by ``seed``.
+    """
+    from msa_memory.train.pairs import FactMaker, insert_sentence
+    from msa_memory.train.texts import pack_paragraphs, package_docstrings, stdlib_docstrings
+
+    out = Path(out_dir)
+    corpus = out / "corpus"
+    if corpus.exists() and any(corpus.iterdir()):
+        raise ConfigError(f"{str(corpus)!r} is not empty.", hint="Pass a new --data folder.")
+    rng = random.Random(seed)
+    docs: list[tuple[str, str]] = []
+    for s in sources.split(","):
+        if s == "stdlib":
+            docs += stdlib_docstrings()
+        elif s == "packages":
+            docs += package_docstrings()
+        else:
+            raise ConfigError(f"Unknown reader-corpus source {s!r}; use stdlib and/or packages.")
+    passages = [p for _, text in docs for p in pack_paragraphs(text, max_chars=max_chars, min_chars=min_chars)]
+    rng.shuffle(passages)
+    if len(passages) < n_passages:
+        raise ConfigError(f"The sources give {len(passages)} passages, fewer than the {n_passages} asked for.")
+    facts = FactMaker("train", seed=seed, names="varied")
+    corpus.mkdir(parents=True, exist_ok=True)
+    questions: list[dict[str, Any]] = []
+    for i, passage in enumerate(passages[:n_passages]):
+        statement, qs, value = facts.make()
+        name = f"p{i:06d}.txt"
+        (corpus / name).write_text(insert_sentence(passage, statement, rng) + "\n")
+        split = "dev" if rng.random() < dev_fraction else "train"
+        questions += [asdict_q(ReaderQuestion(q, value, [name], i, split)) for q in qs]
+    with open(out / "questions.jsonl", "w") as f:
+        for q in questions:
+            f.write(json.dumps(q) + "\n")
+    return {"passages": n_passages, "questions": len(questions),
+            "dev_questions": sum(q["split"] == "dev" for q in questions)}
+
+
+def asdict_q(q: ReaderQuestion) -> dict[str, Any]:
+    return {"question": q.question, "answer": q.answer, "files": q.files, "fact": q.fact, "split": q.split}
+
+
+def load_questions(path: str | Path) -> list[ReaderQuestion]:
+    out = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                out.append(ReaderQuestion(str(r["question"]), str(r["answer"]), [str(x) for x in r["files"]],
+                                          int(r.get("fact", n)), str(r.get("split", "train"))))
+            except (ValueError, KeyError, TypeError) as e:
+                raise ConfigError(f"{path}:{n}: not a reader question ({e}).",
+                                  hint='Each line: {"question": ..., "answer": ..., "files": [...]}.') from e
+    return out
+
+
+class ReaderTrainer:
+    """Trains a :class:`~msa_memory.runtime.reader.ReaderAdapter` on one store's questions.
+
+    ``memory``: an open :class:`~msa_memory.runtime.Memory` on the training store (its engine runs every
+    forward). ``k``: documents per router layer, as ``Memory.ask(k=...)``.
+    """
+
+    def __init__(self, memory: Any, reader: Any, *, k: int = 4, lr: float = 1e-3, weight_decay: float = 0.0,
+                 seed: int = 0) -> None:
+        import torch
+
+        self.mem, self.reader, self.k = memory, reader, int(k)
+        hf = memory.model.hf_model
+        for p in hf.parameters():
+            p.requires_grad_(False)
+        reader.attach(hf, memory.model.model_fingerprint)
+        for p in reader.params.values():
+            p.requires_grad_(True)
+        memory.engine.reader = reader
+        self.opt = torch.optim.AdamW(list(reader.params.values()), lr=lr, weight_decay=weight_decay)
+        self.rng = random.Random(seed)
+        self._routes: dict[str, Any] = {}
+        self._file_doc: dict[str, list[int]] | None = None
+        self.P = len(memory.layout.head_ids())
+
+    # ------------------------------------------------------------------ pieces
+    def gold_docs(self, q: ReaderQuestion) -> list[int]:
+        """Dense document indices of ``q``'s gold passages (every passage of each gold file, matched by the
+        file's path relative to the corpus folder or by its name)."""
+        import numpy as np
+
+        if self._file_doc is None:
+            tab = self.mem.store.documents(columns=["doc_id", "source_path"])
+            dense = {int(d): i for i, d in enumerate(np.asarray(self.mem.doc_ids).tolist())}
+            self._file_doc = {}
+            for d, p in zip(tab.column("doc_id").to_pylist(), tab.column("source_path").to_pylist()):
+                for key in {str(p), Path(str(p)).name}:
+                    self._file_doc.setdefault(key, []).append(dense[int(d)])
+        out: list[int] = []
+        for f in q.files:
+            hit = self._file_doc.get(f) or self._file_doc.get(Path(f).name)
+            if not hit:
+                raise ConfigError(f"Gold passage {f!r} of question {q.question!r} is not in the store.",
+                                  hint="Questions name their passages' files as the store records them.")
+            out += [i for i in hit if i not in out]
+        return out
+
+    def routes(self, q: ReaderQuestion, force_gold: bool = True) -> dict[int, Any]:
+        """The per-layer routes ``Memory.ask(mode="pooled")`` answers ``q`` with (reader off), gold forced in."""
+        import numpy as np
+
+        from msa_memory.routing.index import RouteResult
+
+        key = q.question
+        if key not in self._routes:
+            self._routes[key] = pooled_routes(self.mem, q.question, self.k)
+        routes = self._routes[key]
+        if not force_gold:
+            return routes
+        gold = self.gold_docs(q)
+        out = {}
+        for pos, r in routes.items():
+            idx = r.doc_index.tolist()
+            missing = [g for g in gold if g not in idx]
+            if missing:
+                keep = [i for i in idx if i not in gold][:max(0, len(idx) - len(missing))]
+                idx = keep + missing
+                self.rng.shuffle(idx)
+                ids = np.asarray(self.mem.doc_ids)[idx]
+                r = RouteResult(np.asarray(idx, dtype=np.int64), np.asarray(ids, dtype=np.int64),
+                                np.zeros(len(idx), dtype=np.float32), r.layer)
+            out[pos] = r
+        return out
+
+    def target_ids(self, answer: str) -> list[int]:
+        tok = self.mem.tokenizer
+        return tok(" " + answer.strip(), add_special_tokens=False)["input_ids"] + \
+            tok("\n", add_special_tokens=False)["input_ids"]
+
+    def loss(self, q: ReaderQuestion) -> Any:
+        """Answer loss (mean token cross-entropy of `` answer\\n``) of one question, graph attached."""
+        import torch
+
+        mem, eng = self.mem, self.mem.engine
+        prompt = mem.layout.question(q.question)
+        tgt = self.target_ids(q.answer)
+        ids = prompt.ids + tgt
+        start = self.P + self.k
+        pos = list(range(start, start + len(ids)))
+        with torch.no_grad():
+            prefix = eng.compute_prefix(mem.layout.head_ids(), reader=True)
+        st = eng.new_state(len(ids), prefix, top_k=self.k, reader=True)
+        st.preset_routes = self.routes(q)
+        h = eng.forward(st, ids, pos, route_rows=prompt.route_rows + [False] * len(tgt), grad=True)
+        n = len(prompt.ids)
+        logits = lm_logits(mem.model.hf_model, h[n - 1:n - 1 + len(tgt)])
+        return torch.nn.functional.cross_entropy(logits.float(), torch.as_tensor(tgt, device=logits.device))
+
+    def step(self, batch: Sequence[ReaderQuestion], clip: float = 1.0) -> float:
+        import torch
+
+        self.opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for q in batch:
+            loss = self.loss(q) / len(batch)
+            loss.backward()
+            total += float(loss.detach())
+        torch.nn.utils.clip_grad_norm_(list(self.reader.params.values()), clip)
+        self.opt.step()
+        return total
+
+    def answer(self, q: ReaderQuestion, reader: bool = True, max_new_tokens: int = 16) -> str:
+        """Greedy pooled answer with the routes ``Memory`` would use (gold not forced)."""
+        mem, eng = self.mem, self.mem.engine
+        prompt = mem.layout.question(q.question)
+        start = self.P + self.k
+        pos = list(range(start, start + len(prompt.ids)))
+        prefix = eng.compute_prefix(mem.layout.head_ids(), reader=reader)
+        st = eng.new_state(len(prompt.ids) + max_new_tokens + 1, prefix, top_k=self.k, reader=reader)
+        st.preset_routes = self.routes(q, force_gold=False)
+        toks, _ = mem.generate_ids(st, prompt, pos, route=True, timings={}, max_new_tokens=max_new_tokens,
+                                   temperature=0.0, top_p=1.0, seed=None, on_token=None, stop_strings=("\n",))
+        return mem.tokenizer.decode(toks, skip_special_tokens=True).split("\n")[0].strip()
+
+    def evaluate(self, questions: Sequence[ReaderQuestion], reader: bool = True) -> dict[str, float]:
+        """Exact match (normalised) and gold-read rate of pooled answers."""
+        import numpy as np
+
+        em = read = 0
+        for q in questions:
+            em += _norm(self.answer(q, reader)) == _norm(q.answer)
+            gold = set(self.gold_docs(q))
+            read += any(gold <= set(np.asarray(r.doc_index).tolist()) for r in self.routes(q, False).values())
+        n = max(1, len(questions))
+        return {"em": em / n, "gold_read": read / n, "n": len(questions)}
+
+    def train(self, questions: Sequence[ReaderQuestion], *, steps: int, batch_size: int = 4, warmup: int = 20,
+              log: Callable[[str], None] = print, eval_every: int = 0, dev: Sequence[ReaderQuestion] = (),
+              on_eval: Callable[[int, dict[str, float]], None] | None = None,
+              first_step: int = 1) -> list[dict[str, float]]:
+        """``steps`` optimizer steps over shuffled ``questions``; cosine decay after a linear warm-up."""
+        qs = list(questions)
+        if not qs:
+            raise ConfigError("No training questions.")
+        base = [g["lr"] for g in self.opt.param_groups]
+        history = []
+        order: list[ReaderQuestion] = []
+        t0 = time.perf_counter()
+        run = 0.0
+        for s in range(first_step, steps + 1):
+            f = s / warmup if s <= warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, steps - warmup)))
+            for g, b in zip(self.opt.param_groups, base):
+                g["lr"] = b * f
+            batch = []
+            while len(batch) < batch_size:
+                if not order:
+                    order = qs[:]
+                    self.rng.shuffle(order)
+                batch.append(order.pop())
+            loss = self.step(batch)
+            run = loss if s == first_step else 0.95 * run + 0.05 * loss
+            if s % 10 == 0 or s == steps:
+                log(f"step {s}/{steps} loss {run:.3f} ({time.perf_counter() - t0:.0f}s)")
+            if eval_every and dev and (s % eval_every == 0 or s == steps):
+                r = self.evaluate(dev)
+                r["step"] = s
+                history.append(r)
+                log(f"  dev EM {r['em']:.3f} (gold read {r['gold_read']:.2f}, n {r['n']})")
+                if on_eval is not None:
+                    on_eval(s, r)
+        for p in self.reader.params.values():
+            p.requires_grad_(False)
+        return history
+
+
+def pooled_routes(mem: Any, question: str, k: int) -> dict[int, Any]:
+    """The per-layer routes of ``mem.ask(question, mode="pooled", k=k)``, from a forward without the reader."""
+    eng = mem.engine
+    P = len(mem.layout.head_ids())
+    if mem.query_suffix:
+        rq = mem.layout.encode([(question, True), (mem.query_suffix, True)])
+        rows = mem.suffix_rows
+    else:
+        rq, rows = mem.layout.question(question), 0
+    return eng.pooled_routes(rq.ids, list(range(P + k, P + k + len(rq.ids))), rq.route_rows, mem.prefix, k,
+                             None, rows)
+
+
+def lm_logits(hf_model: Any, hidden: Any) -> Any:
+    """The LM head (with the model's final logit soft-capping, if any) on hidden states (T, E)."""
+    import torch
+
+    logits = hf_model.lm_head(hidden)
+    cap = getattr(hf_model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _norm(s: str) -> str:
+    import re
+    import string
+
+    s = "".join(ch for ch in s.lower() if ch not in set(string.punctuation))
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", s).split())
+
+
+# ----------------------------------------------------------------------------- the whole run (msa train-reader)
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def run_reader_training(*, data: str | Path, out: str | Path, passages: int = 1500, steps: int = 800,
+                        batch_size: int = 4, rank: int = 16, alpha: float = 32.0, lr: float = 1e-3, k: int = 4,
+                        layers: str = "all", targets: str = "all", seed: int = 0, device: str = "cpu",
+                        eval_every: int = 200, n_dev: int = 40, resume: bool = False, command: str = "",
+                        log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Build (or reuse) the training store under ``data``, train a reader, save it to ``out``.
+
+    ``data/corpus`` + ``data/questions.jsonl`` (:func:`make_reader_corpus`) and ``data/mem.msa`` (encoded by
+    ``encode_corpus`` with the default model) are made when missing. ``out/checkpoint.pt`` (reader factors,
+    optimizer state, step) is written at every evaluation; ``resume=True`` continues from it. The adapter
+    files (:class:`~msa_memory.runtime.reader.ReaderAdapter`) record the command, the data recipe and the
+    dev exact match with and without the reader.
+    """
+    import torch
+
+    from msa_memory.jobs.encode_job import encode_corpus
+    from msa_memory.runtime.memory import Memory
+    from msa_memory.runtime.reader import ReaderAdapter, ReaderConfig
+
+    data, out = Path(data), Path(out)
+    if not (data / "questions.jsonl").is_file():
+        log(f"making {passages} training passages under {data}")
+        make_reader_corpus(data, passages, seed=seed)
+    store = data / "mem.msa"
+    t0 = time.perf_counter()
+    res = encode_corpus([str(data / "corpus")], str(store), device=device)
+    log(f"training store {store}: {getattr(res, 'summary', res)} ({time.perf_counter() - t0:.0f}s)")
+    mem = Memory(str(store), device=device, cpu_gemv=False)
+    hf = mem.model.hf_model
+    n_layers = len(hf.model.layers)
+    lay = list(range(n_layers)) if layers == "all" else [int(x) for x in layers.split(",")]
+    tg = list(ALL_TARGETS) if targets == "all" else targets.split(",")
+    cfg = ReaderConfig(rank=rank, alpha=alpha, targets=tg, layers=lay, model_fingerprint=mem.model.model_fingerprint)
+    torch.manual_seed(seed)
+    reader = ReaderAdapter.for_model(hf, cfg)
+    trainer = ReaderTrainer(mem, reader, k=k, lr=lr, seed=seed)
+    qs = load_questions(data / "questions.jsonl")
+    train_q = [q for q in qs if q.split == "train"]
+    dev_q = [q for q in qs if q.split == "dev"]
+    dev_q = random.Random(seed).sample(dev_q, min(n_dev, len(dev_q)))
+    out.mkdir(parents=True, exist_ok=True)
+    ck = out / "checkpoint.pt"
+    start = 0
+    base = None
+    if resume and ck.is_file():
+        state = torch.load(ck, map_location="cpu", weights_only=False)
+        with torch.no_grad():
+            for name, v in state["reader"].items():
+                reader.params[name].copy_(v)
+        trainer.opt.load_state_dict(state["opt"])
+        start, base = int(state["step"]), state.get("base")
+        trainer.rng.setstate(state["rng"])
+        log(f"resumed from {ck} at step {start}")
+    if base is None:
+        base = trainer.evaluate(dev_q, reader=False)
+        log(f"dev EM without the reader: {base['em']:.3f} (gold read {base['gold_read']:.2f}, n {base['n']})")
+    history: list[dict[str, float]] = []
+
+    def save(step: int, r: dict[str, float]) -> None:
+        torch.save({"reader": {n: p.detach().cpu() for n, p in reader.params.items()}, "opt": trainer.opt.state_dict(),
+                    "step": step, "base": base, "rng": trainer.rng.getstate()}, ck)
+        reader.config.extra = {"trained_by": "msa train-reader", "command": command, "step": step,
+                               "dev": r, "dev_without_reader": base,
+                               "data": {"passages": passages, "seed": seed, "sources": "stdlib,packages",
+                                        "facts": "train.pairs.FactMaker('train', names='varied')",
+                                        "train_questions": len(train_q), "dev_questions": len(dev_q)},
+                               "objective": "answer cross-entropy, pooled K̄V̄ of the routed top-k, gold forced in"}
+        reader.save(out)
+
+    remaining = steps - start
+    if remaining > 0:
+        # the cosine schedule spans the whole run: a resumed run skips the steps already done
+        history = trainer.train(train_q, steps=steps, batch_size=batch_size, eval_every=eval_every, dev=dev_q,
+                                log=log, on_eval=save, first_step=start + 1)
+    final = history[-1] if history else (base or {})
+    return {"out": str(out), "dev": final, "dev_without_reader": base, "history": history,
+            "params": reader.n_params()}
