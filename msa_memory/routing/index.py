@@ -112,6 +112,7 @@ class RouterIndex:
         self._keys_packed: list[torch.Tensor] = []   # keys in the layout of self._packer (e.g. blocked bf16)
         self.broken_kernels: set[str] = set()
         """Names of the kernels that failed in this index (not asked again)."""
+        self._chosen: dict[Need, RoutingKernel | None] = {}
         resident = [self._resident_dtype(i, k) for i, k in enumerate(keys)]
         self._packer = self._layout_kernel(keys, resident)
         for k, dt in zip(keys, resident):
@@ -210,12 +211,18 @@ class RouterIndex:
                     layout=self.layout, head_dim=self._shapes[layer][2] if self._shapes else 0, **kw)
 
     def _select(self, need: Need) -> RoutingKernel | None:
-        return kernels.select(need, self.broken_kernels)
+        """The kernel for ``need`` (None: the torch path), remembered per need (routes ask at every step)."""
+        try:
+            return self._chosen[need]
+        except KeyError:
+            kern = self._chosen[need] = kernels.select(need, self.broken_kernels)
+            return kern
 
     def _kernel_failed(self, kern: RoutingKernel, e: Exception, then: str = "using the torch path.") -> None:
         warnings.warn(f"Routing {_STAGE_WORDS[kern.stage]} failed ({kern.name}, {type(e).__name__}: {e}); {then}",
                       RuntimeWarning, stacklevel=3)
         self.broken_kernels.add(kern.name)
+        self._chosen.clear()
 
     def _scores_need(self, layer: int, lhs: torch.Tensor, plan: ScorePlan) -> Need:
         return self._need("scores", layer, rows=int(lhs.shape[1]), query_reduce=plan.query_reduce)
