@@ -14,6 +14,8 @@ Rows:
 - ``pooled k=K``: ``Memory.ask(mode="pooled")``; each router layer attends to its own top-K documents' pooled
   K̄V̄ (faithful MSA). The shipped model was never trained for it: this row is the baseline that reader
   training (issue 39 items 1–2) must beat.
+- ``pooled+reader k=K``: the same, answered with the reader adapter (``--reader``, default the shipped one;
+  ``msa train-reader``): the question-side LoRA trained to read pooled K̄V̄; the routes are the pooled row's.
 - ``interleave k=K``: ``mode="interleave"`` with ``--max-rounds`` rounds (default 2, the chains' length); with
   a plain model this is route → inject the passages' text → re-route on question + passages, then a text-mode
   answer over every passage read.
@@ -84,8 +86,9 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from _common import git_commit  # noqa: E402
 from msa_memory.train.texts import debian_docs, pack_paragraphs, pydoc_topics, sentences  # noqa: E402
 
-MODES = ("pooled", "interleave", "text", "bm25")
-ROW_NAME = {"pooled": "pooled", "interleave": "interleave", "text": "text", "bm25": "bm25-rag"}
+MODES = ("pooled", "reader", "interleave", "text", "bm25")
+ROW_NAME = {"pooled": "pooled", "reader": "pooled+reader", "interleave": "interleave", "text": "text",
+            "bm25": "bm25-rag"}
 PASSAGE_CHARS = (250, 600)   # (min, max) characters of a passage
 
 
@@ -427,6 +430,10 @@ def ask_one(mem, bm25: BM25Route, item: Item, mode: str, k: int, args) -> dict:
             del mem.route
     elif mode == "interleave":
         ans = mem.ask(item.question, mode="interleave", max_rounds=args.max_rounds, **kw)
+    elif mode == "reader":
+        ans = mem.ask(item.question, mode="pooled", reader=True, **kw)
+    elif mode == "pooled":
+        ans = mem.ask(item.question, mode="pooled", reader=False, **kw)
     else:
         ans = mem.ask(item.question, mode=mode, **kw)
     pred = prediction_text(ans.answer)
@@ -475,7 +482,7 @@ def _row_order(name: str) -> tuple:
 
 
 def print_table(summary: dict, sizes: dict) -> None:
-    hdr = (f"{'size':>6} {'row':<16} | {'needle EM':>9} {'F1':>5} {'cont':>5} {'read':>5} | {'2-hop EM':>8} {'F1':>5} "
+    hdr = (f"{'size':>6} {'row':<18} | {'needle EM':>9} {'F1':>5} {'cont':>5} {'read':>5} | {'2-hop EM':>8} {'F1':>5} "
            f"{'cont':>5} {'read':>5} | {'TTFT s':>7} {'total s':>7} {'prompt':>6}")
     print(hdr)
     print("-" * len(hdr))
@@ -485,7 +492,7 @@ def print_table(summary: dict, sizes: dict) -> None:
             n, h, a = m.get("needle", {}), m.get("2hop", {}), m["all"]
             cell = (lambda d: f"{d['em']:>9.2f} {d['f1']:>5.2f} {d['contains']:>5.2f} {d['gold_read']:>5.2f}"
                     if d else f"{'-':>9} {'-':>5} {'-':>5} {'-':>5}")
-            print(f"{size:>6} {name:<16} | {cell(n)} | {cell(h)[1:]} | {a['ttft_s']:>7.2f} {a['total_s']:>7.2f} "
+            print(f"{size:>6} {name:<18} | {cell(n)} | {cell(h)[1:]} | {a['ttft_s']:>7.2f} {a['total_s']:>7.2f} "
                   f"{a['prompt_tokens']:>6}")
     print("EM/F1: SQuAD normalisation of the answer's first line; cont: gold span inside it; read: the gold passages "
           "(both, for 2-hop) among those the answer read; TTFT/total: medians over all questions of the row.")
@@ -568,7 +575,9 @@ def save_meta(path: Path, meta: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="16k", help="memory sizes in tokens, e.g. 16k,128k,1m (default 16k)")
-    ap.add_argument("--modes", default="pooled,interleave,text,bm25", help="rows to run (default all four)")
+    ap.add_argument("--modes", default="pooled,reader,interleave,text,bm25", help="rows to run (default all five)")
+    ap.add_argument("--reader", default="default",
+                    help="reader adapter of the pooled+reader row: default (the shipped one) or a folder")
     ap.add_argument("--ks", default="4", help="k values, e.g. 4,16 (default 4)")
     ap.add_argument("--text-only-ks", default="",
                     help="extra k values run only for text and bm25 rows (e.g. 16: the long prompts are the slow part)")
@@ -626,7 +635,8 @@ def main(argv: list[str] | None = None) -> None:
                  "torch_threads": torch.get_num_threads(), "date": time.strftime("%Y-%m-%d"), "seed": args.seed,
                  "n_needles": args.needles, "n_hops": args.hops, "max_new_tokens": args.max_new_tokens,
                  "interleave_max_rounds": args.max_rounds, "model": "default (Gemma 3 270M, PyPI gguf)",
-                 "adapter": "default", "items": [asdict(it) for it in items]})
+                 "adapter": "default", "reader": args.reader if "reader" in modes else None,
+                 "items": [asdict(it) for it in items]})
     meta.setdefault("sizes", {})
     done: set[tuple] = set()
     rows: list[dict] = []
@@ -650,7 +660,8 @@ def main(argv: list[str] | None = None) -> None:
         save_meta(meta_path, meta)
         if args.encode_only:
             continue
-        mem = Memory(str(store), model=loaded)
+        mem = Memory(str(store), model=loaded, reader=(True if args.reader == "default" else args.reader)
+                     if "reader" in modes else False)
         bm25 = BM25Route(mem.store)
         plan = [(m, k) for m in modes for k in ks] + [(m, k) for m in modes if m in ("text", "bm25") for k in text_ks
                                                       if k not in ks]

@@ -34,16 +34,31 @@ def _check_retriever(store: str, version: str | None, retriever: str) -> None:
 
 
 def _memory(store: str, version: str | None, model: str, adapter: str | None, device: str, json_out: bool,
-            tokenizer: str | None = None, devices: str | None = None, centre_queries: bool = False) -> Any:
-    """The Memory a command asks for; ``centre_queries``: with query centres from the store's own passages."""
-    mem = _open_memory(store, version, model, adapter, device, json_out, tokenizer, devices)
+            tokenizer: str | None = None, devices: str | None = None, centre_queries: bool = False,
+            reader: str | None = None) -> Any:
+    """The Memory a command asks for; ``centre_queries``: with query centres from the store's own passages;
+    ``reader``: None (the shipped reader if it fits the model), "none", "default" or a folder."""
+    mem = _open_memory(store, version, model, adapter, device, json_out, tokenizer, devices, _reader_spec(reader))
     if centre_queries:
         mem.centre_queries("store")
     return mem
 
 
+def _reader_spec(reader: str | None) -> Any:
+    if reader is None:
+        return None
+    if reader.lower() == "none":
+        return False
+    if reader.lower() == "default":
+        return True
+    from msa_memory.runtime.reader import check_reader_folder
+
+    check_reader_folder(reader)      # before the model loads
+    return reader
+
+
 def _open_memory(store: str, version: str | None, model: str, adapter: str | None, device: str, json_out: bool,
-                 tokenizer: str | None, devices: str | None) -> Any:
+                 tokenizer: str | None, devices: str | None, reader: Any = None) -> Any:
     from msa_memory.runtime import Memory
 
     shards = [d.strip() for d in devices.split(",") if d.strip()] if devices else None
@@ -56,8 +71,9 @@ def _open_memory(store: str, version: str | None, model: str, adapter: str | Non
         hf_logging.disable_progress_bar()
     if shards:
         return Memory(open_version(store, version), model=model, adapter=adapter, tokenizer=tokenizer, devices=shards,
-                      device=shards[0] if device == "auto" else device)
-    return Memory(open_version(store, version), model=model, adapter=adapter, tokenizer=tokenizer, device=device)
+                      device=shards[0] if device == "auto" else device, reader=reader)
+    return Memory(open_version(store, version), model=model, adapter=adapter, tokenizer=tokenizer, device=device,
+                  reader=reader)
 
 
 @app.command("ask", epilog="\b\nExamples:\n  msa ask mem.msa \"Who approved the budget?\" --mode text\n"
@@ -79,6 +95,7 @@ def ask(
     stream: Annotated[bool, typer.Option("--stream/--no-stream", help="Print the answer as it is generated")] = True,
     retriever: RetrieverOpt = "routing",
     centre_queries: CentreOpt = False,
+    reader: Annotated[str | None, typer.Option("--reader", help="Reader adapter of --mode pooled: a `msa train-reader --out` folder, default (the shipped one) or none; unset: the shipped one when it was trained on --model")] = None,
     version: VersionOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -86,7 +103,7 @@ def ask(
 
     def body() -> None:
         _check_retriever(store, version, retriever)
-        mem = _memory(store, version, model, adapter, device, json_out, tokenizer, devices, centre_queries)
+        mem = _memory(store, version, model, adapter, device, json_out, tokenizer, devices, centre_queries, reader)
         live = stream and not json_out and sys.stdout.isatty()
         ans = mem.ask(question, mode=mode, k=k, max_new_tokens=max_new_tokens, temperature=temperature,  # type: ignore[arg-type]
                       max_rounds=rounds, on_token=(lambda s: typer.echo(s, nl=False)) if live else None,

@@ -47,6 +47,8 @@ class AskVerbs:
     suffix_rows: int
     prefix: Any
     query_suffix: str
+    reader: Any
+    reader_prefix: Any
 
     def eos_ids(self) -> list[int]:
         ids = set()
@@ -74,7 +76,7 @@ class AskVerbs:
             max_new_tokens: int = 64,
             temperature: float = 0.0, top_p: float = 1.0, seed: int | None = None, max_rounds: int = 3,
             on_token: Callable[[str], None] | None = None, stop_strings: Sequence[str] | None = None,
-            retriever: Retriever = "routing") -> Answer:
+            retriever: Retriever = "routing", reader: bool | None = None) -> Answer:
         """Answer ``question`` from memory.
 
         Parameters
@@ -97,6 +99,9 @@ class AskVerbs:
             "hybrid" reads the passages :meth:`search` with ``retriever="hybrid"`` ranks first, in text
             mode (the default mode with it); pooled and interleave modes route inside the model's forward
             (every router layer its own documents) and refuse it.
+        reader : bool, optional
+            Pooled mode: answer with the Memory's reader adapter (``Memory(reader=...)``). Default: when the
+            Memory has one. The documents are routed without it either way.
         """
         retriever = check_retriever(retriever)
         mode = mode or ("text" if retriever == "hybrid" else "pooled" if self.identity.wrap == "msa" else "text")
@@ -113,8 +118,15 @@ class AskVerbs:
         stops = tuple(stop_strings) if stop_strings is not None else DEFAULT_STOPS
         kw = dict(max_new_tokens=int(max_new_tokens), temperature=float(temperature), top_p=float(top_p), seed=seed,
                   on_token=on_token, stop_strings=stops)
+        use_reader = bool(self.reader is not None if reader is None else reader) and mode == "pooled"
+        if reader and mode != "pooled":
+            raise ConfigError(f"reader=True applies to mode='pooled'; mode={mode!r} reads passages as text.",
+                              hint="Ask with mode='pooled', or leave reader unset.")
+        if use_reader and self.reader is None:
+            raise ConfigError("reader=True, but this Memory has no reader adapter.",
+                              hint="Open it with Memory(..., reader=FOLDER) (a `msa train-reader --out` folder).")
         if mode == "pooled":
-            ans = self._ask_pooled(question, k, kw)
+            ans = self._ask_pooled(question, k, kw, use_reader)
         elif mode == "text":
             ans = self._ask_text(question, k, kw, retriever)
         else:
@@ -124,21 +136,32 @@ class AskVerbs:
         ans.timings["total_s"] = time.perf_counter() - t0
         return ans
 
-    def _ask_pooled(self, question: str | list[int], k: int | None, kw: dict[str, Any]) -> Answer:
+    def pooled_routes(self, question: str | list[int], k: int, timings: dict[str, float] | None = None) -> dict[int, Any]:
+        """Every router layer's top-k of a pooled answer to ``question``, from a forward without the reader.
+
+        The router reads the question where the query suffix ends, but the answer must not see the suffix (and
+        a reader adapter must not change routes): a forward of the question (+ suffix) routes, memory attached
+        layer by layer as in the prefill, and the answer's prefill then takes these routes."""
+        P = len(self.layout.head_ids())
+        if self.query_suffix:
+            rq, rows = self.layout.encode([(question, True), (self.query_suffix, True)]), self.suffix_rows
+        else:
+            rq, rows = self.layout.question(question), 0
+        return self.engine.pooled_routes(rq.ids, list(range(P + k, P + k + len(rq.ids))), rq.route_rows, self.prefix,
+                                         k, timings, rows)
+
+    def _ask_pooled(self, question: str | list[int], k: int | None, kw: dict[str, Any],
+                    reader: bool = False) -> Answer:
         timings: dict[str, float] = {}
         prefix = self.prefix
         P = len(self.layout.head_ids())
         kk = int(k or self.routing.top_k)
         q = self.layout.question(question)
-        st = self.engine.new_state(len(q.ids) + kw["max_new_tokens"] + 1, prefix, top_k=kk)
+        st = self.engine.new_state(len(q.ids) + kw["max_new_tokens"] + 1, self.reader_prefix if reader else prefix,
+                                   top_k=kk, reader=reader)
         pos = list(range(P + kk, P + kk + len(q.ids)))                 # §3.2: query starts at P + k
-        if self.query_suffix:
-            # the router reads the question where the suffix ends, but the answer must not see the suffix:
-            # route a forward of question + suffix (memory attached as it routes, as in the prefill), then
-            # prefill the prompt with those routes
-            rq = self.layout.encode([(question, True), (self.query_suffix, True)])
-            st.preset_routes = self.engine.pooled_routes(rq.ids, list(range(P + kk, P + kk + len(rq.ids))),
-                                                         rq.route_rows, prefix, kk, st.timings, self.suffix_rows)
+        if self.query_suffix or reader:
+            st.preset_routes = self.pooled_routes(question, kk, st.timings)
         toks, reason = self.generate_ids(st, q, pos, route=True, timings=timings, **kw)
         timings.update(st.timings)
         hits, per_layer = self.layer_hits(st.routes)

@@ -120,6 +120,10 @@ class Memory(AskVerbs):
         On a CPU with AVX512-BF16 and a bf16 model, run one-row linears (decode steps, the LM head)
         through an AVX512-BF16 GEMV over the weights as they are (``runtime.cpu_linear``; no copy):
         about 2× faster decoding of Gemma 3 270M on a 2-core VM. False keeps torch's own; True insists.
+    reader : None, bool, str, Path or ReaderAdapter, default None
+        The question-side LoRA that pooled answers read memory with (:mod:`msa_memory.runtime.reader`,
+        ``msa train-reader``). None: the shipped reader when it was trained on this model, else none; False:
+        none; True: the shipped reader or an error; a folder or an adapter: that one. Routing never uses it.
 
     Examples
     --------
@@ -139,7 +143,7 @@ class Memory(AskVerbs):
                  device: str | None = None, devices: Sequence[str] | None = None, distributed: Any = False,
                  source: str = "auto", memory_budget: int | str | None = "4GiB",
                  cache_bytes: int | str = "256MiB", routing: RoutingConfig | dict[str, Any] | None = None,
-                 use_chat_template: bool | None = None, cpu_gemv: bool | str = "auto") -> None:
+                 use_chat_template: bool | None = None, cpu_gemv: bool | str = "auto", reader: Any = None) -> None:
         import torch
 
         devices = [str(d) for d in devices] if devices else None
@@ -173,10 +177,15 @@ class Memory(AskVerbs):
         sfx_layers = self._suffix_layers
         #: trailing routing tokens that only the suffix queries read (the query suffix's, with suffix queries)
         self.suffix_rows = len(suffix_tokens(self.tokenizer, self.query_suffix)) if sfx_layers else 0
+        from msa_memory.runtime.reader import resolve_reader
+
+        #: the question-side reader adapter of pooled answers (runtime.reader), or None
+        self.reader = resolve_reader(reader, model.hf_model, model.model_fingerprint)
         self.engine = MsaEngine(model.hf_model, ident.router_layers, self._router_q, self.index, self.content,
                                 cpu_gemv=cpu_gemv, suffix_q=self._suffix_q if sfx_layers else None,
-                                suffix_positions=[ident.router_layers.index(l) for l in sfx_layers])
+                                suffix_positions=[ident.router_layers.index(l) for l in sfx_layers], reader=self.reader)
         self._prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+        self._reader_prefix: list[tuple[torch.Tensor, torch.Tensor]] | None = None
         self._sources: dict[int, tuple[str, int]] | None = None
         self._lexical: Any = None
         self.open_s = time.perf_counter() - t0
@@ -194,6 +203,13 @@ class Memory(AskVerbs):
         if self._prefix is None:
             self._prefix = self.engine.compute_prefix(self.layout.head_ids())
         return self._prefix
+
+    @property
+    def reader_prefix(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Per-layer K/V of the template head with the reader adapter applied (computed once)."""
+        if self._reader_prefix is None:
+            self._reader_prefix = self.engine.compute_prefix(self.layout.head_ids(), reader=True)
+        return self._reader_prefix
 
     def _source_of(self, doc_id: int) -> tuple[str, int]:
         if self._sources is None:

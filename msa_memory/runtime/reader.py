@@ -33,7 +33,8 @@ from msa_memory.errors import ConfigError, ModelLoadError
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ReaderConfig", "ReaderAdapter", "READER_TARGETS", "default_reader_adapter"]
+__all__ = ["ReaderConfig", "ReaderAdapter", "READER_TARGETS", "default_reader_adapter", "resolve_reader",
+           "check_reader_folder"]
 
 #: Linear modules a reader may adapt, by their name in a HF decoder layer.
 READER_TARGETS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
@@ -199,11 +200,8 @@ class ReaderAdapter:
         import torch
         from safetensors.torch import load_file
 
-        p = Path(path)
+        p = check_reader_folder(path)
         cfg_f, w_f = p / _CONFIG, p / _WEIGHTS
-        if not cfg_f.is_file() or not w_f.is_file():
-            raise ModelLoadError(f"{str(p)!r} is not a reader adapter (it needs {_CONFIG} and {_WEIGHTS}).",
-                                 hint="Pass the folder that `msa train-reader --out` wrote.")
         try:
             raw = json.loads(cfg_f.read_text())
             if raw.get("format") != FORMAT:
@@ -224,7 +222,49 @@ class ReaderAdapter:
         return ad
 
 
+def check_reader_folder(path: str | Path) -> Path:
+    """``path`` as a Path if it holds a reader adapter's two files; ModelLoadError (naming it) otherwise."""
+    p = Path(path)
+    if not (p / _CONFIG).is_file() or not (p / _WEIGHTS).is_file():
+        raise ModelLoadError(f"{str(p)!r} is not a reader adapter (it needs {_CONFIG} and {_WEIGHTS}).",
+                             hint="Pass the folder that `msa train-reader --out` wrote, default or none.")
+    return p
+
+
 def default_reader_adapter() -> Path | None:
     """The shipped reader of the default model (``msa_memory/data/gemma3-270m-reader``), or None."""
     p = Path(__file__).resolve().parents[1] / "data" / "gemma3-270m-reader"
     return p if (p / _CONFIG).is_file() else None
+
+
+_SHIPPED: dict[int, ReaderAdapter] = {}
+
+
+def resolve_reader(spec: Any, hf_model: Any, fingerprint: str) -> ReaderAdapter | None:
+    """The reader a ``Memory`` uses, attached to ``hf_model``.
+
+    ``spec``: None (the shipped reader when it was trained on this model, i.e. its fingerprint matches; else
+    none), False (none), True (the shipped reader; an error when it does not fit), a folder, or a
+    :class:`ReaderAdapter`. The shipped reader is loaded once per model object.
+    """
+    if spec is False:
+        return None
+    if isinstance(spec, ReaderAdapter):
+        return spec.attach(hf_model, fingerprint)
+    if spec is None or spec is True or spec == "default":
+        path = default_reader_adapter()
+        if path is None:
+            if spec is None:
+                return None
+            raise ModelLoadError("No reader adapter ships with this package.",
+                                 hint="Train one with `msa train-reader` and pass its folder.")
+        key = id(hf_model)
+        cached = _SHIPPED.get(key)
+        if cached is not None and cached.model is hf_model:
+            return cached
+        ad = ReaderAdapter.load(path)
+        if spec is None and ad.config.model_fingerprint != fingerprint:
+            return None
+        _SHIPPED[key] = ad.attach(hf_model, fingerprint)
+        return ad
+    return ReaderAdapter.load(spec).attach(hf_model, fingerprint)

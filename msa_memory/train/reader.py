@@ -30,8 +30,7 @@ from typing import Any, Callable, Sequence
 
 from msa_memory.errors import ConfigError
 
-__all__ = ["ALL_TARGETS", "ReaderQuestion", "make_reader_corpus", "load_questions", "ReaderTrainer", "run_reader_training",
-           "pooled_routes"]
+__all__ = ["ALL_TARGETS", "ReaderQuestion", "make_reader_corpus", "load_questions", "ReaderTrainer", "run_reader_training"]
 
 
 @dataclass
@@ -124,7 +123,7 @@ class ReaderTrainer:
         reader.attach(hf, memory.model.model_fingerprint)
         for p in reader.params.values():
             p.requires_grad_(True)
-        memory.engine.reader = reader
+        memory.engine.reader = memory.reader = reader
         self.opt = torch.optim.AdamW(list(reader.params.values()), lr=lr, weight_decay=weight_decay)
         self.rng = random.Random(seed)
         self._routes: dict[str, Any] = {}
@@ -161,7 +160,7 @@ class ReaderTrainer:
 
         key = q.question
         if key not in self._routes:
-            self._routes[key] = pooled_routes(self.mem, q.question, self.k)
+            self._routes[key] = self.mem.pooled_routes(q.question, self.k)
         routes = self._routes[key]
         if not force_gold:
             return routes
@@ -218,17 +217,11 @@ class ReaderTrainer:
         return total
 
     def answer(self, q: ReaderQuestion, reader: bool = True, max_new_tokens: int = 16) -> str:
-        """Greedy pooled answer with the routes ``Memory`` would use (gold not forced)."""
-        mem, eng = self.mem, self.mem.engine
-        prompt = mem.layout.question(q.question)
-        start = self.P + self.k
-        pos = list(range(start, start + len(prompt.ids)))
-        prefix = eng.compute_prefix(mem.layout.head_ids(), reader=reader)
-        st = eng.new_state(len(prompt.ids) + max_new_tokens + 1, prefix, top_k=self.k, reader=reader)
-        st.preset_routes = self.routes(q, force_gold=False)
-        toks, _ = mem.generate_ids(st, prompt, pos, route=True, timings={}, max_new_tokens=max_new_tokens,
-                                   temperature=0.0, top_p=1.0, seed=None, on_token=None, stop_strings=("\n",))
-        return mem.tokenizer.decode(toks, skip_special_tokens=True).split("\n")[0].strip()
+        """Greedy pooled answer (``Memory.ask(mode="pooled")``: the routes it takes, gold not forced)."""
+        self.mem._reader_prefix = None            # the reader changed since the prefix was cached
+        ans = self.mem.ask(q.question, mode="pooled", k=self.k, reader=reader, max_new_tokens=max_new_tokens,
+                           stop_strings=("\n",))
+        return ans.answer.strip()
 
     def evaluate(self, questions: Sequence[ReaderQuestion], reader: bool = True) -> dict[str, float]:
         """Exact match (normalised) and gold-read rate of pooled answers."""
@@ -279,19 +272,6 @@ class ReaderTrainer:
         for p in self.reader.params.values():
             p.requires_grad_(False)
         return history
-
-
-def pooled_routes(mem: Any, question: str, k: int) -> dict[int, Any]:
-    """The per-layer routes of ``mem.ask(question, mode="pooled", k=k)``, from a forward without the reader."""
-    eng = mem.engine
-    P = len(mem.layout.head_ids())
-    if mem.query_suffix:
-        rq = mem.layout.encode([(question, True), (mem.query_suffix, True)])
-        rows = mem.suffix_rows
-    else:
-        rq, rows = mem.layout.question(question), 0
-    return eng.pooled_routes(rq.ids, list(range(P + k, P + k + len(rq.ids))), rq.route_rows, mem.prefix, k,
-                             None, rows)
 
 
 def lm_logits(hf_model: Any, hidden: Any) -> Any:

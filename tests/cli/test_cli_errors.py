@@ -115,3 +115,13 @@ def test_output_piped_into_head_exits_quietly(wide_store: Path) -> None:
     p = subprocess.run(["bash", "-o", "pipefail", "-c", f"'{BIN / 'msa'}' store docs '{root}' --limit 0 | head -1"],
                        capture_output=True, text=True, timeout=120, env=_env())
     assert p.returncode == 141 and p.stdout.count("\n") == 1 and p.stderr == "", (p.returncode, p.stderr[-2000:])
+
+
+def test_ask_refuses_a_reader_folder_without_an_adapter_before_loading_the_model(tmp_path: Path) -> None:
+    not_reader = tmp_path / "reader"
+    not_reader.mkdir()
+    missing_model = str(tmp_path / "no-such-model")   # loading it first would name the model instead
+    r = runner.invoke(app, ["ask", str(tmp_path / "mem.msa"), "q?", "--reader", str(not_reader), "--model", missing_model])
+    _one_line_error(r, 1, str(not_reader), "not a reader adapter")
+    r = runner.invoke(app, ["train-reader", "--help"])
+    assert r.exit_code == 0 and "--resume" in r.output

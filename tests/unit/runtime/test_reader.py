@@ -111,7 +111,7 @@ def test_the_training_forward_gives_the_logits_of_the_inference_forward(tiny_mem
         assert (got - want).abs().max() < 1e-5
     finally:
         tr.reader.detach()
-        tiny_memory.engine.reader = None
+        tiny_memory.engine.reader = tiny_memory.reader = None
 
 
 def test_gold_is_forced_into_every_route_and_training_lowers_the_answer_loss(tiny_memory):
@@ -133,7 +133,7 @@ def test_gold_is_forced_into_every_route_and_training_lowers_the_answer_loss(tin
             tr.gold_docs(ReaderQuestion("?", "x", ["nowhere.txt"], 0, "train"))
     finally:
         tr.reader.detach()
-        tiny_memory.engine.reader = None
+        tiny_memory.engine.reader = tiny_memory.reader = None
 
 
 def test_files_round_trip_and_errors(tmp_path):
@@ -165,3 +165,36 @@ def test_files_round_trip_and_errors(tmp_path):
         ReaderAdapter.load(tmp_path / "r")
     with pytest.raises(ConfigError, match="targets"):
         ReaderConfig(rank=2, alpha=2, targets=["lm_head"], layers=[0])
+
+
+def test_memory_pooled_answers_with_a_reader_keep_the_routes_of_answers_without(tiny_store, tiny_msa_model, tmp_path):
+    from msa_memory.runtime import Memory
+
+    hf = tiny_msa_model.hf_model
+    zero = _random_reader(hf, seed=3)
+    with torch.no_grad():
+        for name, p in zero.params.items():
+            if name.endswith("_b"):
+                p.zero_()
+    zero.save(tmp_path / "zero", dtype=torch.float32)
+    mem0 = Memory(tiny_store, model=tiny_msa_model, reader=False)
+    memz = Memory(tiny_store, model=tiny_msa_model, reader=str(tmp_path / "zero"))
+    rand = _random_reader(hf, seed=4)
+    memr = Memory(tiny_store, model=tiny_msa_model, reader=rand)
+    try:
+        assert mem0.reader is None and memz.reader is not None
+        q = "What is the blue door code?"
+        base = mem0.ask(q, mode="pooled", k=2, max_new_tokens=6)
+        same = memz.ask(q, mode="pooled", k=2, max_new_tokens=6)   # B = 0: routes first, then the same answer
+        assert same.tokens == base.tokens
+        assert same.rounds[0].per_layer == base.rounds[0].per_layer
+        other = memr.ask(q, mode="pooled", k=2, max_new_tokens=6)
+        assert other.rounds[0].per_layer == base.rounds[0].per_layer   # a reader never changes routes
+        assert memr.ask(q, mode="pooled", k=2, max_new_tokens=6, reader=False).tokens == base.tokens
+        with pytest.raises(ConfigError, match="no reader adapter"):
+            mem0.ask(q, mode="pooled", reader=True)
+        with pytest.raises(ConfigError, match="mode='pooled'"):
+            memr.ask(q, mode="text", reader=True)
+    finally:
+        memz.reader.detach()
+        rand.detach()
