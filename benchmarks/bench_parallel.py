@@ -119,7 +119,7 @@ def rank_main(rank: int, world: int, port: int, tokens: int, shape_name: str, q_
                             world_size=world)
     shape = SHAPES[shape_name]
     keys, cmap, ids = synth(tokens, shape)
-    idx = DistributedRouterIndex.build(keys, cmap, ids, RoutingConfig(top_k=16), dev)
+    idx = DistributedRouterIndex.build(keys, cmap, ids, RoutingConfig(score="dot", top_k=16), dev)
     del keys
     q = torch.randn(q_tokens, shape["Hq"], shape["D"], generator=torch.Generator().manual_seed(1)).to(dev)
     med = time_layers(lambda layer: idx.route(layer, q), [dev], shape["L"], rounds)
@@ -148,7 +148,7 @@ def main() -> None:
         sets = [[d.strip() for d in s.split(",") if d.strip()] for s in a.devices.split("|")]
     rounds = a.rounds or (25 if cuda else 5)
     shape = SHAPES[a.shape]
-    cfg = RoutingConfig(top_k=16)
+    cfg = RoutingConfig(score="dot", top_k=16)
     bw = {d: copy_bandwidth(torch.device(d), 1 << 30 if torch.device(d).type == "cuda" else 1 << 28)
           for d in {d for s in sets for d in s}}
     rows = []

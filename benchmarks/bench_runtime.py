@@ -115,7 +115,7 @@ def bench_routing(dev: torch.device, chunks: list[int], q_tokens: list[int], til
         chunk_doc = np.sort(np.random.default_rng(0).integers(0, n_docs, C))
         chunk_doc[:n_docs] = np.arange(n_docs)                          # every doc owns a chunk
         chunk_doc.sort()
-        base = RoutingConfig(top_k=16, tile_chunks=tile)
+        base = RoutingConfig(score="dot", top_k=16, tile_chunks=tile)
         index = RouterIndex([keys], chunk_doc, np.arange(n_docs), base, device=dev)
         del keys
         if flops is None:
@@ -223,7 +223,7 @@ def profile_route(dev: torch.device, C: int = 10_000, T: int = 16) -> str:
     from torch.profiler import ProfilerActivity, profile
 
     index = RouterIndex([torch.randn(C, 1, 256).to(dev, torch.bfloat16)], np.arange(C) // 8,
-                        np.arange(-(-C // 8)), RoutingConfig(top_k=16), device=dev)
+                        np.arange(-(-C // 8)), RoutingConfig(score="dot", top_k=16), device=dev)
     q = torch.randn(T, 4, 256, device=dev)
     for _ in range(3):
         index.route(0, q)
@@ -318,7 +318,7 @@ def bench_ttft(dev: torch.device, which: str, k: int, doc_tokens: int, n_docs: i
     C = n_docs * cpd
     keys = [torch.randn(C, g["H"], g["D"]).to(dev, torch.bfloat16) for _ in layers]
     chunk_doc = np.repeat(np.arange(n_docs), cpd)
-    index = RouterIndex(keys, chunk_doc, np.arange(n_docs), RoutingConfig(top_k=k), device=dev)
+    index = RouterIndex(keys, chunk_doc, np.arange(n_docs), RoutingConfig(score="dot", top_k=k), device=dev)
     kv = torch.randn(C, len(layers), 2, g["H"], g["D"]).to(torch.bfloat16)
     content = ContentMemory(np.full(n_docs, cpd), (len(layers), g["H"], g["D"]), torch.bfloat16, dev, host_kv=kv,
                             cache_bytes=0)
@@ -403,7 +403,7 @@ def gpu_check(other: str = "cuda") -> dict:
         model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=False)
         model.tie_weights()
         model.to(dev)
-        index = RouterIndex(keys, chunk_doc, np.arange(9), RoutingConfig(top_k=2), device=dev)
+        index = RouterIndex(keys, chunk_doc, np.arange(9), RoutingConfig(score="dot", top_k=2), device=dev)
         content = ContentMemory(counts, (len(ROUTER_LAYERS), H, D), torch.float32, dev, host_kv=kv)
         wq = [sd[f"model.layers.{li}.self_attn.router_q_proj.0.weight"].float().to(dev) for li in ROUTER_LAYERS]
         eng = MsaEngine(model, ROUTER_LAYERS, lambda p, x, wq=wq: x.float() @ wq[p].T, index, content)
@@ -420,8 +420,8 @@ def gpu_check(other: str = "cuda") -> dict:
     big = torch.randn(200_000, 1, 256, generator=gen).to(torch.bfloat16)
     cd = np.repeat(np.arange(25_000), 8)
     qq = torch.randn(8, 4, 256, generator=gen)
-    r_cpu = RouterIndex([big], cd, np.arange(25_000), RoutingConfig(top_k=16)).route(0, qq)
-    r_gpu = RouterIndex([big], cd, np.arange(25_000), RoutingConfig(top_k=16), device=other).route(0, qq)
+    r_cpu = RouterIndex([big], cd, np.arange(25_000), RoutingConfig(score="dot", top_k=16)).route(0, qq)
+    r_gpu = RouterIndex([big], cd, np.arange(25_000), RoutingConfig(score="dot", top_k=16), device=other).route(0, qq)
     overlap = len(set(r_cpu.doc_ids.tolist()) & set(r_gpu.doc_ids.tolist()))
     return {**_router_room_check(other), "tiny_msa_logits_max_abs_diff": dmax, "tiny_msa_logits_ok": dmax < 1e-4,
             "chosen_docs_equal": res["ref"][1] == res["dev"][1], "greedy_tokens_equal": res["ref"][2] == res["dev"][2],
@@ -510,7 +510,7 @@ def routing_paths_check(other: str = "cuda") -> list[dict]:
     combos = [dict(), dict(score="cosine"), dict(head_reduce="max"), dict(query_reduce="mean"),
               dict(query_reduce="last"), dict(head_reduce="max", query_reduce="mean", chunk_reduce="mean")]
     for combo in combos:
-        cfg = RoutingConfig(top_k=16, **combo)
+        cfg = RoutingConfig(**{"score": "dot", "top_k": 16, **combo})
         gpu = RouterIndex([big, big_s, big_f], [cd, cd_s, cd_f], np.arange(N), cfg, device=other)
         cpu = RouterIndex([big, big_s, big_f], [cd, cd_s, cd_f], np.arange(N), cfg)
         for layer, T in ((0, 1), (0, 5), (0, 16), (0, 100), (0, 256), (1, 1), (1, 16), (1, 100), (2, 1), (2, 16),
