@@ -152,8 +152,9 @@ class ReaderTrainer:
             out += [i for i in hit if i not in out]
         return out
 
-    def routes(self, q: ReaderQuestion, force_gold: bool = True) -> dict[int, Any]:
-        """The per-layer routes ``Memory.ask(mode="pooled")`` answers ``q`` with (reader off), gold forced in."""
+    def routes(self, q: ReaderQuestion, force_gold: bool = True, drop_gold: bool = False) -> dict[int, Any]:
+        """The per-layer routes ``Memory.ask(mode="pooled")`` answers ``q`` with (reader off), gold forced in
+        (``drop_gold``: every gold passage replaced by a random other passage instead)."""
         import numpy as np
 
         from msa_memory.routing.index import RouteResult
@@ -162,10 +163,18 @@ class ReaderTrainer:
         if key not in self._routes:
             self._routes[key] = self.mem.pooled_routes(q.question, self.k)
         routes = self._routes[key]
-        if not force_gold:
+        if not force_gold and not drop_gold:
             return routes
         gold = self.gold_docs(q)
         out = {}
+        if drop_gold:
+            n = len(np.asarray(self.mem.doc_ids))
+            others = [i for i in range(n) if i not in gold]
+            for pos, r in routes.items():
+                idx = [i if i not in gold else self.rng.choice(others) for i in r.doc_index.tolist()]
+                out[pos] = RouteResult(np.asarray(idx, dtype=np.int64), np.asarray(self.mem.doc_ids)[idx],
+                                       np.zeros(len(idx), dtype=np.float32), r.layer)
+            return out
         for pos, r in routes.items():
             idx = r.doc_index.tolist()
             missing = [g for g in gold if g not in idx]
@@ -184,8 +193,9 @@ class ReaderTrainer:
         return tok(" " + answer.strip(), add_special_tokens=False)["input_ids"] + \
             tok("\n", add_special_tokens=False)["input_ids"]
 
-    def loss(self, q: ReaderQuestion) -> Any:
-        """Answer loss (mean token cross-entropy of `` answer\\n``) of one question, graph attached."""
+    def loss(self, q: ReaderQuestion, drop_gold: bool = False) -> Any:
+        """Answer loss (mean token cross-entropy of `` answer\\n``) of one question, graph attached
+        (``drop_gold``: with the gold passages swapped for random others, :meth:`routes`)."""
         import torch
 
         mem, eng = self.mem, self.mem.engine
@@ -197,7 +207,7 @@ class ReaderTrainer:
         with torch.no_grad():
             prefix = eng.compute_prefix(mem.layout.head_ids(), reader=True)
         st = eng.new_state(len(ids), prefix, top_k=self.k, reader=True)
-        st.preset_routes = self.routes(q)
+        st.preset_routes = self.routes(q, drop_gold=drop_gold)
         h = eng.forward(st, ids, pos, route_rows=prompt.route_rows + [False] * len(tgt), grad=True)
         n = len(prompt.ids)
         logits = lm_logits(mem.model.hf_model, h[n - 1:n - 1 + len(tgt)])
@@ -222,6 +232,17 @@ class ReaderTrainer:
         ans = self.mem.ask(q.question, mode="pooled", k=self.k, reader=reader, max_new_tokens=max_new_tokens,
                            stop_strings=("\n",))
         return ans.answer.strip()
+
+    def memory_gain(self, questions: Sequence[ReaderQuestion]) -> dict[str, float]:
+        """Mean answer loss with the gold passages in memory and with them swapped for random passages: how
+        much the answers depend on reading the right memory (equal losses: the memory is not read)."""
+        import torch
+
+        with torch.no_grad():
+            gold = [float(self.loss(q)) for q in questions]
+            none = [float(self.loss(q, drop_gold=True)) for q in questions]
+        n = max(1, len(questions))
+        return {"loss_gold": sum(gold) / n, "loss_without_gold": sum(none) / n, "n": len(questions)}
 
     def evaluate(self, questions: Sequence[ReaderQuestion], reader: bool = True) -> dict[str, float]:
         """Exact match (normalised) and gold-read rate of pooled answers."""
@@ -372,5 +393,11 @@ def run_reader_training(*, data: str | Path, out: str | Path, passages: int = 15
         history = trainer.train(train_q, steps=steps, batch_size=batch_size, eval_every=eval_every, dev=dev_q,
                                 log=log, on_eval=save, first_step=start + 1)
     final = history[-1] if history else (base or {})
+    gain = trainer.memory_gain(dev_q)
+    log(f"dev answer loss with the gold passages {gain['loss_gold']:.3f}, with random passages instead "
+        f"{gain['loss_without_gold']:.3f}")
+    if remaining > 0:
+        reader.config.extra["dev_memory_gain"] = gain
+        reader.save(out)
     return {"out": str(out), "dev": final, "dev_without_reader": base, "history": history,
-            "params": reader.n_params()}
+            "dev_memory_gain": gain, "params": reader.n_params()}

@@ -125,10 +125,14 @@ def test_gold_is_forced_into_every_route_and_training_lowers_the_answer_loss(tin
                 assert set(r.doc_index.tolist()) & gold
         with torch.no_grad():
             before = sum(float(tr.loss(q)) for q in QUESTIONS)
+        for r in tr.routes(QUESTIONS[0], drop_gold=True).values():
+            assert not set(r.doc_index.tolist()) & gold
         tr.train(QUESTIONS, steps=12, batch_size=2, warmup=2, log=lambda s: None)
         with torch.no_grad():
             after = sum(float(tr.loss(q)) for q in QUESTIONS)
         assert after < 0.5 * before, (before, after)
+        gain = tr.memory_gain(QUESTIONS)
+        assert gain["n"] == 2 and gain["loss_gold"] == pytest.approx(after / 2, rel=1e-4)
         with pytest.raises(ConfigError, match="not in the store"):
             tr.gold_docs(ReaderQuestion("?", "x", ["nowhere.txt"], 0, "train"))
     finally:
