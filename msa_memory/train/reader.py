@@ -178,9 +178,9 @@ class ReaderTrainer:
         for pos, r in routes.items():
             idx = r.doc_index.tolist()
             missing = [g for g in gold if g not in idx]
-            if missing:
-                keep = [i for i in idx if i not in gold][:max(0, len(idx) - len(missing))]
-                idx = keep + missing
+            if missing:     # the gold passages, then the best others while the route has room
+                others = [i for i in idx if i not in gold][:max(0, len(idx) - len(gold))]
+                idx = [g for g in gold if g in idx] + missing + others
                 self.rng.shuffle(idx)
                 ids = np.asarray(self.mem.doc_ids)[idx]
                 r = RouteResult(np.asarray(idx, dtype=np.int64), np.asarray(ids, dtype=np.int64),

@@ -121,8 +121,19 @@ def test_gold_is_forced_into_every_route_and_training_lowers_the_answer_loss(tin
             gold = set(tr.gold_docs(q))
             assert len(gold) == 3                              # every passage of notes/0.txt
             for r in tr.routes(q).values():
-                assert gold <= set(r.doc_index.tolist()) or len(r.doc_index) < len(gold)
-                assert set(r.doc_index.tolist()) & gold
+                assert gold <= set(r.doc_index.tolist())          # all of them, even past k = 1
+        import numpy as np
+
+        from msa_memory.routing.index import RouteResult
+
+        g = sorted(tr.gold_docs(QUESTIONS[0]))
+        rest = [i for i in range(len(tiny_memory.doc_ids)) if i not in g]
+        partial = RouteResult(np.array([g[0], *rest[:3]]), np.array([g[0], *rest[:3]]), np.zeros(4, np.float32), 0)
+        saved = tr._routes.get(QUESTIONS[0].question)
+        tr._routes[QUESTIONS[0].question] = {0: partial}      # a route holding one gold passage of three
+        forced = tr.routes(QUESTIONS[0])[0].doc_index.tolist()
+        assert set(g) <= set(forced) and len(forced) == 4 and rest[0] in forced
+        tr._routes[QUESTIONS[0].question] = saved
         with torch.no_grad():
             before = sum(float(tr.loss(q)) for q in QUESTIONS)
         for r in tr.routes(QUESTIONS[0], drop_gold=True).values():
