@@ -142,6 +142,8 @@ class MsaEngine:
     @contextmanager
     def session(self, state: ForwardState) -> Iterator[ForwardState]:
         """Activate ``state``: custom attention + router hooks on, restored on exit."""
+        if state.reader and self.reader is None:
+            raise ConfigError("This request asks for the reader adapter, but the engine has none.")
         cfg = self.model.config
         old = cfg._attn_implementation
         token = CURRENT_STATE.set(state)
@@ -150,8 +152,6 @@ class MsaEngine:
             norm = self.backbone.layers[li].input_layernorm
             hooks.append(norm.register_forward_hook(self._make_hook(pos, li)))
         cfg._attn_implementation = ATTN_NAME
-        if state.reader and self.reader is None:
-            raise ConfigError("This request asks for the reader adapter, but the engine has none.")
         try:
             with ExitStack() as stack:
                 if self.reader is not None:

@@ -72,9 +72,11 @@ def test_reader_hooks_equal_the_merged_weights_and_are_off_elsewhere(family):
 
 def test_an_engine_without_reader_refuses_a_reader_request():
     model = tiny_model("llama")
-    eng = MsaEngine(model, [], lambda p, x: x)
+    eng = MsaEngine(model, [0], lambda p, x: x)                         # a router layer: its hook must not stay
     with pytest.raises(ConfigError, match="reader"):
         eng.forward(eng.new_state(8, reader=True), [7, 8], [0, 1])
+    assert model.config._attn_implementation == "sdpa"                 # nothing of the request is left on the model
+    assert not any(l.input_layernorm._forward_hooks for l in model.model.layers)
 
 
 def _trainer(tiny_memory, seed=0, k=1):
