@@ -575,7 +575,8 @@ def save_meta(path: Path, meta: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="16k", help="memory sizes in tokens, e.g. 16k,128k,1m (default 16k)")
-    ap.add_argument("--modes", default="pooled,reader,interleave,text,bm25", help="rows to run (default all five)")
+    ap.add_argument("--modes", default="pooled,interleave,text,bm25",
+                    help="rows to run (default pooled,interleave,text,bm25; 'reader' adds pooled+reader)")
     ap.add_argument("--reader", default="default",
                     help="reader adapter of the pooled+reader row: default (the shipped one) or a folder")
     ap.add_argument("--ks", default="4", help="k values, e.g. 4,16 (default 4)")
