@@ -69,7 +69,6 @@ import platform
 import random
 import re
 import shutil
-import string
 import sys
 import time
 from collections import Counter
@@ -84,6 +83,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _common import git_commit  # noqa: E402
+from msa_memory.train.reader import normalize_answer  # noqa: E402,F401  (SQuAD's; the reader's dev EM uses it too)
 from msa_memory.train.texts import debian_docs, pack_paragraphs, pydoc_topics, sentences  # noqa: E402
 
 MODES = ("pooled", "reader", "interleave", "text", "bm25")
@@ -93,14 +93,6 @@ PASSAGE_CHARS = (250, 600)   # (min, max) characters of a passage
 
 
 # ----------------------------------------------------------------------------- metrics (SQuAD v1.1)
-def normalize_answer(s: str) -> str:
-    """SQuAD's normalisation: lower case, punctuation removed, articles a/an/the removed, whitespace collapsed."""
-    s = s.lower()
-    s = "".join(ch for ch in s if ch not in set(string.punctuation))
-    s = re.sub(r"\b(a|an|the)\b", " ", s)
-    return " ".join(s.split())
-
-
 def prediction_text(answer: str) -> str:
     """What is scored: the first non-empty line of the model's answer."""
     for line in answer.strip().splitlines():

@@ -44,6 +44,11 @@ _WEIGHTS = "reader_adapter.safetensors"
 FORMAT = "msa-reader-lora/1"
 
 
+def _pname(key: str, factor: str) -> str:
+    """The ParameterDict name of factor "a" or "b" of linear ``key`` ("{layer}.{target}"; dots are not allowed)."""
+    return f"{key.replace('.', '_')}_{factor}"
+
+
 @dataclass
 class ReaderConfig:
     rank: int
@@ -90,8 +95,8 @@ class ReaderAdapter:
         r = self.config.rank
         a = torch.empty(r, in_f)
         torch.nn.init.kaiming_uniform_(a, a=5 ** 0.5)       # the LoRA paper's init: A random, B zero (ΔW = 0)
-        self.params[key.replace(".", "_") + "_a"] = torch.nn.Parameter(a)
-        self.params[key.replace(".", "_") + "_b"] = torch.nn.Parameter(torch.zeros(out_f, r))
+        self.params[_pname(key, "a")] = torch.nn.Parameter(a)
+        self.params[_pname(key, "b")] = torch.nn.Parameter(torch.zeros(out_f, r))
 
     @staticmethod
     def _linears(hf_model: Any, config: ReaderConfig) -> dict[str, Any]:
@@ -116,8 +121,7 @@ class ReaderAdapter:
         return cls(config, {k: (lin.out_features, lin.in_features) for k, lin in lins.items()})
 
     def factors(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
-        k = key.replace(".", "_")
-        return self.params[k + "_a"], self.params[k + "_b"]
+        return self.params[_pname(key, "a")], self.params[_pname(key, "b")]
 
     def keys(self) -> list[str]:
         return [f"{li}.{t}" for li in self.config.layers for t in self.config.targets]
@@ -216,9 +220,8 @@ class ReaderAdapter:
             a, b = tensors.get(f"{key}.lora_a"), tensors.get(f"{key}.lora_b")
             if a is None or b is None:
                 raise ModelLoadError(f"Reader adapter {str(p)!r} lacks the factors of {key}.")
-            k = key.replace(".", "_")
-            ad.params[k + "_a"] = torch.nn.Parameter(a.float(), requires_grad=False)
-            ad.params[k + "_b"] = torch.nn.Parameter(b.float(), requires_grad=False)
+            ad.params[_pname(key, "a")] = torch.nn.Parameter(a.float(), requires_grad=False)
+            ad.params[_pname(key, "b")] = torch.nn.Parameter(b.float(), requires_grad=False)
         return ad
 
 
