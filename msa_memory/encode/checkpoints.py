@@ -29,6 +29,11 @@ __all__ = ["SUPPORTED_MODEL_TYPES", "DEFAULT_MODEL_NAME", "ModelSource", "read_s
 
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen2", "llama", "mistral", "gemma3_text")
 DEFAULT_MODEL_NAME = "gemma-3-270m (gguf q4_k_m)"
+NO_HUB_KERNELS = {"use_kernels": False}
+"""``from_pretrained`` keywords of every model load: transformers swaps layers for Hugging Face Hub kernels by
+default when the ``kernels`` package is installed (fetched from the Hub at run time), and refuses to load at
+all when that package is installed at a version it does not support. The encoder and runtime run their own
+attention over the model's own modules, so hub kernels are never wanted here."""
 
 
 @dataclass
@@ -116,7 +121,7 @@ def _read_folder(path: Path, tokenizer: Any, dtype: torch.dtype, name: str | Non
         wrap, mt = "msa", "msa"
     else:
         tok, tok_dir = _load_tokenizer(tokenizer, path, "Model folder")
-        hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa")
+        hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa", **NO_HUB_KERNELS)
         mt = check_family(hf.config)
         files = sorted(path.glob("*.safetensors")) or sorted(path.glob("*.bin"))
         weights = hash_files(files) if files else hash_tensors(hf)
@@ -410,7 +415,7 @@ def _load_msa(path: Path, qcfg: Any, rcfg: RouterConfig, dtype: torch.dtype):
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # router_*/temperature are "unexpected" to Qwen3: expected here
     try:
-        model = Qwen3ForCausalLM.from_pretrained(str(path), config=qcfg, dtype=dtype)
+        model = Qwen3ForCausalLM.from_pretrained(str(path), config=qcfg, dtype=dtype, **NO_HUB_KERNELS)
     finally:
         hf_logging.set_verbosity(verbosity)
     wanted = {f"model.layers.{l}.self_attn.router_{w}_proj.0.weight" for l in rcfg.router_layers for w in "qk"}
@@ -455,11 +460,12 @@ def load_gguf_cached(path: Path, sha256: str, dtype: torch.dtype):
     use_cache = os.environ.get("MSA_NO_MODEL_CACHE", "0") != "1"
     if use_cache and (cache / "config.json").is_file() and (cache / "tokenizer_config.json").is_file():
         try:
-            hf = AutoModelForCausalLM.from_pretrained(str(cache), dtype=dtype)
+            hf = AutoModelForCausalLM.from_pretrained(str(cache), dtype=dtype, **NO_HUB_KERNELS)
             return hf, AutoTokenizer.from_pretrained(str(cache))
         except (OSError, ValueError):  # a damaged cache: fall back to the GGUF file
             pass
-    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+    hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,
+                                                 **NO_HUB_KERNELS)
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     if use_cache:
         tmp: Path | None = None

@@ -12,7 +12,8 @@ forms share the shard layout and the merge:
 
 Shards are contiguous ranges of the store's dense document order, balanced by chunk count
 (:func:`shard_bounds`); a document never spans two shards, so a document's chunk reduce (max or mean over
-its chunks) is computed whole on one shard and the merged scores equal one device's.
+its chunks) is computed whole on one shard and the merged scores equal one device's up to fp32 rounding (each
+shard's score GEMM has its own shape, and a BLAS may block the reduction differently per shape).
 
 Synchronisations a prefill makes: MSA attends the routed documents' K̄V̄ at each router layer, so the next
 router layer's query depends on this layer's route and the merges cannot be batched across layers in an

@@ -67,13 +67,18 @@ def gamma(n: int, u: float = U32) -> float:
     return n * u / (1 - n * u)
 
 
+def unit(k):
+    """Keys as a cosine index holds them: each head normalized in fp32 at load, rounded back to their dtype."""
+    return torch.nn.functional.normalize(k.float(), dim=-1).to(k.dtype)
+
+
 def operands(q, keys, cfg, dtype):
     """(lhs (G, R, Dk), keys (C, H, D), plan) as an index with keys of ``dtype`` reads them: the folded rows of
     ``prepare_lhs`` rounded to ``dtype``, the keys in ``dtype`` (cosine: normalized in fp32 first, as at load)."""
     H = keys.shape[1]
     k = keys.to(dtype)
     if cfg.score == "cosine":
-        k = torch.nn.functional.normalize(k.float(), dim=-1).to(dtype)
+        k = unit(k)
     lhs, plan = prepare_lhs(q.float(), cfg, H, dtype)
     return lhs, k, plan
 
@@ -274,9 +279,12 @@ def test_layers_of_every_dtype_route_within_their_bounds():
     assert (bf.key_dtype, f16.key_dtype, f32.key_dtype) == (torch.bfloat16, torch.float16, torch.float32)
     assert bf.nbytes() == 2 * (-(-C // 32)) * 32 * 128 * 2 and f32.nbytes() == 2 * C * 128 * 4
     for layer in range(2):
-        torch.testing.assert_close(bf.keys[layer], keys[layer], rtol=0, atol=0)
-        for index, out_dtype in ((bf, torch.float32), (f16, torch.float16), (f32, torch.float32)):
-            want, bound = formula(q, index.keys[layer], cfg, index.key_dtype, out_dtype)
+        # cosine (the default): each index holds its keys normalized in fp32 and rounded to its own dtype
+        torch.testing.assert_close(bf.keys[layer], unit(keys[layer]), rtol=0, atol=0)
+        torch.testing.assert_close(f16.keys[layer], unit(keys[layer].half().to(f16.key_dtype)), rtol=0, atol=0)
+        for index, given, out_dtype in ((bf, keys[layer], torch.float32), (f16, keys[layer].half(), torch.float16),
+                                        (f32, keys[layer], torch.float32)):
+            want, bound = formula(q, given, cfg, index.key_dtype, out_dtype)   # given: the keys before load
             what = f"layer {layer}, {index.key_dtype}"
             assert_within(index.chunk_scores(layer, q), want, bound, what)
             ref = torch.segment_reduce(want, "max", lengths=torch.from_numpy(counts))
@@ -409,7 +417,7 @@ def test_kernel_failing_at_run_time_moves_keys_to_chunk_minor(monkeypatch):
         after0 = index.doc_scores(0, q)
     assert index.layout == "chunk_minor"
     for layer, (b, a) in enumerate(zip(before, [after0, index.doc_scores(1, q)])):
-        torch.testing.assert_close(index.keys[layer], keys[layer], rtol=0, atol=0)
+        torch.testing.assert_close(index.keys[layer], unit(keys[layer]), rtol=0, atol=0)   # the same keys, moved
         for got, out_dtype, what in ((b, torch.float32, "kernel"), (a, torch.bfloat16, "torch path after the failure")):
             want, bound = formula(q, keys[layer], cfg, out_dtype=out_dtype)
             ref = torch.segment_reduce(want, "max", lengths=torch.from_numpy(counts))

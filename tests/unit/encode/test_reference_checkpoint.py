@@ -216,3 +216,21 @@ def test_plain_hf_folder_without_tokenizer_takes_tokenizer_argument(tmp_path, ck
         warnings.simplefilter("ignore", UntrainedRouterWarning)
         m = load_model(str(tmp_path / "plain"), tokenizer=str(ckpts["tokenizer_dir"]), dtype=torch.float32)
     assert m.source["kind"] == "hf-dir" and len(m.tokenizer) == 262
+
+
+def test_models_load_without_hub_kernels_even_when_the_kernels_package_is_unusable(ckpts, tmp_path, monkeypatch):
+    """Failed before on a host with the ``kernels`` package at a version transformers does not support:
+    every ``from_pretrained`` raised "Kernels are not available" (transformers defaults to use_kernels=True).
+    Loads pass use_kernels=False, so the installed ``kernels`` (usable or not) plays no part."""
+    import transformers.modeling_utils as mu
+
+    monkeypatch.setattr(mu, "is_kernels_available", lambda *a, **k: False)   # an unsupported kernels version
+    msa = load_model(str(ckpts["reference"]), dtype=torch.float32)
+    assert not msa.hf_model.use_kernels
+    plain = tmp_path / "plain"
+    tiny_model("qwen3").save_pretrained(str(plain))
+    tiny_tokenizer().save_pretrained(str(plain))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UntrainedRouterWarning)
+        hf_dir = load_model(str(plain), dtype=torch.float32)
+    assert not hf_dir.hf_model.use_kernels
