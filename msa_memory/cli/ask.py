@@ -22,6 +22,7 @@ DevicesOpt = Annotated[str | None, typer.Option("--devices", help="Shard the rou
 KOpt = Annotated[int | None, typer.Option("--k", "-k", help="Documents to retrieve (default: the router's top-k, 16 in MSA), e.g. 4", min=1)]
 CentreOpt = Annotated[bool, typer.Option("--centre-queries/--no-centre-queries", help="Route with query centring calibrated on the store's own passages (a hubness correction; the first use on a store version computes it, later ones load it from the cache)")]
 RetrieverOpt = Annotated[str, typer.Option("--retriever", help="routing (MSA's router) or hybrid (routing fused with BM25 over the store's lexical index; ask: text mode)")]
+KeepCaseOpt = Annotated[bool, typer.Option("--keep-case", help="Route a question written in capitals only as typed (default: as the same words in lower case; set it when the documents themselves are in capitals)")]
 
 
 def _check_retriever(store: str, version: str | None, retriever: str) -> None:
@@ -35,10 +36,12 @@ def _check_retriever(store: str, version: str | None, retriever: str) -> None:
 
 def _memory(store: str, version: str | None, model: str, adapter: str | None, device: str, json_out: bool,
             tokenizer: str | None = None, devices: str | None = None, centre_queries: bool = False,
-            reader: str | None = None) -> Any:
+            reader: str | None = None, keep_case: bool = False) -> Any:
     """The Memory a command asks for; ``centre_queries``: with query centres from the store's own passages;
-    ``reader``: None (the shipped reader if it fits the model), "none", "default" or a folder."""
+    ``reader``: None (the shipped reader if it fits the model), "none", "default" or a folder; ``keep_case``:
+    questions in capitals only route as typed (``Memory.fold_shouted_questions`` off)."""
     mem = _open_memory(store, version, model, adapter, device, json_out, tokenizer, devices, _reader_spec(reader))
+    mem.fold_shouted_questions = not keep_case
     if centre_queries:
         mem.centre_queries("store")
     return mem
@@ -96,6 +99,7 @@ def ask(
     retriever: RetrieverOpt = "routing",
     centre_queries: CentreOpt = False,
     reader: Annotated[str | None, typer.Option("--reader", help="Reader adapter of --mode pooled: a `msa train-reader --out` folder, default (the shipped one) or none; unset: the shipped one when it was trained on --model")] = None,
+    keep_case: KeepCaseOpt = False,
     version: VersionOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -103,7 +107,7 @@ def ask(
 
     def body() -> None:
         _check_retriever(store, version, retriever)
-        mem = _memory(store, version, model, adapter, device, json_out, tokenizer, devices, centre_queries, reader)
+        mem = _memory(store, version, model, adapter, device, json_out, tokenizer, devices, centre_queries, reader, keep_case)
         live = stream and not json_out and sys.stdout.isatty()
         ans = mem.ask(question, mode=mode, k=k, max_new_tokens=max_new_tokens, temperature=temperature,  # type: ignore[arg-type]
                       max_rounds=rounds, on_token=(lambda s: typer.echo(s, nl=False)) if live else None,
@@ -133,6 +137,7 @@ def search(
     devices: DevicesOpt = None,
     retriever: RetrieverOpt = "routing",
     centre_queries: CentreOpt = False,
+    keep_case: KeepCaseOpt = False,
     version: VersionOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
@@ -140,7 +145,7 @@ def search(
 
     def body() -> None:
         _check_retriever(store, version, retriever)
-        mem = _memory(store, version, model, adapter, device, json_out, tokenizer, devices, centre_queries)
+        mem = _memory(store, version, model, adapter, device, json_out, tokenizer, devices, centre_queries, keep_case=keep_case)
         rows = mem.search(question, k=k, retriever=retriever).to_pylist()  # type: ignore[arg-type]
         if json_out:
             emit_json({"question": question, "retriever": retriever, "centre_queries": centre_queries, "results": rows})

@@ -2,7 +2,8 @@
 
 ``query_tokens`` is the one definition of which tokens of a question route (the tokenizer's special
 tokens around it, the leading BOS not routing, a router's query suffix appended); ``Memory`` routes
-with it and ``train.features`` extracts training queries with it. No torch here.
+with it and ``train.features`` extracts training queries with it. ``fold_shouted`` lower-cases a question
+written in capitals only, as ``Memory`` does before routing. No torch here.
 """
 
 from __future__ import annotations
@@ -12,7 +13,22 @@ from typing import Any
 
 from msa_memory.errors import ConfigError
 
-__all__ = ["query_tokens", "special_token_frame", "suffix_tokens", "router_suffix"]
+__all__ = ["fold_shouted", "query_tokens", "special_token_frame", "suffix_tokens", "router_suffix"]
+
+
+def fold_shouted(text: str) -> str:
+    """``text`` lower-cased when it is written in capitals only (two or more upper-case letters, no lower-case
+    one), else ``text`` unchanged.
+
+    A model's tokens and hidden states are case-sensitive: "DIELECTRIC CONSTANT OF LIQUIDS" splits into other
+    tokens than "dielectric constant of liquids" and routes like neither prose nor its documents (BM25 and
+    uncased dense retrievers fold case themselves). Questions typed with caps lock on, or copied from systems
+    that keep text in capitals, route as the same words in lower case do. Mixed case (names, acronyms inside
+    prose) is kept: it carries meaning the model reads.
+    """
+    if sum(c.isupper() for c in text) >= 2 and not any(c.islower() for c in text):
+        return text.lower()
+    return text
 
 
 def query_tokens(tokenizer: Any, question: str | Sequence[int], suffix: str = "") -> tuple[list[int], int]:

@@ -34,6 +34,7 @@ from msa_memory.runtime.prompts import layout_for
 from msa_memory.runtime.results import DocHit
 from msa_memory.routing.config import RoutingConfig
 from msa_memory.routing.resident import load_resident_index
+from msa_memory.routing.query import fold_shouted, query_tokens
 
 if TYPE_CHECKING:
     import torch
@@ -138,6 +139,13 @@ class Memory(AskVerbs):
     #: model spent 4.2 GB and 41 s on a 119 KB one), so longer ones are refused with ConfigError before any
     #: forward. 2048 tokens is about 1,500 English words; set it on an instance to take longer questions.
     max_question_tokens: int = 2048
+
+    #: Route and answer a text question written in capitals only ("MEASUREMENT OF DIELECTRIC CONSTANT") as
+    #: the same words in lower case (``routing.query.fold_shouted``); mixed-case questions are untouched. The
+    #: model is case-sensitive and stores hold prose: on NPL, whose questions are all capitals, routing's
+    #: nDCG@10 goes from 0.115 to 0.204 (``benchmarks/bench_retrieval.py``). Set False on an instance whose
+    #: documents are themselves written in capitals.
+    fold_shouted_questions: bool = True
 
     def __init__(self, store: Any, model: Any = "default", *, adapter: Any = None, tokenizer: Any = None,
                  device: str | None = None, devices: Sequence[str] | None = None, distributed: Any = False,
@@ -246,8 +254,6 @@ class Memory(AskVerbs):
             q = self.layout.question(question)
             P, k = len(self.layout.head_ids()), self.routing.top_k
             return q.ids, list(range(P + k, P + k + len(q.ids))), q.route_rows, self.prefix
-        from msa_memory.routing.query import query_tokens
-
         ids, skip = query_tokens(self.tokenizer, question, self.query_suffix)   # what router training sees
         return ids, list(range(len(ids))), [i >= skip for i in range(len(ids))], None
 
@@ -264,12 +270,15 @@ class Memory(AskVerbs):
         return router_suffix(self.model)
 
     def _question(self, question: Any) -> str | list[int]:
-        """A question as the prompt layouts take it: non-blank text, or token ids checked against the vocabulary;
-        ConfigError, before any forward, when it is longer than ``question_token_limit`` tokens."""
+        """A question as the prompt layouts take it: non-blank text (folded when shouted:
+        ``fold_shouted_questions``), or token ids checked against the vocabulary; ConfigError, before any
+        forward, when it is longer than ``question_token_limit`` tokens."""
         # route/search/ask all normalise the question here first, so the limit holds for text and ids alike
         if isinstance(question, str):
             if not question.strip():
                 raise ConfigError("The question is empty; pass some text (or token ids) to ask or route with.")
+            if self.fold_shouted_questions:
+                question = fold_shouted(question)
             n = len(self.tokenizer(question, add_special_tokens=False)["input_ids"])
         else:
             question = self.model.check_token_ids(question, "The question")
