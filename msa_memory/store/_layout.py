@@ -203,7 +203,12 @@ def read_parquet(be: Backend, key: str, label: str, hint: str, columns: list[str
 
     try:
         with be.open_input(key) as f:
-            return pq.read_table(f, columns=columns, page_checksum_verification=True)
+            # no read-ahead, no thread pool: with either, Arrow leaves native threads that abort the process
+            # at exit now and then (SIGABRT, "terminate called without an active exception";
+            # apache/arrow#34314; tests/fault/test_parquet_exit.py). The backends' files buffer their reads,
+            # and these tables are small (a shard's documents, a manifest's)
+            return pq.read_table(f, columns=columns, page_checksum_verification=True, pre_buffer=False,
+                                 use_threads=False)
     except (FileNotFoundError, NotADirectoryError):
         raise ShardMissingError(f"{label} is missing.", hint=missing_hint or hint) from None
     except (OSError, pa.ArrowException) as e:
