@@ -33,8 +33,8 @@ from msa_memory.runtime.memory_tier import content_for_store
 from msa_memory.runtime.prompts import layout_for
 from msa_memory.runtime.results import DocHit
 from msa_memory.routing.config import RoutingConfig
-from msa_memory.routing.resident import load_resident_index
 from msa_memory.routing.query import fold_shouted, query_tokens
+from msa_memory.routing.resident import load_resident_index
 
 if TYPE_CHECKING:
     import torch
