@@ -310,3 +310,92 @@ def normalize_answer(s: str) -> str:
 
     s = "".join(ch for ch in s.lower() if ch not in set(string.punctuation))
     return " ".join(re.sub(r"\b(a|an|the)\b", " ", s).split())
+
+
+# ----------------------------------------------------------------------------- the whole run (msa train-reader)
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def run_reader_training(*, data: str | Path, out: str | Path, passages: int = 1500, steps: int = 800,
+                        batch_size: int = 4, rank: int = 16, alpha: float = 32.0, lr: float = 1e-3, k: int = 4,
+                        layers: str = "all", targets: str = "all", seed: int = 0, device: str = "cpu",
+                        eval_every: int = 200, n_dev: int = 40, resume: bool = False, command: str = "",
+                        log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Build (or reuse) the training store under ``data``, train a reader, save it to ``out``.
+
+    ``data/corpus`` + ``data/questions.jsonl`` (:func:`make_reader_corpus`) and ``data/mem.msa`` (encoded by
+    ``encode_corpus`` with the default model) are made when missing. ``out/checkpoint.pt`` (reader factors,
+    optimizer state, step) is written at every evaluation; ``resume=True`` continues from it. The adapter
+    files (:class:`~msa_memory.runtime.reader.ReaderAdapter`) record the command, the data recipe and the
+    dev exact match with and without the reader.
+    """
+    import torch
+
+    from msa_memory.jobs.encode_job import encode_corpus
+    from msa_memory.runtime.memory import Memory
+    from msa_memory.runtime.reader import ReaderAdapter, ReaderConfig
+
+    data, out = Path(data), Path(out)
+    if not (data / "questions.jsonl").is_file():
+        log(f"making {passages} training passages under {data}")
+        make_reader_corpus(data, passages, seed=seed)
+    store = data / "mem.msa"
+    t0 = time.perf_counter()
+    res = encode_corpus([str(data / "corpus")], str(store), device=device)
+    log(f"training store {store}: {getattr(res, 'summary', res)} ({time.perf_counter() - t0:.0f}s)")
+    mem = Memory(str(store), device=device, cpu_gemv=False)
+    hf = mem.model.hf_model
+    n_layers = len(hf.model.layers)
+    lay = list(range(n_layers)) if layers == "all" else [int(x) for x in layers.split(",")]
+    tg = list(ALL_TARGETS) if targets == "all" else targets.split(",")
+    cfg = ReaderConfig(rank=rank, alpha=alpha, targets=tg, layers=lay, model_fingerprint=mem.model.model_fingerprint)
+    torch.manual_seed(seed)
+    reader = ReaderAdapter.for_model(hf, cfg)
+    trainer = ReaderTrainer(mem, reader, k=k, lr=lr, seed=seed)
+    qs = load_questions(data / "questions.jsonl")
+    train_q = [q for q in qs if q.split == "train"]
+    dev_q = [q for q in qs if q.split == "dev"]
+    dev_q = random.Random(seed).sample(dev_q, min(n_dev, len(dev_q)))
+    out.mkdir(parents=True, exist_ok=True)
+    ck = out / "checkpoint.pt"
+    start = 0
+    base = None
+    if resume and ck.is_file():
+        state = torch.load(ck, map_location="cpu", weights_only=False)
+        with torch.no_grad():
+            for name, v in state["reader"].items():
+                reader.params[name].copy_(v)
+        trainer.opt.load_state_dict(state["opt"])
+        start, base = int(state["step"]), state.get("base")
+        trainer.rng.setstate(state["rng"])
+        log(f"resumed from {ck} at step {start}")
+    if base is None:
+        base = trainer.evaluate(dev_q, reader=False)
+        log(f"dev EM without the reader: {base['em']:.3f} (gold read {base['gold_read']:.2f}, n {base['n']})")
+    history: list[dict[str, float]] = []
+
+    def save(step: int, r: dict[str, float]) -> None:
+        torch.save({"reader": {n: p.detach().cpu() for n, p in reader.params.items()}, "opt": trainer.opt.state_dict(),
+                    "step": step, "base": base, "rng": trainer.rng.getstate()}, ck)
+        reader.config.extra = {"trained_by": "msa train-reader", "command": command, "step": step,
+                               "dev": r, "dev_without_reader": base,
+                               "data": {"passages": passages, "seed": seed, "sources": "stdlib,packages",
+                                        "facts": "train.pairs.FactMaker('train', names='varied')",
+                                        "train_questions": len(train_q), "dev_questions": len(dev_q)},
+                               "objective": "answer cross-entropy, pooled K̄V̄ of the routed top-k, gold forced in"}
+        reader.save(out)
+
+    remaining = steps - start
+    if remaining > 0:
+        # the cosine schedule spans the whole run: a resumed run skips the steps already done
+        history = trainer.train(train_q, steps=steps, batch_size=batch_size, eval_every=eval_every, dev=dev_q,
+                                log=log, on_eval=save, first_step=start + 1)
+    final = history[-1] if history else (base or {})
+    gain = trainer.memory_gain(dev_q)
+    log(f"dev answer loss with the gold passages {gain['loss_gold']:.3f}, with random passages instead "
+        f"{gain['loss_without_gold']:.3f}")
+    if remaining > 0:
+        reader.config.extra["dev_memory_gain"] = gain
+        reader.save(out)
+    return {"out": str(out), "dev": final, "dev_without_reader": base, "history": history,
+            "dev_memory_gain": gain, "params": reader.n_params()}
