@@ -83,7 +83,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from _common import git_commit  # noqa: E402
-from msa_memory.train.reader import normalize_answer  # noqa: E402,F401  (SQuAD's; the reader's dev EM uses it too)
+from msa_memory.train.reader import normalize_answer  # noqa: E402  (SQuAD's; the reader's dev EM uses it too)
 from msa_memory.train.texts import debian_docs, pack_paragraphs, pydoc_topics, sentences  # noqa: E402
 
 MODES = ("pooled", "reader", "interleave", "text", "bm25")
