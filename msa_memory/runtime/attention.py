@@ -69,6 +69,9 @@ class ForwardState:
     preset_routes: dict[int, RouteResult] | None = None
     """Routes decided beforehand (``MsaEngine.pooled_routes``): a routing forward attaches these
     layers' memory instead of routing its own tokens."""
+    preset_memory: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    """With ``preset_routes``: each router position's memory (K̄, V̄), each (H, M, D), used instead of the
+    content tier's (training with documents encoded in the same graph, ``train.reader``)."""
     doc_score_sum: torch.Tensor | None = None
     query_sums: dict[tuple[bool, int], tuple[torch.Tensor, int]] | None = None
     """Calibration pass (``MsaEngine.query_sums``): the router positions' summed prepared queries; nothing

@@ -208,9 +208,12 @@ class MsaEngine:
         """Record router position ``pos``'s route and fetch its documents' K̄V̄ for layer ``layer_idx``."""
         t1 = time.perf_counter()
         st.routes[pos] = res
-        if self.content is None:
+        if st.preset_memory is not None:
+            mk, mv = st.preset_memory[pos]
+        elif self.content is None:
             raise RuntimeMemoryError("Pooled attention needs content K̄V̄, but this engine has none.")
-        mk, mv = self.content.layer_kv(res.doc_index, pos)                                # (H, M, D) each
+        else:
+            mk, mv = self.content.layer_kv(res.doc_index, pos)                            # (H, M, D) each
         dt = self.model.dtype
         st.pending_memory[layer_idx] = (mk.to(self.device, dt), mv.to(self.device, dt))
         sync_device(self.device)

@@ -14,8 +14,13 @@ the answer span is the fact's value, which occurs in its passage only. Questions
 the facts never reach the optimizer and give the dev figures.
 
 The routing loss (``L_aux``) is not here: routing is the router adapter's (``msa train-router``), and a
-reader never changes routes (:mod:`msa_memory.runtime.reader`). What it does not do: encode documents with
-the adapted model (end-to-end training; stores would have to be re-encoded and name the reader).
+reader never changes routes (:mod:`msa_memory.runtime.reader`).
+
+End-to-end variant (``writer=``): a second LoRA of the same form, active only while the routed documents are
+encoded, and the documents encoded in the training graph (:func:`pooled_kv`, the encoder's pooled forward with
+autograd), so the answer loss reaches the K̄V̄ themselves. A store would have to be encoded with the writer to
+answer from it; the runtime does not do that (``msa-encode`` encodes with the base model), so the variant is a
+measurement (``benchmarks/bench_reader_memory.py --train``), not a shipped path.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from typing import Any, Callable, Sequence
 from msa_memory.errors import ConfigError
 
 __all__ = ["ALL_TARGETS", "ReaderQuestion", "make_reader_corpus", "load_questions", "ReaderTrainer", "run_reader_training",
-           "normalize_answer"]
+           "normalize_answer", "pooled_kv"]
 
 
 @dataclass
@@ -110,24 +115,63 @@ class ReaderTrainer:
     """
 
     def __init__(self, memory: Any, reader: Any, *, k: int = 4, lr: float = 1e-3, weight_decay: float = 0.0,
-                 seed: int = 0) -> None:
+                 seed: int = 0, writer: Any = None) -> None:
         import torch
 
-        self.mem, self.reader, self.k = memory, reader, int(k)
+        self.mem, self.reader, self.writer, self.k = memory, reader, writer, int(k)
         hf = memory.model.hf_model
         for p in hf.parameters():
             p.requires_grad_(False)
         reader.attach(hf, memory.model.model_fingerprint)
-        for p in reader.params.values():
+        if writer is not None:
+            if writer is reader:
+                raise ConfigError("The writer must be an adapter of its own, not the reader.")
+            writer.attach(hf, memory.model.model_fingerprint)
+        for p in self.params():
             p.requires_grad_(True)
         memory.engine.reader = memory.reader = reader
-        self.opt = torch.optim.AdamW(list(reader.params.values()), lr=lr, weight_decay=weight_decay)
+        self.opt = torch.optim.AdamW(self.params(), lr=lr, weight_decay=weight_decay)
+        self._doc_tokens: dict[int, list[int]] = {}
         self.rng = random.Random(seed)
         self._routes: dict[str, Any] = {}
         self._file_doc: dict[str, list[int]] | None = None
         self.P = len(memory.layout.head_ids())
 
+    def params(self) -> list[Any]:
+        """The trained parameters: the reader's, then the writer's (if any)."""
+        out = list(self.reader.params.values())
+        return out + (list(self.writer.params.values()) if self.writer is not None else [])
+
     # ------------------------------------------------------------------ pieces
+    def doc_tokens(self, index: int) -> list[int]:
+        """Wrapped token ids of the store's document at dense ``index``, as the encoder wrapped them."""
+        import numpy as np
+
+        if index not in self._doc_tokens:
+            doc_id = int(np.asarray(self.mem.doc_ids)[index])
+            text = self.mem.store.texts([doc_id])[0]
+            self._doc_tokens[index] = self.mem.model.wrap_ids(text, doc_id)
+        return self._doc_tokens[index]
+
+    def memory(self, routes: dict[int, Any]) -> dict[int, tuple[Any, Any]]:
+        """Each router position's (K̄, V̄), (H, M, D), of its routed documents, encoded now with the writer
+        active (autograd on): what :attr:`ForwardState.preset_memory` takes."""
+        import torch
+
+        docs = sorted({int(i) for r in routes.values() for i in r.doc_index.tolist()})
+        with self.writer.active(True), torch.enable_grad():
+            ks, vs, n_chunks = pooled_kv(self.mem.model, [self.doc_tokens(i) for i in docs])
+        start, row = {}, 0
+        for d, n in zip(docs, n_chunks):
+            start[d] = (row, n)
+            row += n
+        out = {}
+        for pos, r in routes.items():
+            rows = torch.cat([torch.arange(start[int(i)][0], sum(start[int(i)])) for i in r.doc_index.tolist()])
+            rows = rows.to(ks[pos].device)
+            out[pos] = (ks[pos].index_select(0, rows).transpose(0, 1), vs[pos].index_select(0, rows).transpose(0, 1))
+        return out
+
     def gold_docs(self, q: ReaderQuestion) -> list[int]:
         """Dense document indices of ``q``'s gold passages (every passage of each gold file, matched by the
         file's path relative to the corpus folder or by its name)."""
@@ -190,9 +234,11 @@ class ReaderTrainer:
         return tok(" " + answer.strip(), add_special_tokens=False)["input_ids"] + \
             tok("\n", add_special_tokens=False)["input_ids"]
 
-    def loss(self, q: ReaderQuestion, drop_gold: bool = False) -> Any:
+    def loss(self, q: ReaderQuestion, drop_gold: bool = False, exact: list[bool] | None = None) -> Any:
         """Answer loss (mean token cross-entropy of `` answer\\n``) of one question, graph attached
-        (``drop_gold``: with the gold passages swapped for random others, :meth:`routes`)."""
+        (``drop_gold``: with the gold passages swapped for random others, :meth:`routes`). ``exact``: gets
+        whether every answer token is the argmax after the ones before it, i.e. whether greedy decoding
+        from this memory writes exactly `` answer\\n``."""
         import torch
 
         mem, eng = self.mem, self.mem.engine
@@ -204,10 +250,15 @@ class ReaderTrainer:
         prefix = eng.compute_prefix(mem.layout.head_ids(), reader=True)   # inference mode: a constant here
         st = eng.new_state(len(ids), prefix, top_k=self.k, reader=True)
         st.preset_routes = self.routes(q, drop_gold=drop_gold)
+        if self.writer is not None:
+            st.preset_memory = self.memory(st.preset_routes)
         h = eng.forward(st, ids, pos, route_rows=prompt.route_rows + [False] * len(tgt), grad=True)
         n = len(prompt.ids)
         logits = lm_logits(mem.model.hf_model, h[n - 1:n - 1 + len(tgt)])
-        return torch.nn.functional.cross_entropy(logits.float(), torch.as_tensor(tgt, device=logits.device))
+        target = torch.as_tensor(tgt, device=logits.device)
+        if exact is not None:
+            exact.append(bool((logits.argmax(-1) == target).all()))
+        return torch.nn.functional.cross_entropy(logits.float(), target)
 
     def step(self, batch: Sequence[ReaderQuestion], clip: float = 1.0) -> float:
         import torch
@@ -218,7 +269,7 @@ class ReaderTrainer:
             loss = self.loss(q) / len(batch)
             loss.backward()
             total += float(loss.detach())
-        torch.nn.utils.clip_grad_norm_(list(self.reader.params.values()), clip)
+        torch.nn.utils.clip_grad_norm_(self.params(), clip)
         self.opt.step()
         return total
 
@@ -231,14 +282,18 @@ class ReaderTrainer:
 
     def memory_gain(self, questions: Sequence[ReaderQuestion]) -> dict[str, float]:
         """Mean answer loss with the gold passages in memory and with them swapped for random passages: how
-        much the answers depend on reading the right memory (equal losses: the memory is not read)."""
+        much the answers depend on reading the right memory (equal losses: the memory is not read). Beside
+        each, the share of questions whose greedy answer from that memory is exactly right (``exact_*``)."""
         import torch
 
+        eg: list[bool] = []
+        en: list[bool] = []
         with torch.no_grad():
-            gold = [float(self.loss(q)) for q in questions]
-            none = [float(self.loss(q, drop_gold=True)) for q in questions]
+            gold = [float(self.loss(q, exact=eg)) for q in questions]
+            none = [float(self.loss(q, drop_gold=True, exact=en)) for q in questions]
         n = max(1, len(questions))
-        return {"loss_gold": sum(gold) / n, "loss_without_gold": sum(none) / n, "n": len(questions)}
+        return {"loss_gold": sum(gold) / n, "loss_without_gold": sum(none) / n, "exact_gold": sum(eg) / n,
+                "exact_without_gold": sum(en) / n, "n": len(questions)}
 
     def evaluate(self, questions: Sequence[ReaderQuestion], reader: bool = True) -> dict[str, float]:
         """Exact match (normalised) and gold-read rate of pooled answers."""
@@ -286,9 +341,43 @@ class ReaderTrainer:
                 log(f"  dev EM {r['em']:.3f} (gold read {r['gold_read']:.2f}, n {r['n']})")
                 if on_eval is not None:
                     on_eval(s, r)
-        for p in self.reader.params.values():
+        for p in self.params():
             p.requires_grad_(False)
         return history
+
+
+def pooled_kv(model: Any, seqs: Sequence[Sequence[int]]) -> tuple[list[Any], list[Any], list[int]]:
+    """The encoder's pooled forward (:meth:`~msa_memory.encode.encoder.Encoder.encode_tokens`) with autograd on:
+    per router layer, K̄ and V̄ (C, H, D) of the wrapped token sequences ``seqs`` packed in one forward (each
+    its own document: positions from 0, attention within it, 64-token chunk means), and each sequence's chunk
+    count. Whatever adapters are active in ``model`` apply."""
+    import torch
+
+    from msa_memory.encode.attention import PackedCausalAttention
+    from msa_memory.encode.pooling import chunk_layout, chunk_mean_pool
+
+    dev = model.device
+    lens = [len(x) for x in seqs]
+    if not lens or min(lens) < 1:
+        raise ConfigError(f"pooled_kv needs non-empty sequences, got lengths {lens!r}.")
+    ids = torch.as_tensor([t for x in seqs for t in x], dtype=torch.long, device=dev)[None]
+    pos = torch.as_tensor([i for n in lens for i in range(n)], dtype=torch.long, device=dev)[None]
+    layout = chunk_layout(lens, model.chunk_tokens, device=dev)
+    slot = {l: i for i, l in enumerate(model.router_layers)}
+    ks: list[Any] = [None] * len(slot)
+    vs: list[Any] = [None] * len(slot)
+    packed = PackedCausalAttention(lens, dev)
+
+    def attention(call: Any) -> Any:
+        out = packed(call)
+        i = slot.get(call.layer)
+        if i is not None:
+            ks[i] = chunk_mean_pool(call.k[0].transpose(0, 1), layout)
+            vs[i] = chunk_mean_pool(call.v[0].transpose(0, 1), layout)
+        return out
+
+    model.backbone.run(ids, pos, attention, stop_after=max(slot) + 1, kv_only_last=True)
+    return ks, vs, list(layout.n_chunks)
 
 
 def lm_logits(hf_model: Any, hidden: Any) -> Any:

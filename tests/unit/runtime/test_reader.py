@@ -6,6 +6,9 @@
 - The training forward (``MsaEngine.forward(grad=True)`` + the LM head) gives the logits of the inference
   forward with the same routes, so training optimises what ``Memory.ask(mode="pooled")`` runs.
 - Gold forcing puts the gold passage in every layer's route; training lowers the answer loss.
+- End-to-end (a writer LoRA active while the routed documents are encoded in the training graph): the
+  differentiable pooled forward (``train.reader.pooled_kv``) gives the K̄V̄ the encoder stored; with a writer at
+  B = 0 the answer loss is the one without a writer; the loss reaches the writer, and training lowers it.
 - Files: save/load round trip; clear errors for a folder that is no adapter, another model's fingerprint
   and factors that do not fit the model.
 """
@@ -22,7 +25,7 @@ from msa_memory.encode.tiny import FAMILIES, tiny_model
 from msa_memory.errors import ConfigError, ModelLoadError
 from msa_memory.runtime.engine import MsaEngine
 from msa_memory.runtime.reader import READER_TARGETS, ReaderAdapter, ReaderConfig
-from msa_memory.train.reader import ReaderQuestion, ReaderTrainer, lm_logits
+from msa_memory.train.reader import ReaderQuestion, ReaderTrainer, lm_logits, pooled_kv
 
 
 def _targets(model):
@@ -150,6 +153,80 @@ def test_gold_is_forced_into_every_route_and_training_lowers_the_answer_loss(tin
             tr.gold_docs(ReaderQuestion("?", "x", ["nowhere.txt"], 0, "train"))
     finally:
         tr.reader.detach()
+        tiny_memory.engine.reader = tiny_memory.reader = None
+
+
+def _fp32_bound(x: torch.Tensor, layers: int, width: int) -> float:
+    """|a - b| for two fp32 evaluations of the same forward that sum in other orders (other packing): each of
+    ``layers`` layers sums at most ``4·width`` products a value (the MLP's up projection is the longest), so
+    the relative error stays below γ_n, n = layers·4·width, u = 2^-24 (Higham's bound, doubled for two runs)."""
+    n = layers * 4 * width
+    return 2 * n * 2.0 ** -24 / (1 - n * 2.0 ** -24) * float(x.abs().max())
+
+
+def test_pooled_kv_gives_the_memory_the_encoder_stored(tiny_memory):
+    import numpy as np
+
+    tr = _trainer(tiny_memory)
+    try:
+        m = tiny_memory.model
+        docs = [4, 0, 2]                                   # other packing and order than the encoder's
+        ks, vs, n_chunks = pooled_kv(m, [tr.doc_tokens(i) for i in docs])
+        assert len(ks) == len(m.router_layers) and sum(n_chunks) == ks[0].shape[0]
+        assert ks[0].requires_grad is False                # no adapter with parameters needing grad is active
+        for pos in range(len(m.router_layers)):
+            want_k, want_v = tiny_memory.engine.content.layer_kv(np.array(docs), pos)          # (H, M, D)
+            got_k, got_v = ks[pos].transpose(0, 1), vs[pos].transpose(0, 1)
+            assert got_k.shape == want_k.shape
+            bound = _fp32_bound(want_k, max(m.router_layers) + 1, m.hidden_size)
+            assert (got_k - want_k.float()).abs().max() <= bound
+            assert (got_v - want_v.float()).abs().max() <= _fp32_bound(want_v, max(m.router_layers) + 1, m.hidden_size)
+        with pytest.raises(ConfigError, match="non-empty"):
+            pooled_kv(m, [[]])
+    finally:
+        tr.reader.detach()
+        tiny_memory.engine.reader = tiny_memory.reader = None
+
+
+def test_a_writer_reaches_the_memory_and_training_with_it_lowers_the_loss(tiny_memory):
+    hf = tiny_memory.model.hf_model
+    plain = _trainer(tiny_memory, seed=3)
+    try:
+        with torch.no_grad():
+            want = [float(plain.loss(q)) for q in QUESTIONS]
+    finally:
+        plain.reader.detach()
+    writer = _random_reader(hf, seed=4)
+    with torch.no_grad():
+        for name, p in writer.params.items():
+            if name.endswith("_b"):
+                p.zero_()
+    tr = _trainer(tiny_memory, seed=3)
+    tr = ReaderTrainer(tiny_memory, tr.reader, k=1, lr=1e-2, seed=3, writer=writer)
+    try:
+        with torch.no_grad():
+            got = [float(tr.loss(q)) for q in QUESTIONS]
+        assert got == pytest.approx(want, rel=1e-4)          # B = 0: the store's memory, re-encoded in fp32
+        tr.opt.zero_grad()
+        tr.loss(QUESTIONS[0]).backward()
+        routed_layers = max(tiny_memory.model.router_layers)
+        grads = {k: float(p.grad.abs().sum()) for k, p in writer.params.items() if p.grad is not None}
+        assert any(v > 0 for k, v in grads.items() if k.endswith("_b")), grads
+        assert all(v == 0 for k, v in grads.items() if int(k.split("_")[0]) > routed_layers)   # past the memory
+        before = sum(got)
+        w0 = {k: p.detach().clone() for k, p in writer.params.items()}
+        tr.train(QUESTIONS, steps=12, batch_size=2, warmup=2, log=lambda s: None)
+        with torch.no_grad():
+            after = sum(float(tr.loss(q)) for q in QUESTIONS)
+        assert after < 0.5 * before, (before, after)
+        assert any(not torch.equal(w0[k], p) for k, p in writer.params.items())
+        gain = tr.memory_gain(QUESTIONS)
+        assert set(gain) == {"loss_gold", "loss_without_gold", "exact_gold", "exact_without_gold", "n"}
+        with pytest.raises(ConfigError, match="its own"):
+            ReaderTrainer(tiny_memory, tr.reader, writer=tr.reader)
+    finally:
+        tr.reader.detach()
+        writer.detach()
         tiny_memory.engine.reader = tiny_memory.reader = None
 
 
