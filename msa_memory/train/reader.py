@@ -428,6 +428,15 @@ def run_reader_training(*, data: str | Path, out: str | Path, passages: int = 15
     if not (data / "questions.jsonl").is_file():
         log(f"making {passages} training passages under {data}")
         make_reader_corpus(data, passages, seed=seed)
+    qs = load_questions(data / "questions.jsonl")
+    train_q = [q for q in qs if q.split == "train"]
+    dev_q = [q for q in qs if q.split == "dev"]
+    if not train_q or not dev_q:       # checked before the store is encoded: a run must have both splits
+        which = "training" if not train_q else "dev (held-out)"
+        raise ConfigError(f"{data / 'questions.jsonl'} has no {which} questions ({len(train_q)} training, "
+                          f"{len(dev_q)} dev): a reader trained without held-out facts cannot be measured.",
+                          hint="Make the data with more passages (--passages 200 or more, in a new --data folder).")
+    dev_q = random.Random(seed).sample(dev_q, min(n_dev, len(dev_q)))
     store = data / "mem.msa"
     t0 = time.perf_counter()
     res = encode_corpus([str(data / "corpus")], str(store), device=device)
@@ -441,10 +450,6 @@ def run_reader_training(*, data: str | Path, out: str | Path, passages: int = 15
     torch.manual_seed(seed)
     reader = ReaderAdapter.for_model(hf, cfg)
     trainer = ReaderTrainer(mem, reader, k=k, lr=lr, seed=seed)
-    qs = load_questions(data / "questions.jsonl")
-    train_q = [q for q in qs if q.split == "train"]
-    dev_q = [q for q in qs if q.split == "dev"]
-    dev_q = random.Random(seed).sample(dev_q, min(n_dev, len(dev_q)))
     out.mkdir(parents=True, exist_ok=True)
     ck = out / "checkpoint.pt"
     start = 0
