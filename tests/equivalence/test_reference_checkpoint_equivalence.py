@@ -7,7 +7,8 @@ documents given as token ids go through ``encode_token_ids(..., tokenizer=FOLDER
 given as token ids goes through ``Memory(..., tokenizer=FOLDER)``. Checked against ``SlowMsa``
 (msa_reference.py: float64, written from the spec): pooled K̄/V̄/K̄ᵣ of every stored document
 (within bf16 storage rounding), the template prefix K/V (1e-5), per-layer routed documents and the
-prefill logits on the store's numbers (1e-4), and greedy answer tokens (identical).
+prefill logits on the store's numbers (1e-4), and greedy answer tokens (identical). The model is loaded in
+fp32 (``dtype=torch.float32``): these bounds are fp32's, and a CPU with AVX512-BF16/AMX loads bf16 by default.
 
 Run: ``.venv/bin/python -m pytest tests/equivalence/test_reference_checkpoint_equivalence.py -q``
 """
@@ -45,7 +46,9 @@ def setup(tmp_path_factory):
     docs = {f"doc-{i}": tok(t, add_special_tokens=False)["input_ids"] for i, t in enumerate(DOCS)}
     res = encode_token_ids(docs, root / "mem.msa", model=str(ckpt), tokenizer=str(root / "tokenizer"),
                            device="cpu", dtype="float32", workers=1, torch_threads=1)
-    mem = Memory(str(root / "mem.msa"), model=str(ckpt), tokenizer=str(root / "tokenizer"))
+    # the runtime in fp32: these tolerances are fp32's (a CPU with AVX512-BF16/AMX loads bf16 by default)
+    model = load_model(str(ckpt), tokenizer=str(root / "tokenizer"), dtype=torch.float32)
+    mem = Memory(str(root / "mem.msa"), model=model)
     sd, cfg = load_weights(ckpt)
     return ckpt, docs, res, mem, SlowMsa(sd, cfg)
 

@@ -63,7 +63,8 @@ def test_gc_removing_a_shard_being_written_is_explained(tmp_path: Path, corpus: 
                                           capture_output=True, text=True, env=env, timeout=300))
 
     monkeypatch.setattr(shards, "fault_hook", gc_mid_write)
-    kw = dict(model=str(tiny_model_dir), shard_tokens=10**6, workers=1, torch_threads=1)
+    # device cpu: the worker runs in this process, where the hook is (with a GPU the job runs worker processes)
+    kw = dict(model=str(tiny_model_dir), shard_tokens=10**6, workers=1, torch_threads=1, device="cpu")
     with pytest.raises(JobError) as caught:
         encode_corpus([corpus], store, **kw)
     assert gc_runs and gc_runs[0].returncode == 0 and "staging" in gc_runs[0].stdout, gc_runs and gc_runs[0].stderr

@@ -34,8 +34,8 @@ def test_cli_search_centre_queries_ranks_as_memory_does(tiny_store, tiny_msa_mod
     res = runner.invoke(app, ["search", store, "blue door code", "-k", "4", *rest, "--centre-queries", "--json"])
     assert res.exit_code == 0, res.output
     out = json.loads(res.stdout.strip().splitlines()[-1])
-    mem = Memory(tiny_store, model=tiny_msa_model)
-    mem.centre_queries("store")
+    mem = Memory(tiny_store, model=tiny_msa_model.source["path"], device="cpu")   # loaded as the CLI loads it (its
+    mem.centre_queries("store")                                                  # dtype: bf16 on AVX512-BF16 CPUs)
     want = mem.search("blue door code", k=4).to_pylist()
     assert out["centre_queries"] is True
     assert [r["doc_id"] for r in out["results"]] == [r["doc_id"] for r in want]

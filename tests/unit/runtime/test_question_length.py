@@ -69,12 +69,19 @@ _MEASURED = ("import os, subprocess, sys\n"
 
 
 def _run_capped(args: list[str], cap_bytes: int, rss_file: Path) -> tuple[int, str, str, int]:
-    """Run `msa ARGS` with its address space capped; (exit code, stdout, stderr, peak RSS in bytes)."""
-    def cap() -> None:
-        resource.setrlimit(resource.RLIMIT_AS, (cap_bytes, cap_bytes))
+    """Run `msa ARGS` with its data segment capped; (exit code, stdout, stderr, peak RSS in bytes).
 
+    RLIMIT_DATA (private writable memory: heap, anonymous mappings, where tensors live), not RLIMIT_AS: the
+    address space also counts mapped libraries (a CUDA build of torch maps several GB of them) and thread-pool
+    reservations that grow with the core count, neither of which is memory the command uses. NumPy's OpenBLAS
+    gets one thread for the same reason (it reserves a buffer per thread at import; the command does not use it).
+    """
+    def cap() -> None:
+        resource.setrlimit(resource.RLIMIT_DATA, (cap_bytes, cap_bytes))
+
+    env = {**os.environ, "MSA_DISABLE_PROGRESS_BARS": "1", "OPENBLAS_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, "-c", _MEASURED, str(rss_file), str(BIN / "msa"), *args], capture_output=True,
-                       text=True, preexec_fn=cap, env={**os.environ, "MSA_DISABLE_PROGRESS_BARS": "1"}, timeout=600)
+                       text=True, preexec_fn=cap, env=env, timeout=600)
     return p.returncode, p.stdout, p.stderr, int(rss_file.read_text())
 
 
