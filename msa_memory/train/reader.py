@@ -20,7 +20,7 @@ End-to-end variant (``writer=``): a second LoRA of the same form, active only wh
 encoded, and the documents encoded in the training graph (:func:`pooled_kv`, the encoder's pooled forward with
 autograd), so the answer loss reaches the K̄V̄ themselves. A store would have to be encoded with the writer to
 answer from it; the runtime does not do that (``msa-encode`` encodes with the base model), so the variant is a
-measurement (``benchmarks/bench_reader_memory.py --train``), not a shipped path.
+measurement (``benchmarks/bench_reader_e2e.py``), not a shipped path.
 """
 
 from __future__ import annotations
