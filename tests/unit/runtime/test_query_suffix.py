@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import PASSAGES, build_store
+from msa_memory.testing.runtime_kit import PASSAGES, build_store
 from msa_memory.errors import ConfigError
 from msa_memory.runtime import Memory
 

@@ -15,7 +15,7 @@ import warnings
 
 import pytest
 
-from conftest import build_store
+from msa_memory.testing.runtime_kit import build_store
 
 PASSAGES = [
     "Python lists are mutable sequences, typically used to store collections of homogeneous items.",
