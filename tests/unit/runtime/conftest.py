@@ -24,13 +24,6 @@ def tiny_msa_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def store_builder():
-    """``build_store`` and the passages, for tests that build a store of their own (``conftest`` is not an
-    importable name when the whole suite runs: every folder has one)."""
-    return build_store, PASSAGES
-
-
-@pytest.fixture(scope="session")
 def tiny_store(tiny_msa_model, tmp_path_factory):
     return build_store(tmp_path_factory.mktemp("store") / "mem.msa", tiny_msa_model)
 

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from msa_memory.errors import ConfigError
 from msa_memory.runtime.hybrid import RRF_K, fuse_rrf
+from msa_memory.testing.runtime_kit import build_store
 
 
 def rrf_reference(routing, lexical, depth=None, k=RRF_K):
@@ -84,14 +85,13 @@ def test_ask_text_reads_the_fused_passages_and_pooled_refuses(tiny_memory):
         mem.search(q, retriever="bm25")
 
 
-def test_store_without_lexical_index_refused_in_one_line(tiny_msa_model, store_builder, tmp_path, monkeypatch):
+def test_store_without_lexical_index_refused_in_one_line(tiny_msa_model, tmp_path, monkeypatch):
     """A store whose shards were written without postings (as by a release without the lexical index)."""
     import functools
 
     import msa_memory.store as store_pkg
     from msa_memory.runtime import Memory
 
-    build_store, _ = store_builder
     monkeypatch.setattr(store_pkg, "write_shard", functools.partial(store_pkg.write_shard, lexical=False))
     old = build_store(tmp_path / "old.msa", tiny_msa_model)
     monkeypatch.undo()
@@ -106,14 +106,13 @@ def test_store_without_lexical_index_refused_in_one_line(tiny_msa_model, store_b
     assert len(mem.search("blue door", k=2, retriever="hybrid")) == 2
 
 
-def test_lex1_store_answers_hybrid_and_ranks_as_fresh_after_reindex(tiny_msa_model, store_builder, tmp_path,
+def test_lex1_store_answers_hybrid_and_ranks_as_fresh_after_reindex(tiny_msa_model, tmp_path,
                                                                      monkeypatch):
     """A store encoded before lex2 (postings.lex1.parquet): hybrid fuses routing with BM25 over its lex1
     postings, the question analysed with lex1; after reindex_lexical it ranks as a store encoded now."""
     from msa_memory.runtime import Memory
     from msa_memory.store import lexical
 
-    build_store, _ = store_builder
     monkeypatch.setattr(lexical, "ANALYZER", "lex1")
     old = build_store(tmp_path / "old.msa", tiny_msa_model)
     monkeypatch.undo()

@@ -17,6 +17,7 @@ import torch
 
 from msa_memory.errors import ConfigError, IdentityMismatchError, RuntimeMemoryError
 from msa_memory.runtime import Memory
+from msa_memory.testing.runtime_kit import PASSAGES, build_store
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "equivalence"))
 from msa_reference import SlowMsa  # noqa: E402
@@ -202,14 +203,14 @@ def test_empty_store_search_says_how_to_fill_it(tiny_msa_model, tmp_path):
 
 
 @pytest.mark.parametrize("window", [None, 4])
-def test_shifted_grid_routing_equals_bruteforce_max_over_both_grids(tiny_msa_model, store_builder, tmp_path, window):
+def test_shifted_grid_routing_equals_bruteforce_max_over_both_grids(tiny_msa_model, tmp_path, window):
     """A store whose adapter shifts a router layer (P-token windows from P/2, or 4-token windows at a stride
     of 2): Memory routes that layer by each document's max over its aligned and shifted chunks (brute force
     over HF's own hidden states and the store's two key arrays); pooled mode's per-layer choices are the
     top-k of those same layer scores; the other layers are MSA's."""
     from msa_memory.encode.model import load_model
 
-    build_store, base_passages = store_builder
+    base_passages = PASSAGES
     layers = tiny_msa_model.router_layers
     router = tiny_msa_model.router.with_shifted_layers([layers[-1]], window)
     loaded = load_model(str(tiny_msa_model.source["path"]), adapter=router, dtype=torch.float32)
@@ -255,7 +256,7 @@ def test_shifted_grid_routing_equals_bruteforce_max_over_both_grids(tiny_msa_mod
 
 
 @pytest.mark.parametrize("window", [None, 4])
-def test_router_keys_that_cannot_fit_are_refused_before_loading(tiny_msa_model, store_builder, tmp_path, window,
+def test_router_keys_that_cannot_fit_are_refused_before_loading(tiny_msa_model, tmp_path, window,
                                                                 monkeypatch):
     """Memory keeps every router key resident (with the default's fine grid 5x MSA's aligned keys). It counts
     them from the store's live documents before loading anything (oracle: the bytes of the key arrays the
@@ -264,7 +265,7 @@ def test_router_keys_that_cannot_fit_are_refused_before_loading(tiny_msa_model, 
     import msa_memory.routing.resident as resident_mod
     from msa_memory.encode.model import load_model
 
-    build_store, base_passages = store_builder
+    base_passages = PASSAGES
     layers = tiny_msa_model.router_layers
     router = tiny_msa_model.router.with_shifted_layers(layers[1:], window)
     loaded = load_model(str(tiny_msa_model.source["path"]), adapter=router, dtype=torch.float32)

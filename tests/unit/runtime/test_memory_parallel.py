@@ -26,6 +26,7 @@ import torch
 from msa_memory.errors import ConfigError
 from msa_memory.routing.config import RoutingConfig
 from msa_memory.routing.parallel import ShardedRouterIndex
+from msa_memory.testing.runtime_kit import build_store
 
 WORDS = "apple river door code blue red cat meeting orchard sea barn map green north east lobby".split()
 COSINE = RoutingConfig(score="cosine")
@@ -34,11 +35,10 @@ QUESTIONS = ["blue door code", "what grows in the orchard", "item 7", "the meeti
 
 # ---------------------------------------------------------------- Memory on a tiny random MSA model
 @pytest.fixture(scope="module")
-def msa_setup(tmp_path_factory, store_builder):
+def msa_setup(tmp_path_factory):
     from msa_memory.encode.model import load_model
     from msa_memory.encode.tiny import write_tiny_msa_checkpoint
 
-    build_store, _ = store_builder
     d = tmp_path_factory.mktemp("parallel")
     path = write_tiny_msa_checkpoint(d / "msa", pooling_kernel_size=16, extra_msa_config={"top_k_docs": 3})
     model = load_model(str(path), dtype=torch.float32)

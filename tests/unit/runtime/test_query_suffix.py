@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-from msa_memory.testing.runtime_kit import PASSAGES, build_store
 from msa_memory.errors import ConfigError
 from msa_memory.runtime import Memory
+from msa_memory.testing.runtime_kit import PASSAGES, build_store
 
 SUFFIX = "\nThis passage is about"
 Q = "What is the blue door code?"
@@ -152,7 +152,7 @@ def test_text_and_interleave_modes_route_with_the_suffix(suffix_memory):
     assert [h.doc_id for h in inter.rounds[0].docs][:3] == ids.tolist()
 
 
-def test_bad_suffix_configurations_are_refused(tiny_msa_model, store_builder, tmp_path):
+def test_bad_suffix_configurations_are_refused(tiny_msa_model, tmp_path):
     from msa_memory.encode import RouterConfig
     from msa_memory.train.trainer import TrainConfig
 
@@ -168,7 +168,7 @@ def test_bad_suffix_configurations_are_refused(tiny_msa_model, store_builder, tm
     with_sfx = RouterConfig(**base, query_reduce="last", query_suffix=SUFFIX)
     assert RouterConfig.from_dict(with_sfx.to_dict()) == with_sfx
     # MSA's own prompt layout has no place for a suffix
-    build, passages = store_builder
+    build, passages = build_store, PASSAGES
     msa = _with_suffix(tiny_msa_model)
     store = build(tmp_path / "msa.msa", msa, passages=passages)
     with pytest.raises(ConfigError, match="query suffix"):

@@ -20,6 +20,7 @@ import torch
 
 from msa_memory.errors import ConfigError
 from msa_memory.runtime import Memory
+from msa_memory.testing.runtime_kit import PASSAGES, build_store
 
 Q = "What is the blue door code?"
 
@@ -76,7 +77,7 @@ def _bos_tokenizer():
     return tok
 
 
-def test_plain_store_question_ids_get_the_text_questions_special_tokens(tmp_path, store_builder):
+def test_plain_store_question_ids_get_the_text_questions_special_tokens(tmp_path):
     from msa_memory.encode import UntrainedRouterWarning, load_model
     from msa_memory.encode.tiny import tiny_model
     from msa_memory.routing.query import query_tokens, special_token_frame
@@ -89,7 +90,7 @@ def test_plain_store_question_ids_get_the_text_questions_special_tokens(tmp_path
         warnings.simplefilter("ignore", UntrainedRouterWarning)
         loaded = load_model(tiny_model("qwen3", seed=3), tokenizer=tok, dtype=torch.float32, chunk_tokens=16,
                             router_layers="2,3")
-    build, passages = store_builder
+    build, passages = build_store, PASSAGES
     mem = Memory(build(tmp_path / "plain.msa", loaded), model=loaded)
     assert mem.layout.msa is False
     assert mem.search(Q, k=3).equals(mem.search(ids, k=3))
