@@ -51,6 +51,7 @@ from msa_memory.errors import ConfigError
 from msa_memory.routing import scoring
 from msa_memory.routing.kernels import cpu_avx512 as routing_cpu
 from msa_memory.routing import RouterIndex, RoutingConfig, prepare_lhs
+from msa_memory.testing.numerics import U32, U64, UBF16, gamma
 from test_routing_paths import einsum_chunk_scores  # the float64 formula (same folder: tests/equivalence)
 
 KERNEL = routing_cpu.available()
@@ -58,13 +59,7 @@ SKIP_REASON = f"AVX512-BF16 CPU routing kernel not usable here: {routing_cpu.una
 needs_kernel = pytest.mark.skipif(not KERNEL, reason=SKIP_REASON)
 COMBOS = list(itertools.product(("dot", "cosine"), ("mean", "max"), ("max", "mean", "last")))
 
-U32, U64, UBF16 = 2.0**-24, 2.0**-53, 2.0**-8
 TINY = 2.0**-126                    # a rounding that underflows (dpbf16 flushes to zero) is off by < 2^-126
-
-
-def gamma(n: int, u: float = U32) -> float:
-    """γ_n = n·u / (1 − n·u): a sum of n products in precision u, any order, is within γ_n·Σ|a_i b_i| of exact."""
-    return n * u / (1 - n * u)
 
 
 def unit(k):

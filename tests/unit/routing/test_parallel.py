@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from msa_memory.errors import ConfigError
 from msa_memory.routing.parallel import ShardedRouterIndex, merge_topk, shard_bounds
 from msa_memory.routing import RouterIndex, RoutingConfig
+from msa_memory.testing.numerics import gamma
 
 
 
@@ -59,10 +60,6 @@ def test_merge_topk_equals_a_full_sort(scores, k):
     order = sorted(range(len(s)), key=lambda j: (-float(s[j]), idx[j]))[:k]
     assert got_i.tolist() == idx[order].tolist()
     assert got_s.tolist() == s[order].tolist()
-
-
-def _gamma(n: int, u: float = 2.0**-24) -> float:
-    return n * u / (1 - n * u)
 
 
 def _same_route(a, b, full_a, bound):
@@ -101,14 +98,14 @@ def test_sharded_index_equals_one_index(per_layer, reduce, n_dev):
     assert sh.n_docs == one.n_docs and sh.n_chunks == one.n_chunks and sh.nbytes() == one.nbytes()
     q = torch.from_numpy(np.random.default_rng(1).standard_normal((5, 2, 16)).astype(np.float32))
     D, n_max = 16, 7                                   # head dim; most chunks a document has in any layer
-    bound = 2 * _gamma(2 * D + 2 * (D + 2) + 2 + n_max + 1)      # two computations of a score (Dk = H·D = 2·D)
+    bound = 2 * gamma(2 * D + 2 * (D + 2) + 2 + n_max + 1)      # two computations of a score (Dk = H·D = 2·D)
     for layer in range(3):
         full = one.gather_scores(one.doc_scores(layer, q))
         _same_route(one.route(layer, q, 6), sh.route(layer, q, 6), full, bound)
         np.testing.assert_allclose(sh.gather_scores(sh.doc_scores(layer, q)), full, rtol=0, atol=bound)
         summed_one = one.add(one.doc_scores(layer, q), one.doc_scores(layer, q[:1]))
         summed_sh = sh.add(sh.doc_scores(layer, q), sh.doc_scores(layer, q[:1]))
-        summed_bound = 2 * bound + 2 * _gamma(1) * 2     # two sums of |s| ≤ 2, one more rounding each
+        summed_bound = 2 * bound + 2 * gamma(1) * 2     # two sums of |s| ≤ 2, one more rounding each
         a, b = one.route_scores(layer, summed_one, 40), sh.route_scores(layer, summed_sh, 40)   # k > N: all
         _same_route(a, b, one.gather_scores(summed_one), summed_bound)
     assert sh.collectives == 3 * 3

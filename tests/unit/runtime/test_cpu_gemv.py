@@ -38,17 +38,12 @@ from msa_memory.routing.kernels import cpu_avx512 as routing_cpu
 from msa_memory.runtime import cpu_linear
 from msa_memory.runtime.cpu_linear import CpuGemv, gemv, gemv_reference
 from msa_memory.runtime.engine import MsaEngine
+from msa_memory.testing.numerics import U64, UBF16, gamma
 
 KERNEL = routing_cpu.available()
 SKIP_REASON = f"AVX512-BF16 GEMV kernel not usable here: {routing_cpu.unavailable_reason()}"
 IMPLS = ["kernel", "reference"]
 
-U32, U64, UBF16 = 2.0**-24, 2.0**-53, 2.0**-8
-
-
-def gamma(n: int, u: float = U32) -> float:
-    """γ_n = n·u / (1 − n·u): a sum of n products in precision u, any order, is within γ_n·Σ|a_i b_i| of exact."""
-    return n * u / (1 - n * u)
 
 
 def linear_bound(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None,

@@ -26,6 +26,7 @@ import torch
 from msa_memory.errors import ConfigError
 from msa_memory.routing.config import RoutingConfig
 from msa_memory.routing.parallel import ShardedRouterIndex
+from msa_memory.testing.numerics import gamma
 from msa_memory.testing.runtime_kit import build_store
 
 WORDS = "apple river door code blue red cat meeting orchard sea barn map green north east lobby".split()
@@ -58,10 +59,6 @@ def _answers(mem):
     return out
 
 
-def _gamma(n: int, u: float = 2.0**-24) -> float:
-    return n * u / (1 - n * u)
-
-
 def _score_bound(mem) -> float:
     """|a - b| of one search score computed twice in fp32 with sums in other orders. A layer's score is a cosine
     (|s| <= 1): the dot over Dk = H·D, the two norms (D terms, a sqrt and a divide each), the mean over H heads;
@@ -71,7 +68,7 @@ def _score_bound(mem) -> float:
     _, H, D = mem.index.keys[0].shape
     L = mem.index.n_layers
     n = H * D + 2 * (D + 2) + H + 1
-    return 2 * (L * _gamma(n) + L * _gamma(L))
+    return 2 * (L * gamma(n) + L * gamma(L))
 
 
 def _assert_same_answers(got, want, bound):

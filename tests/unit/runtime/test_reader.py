@@ -25,6 +25,7 @@ from msa_memory.encode.tiny import FAMILIES, tiny_model
 from msa_memory.errors import ConfigError, ModelLoadError
 from msa_memory.runtime.engine import MsaEngine
 from msa_memory.runtime.reader import READER_TARGETS, ReaderAdapter, ReaderConfig
+from msa_memory.testing.numerics import gamma
 from msa_memory.train.reader import ReaderQuestion, ReaderTrainer, lm_logits, pooled_kv
 
 
@@ -160,8 +161,7 @@ def _fp32_bound(x: torch.Tensor, layers: int, width: int) -> float:
     """|a - b| for two fp32 evaluations of the same forward that sum in other orders (other packing): each of
     ``layers`` layers sums at most ``4·width`` products a value (the MLP's up projection is the longest), so
     the relative error stays below γ_n, n = layers·4·width, u = 2^-24 (Higham's bound, doubled for two runs)."""
-    n = layers * 4 * width
-    return 2 * n * 2.0 ** -24 / (1 - n * 2.0 ** -24) * float(x.abs().max())
+    return 2 * gamma(layers * 4 * width) * float(x.abs().max())
 
 
 def test_pooled_kv_gives_the_memory_the_encoder_stored(tiny_memory):
