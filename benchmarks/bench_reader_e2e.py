@@ -39,18 +39,13 @@ def run_arm(mem, arm: str, train_q, splits, *, steps: int, batch: int, k: int, l
             log) -> dict:
     import torch
 
-    from msa_memory.runtime.reader import ReaderAdapter, ReaderConfig
-    from msa_memory.train.reader import ALL_TARGETS, ReaderTrainer
+    from msa_memory.train.reader import ReaderTrainer, new_reader
 
-    hf = mem.model.hf_model
-    layers = list(range(len(hf.model.layers)))
-    cfg = ReaderConfig(rank=rank, alpha=2.0 * rank, targets=list(ALL_TARGETS), layers=layers,
-                       model_fingerprint=mem.model.model_fingerprint)
     torch.manual_seed(seed)
-    reader = ReaderAdapter.for_model(hf, cfg)
-    writer = ReaderAdapter.for_model(hf, cfg) if arm == "end-to-end" else None
+    reader = new_reader(mem, rank=rank, alpha=2.0 * rank)          # all layers, all targets
+    writer = new_reader(mem, rank=rank, alpha=2.0 * rank) if arm == "end-to-end" else None
     tr = ReaderTrainer(mem, reader, k=k, lr=lr, seed=seed, writer=writer)
-    out: dict = {"params": tr_params(tr)}
+    out: dict = {"params": sum(p.numel() for p in tr.params())}
     try:
         out["before"] = {s: tr.memory_gain(q) for s, q in splits.items()}
         t0 = time.perf_counter()
@@ -63,10 +58,6 @@ def run_arm(mem, arm: str, train_q, splits, *, steps: int, batch: int, k: int, l
             writer.detach()
         mem.engine.reader = mem.reader = None
     return out
-
-
-def tr_params(tr) -> int:
-    return sum(p.numel() for p in tr.params())
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -36,7 +36,7 @@ from typing import Any, Callable, Sequence
 from msa_memory.errors import ConfigError
 
 __all__ = ["ALL_TARGETS", "ReaderQuestion", "make_reader_corpus", "load_questions", "ReaderTrainer", "run_reader_training",
-           "normalize_answer", "pooled_kv"]
+           "normalize_answer", "pooled_kv", "new_reader"]
 
 
 @dataclass
@@ -161,14 +161,13 @@ class ReaderTrainer:
         docs = sorted({int(i) for r in routes.values() for i in r.doc_index.tolist()})
         with self.writer.active(True), torch.enable_grad():
             ks, vs, n_chunks = pooled_kv(self.mem.model, [self.doc_tokens(i) for i in docs])
-        start, row = {}, 0
+        span, row = {}, 0                  # each document's rows [first, last + 1) in the packed chunks
         for d, n in zip(docs, n_chunks):
-            start[d] = (row, n)
+            span[d] = (row, row + n)
             row += n
         out = {}
         for pos, r in routes.items():
-            rows = torch.cat([torch.arange(start[int(i)][0], sum(start[int(i)])) for i in r.doc_index.tolist()])
-            rows = rows.to(ks[pos].device)
+            rows = torch.cat([torch.arange(*span[int(i)]) for i in r.doc_index.tolist()]).to(ks[pos].device)
             out[pos] = (ks[pos].index_select(0, rows).transpose(0, 1), vs[pos].index_select(0, rows).transpose(0, 1))
         return out
 
@@ -405,6 +404,18 @@ def normalize_answer(s: str) -> str:
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
+def new_reader(memory: Any, *, rank: int = 16, alpha: float = 32.0, layers: str = "all", targets: str = "all") -> Any:
+    """A fresh (B = 0: the base model) :class:`~msa_memory.runtime.reader.ReaderAdapter` for ``memory``'s model:
+    ``layers`` "all" or a comma list of decoder layers, ``targets`` "all" (:data:`ALL_TARGETS`) or a comma list."""
+    from msa_memory.runtime.reader import ReaderAdapter, ReaderConfig
+
+    hf = memory.model.hf_model
+    lay = list(range(len(hf.model.layers))) if layers == "all" else [int(x) for x in layers.split(",")]
+    tg = list(ALL_TARGETS) if targets == "all" else targets.split(",")
+    cfg = ReaderConfig(rank=rank, alpha=alpha, targets=tg, layers=lay, model_fingerprint=memory.model.model_fingerprint)
+    return ReaderAdapter.for_model(hf, cfg)
+
+
 def run_reader_training(*, data: str | Path, out: str | Path, passages: int = 1500, steps: int = 800,
                         batch_size: int = 4, rank: int = 16, alpha: float = 32.0, lr: float = 1e-3, k: int = 4,
                         layers: str = "all", targets: str = "all", seed: int = 0, device: str = "cpu",
@@ -422,7 +433,6 @@ def run_reader_training(*, data: str | Path, out: str | Path, passages: int = 15
 
     from msa_memory.jobs.encode_job import encode_corpus
     from msa_memory.runtime.memory import Memory
-    from msa_memory.runtime.reader import ReaderAdapter, ReaderConfig
 
     data, out = Path(data), Path(out)
     if not (data / "questions.jsonl").is_file():
@@ -442,13 +452,8 @@ def run_reader_training(*, data: str | Path, out: str | Path, passages: int = 15
     res = encode_corpus([str(data / "corpus")], str(store), device=device)
     log(f"training store {store}: {getattr(res, 'summary', res)} ({time.perf_counter() - t0:.0f}s)")
     mem = Memory(str(store), device=device, cpu_gemv=False)
-    hf = mem.model.hf_model
-    n_layers = len(hf.model.layers)
-    lay = list(range(n_layers)) if layers == "all" else [int(x) for x in layers.split(",")]
-    tg = list(ALL_TARGETS) if targets == "all" else targets.split(",")
-    cfg = ReaderConfig(rank=rank, alpha=alpha, targets=tg, layers=lay, model_fingerprint=mem.model.model_fingerprint)
     torch.manual_seed(seed)
-    reader = ReaderAdapter.for_model(hf, cfg)
+    reader = new_reader(mem, rank=rank, alpha=alpha, layers=layers, targets=targets)
     trainer = ReaderTrainer(mem, reader, k=k, lr=lr, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
     ck = out / "checkpoint.pt"
